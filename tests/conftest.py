@@ -1,0 +1,79 @@
+"""Shared fixtures. `pytest --benchmark` runs the micro-benchmarks; plain `pytest` skips them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+OPENRTB_DIR = SHARED / "openrtb"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--benchmark", action="store_true", default=False,
+                     help="run the pytest-benchmark micro-benchmarks (skipped otherwise)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench: a micro-benchmark, run only with --benchmark")
+    config.addinivalue_line("markers", "slow: a test that trains or serves for several seconds")
+    if not config.getoption("--benchmark"):
+        # Benchmarks are skipped below; keep the benchmark fixture cheap if one is requested anyway.
+        config.option.benchmark_disable = True
+
+
+def pytest_collection_modifyitems(config, items):
+    run_bench = config.getoption("--benchmark")
+    skip_bench = pytest.mark.skip(reason="micro-benchmark: run with `pytest --benchmark`")
+    skip_other = pytest.mark.skip(reason="--benchmark runs the micro-benchmarks only")
+    for item in items:
+        is_bench = "benchmark" in getattr(item, "fixturenames", ()) or item.get_closest_marker("bench")
+        if is_bench and not run_bench:
+            item.add_marker(skip_bench)
+        elif run_bench and not is_bench:
+            item.add_marker(skip_other)
+
+
+@pytest.fixture(scope="session")
+def openrtb_examples() -> dict[str, bytes]:
+    """The IAB example bid requests, keyed by 'version/filename'."""
+    out = {}
+    for path in sorted(OPENRTB_DIR.glob("*/*.json")):
+        out[f"{path.parent.name}/{path.name}"] = path.read_bytes()
+    assert out, f"no OpenRTB examples under {OPENRTB_DIR}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    from train.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate(out, rows=20000, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_bundle(synthetic_data, tmp_path_factory) -> Path:
+    from train.fit import fit_bundle
+
+    out = tmp_path_factory.mktemp("bundle")
+    return fit_bundle(synthetic_data, "deepfm", out, epochs=1, progress=False)
+
+
+SAMPLE_RECORD = {
+    "weekday": 3, "hour": 14, "timestamp": "20130606141502123",
+    "useragent": "Mozilla/5.0 (Windows NT 6.1; WOW64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/27.0.1453.94 Safari/537.36",
+    "IP": "222.94.35.*", "region": 80, "city": 85, "adexchange": 2, "domain": "trqRTuT-GNTYJNKbuKz",
+    "url": "5a2d1a7a8bd3b6d95e4b59a8b5b4c0d1", "urlid": None, "slotid": "mm_10027070_118039_10308280",
+    "slotwidth": 300, "slotheight": 250, "slotvisibility": "FirstView", "slotformat": "Na", "slotprice": 50,
+    "creative": "e39e178ffdf366606f8cab791ee56bcd", "advertiser": 1458,
+    "usertag": ["10006", "10024", "10031", "10048", "10057", "13042"],
+}
+
+
+@pytest.fixture(scope="session")
+def sample_records() -> list[dict]:
+    """64 iPinYou-like records that differ in the high-cardinality fields."""
+    return [dict(SAMPLE_RECORD, domain=f"domain-{i % 13}", slotid=f"slot-{i}", IP=f"10.{i}.3.*")
+            for i in range(64)]
