@@ -33,6 +33,8 @@ cdef extern from "Python.h":
     bint PyList_Check(object o)
     bint PyTuple_Check(object o)
     bint PyDict_CheckExact(object o)
+    bint PyDict_Next(object p, Py_ssize_t* ppos, PyObject** pkey, PyObject** pvalue)
+    long PyLong_AsLong(object o) except? -1
     double PyFloat_AS_DOUBLE(object o)
 
 cdef extern from "string.h" nogil:
@@ -113,6 +115,28 @@ cdef enum:
 cdef struct Text:
     const char* data
     Py_ssize_t size
+
+
+cdef int _format_int(char* buf, long long v) noexcept nogil:
+    """Decimal digits of ``v`` into ``buf`` (at least 21 bytes); returns the length. snprintf is slower."""
+    cdef char tmp[24]
+    cdef int n = 0, i
+    cdef unsigned long long u = <unsigned long long>(-(v + 1)) + 1 if v < 0 else <unsigned long long>v
+    while True:
+        tmp[n] = <char>(48 + u % 10)
+        n += 1
+        u //= 10
+        if u == 0:
+            break
+    i = 0
+    if v < 0:
+        buf[0] = 45  # '-'
+        i = 1
+    while n > 0:
+        n -= 1
+        buf[i] = tmp[n]
+        i += 1
+    return i
 
 
 cdef inline int _days_in_month(int y, int m) noexcept nogil:
@@ -241,6 +265,29 @@ cdef class Featurizer:
     cdef list _multi_names
     cdef object _ts_key
     cdef uint32_t _os_browser_hash[6][9]
+    # Last value seen per field and its index. Rows of one request share their request-level value
+    # objects (layered records), so an identity hit skips canonicalisation and hashing. The lists hold
+    # strong references: a cached object stays alive, so equal addresses mean the same object. Only
+    # immutable values (str, int, float, bool; tuples and str for multi fields) are cached across
+    # calls; a list of tags is cached within one call only.
+    cdef list _last_refs, _last_ts_refs, _multi_last_refs
+    cdef PyObject** _last_val
+    cdef int64_t* _last_idx
+    cdef PyObject** _last_ts_val
+    cdef int64_t* _last_ts_idx
+    cdef PyObject** _multi_last_val
+    cdef int64_t* _multi_last_rows
+    cdef int* _multi_row_start
+    cdef unsigned long _call
+    cdef unsigned long* _multi_last_call
+    cdef bint _cacheable
+    # the base layer of overlay rows: its row of indices, valid for one call (dicts are mutable)
+    cdef dict _key_cols      # record key -> tuple of columns it feeds (multi m is n_single + m)
+    cdef object _base_ref
+    cdef PyObject* _base_val
+    cdef unsigned long _base_call
+    cdef int64_t* _base_sparse
+    cdef int64_t* _base_multi
     cdef object _keep        # holds a temporary str (rare paths) while its bytes are hashed
     cdef object _keep_value  # holds a value returned by a non-dict mapping's .get()
     cdef char _scratch[SCRATCH]
@@ -256,6 +303,17 @@ cdef class Featurizer:
         self._multi_key = NULL
         self._multi_mod = NULL
         self._multi_len = NULL
+        self._last_val = NULL
+        self._last_idx = NULL
+        self._last_ts_val = NULL
+        self._last_ts_idx = NULL
+        self._multi_last_val = NULL
+        self._multi_last_rows = NULL
+        self._multi_row_start = NULL
+        self._multi_last_call = NULL
+        self._base_sparse = NULL
+        self._base_multi = NULL
+        self._base_val = NULL
 
     def __init__(self, spec):
         from bidder.spec import FeatureSpec
@@ -279,6 +337,34 @@ cdef class Featurizer:
         self._multi_key = <PyObject**>PyMem_Malloc(max(1, self.n_multi) * sizeof(PyObject*))
         self._multi_mod = <uint32_t*>PyMem_Malloc(max(1, self.n_multi) * sizeof(uint32_t))
         self._multi_len = <int*>PyMem_Malloc(max(1, self.n_multi) * sizeof(int))
+        total_len = sum(f.max_len for f in multis)
+        self._last_val = <PyObject**>PyMem_Malloc(max(1, self.n_single) * sizeof(PyObject*))
+        self._last_idx = <int64_t*>PyMem_Malloc(max(1, self.n_single) * sizeof(int64_t))
+        self._last_ts_val = <PyObject**>PyMem_Malloc(max(1, self.n_single) * sizeof(PyObject*))
+        self._last_ts_idx = <int64_t*>PyMem_Malloc(max(1, self.n_single) * sizeof(int64_t))
+        self._multi_last_val = <PyObject**>PyMem_Malloc(max(1, self.n_multi) * sizeof(PyObject*))
+        self._multi_last_rows = <int64_t*>PyMem_Malloc(max(1, total_len) * sizeof(int64_t))
+        self._multi_row_start = <int*>PyMem_Malloc(max(1, self.n_multi) * sizeof(int))
+        self._multi_last_call = <unsigned long*>PyMem_Malloc(max(1, self.n_multi) * sizeof(unsigned long))
+        self._base_sparse = <int64_t*>PyMem_Malloc(max(1, self.n_single) * sizeof(int64_t))
+        self._base_multi = <int64_t*>PyMem_Malloc(max(1, total_len) * sizeof(int64_t))
+        if not self._base_sparse or not self._base_multi:
+            raise MemoryError()
+        self._base_call = 0
+        key_cols = {}
+        for col, f in enumerate(singles):
+            key_cols.setdefault(str(f.source), []).append(col)
+        for col, f in enumerate(multis):
+            key_cols.setdefault(str(f.source), []).append(self.n_single + col)
+        self._key_cols = {k: tuple(v) for k, v in key_cols.items()}
+        if (not self._last_val or not self._last_idx or not self._last_ts_val or not self._last_ts_idx
+                or not self._multi_last_val or not self._multi_last_rows or not self._multi_row_start
+                or not self._multi_last_call):
+            raise MemoryError()
+        self._last_refs = [None] * self.n_single
+        self._last_ts_refs = [None] * self.n_single
+        self._multi_last_refs = [None] * self.n_multi
+        self._call = 1
         if (not self._single_key or not self._kind or not self._single_mod or not self._bound_start
                 or not self._bound_count or not self._bounds or not self._multi_key
                 or not self._multi_mod or not self._multi_len):
@@ -293,6 +379,8 @@ cdef class Featurizer:
             self._single_key[i] = <PyObject*>key
             self._kind[i] = transforms[f.transform] if f.kind == "derived" else kinds[f.kind]
             self._single_mod[i] = f.buckets - 1
+            self._last_val[i] = NULL
+            self._last_ts_val[i] = NULL
             self._bound_start[i] = b
             self._bound_count[i] = 0
             if f.kind == "bucketized":
@@ -301,7 +389,12 @@ cdef class Featurizer:
                     b += 1
                 self._bound_count[i] = len(f.boundaries)
         self._multi_names = []
+        start = 0
         for i, f in enumerate(multis):
+            self._multi_last_val[i] = NULL
+            self._multi_last_call[i] = 0
+            self._multi_row_start[i] = start
+            start += f.max_len
             key = str(f.source)
             self._keys.append(key)
             self._multi_key[i] = <PyObject*>key
@@ -328,6 +421,16 @@ cdef class Featurizer:
         PyMem_Free(self._multi_key)
         PyMem_Free(self._multi_mod)
         PyMem_Free(self._multi_len)
+        PyMem_Free(self._last_val)
+        PyMem_Free(self._last_idx)
+        PyMem_Free(self._last_ts_val)
+        PyMem_Free(self._last_ts_idx)
+        PyMem_Free(self._multi_last_val)
+        PyMem_Free(self._multi_last_rows)
+        PyMem_Free(self._multi_row_start)
+        PyMem_Free(self._multi_last_call)
+        PyMem_Free(self._base_sparse)
+        PyMem_Free(self._base_multi)
 
     @property
     def input_names(self):
@@ -365,11 +468,21 @@ cdef class Featurizer:
                                         &multi_stride[m])
         cdef Py_ssize_t row
         cdef bint is_list = PyList_Check(records)
+        cdef int64_t* row_multi[64]
         cdef object record
+        self._call += 1
         for row in range(n):
             record = <object>(PyList_GET_ITEM(records, row) if is_list else PyTuple_GET_ITEM(records, row))
+            for m in range(self.n_multi):
+                row_multi[m] = multi_ptr[m] + row * multi_stride[m]
             try:
-                self._row(record, sparse + row * sparse_stride, multi_ptr, multi_stride, row)
+                if (PyTuple_Check(record) and PyTuple_GET_SIZE(record) == 2
+                        and PyDict_CheckExact(<object>PyTuple_GET_ITEM(record, 0))
+                        and PyDict_CheckExact(<object>PyTuple_GET_ITEM(record, 1))
+                        and PyDict_GetItem(<object>PyTuple_GET_ITEM(record, 0), self._ts_key) == NULL):
+                    self._overlay_row(record, sparse + row * sparse_stride, row_multi)
+                else:
+                    self._row(record, sparse + row * sparse_stride, row_multi)
             except ValueError as exc:
                 raise ValueError(f"record {row}: {exc}") from None
         return n
@@ -457,7 +570,7 @@ cdef class Featurizer:
                 self._keep = int.__repr__(v)
                 out.data = PyUnicode_AsUTF8AndSize(self._keep, &out.size)
                 return 1
-            n = snprintf(self._scratch, SCRATCH, "%lld", i)
+            n = _format_int(self._scratch, i)
             out.data = self._scratch
             out.size = n
             return 1
@@ -488,8 +601,57 @@ cdef class Featurizer:
     cdef inline int64_t _index(self, const char* data, Py_ssize_t size, uint32_t mod) noexcept:
         return 1 + murmur3_32(<const uint8_t*>data, size, self.seed) % mod
 
-    cdef int _row(self, object record, int64_t* sparse, int64_t** multi_ptr,
-                  Py_ssize_t* multi_stride, Py_ssize_t row) except -1:
+    cdef int _overlay_row(self, tuple record, int64_t* sparse, int64_t** multi_out) except -1:
+        """A (top, base) pair of dicts: the base row's indices, then the top dict's keys redone.
+
+        Equal to the layered lookup of ``_row``: a key in ``top`` shadows ``base``, every other field
+        reads ``base``. The base row is computed once per call for consecutive rows sharing a base
+        object (one imp, many candidate ads). Callers route tops holding a timestamp to ``_row``
+        because weekday/hour read it across fields.
+        """
+        cdef object top = <object>PyTuple_GET_ITEM(record, 0)
+        cdef PyObject* base = PyTuple_GET_ITEM(record, 1)
+        cdef int m, c
+        cdef int64_t* base_multi[64]
+        for m in range(self.n_multi):
+            base_multi[m] = self._base_multi + self._multi_row_start[m]
+        if base != self._base_val or self._base_call != self._call:
+            self._row(<object>base, self._base_sparse, base_multi)
+            self._base_ref = <object>base
+            self._base_val = base
+            self._base_call = self._call
+        memcpy(sparse, self._base_sparse, self.n_single * sizeof(int64_t))
+        for m in range(self.n_multi):
+            memcpy(multi_out[m], base_multi[m], self._multi_len[m] * sizeof(int64_t))
+        cdef Py_ssize_t pos = 0, i
+        cdef PyObject* key
+        cdef PyObject* value
+        cdef PyObject* cols
+        while PyDict_Next(top, &pos, &key, &value):
+            cols = PyDict_GetItem(self._key_cols, <object>key)
+            if cols == NULL:
+                continue
+            for i in range(PyTuple_GET_SIZE(<object>cols)):
+                c = <int>PyLong_AsLong(<object>PyTuple_GET_ITEM(<object>cols, i))
+                if c < self.n_single:
+                    sparse[c] = self._cached_single(c, record, value)
+                else:
+                    self._multi(c - self.n_single, value, <object>key, multi_out[c - self.n_single])
+        return 0
+
+    cdef int64_t _cached_single(self, int col, object record, PyObject* value) except -1:
+        if value != NULL and value == self._last_val[col]:
+            return self._last_idx[col]
+        self._cacheable = value != NULL
+        cdef int64_t idx = self._single(col, record, <object>value if value != NULL else None,
+                                        <object>self._single_key[col])
+        if self._cacheable:
+            self._last_refs[col] = <object>value
+            self._last_val[col] = value
+            self._last_idx[col] = idx
+        return idx
+
+    cdef int _row(self, object record, int64_t* sparse, int64_t** multi_out) except -1:
         cdef int col, m
         cdef PyObject* value
         cdef Text text
@@ -497,14 +659,10 @@ cdef class Featurizer:
         if not (PyDict_CheckExact(record) or PyTuple_Check(record)) and not hasattr(record, "get"):
             raise ValueError(f"expected a mapping or a tuple of mappings, got {type(record).__name__}")
         for col in range(self.n_single):
-            key = <object>self._single_key[col]
-            value = self._lookup(record, self._single_key[col])
-            sparse[col] = self._single(col, record, <object>value if value != NULL else None, key)
+            sparse[col] = self._cached_single(col, record, self._lookup(record, self._single_key[col]))
         for m in range(self.n_multi):
-            key = <object>self._multi_key[m]
             value = self._lookup(record, self._multi_key[m])
-            self._multi(m, <object>value if value != NULL else None, key,
-                        multi_ptr[m] + row * multi_stride[m])
+            self._multi(m, value, <object>self._multi_key[m], multi_out[m])
         return 0
 
     cdef int64_t _single(self, int col, object record, object v, object key) except -1:
@@ -516,7 +674,8 @@ cdef class Featurizer:
         if kind == K_WEEKDAY or kind == K_HOUR:
             if self._canonical(v, key, &text):
                 return self._index(text.data, text.size, mod)
-            return self._from_timestamp(record, kind, mod)
+            self._cacheable = False  # the index depends on the timestamp, not on this value
+            return self._from_timestamp(record, col, kind, mod)
         if not self._canonical(v, key, &text):
             return 0
         if kind == K_CATEGORICAL:
@@ -642,10 +801,22 @@ cdef class Featurizer:
         k = snprintf(self._scratch2, SCRATCH, "%x:%x:%x:%x:*", groups[0], groups[1], groups[2], groups[3])
         return self._index(self._scratch2, k, mod)
 
-    cdef int64_t _from_timestamp(self, object record, int kind, uint32_t mod) except -1:
+    cdef int64_t _from_timestamp(self, object record, int col, int kind, uint32_t mod) except -1:
         cdef PyObject* stamp = self._lookup(record, <PyObject*>self._ts_key)
+        if stamp == NULL:
+            return 0
+        if stamp == self._last_ts_val[col]:
+            return self._last_ts_idx[col]
+        cdef int64_t idx = self._parse_timestamp(<object>stamp, kind, mod)
+        if idx > 0:
+            self._last_ts_refs[col] = <object>stamp
+            self._last_ts_val[col] = stamp
+            self._last_ts_idx[col] = idx
+        return idx
+
+    cdef int64_t _parse_timestamp(self, object stamp, int kind, uint32_t mod) except -1:
         cdef Text text
-        if stamp == NULL or not self._canonical(<object>stamp, self._ts_key, &text):
+        if not self._canonical(stamp, self._ts_key, &text):
             return 0
         cdef const char* s = text.data
         cdef Py_ssize_t n = text.size, nd = n, nf = 0
@@ -676,10 +847,27 @@ cdef class Featurizer:
             shown = (<bytes>s[:min(n, 160)]).decode("utf-8", "replace")[:40]
             raise ValueError(f"field {self._ts_key!r}: cannot read timestamp {shown!r} "
                              "(expected yyyyMMddHHmmss[SSS], Unix seconds or Unix milliseconds)")
-        cdef int k = snprintf(self._scratch2, SCRATCH, "%lld", <long long>(weekday if kind == K_WEEKDAY else hour))
+        cdef int k = _format_int(self._scratch2, weekday if kind == K_WEEKDAY else hour)
         return self._index(self._scratch2, k, mod)
 
-    cdef int _multi(self, int m, object v, object key, int64_t* out) except -1:
+    cdef int _multi(self, int m, PyObject* value, object key, int64_t* out) except -1:
+        cdef int width = self._multi_len[m]
+        cdef int64_t* saved = self._multi_last_rows + self._multi_row_start[m]
+        cdef bint immutable
+        if value != NULL and value == self._multi_last_val[m]:
+            immutable = not PyList_Check(<object>value)
+            if immutable or self._multi_last_call[m] == self._call:
+                memcpy(out, saved, width * sizeof(int64_t))
+                return 0
+        self._fill_multi(m, <object>value if value != NULL else None, key, out)
+        if value != NULL:
+            memcpy(saved, out, width * sizeof(int64_t))
+            self._multi_last_refs[m] = <object>value
+            self._multi_last_val[m] = value
+            self._multi_last_call[m] = self._call
+        return 0
+
+    cdef int _fill_multi(self, int m, object v, object key, int64_t* out) except -1:
         cdef int width = self._multi_len[m], filled = 0
         cdef uint32_t mod = self._multi_mod[m]
         cdef Text text

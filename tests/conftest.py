@@ -72,8 +72,18 @@ SAMPLE_RECORD = {
 }
 
 
+def fresh_record(i: int) -> dict:
+    """An iPinYou-like record whose strings are new objects, as a freshly decoded request's are.
+
+    The featurizer caches the last value object per field, so benchmarks must not reuse objects.
+    """
+    record = {k: (v.encode().decode() if isinstance(v, str) else v) for k, v in SAMPLE_RECORD.items()}
+    record.update(domain=f"domain-{i % 13}", slotid=f"slot-{i}", IP=f"10.{i % 250}.3.*",
+                  usertag=[t.encode().decode() for t in SAMPLE_RECORD["usertag"]])
+    return record
+
+
 @pytest.fixture(scope="session")
 def sample_records() -> list[dict]:
-    """64 iPinYou-like records that differ in the high-cardinality fields."""
-    return [dict(SAMPLE_RECORD, domain=f"domain-{i % 13}", slotid=f"slot-{i}", IP=f"10.{i}.3.*")
-            for i in range(64)]
+    """1024 iPinYou-like records, no two sharing a string object."""
+    return [fresh_record(i) for i in range(1024)]

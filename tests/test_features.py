@@ -132,6 +132,29 @@ def test_layered_records(records):
     assert_same(SPEC, records)
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(record_strategy(["creative", "advertiser", "slotwidth", "usertag", "weekday", "timestamp"]),
+                max_size=6), record_strategy(), record_strategy())
+def test_rows_sharing_a_base_layer(tops, base, other_base):
+    """One imp x many candidates: (candidate, imp) rows share the imp dict (the overlay fast path)."""
+    records = [(top, base) for top in tops] + [(top, other_base) for top in tops[:2]] + ([(tops[0], base)] if tops else [])
+    assert_same(SPEC, records)
+
+
+def test_cached_values_follow_mutation_between_calls():
+    """The identity caches hold only immutable values across calls: mutated dicts and lists are re-read."""
+    tags = ["1", "2"]
+    imp = {"domain": "a.com", "usertag": tags, "hour": 3}
+    rows = [({"creative": "c1"}, imp), ({"creative": "c2"}, imp)]
+    first = FEATURIZER.transform(rows)
+    tags.append("3")
+    imp["domain"] = "b.com"
+    second = FEATURIZER.transform(rows)
+    for name in first:
+        np.testing.assert_array_equal(second[name], reference.featurize(SPEC, rows)[name])
+    assert (first["usertag"] != second["usertag"]).any() and (first["sparse"] != second["sparse"]).any()
+
+
 @settings(max_examples=200, deadline=None)
 @given(useragents)
 def test_os_browser_transform(ua):
