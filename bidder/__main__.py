@@ -1,0 +1,61 @@
+"""``python -m bidder serve``: run the bid server."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bidder.server import DEFAULT_CAMPAIGNS, Config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bidder", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve /bid, /predict, /metrics on HTTP")
+    defaults = Config()
+    serve.add_argument("--model", type=Path, default=defaults.model, help="model bundle directory")
+    serve.add_argument("--campaigns", type=Path, default=None,
+                       help="campaign catalog JSON (default: the bundle's campaigns.json, else the default catalog)")
+    serve.add_argument("--host", default=defaults.host)
+    serve.add_argument("--port", type=int, default=defaults.port)
+    serve.add_argument("--workers", type=int, default=defaults.workers,
+                       help="worker processes sharing the port (SO_REUSEPORT), worker i pinned to core i")
+    serve.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                       help="rows per ONNX Runtime call; larger requests are scored in chunks")
+    serve.add_argument("--max-body", type=int, default=defaults.max_body, help="largest request body in bytes")
+    serve.add_argument("--utc-offset", type=float, default=defaults.utc_offset_hours,
+                       help="hours added to UTC to derive weekday/hour of a request")
+    serve.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    campaigns = args.campaigns
+    if campaigns is None:
+        campaigns = args.model / "campaigns.json"
+        if not campaigns.exists():
+            campaigns = DEFAULT_CAMPAIGNS
+    if args.workers < 1 or args.max_batch < 1 or args.max_body < 1:
+        print("error: --workers, --max-batch and --max-body must be positive", file=sys.stderr)
+        return 2
+    config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
+                    max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
+                    pin=not args.no_pin)
+    # refuse a broken bundle or catalog here, with a message, before any worker starts
+    from bidder.campaigns import CatalogError, load_catalog
+    from bidder.scorer import BundleError, Scorer
+
+    try:
+        Scorer(config.model, max_batch=1)
+        load_catalog(config.campaigns)
+    except (BundleError, CatalogError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from bidder.server import serve
+
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The campaign catalog: which ads we can show, what a click is worth, where each may run.
+
+Each enabled creative becomes one *candidate*. Its ``layer`` dict holds the candidate-level raw
+fields (creative, advertiser and the creative's size); a scored row is the pair (layer, imp record),
+so no dict is built per row on the hot path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["AUCTION_PRICE_MACRO", "Candidate", "Catalog", "CatalogError", "load_catalog"]
+
+AUCTION_PRICE_MACRO = "${AUCTION_PRICE}"
+
+
+class CatalogError(ValueError):
+    """A catalog file that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    campaign_id: str
+    advertiser: int
+    creative_id: str
+    w: int
+    h: int
+    adomain: tuple[str, ...]
+    nurl: str
+    markup: str | None
+    value_per_click: float          # USD
+    domains: frozenset[str] | None  # targeting; None = anywhere
+    exchanges: frozenset[str] | None
+    layer: dict[str, Any] = field(compare=False, repr=False)
+
+    def runs_on(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> bool:
+        if self.domains is not None and domain not in self.domains:
+            return False
+        if self.exchanges is not None and exchange not in self.exchanges:
+            return False
+        return not (blocked and any(d in blocked for d in self.adomain))
+
+
+class Catalog:
+    """Enabled candidates indexed by creative size."""
+
+    def __init__(self, candidates: Iterable[Candidate], source: str = "catalog"):
+        self.candidates = tuple(candidates)
+        self.source = source
+        by_size: dict[tuple[int, int], list[Candidate]] = {}
+        for c in self.candidates:
+            by_size.setdefault((c.w, c.h), []).append(c)
+        self._by_size = {size: tuple(cs) for size, cs in by_size.items()}
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    @property
+    def sizes(self) -> frozenset[tuple[int, int]]:
+        return frozenset(self._by_size)
+
+    def for_size(self, w: int, h: int) -> tuple[Candidate, ...]:
+        return self._by_size.get((w, h), ())
+
+
+def load_catalog(path: str | os.PathLike) -> Catalog:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    return parse_catalog(data, str(path))
+
+
+def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
+    if not isinstance(data, dict) or not isinstance(data.get("campaigns"), list):
+        raise CatalogError(f"{origin}: expected an object with a 'campaigns' list")
+    candidates: list[Candidate] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(data["campaigns"]):
+        where = f"{origin}: campaigns[{i}]"
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{where}: expected an object")
+        campaign_id = _text(entry.get("id"), f"{where}.id")
+        if campaign_id in seen:
+            raise CatalogError(f"{where}.id: duplicate campaign id {campaign_id!r}")
+        seen.add(campaign_id)
+        advertiser = entry.get("advertiser")
+        if not isinstance(advertiser, int) or isinstance(advertiser, bool) or advertiser < 0:
+            raise CatalogError(f"{where}.advertiser: expected a non-negative integer, got {advertiser!r}")
+        value = entry.get("value_per_click")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e6:
+            raise CatalogError(f"{where}.value_per_click: expected a positive number of USD, got {value!r}")
+        enabled = entry.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise CatalogError(f"{where}.enabled: expected true or false, got {enabled!r}")
+        targeting = entry.get("targeting") or {}
+        if not isinstance(targeting, dict):
+            raise CatalogError(f"{where}.targeting: expected an object")
+        domains = _string_set(targeting.get("domains"), f"{where}.targeting.domains")
+        exchanges = _string_set(targeting.get("exchanges"), f"{where}.targeting.exchanges")
+        sizes = targeting.get("sizes")
+        if sizes is not None and (not isinstance(sizes, list) or not all(_is_size(s) for s in sizes)):
+            raise CatalogError(f"{where}.targeting.sizes: expected a list of [w, h] pairs")
+        allowed_sizes = None if sizes is None else {tuple(s) for s in sizes}
+        creatives = entry.get("creatives")
+        if not isinstance(creatives, list) or not creatives:
+            raise CatalogError(f"{where}.creatives: expected a non-empty list")
+        for j, cr in enumerate(creatives):
+            cw = f"{where}.creatives[{j}]"
+            if not isinstance(cr, dict):
+                raise CatalogError(f"{cw}: expected an object")
+            creative_id = _text(cr.get("id"), f"{cw}.id")
+            w, h = cr.get("w"), cr.get("h")
+            if not _is_size([w, h]):
+                raise CatalogError(f"{cw}: w and h must be positive integers, got {w!r} x {h!r}")
+            adomain = cr.get("adomain")
+            if not isinstance(adomain, list) or not adomain or not all(isinstance(d, str) and d for d in adomain):
+                raise CatalogError(f"{cw}.adomain: expected a non-empty list of domains")
+            nurl = _text(cr.get("nurl"), f"{cw}.nurl")
+            if AUCTION_PRICE_MACRO not in nurl:
+                raise CatalogError(f"{cw}.nurl: must carry {AUCTION_PRICE_MACRO} for the clearing price")
+            markup = cr.get("markup")
+            if markup is not None and not isinstance(markup, str):
+                raise CatalogError(f"{cw}.markup: expected a string")
+            if not enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
+                continue
+            layer = {"creative": creative_id, "advertiser": advertiser, "slotwidth": w, "slotheight": h}
+            candidates.append(Candidate(
+                campaign_id=campaign_id, advertiser=advertiser, creative_id=creative_id, w=w, h=h,
+                adomain=tuple(adomain), nurl=nurl, markup=markup, value_per_click=float(value),
+                domains=domains, exchanges=exchanges, layer=layer))
+    return Catalog(candidates, origin)
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise CatalogError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _string_set(value: Any, where: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CatalogError(f"{where}: expected a list of strings")
+    return frozenset(value)
+
+
+def _is_size(pair: Any) -> bool:
+    return (isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair))

@@ -1,0 +1,138 @@
+"""The bid path without HTTP: body bytes in, status and body bytes out.
+
+decode → one record per imp → (candidate layer, imp record) rows → one scoring batch → price → encode.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from bidder.campaigns import Catalog
+from bidder.metrics import Metrics
+from bidder.openrtb import (Bid, BidResponse, RequestError, SeatBid, decode_json, decode_request, encode_response,
+                            imp_fields, imp_sizes, request_fields)
+from bidder.pricing import best_per_imp
+from bidder.scorer import Scorer
+
+__all__ = ["BidEngine", "Outcome", "NO_BID_REASONS"]
+
+NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
+                  "tmax")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: bytes = b""
+    reason: str | None = None  # no-bid reason (204) or error kind (4xx)
+
+
+class _PredictRequest(msgspec.Struct):
+    records: list[dict[str, Any]]
+
+
+class _PredictResponse(msgspec.Struct):
+    ctr: list[float]
+    model: str
+
+
+_predict_decoder = msgspec.json.Decoder(_PredictRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def error_body(message: str, path: str = "$") -> bytes:
+    return _encoder.encode({"error": message, "path": path})
+
+
+class BidEngine:
+    """Scores and prices bid requests with one scorer and one catalog (swapped whole on reload)."""
+
+    def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0):
+        self.scorer = scorer
+        self.catalog = catalog
+        self.metrics = metrics
+        self.utc_offset_hours = utc_offset_hours
+
+    def bid(self, body: bytes, exchange: str | None = None, received: float | None = None) -> Outcome:
+        received = time.perf_counter() if received is None else received
+        try:
+            request = decode_request(body)
+        except RequestError as exc:
+            return Outcome(400, error_body(exc.message, exc.path), "bad_request")
+        if request.cur and "USD" not in request.cur:
+            return self._no_bid("currency")
+        shared = request_fields(request, exchange, utc_offset_hours=self.utc_offset_hours)
+        domain = shared["domain"]
+        blocked = frozenset(request.badv) if request.badv else frozenset()
+        rows: list[tuple[dict, dict]] = []
+        owners: list[int] = []
+        chosen: list = []
+        floors: list[float] = []
+        imp_reason: str | None = None
+        for i, imp in enumerate(request.imp):
+            floors.append(imp.bidfloor)
+            if imp.bidfloorcur != "USD":
+                imp_reason = self._count_imp(imp_reason, "floor_currency")
+                continue
+            sizes = imp_sizes(imp)
+            if not sizes:
+                imp_reason = self._count_imp(imp_reason, "unsupported_format" if imp.banner is None
+                                             else "no_eligible_creative")
+                continue
+            record = None
+            for w, h in sizes:
+                for candidate in self.catalog.for_size(w, h):
+                    if not candidate.runs_on(domain, exchange, blocked):
+                        continue
+                    if record is None:
+                        record = imp_fields(shared, imp)
+                    rows.append((candidate.layer, record))
+                    owners.append(i)
+                    chosen.append(candidate)
+            if record is None:
+                imp_reason = self._count_imp(imp_reason, "no_eligible_creative")
+        if not rows:
+            return self._no_bid(imp_reason or "no_eligible_creative")
+        if request.tmax and (time.perf_counter() - received) * 1000.0 >= request.tmax:
+            return self._no_bid("tmax")
+        scorer = self.scorer
+        ctr = scorer.score(rows) if len(rows) <= scorer.max_batch else scorer.predict(rows)
+        self.metrics.scored_rows.observe(len(rows))
+        best = best_per_imp(owners, chosen, ctr, floors)
+        for i in set(owners) - set(best):
+            imp_reason = self._count_imp(imp_reason, "below_floor")
+        if not best:
+            return self._no_bid(imp_reason or "below_floor")
+        bids = []
+        for i, priced in sorted(best.items()):
+            imp, c = request.imp[i], priced.candidate
+            bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=priced.price, adid=c.creative_id,
+                            crid=c.creative_id, adomain=list(c.adomain), w=c.w, h=c.h, nurl=c.nurl,
+                            cid=c.campaign_id, adm=c.markup))
+        self.metrics.bids.inc(len(bids))
+        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=[SeatBid(bid=bids)])))
+
+    def predict(self, body: bytes) -> Outcome:
+        try:
+            request = decode_json(_predict_decoder, body)
+        except RequestError as exc:
+            return Outcome(400, error_body(exc.message, exc.path), "bad_request")
+        try:
+            ctr = self.scorer.predict(request.records)
+        except ValueError as exc:
+            message = str(exc)
+            head = message.partition(":")[0]
+            path = f"$.records[{head[7:]}]" if head.startswith("record ") and head[7:].isdigit() else "$.records"
+            return Outcome(400, error_body(message, path), "bad_record")
+        return Outcome(200, _encoder.encode(_PredictResponse(ctr=ctr.tolist(), model=self.scorer.model_id)))
+
+    def _count_imp(self, current: str | None, reason: str) -> str:
+        self.metrics.nobid_imps.labels(reason).inc()
+        return current or reason
+
+    def _no_bid(self, reason: str) -> Outcome:
+        self.metrics.nobids.labels(reason).inc()
+        return Outcome(204, b"", reason)

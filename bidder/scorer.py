@@ -1,0 +1,156 @@
+"""Scoring: one single-thread ONNX Runtime session per worker, called through IO binding.
+
+Input and output buffers are allocated once for the largest batch. For each batch size a binding
+over views of those buffers is made the first time it is needed and reused forever after, so a
+call allocates nothing: the featurizer writes indices straight into the bound input memory, ORT
+writes probabilities straight into the bound output memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from bidder._features import Featurizer
+from bidder.spec import FeatureSpec, SpecError, load_spec
+
+__all__ = ["BundleError", "Scorer", "pin_to_core", "session_options"]
+
+OUTPUT = "ctr"
+
+
+class BundleError(ValueError):
+    """A model bundle that cannot be served; the message says which file and what disagrees."""
+
+
+def session_options() -> ort.SessionOptions:
+    """One thread, sequential, no spinning: a worker owns one core and must not burn it while idle."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def pin_to_core(core: int) -> int:
+    """Pin this process to ``core`` mod the cores it may use; returns the core chosen."""
+    allowed = sorted(os.sched_getaffinity(0))
+    chosen = allowed[core % len(allowed)]
+    os.sched_setaffinity(0, {chosen})
+    return chosen
+
+
+def _read_meta(bundle: Path) -> dict[str, Any]:
+    path = bundle / "meta.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return meta
+
+
+class Scorer:
+    """Predicts click probabilities for raw records with the model of one bundle directory."""
+
+    def __init__(self, bundle: str | os.PathLike, max_batch: int = 256):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.bundle = Path(bundle)
+        model = self.bundle / "model.onnx"
+        if not model.is_file():
+            raise BundleError(f"{self.bundle}: no model.onnx")
+        try:
+            self.spec: FeatureSpec = load_spec(self.bundle)
+        except SpecError as exc:
+            raise BundleError(str(exc)) from None
+        self.meta = _read_meta(self.bundle)
+        digest = self.meta.get("spec_digest")
+        if digest is not None and digest != self.spec.digest:
+            raise BundleError(f"{self.bundle}: spec.json does not match the spec the model was trained with "
+                              f"(meta.json spec_digest {str(digest)[:12]}…, spec.json {self.spec.digest[:12]}…)")
+        model_bytes = model.read_bytes()
+        try:
+            self.session = ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for unreadable graphs
+            raise BundleError(f"{model}: ONNX Runtime cannot load it: {exc}") from None
+        self._check_signature(model)
+        self.model_id = str(self.meta.get("model_id") or
+                            f"{self.bundle.name}-{hashlib.sha256(model_bytes).hexdigest()[:8]}")
+        self.max_batch = max_batch
+        self.featurizer = Featurizer(self.spec)
+        self.inputs = self.spec.allocate(max_batch)
+        self.output = np.zeros((max_batch, 1), dtype=np.float32)
+        self._bindings: dict[int, ort.IOBinding] = {}
+
+    def _check_signature(self, model: Path) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        expected = set(self.spec.input_names)
+        if set(inputs) != expected:
+            raise BundleError(f"{model}: inputs {sorted(inputs)} do not match spec.json's {sorted(expected)}")
+        for name, arg in inputs.items():
+            width = self.spec.input_width(name)
+            if arg.type != "tensor(int64)":
+                raise BundleError(f"{model}: input {name!r} is {arg.type}, expected tensor(int64)")
+            if len(arg.shape) != 2 or (isinstance(arg.shape[1], int) and arg.shape[1] != width):
+                raise BundleError(f"{model}: input {name!r} has shape {arg.shape}, spec.json needs [batch, {width}]")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if OUTPUT not in outputs or outputs[OUTPUT].type != "tensor(float)":
+            raise BundleError(f"{model}: needs a float32 output named {OUTPUT!r}, has {sorted(outputs)}")
+
+    def _binding(self, rows: int) -> ort.IOBinding:
+        binding = self._bindings.get(rows)
+        if binding is None:
+            binding = self.session.io_binding()
+            for name, buffer in self.inputs.items():
+                view = buffer[:rows]
+                binding.bind_input(name, "cpu", 0, np.int64, list(view.shape), view.ctypes.data)
+            out = self.output[:rows]
+            binding.bind_output(OUTPUT, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            self._bindings[rows] = binding
+        return binding
+
+    def score(self, records: Sequence[Any]) -> np.ndarray:
+        """Probabilities for at most ``max_batch`` records, as a view of the output buffer.
+
+        The view is overwritten by the next call: the hot path reads it at once instead of copying.
+        """
+        rows = self.featurizer.transform_into(self.inputs, records)
+        if rows == 0:
+            return self.output[:0, 0]
+        self.session.run_with_iobinding(self._binding(rows))
+        return self.output[:rows, 0]
+
+    def predict(self, records: Sequence[Any]) -> np.ndarray:
+        """Probabilities for any number of records (scored in chunks of ``max_batch``), a new array."""
+        if not isinstance(records, (list, tuple)):
+            records = list(records)
+        out = np.empty(len(records), dtype=np.float32)
+        for start in range(0, len(records), self.max_batch):
+            chunk = records[start:start + self.max_batch]
+            try:
+                out[start:start + len(chunk)] = self.score(chunk)
+            except ValueError as exc:
+                if start:  # featurizer errors count rows from the chunk start: make them absolute
+                    raise ValueError(_shift_record_number(str(exc), start)) from None
+                raise
+        return out
+
+
+def _shift_record_number(message: str, offset: int) -> str:
+    head, sep, rest = message.partition(": ")
+    if head.startswith("record ") and head[7:].isdigit():
+        return f"record {int(head[7:]) + offset}{sep}{rest}"
+    return message

@@ -1,0 +1,203 @@
+"""The HTTP app in-process (aiohttp test client): OpenRTB examples, /predict, errors, metrics, reload."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import msgspec
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bidder.scorer import Scorer
+from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
+
+NO_BANNER = {"bid-request-2.5/video.json", "bid-request-2.6/video.json", "bid-request-2.5/native-ad.json"}
+
+
+@pytest.fixture
+async def client(aiohttp_client, small_bundle):
+    app = create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS, max_body=64 * 1024))
+    return await aiohttp_client(app)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+async def test_every_iab_example_gets_a_valid_bid_or_a_counted_no_bid(client, openrtb_examples):
+    for name, body in openrtb_examples.items():
+        request = json.loads(body)
+        response = await client.post("/bid", data=body)
+        if name in NO_BANNER:
+            assert response.status == 204, name
+            continue
+        assert response.status == 200, (name, await response.text())
+        answer = await response.json()
+        assert answer["id"] == request["id"] and answer["cur"] == "USD"
+        imps = {imp["id"]: imp for imp in request["imp"]}
+        bids = [b for seat in answer["seatbid"] for b in seat["bid"]]
+        assert bids, name
+        for b in bids:
+            imp = imps[b["impid"]]
+            assert b["price"] >= imp.get("bidfloor", 0), name
+            assert b["crid"] and b["adomain"] and b["adid"]
+            assert "${AUCTION_PRICE}" in b["nurl"]
+            banner = imp["banner"]
+            assert (b["w"], b["h"]) == (banner["w"], banner["h"])
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_nobids_total", reason="unsupported_format") == len(NO_BANNER)
+    # 2.5 mobile.json's second imp is a 0x0 interstitial: counted per imp, the request still bids
+    assert metric(text, "bidder_nobid_imps_total", reason="no_eligible_creative") == 1
+
+
+async def test_exchange_route_and_blocked_advertisers(client, openrtb_examples):
+    request = json.loads(openrtb_examples["bid-request-2.5/simple-banner.json"])
+    first = await (await client.post("/bid/2", json=request)).json()
+    winner = first["seatbid"][0]["bid"][0]["adomain"][0]
+    request["badv"] = [winner]
+    second = await (await client.post("/bid/2", json=request)).json()
+    assert second["seatbid"][0]["bid"][0]["adomain"][0] != winner
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda r: r.update(cur=["EUR"]), "currency"),
+    (lambda r: r["imp"][0].update(bidfloorcur="EUR"), "floor_currency"),
+    (lambda r: r["imp"][0].update(bidfloor=10_000.0), "below_floor"),
+    (lambda r: r["imp"][0]["banner"].update(w=1, h=1), "no_eligible_creative"),
+    (lambda r: r.update(tmax=0.0000001), None),
+])
+async def test_no_bid_reasons_are_counted(client, openrtb_examples, change, reason):
+    request = json.loads(openrtb_examples["bid-request-2.5/simple-banner.json"])
+    change(request)
+    response = await client.post("/bid", json=request)
+    if reason is None:  # a fractional tmax is a type error, not a timeout
+        assert response.status == 400
+        return
+    assert response.status == 204
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_nobids_total", reason=reason) == 1
+
+
+async def test_deadline_passed_before_scoring_is_a_counted_no_bid(client, openrtb_examples, monkeypatch):
+    request = json.loads(openrtb_examples["bid-request-2.5/simple-banner.json"])
+    request["tmax"] = 5
+    import bidder.engine
+
+    clock = iter([100.0, 100.010])  # 10 ms between receipt and scoring
+    monkeypatch.setattr(bidder.engine.time, "perf_counter", lambda: next(clock, 100.010))
+    engine = client.server.app[STATE].engine
+    outcome = engine.bid(json.dumps(request).encode())
+    assert (outcome.status, outcome.reason) == (204, "tmax")
+
+
+@pytest.mark.parametrize("body,path", [
+    (b"{not json", "$"),
+    (b"[]", "$"),
+    (b'{"imp": [{"id": "1"}]}', "$"),
+    (b'{"id": "", "imp": [{"id": "1"}]}', "$.id"),
+    (b'{"id": "r"}', "$"),
+    (b'{"id": "r", "imp": []}', "$.imp"),
+    (b'{"id": "r", "imp": [{"banner": {"w": 300, "h": 250}}]}', "$.imp[0]"),
+    (b'{"id": "r", "imp": [{"id": "1", "banner": {"w": "300", "h": 250}}]}', "$.imp[0].banner.w"),
+    (b'{"id": "r", "imp": [{"id": "1", "bidfloor": -1}]}', "$.imp[0].bidfloor"),
+    (b'{"id": "r", "imp": [{"id": "1"}], "device": {"geo": {"city": 5}}}', "$.device.geo.city"),
+    (b'{"id": "r\xff", "imp": [{"id": "1"}]}', "$"),
+])
+async def test_bad_requests_get_400_naming_the_path(client, body, path):
+    response = await client.post("/bid", data=body)
+    assert response.status == 400
+    answer = await response.json()
+    assert answer["path"] == path and answer["error"]
+
+
+async def test_oversized_bodies_get_413(client):
+    big = b'{"id": "r", "imp": [{"id": "1"}], "ext": "' + b"x" * 70_000 + b'"}'
+    response = await client.post("/bid", data=big)
+    assert response.status == 413 and "64" not in (await response.json())["path"]
+
+    async def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(20):
+            yield b"x" * 8192
+
+    response = await client.post("/bid", data=chunks())
+    assert response.status == 413
+
+
+async def test_predict_equals_scorer(client, small_bundle, sample_records):
+    records = sample_records[:50]
+    response = await client.post("/predict", data=msgspec.json.encode({"records": records}))
+    assert response.status == 200
+    answer = await response.json()
+    expected = Scorer(small_bundle).predict(records)
+    np.testing.assert_array_equal(np.asarray(answer["ctr"], dtype=np.float32), expected)
+    assert answer["model"] == json.loads((small_bundle / "meta.json").read_text())["model_id"]
+
+
+@pytest.mark.parametrize("payload,path", [
+    ({"records": [{}, {"useragent": ["a"]}]}, "$.records[1]"),
+    ({"records": [{"slotprice": "cheap"}]}, "$.records[0]"),
+    ({"records": {"a": 1}}, "$.records"),
+    ({"rows": []}, "$"),
+])
+async def test_predict_rejects_bad_records(client, payload, path):
+    response = await client.post("/predict", json=payload)
+    assert response.status == 400
+    assert (await response.json())["path"] == path
+
+
+async def test_health_readiness_and_metrics_parse(client, openrtb_examples):
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["ready"] is True
+    await client.post("/bid", data=openrtb_examples["bid-request-2.5/simple-banner.json"])
+    await client.post("/bid", data=b"{")
+    text = await (await client.get("/metrics")).text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"bidder_request_seconds", "bidder_bids", "bidder_nobids", "bidder_errors", "bidder_model_info",
+            "bidder_responses", "bidder_reloads"} <= set(families)
+    assert metric(text, "bidder_request_seconds_count", route="/bid") == 2
+    assert metric(text, "bidder_bids_total") == 1
+    assert metric(text, "bidder_errors_total", kind="bad_request") == 1
+    assert metric(text, "bidder_responses_total", route="/bid", status="400") == 1
+
+
+async def test_reload_under_load_fails_no_request(client, small_bundle, tmp_path, openrtb_examples):
+    body = openrtb_examples["bid-request-2.5/simple-banner.json"]
+    broken = tmp_path / "broken"
+    shutil.copytree(small_bundle, broken)
+    (broken / "model.onnx").write_bytes(b"not a model")
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def load():
+        while not stop.is_set():
+            response = await client.post("/bid", data=body)
+            statuses.append(response.status)
+
+    workers = [asyncio.create_task(load()) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    ok = await client.post("/admin/reload", json={})
+    refused = await client.post("/admin/reload", json={"model": str(broken)})
+    ok_again = await client.post("/admin/reload", json={"model": str(small_bundle)})
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert ok.status == 200 and ok_again.status == 200
+    assert refused.status == 422 and "old model still serving" in (await refused.json())["error"]
+    assert statuses and set(statuses) == {200}, set(statuses)
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_reloads_total", result="ok") == 2
+    assert metric(text, "bidder_reloads_total", result="refused") == 1
+
+
+async def test_admin_reload_is_loopback_only(client, monkeypatch):
+    from aiohttp.web_request import BaseRequest
+
+    monkeypatch.setattr(BaseRequest, "remote", property(lambda self: "203.0.113.9"))
+    assert (await client.post("/admin/reload", json={})).status == 403
