@@ -55,6 +55,7 @@ class State:
         self.metrics = metrics
         self.engine: BidEngine | None = None
         self.draining = False
+        self.in_flight = 0
         self.reload_lock = asyncio.Lock()
 
     def load(self, model: Path, campaigns: Path) -> BidEngine:
@@ -193,15 +194,19 @@ async def admin_reload(request: web.Request) -> web.Response:
 
 @web.middleware
 async def last_resort(request: web.Request, handler) -> web.StreamResponse:
-    """A bug must still answer JSON and leave the worker serving; it is logged and counted."""
+    """Counts requests in flight (for draining); a bug still answers JSON and the worker serves on."""
+    state = request.app[STATE]
+    state.in_flight += 1
     try:
         return await handler(request)
     except web.HTTPException:
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        request.app[STATE].metrics.errors.labels("internal").inc()
+        state.metrics.errors.labels("internal").inc()
         return _json(500, error_body("internal error"))
+    finally:
+        state.in_flight -= 1
 
 
 def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
@@ -244,8 +249,12 @@ async def _run_worker(config: Config, worker: int) -> None:
              config.host, config.port)
     await stop.wait()
     state.draining = True
-    log.info("worker %d draining", worker)
-    await runner.cleanup()  # stops listening, then waits for in-flight requests (shutdown_timeout)
+    log.info("worker %d draining %d in-flight request(s)", worker, state.in_flight)
+    await site.stop()  # no new connections; requests already started run to completion
+    deadline = loop.time() + config.shutdown_timeout
+    while state.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    await runner.cleanup()
 
 
 def run_worker(config: Config, worker: int) -> None:

@@ -1,0 +1,92 @@
+"""Fuzzing the HTTP edge: random and mutated bodies only ever get 200/204/400/413, and the app lives on."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
+
+ALLOWED = {200, 204, 400, 413}
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def mutate(document, rng: random.Random, replacement):
+    """Replace, delete or retype one node of a parsed JSON document."""
+    paths = []
+
+    def walk(node, path):
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + [i])
+
+    walk(document, [])
+    path = rng.choice(paths[1:]) if len(paths) > 1 else []
+    if not path:
+        return replacement
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    if rng.random() < 0.3 and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = replacement
+    return document
+
+
+@pytest.fixture
+async def client(aiohttp_client, small_bundle):
+    return await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS,
+                                                  max_body=16 * 1024)))
+
+
+async def _check(client, route: str, body: bytes) -> None:
+    response = await client.post(route, data=body)
+    assert response.status in ALLOWED, (route, body[:200], response.status, await response.text())
+    if response.status in (400, 413):
+        answer = await response.json()
+        assert answer["error"] and answer["path"].startswith("$")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+async def test_mutated_iab_examples(client, openrtb_examples, data):
+    name = data.draw(st.sampled_from(sorted(openrtb_examples)))
+    document = json.loads(openrtb_examples[name])
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        document = mutate(document, rng, data.draw(json_values))
+    await _check(client, data.draw(st.sampled_from(["/bid", "/bid/3", "/predict"])), json.dumps(document).encode())
+    assert (await client.get("/healthz")).status == 200
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()),
+       route=st.sampled_from(["/bid", "/predict"]))
+async def test_random_bodies(client, body, route):
+    await _check(client, route, body)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=st.lists(st.dictionaries(st.sampled_from(["useragent", "IP", "slotprice", "usertag", "timestamp",
+                                                          "weekday", "domain"]), json_values, max_size=5),
+                        max_size=5))
+async def test_random_predict_records(client, records):
+    await _check(client, "/predict", json.dumps({"records": records}).encode())
+
+
+async def test_worker_still_bids_after_the_fuzzing(client, openrtb_examples):
+    for _ in range(3):
+        response = await client.post("/bid", data=openrtb_examples["bid-request-2.6/simple-banner.json"])
+        assert response.status == 200
