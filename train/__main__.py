@@ -1,0 +1,165 @@
+"""Command line: ``python -m train {synth,fit,default,compare} ...``.
+
+Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
+input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
+a failed parity check exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bidder.spec import SpecError
+from train.errors import ParityError, TrainError
+from train.models import ARCHITECTURES
+
+DEFAULT_ROWS = 1_000_000
+DEFAULT_DATA_SEED = 2013
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        result = args.run(args)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (TrainError, SpecError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+def _synth(args: argparse.Namespace) -> dict[str, Any]:
+    from train.data.synthetic import generate
+
+    try:
+        return generate(args.out, rows=args.rows, seed=args.seed)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
+
+def _fit(args: argparse.Namespace) -> dict[str, Any]:
+    from train.fit import fit_bundle
+
+    bundle = fit_bundle(args.data, args.model, args.out, epochs=args.epochs, seed=args.seed,
+                        progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
+                        **_settings(args.set))
+    return _bundle_summary(bundle)
+
+
+def _default(args: argparse.Namespace) -> dict[str, Any]:
+    import bidder
+    from train.data.synthetic import generate
+    from train.fit import fit_bundle
+
+    out = Path(args.out) if args.out else bidder.DEFAULT_BUNDLE
+    with tempfile.TemporaryDirectory(prefix="synthetic-") as tmp:
+        generate(tmp, rows=args.rows, seed=args.data_seed)
+        label = f"synthetic: python -m train synth --rows {args.rows} --seed {args.data_seed}"
+        bundle = fit_bundle(tmp, "deepfm", out, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
+                            data_label=label)
+    return _bundle_summary(bundle)
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    from train.compare import compare, render_markdown
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in ARCHITECTURES]
+    if unknown or not models:
+        raise TrainError(f"--models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(ARCHITECTURES)}")
+    per_model: dict[str, dict[str, str]] = {}
+    for key, value in _settings(args.set).items():
+        model, dot, name = key.partition(".")
+        if not dot or model not in ARCHITECTURES:
+            raise TrainError(f"--set {key}=...: use MODEL.NAME=VALUE with MODEL one of {', '.join(ARCHITECTURES)}")
+        per_model.setdefault(model, {})[name] = value
+    results = compare(args.data, args.out, models=models, epochs=args.epochs, seed=args.seed,
+                      progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
+                      hyperparameters=per_model)
+    print(render_markdown(results), file=sys.stderr)
+    return results
+
+
+def _bundle_summary(bundle: Path) -> dict[str, Any]:
+    meta = json.loads((bundle / "meta.json").read_text())
+    return {"bundle": str(bundle), "model_id": meta["model_id"], "metrics": meta["metrics"],
+            "parity": meta["parity"], "training": meta.get("training", {})}
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise TrainError(f"--set {pair!r}: expected NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
+# -- arguments --------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description="Train, export and compare CTR models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write synthetic iPinYou-style logs with the true pCTR")
+    synth.add_argument("--rows", type=int, required=True, help="impressions in all (the latest 20%% are the test log)")
+    synth.add_argument("--seed", type=int, default=DEFAULT_DATA_SEED)
+    synth.add_argument("--out", required=True, help="folder for train.log.txt and test.log.txt")
+    synth.set_defaults(run=_synth)
+
+    fit = commands.add_parser("fit", help="train one model and write its bundle")
+    fit.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
+    fit.add_argument("--model", required=True, choices=ARCHITECTURES)
+    fit.add_argument("--out", required=True, help="bundle folder to write")
+    _training_options(fit)
+    fit.set_defaults(run=_fit)
+
+    default = commands.add_parser("default", help="reproduce the bundle shipped in bidder/models/default")
+    default.add_argument("--out", help="bundle folder (default: the package's default bundle)")
+    default.add_argument("--rows", type=int, default=DEFAULT_ROWS)
+    default.add_argument("--data-seed", type=int, default=DEFAULT_DATA_SEED)
+    default.add_argument("--seed", type=int, default=0, help="training seed")
+    default.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    default.add_argument("--quiet", action="store_true", help="no progress bars")
+    default.set_defaults(run=_default)
+
+    cmp = commands.add_parser("compare", help="train DeepFM, AutoInt, DCNv2 and logistic regression; report")
+    cmp.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
+    cmp.add_argument("--out", default="compare", help="folder for the report and the bundles (default: compare)")
+    cmp.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated subset to train")
+    _training_options(cmp, per_model=True)
+    cmp.set_defaults(run=_compare)
+    return parser
+
+
+def _training_options(parser: argparse.ArgumentParser, per_model: bool = False) -> None:
+    parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and a random split")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="leave malformed lines out (counted and reported) instead of stopping")
+    parser.add_argument("--spec", help="feature spec JSON (default: the bidder's iPinYou spec)")
+    parser.add_argument("--set", action="append", default=[], metavar="MODEL.NAME=VALUE" if per_model else "NAME=VALUE",
+                        help="override a hyper-parameter (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

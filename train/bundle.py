@@ -1,0 +1,83 @@
+"""Writing a model bundle: ``model.onnx``, ``spec.json`` and ``meta.json`` in one directory.
+
+The three files are written next to their final names and moved into place only once all exist, so
+a reader (the bidder reloading its model) never sees a half-written bundle, and a failed export
+leaves the previous bundle untouched.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+
+from bidder.spec import FeatureSpec
+from train._deepctr import VERSION as DEEPCTR_VERSION
+from train.export import OUTPUT
+
+__all__ = ["MODEL_FILE", "SPEC_FILE", "META_FILE", "library_versions", "model_id", "write_bundle"]
+
+MODEL_FILE, SPEC_FILE, META_FILE = "model.onnx", "spec.json", "meta.json"
+
+
+def library_versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "deepctr_torch": DEEPCTR_VERSION, "python": platform.python_version()}
+
+
+def model_id(architecture: str, created: dt.datetime, onnx_sha256: str) -> str:
+    return f"{architecture}-{created:%Y%m%d%H%M%S}-{onnx_sha256[:8]}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, architecture: str,
+                 hyperparameters: dict[str, Any], data: dict[str, Any], metrics: dict[str, Any],
+                 parity: dict[str, Any], training: dict[str, Any] | None = None) -> Path:
+    """Move ``onnx_path`` into ``out_dir`` as ``model.onnx`` with its spec and metadata; returns ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    sha = file_sha256(onnx_path)
+    meta = {
+        "model_id": model_id(architecture, created, sha),
+        "architecture": architecture,
+        "created": created.isoformat().replace("+00:00", "Z"),
+        "spec_digest": spec.digest,
+        "onnx_sha256": sha,
+        "inputs": {name: [None, spec.input_width(name)] for name in spec.input_names},
+        "output": OUTPUT,
+        "hyperparameters": hyperparameters,
+        "data": data,
+        "metrics": metrics,
+        "parity": parity,
+        "versions": library_versions(),
+    }
+    if training is not None:
+        meta["training"] = training
+    staged = {MODEL_FILE: out / f".{MODEL_FILE}.tmp", SPEC_FILE: out / f".{SPEC_FILE}.tmp",
+              META_FILE: out / f".{META_FILE}.tmp"}
+    try:
+        shutil.copyfile(onnx_path, staged[MODEL_FILE])
+        staged[SPEC_FILE].write_text(spec.to_json())
+        staged[META_FILE].write_text(json.dumps(meta, indent=2) + "\n")
+        for name, tmp in staged.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return out

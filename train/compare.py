@@ -1,0 +1,188 @@
+"""The model study: DeepFM, AutoInt, DCNv2 and a hashed logistic regression on the same split.
+
+Every model is trained, exported lean and parity-checked exactly as ``fit`` does (its bundle is kept
+under ``OUT/<model>/``); DeepFM is also exported as deepctr's stock graph so the table shows what the
+lean graph buys. Latency is measured the way the bidder serves: one thread, IO binding, at one row
+and at 64 rows, all graphs taking turns in the same run. Results go to ``compare.md``,
+``compare.json`` and ``compare.png``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bidder.spec import FeatureSpec
+from train.bundle import MODEL_FILE
+from train.data.dataset import Dataset, load_dataset
+from train.evaluate import oracle_metrics, predict
+from train.export import STOCK_INPUT, export_stock, serving_session
+from train.fit import report_skipped, resolve_spec, save_bundle
+from train.latency import measure_latencies
+from train.models import ARCHITECTURES, deepctr_input
+from train.trainer import train_model
+
+__all__ = ["compare", "render_markdown"]
+
+LATENCY_BATCHES = (1, 64)
+STOCK = "deepfm (stock deepctr graph)"
+
+
+def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...] = ARCHITECTURES,
+            epochs: int | None = None, seed: int = 0, progress: bool = True, skip_bad_lines: bool = False,
+            spec: FeatureSpec | str | Path | None = None,
+            hyperparameters: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train and measure ``models``; write the report files to ``out_dir`` and return the results."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(data_dir, resolve_spec(spec), seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
+    report_skipped(dataset)
+    rows: list[dict[str, Any]] = []
+    graphs: dict[str, Path] = {}
+    for architecture in models:
+        trained = train_model(dataset, architecture, epochs=epochs, seed=seed, progress=progress,
+                              **(hyperparameters or {}).get(architecture, {}))
+        bundle = save_bundle(trained, dataset, out / architecture)
+        meta = json.loads((bundle / "meta.json").read_text())
+        row = {"model": architecture, "graph": "lean", "test_auc": trained.metrics["test"]["auc"],
+               "test_logloss": trained.metrics["test"]["logloss"], "val_auc": trained.metrics["val"]["auc"],
+               "parameters": trained.parameters, "onnx_bytes": (bundle / MODEL_FILE).stat().st_size,
+               "parity_max_abs_diff": meta["parity"]["max_abs_diff"], "best_epoch": trained.best_epoch,
+               "train_seconds": trained.seconds}
+        rows.append(row)
+        graphs[architecture] = bundle / MODEL_FILE
+        if architecture == "deepfm":
+            stock_path = export_stock(trained.model, dataset.spec, out / "deepfm-stock.onnx")
+            stock_parity = _stock_parity(trained.model, stock_path, dataset)
+            rows.append({**row, "model": STOCK, "graph": "stock", "onnx_bytes": stock_path.stat().st_size,
+                         "parity_max_abs_diff": stock_parity})
+            graphs[STOCK] = stock_path
+
+    latency = _latencies(graphs, dataset)
+    for row in rows:
+        for batch in LATENCY_BATCHES:
+            row[f"latency_{batch}_us"] = latency[(row["model"], batch)]["median_us"]
+    oracle = (oracle_metrics(dataset.test.labels, dataset.test.pctr_true)
+              if dataset.test.pctr_true is not None else None)
+    results = {
+        "data": {"path": dataset.path, "source": dataset.source, "digest": dataset.digest, "rows": dataset.rows(),
+                 "split": dataset.split},
+        "oracle": {"test_auc": oracle["auc"], "test_logloss": oracle["logloss"]} if oracle else None,
+        "rows": rows,
+        "targets": _targets(rows, oracle),
+    }
+    (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "compare.md").write_text(render_markdown(results))
+    _plot(results, out / "compare.png")
+    return results
+
+
+def _stock_parity(model, path: Path, dataset: Dataset) -> float:
+    """The stock graph takes deepctr's float matrix; check it against the model like the lean one."""
+    n = min(2048, len(dataset.test))
+    x = deepctr_input({k: v[:n] for k, v in dataset.test.inputs.items()}, dataset.spec)
+    got = serving_session(path).run(None, {STOCK_INPUT: x})[0].reshape(-1)
+    return float(np.max(np.abs(got.astype(np.float64) - predict(model, x))))
+
+
+def _latencies(graphs: dict[str, Path], dataset: Dataset) -> dict[tuple[str, int], dict[str, float]]:
+    out = {}
+    for batch in LATENCY_BATCHES:
+        feeds = {name: np.ascontiguousarray(arr[:batch]) for name, arr in dataset.test.inputs.items()}
+        stock_feed = {STOCK_INPUT: deepctr_input(feeds, dataset.spec)}
+        measured = measure_latencies({name: (path, stock_feed if name == STOCK else feeds)
+                                      for name, path in graphs.items()})
+        for name, figures in measured.items():
+            out[(name, batch)] = figures
+    return out
+
+
+def _targets(rows: list[dict[str, Any]], oracle: dict[str, Any] | None) -> dict[str, Any]:
+    """The study's acceptance criteria, evaluated on this run."""
+    lean = {r["model"]: r for r in rows if r["graph"] == "lean"}
+    targets: dict[str, Any] = {}
+    deepfm = lean.get("deepfm")
+    if deepfm and oracle and oracle["auc"] is not None and deepfm["test_auc"] is not None:
+        gap = oracle["auc"] - deepfm["test_auc"]
+        targets["deepfm_within_0.005_of_oracle"] = {"gap": round(gap, 6), "met": gap <= 0.005}
+    for name in ("autoint", "dcnv2"):
+        if deepfm and name in lean and lean[name]["test_auc"] is not None and deepfm["test_auc"] is not None:
+            delta = lean[name]["test_auc"] - deepfm["test_auc"]
+            targets[f"{name}_at_least_deepfm_minus_0.002"] = {"delta": round(delta, 6), "met": delta >= -0.002}
+    if "logreg" in lean and len(lean) > 1 and lean["logreg"]["test_auc"] is not None:
+        others = [r["test_auc"] for n, r in lean.items() if n != "logreg" and r["test_auc"] is not None]
+        targets["logreg_below_all"] = {"met": all(lean["logreg"]["test_auc"] < a for a in others)}
+    stock = next((r for r in rows if r["graph"] == "stock"), None)
+    if deepfm and stock:
+        ratio = deepfm["latency_1_us"] / stock["latency_1_us"]
+        targets["lean_deepfm_single_row_at_most_half_of_stock"] = {"ratio": round(ratio, 3), "met": ratio <= 0.5}
+    return targets
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    data = results["data"]
+    lines = [
+        "# Model comparison",
+        "",
+        f"Data: `{data['path']}` ({data['source']}, {data['split']} split; rows train {data['rows']['train']}, "
+        f"val {data['rows']['val']}, test {data['rows']['test']}).",
+        "",
+    ]
+    if results["oracle"]:
+        lines += [f"Oracle (true pCTR) on test: AUC {results['oracle']['test_auc']:.4f}, "
+                  f"log loss {results['oracle']['test_logloss']:.5f}.", ""]
+    lines += [
+        "| model | graph | test AUC | test log loss | parameters | ONNX MB | 1 row µs | 64 rows µs | parity max abs diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        lines.append(f"| {r['model']} | {r['graph']} | {_num(r['test_auc'], 4)} | {_num(r['test_logloss'], 5)} | "
+                     f"{r['parameters']:,} | {r['onnx_bytes'] / 1e6:.2f} | {r['latency_1_us']:.1f} | "
+                     f"{r['latency_64_us']:.1f} | {r['parity_max_abs_diff']:.2g} |")
+    lines += ["", "Latency: median of 3000 calls per graph, ONNX Runtime on one thread with IO binding, graphs "
+              "measured in turns within the same run.", ""]
+    if results["targets"]:
+        lines += ["## Targets", ""]
+        for name, verdict in results["targets"].items():
+            detail = ", ".join(f"{k} {v}" for k, v in verdict.items() if k != "met")
+            lines.append(f"- {name}: {'met' if verdict['met'] else 'NOT met'}{f' ({detail})' if detail else ''}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    lean = [r for r in rows if r["graph"] == "lean"]
+    fig, (ax_auc, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["model"] for r in lean]
+    aucs = [r["test_auc"] or 0.0 for r in lean]
+    ax_auc.bar(names, aucs, color="#4c72b0")
+    if results["oracle"]:
+        ax_auc.axhline(results["oracle"]["test_auc"], color="#c44e52", linestyle="--", label="oracle (true pCTR)")
+        ax_auc.legend(loc="lower right")
+    low = min(aucs + ([results["oracle"]["test_auc"]] if results["oracle"] else []))
+    ax_auc.set_ylim(max(0.5, low - 0.03), None)
+    ax_auc.set_ylabel("test AUC")
+    ax_auc.set_title("Accuracy")
+    labels = [r["model"].replace(" (stock deepctr graph)", "\n(stock)") for r in rows]
+    x = np.arange(len(rows))
+    ax_lat.bar(x - 0.2, [r["latency_1_us"] for r in rows], width=0.4, label="1 row")
+    ax_lat.bar(x + 0.2, [r["latency_64_us"] for r in rows], width=0.4, label="64 rows")
+    ax_lat.set_xticks(x, labels, fontsize=8)
+    ax_lat.set_ylabel("µs per call (median, 1 thread, IO binding)")
+    ax_lat.set_title("Serving latency")
+    ax_lat.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
