@@ -28,14 +28,11 @@ def bid_cpm(ctr: float, value_per_click: float) -> float:
 def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Sequence[float],
                  floors: Sequence[float]) -> dict[int, PricedBid]:
     """Row ``r`` scored ``candidates[r]`` for imp ``owners[r]``: the best bid at or above floor per imp."""
-    best: dict[int, PricedBid] = {}
+    best: dict[int, tuple[float, int]] = {}  # imp -> (price, row); objects only for the winners
     for row, imp_index in enumerate(owners):
-        candidate = candidates[row]
-        price = bid_cpm(ctr[row], candidate.value_per_click)
-        if price < floors[imp_index]:
-            continue
-        current = best.get(imp_index)
-        if current is None or price > current.price:
-            best[imp_index] = PricedBid(imp_index, candidate, round(price, 6), float(ctr[row]))
-    # rounding to micro-dollars must never take a bid under its floor
-    return {i: b if b.price >= floors[i] else PricedBid(i, b.candidate, floors[i], b.ctr) for i, b in best.items()}
+        price = float(ctr[row]) * candidates[row].value_per_click * 1000.0
+        if price >= floors[imp_index] and price > best.get(imp_index, (-1.0, -1))[0]:
+            best[imp_index] = (price, row)
+    # rounded to micro-dollars; rounding must never take a bid under its floor
+    return {i: PricedBid(i, candidates[row], max(round(price, 6), floors[i]), float(ctr[row]))
+            for i, (price, row) in best.items()}
