@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bidder import DEFAULT_BUNDLE
 from bidder.server import DEFAULT_CAMPAIGNS, Config
 
 
@@ -13,16 +14,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve /bid, /predict, /metrics on HTTP")
     defaults = Config()
-    serve.add_argument("--model", type=Path, default=defaults.model, help="model bundle directory")
+    serve.add_argument("--model", type=Path, default=defaults.model,
+                       help="model bundle directory (default: the bundled model, %(default)s)")
     serve.add_argument("--campaigns", type=Path, default=None,
                        help="campaign catalog JSON (default: the bundle's campaigns.json, else the default catalog)")
-    serve.add_argument("--host", default=defaults.host)
-    serve.add_argument("--port", type=int, default=defaults.port)
+    serve.add_argument("--host", default=defaults.host, help="(default: %(default)s)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="(default: %(default)s)")
     serve.add_argument("--workers", type=int, default=defaults.workers,
-                       help="worker processes sharing the port (SO_REUSEPORT), worker i pinned to core i")
+                       help="worker processes sharing the port (SO_REUSEPORT), worker i pinned to core i mod ncpu "
+                            "(default: %(default)s)")
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                       help="rows per ONNX Runtime call; larger requests are scored in chunks")
-    serve.add_argument("--max-body", type=int, default=defaults.max_body, help="largest request body in bytes")
+                       help="rows per ONNX Runtime call; larger requests are scored in chunks (default: %(default)s)")
+    serve.add_argument("--max-body", type=int, default=defaults.max_body, help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     serve.add_argument("--utc-offset", type=float, default=defaults.utc_offset_hours,
                        help="hours added to UTC to derive weekday/hour of a request")
     serve.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         load_catalog(config.campaigns)
     except (BundleError, CatalogError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if config.model.resolve() == DEFAULT_BUNDLE.resolve() and not (DEFAULT_BUNDLE / "model.onnx").exists():
+            print("the default bundle has no model yet: build it with `make default-model` "
+                  "(python -m train default)", file=sys.stderr)
         return 2
     from bidder.server import serve
 

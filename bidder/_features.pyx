@@ -616,7 +616,13 @@ cdef class Featurizer:
         for m in range(self.n_multi):
             base_multi[m] = self._base_multi + self._multi_row_start[m]
         if base != self._base_val or self._base_call != self._call:
-            self._row(<object>base, self._base_sparse, base_multi)
+            try:
+                self._row(<object>base, self._base_sparse, base_multi)
+            except ValueError:
+                # a base value the top layer shadows may be bad without the record being bad:
+                # the field-by-field path raises only for values this record really reads
+                self._base_val = NULL
+                return self._row(record, sparse, multi_out)
             self._base_ref = <object>base
             self._base_val = base
             self._base_call = self._call

@@ -1,5 +1,16 @@
 """The campaign catalog: which ads we can show, what a click is worth, where each may run.
 
+The file is JSON::
+
+    {"campaigns": [{"id": "c1458", "advertiser": 1458, "name": "...", "value_per_click": 1.2,  # USD
+                    "enabled": true,
+                    "targeting": {"sizes": [[300, 250]], "domains": ["..."], "exchanges": ["2"]},
+                    "creatives": [{"id": "...", "w": 300, "h": 250, "adomain": ["brand.example"],
+                                   "nurl": "https://...price=${AUCTION_PRICE}", "markup": "<a ...>"}]}]}
+
+``name``, ``enabled`` (default true), ``targeting`` and each of its keys are optional; a creative needs
+a ``nurl`` or a ``markup`` (or both). Unknown keys are errors, so a misspelt option cannot pass silently.
+
 Each enabled creative becomes one *candidate*. Its ``layer`` dict holds the candidate-level raw
 fields (creative, advertiser and the creative's size); a scored row is the pair (layer, imp record),
 so no dict is built per row on the hot path.
@@ -12,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["AUCTION_PRICE_MACRO", "Candidate", "Catalog", "CatalogError", "load_catalog"]
+__all__ = ["AUCTION_PRICE_MACRO", "Candidate", "Catalog", "CatalogError", "load_catalog", "parse_catalog"]
 
 AUCTION_PRICE_MACRO = "${AUCTION_PRICE}"
 
@@ -29,8 +40,8 @@ class Candidate:
     w: int
     h: int
     adomain: tuple[str, ...]
-    nurl: str
-    markup: str | None
+    nurl: str | None                # win notice carrying ${AUCTION_PRICE}
+    markup: str | None              # ad markup returned inline as ``adm``
     value_per_click: float          # USD
     domains: frozenset[str] | None  # targeting; None = anywhere
     exchanges: frozenset[str] | None
@@ -54,6 +65,9 @@ class Catalog:
         for c in self.candidates:
             by_size.setdefault((c.w, c.h), []).append(c)
         self._by_size = {size: tuple(cs) for size, cs in by_size.items()}
+        # without domain or exchange targeting a size's candidates are all eligible: the common case
+        # then hands out the precomputed tuple instead of filtering it per request
+        self.targeted = any(c.domains is not None or c.exchanges is not None for c in self.candidates)
 
     def __len__(self) -> int:
         return len(self.candidates)
@@ -64,6 +78,19 @@ class Catalog:
 
     def for_size(self, w: int, h: int) -> tuple[Candidate, ...]:
         return self._by_size.get((w, h), ())
+
+    def eligible(self, w: int, h: int, domain: str | None, exchange: str | None,
+                 blocked: frozenset[str]) -> tuple[Candidate, ...]:
+        """Candidates of size ``w``x``h`` that may run on ``domain`` via ``exchange``, minus blocked advertisers."""
+        candidates = self._by_size.get((w, h), ())
+        if not self.targeted and not blocked:
+            return candidates
+        return tuple(c for c in candidates if c.runs_on(domain, exchange, blocked))
+
+
+_CAMPAIGN_KEYS = frozenset({"id", "advertiser", "name", "value_per_click", "enabled", "targeting", "creatives"})
+_TARGETING_KEYS = frozenset({"sizes", "domains", "exchanges"})
+_CREATIVE_KEYS = frozenset({"id", "w", "h", "adomain", "nurl", "markup"})
 
 
 def load_catalog(path: str | os.PathLike) -> Catalog:
@@ -82,12 +109,17 @@ def load_catalog(path: str | os.PathLike) -> Catalog:
 def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
     if not isinstance(data, dict) or not isinstance(data.get("campaigns"), list):
         raise CatalogError(f"{origin}: expected an object with a 'campaigns' list")
+    unknown = set(data) - {"campaigns"}
+    if unknown:
+        raise CatalogError(f"{origin}: unknown keys {sorted(unknown)}")
     candidates: list[Candidate] = []
     seen: set[str] = set()
+    seen_creatives: dict[str, str] = {}
     for i, entry in enumerate(data["campaigns"]):
         where = f"{origin}: campaigns[{i}]"
         if not isinstance(entry, dict):
             raise CatalogError(f"{where}: expected an object")
+        _known_keys(entry, _CAMPAIGN_KEYS, where)
         campaign_id = _text(entry.get("id"), f"{where}.id")
         if campaign_id in seen:
             raise CatalogError(f"{where}.id: duplicate campaign id {campaign_id!r}")
@@ -104,6 +136,7 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
         targeting = entry.get("targeting") or {}
         if not isinstance(targeting, dict):
             raise CatalogError(f"{where}.targeting: expected an object")
+        _known_keys(targeting, _TARGETING_KEYS, f"{where}.targeting")
         domains = _string_set(targeting.get("domains"), f"{where}.targeting.domains")
         exchanges = _string_set(targeting.get("exchanges"), f"{where}.targeting.exchanges")
         sizes = targeting.get("sizes")
@@ -117,19 +150,26 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
             cw = f"{where}.creatives[{j}]"
             if not isinstance(cr, dict):
                 raise CatalogError(f"{cw}: expected an object")
+            _known_keys(cr, _CREATIVE_KEYS, cw)
             creative_id = _text(cr.get("id"), f"{cw}.id")
+            if creative_id in seen_creatives:  # crid must name one ad in win notices and reports
+                raise CatalogError(f"{cw}.id: creative {creative_id!r} is also in {seen_creatives[creative_id]}")
+            seen_creatives[creative_id] = cw.partition(": ")[2]
             w, h = cr.get("w"), cr.get("h")
             if not _is_size([w, h]):
                 raise CatalogError(f"{cw}: w and h must be positive integers, got {w!r} x {h!r}")
             adomain = cr.get("adomain")
             if not isinstance(adomain, list) or not adomain or not all(isinstance(d, str) and d for d in adomain):
                 raise CatalogError(f"{cw}.adomain: expected a non-empty list of domains")
-            nurl = _text(cr.get("nurl"), f"{cw}.nurl")
-            if AUCTION_PRICE_MACRO not in nurl:
-                raise CatalogError(f"{cw}.nurl: must carry {AUCTION_PRICE_MACRO} for the clearing price")
-            markup = cr.get("markup")
-            if markup is not None and not isinstance(markup, str):
-                raise CatalogError(f"{cw}.markup: expected a string")
+            nurl, markup = cr.get("nurl"), cr.get("markup")
+            if nurl is None and markup is None:
+                raise CatalogError(f"{cw}: needs a nurl (win notice) or markup (served inline as adm)")
+            if nurl is not None:
+                nurl = _text(nurl, f"{cw}.nurl")
+                if AUCTION_PRICE_MACRO not in nurl:
+                    raise CatalogError(f"{cw}.nurl: must carry {AUCTION_PRICE_MACRO} for the clearing price")
+            if markup is not None:
+                markup = _text(markup, f"{cw}.markup")
             if not enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
                 continue
             layer = {"creative": creative_id, "advertiser": advertiser, "slotwidth": w, "slotheight": h}
@@ -138,6 +178,13 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
                 adomain=tuple(adomain), nurl=nurl, markup=markup, value_per_click=float(value),
                 domains=domains, exchanges=exchanges, layer=layer))
     return Catalog(candidates, origin)
+
+
+def _known_keys(entry: dict, allowed: frozenset[str], where: str) -> None:
+    # a misspelt optional key ("enabeld", "targetting") would otherwise be silently ignored
+    unknown = set(entry) - allowed
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
 
 
 def _text(value: Any, where: str) -> str:

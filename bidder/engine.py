@@ -5,13 +5,12 @@ decode → one record per imp → (candidate layer, imp record) rows → one sco
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
-from bidder.campaigns import Catalog
-from bidder.metrics import Metrics
+from bidder.campaigns import Candidate, Catalog
+from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import (Bid, BidResponse, RequestError, SeatBid, decode_json, decode_request, encode_response,
                             imp_fields, imp_sizes, request_fields)
 from bidder.pricing import best_per_imp
@@ -19,12 +18,8 @@ from bidder.scorer import Scorer
 
 __all__ = ["BidEngine", "Outcome", "NO_BID_REASONS"]
 
-NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
-                  "tmax")
 
-
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen dataclass costs several times more
     status: int
     body: bytes = b""
     reason: str | None = None  # no-bid reason (204) or error kind (4xx)
@@ -40,6 +35,7 @@ class _PredictResponse(msgspec.Struct):
 
 
 _predict_decoder = msgspec.json.Decoder(_PredictRequest)
+_NOTHING_BLOCKED: frozenset[str] = frozenset()
 _encoder = msgspec.json.Encoder()
 
 
@@ -66,15 +62,16 @@ class BidEngine:
             return self._no_bid("currency")
         shared = request_fields(request, exchange, utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
-        blocked = frozenset(request.badv) if request.badv else frozenset()
+        blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
+        catalog = self.catalog
         rows: list[tuple[dict, dict]] = []
-        owners: list[int] = []
-        chosen: list = []
+        owners: list[int] = []     # row -> index of its imp
+        chosen: list[Candidate] = []  # row -> its candidate
         floors: list[float] = []
         imp_reason: str | None = None
         for i, imp in enumerate(request.imp):
             floors.append(imp.bidfloor)
-            if imp.bidfloorcur != "USD":
+            if imp.bidfloorcur != "USD":  # no FX table: a floor we cannot compare is a floor we cannot meet
                 imp_reason = self._count_imp(imp_reason, "floor_currency")
                 continue
             sizes = imp_sizes(imp)
@@ -84,14 +81,14 @@ class BidEngine:
                 continue
             record = None
             for w, h in sizes:
-                for candidate in self.catalog.for_size(w, h):
-                    if not candidate.runs_on(domain, exchange, blocked):
-                        continue
-                    if record is None:
-                        record = imp_fields(shared, imp)
-                    rows.append((candidate.layer, record))
-                    owners.append(i)
-                    chosen.append(candidate)
+                eligible = catalog.eligible(w, h, domain, exchange, blocked)
+                if not eligible:
+                    continue
+                if record is None:
+                    record = imp_fields(shared, imp)
+                rows.extend([(c.layer, record) for c in eligible])
+                owners.extend([i] * len(eligible))
+                chosen.extend(eligible)
             if record is None:
                 imp_reason = self._count_imp(imp_reason, "no_eligible_creative")
         if not rows:
@@ -102,8 +99,9 @@ class BidEngine:
         ctr = scorer.score(rows) if len(rows) <= scorer.max_batch else scorer.predict(rows)
         self.metrics.scored_rows.observe(len(rows))
         best = best_per_imp(owners, chosen, ctr, floors)
-        for i in set(owners) - set(best):
-            imp_reason = self._count_imp(imp_reason, "below_floor")
+        if len(best) < len(request.imp):
+            for i in set(owners).difference(best):
+                imp_reason = self._count_imp(imp_reason, "below_floor")
         if not best:
             return self._no_bid(imp_reason or "below_floor")
         bids = []

@@ -5,9 +5,14 @@ import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "ROUTES"]
+__all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NO_BID_REASONS", "ROUTES"]
 
 ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload")
+#: why a request (or one imp of it) got no bid
+NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
+                  "tmax")
+#: why a request was refused or failed
+ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_refused", "internal")
 # sub-millisecond resolution where the bid path lives, seconds for the tail
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
@@ -34,6 +39,20 @@ class Metrics:
         self.worker.labels(str(worker), str(os.getpid())).set(1)
         # label children resolved once: labels() costs a dict lookup and a lock per call
         self.route_latency = {route: self.latency.labels(route) for route in ROUTES}
+        # every known reason exported from the start at 0, so rates and alerts see a series at once
+        for reason in NO_BID_REASONS:
+            self.nobids.labels(reason)
+            self.nobid_imps.labels(reason)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+        self._responses: dict[tuple[str, int], Counter] = {}
+
+    def response(self, route: str, status: int) -> Counter:
+        """The responses counter child for ``route`` and ``status``, resolved once per pair."""
+        child = self._responses.get((route, status))
+        if child is None:
+            child = self._responses[(route, status)] = self.responses.labels(route, str(status))
+        return child
 
     def set_model(self, model_id: str, architecture: str) -> None:
         self.model.clear()

@@ -12,12 +12,16 @@ import msgspec
 
 __all__ = [
     "BidRequest", "BidResponse", "Bid", "SeatBid", "RequestError", "USD_TO_CNY", "decode_json", "decode_request",
-    "encode_response", "imp_sizes", "request_fields", "imp_fields", "slotprice_from_usd_cpm",
+    "encode_response", "imp_sizes", "request_fields", "imp_fields", "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
 ]
 
-#: iPinYou prices (``slotprice``) are CNY fen per thousand impressions; OpenRTB floors are CPM in
-#: ``bidfloorcur`` (USD here). A fixed, documented rate keeps training and serving on one scale.
+#: iPinYou prices (``slotprice``) are CNY fen (0.01 yuan) per thousand impressions; OpenRTB floors are
+#: CPM in ``bidfloorcur`` (only USD is bid on). A fixed, documented rate keeps the feature on the scale
+#: the model was trained on; FX drift only moves a floor within its coarse price bucket.
 USD_TO_CNY = 7.2
+#: Floors above this many fen all land in the top price bucket; the cap keeps absurd floors (1e308)
+#: from overflowing the integer conversion.
+MAX_SLOTPRICE_FEN = 10**12
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -106,7 +110,7 @@ class Bid(msgspec.Struct, omit_defaults=True):
     adomain: list[str]
     w: int
     h: int
-    nurl: str
+    nurl: str | None = None
     cid: str | None = None
     adm: str | None = None
 
@@ -169,7 +173,8 @@ def encode_response(response: BidResponse) -> bytes:
 
 def slotprice_from_usd_cpm(bidfloor: float) -> int:
     """OpenRTB floor (USD CPM) → iPinYou ``slotprice`` (CNY fen CPM), rounded to whole fen."""
-    return int(round(bidfloor * USD_TO_CNY * 100))
+    fen = bidfloor * USD_TO_CNY * 100
+    return MAX_SLOTPRICE_FEN if fen >= MAX_SLOTPRICE_FEN else int(round(fen))
 
 
 # banner.pos (OpenRTB list 5.4 / 2.6 list: Ad Position) → iPinYou slotvisibility
@@ -221,7 +226,9 @@ def imp_sizes(imp: Imp) -> list[tuple[int, int]]:
     banner = imp.banner
     if banner is None:
         return []
-    sizes = [(f.w, f.h) for f in banner.format or () if f.w and f.h]
+    if not banner.format:
+        return [(banner.w, banner.h)] if banner.w and banner.h else []
+    sizes = [(f.w, f.h) for f in banner.format if f.w and f.h]
     if not sizes and banner.w and banner.h:
         sizes = [(banner.w, banner.h)]
     return list(dict.fromkeys(sizes))

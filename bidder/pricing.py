@@ -1,7 +1,7 @@
 """Pricing: a bid's worth is its expected value per thousand impressions.
 
 CPM (USD) = pCTR × value per click × 1000. A bid below the imp's floor is no bid; of the rest the
-best candidate per imp wins.
+best candidate per imp wins. Prices are rounded to micro-dollars, never below the floor.
 """
 from __future__ import annotations
 
@@ -28,11 +28,18 @@ def bid_cpm(ctr: float, value_per_click: float) -> float:
 def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Sequence[float],
                  floors: Sequence[float]) -> dict[int, PricedBid]:
     """Row ``r`` scored ``candidates[r]`` for imp ``owners[r]``: the best bid at or above floor per imp."""
-    best: dict[int, tuple[float, int]] = {}  # imp -> (price, row); objects only for the winners
+    if hasattr(ctr, "tolist"):  # Python floats: indexing a numpy array makes a scalar object per row
+        ctr = ctr.tolist()
+    best_row: dict[int, int] = {}
+    best_price: dict[int, float] = {}
     for row, imp_index in enumerate(owners):
-        price = float(ctr[row]) * candidates[row].value_per_click * 1000.0
-        if price >= floors[imp_index] and price > best.get(imp_index, (-1.0, -1))[0]:
-            best[imp_index] = (price, row)
-    # rounded to micro-dollars; rounding must never take a bid under its floor
-    return {i: PricedBid(i, candidates[row], max(round(price, 6), floors[i]), float(ctr[row]))
-            for i, (price, row) in best.items()}
+        price = ctr[row] * candidates[row].value_per_click * 1000.0
+        if price >= floors[imp_index] and price > best_price.get(imp_index, -1.0):
+            best_price[imp_index] = price
+            best_row[imp_index] = row
+    out = {}
+    for imp_index, row in best_row.items():
+        # rounding to micro-dollars must never take a bid under its floor
+        price = max(round(best_price[imp_index], 6), floors[imp_index])
+        out[imp_index] = PricedBid(imp_index, candidates[row], price, ctr[row])
+    return out

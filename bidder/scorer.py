@@ -93,7 +93,7 @@ class Scorer:
         self.featurizer = Featurizer(self.spec)
         self.inputs = self.spec.allocate(max_batch)
         self.output = np.zeros((max_batch, 1), dtype=np.float32)
-        self._bindings: dict[int, ort.IOBinding] = {}
+        self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
 
     def _check_signature(self, model: Path) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -106,21 +106,36 @@ class Scorer:
                 raise BundleError(f"{model}: input {name!r} is {arg.type}, expected tensor(int64)")
             if len(arg.shape) != 2 or (isinstance(arg.shape[1], int) and arg.shape[1] != width):
                 raise BundleError(f"{model}: input {name!r} has shape {arg.shape}, spec.json needs [batch, {width}]")
+            if isinstance(arg.shape[0], int):  # a fixed batch size would refuse every other batch at run time
+                raise BundleError(f"{model}: input {name!r} has a fixed batch dimension {arg.shape[0]}, "
+                                  "expected a symbolic one")
         outputs = {o.name: o for o in self.session.get_outputs()}
-        if OUTPUT not in outputs or outputs[OUTPUT].type != "tensor(float)":
-            raise BundleError(f"{model}: needs a float32 output named {OUTPUT!r}, has {sorted(outputs)}")
+        out = outputs.get(OUTPUT)
+        if out is None or out.type != "tensor(float)":
+            raise BundleError(f"{model}: needs a float32 output named {OUTPUT!r}, has "
+                              f"{ {name: o.type for name, o in outputs.items()} }")
+        if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != 1):
+            raise BundleError(f"{model}: output {OUTPUT!r} has shape {out.shape}, expected [batch, 1]")
 
     def _binding(self, rows: int) -> ort.IOBinding:
-        binding = self._bindings.get(rows)
-        if binding is None:
+        """The binding for a batch of ``rows``: OrtValues over views of the shared buffers, made once.
+
+        ``ortvalue_from_numpy`` on a CPU array wraps its memory without copying, so the featurizer's
+        writes into ``self.inputs`` are what ORT reads and ORT's output lands in ``self.output``.
+        """
+        bound = self._bindings.get(rows)
+        if bound is None:
             binding = self.session.io_binding()
+            values = []  # the OrtValues hold the views; keep them as long as the binding
             for name, buffer in self.inputs.items():
-                view = buffer[:rows]
-                binding.bind_input(name, "cpu", 0, np.int64, list(view.shape), view.ctypes.data)
-            out = self.output[:rows]
-            binding.bind_output(OUTPUT, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            self._bindings[rows] = binding
-        return binding
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])
+                binding.bind_ortvalue_input(name, value)
+                values.append(value)
+            value = ort.OrtValue.ortvalue_from_numpy(self.output[:rows])
+            binding.bind_ortvalue_output(OUTPUT, value)
+            values.append(value)
+            bound = self._bindings[rows] = (binding, values)
+        return bound[0]
 
     def score(self, records: Sequence[Any]) -> np.ndarray:
         """Probabilities for at most ``max_batch`` records, as a view of the output buffer.

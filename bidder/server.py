@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,12 +58,17 @@ class State:
         self.reload_lock = asyncio.Lock()
 
     def load(self, model: Path, campaigns: Path) -> BidEngine:
-        """Build a complete engine (runs in a thread during reloads) and warm it with one batch."""
+        """Build a complete engine (runs in a thread during reloads) and warm it.
+
+        A one-imp request scores all candidates of one size: binding and running those batch sizes
+        now keeps the first such requests from paying for ORT's first run at a new shape.
+        """
         scorer = Scorer(model, max_batch=self.config.max_batch)
         catalog = load_catalog(campaigns)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours)
-        if catalog.candidates:
-            scorer.score([c.layer for c in catalog.candidates[: scorer.max_batch]])
+        layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
+        for rows in sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)}):
+            scorer.score(layers[:min(rows, len(layers))])
         return engine
 
     def install(self, engine: BidEngine, model: Path, campaigns: Path) -> None:
@@ -85,7 +89,7 @@ def _respond(state: State, route: str, outcome: Outcome, started: float) -> web.
     metrics = state.metrics
     if outcome.status >= 400:
         metrics.errors.labels(outcome.reason or "bad_request").inc()
-    metrics.responses.labels(route, str(outcome.status)).inc()
+    metrics.response(route, outcome.status).inc()
     metrics.route_latency[route].observe(time.perf_counter() - started)
     if outcome.status == 204:
         return web.Response(status=204)
@@ -161,6 +165,10 @@ async def reload(state: State, model: Path | None = None, campaigns: Path | None
             state.metrics.reloads.labels("refused").inc()
             log.error("reload refused, still serving %s: %s", state.engine.scorer.model_id, exc)
             return False, str(exc)
+        except Exception as exc:  # whatever a broken bundle makes a library raise, the old model serves on
+            state.metrics.reloads.labels("refused").inc()
+            log.exception("reload failed, still serving %s", state.engine.scorer.model_id)
+            return False, f"{type(exc).__name__}: {exc}"
         state.install(engine, model, campaigns)
         state.metrics.reloads.labels("ok").inc()
         log.info("reloaded: serving %s", engine.scorer.model_id)
@@ -244,7 +252,14 @@ async def _run_worker(config: Config, worker: int) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload(state)))
+    reloads: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    def reload_on_signal() -> None:
+        task = asyncio.ensure_future(reload(state))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
     log.info("worker %d (pid %d) serving %s on http://%s:%d", worker, os.getpid(), state.engine.scorer.model_id,
              config.host, config.port)
     await stop.wait()

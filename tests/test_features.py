@@ -141,6 +141,13 @@ def test_rows_sharing_a_base_layer(tops, base, other_base):
     assert_same(SPEC, records)
 
 
+def test_a_bad_base_value_shadowed_by_the_top_layer_is_not_an_error():
+    base = {"timestamp": 3.87e-231, "slotprice": "cheap", "domain": "a.com"}
+    records = [({"weekday": 1, "hour": 2, "slotprice": 5}, base), ({"weekday": 3, "hour": 4, "slotprice": 7}, base)]
+    assert assert_same(SPEC, records) is not None
+    assert assert_same(SPEC, records + [({"weekday": 1}, base)]) is None  # this one reads the bad timestamp
+
+
 def test_cached_values_follow_mutation_between_calls():
     """The identity caches hold only immutable values across calls: mutated dicts and lists are re-read."""
     tags = ["1", "2"]

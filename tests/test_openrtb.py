@@ -1,4 +1,4 @@
-"""OpenRTB → raw records, the campaign catalog and pricing, without HTTP."""
+"""OpenRTB at the edge without HTTP: typed decoding, mapping to raw records, response encoding."""
 from __future__ import annotations
 
 import calendar
@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from bidder.campaigns import CatalogError, load_catalog, parse_catalog
-from bidder.openrtb import (USD_TO_CNY, RequestError, decode_request, imp_fields, imp_sizes, request_fields,
-                            slotprice_from_usd_cpm)
-from bidder.pricing import best_per_imp, bid_cpm
-from bidder.server import DEFAULT_CAMPAIGNS
+import msgspec
+
+from bidder.openrtb import (MAX_SLOTPRICE_FEN, USD_TO_CNY, Bid, BidResponse, RequestError, SeatBid, decode_request,
+                            encode_response, imp_fields, imp_sizes, request_fields, slotprice_from_usd_cpm)
 
 
 def test_mapping_of_a_2_5_mobile_request(openrtb_examples):
@@ -60,62 +59,57 @@ def test_errors_carry_the_path():
 
 
 def test_floor_conversion_is_explicit():
+    # iPinYou slotprice is CNY fen per mille: 1 USD CPM = 7.2 CNY CPM = 720 fen CPM
     assert slotprice_from_usd_cpm(0.0) == 0
-    assert slotprice_from_usd_cpm(1.0) == round(USD_TO_CNY * 100)
+    assert slotprice_from_usd_cpm(1.0) == round(USD_TO_CNY * 100) == 720
+    assert slotprice_from_usd_cpm(0.015) == 11  # rounded to whole fen
+    assert slotprice_from_usd_cpm(1e308) == MAX_SLOTPRICE_FEN  # no overflow on absurd floors
 
 
-def test_default_catalog_matches_the_synthetic_advertisers():
-    from train.data.synthetic import ADVERTISERS
+def test_mapping_of_a_2_6_site_request(openrtb_examples):
+    request = decode_request(openrtb_examples["bid-request-2.6/simple-banner.json"])
+    body = json.loads(openrtb_examples["bid-request-2.6/simple-banner.json"])
+    shared = request_fields(request, "2", now=calendar.timegm((2013, 6, 3, 0, 5, 0)))  # a Monday
+    assert (shared["weekday"], shared["hour"]) == (0, 0)
+    assert shared["domain"] == body["site"]["domain"] and shared["url"] == body["site"]["page"]
+    assert shared["useragent"] is None and shared["IP"] is None  # no device object: missing, not an error
+    assert shared["usertag"] == [] and shared["adexchange"] == "2"
+    record = imp_fields(shared, request.imp[0])
+    assert record["slotprice"] == slotprice_from_usd_cpm(body["imp"][0].get("bidfloor", 0.0))
+    assert not {"creative", "advertiser", "slotwidth", "slotheight"} & set(record)  # the candidate's fields
+    assert imp_sizes(request.imp[0]) == [(body["imp"][0]["banner"]["w"], body["imp"][0]["banner"]["h"])]
 
-    catalog = load_catalog(DEFAULT_CAMPAIGNS)
-    served = {(c.advertiser, c.creative_id, c.w, c.h) for c in catalog.candidates}
-    trained = {(adv, c["id"], c["w"], c["h"]) for adv, creatives in ADVERTISERS.items() for c in creatives}
-    assert served == trained
-    assert len(catalog.for_size(300, 250)) == 9
+
+def test_video_and_native_imps_have_no_banner_sizes(openrtb_examples):
+    for name in ("bid-request-2.5/video.json", "bid-request-2.6/video.json", "bid-request-2.5/native-ad.json"):
+        request = decode_request(openrtb_examples[name])
+        assert all(imp.banner is None and imp_sizes(imp) == [] for imp in request.imp), name
 
 
-def _catalog(**creative):
-    base = {"id": "cr", "w": 300, "h": 250, "adomain": ["a.com"], "nurl": "https://w/${AUCTION_PRICE}"}
-    return {"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1.0, "creatives": [dict(base, **creative)]}]}
+def test_every_example_decodes(openrtb_examples):
+    for name, body in openrtb_examples.items():
+        request = decode_request(body)
+        assert request.id == json.loads(body)["id"] and request.imp, name
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"campaigns": {}}, "expected an object with a 'campaigns' list"),
-    (_catalog(nurl="https://w/no-macro"), r"campaigns\[0\].creatives\[0\].nurl: must carry"),
-    (_catalog(w=0), r"campaigns\[0\].creatives\[0\]: w and h must be positive"),
-    (_catalog(adomain=[]), r"campaigns\[0\].creatives\[0\].adomain"),
-    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 0, "creatives": []}]}, "value_per_click"),
-    ({"campaigns": [{"id": "c", "advertiser": "x", "value_per_click": 1, "creatives": []}]}, "advertiser"),
+def test_response_encoding_carries_the_win_macro_and_omits_absent_fields():
+    bid = Bid(id="r-1", impid="1", price=1.5, adid="cr", crid="cr", adomain=["a.com"], w=300, h=250,
+              nurl="https://w/?p=${AUCTION_PRICE}")
+    answer = msgspec.json.decode(encode_response(BidResponse(id="r", seatbid=[SeatBid(bid=[bid])])))
+    assert answer == {"id": "r", "cur": "USD", "seatbid": [{"seat": "bidder", "bid": [
+        {"id": "r-1", "impid": "1", "price": 1.5, "adid": "cr", "crid": "cr", "adomain": ["a.com"], "w": 300,
+         "h": 250, "nurl": "https://w/?p=${AUCTION_PRICE}"}]}]}
+
+
+@pytest.mark.parametrize("body,path", [
+    (b'{"id": "r", "imp": [{"id": "1"}], "cur": "USD"}', "$.cur"),
+    (b'{"id": "r", "imp": [{"id": "1"}], "tmax": -5}', "$.tmax"),
+    (b'{"id": "r", "imp": [{"id": "1", "video": []}]}', "$.imp[0].video"),
+    (b'{"id": "r", "imp": [{"id": "1"}], "user": {"data": [{"segment": [{"id": 7}]}]}}',
+     "$.user.data[0].segment[0].id"),
+    (b'{"id": 5, "imp": [{"id": "1"}]}', "$.id"),
 ])
-def test_catalog_errors_name_the_entry(data, message):
-    with pytest.raises(CatalogError, match=message):
-        parse_catalog(data)
-
-
-def test_catalog_targeting_and_disabled_campaigns(tmp_path):
-    data = _catalog()
-    data["campaigns"][0]["targeting"] = {"domains": ["news.com"], "exchanges": ["2"]}
-    data["campaigns"].append({"id": "off", "advertiser": 2, "value_per_click": 1.0, "enabled": False,
-                              "creatives": _catalog()["campaigns"][0]["creatives"]})
-    path = tmp_path / "catalog.json"
-    path.write_text(json.dumps(data))
-    catalog = load_catalog(path)
-    (candidate,) = catalog.candidates
-    assert candidate.runs_on("news.com", "2", frozenset())
-    assert not candidate.runs_on("other.com", "2", frozenset())
-    assert not candidate.runs_on("news.com", "1", frozenset())
-    assert not candidate.runs_on("news.com", "2", frozenset({"a.com"}))
-    with pytest.raises(CatalogError, match="invalid JSON"):
-        path.write_text("{")
-        load_catalog(path)
-
-
-def test_pricing_respects_floors_and_picks_the_best_per_imp():
-    catalog = parse_catalog({"campaigns": [
-        {"id": f"c{v}", "advertiser": v, "value_per_click": v, "creatives": _catalog(id=f"cr{v}")["campaigns"][0]["creatives"]}
-        for v in (1, 2, 3)]})
-    cands = list(catalog.candidates)
-    ctr = [0.01, 0.01, 0.001, 0.01]
-    best = best_per_imp([0, 0, 0, 1], [cands[0], cands[1], cands[2], cands[0]], ctr, floors=[5.0, 20.0])
-    assert set(best) == {0}  # imp 1's only bid (10 CPM) is under its 20 CPM floor
-    assert best[0].candidate.advertiser == 2 and best[0].price == pytest.approx(bid_cpm(0.01, 2))
+def test_wrong_types_name_their_path(body, path):
+    with pytest.raises(RequestError) as info:
+        decode_request(body)
+    assert info.value.path == path and info.value.message

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bidder.campaigns import load_catalog
+from bidder.metrics import NO_BID_REASONS
 from bidder.scorer import Scorer
 from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 
@@ -165,6 +167,10 @@ async def test_health_readiness_and_metrics_parse(client, openrtb_examples):
     assert metric(text, "bidder_bids_total") == 1
     assert metric(text, "bidder_errors_total", kind="bad_request") == 1
     assert metric(text, "bidder_responses_total", route="/bid", status="400") == 1
+    exported = {(s.name, s.labels.get("reason")) for f in families.values() for s in f.samples}
+    assert all(("bidder_nobids_total", reason) in exported for reason in NO_BID_REASONS)
+    model = [s for s in families["bidder_model_info"].samples]
+    assert len(model) == 1 and model[0].labels["architecture"] == "deepfm" and model[0].value == 1
 
 
 async def test_reload_under_load_fails_no_request(client, small_bundle, tmp_path, openrtb_examples):
@@ -201,3 +207,66 @@ async def test_admin_reload_is_loopback_only(client, monkeypatch):
 
     monkeypatch.setattr(BaseRequest, "remote", property(lambda self: "203.0.113.9"))
     assert (await client.post("/admin/reload", json={})).status == 403
+
+
+async def test_absurd_floors_are_no_bids_not_errors(client, openrtb_examples):
+    request = json.loads(openrtb_examples["bid-request-2.5/simple-banner.json"])
+    request["imp"][0]["bidfloor"] = 1e308
+    response = await client.post("/bid", json=request)
+    assert response.status == 204
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_nobids_total", reason="below_floor") == 1
+
+
+async def test_every_imp_of_a_request_is_bid_in_one_batch(client, openrtb_examples):
+    request = json.loads(openrtb_examples["bid-request-2.5/simple-banner.json"])
+    request["imp"] = [{"id": "a", "banner": {"w": 300, "h": 250}, "bidfloor": 0.01},
+                      {"id": "b", "banner": {"format": [{"w": 728, "h": 90}, {"w": 160, "h": 600}]}},
+                      {"id": "c", "video": {"mimes": ["video/mp4"]}}]
+    response = await client.post("/bid", json=request)
+    assert response.status == 200
+    bids = {b["impid"]: b for b in (await response.json())["seatbid"][0]["bid"]}
+    assert set(bids) == {"a", "b"}
+    assert (bids["a"]["w"], bids["a"]["h"]) == (300, 250) and (bids["b"]["w"], bids["b"]["h"]) in {(728, 90),
+                                                                                                  (160, 600)}
+    text = await (await client.get("/metrics")).text()
+    catalog = load_catalog(DEFAULT_CAMPAIGNS)
+    rows = sum(len(catalog.for_size(w, h)) for w, h in [(300, 250), (728, 90), (160, 600)])
+    assert metric(text, "bidder_scored_rows_sum") == rows and metric(text, "bidder_scored_rows_count") == 1
+    assert metric(text, "bidder_nobid_imps_total", reason="unsupported_format") == 1
+    assert metric(text, "bidder_bids_total") == 2
+
+
+async def test_exchange_targeting_and_markup_only_creatives(aiohttp_client, small_bundle, tmp_path,
+                                                           openrtb_examples):
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps({"campaigns": [{
+        "id": "only-on-3", "advertiser": 1458, "value_per_click": 1.0, "targeting": {"exchanges": ["3"]},
+        "creatives": [{"id": "cr", "w": 300, "h": 250, "adomain": ["a.example"], "markup": "<img src='a'>"}]}]}))
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=catalog)))
+    body = openrtb_examples["bid-request-2.5/simple-banner.json"]
+    assert (await client.post("/bid", data=body)).status == 204
+    assert (await client.post("/bid/2", data=body)).status == 204
+    response = await client.post("/bid/3", data=body)
+    assert response.status == 200
+    (bid,) = (await response.json())["seatbid"][0]["bid"]
+    assert bid["adm"] == "<img src='a'>" and "nurl" not in bid and bid["crid"] == "cr"
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_nobids_total", reason="no_eligible_creative") == 2
+
+
+async def test_predict_edge_cases(client):
+    response = await client.post("/predict", json={"records": []})
+    assert response.status == 200 and (await response.json())["ctr"] == []
+    response = await client.post("/predict", data=b'{"records": [' + b'{},' * 30_000 + b'{}]}')
+    assert response.status == 413
+
+
+async def test_a_broken_catalog_is_refused_on_reload(client, tmp_path):
+    broken = tmp_path / "catalog.json"
+    broken.write_text('{"campaigns": [{"id": "c"}]}')
+    before = (await (await client.get("/readyz")).json())["model"]
+    response = await client.post("/admin/reload", json={"campaigns": str(broken)})
+    assert response.status == 422 and "advertiser" in (await response.json())["error"]
+    assert (await (await client.get("/readyz")).json())["model"] == before
+    assert (await client.post("/admin/reload", data=b"{nope")).status == 400

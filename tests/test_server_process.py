@@ -1,4 +1,5 @@
-"""The server as real processes: SIGTERM drains in-flight requests, dead workers come back, SIGHUP reloads."""
+"""The server as real processes: SIGTERM drains in-flight requests, dead workers come back, SIGHUP reloads
+(and the supervisor forwards it to every worker)."""
 from __future__ import annotations
 
 import json
@@ -113,6 +114,13 @@ def test_workers_share_the_port_and_a_dead_worker_is_replaced(small_bundle, open
                                          data=openrtb_examples["bid-request-2.5/simple-banner.json"])
         with urllib.request.urlopen(request, timeout=5) as r:
             assert r.status == 200
+        server.send_signal(signal.SIGHUP)  # the supervisor forwards it: every worker reloads
+        reloaded: set[int] = set()
+        while len(reloaded) < 2:
+            assert time.monotonic() < deadline + 30, f"reloaded workers: {reloaded}"
+            _, text = get(port, "/metrics")
+            if b'bidder_reloads_total{result="ok"} 1.0' in text:
+                reloaded.add(int(text.split(b'pid="')[1].split(b'"')[0]))
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=40) == 0
     finally:

@@ -1,0 +1,125 @@
+"""The campaign catalog: validation with errors that name the entry, targeting, the default catalog."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bidder.campaigns import AUCTION_PRICE_MACRO, CatalogError, load_catalog, parse_catalog
+from bidder.server import DEFAULT_CAMPAIGNS
+
+
+def _creative(**fields):
+    return dict({"id": "cr", "w": 300, "h": 250, "adomain": ["a.com"], "nurl": "https://w/${AUCTION_PRICE}"},
+                **fields)
+
+
+def _catalog(**creative):
+    return {"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1.0, "creatives": [_creative(**creative)]}]}
+
+
+def test_default_catalog_matches_the_synthetic_advertisers():
+    from train.data.synthetic import ADVERTISERS
+
+    catalog = load_catalog(DEFAULT_CAMPAIGNS)
+    served = {(c.advertiser, c.creative_id, c.w, c.h) for c in catalog.candidates}
+    trained = {(adv, c["id"], c["w"], c["h"]) for adv, creatives in ADVERTISERS.items() for c in creatives}
+    assert served == trained
+    assert {c.advertiser for c in catalog.candidates} == {1458, 2259, 2261, 2821, 2997, 3358, 3386, 3427, 3476}
+    assert len(catalog.for_size(300, 250)) == 9
+    assert all(AUCTION_PRICE_MACRO in c.nurl and c.adomain for c in catalog.candidates)
+    assert not catalog.targeted
+
+
+def test_candidate_layers_hold_the_candidate_fields_only():
+    (candidate,) = parse_catalog(_catalog(w=728, h=90)).candidates
+    assert candidate.layer == {"creative": "cr", "advertiser": 1, "slotwidth": 728, "slotheight": 90}
+
+
+@pytest.mark.parametrize("data,message", [
+    ([], "expected an object with a 'campaigns' list"),
+    ({"campaigns": {}}, "expected an object with a 'campaigns' list"),
+    ({"campaigns": [], "extra": 1}, r"unknown keys \['extra'\]"),
+    ({"campaigns": [7]}, r"campaigns\[0\]: expected an object"),
+    (_catalog(nurl="https://w/no-macro"), r"campaigns\[0\].creatives\[0\].nurl: must carry"),
+    (_catalog(nurl=None), r"campaigns\[0\].creatives\[0\]: needs a nurl .* or markup"),
+    (_catalog(markup=5), r"campaigns\[0\].creatives\[0\].markup: expected a non-empty string"),
+    (_catalog(w=0), r"campaigns\[0\].creatives\[0\]: w and h must be positive"),
+    (_catalog(h=True), r"campaigns\[0\].creatives\[0\]: w and h must be positive"),
+    (_catalog(adomain=[]), r"campaigns\[0\].creatives\[0\].adomain"),
+    (_catalog(id=""), r"campaigns\[0\].creatives\[0\].id: expected a non-empty string"),
+    (_catalog(colour="red"), r"campaigns\[0\].creatives\[0\]: unknown keys \['colour'\]"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 0, "creatives": []}]}, "value_per_click"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": True, "creatives": []}]}, "value_per_click"),
+    ({"campaigns": [{"id": "c", "advertiser": "x", "value_per_click": 1, "creatives": []}]}, "advertiser"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "creatives": []}]}, r"creatives: expected a non-empty"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "enabeld": False,
+                     "creatives": [_creative()]}]}, r"campaigns\[0\]: unknown keys \['enabeld'\]"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "enabled": "no",
+                     "creatives": [_creative()]}]}, r"campaigns\[0\].enabled: expected true or false"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "targeting": {"sizes": [[300]]},
+                     "creatives": [_creative()]}]}, r"targeting.sizes: expected a list of \[w, h\] pairs"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "targeting": {"domains": "a.com"},
+                     "creatives": [_creative()]}]}, r"targeting.domains: expected a list of strings"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "targeting": {"geo": ["CN"]},
+                     "creatives": [_creative()]}]}, r"targeting: unknown keys \['geo'\]"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "creatives": [_creative()]},
+                    {"id": "c", "advertiser": 2, "value_per_click": 1, "creatives": [_creative(id="x")]}]},
+     r"campaigns\[1\].id: duplicate campaign id 'c'"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "creatives": [_creative()]},
+                    {"id": "d", "advertiser": 2, "value_per_click": 1, "creatives": [_creative()]}]},
+     r"campaigns\[1\].creatives\[0\].id: creative 'cr' is also in campaigns\[0\].creatives\[0\]"),
+])
+def test_catalog_errors_name_the_entry(data, message):
+    with pytest.raises(CatalogError, match=message):
+        parse_catalog(data)
+
+
+def test_catalog_files_that_cannot_be_read(tmp_path):
+    with pytest.raises(CatalogError, match="no such file"):
+        load_catalog(tmp_path / "missing.json")
+    path = tmp_path / "catalog.json"
+    path.write_text("{")
+    with pytest.raises(CatalogError, match=r"catalog.json: invalid JSON at line 1"):
+        load_catalog(path)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(CatalogError, match="cannot read"):
+        load_catalog(path)
+
+
+def test_markup_only_creatives_are_candidates():
+    (candidate,) = parse_catalog(_catalog(nurl=None, markup="<img src='x'>")).candidates
+    assert candidate.nurl is None and candidate.markup == "<img src='x'>"
+
+
+def test_targeting_disabled_campaigns_and_size_filters(tmp_path):
+    data = _catalog()
+    data["campaigns"][0]["targeting"] = {"domains": ["news.com"], "exchanges": ["2"]}
+    data["campaigns"].append({"id": "off", "advertiser": 2, "value_per_click": 1.0, "enabled": False,
+                              "creatives": [_creative(id="cr-off")]})
+    data["campaigns"].append({"id": "sized", "advertiser": 3, "value_per_click": 1.0,
+                              "targeting": {"sizes": [[728, 90]]},
+                              "creatives": [_creative(id="cr-300"), _creative(id="cr-728", w=728, h=90)]})
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(data))
+    catalog = load_catalog(path)
+    assert sorted(c.creative_id for c in catalog.candidates) == ["cr", "cr-728"]
+    assert catalog.targeted and catalog.sizes == {(300, 250), (728, 90)}
+    (candidate,) = catalog.for_size(300, 250)
+    assert candidate.runs_on("news.com", "2", frozenset())
+    assert not candidate.runs_on("other.com", "2", frozenset())
+    assert not candidate.runs_on("news.com", "1", frozenset())
+    assert not candidate.runs_on("news.com", "2", frozenset({"a.com"}))
+    assert catalog.eligible(300, 250, "news.com", "2", frozenset()) == (candidate,)
+    assert catalog.eligible(300, 250, "news.com", None, frozenset()) == ()
+    assert catalog.eligible(728, 90, None, None, frozenset())[0].creative_id == "cr-728"
+    assert catalog.eligible(1, 1, "news.com", "2", frozenset()) == ()
+
+
+def test_untargeted_catalogs_still_honour_blocked_advertisers():
+    catalog = parse_catalog({"campaigns": [
+        {"id": "a", "advertiser": 1, "value_per_click": 1, "creatives": [_creative(id="x", adomain=["a.com"])]},
+        {"id": "b", "advertiser": 2, "value_per_click": 1, "creatives": [_creative(id="y", adomain=["b.com"])]}]})
+    assert not catalog.targeted
+    assert len(catalog.eligible(300, 250, None, None, frozenset())) == 2
+    assert [c.creative_id for c in catalog.eligible(300, 250, None, None, frozenset({"a.com"}))] == ["y"]

@@ -1,0 +1,62 @@
+"""Pricing: CPM = pCTR × value per click × 1000, floors respected, the best candidate per imp."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bidder.campaigns import parse_catalog
+from bidder.pricing import best_per_imp, bid_cpm
+
+
+def candidates(*values_per_click: float):
+    return list(parse_catalog({"campaigns": [
+        {"id": f"c{i}", "advertiser": i, "value_per_click": v, "creatives": [
+            {"id": f"cr{i}", "w": 300, "h": 250, "adomain": [f"{i}.com"], "nurl": "https://w/${AUCTION_PRICE}"}]}
+        for i, v in enumerate(values_per_click)]}).candidates)
+
+
+def test_cpm_is_expected_value_per_thousand():
+    assert bid_cpm(0.01, 2.0) == pytest.approx(20.0)
+    assert bid_cpm(np.float32(0.5), 1.0) == pytest.approx(500.0)
+
+
+def test_floors_are_respected_and_the_best_per_imp_wins():
+    cands = candidates(1, 2, 3)
+    ctr = np.array([0.01, 0.01, 0.001, 0.01], dtype=np.float32)
+    best = best_per_imp([0, 0, 0, 1], [cands[0], cands[1], cands[2], cands[0]], ctr, floors=[5.0, 20.0])
+    assert set(best) == {0}  # imp 1's only bid (10 CPM) is under its 20 CPM floor
+    assert best[0].candidate.advertiser == 1 and best[0].price == pytest.approx(bid_cpm(0.01, 2), rel=1e-6)
+    assert best[0].imp_index == 0 and best[0].ctr == pytest.approx(0.01)
+
+
+def test_a_bid_exactly_at_the_floor_is_kept_and_rounding_never_goes_under_it():
+    (c,) = candidates(1.0)
+    floor = 0.0123456789
+    best = best_per_imp([0], [c], [floor / 1000.0], [floor])
+    assert best[0].price >= floor
+    assert best_per_imp([0], [c], [0.0], [0.0])[0].price == 0.0  # a zero floor accepts a zero price
+
+
+def test_prices_are_rounded_to_micro_dollars():
+    (c,) = candidates(1.0)
+    assert best_per_imp([0], [c], [0.0123456789], [0.0])[0].price == 12.345679
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.floats(0, 1)), max_size=30),
+       st.lists(st.floats(0, 2000), min_size=4, max_size=4))
+def test_best_is_the_maximum_over_rows_at_or_above_floor(rows, floors):
+    cands = candidates(0.5, 1.0, 3.0)
+    owners = [imp for imp, _, _ in rows]
+    chosen = [cands[k] for _, k, _ in rows]
+    ctr = [p for _, _, p in rows]
+    best = best_per_imp(owners, chosen, ctr, floors)
+    for imp in range(4):
+        prices = [bid_cpm(p, cands[k].value_per_click) for i, k, p in rows if i == imp]
+        eligible = [p for p in prices if p >= floors[imp]]
+        if not eligible:
+            assert imp not in best
+        else:
+            assert best[imp].price >= floors[imp]
+            assert best[imp].price == pytest.approx(max(eligible), abs=1e-6)
