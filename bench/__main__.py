@@ -1,0 +1,108 @@
+"""Command line: `python -m bench load [options]` and `python -m bench echo [options]`."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from bench.load import DEFAULT_BODY, DEFAULT_MODEL, DEFAULT_RESULTS, SERVERS, LoadConfig, run_load, summary
+from bench.servers import BenchError
+
+QUICK_DURATION_S = 3.0
+QUICK_WARMUP_S = 1.0
+
+
+def connection_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("connection counts must be >= 1")
+    return values
+
+
+def server_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names or set(names) - set(SERVERS):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SERVERS)}, got {text!r}")
+    return names
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--body", type=Path, default=DEFAULT_BODY, help="OpenRTB request to POST (default: %(default)s)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bidder model bundle (default: %(default)s)")
+    parser.add_argument("--campaigns", type=Path, default=None,
+                        help="campaign catalog for the bidder (default: campaigns.json beside the bundle, if any)")
+    parser.add_argument("--route", default="/bid", help="POST path on both servers (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default: %(default)s)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each measurement")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_DURATION_S:g} s per measurement, {QUICK_WARMUP_S:g} s warm-up")
+    parser.add_argument("--connections", type=connection_list, default=(1, 8, 32),
+                        help="concurrency levels, the largest being saturation (default: 1,8,32)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="add a scaling run with N workers per server at N x the largest concurrency")
+    parser.add_argument("--max-batch", type=int, default=None, help="passed to the bidder")
+    parser.add_argument("--servers", type=server_list, default=SERVERS,
+                        help="which servers to run (default: echo,bidder)")
+    parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the servers (default: %(default)s)")
+    parser.add_argument("--client-cpus", default="1", help="taskset CPU list for wrk (default: %(default)s)")
+    parser.add_argument("--no-pin", action="store_true", help="run servers and wrk without taskset")
+    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for /readyz")
+    parser.add_argument("--wrk-timeout", type=float, default=2.0, help="wrk's per-request timeout in seconds")
+    parser.add_argument("--allow-no-bid", action="store_true",
+                        help="measure even when the bidder answers 204 (no bid) to the body")
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
+
+
+def load_config(args: argparse.Namespace) -> LoadConfig:
+    if args.workers is not None and args.workers < 1:
+        raise BenchError("--workers must be >= 1")
+    return LoadConfig(
+        body=args.body.resolve(), model=args.model.resolve(),
+        campaigns=args.campaigns.resolve() if args.campaigns else None, route=args.route, host=args.host,
+        duration_s=QUICK_DURATION_S if args.quick else args.duration,
+        warmup_s=QUICK_WARMUP_S if args.quick else args.warmup,
+        connections=args.connections, scaling_workers=args.workers, max_batch=args.max_batch,
+        server_cpus=None if args.no_pin else args.server_cpus,
+        client_cpus=None if args.no_pin else args.client_cpus, servers=args.servers,
+        startup_timeout_s=args.startup_timeout, wrk_timeout_s=args.wrk_timeout,
+        allow_no_bid=args.allow_no_bid, out_dir=args.out.resolve())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    commands = parser.add_subparsers(dest="command", required=True)
+    load = commands.add_parser("load", help="wrk load test of the bidder against the echo ceiling")
+    add_load_arguments(load)
+    commands.add_parser("echo", help="run the echo server alone (see python -m bench echo -h)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "echo":
+        from bench.echo import main as echo_main
+        return echo_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    # SIGTERM's default action would skip the `finally` blocks that stop the servers and leave them
+    # running in their own sessions; turned into an exception it unwinds like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report, json_path, png_path = run_load(load_config(args))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        return 130
+    print(summary(report, json_path, png_path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

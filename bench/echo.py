@@ -1,0 +1,101 @@
+"""The framework ceiling: a JSON echo server on the bidder's stack (aiohttp.web + uvloop + msgspec).
+
+It reads and decodes the request body exactly as the bid path's first stage does and answers a small
+JSON, so the gap between it and the bidder under the same load is the cost of featurize + score +
+price + encode.  No access log, as on the bidder's hot path.
+
+    python -m bench.echo --host 127.0.0.1 --port 8081 [--workers N]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import signal
+
+import msgspec
+import uvloop
+from aiohttp import web
+
+ROUTE = "/bid"
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+_READY = _encode({"status": "ok"})
+
+
+async def echo(request: web.Request) -> web.Response:
+    try:
+        decoded = _decode(await request.read())
+    except msgspec.DecodeError as exc:
+        return web.Response(status=400, body=_encode({"error": str(exc)}), content_type="application/json")
+    request_id = decoded.get("id") if isinstance(decoded, dict) else None
+    return web.Response(body=_encode({"id": request_id, "echo": True}), content_type="application/json")
+
+
+async def ready(request: web.Request) -> web.Response:
+    return web.Response(body=_READY, content_type="application/json")
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post(ROUTE, echo)
+    app.router.add_post(ROUTE + "/{exchange}", echo)
+    app.router.add_get("/healthz", ready)
+    app.router.add_get("/readyz", ready)
+    return app
+
+
+async def serve(host: str, port: int, reuse_port: bool) -> None:
+    runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_worker(host: str, port: int, reuse_port: bool, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    uvloop.run(serve(host, port, reuse_port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes sharing the port through SO_REUSEPORT, worker i on allowed core i mod n")
+    args = parser.parse_args(argv)
+    if args.workers <= 1:
+        run_worker(args.host, args.port, reuse_port=False, cpu=None)
+        return 0
+    # Mirror the bidder's worker model so a scaling run compares like with like: one process per
+    # worker, each on its own core out of those this process may use (taskset narrows them).
+    cpus = sorted(os.sched_getaffinity(0))
+    workers = [multiprocessing.Process(target=run_worker, args=(args.host, args.port, True, cpus[i % len(cpus)]))
+               for i in range(args.workers)]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum, frame):
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
+    return 0 if all(worker.exitcode == 0 for worker in workers) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
