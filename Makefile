@@ -28,13 +28,19 @@ $(VENV)/.extension: bidder/_features.pyx $(VENV)/.installed
 test: $(VENV)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-serve: $(VENV)
+DEFAULT_MODEL := bidder/models/default/model.onnx
+
+# The default bundle is committed; if it is ever missing, serving trains it first (minutes, on synthetic data).
+$(DEFAULT_MODEL): | $(VENV)
+	$(PY) -m train default
+
+serve: $(VENV) $(DEFAULT_MODEL)
 	$(PY) -m bidder serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 bench: $(VENV)
 	$(PY) -m pytest -q --benchmark
 
-bench-load: $(VENV)
+bench-load: $(VENV) $(DEFAULT_MODEL)
 	$(PY) -m bench load
 
 default-model: $(VENV)
