@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bidder.scorer import session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 from train.data.dataset import Split
 from train.errors import ParityError, TrainError
@@ -299,14 +300,8 @@ def _export(module: nn.Module, example: tuple, input_names: list[str], path: Pat
 
 # -- checking ---------------------------------------------------------------------------------------------------
 def serving_session(path: str | Path) -> ort.InferenceSession:
-    """An ONNX Runtime session configured as the bidder serves: one thread, sequential, no spinning."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime session configured exactly as the bidder serves (bidder.scorer.session_options)."""
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
 def check_parity(model: nn.Module, path: str | Path, spec: FeatureSpec, held_out: Split, *,
