@@ -46,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def _synth(args: argparse.Namespace) -> dict[str, Any]:
+    return _generate(args.out, args.rows, args.seed)
+
+
+def _generate(out: str | Path, rows: int, seed: int) -> dict[str, Any]:
     from train.data.synthetic import generate
 
     try:
-        return generate(args.out, rows=args.rows, seed=args.seed)
-    except ValueError as exc:
+        return generate(out, rows=rows, seed=seed)
+    except ValueError as exc:  # the generator's argument checks
         raise TrainError(str(exc)) from None
 
 
@@ -59,21 +63,20 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
 
     bundle = fit_bundle(args.data, args.model, args.out, epochs=args.epochs, seed=args.seed,
                         progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
-                        **_settings(args.set))
+                        threads=args.threads, **_settings(args.set))
     return _bundle_summary(bundle)
 
 
 def _default(args: argparse.Namespace) -> dict[str, Any]:
     import bidder
-    from train.data.synthetic import generate
     from train.fit import fit_bundle
 
     out = Path(args.out) if args.out else bidder.DEFAULT_BUNDLE
     with tempfile.TemporaryDirectory(prefix="synthetic-") as tmp:
-        generate(tmp, rows=args.rows, seed=args.data_seed)
+        _generate(tmp, args.rows, args.data_seed)
         label = f"synthetic: python -m train synth --rows {args.rows} --seed {args.data_seed}"
         bundle = fit_bundle(tmp, "deepfm", out, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
-                            data_label=label)
+                            data_label=label, threads=args.threads)
     return _bundle_summary(bundle)
 
 
@@ -93,7 +96,7 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         per_model.setdefault(model, {})[name] = value
     results = compare(args.data, args.out, models=models, epochs=args.epochs, seed=args.seed,
                       progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
-                      hyperparameters=per_model)
+                      hyperparameters=per_model, threads=args.threads)
     print(render_markdown(results), file=sys.stderr)
     return results
 
@@ -104,12 +107,19 @@ def _bundle_summary(bundle: Path) -> dict[str, Any]:
             "parity": meta["parity"], "training": meta.get("training", {})}
 
 
+#: settings that have their own command-line option, not a ``--set`` name
+_OWN_OPTIONS = {"epochs": "--epochs", "seed": "--seed", "threads": "--threads"}
+
+
 def _settings(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         name, eq, value = pair.partition("=")
         if not eq or not name:
             raise TrainError(f"--set {pair!r}: expected NAME=VALUE")
+        option = _OWN_OPTIONS.get(name.strip().rpartition(".")[2])
+        if option:
+            raise TrainError(f"--set {pair!r}: use {option} instead")
         out[name.strip()] = value.strip()
     return out
 
@@ -138,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     default.add_argument("--data-seed", type=int, default=DEFAULT_DATA_SEED)
     default.add_argument("--seed", type=int, default=0, help="training seed")
     default.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    default.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     default.add_argument("--quiet", action="store_true", help="no progress bars")
     default.set_defaults(run=_default)
 
@@ -158,6 +169,7 @@ def _training_options(parser: argparse.ArgumentParser, per_model: bool = False) 
     parser.add_argument("--spec", help="feature spec JSON (default: the bidder's iPinYou spec)")
     parser.add_argument("--set", action="append", default=[], metavar="MODEL.NAME=VALUE" if per_model else "NAME=VALUE",
                         help="override a hyper-parameter (repeatable)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -33,7 +33,7 @@ STOCK = "deepfm (stock deepctr graph)"
 def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...] = ARCHITECTURES,
             epochs: int | None = None, seed: int = 0, progress: bool = True, skip_bad_lines: bool = False,
             spec: FeatureSpec | str | Path | None = None,
-            hyperparameters: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            hyperparameters: dict[str, dict[str, Any]] | None = None, threads: int = 1) -> dict[str, Any]:
     """Train and measure ``models``; write the report files to ``out_dir`` and return the results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...
     rows: list[dict[str, Any]] = []
     graphs: dict[str, Path] = {}
     for architecture in models:
-        trained = train_model(dataset, architecture, epochs=epochs, seed=seed, progress=progress,
+        trained = train_model(dataset, architecture, epochs=epochs, seed=seed, progress=progress, threads=threads,
                               **(hyperparameters or {}).get(architecture, {}))
         bundle = save_bundle(trained, dataset, out / architecture)
         meta = json.loads((bundle / "meta.json").read_text())

@@ -19,16 +19,18 @@ log = logging.getLogger("train")
 
 def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs: int | None = None, seed: int = 0,
                progress: bool = True, skip_bad_lines: bool = False, spec: FeatureSpec | str | Path | None = None,
-               data_label: str | None = None, **hyperparameters: Any) -> Path:
+               data_label: str | None = None, threads: int = 1, **hyperparameters: Any) -> Path:
     """Train ``model`` on the logs in ``data_dir`` and write its bundle to ``out_dir`` (returned).
 
     ``spec`` defaults to the bidder's iPinYou spec; ``data_label`` replaces the data path recorded in
-    ``meta.json`` (for data generated into a temporary folder). Other keywords are hyper-parameters.
+    ``meta.json`` (for data generated into a temporary folder); ``threads`` is torch's thread count
+    while training. Other keywords are hyper-parameters.
     """
     feature_spec = resolve_spec(spec)
     dataset = load_dataset(data_dir, feature_spec, seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
     report_skipped(dataset)
-    trained = train_model(dataset, model, epochs=epochs, seed=seed, progress=progress, **hyperparameters)
+    trained = train_model(dataset, model, epochs=epochs, seed=seed, progress=progress, threads=threads,
+                          **hyperparameters)
     return save_bundle(trained, dataset, out_dir, data_label=data_label)
 
 

@@ -24,14 +24,14 @@ ARCHITECTURES = ("deepfm", "autoint", "dcnv2", "logreg")
 
 # Settings every architecture trains with. lr/batch/Adam follow the DeepFM proof of concept; ``epochs``
 # is the ceiling, early stopping on validation AUC (``patience`` epochs without a gain) ends sooner.
-_TRAINING = {"lr": 5e-4, "adam_eps": 1e-8, "batch_size": 512, "epochs": 4, "patience": 1, "usertag_combiner": "sum"}
+_TRAINING = {"lr": 5e-4, "lr_decay": 1.0, "adam_eps": 1e-8, "table_eps": 0.1, "batch_size": 512, "epochs": 4, "patience": 1, "usertag_combiner": "sum"}
 
 DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
-    "deepfm": {**_TRAINING, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5,
+    "deepfm": {**_TRAINING, "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5,
                "dnn_dropout": 0.0},
-    "autoint": {**_TRAINING, "init_std": 1e-4, "embedding_dim": 16, "att_layer_num": 3, "att_head_num": 4, "att_res": True,
+    "autoint": {**_TRAINING, "vector_eps": 0.1, "init_std": 1e-4, "embedding_dim": 16, "att_layer_num": 3, "att_head_num": 4, "att_res": True,
                 "dnn_hidden_units": [256, 128], "l2_reg_embedding": 1e-5, "dnn_dropout": 0.0},
-    "dcnv2": {**_TRAINING, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "cross_num": 2, "low_rank": 32, "num_experts": 4,
+    "dcnv2": {**_TRAINING, "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "cross_num": 2, "low_rank": 32, "num_experts": 4,
               "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5, "l2_reg_cross": 1e-5,
               "dnn_dropout": 0.0},
     "logreg": {**_TRAINING, "lr": 2e-3, "l2_reg_linear": 1e-5},
@@ -64,7 +64,11 @@ def resolve_hyperparameters(architecture: str, overrides: dict[str, Any] | None 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Bring a value (possibly a command-line string) to the default's type, or fail naming it."""
     try:
-        if isinstance(value, str) and not isinstance(default, str):
+        if isinstance(value, str) and isinstance(default, list):
+            # "256,128,64" or "[256, 128, 64]" from the command line
+            text = value.strip().strip("[]")
+            value = [int(part) for part in text.split(",")] if text else []
+        elif isinstance(value, str) and not isinstance(default, str):
             value = json.loads(value)
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -79,7 +83,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 raise TypeError
             return float(value)
         if isinstance(default, list):
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and v > 0 for v in value):
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, int) and v > 0 for v in value):
                 raise TypeError
             return [int(v) for v in value]
         if isinstance(default, str):

@@ -1,0 +1,1 @@
+"""Log readers, the synthetic generator and the featurized, split data set."""

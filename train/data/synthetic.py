@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from bidder.reference import os_browser
+
 __all__ = ["ADVERTISERS", "ADVERTISER_CATEGORIES", "COLUMNS", "USER_AGENTS", "generate"]
 
 #: The make-ipinyou-data header, then the generator's own column.
@@ -149,7 +151,7 @@ MAX_USERS = 200_000
 TEST_FRACTION = 0.2
 DAYS = 10
 START_DAY = dt.date(2013, 6, 6)  # iPinYou season 2 starts here
-BASE_LOGIT = -4.85  # puts the mean CTR near 0.9 %
+BASE_LOGIT = -5.15  # puts the mean CTR near 0.9 %
 TRAIN_FILE, TEST_FILE = "train.log.txt", "test.log.txt"
 _WRITE_CHUNK = 100_000
 
@@ -280,34 +282,38 @@ class _World:
         """
         rng = self.rng
         n_adv, n_cre = len(self.adv_ids), len(self.cre_adv)
-        dom_head = _fade(self.dom_rank, 25)
-        self.e_adv = rng.normal(0, 0.35, n_adv)
-        self.e_cre = rng.normal(0, 0.25, n_cre)
-        self.e_dom = rng.normal(0, 0.45, N_DOMAINS) * dom_head
-        self.e_slot = rng.normal(0, 0.30, len(self.slot_size)) * _fade(self.slot_rank, 10)
-        self.e_visibility = np.array([0.35, 0.1, -0.05, -0.2, 0.0, 0.15, 0.0, -0.15, -0.1])
+        dom_head = _fade(self.dom_rank, 6)
+        self.e_adv = rng.normal(0, 0.5, n_adv)
+        self.e_cre = rng.normal(0, 0.35, n_cre)
+        self.e_dom = rng.normal(0, 0.6, N_DOMAINS) * dom_head
+        self.e_slot = rng.normal(0, 0.30, len(self.slot_size)) * _fade(self.slot_rank, 2)
+        self.e_visibility = np.array([0.5, 0.15, -0.1, -0.3, 0.0, 0.25, 0.0, -0.2, -0.15])
         self.e_format = rng.normal(0, 0.1, len(_FORMATS))
         self.e_exchange = rng.normal(0, 0.15, len(_EXCHANGES))
-        self.e_hour = 0.25 * np.cos(2 * np.pi * (np.arange(24) - 21) / 24)
+        self.e_hour = 0.35 * np.cos(2 * np.pi * (np.arange(24) - 21) / 24)
         self.e_weekday = rng.normal(0, 0.06, 7)
-        self.e_ua = rng.normal(0, 0.2, len(USER_AGENTS)) + np.array([0.25 if m else 0 for _, _, m in USER_AGENTS])
-        self.e_region = rng.normal(0, 0.12, len(_REGIONS))
-        self.e_floor = -0.06 * np.log1p(np.array(_FLOORS, dtype=float))
-        self.user_main = self.user_tags @ rng.normal(0, 0.12, len(_USER_TAGS))
+        # browsers matter as families (what the model's os_browser field sees), phones click more
+        families = sorted({os_browser(ua) for ua, _, _ in USER_AGENTS})
+        e_family = rng.normal(0, 0.35, len(families))
+        self.e_ua = np.array([e_family[families.index(os_browser(ua))] + (0.2 if mobile else 0.0)
+                              for ua, _, mobile in USER_AGENTS])
+        self.e_region = rng.normal(0, 0.18, len(_REGIONS))
+        self.e_floor_band = np.array([0.0, -0.05, -0.12, -0.2, -0.3])  # floors 0, <=10, <=50, <=100, more
+        self.user_main = self.user_tags @ rng.normal(0, 0.16, len(_USER_TAGS))
         # advertiser x domain: each advertiser suits some sites (rank 4)
-        self.adv_vec = rng.normal(0, 0.5, (n_adv, 4))
-        self.dom_vec = rng.normal(0, 0.5, (N_DOMAINS, 4)) * dom_head[:, None]
+        self.adv_vec = rng.normal(0, 0.6, (n_adv, 4))
+        self.dom_vec = rng.normal(0, 0.6, (N_DOMAINS, 4)) * dom_head[:, None]
         # creative x slot: a creative's design works better in some placements (rank 2)
-        self.cre_vec = rng.normal(0, 0.5, (n_cre, 2))
-        self.placement_vec = rng.normal(0, 0.35, (len(_VISIBILITY), 2))
+        self.cre_vec = rng.normal(0, 0.6, (n_cre, 2))
+        self.placement_vec = rng.normal(0, 0.45, (len(_VISIBILITY), 2))
         # hour x region: regional daily rhythms (rank 2)
         phase = rng.uniform(0, 2 * np.pi, 2)
         self.hour_vec = np.cos(2 * np.pi * np.arange(24)[:, None] / 24 + phase[None, :])
-        self.region_vec = rng.normal(0, 0.25, (len(_REGIONS), 2))
+        self.region_vec = rng.normal(0, 0.35, (len(_REGIONS), 2))
         # usertag x advertiser: tags load on three interests, advertisers appeal to interests
         tag_interest = rng.normal(0, 1, (len(_USER_TAGS), 3)) * (rng.random((len(_USER_TAGS), 3)) < 0.3)
         adv_interest = rng.normal(0, 1, (n_adv, 3))
-        self.user_adv = self.user_tags @ (0.15 * tag_interest @ adv_interest.T)  # [users, advertisers]
+        self.user_adv = self.user_tags @ (0.2 * tag_interest @ adv_interest.T)  # [users, advertisers]
         # market price (log CPM fen)
         self.m_slot = rng.normal(0, 0.3, len(self.slot_size))
         self.m_dom = rng.normal(0, 0.25, N_DOMAINS)
@@ -334,7 +340,7 @@ class _World:
         domain = self.slot_domain[slot]
         exchange = self.dom_exchange[domain]
         visibility = self.slot_visibility[slot]
-        floor_idx = np.searchsorted(_FLOORS, self.slot_floor[slot])
+        floor_band = np.searchsorted(np.array([0, 10, 50, 100]), self.slot_floor[slot], side="left")
         page = rng.choice(PAGES_PER_DOMAIN, size=n, p=_zipf(PAGES_PER_DOMAIN, 1.2))
 
         user = rng.choice(self.n_users, size=n, p=self.user_p)
@@ -346,7 +352,7 @@ class _World:
         logit = (BASE_LOGIT + self.e_adv[adv] + self.e_cre[cre] + self.e_dom[domain] + self.e_slot[slot]
                  + self.e_visibility[visibility] + self.e_format[self.slot_format[slot]] + self.e_exchange[exchange]
                  + self.e_hour[hour] + self.e_weekday[weekday] + self.e_ua[ua] + self.e_region[region]
-                 + self.e_floor[floor_idx] + self.user_main[user]
+                 + self.e_floor_band[floor_band] + self.user_main[user]
                  + np.einsum("ij,ij->i", self.adv_vec[adv], self.dom_vec[domain])
                  + np.einsum("ij,ij->i", self.cre_vec[cre], self.placement_vec[visibility])
                  + np.einsum("ij,ij->i", self.hour_vec[hour], self.region_vec[region])
@@ -400,8 +406,8 @@ def _zipf(k: int, a: float) -> np.ndarray:
 
 
 def _fade(rank: np.ndarray, scale: float) -> np.ndarray:
-    """1 for the most popular value, 1/2 at rank ``scale``, about 0 deep in the tail."""
-    return 1.0 / (1.0 + rank / scale)
+    """1 for the most popular value, fading exponentially with popularity rank (``scale`` = 1/e)."""
+    return np.exp(-rank / scale)
 
 
 def _choice_by_row(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:

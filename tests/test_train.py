@@ -1,0 +1,127 @@
+"""Training and bundles: the bundle round trip, hyper-parameter checks, early stopping, the study."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from bidder.spec import default_spec, load_spec
+from train.__main__ import main
+from train.compare import compare
+from train.data.dataset import load_dataset
+from train.data.synthetic import generate
+from train.errors import DataError, TrainError
+from train.fit import fit_bundle
+from train.models import resolve_hyperparameters
+from train.trainer import train_model
+
+META_KEYS = {"model_id", "architecture", "created", "spec_digest", "onnx_sha256", "inputs", "output",
+             "hyperparameters", "data", "metrics", "parity", "versions"}
+
+
+@pytest.fixture(scope="module")
+def meta(small_bundle) -> dict:
+    return json.loads((small_bundle / "meta.json").read_text())
+
+
+def test_bundle_round_trip(small_bundle, meta):
+    spec = default_spec()
+    assert load_spec(small_bundle) == spec
+    assert sorted(p.name for p in small_bundle.iterdir()) == ["meta.json", "model.onnx", "spec.json"]
+    assert META_KEYS <= set(meta)
+    assert meta["architecture"] == "deepfm"
+    assert meta["spec_digest"] == spec.digest
+    assert meta["onnx_sha256"] == hashlib.sha256((small_bundle / "model.onnx").read_bytes()).hexdigest()
+    assert re.fullmatch(r"deepfm-\d{14}-[0-9a-f]{8}", meta["model_id"])
+    assert meta["model_id"].endswith(meta["onnx_sha256"][:8])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["created"])
+    assert meta["inputs"] == {"sparse": [None, 18], "usertag": [None, 16]}
+    assert meta["output"] == "ctr"
+    assert set(meta["versions"]) == {"torch", "onnx", "onnxruntime", "deepctr_torch", "python"}
+
+
+def test_bundle_metrics_data_and_parity(meta):
+    assert meta["data"]["source"] == "synthetic"
+    assert len(meta["data"]["digest"]) == 64
+    assert sum(meta["data"]["rows"].values()) == 20000
+    for split in ("train", "val", "test", "oracle"):
+        assert {"auc", "logloss"} <= set(meta["metrics"][split])
+        assert 0.0 < meta["metrics"][split]["logloss"] < 1.0
+    assert 0.5 < meta["metrics"]["oracle"]["auc"] < 1.0
+    parity = meta["parity"]
+    assert parity["max_abs_diff"] <= 1e-6 and parity["rows"] >= 1000
+    assert parity["batch_sizes"][:2] == [1, 64]
+    hp = meta["hyperparameters"]
+    assert (hp["embedding_dim"], hp["lr"], hp["batch_size"], hp["dnn_hidden_units"]) == (8, 5e-4, 512, [256, 128, 64])
+    assert meta["training"]["epochs_run"] == 1
+
+
+def test_synthetic_data_gives_the_same_digest(synthetic_data, meta, tmp_path):
+    generate(tmp_path, rows=20000, seed=7)
+    again = load_dataset(tmp_path, default_spec(), progress=False)
+    assert again.digest == meta["data"]["digest"]
+
+
+def test_hyperparameters_are_checked_by_name():
+    assert resolve_hyperparameters("autoint")["embedding_dim"] >= 16
+    assert resolve_hyperparameters("deepfm", {"dnn_hidden_units": "128,64"})["dnn_hidden_units"] == [128, 64]
+    assert resolve_hyperparameters("deepfm", {"lr": "1e-3"})["lr"] == 1e-3
+    with pytest.raises(TrainError, match="'att_head_num' is not used by deepfm"):
+        resolve_hyperparameters("deepfm", {"att_head_num": 2})
+    with pytest.raises(TrainError, match="'batch_size': expected int"):
+        resolve_hyperparameters("deepfm", {"batch_size": "big"})
+    with pytest.raises(TrainError, match="'embedding_dim' .* multiple of 'att_head_num'"):
+        resolve_hyperparameters("autoint", {"embedding_dim": 18})
+    with pytest.raises(TrainError, match="unknown model 'wide'"):
+        resolve_hyperparameters("wide")
+
+
+def test_early_stopping_keeps_the_best_epoch(synthetic_data):
+    data = load_dataset(synthetic_data, default_spec(), progress=False)
+    result = train_model(data, "logreg", epochs=3, patience=1, progress=False)
+    aucs = [h["val_auc"] for h in result.history]
+    assert 1 <= len(aucs) <= 3
+    assert result.best_epoch == 1 + int(np.argmax(aucs))
+    assert result.metrics["val"]["auc"] == pytest.approx(max(aucs), abs=1e-6)
+
+
+def test_training_is_reproducible(synthetic_data):
+    data = load_dataset(synthetic_data, default_spec(), progress=False)
+    a = train_model(data, "logreg", epochs=1, seed=3, progress=False)
+    b = train_model(data, "logreg", epochs=1, seed=3, progress=False)
+    assert a.metrics["test"] == b.metrics["test"]
+
+
+def test_fit_bundle_reports_bad_data_and_writes_nothing(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match="no train.log.txt"):
+        fit_bundle(tmp_path / "data", "deepfm", tmp_path / "bundle", progress=False)
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_cli_rejects_unknown_hyperparameter(synthetic_data, tmp_path, capsys):
+    code = main(["fit", "--data", str(synthetic_data), "--model", "logreg", "--out", str(tmp_path / "b"),
+                 "--quiet", "--set", "dropout=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hyper-parameter 'dropout' is not used by logreg" in err and "Traceback" not in err
+
+
+def test_compare_writes_table_plot_and_bundles(tmp_path):
+    data = tmp_path / "data"
+    generate(data, rows=6000, seed=5)
+    results = compare(data, tmp_path / "out", models=("deepfm", "logreg"), epochs=1, progress=False)
+    names = [r["model"] for r in results["rows"]]
+    assert names == ["deepfm", "deepfm (stock deepctr graph)", "logreg"]
+    for row in results["rows"]:
+        assert row["latency_1_us"] > 0 and row["latency_64_us"] > 0 and row["onnx_bytes"] > 0
+        assert row["parity_max_abs_diff"] <= 1e-6
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "| deepfm | lean |" in table and "stock" in table
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["rows"] == results["rows"]
+    for model in ("deepfm", "logreg"):
+        assert (tmp_path / "out" / model / "model.onnx").exists()
+    assert "deepfm_within_0.005_of_oracle" in results["targets"]
