@@ -7,6 +7,8 @@ import re
 
 import numpy as np
 import pytest
+import torch
+from deepctr_torch.inputs import combined_dnn_input
 
 from bidder.spec import default_spec, load_spec
 from train.__main__ import main
@@ -15,7 +17,8 @@ from train.data.dataset import load_dataset
 from train.data.synthetic import generate
 from train.errors import DataError, TrainError
 from train.fit import fit_bundle
-from train.models import resolve_hyperparameters
+from train.crosses import C_GRID, CROSS_BITS, design_matrix, fit_crossed_logreg
+from train.models import build_model, deepctr_input, resolve_hyperparameters
 from train.trainer import train_model
 
 META_KEYS = {"model_id", "architecture", "created", "spec_digest", "onnx_sha256", "inputs", "output",
@@ -125,3 +128,58 @@ def test_compare_writes_table_plot_and_bundles(tmp_path):
     for model in ("deepfm", "logreg"):
         assert (tmp_path / "out" / model / "model.onnx").exists()
     assert "deepfm_within_0.005_of_oracle" in results["targets"]
+    ref = results["reference"]
+    assert ref["crosses"] == ["advertiser × domain", "creative × slotvisibility", "hour × region", "usertag × advertiser"]
+    assert 0.5 < ref["test"]["auc"] < 1.0 and ref["C"] in C_GRID
+    assert "Reference, not served: logistic regression" in table
+
+
+def test_compare_can_skip_the_reference(tmp_path):
+    data = tmp_path / "data"
+    generate(data, rows=3000, seed=6)
+    results = compare(data, tmp_path / "out", models=("logreg",), epochs=1, progress=False, reference=False)
+    assert results["reference"] is None
+    assert "Reference" not in (tmp_path / "out" / "compare.md").read_text()
+
+
+def test_deep_towers_start_alive():
+    """deepctr's N(0, 1e-4) tower weights leave a dead DNN; the default Glorot init does not."""
+    spec = default_spec()
+    x = torch.from_numpy(deepctr_input(spec.allocate(256), spec))
+    for column, f in enumerate(spec.single_fields):
+        x[:, column] = torch.randint(1, f.buckets, (256,)).float()
+    for architecture in ("deepfm", "autoint", "dcnv2"):
+        hp = resolve_hyperparameters(architecture, {"init_std": 0.01})
+        stds = {}
+        for how in ("glorot", "deepctr"):
+            model = build_model(architecture, spec, {**hp, "dnn_init": how}, seed=0)
+            with torch.no_grad():
+                embedded, dense = model.input_from_feature_columns(x, model.dnn_feature_columns, model.embedding_dict)
+                stds[how] = float(model.dnn(combined_dnn_input(embedded, dense)).std(dim=0).mean())  # across rows
+        assert stds["glorot"] > 20 * stds["deepctr"], (architecture, stds)
+    with pytest.raises(TrainError, match="'dnn_init': expected 'glorot' or 'deepctr'"):
+        resolve_hyperparameters("deepfm", {"dnn_init": "he"})
+
+
+def test_cross_design_matrix_counts_every_value_and_pair():
+    spec = default_spec()
+    inputs = spec.allocate(3)
+    inputs["sparse"][:] = np.arange(1, len(spec.single_fields) + 1)
+    inputs["usertag"][0, :2] = [5, 9]          # two tags, the rest padding
+    inputs["usertag"][1, :1] = [5]
+    x = design_matrix(inputs, spec, [("creative", "slotvisibility"), ("usertag", "advertiser")])
+    singles = len(spec.single_fields)
+    assert x.shape == (3, sum(f.buckets for f in spec.fields) + 2 * 2 ** CROSS_BITS)
+    assert list(np.asarray(x.sum(axis=1)).ravel()) == [singles + 2 + 1 + 2, singles + 1 + 1 + 1, singles + 1]
+    # identical rows share columns; one more tag gives one more pair column
+    assert set(x[1].indices) < set(x[0].indices)
+    with pytest.raises(TrainError, match="no field 'keyword'"):
+        design_matrix(inputs, spec, [("keyword", "advertiser")])
+
+
+def test_crossed_logreg_learns_the_generators_interactions(synthetic_data):
+    data = load_dataset(synthetic_data, default_spec(), progress=False)
+    plain = fit_crossed_logreg(data, crosses=(), c_grid=(0.03,))
+    crossed = fit_crossed_logreg(data, c_grid=(0.03,))
+    assert crossed["parameters"] > plain["parameters"]
+    assert {"auc", "logloss"} <= set(crossed["test"]) and crossed["C"] == 0.03

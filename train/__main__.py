@@ -96,7 +96,7 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         per_model.setdefault(model, {})[name] = value
     results = compare(args.data, args.out, models=models, epochs=args.epochs, seed=args.seed,
                       progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
-                      hyperparameters=per_model, threads=args.threads)
+                      hyperparameters=per_model, threads=args.threads, reference=not args.no_reference)
     print(render_markdown(results), file=sys.stderr)
     return results
 
@@ -156,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
     cmp.add_argument("--out", default="compare", help="folder for the report and the bundles (default: compare)")
     cmp.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated subset to train")
+    cmp.add_argument("--no-reference", action="store_true",
+                     help="skip the reference fit (logistic regression with the generator's crosses, synthetic data)")
     _training_options(cmp, per_model=True)
     cmp.set_defaults(run=_compare)
     return parser

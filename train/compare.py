@@ -16,6 +16,7 @@ import numpy as np
 
 from bidder.spec import FeatureSpec
 from train.bundle import MODEL_FILE
+from train.crosses import GENERATOR_CROSSES, fit_crossed_logreg
 from train.data.dataset import Dataset, load_dataset
 from train.evaluate import oracle_metrics, predict
 from train.export import STOCK_INPUT, export_stock, serving_session
@@ -33,8 +34,14 @@ STOCK = "deepfm (stock deepctr graph)"
 def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...] = ARCHITECTURES,
             epochs: int | None = None, seed: int = 0, progress: bool = True, skip_bad_lines: bool = False,
             spec: FeatureSpec | str | Path | None = None,
-            hyperparameters: dict[str, dict[str, Any]] | None = None, threads: int = 1) -> dict[str, Any]:
-    """Train and measure ``models``; write the report files to ``out_dir`` and return the results."""
+            hyperparameters: dict[str, dict[str, Any]] | None = None, threads: int = 1,
+            reference: bool = True) -> dict[str, Any]:
+    """Train and measure ``models``; write the report files to ``out_dir`` and return the results.
+
+    On synthetic data (``pctr_true`` present) and with ``reference``, logistic regression with the
+    generator's own feature crosses is fitted too (``train.crosses``): what this many rows can teach a
+    model that knows where the interactions are.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data_dir, resolve_spec(spec), seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
@@ -66,10 +73,15 @@ def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...
             row[f"latency_{batch}_us"] = latency[(row["model"], batch)]["median_us"]
     oracle = (oracle_metrics(dataset.test.labels, dataset.test.pctr_true)
               if dataset.test.pctr_true is not None else None)
+    names = {f.name for f in dataset.spec.fields}
+    crosses = [pair for pair in GENERATOR_CROSSES if set(pair) <= names]
+    crossed = (fit_crossed_logreg(dataset, crosses) if reference and crosses and dataset.test.pctr_true is not None
+               and len(dataset.val) and len(dataset.test) else None)
     results = {
         "data": {"path": dataset.path, "source": dataset.source, "digest": dataset.digest, "rows": dataset.rows(),
                  "split": dataset.split},
         "oracle": {"test_auc": oracle["auc"], "test_logloss": oracle["logloss"]} if oracle else None,
+        "reference": crossed,
         "rows": rows,
         "targets": _targets(rows, oracle),
     }
@@ -133,6 +145,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     if results["oracle"]:
         lines += [f"Oracle (true pCTR) on test: AUC {results['oracle']['test_auc']:.4f}, "
                   f"log loss {results['oracle']['test_logloss']:.5f}.", ""]
+    ref = results.get("reference")
+    if ref:
+        lines += [f"Reference, not served: logistic regression on the same hashed features plus the generator's "
+                  f"crosses ({', '.join(ref['crosses'])}), L2 picked on "
+                  f"validation (C = {ref['C']}): test AUC {_num(ref['test']['auc'], 4)}, log loss "
+                  f"{_num(ref['test']['logloss'], 5)}, {ref['parameters']:,} non-zero weights.", ""]
     lines += [
         "| model | graph | test AUC | test log loss | parameters | ONNX MB | 1 row µs | 64 rows µs | parity max abs diff |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -170,6 +188,10 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax_auc.bar(names, aucs, color="#4c72b0")
     if results["oracle"]:
         ax_auc.axhline(results["oracle"]["test_auc"], color="#c44e52", linestyle="--", label="oracle (true pCTR)")
+    ref = results.get("reference")
+    if ref and ref["test"]["auc"] is not None:
+        ax_auc.axhline(ref["test"]["auc"], color="#55a868", linestyle=":", label="logistic regression + true crosses")
+    if results["oracle"] or ref:
         ax_auc.legend(loc="lower right")
     low = min(aucs + ([results["oracle"]["test_auc"]] if results["oracle"] else []))
     ax_auc.set_ylim(max(0.5, low - 0.03), None)

@@ -27,11 +27,11 @@ ARCHITECTURES = ("deepfm", "autoint", "dcnv2", "logreg")
 _TRAINING = {"lr": 5e-4, "lr_decay": 1.0, "adam_eps": 1e-8, "table_eps": 0.1, "batch_size": 512, "epochs": 4, "patience": 1, "usertag_combiner": "sum"}
 
 DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
-    "deepfm": {**_TRAINING, "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5,
+    "deepfm": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5,
                "dnn_dropout": 0.0},
-    "autoint": {**_TRAINING, "vector_eps": 0.1, "init_std": 1e-4, "embedding_dim": 16, "att_layer_num": 3, "att_head_num": 4, "att_res": True,
+    "autoint": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "embedding_dim": 16, "att_layer_num": 3, "att_head_num": 4, "att_res": True,
                 "dnn_hidden_units": [256, 128], "l2_reg_embedding": 1e-5, "dnn_dropout": 0.0},
-    "dcnv2": {**_TRAINING, "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "cross_num": 2, "low_rank": 32, "num_experts": 4,
+    "dcnv2": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "cross_num": 2, "low_rank": 32, "num_experts": 4,
               "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5, "l2_reg_cross": 1e-5,
               "dnn_dropout": 0.0},
     "logreg": {**_TRAINING, "lr": 2e-3, "l2_reg_linear": 1e-5},
@@ -55,6 +55,8 @@ def resolve_hyperparameters(architecture: str, overrides: dict[str, Any] | None 
     for name in ("lr", "batch_size", "epochs", "patience", "embedding_dim"):
         if name in hp and not hp[name] > 0:
             raise TrainError(f"hyper-parameter {name!r} must be positive, got {hp[name]!r}")
+    if hp.get("dnn_init", "glorot") not in ("glorot", "deepctr"):
+        raise TrainError(f"hyper-parameter 'dnn_init': expected 'glorot' or 'deepctr', got {hp['dnn_init']!r}")
     if architecture == "autoint" and hp["embedding_dim"] % hp["att_head_num"]:
         raise TrainError(f"hyper-parameter 'embedding_dim' ({hp['embedding_dim']}) must be a multiple of "
                          f"'att_head_num' ({hp['att_head_num']})")
@@ -139,16 +141,35 @@ def build_model(architecture: str, spec: FeatureSpec, hp: dict[str, Any], seed: 
     common = dict(l2_reg_embedding=hp["l2_reg_embedding"], dnn_hidden_units=tuple(hp["dnn_hidden_units"]),
                   dnn_dropout=hp["dnn_dropout"], init_std=hp["init_std"], seed=seed, task="binary", device="cpu")
     if architecture == "deepfm":
-        return DeepFM(columns, columns, l2_reg_linear=hp["l2_reg_linear"], **common)
+        return _init_dnn(DeepFM(columns, columns, l2_reg_linear=hp["l2_reg_linear"], **common), hp["dnn_init"])
     if architecture == "autoint":
         # deepctr's AutoInt takes no l2_reg_linear: its linear part is unregularised
-        return AutoInt(columns, columns, att_layer_num=hp["att_layer_num"], att_head_num=hp["att_head_num"],
-                       att_res=hp["att_res"], **common)
+        return _init_dnn(AutoInt(columns, columns, att_layer_num=hp["att_layer_num"], att_head_num=hp["att_head_num"],
+                       att_res=hp["att_res"], **common), hp["dnn_init"])
     if architecture == "dcnv2":
-        return DCNMix(columns, columns, cross_num=hp["cross_num"], low_rank=hp["low_rank"],
+        return _init_dnn(DCNMix(columns, columns, cross_num=hp["cross_num"], low_rank=hp["low_rank"],
                       num_experts=hp["num_experts"], l2_reg_linear=hp["l2_reg_linear"],
-                      l2_reg_cross=hp["l2_reg_cross"], **common)
+                      l2_reg_cross=hp["l2_reg_cross"], **common), hp["dnn_init"])
     raise TrainError(f"unknown model {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def _init_dnn(model: BaseModel, how: str) -> BaseModel:
+    """Initialise the DNN tower's weights.
+
+    deepctr draws them from N(0, init_std) with the embeddings' init_std (1e-4): the output of a
+    three-layer ReLU tower then starts near 1e-12 and its gradients vanish, so the tower stays dead
+    (its output std was 9e-8 after two epochs on a million rows) and the model is linear + FM only.
+    ``glorot`` (the default) draws Glorot-normal weights and zero biases; ``deepctr`` keeps deepctr's.
+    """
+    if how == "glorot":
+        with torch.no_grad():
+            for layer in model.dnn.linears:
+                torch.nn.init.xavier_normal_(layer.weight)
+                torch.nn.init.zeros_(layer.bias)
+            torch.nn.init.xavier_normal_(model.dnn_linear.weight)
+    elif how != "deepctr":
+        raise TrainError(f"hyper-parameter 'dnn_init': expected 'glorot' or 'deepctr', got {how!r}")
+    return model
 
 
 def parameter_count(model: torch.nn.Module) -> int:
