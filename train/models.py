@@ -159,7 +159,8 @@ def _init_dnn(model: BaseModel, how: str) -> BaseModel:
     deepctr draws them from N(0, init_std) with the embeddings' init_std (1e-4): the output of a
     three-layer ReLU tower then starts near 1e-12 and its gradients vanish, so the tower stays dead
     (its output std was 9e-8 after two epochs on a million rows) and the model is linear + FM only.
-    ``glorot`` (the default) draws Glorot-normal weights and zero biases; ``deepctr`` keeps deepctr's.
+    ``glorot`` (the default) draws Glorot-normal weights and zero biases; ``deepctr`` (checked by
+    ``resolve_hyperparameters``) keeps deepctr's.
     """
     if how == "glorot":
         with torch.no_grad():
@@ -167,8 +168,6 @@ def _init_dnn(model: BaseModel, how: str) -> BaseModel:
                 torch.nn.init.xavier_normal_(layer.weight)
                 torch.nn.init.zeros_(layer.bias)
             torch.nn.init.xavier_normal_(model.dnn_linear.weight)
-    elif how != "deepctr":
-        raise TrainError(f"hyper-parameter 'dnn_init': expected 'glorot' or 'deepctr', got {how!r}")
     return model
 
 

@@ -67,7 +67,7 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
     spec = dataset.spec
     model = build_model(architecture, spec, hp, seed)
     _start_at_base_rate(model, dataset.train.labels)
-    optimizer = _Optimizer(model, hp)
+    optimizer = _adam(model, hp)
     x_train = torch.from_numpy(deepctr_input(dataset.train.inputs, spec))
     y_train = torch.from_numpy(dataset.train.labels.astype(np.float32))
     x_val = torch.from_numpy(deepctr_input(dataset.val.inputs, spec))
@@ -77,7 +77,8 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
     best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
     for epoch in range(1, hp["epochs"] + 1):
         epoch_started = time.perf_counter()
-        optimizer.set_lr(hp["lr"] * hp["lr_decay"] ** (epoch - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
         train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
                                 desc=f"{architecture} epoch {epoch}/{hp['epochs']}", progress=progress)
         val = binary_metrics(dataset.val.labels, predict(model, x_val))
@@ -105,7 +106,7 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
                         round(time.perf_counter() - started, 2))
 
 
-class _Optimizer:
+def _adam(model: torch.nn.Module, hp: dict) -> torch.optim.Adam:
     """Adam with one epsilon for the hashed tables and the usual one for the dense weights.
 
     Adam divides each update by the parameter's recent gradient size, so a table row seen a few
@@ -116,28 +117,16 @@ class _Optimizer:
     such rows move in proportion to their gradient, while rows seen in every batch still get Adam's
     normalised steps.
     """
-
-    def __init__(self, model: torch.nn.Module, hp: dict) -> None:
-        linear = [m.weight for m in model.linear_model.modules() if isinstance(m, torch.nn.Embedding)]
-        vectors = [m.weight for m in model.embedding_dict.modules() if isinstance(m, torch.nn.Embedding)]
-        taken = {id(t) for t in linear + vectors}
-        dense = [p for p in model.parameters() if id(p) not in taken]
-        groups = [{"params": linear, "eps": hp["table_eps"]}]
-        if vectors:
-            groups.append({"params": vectors, "eps": hp.get("vector_eps", hp["table_eps"])})
-        if dense:
-            groups.append({"params": dense, "eps": hp["adam_eps"]})
-        self.adam = torch.optim.Adam(groups, lr=hp["lr"])
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.adam.param_groups:
-            group["lr"] = lr
-
-    def zero_grad(self) -> None:
-        self.adam.zero_grad()
-
-    def step(self) -> None:
-        self.adam.step()
+    linear = [m.weight for m in model.linear_model.modules() if isinstance(m, torch.nn.Embedding)]
+    vectors = [m.weight for m in model.embedding_dict.modules() if isinstance(m, torch.nn.Embedding)]
+    taken = {id(t) for t in linear + vectors}
+    dense = [p for p in model.parameters() if id(p) not in taken]
+    groups = [{"params": linear, "eps": hp["table_eps"]}]
+    if vectors:
+        groups.append({"params": vectors, "eps": hp.get("vector_eps", hp["table_eps"])})
+    if dense:
+        groups.append({"params": dense, "eps": hp["adam_eps"]})
+    return torch.optim.Adam(groups, lr=hp["lr"])
 
 
 def _start_at_base_rate(model: torch.nn.Module, labels: np.ndarray) -> None:
