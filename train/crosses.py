@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bidder.spec import FeatureSpec
-from train.data.dataset import Dataset, Split
+from train.data.dataset import Dataset
 from train.errors import TrainError
 from train.evaluate import binary_metrics
 
@@ -38,11 +38,14 @@ def design_matrix(inputs: dict[str, np.ndarray], spec: FeatureSpec,
     Padding entries of multi-valued fields (index 0) are left out; a single field's index 0 (missing)
     is a value like any other.
     """
-    values = {name: idx for name, idx in _field_values(inputs, spec)}
+    values = dict(_field_values(inputs, spec))
+    multi = {f.name for f in spec.multi_fields}
     for a, b in crosses:
         for name in (a, b):
             if name not in values:
                 raise TrainError(f"cross {a}x{b}: no field {name!r} in the spec")
+        if a in multi and b in multi:
+            raise TrainError(f"cross {a}x{b}: crosses of two multi-valued fields are not supported")
     n = len(next(iter(inputs.values())))
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
@@ -53,7 +56,7 @@ def design_matrix(inputs: dict[str, np.ndarray], spec: FeatureSpec,
         cols.append(idx + offset)
         offset += f.buckets
     for a, b in crosses:
-        row, key = _pair_keys(values[a], values[b], spec.field(b).buckets)
+        row, key = _pair_keys(values[a], values[b], spec.field(b).buckets, b_single=b not in multi)
         rows.append(row)
         cols.append(offset + (key * _GOLDEN >> np.uint64(64 - CROSS_BITS)).astype(np.int64))
         offset += 1 << CROSS_BITS
@@ -104,13 +107,13 @@ def _field_values(inputs: dict[str, np.ndarray], spec: FeatureSpec):
         yield f.name, (row, block[row, pos].astype(np.int64))
 
 
-def _pair_keys(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
-               b_buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and ``a * b_buckets + b`` keys for every pair of values the two fields share a row with."""
+def _pair_keys(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], b_buckets: int,
+               b_single: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and ``a * b_buckets + b`` keys for every pair of values the two fields share a row with.
+
+    One of the two is single-valued, so its indices are one per row and can be looked up by row.
+    """
     (row_a, idx_a), (row_b, idx_b) = a, b
-    n = int(max(row_a.max(initial=-1), row_b.max(initial=-1))) + 1
-    if len(row_b) == n and np.array_equal(row_b, np.arange(n)):      # b is single-valued: one per row
+    if b_single:
         return row_a, (idx_a * b_buckets + idx_b[row_a]).astype(np.uint64)
-    if len(row_a) == n and np.array_equal(row_a, np.arange(n)):      # a is single-valued
-        return row_b, (idx_a[row_b] * b_buckets + idx_b).astype(np.uint64)
-    raise TrainError("crosses of two multi-valued fields are not supported")
+    return row_b, (idx_a[row_b] * b_buckets + idx_b).astype(np.uint64)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bidder.reference import os_browser
+from bidder.spec import default_spec
 
 __all__ = ["ADVERTISERS", "ADVERTISER_CATEGORIES", "COLUMNS", "USER_AGENTS", "generate"]
 
@@ -154,6 +155,8 @@ START_DAY = dt.date(2013, 6, 6)  # iPinYou season 2 starts here
 BASE_LOGIT = -5.15  # puts the mean CTR near 0.9 %
 TRAIN_FILE, TEST_FILE = "train.log.txt", "test.log.txt"
 _WRITE_CHUNK = 100_000
+#: the slotprice buckets the feature spec puts floors in; the floor's effect is one value per band
+_FLOOR_BANDS = np.array(default_spec().field("slotprice").boundaries)
 
 # hourly share of impressions: quiet nights, a lunch bump and an evening peak
 _TRAFFIC_BY_HOUR = np.array([2.2, 1.4, 0.9, 0.6, 0.5, 0.6, 1.2, 2.4, 3.8, 4.8, 5.2, 5.3, 5.0, 5.2, 5.3,
@@ -340,7 +343,7 @@ class _World:
         domain = self.slot_domain[slot]
         exchange = self.dom_exchange[domain]
         visibility = self.slot_visibility[slot]
-        floor_band = np.searchsorted(np.array([0, 10, 50, 100]), self.slot_floor[slot], side="left")
+        floor_band = np.searchsorted(_FLOOR_BANDS, self.slot_floor[slot], side="left")  # right-closed, as served
         page = rng.choice(PAGES_PER_DOMAIN, size=n, p=_zipf(PAGES_PER_DOMAIN, 1.2))
 
         user = rng.choice(self.n_users, size=n, p=self.user_p)
