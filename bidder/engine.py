@@ -1,28 +1,55 @@
 """The bid path without HTTP: body bytes in, status and body bytes out.
 
-decode → one record per imp → (candidate layer, imp record) rows → one scoring batch → price → encode.
+Stages, in the order a request meets them (one function each):
+
+    prepare   decode → the imp records → eligible candidates per imp (no-bid and 400 answers end here)
+    batch     ``bidder.batching.Batcher``: every request prepared in one loop turn joins one batch
+    score     the batch's rows in as few ORT calls as ``max_batch`` allows (``tmax`` checked first)
+    price     best candidate per imp at or above its floor (``bidder.pricing``)
+    encode    the BidResponse
+
+``bid(body)`` runs all of them for one request, synchronously; the server runs ``prepare`` in the
+request's handler and ``submit``s what has rows to score.
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import msgspec
 
+from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (Bid, BidResponse, RequestError, SeatBid, decode_json, decode_request, encode_response,
-                            imp_fields, imp_sizes, request_fields)
+from bidder.openrtb import (Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_json, decode_request,
+                            encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import best_per_imp
 from bidder.scorer import Scorer
 
-__all__ = ["BidEngine", "Outcome", "NO_BID_REASONS"]
+__all__ = ["BidEngine", "Outcome", "Pending", "NO_BID_REASONS"]
 
 
 class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen dataclass costs several times more
     status: int
     body: bytes = b""
     reason: str | None = None  # no-bid reason (204) or error kind (4xx)
+
+
+class Pending:
+    """A decoded bid request with rows to score: row ``r`` is ``candidates[r]`` for imp ``owners[r]``."""
+
+    __slots__ = ("request", "received", "rows", "owners", "candidates", "floors", "imp_reason")
+
+    def __init__(self, request: BidRequest, received: float, rows: list[tuple[dict, dict]], owners: list[int],
+                 candidates: list[Candidate], floors: list[float], imp_reason: str | None):
+        self.request = request
+        self.received = received
+        self.rows = rows              # (candidate layer, imp record) pairs, the featurizer's overlay rows
+        self.owners = owners
+        self.candidates = candidates
+        self.floors = floors          # per imp of the request (USD CPM)
+        self.imp_reason = imp_reason  # first reason an imp of this request got no rows
 
 
 class _PredictRequest(msgspec.Struct):
@@ -44,16 +71,32 @@ def error_body(message: str, path: str = "$") -> bytes:
 
 
 class BidEngine:
-    """Scores and prices bid requests with one scorer and one catalog (swapped whole on reload)."""
+    """Scores and prices bid requests with one scorer and one catalog (swapped whole on reload).
+
+    The engine owns its batcher: requests prepared against this catalog are scored by this scorer,
+    even if a reload installs a new engine while they wait for their turn.
+    """
 
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0):
         self.scorer = scorer
         self.catalog = catalog
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
+        self.batcher = Batcher(self.score_batch)
 
+    # -- the whole path for one request ------------------------------------------------------------
     def bid(self, body: bytes, exchange: str | None = None, received: float | None = None) -> Outcome:
-        received = time.perf_counter() if received is None else received
+        prepared = self.prepare(body, exchange, time.perf_counter() if received is None else received)
+        if prepared.__class__ is Outcome:
+            return prepared
+        return self.score_batch([prepared])[0]
+
+    def submit(self, pending: Pending) -> asyncio.Future:
+        """Join this loop turn's batch; the future's result is the request's Outcome."""
+        return self.batcher.submit(pending)
+
+    # -- prepare -----------------------------------------------------------------------------------
+    def prepare(self, body: bytes, exchange: str | None, received: float) -> Outcome | Pending:
         try:
             request = decode_request(body)
         except RequestError as exc:
@@ -65,8 +108,8 @@ class BidEngine:
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog
         rows: list[tuple[dict, dict]] = []
-        owners: list[int] = []     # row -> index of its imp
-        chosen: list[Candidate] = []  # row -> its candidate
+        owners: list[int] = []
+        chosen: list[Candidate] = []
         floors: list[float] = []
         imp_reason: str | None = None
         for i, imp in enumerate(request.imp):
@@ -93,26 +136,97 @@ class BidEngine:
                 imp_reason = self._count_imp(imp_reason, "no_eligible_creative")
         if not rows:
             return self._no_bid(imp_reason or "no_eligible_creative")
-        if request.tmax and (time.perf_counter() - received) * 1000.0 >= request.tmax:
-            return self._no_bid("tmax")
-        scorer = self.scorer
-        ctr = scorer.score(rows) if len(rows) <= scorer.max_batch else scorer.predict(rows)
-        self.metrics.scored_rows.observe(len(rows))
-        best = best_per_imp(owners, chosen, ctr, floors)
+        return Pending(request, received, rows, owners, chosen, floors, imp_reason)
+
+    # -- score (a batch of requests) -----------------------------------------------------------------
+    def score_batch(self, batch: Sequence[Pending]) -> list[Outcome]:
+        """One Outcome per request: the batch's rows scored in chunks of at most ``max_batch`` rows.
+
+        A request is never split across chunks; one with more rows than ``max_batch`` is scored alone,
+        in chunks of its own. ``tmax`` is checked here, just before scoring.
+        """
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        limit = self.scorer.max_batch
+        now = time.perf_counter()
+        chunk: list[int] = []
+        chunk_rows = 0
+        for k, pending in enumerate(batch):
+            tmax = pending.request.tmax
+            if tmax and (now - pending.received) * 1000.0 >= tmax:
+                outcomes[k] = self._no_bid("tmax")
+                continue
+            n = len(pending.rows)
+            if n > limit:
+                outcomes[k] = self._score_alone(pending)
+                continue
+            if chunk_rows + n > limit:
+                self._score_chunk(batch, chunk, chunk_rows, outcomes)
+                chunk, chunk_rows = [], 0
+            chunk.append(k)
+            chunk_rows += n
+        if chunk:
+            self._score_chunk(batch, chunk, chunk_rows, outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _score_chunk(self, batch: Sequence[Pending], chunk: list[int], rows: int,
+                     outcomes: list[Outcome | None]) -> None:
+        if len(chunk) == 1:
+            pending = batch[chunk[0]]
+            all_rows = pending.rows
+        else:
+            all_rows = []
+            for k in chunk:
+                all_rows.extend(batch[k].rows)
+        try:
+            scores = self.scorer.score(all_rows).tolist()
+        except ValueError:
+            for k in chunk:  # one request's bad row must not fail the others: score them one by one
+                outcomes[k] = self._score_alone(batch[k])
+            return
+        metrics = self.metrics
+        metrics.batch_rows.observe(rows)
+        metrics.batch_requests.observe(len(chunk))
+        start = 0
+        for k in chunk:
+            pending = batch[k]
+            n = len(pending.rows)
+            outcomes[k] = self.price(pending, scores[start:start + n] if len(chunk) > 1 else scores)
+            start += n
+
+    def _score_alone(self, pending: Pending) -> Outcome:
+        try:
+            scores = self.scorer.predict(pending.rows).tolist()
+        except ValueError as exc:
+            return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
+        self.metrics.batch_rows.observe(len(pending.rows))
+        self.metrics.batch_requests.observe(1)
+        return self.price(pending, scores)
+
+    # -- price and encode --------------------------------------------------------------------------
+    def price(self, pending: Pending, scores: Sequence[float]) -> Outcome:
+        """Best bid per imp from the request's row scores, encoded; or the no-bid."""
+        request = pending.request
+        metrics = self.metrics
+        metrics.scored_rows.observe(len(scores))
+        best = best_per_imp(pending.owners, pending.candidates, scores, pending.floors)
+        imp_reason = pending.imp_reason
         if len(best) < len(request.imp):
-            for i in set(owners).difference(best):
+            for i in set(pending.owners).difference(best):
                 imp_reason = self._count_imp(imp_reason, "below_floor")
         if not best:
             return self._no_bid(imp_reason or "below_floor")
         bids = []
-        for i, priced in sorted(best.items()):
-            imp, c = request.imp[i], priced.candidate
+        imps = request.imp
+        for i in sorted(best):
+            priced = best[i]
+            imp, c = imps[i], priced.candidate
             bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=priced.price, adid=c.creative_id,
-                            crid=c.creative_id, adomain=list(c.adomain), w=c.w, h=c.h, nurl=c.nurl,
+                            crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
                             cid=c.campaign_id, adm=c.markup))
-        self.metrics.bids.inc(len(bids))
+        metrics.bids.inc(len(bids))
         return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=[SeatBid(bid=bids)])))
 
+    # -- /predict ----------------------------------------------------------------------------------
     def predict(self, body: bytes) -> Outcome:
         try:
             request = decode_json(_predict_decoder, body)

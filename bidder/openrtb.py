@@ -185,7 +185,9 @@ _VISIBILITY = {1: "FirstView", 4: "FirstView", 7: "FirstView", 3: "SecondView", 
 def request_fields(request: BidRequest, exchange: str | None, now: float | None = None,
                    utc_offset_hours: float = 0.0) -> dict[str, Any]:
     """The raw fields every imp of ``request`` shares."""
-    stamp = time.gmtime((time.time() if now is None else now) + utc_offset_hours * 3600)
+    # whole hours since the epoch: weekday and hour by arithmetic (1970-01-01 was a Thursday, tm_wday 3),
+    # the same as time.gmtime's fields at a fraction of its cost
+    hours = int(((time.time() if now is None else now) + utc_offset_hours * 3600) // 3600)
     device = request.device
     geo = device.geo if device is not None else None
     site, app = request.site, request.app
@@ -196,8 +198,8 @@ def request_fields(request: BidRequest, exchange: str | None, now: float | None 
                 if segment.id:
                     tags.append(segment.id)
     return {
-        "weekday": stamp.tm_wday,
-        "hour": stamp.tm_hour,
+        "weekday": (hours // 24 + 3) % 7,
+        "hour": hours % 24,
         "useragent": device.ua if device is not None else None,
         "IP": (device.ip or device.ipv6) if device is not None else None,
         "region": geo.region if geo is not None else None,

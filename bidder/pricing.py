@@ -5,16 +5,14 @@ best candidate per imp wins. Prices are rounded to micro-dollars, never below th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from bidder.campaigns import Candidate
 
 __all__ = ["PricedBid", "bid_cpm", "best_per_imp"]
 
 
-@dataclass(frozen=True)
-class PricedBid:
+class PricedBid(NamedTuple):  # a tuple: one is built per bid on the hot path
     imp_index: int
     candidate: Candidate
     price: float  # USD CPM
