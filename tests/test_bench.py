@@ -15,6 +15,7 @@ import pytest
 
 from bench import servers
 from bench.__main__ import main as bench_main
+from bench.echo import handle as echo_handle
 from bench.echo import make_app
 from bench.load import parse_cpus, preflight, scaling_cpus
 from bench.report import Measurement, build_report, comparisons, format_table, ratios, scaling
@@ -256,3 +257,28 @@ def test_listening_sockets_counts_a_listener():
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         assert servers.listening_sockets(sock.getsockname()[1]) == 1
+
+
+# --- the echo on aiohttp's low-level server --------------------------------------------------------------
+
+async def test_low_level_echo_answers_like_the_app(aiohttp_raw_server, aiohttp_client):
+    client = await aiohttp_client(await aiohttp_raw_server(echo_handle))
+    response = await client.post("/bid", data=BODY.read_bytes(), headers={"Content-Type": "application/json"})
+    assert response.status == 200
+    assert msgspec.json.decode(await response.read()) == {"id": "80ce30c53c16e6ede735f123ef6e32361bfc7b22",
+                                                           "echo": True}
+    assert (await client.post("/bid/openx", data=b"[1]")).status == 200
+    assert (await client.post("/bid", data=b"{not json")).status == 400
+    assert (await client.get("/readyz")).status == 200 and (await client.get("/healthz")).status == 200
+    assert (await client.get("/bid")).status == 405
+    assert (await client.get("/elsewhere")).status == 404
+
+
+def test_low_level_echo_process_starts_and_answers(tmp_path):
+    port = servers.free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bench.echo", "--port", str(port), "--layer", "server"]
+    with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
+                         log_dir=tmp_path):
+        assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
+    assert servers.listening_sockets(port) == 0
