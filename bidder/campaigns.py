@@ -12,8 +12,9 @@ The file is JSON::
 a ``nurl`` or a ``markup`` (or both). Unknown keys are errors, so a misspelt option cannot pass silently.
 
 Each enabled creative becomes one *candidate*. Its ``layer`` dict holds the candidate-level raw
-fields (creative, advertiser and the creative's size); a scored row is the pair (layer, imp record),
-so no dict is built per row on the hot path.
+fields (``CANDIDATE_FIELDS``: creative, advertiser and the creative's size); a scored row is the pair
+(layer, imp record), so no dict is built per row on the hot path. Model fields read from these keys
+are the candidate side of factorized scoring (``bidder/factorized.py``); every other field is the imp's.
 """
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["AUCTION_PRICE_MACRO", "Candidate", "Catalog", "CatalogError", "load_catalog", "parse_catalog"]
+__all__ = ["AUCTION_PRICE_MACRO", "CANDIDATE_FIELDS", "Candidate", "Catalog", "CatalogError", "load_catalog",
+           "parse_catalog"]
 
 AUCTION_PRICE_MACRO = "${AUCTION_PRICE}"
+#: The raw record keys a candidate (not the imp) supplies, in the order of its ``layer`` dict.
+CANDIDATE_FIELDS = ("creative", "advertiser", "slotwidth", "slotheight")
 
 
 class CatalogError(ValueError):
@@ -172,7 +176,7 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
                 markup = _text(markup, f"{cw}.markup")
             if not enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
                 continue
-            layer = {"creative": creative_id, "advertiser": advertiser, "slotwidth": w, "slotheight": h}
+            layer = dict(zip(CANDIDATE_FIELDS, (creative_id, advertiser, w, h)))
             candidates.append(Candidate(
                 campaign_id=campaign_id, advertiser=advertiser, creative_id=creative_id, w=w, h=h,
                 adomain=tuple(adomain), nurl=nurl, markup=markup, value_per_click=float(value),

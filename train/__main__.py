@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {synth,fit,default,compare} ...``.
+"""Command line: ``python -m train {synth,fit,default,compare,factorize} ...``.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -101,6 +101,12 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _factorize(args: argparse.Namespace) -> dict[str, Any]:
+    from train.factorize import factorize_bundle
+
+    return {"bundle": args.bundle, "factorized": factorize_bundle(args.bundle)}
+
+
 def _bundle_summary(bundle: Path) -> dict[str, Any]:
     meta = json.loads((bundle / "meta.json").read_text())
     return {"bundle": str(bundle), "model_id": meta["model_id"], "metrics": meta["metrics"],
@@ -160,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="skip the reference fit (logistic regression with the generator's crosses, synthetic data)")
     _training_options(cmp, per_model=True)
     cmp.set_defaults(run=_compare)
+
+    factorize = commands.add_parser(
+        "factorize", help="add factorized scoring graphs (imp part once per imp, candidate part once per creative) "
+                          "to an existing DeepFM bundle, checked against its model.onnx")
+    factorize.add_argument("--bundle", required=True, help="bundle folder (model.onnx is left as it is)")
+    factorize.set_defaults(run=_factorize)
     return parser
 
 
