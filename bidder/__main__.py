@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--utc-offset", type=float, default=defaults.utc_offset_hours,
                        help="hours added to UTC to derive weekday/hour of a request")
     serve.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
+    serve.add_argument("--no-batching", action="store_true",
+                       help="score each request in its own ONNX Runtime call instead of one call for all requests "
+                            "ready in the same event-loop turn (for comparison)")
+    serve.add_argument("--no-factorized", action="store_true",
+                       help="score every row with model.onnx even when the bundle has factorized graphs "
+                            "(for comparison)")
     return parser
 
 
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
-                    pin=not args.no_pin)
+                    pin=not args.no_pin, batching=not args.no_batching, factorized=not args.no_factorized)
     # refuse a broken bundle or catalog here, with a message, before any worker starts
     from bidder.campaigns import CatalogError, load_catalog
     from bidder.scorer import BundleError, Scorer

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -50,6 +50,7 @@ class Candidate:
     domains: frozenset[str] | None  # targeting; None = anywhere
     exchanges: frozenset[str] | None
     layer: dict[str, Any] = field(compare=False, repr=False)
+    index: int = field(default=-1, compare=False, repr=False)  # position in its catalog (factorized scoring)
 
     def runs_on(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> bool:
         if self.domains is not None and domain not in self.domains:
@@ -63,7 +64,8 @@ class Catalog:
     """Enabled candidates indexed by creative size."""
 
     def __init__(self, candidates: Iterable[Candidate], source: str = "catalog"):
-        self.candidates = tuple(candidates)
+        # a candidate knows its position: factorized scoring addresses its precomputed part by it
+        self.candidates = tuple(c if c.index == i else replace(c, index=i) for i, c in enumerate(candidates))
         self.source = source
         by_size: dict[tuple[int, int], list[Candidate]] = {}
         for c in self.candidates:
@@ -180,7 +182,7 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
             candidates.append(Candidate(
                 campaign_id=campaign_id, advertiser=advertiser, creative_id=creative_id, w=w, h=h,
                 adomain=tuple(adomain), nurl=nurl, markup=markup, value_per_click=float(value),
-                domains=domains, exchanges=exchanges, layer=layer))
+                domains=domains, exchanges=exchanges, layer=layer, index=len(candidates)))
     return Catalog(candidates, origin)
 
 

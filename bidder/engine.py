@@ -21,6 +21,7 @@ import msgspec
 
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
+from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import (Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_json, decode_request,
                             encode_response, imp_fields, imp_sizes, request_fields)
@@ -37,19 +38,28 @@ class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen datacl
 
 
 class Pending:
-    """A decoded bid request with rows to score: row ``r`` is ``candidates[r]`` for imp ``owners[r]``."""
+    """A decoded bid request with rows to score.
 
-    __slots__ = ("request", "received", "rows", "owners", "candidates", "floors", "imp_reason")
+    ``groups`` holds (imp record, eligible candidates) per imp and size; the rows are their
+    concatenation, row ``r`` being ``candidates[r]`` for imp ``owners[r]``.
+    """
 
-    def __init__(self, request: BidRequest, received: float, rows: list[tuple[dict, dict]], owners: list[int],
-                 candidates: list[Candidate], floors: list[float], imp_reason: str | None):
+    __slots__ = ("request", "received", "groups", "owners", "candidates", "floors", "imp_reason")
+
+    def __init__(self, request: BidRequest, received: float, groups: list[tuple[dict, tuple[Candidate, ...]]],
+                 owners: list[int], candidates: list[Candidate], floors: list[float], imp_reason: str | None):
         self.request = request
         self.received = received
-        self.rows = rows              # (candidate layer, imp record) pairs, the featurizer's overlay rows
+        self.groups = groups
         self.owners = owners
         self.candidates = candidates
         self.floors = floors          # per imp of the request (USD CPM)
         self.imp_reason = imp_reason  # first reason an imp of this request got no rows
+
+    @property
+    def rows(self) -> list[tuple[dict, dict]]:
+        """(candidate layer, imp record) pairs: the featurizer's overlay rows for the canonical graph."""
+        return [(c.layer, record) for record, eligible in self.groups for c in eligible]
 
 
 class _PredictRequest(msgspec.Struct):
@@ -77,9 +87,14 @@ class BidEngine:
     even if a reload installs a new engine while they wait for their turn.
     """
 
-    def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0):
+    def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
+                 factorized: FactorizedScorer | None = None):
         self.scorer = scorer
         self.catalog = catalog
+        # the bundle's factorized graphs, their candidate parts computed for this catalog; None: row scoring
+        self.factorized = factorized
+        if factorized is not None:
+            factorized.set_candidates([c.layer for c in catalog.candidates])
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
         self.batcher = Batcher(self.score_batch)
@@ -107,7 +122,7 @@ class BidEngine:
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog
-        rows: list[tuple[dict, dict]] = []
+        groups: list[tuple[dict, tuple[Candidate, ...]]] = []
         owners: list[int] = []
         chosen: list[Candidate] = []
         floors: list[float] = []
@@ -129,14 +144,14 @@ class BidEngine:
                     continue
                 if record is None:
                     record = imp_fields(shared, imp)
-                rows.extend([(c.layer, record) for c in eligible])
+                groups.append((record, eligible))
                 owners.extend([i] * len(eligible))
                 chosen.extend(eligible)
             if record is None:
                 imp_reason = self._count_imp(imp_reason, "no_eligible_creative")
-        if not rows:
+        if not groups:
             return self._no_bid(imp_reason or "no_eligible_creative")
-        return Pending(request, received, rows, owners, chosen, floors, imp_reason)
+        return Pending(request, received, groups, owners, chosen, floors, imp_reason)
 
     # -- score (a batch of requests) -----------------------------------------------------------------
     def score_batch(self, batch: Sequence[Pending]) -> list[Outcome]:
@@ -155,7 +170,7 @@ class BidEngine:
             if tmax and (now - pending.received) * 1000.0 >= tmax:
                 outcomes[k] = self._no_bid("tmax")
                 continue
-            n = len(pending.rows)
+            n = len(pending.candidates)
             if n > limit:
                 outcomes[k] = self._score_alone(pending)
                 continue
@@ -170,15 +185,8 @@ class BidEngine:
 
     def _score_chunk(self, batch: Sequence[Pending], chunk: list[int], rows: int,
                      outcomes: list[Outcome | None]) -> None:
-        if len(chunk) == 1:
-            pending = batch[chunk[0]]
-            all_rows = pending.rows
-        else:
-            all_rows = []
-            for k in chunk:
-                all_rows.extend(batch[k].rows)
         try:
-            scores = self.scorer.score(all_rows).tolist()
+            scores = self._score_rows([batch[k] for k in chunk], rows)
         except ValueError:
             for k in chunk:  # one request's bad row must not fail the others: score them one by one
                 outcomes[k] = self._score_alone(batch[k])
@@ -186,19 +194,62 @@ class BidEngine:
         metrics = self.metrics
         metrics.batch_rows.observe(rows)
         metrics.batch_requests.observe(len(chunk))
+        if len(chunk) == 1:
+            outcomes[chunk[0]] = self.price(batch[chunk[0]], scores)
+            return
         start = 0
         for k in chunk:
             pending = batch[k]
-            n = len(pending.rows)
-            outcomes[k] = self.price(pending, scores[start:start + n] if len(chunk) > 1 else scores)
+            n = len(pending.candidates)
+            outcomes[k] = self.price(pending, scores[start:start + n])
             start += n
 
+    def _score_rows(self, pendings: Sequence[Pending], rows: int) -> list[float]:
+        """The ``rows`` rows of ``pendings`` as Python floats: one ORT call up to ``max_batch`` rows."""
+        factorized = self.factorized
+        if factorized is None:
+            if len(pendings) == 1:
+                all_rows = pendings[0].rows
+            else:
+                all_rows = []
+                for pending in pendings:
+                    all_rows.extend(pending.rows)
+            scorer = self.scorer
+            return (scorer.score(all_rows) if rows <= scorer.max_batch else scorer.predict(all_rows)).tolist()
+        # factorized: each imp record featurized once; a row only names its imp and its candidate
+        records: list[dict] = []
+        row_imp: list[int] = []
+        row_cand: list[int] = []
+        for pending in pendings:
+            for record, eligible in pending.groups:
+                if not records or records[-1] is not record:
+                    records.append(record)
+                row_imp.extend([len(records) - 1] * len(eligible))
+                row_cand.extend([c.index for c in eligible])
+        n_imps = len(records)
+        if n_imps > factorized.max_imps:  # more imps than the buffers hold: the canonical graph, in chunks
+            return self.scorer.predict([row for pending in pendings for row in pending.rows]).tolist()
+        self.scorer.featurizer.transform_into(factorized.imp_inputs, records)
+        limit = factorized.max_rows
+        if rows <= limit:
+            factorized.row_imp[:rows] = row_imp
+            factorized.row_cand[:rows] = row_cand
+            return factorized.run(n_imps, rows).tolist()
+        scores: list[float] = []
+        for start in range(0, rows, limit):
+            n = min(limit, rows - start)
+            factorized.row_imp[:n] = row_imp[start:start + n]
+            factorized.row_cand[:n] = row_cand[start:start + n]
+            scores.extend(factorized.run(n_imps, n).tolist())
+        return scores
+
     def _score_alone(self, pending: Pending) -> Outcome:
+        rows = len(pending.candidates)
         try:
-            scores = self.scorer.predict(pending.rows).tolist()
+            scores = self._score_rows([pending], rows)
         except ValueError as exc:
             return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
-        self.metrics.batch_rows.observe(len(pending.rows))
+        self.metrics.batch_rows.observe(rows)
         self.metrics.batch_requests.observe(1)
         return self.price(pending, scores)
 

@@ -28,16 +28,12 @@ def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Se
     """Row ``r`` scored ``candidates[r]`` for imp ``owners[r]``: the best bid at or above floor per imp."""
     if hasattr(ctr, "tolist"):  # Python floats: indexing a numpy array makes a scalar object per row
         ctr = ctr.tolist()
-    best_row: dict[int, int] = {}
-    best_price: dict[int, float] = {}
-    for row, imp_index in enumerate(owners):
-        price = ctr[row] * candidates[row].value_per_click * 1000.0
-        if price >= floors[imp_index] and price > best_price.get(imp_index, -1.0):
-            best_price[imp_index] = price
-            best_row[imp_index] = row
-    out = {}
-    for imp_index, row in best_row.items():
-        # rounding to micro-dollars must never take a bid under its floor
-        price = max(round(best_price[imp_index], 6), floors[imp_index])
-        out[imp_index] = PricedBid(imp_index, candidates[row], price, ctr[row])
-    return out
+    best: dict[int, tuple[float, Candidate, float]] = {}  # imp -> (price, candidate, ctr) of its best row
+    for imp_index, candidate, p in zip(owners, candidates, ctr):
+        price = p * candidate.value_per_click * 1000.0
+        if price >= floors[imp_index]:
+            current = best.get(imp_index)
+            if current is None or price > current[0]:  # ties: the first row wins
+                best[imp_index] = (price, candidate, p)
+    # rounding to micro-dollars must never take a bid under its floor
+    return {i: PricedBid(i, c, max(round(price, 6), floors[i]), p) for i, (price, c, p) in best.items()}

@@ -19,11 +19,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
+import numpy as np
 from aiohttp import web
 
 from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import CatalogError, load_catalog
 from bidder.engine import BidEngine, Outcome, error_body
+from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.scorer import BundleError, Scorer, pin_to_core
 
@@ -46,6 +48,8 @@ class Config:
     utc_offset_hours: float = 0.0
     shutdown_timeout: float = 30.0
     pin: bool = True
+    batching: bool = True    # score the requests of one loop turn together (off: each on its own, to compare)
+    factorized: bool = True  # use the bundle's factorized graphs when it has them (off: model.onnx per row)
 
 
 class State:
@@ -67,10 +71,22 @@ class State:
         """
         scorer = Scorer(model, max_batch=self.config.max_batch)
         catalog = load_catalog(campaigns)
-        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours)
+        factorized = None
+        if self.config.factorized and scorer.factorized_files():
+            # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
+            factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
+        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, factorized)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
-        for rows in sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)}):
+        per_size = sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)})
+        for rows in per_size:
             scorer.score(layers[:min(rows, len(layers))])
+        if factorized is not None and len(catalog):
+            # the shapes of batches of one-imp requests of one size: n imps x k candidates
+            for k in per_size:
+                for n in range(1, min(32, scorer.max_batch // max(k, 1)) + 1):
+                    factorized.row_imp[:n * k] = np.repeat(np.arange(n), k)
+                    factorized.row_cand[:n * k] = 0
+                    factorized.run(n, n * k)
         return engine
 
     def install(self, engine: BidEngine, model: Path, campaigns: Path) -> None:
@@ -150,7 +166,7 @@ async def _bid(request: web.Request, exchange: str | None) -> web.Response:
         engine = state.engine
         outcome = engine.prepare(body, exchange, started)
         if outcome.__class__ is not Outcome:  # rows to score: join this loop turn's batch
-            outcome = await engine.submit(outcome)
+            outcome = await engine.submit(outcome) if state.config.batching else engine.score_batch([outcome])[0]
         return _respond(state, "/bid", outcome, started)
     except web.HTTPException:
         raise

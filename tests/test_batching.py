@@ -11,6 +11,7 @@ import bidder.openrtb
 from bidder.batching import Batcher
 from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine, Outcome
+from bidder.factorized import FactorizedScorer
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
 from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
@@ -80,12 +81,22 @@ async def test_concurrent_requests_get_the_answers_they_get_alone(client, openrt
     assert calls < sum(status == 200 for status, _ in alone), "no two concurrent requests shared an ORT call"
 
 
-def make_engine(bundle, max_batch: int = 256) -> BidEngine:
-    return BidEngine(Scorer(bundle, max_batch=max_batch), load_catalog(DEFAULT_CAMPAIGNS), Metrics())
+@pytest.fixture(params=["factorized", "rows"])
+def scoring(request) -> str:
+    return request.param
 
 
-async def test_requests_submitted_in_one_turn_share_one_call(small_bundle, openrtb_examples):
-    engine = make_engine(small_bundle)
+def make_engine(bundle, max_batch: int = 256, scoring: str = "factorized") -> BidEngine:
+    scorer = Scorer(bundle, max_batch=max_batch)
+    factorized = None
+    if scoring == "factorized":
+        assert scorer.factorized_files(), "a DeepFM bundle carries factorized graphs"
+        factorized = FactorizedScorer.for_scorer(scorer, max_imps=max_batch, max_rows=max_batch)
+    return BidEngine(scorer, load_catalog(DEFAULT_CAMPAIGNS), Metrics(), factorized=factorized)
+
+
+async def test_requests_submitted_in_one_turn_share_one_call(small_bundle, openrtb_examples, scoring):
+    engine = make_engine(small_bundle, scoring=scoring)
     bodies = [body for _, body in distinct_requests(openrtb_examples, 12)]
     alone = [engine.bid(body) for body in bodies]
     engine.metrics = metrics = Metrics()
@@ -97,9 +108,10 @@ async def test_requests_submitted_in_one_turn_share_one_call(small_bundle, openr
     assert metrics.batch_rows.sum == sum(len(p.rows) for p in prepared)
 
 
-async def test_batches_are_cut_at_max_batch_rows_without_splitting_a_request(small_bundle, openrtb_examples):
-    engine = make_engine(small_bundle, max_batch=20)
-    reference = make_engine(small_bundle)
+async def test_batches_are_cut_at_max_batch_rows_without_splitting_a_request(small_bundle, openrtb_examples,
+                                                                              scoring):
+    engine = make_engine(small_bundle, max_batch=20, scoring=scoring)
+    reference = make_engine(small_bundle, scoring=scoring)
     bodies = [body for _, body in distinct_requests(openrtb_examples, 12)]
     prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
     together = await asyncio.gather(*(engine.submit(p) for p in prepared))
@@ -111,9 +123,9 @@ async def test_batches_are_cut_at_max_batch_rows_without_splitting_a_request(sma
     assert sum(engine.metrics.batch_requests.counts) > 1 + len(over)
 
 
-def test_a_request_larger_than_max_batch_is_scored_in_chunks(small_bundle, openrtb_examples):
+def test_a_request_larger_than_max_batch_is_scored_in_chunks(small_bundle, openrtb_examples, scoring):
     body = dict(distinct_requests(openrtb_examples, 1))["/bid/1"]
-    small, large = make_engine(small_bundle, max_batch=4), make_engine(small_bundle)
+    small, large = make_engine(small_bundle, max_batch=4, scoring=scoring), make_engine(small_bundle, scoring=scoring)
     assert small.bid(body) == large.bid(body)
     assert small.bid(body).status == 200
 
@@ -125,13 +137,14 @@ class PoisonedFeaturizer:
         self.featurizer = featurizer
 
     def transform_into(self, buffers, rows):
-        if any(record.get("slotid") == "poison" for _, record in rows):
+        records = [row[1] if isinstance(row, tuple) else row for row in rows]
+        if any(record.get("slotid") == "poison" for record in records):
             raise ValueError("record 0: poisoned")
         return self.featurizer.transform_into(buffers, rows)
 
 
-async def test_a_request_that_cannot_be_featurized_fails_alone(small_bundle, openrtb_examples):
-    engine = make_engine(small_bundle)
+async def test_a_request_that_cannot_be_featurized_fails_alone(small_bundle, openrtb_examples, scoring):
+    engine = make_engine(small_bundle, scoring=scoring)
     bodies = [body for _, body in distinct_requests(openrtb_examples, 6)]
     alone = [engine.bid(body) for body in bodies]
     poisoned = json.loads(bodies[2])
@@ -204,3 +217,40 @@ async def test_the_server_keeps_serving_after_a_crashing_batch(client, openrtb_e
     assert broken.status == 500 and (await broken.json())["error"] == "internal error"
     again = await client.post(route, data=body)
     assert again.status == 200 and await again.read() == expected
+
+
+async def test_factorized_and_row_scoring_choose_alike_and_price_within_the_parity_tolerance(small_bundle,
+                                                                                            openrtb_examples):
+    factorized, rows = make_engine(small_bundle, scoring="factorized"), make_engine(small_bundle, scoring="rows")
+    catalog = {c.creative_id: c for c in rows.catalog.candidates}
+    compared = 0
+    for route, body in distinct_requests(openrtb_examples, 24):
+        exchange = route.rpartition("/")[2] if route != "/bid" else None
+        a, b = factorized.bid(body, exchange), rows.bid(body, exchange)
+        assert a.status == b.status
+        if a.status != 200:
+            continue
+        bids_a = [bid for seat in json.loads(a.body)["seatbid"] for bid in seat["bid"]]
+        bids_b = [bid for seat in json.loads(b.body)["seatbid"] for bid in seat["bid"]]
+        assert [x["crid"] for x in bids_a] == [x["crid"] for x in bids_b]
+        for x, y in zip(bids_a, bids_b):
+            # |Δ pCTR| <= 1e-6 (the parity contract) bounds |Δ price| by 1e-6 × value per click × 1000
+            assert abs(x["price"] - y["price"]) <= 1e-6 * catalog[x["crid"]].value_per_click * 1000 + 1e-6
+            compared += 1
+    assert compared >= 12
+
+
+async def test_serving_without_batching_or_factorized_graphs_answers_the_same(aiohttp_client, small_bundle,
+                                                                               openrtb_examples):
+    requests = distinct_requests(openrtb_examples, 8)
+    answers = {}
+    for batching in (True, False):
+        client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS,
+                                                        batching=batching)))
+        answers[batching] = [await (await client.post(route, data=body)).read() for route, body in requests]
+    assert answers[True] == answers[False]
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS,
+                                                    factorized=False)))
+    assert client.server.app[STATE].engine.factorized is None
+    served = [await (await client.post(route, data=body)).read() for route, body in requests]
+    assert [len(b) > 0 for b in served] == [len(b) > 0 for b in answers[True]]
