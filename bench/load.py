@@ -36,8 +36,11 @@ SHARED = REPO.parent / "shared"
 DEFAULT_BODY = SHARED / "openrtb" / "bid-request-2.5" / "simple-banner.json"
 DEFAULT_MODEL = REPO / "bidder" / "models" / "default"
 DEFAULT_RESULTS = REPO / "bench" / "results"
-SERVERS = ("echo", "bidder", "fastapi")
-BIDDING_SERVERS = ("bidder", "fastapi")  # must answer the body with a bid before they are measured
+#: The bidder with some of its levers switched off, to measure each lever alone in the same run.
+BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),
+                   "bidder-plain": ("--no-batching", "--no-factorized")}
+SERVERS = ("echo", "bidder", "fastapi", *(name for name in BIDDER_VARIANTS if name != "bidder"))
+BIDDING_SERVERS = (*BIDDER_VARIANTS, "fastapi")  # must answer the body with a bid before they are measured
 ECHO_LAYERS = ("app", "server")
 BASELINE_PACKAGES = ("fastapi", "uvicorn", "orjson", "mmh3")
 BASELINE_HINT = "pip install -e '.[bench]'"
@@ -49,7 +52,7 @@ def missing_baseline_packages() -> list[str]:
 
 def default_servers() -> tuple[str, ...]:
     """echo and bidder, and the fastapi baseline when its packages are installed."""
-    return SERVERS if not missing_baseline_packages() else ("echo", "bidder")
+    return ("echo", "bidder", "fastapi") if not missing_baseline_packages() else ("echo", "bidder")
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,13 @@ def server_command(name: str, config: LoadConfig, port: int, workers: int) -> li
     if name == "echo":
         return [sys.executable, "-m", "bench.echo", "--host", config.host, "--port", str(port),
                 "--workers", str(workers), "--layer", config.echo_layer]
-    program = ["-m", "bench.baseline"] if name == "fastapi" else ["-m", "bidder", "serve"]
+    program = ["-m", "bench.baseline"] if name == "fastapi" else ["-m", "bidder", "serve", *BIDDER_VARIANTS[name]]
     command = [sys.executable, *program, "--model", str(config.model), "--host", config.host,
                "--port", str(port), "--workers", str(workers)]
     # Without --campaigns both fall back alike: campaigns.json beside the bundle, else the default catalog.
     if config.campaigns_file is not None:
         command += ["--campaigns", str(config.campaigns_file)]
-    if config.max_batch is not None and name == "bidder":
+    if config.max_batch is not None and name in BIDDER_VARIANTS:
         command += ["--max-batch", str(config.max_batch)]
     return command
 
@@ -244,7 +247,7 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
                 startup_timeout_s=config.startup_timeout_s))
             urls[name] = base + config.route
             preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body, config.allow_no_bid)
-            if name == "bidder":
+            if name in BIDDER_VARIANTS:
                 probes[name] = MetricsProbe(config.host, port)
                 stack.callback(probes[name].close)
         for repetition in range(1, config.repeat + 1):
