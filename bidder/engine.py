@@ -104,7 +104,14 @@ class BidEngine:
         prepared = self.prepare(body, exchange, time.perf_counter() if received is None else received)
         if prepared.__class__ is Outcome:
             return prepared
-        return self.score_batch([prepared])[0]
+        return self.bid_prepared(prepared)
+
+    def bid_prepared(self, pending: Pending) -> Outcome:
+        """Score and price one prepared request on its own (no batch)."""
+        outcome = self.score_batch([pending])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def submit(self, pending: Pending) -> asyncio.Future:
         """Join this loop turn's batch; the future's result is the request's Outcome."""
@@ -154,8 +161,11 @@ class BidEngine:
         return Pending(request, received, groups, owners, chosen, floors, imp_reason)
 
     # -- score (a batch of requests) -----------------------------------------------------------------
-    def score_batch(self, batch: Sequence[Pending]) -> list[Outcome]:
+    def score_batch(self, batch: Sequence[Pending]) -> list[Outcome | Exception]:
         """One Outcome per request: the batch's rows scored in chunks of at most ``max_batch`` rows.
+
+        A request whose pricing raised gets the exception instead (the batcher raises it in that
+        request's handler only).
 
         A request is never split across chunks; one with more rows than ``max_batch`` is scored alone,
         in chunks of its own. ``tmax`` is checked here, just before scoring.
@@ -201,7 +211,10 @@ class BidEngine:
         for k in chunk:
             pending = batch[k]
             n = len(pending.candidates)
-            outcomes[k] = self.price(pending, scores[start:start + n])
+            try:
+                outcomes[k] = self.price(pending, scores[start:start + n])
+            except Exception as exc:  # noqa: BLE001 - a bug met by one request fails that request only
+                outcomes[k] = exc
             start += n
 
     def _score_rows(self, pendings: Sequence[Pending], rows: int) -> list[float]:

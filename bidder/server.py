@@ -166,7 +166,7 @@ async def _bid(request: web.Request, exchange: str | None) -> web.Response:
         engine = state.engine
         outcome = engine.prepare(body, exchange, started)
         if outcome.__class__ is not Outcome:  # rows to score: join this loop turn's batch
-            outcome = await engine.submit(outcome) if state.config.batching else engine.score_batch([outcome])[0]
+            outcome = await engine.submit(outcome) if state.config.batching else engine.bid_prepared(outcome)
         return _respond(state, "/bid", outcome, started)
     except web.HTTPException:
         raise

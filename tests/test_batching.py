@@ -254,3 +254,21 @@ async def test_serving_without_batching_or_factorized_graphs_answers_the_same(ai
     assert client.server.app[STATE].engine.factorized is None
     served = [await (await client.post(route, data=body)).read() for route, body in requests]
     assert [len(b) > 0 for b in served] == [len(b) > 0 for b in answers[True]]
+
+
+async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, openrtb_examples):
+    engine = make_engine(small_bundle)
+    bodies = [body for _, body in distinct_requests(openrtb_examples, 5)]
+    alone = [engine.bid(body) for body in bodies]
+    price = engine.price
+
+    def price_or_crash(pending, scores):
+        if pending.request.id == "batch-3":
+            raise ZeroDivisionError("a pricing bug")
+        return price(pending, scores)
+
+    engine.price = price_or_crash
+    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
+    together = await asyncio.gather(*(engine.submit(p) for p in prepared), return_exceptions=True)
+    assert isinstance(together[3], ZeroDivisionError)
+    assert [o for i, o in enumerate(together) if i != 3] == [o for i, o in enumerate(alone) if i != 3]
