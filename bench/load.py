@@ -24,11 +24,11 @@ from bench.plot import plot_latency
 from bench.report import Measurement, build_report, format_scaling, format_table, write_json
 from bench.servers import BenchError
 from bench.wrk_driver import run_wrk, wrk_path, wrk_version
+from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_BODY = SHARED / "openrtb" / "bid-request-2.5" / "simple-banner.json"
-DEFAULT_MODEL = REPO / "bidder" / "models" / "default"
+DEFAULT_BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
+DEFAULT_MODEL = DEFAULT_BUNDLE
 DEFAULT_RESULTS = REPO / "bench" / "results"
 SERVERS = ("echo", "bidder")
 
