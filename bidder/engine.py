@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from bidder.campaigns import Candidate, Catalog
+from bidder.deals import DealOffer, deal_candidates, seat_bids
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import (Bid, BidResponse, RequestError, SeatBid, decode_json, decode_request, encode_response,
                             imp_fields, imp_sizes, request_fields)
@@ -68,6 +69,7 @@ class BidEngine:
         owners: list[int] = []     # row -> index of its imp
         chosen: list[Candidate] = []  # row -> its candidate
         floors: list[float] = []
+        offers: dict[int, DealOffer] = {}  # row -> the deal its candidate can bid through
         imp_reason: str | None = None
         for i, imp in enumerate(request.imp):
             floors.append(imp.bidfloor)
@@ -80,8 +82,13 @@ class BidEngine:
                                              else "no_eligible_creative")
                 continue
             record = None
+            unmatched = False  # eligible candidates, none of which can buy the private auction's deals
             for w, h in sizes:
                 eligible = catalog.eligible(w, h, domain, exchange, blocked)
+                if eligible and imp.pmp is not None:
+                    eligible, imp_offers = deal_candidates(eligible, imp, len(rows))
+                    offers.update(imp_offers)
+                    unmatched = unmatched or not eligible
                 if not eligible:
                     continue
                 if record is None:
@@ -90,7 +97,7 @@ class BidEngine:
                 owners.extend([i] * len(eligible))
                 chosen.extend(eligible)
             if record is None:
-                imp_reason = self._count_imp(imp_reason, "no_eligible_creative")
+                imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
         if not rows:
             return self._no_bid(imp_reason or "no_eligible_creative")
         if request.tmax and (time.perf_counter() - received) * 1000.0 >= request.tmax:
@@ -98,7 +105,7 @@ class BidEngine:
         scorer = self.scorer
         ctr = scorer.score(rows) if len(rows) <= scorer.max_batch else scorer.predict(rows)
         self.metrics.scored_rows.observe(len(rows))
-        best = best_per_imp(owners, chosen, ctr, floors)
+        best = best_per_imp(owners, chosen, ctr, floors, offers)
         if len(best) < len(request.imp):
             for i in set(owners).difference(best):
                 imp_reason = self._count_imp(imp_reason, "below_floor")
@@ -109,9 +116,10 @@ class BidEngine:
             imp, c = request.imp[i], priced.candidate
             bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=priced.price, adid=c.creative_id,
                             crid=c.creative_id, adomain=list(c.adomain), w=c.w, h=c.h, nurl=c.nurl,
-                            cid=c.campaign_id, adm=c.markup))
+                            cid=c.campaign_id, adm=c.markup, dealid=priced.deal.dealid if priced.deal else None))
         self.metrics.bids.inc(len(bids))
-        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=[SeatBid(bid=bids)])))
+        seatbid = seat_bids(bids, [p.deal for _, p in sorted(best.items())]) if offers else [SeatBid(bid=bids)]
+        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid)))
 
     def predict(self, body: bytes) -> Outcome:
         try:

@@ -10,7 +10,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NO_BID_REASONS", "R
 ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload")
 #: why a request (or one imp of it) got no bid
 NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
-                  "tmax")
+                  "tmax", "no_matching_deal")
 #: why a request was refused or failed
 ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_refused", "internal")
 # sub-millisecond resolution where the bid path lives, seconds for the tail

@@ -11,8 +11,9 @@ from typing import Annotated, Any
 import msgspec
 
 __all__ = [
-    "BidRequest", "BidResponse", "Bid", "SeatBid", "RequestError", "USD_TO_CNY", "decode_json", "decode_request",
-    "encode_response", "imp_sizes", "request_fields", "imp_fields", "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
+    "BidRequest", "BidResponse", "Bid", "DEFAULT_SEAT", "Deal", "Imp", "Pmp", "SeatBid", "RequestError", "USD_TO_CNY",
+    "decode_json", "decode_request", "encode_response", "imp_sizes", "request_fields", "imp_fields",
+    "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
 ]
 
 #: iPinYou prices (``slotprice``) are CNY fen (0.01 yuan) per thousand impressions; OpenRTB floors are
@@ -42,6 +43,21 @@ class Present(msgspec.Struct):
     """An object whose presence matters, not its content (video, native, audio: we bid banners only)."""
 
 
+class Deal(msgspec.Struct):
+    """One deal of a private marketplace (``imp.pmp.deals[]``)."""
+    id: NonEmpty
+    bidfloor: Annotated[float, msgspec.Meta(ge=0)] | None = None  # None: the imp's floor applies
+    bidfloorcur: str = "USD"
+    at: int | None = None              # 3: ``bidfloor`` is the agreed (fixed) deal price
+    wseat: list[str] | None = None     # buyer seats allowed to bid on the deal
+    wadomain: list[str] | None = None  # advertiser domains allowed on the deal
+
+
+class Pmp(msgspec.Struct):
+    private_auction: int = 0  # 1: only bids for one of ``deals`` are allowed
+    deals: list[Deal] | None = None
+
+
 class Imp(msgspec.Struct):
     id: NonEmpty
     banner: Banner | None = None
@@ -52,6 +68,7 @@ class Imp(msgspec.Struct):
     instl: int = 0
     bidfloor: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     bidfloorcur: str = "USD"
+    pmp: Pmp | None = None
 
 
 class Geo(msgspec.Struct):
@@ -113,11 +130,16 @@ class Bid(msgspec.Struct, omit_defaults=True):
     nurl: str | None = None
     cid: str | None = None
     adm: str | None = None
+    dealid: str | None = None
+
+
+#: the buyer seat of bids that name no other (a deal may be bought through a campaign's own seat)
+DEFAULT_SEAT = "bidder"
 
 
 class SeatBid(msgspec.Struct):
     bid: list[Bid]
-    seat: str = "bidder"
+    seat: str = DEFAULT_SEAT
 
 
 class BidResponse(msgspec.Struct):
