@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 WORKERS ?= 1
+NOW    ?=
 
 .PHONY: all test serve bench bench-load default-model clean
 
@@ -35,7 +36,7 @@ $(DEFAULT_MODEL): | $(VENV)
 	$(PY) -m train default
 
 serve: $(VENV) $(DEFAULT_MODEL)
-	$(PY) -m bidder serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+	$(PY) -m bidder serve --host $(HOST) --port $(PORT) --workers $(WORKERS) $(if $(NOW),--now $(NOW))
 
 bench: $(VENV)
 	$(PY) -m pytest -q --benchmark

@@ -2,11 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from pathlib import Path
 
 from bidder import DEFAULT_BUNDLE
 from bidder.server import DEFAULT_CAMPAIGNS, Config
+
+
+def parse_now(text: str) -> float:
+    """``--now``: an ISO 8601 time (UTC unless it carries an offset) or Unix seconds → Unix seconds."""
+    try:
+        return float(text) if text.replace(".", "", 1).isdigit() else _iso_seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-11-25T14:00:00Z or Unix seconds, "
+                                         f"got {text!r}") from None
+
+
+def _iso_seconds(text: str) -> float:
+    if text[-1:] in ("Z", "z"):  # fromisoformat reads "Z" only from Python 3.11
+        text = text[:-1] + "+00:00"
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body", type=int, default=defaults.max_body, help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     serve.add_argument("--utc-offset", type=float, default=defaults.utc_offset_hours,
                        help="hours added to UTC to derive weekday/hour of a request")
+    serve.add_argument("--now", type=parse_now, default=None, metavar="TIME",
+                       help="fix the clock: every request is priced as if received at TIME (ISO 8601 such as "
+                            "2026-11-25T14:00:00Z, or Unix seconds), for reproducible examples and tests; "
+                            "--utc-offset still applies (default: the wall clock)")
     serve.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
     return parser
 
@@ -44,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
-                    pin=not args.no_pin)
+                    now=args.now, pin=not args.no_pin)
     # refuse a broken bundle or catalog here, with a message, before any worker starts
     from bidder.campaigns import CatalogError, load_catalog
     from bidder.scorer import BundleError, Scorer

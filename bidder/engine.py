@@ -47,11 +47,13 @@ def error_body(message: str, path: str = "$") -> bytes:
 class BidEngine:
     """Scores and prices bid requests with one scorer and one catalog (swapped whole on reload)."""
 
-    def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0):
+    def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
+                 now: float | None = None):
         self.scorer = scorer
         self.catalog = catalog
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
+        self.now = now  # Unix seconds every request is taken to arrive at (examples, tests); None: the wall clock
 
     def bid(self, body: bytes, exchange: str | None = None, received: float | None = None) -> Outcome:
         received = time.perf_counter() if received is None else received
@@ -61,7 +63,7 @@ class BidEngine:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         if request.cur and "USD" not in request.cur:
             return self._no_bid("currency")
-        shared = request_fields(request, exchange, utc_offset_hours=self.utc_offset_hours)
+        shared = request_fields(request, exchange, now=self.now, utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog

@@ -42,6 +42,7 @@ class Config:
     max_batch: int = 256
     max_body: int = 64 * 1024
     utc_offset_hours: float = 0.0
+    now: float | None = None  # a fixed receive time (Unix seconds) for weekday/hour; None: the wall clock
     shutdown_timeout: float = 30.0
     pin: bool = True
 
@@ -65,7 +66,7 @@ class State:
         """
         scorer = Scorer(model, max_batch=self.config.max_batch)
         catalog = load_catalog(campaigns)
-        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours)
+        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         for rows in sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)}):
             scorer.score(layers[:min(rows, len(layers))])
