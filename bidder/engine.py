@@ -4,15 +4,16 @@ decode → one record per imp → (candidate layer, imp record) rows → one sco
 """
 from __future__ import annotations
 
+import re
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 
 from bidder.campaigns import Candidate, Catalog
 from bidder.deals import DealOffer, deal_candidates, seat_bids
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (Bid, BidResponse, RequestError, SeatBid, decode_json, decode_request, encode_response,
+from bidder.openrtb import (Bid, BidResponse, RequestError, SeatBid, decode_predict, decode_request, encode_response,
                             imp_fields, imp_sizes, request_fields)
 from bidder.pricing import best_per_imp
 from bidder.scorer import Scorer
@@ -26,17 +27,13 @@ class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen datacl
     reason: str | None = None  # no-bid reason (204) or error kind (4xx)
 
 
-class _PredictRequest(msgspec.Struct):
-    records: list[dict[str, Any]]
-
-
 class _PredictResponse(msgspec.Struct):
     ctr: list[float]
     model: str
 
 
-_predict_decoder = msgspec.json.Decoder(_PredictRequest)
 _NOTHING_BLOCKED: frozenset[str] = frozenset()
+_FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
 
@@ -125,15 +122,15 @@ class BidEngine:
 
     def predict(self, body: bytes) -> Outcome:
         try:
-            request = decode_json(_predict_decoder, body)
+            records = decode_predict(body)
         except RequestError as exc:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         try:
-            ctr = self.scorer.predict(request.records)
+            ctr = self.scorer.predict(records)
         except ValueError as exc:
             message = str(exc)
-            head = message.partition(":")[0]
-            path = f"$.records[{head[7:]}]" if head.startswith("record ") and head[7:].isdigit() else "$.records"
+            where = _FEATURIZER_ERROR.match(message)  # "record 3: field 'timestamp': ..."
+            path = "$.records" if where is None else f"$.records[{where[1]}]" + (f".{where[2]}" if where[2] else "")
             return Outcome(400, error_body(message, path), "bad_record")
         return Outcome(200, _encoder.encode(_PredictResponse(ctr=ctr.tolist(), model=self.scorer.model_id)))
 

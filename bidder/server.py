@@ -25,6 +25,7 @@ from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import CatalogError, load_catalog
 from bidder.engine import BidEngine, Outcome, error_body
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
+from bidder.openrtb import RequestError, decode_json
 from bidder.scorer import BundleError, Scorer, pin_to_core
 
 __all__ = ["Config", "ENGINE", "EXIT_STARTUP", "StartupError", "check_port", "create_app", "serve"]
@@ -32,6 +33,8 @@ __all__ = ["Config", "ENGINE", "EXIT_STARTUP", "StartupError", "check_port", "cr
 log = logging.getLogger("bidder")
 
 DEFAULT_CAMPAIGNS = DEFAULT_BUNDLE / "campaigns.json"
+#: the route label of requests no route matched (404, 405): one label, whatever the path, bounds the series
+UNMATCHED_ROUTE = "unmatched"
 #: exit status of a server (or worker) that could not start: bad option, bundle, catalog or address
 EXIT_STARTUP = 2
 #: consecutive start-up failures of one worker after which the supervisor stops restarting it
@@ -159,9 +162,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-class _ReloadRequest(msgspec.Struct):
+class _ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Relative paths are read from the server's working directory."""
     model: str | None = None
     campaigns: str | None = None
+
+
+_reload_decoder = msgspec.json.Decoder(_ReloadRequest)
 
 
 async def reload(state: State, model: Path | None = None, campaigns: Path | None = None) -> tuple[bool, str]:
@@ -200,10 +207,10 @@ async def admin_reload(request: web.Request) -> web.Response:
     if isinstance(body, Outcome):
         return _respond(state, "/admin/reload", body, started)
     try:
-        options = msgspec.json.decode(body or b"{}", type=_ReloadRequest)
-    except msgspec.MsgspecError as exc:
-        return _respond(state, "/admin/reload", Outcome(400, error_body(f"invalid reload request: {exc}"),
-                                                       "bad_request"), started)
+        options = decode_json(_reload_decoder, body or b"{}")
+    except RequestError as exc:
+        return _respond(state, "/admin/reload", Outcome(400, error_body(f"invalid reload request: {exc.message}",
+                                                                        exc.path), "bad_request"), started)
     ok, detail = await reload(state, options.model and Path(options.model),
                               options.campaigns and Path(options.campaigns))
     outcome = (Outcome(200, msgspec.json.encode({"model": detail})) if ok
@@ -218,6 +225,8 @@ async def last_resort(request: web.Request, handler) -> web.StreamResponse:
     state.in_flight += 1
     try:
         return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        return _no_route(state, request, exc)
     except web.HTTPException:
         raise
     except Exception:
@@ -226,6 +235,18 @@ async def last_resort(request: web.Request, handler) -> web.StreamResponse:
         return _json(500, error_body("internal error"))
     finally:
         state.in_flight -= 1
+
+
+def _no_route(state: State, request: web.Request, exc: web.HTTPException) -> web.Response:
+    """404 and 405 answer JSON like every other error and are counted (under one route label: unmatched)."""
+    kind = "not_found" if exc.status == 404 else "method_not_allowed"
+    state.metrics.errors.labels(kind).inc()
+    state.metrics.response(UNMATCHED_ROUTE, exc.status).inc()
+    message = (f"no route {request.path}" if exc.status == 404
+               else f"{request.method} is not allowed on {request.path} (allowed: {exc.headers.get('Allow', '')})")
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return web.Response(status=exc.status, body=msgspec.json.encode({"error": message}),
+                        content_type="application/json", headers=headers)
 
 
 def create_app(config: Config = Config(), worker: int = 0) -> web.Application:

@@ -111,15 +111,15 @@ async def test_deadline_passed_before_scoring_is_a_counted_no_bid(client, openrt
 @pytest.mark.parametrize("body,path", [
     (b"{not json", "$"),
     (b"[]", "$"),
-    (b'{"imp": [{"id": "1"}]}', "$"),
+    (b'{"imp": [{"id": "1"}]}', "$.id"),
     (b'{"id": "", "imp": [{"id": "1"}]}', "$.id"),
-    (b'{"id": "r"}', "$"),
+    (b'{"id": "r"}', "$.imp"),
     (b'{"id": "r", "imp": []}', "$.imp"),
-    (b'{"id": "r", "imp": [{"banner": {"w": 300, "h": 250}}]}', "$.imp[0]"),
+    (b'{"id": "r", "imp": [{"banner": {"w": 300, "h": 250}}]}', "$.imp[0].id"),
     (b'{"id": "r", "imp": [{"id": "1", "banner": {"w": "300", "h": 250}}]}', "$.imp[0].banner.w"),
     (b'{"id": "r", "imp": [{"id": "1", "bidfloor": -1}]}', "$.imp[0].bidfloor"),
     (b'{"id": "r", "imp": [{"id": "1"}], "device": {"geo": {"city": 5}}}', "$.device.geo.city"),
-    (b'{"id": "r\xff", "imp": [{"id": "1"}]}', "$"),
+    (b'{"id": "r\xff", "imp": [{"id": "1"}]}', "$.id"),
 ])
 async def test_bad_requests_get_400_naming_the_path(client, body, path):
     response = await client.post("/bid", data=body)
@@ -152,10 +152,10 @@ async def test_predict_equals_scorer(client, small_bundle, sample_records):
 
 
 @pytest.mark.parametrize("payload,path", [
-    ({"records": [{}, {"useragent": ["a"]}]}, "$.records[1]"),
-    ({"records": [{"slotprice": "cheap"}]}, "$.records[0]"),
+    ({"records": [{}, {"useragent": ["a"]}]}, "$.records[1].useragent"),
+    ({"records": [{"slotprice": "cheap"}]}, "$.records[0].slotprice"),
     ({"records": {"a": 1}}, "$.records"),
-    ({"rows": []}, "$"),
+    ({"rows": []}, "$.rows"),
 ])
 async def test_predict_rejects_bad_records(client, payload, path):
     response = await client.post("/predict", json=payload)
