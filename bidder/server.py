@@ -360,7 +360,7 @@ def run_worker(config: Config, worker: int, ready=None) -> int:
         run(_run_worker(config, worker, ready))
     except StartupError as exc:
         who = f"worker {worker}: " if config.workers > 1 else ""
-        print(f"error: {who}{exc}", file=sys.stderr, flush=True)
+        print(f"error: {who}" + " ".join(str(exc).split()), file=sys.stderr, flush=True)  # one line
         return EXIT_STARTUP
     return 0
 
