@@ -5,7 +5,8 @@ machinery: the body is decoded with orjson into dicts, each (imp, candidate) row
 features are hashed in Python with `mmh3` following the bundle's spec, the model runs through one plain
 `InferenceSession.run()` per request (one intra- and one inter-op thread), and pricing is a loop.
 `python -m bench load` serves it as the third server, `fastapi`, so the report shows how far the
-bidder is ahead of the obvious implementation; tests hold its bids equal to the bidder's.
+bidder is ahead of the obvious implementation; tests hold its bids equal to the bidder's on open-market
+requests (it knows no private-marketplace deals).
 
     python -m bench.baseline --host 127.0.0.1 --port 8082 [--model BUNDLE] [--campaigns FILE] [--workers N]
 

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import cpu_model, git_commit, model_id, package_versions
-from bidder import DEFAULT_BUNDLE
+from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 from bidder.campaigns import load_catalog
 from bidder.factorized import FactorizedScorer
 from bidder.openrtb import decode_request, imp_fields, imp_sizes, request_fields
 from bidder.scorer import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BODY = ROOT.parent / "shared" / "openrtb" / "bid-request-2.5" / "simple-banner.json"
+DEFAULT_BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 POOL = 512
 

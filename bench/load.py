@@ -30,11 +30,11 @@ from bench.report import (BATCH_COLUMNS, Measurement, build_report, format_media
 from bench.scrape import MetricsProbe, batch_delta
 from bench.servers import BenchError
 from bench.wrk_driver import run_wrk, wrk_path, wrk_version
+from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_BODY = SHARED / "openrtb" / "bid-request-2.5" / "simple-banner.json"
-DEFAULT_MODEL = REPO / "bidder" / "models" / "default"
+DEFAULT_BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
+DEFAULT_MODEL = DEFAULT_BUNDLE
 DEFAULT_RESULTS = REPO / "bench" / "results"
 #: The bidder with some of its levers switched off, to measure each lever alone in the same run.
 BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),

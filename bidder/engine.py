@@ -14,16 +14,18 @@ request's handler and ``submit``s what has rows to score.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import msgspec
 
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
+from bidder.deals import DealOffer, deal_candidates, seat_bids
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_json, decode_request,
+from bidder.openrtb import (Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict, decode_request,
                             encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import best_per_imp
 from bidder.scorer import Scorer
@@ -41,19 +43,22 @@ class Pending:
     """A decoded bid request with rows to score.
 
     ``groups`` holds (imp record, eligible candidates) per imp and size; the rows are their
-    concatenation, row ``r`` being ``candidates[r]`` for imp ``owners[r]``.
+    concatenation, row ``r`` being ``candidates[r]`` for imp ``owners[r]``; ``offers`` maps a row to the
+    deal its candidate can bid through.
     """
 
-    __slots__ = ("request", "received", "groups", "owners", "candidates", "floors", "imp_reason")
+    __slots__ = ("request", "received", "groups", "owners", "candidates", "floors", "offers", "imp_reason")
 
-    def __init__(self, request: BidRequest, received: float, groups: list[tuple[dict, tuple[Candidate, ...]]],
-                 owners: list[int], candidates: list[Candidate], floors: list[float], imp_reason: str | None):
+    def __init__(self, request: BidRequest, received: float, groups: list[tuple[dict, Sequence[Candidate]]],
+                 owners: list[int], candidates: list[Candidate], floors: list[float],
+                 offers: dict[int, DealOffer], imp_reason: str | None):
         self.request = request
         self.received = received
         self.groups = groups
         self.owners = owners
         self.candidates = candidates
         self.floors = floors          # per imp of the request (USD CPM)
+        self.offers = offers
         self.imp_reason = imp_reason  # first reason an imp of this request got no rows
 
     @property
@@ -62,17 +67,13 @@ class Pending:
         return [(c.layer, record) for record, eligible in self.groups for c in eligible]
 
 
-class _PredictRequest(msgspec.Struct):
-    records: list[dict[str, Any]]
-
-
 class _PredictResponse(msgspec.Struct):
     ctr: list[float]
     model: str
 
 
-_predict_decoder = msgspec.json.Decoder(_PredictRequest)
 _NOTHING_BLOCKED: frozenset[str] = frozenset()
+_FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
 
@@ -88,7 +89,7 @@ class BidEngine:
     """
 
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
-                 factorized: FactorizedScorer | None = None):
+                 now: float | None = None, factorized: FactorizedScorer | None = None):
         self.scorer = scorer
         self.catalog = catalog
         # the bundle's factorized graphs, their candidate parts computed for this catalog; None: row scoring
@@ -97,6 +98,7 @@ class BidEngine:
             factorized.set_candidates([c.layer for c in catalog.candidates])
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
+        self.now = now  # Unix seconds every request is taken to arrive at (examples, tests); None: the wall clock
         self.batcher = Batcher(self.score_batch)
 
     # -- the whole path for one request ------------------------------------------------------------
@@ -125,7 +127,7 @@ class BidEngine:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         if request.cur and "USD" not in request.cur:
             return self._no_bid("currency")
-        shared = request_fields(request, exchange, utc_offset_hours=self.utc_offset_hours)
+        shared = request_fields(request, exchange, now=self.now, utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog
@@ -133,6 +135,7 @@ class BidEngine:
         owners: list[int] = []
         chosen: list[Candidate] = []
         floors: list[float] = []
+        offers: dict[int, DealOffer] = {}  # row -> the deal its candidate can bid through
         imp_reason: str | None = None
         for i, imp in enumerate(request.imp):
             floors.append(imp.bidfloor)
@@ -145,8 +148,13 @@ class BidEngine:
                                              else "no_eligible_creative")
                 continue
             record = None
+            unmatched = False  # eligible candidates, none of which can buy the private auction's deals
             for w, h in sizes:
                 eligible = catalog.eligible(w, h, domain, exchange, blocked)
+                if eligible and imp.pmp is not None:
+                    eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
+                    offers.update(imp_offers)
+                    unmatched = unmatched or not eligible
                 if not eligible:
                     continue
                 if record is None:
@@ -155,10 +163,10 @@ class BidEngine:
                 owners.extend([i] * len(eligible))
                 chosen.extend(eligible)
             if record is None:
-                imp_reason = self._count_imp(imp_reason, "no_eligible_creative")
+                imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
         if not groups:
             return self._no_bid(imp_reason or "no_eligible_creative")
-        return Pending(request, received, groups, owners, chosen, floors, imp_reason)
+        return Pending(request, received, groups, owners, chosen, floors, offers, imp_reason)
 
     # -- score (a batch of requests) -----------------------------------------------------------------
     def score_batch(self, batch: Sequence[Pending]) -> list[Outcome | Exception]:
@@ -272,7 +280,7 @@ class BidEngine:
         request = pending.request
         metrics = self.metrics
         metrics.scored_rows.observe(len(scores))
-        best = best_per_imp(pending.owners, pending.candidates, scores, pending.floors)
+        best = best_per_imp(pending.owners, pending.candidates, scores, pending.floors, pending.offers)
         imp_reason = pending.imp_reason
         if len(best) < len(request.imp):
             for i in set(pending.owners).difference(best):
@@ -286,22 +294,24 @@ class BidEngine:
             imp, c = imps[i], priced.candidate
             bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=priced.price, adid=c.creative_id,
                             crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
-                            cid=c.campaign_id, adm=c.markup))
+                            cid=c.campaign_id, adm=c.markup, dealid=priced.deal.dealid if priced.deal else None))
         metrics.bids.inc(len(bids))
-        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=[SeatBid(bid=bids)])))
+        seatbid = (seat_bids(bids, [best[i].deal for i in sorted(best)]) if pending.offers
+                   else [SeatBid(bid=bids)])
+        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid)))
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, body: bytes) -> Outcome:
         try:
-            request = decode_json(_predict_decoder, body)
+            records = decode_predict(body)
         except RequestError as exc:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         try:
-            ctr = self.scorer.predict(request.records)
+            ctr = self.scorer.predict(records)
         except ValueError as exc:
             message = str(exc)
-            head = message.partition(":")[0]
-            path = f"$.records[{head[7:]}]" if head.startswith("record ") and head[7:].isdigit() else "$.records"
+            where = _FEATURIZER_ERROR.match(message)  # "record 3: field 'timestamp': ..."
+            path = "$.records" if where is None else f"$.records[{where[1]}]" + (f".{where[2]}" if where[2] else "")
             return Outcome(400, error_body(message, path), "bad_record")
         return Outcome(200, _encoder.encode(_PredictResponse(ctr=ctr.tolist(), model=self.scorer.model_id)))
 

@@ -20,9 +20,10 @@ __all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NO_BID_REASONS", "R
 ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload")
 #: why a request (or one imp of it) got no bid
 NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
-                  "tmax")
+                  "tmax", "no_matching_deal")
 #: why a request was refused or failed
-ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_refused", "internal")
+ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_refused", "internal", "not_found",
+               "method_not_allowed")
 # sub-millisecond resolution where the bid path lives, seconds for the tail
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-OPENRTB_DIR = SHARED / "openrtb"
+from bidder import OPENRTB_EXAMPLES
 
 
 def pytest_addoption(parser):
@@ -38,9 +37,9 @@ def pytest_collection_modifyitems(config, items):
 def openrtb_examples() -> dict[str, bytes]:
     """The IAB example bid requests, keyed by 'version/filename'."""
     out = {}
-    for path in sorted(OPENRTB_DIR.glob("*/*.json")):
+    for path in sorted(OPENRTB_EXAMPLES.glob("*/*.json")):
         out[f"{path.parent.name}/{path.name}"] = path.read_bytes()
-    assert out, f"no OpenRTB examples under {OPENRTB_DIR}"
+    assert out, f"no OpenRTB examples under {OPENRTB_EXAMPLES}"
     return out
 
 

@@ -9,7 +9,6 @@ import shutil
 import socket
 import sys
 import threading
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -26,8 +25,9 @@ from bench.report import (Measurement, build_report, comparisons, format_table, 
 from bench.scrape import MetricsProbe, batch_delta, parse_metrics
 from bench.servers import BenchError
 from bench.wrk_driver import INSTALL_HINT, MARKER, SCRIPT, WrkResult, parse_output, wrk_path
+from bidder import OPENRTB_EXAMPLES
 
-BODY = (Path(__file__).resolve().parents[2] / "shared" / "openrtb" / "bid-request-2.5" / "simple-banner.json")
+BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
 
 WRK_STDOUT = """Running 3s test @ http://127.0.0.1:8080/bid
   1 threads and 32 connections

@@ -73,6 +73,8 @@ async def test_baseline_bids_what_the_bidder_bids_on_the_simple_banner(bidder_cl
 async def test_baseline_agrees_on_every_example_and_exchange(bidder_client, baseline_app, openrtb_examples):
     answered = set()
     for name, request in openrtb_examples.items():
+        if b'"pmp"' in request:  # the day-one baseline knows no deals: it bids private auctions as open market
+            continue
         for path in ("/bid", "/bid/openx"):
             (status, body), (base_status, base_body) = await both(bidder_client, baseline_app, path, request)
             assert base_status == status, (name, path)

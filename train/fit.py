@@ -15,7 +15,7 @@ from train.bundle import write_bundle
 from train.data.dataset import Dataset, load_dataset
 from train.export import check_parity, export_lean
 from train.factorize import write_graphs
-from train.trainer import TrainedModel, train_model
+from train.trainer import TrainedModel, check_training, train_model
 
 __all__ = ["fit_bundle", "save_bundle", "resolve_spec"]
 
@@ -31,6 +31,7 @@ def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs:
     ``meta.json`` (for data generated into a temporary folder); ``threads`` is torch's thread count
     while training. Other keywords are hyper-parameters.
     """
+    check_training(model, epochs, hyperparameters)  # before the data: a typo must not wait for featurizing
     feature_spec = resolve_spec(spec)
     dataset = load_dataset(data_dir, feature_spec, seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
     report_skipped(dataset)
