@@ -8,6 +8,8 @@ records, the public scoring API.
 
 The receive time sets weekday and hour, so callers give the time window the request was in flight
 (``before``, ``after``) and accept the answer if it is right for one of the (weekday, hour) in force then.
+Below: helpers that ask a bidder app through the aiohttp test client and check each answer this way,
+a second catalog, and a generator of varied bid requests.
 """
 from __future__ import annotations
 
@@ -16,7 +18,12 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bidder.scorer import Scorer
 
 #: iPinYou ``slotprice`` is CNY fen CPM; OpenRTB floors are USD CPM; README: fixed rate 7.2 CNY per USD.
 FEN_PER_USD = 7.2 * 100
@@ -246,6 +253,49 @@ def check(request: dict, catalog: dict, scorer, exchange: str | None, before: fl
         problems.append(f"at weekday {expectation.weekday} hour {expectation.hour}: {problem}")
     raise AssertionError(f"request {request['id']} via exchange {exchange!r}: " + "; ".join(problems)
                          + f"\nrequest: {json.dumps(request)[:600]}\nanswer: {json.dumps(answer)[:600]}")
+
+
+# -- asking the bidder (aiohttp test client) ------------------------------------------------------------
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+_scorers: dict[Path, Scorer] = {}
+
+
+def oracle_scorer(bundle: Path) -> Scorer:
+    if bundle not in _scorers:
+        _scorers[bundle] = Scorer(bundle)
+    return _scorers[bundle]
+
+
+def raw_catalog(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+async def post_bid(client, request: dict | bytes, exchange: str | None = None, **kwargs):
+    """(status, answer or None, time sent, time answered)."""
+    body = request if isinstance(request, bytes) else json.dumps(request).encode()
+    before = time.time()
+    response = await client.post("/bid" if exchange is None else f"/bid/{exchange}", data=body, **kwargs)
+    answer = await response.json() if response.status == 200 else None
+    after = time.time()
+    if response.status not in (200, 204):
+        raise AssertionError(f"{response.status}: {await response.text()}")
+    return response.status, answer, before, after
+
+
+async def bid_and_check(client, request: dict, catalog: dict, bundle: Path, exchange: str | None = None,
+                        utc_offset_hours: float = 0.0) -> tuple[Expectation, dict | None]:
+    status, answer, before, after = await post_bid(client, request, exchange)
+    expectation = check(request, catalog, oracle_scorer(bundle), exchange, before, after, status, answer,
+                               utc_offset_hours)
+    return expectation, answer
 
 
 # -- a second catalog: targeting, a disabled campaign, size filters, markup-only, other values per click --

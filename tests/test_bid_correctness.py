@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import oracle
+from oracle import bid_and_check, metric, oracle_scorer, post_bid, raw_catalog
 from bidder import DEFAULT_BUNDLE, load_spec, reference
 from bidder.scorer import Scorer
 from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
@@ -28,48 +28,6 @@ from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
 #: PMP examples is not pinned here.
 PMP_EXAMPLES = {"bid-request-2.5/pmp-with-direct-deal.json", "bid-request-2.6/pmp-with-direct-deal.json"}
 SIMPLE_BANNER = "bid-request-2.5/simple-banner.json"
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
-_scorers: dict[Path, Scorer] = {}
-
-
-def oracle_scorer(bundle: Path) -> Scorer:
-    if bundle not in _scorers:
-        _scorers[bundle] = Scorer(bundle)
-    return _scorers[bundle]
-
-
-def raw_catalog(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-async def post_bid(client, request: dict | bytes, exchange: str | None = None, **kwargs):
-    """(status, answer or None, time sent, time answered)."""
-    body = request if isinstance(request, bytes) else json.dumps(request).encode()
-    before = time.time()
-    response = await client.post("/bid" if exchange is None else f"/bid/{exchange}", data=body, **kwargs)
-    answer = await response.json() if response.status == 200 else None
-    after = time.time()
-    if response.status not in (200, 204):
-        raise AssertionError(f"{response.status}: {await response.text()}")
-    return response.status, answer, before, after
-
-
-async def bid_and_check(client, request: dict, catalog: dict, bundle: Path, exchange: str | None = None,
-                        utc_offset_hours: float = 0.0) -> tuple[oracle.Expectation, dict | None]:
-    status, answer, before, after = await post_bid(client, request, exchange)
-    expectation = oracle.check(request, catalog, oracle_scorer(bundle), exchange, before, after, status, answer,
-                               utc_offset_hours)
-    return expectation, answer
 
 
 @pytest.fixture
