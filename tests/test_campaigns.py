@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bidder.campaigns import AUCTION_PRICE_MACRO, CatalogError, load_catalog, parse_catalog
+from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog, parse_catalog
 from bidder.server import DEFAULT_CAMPAIGNS
 
 
@@ -69,10 +69,43 @@ def test_candidate_layers_hold_the_candidate_fields_only():
     ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "creatives": [_creative()]},
                     {"id": "d", "advertiser": 2, "value_per_click": 1, "creatives": [_creative()]}]},
      r"campaigns\[1\].creatives\[0\].id: creative 'cr' is also in campaigns\[0\].creatives\[0\]"),
+    ({"campaigns": [{"advertiser": 1, "value_per_click": 1, "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.id: expected a non-empty string, got None$"),
+    ({"campaigns": [{"id": "c", "advertiser": -1, "value_per_click": 1, "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.advertiser: expected a non-negative integer, got -1$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1e6, "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.value_per_click: expected a positive number of USD, got 1000000.0$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "targeting": ["x"],
+                     "creatives": [_creative()]}]}, r"^catalog: campaigns\[0\]\.targeting: expected an object$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "targeting": {"exchanges": "2"},
+                     "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.targeting\.exchanges: expected a list of strings$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "creatives": [7]}]},
+     r"^catalog: campaigns\[0\]\.creatives\[0\]: expected an object$"),
+    (_catalog(nurl=5), r"^catalog: campaigns\[0\]\.creatives\[0\]\.nurl: expected a non-empty string, got 5$"),
+    (_catalog(adomain=[5]), r"^catalog: campaigns\[0\]\.creatives\[0\]\.adomain: expected a non-empty list"),
 ])
 def test_catalog_errors_name_the_entry(data, message):
     with pytest.raises(CatalogError, match=message):
         parse_catalog(data)
+
+
+def test_a_file_catalog_names_its_file_in_errors_and_as_its_source(tmp_path):
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"campaigns": [{"id": "c", "advertiser": "x", "value_per_click": 1,
+                                               "creatives": [_creative()]}]}))
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    assert str(info.value).startswith(f"{path}: campaigns[0].advertiser: ")
+    path.write_text(json.dumps(_catalog()))
+    assert load_catalog(path).source == str(path)
+    assert parse_catalog(_catalog()).source == "catalog" and Catalog([]).source == "catalog"
+
+
+def test_sizes_without_creatives_have_no_candidates_and_1x1_is_a_size():
+    catalog = parse_catalog(_catalog(w=1, h=1))
+    assert [c.creative_id for c in catalog.for_size(1, 1)] == ["cr"]
+    assert catalog.for_size(300, 250) == () and catalog.eligible(300, 250, None, None, frozenset()) == ()
 
 
 def test_catalog_files_that_cannot_be_read(tmp_path):

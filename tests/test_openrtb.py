@@ -113,3 +113,44 @@ def test_wrong_types_name_their_path(body, path):
     with pytest.raises(RequestError) as info:
         decode_request(body)
     assert info.value.path == path and info.value.message
+
+
+def test_request_errors_read_as_their_message():
+    error = RequestError("a message", "$.imp")
+    assert str(error) == "a message" and error.path == "$.imp"
+
+
+def test_the_utc_offset_moves_the_clock_by_whole_hours():
+    request = decode_request(b'{"id": "r", "imp": [{"id": "1"}]}')
+    last_second = calendar.timegm((2013, 6, 6, 19, 59, 59))  # Thursday 19:59:59 UTC
+    assert (request_fields(request, None, now=last_second)["hour"]) == 19
+    shared = request_fields(request, None, now=last_second, utc_offset_hours=8)
+    assert (shared["weekday"], shared["hour"]) == (4, 3)  # Friday 03:59:59, not a second later
+    shared = request_fields(request, None, now=last_second + 1, utc_offset_hours=-0.5)
+    assert (shared["weekday"], shared["hour"]) == (3, 19)  # 19:30:00
+
+
+@pytest.mark.parametrize("pos,visibility", [(None, "Na"), (0, "Na"), (1, "FirstView"), (3, "SecondView"),
+                                            (5, "OtherView"), (7, "FirstView"), (8, "Na"), (99, "Na")])
+def test_ad_positions_map_to_slot_visibility(pos, visibility):
+    banner = {"w": 300, "h": 250} if pos is None else {"w": 300, "h": 250, "pos": pos}
+    request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1", "banner": banner}]}).encode())
+    assert imp_fields(request_fields(request, None), request.imp[0])["slotvisibility"] == visibility
+
+
+def test_imps_without_a_banner_map_to_records_too():
+    request = decode_request(b'{"id": "r", "imp": [{"id": "1", "video": {"w": 640}, "bidfloor": 2, "instl": 1}]}')
+    record = imp_fields(request_fields(request, None), request.imp[0])
+    assert (record["slotvisibility"], record["slotformat"], record["slotprice"]) == ("Na", "1", 1440)
+
+
+@pytest.mark.parametrize("banner,sizes", [
+    ({"w": 300, "h": 0}, []),
+    ({"w": 0, "h": 250}, []),
+    ({"w": 300, "h": 250, "format": [{"w": 728, "h": 0}, {"w": 0, "h": 90}]}, [(300, 250)]),
+    ({"format": [{"w": 728, "h": 0}]}, []),
+    ({"format": [{"w": 728, "h": 90}, {"w": 300, "h": 250}, {"w": 728, "h": 90}]}, [(728, 90), (300, 250)]),
+])
+def test_a_size_needs_both_sides(banner, sizes):
+    request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1", "banner": banner}]}).encode())
+    assert imp_sizes(request.imp[0]) == sizes

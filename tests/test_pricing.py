@@ -60,3 +60,9 @@ def test_best_is_the_maximum_over_rows_at_or_above_floor(rows, floors):
         else:
             assert best[imp].price >= floors[imp]
             assert best[imp].price == pytest.approx(max(eligible), abs=1e-6)
+
+
+def test_a_tie_keeps_the_first_candidate():
+    cands = candidates(2.0, 1.0, 2.0)
+    best = best_per_imp([0, 0, 0], cands, [0.01, 0.02, 0.01], [0.0])
+    assert best[0].candidate is cands[0] and best[0].price == pytest.approx(20.0)

@@ -130,16 +130,20 @@ async def test_predict_equals_scorer(client, small_bundle, sample_records):
     assert answer["model"] == json.loads((small_bundle / "meta.json").read_text())["model_id"]
 
 
-@pytest.mark.parametrize("payload,path", [
-    ({"records": [{}, {"useragent": ["a"]}]}, "$.records[1]"),
-    ({"records": [{"slotprice": "cheap"}]}, "$.records[0]"),
-    ({"records": {"a": 1}}, "$.records"),
-    ({"rows": []}, "$"),
+@pytest.mark.parametrize("payload,path,kind", [
+    ({"records": [{}, {"useragent": ["a"]}]}, "$.records[1]", "bad_record"),
+    ({"records": [{"slotprice": "cheap"}]}, "$.records[0]", "bad_record"),
+    ({"records": {"a": 1}}, "$.records", "bad_request"),
+    ({"rows": []}, "$", "bad_request"),
 ])
-async def test_predict_rejects_bad_records(client, payload, path):
+async def test_predict_rejects_bad_records(client, payload, path, kind):
     response = await client.post("/predict", json=payload)
     assert response.status == 400
-    assert (await response.json())["path"] == path
+    answer = await response.json()
+    assert answer["path"] == path and isinstance(answer["error"], str) and answer["error"]
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_errors_total", kind=kind) == 1
+    assert metric(text, "bidder_responses_total", route="/predict", status="400") == 1
 
 
 async def test_health_readiness_and_metrics_parse(client, openrtb_examples):
