@@ -65,10 +65,10 @@ def _trained_bundle(request, tmp_path_factory, architecture: str) -> Path:
     ``BIDDER_TEST_BUNDLE_CACHE`` (set by ``make mutation`` only: every mutant runs its tests in a fresh pytest
     session) keeps trained bundles in that folder, keyed by the training code, so they are trained once a run.
     """
-    from train.fit import fit_bundle
-
     cache = os.environ.get("BIDDER_TEST_BUNDLE_CACHE")
     if not cache:
+        from train.fit import fit_bundle  # imports torch: only when a bundle is trained
+
         return fit_bundle(request.getfixturevalue("synthetic_data"), architecture,
                           tmp_path_factory.mktemp(architecture), epochs=1, progress=False)
     root = Path(__file__).resolve().parents[1]
@@ -77,6 +77,8 @@ def _trained_bundle(request, tmp_path_factory, architecture: str) -> Path:
         digest.update(path.read_bytes())
     cached = Path(cache) / f"{architecture}-{digest.hexdigest()[:16]}"
     if not (cached / "model.onnx").exists():
+        from train.fit import fit_bundle
+
         fit_bundle(request.getfixturevalue("synthetic_data"), architecture, cached.with_suffix(".tmp"), epochs=1,
                    progress=False)
         cached.with_suffix(".tmp").rename(cached)
