@@ -20,6 +20,7 @@ from bench.load import parse_cpus, preflight, scaling_cpus
 from bench.report import Measurement, build_report, comparisons, format_table, ratios, scaling
 from bench.servers import BenchError
 from bench.wrk_driver import INSTALL_HINT, MARKER, SCRIPT, WrkResult, parse_output, wrk_path
+from processes import reserve_port
 
 BODY = (Path(__file__).resolve().parents[2] / "shared" / "openrtb" / "bid-request-2.5" / "simple-banner.json")
 
@@ -241,14 +242,15 @@ def test_a_missing_program_is_reported(tmp_path):
 
 
 def test_echo_server_process_starts_answers_and_is_torn_down(tmp_path):
-    port = servers.free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "bench.echo", "--port", str(port)]
-    with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
-                         log_dir=tmp_path) as server:
-        assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
-    assert server.process.returncode is not None
-    assert servers.listening_sockets(port) == 0
+    with reserve_port() as holder:  # bound until the test ends: no other process can take the port meanwhile
+        port = holder.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "bench.echo", "--port", str(port)]
+        with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
+                             log_dir=tmp_path) as server:
+            assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
+        assert server.process.returncode is not None
+        assert servers.listening_sockets(port) == 0
 
 
 def test_listening_sockets_counts_a_listener():
