@@ -1,4 +1,6 @@
 # Every target that runs code depends on .venv, so a fresh clone needs only `make serve` or `make test`.
+# `make serve` installs the runtime only (no torch); `make test` and the training targets add the train and
+# dev extras to the same .venv, also after a `make serve`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -6,53 +8,68 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 WORKERS ?= 1
+NOW    ?=
 
-.PHONY: all test serve bench bench-load default-model mutation clean
+# stamps: .runtime = bidder and its runtime dependencies; .full = plus the train and dev extras
+RUNTIME := $(VENV)/.runtime $(VENV)/.extension
+FULL    := $(VENV)/.full $(VENV)/.extension
+
+.PHONY: all test serve dev bench bench-load default-model mutation clean
 
 all: test
 
-# Create the virtual environment, install bidder with the train and dev extras, build the extension.
-$(VENV): $(VENV)/.installed $(VENV)/.extension
-
-$(VENV)/.installed: pyproject.toml setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# A virtual environment with what building the Cython extension needs.
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "setuptools>=69" wheel "Cython>=3.0" "numpy>=1.26"
-	$(PIP) install -q --no-build-isolation -e '.[train,dev]'
+
+# Serving: bidder with its runtime dependencies (numpy, onnxruntime, aiohttp, uvloop, msgspec, prometheus-client).
+$(VENV)/.runtime: pyproject.toml setup.py | $(PY)
+	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.extension: bidder/_features.pyx $(VENV)/.installed
+# Tests and training: the same, plus the train (torch, deepctr-torch, ...) and dev (pytest, ...) extras.
+$(VENV)/.full: pyproject.toml setup.py | $(PY)
+	$(PIP) install -q --no-build-isolation -e '.[train,dev]'
+	touch $(VENV)/.runtime $@
+
+$(VENV)/.extension: bidder/_features.pyx setup.py | $(PY)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
-test: $(VENV)
+test: $(FULL)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+dev: $(FULL)
 
 DEFAULT_MODEL := bidder/models/default/model.onnx
 
-# The default bundle is committed; if it is ever missing, serving trains it first (minutes, on synthetic data).
-$(DEFAULT_MODEL): | $(VENV)
+# The default bundle is committed; if it is ever missing, serving trains it first (minutes, on synthetic data,
+# with the train extras). Not a prerequisite: make would build it even when the model is there.
+$(DEFAULT_MODEL):
+	$(MAKE) $(FULL)
 	$(PY) -m train default
 
-serve: $(VENV) $(DEFAULT_MODEL)
-	$(PY) -m bidder serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+serve: $(RUNTIME) $(DEFAULT_MODEL)
+	$(PY) -m bidder serve --host $(HOST) --port $(PORT) --workers $(WORKERS) $(if $(NOW),--now $(NOW))
 
 # Mutation testing of the bid path's business logic (minutes; not part of `make test`). Bundles trained by
 # the test fixtures are cached in .mutation-cache, warmed here outside mutmut's forking process.
 MUTATION_ENV := BIDDER_TEST_BUNDLE_CACHE=$(CURDIR)/.mutation-cache
-mutation: $(VENV)
+mutation: $(FULL)
 	rm -rf mutants
 	$(MUTATION_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_reload.py::test_reload_to_another_bundle_and_catalog
 	$(MUTATION_ENV) $(PY) -m mutmut run --max-children $(or $(MUTATION_JOBS),2) > mutants.log 2>&1 || (tail -c 3000 mutants.log; exit 1)
 	$(PY) tests/mutation_report.py
 
-bench: $(VENV)
+bench: $(FULL)
 	$(PY) -m pytest -q --benchmark
 
-bench-load: $(VENV) $(DEFAULT_MODEL)
+bench-load: $(FULL) $(DEFAULT_MODEL)
 	$(PY) -m bench load
 
-default-model: $(VENV)
+default-model: $(FULL)
 	$(PY) -m train default
 
 clean:

@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load [options]` and `python -m bench echo [options]`."""
+"""Command line: `python -m bench load|echo|baseline [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,8 @@ import signal
 import sys
 from pathlib import Path
 
-from bench.load import DEFAULT_BODY, DEFAULT_MODEL, DEFAULT_RESULTS, SERVERS, LoadConfig, run_load, summary
+from bench.load import (DEFAULT_BODY, DEFAULT_MODEL, DEFAULT_RESULTS, ECHO_LAYERS, SERVERS, LoadConfig, default_servers,
+                        run_load, summary)
 from bench.servers import BenchError
 
 QUICK_DURATION_S = 3.0
@@ -30,12 +31,24 @@ def server_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body", type=Path, default=DEFAULT_BODY, help="OpenRTB request to POST (default: %(default)s)")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bidder model bundle (default: %(default)s)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="model bundle of the bidder and the baseline (default: %(default)s)")
     parser.add_argument("--campaigns", type=Path, default=None,
-                        help="campaign catalog for the bidder (default: campaigns.json beside the bundle, if any)")
-    parser.add_argument("--route", default="/bid", help="POST path on both servers (default: %(default)s)")
+                        help="campaign catalog of the bidder and the baseline "
+                             "(default: campaigns.json beside the bundle, if any)")
+    parser.add_argument("--route", default="/bid", help="POST path on every server (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each measurement")
@@ -46,8 +59,17 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="add a scaling run with N workers per server at N x the largest concurrency")
     parser.add_argument("--max-batch", type=int, default=None, help="passed to the bidder")
-    parser.add_argument("--servers", type=server_list, default=SERVERS,
-                        help="which servers to run (default: echo,bidder)")
+    parser.add_argument("--servers", type=server_list, default=None,
+                        help=f"which servers to run, of {','.join(SERVERS)} (default: echo,bidder, plus fastapi "
+                             f"when fastapi, uvicorn, orjson and mmh3 are installed); bidder-nobatch, bidder-rows "
+                             f"and bidder-plain are the bidder with --no-batching, --no-factorized or both, to "
+                             f"measure each lever in the same run")
+    parser.add_argument("--echo-layer", choices=ECHO_LAYERS, default="app",
+                        help="the echo ceiling's aiohttp layer: 'app' (Application + router, the bidder's today) "
+                             "or 'server' (low-level web.Server, one handler) (default: %(default)s)")
+    parser.add_argument("--repeat", type=positive_int, default=1, metavar="N",
+                        help="run the whole alternating sequence N times and report medians (default: 1; "
+                             "the throughput target wants >= 3)")
     parser.add_argument("--server-cpus", default="0", help="taskset CPU list for the servers (default: %(default)s)")
     parser.add_argument("--client-cpus", default="1", help="taskset CPU list for wrk (default: %(default)s)")
     parser.add_argument("--no-pin", action="store_true", help="run servers and wrk without taskset")
@@ -68,7 +90,8 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         warmup_s=QUICK_WARMUP_S if args.quick else args.warmup,
         connections=args.connections, scaling_workers=args.workers, max_batch=args.max_batch,
         server_cpus=None if args.no_pin else args.server_cpus,
-        client_cpus=None if args.no_pin else args.client_cpus, servers=args.servers,
+        client_cpus=None if args.no_pin else args.client_cpus, servers=args.servers or default_servers(),
+        echo_layer=args.echo_layer, repeat=args.repeat,
         startup_timeout_s=args.startup_timeout, wrk_timeout_s=args.wrk_timeout,
         allow_no_bid=args.allow_no_bid, out_dir=args.out.resolve())
 
@@ -83,10 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     load = commands.add_parser("load", help="wrk load test of the bidder against the echo ceiling")
     add_load_arguments(load)
     commands.add_parser("echo", help="run the echo server alone (see python -m bench echo -h)", add_help=False)
+    commands.add_parser("baseline", help="run the FastAPI baseline alone (see python -m bench baseline -h)",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "echo":
         from bench.echo import main as echo_main
         return echo_main(rest)
+    if args.command == "baseline":
+        from bench.baseline import main as baseline_main
+        return baseline_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # SIGTERM's default action would skip the `finally` blocks that stop the servers and leave them

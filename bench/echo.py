@@ -4,7 +4,12 @@ It reads and decodes the request body exactly as the bid path's first stage does
 JSON, so the gap between it and the bidder under the same load is the cost of featurize + score +
 price + encode.  No access log, as on the bidder's hot path.
 
-    python -m bench.echo --host 127.0.0.1 --port 8081 [--workers N]
+Two HTTP layers, so the ceiling can match whichever the bidder serves on:
+  app     aiohttp's Application: router, middleware support, AppRunner (the bidder's layer today)
+  server  aiohttp's low-level `web.Server` with one plain handler function: no Application, no router,
+          no middleware; the path is matched by hand
+
+    python -m bench.echo --host 127.0.0.1 --port 8081 [--workers N] [--layer app|server]
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ import uvloop
 from aiohttp import web
 
 ROUTE = "/bid"
+LAYERS = ("app", "server")
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 _READY = _encode({"status": "ok"})
 
 
-async def echo(request: web.Request) -> web.Response:
+async def echo(request: web.BaseRequest) -> web.Response:
     try:
         decoded = _decode(await request.read())
     except msgspec.DecodeError as exc:
@@ -34,7 +40,7 @@ async def echo(request: web.Request) -> web.Response:
     return web.Response(body=_encode({"id": request_id, "echo": True}), content_type="application/json")
 
 
-async def ready(request: web.Request) -> web.Response:
+async def ready(request: web.BaseRequest) -> web.Response:
     return web.Response(body=_READY, content_type="application/json")
 
 
@@ -47,8 +53,31 @@ def make_app() -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, reuse_port: bool) -> None:
-    runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
+async def handle(request: web.BaseRequest) -> web.Response:
+    """The whole server on the low-level layer: the routes of `make_app`, matched without a router."""
+    path, method = request.path, request.method
+    if path == ROUTE or path.startswith(ROUTE + "/"):
+        if method == "POST":
+            return await echo(request)
+    elif path in ("/healthz", "/readyz"):
+        if method in ("GET", "HEAD"):
+            return await ready(request)
+    else:
+        return web.Response(status=404)
+    return web.Response(status=405)
+
+
+def make_runner(layer: str) -> web.BaseRunner:
+    """A runner for `layer`; call it inside the running loop (`web.Server` binds to it)."""
+    if layer == "app":
+        return web.AppRunner(make_app(), access_log=None, handle_signals=False)
+    if layer == "server":
+        return web.ServerRunner(web.Server(handle, access_log=None), handle_signals=False)
+    raise ValueError(f"unknown layer {layer!r}; choose from {', '.join(LAYERS)}")
+
+
+async def serve(host: str, port: int, reuse_port: bool, layer: str = "app") -> None:
+    runner = make_runner(layer)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -61,10 +90,10 @@ async def serve(host: str, port: int, reuse_port: bool) -> None:
         await runner.cleanup()
 
 
-def run_worker(host: str, port: int, reuse_port: bool, cpu: int | None) -> None:
+def run_worker(host: str, port: int, reuse_port: bool, cpu: int | None, layer: str = "app") -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    uvloop.run(serve(host, port, reuse_port))
+    uvloop.run(serve(host, port, reuse_port, layer))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,14 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--workers", type=int, default=1,
                         help="processes sharing the port through SO_REUSEPORT, worker i on allowed core i mod n")
+    parser.add_argument("--layer", choices=LAYERS, default="app",
+                        help="aiohttp layer: 'app' (Application + router, as the bidder) or 'server' "
+                             "(low-level web.Server, one handler function) (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.workers <= 1:
-        run_worker(args.host, args.port, reuse_port=False, cpu=None)
+        run_worker(args.host, args.port, reuse_port=False, cpu=None, layer=args.layer)
         return 0
     # Mirror the bidder's worker model so a scaling run compares like with like: one process per
     # worker, each on its own core out of those this process may use (taskset narrows them).
     cpus = sorted(os.sched_getaffinity(0))
-    workers = [multiprocessing.Process(target=run_worker, args=(args.host, args.port, True, cpus[i % len(cpus)]))
+    workers = [multiprocessing.Process(target=run_worker,
+                                       args=(args.host, args.port, True, cpus[i % len(cpus)], args.layer))
                for i in range(args.workers)]
     for worker in workers:
         worker.start()

@@ -1,13 +1,17 @@
 """`python -m bench load`: the bidder against the framework ceiling, under wrk, from one run.
 
-Both servers run on the same core (`taskset -c 0` by default) and wrk on another (`-c 1`), each
-scenario warmed up and then measured, echo and bidder alternating so that drift in a shared machine's
-load hits both alike.  Before anything is measured the bidder must answer 200 with a bid to the body:
-a 204 would mean the benchmark times the no-bid path.
+Every server runs on the same core (`taskset -c 0` by default) and wrk on another (`-c 1`), each
+scenario warmed up and then measured, the servers alternating so that drift in a shared machine's
+load hits all alike; `--repeat N` runs the whole alternating sequence N times.  The servers: `echo`
+(the framework ceiling), `bidder`, and `fastapi` (`bench.baseline`, the day-one implementation; run
+when selected, and by default when its packages are installed).  Before anything is measured the
+bidder and the baseline must answer 200 with a bid to the body: a 204 would mean the benchmark times
+the no-bid path.  Around each bidder measurement `/metrics` is scraped for the batch histograms.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,16 +25,34 @@ from pathlib import Path
 from bench import servers
 from bench.machine import machine_info, model_id
 from bench.plot import plot_latency
-from bench.report import Measurement, build_report, format_scaling, format_table, write_json
+from bench.report import (BATCH_COLUMNS, Measurement, build_report, format_medians, format_ratios, format_scaling,
+                          format_table, format_target, write_json)
+from bench.scrape import MetricsProbe, batch_delta
 from bench.servers import BenchError
 from bench.wrk_driver import run_wrk, wrk_path, wrk_version
+from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_BODY = SHARED / "openrtb" / "bid-request-2.5" / "simple-banner.json"
-DEFAULT_MODEL = REPO / "bidder" / "models" / "default"
+DEFAULT_BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
+DEFAULT_MODEL = DEFAULT_BUNDLE
 DEFAULT_RESULTS = REPO / "bench" / "results"
-SERVERS = ("echo", "bidder")
+#: The bidder with some of its levers switched off, to measure each lever alone in the same run.
+BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),
+                   "bidder-plain": ("--no-batching", "--no-factorized")}
+SERVERS = ("echo", "bidder", "fastapi", *(name for name in BIDDER_VARIANTS if name != "bidder"))
+BIDDING_SERVERS = (*BIDDER_VARIANTS, "fastapi")  # must answer the body with a bid before they are measured
+ECHO_LAYERS = ("app", "server")
+BASELINE_PACKAGES = ("fastapi", "uvicorn", "orjson", "mmh3")
+BASELINE_HINT = "pip install -e '.[bench]'"
+
+
+def missing_baseline_packages() -> list[str]:
+    return [name for name in BASELINE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def default_servers() -> tuple[str, ...]:
+    """echo and bidder, and the fastapi baseline when its packages are installed."""
+    return ("echo", "bidder", "fastapi") if not missing_baseline_packages() else ("echo", "bidder")
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,9 @@ class LoadConfig:
     max_batch: int | None = None
     server_cpus: str | None = "0"          # None: no pinning
     client_cpus: str | None = "1"
-    servers: tuple[str, ...] = SERVERS
+    servers: tuple[str, ...] = field(default_factory=default_servers)
+    echo_layer: str = "app"                # "app" (aiohttp Application, as the bidder) or "server" (web.Server)
+    repeat: int = 1                        # passes over the whole alternating sequence
     startup_timeout_s: float = 60.0
     wrk_timeout_s: float = 2.0
     allow_no_bid: bool = False
@@ -91,8 +115,15 @@ def check_prerequisites(config: LoadConfig) -> None:
     unknown = set(config.servers) - set(SERVERS)
     if unknown or not config.servers:
         raise BenchError(f"unknown server(s) {sorted(unknown)}; choose from {', '.join(SERVERS)}")
-    if "bidder" in config.servers and not config.model.is_dir():
+    if set(BIDDING_SERVERS) & set(config.servers) and not config.model.is_dir():
         raise BenchError(f"model bundle not found: {config.model} (pass --model BUNDLE)")
+    if "fastapi" in config.servers and missing_baseline_packages():
+        raise BenchError(f"the fastapi baseline needs {', '.join(missing_baseline_packages())}: {BASELINE_HINT} "
+                         f"(or leave fastapi out of --servers)")
+    if config.echo_layer not in ECHO_LAYERS:
+        raise BenchError(f"unknown echo layer {config.echo_layer!r}; choose from {', '.join(ECHO_LAYERS)}")
+    if config.repeat < 1:
+        raise BenchError("--repeat must be >= 1")
     if config.server_cpus is not None or config.client_cpus is not None:
         if shutil.which("taskset") is None:
             raise BenchError("taskset not found: apt-get install -y util-linux (or pass --no-pin)")
@@ -105,24 +136,26 @@ def check_prerequisites(config: LoadConfig) -> None:
 def server_command(name: str, config: LoadConfig, port: int, workers: int) -> list[str]:
     if name == "echo":
         return [sys.executable, "-m", "bench.echo", "--host", config.host, "--port", str(port),
-                "--workers", str(workers)]
-    command = [sys.executable, "-m", "bidder", "serve", "--model", str(config.model), "--host", config.host,
+                "--workers", str(workers), "--layer", config.echo_layer]
+    program = ["-m", "bench.baseline"] if name == "fastapi" else ["-m", "bidder", "serve", *BIDDER_VARIANTS[name]]
+    command = [sys.executable, *program, "--model", str(config.model), "--host", config.host,
                "--port", str(port), "--workers", str(workers)]
+    # Without --campaigns both fall back alike: campaigns.json beside the bundle, else the default catalog.
     if config.campaigns_file is not None:
         command += ["--campaigns", str(config.campaigns_file)]
-    if config.max_batch is not None:
+    if config.max_batch is not None and name in BIDDER_VARIANTS:
         command += ["--max-batch", str(config.max_batch)]
     return command
 
 
 def child_environment() -> None:
-    """Make `python -m bidder` / `-m bench.echo` resolve to this checkout even when it is not installed."""
+    """Make `python -m bidder` / `-m bench.echo` / `-m bench.baseline` resolve to this checkout, installed or not."""
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
 def preflight(name: str, url: str, body: bytes, allow_no_bid: bool) -> dict:
-    """POST the body once; the bidder must bid (200 with a seatbid), or the run measures the wrong path."""
+    """POST the body once; the bidder and the baseline must bid (200 with a seatbid), else the run times no-bids."""
     request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -132,48 +165,77 @@ def preflight(name: str, url: str, body: bytes, allow_no_bid: bool) -> dict:
     except (urllib.error.URLError, OSError) as exc:
         raise BenchError(f"{name}: POST {url} failed: {exc}") from None
     check = {"status": status, "response_bytes": len(payload)}
-    if status == 204 and name == "bidder":
+    if status == 204 and name in BIDDING_SERVERS:
         if not allow_no_bid:
-            raise BenchError(f"bidder answered 204 (no bid) to the request body, so the run would time the "
+            raise BenchError(f"{name} answered 204 (no bid) to the request body, so the run would time the "
                              f"no-bid path, not the bid path; use a body it bids on, or --allow-no-bid "
                              f"to measure it anyway ({url})")
         return check
     if status != 200:
         raise BenchError(f"{name}: POST {url} answered {status}, expected 200: {payload[:300]!r}")
-    if name == "bidder":
+    if name in BIDDING_SERVERS:
         try:
             seatbids = json.loads(payload).get("seatbid") or []
         except (ValueError, AttributeError):
-            raise BenchError(f"bidder answered 200 with a body that is not a JSON object: {payload[:300]!r}") from None
+            raise BenchError(f"{name} answered 200 with a body that is not a JSON object: {payload[:300]!r}") from None
         bids = [bid for seat in seatbids for bid in seat.get("bid", [])]
         if not bids and not allow_no_bid:
-            raise BenchError(f"bidder answered 200 without any bid: {payload[:300]!r}")
+            raise BenchError(f"{name} answered 200 without any bid: {payload[:300]!r}")
         check.update(bids=len(bids), prices=[bid.get("price") for bid in bids])
     return check
 
 
+def price_agreement(preflights: dict) -> str | None:
+    """A note when the baseline's preflight prices differ from the bidder's: then it does other work."""
+    notes = []
+    for key, check in preflights.items():
+        name, _, workers = key.partition("/")
+        bidder = preflights.get(f"bidder/{workers}")
+        if name != "fastapi" or bidder is None or "prices" not in check or "prices" not in bidder:
+            continue
+        if check["prices"] != bidder["prices"]:
+            notes.append(f"fastapi baseline priced the body {check['prices']} where the bidder priced it "
+                         f"{bidder['prices']} ({workers}): it is not doing the same work (or the hour changed "
+                         f"between the two preflights)")
+    return "; ".join(notes) or None
+
+
 def measure(name: str, url: str, config: LoadConfig, *, workers: int, connections: int, threads: int,
-            server_cpus: str | None, client_cpus: str | None) -> Measurement:
+            server_cpus: str | None, client_cpus: str | None, repetition: int = 1,
+            probe: MetricsProbe | None = None) -> Measurement:
+    """Warm up, then measure; with a probe, scrape /metrics just before and after the measured run."""
     common = dict(connections=connections, threads=threads, timeout_s=config.wrk_timeout_s, cpus=client_cpus)
     if config.warmup_s > 0:
         run_wrk(url, config.body, duration_s=config.warmup_s, **common)
+    before = probe.scrape() if probe is not None else None
     result = run_wrk(url, config.body, duration_s=config.duration_s, **common)
-    m = Measurement(name, workers, connections, threads, server_cpus, client_cpus, result)
+    batch = None
+    if before is not None:
+        after = probe.scrape(same_pid=before.pid)
+        batch = batch_delta(before, after) if after is not None else None
+    m = Measurement(name, workers, connections, threads, server_cpus, client_cpus, result, repetition, batch)
     trouble = f", {result.socket_errors} socket errors" if result.socket_errors else ""
     trouble += f", {result.non_2xx} non-2xx" if result.non_2xx else ""
-    print(f"  {name:6} workers={workers} c={connections:<3} {result.rps:10,.0f} rps  "
-          f"P50 {result.percentile_us(50) / 1000:.3f} ms  P99 {result.percentile_us(99) / 1000:.3f} ms{trouble}",
-          file=sys.stderr, flush=True)
+    per_call = "".join(f"  {label} {m.batch_mean(histogram):.2f}" for label, histogram in BATCH_COLUMNS
+                       if m.batch_mean(histogram) is not None)
+    run = f" run {repetition}/{config.repeat}" if config.repeat > 1 else ""
+    print(f"  {name:7} workers={workers} c={connections:<3}{run} {result.rps:10,.0f} rps  "
+          f"P50 {result.percentile_us(50) / 1000:.3f} ms  P99 {result.percentile_us(99) / 1000:.3f} ms"
+          f"{per_call}{trouble}", file=sys.stderr, flush=True)
     return m
 
 
 def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...], threads: int,
               server_cpus: str | None, client_cpus: str | None, preflights: dict) -> list[Measurement]:
-    """Start every server with `workers` workers, check them, and measure each concurrency level."""
+    """Start every server with `workers` workers, check them, and measure each concurrency level.
+
+    The servers take turns at each level; with `repeat` > 1 the whole sequence runs again, so every
+    (server, level) is measured `repeat` times, each time next to the others.
+    """
     body = config.body.read_bytes()
     measurements = []
     with contextlib.ExitStack() as stack:
-        urls, started = {}, {}
+        urls, started, probes = {}, {}, {}
         for name in config.servers:
             port = servers.free_port(config.host)
             base = f"http://{config.host}:{port}"
@@ -185,14 +247,19 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
                 startup_timeout_s=config.startup_timeout_s))
             urls[name] = base + config.route
             preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body, config.allow_no_bid)
-        for c in connections:
-            for name in config.servers:
-                measurements.append(measure(name, urls[name], config, workers=workers, connections=c,
-                                            threads=threads, server_cpus=server_cpus, client_cpus=client_cpus))
-                # A server that died under load leaves wrk counting connect errors, not a crash.
-                if started[name].process.poll() is not None:
-                    raise started[name].failure(f"exited with status {started[name].process.returncode} "
-                                                f"during the c={c} run")
+            if name in BIDDER_VARIANTS:
+                probes[name] = MetricsProbe(config.host, port)
+                stack.callback(probes[name].close)
+        for repetition in range(1, config.repeat + 1):
+            for c in connections:
+                for name in config.servers:
+                    measurements.append(measure(name, urls[name], config, workers=workers, connections=c,
+                                                threads=threads, server_cpus=server_cpus, client_cpus=client_cpus,
+                                                repetition=repetition, probe=probes.get(name)))
+                    # A server that died under load leaves wrk counting connect errors, not a crash.
+                    if started[name].process.poll() is not None:
+                        raise started[name].failure(f"exited with status {started[name].process.returncode} "
+                                                    f"during the c={c} run")
     return measurements
 
 
@@ -220,6 +287,9 @@ def run_load(config: LoadConfig) -> tuple[dict, Path, Path]:
     if load_before[0] > 0.5:
         notes.append(f"load average {load_before[0]:.2f} before the run: other work (or a recent run) was "
                      f"using the CPUs, so the figures are noisy")
+    if "fastapi" not in config.servers and missing_baseline_packages():
+        notes.append(f"fastapi baseline not run: {', '.join(missing_baseline_packages())} not installed "
+                     f"({BASELINE_HINT})")
     preflights: dict = {}
     measurements = run_phase(config, workers=1, connections=config.connections, threads=1,
                              server_cpus=config.server_cpus, client_cpus=config.client_cpus, preflights=preflights)
@@ -235,6 +305,10 @@ def run_load(config: LoadConfig) -> tuple[dict, Path, Path]:
         measurements += run_phase(config, workers=n, connections=(max(config.connections) * n,),
                                   threads=min(threads, n), server_cpus=server_cpus, client_cpus=client_cpus,
                                   preflights=preflights)
+    notes += filter(None, [price_agreement(preflights)])
+    if any(m.batch is not None and m.workers > 1 for m in measurements):
+        notes.append("batch figures of multi-worker runs are one worker's: each worker exports its own "
+                     "/metrics and the scrape's connection reaches one of them (worker_pid in the JSON)")
     machine = machine_info(REPO, wrk_version())
     machine["loadavg_before"] = list(load_before)
     machine["model_id"] = model_id(config.model)
@@ -242,7 +316,9 @@ def run_load(config: LoadConfig) -> tuple[dict, Path, Path]:
                           preflight=preflights, notes=notes)
     report["table"] = format_table(measurements)
     json_path = write_json(report, config.out_dir / f"load-{stamp}.json")
-    title = (f"{config.body.name}: bidder vs echo ceiling, {config.duration_s:g} s per point, {created}\n"
+    runs = f", each curve the median-rps run of {config.repeat}" if config.repeat > 1 else ""
+    title = (f"{config.body.name}: {' vs '.join(config.servers)} (echo layer {config.echo_layer}), "
+             f"{config.duration_s:g} s per point{runs}, {created}\n"
              f"{machine['cpu_model']}, {machine['nproc']} CPUs, Python {machine['python']}, {machine['wrk']}")
     png_path = plot_latency(measurements, config.out_dir / f"load-{stamp}.png", title)
     return report, json_path, png_path
@@ -250,6 +326,10 @@ def run_load(config: LoadConfig) -> tuple[dict, Path, Path]:
 
 def summary(report: dict, json_path: Path, png_path: Path) -> str:
     lines = [report["table"]]
+    if report["config"].get("repeat", 1) > 1:
+        lines += ["", f"medians over {report['config']['repeat']} repetitions:", format_medians(report["medians"])]
+    lines += ["", format_ratios(report["pair_ratios"])] if report["pair_ratios"] else []
+    lines += [format_target(report["target"])] if report["target"] else []
     lines += [format_scaling(report["scaling"])] if report["scaling"] else []
     lines += [f"note: {note}" for note in report["notes"]]
     lines += [f"results: {json_path}", f"plot:    {png_path}"]

@@ -8,7 +8,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-PACKAGES = ("aiohttp", "uvloop", "msgspec", "onnxruntime", "numpy", "bidder")
+PACKAGES = ("aiohttp", "uvloop", "msgspec", "onnxruntime", "numpy", "prometheus-client", "bidder",
+            "fastapi", "starlette", "uvicorn", "httptools", "orjson", "mmh3")  # the last six: the fastapi baseline
 
 
 def cpu_model() -> str:

@@ -1,4 +1,7 @@
-"""Latency-by-percentile plot of a load run: one panel per scenario, echo and bidder in each."""
+"""Latency-by-percentile plot of a load run: one panel per scenario, every server in each.
+
+With `--repeat N` each server's curve is its median-throughput repetition of that scenario.
+"""
 from __future__ import annotations
 
 import math
@@ -9,23 +12,39 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot's import
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.report import Measurement, paired  # noqa: E402
+from bench.report import SERVER_ORDER, Measurement  # noqa: E402
 
 # The x axis counts "nines" (-log10 of the fraction above the percentile), so the tail, where
 # the servers differ, gets as much room as the median.
 TICKS = (50, 90, 99, 99.9, 99.99, 99.999)
-STYLE = {"echo": dict(color="tab:gray", linestyle="--"), "bidder": dict(color="tab:blue")}
+STYLE = {"echo": dict(color="tab:gray", linestyle="--"), "bidder": dict(color="tab:blue"),
+         "fastapi": dict(color="tab:orange", linestyle=":")}
 
 
 def nines(percentile: float) -> float:
     return -math.log10(max(1.0 - percentile / 100.0, 1e-9))
 
 
+def representatives(measurements: list[Measurement]) -> list[list[Measurement]]:
+    """Per scenario (in the order first run), one run per server: its median-rps repetition."""
+    scenarios: dict[tuple[int, int], dict[str, list[Measurement]]] = {}
+    for m in measurements:
+        scenarios.setdefault(m.scenario, {}).setdefault(m.server, []).append(m)
+    rank = {name: i for i, name in enumerate(SERVER_ORDER)}
+    out = []
+    for by_server in scenarios.values():
+        chosen = []
+        for server in sorted(by_server, key=lambda name: rank.get(name, len(rank))):
+            runs = sorted(by_server[server], key=lambda m: m.result.rps)
+            chosen.append(runs[(len(runs) - 1) // 2])
+        out.append(chosen)
+    return out
+
+
 def plot_latency(measurements: list[Measurement], path: Path, title: str) -> Path:
-    pairs = paired(measurements)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
-    for ax, pair in zip(axes[0], pairs):
-        shown = [m for m in pair if m is not None]
+    panels = representatives(measurements)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, shown in zip(axes[0], panels):
         for m in shown:
             # P0 is the minimum: a cliff at the left edge that would squash the median's detail.
             points = [(nines(p), v / 1000) for p, v in m.result.percentiles_us if 0 < p < 100]

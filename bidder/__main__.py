@@ -1,7 +1,12 @@
-"""``python -m bidder serve``: run the bid server."""
+"""``python -m bidder serve`` (or the installed ``bidder serve``): run the bid server.
+
+Start-up problems (a bad option, an unreadable bundle or catalog, a busy port) end with one ``error: ...``
+line on stderr and exit status 2, before any worker starts.
+"""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from pathlib import Path
 
@@ -9,10 +14,31 @@ from bidder import DEFAULT_BUNDLE
 from bidder.server import DEFAULT_CAMPAIGNS, Config
 
 
+def parse_now(text: str) -> float:
+    """``--now``: an ISO 8601 time (UTC unless it carries an offset) or Unix seconds → Unix seconds."""
+    try:
+        return float(text) if text.replace(".", "", 1).isdigit() else _iso_seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-11-25T14:00:00Z or Unix seconds, "
+                                         f"got {text!r}") from None
+
+
+def _iso_seconds(text: str) -> float:
+    if text[-1:] in ("Z", "z"):  # fromisoformat reads "Z" only from Python 3.11
+        text = text[:-1] + "+00:00"
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bidder", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bidder",
+                                     description="Real-time CTR bidder: serve OpenRTB 2.5/2.6 bid requests over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve /bid, /predict, /metrics on HTTP")
+    serve = sub.add_parser("serve", help="serve /bid, /predict, /metrics on HTTP",
+                           description="Serve /bid, /bid/EXCHANGE, /predict, /healthz, /readyz, /metrics and "
+                                       "/admin/reload on HTTP. Start-up errors print one line and exit with status 2.")
     defaults = Config()
     serve.add_argument("--model", type=Path, default=defaults.model,
                        help="model bundle directory (default: the bundled model, %(default)s)")
@@ -28,7 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body", type=int, default=defaults.max_body, help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     serve.add_argument("--utc-offset", type=float, default=defaults.utc_offset_hours,
                        help="hours added to UTC to derive weekday/hour of a request")
+    serve.add_argument("--now", type=parse_now, default=None, metavar="TIME",
+                       help="fix the clock: every request is priced as if received at TIME (ISO 8601 such as "
+                            "2026-11-25T14:00:00Z, or Unix seconds), for reproducible examples and tests; "
+                            "--utc-offset still applies (default: the wall clock)")
     serve.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
+    serve.add_argument("--no-batching", action="store_true",
+                       help="score each request in its own ONNX Runtime call instead of one call for all requests "
+                            "ready in the same event-loop turn (for comparison)")
+    serve.add_argument("--no-factorized", action="store_true",
+                       help="score every row with model.onnx even when the bundle has factorized graphs "
+                            "(for comparison)")
     return parser
 
 
@@ -40,27 +76,38 @@ def main(argv: list[str] | None = None) -> int:
         if not campaigns.exists():
             campaigns = DEFAULT_CAMPAIGNS
     if args.workers < 1 or args.max_batch < 1 or args.max_body < 1:
-        print("error: --workers, --max-batch and --max-body must be positive", file=sys.stderr)
-        return 2
+        return _fail("--workers, --max-batch and --max-body must be positive")
+    if not 0 < args.port < 65536:
+        return _fail(f"--port must be between 1 and 65535, got {args.port}")
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
-                    pin=not args.no_pin)
-    # refuse a broken bundle or catalog here, with a message, before any worker starts
+                    now=args.now, pin=not args.no_pin, batching=not args.no_batching,
+                    factorized=not args.no_factorized)
+    # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.campaigns import CatalogError, load_catalog
     from bidder.scorer import BundleError, Scorer
+    from bidder.server import EXIT_STARTUP, StartupError, check_port, serve
 
     try:
         Scorer(config.model, max_batch=1)
         load_catalog(config.campaigns)
     except (BundleError, CatalogError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        hint = ""
         if config.model.resolve() == DEFAULT_BUNDLE.resolve() and not (DEFAULT_BUNDLE / "model.onnx").exists():
-            print("the default bundle has no model yet: build it with `make default-model` "
-                  "(python -m train default)", file=sys.stderr)
-        return 2
-    from bidder.server import serve
-
+            hint = " (the default bundle has no model yet: build it with `make default-model`)"
+        return _fail(f"{exc}{hint}", EXIT_STARTUP)
+    except OSError as exc:
+        return _fail(f"{exc.filename or config.model}: cannot read: {exc.strerror or exc}", EXIT_STARTUP)
+    try:
+        check_port(config.host, config.port, reuse_port=config.workers > 1)
+    except StartupError as exc:
+        return _fail(str(exc), EXIT_STARTUP)
     return serve(config)
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print("error: " + " ".join(message.split()), file=sys.stderr)  # one line, whatever a library put in it
+    return status
 
 
 if __name__ == "__main__":

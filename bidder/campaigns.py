@@ -5,31 +5,47 @@ The file is JSON::
     {"campaigns": [{"id": "c1458", "advertiser": 1458, "name": "...", "value_per_click": 1.2,  # USD
                     "enabled": true,
                     "targeting": {"sizes": [[300, 250]], "domains": ["..."], "exchanges": ["2"]},
+                    "deals": [{"dealid": "AB-Agency1-0001", "seat": "Agency1"}],
                     "creatives": [{"id": "...", "w": 300, "h": 250, "adomain": ["brand.example"],
                                    "nurl": "https://...price=${AUCTION_PRICE}", "markup": "<a ...>"}]}]}
 
-``name``, ``enabled`` (default true), ``targeting`` and each of its keys are optional; a creative needs
-a ``nurl`` or a ``markup`` (or both). Unknown keys are errors, so a misspelt option cannot pass silently.
+``name``, ``enabled`` (default true), ``targeting`` and each of its keys, and ``deals`` are optional; a
+creative needs a ``nurl`` or a ``markup`` (or both). Unknown keys are errors, so a misspelt option cannot
+pass silently. ``deals`` lists the private-marketplace deals the campaign may buy: the deal id an exchange
+sends in ``imp.pmp.deals[].id`` and, optionally, the buyer seat the deal was set up for (without one the
+bid goes in the bidder's own seat); ``bidder/deals.py`` matches them against a request.
 
 Each enabled creative becomes one *candidate*. Its ``layer`` dict holds the candidate-level raw
-fields (creative, advertiser and the creative's size); a scored row is the pair (layer, imp record),
-so no dict is built per row on the hot path.
+fields (``CANDIDATE_FIELDS``: creative, advertiser and the creative's size); a scored row is the pair
+(layer, imp record), so no dict is built per row on the hot path. Model fields read from these keys
+are the candidate side of factorized scoring (``bidder/factorized.py``); every other field is the imp's.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["AUCTION_PRICE_MACRO", "Candidate", "Catalog", "CatalogError", "load_catalog", "parse_catalog"]
+__all__ = ["AUCTION_PRICE_MACRO", "CANDIDATE_FIELDS", "CampaignDeal", "Candidate", "Catalog", "CatalogError",
+           "load_catalog",
+           "parse_catalog"]
 
 AUCTION_PRICE_MACRO = "${AUCTION_PRICE}"
+#: The raw record keys a candidate (not the imp) supplies, in the order of its ``layer`` dict.
+CANDIDATE_FIELDS = ("creative", "advertiser", "slotwidth", "slotheight")
 
 
 class CatalogError(ValueError):
     """A catalog file that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class CampaignDeal:
+    """A deal a campaign may buy: the exchange's deal id and the buyer seat it was set up for, if any."""
+    dealid: str
+    seat: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,8 @@ class Candidate:
     domains: frozenset[str] | None  # targeting; None = anywhere
     exchanges: frozenset[str] | None
     layer: dict[str, Any] = field(compare=False, repr=False)
+    deals: tuple[CampaignDeal, ...] = ()  # the campaign's deals
+    index: int = field(default=-1, compare=False, repr=False)  # position in its catalog (factorized scoring)
 
     def runs_on(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> bool:
         if self.domains is not None and domain not in self.domains:
@@ -59,7 +77,8 @@ class Catalog:
     """Enabled candidates indexed by creative size."""
 
     def __init__(self, candidates: Iterable[Candidate], source: str = "catalog"):
-        self.candidates = tuple(candidates)
+        # a candidate knows its position: factorized scoring addresses its precomputed part by it
+        self.candidates = tuple(c if c.index == i else replace(c, index=i) for i, c in enumerate(candidates))
         self.source = source
         by_size: dict[tuple[int, int], list[Candidate]] = {}
         for c in self.candidates:
@@ -88,7 +107,9 @@ class Catalog:
         return tuple(c for c in candidates if c.runs_on(domain, exchange, blocked))
 
 
-_CAMPAIGN_KEYS = frozenset({"id", "advertiser", "name", "value_per_click", "enabled", "targeting", "creatives"})
+_CAMPAIGN_KEYS = frozenset({"id", "advertiser", "name", "value_per_click", "enabled", "targeting", "deals",
+                            "creatives"})
+_DEAL_KEYS = frozenset({"dealid", "seat"})
 _TARGETING_KEYS = frozenset({"sizes", "domains", "exchanges"})
 _CREATIVE_KEYS = frozenset({"id", "w", "h", "adomain", "nurl", "markup"})
 
@@ -143,6 +164,7 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
         if sizes is not None and (not isinstance(sizes, list) or not all(_is_size(s) for s in sizes)):
             raise CatalogError(f"{where}.targeting.sizes: expected a list of [w, h] pairs")
         allowed_sizes = None if sizes is None else {tuple(s) for s in sizes}
+        deals = _deals(entry.get("deals"), f"{where}.deals")
         creatives = entry.get("creatives")
         if not isinstance(creatives, list) or not creatives:
             raise CatalogError(f"{where}.creatives: expected a non-empty list")
@@ -172,11 +194,11 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
                 markup = _text(markup, f"{cw}.markup")
             if not enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
                 continue
-            layer = {"creative": creative_id, "advertiser": advertiser, "slotwidth": w, "slotheight": h}
+            layer = dict(zip(CANDIDATE_FIELDS, (creative_id, advertiser, w, h)))
             candidates.append(Candidate(
                 campaign_id=campaign_id, advertiser=advertiser, creative_id=creative_id, w=w, h=h,
                 adomain=tuple(adomain), nurl=nurl, markup=markup, value_per_click=float(value),
-                domains=domains, exchanges=exchanges, layer=layer))
+                domains=domains, exchanges=exchanges, layer=layer, deals=deals, index=len(candidates)))
     return Catalog(candidates, origin)
 
 
@@ -185,6 +207,25 @@ def _known_keys(entry: dict, allowed: frozenset[str], where: str) -> None:
     unknown = set(entry) - allowed
     if unknown:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+
+
+def _deals(value: Any, where: str) -> tuple[CampaignDeal, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise CatalogError(f"{where}: expected a list of {{\"dealid\": ..., \"seat\": ...}} objects")
+    deals: dict[str, CampaignDeal] = {}
+    for k, deal in enumerate(value):
+        dw = f"{where}[{k}]"
+        if not isinstance(deal, dict):
+            raise CatalogError(f"{dw}: expected an object")
+        _known_keys(deal, _DEAL_KEYS, dw)
+        dealid = _text(deal.get("dealid"), f"{dw}.dealid")
+        if dealid in deals:
+            raise CatalogError(f"{dw}.dealid: duplicate deal {dealid!r}")
+        seat = deal.get("seat")
+        deals[dealid] = CampaignDeal(dealid, None if seat is None else _text(seat, f"{dw}.seat"))
+    return tuple(deals.values())
 
 
 def _text(value: Any, where: str) -> str:

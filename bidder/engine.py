@@ -1,22 +1,36 @@
 """The bid path without HTTP: body bytes in, status and body bytes out.
 
-decode → one record per imp → (candidate layer, imp record) rows → one scoring batch → price → encode.
+Stages, in the order a request meets them (one function each):
+
+    prepare   decode → the imp records → eligible candidates per imp (no-bid and 400 answers end here)
+    batch     ``bidder.batching.Batcher``: every request prepared in one loop turn joins one batch
+    score     the batch's rows in as few ORT calls as ``max_batch`` allows (``tmax`` checked first)
+    price     best candidate per imp at or above its floor (``bidder.pricing``)
+    encode    the BidResponse
+
+``bid(body)`` runs all of them for one request, synchronously; the server runs ``prepare`` in the
+request's handler and ``submit``s what has rows to score.
 """
 from __future__ import annotations
 
+import asyncio
+import re
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple, Sequence
 
 import msgspec
 
+from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
+from bidder.deals import DealOffer, deal_candidates, seat_bids
+from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (Bid, BidResponse, RequestError, SeatBid, decode_json, decode_request, encode_response,
-                            imp_fields, imp_sizes, request_fields)
+from bidder.openrtb import (Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict, decode_request,
+                            encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import best_per_imp
 from bidder.scorer import Scorer
 
-__all__ = ["BidEngine", "Outcome", "NO_BID_REASONS"]
+__all__ = ["BidEngine", "Outcome", "Pending", "NO_BID_REASONS"]
 
 
 class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen dataclass costs several times more
@@ -25,8 +39,32 @@ class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen datacl
     reason: str | None = None  # no-bid reason (204) or error kind (4xx)
 
 
-class _PredictRequest(msgspec.Struct):
-    records: list[dict[str, Any]]
+class Pending:
+    """A decoded bid request with rows to score.
+
+    ``groups`` holds (imp record, eligible candidates) per imp and size; the rows are their
+    concatenation, row ``r`` being ``candidates[r]`` for imp ``owners[r]``; ``offers`` maps a row to the
+    deal its candidate can bid through.
+    """
+
+    __slots__ = ("request", "received", "groups", "owners", "candidates", "floors", "offers", "imp_reason")
+
+    def __init__(self, request: BidRequest, received: float, groups: list[tuple[dict, Sequence[Candidate]]],
+                 owners: list[int], candidates: list[Candidate], floors: list[float],
+                 offers: dict[int, DealOffer], imp_reason: str | None):
+        self.request = request
+        self.received = received
+        self.groups = groups
+        self.owners = owners
+        self.candidates = candidates
+        self.floors = floors          # per imp of the request (USD CPM)
+        self.offers = offers
+        self.imp_reason = imp_reason  # first reason an imp of this request got no rows
+
+    @property
+    def rows(self) -> list[tuple[dict, dict]]:
+        """(candidate layer, imp record) pairs: the featurizer's overlay rows for the canonical graph."""
+        return [(c.layer, record) for record, eligible in self.groups for c in eligible]
 
 
 class _PredictResponse(msgspec.Struct):
@@ -34,8 +72,8 @@ class _PredictResponse(msgspec.Struct):
     model: str
 
 
-_predict_decoder = msgspec.json.Decoder(_PredictRequest)
 _NOTHING_BLOCKED: frozenset[str] = frozenset()
+_FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
 
@@ -44,30 +82,60 @@ def error_body(message: str, path: str = "$") -> bytes:
 
 
 class BidEngine:
-    """Scores and prices bid requests with one scorer and one catalog (swapped whole on reload)."""
+    """Scores and prices bid requests with one scorer and one catalog (swapped whole on reload).
 
-    def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0):
+    The engine owns its batcher: requests prepared against this catalog are scored by this scorer,
+    even if a reload installs a new engine while they wait for their turn.
+    """
+
+    def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
+                 now: float | None = None, factorized: FactorizedScorer | None = None):
         self.scorer = scorer
         self.catalog = catalog
+        # the bundle's factorized graphs, their candidate parts computed for this catalog; None: row scoring
+        self.factorized = factorized
+        if factorized is not None:
+            factorized.set_candidates([c.layer for c in catalog.candidates])
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
+        self.now = now  # Unix seconds every request is taken to arrive at (examples, tests); None: the wall clock
+        self.batcher = Batcher(self.score_batch)
 
+    # -- the whole path for one request ------------------------------------------------------------
     def bid(self, body: bytes, exchange: str | None = None, received: float | None = None) -> Outcome:
-        received = time.perf_counter() if received is None else received
+        prepared = self.prepare(body, exchange, time.perf_counter() if received is None else received)
+        if prepared.__class__ is Outcome:
+            return prepared
+        return self.bid_prepared(prepared)
+
+    def bid_prepared(self, pending: Pending) -> Outcome:
+        """Score and price one prepared request on its own (no batch)."""
+        outcome = self.score_batch([pending])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def submit(self, pending: Pending) -> asyncio.Future:
+        """Join this loop turn's batch; the future's result is the request's Outcome."""
+        return self.batcher.submit(pending)
+
+    # -- prepare -----------------------------------------------------------------------------------
+    def prepare(self, body: bytes, exchange: str | None, received: float) -> Outcome | Pending:
         try:
             request = decode_request(body)
         except RequestError as exc:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         if request.cur and "USD" not in request.cur:
             return self._no_bid("currency")
-        shared = request_fields(request, exchange, utc_offset_hours=self.utc_offset_hours)
+        shared = request_fields(request, exchange, now=self.now, utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog
-        rows: list[tuple[dict, dict]] = []
-        owners: list[int] = []     # row -> index of its imp
-        chosen: list[Candidate] = []  # row -> its candidate
+        groups: list[tuple[dict, tuple[Candidate, ...]]] = []
+        owners: list[int] = []
+        chosen: list[Candidate] = []
         floors: list[float] = []
+        offers: dict[int, DealOffer] = {}  # row -> the deal its candidate can bid through
         imp_reason: str | None = None
         for i, imp in enumerate(request.imp):
             floors.append(imp.bidfloor)
@@ -80,50 +148,170 @@ class BidEngine:
                                              else "no_eligible_creative")
                 continue
             record = None
+            unmatched = False  # eligible candidates, none of which can buy the private auction's deals
             for w, h in sizes:
                 eligible = catalog.eligible(w, h, domain, exchange, blocked)
+                if eligible and imp.pmp is not None:
+                    eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
+                    offers.update(imp_offers)
+                    unmatched = unmatched or not eligible
                 if not eligible:
                     continue
                 if record is None:
                     record = imp_fields(shared, imp)
-                rows.extend([(c.layer, record) for c in eligible])
+                groups.append((record, eligible))
                 owners.extend([i] * len(eligible))
                 chosen.extend(eligible)
             if record is None:
-                imp_reason = self._count_imp(imp_reason, "no_eligible_creative")
-        if not rows:
+                imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
+        if not groups:
             return self._no_bid(imp_reason or "no_eligible_creative")
-        if request.tmax and (time.perf_counter() - received) * 1000.0 >= request.tmax:
-            return self._no_bid("tmax")
-        scorer = self.scorer
-        ctr = scorer.score(rows) if len(rows) <= scorer.max_batch else scorer.predict(rows)
-        self.metrics.scored_rows.observe(len(rows))
-        best = best_per_imp(owners, chosen, ctr, floors)
+        return Pending(request, received, groups, owners, chosen, floors, offers, imp_reason)
+
+    # -- score (a batch of requests) -----------------------------------------------------------------
+    def score_batch(self, batch: Sequence[Pending]) -> list[Outcome | Exception]:
+        """One Outcome per request: the batch's rows scored in chunks of at most ``max_batch`` rows.
+
+        A request whose pricing raised gets the exception instead (the batcher raises it in that
+        request's handler only).
+
+        A request is never split across chunks; one with more rows than ``max_batch`` is scored alone,
+        in chunks of its own. ``tmax`` is checked here, just before scoring.
+        """
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        limit = self.scorer.max_batch
+        now = time.perf_counter()
+        chunk: list[int] = []
+        chunk_rows = 0
+        for k, pending in enumerate(batch):
+            tmax = pending.request.tmax
+            if tmax and (now - pending.received) * 1000.0 >= tmax:
+                outcomes[k] = self._no_bid("tmax")
+                continue
+            n = len(pending.candidates)
+            if n > limit:
+                outcomes[k] = self._score_alone(pending)
+                continue
+            if chunk_rows + n > limit:
+                self._score_chunk(batch, chunk, chunk_rows, outcomes)
+                chunk, chunk_rows = [], 0
+            chunk.append(k)
+            chunk_rows += n
+        if chunk:
+            self._score_chunk(batch, chunk, chunk_rows, outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _score_chunk(self, batch: Sequence[Pending], chunk: list[int], rows: int,
+                     outcomes: list[Outcome | None]) -> None:
+        try:
+            scores = self._score_rows([batch[k] for k in chunk], rows)
+        except ValueError:
+            for k in chunk:  # one request's bad row must not fail the others: score them one by one
+                outcomes[k] = self._score_alone(batch[k])
+            return
+        metrics = self.metrics
+        metrics.batch_rows.observe(rows)
+        metrics.batch_requests.observe(len(chunk))
+        if len(chunk) == 1:
+            outcomes[chunk[0]] = self.price(batch[chunk[0]], scores)
+            return
+        start = 0
+        for k in chunk:
+            pending = batch[k]
+            n = len(pending.candidates)
+            try:
+                outcomes[k] = self.price(pending, scores[start:start + n])
+            except Exception as exc:  # noqa: BLE001 - a bug met by one request fails that request only
+                outcomes[k] = exc
+            start += n
+
+    def _score_rows(self, pendings: Sequence[Pending], rows: int) -> list[float]:
+        """The ``rows`` rows of ``pendings`` as Python floats: one ORT call up to ``max_batch`` rows."""
+        factorized = self.factorized
+        if factorized is None:
+            if len(pendings) == 1:
+                all_rows = pendings[0].rows
+            else:
+                all_rows = []
+                for pending in pendings:
+                    all_rows.extend(pending.rows)
+            scorer = self.scorer
+            return (scorer.score(all_rows) if rows <= scorer.max_batch else scorer.predict(all_rows)).tolist()
+        # factorized: each imp record featurized once; a row only names its imp and its candidate
+        records: list[dict] = []
+        row_imp: list[int] = []
+        row_cand: list[int] = []
+        for pending in pendings:
+            for record, eligible in pending.groups:
+                if not records or records[-1] is not record:
+                    records.append(record)
+                row_imp.extend([len(records) - 1] * len(eligible))
+                row_cand.extend([c.index for c in eligible])
+        n_imps = len(records)
+        if n_imps > factorized.max_imps:  # more imps than the buffers hold: the canonical graph, in chunks
+            return self.scorer.predict([row for pending in pendings for row in pending.rows]).tolist()
+        self.scorer.featurizer.transform_into(factorized.imp_inputs, records)
+        limit = factorized.max_rows
+        if rows <= limit:
+            factorized.row_imp[:rows] = row_imp
+            factorized.row_cand[:rows] = row_cand
+            return factorized.run(n_imps, rows).tolist()
+        scores: list[float] = []
+        for start in range(0, rows, limit):
+            n = min(limit, rows - start)
+            factorized.row_imp[:n] = row_imp[start:start + n]
+            factorized.row_cand[:n] = row_cand[start:start + n]
+            scores.extend(factorized.run(n_imps, n).tolist())
+        return scores
+
+    def _score_alone(self, pending: Pending) -> Outcome:
+        rows = len(pending.candidates)
+        try:
+            scores = self._score_rows([pending], rows)
+        except ValueError as exc:
+            return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.batch_requests.observe(1)
+        return self.price(pending, scores)
+
+    # -- price and encode --------------------------------------------------------------------------
+    def price(self, pending: Pending, scores: Sequence[float]) -> Outcome:
+        """Best bid per imp from the request's row scores, encoded; or the no-bid."""
+        request = pending.request
+        metrics = self.metrics
+        metrics.scored_rows.observe(len(scores))
+        best = best_per_imp(pending.owners, pending.candidates, scores, pending.floors, pending.offers)
+        imp_reason = pending.imp_reason
         if len(best) < len(request.imp):
-            for i in set(owners).difference(best):
+            for i in set(pending.owners).difference(best):
                 imp_reason = self._count_imp(imp_reason, "below_floor")
         if not best:
             return self._no_bid(imp_reason or "below_floor")
         bids = []
-        for i, priced in sorted(best.items()):
-            imp, c = request.imp[i], priced.candidate
+        imps = request.imp
+        for i in sorted(best):
+            priced = best[i]
+            imp, c = imps[i], priced.candidate
             bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=priced.price, adid=c.creative_id,
-                            crid=c.creative_id, adomain=list(c.adomain), w=c.w, h=c.h, nurl=c.nurl,
-                            cid=c.campaign_id, adm=c.markup))
-        self.metrics.bids.inc(len(bids))
-        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=[SeatBid(bid=bids)])))
+                            crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
+                            cid=c.campaign_id, adm=c.markup, dealid=priced.deal.dealid if priced.deal else None))
+        metrics.bids.inc(len(bids))
+        seatbid = (seat_bids(bids, [best[i].deal for i in sorted(best)]) if pending.offers
+                   else [SeatBid(bid=bids)])
+        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid)))
 
+    # -- /predict ----------------------------------------------------------------------------------
     def predict(self, body: bytes) -> Outcome:
         try:
-            request = decode_json(_predict_decoder, body)
+            records = decode_predict(body)
         except RequestError as exc:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         try:
-            ctr = self.scorer.predict(request.records)
+            ctr = self.scorer.predict(records)
         except ValueError as exc:
             message = str(exc)
-            head = message.partition(":")[0]
-            path = f"$.records[{head[7:]}]" if head.startswith("record ") and head[7:].isdigit() else "$.records"
+            where = _FEATURIZER_ERROR.match(message)  # "record 3: field 'timestamp': ..."
+            path = "$.records" if where is None else f"$.records[{where[1]}]" + (f".{where[2]}" if where[2] else "")
             return Outcome(400, error_body(message, path), "bad_record")
         return Outcome(200, _encoder.encode(_PredictResponse(ctr=ctr.tolist(), model=self.scorer.model_id)))
 

@@ -1,18 +1,26 @@
-"""OpenRTB 2.5 / 2.6 at the edge: typed decoding, mapping to raw records, response encoding.
+"""OpenRTB 2.5 / 2.6 and ``/predict`` records at the edge: typed decoding, mapping to raw records, encoding.
 
-Only the fields the bidder reads are declared; everything else is ignored (as both versions
-require of bidders). Errors name the JSON path of the offending value (``$.imp[0].banner.w``).
+Only the OpenRTB fields the bidder reads are declared; everything else is ignored (as both versions
+require of bidders). ``/predict`` records are strict: the raw iPinYou columns and ``timestamp`` only.
+Errors name the cause (invalid JSON, a schema error, bytes that are not UTF-8) and the JSON path of the
+offending value (``$.imp[0].banner.w``, ``$.records[3].hour``). The structs are ``gc=False``: they hold
+strings, numbers and other structs, never a cycle, so the cyclic collector need not track the dozen
+objects every request decodes into.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Annotated, Any
 
 import msgspec
 
 __all__ = [
-    "BidRequest", "BidResponse", "Bid", "SeatBid", "RequestError", "USD_TO_CNY", "decode_json", "decode_request",
-    "encode_response", "imp_sizes", "request_fields", "imp_fields", "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
+    "BidRequest", "BidResponse", "Bid", "DEFAULT_SEAT", "Deal", "Imp", "Pmp", "SeatBid", "RequestError", "USD_TO_CNY",
+    "PredictRecord", "decode_json", "decode_predict", "decode_request", "encode_response", "imp_sizes",
+    "request_fields", "imp_fields",
+    "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
 ]
 
 #: iPinYou prices (``slotprice``) are CNY fen (0.01 yuan) per thousand impressions; OpenRTB floors are
@@ -26,23 +34,38 @@ MAX_SLOTPRICE_FEN = 10**12
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class Format(msgspec.Struct):
+class Format(msgspec.Struct, gc=False):
     w: int | None = None
     h: int | None = None
 
 
-class Banner(msgspec.Struct):
+class Banner(msgspec.Struct, gc=False):
     w: int | None = None
     h: int | None = None
     format: list[Format] | None = None
     pos: int | None = None
 
 
-class Present(msgspec.Struct):
+class Present(msgspec.Struct, gc=False):
     """An object whose presence matters, not its content (video, native, audio: we bid banners only)."""
 
 
-class Imp(msgspec.Struct):
+class Deal(msgspec.Struct, gc=False):
+    """One deal of a private marketplace (``imp.pmp.deals[]``)."""
+    id: NonEmpty
+    bidfloor: Annotated[float, msgspec.Meta(ge=0)] | None = None  # None: the imp's floor applies
+    bidfloorcur: str = "USD"
+    at: int | None = None              # 3: ``bidfloor`` is the agreed (fixed) deal price
+    wseat: list[str] | None = None     # buyer seats allowed to bid on the deal
+    wadomain: list[str] | None = None  # advertiser domains allowed on the deal
+
+
+class Pmp(msgspec.Struct, gc=False):
+    private_auction: int = 0  # 1: only bids for one of ``deals`` are allowed
+    deals: list[Deal] | None = None
+
+
+class Imp(msgspec.Struct, gc=False):
     id: NonEmpty
     banner: Banner | None = None
     video: Present | None = None
@@ -52,43 +75,44 @@ class Imp(msgspec.Struct):
     instl: int = 0
     bidfloor: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     bidfloorcur: str = "USD"
+    pmp: Pmp | None = None
 
 
-class Geo(msgspec.Struct):
+class Geo(msgspec.Struct, gc=False):
     region: str | None = None
     city: str | None = None
 
 
-class Device(msgspec.Struct):
+class Device(msgspec.Struct, gc=False):
     ua: str | None = None
     ip: str | None = None
     ipv6: str | None = None
     geo: Geo | None = None
 
 
-class Site(msgspec.Struct):
+class Site(msgspec.Struct, gc=False):
     domain: str | None = None
     page: str | None = None
 
 
-class App(msgspec.Struct):
+class App(msgspec.Struct, gc=False):
     bundle: str | None = None
     domain: str | None = None
 
 
-class Segment(msgspec.Struct):
+class Segment(msgspec.Struct, gc=False):
     id: str | None = None
 
 
-class Data(msgspec.Struct):
+class Data(msgspec.Struct, gc=False):
     segment: list[Segment] | None = None
 
 
-class User(msgspec.Struct):
+class User(msgspec.Struct, gc=False):
     data: list[Data] | None = None
 
 
-class BidRequest(msgspec.Struct):
+class BidRequest(msgspec.Struct, gc=False):
     id: NonEmpty
     imp: list[Imp]
     site: Site | None = None
@@ -101,7 +125,7 @@ class BidRequest(msgspec.Struct):
     test: int = 0
 
 
-class Bid(msgspec.Struct, omit_defaults=True):
+class Bid(msgspec.Struct, omit_defaults=True, gc=False):
     id: str
     impid: str
     price: float
@@ -113,14 +137,19 @@ class Bid(msgspec.Struct, omit_defaults=True):
     nurl: str | None = None
     cid: str | None = None
     adm: str | None = None
+    dealid: str | None = None
 
 
-class SeatBid(msgspec.Struct):
+#: the buyer seat of bids that name no other (a deal may be bought through a campaign's own seat)
+DEFAULT_SEAT = "bidder"
+
+
+class SeatBid(msgspec.Struct, gc=False):
     bid: list[Bid]
-    seat: str = "bidder"
+    seat: str = DEFAULT_SEAT
 
 
-class BidResponse(msgspec.Struct):
+class BidResponse(msgspec.Struct, gc=False):
     id: str
     seatbid: list[SeatBid]
     cur: str = "USD"
@@ -139,32 +168,171 @@ _decoder = msgspec.json.Decoder(BidRequest)
 _encoder = msgspec.json.Encoder()
 
 
+_AT = " - at `"
+_FIELD_IN_MESSAGE = re.compile(r"^Object (?:missing required|contains unknown) field `(.*)`$")
+
+
 def split_msgspec_error(exc: msgspec.MsgspecError) -> RequestError:
-    """msgspec says ``Expected `int`, got `str` - at `$.imp[0].banner.w```: split message and path."""
+    """msgspec says ``Expected `int`, got `str` - at `$.imp[0].banner.w```: split message and path.
+
+    A schema error (valid JSON of the wrong shape) keeps msgspec's message, its path extended by the
+    missing or unknown field's name; a syntax error is ``invalid JSON: ...`` at ``$``.
+    """
     text = str(exc)
-    message, sep, where = text.rpartition(" - at `")
+    message, sep, where = text.rpartition(_AT)
     if sep and where.endswith("`"):
-        return RequestError(message, where[:-1])
+        path = where[:-1]
+    else:
+        message, path = text, "$"
+    if isinstance(exc, msgspec.ValidationError):  # a subclass of DecodeError: test it first
+        field = _FIELD_IN_MESSAGE.match(message)
+        if field:
+            path = f"{path}.{field.group(1)}"
+        return RequestError(message, path)
     if isinstance(exc, msgspec.DecodeError):
         return RequestError(f"invalid JSON: {text}")
-    return RequestError(text)
+    return RequestError(text, path)
 
 
 def decode_json(decoder: msgspec.json.Decoder, body: bytes) -> Any:
-    """Typed decode; every way a body can be wrong becomes a RequestError naming the path."""
+    """Typed decode; every way a body can be wrong becomes a RequestError naming the cause and the path."""
     try:
         return decoder.decode(body)
-    except msgspec.MsgspecError as exc:
+    except msgspec.ValidationError as exc:
         raise split_msgspec_error(exc) from None
+    except msgspec.DecodeError as exc:  # a syntax error, unless bytes that are not UTF-8 came first
+        raise utf8_error(body) or split_msgspec_error(exc) from None
+    except UnicodeDecodeError:  # msgspec reports the offset within the string, not within the body
+        raise utf8_error(body) or RequestError("request body is not valid UTF-8") from None
+
+
+def utf8_error(body: bytes) -> RequestError | None:
+    """The first byte of ``body`` that is not UTF-8, by body offset and the JSON path of the string holding it."""
+    try:
+        body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RequestError(f"request body is not valid UTF-8 (byte {exc.start})") from None
+        offset = exc.start
+    else:
+        return None
+    path, in_key = _path_of_bad_string(body)
+    where = "" if path is None else f" in {'a key of the object' if in_key else 'the string'} at {path}"
+    return RequestError(f"request body is not valid UTF-8: byte 0x{body[offset]:02x} at offset {offset}{where}",
+                        path or "$")
+
+
+def _path_of_bad_string(body: bytes) -> tuple[str | None, bool]:
+    """Where the first undecodable byte sits: surrogateescape keeps such bytes as U+DC80..U+DCFF."""
+    try:
+        document = json.loads(body.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return None, False
+
+    def bad(text: str) -> bool:
+        return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+    def walk(node: Any, path: str) -> tuple[str, bool] | None:
+        if isinstance(node, str):
+            return (path, False) if bad(node) else None
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if bad(key):
+                    return path, True
+                found = walk(value, f"{path}.{key}")
+                if found:
+                    return found
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                found = walk(value, f"{path}[{i}]")
+                if found:
+                    return found
+        return None
+
+    found = walk(document, "$")
+    return found if found else (None, False)
 
 
 def decode_request(body: bytes) -> BidRequest:
     request = decode_json(_decoder, body)
     if not request.imp:
         raise RequestError("a bid request needs at least one imp", "$.imp")
+    if len(request.imp) > 1:  # bid ids and win notices are per imp id: two imps must not share one
+        seen: dict[str, int] = {}
+        for i, imp in enumerate(request.imp):
+            first = seen.setdefault(imp.id, i)
+            if first != i:
+                raise RequestError(f"duplicate imp id {imp.id!r} (also $.imp[{first}].id)", f"$.imp[{i}].id")
     return request
+
+
+# -- /predict ---------------------------------------------------------------------------------------------
+# What a record may hold: what an iPinYou log line gives (strings) and what a mapper builds (ints, lists);
+# null, an absent key and "" all mean missing. Anything else is refused with its path.
+_OR_EMPTY = "|)$"
+_Weekday = Annotated[int, msgspec.Meta(ge=0, le=6)] | Annotated[str, msgspec.Meta(pattern=r"^([0-6]" + _OR_EMPTY)]
+_Hour = (Annotated[int, msgspec.Meta(ge=0, le=23)]
+         | Annotated[str, msgspec.Meta(pattern=r"^([01]?[0-9]|2[0-3]" + _OR_EMPTY)])
+_Number = int | float | Annotated[str, msgspec.Meta(
+    pattern=r"^([+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?" + _OR_EMPTY)]
+# yyyyMMddHHmmss[SSS], Unix seconds (a fraction allowed) or Unix milliseconds
+_Timestamp = (Annotated[int, msgspec.Meta(ge=0)] | Annotated[float, msgspec.Meta(ge=0)]
+              | Annotated[str, msgspec.Meta(pattern=r"^([0-9]+(\.[0-9]*)?" + _OR_EMPTY)])
+_Id = int | str  # ids that logs write as digits and mappers as strings ("CA") or ints
+
+
+class PredictRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """One ``/predict`` record: the raw iPinYou columns (``bidder.spec.RAW_FIELDS``) and ``timestamp``.
+
+    ``timestamp`` gives weekday and hour when those are missing. Unknown keys are refused, so a misspelt
+    field cannot silently score as missing.
+    """
+    weekday: _Weekday | None = None
+    hour: _Hour | None = None
+    timestamp: _Timestamp | None = None
+    useragent: str | None = None
+    IP: str | None = None
+    region: _Id | None = None
+    city: _Id | None = None
+    adexchange: _Id | None = None
+    domain: str | None = None
+    url: str | None = None
+    urlid: str | None = None
+    slotid: _Id | None = None
+    slotwidth: _Id | None = None
+    slotheight: _Id | None = None
+    slotvisibility: _Id | None = None
+    slotformat: _Id | None = None
+    slotprice: _Number | None = None  # CNY fen CPM
+    creative: str | None = None
+    advertiser: _Id | None = None
+    usertag: list[_Id] | str | None = None  # a list, or the log's comma-separated string
+
+
+class _PredictRequest(msgspec.Struct, forbid_unknown_fields=True):
+    records: list[PredictRecord]
+
+
+_predict_decoder = msgspec.json.Decoder(_PredictRequest)
+# plain words for the constrained fields' errors (msgspec would quote the regular expression)
+_EXPECTED = {
+    "weekday": "expected a weekday 0-6 (Monday = 0), a number or a string of digits",
+    "hour": "expected an hour 0-23, a number or a string of digits",
+    "timestamp": "expected yyyyMMddHHmmss[SSS], Unix seconds or Unix milliseconds (a number or a string of digits)",
+    "slotprice": "expected a number (CNY fen CPM) or a string holding one",
+}
+
+
+def decode_predict(body: bytes) -> list[dict[str, Any]]:
+    """A ``/predict`` body's records as raw-record dicts (missing fields are None)."""
+    try:
+        request = decode_json(_predict_decoder, body)
+    except RequestError as exc:
+        field = exc.path.rpartition(".")[2]
+        if exc.path.startswith("$.records[") and field in _EXPECTED and exc.message.startswith("Expected"):
+            constrained = "matching regex" in exc.message or "=" in exc.message  # a pattern or a bound
+            message = _EXPECTED[field] if constrained else f"{_EXPECTED[field]}: {exc.message}"
+            raise RequestError(message, exc.path) from None
+        raise
+    return [msgspec.structs.asdict(record) for record in request.records]
 
 
 def encode_response(response: BidResponse) -> bytes:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from bidder._features import Featurizer
 from bidder.spec import FeatureSpec, SpecError, load_spec
 
-__all__ = ["BundleError", "Scorer", "pin_to_core", "session_options"]
+__all__ = ["BundleError", "Scorer", "pin_to_core", "read_meta", "session_options"]
 
 OUTPUT = "ctr"
 
@@ -49,7 +49,7 @@ def pin_to_core(core: int) -> int:
     return chosen
 
 
-def _read_meta(bundle: Path) -> dict[str, Any]:
+def read_meta(bundle: Path) -> dict[str, Any]:
     path = bundle / "meta.json"
     if not path.exists():
         return {}
@@ -76,7 +76,7 @@ class Scorer:
             self.spec: FeatureSpec = load_spec(self.bundle)
         except SpecError as exc:
             raise BundleError(str(exc)) from None
-        self.meta = _read_meta(self.bundle)
+        self.meta = read_meta(self.bundle)
         digest = self.meta.get("spec_digest")
         if digest is not None and digest != self.spec.digest:
             raise BundleError(f"{self.bundle}: spec.json does not match the spec the model was trained with "
@@ -116,6 +116,16 @@ class Scorer:
                               f"{ {name: o.type for name, o in outputs.items()} }")
         if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != 1):
             raise BundleError(f"{model}: output {OUTPUT!r} has shape {out.shape}, expected [batch, 1]")
+
+    def factorized_files(self) -> tuple[Path, ...]:
+        """The bundle's factorized graphs as meta.json lists them (``bidder.factorized``), () if it has none.
+
+        Only DeepFM bundles have them; ``FactorizedScorer.for_scorer(self)`` loads and checks them.
+        """
+        graphs = self.meta.get("graphs")
+        entry = graphs.get("factorized") if isinstance(graphs, dict) else None
+        files = entry.get("files") if isinstance(entry, dict) else None
+        return tuple(self.bundle / str(name) for name in files) if isinstance(files, list) else ()
 
     def _binding(self, rows: int) -> ort.IOBinding:
         """The binding for a batch of ``rows``: OrtValues over views of the shared buffers, made once.

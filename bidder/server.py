@@ -7,29 +7,46 @@ worker processes that share the port through SO_REUSEPORT.
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import ipaddress
 import logging
 import multiprocessing
 import os
 import signal
+import socket
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
+import numpy as np
 from aiohttp import web
 
 from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import CatalogError, load_catalog
 from bidder.engine import BidEngine, Outcome, error_body
+from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
+from bidder.openrtb import RequestError, decode_json
 from bidder.scorer import BundleError, Scorer, pin_to_core
 
-__all__ = ["Config", "ENGINE", "create_app", "serve"]
+__all__ = ["Config", "ENGINE", "EXIT_STARTUP", "StartupError", "check_port", "create_app", "serve"]
 
 log = logging.getLogger("bidder")
 
 DEFAULT_CAMPAIGNS = DEFAULT_BUNDLE / "campaigns.json"
+#: the route label of requests no route matched (404, 405): one label, whatever the path, bounds the series
+UNMATCHED_ROUTE = "unmatched"
+#: exit status of a server (or worker) that could not start: bad option, bundle, catalog or address
+EXIT_STARTUP = 2
+#: consecutive start-up failures of one worker after which the supervisor stops restarting it
+MAX_STARTUP_FAILURES = 3
+
+
+class StartupError(Exception):
+    """A worker could not start serving; the message is one line naming the cause."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +59,11 @@ class Config:
     max_batch: int = 256
     max_body: int = 64 * 1024
     utc_offset_hours: float = 0.0
+    now: float | None = None  # a fixed receive time (Unix seconds) for weekday/hour; None: the wall clock
     shutdown_timeout: float = 30.0
     pin: bool = True
+    batching: bool = True    # score the requests of one loop turn together (off: each on its own, to compare)
+    factorized: bool = True  # use the bundle's factorized graphs when it has them (off: model.onnx per row)
 
 
 class State:
@@ -65,16 +85,31 @@ class State:
         """
         scorer = Scorer(model, max_batch=self.config.max_batch)
         catalog = load_catalog(campaigns)
-        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours)
+        factorized = None
+        if self.config.factorized and scorer.factorized_files():
+            # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
+            factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
+        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
-        for rows in sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)}):
+        per_size = sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)})
+        for rows in per_size:
             scorer.score(layers[:min(rows, len(layers))])
+        if factorized is not None and len(catalog):
+            # the shapes of batches of one-imp requests of one size: n imps x k candidates
+            for k in per_size:
+                for n in range(1, min(32, scorer.max_batch // max(k, 1)) + 1):
+                    factorized.row_imp[:n * k] = np.repeat(np.arange(n), k)
+                    factorized.row_cand[:n * k] = 0
+                    factorized.run(n, n * k)
         return engine
 
     def install(self, engine: BidEngine, model: Path, campaigns: Path) -> None:
         self.engine = engine
         self.config = replace(self.config, model=model, campaigns=campaigns)
         self.metrics.set_model(engine.scorer.model_id, str(engine.scorer.meta.get("architecture", "unknown")))
+        # what is loaded now lives as long as the engine: keep the cyclic collector from re-scanning it
+        # on every collection of the bid path's short-lived objects
+        gc.freeze()
 
 
 STATE = web.AppKey("state", State)
@@ -106,13 +141,53 @@ async def _read_body(request: web.Request, state: State) -> bytes | Outcome:
         return Outcome(413, error_body(f"request body over {limit} bytes"), "too_large")
 
 
+def _internal_error(state: State, request: web.Request) -> web.Response:
+    log.exception("internal error on %s %s", request.method, request.path)
+    state.metrics.errors.labels("internal").inc()
+    return _json(500, error_body("internal error"))
+
+
+def guarded(handler):
+    """Counts requests in flight (for draining); a bug still answers JSON and the worker serves on.
+
+    A wrapper per handler instead of an aiohttp middleware: a middleware costs every request a
+    cached-chain lookup, a partial and two more coroutine frames. ``/bid`` inlines the same guard.
+    """
+    @functools.wraps(handler)
+    async def guard(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        state.in_flight += 1
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            return _internal_error(state, request)
+        finally:
+            state.in_flight -= 1
+
+    return guard
+
+
 async def _bid(request: web.Request, exchange: str | None) -> web.Response:
     started = time.perf_counter()
     state = request.app[STATE]
-    body = await _read_body(request, state)
-    if isinstance(body, Outcome):
-        return _respond(state, "/bid", body, started)
-    return _respond(state, "/bid", state.engine.bid(body, exchange, started), started)
+    state.in_flight += 1
+    try:
+        body = await _read_body(request, state)
+        if body.__class__ is not bytes:
+            return _respond(state, "/bid", body, started)
+        engine = state.engine
+        outcome = engine.prepare(body, exchange, started)
+        if outcome.__class__ is not Outcome:  # rows to score: join this loop turn's batch
+            outcome = await engine.submit(outcome) if state.config.batching else engine.bid_prepared(outcome)
+        return _respond(state, "/bid", outcome, started)
+    except web.HTTPException:
+        raise
+    except Exception:
+        return _internal_error(state, request)
+    finally:
+        state.in_flight -= 1
 
 
 async def bid(request: web.Request) -> web.Response:
@@ -123,6 +198,7 @@ async def bid_on_exchange(request: web.Request) -> web.Response:
     return await _bid(request, request.match_info["exchange"])
 
 
+@guarded
 async def predict(request: web.Request) -> web.Response:
     started = time.perf_counter()
     state = request.app[STATE]
@@ -132,10 +208,12 @@ async def predict(request: web.Request) -> web.Response:
     return _respond(state, "/predict", state.engine.predict(body), started)
 
 
+@guarded
 async def healthz(request: web.Request) -> web.Response:
     return _json(200, b'{"status":"ok"}')
 
 
+@guarded
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.engine is None or state.draining:
@@ -143,14 +221,19 @@ async def readyz(request: web.Request) -> web.Response:
     return _json(200, msgspec.json.encode({"ready": True, "model": state.engine.scorer.model_id}))
 
 
+@guarded
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[STATE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-class _ReloadRequest(msgspec.Struct):
+class _ReloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Relative paths are read from the server's working directory."""
     model: str | None = None
     campaigns: str | None = None
+
+
+_reload_decoder = msgspec.json.Decoder(_ReloadRequest)
 
 
 async def reload(state: State, model: Path | None = None, campaigns: Path | None = None) -> tuple[bool, str]:
@@ -175,6 +258,7 @@ async def reload(state: State, model: Path | None = None, campaigns: Path | None
         return True, engine.scorer.model_id
 
 
+@guarded
 async def admin_reload(request: web.Request) -> web.Response:
     started = time.perf_counter()
     state = request.app[STATE]
@@ -189,10 +273,10 @@ async def admin_reload(request: web.Request) -> web.Response:
     if isinstance(body, Outcome):
         return _respond(state, "/admin/reload", body, started)
     try:
-        options = msgspec.json.decode(body or b"{}", type=_ReloadRequest)
-    except msgspec.MsgspecError as exc:
-        return _respond(state, "/admin/reload", Outcome(400, error_body(f"invalid reload request: {exc}"),
-                                                       "bad_request"), started)
+        options = decode_json(_reload_decoder, body or b"{}")
+    except RequestError as exc:
+        return _respond(state, "/admin/reload", Outcome(400, error_body(f"invalid reload request: {exc.message}",
+                                                                        exc.path), "bad_request"), started)
     ok, detail = await reload(state, options.model and Path(options.model),
                               options.campaigns and Path(options.campaigns))
     outcome = (Outcome(200, msgspec.json.encode({"model": detail})) if ok
@@ -200,26 +284,33 @@ async def admin_reload(request: web.Request) -> web.Response:
     return _respond(state, "/admin/reload", outcome, started)
 
 
-@web.middleware
-async def last_resort(request: web.Request, handler) -> web.StreamResponse:
-    """Counts requests in flight (for draining); a bug still answers JSON and the worker serves on."""
+async def no_route(request: web.Request) -> web.Response:
+    """404 and 405 answer JSON like every other error and are counted (under one route label: unmatched).
+
+    A catch-all route, registered last, instead of a middleware: a middleware would cost every bid
+    request a cached-chain lookup, a partial and two coroutine frames to serve the rare miss.
+    """
     state = request.app[STATE]
-    state.in_flight += 1
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
-        state.metrics.errors.labels("internal").inc()
-        return _json(500, error_body("internal error"))
-    finally:
-        state.in_flight -= 1
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+    status = 405 if allowed else 404
+    kind = "not_found" if status == 404 else "method_not_allowed"
+    state.metrics.errors.labels(kind).inc()
+    state.metrics.response(UNMATCHED_ROUTE, status).inc()
+    message = (f"no route {request.path}" if status == 404
+               else f"{request.method} is not allowed on {request.path} (allowed: {', '.join(sorted(allowed))})")
+    headers = {"Allow": ",".join(sorted(allowed))} if allowed else None
+    return web.Response(status=status, body=msgspec.json.encode({"error": message}),
+                        content_type="application/json", headers=headers)
 
 
 def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     # aiohttp enforces client_max_size while reading; one byte more so _read_body answers 413 itself
-    app = web.Application(client_max_size=config.max_body + 1, middlewares=[last_resort])
+    app = web.Application(client_max_size=config.max_body + 1)
     metrics_ = Metrics(worker)
     state = State(config, metrics_)
     app[STATE] = state
@@ -237,16 +328,54 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", admin_reload)
+    app.router.add_route("*", "/{path:.*}", no_route)  # last: only what no route above takes
     return app
 
 
 # -- processes ------------------------------------------------------------------------------------
-async def _run_worker(config: Config, worker: int) -> None:
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        reason = exc.strerror or str(exc)
+    else:  # asyncio wraps the errno in a sentence that repeats the address
+        reason = os.strerror(exc.errno)
+    return f"cannot listen on {host}:{port}: {reason}"
+
+
+def check_port(host: str, port: int, reuse_port: bool = False) -> None:
+    """Bind (and release) ``host:port`` as the server will, so a busy or bad address fails before any start-up.
+
+    Raises StartupError. The options are asyncio's (SO_REUSEADDR, IPv6-only for IPv6) plus SO_REUSEPORT when
+    workers share the port, so the probe fails exactly when the server's own bind would.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise StartupError(listen_error(host, port, exc)) from None
+
+
+async def _run_worker(config: Config, worker: int, ready=None) -> None:
     app = create_app(config, worker)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout)
-    await runner.setup()
+    try:
+        await runner.setup()  # loads the bundle and the catalog
+    except (BundleError, CatalogError, OSError) as exc:
+        raise StartupError(f"cannot load the model or the catalog: {exc}") from None
     site = web.TCPSite(runner, config.host, config.port, reuse_port=config.workers > 1, backlog=4096)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(listen_error(config.host, config.port, exc)) from None
+    if ready is not None:
+        ready.set()
     state = app[STATE]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -272,7 +401,11 @@ async def _run_worker(config: Config, worker: int) -> None:
     await runner.cleanup()
 
 
-def run_worker(config: Config, worker: int) -> None:
+def run_worker(config: Config, worker: int, ready=None) -> int:
+    """Serve until SIGTERM/SIGINT; 0, or EXIT_STARTUP after printing one line when it cannot start.
+
+    ``ready`` (an event) is set once the worker listens: the supervisor tells start-up failures by it.
+    """
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{worker} %(levelname)s %(message)s")
     if config.pin:
         core = pin_to_core(worker)
@@ -280,33 +413,52 @@ def run_worker(config: Config, worker: int) -> None:
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency on every platform that has it
-        asyncio.run(_run_worker(config, worker))
+        run = asyncio.run
     else:
-        uvloop.run(_run_worker(config, worker))
+        run = uvloop.run
+    try:
+        run(_run_worker(config, worker, ready))
+    except StartupError as exc:
+        who = f"worker {worker}: " if config.workers > 1 else ""
+        print(f"error: {who}" + " ".join(str(exc).split()), file=sys.stderr, flush=True)  # one line
+        return EXIT_STARTUP
+    return 0
+
+
+def _worker_process(config: Config, worker: int, ready) -> None:
+    sys.exit(run_worker(config, worker, ready))
 
 
 def serve(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     if config.workers <= 1:
-        run_worker(config, 0)
-        return 0
+        return run_worker(config, 0)
     return _Supervisor(config).run()
 
 
 class _Supervisor:
-    """Starts N workers, restarts any that dies, forwards SIGTERM/SIGINT/SIGHUP to all."""
+    """Starts N workers, restarts any that dies, forwards SIGTERM/SIGINT/SIGHUP to all.
+
+    A worker that dies before it listens failed at start-up; after MAX_STARTUP_FAILURES such failures in a
+    row the supervisor stops every worker and exits with EXIT_STARTUP instead of restarting it forever.
+    """
 
     def __init__(self, config: Config):
         self.config = config
         self.context = multiprocessing.get_context("spawn")
         self.workers: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.ready: dict[int, object] = {}
         self.started: dict[int, float] = {}
+        self.startup_failures: dict[int, int] = {}
         self.stopping = False
 
     def _start(self, index: int) -> None:
-        process = self.context.Process(target=run_worker, args=(self.config, index), name=f"bidder-worker-{index}")
+        ready = self.context.Event()
+        process = self.context.Process(target=_worker_process, args=(self.config, index, ready),
+                                       name=f"bidder-worker-{index}")
         process.start()
         self.workers[index] = process
+        self.ready[index] = ready
         self.started[index] = time.monotonic()
 
     def _forward(self, signum: int) -> None:
@@ -327,12 +479,25 @@ class _Supervisor:
         for index in range(self.config.workers):
             self._start(index)
         log.info("supervising %d workers on http://%s:%d", self.config.workers, self.config.host, self.config.port)
+        status = 0
         while not self.stopping:
             time.sleep(0.2)
             for index, process in list(self.workers.items()):
                 if process.is_alive() or self.stopping:
                     continue
-                log.warning("worker %d exited with %s; restarting", index, process.exitcode)
+                if self.ready[index].is_set():
+                    self.startup_failures[index] = 0
+                    log.warning("worker %d exited with %s; restarting", index, process.exitcode)
+                else:
+                    failures = self.startup_failures[index] = self.startup_failures.get(index, 0) + 1
+                    if failures >= MAX_STARTUP_FAILURES:
+                        log.error("worker %d failed at start-up %d times in a row (exit status %s); giving up",
+                                  index, failures, process.exitcode)
+                        self.stopping = True
+                        self._forward(signal.SIGTERM)
+                        status = EXIT_STARTUP
+                        break
+                    log.warning("worker %d failed at start-up (exit status %s); retrying", index, process.exitcode)
                 if time.monotonic() - self.started[index] < 2.0:
                     time.sleep(1.0)  # a worker that dies at start-up would otherwise spin
                 self._start(index)
@@ -341,4 +506,4 @@ class _Supervisor:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
-        return 0
+        return status

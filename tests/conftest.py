@@ -8,11 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# shared/ lies beside the checkout; the nearest one above this file, so a copy of tests/ one level deeper
-# (mutmut runs the suite from mutants/) finds it too
-SHARED = next((p / "shared" for p in Path(__file__).resolve().parents[1:] if (p / "shared" / "openrtb").is_dir()),
-              Path(__file__).resolve().parents[2] / "shared")
-OPENRTB_DIR = SHARED / "openrtb"
+from bidder import OPENRTB_EXAMPLES
 
 
 def pytest_addoption(parser):
@@ -44,9 +40,9 @@ def pytest_collection_modifyitems(config, items):
 def openrtb_examples() -> dict[str, bytes]:
     """The IAB example bid requests, keyed by 'version/filename'."""
     out = {}
-    for path in sorted(OPENRTB_DIR.glob("*/*.json")):
+    for path in sorted(OPENRTB_EXAMPLES.glob("*/*.json")):
         out[f"{path.parent.name}/{path.name}"] = path.read_bytes()
-    assert out, f"no OpenRTB examples under {OPENRTB_DIR}"
+    assert out, f"no OpenRTB examples under {OPENRTB_EXAMPLES}"
     return out
 
 

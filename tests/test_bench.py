@@ -1,6 +1,7 @@
 """The load benchmark's parts that need no wrk: parsing, report arithmetic, echo app, process handling."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import http.server
 import json
@@ -8,21 +9,26 @@ import shutil
 import socket
 import sys
 import threading
-from pathlib import Path
 
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
-from bench import servers
+from bench import load, servers
+from bench.__main__ import add_load_arguments, load_config
 from bench.__main__ import main as bench_main
+from bench.echo import handle as echo_handle
 from bench.echo import make_app
-from bench.load import parse_cpus, preflight, scaling_cpus
-from bench.report import Measurement, build_report, comparisons, format_table, ratios, scaling
+from bench.load import LoadConfig, parse_cpus, preflight, price_agreement, scaling_cpus, summary
+from bench.report import (Measurement, build_report, comparisons, format_table, format_target, groups, medians,
+                          pair_ratios, ratios, scaling, target_check)
+from bench.scrape import MetricsProbe, batch_delta, parse_metrics
 from bench.servers import BenchError
 from bench.wrk_driver import INSTALL_HINT, MARKER, SCRIPT, WrkResult, parse_output, wrk_path
+from bidder import OPENRTB_EXAMPLES
 from processes import reserve_port
 
-BODY = (Path(__file__).resolve().parents[2] / "shared" / "openrtb" / "bid-request-2.5" / "simple-banner.json")
+BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
 
 WRK_STDOUT = """Running 3s test @ http://127.0.0.1:8080/bid
   1 threads and 32 connections
@@ -258,3 +264,268 @@ def test_listening_sockets_counts_a_listener():
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         assert servers.listening_sockets(sock.getsockname()[1]) == 1
+
+
+# --- repetitions, medians, pair ratios, the target -----------------------------------------------------
+
+def run(server: str, connections: int, rps: float, p50_us: float, repetition: int = 1, workers: int = 1,
+        batch: dict | None = None) -> Measurement:
+    return Measurement(server, workers, connections, 1, "0", "1", wrk_result(rps, p50_us), repetition, batch)
+
+
+def repeated_runs() -> list[Measurement]:
+    """Three passes over c=1 and c=32, in the order run_phase measures them (pass by pass)."""
+    echo32, bidder32 = (10000, 20000, 12000), (6000, 6000, 9000)
+    runs = []
+    for i in range(3):
+        runs += [run("echo", 1, 8000, 100, i + 1), run("bidder", 1, 4000, 250 + 10 * i, i + 1),
+                 run("echo", 32, echo32[i], 2000, i + 1), run("bidder", 32, bidder32[i], 1000 * (i + 1), i + 1)]
+    return runs
+
+
+def test_groups_order_by_scenario_then_repetition():
+    got = [(g["echo"].connections, g["echo"].repetition) for g in groups(repeated_runs())]
+    assert got == [(1, 1), (1, 2), (1, 3), (32, 1), (32, 2), (32, 3)]
+
+
+def test_medians_per_server_and_scenario():
+    entries = {(m["server"], m["connections"]): m for m in medians(repeated_runs())}
+    assert entries[("echo", 32)]["rps"] == pytest.approx(12000) and entries[("echo", 32)]["runs"] == 3
+    assert entries[("bidder", 32)]["rps"] == pytest.approx(6000)
+    assert entries[("bidder", 1)]["latency_ms"]["p50"] == pytest.approx(0.26)
+    assert entries[("bidder", 32)]["latency_ms"]["p99"] == pytest.approx(6.0)   # P99 = 3 x P50 of 1, 2, 3 ms
+
+
+def test_pair_ratio_is_the_median_of_each_pairs_ratio_not_the_ratio_of_medians():
+    [c32] = [r for r in pair_ratios(repeated_runs()) if r["connections"] == 32 and r["ratio"] == "bidder/echo"]
+    assert c32["pairs"] == 3
+    assert c32["rps"] == pytest.approx([0.6, 0.3, 0.75])
+    assert c32["median_rps"] == pytest.approx(0.6)          # the ratio of the medians would be 6000/12000 = 0.5
+
+
+def test_target_needs_three_pairs_and_reports_each_criterion():
+    runs = repeated_runs()
+    report = build_report(runs, created="t", machine={}, config={"repeat": 3}, preflight={}, notes=[])
+    target = {t["criterion"].split(" ")[0] + " " + t["criterion"].split(" ")[1]: t for t in report["target"]}
+    assert target["c=32 bidder/echo"]["met"] and target["c=32 bidder/echo"]["value"] == pytest.approx(0.6)
+    assert not target["c=32 bidder"]["met"]                  # median P99 6 ms
+    assert target["c=1 bidder"]["met"]                       # median P50 0.26 ms
+    two_passes = [m for m in runs if m.repetition < 3]
+    [ratio] = [t for t in target_check(medians(two_passes), pair_ratios(two_passes)) if t["unit"] == "x"]
+    assert ratio["pairs"] == 2 and not ratio["met"]
+    assert "use --repeat 3" in format_target([ratio])
+
+
+def test_table_with_repetitions_shows_the_run_and_summary_prints_medians_and_ratios(tmp_path):
+    runs = repeated_runs()
+    lines = format_table(runs).splitlines()
+    assert lines[0].split()[:5] == ["server", "workers", "conns", "run", "rps"]
+    assert [line.split()[:4] for line in lines[2:5]] == [["echo", "1", "1", "1"], ["bidder", "1", "1", "1"],
+                                                          ["bidder/echo", "0.50x", "2.50x", "2.50x"]]
+    report = build_report(runs, created="t", machine={}, config={"repeat": 3}, preflight={}, notes=[])
+    report["table"] = format_table(runs)
+    text = summary(report, tmp_path / "r.json", tmp_path / "r.png")
+    assert "medians over 3 repetitions:" in text
+    assert "bidder/echo rps, 1 worker, c=32: 0.60x (median of 3 pairs: 0.60x 0.30x 0.75x)" in text
+    assert "bidder/echo rps, 1 worker, c=1: 0.50x" in text
+    assert json.loads(json.dumps(report))["runs"][0]["repetition"] == 1
+
+
+def test_single_pass_summary_prints_the_ratio_per_connection_level(tmp_path):
+    runs = [run("echo", 1, 9000, 100), run("bidder", 1, 3000, 300), run("echo", 32, 14000, 2000),
+            run("bidder", 32, 7000, 4000)]
+    report = build_report(runs, created="t", machine={}, config={"repeat": 1}, preflight={}, notes=[])
+    report["table"] = format_table(runs)
+    text = summary(report, tmp_path / "r.json", tmp_path / "r.png")
+    assert "medians" not in text and " run " not in text.splitlines()[0]
+    assert "bidder/echo rps, 1 worker, c=1: 0.33x" in text and "bidder/echo rps, 1 worker, c=32: 0.50x" in text
+
+
+def test_fastapi_baseline_gets_rows_and_ratios():
+    runs = [run("echo", 32, 20000, 1000), run("bidder", 32, 8000, 3000), run("fastapi", 32, 2000, 12000)]
+    body = [line.split() for line in format_table(runs).splitlines()[2:]]
+    assert [row[0] for row in body] == ["echo", "bidder", "fastapi", "bidder/echo", "bidder/fastapi"]
+    assert body[3][1] == "0.40x" and body[4][1] == "4.00x"
+    [entry] = comparisons(runs)
+    assert entry["bidder_over_echo"]["rps"] == pytest.approx(0.4)
+    assert entry["bidder_over_fastapi"]["rps"] == pytest.approx(4.0)
+    assert entry["fastapi_over_echo"]["rps"] == pytest.approx(0.1)
+    assert {r["ratio"] for r in pair_ratios(runs)} == {"bidder/echo", "bidder/fastapi", "fastapi/echo"}
+
+
+def test_scaling_uses_the_medians_of_repetitions():
+    runs = [run("bidder", 32, rps, 4000, i + 1) for i, rps in enumerate((4000, 5000, 3000))]
+    runs += [run("bidder", 64, rps, 5000, i + 1, workers=2) for i, rps in enumerate((9000, 7000, 8000))]
+    [entry] = scaling(runs)
+    assert entry["speedup"] == pytest.approx(2.0) and entry["runs"] == 3
+
+
+# --- batch histograms from /metrics --------------------------------------------------------------------
+
+def metrics_page(rows: list[int], requests: list[int], pid: str = "4242") -> str:
+    registry = CollectorRegistry()
+    rows_h = Histogram("bidder_batch_rows", "rows per ORT call", buckets=(1, 8, 16, 64), registry=registry)
+    requests_h = Histogram("bidder_batch_requests", "requests per ORT call", buckets=(1, 2, 4), registry=registry)
+    Gauge("bidder_worker_info", "this worker", ["worker", "pid"], registry=registry).labels("0", pid).set(1)
+    for value in rows:
+        rows_h.observe(value)
+    for value in requests:
+        requests_h.observe(value)
+    return generate_latest(registry).decode()
+
+
+def test_batch_delta_is_the_difference_of_two_scrapes():
+    before = parse_metrics(metrics_page([9, 9], [1, 1]))
+    after = parse_metrics(metrics_page([9, 9, 9, 18, 36, 36], [1, 1, 1, 2, 4, 4]))
+    delta = batch_delta(before, after)
+    assert delta["worker_pid"] == "4242"
+    rows = delta["bidder_batch_rows"]
+    assert rows["calls"] == 4 and rows["mean"] == pytest.approx((9 + 18 + 36 + 36) / 4)
+    assert rows["buckets"] == {"1.0": 0, "8.0": 0, "16.0": 1, "64.0": 3, "+Inf": 0}   # per bucket, not cumulative
+    assert delta["bidder_batch_requests"]["mean"] == pytest.approx(11 / 4)
+
+
+def test_batch_delta_without_batch_histograms_is_none():
+    page = parse_metrics("# TYPE bidder_scored_rows histogram\nbidder_scored_rows_count 3.0\n")
+    assert page.histograms == {} and batch_delta(page, page) is None
+
+
+def test_batch_columns_appear_only_when_a_run_has_them():
+    batch = batch_delta(parse_metrics(metrics_page([], [])), parse_metrics(metrics_page([9, 27], [1, 3])))
+    runs = [run("echo", 32, 20000, 1000), run("bidder", 32, 8000, 3000, batch=batch)]
+    lines = format_table(runs).splitlines()
+    assert "req/call" in lines[0] and "rows/call" in lines[0]
+    bidder_row = lines[3].split()
+    assert bidder_row[0] == "bidder" and bidder_row[8:10] == ["2.00", "18.00"]
+    assert lines[2].split()[8:10] == ["-", "-"]             # the echo exports no batches
+    assert "batch" not in runs[0].to_dict() and runs[1].to_dict()["batch"]["bidder_batch_rows"]["calls"] == 2
+    assert "req/call" not in format_table(runs[:1])
+    [bidder] = [m for m in medians(runs) if m["server"] == "bidder"]
+    assert bidder["batch_mean"] == {"bidder_batch_requests": 2.0, "bidder_batch_rows": 18.0}
+
+
+class _Metrics(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"                           # keep-alive, as the bidder's server
+    rows: list[int] = []
+    requests: list[int] = []
+    status = 200
+
+    def do_GET(self):
+        payload = metrics_page(self.rows, self.requests).encode() if self.status == 200 else b"no"
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_metrics(monkeypatch):
+    monkeypatch.setattr(_Metrics, "rows", [9])
+    monkeypatch.setattr(_Metrics, "requests", [1])
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_measure_scrapes_the_bidder_around_the_measured_run(stub_metrics, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_wrk(url, body, *, duration_s, **kwargs):
+        calls.append(duration_s)
+        if duration_s == 3:                                 # the measured run, not the warm-up: 3 more calls
+            monkeypatch.setattr(_Metrics, "rows", [9, 9, 18, 27])
+            monkeypatch.setattr(_Metrics, "requests", [1, 1, 2, 3])
+        return wrk_result(5000, 1000)
+
+    monkeypatch.setattr(load, "run_wrk", fake_wrk)
+    config = LoadConfig(duration_s=3, warmup_s=1, out_dir=tmp_path)
+    probe = MetricsProbe("127.0.0.1", stub_metrics)
+    m = load.measure("bidder", "http://unused/bid", config, workers=1, connections=32, threads=1,
+                     server_cpus="0", client_cpus="1", repetition=2, probe=probe)
+    probe.close()
+    assert calls == [1, 3] and m.repetition == 2
+    assert m.batch["bidder_batch_rows"]["calls"] == 3 and m.batch_mean("bidder_batch_rows") == pytest.approx(18)
+    assert m.batch_mean("bidder_batch_requests") == pytest.approx(2)
+
+
+def test_probe_of_a_server_without_metrics_records_nothing(stub_metrics, monkeypatch):
+    monkeypatch.setattr(_Metrics, "status", 404)
+    assert MetricsProbe("127.0.0.1", stub_metrics).scrape() is None
+    with reserve_port() as holder:  # bound, never listening: nothing can answer on it
+        assert MetricsProbe("127.0.0.1", holder.getsockname()[1]).scrape(same_pid="1") is None
+
+
+# --- configuration: servers, echo layer, repeat --------------------------------------------------------
+
+def test_cli_options_reach_the_config(monkeypatch):
+    monkeypatch.setattr(load, "missing_baseline_packages", lambda: ["fastapi"])
+    parser = argparse.ArgumentParser()
+    add_load_arguments(parser)
+    config = load_config(parser.parse_args(["--echo-layer", "server", "--repeat", "3"]))
+    assert (config.echo_layer, config.repeat, config.servers) == ("server", 3, ("echo", "bidder"))
+    assert config.to_dict()["echo_layer"] == "server" and config.to_dict()["repeat"] == 3
+    monkeypatch.setattr(load, "missing_baseline_packages", lambda: [])
+    assert load_config(parser.parse_args([])).servers == ("echo", "bidder", "fastapi")
+    assert load_config(parser.parse_args(["--servers", "echo,fastapi"])).servers == ("echo", "fastapi")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--repeat", "0"])
+
+
+def test_server_commands(tmp_path):
+    config = LoadConfig(echo_layer="server", max_batch=64, servers=("echo", "bidder", "fastapi"))
+    echo = load.server_command("echo", config, 9000, 1)
+    assert echo[1:3] == ["-m", "bench.echo"] and echo[-2:] == ["--layer", "server"]
+    baseline = load.server_command("fastapi", config, 9001, 2)
+    assert baseline[1:3] == ["-m", "bench.baseline"] and "--max-batch" not in baseline
+    assert baseline[baseline.index("--workers") + 1] == "2"
+    assert load.server_command("bidder", config, 9002, 1)[-2:] == ["--max-batch", "64"]
+
+
+def test_a_missing_baseline_is_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(load, "wrk_path", lambda: "/usr/bin/wrk")
+    monkeypatch.setattr(load, "missing_baseline_packages", lambda: ["fastapi", "uvicorn"])
+    body = tmp_path / "body.json"
+    body.write_text("{}")
+    config = LoadConfig(body=body, servers=("echo", "fastapi"), server_cpus=None, client_cpus=None)
+    with pytest.raises(BenchError, match=r"needs fastapi, uvicorn: pip install -e '\.\[bench\]'"):
+        load.check_prerequisites(config)
+
+
+def test_price_agreement_notes_a_baseline_that_prices_differently():
+    same = {"bidder/workers=1": {"prices": [16.48]}, "fastapi/workers=1": {"prices": [16.48]}}
+    assert price_agreement(same) is None
+    differ = {"bidder/workers=1": {"prices": [16.48]}, "fastapi/workers=1": {"prices": [3.0]}}
+    assert "not doing the same work" in price_agreement(differ)
+    assert price_agreement({"echo/workers=1": {"status": 200}}) is None
+
+
+# --- the echo on aiohttp's low-level server --------------------------------------------------------------
+
+async def test_low_level_echo_answers_like_the_app(aiohttp_raw_server, aiohttp_client):
+    client = await aiohttp_client(await aiohttp_raw_server(echo_handle))
+    response = await client.post("/bid", data=BODY.read_bytes(), headers={"Content-Type": "application/json"})
+    assert response.status == 200
+    assert msgspec.json.decode(await response.read()) == {"id": "80ce30c53c16e6ede735f123ef6e32361bfc7b22",
+                                                           "echo": True}
+    assert (await client.post("/bid/openx", data=b"[1]")).status == 200
+    assert (await client.post("/bid", data=b"{not json")).status == 400
+    assert (await client.get("/readyz")).status == 200 and (await client.get("/healthz")).status == 200
+    assert (await client.get("/bid")).status == 405
+    assert (await client.get("/elsewhere")).status == 404
+
+
+def test_low_level_echo_process_starts_and_answers(tmp_path):
+    with reserve_port() as holder:  # bound until the test ends: no other process can take the port meanwhile
+        port = holder.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "bench.echo", "--port", str(port), "--layer", "server"]
+        with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
+                             log_dir=tmp_path):
+            assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
+        assert servers.listening_sockets(port) == 0

@@ -22,7 +22,7 @@ import oracle
 from oracle import bid_and_check, metric, oracle_scorer, post_bid, raw_catalog
 from bidder import DEFAULT_BUNDLE, load_spec, reference
 from bidder.scorer import Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
+from bidder.server import DEFAULT_CAMPAIGNS, ENGINE, Config, create_app
 
 #: Private-auction semantics (``pmp.private_auction``) are being redefined: today's open-market bid for the
 #: PMP examples is not pinned here.
@@ -284,20 +284,29 @@ async def test_tmax_counts_from_the_request_start(client, small_bundle, openrtb_
 
 
 # -- the last resort ---------------------------------------------------------------------------------------
-async def test_a_bug_answers_500_json_counts_it_and_the_worker_serves_on(client, openrtb_examples, monkeypatch):
+class _Broken:
+    """An engine with a bug in every method, whatever the bid path calls."""
+
+    def __getattr__(self, name):
+        def method(*args, **kwargs):
+            raise RuntimeError(f"a bug in {name}")
+
+        return method
+
+
+async def test_a_bug_answers_500_json_counts_it_and_the_worker_serves_on(client, openrtb_examples, small_bundle):
     body = openrtb_examples[SIMPLE_BANNER]
-
-    def broken(self, records):
-        raise RuntimeError("a bug")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Scorer, "score", broken)
-        patch.setattr(Scorer, "predict", broken)
+    state = client.server.app[ENGINE]
+    engine, state.engine = state.engine, _Broken()
+    try:
         for route, data in (("/bid", body), ("/predict", b'{"records": [{}]}')):
             response = await client.post(route, data=data)
             assert response.status == 500 and response.content_type == "application/json"
             answer = await response.json()
             assert answer == {"error": "internal error", "path": "$"}  # nothing of the exception leaks
+    finally:
+        state.engine = engine
     text = await (await client.get("/metrics")).text()
     assert metric(text, "bidder_errors_total", kind="internal") == 2
-    assert (await client.post("/bid", data=body)).status == 200
+    expectation, _ = await bid_and_check(client, json.loads(body), raw_catalog(DEFAULT_CAMPAIGNS), small_bundle)
+    assert expectation.status == 200

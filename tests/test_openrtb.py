@@ -5,6 +5,8 @@ import calendar
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import msgspec
 
@@ -154,3 +156,13 @@ def test_imps_without_a_banner_map_to_records_too():
 def test_a_size_needs_both_sides(banner, sizes):
     request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1", "banner": banner}]}).encode())
     assert imp_sizes(request.imp[0]) == sizes
+
+
+@given(st.floats(-2e9, 4e9, allow_nan=False), st.sampled_from([0, 8, -5, 5.5, -9.5, 14, -12]))
+def test_weekday_and_hour_equal_gmtime_at_any_instant_and_offset(now, offset):
+    import time
+
+    request = decode_request(b'{"id": "1", "imp": [{"id": "1"}]}')
+    shared = request_fields(request, None, now=now, utc_offset_hours=offset)
+    stamp = time.gmtime(now + offset * 3600)
+    assert (shared["weekday"], shared["hour"]) == (stamp.tm_wday, stamp.tm_hour)

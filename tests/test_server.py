@@ -33,11 +33,16 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 async def test_every_iab_example_gets_a_valid_bid_or_a_counted_no_bid(client, openrtb_examples):
+    below_deal_floor = 0
     for name, body in openrtb_examples.items():
         request = json.loads(body)
         response = await client.post("/bid", data=body)
         if name in NO_BANNER:
             assert response.status == 204, name
+            continue
+        private = any(imp.get("pmp", {}).get("private_auction") for imp in request["imp"])
+        if private and response.status == 204:  # the default catalog's deal buyer valued it under the deal floor
+            below_deal_floor += 1
             continue
         assert response.status == 200, (name, await response.text())
         answer = await response.json()
@@ -47,12 +52,17 @@ async def test_every_iab_example_gets_a_valid_bid_or_a_counted_no_bid(client, op
         assert bids, name
         for b in bids:
             imp = imps[b["impid"]]
-            assert b["price"] >= imp.get("bidfloor", 0), name
+            deals = {d["id"]: d for d in imp.get("pmp", {}).get("deals", [])}
+            if imp.get("pmp", {}).get("private_auction"):
+                assert b["dealid"] in deals, name
+            floor = deals[b["dealid"]]["bidfloor"] if "dealid" in b else imp.get("bidfloor", 0)
+            assert b["price"] >= floor, name
             assert b["crid"] and b["adomain"] and b["adid"]
             assert "${AUCTION_PRICE}" in b["nurl"]
             banner = imp["banner"]
             assert (b["w"], b["h"]) == (banner["w"], banner["h"])
     text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_nobids_total", reason="below_floor") == below_deal_floor
     assert metric(text, "bidder_nobids_total", reason="unsupported_format") == len(NO_BANNER)
     # 2.5 mobile.json's second imp is a 0x0 interstitial: counted per imp, the request still bids
     assert metric(text, "bidder_nobid_imps_total", reason="no_eligible_creative") == 1
@@ -89,15 +99,15 @@ async def test_no_bid_reasons_are_counted(client, openrtb_examples, change, reas
 @pytest.mark.parametrize("body,path", [
     (b"{not json", "$"),
     (b"[]", "$"),
-    (b'{"imp": [{"id": "1"}]}', "$"),
+    (b'{"imp": [{"id": "1"}]}', "$.id"),
     (b'{"id": "", "imp": [{"id": "1"}]}', "$.id"),
-    (b'{"id": "r"}', "$"),
+    (b'{"id": "r"}', "$.imp"),
     (b'{"id": "r", "imp": []}', "$.imp"),
-    (b'{"id": "r", "imp": [{"banner": {"w": 300, "h": 250}}]}', "$.imp[0]"),
+    (b'{"id": "r", "imp": [{"banner": {"w": 300, "h": 250}}]}', "$.imp[0].id"),
     (b'{"id": "r", "imp": [{"id": "1", "banner": {"w": "300", "h": 250}}]}', "$.imp[0].banner.w"),
     (b'{"id": "r", "imp": [{"id": "1", "bidfloor": -1}]}', "$.imp[0].bidfloor"),
     (b'{"id": "r", "imp": [{"id": "1"}], "device": {"geo": {"city": 5}}}', "$.device.geo.city"),
-    (b'{"id": "r\xff", "imp": [{"id": "1"}]}', "$"),
+    (b'{"id": "r\xff", "imp": [{"id": "1"}]}', "$.id"),
 ])
 async def test_bad_requests_get_400_naming_the_path(client, body, path):
     response = await client.post("/bid", data=body)
@@ -131,10 +141,11 @@ async def test_predict_equals_scorer(client, small_bundle, sample_records):
 
 
 @pytest.mark.parametrize("payload,path,kind", [
-    ({"records": [{}, {"useragent": ["a"]}]}, "$.records[1]", "bad_record"),
-    ({"records": [{"slotprice": "cheap"}]}, "$.records[0]", "bad_record"),
+    ({"records": [{}, {"useragent": ["a"]}]}, "$.records[1].useragent", "bad_request"),
+    ({"records": [{"slotprice": "cheap"}]}, "$.records[0].slotprice", "bad_request"),
+    ({"records": [{}, {"timestamp": "2013130614150212"}]}, "$.records[1].timestamp", "bad_record"),  # month 13
     ({"records": {"a": 1}}, "$.records", "bad_request"),
-    ({"rows": []}, "$", "bad_request"),
+    ({"rows": []}, "$.rows", "bad_request"),
 ])
 async def test_predict_rejects_bad_records(client, payload, path, kind):
     response = await client.post("/predict", json=payload)

@@ -33,7 +33,8 @@ def meta(small_bundle) -> dict:
 def test_bundle_round_trip(small_bundle, meta):
     spec = default_spec()
     assert load_spec(small_bundle) == spec
-    assert sorted(p.name for p in small_bundle.iterdir()) == ["meta.json", "model.onnx", "spec.json"]
+    assert sorted(p.name for p in small_bundle.iterdir()) == ["candidate.onnx", "factorized.onnx", "meta.json",
+                                                             "model.onnx", "spec.json"]  # DeepFM: factorized too
     assert META_KEYS <= set(meta)
     assert meta["architecture"] == "deepfm"
     assert meta["spec_digest"] == spec.digest

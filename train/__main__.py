@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {synth,fit,default,compare} ...``.
+"""Command line: ``python -m train {synth,fit,default,compare,factorize} ...``.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -19,6 +19,7 @@ from train.errors import ParityError, TrainError
 from train.models import ARCHITECTURES
 
 DEFAULT_ROWS = 1_000_000
+BUNDLE_FILES = ("model.onnx", "spec.json", "meta.json")
 DEFAULT_DATA_SEED = 2013
 
 
@@ -61,6 +62,10 @@ def _generate(out: str | Path, rows: int, seed: int) -> dict[str, Any]:
 def _fit(args: argparse.Namespace) -> dict[str, Any]:
     from train.fit import fit_bundle
 
+    existing = [name for name in BUNDLE_FILES if (Path(args.out) / name).exists()]
+    if existing and not args.force:
+        raise TrainError(f"--out {args.out} already holds a bundle ({', '.join(existing)}); "
+                         "pass --force to replace it")
     bundle = fit_bundle(args.data, args.model, args.out, epochs=args.epochs, seed=args.seed,
                         progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
                         threads=args.threads, **_settings(args.set))
@@ -94,11 +99,21 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
         if not dot or model not in ARCHITECTURES:
             raise TrainError(f"--set {key}=...: use MODEL.NAME=VALUE with MODEL one of {', '.join(ARCHITECTURES)}")
         per_model.setdefault(model, {})[name] = value
+    from train.trainer import check_training
+
+    for model in models:  # before the data is read: a typo must not wait for featurizing
+        check_training(model, args.epochs, per_model.get(model))
     results = compare(args.data, args.out, models=models, epochs=args.epochs, seed=args.seed,
                       progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
                       hyperparameters=per_model, threads=args.threads, reference=not args.no_reference)
     print(render_markdown(results), file=sys.stderr)
     return results
+
+
+def _factorize(args: argparse.Namespace) -> dict[str, Any]:
+    from train.factorize import factorize_bundle
+
+    return {"bundle": args.bundle, "factorized": factorize_bundle(args.bundle)}
 
 
 def _bundle_summary(bundle: Path) -> dict[str, Any]:
@@ -138,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="train one model and write its bundle")
     fit.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
     fit.add_argument("--model", required=True, choices=ARCHITECTURES)
-    fit.add_argument("--out", required=True, help="bundle folder to write")
+    fit.add_argument("--out", required=True,
+                     help="bundle folder to write (refused when it already holds a bundle, unless --force)")
+    fit.add_argument("--force", action="store_true", help="replace the bundle already in --out")
     _training_options(fit)
     fit.set_defaults(run=_fit)
 
@@ -160,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="skip the reference fit (logistic regression with the generator's crosses, synthetic data)")
     _training_options(cmp, per_model=True)
     cmp.set_defaults(run=_compare)
+
+    factorize = commands.add_parser(
+        "factorize", help="add factorized scoring graphs (imp part once per imp, candidate part once per creative) "
+                          "to an existing DeepFM bundle, checked against its model.onnx")
+    factorize.add_argument("--bundle", required=True, help="bundle folder (model.onnx is left as it is)")
+    factorize.set_defaults(run=_factorize)
     return parser
 
 

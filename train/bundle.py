@@ -1,8 +1,9 @@
 """Writing a model bundle: ``model.onnx``, ``spec.json`` and ``meta.json`` in one directory.
 
-The three files are written next to their final names and moved into place only once all exist, so
-a reader (the bidder reloading its model) never sees a half-written bundle, and a failed export
-leaves the previous bundle untouched.
+A bundle may hold more graphs (a DeepFM bundle its factorized ones, ``train/factorize.py``), listed
+under ``meta.json``'s ``graphs``. The files are written next to their final names and moved into
+place only once all exist, ``meta.json`` last, so a reader (the bidder reloading its model) never
+sees a half-written bundle, and a failed export leaves the previous bundle untouched.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ import onnx
 import onnxruntime
 import torch
 
+from bidder.factorized import CANDIDATE_FILE, FACTORIZED_FILE
 from bidder.spec import FeatureSpec
 from train._deepctr import VERSION as DEEPCTR_VERSION
 from train.export import OUTPUT
 
-__all__ = ["MODEL_FILE", "SPEC_FILE", "META_FILE", "library_versions", "model_id", "write_bundle"]
+__all__ = ["MODEL_FILE", "SPEC_FILE", "META_FILE", "library_versions", "model_id", "replace_files", "write_bundle"]
 
 MODEL_FILE, SPEC_FILE, META_FILE = "model.onnx", "spec.json", "meta.json"
+EXTRA_GRAPH_FILES = (CANDIDATE_FILE, FACTORIZED_FILE)  # removed when a new bundle does not list them
 
 
 def library_versions() -> dict[str, str]:
@@ -47,8 +50,13 @@ def file_sha256(path: Path) -> str:
 
 def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, architecture: str,
                  hyperparameters: dict[str, Any], data: dict[str, Any], metrics: dict[str, Any],
-                 parity: dict[str, Any], training: dict[str, Any] | None = None) -> Path:
-    """Move ``onnx_path`` into ``out_dir`` as ``model.onnx`` with its spec and metadata; returns ``out_dir``."""
+                 parity: dict[str, Any], training: dict[str, Any] | None = None,
+                 graphs: dict[str, Any] | None = None, extra_files: dict[str, Path] | None = None) -> Path:
+    """Move ``onnx_path`` into ``out_dir`` as ``model.onnx`` with its spec and metadata; returns ``out_dir``.
+
+    ``extra_files`` (name -> path) are copied in beside it and ``graphs`` becomes ``meta.json``'s entry
+    describing them.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -69,15 +77,28 @@ def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, arc
     }
     if training is not None:
         meta["training"] = training
-    staged = {MODEL_FILE: out / f".{MODEL_FILE}.tmp", SPEC_FILE: out / f".{SPEC_FILE}.tmp",
-              META_FILE: out / f".{META_FILE}.tmp"}
+    if graphs:
+        meta["graphs"] = graphs
+    extra_files = extra_files or {}
+    staged = {name: out / f".{name}.tmp" for name in [*extra_files, MODEL_FILE, SPEC_FILE, META_FILE]}
     try:
+        for name, path in extra_files.items():
+            shutil.copyfile(path, staged[name])
         shutil.copyfile(onnx_path, staged[MODEL_FILE])
         staged[SPEC_FILE].write_text(spec.to_json())
         staged[META_FILE].write_text(json.dumps(meta, indent=2) + "\n")
-        for name, tmp in staged.items():
-            os.replace(tmp, out / name)
+        replace_files(out, staged)
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
+    for name in EXTRA_GRAPH_FILES:  # a previous bundle's graphs that this one's meta.json no longer lists
+        if name not in extra_files:
+            (out / name).unlink(missing_ok=True)
     return out
+
+
+def replace_files(out_dir: Path, staged: dict[str, Path]) -> None:
+    """Move each staged file onto ``out_dir / name``, in order: put ``meta.json`` last, so the files
+    it lists exist before a reader can see it list them."""
+    for name, path in staged.items():
+        os.replace(path, out_dir / name)

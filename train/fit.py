@@ -1,4 +1,7 @@
-"""One model from a log folder to a served bundle: load, train, export lean ONNX, check parity, write."""
+"""One model from a log folder to a served bundle: load, train, export lean ONNX, check parity, write.
+
+A DeepFM bundle also gets its factorized graphs (``train/factorize.py``), checked against the lean one.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,11 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bidder.factorized import GRAPH
 from bidder.spec import FeatureSpec, default_spec, load_spec
 from train.bundle import write_bundle
 from train.data.dataset import Dataset, load_dataset
 from train.export import check_parity, export_lean
-from train.trainer import TrainedModel, train_model
+from train.factorize import write_graphs
+from train.trainer import TrainedModel, check_training, train_model
 
 __all__ = ["fit_bundle", "save_bundle", "resolve_spec"]
 
@@ -26,6 +31,7 @@ def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs:
     ``meta.json`` (for data generated into a temporary folder); ``threads`` is torch's thread count
     while training. Other keywords are hyper-parameters.
     """
+    check_training(model, epochs, hyperparameters)  # before the data: a typo must not wait for featurizing
     feature_spec = resolve_spec(spec)
     dataset = load_dataset(data_dir, feature_spec, seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
     report_skipped(dataset)
@@ -54,11 +60,16 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
         onnx_path = export_lean(trained.model, spec, trained.architecture, Path(tmp) / "model.onnx",
                                 combiner=trained.hyperparameters["usertag_combiner"])
         parity = check_parity(trained.model, onnx_path, spec, dataset.test)
+        graphs, extra_files = None, None
+        if trained.architecture == "deepfm":  # the others do not split into imp and candidate parts
+            extra_files, entry = write_graphs(onnx_path, spec, Path(tmp), held_out=dataset.test.inputs,
+                                              combiner=trained.hyperparameters["usertag_combiner"])
+            graphs = {GRAPH: entry}
         return write_bundle(
             out_dir, onnx_path=onnx_path, spec=spec, architecture=trained.architecture,
             hyperparameters=trained.hyperparameters,
             data={"source": dataset.source, "path": data_label or dataset.path, "digest": dataset.digest,
                   "rows": dataset.rows(), "split": dataset.split, "skipped_lines": dataset.bad_lines.count},
-            metrics=trained.metrics, parity=parity,
+            metrics=trained.metrics, parity=parity, graphs=graphs, extra_files=extra_files,
             training={"parameters": trained.parameters, "best_epoch": trained.best_epoch,
                       "epochs_run": len(trained.history), "seconds": trained.seconds, "history": trained.history})

@@ -56,13 +56,23 @@ def train_model(dataset: Dataset, architecture: str, *, epochs: int | None = Non
         torch.set_num_threads(previous)
 
 
-def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, progress: bool,
-           overrides: dict[str, Any]) -> TrainedModel:
+def check_training(architecture: str, epochs: int | None = None,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hyper-parameters a run would use; bad names, values or epochs raise TrainError.
+
+    Cheap: callers run it before reading any data, so a typo fails in a second, not after featurizing.
+    """
     hp = resolve_hyperparameters(architecture, overrides)
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise TrainError(f"epochs must be a positive integer, got {epochs!r}")
         hp["epochs"] = epochs
+    return hp
+
+
+def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, progress: bool,
+           overrides: dict[str, Any]) -> TrainedModel:
+    hp = check_training(architecture, epochs, overrides)
     started = time.perf_counter()
     spec = dataset.spec
     model = build_model(architecture, spec, hp, seed)

@@ -1,0 +1,108 @@
+"""Private marketplace deals: which candidates may bid on an imp's deals, at what floor, in which seat.
+
+An imp's ``pmp`` lists deals (``id``, ``bidfloor``, ``at``, allowed buyer seats ``wseat`` and advertiser
+domains ``wadomain``). A candidate can buy a deal when its campaign declares the deal id (the catalog's
+``deals``, parsed in ``campaigns.py``), the seat it buys through (the campaign deal's ``seat``, else the
+bidder's own) is in ``wseat`` when that is given, and one of its ``adomain`` is in ``wadomain`` when that is
+given. A deal floored in another currency than USD is never matched (no FX table, as for imp floors); a deal
+without ``bidfloor`` takes the imp's.
+
+- ``pmp.private_auction = 1``: only candidates that can buy one of the deals are eligible, and they bid
+  through it: the bid carries ``dealid``, sits in the deal's seat and meets the deal's floor. An imp left
+  without such a candidate is a ``no_matching_deal`` no-bid.
+- an open auction with deals: a candidate that can buy a deal bids through it when its value reaches the
+  deal's floor and in the open market (imp floor, no ``dealid``) otherwise; other candidates bid as usual.
+- a candidate that can buy several of the deals takes the one with the lowest floor (the first on ties).
+- ``at = 3`` on a deal: its ``bidfloor`` is the agreed price, and a deal bid is made at exactly that price.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from bidder.campaigns import Candidate
+from bidder.openrtb import DEFAULT_SEAT, Bid, Deal, Imp, SeatBid
+
+__all__ = ["DealOffer", "FIXED_PRICE", "deal_candidates", "match_deal", "seat_bids"]
+
+#: ``Deal.at`` value saying that ``bidfloor`` is the agreed deal price
+FIXED_PRICE = 3
+
+
+@dataclass(frozen=True)
+class DealOffer:
+    """The deal one candidate can bid through on one imp."""
+    dealid: str
+    seat: str
+    floor: float        # USD CPM a deal bid must reach
+    fixed_price: bool   # bid exactly ``floor`` (``at = 3``)
+    private: bool       # a private auction: below ``floor`` there is no open-market bid to fall back on
+
+    def floor_for(self, value: float, imp_floor: float) -> tuple[float, DealOffer | None] | None:
+        """(floor, deal) a bid of ``value`` is held to, or None when it may not bid at all."""
+        if value >= self.floor:
+            return self.floor, self
+        return None if self.private else (imp_floor, None)
+
+    def price(self, value: float) -> float:
+        """A deal bid's price: the agreed price of a fixed-price deal, else the value rounded (never under floor)."""
+        return self.floor if self.fixed_price else max(round(value, 6), self.floor)
+
+
+def match_deal(candidate: Candidate, imp: Imp) -> DealOffer | None:
+    """The deal of ``imp.pmp`` that ``candidate`` can buy with the lowest floor, or None."""
+    pmp = imp.pmp
+    if pmp is None or not pmp.deals or not candidate.deals:
+        return None
+    best: DealOffer | None = None
+    for deal in pmp.deals:
+        seat = _seat_for(candidate, deal)
+        if seat is None:
+            continue
+        floor = imp.bidfloor if deal.bidfloor is None else deal.bidfloor
+        if best is None or floor < best.floor:
+            best = DealOffer(deal.id, seat, floor, deal.at == FIXED_PRICE, bool(pmp.private_auction))
+    return best
+
+
+def _seat_for(candidate: Candidate, deal: Deal) -> str | None:
+    """The seat ``candidate`` buys ``deal`` through, or None when it cannot buy it."""
+    if deal.bidfloorcur != "USD":
+        return None
+    if deal.wadomain and not any(d in deal.wadomain for d in candidate.adomain):
+        return None
+    for own in candidate.deals:
+        if own.dealid == deal.id:
+            seat = own.seat or DEFAULT_SEAT
+            if not deal.wseat or seat in deal.wseat:
+                return seat
+    return None
+
+
+def deal_candidates(candidates: Sequence[Candidate], imp: Imp,
+                    first_row: int) -> tuple[Sequence[Candidate], dict[int, DealOffer]]:
+    """The candidates that may bid on ``imp`` and the deal offers of those that can buy a deal.
+
+    Offers are keyed by the row each candidate will have when the returned candidates are appended to a
+    batch that already holds ``first_row`` rows. In a private auction the candidates without an offer are
+    dropped; in an open one they stay and bid in the open market.
+    """
+    offers: dict[int, DealOffer] = {}
+    private = bool(imp.pmp is not None and imp.pmp.private_auction)
+    kept: list[Candidate] = []
+    for candidate in candidates:
+        offer = match_deal(candidate, imp)
+        if offer is None and private:
+            continue
+        if offer is not None:
+            offers[first_row + len(kept)] = offer
+        kept.append(candidate)
+    return (kept if private else candidates), offers
+
+
+def seat_bids(bids: list[Bid], deals: Sequence[DealOffer | None]) -> list[SeatBid]:
+    """Bids grouped by buyer seat: a deal bid sits in the seat its deal was bought through."""
+    seats: dict[str, list[Bid]] = {}
+    for bid, deal in zip(bids, deals):
+        seats.setdefault(deal.seat if deal is not None else DEFAULT_SEAT, []).append(bid)
+    return [SeatBid(bid=group, seat=seat) for seat, group in seats.items()]

@@ -1,0 +1,274 @@
+"""Micro-batching across requests: batched answers equal lone answers bit for bit, failures stay alone."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import bidder.openrtb
+from bidder.batching import Batcher
+from bidder.campaigns import load_catalog
+from bidder.engine import BidEngine, Outcome
+from bidder.factorized import FactorizedScorer
+from bidder.metrics import Metrics
+from bidder.scorer import Scorer
+from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
+
+FIXED_NOW = 1_370_530_800.0  # Thursday 2013-06-06 15:00 UTC: weekday/hour must not move during a test
+
+
+@pytest.fixture(autouse=True)
+def fixed_clock(monkeypatch):
+    """The request's weekday/hour come from the wall clock; a test must not straddle an hour."""
+    monkeypatch.setattr(bidder.openrtb.time, "time", lambda: FIXED_NOW)
+
+
+def distinct_requests(openrtb_examples, n: int) -> list[tuple[str, bytes]]:
+    """n different bid requests: ids, slots, floors, sizes, user agents, two imps, exchange routes."""
+    base = json.loads(openrtb_examples["bid-request-2.5/simple-banner.json"])
+    sizes = [(300, 250), (728, 90), (160, 600), (300, 250), (336, 280)]
+    out = []
+    for i in range(n):
+        request = json.loads(json.dumps(base))
+        request["id"] = f"batch-{i}"
+        imp = request["imp"][0]
+        imp["tagid"] = f"slot-{i % 7}"
+        imp["bidfloor"] = [0.0, 0.5, 2.0, 9.0][i % 4]
+        imp["banner"]["w"], imp["banner"]["h"] = sizes[i % len(sizes)]
+        request["device"]["ua"] = request["device"]["ua"] + f" build/{i % 3}"
+        if i % 3 == 0:
+            second = json.loads(json.dumps(imp))
+            second["id"] = "2"
+            second["banner"]["w"], second["banner"]["h"] = sizes[(i + 1) % len(sizes)]
+            request["imp"].append(second)
+        route = "/bid" if i % 2 else f"/bid/{1 + i % 4}"
+        out.append((route, json.dumps(request).encode()))
+    return out
+
+
+def metric(text: str, name: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    return 0.0
+
+
+@pytest.fixture
+async def client(aiohttp_client, small_bundle):
+    return await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS)))
+
+
+async def test_concurrent_requests_get_the_answers_they_get_alone(client, openrtb_examples):
+    requests = distinct_requests(openrtb_examples, 24)
+    alone = []
+    for route, body in requests:
+        response = await client.post(route, data=body)
+        alone.append((response.status, await response.read()))
+    assert sum(status == 200 for status, _ in alone) >= 12  # the comparison must be about bids, not 204s
+    before = metric(await (await client.get("/metrics")).text(), "bidder_batch_requests_count")
+
+    async def send(route, body):
+        response = await client.post(route, data=body)
+        return response.status, await response.read()
+
+    together = await asyncio.gather(*(send(route, body) for route, body in requests))
+    assert together == alone
+    text = await (await client.get("/metrics")).text()
+    calls = metric(text, "bidder_batch_requests_count") - before
+    assert calls < sum(status == 200 for status, _ in alone), "no two concurrent requests shared an ORT call"
+
+
+@pytest.fixture(params=["factorized", "rows"])
+def scoring(request) -> str:
+    return request.param
+
+
+def make_engine(bundle, max_batch: int = 256, scoring: str = "factorized") -> BidEngine:
+    scorer = Scorer(bundle, max_batch=max_batch)
+    factorized = None
+    if scoring == "factorized":
+        assert scorer.factorized_files(), "a DeepFM bundle carries factorized graphs"
+        factorized = FactorizedScorer.for_scorer(scorer, max_imps=max_batch, max_rows=max_batch)
+    return BidEngine(scorer, load_catalog(DEFAULT_CAMPAIGNS), Metrics(), factorized=factorized)
+
+
+async def test_requests_submitted_in_one_turn_share_one_call(small_bundle, openrtb_examples, scoring):
+    engine = make_engine(small_bundle, scoring=scoring)
+    bodies = [body for _, body in distinct_requests(openrtb_examples, 12)]
+    alone = [engine.bid(body) for body in bodies]
+    engine.metrics = metrics = Metrics()
+    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
+    assert all(p.__class__ is not Outcome for p in prepared)
+    together = await asyncio.gather(*(engine.submit(p) for p in prepared))
+    assert together == alone
+    assert sum(metrics.batch_requests.counts) == 1 and metrics.batch_requests.sum == len(bodies)
+    assert metrics.batch_rows.sum == sum(len(p.rows) for p in prepared)
+
+
+async def test_batches_are_cut_at_max_batch_rows_without_splitting_a_request(small_bundle, openrtb_examples,
+                                                                              scoring):
+    engine = make_engine(small_bundle, max_batch=20, scoring=scoring)
+    reference = make_engine(small_bundle, scoring=scoring)
+    bodies = [body for _, body in distinct_requests(openrtb_examples, 12)]
+    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
+    together = await asyncio.gather(*(engine.submit(p) for p in prepared))
+    assert together == [reference.bid(body) for body in bodies]
+    rows = engine.metrics.batch_rows
+    over = [n for n in [len(p.rows) for p in prepared] if n > 20]  # scored alone, in chunks of 20
+    assert sum(rows.counts[rows.bounds.index(32.0) + 1:]) == 0
+    assert rows.sum == sum(len(p.rows) for p in prepared)
+    assert sum(engine.metrics.batch_requests.counts) > 1 + len(over)
+
+
+def test_a_request_larger_than_max_batch_is_scored_in_chunks(small_bundle, openrtb_examples, scoring):
+    body = dict(distinct_requests(openrtb_examples, 1))["/bid/1"]
+    small, large = make_engine(small_bundle, max_batch=4, scoring=scoring), make_engine(small_bundle, scoring=scoring)
+    assert small.bid(body) == large.bid(body)
+    assert small.bid(body).status == 200
+
+
+class PoisonedFeaturizer:
+    """Delegates to the real featurizer, but a row whose slot is 'poison' cannot be featurized."""
+
+    def __init__(self, featurizer):
+        self.featurizer = featurizer
+
+    def transform_into(self, buffers, rows):
+        records = [row[1] if isinstance(row, tuple) else row for row in rows]
+        if any(record.get("slotid") == "poison" for record in records):
+            raise ValueError("record 0: poisoned")
+        return self.featurizer.transform_into(buffers, rows)
+
+
+async def test_a_request_that_cannot_be_featurized_fails_alone(small_bundle, openrtb_examples, scoring):
+    engine = make_engine(small_bundle, scoring=scoring)
+    bodies = [body for _, body in distinct_requests(openrtb_examples, 6)]
+    alone = [engine.bid(body) for body in bodies]
+    poisoned = json.loads(bodies[2])
+    poisoned["imp"][0]["tagid"] = "poison"
+    bodies[2] = json.dumps(poisoned).encode()
+    engine.scorer.featurizer = PoisonedFeaturizer(engine.scorer.featurizer)
+    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
+    together = await asyncio.gather(*(engine.submit(p) for p in prepared))
+    assert together[2].status == 400 and b"poisoned" in together[2].body
+    assert [o for i, o in enumerate(together) if i != 2] == [o for i, o in enumerate(alone) if i != 2]
+
+
+async def test_an_expired_request_is_a_tmax_no_bid_and_the_rest_of_its_batch_bids(small_bundle, openrtb_examples):
+    engine = make_engine(small_bundle)
+    _, body = distinct_requests(openrtb_examples, 2)[1]
+    request = json.loads(body)
+    request["tmax"] = 50
+    expiring = json.dumps(request).encode()
+    import time
+
+    fresh = engine.prepare(expiring, None, time.perf_counter())
+    stale = engine.prepare(expiring, None, time.perf_counter() - 0.060)  # received 60 ms ago
+    outcomes = await asyncio.gather(engine.submit(stale), engine.submit(fresh))
+    assert [o.status for o in outcomes] == [204, 200]
+    assert outcomes[0].reason == "tmax"
+
+
+async def test_batcher_hands_each_item_its_own_result_or_exception():
+    seen = []
+
+    def process(items):
+        seen.append(list(items))
+        return [ValueError(item) if item == "bad" else item.upper() for item in items]
+
+    batcher = Batcher(process)
+    futures = [batcher.submit(x) for x in ("a", "bad", "c")]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert seen == [["a", "bad", "c"]]
+    assert results[0] == "A" and results[2] == "C" and isinstance(results[1], ValueError)
+    assert await batcher.submit("d") == "D" and seen[-1] == ["d"]  # a lone item waits for no company
+
+
+async def test_batcher_survives_a_crashing_batch_and_a_cancelled_waiter():
+    calls = []
+
+    def process(items):
+        calls.append(len(items))
+        if "boom" in items:
+            raise RuntimeError("bug")
+        return list(items)
+
+    batcher = Batcher(process)
+    first, second = batcher.submit("boom"), batcher.submit("x")
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    cancelled, kept = batcher.submit("y"), batcher.submit("z")
+    cancelled.cancel()
+    assert await kept == "z" and calls == [2, 2]
+
+
+async def test_the_server_keeps_serving_after_a_crashing_batch(client, openrtb_examples):
+    engine = client.server.app[STATE].engine
+    route, body = distinct_requests(openrtb_examples, 2)[1]
+    good = await client.post(route, data=body)
+    assert good.status == 200
+    expected = await good.read()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "price", lambda *a: 1 / 0)
+        broken = await client.post(route, data=body)
+    assert broken.status == 500 and (await broken.json())["error"] == "internal error"
+    again = await client.post(route, data=body)
+    assert again.status == 200 and await again.read() == expected
+
+
+async def test_factorized_and_row_scoring_choose_alike_and_price_within_the_parity_tolerance(small_bundle,
+                                                                                            openrtb_examples):
+    factorized, rows = make_engine(small_bundle, scoring="factorized"), make_engine(small_bundle, scoring="rows")
+    catalog = {c.creative_id: c for c in rows.catalog.candidates}
+    compared = 0
+    for route, body in distinct_requests(openrtb_examples, 24):
+        exchange = route.rpartition("/")[2] if route != "/bid" else None
+        a, b = factorized.bid(body, exchange), rows.bid(body, exchange)
+        assert a.status == b.status
+        if a.status != 200:
+            continue
+        bids_a = [bid for seat in json.loads(a.body)["seatbid"] for bid in seat["bid"]]
+        bids_b = [bid for seat in json.loads(b.body)["seatbid"] for bid in seat["bid"]]
+        assert [x["crid"] for x in bids_a] == [x["crid"] for x in bids_b]
+        for x, y in zip(bids_a, bids_b):
+            # |Δ pCTR| <= 1e-6 (the parity contract) bounds |Δ price| by 1e-6 × value per click × 1000
+            assert abs(x["price"] - y["price"]) <= 1e-6 * catalog[x["crid"]].value_per_click * 1000 + 1e-6
+            compared += 1
+    assert compared >= 12
+
+
+async def test_serving_without_batching_or_factorized_graphs_answers_the_same(aiohttp_client, small_bundle,
+                                                                               openrtb_examples):
+    requests = distinct_requests(openrtb_examples, 8)
+    answers = {}
+    for batching in (True, False):
+        client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS,
+                                                        batching=batching)))
+        answers[batching] = [await (await client.post(route, data=body)).read() for route, body in requests]
+    assert answers[True] == answers[False]
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS,
+                                                    factorized=False)))
+    assert client.server.app[STATE].engine.factorized is None
+    served = [await (await client.post(route, data=body)).read() for route, body in requests]
+    assert [len(b) > 0 for b in served] == [len(b) > 0 for b in answers[True]]
+
+
+async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, openrtb_examples):
+    engine = make_engine(small_bundle)
+    bodies = [body for _, body in distinct_requests(openrtb_examples, 5)]
+    alone = [engine.bid(body) for body in bodies]
+    price = engine.price
+
+    def price_or_crash(pending, scores):
+        if pending.request.id == "batch-3":
+            raise ZeroDivisionError("a pricing bug")
+        return price(pending, scores)
+
+    engine.price = price_or_crash
+    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
+    together = await asyncio.gather(*(engine.submit(p) for p in prepared), return_exceptions=True)
+    assert isinstance(together[3], ZeroDivisionError)
+    assert [o for i, o in enumerate(together) if i != 3] == [o for i, o in enumerate(alone) if i != 3]

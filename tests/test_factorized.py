@@ -1,0 +1,312 @@
+"""Factorized DeepFM scoring: equal to model.onnx, refused where it does not apply, checked at load.
+
+The micro-benchmarks at the end (`pytest --benchmark`) compare row scoring with factorized scoring
+for 1 imp × 9 candidates, 8 imps × 72 rows and 32 × 288, featurization included.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from bidder import DEFAULT_BUNDLE, default_spec
+from bidder.campaigns import CANDIDATE_FIELDS, load_catalog, parse_catalog
+from bidder.factorized import CANDIDATE_FILE, FACTORIZED_FILE, FactorizedScorer, candidate_fields
+from bidder.scorer import BundleError, Scorer
+from bidder.server import DEFAULT_CAMPAIGNS
+from train.__main__ import main as train_main
+from train.bundle import write_bundle
+from train.errors import ParityError, TrainError
+from train.export import export_lean
+from train.factorize import check_parity, factorize_bundle
+from train.fit import fit_bundle
+from train.models import build_model, resolve_hyperparameters
+
+TOLERANCE = 1e-6
+SHAPES = [(1, 1), (1, 9), (3, 27), (32, 288)]
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog(DEFAULT_CAMPAIGNS)
+
+
+@pytest.fixture(scope="module", params=["default", "small"])
+def bundle(request) -> Path:
+    return DEFAULT_BUNDLE if request.param == "default" else request.getfixturevalue("small_bundle")
+
+
+@pytest.fixture(scope="module")
+def scorer(bundle) -> Scorer:
+    return Scorer(bundle, max_batch=512)
+
+
+@pytest.fixture(scope="module")
+def factorized(scorer, catalog) -> FactorizedScorer:
+    f = FactorizedScorer.for_scorer(scorer, max_imps=32, max_rows=512)
+    f.set_candidates([c.layer for c in catalog.candidates])
+    return f
+
+
+def canonical(scorer: Scorer, imps: list[dict], layers: list[dict], row_imp, row_cand) -> np.ndarray:
+    return scorer.score([(layers[c], imps[i]) for i, c in zip(row_imp, row_cand)]).copy()
+
+
+def fill(f: FactorizedScorer, imps: list[dict], row_imp, row_cand) -> int:
+    f.featurizer.transform_into(f.imp_inputs, imps)
+    f.row_imp[:len(row_imp)] = row_imp
+    f.row_cand[:len(row_cand)] = row_cand
+    return len(row_imp)
+
+
+# -- the split ----------------------------------------------------------------------------------------------
+def test_candidate_fields_are_the_catalog_layer_keys(catalog):
+    assert all(tuple(c.layer) == CANDIDATE_FIELDS for c in catalog.candidates)
+    assert candidate_fields(default_spec()) == ("slotwidth", "slotheight", "creative", "advertiser")
+
+
+def test_bundles_list_their_factorized_graphs(bundle, scorer):
+    meta = json.loads((bundle / "meta.json").read_text())
+    entry = meta["graphs"]["factorized"]
+    assert entry["files"] == [CANDIDATE_FILE, FACTORIZED_FILE]
+    assert entry["candidate_fields"] == ["slotwidth", "slotheight", "creative", "advertiser"]
+    assert entry["layout"] == {"width": 265, "dnn_first_layer": [0, 256], "scalar": [256, 257], "fm_sum": [257, 265]}
+    assert entry["parity"]["rows"] >= 1000 and entry["parity"]["max_abs_diff"] <= TOLERANCE
+    assert scorer.factorized_files() == (bundle / CANDIDATE_FILE, bundle / FACTORIZED_FILE)
+    # the canonical graph is the one the bundle was exported with
+    assert meta["onnx_sha256"] == hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest()
+
+
+# -- parity -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_imps, rows", SHAPES)
+def test_factorized_equals_canonical_on_catalog_rows(scorer, factorized, catalog, sample_records, n_imps, rows):
+    layers = [c.layer for c in catalog.candidates]
+    rng = np.random.default_rng(n_imps * 1000 + rows)
+    imps = sample_records[5 * n_imps:6 * n_imps]
+    # every imp at least once, then random (repeated, unsorted) imps and candidates
+    row_imp = rng.permutation(np.concatenate([np.arange(n_imps), rng.integers(0, n_imps, rows - n_imps)]))
+    row_cand = rng.integers(0, len(layers), rows)
+    expected = canonical(scorer, imps, layers, row_imp, row_cand)
+    got = factorized.run(n_imps, fill(factorized, imps, row_imp, row_cand))
+    assert got.shape == (rows,)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    assert np.unique(got).size > 1 or rows == 1
+
+
+def test_one_request_in_catalog_order(scorer, factorized, catalog, sample_records):
+    """The bid path's shape: one imp, every creative of its size, rows in catalog order."""
+    eligible = catalog.for_size(300, 250)
+    assert len(eligible) == 9
+    number = {c.creative_id: i for i, c in enumerate(catalog.candidates)}
+    imp = sample_records[3]
+    rows = fill(factorized, [imp], [0] * 9, [number[c.creative_id] for c in eligible])
+    expected = scorer.score([(c.layer, imp) for c in eligible])
+    np.testing.assert_allclose(factorized.run(1, rows), expected, rtol=0, atol=TOLERANCE)
+
+
+def test_load_time_parity_check(scorer, factorized):
+    assert factorized.check_parity(scorer, rows=1000) <= TOLERANCE
+    assert factorized.check_parity(scorer.session, rows=2000, seed=1) <= TOLERANCE
+
+
+def test_bindings_are_reused_and_bounded(scorer, catalog, sample_records):
+    f = FactorizedScorer(scorer.bundle, scorer.spec, scorer.featurizer, max_imps=4, max_rows=16, max_bindings=3)
+    f.set_candidates([c.layer for c in catalog.candidates])
+    layers = [c.layer for c in catalog.candidates]
+    imps = sample_records[:4]
+    for n_imps, rows in itertools.product(range(1, 5), (1, 7, 16)):
+        row_imp, row_cand = np.arange(rows) % n_imps, (np.arange(rows) * 5) % len(layers)
+        got = f.run(n_imps, fill(f, imps[:n_imps], row_imp, row_cand))
+        np.testing.assert_allclose(got, canonical(scorer, imps, layers, row_imp, row_cand), rtol=0, atol=TOLERANCE)
+        assert len(f._bindings) <= 3
+    binding = f._bindings[(4, 16)][0]
+    f.run(4, 16)
+    assert f._bindings[(4, 16)][0] is binding and len(f.run(4, 0)) == 0
+
+
+def test_set_candidates_on_a_reloaded_catalog(scorer, catalog, sample_records):
+    f = FactorizedScorer.for_scorer(scorer, max_imps=2, max_rows=64)
+    f.set_candidates([c.layer for c in catalog.candidates])
+    data = json.loads(DEFAULT_CAMPAIGNS.read_text())
+    # the reload drops a campaign, reverses the others and adds a creative the model has never seen
+    data["campaigns"] = data["campaigns"][1:][::-1]
+    data["campaigns"][0]["creatives"].append({"id": "brand-new", "w": 300, "h": 250, "adomain": ["new.example"],
+                                              "nurl": "https://win.example/?p=${AUCTION_PRICE}"})
+    reloaded = parse_catalog(data, "reloaded")
+    f.run(2, fill(f, sample_records[:2], [0, 1], [0, 1]))  # a binding over the old candidates
+    layers = [c.layer for c in reloaded.candidates]
+    f.set_candidates(layers)
+    assert f.n_candidates == len(layers) and f.cand_part.shape == (len(layers), f.width)
+    row_imp, row_cand = np.array([0, 1] * len(layers)), np.repeat(np.arange(len(layers)), 2)
+    got = f.run(2, fill(f, sample_records[:2], row_imp, row_cand))
+    np.testing.assert_allclose(got, canonical(scorer, sample_records[:2], layers, row_imp, row_cand),
+                               rtol=0, atol=TOLERANCE)
+
+
+def test_run_refuses_what_it_cannot_score(scorer, catalog):
+    f = FactorizedScorer(scorer.bundle, scorer.spec, scorer.featurizer, max_imps=2, max_rows=8)
+    with pytest.raises(RuntimeError, match="set_candidates"):
+        f.run(1, 1)
+    f.set_candidates([c.layer for c in catalog.candidates])
+    with pytest.raises(ValueError, match="n_imps"):
+        f.run(3, 4)
+    with pytest.raises(ValueError, match="rows"):
+        f.run(1, 9)
+    f.row_cand[:1] = len(catalog.candidates)  # no such candidate: ONNX Runtime refuses the index
+    with pytest.raises(Exception, match="(?i)indices|out of|bound"):
+        f.run(1, 1)
+
+
+# -- what is refused ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def logreg_bundle(synthetic_data, tmp_path_factory) -> Path:
+    return fit_bundle(synthetic_data, "logreg", tmp_path_factory.mktemp("logreg"), epochs=1, progress=False)
+
+
+def test_non_deepfm_bundles_keep_row_scoring(logreg_bundle, capsys):
+    assert not (logreg_bundle / CANDIDATE_FILE).exists() and not (logreg_bundle / FACTORIZED_FILE).exists()
+    scorer = Scorer(logreg_bundle)
+    assert "graphs" not in scorer.meta and scorer.factorized_files() == ()
+    with pytest.raises(BundleError, match="no factorized graph"):
+        FactorizedScorer.for_scorer(scorer)
+    with pytest.raises(TrainError, match="needs a DeepFM bundle, this one is 'logreg'"):
+        factorize_bundle(logreg_bundle)
+    assert train_main(["factorize", "--bundle", str(logreg_bundle)]) == 2
+    assert "needs a DeepFM bundle" in capsys.readouterr().err
+
+
+def test_retraining_a_deepfm_folder_as_another_model_removes_its_graphs(synthetic_data, small_bundle, tmp_path):
+    out = shutil.copytree(small_bundle, tmp_path / "bundle")
+    fit_bundle(synthetic_data, "logreg", out, epochs=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.onnx", "spec.json"]
+
+
+# -- corrupted graphs ---------------------------------------------------------------------------------------
+def perturb(path: Path, initializer: str, index: tuple, delta: float) -> None:
+    model = onnx.load(str(path))
+    for tensor in model.graph.initializer:
+        if tensor.name == initializer:
+            array = numpy_helper.to_array(tensor).copy()
+            array[index] += delta
+            tensor.CopyFrom(numpy_helper.from_array(array, initializer))
+            break
+    else:
+        raise AssertionError(f"no initializer {initializer}")
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def random_bundle(tmp_path_factory) -> Path:
+    bundle = random_deepfm_bundle(tmp_path_factory.mktemp("random") / "bundle")
+    factorize_bundle(bundle)
+    return bundle
+
+
+@pytest.mark.parametrize("file, initializer, index", [
+    (FACTORIZED_FILE, "row.half", ()),                      # the FM term
+    (FACTORIZED_FILE, "imp.weight", (0, 257)),              # the first imp field's vector into the FM sum
+    (FACTORIZED_FILE, "dnn.1.bias", (0,)),                  # the DNN after the split layer
+    (CANDIDATE_FILE, "candidate.weight", (0, 3)),           # the first candidate field's share of the DNN
+    (CANDIDATE_FILE, "candidate.constants", (256,)),        # the output bias the candidate side carries
+])
+def test_a_corrupted_graph_fails_the_load_check(random_bundle, tmp_path, file, initializer, index):
+    bundle = shutil.copytree(random_bundle, tmp_path / "bundle")
+    perturb(bundle / file, initializer, index, 0.05)
+    scorer = Scorer(bundle)
+    with pytest.raises(BundleError, match="factorized graphs differ from model.onnx"):
+        FactorizedScorer.for_scorer(scorer)
+    with pytest.raises(ParityError, match="factorized graphs differ"):
+        check_parity(bundle / "model.onnx", bundle / CANDIDATE_FILE, bundle / FACTORIZED_FILE, scorer.spec)
+
+
+def test_a_graph_with_the_wrong_signature_is_refused(small_bundle, tmp_path):
+    bundle = shutil.copytree(small_bundle, tmp_path / "bundle")
+    shutil.copyfile(bundle / "model.onnx", bundle / FACTORIZED_FILE)
+    with pytest.raises(BundleError, match="factorized.onnx: expected inputs"):
+        FactorizedScorer(bundle, Scorer(bundle).spec, Scorer(bundle).featurizer)
+    (bundle / CANDIDATE_FILE).unlink()
+    with pytest.raises(BundleError, match="candidate.onnx: listed in meta.json but missing"):
+        FactorizedScorer(bundle, Scorer(bundle).spec, Scorer(bundle).featurizer)
+
+
+# -- building from model.onnx -------------------------------------------------------------------------------
+def test_factorize_leaves_model_onnx_alone_and_keeps_meta(tmp_path):
+    bundle = shutil.copytree(DEFAULT_BUNDLE, tmp_path / "bundle")
+    model = (bundle / "model.onnx").read_bytes()
+    before = json.loads((bundle / "meta.json").read_text())
+    entry = factorize_bundle(bundle)
+    after = json.loads((bundle / "meta.json").read_text())
+    assert (bundle / "model.onnx").read_bytes() == model
+    assert {k: v for k, v in after.items() if k != "graphs"} == {k: v for k, v in before.items() if k != "graphs"}
+    assert after["graphs"]["factorized"] == entry and entry["parity"]["max_abs_diff"] <= TOLERANCE
+    assert not [p for p in bundle.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def random_deepfm_bundle(out: Path, **overrides) -> Path:
+    """An untrained DeepFM with every weight drawn at a scale where each part of the logit matters."""
+    spec = default_spec()
+    hp = resolve_hyperparameters("deepfm", overrides)
+    model = build_model("deepfm", spec, hp, seed=11)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    out.mkdir(parents=True)
+    path = export_lean(model, spec, "deepfm", out / "lean.onnx", combiner=hp["usertag_combiner"])
+    write_bundle(out, onnx_path=path, spec=spec, architecture="deepfm", hyperparameters=hp, data={}, metrics={},
+                 parity={})
+    path.unlink()
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{"usertag_combiner": "mean"}, {"dnn_hidden_units": [32]},
+                                       {"embedding_dim": 4, "dnn_hidden_units": [16, 8, 8, 4]}])
+def test_other_deepfm_shapes_factorize(tmp_path, catalog, sample_records, overrides):
+    bundle = random_deepfm_bundle(tmp_path / "bundle", **overrides)
+    assert factorize_bundle(bundle)["parity"]["max_abs_diff"] <= TOLERANCE
+    scorer = Scorer(bundle)
+    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)
+    layers = [c.layer for c in catalog.candidates]
+    f.set_candidates(layers)
+    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
+    expected = canonical(scorer, sample_records[:4], layers, row_imp, row_cand)
+    assert expected.std() > 1e-3  # the scores vary: the comparison compares something
+    np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)), expected, rtol=0,
+                               atol=TOLERANCE)
+
+
+# -- micro-benchmarks ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("way", ["canonical", "factorized"])
+@pytest.mark.parametrize("requests", [1, 8, 32])
+def test_bench_request_scoring(benchmark, small_bundle, catalog, sample_records, way, requests):
+    """``requests`` simple-banner-like requests (1 imp × 9 candidates each) in one call, featurize included."""
+    benchmark.group = f"{requests} imp(s) x 9 candidates = {requests * 9} rows: canonical vs factorized"
+    scorer = Scorer(small_bundle, max_batch=512)
+    eligible = catalog.for_size(300, 250)
+    pool = itertools.cycle([sample_records[i:i + requests] for i in range(0, len(sample_records), requests)])
+    if way == "canonical":
+        result = benchmark(lambda: scorer.score([(c.layer, imp) for imp in next(pool) for c in eligible]))
+    else:
+        f = FactorizedScorer.for_scorer(scorer, max_imps=32, max_rows=512)
+        f.set_candidates([c.layer for c in catalog.candidates])
+        number = {c.creative_id: i for i, c in enumerate(catalog.candidates)}
+        rows = requests * len(eligible)
+        row_imp = np.repeat(np.arange(requests), len(eligible))
+        row_cand = np.tile([number[c.creative_id] for c in eligible], requests)
+
+        def score():
+            f.featurizer.transform_into(f.imp_inputs, next(pool))
+            f.row_imp[:rows] = row_imp
+            f.row_cand[:rows] = row_cand
+            return f.run(requests, rows)
+
+        result = benchmark(score)
+    assert len(result) == requests * 9

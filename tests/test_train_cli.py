@@ -1,0 +1,52 @@
+"""``python -m train fit``: arguments are checked before any data is read; an existing bundle needs --force."""
+from __future__ import annotations
+
+import pytest
+
+import train.fit
+from train.__main__ import main
+
+
+@pytest.fixture
+def data_never_read(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read before the arguments were checked")
+
+    monkeypatch.setattr(train.fit, "load_dataset", refuse)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--set", "learning_rate=0.1"], "hyper-parameter 'learning_rate' is not used by deepfm"),
+    (["--set", "batch_size=big"], "hyper-parameter 'batch_size'"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+])
+def test_fit_checks_settings_before_reading_data(tmp_path, data_never_read, capsys, extra, message):
+    status = main(["fit", "--data", str(tmp_path), "--model", "deepfm", "--out", str(tmp_path / "b"), *extra])
+    assert status == 2 and message in capsys.readouterr().err
+
+
+def test_compare_checks_settings_before_reading_data(tmp_path, monkeypatch, capsys):
+    import train.compare
+
+    monkeypatch.setattr(train.compare, "compare", lambda *a, **k: pytest.fail("compare ran"))
+    status = main(["compare", "--data", str(tmp_path), "--models", "deepfm,dcnv2", "--set", "dcnv2.cross_num=x"])
+    assert status == 2 and "cross_num" in capsys.readouterr().err
+
+
+def test_fit_refuses_to_overwrite_a_bundle_without_force(tmp_path, data_never_read, capsys):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"the model someone wants to keep")
+    args = ["fit", "--data", str(tmp_path), "--model", "deepfm", "--out", str(out)]
+    assert main(args) == 2
+    assert "already holds a bundle (model.onnx); pass --force" in capsys.readouterr().err
+    assert (out / "model.onnx").read_bytes() == b"the model someone wants to keep"
+    with pytest.raises(AssertionError, match="the data was read"):  # --force gets past the check
+        main(args + ["--force"])
+
+
+def test_fit_into_an_empty_or_new_folder_needs_no_force(tmp_path, data_never_read):
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "new"):
+        with pytest.raises(AssertionError, match="the data was read"):
+            main(["fit", "--data", str(tmp_path), "--model", "deepfm", "--out", str(out)])

@@ -1,0 +1,321 @@
+"""Factorized DeepFM graphs, built from the weights of a bundle's lean ``model.onnx``.
+
+``bidder/factorized.py`` explains the split and serves the graphs. This module reads the lean graph's
+tables and DNN weights (``train/export.py`` names them), writes ``candidate.onnx`` and
+``factorized.onnx``, proves them equal to ``model.onnx`` on random valid rows (and held-out rows when
+the caller has them) and records them in ``meta.json``. Working from the ONNX file rather than the
+torch model lets any DeepFM bundle, the shipped default included, be factorized without retraining.
+
+Each side's part is one matrix product ``x @ W (+ c)``: ``x`` holds the side's gathered table rows
+(per single field ``[vector, linear weight, |vector|^2]``, per multi field the pooled ``[vector,
+linear, count]`` and its square) and W the side's columns of the first DNN layer (into h), ones (the
+linear weights into the scalar, the vectors into s) and -0.5 (the squares into the scalar).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from bidder.factorized import (CAND_PART, CANDIDATE_FILE, FACTORIZED_FILE, GRAPH, PARITY_TOLERANCE, ROW_CAND, ROW_IMP,
+                               candidate_fields, max_abs_diff, parity_rows)
+from bidder.scorer import session_options
+from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
+from train.bundle import META_FILE, MODEL_FILE, file_sha256, replace_files
+from train.errors import ParityError, TrainError
+from train.export import OPSET, OUTPUT
+
+__all__ = ["build_graphs", "factorize_bundle", "write_graphs"]
+
+_EPS = 1e-8  # the lean graph's mean pooling divides by (count + 1e-8)
+PARITY_REAL_ROWS = 1024
+
+
+@dataclass
+class LeanWeights:
+    """What the lean DeepFM graph computes with (``train.export.LeanModel``)."""
+    single_table: np.ndarray     # [sum of single buckets, dim + 1]: field vector, linear weight
+    offsets: np.ndarray          # [n_single]: each single field's first row
+    multi_tables: list[np.ndarray]  # per multi field [buckets, dim + 2]: vector, linear, 1 (row 0 zero)
+    layers: list[tuple[np.ndarray, np.ndarray]]  # DNN (weight [out, in], bias [out]), Linear + ReLU each
+    out: np.ndarray              # dnn_linear [H_last, 1] (no bias)
+    bias: float
+    mean: bool                   # usertag combiner
+
+    @property
+    def dim(self) -> int:
+        return self.single_table.shape[1] - 1
+
+
+def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -> LeanWeights:
+    """The weights of a lean DeepFM graph, or ``TrainError`` naming what does not look like one."""
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = list(model.graph.node)
+
+    def need(name: str) -> np.ndarray:
+        if name not in init:
+            raise TrainError(f"model.onnx has no {name!r}: not a lean DeepFM graph (train/export.py)")
+        return init[name]
+
+    if not any(n.op_type == "Pow" for n in nodes):
+        raise TrainError("model.onnx has no FM term: not a lean DeepFM graph")
+    layers = []
+    for node in (n for n in nodes if n.op_type == "Gemm"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            raise TrainError(f"model.onnx: unexpected Gemm attributes {attrs}")
+        weight = init[node.input[1]]
+        layers.append((weight if attrs.get("transB", 0) else weight.T, init[node.input[2]]))
+    outs = [init[n.input[1]] for n in nodes if n.op_type == "MatMul" and n.input[1] in init]
+    if not layers or len(outs) != 1:
+        raise TrainError("model.onnx: expected a DNN of Gemm layers and one output MatMul (lean DeepFM graph)")
+    weights = LeanWeights(
+        single_table=need("embeddings.single_table"), offsets=need("embeddings.single_offsets").reshape(-1),
+        multi_tables=[need(f"embeddings.multi_table_{i}") for i in range(len(spec.multi_fields))],
+        layers=layers, out=outs[0], bias=float(need("bias").reshape(-1)[0]), mean=combiner == "mean")
+    fields = len(spec.single_fields) + len(spec.multi_fields)
+    shapes_ok = (
+        np.array_equal(weights.offsets, spec.sparse_offsets)
+        and weights.single_table.shape[0] == sum(f.buckets for f in spec.single_fields)
+        and all(t.shape == (f.buckets, weights.dim + 2) for t, f in zip(weights.multi_tables, spec.multi_fields))
+        and layers[0][0].shape[1] == fields * weights.dim
+        and all(w.shape[1] == prev[0].shape[0] for (w, _), prev in zip(layers[1:], layers))
+        and weights.out.shape == (layers[-1][0].shape[0], 1))
+    if not shapes_ok:
+        raise TrainError("model.onnx: table or layer shapes do not match spec.json")
+    return weights
+
+
+# -- graph building ----------------------------------------------------------------------------------------
+class _Graph:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        return name
+
+    def model(self, inputs: list, outputs: list, doc: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, "factorized_deepfm", inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="train.factorize",
+                                  doc_string=doc)
+        model.ir_version = 8  # what the lean export writes; readable by every onnxruntime the bidder supports
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+class _Layout:
+    """Columns of a side part: ``[h (hidden) | scalar | s (dim)]``."""
+
+    def __init__(self, hidden: int, dim: int) -> None:
+        self.hidden, self.dim = hidden, dim
+        self.scalar = hidden
+        self.s = slice(hidden + 1, hidden + 1 + dim)
+        self.width = hidden + 1 + dim
+
+    def describe(self) -> dict[str, Any]:
+        return {"width": self.width, "dnn_first_layer": [0, self.hidden], "scalar": [self.scalar, self.scalar + 1],
+                "fm_sum": [self.s.start, self.s.stop]}
+
+
+def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: _Layout, fields: set[str],
+               out: str, with_constants: bool) -> str:
+    """Nodes computing one side's part ``[n, D]`` (named ``out``) from the model inputs.
+
+    ``x`` holds per single field its table row ``[vector, linear weight, |vector|^2]`` (the last column
+    precomputed into the table) and per multi field its pooled ``[vector, linear, count]`` followed by
+    that row squared; one product ``x @ W (+ c)`` then yields ``[h | scalar | s]``.
+    """
+    dim, first_w, first_b = w.dim, w.layers[0][0], w.layers[0][1]
+    pieces: list[str] = []
+    roles: list[tuple[str, int, int]] = []  # per column of x: (role, field position in the DNN input, dim)
+    singles = [(j, f) for j, f in enumerate(spec.single_fields) if f.name in fields]
+    if singles:
+        columns = np.array([j for j, _ in singles], dtype=np.int64)
+        tables = [w.single_table[w.offsets[j]:w.offsets[j] + f.buckets] for j, f in singles]
+        table = np.concatenate(tables)
+        norms = np.sum(table[:, :dim].astype(np.float64) ** 2, axis=1, keepdims=True)
+        table = np.concatenate([table, norms.astype(np.float32)], axis=1)
+        offsets = np.concatenate([[0], np.cumsum([len(t) for t in tables])[:-1]]).astype(np.int64).reshape(1, -1)
+        picked = g.op("Gather", [SPARSE_INPUT, g.const(f"{side}.columns", columns)], f"{side}.picked", axis=1)
+        rows = g.op("Add", [picked, g.const(f"{side}.offsets", offsets)], f"{side}.rows")
+        gathered = g.op("Gather", [g.const(f"{side}.single_table", table), rows], f"{side}.gathered")
+        pieces.append(g.op("Flatten", [gathered], f"{side}.singles", axis=1))
+        for j, _ in singles:
+            roles += [("vector", j, d) for d in range(dim)] + [("linear", j, 0), ("norm", j, 0)]
+    for i, f in enumerate(spec.multi_fields):
+        if f.name not in fields:
+            continue
+        position = len(spec.single_fields) + i
+        tags = g.op("Gather", [g.const(f"{side}.multi_table_{i}", w.multi_tables[i]), f.name], f"{side}.tags_{i}")
+        pooled = g.op("ReduceSum", [tags, g.const(f"{side}.axis_{i}", np.array([1], np.int64))], f"{side}.pooled_{i}",
+                      keepdims=0)
+        if w.mean:  # as the lean graph: vector and linear weight divided by (count + eps)
+            count = g.op("Slice", [pooled, g.const(f"{side}.count_start_{i}", np.array([dim + 1], np.int64)),
+                                   g.const(f"{side}.count_end_{i}", np.array([dim + 2], np.int64)),
+                                   g.const(f"{side}.count_axis_{i}", np.array([1], np.int64))], f"{side}.count_{i}")
+            count = g.op("Add", [count, g.const(f"{side}.eps_{i}", np.array(_EPS, np.float32))], f"{side}.count_eps_{i}")
+            pooled = g.op("Div", [pooled, count], f"{side}.mean_{i}")
+        pieces += [pooled, g.op("Mul", [pooled, pooled], f"{side}.pooled_squared_{i}")]
+        roles += [("vector", position, d) for d in range(dim)] + [("linear", position, 0), ("none", position, 0)]
+        roles += [("square", position, d) for d in range(dim)] + [("none", position, 0)] * 2
+    x = pieces[0] if len(pieces) == 1 else g.op("Concat", pieces, f"{side}.x", axis=1)
+
+    weight = np.zeros((len(roles), layout.width), dtype=np.float32)
+    for row, (role, position, d) in enumerate(roles):
+        if role == "vector":
+            weight[row, :layout.hidden] = first_w[:, position * dim + d]  # into h
+            weight[row, layout.s.start + d] = 1.0                        # into the FM sum
+        elif role == "linear":
+            weight[row, layout.scalar] = 1.0
+        elif role in ("norm", "square"):                                 # FM: minus half the sum of squares
+            weight[row, layout.scalar] = -0.5
+    inputs = [x, g.const(f"{side}.weight", weight)]
+    if with_constants:  # the first layer's bias and the output bias, once (on the candidate side)
+        constants = np.zeros(layout.width, dtype=np.float32)
+        constants[:layout.hidden] = first_b
+        constants[layout.scalar] = w.bias
+        inputs.append(g.const(f"{side}.constants", constants))
+    return g.op("Gemm", inputs, out)
+
+
+def _inputs(spec: FeatureSpec, batch: str) -> list[onnx.ValueInfoProto]:
+    return [helper.make_tensor_value_info(name, TensorProto.INT64, [batch, spec.input_width(name)])
+            for name in spec.input_names]
+
+
+def build_graphs(model: onnx.ModelProto, spec: FeatureSpec, combiner: str = "sum"
+                 ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, Any]]:
+    """(candidate graph, factorized graph, layout) for the lean DeepFM ``model``."""
+    w = read_lean_deepfm(model, spec, combiner)
+    cand = set(candidate_fields(spec))
+    imp = {f.name for f in spec.fields} - cand
+    if not cand or not imp:
+        raise TrainError(f"factorizing needs fields on both sides; candidate fields: {sorted(cand)}")
+    layout = _Layout(w.layers[0][0].shape[0], w.dim)
+    doc = (f"Factorized DeepFM (train/factorize.py). {CAND_PART} columns: [0, {layout.hidden}) the first DNN "
+           f"layer's pre-activation share, {layout.scalar} linear terms - 0.5 * sum of squared field vectors, "
+           f"[{layout.s.start}, {layout.s.stop}) the FM sum vector; the candidate side carries the biases.")
+
+    g = _Graph()
+    _side_part(g, "candidate", spec, w, layout, cand, CAND_PART, with_constants=True)
+    candidate = g.model(_inputs(spec, "candidates"),
+                        [helper.make_tensor_value_info(CAND_PART, TensorProto.FLOAT, ["candidates", layout.width])], doc)
+
+    g = _Graph()
+    imp_part = _side_part(g, "imp", spec, w, layout, imp, "imp.part", with_constants=False)
+    a = g.op("Gather", [imp_part, ROW_IMP], "row.imp", axis=0)
+    b = g.op("Gather", [CAND_PART, ROW_CAND], "row.candidate", axis=0)
+    total = g.op("Add", [a, b], "row.sum")
+    h = g.op("Relu", [total], "row.hidden_0")
+    consumers = [*(lw for lw, _ in w.layers[1:]), w.out.T]  # weight [out, in] of what reads h next
+
+    def padded(weight: np.ndarray) -> np.ndarray:  # zero columns: relu(scalar) and relu(s) feed nothing
+        out = np.zeros((weight.shape[0], layout.width), dtype=np.float32)
+        out[:, :layout.hidden] = weight
+        return out
+
+    for k, (lw, lb) in enumerate(w.layers[1:], start=1):
+        lw = padded(lw) if k == 1 else lw
+        h = g.op("Gemm", [h, g.const(f"dnn.{k}.weight", lw), g.const(f"dnn.{k}.bias", lb)], f"row.gemm_{k}", transB=1)
+        h = g.op("Relu", [h], f"row.hidden_{k}")
+    out_weight = consumers[-1] if len(w.layers) > 1 else padded(consumers[-1])
+    dnn = g.op("MatMul", [h, g.const("dnn.out", np.ascontiguousarray(out_weight.T))], "row.dnn")
+    axis = g.const("row.axis", np.array([1], np.int64))
+    scalar = g.op("Slice", [total, g.const("row.scalar_start", np.array([layout.scalar], np.int64)),
+                            g.const("row.scalar_end", np.array([layout.scalar + 1], np.int64)), axis], "row.scalar")
+    s = g.op("Slice", [total, g.const("row.s_start", np.array([layout.s.start], np.int64)),
+                       g.const("row.s_end", np.array([layout.s.stop], np.int64)), axis], "row.s")
+    square = g.op("ReduceSumSquare", [s], "row.square_of_sum", axes=[1], keepdims=1)
+    fm = g.op("Mul", [square, g.const("row.half", np.array(0.5, np.float32))], "row.fm")
+    logit = g.op("Add", [g.op("Add", [scalar, fm], "row.linear_fm"), dnn], "row.logit")
+    g.op("Sigmoid", [logit], OUTPUT)
+    factorized = g.model(
+        _inputs(spec, "imps") + [helper.make_tensor_value_info(CAND_PART, TensorProto.FLOAT, ["candidates", layout.width]),
+                                 helper.make_tensor_value_info(ROW_IMP, TensorProto.INT64, ["rows"]),
+                                 helper.make_tensor_value_info(ROW_CAND, TensorProto.INT64, ["rows"])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["rows", 1])], doc)
+    return candidate, factorized, layout.describe()
+
+
+# -- checking and writing ------------------------------------------------------------------------------------
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+
+
+def check_parity(model_path: Path, candidate_path: Path, factorized_path: Path, spec: FeatureSpec,
+                 held_out: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Factorized vs canonical (``session.run``): 64 random imps × 16 random candidates in shuffled order
+    with repeats, plus held-out rows (each its own imp and candidate); ``ParityError`` above 1e-6."""
+    canonical, candidate, factorized = _session(model_path), _session(candidate_path), _session(factorized_path)
+    imps, cands, row_imp, row_cand = parity_rows(spec, np.random.default_rng(seed))
+    worst, rows = max_abs_diff(canonical, candidate, factorized, spec, imps, cands, row_imp, row_cand), len(row_imp)
+    if held_out is not None:
+        n = min(PARITY_REAL_ROWS, len(next(iter(held_out.values()))))
+        if n:
+            real = {name: np.ascontiguousarray(held_out[name][:n]) for name in spec.input_names}
+            index = np.arange(n, dtype=np.int64)
+            worst = max(worst, max_abs_diff(canonical, candidate, factorized, spec, real, real, index, index))
+            rows += n
+    if not worst <= PARITY_TOLERANCE:
+        raise ParityError(f"{factorized_path}: factorized graphs differ from {model_path.name} by {worst:.3g} over "
+                          f"{rows} rows (tolerance {PARITY_TOLERANCE:g})")
+    return {"max_abs_diff": worst, "rows": rows, "tolerance": PARITY_TOLERANCE}
+
+
+def write_graphs(model_path: Path, spec: FeatureSpec, out_dir: Path, *, combiner: str = "sum",
+                 held_out: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Build, save and check the factorized graphs of ``model_path`` in ``out_dir``.
+
+    Returns ({file name: path}, the ``meta.json`` entry for ``graphs.factorized``).
+    """
+    candidate, factorized, layout = build_graphs(onnx.load(str(model_path)), spec, combiner)
+    paths = {CANDIDATE_FILE: out_dir / CANDIDATE_FILE, FACTORIZED_FILE: out_dir / FACTORIZED_FILE}
+    onnx.save(candidate, str(paths[CANDIDATE_FILE]))
+    onnx.save(factorized, str(paths[FACTORIZED_FILE]))
+    parity = check_parity(model_path, paths[CANDIDATE_FILE], paths[FACTORIZED_FILE], spec, held_out)
+    entry = {"files": list(paths), "candidate_fields": list(candidate_fields(spec)), "layout": layout,
+             "parity": parity}
+    return paths, entry
+
+
+def factorize_bundle(bundle: str | Path, *, held_out: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Add the factorized graphs to an existing DeepFM bundle (``model.onnx`` untouched); returns the entry."""
+    bundle = Path(bundle)
+    meta_path, model_path = bundle / META_FILE, bundle / MODEL_FILE
+    if not model_path.is_file() or not meta_path.is_file():
+        raise TrainError(f"{bundle}: not a model bundle (needs {MODEL_FILE} and {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainError(f"{meta_path}: cannot read: {exc}") from None
+    architecture = meta.get("architecture")
+    if architecture != "deepfm":
+        raise TrainError(f"{bundle}: factorized scoring needs a DeepFM bundle, this one is {architecture!r} "
+                         "(its interactions do not split into an imp and a candidate part; it keeps row scoring)")
+    if meta.get("onnx_sha256") not in (None, file_sha256(model_path)):
+        raise TrainError(f"{model_path}: does not match meta.json's onnx_sha256")
+    spec = load_spec(bundle)
+    if meta.get("spec_digest") not in (None, spec.digest):
+        raise TrainError(f"{bundle}: spec.json does not match meta.json's spec_digest")
+    combiner = (meta.get("hyperparameters") or {}).get("usertag_combiner", "sum")
+    with tempfile.TemporaryDirectory(prefix=".factorize-", dir=bundle) as tmp:
+        paths, entry = write_graphs(model_path, spec, Path(tmp), combiner=combiner, held_out=held_out)
+        meta["graphs"] = {**(meta.get("graphs") or {}), GRAPH: entry}
+        staged_meta = Path(tmp) / META_FILE
+        staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
+        replace_files(bundle, {**paths, META_FILE: staged_meta})  # the graphs first, meta.json naming them last
+    return entry
