@@ -45,6 +45,7 @@ class ImpOutcome:
     values: list[float] = field(default_factory=list)  # every candidate's, best first
     winners: dict[str, dict] = field(default_factory=dict)  # creative id → its bid fields; several on near-ties
     tolerance: float = 0.0
+    uncertain: bool = False                   # the best is within the tolerance of the floor: no bid is right too
 
 
 @dataclass
@@ -169,15 +170,16 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
         floor = request["imp"][position].get("bidfloor", 0.0)
         outcome.values = sorted((price for price, *_ in offered), reverse=True)
         best = outcome.values[0]
-        if best < floor:
-            outcome.reason = "below_floor"
-            continue
-        outcome.value = best
-        outcome.price = max(round(best, 6), floor)  # micro-dollars, never under the floor
         # a creative within twice the tolerance of the best may win instead, at its own price
         outcome.tolerance = 2 * max(tol for _, tol, *_ in offered)
+        if best < floor - outcome.tolerance:
+            outcome.reason = "below_floor"
+            continue
+        outcome.uncertain = best < floor + outcome.tolerance  # at the floor, within the tolerance: bid or not
+        outcome.value = best
+        outcome.price = max(round(best, 6), floor)  # micro-dollars, never under the floor
         for price, _, campaign, creative in offered:
-            if price >= floor and price >= best - outcome.tolerance:
+            if price >= floor - outcome.tolerance and price >= best - outcome.tolerance:
                 outcome.winners[creative["id"]] = bid_fields(request, request["imp"][position], campaign, creative)
     if any(outcome.reason is None for outcome in outcomes):
         return Expectation(200, None, outcomes, weekday, hour)
@@ -197,10 +199,14 @@ def bid_fields(request: dict, imp: dict, campaign: dict, creative: dict) -> dict
 
 
 def mismatch(expectation: Expectation, status: int, answer: dict | None, request: dict) -> str | None:
-    """Why the answer is not the expected one; None when it is."""
-    if status != expectation.status:
+    """Why the answer is not the expected one; None when it is (then ``expectation`` is settled: an uncertain
+    imp not bid on becomes a below-floor no-bid, and the status is the answer's)."""
+    certain = any(imp.reason is None and not imp.uncertain for imp in expectation.imps)
+    possible = any(imp.reason is None for imp in expectation.imps)
+    if status == 204 and certain or status == 200 and not possible or status not in (200, 204):
         return f"status {status}, expected {expectation.status} ({[(i.imp_id, i.reason) for i in expectation.imps]})"
     if status == 204:
+        settle(expectation, {})
         return None
     if answer.get("id") != request["id"] or answer.get("cur") != "USD":
         return f"response id/cur {answer.get('id')!r}/{answer.get('cur')!r}"
@@ -219,6 +225,8 @@ def mismatch(expectation: Expectation, status: int, answer: dict | None, request
                 return f"imp {outcome.imp_id!r}: bid {bid} where no bid is expected ({outcome.reason})"
             continue
         if bid is None:
+            if outcome.uncertain:
+                continue
             return f"imp {outcome.imp_id!r}: no bid, expected {outcome.price} for one of {sorted(outcome.winners)}"
         expected = outcome.winners.get(bid.get("crid"))
         if expected is None:
@@ -236,7 +244,21 @@ def mismatch(expectation: Expectation, status: int, answer: dict | None, request
             return f"imp {outcome.imp_id!r}: price {bid['price']} is not in micro-dollars"
     if by_imp:
         return f"bids for imps not in the request: {sorted(by_imp)}"
+    settle(expectation, {bid.get("impid") for bid in bids})
     return None
+
+
+def settle(expectation: Expectation, bid_imps) -> None:
+    if not any(imp.uncertain for imp in expectation.imps):
+        return
+    for imp in expectation.imps:
+        if imp.uncertain and imp.imp_id not in bid_imps:
+            imp.reason = "below_floor"
+    if all(imp.reason is not None for imp in expectation.imps):
+        reasons = {imp.reason for imp in expectation.imps}
+        expectation.status, expectation.reason = 204, reasons.pop() if len(reasons) == 1 else None
+    else:
+        expectation.status = 200
 
 
 def check(request: dict, catalog: dict, scorer, exchange: str | None, before: float, after: float,
