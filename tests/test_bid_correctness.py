@@ -210,6 +210,30 @@ async def test_rows_beyond_max_batch_are_scored_in_chunks_and_priced_right(aioht
                                   oracle_scorer(small_bundle).predict(records))
 
 
+async def test_the_default_bundle_scores_more_rows_than_max_batch_in_chunks(aiohttp_client, openrtb_examples):
+    """The shipped DeepFM serves through its factorized graphs: their own chunking must price right too."""
+    client = await aiohttp_client(create_app(Config(max_batch=2)))
+    catalog = raw_catalog(DEFAULT_CAMPAIGNS)
+    request = json.loads(openrtb_examples[SIMPLE_BANNER])
+    request["imp"].append({"id": "2", "banner": {"format": [{"w": 728, "h": 90}, {"w": 160, "h": 600}]}})
+    scored = 0
+    for exchange, generated in [(None, request), *oracle.generate_requests(catalog, 15, seed=4)]:
+        expectation, _ = await bid_and_check(client, generated, catalog, DEFAULT_BUNDLE, exchange)
+        scored += expectation.status == 200 or "below_floor" in expectation.imp_reasons
+    text = await (await client.get("/metrics")).text()
+    # one request at a time: every scoring call held one request, however many rows it had
+    assert metric(text, "bidder_batch_requests_sum") == metric(text, "bidder_batch_requests_count") >= scored > 5
+
+
+async def test_a_private_auction_without_an_eligible_creative_is_no_eligible_creative(client, openrtb_examples):
+    request = json.loads(openrtb_examples["bid-request-2.5/pmp-with-direct-deal.json"])
+    request["imp"][0]["banner"] = {"w": 1, "h": 1}
+    assert (await post_bid(client, request))[0] == 204
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_nobid_imps_total", reason="no_eligible_creative") == 1
+    assert metric(text, "bidder_nobids_total", reason="no_eligible_creative") == 1
+
+
 def test_the_shipped_default_bundle_loads_and_scores_like_plain_onnxruntime(sample_records):
     scorer = Scorer(DEFAULT_BUNDLE)
     meta = json.loads((DEFAULT_BUNDLE / "meta.json").read_text())

@@ -84,6 +84,10 @@ def test_candidate_layers_hold_the_candidate_fields_only():
      r"^catalog: campaigns\[0\]\.creatives\[0\]: expected an object$"),
     (_catalog(nurl=5), r"^catalog: campaigns\[0\]\.creatives\[0\]\.nurl: expected a non-empty string, got 5$"),
     (_catalog(adomain=[5]), r"^catalog: campaigns\[0\]\.creatives\[0\]\.adomain: expected a non-empty list"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "deals": [5], "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.deals\[0\]: expected an object$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "deals": [{"dealid": "d", "price": 2}],
+                     "creatives": [_creative()]}]}, r"^catalog: campaigns\[0\]\.deals\[0\]: unknown keys \['price'\]"),
 ])
 def test_catalog_errors_name_the_entry(data, message):
     with pytest.raises(CatalogError, match=message):
@@ -156,3 +160,15 @@ def test_untargeted_catalogs_still_honour_blocked_advertisers():
     assert not catalog.targeted
     assert len(catalog.eligible(300, 250, None, None, frozenset())) == 2
     assert [c.creative_id for c in catalog.eligible(300, 250, None, None, frozenset({"a.com"}))] == ["y"]
+
+
+def test_a_catalog_of_some_candidates_numbers_them_afresh():
+    """Scoring addresses a candidate by its index in the catalog: a catalog built from a subset renumbers."""
+    data = {"campaigns": [{"id": f"c{i}", "advertiser": i, "value_per_click": 1.0,
+                           "creatives": [_creative(id=f"cr{i}")]} for i in range(4)]}
+    every = parse_catalog(data).candidates
+    assert [c.index for c in every] == [0, 1, 2, 3]
+    some = Catalog(every[2:] + every[:1])
+    assert [c.index for c in some.candidates] == [0, 1, 2]
+    assert [c.creative_id for c in some.candidates] == ["cr2", "cr3", "cr0"]
+    assert some.candidates[0].value_per_click == 1.0 and some.candidates[0].layer == every[2].layer

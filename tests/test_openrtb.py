@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import msgspec
 
-from bidder.openrtb import (MAX_SLOTPRICE_FEN, USD_TO_CNY, Bid, BidResponse, RequestError, SeatBid, decode_request,
+from bidder.openrtb import (decode_predict, MAX_SLOTPRICE_FEN, USD_TO_CNY, Bid, BidResponse, RequestError, SeatBid, decode_request,
                             encode_response, imp_fields, imp_sizes, request_fields, slotprice_from_usd_cpm)
 
 
@@ -166,3 +166,43 @@ def test_weekday_and_hour_equal_gmtime_at_any_instant_and_offset(now, offset):
     shared = request_fields(request, None, now=now, utc_offset_hours=offset)
     stamp = time.gmtime(now + offset * 3600)
     assert (shared["weekday"], shared["hour"]) == (stamp.tm_wday, stamp.tm_hour)
+
+
+@pytest.mark.parametrize("body,message,path", [
+    (b'{"id": "r", "imp": [{"id": "1"}], "site": {"domain": "a\xffb"}}',
+     "byte 0xff at offset 55 in the string at $.site.domain", "$.site.domain"),
+    (b'{"id": "r", "imp": [{"id": "1", "tagid": "\x80"}]}', "byte 0x80 at offset 42 in the string at $.imp[0].tagid",
+     "$.imp[0].tagid"),
+    (b'{"id": "r\xff', "byte 0xff at offset 9", "$"),  # not JSON either: no path to name
+])
+def test_bytes_that_are_not_utf8_are_named_by_offset_and_path(body, message, path):
+    with pytest.raises(RequestError) as info:
+        decode_request(body)
+    assert (info.value.message, info.value.path) == ("request body is not valid UTF-8: " + message, path)
+
+
+@pytest.mark.parametrize("body,message,path", [
+    (b'{"records": [{"dom\x80": 1}]}', "byte 0x80 at offset 18 in a key of the object at $.records[0]",
+     "$.records[0]"),
+    (b'{"rec\xffords": []}', "byte 0xff at offset 5 in a key of the object at $", "$"),
+])
+def test_bytes_that_are_not_utf8_in_a_key_name_the_object(body, message, path):
+    with pytest.raises(RequestError) as info:
+        decode_predict(body)
+    assert (info.value.message, info.value.path) == ("request body is not valid UTF-8: " + message, path)
+
+
+def test_an_empty_imp_list_says_so():
+    with pytest.raises(RequestError) as info:
+        decode_request(b'{"id": "r", "imp": []}')
+    assert (info.value.message, info.value.path) == ("a bid request needs at least one imp", "$.imp")
+
+
+def test_predict_fields_out_of_range_get_plain_words_and_wrong_types_keep_the_detail():
+    words = "expected a weekday 0-6 (Monday = 0), a number or a string of digits"
+    with pytest.raises(RequestError) as info:
+        decode_predict(b'{"records": [{"weekday": 9}]}')
+    assert (info.value.message, info.value.path) == (words, "$.records[0].weekday")
+    with pytest.raises(RequestError) as info:
+        decode_predict(b'{"records": [{"weekday": [1]}]}')
+    assert info.value.message.startswith(words + ": Expected ") and "array" in info.value.message
