@@ -14,7 +14,7 @@ NOW    ?=
 RUNTIME := $(VENV)/.runtime $(VENV)/.extension
 FULL    := $(VENV)/.full $(VENV)/.extension
 
-.PHONY: all test serve dev bench bench-load default-model clean
+.PHONY: all test serve dev bench bench-load default-model mutation clean
 
 all: test
 
@@ -54,6 +54,15 @@ $(DEFAULT_MODEL):
 serve: $(RUNTIME) $(DEFAULT_MODEL)
 	$(PY) -m bidder serve --host $(HOST) --port $(PORT) --workers $(WORKERS) $(if $(NOW),--now $(NOW))
 
+# Mutation testing of the bid path's business logic (minutes; not part of `make test`). Bundles trained by
+# the test fixtures are cached in .mutation-cache, warmed here outside mutmut's forking process.
+MUTATION_ENV := BIDDER_TEST_BUNDLE_CACHE=$(CURDIR)/.mutation-cache
+mutation: $(FULL)
+	rm -rf mutants
+	$(MUTATION_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/test_reload.py::test_reload_to_another_bundle_and_catalog
+	$(MUTATION_ENV) $(PY) -m mutmut run --max-children $(or $(MUTATION_JOBS),2) > mutants.log 2>&1 || (tail -c 3000 mutants.log; exit 1)
+	$(PY) tests/mutation_report.py
+
 bench: $(FULL)
 	$(PY) -m pytest -q --benchmark
 
@@ -64,4 +73,4 @@ default-model: $(FULL)
 	$(PY) -m train default
 
 clean:
-	rm -rf build bidder/_features.c bidder/_features*.so *.egg-info $(VENV)
+	rm -rf build bidder/_features.c bidder/_features*.so *.egg-info $(VENV) mutants mutants.log .mutation-cache

@@ -1,6 +1,9 @@
 """Shared fixtures. `pytest --benchmark` runs the micro-benchmarks; plain `pytest` skips them."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -52,12 +55,52 @@ def synthetic_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def small_bundle(synthetic_data, tmp_path_factory) -> Path:
-    from train.fit import fit_bundle
+def _trained_bundle(request, tmp_path_factory, architecture: str) -> Path:
+    """A 1-epoch bundle on the synthetic fixture data.
 
-    out = tmp_path_factory.mktemp("bundle")
-    return fit_bundle(synthetic_data, "deepfm", out, epochs=1, progress=False)
+    ``BIDDER_TEST_BUNDLE_CACHE`` (set by ``make mutation`` only: every mutant runs its tests in a fresh pytest
+    session) keeps trained bundles in that folder, keyed by the training code, so they are trained once a run.
+    """
+    cache = os.environ.get("BIDDER_TEST_BUNDLE_CACHE")
+    if not cache:
+        from train.fit import fit_bundle  # imports torch: only when a bundle is trained
+
+        return fit_bundle(request.getfixturevalue("synthetic_data"), architecture,
+                          tmp_path_factory.mktemp(architecture), epochs=1, progress=False)
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(architecture.encode())
+    for path in sorted([*root.glob("train/**/*.py"), root / "bidder" / "spec.py", root / "bidder" / "_features.pyx"]):
+        digest.update(path.read_bytes())
+    cached = Path(cache) / f"{architecture}-{digest.hexdigest()[:16]}"
+    if not (cached / "model.onnx").exists():
+        from train.fit import fit_bundle
+
+        fit_bundle(request.getfixturevalue("synthetic_data"), architecture, cached.with_suffix(".tmp"), epochs=1,
+                   progress=False)
+        cached.with_suffix(".tmp").rename(cached)
+    return cached
+
+
+@pytest.fixture(scope="session")
+def small_bundle(request, tmp_path_factory) -> Path:
+    """DeepFM, one epoch."""
+    return _trained_bundle(request, tmp_path_factory, "deepfm")
+
+
+@pytest.fixture(scope="session")
+def logreg_bundle(request, tmp_path_factory) -> Path:
+    """Logistic regression, one epoch: another model id, architecture and set of predictions than small_bundle."""
+    return _trained_bundle(request, tmp_path_factory, "logreg")
+
+
+@pytest.fixture(scope="session")
+def second_catalog(tmp_path_factory) -> Path:
+    """A catalog unlike the default one: targeting, a paused campaign, size filters, markup-only creatives."""
+    from oracle import second_catalog as build
+
+    path = tmp_path_factory.mktemp("catalog") / "second.json"
+    path.write_text(json.dumps(build()))
+    return path
 
 
 SAMPLE_RECORD = {

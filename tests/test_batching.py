@@ -130,6 +130,17 @@ def test_a_request_larger_than_max_batch_is_scored_in_chunks(small_bundle, openr
     assert small.bid(body).status == 200
 
 
+async def test_requests_scored_alone_for_their_size_leave_the_rest_of_the_batch_to_bid(small_bundle, openrtb_examples,
+                                                                                       scoring):
+    """Each request here has more rows than max_batch: each is scored alone, and every one is answered."""
+    engine = make_engine(small_bundle, max_batch=4, scoring=scoring)
+    bodies = [body for _, body in distinct_requests(openrtb_examples, 5)]
+    alone = [engine.bid(body) for body in bodies]
+    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
+    together = await asyncio.gather(*(engine.submit(p) for p in prepared))
+    assert together == alone and [o.status for o in together].count(200) >= 3
+
+
 class PoisonedFeaturizer:
     """Delegates to the real featurizer, but a row whose slot is 'poison' cannot be featurized."""
 

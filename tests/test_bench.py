@@ -26,6 +26,7 @@ from bench.scrape import MetricsProbe, batch_delta, parse_metrics
 from bench.servers import BenchError
 from bench.wrk_driver import INSTALL_HINT, MARKER, SCRIPT, WrkResult, parse_output, wrk_path
 from bidder import OPENRTB_EXAMPLES
+from processes import reserve_port
 
 BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
 
@@ -247,14 +248,15 @@ def test_a_missing_program_is_reported(tmp_path):
 
 
 def test_echo_server_process_starts_answers_and_is_torn_down(tmp_path):
-    port = servers.free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "bench.echo", "--port", str(port)]
-    with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
-                         log_dir=tmp_path) as server:
-        assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
-    assert server.process.returncode is not None
-    assert servers.listening_sockets(port) == 0
+    with reserve_port() as holder:  # bound until the test ends: no other process can take the port meanwhile
+        port = holder.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "bench.echo", "--port", str(port)]
+        with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
+                             log_dir=tmp_path) as server:
+            assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
+        assert server.process.returncode is not None
+        assert servers.listening_sockets(port) == 0
 
 
 def test_listening_sockets_counts_a_listener():
@@ -455,7 +457,8 @@ def test_measure_scrapes_the_bidder_around_the_measured_run(stub_metrics, monkey
 def test_probe_of_a_server_without_metrics_records_nothing(stub_metrics, monkeypatch):
     monkeypatch.setattr(_Metrics, "status", 404)
     assert MetricsProbe("127.0.0.1", stub_metrics).scrape() is None
-    assert MetricsProbe("127.0.0.1", servers.free_port()).scrape(same_pid="1") is None   # nothing listens
+    with reserve_port() as holder:  # bound, never listening: nothing can answer on it
+        assert MetricsProbe("127.0.0.1", holder.getsockname()[1]).scrape(same_pid="1") is None
 
 
 # --- configuration: servers, echo layer, repeat --------------------------------------------------------
@@ -518,10 +521,11 @@ async def test_low_level_echo_answers_like_the_app(aiohttp_raw_server, aiohttp_c
 
 
 def test_low_level_echo_process_starts_and_answers(tmp_path):
-    port = servers.free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "bench.echo", "--port", str(port), "--layer", "server"]
-    with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
-                         log_dir=tmp_path):
-        assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
-    assert servers.listening_sockets(port) == 0
+    with reserve_port() as holder:  # bound until the test ends: no other process can take the port meanwhile
+        port = holder.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "bench.echo", "--port", str(port), "--layer", "server"]
+        with servers.running("echo", command, base, ready_path="/readyz", startup_timeout_s=30, port=port,
+                             log_dir=tmp_path):
+            assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
+        assert servers.listening_sockets(port) == 0

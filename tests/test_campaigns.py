@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bidder.campaigns import AUCTION_PRICE_MACRO, CatalogError, load_catalog, parse_catalog
+from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog, parse_catalog
 from bidder.server import DEFAULT_CAMPAIGNS
 
 
@@ -69,10 +69,47 @@ def test_candidate_layers_hold_the_candidate_fields_only():
     ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "creatives": [_creative()]},
                     {"id": "d", "advertiser": 2, "value_per_click": 1, "creatives": [_creative()]}]},
      r"campaigns\[1\].creatives\[0\].id: creative 'cr' is also in campaigns\[0\].creatives\[0\]"),
+    ({"campaigns": [{"advertiser": 1, "value_per_click": 1, "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.id: expected a non-empty string, got None$"),
+    ({"campaigns": [{"id": "c", "advertiser": -1, "value_per_click": 1, "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.advertiser: expected a non-negative integer, got -1$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1e6, "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.value_per_click: expected a positive number of USD, got 1000000.0$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "targeting": ["x"],
+                     "creatives": [_creative()]}]}, r"^catalog: campaigns\[0\]\.targeting: expected an object$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "targeting": {"exchanges": "2"},
+                     "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.targeting\.exchanges: expected a list of strings$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "creatives": [7]}]},
+     r"^catalog: campaigns\[0\]\.creatives\[0\]: expected an object$"),
+    (_catalog(nurl=5), r"^catalog: campaigns\[0\]\.creatives\[0\]\.nurl: expected a non-empty string, got 5$"),
+    (_catalog(adomain=[5]), r"^catalog: campaigns\[0\]\.creatives\[0\]\.adomain: expected a non-empty list"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "deals": [5], "creatives": [_creative()]}]},
+     r"^catalog: campaigns\[0\]\.deals\[0\]: expected an object$"),
+    ({"campaigns": [{"id": "c", "advertiser": 1, "value_per_click": 1, "deals": [{"dealid": "d", "price": 2}],
+                     "creatives": [_creative()]}]}, r"^catalog: campaigns\[0\]\.deals\[0\]: unknown keys \['price'\]"),
 ])
 def test_catalog_errors_name_the_entry(data, message):
     with pytest.raises(CatalogError, match=message):
         parse_catalog(data)
+
+
+def test_a_file_catalog_names_its_file_in_errors_and_as_its_source(tmp_path):
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"campaigns": [{"id": "c", "advertiser": "x", "value_per_click": 1,
+                                               "creatives": [_creative()]}]}))
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    assert str(info.value).startswith(f"{path}: campaigns[0].advertiser: ")
+    path.write_text(json.dumps(_catalog()))
+    assert load_catalog(path).source == str(path)
+    assert parse_catalog(_catalog()).source == "catalog" and Catalog([]).source == "catalog"
+
+
+def test_sizes_without_creatives_have_no_candidates_and_1x1_is_a_size():
+    catalog = parse_catalog(_catalog(w=1, h=1))
+    assert [c.creative_id for c in catalog.for_size(1, 1)] == ["cr"]
+    assert catalog.for_size(300, 250) == () and catalog.eligible(300, 250, None, None, frozenset()) == ()
 
 
 def test_catalog_files_that_cannot_be_read(tmp_path):
@@ -123,3 +160,15 @@ def test_untargeted_catalogs_still_honour_blocked_advertisers():
     assert not catalog.targeted
     assert len(catalog.eligible(300, 250, None, None, frozenset())) == 2
     assert [c.creative_id for c in catalog.eligible(300, 250, None, None, frozenset({"a.com"}))] == ["y"]
+
+
+def test_a_catalog_of_some_candidates_numbers_them_afresh():
+    """Scoring addresses a candidate by its index in the catalog: a catalog built from a subset renumbers."""
+    data = {"campaigns": [{"id": f"c{i}", "advertiser": i, "value_per_click": 1.0,
+                           "creatives": [_creative(id=f"cr{i}")]} for i in range(4)]}
+    every = parse_catalog(data).candidates
+    assert [c.index for c in every] == [0, 1, 2, 3]
+    some = Catalog(every[2:] + every[:1])
+    assert [c.index for c in some.candidates] == [0, 1, 2]
+    assert [c.creative_id for c in some.candidates] == ["cr2", "cr3", "cr0"]
+    assert some.candidates[0].value_per_click == 1.0 and some.candidates[0].layer == every[2].layer

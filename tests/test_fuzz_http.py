@@ -5,10 +5,13 @@ import json
 import random
 
 import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
+from oracle import bid_and_check, metric, raw_catalog
 
 ALLOWED = {200, 204, 400, 413}
 # edge values a plain strategy rarely draws: overflow-prone numbers, empties, control characters
@@ -49,10 +52,15 @@ def mutate(document, rng: random.Random, replacement):
     return document
 
 
-@pytest.fixture
-async def client(aiohttp_client, small_bundle):
-    return await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS,
-                                                  max_body=16 * 1024)))
+# one app for the whole module, so the last tests see the app every fuzz test has been at
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(small_bundle):
+    app = create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS, max_body=16 * 1024))
+    async with TestClient(TestServer(app)) as client:
+        yield client
 
 
 async def _check(client, route: str, body: bytes) -> None:
@@ -90,10 +98,13 @@ async def test_random_predict_records(client, records):
     await _check(client, "/predict", json.dumps({"records": records}).encode())
 
 
-async def test_worker_still_bids_after_the_fuzzing(client, openrtb_examples):
-    for _ in range(3):
-        response = await client.post("/bid", data=openrtb_examples["bid-request-2.6/simple-banner.json"])
-        assert response.status == 200
+async def test_worker_still_bids_after_the_fuzzing(client, openrtb_examples, small_bundle):
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_responses_total") >= 150, "runs after the fuzz tests, on their app"
+    catalog = raw_catalog(DEFAULT_CAMPAIGNS)
+    for name in ("bid-request-2.6/simple-banner.json", "bid-request-2.5/mobile.json"):
+        expectation, _ = await bid_and_check(client, json.loads(openrtb_examples[name]), catalog, small_bundle)
+        assert expectation.status == 200  # and the right creative at the right price
 
 
 EDGE_VALUES = [1e308, -1e308, 2**63, -1, 0, "", "\x00", None, [], {}, True]

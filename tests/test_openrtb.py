@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import msgspec
 
-from bidder.openrtb import (MAX_SLOTPRICE_FEN, USD_TO_CNY, Bid, BidResponse, RequestError, SeatBid, decode_request,
+from bidder.openrtb import (decode_predict, MAX_SLOTPRICE_FEN, USD_TO_CNY, Bid, BidResponse, RequestError, SeatBid, decode_request,
                             encode_response, imp_fields, imp_sizes, request_fields, slotprice_from_usd_cpm)
 
 
@@ -117,6 +117,47 @@ def test_wrong_types_name_their_path(body, path):
     assert info.value.path == path and info.value.message
 
 
+def test_request_errors_read_as_their_message():
+    error = RequestError("a message", "$.imp")
+    assert str(error) == "a message" and error.path == "$.imp"
+
+
+def test_the_utc_offset_moves_the_clock_by_whole_hours():
+    request = decode_request(b'{"id": "r", "imp": [{"id": "1"}]}')
+    last_second = calendar.timegm((2013, 6, 6, 19, 59, 59))  # Thursday 19:59:59 UTC
+    assert (request_fields(request, None, now=last_second)["hour"]) == 19
+    shared = request_fields(request, None, now=last_second, utc_offset_hours=8)
+    assert (shared["weekday"], shared["hour"]) == (4, 3)  # Friday 03:59:59, not a second later
+    shared = request_fields(request, None, now=last_second + 1, utc_offset_hours=-0.5)
+    assert (shared["weekday"], shared["hour"]) == (3, 19)  # 19:30:00
+
+
+@pytest.mark.parametrize("pos,visibility", [(None, "Na"), (0, "Na"), (1, "FirstView"), (3, "SecondView"),
+                                            (5, "OtherView"), (7, "FirstView"), (8, "Na"), (99, "Na")])
+def test_ad_positions_map_to_slot_visibility(pos, visibility):
+    banner = {"w": 300, "h": 250} if pos is None else {"w": 300, "h": 250, "pos": pos}
+    request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1", "banner": banner}]}).encode())
+    assert imp_fields(request_fields(request, None), request.imp[0])["slotvisibility"] == visibility
+
+
+def test_imps_without_a_banner_map_to_records_too():
+    request = decode_request(b'{"id": "r", "imp": [{"id": "1", "video": {"w": 640}, "bidfloor": 2, "instl": 1}]}')
+    record = imp_fields(request_fields(request, None), request.imp[0])
+    assert (record["slotvisibility"], record["slotformat"], record["slotprice"]) == ("Na", "1", 1440)
+
+
+@pytest.mark.parametrize("banner,sizes", [
+    ({"w": 300, "h": 0}, []),
+    ({"w": 0, "h": 250}, []),
+    ({"w": 300, "h": 250, "format": [{"w": 728, "h": 0}, {"w": 0, "h": 90}]}, [(300, 250)]),
+    ({"format": [{"w": 728, "h": 0}]}, []),
+    ({"format": [{"w": 728, "h": 90}, {"w": 300, "h": 250}, {"w": 728, "h": 90}]}, [(728, 90), (300, 250)]),
+])
+def test_a_size_needs_both_sides(banner, sizes):
+    request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1", "banner": banner}]}).encode())
+    assert imp_sizes(request.imp[0]) == sizes
+
+
 @given(st.floats(-2e9, 4e9, allow_nan=False), st.sampled_from([0, 8, -5, 5.5, -9.5, 14, -12]))
 def test_weekday_and_hour_equal_gmtime_at_any_instant_and_offset(now, offset):
     import time
@@ -125,3 +166,43 @@ def test_weekday_and_hour_equal_gmtime_at_any_instant_and_offset(now, offset):
     shared = request_fields(request, None, now=now, utc_offset_hours=offset)
     stamp = time.gmtime(now + offset * 3600)
     assert (shared["weekday"], shared["hour"]) == (stamp.tm_wday, stamp.tm_hour)
+
+
+@pytest.mark.parametrize("body,message,path", [
+    (b'{"id": "r", "imp": [{"id": "1"}], "site": {"domain": "a\xffb"}}',
+     "byte 0xff at offset 55 in the string at $.site.domain", "$.site.domain"),
+    (b'{"id": "r", "imp": [{"id": "1", "tagid": "\x80"}]}', "byte 0x80 at offset 42 in the string at $.imp[0].tagid",
+     "$.imp[0].tagid"),
+    (b'{"id": "r\xff', "byte 0xff at offset 9", "$"),  # not JSON either: no path to name
+])
+def test_bytes_that_are_not_utf8_are_named_by_offset_and_path(body, message, path):
+    with pytest.raises(RequestError) as info:
+        decode_request(body)
+    assert (info.value.message, info.value.path) == ("request body is not valid UTF-8: " + message, path)
+
+
+@pytest.mark.parametrize("body,message,path", [
+    (b'{"records": [{"dom\x80": 1}]}', "byte 0x80 at offset 18 in a key of the object at $.records[0]",
+     "$.records[0]"),
+    (b'{"rec\xffords": []}', "byte 0xff at offset 5 in a key of the object at $", "$"),
+])
+def test_bytes_that_are_not_utf8_in_a_key_name_the_object(body, message, path):
+    with pytest.raises(RequestError) as info:
+        decode_predict(body)
+    assert (info.value.message, info.value.path) == ("request body is not valid UTF-8: " + message, path)
+
+
+def test_an_empty_imp_list_says_so():
+    with pytest.raises(RequestError) as info:
+        decode_request(b'{"id": "r", "imp": []}')
+    assert (info.value.message, info.value.path) == ("a bid request needs at least one imp", "$.imp")
+
+
+def test_predict_fields_out_of_range_get_plain_words_and_wrong_types_keep_the_detail():
+    words = "expected a weekday 0-6 (Monday = 0), a number or a string of digits"
+    with pytest.raises(RequestError) as info:
+        decode_predict(b'{"records": [{"weekday": 9}]}')
+    assert (info.value.message, info.value.path) == (words, "$.records[0].weekday")
+    with pytest.raises(RequestError) as info:
+        decode_predict(b'{"records": [{"weekday": [1]}]}')
+    assert info.value.message.startswith(words + ": Expected ") and "array" in info.value.message

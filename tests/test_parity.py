@@ -8,13 +8,7 @@ Every served architecture is covered; the max |Δ| figures are printed (pytest -
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +17,7 @@ import pytest
 
 from bidder import Featurizer, load_spec, reference
 from bidder.scorer import Scorer
+from processes import Server
 
 TOLERANCE = 1e-6
 ARCHITECTURES = ["deepfm", "autoint", "dcnv2"]
@@ -128,50 +123,18 @@ def test_scorer_matches_plain_onnxruntime(bundle, records, batch):
     assert diff <= TOLERANCE
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 @pytest.mark.slow
 def test_http_predict_matches_plain_onnxruntime(bundle, records):
-    port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    server = subprocess.Popen([sys.executable, "-m", "bidder", "serve", "--model", str(bundle),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not become ready:\n{server.stdout.read().decode()}")
-            time.sleep(0.1)
+    with Server("--model", str(bundle)) as server:
+        server.wait_ready()
         expected = expected_ctr(bundle, records)
         got = []
         for i in range(0, len(records), 100):
-            body = _post(f"http://127.0.0.1:{port}/predict", {"records": records[i:i + 100]})
-            got.extend(body["ctr"])
+            status, body = server.post("/predict", json.dumps({"records": records[i:i + 100]}).encode())
+            assert status == 200, body
+            got.extend(json.loads(body)["ctr"])
         got = np.asarray(got, dtype=np.float64)
         diff = float(np.max(np.abs(got - expected)))
         print(f"\n[parity c] HTTP /predict: max |Δ| = {diff:.3g} over {len(records)} rows")
         assert diff <= TOLERANCE
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        assert server.stop() == 0

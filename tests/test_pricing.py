@@ -60,3 +60,31 @@ def test_best_is_the_maximum_over_rows_at_or_above_floor(rows, floors):
         else:
             assert best[imp].price >= floors[imp]
             assert best[imp].price == pytest.approx(max(eligible), abs=1e-6)
+
+
+def test_a_tie_keeps_the_first_candidate():
+    cands = candidates(2.0, 1.0, 2.0)
+    best = best_per_imp([0, 0, 0], cands, [0.01, 0.02, 0.01], [0.0])
+    assert best[0].candidate is cands[0] and best[0].price == pytest.approx(20.0)
+
+
+def test_prices_are_python_floats_whatever_holds_the_scores():
+    """The scorer hands a float32 array: prices computed in float32 would differ, and would not encode."""
+    cands = candidates(1.7, 1.0)
+    scores = np.array([0.0123456789, 0.0201], dtype=np.float32)
+    from_array = best_per_imp([0, 1], cands, scores, [0.0, 0.0])
+    from_list = best_per_imp([0, 1], cands, scores.tolist(), [0.0, 0.0])
+    for imp in (0, 1):
+        assert type(from_array[imp].price) is float and type(from_array[imp].ctr) is float
+        assert from_array[imp].price == from_list[imp].price == round(float(scores[imp]) * cands[imp].value_per_click
+                                                                       * 1000.0, 6)
+
+
+def test_a_private_deal_out_of_reach_rules_out_its_row_only():
+    from bidder.deals import DealOffer
+
+    rich, plain = candidates(5.0, 1.0)
+    private = DealOffer(dealid="d", seat="s", floor=1000.0, fixed_price=False, private=True)
+    best = best_per_imp([0, 0, 1], [rich, plain, plain], [0.01, 0.01, 0.01], [0.0, 0.0], {0: private})
+    assert best[0].candidate is plain and best[0].deal is None and best[0].price == pytest.approx(10.0)
+    assert best[1].candidate is plain

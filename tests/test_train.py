@@ -182,5 +182,9 @@ def test_crossed_logreg_learns_the_generators_interactions(synthetic_data):
     data = load_dataset(synthetic_data, default_spec(), progress=False)
     plain = fit_crossed_logreg(data, crosses=(), c_grid=(0.03,))
     crossed = fit_crossed_logreg(data, c_grid=(0.03,))
-    assert crossed["parameters"] > plain["parameters"]
+    # more columns give more parameters by construction; what the crosses must buy is fit on held-out rows
+    # (on this data: test AUC 0.700 vs 0.684, log loss 0.0778 vs 0.0786)
+    assert crossed["test"]["auc"] > plain["test"]["auc"] + 0.005
+    assert crossed["test"]["logloss"] < plain["test"]["logloss"]
+    assert crossed["val"]["auc"] > plain["val"]["auc"]
     assert {"auc", "logloss"} <= set(crossed["test"]) and crossed["C"] == 0.03
