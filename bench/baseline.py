@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import signal
 import socket
 import sys
 import time
@@ -32,6 +30,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
+from bench.workers import run_workers
 from bidder import DEFAULT_BUNDLE
 from bidder.openrtb import slotprice_from_usd_cpm
 from bidder.reference import ip_prefix, os_browser
@@ -274,22 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers <= 1:
         run_worker(args, reuse_port=False, cpu=None)
         return 0
-    cpus = sorted(os.sched_getaffinity(0))
-    workers = [multiprocessing.Process(target=run_worker, args=(args, True, cpus[i % len(cpus)]))
-               for i in range(args.workers)]
-    for worker in workers:
-        worker.start()
-
-    def forward(signum, frame):
-        for worker in workers:
-            if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
-    return 0 if all(worker.exitcode == 0 for worker in workers) else 1
+    return run_workers(args.workers, run_worker, lambda cpu: (args, True, cpu))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
 import signal
 
 import msgspec
 import uvloop
 from aiohttp import web
+
+from bench.workers import run_workers
 
 ROUTE = "/bid"
 LAYERS = ("app", "server")
@@ -109,25 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers <= 1:
         run_worker(args.host, args.port, reuse_port=False, cpu=None, layer=args.layer)
         return 0
-    # Mirror the bidder's worker model so a scaling run compares like with like: one process per
-    # worker, each on its own core out of those this process may use (taskset narrows them).
-    cpus = sorted(os.sched_getaffinity(0))
-    workers = [multiprocessing.Process(target=run_worker,
-                                       args=(args.host, args.port, True, cpus[i % len(cpus)], args.layer))
-               for i in range(args.workers)]
-    for worker in workers:
-        worker.start()
-
-    def forward(signum, frame):
-        for worker in workers:
-            if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
-    return 0 if all(worker.exitcode == 0 for worker in workers) else 1
+    return run_workers(args.workers, run_worker,
+                       lambda cpu: (args.host, args.port, True, cpu, args.layer))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def guarded(handler):
     """Counts requests in flight (for draining); a bug still answers JSON and the worker serves on.
 
     A wrapper per handler instead of an aiohttp middleware: a middleware costs every request a
-    cached-chain lookup, a partial and two more coroutine frames. ``/bid`` inlines the same guard.
+    cached-chain lookup, a partial and two more coroutine frames.
     """
     @functools.wraps(handler)
     async def guard(request: web.Request) -> web.StreamResponse:
@@ -169,33 +169,19 @@ def guarded(handler):
     return guard
 
 
-async def _bid(request: web.Request, exchange: str | None) -> web.Response:
+@guarded
+async def bid(request: web.Request) -> web.Response:
+    """``POST /bid`` and ``POST /bid/{exchange}`` (the exchange becomes the ``adexchange`` feature)."""
     started = time.perf_counter()
     state = request.app[STATE]
-    state.in_flight += 1
-    try:
-        body = await _read_body(request, state)
-        if body.__class__ is not bytes:
-            return _respond(state, "/bid", body, started)
-        engine = state.engine
-        outcome = engine.prepare(body, exchange, started)
-        if outcome.__class__ is not Outcome:  # rows to score: join this loop turn's batch
-            outcome = await engine.submit(outcome) if state.config.batching else engine.bid_prepared(outcome)
-        return _respond(state, "/bid", outcome, started)
-    except web.HTTPException:
-        raise
-    except Exception:
-        return _internal_error(state, request)
-    finally:
-        state.in_flight -= 1
-
-
-async def bid(request: web.Request) -> web.Response:
-    return await _bid(request, None)
-
-
-async def bid_on_exchange(request: web.Request) -> web.Response:
-    return await _bid(request, request.match_info["exchange"])
+    body = await _read_body(request, state)
+    if body.__class__ is not bytes:
+        return _respond(state, "/bid", body, started)
+    engine = state.engine
+    outcome = engine.prepare(body, request.match_info.get("exchange"), started)
+    if outcome.__class__ is not Outcome:  # rows to score: join this loop turn's batch
+        outcome = await engine.submit(outcome) if state.config.batching else engine.bid_prepared(outcome)
+    return _respond(state, "/bid", outcome, started)
 
 
 @guarded
@@ -322,7 +308,7 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/bid", bid)
-    app.router.add_post("/bid/{exchange}", bid_on_exchange)
+    app.router.add_post("/bid/{exchange}", bid)
     app.router.add_post("/predict", predict)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

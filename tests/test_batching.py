@@ -5,7 +5,6 @@ import asyncio
 import json
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import bidder.openrtb
 from bidder.batching import Batcher
@@ -15,6 +14,7 @@ from bidder.factorized import FactorizedScorer
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
 from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
+from oracle import metric
 
 FIXED_NOW = 1_370_530_800.0  # Thursday 2013-06-06 15:00 UTC: weekday/hour must not move during a test
 
@@ -46,14 +46,6 @@ def distinct_requests(openrtb_examples, n: int) -> list[tuple[str, bytes]]:
         route = "/bid" if i % 2 else f"/bid/{1 + i % 4}"
         out.append((route, json.dumps(request).encode()))
     return out
-
-
-def metric(text: str, name: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    return 0.0
 
 
 @pytest.fixture

@@ -7,25 +7,17 @@ import json
 import msgspec
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bidder.openrtb import PredictRecord, RequestError, decode_predict, decode_request
 from bidder.scorer import Scorer
 from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.spec import RAW_FIELDS, TIMESTAMP_KEY
+from oracle import metric
 
 
 @pytest.fixture
 async def client(aiohttp_client, small_bundle):
     return await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS)))
-
-
-def metric(text: str, name: str, **labels) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def refused(body: bytes) -> RequestError:

@@ -14,6 +14,7 @@ from bidder.campaigns import load_catalog
 from bidder.metrics import NO_BID_REASONS
 from bidder.scorer import Scorer
 from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
+from oracle import metric
 
 NO_BANNER = {"bid-request-2.5/video.json", "bid-request-2.6/video.json", "bid-request-2.5/native-ad.json"}
 
@@ -22,14 +23,6 @@ NO_BANNER = {"bid-request-2.5/video.json", "bid-request-2.6/video.json", "bid-re
 async def client(aiohttp_client, small_bundle):
     app = create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS, max_body=64 * 1024))
     return await aiohttp_client(app)
-
-
-def metric(text: str, name: str, **labels) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 async def test_every_iab_example_gets_a_valid_bid_or_a_counted_no_bid(client, openrtb_examples):
