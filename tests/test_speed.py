@@ -61,6 +61,7 @@ def test_the_profile_phases_add_up_to_the_epoch(speed_run):
         assert all(p["seconds"] > 0 for name, p in profile["phases"].items() if name != "other")
         assert total == pytest.approx(profile["epoch_seconds"], rel=0.05)
         assert sum(p["share"] for p in profile["phases"].values()) == pytest.approx(1, abs=1e-3)
+        assert profile["penalty_backward_us_per_step"] > 0 and 0 < profile["whole_table_share_estimate"] < 1
         touched = profile["touched_table_rows_per_batch"]
         assert 0 < touched["mean"] < touched["of"]
 
