@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {synth,fit,default,compare,factorize} ...``.
+"""Command line: ``python -m train {synth,fit,default,compare,factorize,speed} ...``.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -116,6 +116,25 @@ def _factorize(args: argparse.Namespace) -> dict[str, Any]:
     return {"bundle": args.bundle, "factorized": factorize_bundle(args.bundle)}
 
 
+def _speed(args: argparse.Namespace) -> dict[str, Any]:
+    from train.speed import check_speed, measure_speed, render_table
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    check_speed(models, rows=args.rows, epochs=args.epochs, repeats=args.repeats, threads=args.threads)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():  # before the data: a typo must not wait for the runs
+        raise TrainError(f"--out {out}: folder {out.parent} does not exist")
+    if out is not None and out.is_dir():
+        raise TrainError(f"--out {out}: is a folder, expected a JSON file name")
+    result = measure_speed(args.data, models=models, rows=args.rows, epochs=args.epochs, repeats=args.repeats,
+                           threads=args.threads, seed=args.seed, profile=args.profile, progress=not args.quiet,
+                           skip_bad_lines=args.skip_bad_lines, spec=args.spec)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(render_table(result), file=sys.stderr)
+    return result
+
+
 def _bundle_summary(bundle: Path) -> dict[str, Any]:
     meta = json.loads((bundle / "meta.json").read_text())
     return {"bundle": str(bundle), "model_id": meta["model_id"], "metrics": meta["metrics"],
@@ -183,6 +202,24 @@ def _parser() -> argparse.ArgumentParser:
                           "to an existing DeepFM bundle, checked against its model.onnx")
     factorize.add_argument("--bundle", required=True, help="bundle folder (model.onnx is left as it is)")
     factorize.set_defaults(run=_factorize)
+    speed = commands.add_parser(
+        "speed", help="training throughput: our loop against deepctr-torch's fit() on the same rows, taking turns")
+    speed.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
+    speed.add_argument("--models", default="deepfm,autoint", help="comma-separated models (default: deepfm,autoint)")
+    speed.add_argument("--rows", type=int, help="train on the first ROWS rows of the training split (default: all)")
+    speed.add_argument("--epochs", type=int, default=1, help="timed epochs per run (default 1)")
+    speed.add_argument("--repeats", type=int, default=1,
+                       help="runs of each loop, taking turns; the median is reported (default 1)")
+    speed.add_argument("--profile", action="store_true",
+                       help="one more epoch of our loop timed per phase: data, forward, regularization, "
+                            "backward, optimizer")
+    speed.add_argument("--out", help="also write the JSON result to this file")
+    speed.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
+    speed.add_argument("--skip-bad-lines", action="store_true", help="leave malformed lines out instead of stopping")
+    speed.add_argument("--spec", help="feature spec JSON (default: the bidder's iPinYou spec)")
+    speed.add_argument("--threads", type=int, default=1, help="torch threads for both loops (default 1)")
+    speed.add_argument("--quiet", action="store_true", help="no progress bars")
+    speed.set_defaults(run=_speed)
     return parser
 
 

@@ -151,23 +151,68 @@ def _start_at_base_rate(model: torch.nn.Module, labels: np.ndarray) -> None:
         model.out.bias.fill_(float(np.log(rate / (1 - rate))))
 
 
+class PhaseClock:
+    """Seconds spent in each phase of the training loop, summed over the steps (``train speed --profile``).
+
+    ``mark(name)`` charges the time since the previous mark to ``name``; the loop calls it at every
+    phase boundary, so the phases add up to the epoch's time between ``start()`` and the last mark.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+class _NoClock:
+    def start(self) -> None:
+        pass
+
+    def mark(self, name: str) -> None:
+        pass
+
+
 def _run_epoch(model, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
-               desc: str, progress: bool) -> float:
-    """One pass in a fresh random order; returns the mean training log loss."""
+               desc: str, progress: bool, clock: PhaseClock | None = None) -> float:
+    """One pass in a fresh random order; returns the mean training log loss.
+
+    ``clock``, when given, is charged per phase: ``data`` (batch assembly), ``forward`` (model and loss),
+    ``regularization`` (deepctr's L2 terms, computed over the whole tables), ``backward``, ``optimizer``
+    (zero_grad and Adam's step) and ``other`` (the loss read-back and the progress bar).
+    """
+    clock = clock or _NoClock()
     model.train()
+    clock.start()
     order = torch.randperm(len(x), generator=generator)
     steps = (len(x) + batch_size - 1) // batch_size
     total = 0.0
     with tqdm(total=steps, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        clock.mark("other")
         for step in range(steps):
             index = order[step * batch_size:(step + 1) * batch_size]
-            pred = model(x[index]).reshape(-1)
-            loss = F.binary_cross_entropy(pred, y[index], reduction="sum")
+            x_batch, y_batch = x[index], y[index]
+            clock.mark("data")
+            pred = model(x_batch).reshape(-1)
+            loss = F.binary_cross_entropy(pred, y_batch, reduction="sum")
+            clock.mark("forward")
+            regularization = model.get_regularization_loss()
+            clock.mark("regularization")
             optimizer.zero_grad()
-            (loss + model.get_regularization_loss()).backward()
+            clock.mark("optimizer")
+            (loss + regularization).backward()
+            clock.mark("backward")
             optimizer.step()
+            clock.mark("optimizer")
             total += loss.item()
             bar.update(1)
             if step % 100 == 0:
                 bar.set_postfix(logloss=f"{total / min(len(x), (step + 1) * batch_size):.5f}")
+            clock.mark("other")
     return total / max(1, len(x))

@@ -1,0 +1,100 @@
+"""`python -m train speed`: both training loops on the same rows, the JSON it writes, the phase profile."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("deepctr_torch")
+
+from train.__main__ import main  # noqa: E402
+from train.speed import LOOPS, PHASES  # noqa: E402
+
+ROWS = 3000
+
+
+@pytest.fixture(scope="module")
+def speed_run(synthetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed") / "speed.json"
+    code = main(["speed", "--data", str(synthetic_data), "--models", "deepfm,autoint", "--rows", str(ROWS),
+                 "--repeats", "2", "--profile", "--threads", "1", "--quiet", "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_both_loops_run_on_the_same_rows_taking_turns(speed_run):
+    settings = speed_run["settings"]
+    assert settings["train_rows"] == ROWS and settings["epochs"] == 1 and settings["threads"] == 1
+    assert settings["test_rows"] > 0 and settings["train_split_rows"] > ROWS
+    assert [m["model"] for m in speed_run["models"]] == ["deepfm", "autoint"]
+    for model in speed_run["models"]:
+        assert [(r["loop"], r["repeat"]) for r in model["runs"]] == [("ours", 1), ("deepctr", 1),
+                                                                    ("ours", 2), ("deepctr", 2)]
+        for run in model["runs"]:
+            assert len(run["epoch_seconds"]) == 1 and run["epoch_seconds"][0] > 0
+            assert run["samples_per_s"] == pytest.approx(ROWS / run["epoch_seconds"][0], rel=1e-3)
+            assert 0.5 < run["test_auc"] < 1
+        for loop in LOOPS:
+            assert model[loop]["samples_per_s"] > 0 and 0.5 < model[loop]["test_auc"] < 1
+        assert model["ratio_ours_to_deepctr"] == pytest.approx(
+            model["ours"]["samples_per_s"] / model["deepctr"]["samples_per_s"], rel=1e-2)
+        assert model["batch_size"] == 512
+        assert model["parameters"]["embedding_tables"] + model["parameters"]["dense"] == model["parameters"]["total"]
+
+
+@pytest.mark.slow
+def test_the_json_records_settings_versions_and_machine(speed_run):
+    assert {"measured_at", "settings", "versions", "machine", "models"} <= set(speed_run)
+    assert {"torch", "deepctr-torch", "numpy", "python"} <= set(speed_run["versions"])
+    assert {"cpu_model", "nproc", "loadavg_before", "loadavg_after"} <= set(speed_run["machine"])
+    assert speed_run["settings"]["hyperparameters"]["deepfm"]["batch_size"] == 512
+
+
+@pytest.mark.slow
+def test_the_profile_phases_add_up_to_the_epoch(speed_run):
+    for model in speed_run["models"]:
+        profile = model["profile"]
+        assert set(profile["phases"]) == set(PHASES)
+        total = sum(p["seconds"] for p in profile["phases"].values())
+        assert all(p["seconds"] > 0 for name, p in profile["phases"].items() if name != "other")
+        assert total == pytest.approx(profile["epoch_seconds"], rel=0.05)
+        assert sum(p["share"] for p in profile["phases"].values()) == pytest.approx(1, abs=1e-3)
+        assert profile["penalty_backward_us_per_step"] > 0 and 0 < profile["whole_table_share_estimate"] < 1
+        touched = profile["touched_table_rows_per_batch"]
+        assert 0 < touched["mean"] < touched["of"]
+
+
+@pytest.mark.slow
+def test_the_table_and_json_are_printed(synthetic_data, capsys):
+    assert main(["speed", "--data", str(synthetic_data), "--models", "logreg", "--rows", "600", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # stdout is the JSON alone: deepctr's prints do not land there
+    assert result["models"][0]["model"] == "logreg" and "profile" not in result["models"][0]
+    assert "| logreg | 512 |" in captured.err and "ours / deepctr" in captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "deepfm,nope"], "unknown model(s) nope"),
+    (["--models", ","], "no model given"),
+    (["--models", "deepfm,deepfm"], "named twice"),
+    (["--rows", "0"], "--rows must be a positive integer"),
+    (["--rows", "1"], "--rows must be at least 2"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--repeats", "-1"], "--repeats must be a positive integer"),
+    (["--threads", "0"], "--threads must be a positive integer"),
+    (["--out", "/no/such/folder/speed.json"], "does not exist"),
+])
+def test_bad_arguments_exit_2_before_reading_data(tmp_path, capsys, args, message):
+    # the data folder does not exist: the argument checks must come first
+    assert main(["speed", "--data", str(tmp_path / "missing"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_missing_data_and_too_many_rows_exit_2(tmp_path, synthetic_data, capsys):
+    assert main(["speed", "--data", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["speed", "--data", str(synthetic_data), "--rows", "10000000", "--quiet"]) == 2
+    assert "--rows 10000000: the training split" in capsys.readouterr().err

@@ -1,0 +1,340 @@
+"""Training throughput, measured before it is optimised: our loop against deepctr-torch's own ``fit()``.
+
+Both loops train the same freshly initialised model (same seed, the output bias at the training CTR's
+log-odds, the same Adam parameter groups and settings, batch size and epochs) on the same first N rows of
+the training split, taking turns (ours, deepctr, ours, deepctr ...). Only the training epochs are timed:
+not featurizing, not fit()'s one-off input copy, not scoring. Each run is then scored on the test split
+(AUC), so a faster loop that learns less shows up.
+
+``profile`` adds one more epoch of our loop with every phase of a step timed (``train.trainer.PhaseClock``):
+data (batch assembly), forward, regularization (deepctr's L2 terms over the whole embedding tables),
+backward, optimizer (zero_grad and Adam's step over every parameter) and other (loss read-back, progress).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bidder.spec import FeatureSpec
+from train._deepctr import VERSION as DEEPCTR_VERSION
+from train._deepctr import BaseModel
+from train.data.dataset import Dataset, load_dataset
+from train.errors import TrainError
+from train.evaluate import binary_metrics, predict
+from train.fit import report_skipped, resolve_spec
+from train.models import ARCHITECTURES, build_model, deepctr_input, parameter_count
+from train.trainer import PhaseClock, _adam, _run_epoch, _start_at_base_rate, check_training
+
+__all__ = ["LOOPS", "PHASES", "check_speed", "measure_speed", "render_table"]
+
+LOOPS = ("ours", "deepctr")
+PHASES = ("data", "forward", "regularization", "backward", "optimizer", "other")
+
+
+def check_speed(models: tuple[str, ...], *, rows: int | None = None, epochs: int = 1, repeats: int = 1,
+                threads: int = 1) -> dict[str, dict[str, Any]]:
+    """Each model's hyper-parameters for the run; a bad model, count or setting raises TrainError.
+
+    Cheap: called before any data is read.
+    """
+    if not models:
+        raise TrainError(f"--models: no model given; choose from {', '.join(ARCHITECTURES)}")
+    unknown = [m for m in models if m not in ARCHITECTURES]
+    if unknown:
+        raise TrainError(f"--models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
+    if len(set(models)) != len(models):
+        raise TrainError(f"--models: a model is named twice ({','.join(models)})")
+    for name, value in (("--rows", rows), ("--epochs", epochs), ("--repeats", repeats), ("--threads", threads)):
+        if value is None and name == "--rows":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TrainError(f"{name} must be a positive integer, got {value!r}")
+    if rows is not None and rows < 2:
+        raise TrainError(f"--rows must be at least 2 (a batch needs rows of both loops), got {rows}")
+    return {model: check_training(model, epochs) for model in models}
+
+
+def measure_speed(data_dir: str | Path, *, models: tuple[str, ...] = ("deepfm", "autoint"), rows: int | None = None,
+                  epochs: int = 1, repeats: int = 1, threads: int = 1, seed: int = 0, profile: bool = False,
+                  progress: bool = True, skip_bad_lines: bool = False,
+                  spec: FeatureSpec | str | Path | None = None) -> dict[str, Any]:
+    """Time both training loops on ``models``; returns settings, versions, machine and the figures."""
+    settings = check_speed(models, rows=rows, epochs=epochs, repeats=repeats, threads=threads)
+    dataset = load_dataset(data_dir, resolve_spec(spec), seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
+    report_skipped(dataset)
+    available = len(dataset.train)
+    if rows is not None and rows > available:
+        raise TrainError(f"--rows {rows}: the training split of {data_dir} holds {available} rows")
+    n = available if rows is None else rows
+    train = dataset.train.take(np.arange(n))
+    x_train = torch.from_numpy(deepctr_input(train.inputs, dataset.spec))
+    y_train = torch.from_numpy(train.labels.astype(np.float32))
+    x_test = torch.from_numpy(deepctr_input(dataset.test.inputs, dataset.spec))
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    load_before = list(os.getloadavg())
+    started = time.perf_counter()
+    try:
+        results = [_measure_model(model, settings[model], dataset, x_train, y_train, x_test, epochs=epochs,
+                                  repeats=repeats, seed=seed, profile=profile, progress=progress)
+                   for model in models]
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "settings": {"data": str(data_dir), "source": dataset.source, "data_digest": dataset.digest,
+                     "split": dataset.split, "train_rows": n, "train_split_rows": available,
+                     "test_rows": len(dataset.test), "epochs": epochs, "repeats": repeats, "threads": threads,
+                     "seed": seed, "profile": profile, "order": "ours, deepctr taking turns per repeat",
+                     "timed": "training epochs only (no featurizing, no fit() input copy, no scoring)",
+                     "hyperparameters": settings},
+        "versions": _versions(),
+        "machine": {**_machine(), "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())},
+        "seconds": round(time.perf_counter() - started, 2),
+        "models": results,
+    }
+
+
+def _measure_model(architecture: str, hp: dict[str, Any], dataset: Dataset, x_train: torch.Tensor,
+                   y_train: torch.Tensor, x_test: torch.Tensor, *, epochs: int, repeats: int, seed: int,
+                   profile: bool, progress: bool) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for repeat in range(1, repeats + 1):
+        for loop in LOOPS:
+            model = _fresh_model(architecture, hp, dataset, seed)
+            optimizer = _adam(model, hp)
+            label = f"{architecture} {loop} {repeat}/{repeats}"
+            if loop == "ours":
+                epoch_seconds = _fit_ours(model, optimizer, hp, x_train, y_train, epochs, seed, label, progress)
+            else:
+                epoch_seconds = _fit_deepctr(model, optimizer, hp, x_train, y_train, epochs, seed, progress)
+            test = binary_metrics(dataset.test.labels, predict(model, x_test))
+            runs.append({"loop": loop, "repeat": repeat, "epoch_seconds": [round(s, 4) for s in epoch_seconds],
+                         "samples_per_s": round(len(x_train) * epochs / sum(epoch_seconds), 1),
+                         "test_auc": test["auc"], "test_logloss": test["logloss"]})
+    summary = {}
+    for loop in LOOPS:
+        mine = [r for r in runs if r["loop"] == loop]
+        summary[loop] = {"samples_per_s": round(statistics.median(r["samples_per_s"] for r in mine), 1),
+                         "test_auc": mine[0]["test_auc"], "test_logloss": mine[0]["test_logloss"]}
+    ratio = summary["ours"]["samples_per_s"] / summary["deepctr"]["samples_per_s"]
+    model = _fresh_model(architecture, hp, dataset, seed)
+    result = {"model": architecture, "batch_size": hp["batch_size"], "parameters": _parameters(model),
+              **summary, "ratio_ours_to_deepctr": round(ratio, 3), "runs": runs}
+    if profile:
+        result["profile"] = _profile(model, hp, x_train, y_train, seed, f"{architecture} profile", progress)
+    return result
+
+
+def _fresh_model(architecture: str, hp: dict[str, Any], dataset: Dataset, seed: int) -> BaseModel:
+    model = build_model(architecture, dataset.spec, hp, seed)
+    # the training CTR of the whole split, as train_model sets it; the same for both loops
+    _start_at_base_rate(model, dataset.train.labels)
+    return model
+
+
+def _fit_ours(model, optimizer, hp, x, y, epochs, seed, label, progress) -> list[float]:
+    shuffle = torch.Generator().manual_seed(seed)
+    seconds = []
+    for epoch in range(1, epochs + 1):
+        for group in optimizer.param_groups:  # as train_model does
+            group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
+        started = time.perf_counter()
+        _run_epoch(model, optimizer, x, y, hp["batch_size"], shuffle, desc=f"{label} epoch {epoch}", progress=progress)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+class _EpochTimer:
+    """A deepctr callback timing each epoch from its start to its end."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def set_model(self, model) -> None:
+        pass
+
+    def set_params(self, params) -> None:
+        pass
+
+    def on_train_begin(self, logs=None) -> None:
+        pass
+
+    def on_train_end(self, logs=None) -> None:
+        pass
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        self.seconds.append(time.perf_counter() - self._started)
+
+
+def _fit_deepctr(model: BaseModel, optimizer, hp, x, y, epochs, seed, progress) -> list[float]:
+    """deepctr's ``fit()`` as its README uses it: compile, then fit on the input matrix; no validation.
+
+    deepctr has no learning-rate decay; the default ``lr_decay`` is 1.0, so both loops run the same
+    schedule. fit() prints to stdout, which carries this command's JSON, so its prints go to stderr
+    (or nowhere without ``progress``).
+    """
+    model.compile(optimizer, "binary_crossentropy")
+    timer = _EpochTimer()
+    torch.manual_seed(seed)  # fit()'s DataLoader shuffles with torch's global generator
+    with contextlib.ExitStack() as stack:
+        sink = sys.stderr if progress else stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(sink))
+        model.fit([x.numpy()], y.numpy(), batch_size=hp["batch_size"], epochs=epochs, verbose=1 if progress else 0,
+                  shuffle=True, callbacks=[timer])
+    if len(timer.seconds) != epochs:
+        raise TrainError(f"deepctr fit() ran {len(timer.seconds)} epoch(s) of {epochs}")
+    return timer.seconds
+
+
+def _profile(model, hp, x, y, seed, label, progress) -> dict[str, Any]:
+    """One epoch of our loop with each phase of every step timed; phases sum to the epoch's time."""
+    optimizer = _adam(model, hp)
+    clock = PhaseClock()
+    started = time.perf_counter()
+    _run_epoch(model, optimizer, x, y, hp["batch_size"], torch.Generator().manual_seed(seed), desc=label,
+               progress=progress, clock=clock)
+    epoch = time.perf_counter() - started
+    total = sum(clock.seconds.values())
+    phases = {name: {"seconds": round(clock.seconds.get(name, 0.0), 4),
+                     "share": round(clock.seconds.get(name, 0.0) / total, 4) if total else 0.0,
+                     "us_per_step": round(1e6 * clock.seconds.get(name, 0.0) / _steps(len(x), hp), 1)}
+              for name in PHASES}
+    steps = _steps(len(x), hp)
+    penalty_backward = _penalty_backward_seconds(model, optimizer)
+    whole_table = (clock.seconds.get("regularization", 0.0) + clock.seconds.get("optimizer", 0.0)
+                   + penalty_backward * steps)
+    return {"epoch_seconds": round(epoch, 4), "phase_seconds_total": round(total, 4),
+            "steps": steps, "samples_per_s": round(len(x) / epoch, 1), "phases": phases,
+            "penalty_backward_us_per_step": round(1e6 * penalty_backward, 1),
+            "whole_table_share_estimate": round(whole_table / total, 4) if total else 0.0,
+            "touched_table_rows_per_batch": _touched_rows(model, x, hp, seed)}
+
+
+def _penalty_backward_seconds(model, optimizer, steps: int = 30) -> float:
+    """Mean seconds of the backward pass of deepctr's L2 penalty alone (part of every step's backward).
+
+    With it, ``whole_table_share_estimate`` is regularization + optimizer + this backward, times the
+    steps, over the epoch: the work done on every table row whether the batch read it or not.
+    """
+    seconds = 0.0
+    for _ in range(steps):
+        optimizer.zero_grad()
+        penalty = model.get_regularization_loss()
+        if not penalty.requires_grad:  # no L2 terms
+            return 0.0
+        started = time.perf_counter()
+        penalty.backward()
+        seconds += time.perf_counter() - started
+    optimizer.zero_grad()
+    return seconds / steps
+
+
+def _steps(rows: int, hp: dict[str, Any]) -> int:
+    return (rows + hp["batch_size"] - 1) // hp["batch_size"]
+
+
+def _touched_rows(model: BaseModel, x: torch.Tensor, hp: dict[str, Any], seed: int, batches: int = 20) -> dict:
+    """Distinct embedding-table rows a batch reads (mean over ``batches`` random batches) against all rows.
+
+    Each input column indexes its field's tables (a linear weight and a vector per field); a multi-valued
+    field's columns share their tables. Padding index 0 counts as a row like any other.
+    """
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
+    tables = {}  # table name -> its input columns
+    for name, (start, stop) in model.feature_index.items():
+        tables[name] = list(range(start, stop))
+    counts = []
+    for b in range(min(batches, _steps(len(x), hp))):
+        batch = x[order[b * hp["batch_size"]:(b + 1) * hp["batch_size"]]]
+        counts.append(sum(int(torch.unique(batch[:, cols]).numel()) for cols in tables.values()))
+    all_rows = sum(int(model.embedding_dict[name].num_embeddings) for name in tables if name in model.embedding_dict)
+    mean = float(np.mean(counts)) if counts else 0.0
+    return {"mean": round(mean, 1), "of": all_rows, "share": round(mean / all_rows, 5) if all_rows else None}
+
+
+def _parameters(model: BaseModel) -> dict[str, int]:
+    tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    total = parameter_count(model)
+    return {"total": total, "embedding_tables": int(tables), "dense": int(total - tables)}
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The figures as a markdown table, and each profile as a line of shares."""
+    s = result["settings"]
+    lines = [f"training throughput: {s['train_rows']:,} training rows, {s['epochs']} epoch(s), "
+             f"{s['threads']} thread(s), {s['repeats']} repeat(s) (median), test AUC on {s['test_rows']:,} rows",
+             "",
+             "| model | batch | ours samples/s | deepctr fit() samples/s | ours / deepctr | ours test AUC | deepctr test AUC |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in result["models"]:
+        lines.append(f"| {m['model']} | {m['batch_size']} | {m['ours']['samples_per_s']:,.0f} | "
+                     f"{m['deepctr']['samples_per_s']:,.0f} | {m['ratio_ours_to_deepctr']:.2f}× | "
+                     f"{_auc(m['ours']['test_auc'])} | {_auc(m['deepctr']['test_auc'])} |")
+    profiled = [m for m in result["models"] if "profile" in m]
+    if profiled:
+        lines += ["", "| profile (our loop, one epoch) | epoch s | " + " | ".join(PHASES) + " |",
+                  "|---|---:|" + "---:|" * len(PHASES)]
+        for m in profiled:
+            p = m["profile"]
+            lines.append(f"| {m['model']} | {p['epoch_seconds']:.2f} | " +
+                         " | ".join(f"{100 * p['phases'][k]['share']:.1f} %" for k in PHASES) + " |")
+        for m in profiled:
+            p = m["profile"]
+            lines.append(f"{m['model']}: the L2 penalty's backward alone takes {p['penalty_backward_us_per_step'] / 1000:.1f} ms "
+                         f"a step; with regularization and optimizer, work over every table row is about "
+                         f"{100 * p['whole_table_share_estimate']:.0f} % of the epoch")
+        for m in profiled:
+            t, par = m["profile"]["touched_table_rows_per_batch"], m["parameters"]
+            lines.append(f"{m['model']}: {par['embedding_tables']:,} of {par['total']:,} parameters are embedding "
+                         f"tables; a batch reads {t['mean']:,.0f} of their {t['of']:,} rows ({100 * (t['share'] or 0):.2f} %)")
+    return "\n".join(lines)
+
+
+def _auc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                  "deepctr-torch": DEEPCTR_VERSION, "numpy": np.__version__}
+    try:
+        out["bidder"] = importlib.metadata.version("bidder")
+    except importlib.metadata.PackageNotFoundError:
+        out["bidder"] = None
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {"cpu_model": cpu, "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "kernel": platform.release(), "commit": commit}
