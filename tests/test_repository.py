@@ -65,10 +65,10 @@ def test_no_tracked_file_reaches_outside_the_repository():
 
 
 @pytest.mark.parametrize("name,text,bad", [
-    ("README.md", "curl --data-binary @../shared/openrtb/x.json", True),
-    ("tests/conftest.py", 'SHARED = Path(__file__).resolve().parents[2] / "shared"', True),
+    ("README.md", "curl --data-binary @../outside/openrtb/x.json", True),
+    ("tests/conftest.py", 'OUTSIDE = Path(__file__).resolve().parents[2] / "outside"', True),
     ("tests/conftest.py", 'ROOT = Path(__file__).resolve().parents[1]', False),
-    ("bench/load.py", 'SHARED = REPO.parent / "shared"', True),
+    ("bench/load.py", 'OUTSIDE = REPO.parent / "outside"', True),
     ("bench/load.py", "Path(__file__).resolve().parent.parent.parent", True),
     ("bench/load.py", "Path(__file__).resolve().parent.parent / 'bidder'", False),
     ("docs/a/b.md", "see [the README](../../README.md)", False),
