@@ -212,31 +212,18 @@ class BidEngine:
         metrics = self.metrics
         metrics.batch_rows.observe(rows)
         metrics.batch_requests.observe(len(chunk))
-        if len(chunk) == 1:
-            outcomes[chunk[0]] = self.price(batch[chunk[0]], scores)
-            return
         start = 0
         for k in chunk:
             pending = batch[k]
             n = len(pending.candidates)
-            try:
-                outcomes[k] = self.price(pending, scores[start:start + n])
-            except Exception as exc:  # noqa: BLE001 - a bug met by one request fails that request only
-                outcomes[k] = exc
+            outcomes[k] = self._price_alone(pending, scores[start:start + n])
             start += n
 
     def _score_rows(self, pendings: Sequence[Pending], rows: int) -> list[float]:
-        """The ``rows`` rows of ``pendings`` as Python floats: one ORT call up to ``max_batch`` rows."""
+        """The ``rows`` rows of ``pendings`` as Python floats: one ORT call per ``max_batch`` rows."""
         factorized = self.factorized
         if factorized is None:
-            if len(pendings) == 1:
-                all_rows = pendings[0].rows
-            else:
-                all_rows = []
-                for pending in pendings:
-                    all_rows.extend(pending.rows)
-            scorer = self.scorer
-            return (scorer.score(all_rows) if rows <= scorer.max_batch else scorer.predict(all_rows)).tolist()
+            return self._score_with_model(pendings, rows)
         # factorized: each imp record featurized once; a row only names its imp and its candidate
         records: list[dict] = []
         row_imp: list[int] = []
@@ -248,14 +235,10 @@ class BidEngine:
                 row_imp.extend([len(records) - 1] * len(eligible))
                 row_cand.extend([c.index for c in eligible])
         n_imps = len(records)
-        if n_imps > factorized.max_imps:  # more imps than the buffers hold: the canonical graph, in chunks
-            return self.scorer.predict([row for pending in pendings for row in pending.rows]).tolist()
+        if n_imps > factorized.max_imps:  # more imps than the buffers hold
+            return self._score_with_model(pendings, rows)
         self.scorer.featurizer.transform_into(factorized.imp_inputs, records)
         limit = factorized.max_rows
-        if rows <= limit:
-            factorized.row_imp[:rows] = row_imp
-            factorized.row_cand[:rows] = row_cand
-            return factorized.run(n_imps, rows).tolist()
         scores: list[float] = []
         for start in range(0, rows, limit):
             n = min(limit, rows - start)
@@ -264,7 +247,13 @@ class BidEngine:
             scores.extend(factorized.run(n_imps, n).tolist())
         return scores
 
-    def _score_alone(self, pending: Pending) -> Outcome:
+    def _score_with_model(self, pendings: Sequence[Pending], rows: int) -> list[float]:
+        """Every row through ``model.onnx``, in chunks of ``max_batch``."""
+        all_rows = pendings[0].rows if len(pendings) == 1 else [row for p in pendings for row in p.rows]
+        scorer = self.scorer
+        return (scorer.score(all_rows) if rows <= scorer.max_batch else scorer.predict(all_rows)).tolist()
+
+    def _score_alone(self, pending: Pending) -> Outcome | Exception:
         rows = len(pending.candidates)
         try:
             scores = self._score_rows([pending], rows)
@@ -272,7 +261,14 @@ class BidEngine:
             return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
         self.metrics.batch_rows.observe(rows)
         self.metrics.batch_requests.observe(1)
-        return self.price(pending, scores)
+        return self._price_alone(pending, scores)
+
+    def _price_alone(self, pending: Pending, scores: Sequence[float]) -> Outcome | Exception:
+        """``price``, with a bug it meets returned instead of raised: it fails this request only."""
+        try:
+            return self.price(pending, scores)
+        except Exception as exc:  # noqa: BLE001 - handed to this request's handler by the batcher
+            return exc
 
     # -- price and encode --------------------------------------------------------------------------
     def price(self, pending: Pending, scores: Sequence[float]) -> Outcome:

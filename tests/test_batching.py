@@ -259,8 +259,9 @@ async def test_serving_without_batching_or_factorized_graphs_answers_the_same(ai
     assert [len(b) > 0 for b in served] == [len(b) > 0 for b in answers[True]]
 
 
-async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, openrtb_examples):
-    engine = make_engine(small_bundle)
+@pytest.mark.parametrize("max_batch", [256, 9, 4])  # one chunk; a chunk per request; each scored alone
+async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, openrtb_examples, max_batch):
+    engine = make_engine(small_bundle, max_batch=max_batch)
     bodies = [body for _, body in distinct_requests(openrtb_examples, 5)]
     alone = [engine.bid(body) for body in bodies]
     price = engine.price
