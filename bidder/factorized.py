@@ -40,7 +40,7 @@ import onnxruntime as ort
 
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
-from bidder.scorer import OUTPUT, BundleError, read_meta, session_options
+from bidder.scorer import OUTPUT, BundleError, bind_buffers, read_meta, session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
@@ -258,18 +258,9 @@ class FactorizedScorer:
         if not 1 <= n_imps <= self.max_imps or not 1 <= rows <= self.max_rows:
             raise ValueError(f"need 1 <= n_imps <= {self.max_imps} and 0 <= rows <= {self.max_rows}, "
                              f"got n_imps={n_imps}, rows={rows}")
-        binding = self.session.io_binding()
-        values = [self._cand_value]  # the OrtValues hold the views; keep them as long as the binding
-        binding.bind_ortvalue_input(CAND_PART, self._cand_value)
-        for name, buffer in [*((n, b[:n_imps]) for n, b in self.imp_inputs.items()),
-                             (ROW_IMP, self.row_imp[:rows]), (ROW_CAND, self.row_cand[:rows])]:
-            value = ort.OrtValue.ortvalue_from_numpy(buffer)
-            binding.bind_ortvalue_input(name, value)
-            values.append(value)
-        value = ort.OrtValue.ortvalue_from_numpy(self.output[:rows])
-        binding.bind_ortvalue_output(OUTPUT, value)
-        values.append(value)
-        self._bindings[(n_imps, rows)] = bound = (binding, values)
+        inputs = {CAND_PART: self._cand_value, **{n: b[:n_imps] for n, b in self.imp_inputs.items()},
+                  ROW_IMP: self.row_imp[:rows], ROW_CAND: self.row_cand[:rows]}
+        self._bindings[(n_imps, rows)] = bound = bind_buffers(self.session, inputs, {OUTPUT: self.output[:rows]})
         if len(self._bindings) > self.max_bindings:
             self._bindings.popitem(last=False)
         return bound

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from bidder._features import Featurizer
 from bidder.spec import FeatureSpec, SpecError, load_spec
 
-__all__ = ["BundleError", "Scorer", "pin_to_core", "read_meta", "session_options"]
+__all__ = ["BundleError", "Scorer", "bind_buffers", "pin_to_core", "read_meta", "session_options"]
 
 OUTPUT = "ctr"
 
@@ -39,6 +39,27 @@ def session_options() -> ort.SessionOptions:
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
+
+
+def bind_buffers(session: ort.InferenceSession, inputs: dict[str, np.ndarray | ort.OrtValue],
+                 outputs: dict[str, np.ndarray]) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
+    """An IO binding of ``session`` over caller-owned memory, and the OrtValues it holds.
+
+    ``ortvalue_from_numpy`` on a CPU array wraps its memory without copying: what the caller writes
+    into an input buffer is what ORT reads, and ORT's output lands in the output buffer. The
+    OrtValues hold the views; keep them as long as the binding.
+    """
+    binding = session.io_binding()
+    values = []
+    for name, buffer in inputs.items():
+        value = buffer if isinstance(buffer, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(buffer)
+        binding.bind_ortvalue_input(name, value)
+        values.append(value)
+    for name, buffer in outputs.items():
+        value = ort.OrtValue.ortvalue_from_numpy(buffer)
+        binding.bind_ortvalue_output(name, value)
+        values.append(value)
+    return binding, values
 
 
 def pin_to_core(core: int) -> int:
@@ -135,16 +156,9 @@ class Scorer:
         """
         bound = self._bindings.get(rows)
         if bound is None:
-            binding = self.session.io_binding()
-            values = []  # the OrtValues hold the views; keep them as long as the binding
-            for name, buffer in self.inputs.items():
-                value = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])
-                binding.bind_ortvalue_input(name, value)
-                values.append(value)
-            value = ort.OrtValue.ortvalue_from_numpy(self.output[:rows])
-            binding.bind_ortvalue_output(OUTPUT, value)
-            values.append(value)
-            bound = self._bindings[rows] = (binding, values)
+            bound = self._bindings[rows] = bind_buffers(
+                self.session, {name: buffer[:rows] for name, buffer in self.inputs.items()},
+                {OUTPUT: self.output[:rows]})
         return bound[0]
 
     def score(self, records: Sequence[Any]) -> np.ndarray:

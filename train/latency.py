@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from bidder.scorer import bind_buffers
 from train.export import OUTPUT, serving_session
 
 __all__ = ["BoundGraph", "measure_latencies"]
@@ -17,14 +17,11 @@ class BoundGraph:
 
     def __init__(self, path: str | Path, feeds: dict[str, np.ndarray]) -> None:
         self.session = serving_session(path)
-        self.binding = self.session.io_binding()
         batch = len(next(iter(feeds.values())))
         # the OrtValues must outlive the binding, which holds only pointers to their memory
-        self._values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)) for name, arr in feeds.items()}
-        for name, value in self._values.items():
-            self.binding.bind_ortvalue_input(name, value)
-        self._out = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1], np.float32)
-        self.binding.bind_ortvalue_output(OUTPUT, self._out)
+        self.binding, self._values = bind_buffers(
+            self.session, {name: np.ascontiguousarray(arr) for name, arr in feeds.items()},
+            {OUTPUT: np.empty((batch, 1), dtype=np.float32)})
 
     def time_calls(self, calls: int) -> np.ndarray:
         """Wall time of ``calls`` consecutive runs, in microseconds each."""
