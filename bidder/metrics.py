@@ -8,7 +8,6 @@ needs prometheus-client's per-value locks or its per-bucket loop in ``Histogram.
 from __future__ import annotations
 
 import os
-import time
 from bisect import bisect_left
 from typing import Iterator, Sequence
 
@@ -126,7 +125,6 @@ class Metrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
         self._responses: dict[tuple[str, int], Count] = {}
-        self.started = time.time()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
