@@ -138,8 +138,6 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
     seen_creatives: dict[str, str] = {}
     for i, entry in enumerate(data["campaigns"]):
         where = f"{origin}: campaigns[{i}]"
-        if not isinstance(entry, dict):
-            raise CatalogError(f"{where}: expected an object")
         _known_keys(entry, _CAMPAIGN_KEYS, where)
         campaign_id = _text(entry.get("id"), f"{where}.id")
         if campaign_id in seen:
@@ -155,8 +153,6 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
         if not isinstance(enabled, bool):
             raise CatalogError(f"{where}.enabled: expected true or false, got {enabled!r}")
         targeting = entry.get("targeting") or {}
-        if not isinstance(targeting, dict):
-            raise CatalogError(f"{where}.targeting: expected an object")
         _known_keys(targeting, _TARGETING_KEYS, f"{where}.targeting")
         domains = _string_set(targeting.get("domains"), f"{where}.targeting.domains")
         exchanges = _string_set(targeting.get("exchanges"), f"{where}.targeting.exchanges")
@@ -170,8 +166,6 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
             raise CatalogError(f"{where}.creatives: expected a non-empty list")
         for j, cr in enumerate(creatives):
             cw = f"{where}.creatives[{j}]"
-            if not isinstance(cr, dict):
-                raise CatalogError(f"{cw}: expected an object")
             _known_keys(cr, _CREATIVE_KEYS, cw)
             creative_id = _text(cr.get("id"), f"{cw}.id")
             if creative_id in seen_creatives:  # crid must name one ad in win notices and reports
@@ -202,7 +196,10 @@ def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
     return Catalog(candidates, origin)
 
 
-def _known_keys(entry: dict, allowed: frozenset[str], where: str) -> None:
+def _known_keys(entry: Any, allowed: frozenset[str], where: str) -> None:
+    """``entry`` must be an object of ``allowed`` keys only."""
+    if not isinstance(entry, dict):
+        raise CatalogError(f"{where}: expected an object")
     # a misspelt optional key ("enabeld", "targetting") would otherwise be silently ignored
     unknown = set(entry) - allowed
     if unknown:
@@ -217,8 +214,6 @@ def _deals(value: Any, where: str) -> tuple[CampaignDeal, ...]:
     deals: dict[str, CampaignDeal] = {}
     for k, deal in enumerate(value):
         dw = f"{where}[{k}]"
-        if not isinstance(deal, dict):
-            raise CatalogError(f"{dw}: expected an object")
         _known_keys(deal, _DEAL_KEYS, dw)
         dealid = _text(deal.get("dealid"), f"{dw}.dealid")
         if dealid in deals:
