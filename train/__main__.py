@@ -47,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- commands ---------------------------------------------------------------------------------------------
 def _synth(args: argparse.Namespace) -> dict[str, Any]:
-    return _generate(args.out, args.rows, args.seed)
+    if args.creatives is None:
+        return _generate(args.out, args.rows, args.seed)
+    from train.data.market_catalog import generate_market
+
+    try:
+        return generate_market(args.out, rows=args.rows, seed=args.seed, creatives=args.creatives)
+    except ValueError as exc:  # the generator's argument checks
+        raise TrainError(f"--creatives: {exc}" if "creatives" in str(exc) else str(exc)) from None
 
 
 def _generate(out: str | Path, rows: int, seed: int) -> dict[str, Any]:
@@ -167,6 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--rows", type=int, required=True, help="impressions in all (the latest 20%% are the test log)")
     synth.add_argument("--seed", type=int, default=DEFAULT_DATA_SEED)
     synth.add_argument("--out", required=True, help="folder for train.log.txt and test.log.txt")
+    synth.add_argument("--creatives", type=int,
+                       help="a large market of this many creatives (100 to 1,000,000, about 50 per campaign, two "
+                            "campaigns per advertiser) with its campaigns.json in --out (default: the 9 iPinYou "
+                            "advertisers' 34 creatives, no catalog written)")
     synth.set_defaults(run=_synth)
 
     fit = commands.add_parser("fit", help="train one model and write its bundle")
