@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -108,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("echo", help="run the echo server alone (see python -m bench echo -h)", add_help=False)
     commands.add_parser("baseline", help="run the FastAPI baseline alone (see python -m bench baseline -h)",
                         add_help=False)
+    commands.add_parser("retrieval", help="two-tower retrieval against exhaustive ranking (see python -m bench "
+                                          "retrieval -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "retrieval":
+        from bench.retrieval import main as retrieval_main
+        return retrieval_main(rest)
     if args.command == "echo":
         from bench.echo import main as echo_main
         return echo_main(rest)

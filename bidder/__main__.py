@@ -65,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-factorized", action="store_true",
                        help="score every row with model.onnx even when the bundle has factorized graphs "
                             "(for comparison)")
+    serve.add_argument("--retrieve-k", type=int, default=defaults.retrieve_k, metavar="K",
+                       help="with a catalog of more than 1,000 creatives: per imp, the targeting filters and then the "
+                            "K creatives with the best two-tower score (the bundle's imp and ad towers, python -m "
+                            "train twotower) are scored by the ranker; smaller catalogs score every eligible "
+                            "creative (default: %(default)s)")
+    serve.add_argument("--ann", action="store_true",
+                       help="approximate top K (an HNSW graph per creative size; needs faiss-cpu: pip install "
+                            "'bidder[ann]') instead of the exact product over every eligible creative")
+    serve.add_argument("--no-retrieval", action="store_true",
+                       help="score every eligible creative of a large catalog, as for a small one (for comparison)")
     return parser
 
 
@@ -77,20 +87,26 @@ def main(argv: list[str] | None = None) -> int:
             campaigns = DEFAULT_CAMPAIGNS
     if args.workers < 1 or args.max_batch < 1 or args.max_body < 1:
         return _fail("--workers, --max-batch and --max-body must be positive")
+    if args.retrieve_k < 1:
+        return _fail(f"--retrieve-k must be a positive number of creatives per imp, got {args.retrieve_k}")
     if not 0 < args.port < 65536:
         return _fail(f"--port must be between 1 and 65535, got {args.port}")
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, pin=not args.no_pin, batching=not args.no_batching,
-                    factorized=not args.no_factorized)
+                    factorized=not args.no_factorized, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
+                    ann=args.ann)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.campaigns import CatalogError, load_catalog
+    from bidder.retrieval import needs_retrieval, towers_for
     from bidder.scorer import BundleError, Scorer
     from bidder.server import EXIT_STARTUP, StartupError, check_port, serve
 
     try:
-        Scorer(config.model, max_batch=1)
-        load_catalog(config.campaigns)
+        scorer = Scorer(config.model, max_batch=1)
+        catalog = load_catalog(config.campaigns)
+        if config.retrieval and needs_retrieval(catalog):
+            towers_for(scorer, catalog, config.ann)
     except (BundleError, CatalogError) as exc:
         hint = ""
         if config.model.resolve() == DEFAULT_BUNDLE.resolve() and not (DEFAULT_BUNDLE / "model.onnx").exists():

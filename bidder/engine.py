@@ -2,7 +2,9 @@
 
 Stages, in the order a request meets them (one function each):
 
-    prepare   decode → the imp records → eligible candidates per imp (no-bid and 400 answers end here)
+    prepare   decode → the imp records → eligible candidates per imp (no-bid and 400 answers end here);
+              with a large catalog, ``retrieve``: targeting filters, then the top K by the two towers
+              (``bidder.retrieval``)
     batch     ``bidder.batching.Batcher``: every request prepared in one loop turn joins one batch
     score     the batch's rows in as few ORT calls as ``max_batch`` allows (``tmax`` checked first)
     price     best candidate per imp at or above its floor (``bidder.pricing``)
@@ -28,6 +30,7 @@ from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import (Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict, decode_request,
                             encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import best_per_imp
+from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 
 __all__ = ["BidEngine", "Outcome", "Pending", "NO_BID_REASONS"]
@@ -89,9 +92,12 @@ class BidEngine:
     """
 
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
-                 now: float | None = None, factorized: FactorizedScorer | None = None):
+                 now: float | None = None, factorized: FactorizedScorer | None = None,
+                 retriever: Retriever | None = None):
         self.scorer = scorer
         self.catalog = catalog
+        # large catalogs: the top K eligible creatives per imp by the two towers; None: every eligible creative
+        self.retriever = retriever
         # the bundle's factorized graphs, their candidate parts computed for this catalog; None: row scoring
         self.factorized = factorized
         if factorized is not None:
@@ -148,9 +154,20 @@ class BidEngine:
                                              else "no_eligible_creative")
                 continue
             record = None
+            query = None  # the imp's vector when retrieving
+            bids = False  # some size of the imp has candidates
             unmatched = False  # eligible candidates, none of which can buy the private auction's deals
             for w, h in sizes:
-                eligible = catalog.eligible(w, h, domain, exchange, blocked)
+                if self.retriever is None:
+                    eligible = catalog.eligible(w, h, domain, exchange, blocked)
+                else:
+                    if query is None:
+                        record = imp_fields(shared, imp)
+                        try:
+                            query = self.retriever.query(record)
+                        except ValueError as exc:
+                            return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
+                    eligible = self.retriever.eligible(query, w, h, domain, exchange, blocked)
                 if eligible and imp.pmp is not None:
                     eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
                     offers.update(imp_offers)
@@ -162,7 +179,8 @@ class BidEngine:
                 groups.append((record, eligible))
                 owners.extend([i] * len(eligible))
                 chosen.extend(eligible)
-            if record is None:
+                bids = True
+            if not bids:
                 imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
         if not groups:
             return self._no_bid(imp_reason or "no_eligible_creative")

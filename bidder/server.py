@@ -30,6 +30,7 @@ from bidder.engine import BidEngine, Outcome, error_body
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.openrtb import RequestError, decode_json
+from bidder.retrieval import DEFAULT_K, retriever_for
 from bidder.scorer import BundleError, Scorer, pin_to_core
 
 __all__ = ["Config", "ENGINE", "EXIT_STARTUP", "StartupError", "check_port", "create_app", "serve"]
@@ -64,6 +65,9 @@ class Config:
     pin: bool = True
     batching: bool = True    # score the requests of one loop turn together (off: each on its own, to compare)
     factorized: bool = True  # use the bundle's factorized graphs when it has them (off: model.onnx per row)
+    retrieve_k: int = DEFAULT_K  # large catalogs: creatives the ranker scores per imp, chosen by the two towers
+    retrieval: bool = True   # off: a large catalog's every eligible creative is scored (for comparison)
+    ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
 
 
 class State:
@@ -89,9 +93,12 @@ class State:
         if self.config.factorized and scorer.factorized_files():
             # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
             factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
-        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized)
+        retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
+        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized,
+                           retriever)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
-        per_size = sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)})
+        limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
+        per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})
         for rows in per_size:
             scorer.score(layers[:min(rows, len(layers))])
         if factorized is not None and len(catalog):

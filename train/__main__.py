@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {synth,fit,default,compare,factorize,speed} ...``.
+"""Command line: ``python -m train {synth,fit,default,compare,factorize,twotower,speed} ...``.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -123,6 +123,15 @@ def _factorize(args: argparse.Namespace) -> dict[str, Any]:
     return {"bundle": args.bundle, "factorized": factorize_bundle(args.bundle)}
 
 
+def _twotower(args: argparse.Namespace) -> dict[str, Any]:
+    from train.twotower import DEFAULTS, train_twotower
+
+    settings = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name) is not None}
+    entry = train_twotower(args.data, args.bundle, campaigns=args.campaigns, seed=args.seed, threads=args.threads,
+                           progress=not args.quiet, **settings)
+    return {"bundle": args.bundle, "twotower": entry}
+
+
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
     from train.speed import check_speed, measure_speed, render_table
 
@@ -213,6 +222,26 @@ def _parser() -> argparse.ArgumentParser:
                           "to an existing DeepFM bundle, checked against its model.onnx")
     factorize.add_argument("--bundle", required=True, help="bundle folder (model.onnx is left as it is)")
     factorize.set_defaults(run=_factorize)
+    twotower = commands.add_parser(
+        "twotower", help="train retrieval towers (imp tower, ad tower) distilled from a bundle's ranker and add "
+                         "them to the bundle, checked against the trained towers")
+    twotower.add_argument("--data", required=True,
+                          help="folder with train.log.txt (and test.log.txt, for the parity rows) and campaigns.json")
+    twotower.add_argument("--bundle", required=True, help="the ranker's bundle folder; the towers are written into it")
+    twotower.add_argument("--campaigns", help="catalog the towers retrieve from (default: DATA/campaigns.json)")
+    twotower.add_argument("--steps", type=int, help="training steps (default 1500)")
+    twotower.add_argument("--batch", type=int, help="log rows (imps) per step; their creatives are in-batch "
+                                                    "negatives (default 256)")
+    twotower.add_argument("--uniform", type=int, help="creatives drawn uniformly from the catalog per step "
+                                                      "(default 1024)")
+    twotower.add_argument("--dim", type=int, help="tower output width before the bias / constant entry (default 32)")
+    twotower.add_argument("--embedding-dim", type=int, help="embedding width per field (default 16)")
+    twotower.add_argument("--hidden", type=int, help="hidden layer width of each tower (default 128)")
+    twotower.add_argument("--lr", type=float, help="Adam learning rate (default 0.003)")
+    twotower.add_argument("--seed", type=int, default=0, help="seed for initialisation and sampling")
+    twotower.add_argument("--threads", type=int, default=1, help="torch and teacher threads (default 1)")
+    twotower.add_argument("--quiet", action="store_true", help="no progress bars")
+    twotower.set_defaults(run=_twotower)
     speed = commands.add_parser(
         "speed", help="training throughput: our loop against deepctr-torch's fit() on the same rows, taking turns")
     speed.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")

@@ -21,6 +21,7 @@ import onnxruntime
 import torch
 
 from bidder.factorized import CANDIDATE_FILE, FACTORIZED_FILE
+from bidder.retrieval import AD_TOWER_FILE, IMP_TOWER_FILE
 from bidder.spec import FeatureSpec
 from train._deepctr import VERSION as DEEPCTR_VERSION
 from train.export import OUTPUT
@@ -28,7 +29,8 @@ from train.export import OUTPUT
 __all__ = ["MODEL_FILE", "SPEC_FILE", "META_FILE", "library_versions", "model_id", "replace_files", "write_bundle"]
 
 MODEL_FILE, SPEC_FILE, META_FILE = "model.onnx", "spec.json", "meta.json"
-EXTRA_GRAPH_FILES = (CANDIDATE_FILE, FACTORIZED_FILE)  # removed when a new bundle does not list them
+# removed when a new bundle does not list them: they were built for the model it replaces
+EXTRA_GRAPH_FILES = (CANDIDATE_FILE, FACTORIZED_FILE, IMP_TOWER_FILE, AD_TOWER_FILE)
 
 
 def library_versions() -> dict[str, str]:
