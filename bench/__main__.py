@@ -59,11 +59,14 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="add a scaling run with N workers per server at N x the largest concurrency")
     parser.add_argument("--max-batch", type=int, default=None, help="passed to the bidder")
+    parser.add_argument("--retrieve-k", type=positive_int, default=None, metavar="K",
+                        help="passed to the bidder: creatives ranked per imp of a large catalog (bidder-exhaustive "
+                             "serves the same catalog without retrieval, to compare)")
     parser.add_argument("--servers", type=server_list, default=None,
                         help=f"which servers to run, of {','.join(SERVERS)} (default: echo,bidder, plus fastapi "
                              f"when fastapi, uvicorn, orjson and mmh3 are installed); bidder-nobatch, bidder-rows "
-                             f"and bidder-plain are the bidder with --no-batching, --no-factorized or both, to "
-                             f"measure each lever in the same run")
+                             f"and bidder-plain are the bidder with --no-batching, --no-factorized or both, "
+                             f"bidder-exhaustive with --no-retrieval, to measure each lever in the same run")
     parser.add_argument("--echo-layer", choices=ECHO_LAYERS, default="app",
                         help="the echo ceiling's aiohttp layer: 'app' (Application + router, the bidder's today) "
                              "or 'server' (low-level web.Server, one handler) (default: %(default)s)")
@@ -89,6 +92,7 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         duration_s=QUICK_DURATION_S if args.quick else args.duration,
         warmup_s=QUICK_WARMUP_S if args.quick else args.warmup,
         connections=args.connections, scaling_workers=args.workers, max_batch=args.max_batch,
+        retrieve_k=args.retrieve_k,
         server_cpus=None if args.no_pin else args.server_cpus,
         client_cpus=None if args.no_pin else args.client_cpus, servers=args.servers or default_servers(),
         echo_layer=args.echo_layer, repeat=args.repeat,

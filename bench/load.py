@@ -38,7 +38,7 @@ DEFAULT_MODEL = DEFAULT_BUNDLE
 DEFAULT_RESULTS = REPO / "bench" / "results"
 #: The bidder with some of its levers switched off, to measure each lever alone in the same run.
 BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),
-                   "bidder-plain": ("--no-batching", "--no-factorized")}
+                   "bidder-plain": ("--no-batching", "--no-factorized"), "bidder-exhaustive": ("--no-retrieval",)}
 SERVERS = ("echo", "bidder", "fastapi", *(name for name in BIDDER_VARIANTS if name != "bidder"))
 BIDDING_SERVERS = (*BIDDER_VARIANTS, "fastapi")  # must answer the body with a bid before they are measured
 ECHO_LAYERS = ("app", "server")
@@ -67,6 +67,7 @@ class LoadConfig:
     connections: tuple[int, ...] = (1, 8, 32)
     scaling_workers: int | None = None
     max_batch: int | None = None
+    retrieve_k: int | None = None          # passed to the bidder (large catalogs: creatives ranked per imp)
     server_cpus: str | None = "0"          # None: no pinning
     client_cpus: str | None = "1"
     servers: tuple[str, ...] = field(default_factory=default_servers)
@@ -145,6 +146,8 @@ def server_command(name: str, config: LoadConfig, port: int, workers: int) -> li
         command += ["--campaigns", str(config.campaigns_file)]
     if config.max_batch is not None and name in BIDDER_VARIANTS:
         command += ["--max-batch", str(config.max_batch)]
+    if config.retrieve_k is not None and name in BIDDER_VARIANTS:
+        command += ["--retrieve-k", str(config.retrieve_k)]
     return command
 
 

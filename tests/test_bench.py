@@ -485,6 +485,11 @@ def test_server_commands(tmp_path):
     assert baseline[1:3] == ["-m", "bench.baseline"] and "--max-batch" not in baseline
     assert baseline[baseline.index("--workers") + 1] == "2"
     assert load.server_command("bidder", config, 9002, 1)[-2:] == ["--max-batch", "64"]
+    large = LoadConfig(retrieve_k=300, servers=("bidder", "bidder-exhaustive", "fastapi"))
+    assert load.server_command("bidder", large, 9003, 1)[-2:] == ["--retrieve-k", "300"]
+    exhaustive = load.server_command("bidder-exhaustive", large, 9004, 1)
+    assert "--no-retrieval" in exhaustive and exhaustive[-2:] == ["--retrieve-k", "300"]
+    assert "--retrieve-k" not in load.server_command("fastapi", large, 9005, 1)
 
 
 def test_a_missing_baseline_is_a_clear_message(monkeypatch, tmp_path):
