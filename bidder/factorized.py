@@ -40,7 +40,7 @@ import onnxruntime as ort
 
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
-from bidder.scorer import OUTPUT, BundleError, bind_buffers, read_meta, session_options
+from bidder.scorer import OUTPUT, BundleError, bind_buffers, load_graph, read_meta
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
@@ -187,13 +187,7 @@ class FactorizedScorer:
         return 0 if self.cand_part is None else len(self.cand_part)
 
     def _load(self, name: str) -> ort.InferenceSession:
-        path = self.bundle / name
-        try:
-            return ort.InferenceSession(path.read_bytes(), session_options(), providers=["CPUExecutionProvider"])
-        except FileNotFoundError:
-            raise BundleError(f"{path}: listed in meta.json but missing") from None
-        except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-            raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
+        return load_graph(self.bundle / name)
 
     def _check_signatures(self) -> int:
         spec_inputs = {name: ["tensor(int64)", self.spec.input_width(name)] for name in self.spec.input_names}

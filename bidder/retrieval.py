@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bidder.campaigns import Candidate, Catalog
-from bidder.scorer import BundleError, bind_buffers, read_meta, session_options
+from bidder.scorer import BundleError, bind_buffers, load_graph, read_meta
 from bidder.spec import FeatureSpec
 
 __all__ = ["AD_OUTPUT", "AD_TOWER_FILE", "DEFAULT_K", "GRAPH", "IMP_OUTPUT", "IMP_TOWER_FILE", "PARITY_TOLERANCE",
@@ -91,13 +91,7 @@ class Towers:
         self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
 
     def _load(self, name: str) -> ort.InferenceSession:
-        path = self.bundle / name
-        try:
-            return ort.InferenceSession(path.read_bytes(), session_options(), providers=["CPUExecutionProvider"])
-        except FileNotFoundError:
-            raise BundleError(f"{path}: listed in meta.json but missing") from None
-        except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-            raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
+        return load_graph(self.bundle / name)
 
     def _check(self, session: ort.InferenceSession, name: str, output: str) -> int:
         """The graph's inputs are some of the spec's (int64 ``[n, width]``), its output float32 ``[n, D]``."""

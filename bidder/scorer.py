@@ -19,7 +19,7 @@ import onnxruntime as ort
 from bidder._features import Featurizer
 from bidder.spec import FeatureSpec, SpecError, load_spec
 
-__all__ = ["BundleError", "Scorer", "bind_buffers", "pin_to_core", "read_meta", "session_options"]
+__all__ = ["BundleError", "Scorer", "bind_buffers", "load_graph", "pin_to_core", "read_meta", "session_options"]
 
 OUTPUT = "ctr"
 
@@ -39,6 +39,16 @@ def session_options() -> ort.SessionOptions:
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
+
+
+def load_graph(path: Path) -> ort.InferenceSession:
+    """A serving session (``session_options``) of a graph that a bundle's meta.json lists; BundleError if it cannot."""
+    try:
+        return ort.InferenceSession(path.read_bytes(), session_options(), providers=["CPUExecutionProvider"])
+    except FileNotFoundError:
+        raise BundleError(f"{path}: listed in meta.json but missing") from None
+    except Exception as exc:  # ORT raises its own exception types for unreadable graphs
+        raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
 
 
 def bind_buffers(session: ort.InferenceSession, inputs: dict[str, np.ndarray | ort.OrtValue],

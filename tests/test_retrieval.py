@@ -18,7 +18,7 @@ from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer, candidate_fields, random_inputs
 from bidder.metrics import Metrics
-from bidder.retrieval import (AD_TOWER_FILE, GRAPH, IMP_TOWER_FILE, SMALL_CATALOG, AdIndex, Retriever, Towers,
+from bidder.retrieval import (AD_TOWER_FILE, GRAPH, IMP_TOWER_FILE, SMALL_CATALOG, AdIndex, Towers,
                               ann_available, retriever_for)
 from bidder.scorer import BundleError, Scorer
 from bidder.server import ENGINE, Config, create_app

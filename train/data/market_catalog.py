@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data.synthetic import (_CAMPAIGNS, _EXCHANGES, N_DOMAINS, TEST_FILE, TEST_FRACTION, TRAIN_FILE, _World,
-                                  _bytes_array, _write_log, _zipf)
+from train.data.synthetic import _CAMPAIGNS, _EXCHANGES, N_DOMAINS, _bytes_array, _World, _zipf, write_logs
 
 __all__ = ["CAMPAIGNS_FILE", "MAX_CREATIVES", "MIN_CREATIVES", "generate_market"]
 
@@ -59,27 +58,16 @@ def generate_market(out_dir: str | Path, rows: int, seed: int, creatives: int) -
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     world = _MarketWorld(rng, rows, creatives)
-    table, pctr, clicks = world.impressions(rows)
-    n_test = max(1, int(round(rows * TEST_FRACTION)))
-    n_train = rows - n_test
-    _write_log(out / TRAIN_FILE, table, 0, n_train)
-    _write_log(out / TEST_FILE, table, n_train, rows)
+    summary = write_logs(out, world, rows, seed, started)
     catalog = world.catalog()
     (out / CAMPAIGNS_FILE).write_text(json.dumps(catalog, separators=(",", ":")) + "\n", encoding="utf-8")
     campaigns = catalog["campaigns"]
-    return {
-        "out": str(out),
-        "rows": {"train": n_train, "test": n_test},
-        "seed": seed,
-        "ctr": {"train": float(clicks[:n_train].mean()), "test": float(clicks[n_train:].mean())},
-        "clicks": int(clicks.sum()),
-        "mean_pctr_true": float(pctr.mean()),
-        "catalog": {"file": str(out / CAMPAIGNS_FILE), "creatives": creatives, "campaigns": len(campaigns),
-                    "advertisers": len(world.adv_ids),
-                    "targeted": {"exchanges": sum("exchanges" in c["targeting"] for c in campaigns),
-                                 "domains": sum("domains" in c["targeting"] for c in campaigns)}},
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    summary["catalog"] = {"file": str(out / CAMPAIGNS_FILE), "creatives": creatives, "campaigns": len(campaigns),
+                          "advertisers": len(world.adv_ids),
+                          "targeted": {"exchanges": sum("exchanges" in c["targeting"] for c in campaigns),
+                                       "domains": sum("domains" in c["targeting"] for c in campaigns)}}
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    return summary
 
 
 class _MarketWorld(_World):

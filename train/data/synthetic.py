@@ -173,9 +173,12 @@ def generate(out_dir: str | Path, rows: int, seed: int) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    world = _World(rng, rows)
-    table, pctr, clicks = world.impressions(rows)
+    return write_logs(out, _World(rng, rows), rows, seed, started)
 
+
+def write_logs(out: Path, world: "_World", rows: int, seed: int, started: float) -> dict[str, Any]:
+    """Draw ``rows`` impressions from ``world``, write them (the latest 20 % as the test log); the summary."""
+    table, pctr, clicks = world.impressions(rows)
     n_test = max(1, int(round(rows * TEST_FRACTION)))
     n_train = rows - n_test
     _write_log(out / TRAIN_FILE, table, 0, n_train)
