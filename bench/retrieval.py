@@ -2,19 +2,22 @@
 
 For imps of the data's test log (their slot size, domain and exchange; no blocked advertisers), every
 eligible creative of the catalog is scored by the bundle's ranker (factorized graphs) and valued at
-pCTR × value per click × 1000 (CPM): the exhaustive answer. For each K (default 50, 200, 1000), exact and
-approximate (HNSW) retrieval, it reports:
+pCTR × value per click × 1000 (CPM): the exhaustive answer. For each K (default 10, 50, 200, 1000), exact and
+approximate (HNSW) retrieval, and two baselines without the imp tower (``ad_only``: the K best by the ad
+tower's bias + log value, the same for every imp; ``value_only``: the K best by value per click), it reports:
 
 - ``top1_recall``: share of imps whose exhaustively best creative is among the K retrieved;
 - ``top10_recall``: mean share of the exhaustive top 10 among the K (the ranker's top 10 within the K
   then overlaps the exhaustive top 10 exactly that much);
 - ``value_lost``: mean of (best value − best value among the K), in CPM USD and relative to the best;
-- ``retrieval_us``: per imp, the imp tower, the filters and the top K (median and P99 over the imps).
+- ``retrieval_us``: per imp, the imp tower, the filters and the top K (median and P99 over the imps; the
+  value-only baseline's is not comparable: it starts from the eligible list).
 
 ``bid_ms`` times ``BidEngine.bid`` in process on one imp per request (the IAB simple-banner request, its
-site domain and size replaced by those of the test imps), retrieval with K = 200 against exhaustive
+site domain and size replaced by those of the test imps), retrieval with K = 50 and 200 against exhaustive
 scoring, taking turns request by request: the in-process figure for the latency target (one core, one
-request at a time). Writes the JSON and a PNG beside it.
+request at a time); and batches of 8 such requests prepared and scored together, as 8 connections
+make them. Writes the JSON and a PNG beside it.
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ from bidder.retrieval import AdIndex, Retriever, Towers, ann_available
 from bidder.scorer import BundleError, Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_KS = (50, 200, 1000)
-BID_K = 200
+DEFAULT_KS = (10, 50, 200, 1000)
+#: what the imp tower is worth: the K best by the ad tower's bias + log(value) alone, or by value per click alone
+BASELINES = ("ad_only", "value_only")
+BID_KS = (50, 200)
+BATCH = 8
 BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
 NOW = 1_370_970_000.0  # a receive time inside the synthetic logs' days
 
@@ -66,7 +72,7 @@ def _exchange(record: dict) -> str | None:
 
 
 def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps: int, seed: int,
-            bid_requests: int, progress: bool = True) -> dict:
+            bid_requests: int, bid_ks: tuple[int, ...] = BID_KS, progress: bool = True) -> dict:
     scorer = Scorer(bundle, max_batch=256)
     catalog = load_catalog(campaigns)
     if not scorer.factorized_files():
@@ -91,6 +97,9 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
     value = np.array([c.value_per_click for c in catalog.candidates]) * 1000.0
 
     modes = {"exact": exact} | ({"ann": approximate} if approximate is not None else {})
+    modes |= {name: exact for name in BASELINES}
+    no_imp = np.zeros(matrix.shape[1], dtype=np.float32)
+    no_imp[-1] = 1.0  # scores every ad by its bias + log(value per click) alone
     hits = {(m, k): [] for m in modes for k in ks}
     tops = {(m, k): [] for m in modes for k in ks}
     lost = {(m, k): [] for m in modes for k in ks}
@@ -118,8 +127,11 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
         for mode, index in modes.items():
             for k in ks:
                 started = time.perf_counter()
-                query = towers.imp_vectors([record])[0].copy()
-                found = index.top_k(query, w, h, domain, exchange, frozenset(), k, approximate=mode == "ann")
+                if mode == "value_only":
+                    found = eligible[np.argsort(-value[eligible], kind="stable")[:k]]
+                else:
+                    query = no_imp if mode == "ad_only" else towers.imp_vectors([record])[0].copy()
+                    found = index.top_k(query, w, h, domain, exchange, frozenset(), k, approximate=mode == "ann")
                 seconds[mode, k].append(time.perf_counter() - started)
                 found_set = set(found.tolist())
                 hits[mode, k].append(best in found_set)
@@ -150,13 +162,14 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
         "results": results,
     }
     if bid_requests:
-        out["bid_ms"] = bid_latency(scorer, catalog, factorized, towers, matrix, _test_imps(data, bid_requests, seed + 1))
+        out["bid_ms"] = bid_latency(scorer, catalog, towers, matrix, _test_imps(data, bid_requests, seed + 1), bid_ks)
     return out
 
 
-def bid_latency(scorer: Scorer, catalog, factorized: FactorizedScorer, towers: Towers, matrix: np.ndarray,
-                records: list[dict]) -> dict:
-    """``BidEngine.bid`` per request (one imp), retrieval (K = BID_K) and exhaustive taking turns; ms."""
+def bid_latency(scorer: Scorer, catalog, towers: Towers, matrix: np.ndarray, records: list[dict],
+                ks: tuple[int, ...]) -> dict:
+    """``BidEngine.bid`` per request (one imp) and per batch of ``BATCH``, retrieval at each K and exhaustive
+    taking turns; ms."""
     template = json.loads(BODY.read_text())
     bodies = []
     for record in records:
@@ -168,26 +181,40 @@ def bid_latency(scorer: Scorer, catalog, factorized: FactorizedScorer, towers: T
         request["imp"][0]["bidfloor"] = 0.0
         bodies.append(json.dumps(request).encode())
     metrics = Metrics(0)
-    # the same scorer, candidate parts and ad matrix serve both engines: only the candidate sets differ
-    factorized_small = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch,
-                                                   check=False)
-    retriever = Retriever(towers, catalog, BID_K, index=AdIndex(catalog, matrix))
-    with_retrieval = BidEngine(scorer, catalog, metrics, now=NOW, factorized=factorized_small, retriever=retriever)
-    exhaustive = BidEngine(scorer, catalog, metrics, now=NOW, factorized=factorized_small)
-    times = {"retrieval": [], "exhaustive": []}
-    statuses = {"retrieval": [], "exhaustive": []}
-    for body in bodies[:5]:  # warm the bindings of both
-        with_retrieval.bid(body)
-        exhaustive.bid(body)
-    for body in tqdm(bodies, desc="bid", disable=True):
-        for name, engine in (("retrieval", with_retrieval), ("exhaustive", exhaustive)):
+    # one scorer, factorized scorer and ad index serve every engine (each engine sets the same candidate
+    # parts again): only the candidate sets differ
+    factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch,
+                                             check=False)
+    index = AdIndex(catalog, matrix)
+    engines = {f"retrieval_k{k}": BidEngine(scorer, catalog, metrics, now=NOW, factorized=factorized,
+                                            retriever=Retriever(towers, catalog, k, index=index)) for k in ks}
+    engines["exhaustive"] = BidEngine(scorer, catalog, metrics, now=NOW, factorized=factorized)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    batches: dict[str, list[float]] = {name: [] for name in engines}
+    bids = {name: 0 for name in engines}
+    for body in bodies[:5]:  # warm the bindings of each
+        for engine in engines.values():
+            engine.bid(body)
+    for body in bodies:
+        for name, engine in engines.items():
             started = time.perf_counter()
             outcome = engine.bid(body)
             times[name].append(time.perf_counter() - started)
-            statuses[name].append(outcome.status)
-    return {name: {"requests": len(t), "p50": round(float(np.median(t)) * 1e3, 3),
-                   "p99": round(float(np.percentile(t, 99)) * 1e3, 3),
-                   "bids": int(sum(s == 200 for s in statuses[name]))} for name, t in times.items()} | {"k": BID_K}
+            bids[name] += outcome.status == 200
+    # BATCH requests at once, as BATCH connections make them: each prepared, then one batch scored (the
+    # latency the last of them sees, HTTP aside)
+    for start in range(0, len(bodies) - BATCH + 1, BATCH):
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            engine.score_batch([engine.prepare(body, None, started) for body in bodies[start:start + BATCH]])
+            batches[name].append(time.perf_counter() - started)
+
+    def ms(values: list[float]) -> dict:
+        return {"p50": round(float(np.median(values)) * 1e3, 3), "p99": round(float(np.percentile(values, 99)) * 1e3, 3)}
+
+    return {name: {"requests": len(t), **ms(t), "bids": bids[name],
+                   f"batch_of_{BATCH}": {"batches": len(batches[name]), **ms(batches[name])}}
+            for name, t in times.items()}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -197,14 +224,15 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, style in (("exact", "-o"), ("ann", "--s")):
+    for mode, style in (("exact", "-o"), ("ann", "--s"), ("ad_only", ":^"), ("value_only", ":v")):
         rows = [r for r in report["results"] if r["mode"] == mode]
         if not rows:
             continue
         ks = [r["k"] for r in rows]
         left.plot(ks, [r["top1_recall"] for r in rows], style, label=f"top1 recall ({mode})")
         left.plot(ks, [r["top10_recall"] for r in rows], style, alpha=0.5, label=f"top10 recall ({mode})")
-        right.plot(ks, [r["retrieval_us"]["p50"] for r in rows], style, label=f"{mode} P50")
+        if mode in ("exact", "ann"):
+            right.plot(ks, [r["retrieval_us"]["p50"] for r in rows], style, label=f"{mode} P50")
     left.axhline(0.95, color="grey", lw=0.8, ls=":")
     left.set_xscale("log")
     left.set_xlabel("K (creatives the ranker scores)")
@@ -221,6 +249,14 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        return ()
+    return values if values and min(values) >= 1 else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench retrieval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with test.log.txt and campaigns.json")
@@ -231,16 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imps", type=int, default=300, help="test imps ranked exhaustively (default: %(default)s)")
     parser.add_argument("--bid-requests", type=int, default=300,
                         help="requests timed through BidEngine.bid each way (0: skip; default: %(default)s)")
+    parser.add_argument("--bid-k", default=",".join(map(str, BID_KS)),
+                        help="K values of the BidEngine.bid timing (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
-        ks = tuple(int(k) for k in args.k.split(","))
-    except ValueError:
-        ks = ()
-    if not ks or min(ks) < 1:
-        print(f"error: --k: expected comma-separated positive integers, got {args.k!r}", file=sys.stderr)
-        return 2
+    ks, bid_ks = _positive_list(args.k), _positive_list(args.bid_k)
+    for option, values, text in (("--k", ks, args.k), ("--bid-k", bid_ks, args.bid_k)):
+        if not values:
+            print(f"error: {option}: expected comma-separated positive integers, got {text!r}", file=sys.stderr)
+            return 2
     if args.imps < 1 or args.bid_requests < 0:
         print("error: --imps must be >= 1 and --bid-requests >= 0", file=sys.stderr)
         return 2
@@ -249,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     campaigns = args.campaigns or args.data / "campaigns.json"
     try:
-        report = measure(args.data, args.bundle, campaigns, ks, args.imps, args.seed, args.bid_requests,
+        report = measure(args.data, args.bundle, campaigns, ks, args.imps, args.seed, args.bid_requests, bid_ks,
                          progress=not args.quiet)
     except (RetrievalBenchError, BundleError, CatalogError) as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
-from bidder.campaigns import load_catalog
+from bidder.campaigns import load_catalog, parse_catalog
 from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer, candidate_fields, random_inputs
 from bidder.metrics import Metrics
@@ -108,7 +108,8 @@ def test_each_tower_reads_only_its_own_fields(tower_bundle):
     np.testing.assert_array_equal(run(towers.imp_session, "imp_vec", rows), run(towers.imp_session, "imp_vec", mixed_for_imp))
     mixed_for_ad = {k: (np.where(columns, rows[k], other[k]) if k == SPARSE_INPUT else other[k]) for k in rows}
     np.testing.assert_array_equal(run(towers.ad_session, "ad_vec", rows), run(towers.ad_session, "ad_vec", mixed_for_ad))
-    assert (run(towers.imp_session, "imp_vec", rows)[:, -1] == 1.0).all()
+    vectors = run(towers.imp_session, "imp_vec", rows)
+    assert (vectors[:, -1] > 0).all() and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
 
 
 def test_a_bundle_whose_meta_has_no_parity_figure_or_a_bad_one_is_refused(tower_bundle, tmp_path):
@@ -161,6 +162,34 @@ def test_exact_top_k_is_brute_force_over_the_eligible_creatives(market):
             assert scores == sorted(scores, reverse=True)  # best first
             checked += len(got)
     assert checked > 1000
+
+
+def test_the_bounded_exact_search_skips_blocks_yet_equals_brute_force():
+    """A size of 6,000 creatives: blocks below the k-th best score are skipped, and nothing is lost by it."""
+    rng = np.random.default_rng(6)
+    campaigns = [{"id": f"c{i}", "advertiser": i, "value_per_click": 1.0,
+                  **({"targeting": {"exchanges": ["1"]}} if i % 3 == 0 else {}),
+                  "creatives": [{"id": f"c{i}-{j}", "w": 300, "h": 250, "adomain": [f"a{i % 7}.example"],
+                                 "nurl": "https://x.example/${AUCTION_PRICE}"} for j in range(60)]}
+                 for i in range(100)]
+    catalog = parse_catalog({"campaigns": campaigns})
+    matrix = rng.normal(size=(len(catalog), 9)).astype(np.float32)
+    matrix[:, -1] = rng.normal(0, 3, len(catalog))  # the bias spreads the scores, as log(value) does
+    index = AdIndex(catalog, matrix)
+    part = index.sizes[(300, 250)]
+    skipped = 0
+    for trial in range(40):
+        query = rng.normal(size=9)
+        query[-1] = abs(query[-1]) + 0.5
+        query = (query / np.linalg.norm(query)).astype(np.float32)
+        exchange = [None, "1"][trial % 2]
+        blocked = frozenset({"a3.example"}) if trial % 4 == 1 else frozenset()
+        k = [1, 10, 200][trial % 3]
+        got = index.top_k(query, 300, 250, None, exchange, blocked, k)
+        assert {catalog.candidates[i].creative_id for i in got} == brute_force(
+            catalog, matrix, query, 300, 250, None, exchange, blocked, k)
+        skipped += len(part.positions) - part.scores(query, part.mask(None, exchange, blocked), k)[1]
+    assert skipped > 40 * 1000  # the bound did prune
 
 
 def test_filters_come_before_top_k_so_ineligible_favourites_never_take_a_place(market):

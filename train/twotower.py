@@ -72,7 +72,8 @@ class Tower(nn.Module):
     """The model's int64 inputs -> ``[n, out]``: the chosen fields' embeddings, concatenated, through an MLP.
 
     Single-valued fields share one table (a constant offset per column), gathered at once; multi fields
-    are summed over their tags (row 0, padding, stays zero). With ``append_one`` a constant 1 is appended.
+    are summed over their tags (row 0, padding, stays zero). With ``append_one`` a constant 1 is appended,
+    and with ``unit`` (set for export) the vector is scaled to unit length.
     """
 
     def __init__(self, spec: FeatureSpec, fields: set[str], embedding_dim: int, hidden: int, out: int,
@@ -100,6 +101,9 @@ class Tower(nn.Module):
             raise TrainError(f"no fields for a tower among {sorted(fields)}")
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out))
         self.append_one = append_one
+        # served imp vectors have unit length: a positive scale per imp changes none of its rankings, and
+        # entries at most 1 keep float32 rounding (torch vs ONNX Runtime) well inside the 1e-6 parity bound
+        self.unit = False
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         parts = []
@@ -110,11 +114,14 @@ class Tower(nn.Module):
         out = self.mlp(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
         if self.append_one:
             out = torch.cat([out, out[:, :1] * 0.0 + 1.0], dim=1)
+            if self.unit:
+                out = out / torch.linalg.vector_norm(out, dim=1, keepdim=True)
         return out
 
 
 class TowerModel(nn.Module):
-    """Imp tower ``[n, dim + 1]`` (last entry 1) and ad tower ``[n, dim + 1]`` (last entry the ad's bias)."""
+    """Imp tower ``[n, dim + 1]`` (``[u, 1]``, unit length once exported) and ad tower ``[n, dim + 1]`` (last entry
+    the ad's bias)."""
 
     def __init__(self, spec: FeatureSpec, hp: Mapping[str, Any], seed: int):
         super().__init__()
@@ -281,6 +288,7 @@ def _train(data: Path, bundle: Path, meta: dict, spec: FeatureSpec, catalog, cam
         optimizer.step()
         losses.append(loss.item())
     model.eval()
+    model.imp.unit = True
     trained_seconds = time.perf_counter() - started
 
     held_out, _ = _read_log(data / TEST_FILE, spec, creative_index, progress=False) if (data / TEST_FILE).is_file() \
