@@ -326,3 +326,27 @@ async def test_reload_of_a_large_catalog_under_load_fails_no_request(aiohttp_cli
     state = client.app[ENGINE]
     assert len(state.engine.catalog) == 1500 and state.engine.retriever is not None
     assert state.engine.retriever.index.matrix.shape[0] == 1500
+
+
+def test_train_twotower_cli_refuses_bad_settings_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train", "twotower", "--data", str(tmp_path), "--bundle",
+                           str(tmp_path), "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == "error: --steps: must be positive, got 0\n", done.stderr
+
+
+def test_bench_retrieval_reports_agreement_baselines_and_bid_timings(tower_bundle, market, tmp_path):
+    from bench.retrieval import main
+
+    out = tmp_path / "retrieval.json"
+    assert main(["--data", str(market), "--bundle", str(tower_bundle), "--out", str(out), "--k", "5,40",
+                 "--imps", "30", "--bid-requests", "16", "--bid-k", "10", "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 1000
+    modes = {(r["mode"], r["k"]) for r in report["results"]}
+    assert {("exact", 5), ("exact", 40), ("ad_only", 5), ("value_only", 40)} <= modes
+    exact = {r["k"]: r for r in report["results"] if r["mode"] == "exact"}
+    assert 0 <= exact[5]["top1_recall"] <= exact[40]["top1_recall"] <= 1 and exact[40]["imps"] == 30
+    assert exact[5]["value_lost_cpm"] >= exact[40]["value_lost_cpm"] >= 0
+    assert set(report["bid_ms"]) == {"retrieval_k10", "exhaustive"}
+    assert report["bid_ms"]["retrieval_k10"]["requests"] == 16 and report["bid_ms"]["exhaustive"]["bids"] > 0
+    assert main(["--data", str(market), "--bundle", str(tower_bundle), "--out", str(out), "--k", "0"]) == 2
