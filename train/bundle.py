@@ -51,7 +51,8 @@ def file_sha256(path: Path) -> str:
 def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, architecture: str,
                  hyperparameters: dict[str, Any], data: dict[str, Any], metrics: dict[str, Any],
                  parity: dict[str, Any], training: dict[str, Any] | None = None,
-                 graphs: dict[str, Any] | None = None, extra_files: dict[str, Path] | None = None) -> Path:
+                 graphs: dict[str, Any] | None = None, extra_files: dict[str, Path] | None = None,
+                 calibration: dict[str, Any] | None = None) -> Path:
     """Move ``onnx_path`` into ``out_dir`` as ``model.onnx`` with its spec and metadata; returns ``out_dir``.
 
     ``extra_files`` (name -> path) are copied in beside it and ``graphs`` becomes ``meta.json``'s entry
@@ -75,6 +76,8 @@ def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, arc
         "parity": parity,
         "versions": library_versions(),
     }
+    if calibration is not None:
+        meta["calibration"] = calibration
     if training is not None:
         meta["training"] = training
     if graphs:
