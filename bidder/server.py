@@ -28,6 +28,7 @@ from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import CatalogError, load_catalog
 from bidder.engine import BidEngine, Outcome, error_body
 from bidder.factorized import FactorizedScorer
+from bidder.shading import WinModel
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.openrtb import RequestError, decode_json
 from bidder.scorer import BundleError, Scorer, pin_to_core
@@ -89,7 +90,10 @@ class State:
         if self.config.factorized and scorer.factorized_files():
             # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
             factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
-        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized)
+        # the win-price model for first-price shading, if the bundle has one (checked, BundleError otherwise)
+        market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch)
+        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized,
+                           market)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         per_size = sorted({len(catalog.for_size(w, h)) for w, h in catalog.sizes} | {len(layers)})
         for rows in per_size:
