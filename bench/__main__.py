@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline [options]`."""
+"""Command line: `python -m bench load|echo|baseline|replay [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("echo", help="run the echo server alone (see python -m bench echo -h)", add_help=False)
     commands.add_parser("baseline", help="run the FastAPI baseline alone (see python -m bench baseline -h)",
                         add_help=False)
+    commands.add_parser("replay", help="replay a held-out synthetic bid log: truthful, fixed, model and oracle "
+                                       "shading (see python -m bench replay -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "echo":
         from bench.echo import main as echo_main
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "baseline":
         from bench.baseline import main as baseline_main
         return baseline_main(rest)
+    if args.command == "replay":
+        from bench.replay import main as replay_main
+        return replay_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # SIGTERM's default action would skip the `finally` blocks that stop the servers and leave them

@@ -121,14 +121,23 @@ class WinModel:
     def shade(self, featurizer: Any, records: Sequence[dict], values: np.ndarray,
               floors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(bid, expected surplus) per imp record: one ORT call per ``max_imps`` imps."""
-        n = len(records)
+        return self._shade(len(records), values, floors,
+                           lambda start, stop: featurizer.transform_into(self.inputs, records[start:stop]))
+
+    def shade_features(self, sparse: np.ndarray, values: np.ndarray, floors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``shade`` for rows already featurized (the spec's ``sparse`` input), as a replay of a log has them."""
+        def fill(start: int, stop: int) -> int:
+            self.inputs[SPARSE_INPUT][:stop - start] = sparse[start:stop]
+            return stop - start
+        return self._shade(len(sparse), values, floors, fill)
+
+    def _shade(self, n: int, values: np.ndarray, floors: np.ndarray, fill: Any) -> tuple[np.ndarray, np.ndarray]:
         bids = np.empty(n)
         surplus = np.empty(n)
         for start in range(0, n, self.max_imps):
             stop = min(n, start + self.max_imps)
-            rows = featurizer.transform_into(self.inputs, records[start:stop])
-            grid = bid_grid(values[start:stop], floors[start:stop])
-            self.bids[:rows] = grid
+            rows = fill(start, stop)
+            self.bids[:rows] = bid_grid(values[start:stop], floors[start:stop])
             # the grid the model saw (float32) is the grid the bid comes from
             bids[start:stop], surplus[start:stop] = best_bids(values[start:stop], self.bids[:rows].astype(np.float64),
                                                               self._run(rows))

@@ -245,3 +245,50 @@ def test_train_market_errors(tmp_path, small_bundle, synthetic_data, capsys):
     assert f"no such file (python -m train synth writes {BID_LOG})" in capsys.readouterr().err
     assert train_main(["market", "--data", str(synthetic_data), "--bundle", str(bundle), "--epochs", "0"]) == 2
     assert "--epochs must be a positive integer" in capsys.readouterr().err
+
+
+# -- cost (`pytest --benchmark`) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("at", [2, 1])
+def test_bench_bid_first_vs_second_price(benchmark, market_bundle_dir, openrtb_examples, at):
+    """The full in-process bid of the simple-banner request (factorized scoring), shaded (at=1) or not (at=2)."""
+    from bidder.factorized import FactorizedScorer
+
+    benchmark.group = "in-process bid, simple-banner: at=2 (value) vs at=1 (shaded)"
+    scorer = Scorer(market_bundle_dir)
+    engine = BidEngine(scorer, load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=FIXED_NOW,
+                       factorized=FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch,
+                                                              max_rows=scorer.max_batch),
+                       market=WinModel.for_scorer(scorer, max_imps=scorer.max_batch))
+    assert benchmark(engine.bid, _request(openrtb_examples, at)).status == 200
+
+
+# -- the replay -----------------------------------------------------------------------------------------------
+def test_replay_writes_every_strategy_and_a_plot(market_bundle_dir, synthetic_data, tmp_path, capsys):
+    from bench.__main__ import main as bench_main
+
+    out = tmp_path / "replay.json"
+    assert bench_main(["replay", "--data", str(synthetic_data), "--bundle", str(market_bundle_dir), "--out", str(out),
+                       "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    for name in ("truthful", "fixed", "model", "oracle"):
+        row = result["strategies"][name]
+        assert set(row) >= {"wins", "spend", "value", "surplus"}
+        assert row["surplus"] == pytest.approx(row["value"] - row["spend"], abs=1e-3)
+    fp = result["strategies"]
+    assert fp["oracle"]["surplus"] > fp["truthful"]["surplus"] and fp["model"]["surplus"] > fp["truthful"]["surplus"]
+    assert fp["truthful"]["wins"] >= fp["fixed"]["wins"]  # the value is the highest bid of all
+    assert 0.05 <= result["first_price"]["fixed_factor"] <= 1.0
+    assert set(result["second_price"]["strategies"]) == {"truthful", "fixed", "model", "oracle"}
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    capsys.readouterr()
+
+
+def test_replay_errors(small_bundle, synthetic_data, tmp_path, capsys):
+    from bench.__main__ import main as bench_main
+
+    assert bench_main(["replay", "--data", str(synthetic_data), "--bundle", str(small_bundle),
+                       "--out", str(tmp_path / "r.json")]) == 2
+    assert "has no win-price model" in capsys.readouterr().err
+    assert bench_main(["replay", "--data", str(synthetic_data), "--bundle", str(small_bundle),
+                       "--out", str(tmp_path / "missing" / "r.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: --out")
