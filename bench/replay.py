@@ -76,7 +76,8 @@ def strategies(values: np.ndarray, log: Any, market: WinModel, factor: float, fi
     bids_ok = values >= log.floor  # no strategy bids above the value: an imp worth less than its floor is skipped
     truthful = np.where(bids_ok, values, np.nan)
     fixed = np.where(bids_ok, np.maximum(values * factor, log.floor), np.nan)
-    shaded, surplus = market.shade_features(log.inputs[SPARSE_INPUT], values, np.minimum(log.floor, values))
+    shaded, surplus = (np.asarray(a) for a in market.shade_features(log.inputs[SPARSE_INPUT], values,
+                                                                     np.minimum(log.floor, values)))
     model = np.where(bids_ok & (surplus > 0), shaded, np.nan)
     oracle = np.where(bids_ok, oracle_bids(values, log), np.nan)
     return {name: outcome(bids, log, first_price)

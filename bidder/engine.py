@@ -20,7 +20,6 @@ import time
 from typing import NamedTuple, Sequence
 
 import msgspec
-import numpy as np
 
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
@@ -354,12 +353,11 @@ class BidEngine:
                     records.append(imp_records[i])
         if not todo:
             return unprofitable
-        values = np.array([valued[j][i].price for j, i in todo])
-        floors = np.array([pendings[j].floors[i] for j, i in todo])
+        values = [valued[j][i].price for j, i in todo]
+        floors = [pendings[j].floors[i] for j, i in todo]
         bids, surplus = market.shade(self.scorer.featurizer, records, values, floors)
         observe = metrics.shading_first.observe
-        for (j, i), bid, gain, value, floor in zip(todo, bids.tolist(), surplus.tolist(), values.tolist(),
-                                                    floors.tolist()):
+        for (j, i), bid, gain, value, floor in zip(todo, bids, surplus, values, floors):
             best = valued[j]
             if not gain > 0.0:
                 del best[i]

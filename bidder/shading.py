@@ -3,10 +3,13 @@ the bid b* = argmax_b (v − b) · P(win | b, x), from the bundle's win-price mo
 written by ``python -m train market``, ``train/market.py``).
 
 The search is a grid of ``GRID`` bids per imp from its floor up to (not including) its value,
-``floor + (v − floor) · k / GRID``; the win probabilities of every imp of a batch over its grid come
-from one ONNX Runtime call (the graph's ``bids`` input is the grid, its ``win`` output P(market < bid)),
-so shading adds one small call per batch, not one per request. An imp whose best expected surplus is
-not positive gets no bid. Without a win-price model a first-price imp is bid at its value.
+``floor + (v − floor) · k / GRID`` (``bid_grid``), and the bid is the grid point of highest expected
+surplus (``best_bids``). The graph does the whole search: it takes the imps' ``sparse`` features,
+``value`` and ``floor`` (float32 ``[n, 1]``) and returns the grid ``bids`` and ``win`` = P(market < bid)
+(``[n, GRID]``: the model's answer at each grid bid) and the chosen ``bid`` and its ``surplus``
+(``[n, 1]``). One ONNX Runtime call covers every first-price imp of a batch and no numpy work is left
+per request. An imp whose best expected surplus is not positive gets no bid. Without a win-price model
+a first-price imp is bid at its value.
 
 The graph runs as the scorer does: single-thread session, inputs and output bound once over
 pre-allocated buffers (``bidder.scorer.bind_buffers``), one binding per batch size, reused.
@@ -23,11 +26,14 @@ import onnxruntime as ort
 from bidder.scorer import BundleError, bind_buffers, session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
-__all__ = ["BIDS_INPUT", "GRID", "MARKET_FILE", "MARKET_GRAPH", "WIN_OUTPUT", "WinModel", "best_bids", "bid_grid"]
+__all__ = ["BID_OUTPUT", "FLOOR_INPUT", "GRID", "GRID_OUTPUT", "MARKET_FILE", "MARKET_GRAPH", "OUTPUTS", "SURPLUS_OUTPUT",
+           "VALUE_INPUT", "WIN_OUTPUT", "WinModel", "best_bids", "bid_grid"]
 
 MARKET_GRAPH = "market"  # its key under meta.json's "graphs"
 MARKET_FILE = "market.onnx"
-BIDS_INPUT, WIN_OUTPUT = "bids", "win"
+VALUE_INPUT, FLOOR_INPUT = "value", "floor"
+GRID_OUTPUT, WIN_OUTPUT, BID_OUTPUT, SURPLUS_OUTPUT = "bids", "win", "bid", "surplus"
+OUTPUTS = (GRID_OUTPUT, WIN_OUTPUT, BID_OUTPUT, SURPLUS_OUTPUT)
 GRID = 64
 _STEPS = np.arange(GRID, dtype=np.float64) / GRID
 
@@ -48,7 +54,7 @@ def best_bids(values: np.ndarray, grid: np.ndarray, win: np.ndarray) -> tuple[np
 
 
 class WinModel:
-    """P(win | bid, x) for up to ``max_imps`` imps per call, each over a grid of ``GRID`` bids."""
+    """The win-price graph's bid search for up to ``max_imps`` imps per ORT call."""
 
     def __init__(self, path: str | Path, spec: FeatureSpec, max_imps: int = 64):
         if max_imps < 1:
@@ -62,26 +68,33 @@ class WinModel:
         self._check_signature(spec)
         self.max_imps = max_imps
         self.inputs = spec.allocate(max_imps)  # what the featurizer writes; the graph reads ``sparse``
-        self.bids = np.zeros((max_imps, GRID), dtype=np.float32)
-        self.win = np.zeros((max_imps, GRID), dtype=np.float32)
+        self.value = np.zeros((max_imps, 1), dtype=np.float32)
+        self.floor = np.zeros((max_imps, 1), dtype=np.float32)
+        self.outputs = {GRID_OUTPUT: np.zeros((max_imps, GRID), dtype=np.float32),
+                        WIN_OUTPUT: np.zeros((max_imps, GRID), dtype=np.float32),
+                        BID_OUTPUT: np.zeros((max_imps, 1), dtype=np.float32),
+                        SURPLUS_OUTPUT: np.zeros((max_imps, 1), dtype=np.float32)}
         self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
 
     def _check_signature(self, spec: FeatureSpec) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        if set(inputs) != {SPARSE_INPUT, BIDS_INPUT} or WIN_OUTPUT not in outputs:
-            raise BundleError(f"{self.path}: expected inputs {SPARSE_INPUT!r}, {BIDS_INPUT!r} and output {WIN_OUTPUT!r}, "
-                              f"has inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+        if set(inputs) != {SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT} or not set(OUTPUTS) <= set(outputs):
+            raise BundleError(f"{self.path}: expected inputs {SPARSE_INPUT}, {VALUE_INPUT}, {FLOOR_INPUT} and outputs "
+                              f"{', '.join(OUTPUTS)}; has inputs {sorted(inputs)} and outputs {sorted(outputs)}")
         width = inputs[SPARSE_INPUT].shape[1] if len(inputs[SPARSE_INPUT].shape) == 2 else None
         if width != spec.input_width(SPARSE_INPUT):
             raise BundleError(f"{self.path}: input {SPARSE_INPUT!r} has shape {inputs[SPARSE_INPUT].shape}, "
                               f"spec.json needs [imps, {spec.input_width(SPARSE_INPUT)}]")
+        if outputs[WIN_OUTPUT].shape[1:] != [GRID]:
+            raise BundleError(f"{self.path}: output {WIN_OUTPUT!r} has shape {outputs[WIN_OUTPUT].shape}, "
+                              f"expected [imps, {GRID}]")
 
     @classmethod
     def for_scorer(cls, scorer: Any, max_imps: int = 64) -> "WinModel | None":
         """The win-price model ``scorer``'s bundle lists under meta.json's ``graphs.market``; None without one.
 
-        The file must match the sha256 meta.json records and give monotone probabilities in [0, 1].
+        The file must match the sha256 meta.json records and pass ``check``.
         """
         graphs = scorer.meta.get("graphs")
         entry = graphs.get(MARKET_GRAPH) if isinstance(graphs, dict) else None
@@ -101,44 +114,56 @@ class WinModel:
         return model
 
     def check(self, featurizer: Any) -> None:
-        """P(win) on a grid for a few records: finite, within [0, 1] and never falling as the bid rises."""
+        """A few records over a wide grid: P(win) finite, in [0, 1], non-decreasing in the bid; the bid the
+        grid point of highest surplus, between floor and value."""
         n = min(4, self.max_imps)
         featurizer.transform_into(self.inputs, [{}] * n)
-        self.bids[:n] = np.geomspace(0.01, 1000.0, GRID, dtype=np.float32)[None, :]
-        win = self._run(n)
-        if not (np.all(np.isfinite(win)) and np.all((win >= 0) & (win <= 1)) and np.all(np.diff(win, axis=1) >= -1e-6)):
-            raise BundleError(f"{self.path}: P(win) must be finite, within [0, 1] and non-decreasing in the bid")
+        self.value[:n, 0] = [1000.0, 10.0, 1.0, 0.1][:n]
+        self.floor[:n, 0] = 0.01
+        out = self._run(n)
+        grid, win = out[GRID_OUTPUT][:n].astype(np.float64), out[WIN_OUTPUT][:n]
+        bids, surplus = best_bids(self.value[:n, 0], grid, win)
+        sane = (np.all(np.isfinite(win)) and np.all((win >= 0) & (win <= 1)) and np.all(np.diff(win, axis=1) >= -1e-6)
+                and np.allclose(out[BID_OUTPUT][:n, 0], bids, rtol=1e-6)
+                and np.allclose(out[SURPLUS_OUTPUT][:n, 0], surplus, rtol=1e-5, atol=1e-6))
+        if not sane:
+            raise BundleError(f"{self.path}: P(win) must be finite, within [0, 1] and non-decreasing in the bid, and "
+                              f"{BID_OUTPUT!r} the grid bid of highest expected surplus")
 
-    def _run(self, n: int) -> np.ndarray:
+    def _run(self, n: int) -> dict[str, np.ndarray]:
         bound = self._bindings.get(n)
         if bound is None:
             bound = self._bindings[n] = bind_buffers(
-                self.session, {SPARSE_INPUT: self.inputs[SPARSE_INPUT][:n], BIDS_INPUT: self.bids[:n]},
-                {WIN_OUTPUT: self.win[:n]})
+                self.session, {SPARSE_INPUT: self.inputs[SPARSE_INPUT][:n], VALUE_INPUT: self.value[:n],
+                               FLOOR_INPUT: self.floor[:n]},
+                {name: buffer[:n] for name, buffer in self.outputs.items()})
         self.session.run_with_iobinding(bound[0])
-        return self.win[:n]
+        return self.outputs
 
-    def shade(self, featurizer: Any, records: Sequence[dict], values: np.ndarray,
-              floors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def shade(self, featurizer: Any, records: Sequence[dict], values: Sequence[float],
+              floors: Sequence[float]) -> tuple[list[float], list[float]]:
         """(bid, expected surplus) per imp record: one ORT call per ``max_imps`` imps."""
         return self._shade(len(records), values, floors,
                            lambda start, stop: featurizer.transform_into(self.inputs, records[start:stop]))
 
-    def shade_features(self, sparse: np.ndarray, values: np.ndarray, floors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def shade_features(self, sparse: np.ndarray, values: Sequence[float],
+                       floors: Sequence[float]) -> tuple[list[float], list[float]]:
         """``shade`` for rows already featurized (the spec's ``sparse`` input), as a replay of a log has them."""
         def fill(start: int, stop: int) -> int:
             self.inputs[SPARSE_INPUT][:stop - start] = sparse[start:stop]
             return stop - start
         return self._shade(len(sparse), values, floors, fill)
 
-    def _shade(self, n: int, values: np.ndarray, floors: np.ndarray, fill: Any) -> tuple[np.ndarray, np.ndarray]:
-        bids = np.empty(n)
-        surplus = np.empty(n)
+    def _shade(self, n: int, values: Sequence[float], floors: Sequence[float],
+               fill: Any) -> tuple[list[float], list[float]]:
+        bids: list[float] = []
+        surplus: list[float] = []
         for start in range(0, n, self.max_imps):
             stop = min(n, start + self.max_imps)
             rows = fill(start, stop)
-            self.bids[:rows] = bid_grid(values[start:stop], floors[start:stop])
-            # the grid the model saw (float32) is the grid the bid comes from
-            bids[start:stop], surplus[start:stop] = best_bids(values[start:stop], self.bids[:rows].astype(np.float64),
-                                                              self._run(rows))
+            self.value[:rows, 0] = values[start:stop]
+            self.floor[:rows, 0] = floors[start:stop]
+            out = self._run(rows)
+            bids += out[BID_OUTPUT][:rows, 0].tolist()
+            surplus += out[SURPLUS_OUTPUT][:rows, 0].tolist()
         return bids, surplus

@@ -16,7 +16,8 @@ from bidder.engine import BidEngine
 from bidder.metrics import Metrics
 from bidder.scorer import BundleError, Scorer
 from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
-from bidder.shading import BIDS_INPUT, GRID, MARKET_FILE, WIN_OUTPUT, WinModel, best_bids, bid_grid
+from bidder.shading import (FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, OUTPUTS, VALUE_INPUT, WIN_OUTPUT, WinModel,
+                            best_bids, bid_grid)
 from bidder.spec import SPARSE_INPUT, default_spec
 from oracle import metric
 from train.__main__ import main as train_main
@@ -136,21 +137,25 @@ def test_market_graph_is_listed_with_its_parity_and_figures(market_bundle_dir):
     assert "slotid" in entry["fields"] and "creative" not in entry["fields"]
 
 
-def test_served_win_probabilities_equal_python_onnx_runtime(market_bundle_dir, sample_records):
+def test_served_bids_equal_python_onnx_runtime_and_the_argmax(market_bundle_dir, sample_records):
     scorer = Scorer(market_bundle_dir)
-    model = WinModel.for_scorer(scorer, max_imps=8)
+    model = WinModel.for_scorer(scorer, max_imps=8)  # 20 records: three ORT calls
     records = sample_records[:20]
     values = np.linspace(1.0, 30.0, len(records))
-    floors = np.zeros(len(records))
-    bids, surplus = model.shade(scorer.featurizer, records, values, floors)
+    floors = values * np.linspace(0.0, 0.5, len(records))
+    bids, surplus = model.shade(scorer.featurizer, records, values.tolist(), floors.tolist())
     session = ort.InferenceSession(str(market_bundle_dir / MARKET_FILE), providers=["CPUExecutionProvider"])
-    inputs = scorer.featurizer.transform(records)
-    grid = bid_grid(values, floors).astype(np.float32)
-    win = session.run([WIN_OUTPUT], {SPARSE_INPUT: inputs[SPARSE_INPUT], BIDS_INPUT: grid})[0]
-    expected_bids, expected_surplus = best_bids(values, grid.astype(np.float64), win)
-    assert np.array_equal(bids, expected_bids)
-    assert np.max(np.abs(surplus - expected_surplus)) <= 1e-6 * values.max()
-    assert np.all(np.diff(win, axis=1) >= 0) and np.all(bids < values)
+    got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {
+        SPARSE_INPUT: scorer.featurizer.transform(records)[SPARSE_INPUT],
+        VALUE_INPUT: values.astype(np.float32).reshape(-1, 1), FLOOR_INPUT: floors.astype(np.float32).reshape(-1, 1)})))
+    assert np.array_equal(np.array(bids, dtype=np.float32), got["bid"][:, 0])
+    assert np.array_equal(np.array(surplus, dtype=np.float32), got["surplus"][:, 0])
+    # the graph's grid is bid_grid's (to float32 rounding) and its bid the brute-force argmax over it
+    assert np.allclose(got[GRID_OUTPUT], bid_grid(values, floors), rtol=1e-6)
+    expected_bids, expected_surplus = best_bids(values, got[GRID_OUTPUT].astype(np.float64), got[WIN_OUTPUT])
+    assert np.allclose(bids, expected_bids, rtol=1e-6) and np.allclose(surplus, expected_surplus, rtol=1e-5)
+    assert np.all(np.diff(got[WIN_OUTPUT], axis=1) >= 0) and np.all(np.array(bids) < values)
+    assert np.all(np.array(bids) >= floors.astype(np.float32))
 
 
 def test_a_bundle_without_a_market_model_shades_nothing(small_bundle):

@@ -16,9 +16,11 @@ Censored likelihood, per bid-log row (Φ the standard normal CDF, z(t) = (ln t �
     second-price win, paid > floor market =  paid          log φ(z(paid)) − log sigma − log paid
     second-price win, paid = floor market <= floor         log Φ(z(floor))
 
-The exported graph (``market.onnx``) takes the spec's ``sparse`` input and a matrix of bids
-``bids`` float32 ``[n, G]`` and returns ``win`` float32 ``[n, G]``: P(market < bids[i, g] | x_i).
-The served shading (``bidder/shading.py``) calls it once per batch over each imp's bid grid.
+The exported graph (``market.onnx``) runs the served bid search (``bidder/shading.py``): from the
+spec's ``sparse`` input, ``value`` and ``floor`` it builds each imp's grid of ``GRID`` bids and returns
+it (``bids``), the model's P(market < bid | x) there (``win``), the grid bid of highest expected surplus
+(``bid``) and that surplus. Parity is checked on ``win`` (the model) and the grid; ``bid`` must be
+the argmax of ONNX Runtime's own surplus.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from tqdm import tqdm
 
 from bidder.factorized import candidate_fields
 from bidder.scorer import BundleError, read_meta
-from bidder.shading import BIDS_INPUT, MARKET_FILE, MARKET_GRAPH, WIN_OUTPUT
+from bidder.shading import (BID_OUTPUT, FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, MARKET_GRAPH, OUTPUTS,
+                            SURPLUS_OUTPUT, VALUE_INPUT, WIN_OUTPUT, best_bids)
 from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
 from train.bundle import META_FILE, file_sha256, replace_files
 from train.data.bidlog import BidLog, read_bid_log, split_bid_log
@@ -49,7 +52,6 @@ __all__ = ["MarketModel", "censored_nll", "fit_market", "market_bundle"]
 
 PARITY_TOLERANCE = 1e-6
 PARITY_ROWS = 2048
-PARITY_GRID = 16
 EVAL_GRID = np.geomspace(1.0, 40.0, 16)  # USD CPM: spans the synthetic market's bulk
 _MIN_LOG_SIGMA, _MAX_LOG_SIGMA = math.log(0.02), math.log(5.0)
 
@@ -72,6 +74,7 @@ class MarketModel(nn.Module):
         starts = np.concatenate([[0], np.cumsum([spec.single_fields[j].buckets for j in columns])[:-1]])
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.int64))
         self.register_buffer("starts", torch.tensor(starts, dtype=torch.int64).reshape(1, -1))
+        self.register_buffer("steps", torch.arange(GRID, dtype=torch.float32).reshape(1, -1) / GRID)
         self.table = nn.Embedding(buckets, dim + 2)  # per value: a vector, and linear terms for mu and log sigma
         nn.init.normal_(self.table.weight, 0.0, 0.01)
         width = len(columns) * dim
@@ -89,10 +92,20 @@ class MarketModel(nn.Module):
         sigma = torch.exp(torch.clamp(out[:, 1:2], _MIN_LOG_SIGMA, _MAX_LOG_SIGMA))
         return mu, sigma
 
-    def forward(self, sparse: torch.Tensor, bids: torch.Tensor) -> torch.Tensor:
+    def probability(self, sparse: torch.Tensor, bids: torch.Tensor) -> torch.Tensor:
+        """P(market < bids[i, g] | x_i)."""
         mu, sigma = self.params(sparse)
         z = (torch.log(bids) - mu) / sigma
         return 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+
+    def forward(self, sparse: torch.Tensor, value: torch.Tensor, floor: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The served search (``bidder.shading``): (grid bids, P(win) there, best bid, its expected surplus)."""
+        bids = floor + (value - floor) * self.steps
+        win = self.probability(sparse, bids)
+        surplus = (value - bids) * win
+        best = torch.argmax(surplus, dim=1, keepdim=True)
+        return bids, win, torch.gather(bids, 1, best), torch.gather(surplus, 1, best)
 
 
 def observations(log: BidLog) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +214,7 @@ def evaluate(model: MarketModel, log: BidLog, bins: int = 10) -> dict[str, Any]:
     true_mu = torch.from_numpy(log.market_mu_true)
     true_sigma = torch.from_numpy(log.market_sigma_true)
     nll_true = float(censored_nll(true_mu, true_sigma, kind, threshold))
-    predicted = model(sparse, torch.from_numpy(log.bid.astype(np.float32)).reshape(-1, 1)).numpy().reshape(-1)
+    predicted = model.probability(sparse, torch.from_numpy(log.bid.astype(np.float32)).reshape(-1, 1)).numpy().reshape(-1)
     edges = np.quantile(predicted, np.linspace(0, 1, bins + 1)[1:-1])
     index = np.searchsorted(edges, predicted, side="left")
     by_bin = []
@@ -211,7 +224,7 @@ def evaluate(model: MarketModel, log: BidLog, bins: int = 10) -> dict[str, Any]:
             by_bin.append({"rows": int(rows.sum()), "predicted": round(float(predicted[rows].mean()), 4),
                            "observed": round(float(log.won[rows].mean()), 4)})
     grid = torch.from_numpy(np.tile(EVAL_GRID.astype(np.float32), (len(log), 1)))
-    p_model = model(sparse, grid).numpy().astype(np.float64)
+    p_model = model.probability(sparse, grid).numpy().astype(np.float64)
     p_true = _normal_cdf((np.log(EVAL_GRID)[None, :] - log.market_mu_true[:, None]) / log.market_sigma_true[:, None])
     return {"rows": len(log), "censored_nll": round(nll, 5), "censored_nll_truth": round(nll_true, 5),
             "win_rate": {"predicted": round(float(predicted.mean()), 4), "observed": round(float(log.won.mean()), 4)},
@@ -229,12 +242,13 @@ def _normal_cdf(z: np.ndarray) -> np.ndarray:
 
 # -- export and bundle --------------------------------------------------------------------------------------
 def export_market(model: MarketModel, spec: FeatureSpec, path: Path) -> Path:
-    example = (torch.zeros((2, spec.input_width(SPARSE_INPUT)), dtype=torch.int64), torch.ones((2, 4)))
-    axes = {SPARSE_INPUT: {0: "imps"}, BIDS_INPUT: {0: "imps", 1: "grid"}, WIN_OUTPUT: {0: "imps", 1: "grid"}}
+    example = (torch.zeros((2, spec.input_width(SPARSE_INPUT)), dtype=torch.int64), torch.full((2, 1), 5.0),
+               torch.full((2, 1), 0.5))
+    axes = {name: {0: "imps"} for name in (SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT, *OUTPUTS)}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), example, str(path), input_names=[SPARSE_INPUT, BIDS_INPUT],
-                          output_names=[WIN_OUTPUT], dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+        torch.onnx.export(model.eval(), example, str(path), input_names=[SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT],
+                          output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     onnx.checker.check_model(str(path))
     return path
@@ -242,25 +256,36 @@ def export_market(model: MarketModel, spec: FeatureSpec, path: Path) -> Path:
 
 @torch.no_grad()
 def check_market_parity(model: MarketModel, path: Path, log: BidLog, rows: int = PARITY_ROWS) -> dict[str, Any]:
-    """Max |torch − ONNX Runtime| of P(win) on held-out rows over a bid grid, at batch 1, 64 and all rows."""
+    """torch vs ONNX Runtime on held-out rows at batch 1, 64 and all rows: max |Δ| of the grid and of P(win)
+    (values 0.2-2x the logged bid, floors the logged ones); ``bid`` and ``surplus`` must be the argmax of
+    ONNX Runtime's own grid and P(win). ``ParityError`` otherwise."""
     n = min(rows, len(log))
     if n == 0:
         raise ParityError("market parity check needs held-out rows, got none")
     sparse = np.ascontiguousarray(log.inputs[SPARSE_INPUT][:n])
-    bids = np.ascontiguousarray((log.bid[:n, None] * np.geomspace(0.2, 2.0, PARITY_GRID)[None, :]).astype(np.float32))
-    expected = model(torch.from_numpy(sparse), torch.from_numpy(bids)).numpy().astype(np.float64)
+    value = (log.bid[:n] * np.geomspace(0.2, 2.0, n)).astype(np.float32).reshape(-1, 1)
+    floor = np.minimum(log.floor[:n].astype(np.float32).reshape(-1, 1), value)
+    expected = model(torch.from_numpy(sparse), torch.from_numpy(value), torch.from_numpy(floor))
+    expected = {GRID_OUTPUT: expected[0].numpy().astype(np.float64), WIN_OUTPUT: expected[1].numpy().astype(np.float64)}
     session = serving_session(path)
     worst = 0.0
     sizes = [b for b in (1, 64) if b < n] + [n]
     for size in sizes:
-        got = np.concatenate([session.run([WIN_OUTPUT], {SPARSE_INPUT: sparse[i:i + size], BIDS_INPUT: bids[i:i + size]})[0]
-                              for i in range(0, n, size)])
-        diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
+        parts = [session.run(list(OUTPUTS), {SPARSE_INPUT: sparse[i:i + size], VALUE_INPUT: value[i:i + size],
+                                             FLOOR_INPUT: floor[i:i + size]}) for i in range(0, n, size)]
+        got = {name: np.concatenate([p[k] for p in parts]).astype(np.float64) for k, name in enumerate(OUTPUTS)}
+        diff = max(float(np.max(np.abs(got[name] - expected[name]) / np.maximum(1.0, np.abs(expected[name]))))
+                   for name in (GRID_OUTPUT, WIN_OUTPUT))
         if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
             raise ParityError(f"{path}: ONNX Runtime differs from the trained market model by {diff:.3g} at batch "
                               f"size {size} (tolerance {PARITY_TOLERANCE:g})")
+        bids, surplus = best_bids(value[:, 0].astype(np.float64), got[GRID_OUTPUT], got[WIN_OUTPUT])
+        if not (np.allclose(got[BID_OUTPUT][:, 0], bids, rtol=1e-6)
+                and np.allclose(got[SURPLUS_OUTPUT][:, 0], surplus, rtol=1e-5, atol=1e-6)):
+            raise ParityError(f"{path}: its {BID_OUTPUT!r} is not the grid bid of highest expected surplus")
         worst = max(worst, diff)
-    return {"max_abs_diff": worst, "rows": n, "grid": PARITY_GRID, "batch_sizes": sizes, "tolerance": PARITY_TOLERANCE}
+    return {"max_abs_diff": worst, "measure": "max |Δ| of P(win) and of the bid grid (relative above 1)", "rows": n,
+            "grid": GRID, "batch_sizes": sizes, "tolerance": PARITY_TOLERANCE}
 
 
 def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, seed: int = 0, threads: int = 1,
@@ -282,7 +307,7 @@ def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, 
         path = export_market(model, spec, Path(tmp) / MARKET_FILE)
         parity = check_market_parity(model, path, parts["test"])
         entry = {"files": [MARKET_FILE], "sha256": file_sha256(path), "family": "log-normal",
-                 "fields": model.fields, "inputs": [SPARSE_INPUT, BIDS_INPUT], "output": WIN_OUTPUT,
+                 "fields": model.fields, "inputs": [SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT], "outputs": list(OUTPUTS),
                  "data": str(data_dir), "metrics": metrics, "parity": parity}
         meta["graphs"] = {**(meta.get("graphs") or {}), MARKET_GRAPH: entry}
         staged_meta = Path(tmp) / META_FILE
