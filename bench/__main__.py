@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     commands.add_parser("retrieval", help="two-tower retrieval against exhaustive ranking (see python -m bench "
                                           "retrieval -h)", add_help=False)
+    commands.add_parser("replay", help="replay a held-out synthetic bid log: truthful, fixed, model and oracle "
+                                       "shading (see python -m bench replay -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "retrieval":
         from bench.retrieval import main as retrieval_main
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "baseline":
         from bench.baseline import main as baseline_main
         return baseline_main(rest)
+    if args.command == "replay":
+        from bench.replay import main as replay_main
+        return replay_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # SIGTERM's default action would skip the `finally` blocks that stop the servers and leave them

@@ -7,7 +7,8 @@ Stages, in the order a request meets them (one function each):
               (``bidder.retrieval``)
     batch     ``bidder.batching.Batcher``: every request prepared in one loop turn joins one batch
     score     the batch's rows in as few ORT calls as ``max_batch`` allows (``tmax`` checked first)
-    price     best candidate per imp at or above its floor (``bidder.pricing``)
+    value     best candidate per imp at or above its floor (``bidder.pricing``)
+    shade     first-price imps of the whole batch: the surplus-maximising bid (``bidder.shading``)
     encode    the BidResponse
 
 ``bid(body)`` runs all of them for one request, synchronously; the server runs ``prepare`` in the
@@ -27,11 +28,12 @@ from bidder.campaigns import Candidate, Catalog
 from bidder.deals import DealOffer, deal_candidates, seat_bids
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict, decode_request,
-                            encode_response, imp_fields, imp_sizes, request_fields)
-from bidder.pricing import best_per_imp
+from bidder.openrtb import (FIRST_PRICE, Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict,
+                            decode_request, encode_response, imp_fields, imp_sizes, request_fields)
+from bidder.pricing import PricedBid, best_per_imp
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
+from bidder.shading import WinModel
 
 __all__ = ["BidEngine", "Outcome", "Pending", "NO_BID_REASONS"]
 
@@ -64,6 +66,16 @@ class Pending:
         self.offers = offers
         self.imp_reason = imp_reason  # first reason an imp of this request got no rows
 
+    def imp_records(self) -> dict[int, dict]:
+        """imp index -> its record (the raw fields the imp's rows share)."""
+        out: dict[int, dict] = {}
+        owners = self.owners
+        row = 0
+        for record, eligible in self.groups:
+            out[owners[row]] = record
+            row += len(eligible)
+        return out
+
     @property
     def rows(self) -> list[tuple[dict, dict]]:
         """(candidate layer, imp record) pairs: the featurizer's overlay rows for the canonical graph."""
@@ -93,7 +105,7 @@ class BidEngine:
 
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
                  now: float | None = None, factorized: FactorizedScorer | None = None,
-                 retriever: Retriever | None = None):
+                 market: WinModel | None = None, retriever: Retriever | None = None):
         self.scorer = scorer
         self.catalog = catalog
         # large catalogs: the top K eligible creatives per imp by the two towers; None: every eligible creative
@@ -102,6 +114,7 @@ class BidEngine:
         self.factorized = factorized
         if factorized is not None:
             factorized.set_candidates([c.layer for c in catalog.candidates])
+        self.market = market  # the bundle's win-price model; None: first-price imps are bid at their value
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
         self.now = now  # Unix seconds every request is taken to arrive at (examples, tests); None: the wall clock
@@ -230,12 +243,16 @@ class BidEngine:
         metrics = self.metrics
         metrics.batch_rows.observe(rows)
         metrics.batch_requests.observe(len(chunk))
+        pendings, slices = [], []
         start = 0
         for k in chunk:
             pending = batch[k]
             n = len(pending.candidates)
-            outcomes[k] = self._price_alone(pending, scores[start:start + n])
+            pendings.append(pending)
+            slices.append(scores[start:start + n])
             start += n
+        for k, outcome in zip(chunk, self.price_all(pendings, slices)):
+            outcomes[k] = outcome
 
     def _score_rows(self, pendings: Sequence[Pending], rows: int) -> list[float]:
         """The ``rows`` rows of ``pendings`` as Python floats: one ORT call per ``max_batch`` rows."""
@@ -279,26 +296,104 @@ class BidEngine:
             return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
         self.metrics.batch_rows.observe(rows)
         self.metrics.batch_requests.observe(1)
-        return self._price_alone(pending, scores)
+        return self.price_all([pending], [scores])[0]
 
-    def _price_alone(self, pending: Pending, scores: Sequence[float]) -> Outcome | Exception:
-        """``price``, with a bug it meets returned instead of raised: it fails this request only."""
-        try:
-            return self.price(pending, scores)
-        except Exception as exc:  # noqa: BLE001 - handed to this request's handler by the batcher
-            return exc
-
-    # -- price and encode --------------------------------------------------------------------------
+    # -- value, shade, encode ----------------------------------------------------------------------
     def price(self, pending: Pending, scores: Sequence[float]) -> Outcome:
-        """Best bid per imp from the request's row scores, encoded; or the no-bid."""
+        """Best bid per imp from the request's row scores (shaded in a first-price auction), encoded; or the no-bid."""
+        outcome = self.price_all([pending], [scores])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def price_all(self, pendings: Sequence[Pending], scores: Sequence[Sequence[float]]) -> list[Outcome | Exception]:
+        """``price`` for requests scored together: their first-price imps are shaded in one call.
+
+        A bug met while pricing a request is returned instead of raised: it fails that request only.
+        """
+        valued: list[dict[int, PricedBid] | Exception] = []
+        for pending, request_scores in zip(pendings, scores):
+            try:
+                valued.append(self.value(pending, request_scores))
+            except Exception as exc:  # noqa: BLE001 - handed to this request's handler by the batcher
+                valued.append(exc)
+        try:
+            unprofitable = self.shade(pendings, valued)
+        except Exception as exc:  # noqa: BLE001 - the shading call failed: the requests it covered fail
+            unprofitable = [set() for _ in pendings]
+            valued = [exc if pending.request.at == FIRST_PRICE and not isinstance(best, Exception) else best
+                      for pending, best in zip(pendings, valued)]
+        outcomes: list[Outcome | Exception] = []
+        for pending, best, dropped in zip(pendings, valued, unprofitable):
+            if isinstance(best, Exception):
+                outcomes.append(best)
+                continue
+            try:
+                outcomes.append(self.encode(pending, best, dropped))
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(exc)
+        return outcomes
+
+    def value(self, pending: Pending, scores: Sequence[float]) -> dict[int, PricedBid]:
+        """Per imp the best candidate at or above its floor, priced at its value (``bidder.pricing``)."""
+        self.metrics.scored_rows.observe(len(scores))
+        return best_per_imp(pending.owners, pending.candidates, scores, pending.floors, pending.offers)
+
+    def shade(self, pendings: Sequence[Pending], valued: Sequence[dict[int, PricedBid] | Exception]) -> list[set[int]]:
+        """Lower first-price open-auction bids to the surplus-maximising bid, all imps in one call (``bidder.shading``).
+
+        Changes the bids of ``valued`` in place; returns per request the imps left without a bid
+        because no bid has a positive expected surplus. Deal bids keep their deal's terms; second-price
+        imps, and first-price ones when the bundle has no win-price model, keep their value.
+        """
+        metrics = self.metrics
+        market = self.market
+        unprofitable: list[set[int]] = [set() for _ in pendings]
+        todo: list[tuple[int, int]] = []  # (request position, imp index)
+        records: list[dict] = []
+        for j, (pending, best) in enumerate(zip(pendings, valued)):
+            if isinstance(best, Exception) or not best:
+                continue
+            if pending.request.at != FIRST_PRICE:
+                observe = metrics.shading_second.observe
+                for _ in range(len(best)):
+                    observe(1.0)
+                continue
+            if market is None:
+                observe = metrics.shading_first.observe
+                for _ in range(len(best)):
+                    observe(1.0)
+                continue
+            imp_records = pending.imp_records()
+            for i, priced in best.items():
+                if priced.deal is None:
+                    todo.append((j, i))
+                    records.append(imp_records[i])
+        if not todo:
+            return unprofitable
+        values = [valued[j][i].price for j, i in todo]
+        floors = [pendings[j].floors[i] for j, i in todo]
+        bids, surplus = market.shade(self.scorer.featurizer, records, values, floors)
+        observe = metrics.shading_first.observe
+        for (j, i), bid, gain, value, floor in zip(todo, bids, surplus, values, floors):
+            best = valued[j]
+            if not gain > 0.0:
+                del best[i]
+                unprofitable[j].add(i)
+                continue
+            price = max(round(bid, 6), floor)  # rounding to micro-dollars must never take a bid under its floor
+            best[i] = best[i]._replace(price=price)
+            observe(price / value)
+        return unprofitable
+
+    def encode(self, pending: Pending, best: dict[int, PricedBid], unprofitable: set[int] = frozenset()) -> Outcome:
+        """The BidResponse of the imps in ``best``, or the no-bid (with each unbid imp's reason counted)."""
         request = pending.request
         metrics = self.metrics
-        metrics.scored_rows.observe(len(scores))
-        best = best_per_imp(pending.owners, pending.candidates, scores, pending.floors, pending.offers)
         imp_reason = pending.imp_reason
         if len(best) < len(request.imp):
             for i in set(pending.owners).difference(best):
-                imp_reason = self._count_imp(imp_reason, "below_floor")
+                imp_reason = self._count_imp(imp_reason, "no_surplus" if i in unprofitable else "below_floor")
         if not best:
             return self._no_bid(imp_reason or "below_floor")
         bids = []

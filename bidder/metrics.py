@@ -19,7 +19,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NO_BID_REASONS", "R
 ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload")
 #: why a request (or one imp of it) got no bid
 NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
-                  "tmax", "no_matching_deal")
+                  "tmax", "no_matching_deal", "no_surplus")
 #: why a request was refused or failed
 ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_refused", "internal", "not_found",
                "method_not_allowed")
@@ -27,6 +27,8 @@ ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_re
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+AUCTIONS = ("first_price", "second_price")
 
 
 class Count:
@@ -110,12 +112,16 @@ class Metrics:
         self._batch_requests = Family("bidder_batch_requests", "Bid requests scored per ONNX Runtime call", (),
                                       lambda: histogram(REQUEST_BUCKETS))
         self.batch_requests = self._batch_requests.labels()
+        self._shading = Family("bidder_shading_ratio", "Bid / value of each bid, by auction type (1: not shaded)",
+                               ["auction"], lambda: histogram(RATIO_BUCKETS))
+        self.shading_first = self._shading.labels(AUCTIONS[0])
+        self.shading_second = self._shading.labels(AUCTIONS[1])
         self.reloads = Family("bidder_reloads", "Model/catalog reloads, by result", ["result"])
         self.model = Family("bidder_model_info", "The model being served (value 1)", ["model_id", "architecture"])
         self.worker = Family("bidder_worker_info", "This worker (value 1)", ["worker", "pid"])
         self.worker.labels(str(worker), str(os.getpid())).inc()
         self._counters = (self.responses, self._bids, self.nobids, self.nobid_imps, self.errors, self.reloads)
-        self._histograms = (self.latency, self._scored_rows, self._batch_rows, self._batch_requests)
+        self._histograms = (self.latency, self._scored_rows, self._batch_rows, self._batch_requests, self._shading)
         self._gauges = (self.model, self.worker)
         self.route_latency = {route: self.latency.labels(route) for route in ROUTES}
         # every known reason exported from the start at 0, so rates and alerts see a series at once

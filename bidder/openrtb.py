@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import msgspec
 
 __all__ = [
-    "BidRequest", "BidResponse", "Bid", "DEFAULT_SEAT", "Deal", "Imp", "Pmp", "SeatBid", "RequestError", "USD_TO_CNY",
+    "BidRequest", "BidResponse", "Bid", "DEFAULT_SEAT", "FIRST_PRICE", "SECOND_PRICE", "Deal", "Imp", "Pmp", "SeatBid", "RequestError", "USD_TO_CNY",
     "PredictRecord", "decode_json", "decode_predict", "decode_request", "encode_response", "imp_sizes",
     "request_fields", "imp_fields",
     "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
@@ -112,6 +112,9 @@ class User(msgspec.Struct, gc=False):
     data: list[Data] | None = None
 
 
+FIRST_PRICE, SECOND_PRICE = 1, 2
+
+
 class BidRequest(msgspec.Struct, gc=False):
     id: NonEmpty
     imp: list[Imp]
@@ -123,6 +126,7 @@ class BidRequest(msgspec.Struct, gc=False):
     cur: list[str] | None = None
     badv: list[str] | None = None
     test: int = 0
+    at: int = SECOND_PRICE  # auction type: 1 first price, 2 second price plus (the OpenRTB default)
 
 
 class Bid(msgspec.Struct, omit_defaults=True, gc=False):
@@ -253,6 +257,9 @@ def _path_of_bad_string(body: bytes) -> tuple[str | None, bool]:
 
 def decode_request(body: bytes) -> BidRequest:
     request = decode_json(_decoder, body)
+    if request.at != SECOND_PRICE and request.at != FIRST_PRICE:
+        raise RequestError(f"auction type {request.at} is not supported: expected 1 (first price) or 2 (second price)",
+                           "$.at")
     if not request.imp:
         raise RequestError("a bid request needs at least one imp", "$.imp")
     if len(request.imp) > 1:  # bid ids and win notices are per imp id: two imps must not share one

@@ -32,6 +32,7 @@ from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.openrtb import RequestError, decode_json
 from bidder.retrieval import DEFAULT_K, retriever_for
 from bidder.scorer import BundleError, Scorer, pin_to_core
+from bidder.shading import WinModel
 
 __all__ = ["Config", "ENGINE", "EXIT_STARTUP", "StartupError", "check_port", "create_app", "serve"]
 
@@ -93,9 +94,11 @@ class State:
         if self.config.factorized and scorer.factorized_files():
             # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
             factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
+        # the win-price model for first-price shading, if the bundle has one (checked, BundleError otherwise)
+        market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized,
-                           retriever)
+                           market, retriever)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
         per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})

@@ -215,7 +215,7 @@ async def test_the_server_keeps_serving_after_a_crashing_batch(client, openrtb_e
     assert good.status == 200
     expected = await good.read()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "price", lambda *a: 1 / 0)
+        patch.setattr(engine, "value", lambda *a: 1 / 0)
         broken = await client.post(route, data=body)
     assert broken.status == 500 and (await broken.json())["error"] == "internal error"
     again = await client.post(route, data=body)
@@ -264,14 +264,14 @@ async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, op
     engine = make_engine(small_bundle, max_batch=max_batch)
     bodies = [body for _, body in distinct_requests(openrtb_examples, 5)]
     alone = [engine.bid(body) for body in bodies]
-    price = engine.price
+    value = engine.value
 
-    def price_or_crash(pending, scores):
+    def value_or_crash(pending, scores):
         if pending.request.id == "batch-3":
             raise ZeroDivisionError("a pricing bug")
-        return price(pending, scores)
+        return value(pending, scores)
 
-    engine.price = price_or_crash
+    engine.value = value_or_crash
     prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
     together = await asyncio.gather(*(engine.submit(p) for p in prepared), return_exceptions=True)
     assert isinstance(together[3], ZeroDivisionError)

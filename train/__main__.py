@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {synth,fit,default,compare,factorize,twotower,speed} ...``.
+"""Command line: ``python -m train {synth,fit,default,compare,factorize,twotower,market,speed} ...``.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -132,6 +132,13 @@ def _twotower(args: argparse.Namespace) -> dict[str, Any]:
     return {"bundle": args.bundle, "twotower": entry}
 
 
+def _market(args: argparse.Namespace) -> dict[str, Any]:
+    from train.market import market_bundle
+
+    return {"bundle": args.bundle, "market": market_bundle(args.data, args.bundle, epochs=args.epochs, seed=args.seed,
+                                                           threads=args.threads, progress=not args.quiet)}
+
+
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
     from train.speed import check_speed, measure_speed, render_table
 
@@ -242,6 +249,16 @@ def _parser() -> argparse.ArgumentParser:
     twotower.add_argument("--threads", type=int, default=1, help="torch and teacher threads (default 1)")
     twotower.add_argument("--quiet", action="store_true", help="no progress bars")
     twotower.set_defaults(run=_twotower)
+    market = commands.add_parser(
+        "market", help="learn P(win | bid, features) from a censored bid log (bids.log.txt) and add it to a bundle "
+                       "as market.onnx (first-price bid shading)")
+    market.add_argument("--data", required=True, help="folder with bids.log.txt (python -m train synth writes one)")
+    market.add_argument("--bundle", required=True, help="bundle folder to add market.onnx to (its spec featurizes)")
+    market.add_argument("--epochs", type=int, default=8, help="maximum epochs (early stopping may end sooner)")
+    market.add_argument("--seed", type=int, default=0)
+    market.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    market.add_argument("--quiet", action="store_true", help="no progress bars")
+    market.set_defaults(run=_market)
     speed = commands.add_parser(
         "speed", help="training throughput: our loop against deepctr-torch's fit() on the same rows, taking turns")
     speed.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")

@@ -22,6 +22,7 @@ import torch
 
 from bidder.factorized import CANDIDATE_FILE, FACTORIZED_FILE
 from bidder.retrieval import AD_TOWER_FILE, IMP_TOWER_FILE
+from bidder.shading import MARKET_FILE
 from bidder.spec import FeatureSpec
 from train._deepctr import VERSION as DEEPCTR_VERSION
 from train.export import OUTPUT
@@ -30,7 +31,7 @@ __all__ = ["MODEL_FILE", "SPEC_FILE", "META_FILE", "library_versions", "model_id
 
 MODEL_FILE, SPEC_FILE, META_FILE = "model.onnx", "spec.json", "meta.json"
 # removed when a new bundle does not list them: they were built for the model it replaces
-EXTRA_GRAPH_FILES = (CANDIDATE_FILE, FACTORIZED_FILE, IMP_TOWER_FILE, AD_TOWER_FILE)
+EXTRA_GRAPH_FILES = (CANDIDATE_FILE, FACTORIZED_FILE, IMP_TOWER_FILE, AD_TOWER_FILE, MARKET_FILE)
 
 
 def library_versions() -> dict[str, str]:
@@ -53,7 +54,8 @@ def file_sha256(path: Path) -> str:
 def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, architecture: str,
                  hyperparameters: dict[str, Any], data: dict[str, Any], metrics: dict[str, Any],
                  parity: dict[str, Any], training: dict[str, Any] | None = None,
-                 graphs: dict[str, Any] | None = None, extra_files: dict[str, Path] | None = None) -> Path:
+                 graphs: dict[str, Any] | None = None, extra_files: dict[str, Path] | None = None,
+                 calibration: dict[str, Any] | None = None) -> Path:
     """Move ``onnx_path`` into ``out_dir`` as ``model.onnx`` with its spec and metadata; returns ``out_dir``.
 
     ``extra_files`` (name -> path) are copied in beside it and ``graphs`` becomes ``meta.json``'s entry
@@ -77,6 +79,8 @@ def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, arc
         "parity": parity,
         "versions": library_versions(),
     }
+    if calibration is not None:
+        meta["calibration"] = calibration
     if training is not None:
         meta["training"] = training
     if graphs:

@@ -27,16 +27,18 @@ import torch.nn.functional as F
 
 from bidder.scorer import session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
+from train.calibrate import Calibration
 from train.data.dataset import Split
 from train.errors import ParityError, TrainError
 from train.evaluate import predict
 from train.models import deepctr_input
 
-__all__ = ["OPSET", "OUTPUT", "PARITY_TOLERANCE", "check_parity", "export_lean", "export_stock", "lean_module",
+__all__ = ["CALIBRATION_SCALE", "CALIBRATION_SHIFT", "OPSET", "OUTPUT", "PARITY_TOLERANCE", "check_parity", "export_lean", "export_stock", "lean_module",
            "serving_session"]
 
 OPSET = 17
 OUTPUT = "ctr"
+CALIBRATION_SCALE, CALIBRATION_SHIFT = "calibration_scale", "calibration_shift"  # the lean graph's initializers
 STOCK_INPUT = "x"
 PARITY_TOLERANCE = 1e-6
 PARITY_ROWS = 2048
@@ -244,38 +246,51 @@ class LinearHead(nn.Module):
 
 
 class LeanModel(nn.Module):
-    """int64 model inputs -> click probability ``[batch, 1]``."""
+    """int64 model inputs -> click probability ``[batch, 1]``.
 
-    def __init__(self, embeddings: Embeddings, head: nn.Module, bias: torch.Tensor) -> None:
+    With a calibration (``train/calibrate.py``) the logit is mapped to ``scale * logit + shift`` before
+    the sigmoid; its two constants are the graph's ``calibration_scale`` and ``calibration_shift``.
+    """
+
+    def __init__(self, embeddings: Embeddings, head: nn.Module, bias: torch.Tensor,
+                 calibration: Calibration | None = None) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.head = head
         self.register_buffer("bias", bias.detach().clone().reshape(1, 1))
+        self.calibrated = calibration is not None
+        if calibration is not None:
+            self.register_buffer(CALIBRATION_SCALE, torch.tensor([[calibration.scale]], dtype=torch.float32))
+            self.register_buffer(CALIBRATION_SHIFT, torch.tensor([[calibration.shift]], dtype=torch.float32))
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         vectors, linear = self.embeddings(*inputs)
-        return torch.sigmoid(self.head(vectors, linear) + self.bias)
+        logit = self.head(vectors, linear) + self.bias
+        if self.calibrated:
+            logit = logit * getattr(self, CALIBRATION_SCALE) + getattr(self, CALIBRATION_SHIFT)
+        return torch.sigmoid(logit)
 
 
 _HEADS = {"deepfm": DeepFMHead, "autoint": AutoIntHead, "dcnv2": DCNMixHead}
 
 
-def lean_module(model: nn.Module, spec: FeatureSpec, architecture: str, combiner: str) -> LeanModel:
-    """The serving graph carrying ``model``'s trained weights."""
+def lean_module(model: nn.Module, spec: FeatureSpec, architecture: str, combiner: str,
+                calibration: Calibration | None = None) -> LeanModel:
+    """The serving graph carrying ``model``'s trained weights (and the calibration, if any)."""
     if architecture == "logreg":
         embeddings, head = Embeddings(spec, model, with_vectors=False, combiner=combiner), LinearHead()
     elif architecture in _HEADS:
         embeddings, head = Embeddings(spec, model, with_vectors=True, combiner=combiner), _HEADS[architecture](model)
     else:
         raise TrainError(f"no lean export for model {architecture!r}")
-    return LeanModel(embeddings, head, model.out.bias).eval()
+    return LeanModel(embeddings, head, model.out.bias, calibration).eval()
 
 
 # -- exporting --------------------------------------------------------------------------------------------------
 def export_lean(model: nn.Module, spec: FeatureSpec, architecture: str, path: str | Path, *, combiner: str,
-                opset: int = OPSET) -> Path:
+                opset: int = OPSET, calibration: Calibration | None = None) -> Path:
     """Write the lean graph: int64 inputs named by the spec, output ``ctr`` float32 ``[batch, 1]``."""
-    lean = lean_module(model, spec, architecture, combiner)
+    lean = lean_module(model, spec, architecture, combiner, calibration)
     example = tuple(torch.zeros((2, spec.input_width(n)), dtype=torch.int64) for n in spec.input_names)
     names = list(spec.input_names)
     return _export(lean, example, names, Path(path), opset)
@@ -298,6 +313,25 @@ def _export(module: nn.Module, example: tuple, input_names: list[str], path: Pat
     return path
 
 
+@torch.no_grad()
+def predict_calibrated(model: nn.Module, x: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """``sigmoid(scale * logit + shift)`` of a deepctr model in float32, as the calibrated graph computes it.
+
+    The logit is taken at the model's output layer (its input plus the output bias), not recovered
+    from the probability: inverting a float32 sigmoid loses the digits the parity check needs.
+    """
+    captured: list[torch.Tensor] = []
+    hook = model.out.register_forward_pre_hook(lambda module, args: captured.append(args[0].clone()))
+    try:
+        predict(model, x)
+    finally:
+        hook.remove()
+    logit = torch.cat(captured).reshape(-1) + model.out.bias.reshape(-1)
+    scale = torch.tensor(calibration.scale, dtype=torch.float32)
+    shift = torch.tensor(calibration.shift, dtype=torch.float32)
+    return torch.sigmoid(logit * scale + shift).numpy()
+
+
 # -- checking ---------------------------------------------------------------------------------------------------
 def serving_session(path: str | Path) -> ort.InferenceSession:
     """An ONNX Runtime session configured exactly as the bidder serves (bidder.scorer.session_options)."""
@@ -306,16 +340,18 @@ def serving_session(path: str | Path) -> ort.InferenceSession:
 
 def check_parity(model: nn.Module, path: str | Path, spec: FeatureSpec, held_out: Split, *,
                  rows: int = PARITY_ROWS, batch_sizes: tuple[int, ...] = (1, 64),
-                 tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+                 tolerance: float = PARITY_TOLERANCE, calibration: Calibration | None = None) -> dict[str, Any]:
     """Max |trained torch model - ONNX Runtime| over ``rows`` held-out rows at each batch size and all at once.
 
+    With ``calibration`` the torch model's probabilities are calibrated (in float64) before comparing.
     Raises ``ParityError`` when the difference exceeds ``tolerance`` (or is not finite).
     """
     n = min(rows, len(held_out))
     if n == 0:
         raise ParityError("parity check needs held-out rows, got none")
     inputs = {name: np.ascontiguousarray(arr[:n]) for name, arr in held_out.inputs.items()}
-    expected = predict(model, deepctr_input(inputs, spec))
+    x = deepctr_input(inputs, spec)
+    expected = predict(model, x) if calibration is None else predict_calibrated(model, x, calibration)
     session = serving_session(path)
     sizes = [b for b in batch_sizes if b < n] + [n]
     worst = 0.0

@@ -31,7 +31,7 @@ from bidder.scorer import session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
 from train.bundle import META_FILE, MODEL_FILE, file_sha256, replace_files
 from train.errors import ParityError, TrainError
-from train.export import OPSET, OUTPUT
+from train.export import CALIBRATION_SCALE, CALIBRATION_SHIFT, OPSET, OUTPUT
 
 __all__ = ["build_graphs", "factorize_bundle", "write_graphs"]
 
@@ -49,6 +49,7 @@ class LeanWeights:
     out: np.ndarray              # dnn_linear [H_last, 1] (no bias)
     bias: float
     mean: bool                   # usertag combiner
+    calibration: tuple[float, float] | None = None  # (scale, shift) applied to the logit, if the graph has one
 
     @property
     def dim(self) -> int:
@@ -80,7 +81,8 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
     weights = LeanWeights(
         single_table=need("embeddings.single_table"), offsets=need("embeddings.single_offsets").reshape(-1),
         multi_tables=[need(f"embeddings.multi_table_{i}") for i in range(len(spec.multi_fields))],
-        layers=layers, out=outs[0], bias=float(need("bias").reshape(-1)[0]), mean=combiner == "mean")
+        layers=layers, out=outs[0], bias=float(need("bias").reshape(-1)[0]), mean=combiner == "mean",
+        calibration=_calibration(init))
     fields = len(spec.single_fields) + len(spec.multi_fields)
     shapes_ok = (
         np.array_equal(weights.offsets, spec.sparse_offsets)
@@ -92,6 +94,15 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
     if not shapes_ok:
         raise TrainError("model.onnx: table or layer shapes do not match spec.json")
     return weights
+
+
+def _calibration(init: Mapping[str, np.ndarray]) -> tuple[float, float] | None:
+    """The lean graph's calibration constants (``train/calibrate.py``), None when it has none."""
+    if CALIBRATION_SCALE not in init and CALIBRATION_SHIFT not in init:
+        return None
+    if CALIBRATION_SCALE not in init or CALIBRATION_SHIFT not in init:
+        raise TrainError(f"model.onnx has only one of {CALIBRATION_SCALE!r} and {CALIBRATION_SHIFT!r}")
+    return float(init[CALIBRATION_SCALE].reshape(-1)[0]), float(init[CALIBRATION_SHIFT].reshape(-1)[0])
 
 
 # -- graph building ----------------------------------------------------------------------------------------
@@ -242,6 +253,10 @@ def build_graphs(model: onnx.ModelProto, spec: FeatureSpec, combiner: str = "sum
     square = g.op("ReduceSumSquare", [s], "row.square_of_sum", axes=[1], keepdims=1)
     fm = g.op("Mul", [square, g.const("row.half", np.array(0.5, np.float32))], "row.fm")
     logit = g.op("Add", [g.op("Add", [scalar, fm], "row.linear_fm"), dnn], "row.logit")
+    if w.calibration is not None:  # as the lean graph: scale * logit + shift before the sigmoid
+        scale, shift = (np.array([[c]], np.float32) for c in w.calibration)
+        logit = g.op("Mul", [logit, g.const("row.calibration_scale", scale)], "row.logit_scaled")
+        logit = g.op("Add", [logit, g.const("row.calibration_shift", shift)], "row.logit_calibrated")
     g.op("Sigmoid", [logit], OUTPUT)
     factorized = g.model(
         _inputs(spec, "imps") + [helper.make_tensor_value_info(CAND_PART, TensorProto.FLOAT, ["candidates", layout.width]),

@@ -1,4 +1,4 @@
-"""One model from a log folder to a served bundle: load, train, export lean ONNX, check parity, write.
+"""One model from a log folder to a served bundle: load, train, calibrate, export lean ONNX, check parity, write.
 
 A DeepFM bundle also gets its factorized graphs (``train/factorize.py``), checked against the lean one.
 """
@@ -12,9 +12,13 @@ from typing import Any
 from bidder.factorized import GRAPH
 from bidder.spec import FeatureSpec, default_spec, load_spec
 from train.bundle import write_bundle
+from train.calibrate import Calibration, calibration_report, fit_platt
+from train.calibrate import apply as apply_calibration
 from train.data.dataset import Dataset, load_dataset
+from train.evaluate import binary_metrics, predict
 from train.export import check_parity, export_lean
 from train.factorize import write_graphs
+from train.models import deepctr_input
 from train.trainer import TrainedModel, check_training, train_model
 
 __all__ = ["fit_bundle", "save_bundle", "resolve_spec"]
@@ -40,6 +44,26 @@ def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs:
     return save_bundle(trained, dataset, out_dir, data_label=data_label)
 
 
+def calibrate(trained: TrainedModel, dataset: Dataset) -> tuple[Calibration, dict[str, Any], dict[str, Any]]:
+    """Platt scaling fitted on the validation split (``train/calibrate.py``).
+
+    Returns the calibration, the served (calibrated) model's metrics per split (the oracle's unchanged)
+    and ``meta.json``'s ``calibration`` entry with the test figures before and after.
+    """
+    spec = dataset.spec
+    raw = {name: predict(trained.model, deepctr_input(part.inputs, spec))
+           for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
+    calibration = fit_platt(raw["val"], dataset.val.labels)
+    metrics = dict(trained.metrics)
+    for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
+        metrics[name] = binary_metrics(part.labels, apply_calibration(raw[name], calibration))
+    entry = calibration_report(calibration, raw["test"], dataset.test.labels)
+    log.info("calibration (Platt, fitted on val): test mean/CTR %s -> %s, ECE %s -> %s",
+             entry["test"]["before"]["mean_over_ctr"], entry["test"]["after"]["mean_over_ctr"],
+             entry["test"]["before"]["ece"], entry["test"]["after"]["ece"])
+    return calibration, metrics, entry
+
+
 def resolve_spec(spec: FeatureSpec | str | Path | None) -> FeatureSpec:
     if spec is None:
         return default_spec()
@@ -56,10 +80,11 @@ def report_skipped(dataset: Dataset) -> None:
 def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *, data_label: str | None = None) -> Path:
     """Export ``trained`` lean, prove parity on held-out rows, write the bundle; nothing is written on failure."""
     spec = dataset.spec
+    calibration, metrics, calibration_entry = calibrate(trained, dataset)
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
         onnx_path = export_lean(trained.model, spec, trained.architecture, Path(tmp) / "model.onnx",
-                                combiner=trained.hyperparameters["usertag_combiner"])
-        parity = check_parity(trained.model, onnx_path, spec, dataset.test)
+                                combiner=trained.hyperparameters["usertag_combiner"], calibration=calibration)
+        parity = check_parity(trained.model, onnx_path, spec, dataset.test, calibration=calibration)
         graphs, extra_files = None, None
         if trained.architecture == "deepfm":  # the others do not split into imp and candidate parts
             extra_files, entry = write_graphs(onnx_path, spec, Path(tmp), held_out=dataset.test.inputs,
@@ -70,6 +95,6 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
             hyperparameters=trained.hyperparameters,
             data={"source": dataset.source, "path": data_label or dataset.path, "digest": dataset.digest,
                   "rows": dataset.rows(), "split": dataset.split, "skipped_lines": dataset.bad_lines.count},
-            metrics=trained.metrics, parity=parity, graphs=graphs, extra_files=extra_files,
+            metrics=metrics, parity=parity, graphs=graphs, extra_files=extra_files, calibration=calibration_entry,
             training={"parameters": trained.parameters, "best_epoch": trained.best_epoch,
                       "epochs_run": len(trained.history), "seconds": trained.seconds, "history": trained.history})

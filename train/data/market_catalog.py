@@ -58,7 +58,8 @@ def generate_market(out_dir: str | Path, rows: int, seed: int, creatives: int) -
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     world = _MarketWorld(rng, rows, creatives)
-    summary = write_logs(out, world, rows, seed, started)
+    # no bid log: the simulated bidder values impressions by the shipped catalog, not by this one
+    summary = write_logs(out, world, rows, seed, started, bid_log=False)
     catalog = world.catalog()
     (out / CAMPAIGNS_FILE).write_text(json.dumps(catalog, separators=(",", ":")) + "\n", encoding="utf-8")
     campaigns = catalog["campaigns"]

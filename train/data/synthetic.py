@@ -1,7 +1,8 @@
 """Synthetic iPinYou-style impression logs whose true click probability is known.
 
 ``generate(out_dir, rows, seed)`` writes ``train.log.txt`` and ``test.log.txt`` in the make-ipinyou-data
-layout plus a trailing ``pctr_true`` column. The same seed gives the same bytes.
+layout plus a trailing ``pctr_true`` column, and the censored bid log ``bids.log.txt`` of the same
+impressions (``train/data/bidlog.py``). The same seed gives the same bytes.
 
 What makes the data useful rather than random:
     * values are Zipf-distributed over iPinYou-like cardinalities (about 10^4 domains, 6*10^4 slot ids,
@@ -30,6 +31,7 @@ import numpy as np
 
 from bidder.reference import os_browser
 from bidder.spec import default_spec
+from train.data.bidlog import BID_LOG, write_bid_log
 
 __all__ = ["ADVERTISERS", "ADVERTISER_CATEGORIES", "COLUMNS", "USER_AGENTS", "generate"]
 
@@ -153,6 +155,7 @@ TEST_FRACTION = 0.2
 DAYS = 10
 START_DAY = dt.date(2013, 6, 6)  # iPinYou season 2 starts here
 BASE_LOGIT = -5.15  # puts the mean CTR near 0.9 %
+MARKET_SIGMA = 0.45  # spread of the log market price around its mean
 TRAIN_FILE, TEST_FILE = "train.log.txt", "test.log.txt"
 _WRITE_CHUNK = 100_000
 #: the slotprice buckets the feature spec puts floors in; the floor's effect is one value per band
@@ -176,13 +179,16 @@ def generate(out_dir: str | Path, rows: int, seed: int) -> dict[str, Any]:
     return write_logs(out, _World(rng, rows), rows, seed, started)
 
 
-def write_logs(out: Path, world: "_World", rows: int, seed: int, started: float) -> dict[str, Any]:
-    """Draw ``rows`` impressions from ``world``, write them (the latest 20 % as the test log); the summary."""
-    table, pctr, clicks = world.impressions(rows)
+def write_logs(out: Path, world: "_World", rows: int, seed: int, started: float,
+               bid_log: bool = True) -> dict[str, Any]:
+    """Draw ``rows`` impressions from ``world``, write them (the latest 20 % as the test log) and, with
+    ``bid_log``, the bid log of a simulated bidder valuing them by the shipped catalog; the summary."""
+    table, pctr, clicks, market_mu, market = world.impressions(rows)
     n_test = max(1, int(round(rows * TEST_FRACTION)))
     n_train = rows - n_test
     _write_log(out / TRAIN_FILE, table, 0, n_train)
     _write_log(out / TEST_FILE, table, n_train, rows)
+    bids = write_bid_log(out / BID_LOG, table, pctr, market_mu, market, MARKET_SIGMA, seed) if bid_log else None
     return {
         "out": str(out),
         "rows": {"train": n_train, "test": n_test},
@@ -190,6 +196,7 @@ def write_logs(out: Path, world: "_World", rows: int, seed: int, started: float)
         "ctr": {"train": float(clicks[:n_train].mean()), "test": float(clicks[n_train:].mean())},
         "clicks": int(clicks.sum()),
         "mean_pctr_true": float(pctr.mean()),
+        "bid_log": bids,
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -326,8 +333,9 @@ class _World:
         self.m_exchange = np.array([0.1, 0.0, -0.1, -0.25, -0.25])
 
     # rows ------------------------------------------------------------------------------------------
-    def impressions(self, n: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Byte-string columns for ``n`` time-ordered impressions, their true CTR and the clicks."""
+    def impressions(self, n: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Byte-string columns for ``n`` time-ordered impressions, their true CTR, the clicks, and the
+        market price (CNY fen CPM): the mean of its logarithm and the price drawn."""
         rng = self.rng
         day, hour, stamp = _timestamps(rng, n)
         weekday = np.array([(START_DAY + dt.timedelta(days=d)).weekday() for d in range(DAYS)])[day]
@@ -366,8 +374,9 @@ class _World:
         pctr = 1.0 / (1.0 + np.exp(-logit))
         clicks = (rng.random(n) < pctr).astype(np.int64)
 
-        market = np.exp(4.1 + self.m_slot[slot] + self.m_dom[domain] + self.m_exchange[exchange]
-                        + 0.15 * np.log1p(self.slot_floor[slot]) + rng.normal(0, 0.45, n))
+        market_mu = (4.1 + self.m_slot[slot] + self.m_dom[domain] + self.m_exchange[exchange]
+                     + 0.15 * np.log1p(self.slot_floor[slot]))
+        market = np.exp(market_mu + rng.normal(0, MARKET_SIGMA, n))
         bid = self.adv_bid[adv]
         payprice = np.minimum(np.maximum(np.round(market), self.slot_floor[slot]), bid).astype(np.int64)
 
@@ -402,7 +411,7 @@ class _World:
             "usertag": self.user_tag_text[user],
             "pctr_true": _probabilities(pctr),
         }
-        return table, pctr, clicks
+        return table, pctr, clicks, market_mu, market
 
 
 # -- sampling helpers ---------------------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""The win-price model: P(win | bid, x) = P(market < bid | x), learned from a censored bid log.
+
+Model family: the market price is log-normal given the impression, ``ln market ~ N(mu(x), sigma(x))``,
+with ``mu`` and ``log sigma`` from a small network over the imp-side fields (the ones a bid request
+carries: exchange, domain, slot, floor, time, user agent, place; not the candidate's creative, which
+the market does not see). Why this family rather than a discrete hazard model: the bid grid the
+shader searches is continuous, a parametric CDF gives a smooth, monotone P(win | b) at any bid
+(a hazard model is a step function at its bin edges and needs many bins to shade finely), and two
+outputs per impression keep the served graph tiny. Its limit is the shape: a market with two modes
+(say, a rival that bids only on some users) is fitted by one bump.
+
+Censored likelihood, per bid-log row (Φ the standard normal CDF, z(t) = (ln t − mu) / sigma):
+
+    lost (either auction)          market >= bid           log(1 − Φ(z(bid)))
+    first-price win                market <  bid           log Φ(z(bid))
+    second-price win, paid > floor market =  paid          log φ(z(paid)) − log sigma − log paid
+    second-price win, paid = floor market <= floor         log Φ(z(floor))
+
+The exported graph (``market.onnx``) runs the served bid search (``bidder/shading.py``): from the
+spec's ``sparse`` input, ``value`` and ``floor`` it builds each imp's grid of ``GRID`` bids and returns
+it (``bids``), the model's P(market < bid | x) there (``win``), the grid bid of highest expected surplus
+(``bid``) and that surplus. Parity is checked on ``win`` (the model) and the grid; ``bid`` must be
+the argmax of ONNX Runtime's own surplus.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from bidder.factorized import candidate_fields
+from bidder.scorer import BundleError, read_meta
+from bidder.shading import (BID_OUTPUT, FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, MARKET_GRAPH, OUTPUTS,
+                            SURPLUS_OUTPUT, VALUE_INPUT, WIN_OUTPUT, best_bids)
+from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
+from train.bundle import META_FILE, file_sha256, replace_files
+from train.data.bidlog import BidLog, read_bid_log, split_bid_log
+from train.errors import ParityError, TrainError
+from train.export import OPSET, serving_session
+
+__all__ = ["MarketModel", "censored_nll", "fit_market", "market_bundle"]
+
+PARITY_TOLERANCE = 1e-6
+PARITY_ROWS = 2048
+EVAL_GRID = np.geomspace(1.0, 40.0, 16)  # USD CPM: spans the synthetic market's bulk
+_MIN_LOG_SIGMA, _MAX_LOG_SIGMA = math.log(0.02), math.log(5.0)
+
+#: row kinds of the censored likelihood
+LOST, WON_BELOW, EXACT = 0, 1, 2
+
+
+class MarketModel(nn.Module):
+    """imp-side single fields -> (mu, sigma) of the log market price; ``forward`` gives P(win) on a bid grid."""
+
+    def __init__(self, spec: FeatureSpec, dim: int = 4, hidden: int = 32, init_mu: float = 0.0,
+                 init_log_sigma: float = 0.0) -> None:
+        super().__init__()
+        candidates = set(candidate_fields(spec))
+        columns = [j for j, f in enumerate(spec.single_fields) if f.name not in candidates]
+        if not columns:
+            raise TrainError("the spec has no imp-side single fields to model the market price with")
+        self.fields = [spec.single_fields[j].name for j in columns]
+        buckets = sum(spec.single_fields[j].buckets for j in columns)
+        starts = np.concatenate([[0], np.cumsum([spec.single_fields[j].buckets for j in columns])[:-1]])
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.int64))
+        self.register_buffer("starts", torch.tensor(starts, dtype=torch.int64).reshape(1, -1))
+        self.register_buffer("steps", torch.arange(GRID, dtype=torch.float32).reshape(1, -1) / GRID)
+        self.table = nn.Embedding(buckets, dim + 2)  # per value: a vector, and linear terms for mu and log sigma
+        nn.init.normal_(self.table.weight, 0.0, 0.01)
+        width = len(columns) * dim
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        with torch.no_grad():
+            self.mlp[2].weight.mul_(0.1)
+            self.mlp[2].bias.copy_(torch.tensor([init_mu, init_log_sigma]))
+
+    def params(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma), each ``[n, 1]``."""
+        rows = self.table(torch.index_select(sparse, 1, self.columns) + self.starts)  # [n, F, dim + 2]
+        out = self.mlp(rows[:, :, :self.dim].flatten(1)) + rows[:, :, self.dim:].sum(dim=1)
+        mu = out[:, 0:1]
+        sigma = torch.exp(torch.clamp(out[:, 1:2], _MIN_LOG_SIGMA, _MAX_LOG_SIGMA))
+        return mu, sigma
+
+    def probability(self, sparse: torch.Tensor, bids: torch.Tensor) -> torch.Tensor:
+        """P(market < bids[i, g] | x_i)."""
+        mu, sigma = self.params(sparse)
+        z = (torch.log(bids) - mu) / sigma
+        return 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+
+    def forward(self, sparse: torch.Tensor, value: torch.Tensor, floor: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The served search (``bidder.shading``): (grid bids, P(win) there, best bid, its expected surplus)."""
+        bids = floor + (value - floor) * self.steps
+        win = self.probability(sparse, bids)
+        surplus = (value - bids) * win
+        best = torch.argmax(surplus, dim=1, keepdim=True)
+        return bids, win, torch.gather(bids, 1, best), torch.gather(surplus, 1, best)
+
+
+def observations(log: BidLog) -> tuple[np.ndarray, np.ndarray]:
+    """(kind, threshold) per row: what the row says about the market price (see the module's table)."""
+    kind = np.full(len(log), LOST, dtype=np.int64)
+    threshold = log.bid.copy()
+    first_win = log.won & log.first_price
+    kind[first_win] = WON_BELOW
+    second_win = log.won & ~log.first_price
+    at_floor = second_win & (log.paid <= log.floor + 1e-9)
+    kind[second_win & ~at_floor] = EXACT
+    threshold[second_win & ~at_floor] = log.paid[second_win & ~at_floor]
+    kind[at_floor] = WON_BELOW
+    threshold[at_floor] = log.floor[at_floor]
+    return kind, threshold
+
+
+def censored_nll(mu: torch.Tensor, sigma: torch.Tensor, kind: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of censored log-normal observations (float64 inside)."""
+    mu, sigma, threshold = mu.double().reshape(-1), sigma.double().reshape(-1), threshold.double().reshape(-1)
+    log_t = torch.log(torch.clamp(threshold, min=1e-12))
+    z = (log_t - mu) / sigma
+    below = torch.special.log_ndtr(z)
+    above = torch.special.log_ndtr(-z)
+    exact = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - torch.log(sigma) - log_t
+    ll = torch.where(kind == LOST, above, torch.where(kind == WON_BELOW, below, exact))
+    return -ll.mean()
+
+
+# -- fitting ---------------------------------------------------------------------------------------------
+def fit_market(data_dir: str | Path, spec: FeatureSpec, *, epochs: int = 8, batch_size: int = 2048, lr: float = 3e-3,
+               seed: int = 0, threads: int = 1, progress: bool = True) -> tuple[MarketModel, dict[str, Any], dict]:
+    """Train on the bid log's train split, stop early on validation NLL; (model, metrics, splits)."""
+    started = time.perf_counter()
+    log = read_bid_log(data_dir, spec, progress=progress)
+    parts = split_bid_log(log)
+    if len(parts["train"]) < 100:
+        raise TrainError(f"{data_dir}: the bid log's training split has {len(parts['train'])} rows; need at least 100")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    torch.manual_seed(seed)
+    try:
+        tensors = {name: _tensors(part) for name, part in parts.items()}
+        kind, threshold = tensors["train"][1], tensors["train"][2]
+        # start at the exact observations' log mean and spread (a fair guess before any gradient)
+        exact = threshold[kind == EXACT]
+        init_mu = float(torch.log(exact).mean()) if len(exact) else float(torch.log(threshold).mean())
+        init_sigma = float(torch.log(exact).std()) if len(exact) > 1 else 1.0
+        model = MarketModel(spec, init_mu=init_mu, init_log_sigma=math.log(max(init_sigma, 0.05)))
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        best, best_state, history, stale = math.inf, None, [], 0
+        sparse, kind, threshold = tensors["train"]
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = torch.randperm(len(kind), generator=generator)
+            total = 0.0
+            steps = range(0, len(order), batch_size)
+            for start in tqdm(steps, desc=f"market epoch {epoch}/{epochs}", disable=not progress, leave=False):
+                index = order[start:start + batch_size]
+                mu, sigma = model.params(sparse[index])
+                loss = censored_nll(mu, sigma, kind[index], threshold[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(index)
+            val = _nll(model, *tensors["val"])
+            history.append({"epoch": epoch, "train_nll": round(total / len(order), 6), "val_nll": round(val, 6)})
+            if progress:
+                tqdm.write(f"market epoch {epoch}: train nll {total / len(order):.5f}  val nll {val:.5f}")
+            if val < best:
+                best, best_state, stale = val, {k: v.clone() for k, v in model.state_dict().items()}, 0
+            else:
+                stale += 1
+                if stale >= 1:
+                    break
+        model.load_state_dict(best_state)
+        model.eval()
+        metrics = {"test": evaluate(model, parts["test"]), "history": history,
+                   "rows": {name: len(part) for name, part in parts.items()},
+                   "seconds": round(time.perf_counter() - started, 2)}
+    finally:
+        torch.set_num_threads(previous)
+    return model, metrics, parts
+
+
+def _tensors(log: BidLog) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kind, threshold = observations(log)
+    return (torch.from_numpy(np.ascontiguousarray(log.inputs[SPARSE_INPUT])), torch.from_numpy(kind),
+            torch.from_numpy(threshold))
+
+
+@torch.no_grad()
+def _nll(model: MarketModel, sparse: torch.Tensor, kind: torch.Tensor, threshold: torch.Tensor) -> float:
+    model.eval()
+    mu, sigma = model.params(sparse)
+    return float(censored_nll(mu, sigma, kind, threshold))
+
+
+@torch.no_grad()
+def evaluate(model: MarketModel, log: BidLog, bins: int = 10) -> dict[str, Any]:
+    """Held-out figures: censored NLL (the model's and the truth's), win rate by predicted bin, MAE vs truth."""
+    sparse, kind, threshold = _tensors(log)
+    mu, sigma = model.params(sparse)
+    nll = float(censored_nll(mu, sigma, kind, threshold))
+    true_mu = torch.from_numpy(log.market_mu_true)
+    true_sigma = torch.from_numpy(log.market_sigma_true)
+    nll_true = float(censored_nll(true_mu, true_sigma, kind, threshold))
+    predicted = model.probability(sparse, torch.from_numpy(log.bid.astype(np.float32)).reshape(-1, 1)).numpy().reshape(-1)
+    edges = np.quantile(predicted, np.linspace(0, 1, bins + 1)[1:-1])
+    index = np.searchsorted(edges, predicted, side="left")
+    by_bin = []
+    for b in range(bins):
+        rows = index == b
+        if rows.any():
+            by_bin.append({"rows": int(rows.sum()), "predicted": round(float(predicted[rows].mean()), 4),
+                           "observed": round(float(log.won[rows].mean()), 4)})
+    grid = torch.from_numpy(np.tile(EVAL_GRID.astype(np.float32), (len(log), 1)))
+    p_model = model.probability(sparse, grid).numpy().astype(np.float64)
+    p_true = _normal_cdf((np.log(EVAL_GRID)[None, :] - log.market_mu_true[:, None]) / log.market_sigma_true[:, None])
+    return {"rows": len(log), "censored_nll": round(nll, 5), "censored_nll_truth": round(nll_true, 5),
+            "win_rate": {"predicted": round(float(predicted.mean()), 4), "observed": round(float(log.won.mean()), 4)},
+            "win_rate_by_bin": by_bin, "bid_grid_usd_cpm": [round(float(b), 3) for b in EVAL_GRID],
+            "mae_vs_truth": round(float(np.abs(p_model - p_true).mean()), 5),
+            "mae_vs_truth_by_auction": {
+                "first": round(float(np.abs(p_model - p_true)[log.first_price].mean()), 5) if log.first_price.any() else None,
+                "second": round(float(np.abs(p_model - p_true)[~log.first_price].mean()), 5)
+                if (~log.first_price).any() else None}}
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+    return torch.special.ndtr(torch.from_numpy(np.asarray(z, dtype=np.float64))).numpy()
+
+
+# -- export and bundle --------------------------------------------------------------------------------------
+def export_market(model: MarketModel, spec: FeatureSpec, path: Path) -> Path:
+    example = (torch.zeros((2, spec.input_width(SPARSE_INPUT)), dtype=torch.int64), torch.full((2, 1), 5.0),
+               torch.full((2, 1), 0.5))
+    axes = {name: {0: "imps"} for name in (SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT, *OUTPUTS)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), example, str(path), input_names=[SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT],
+                          output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+@torch.no_grad()
+def check_market_parity(model: MarketModel, path: Path, log: BidLog, rows: int = PARITY_ROWS) -> dict[str, Any]:
+    """torch vs ONNX Runtime on held-out rows at batch 1, 64 and all rows: max |Δ| of the grid and of P(win)
+    (values 0.2-2x the logged bid, floors the logged ones); ``bid`` and ``surplus`` must be the argmax of
+    ONNX Runtime's own grid and P(win). ``ParityError`` otherwise."""
+    n = min(rows, len(log))
+    if n == 0:
+        raise ParityError("market parity check needs held-out rows, got none")
+    sparse = np.ascontiguousarray(log.inputs[SPARSE_INPUT][:n])
+    value = (log.bid[:n] * np.geomspace(0.2, 2.0, n)).astype(np.float32).reshape(-1, 1)
+    floor = np.minimum(log.floor[:n].astype(np.float32).reshape(-1, 1), value)
+    expected = model(torch.from_numpy(sparse), torch.from_numpy(value), torch.from_numpy(floor))
+    expected = {GRID_OUTPUT: expected[0].numpy().astype(np.float64), WIN_OUTPUT: expected[1].numpy().astype(np.float64)}
+    session = serving_session(path)
+    worst = 0.0
+    sizes = [b for b in (1, 64) if b < n] + [n]
+    for size in sizes:
+        parts = [session.run(list(OUTPUTS), {SPARSE_INPUT: sparse[i:i + size], VALUE_INPUT: value[i:i + size],
+                                             FLOOR_INPUT: floor[i:i + size]}) for i in range(0, n, size)]
+        got = {name: np.concatenate([p[k] for p in parts]).astype(np.float64) for k, name in enumerate(OUTPUTS)}
+        diff = max(float(np.max(np.abs(got[name] - expected[name]) / np.maximum(1.0, np.abs(expected[name]))))
+                   for name in (GRID_OUTPUT, WIN_OUTPUT))
+        if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
+            raise ParityError(f"{path}: ONNX Runtime differs from the trained market model by {diff:.3g} at batch "
+                              f"size {size} (tolerance {PARITY_TOLERANCE:g})")
+        bids, surplus = best_bids(value[:, 0].astype(np.float64), got[GRID_OUTPUT], got[WIN_OUTPUT])
+        if not (np.allclose(got[BID_OUTPUT][:, 0], bids, rtol=1e-6)
+                and np.allclose(got[SURPLUS_OUTPUT][:, 0], surplus, rtol=1e-5, atol=1e-6)):
+            raise ParityError(f"{path}: its {BID_OUTPUT!r} is not the grid bid of highest expected surplus")
+        worst = max(worst, diff)
+    return {"max_abs_diff": worst, "measure": "max |Δ| of P(win) and of the bid grid (relative above 1)", "rows": n,
+            "grid": GRID, "batch_sizes": sizes, "tolerance": PARITY_TOLERANCE}
+
+
+def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, seed: int = 0, threads: int = 1,
+                  progress: bool = True) -> dict[str, Any]:
+    """Fit the win-price model on ``data_dir``'s bid log and add it to ``bundle``; returns meta.json's entry."""
+    bundle = Path(bundle)
+    meta_path = bundle / META_FILE
+    if not meta_path.is_file():
+        raise TrainError(f"--bundle {bundle}: not a model bundle (no {META_FILE})")
+    try:
+        meta = read_meta(bundle)
+        spec = load_spec(bundle)
+    except (BundleError, ValueError) as exc:
+        raise TrainError(f"--bundle {bundle}: {exc}") from None
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise TrainError(f"--epochs must be a positive integer, got {epochs!r}")
+    model, metrics, parts = fit_market(data_dir, spec, epochs=epochs, seed=seed, threads=threads, progress=progress)
+    with tempfile.TemporaryDirectory(prefix=".market-", dir=bundle) as tmp:
+        path = export_market(model, spec, Path(tmp) / MARKET_FILE)
+        parity = check_market_parity(model, path, parts["test"])
+        entry = {"files": [MARKET_FILE], "sha256": file_sha256(path), "family": "log-normal",
+                 "fields": model.fields, "inputs": [SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT], "outputs": list(OUTPUTS),
+                 "data": str(data_dir), "metrics": metrics, "parity": parity}
+        meta["graphs"] = {**(meta.get("graphs") or {}), MARKET_GRAPH: entry}
+        staged_meta = Path(tmp) / META_FILE
+        staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
+        replace_files(bundle, {MARKET_FILE: path, META_FILE: staged_meta})
+    return entry
