@@ -24,12 +24,19 @@ ARCHITECTURES = ("deepfm", "autoint", "dcnv2", "logreg")
 
 # Settings every architecture trains with. lr/batch/Adam follow the DeepFM proof of concept; ``epochs``
 # is the ceiling, early stopping on validation AUC (``patience`` epochs without a gain) ends sooner.
-_TRAINING = {"lr": 5e-4, "lr_decay": 1.0, "adam_eps": 1e-8, "table_eps": 0.1, "batch_size": 512, "epochs": 4, "patience": 1, "usertag_combiner": "sum"}
+# ``sparse_tables``: row-wise Adam on the embedding tables (train/optim.py); false is torch's dense Adam.
+_TRAINING = {"lr": 5e-4, "lr_decay": 1.0, "adam_eps": 1e-8, "table_eps": 0.1, "batch_size": 512, "epochs": 4, "patience": 1, "usertag_combiner": "sum",
+             "sparse_tables": True}
+
+# DeepFM and AutoInt train with 8x the batch and 16x the learning rate: per sample as fast as the model's
+# own arithmetic allows, and a test AUC after one epoch at least that of batch 512 / lr 5e-4
+# (216k synthetic rows: DeepFM 0.7659 vs 0.7644, AutoInt 0.7652 vs 0.7628; README "Training throughput").
+_LARGE_BATCH = {"batch_size": 4096, "lr": 8e-3}
 
 DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
-    "deepfm": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5,
+    "deepfm": {**_TRAINING, **_LARGE_BATCH, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5,
                "dnn_dropout": 0.0},
-    "autoint": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "embedding_dim": 16, "att_layer_num": 3, "att_head_num": 4, "att_res": True,
+    "autoint": {**_TRAINING, **_LARGE_BATCH, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "embedding_dim": 16, "att_layer_num": 3, "att_head_num": 4, "att_res": True,
                 "dnn_hidden_units": [256, 128], "l2_reg_embedding": 1e-5, "dnn_dropout": 0.0},
     "dcnv2": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "cross_num": 2, "low_rank": 32, "num_experts": 4,
               "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5, "l2_reg_cross": 1e-5,
