@@ -22,8 +22,9 @@ Each group keeps its own epsilon (``table_eps`` for the linear weights, ``vector
 vectors): the reasoning of ``dense_adam`` below holds row by row.
 
 Under ``torchrun`` (``train.parallel``), ``step()`` first sums the gradients of every process: the dense
-ones in one flat all-reduce, each table group's touched rows as one sparse tensor (gloo gathers the
-rows, not the tables).
+ones in one flat all-reduce, each table group's as a dense copy of the group with a column marking the
+rows read (``_exchange_rows``: cheaper here than gloo's sparse all-reduce), so every process updates the
+union of the rows read, as one process would on the whole batch.
 """
 from __future__ import annotations
 
@@ -122,17 +123,10 @@ class RowwiseAdam(torch.optim.Optimizer):
             values.append(g._values())
         flat = group["flat"]
         if parallel.world_size() > 1:
-            local = (torch.sparse_coo_tensor(torch.cat(indices).unsqueeze(0), torch.cat(values), flat.shape)
-                     if indices else torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.long),
-                                                             flat.new_zeros((0, flat.shape[1])), flat.shape))
-            total = parallel.all_reduce_sparse(local)
-            if total._nnz() == 0:
-                return None, None
-            index, value = total._indices()[0], total._values()
-        elif indices:
-            index, value = torch.cat(indices), torch.cat(values)
-        else:
+            return _exchange_rows(flat, indices, values)
+        if not indices:
             return None, None
+        index, value = torch.cat(indices), torch.cat(values)
         rows, inverse = _unique_rows(index, len(flat))
         summed = value.new_zeros((rows.numel(), value.shape[1])).index_add_(0, inverse, value)
         return rows, summed
@@ -156,6 +150,29 @@ class RowwiseAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             for w in group["params"]:
                 w.grad = None
+
+
+def _exchange_rows(flat: torch.Tensor, indices: list[torch.Tensor],
+                   values: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every process's touched rows and their summed gradients, through one dense all-reduce.
+
+    Each process adds its gradients into a zero copy of the group's table with one more column that
+    marks the rows it read; after the all-reduce the marked rows are the union, exactly the rows one
+    process would have touched on the whole batch. At these table sizes (~10^5 rows) this is cheaper
+    than gloo's sparse all-reduce, which gathers every process's uncoalesced rows (measured with 2
+    processes, batch 4096: 20-27 ms against 68 ms a step for the vectors; coalescing first: 32-46 ms).
+    """
+    width = flat.shape[1]
+    exchange = flat.new_zeros((flat.shape[0], width + 1))
+    if indices:
+        index = torch.cat(indices)
+        exchange[:, :width].index_add_(0, index, torch.cat(values))
+        exchange[:, width].index_fill_(0, index, 1.0)
+    parallel.all_reduce_dense([exchange])
+    rows = exchange[:, width].nonzero().reshape(-1)
+    if rows.numel() == 0:
+        return None, None
+    return rows, exchange.index_select(0, rows)[:, :width]
 
 
 def _unique_rows(index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from train.errors import TrainError
 
-__all__ = ["all_reduce_dense", "all_reduce_sparse", "broadcast_float", "is_main", "rank", "setup",
+__all__ = ["all_reduce_dense", "broadcast_float", "is_main", "rank", "requested_size", "setup",
            "shard_batches", "sum_float", "world_size"]
 
 
@@ -34,12 +34,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup() -> None:
-    """Join torchrun's process group (gloo) when the environment names more than one process."""
+def requested_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``), 1 without torchrun."""
     try:
-        size = int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise TrainError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def setup() -> None:
+    """Join torchrun's process group (gloo) when the environment names more than one process."""
+    size = requested_size()
     if size <= 1 or dist.is_initialized():
         return
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -81,14 +86,6 @@ def all_reduce_dense(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-def all_reduce_sparse(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum over all processes of a sparse COO tensor (gloo exchanges the rows, not the whole table)."""
-    if world_size() == 1:
-        return tensor
-    dist.all_reduce(tensor)
-    return tensor
 
 
 def sum_float(value: float) -> float:
