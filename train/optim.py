@@ -15,8 +15,9 @@ optimizers do it:
 - deepctr's L2 penalty ``l2 * sum(w ** 2)`` is applied to the touched rows only, as its gradient
   ``2 * l2 * w`` added to theirs once per step. Dense training decays every row at every step; here a
   row decays only in the steps that read it, so rarely seen rows keep more of what they learned. With
-  Adam's table epsilon (0.1) the dense penalty moves an unseen row by about ``lr * 2e-5 * |w| / 0.1``
-  per step, far below anything that changes a score; the test AUC is compared in ``train speed``.
+  Adam's table epsilon (0.1) the dense penalty moved an unread row by about ``lr * 2e-5 * |w| / 0.1``
+  per step, far below anything that changes a score. Test AUC, DeepFM on the default bundle's 1M rows
+  at batch 512: 0.7188 row-wise, 0.7193 dense (``bench/results/batch-lr-1m-20261126.json``).
 
 Each group keeps its own epsilon (``table_eps`` for the linear weights, ``vector_eps`` for the
 vectors): the reasoning of ``dense_adam`` below holds row by row.
