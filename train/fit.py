@@ -53,15 +53,20 @@ def report_skipped(dataset: Dataset) -> None:
         log.warning(dataset.bad_lines.summary())
 
 
-def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *, data_label: str | None = None) -> Path:
-    """Export ``trained`` lean, prove parity on held-out rows, write the bundle; nothing is written on failure."""
+def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *, data_label: str | None = None,
+                extra_meta: dict[str, Any] | None = None) -> Path:
+    """Export ``trained`` lean, prove parity on held-out rows, write the bundle; nothing is written on failure.
+
+    ``extra_meta`` adds top-level ``meta.json`` entries (``train/compress.py``'s ``compression``).
+    """
     spec = dataset.spec
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
         onnx_path = export_lean(trained.model, spec, trained.architecture, Path(tmp) / "model.onnx",
                                 combiner=trained.hyperparameters["usertag_combiner"])
         parity = check_parity(trained.model, onnx_path, spec, dataset.test)
         graphs, extra_files = None, None
-        if trained.architecture == "deepfm":  # the others do not split into imp and candidate parts
+        # the others do not split into imp and candidate parts; FM + linear alone has no DNN to split
+        if trained.architecture == "deepfm" and trained.hyperparameters.get("dnn_hidden_units"):
             extra_files, entry = write_graphs(onnx_path, spec, Path(tmp), held_out=dataset.test.inputs,
                                               combiner=trained.hyperparameters["usertag_combiner"])
             graphs = {GRAPH: entry}
@@ -72,4 +77,5 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
                   "rows": dataset.rows(), "split": dataset.split, "skipped_lines": dataset.bad_lines.count},
             metrics=trained.metrics, parity=parity, graphs=graphs, extra_files=extra_files,
             training={"parameters": trained.parameters, "best_epoch": trained.best_epoch,
-                      "epochs_run": len(trained.history), "seconds": trained.seconds, "history": trained.history})
+                      "epochs_run": len(trained.history), "seconds": trained.seconds, "history": trained.history},
+            extra_meta=extra_meta)

@@ -22,7 +22,7 @@ from train.errors import TrainError
 from train.evaluate import binary_metrics, oracle_metrics, predict
 from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
 
-__all__ = ["TrainedModel", "train_model"]
+__all__ = ["TrainedModel", "fit_epochs", "split_metrics", "train_model"]
 
 
 @dataclass
@@ -74,46 +74,80 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
            overrides: dict[str, Any]) -> TrainedModel:
     hp = check_training(architecture, epochs, overrides)
     started = time.perf_counter()
-    spec = dataset.spec
-    model = build_model(architecture, spec, hp, seed)
+    model = build_model(architecture, dataset.spec, hp, seed)
     _start_at_base_rate(model, dataset.train.labels)
+    history, best_epoch = fit_epochs(model, dataset, hp, seed=seed, progress=progress, desc=architecture)
+    return TrainedModel(architecture, model, hp, split_metrics(model, dataset), history, best_epoch,
+                        round(time.perf_counter() - started, 2))
+
+
+def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, seed: int = 0, progress: bool = True,
+               desc: str = "model", targets: np.ndarray | None = None, keep_start: bool = False,
+               grad_masks: dict[str, torch.Tensor] | None = None) -> tuple[list[dict], int]:
+    """Train ``model`` in place for up to ``hp["epochs"]`` epochs; keep the epoch with the best validation AUC.
+
+    ``targets`` replaces the training labels (a distilled student learns from the teacher's
+    probabilities mixed with the labels); ``keep_start`` counts the model as it comes in as epoch 0,
+    so fine-tuning never returns something worse on validation than its start; ``grad_masks`` (parameter
+    name -> 0/1 tensor) keep removed weights at zero (Adam never moves a weight whose gradient stays 0).
+    Returns (history, best epoch).
+    """
+    spec = dataset.spec
     optimizer = _adam(model, hp)
+    hooks = [param.register_hook(lambda grad, mask=grad_masks[name]: grad * mask)
+             for name, param in model.named_parameters() if grad_masks and name in grad_masks]
     x_train = torch.from_numpy(deepctr_input(dataset.train.inputs, spec))
-    y_train = torch.from_numpy(dataset.train.labels.astype(np.float32))
+    y_train = torch.from_numpy((dataset.train.labels if targets is None else targets).astype(np.float32))
     x_val = torch.from_numpy(deepctr_input(dataset.val.inputs, spec))
     shuffle = torch.Generator().manual_seed(seed)
 
     history: list[dict] = []
     best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
-    for epoch in range(1, hp["epochs"] + 1):
-        epoch_started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
-        train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
-                                desc=f"{architecture} epoch {epoch}/{hp['epochs']}", progress=progress)
+    if keep_start:
         val = binary_metrics(dataset.val.labels, predict(model, x_val))
-        # a validation split with one class has no AUC; fall back to log loss so stopping still works
-        score = val["auc"] if val["auc"] is not None else -(val["logloss"] or 0.0)
-        history.append({"epoch": epoch, "train_logloss": round(train_loss, 6), "val_auc": val["auc"],
-                        "val_logloss": val["logloss"], "seconds": round(time.perf_counter() - epoch_started, 2)})
-        if progress:
-            tqdm.write(f"{architecture} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
-                       f"val logloss {val['logloss']}")
-        if score > best_score:
-            best_score, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
-        else:
-            stale += 1
-            if stale >= hp["patience"]:
-                break
+        best_score, best_state = _score(val), copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "val_auc": val["auc"], "val_logloss": val["logloss"]})
+    try:
+        for epoch in range(1, hp["epochs"] + 1):
+            epoch_started = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
+            train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
+                                    desc=f"{desc} epoch {epoch}/{hp['epochs']}", progress=progress)
+            val = binary_metrics(dataset.val.labels, predict(model, x_val))
+            score = _score(val)
+            history.append({"epoch": epoch, "train_logloss": round(train_loss, 6), "val_auc": val["auc"],
+                            "val_logloss": val["logloss"], "seconds": round(time.perf_counter() - epoch_started, 2)})
+            if progress:
+                tqdm.write(f"{desc} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
+                           f"val logloss {val['logloss']}")
+            if score > best_score:
+                best_score, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
+            else:
+                stale += 1
+                if stale >= hp["patience"]:
+                    break
+    finally:
+        for hook in hooks:
+            hook.remove()
     model.load_state_dict(best_state)
     model.eval()
+    return history, best_epoch
 
+
+def _score(val: dict[str, Any]) -> float:
+    # a validation split with one class has no AUC; fall back to log loss so stopping still works
+    return val["auc"] if val["auc"] is not None else -(val["logloss"] or 0.0)
+
+
+def split_metrics(model: torch.nn.Module, dataset: Dataset) -> dict[str, dict]:
+    """Train, validation and test metrics of ``model`` (and the oracle's on synthetic data)."""
+    spec = dataset.spec
     metrics = {name: binary_metrics(part.labels, predict(model, deepctr_input(part.inputs, spec)))
                for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
     if dataset.test.pctr_true is not None:
         metrics["oracle"] = oracle_metrics(dataset.test.labels, dataset.test.pctr_true)
-    return TrainedModel(architecture, model, hp, metrics, history, best_epoch,
-                        round(time.perf_counter() - started, 2))
+    return metrics
 
 
 def _adam(model: torch.nn.Module, hp: dict) -> torch.optim.Adam:
