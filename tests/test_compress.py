@@ -53,8 +53,8 @@ METHODS = [
     ("int8-embeddings", [], False),
     ("int8-embeddings", ["--set", "dtype=fp16"], False),
     ("prune", ["--set", "importance_rows=2000"], True),
-    ("distill", ["--set", "epochs=1", "--set", "student=16"], True),
-    ("distill", ["--set", "epochs=1", "--set", "student=fm"], True),
+    ("distill", ["--epochs", "1", "--set", "student=16"], True),
+    ("distill", ["--epochs", "1", "--set", "student=fm"], True),
 ]
 
 
@@ -157,6 +157,7 @@ def test_prune_keeps_the_most_important_neurons(small_bundle, dataset, tmp_path)
     (["--method", "distill"], "--method distill needs training rows"),
     (["--method", "heads"], "--method heads needs training rows"),
     (["--method", "int8-dynamic", "--set", "bits=4"], "not a setting of int8-dynamic"),
+    (["--method", "int8-dynamic", "--epochs", "2"], "--epochs: int8-dynamic does not train"),
     (["--method", "int8-static", "--data", "DATA", "--set", "format=qint"], "format=qint: choose one of qdq, qoperator"),
     (["--method", "distill", "--data", "DATA", "--set", "student=wide"], "student=wide: expected 'fm' or"),
     (["--method", "prune", "--data", "DATA", "--set", "keep=2"], "keep=2.0: must lie in [0, 1]"),

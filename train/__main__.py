@@ -135,11 +135,16 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
 def _compress(args: argparse.Namespace) -> dict[str, Any]:
     from train.compress import check_method, compress_bundle
 
-    check_method(args.method, _settings(args.set), has_data=args.data is not None)  # before any bundle or data
+    settings = _settings(args.set)
+    if args.epochs is not None:
+        if args.method in ("int8-dynamic", "int8-static", "int8-embeddings"):
+            raise TrainError(f"--epochs: {args.method} does not train")
+        settings["epochs"] = str(args.epochs)
+    check_method(args.method, settings, has_data=args.data is not None)  # before any bundle or data
     _check_out(args.out, args.force)
     if Path(args.out).resolve() == Path(args.bundle).resolve():
         raise TrainError(f"--out {args.out}: is the source bundle; write the compressed bundle elsewhere")
-    entry = compress_bundle(args.bundle, args.method, args.out, data=args.data, settings=_settings(args.set),
+    entry = compress_bundle(args.bundle, args.method, args.out, data=args.data, settings=settings,
                             seed=args.seed, progress=not args.quiet, threads=args.threads)
     return {"bundle": args.out, "compression": entry}
 
@@ -258,6 +263,7 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--force", action="store_true", help="replace the bundle already in --out")
     compress.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                           help="a setting of the method (repeatable; train/compress.py lists them)")
+    compress.add_argument("--epochs", type=int, help="epochs of fine-tuning (prune, heads) or of the student (distill)")
     compress.add_argument("--seed", type=int, default=0, help="seed for the split, sampling and fine-tuning")
     compress.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")

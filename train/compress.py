@@ -312,8 +312,9 @@ def deepctr_from_bundle(bundle: Path, meta: dict[str, Any], spec: FeatureSpec,
     for i in range(hp.get("att_layer_num", 0) if architecture == "autoint" else 0):
         prefix = f"head.attention.{i}"
         columns = None
-        if f"{prefix}.placement" in init:
-            columns = np.argmax(need(f"{prefix}.placement"), axis=1)
+        if kept_heads is not None:  # only the kept heads' columns are in the graph (train.export.AttentionLayer)
+            size = hp["embedding_dim"] // hp["att_head_num"]
+            columns = np.concatenate([np.arange(h * size, (h + 1) * size) for h in kept_heads[i]])
         for ours, theirs in (("w_query", "W_Query"), ("w_key", "W_key"), ("w_value", "W_Value")):
             weight = need(f"{prefix}.{ours}")
             if columns is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from train.bundle import MODEL_FILE, read_bundle
-from train.compress import compress_bundle, onnx_probabilities
+from train.compress import check_method, compress_bundle, onnx_probabilities
 from train.data.dataset import Dataset
 from train.errors import TrainError
 from train.evaluate import binary_metrics, paired_auc_delta
@@ -94,10 +94,13 @@ def compress_study(data_dir: str | Path, out_dir: str | Path, *, bundles: list[s
         steps = PLAN[source]
         for name, method, settings, start in tqdm(steps, desc=f"compressing {source}", disable=not progress):
             target = out / source / _folder(name)
-            if target.exists():
-                shutil.rmtree(target)
-            entry = compress_bundle(variants[(source, start)] if start else src, method, target, data=dataset,
-                                    settings=settings, seed=seed, progress=progress, threads=threads)
+            origin = variants[(source, start)] if start else src
+            entry = _reusable(target, origin, method, settings)
+            if entry is None:
+                if target.exists():
+                    shutil.rmtree(target)
+                entry = compress_bundle(origin, method, target, data=dataset, settings=settings, seed=seed,
+                                        progress=progress, threads=threads)
             variants[(source, name)] = target
             details[(source, name)] = {"method": method, "settings": entry["settings"], "from": start or "source",
                                        "details": entry.get("details")}
@@ -119,6 +122,20 @@ def compress_study(data_dir: str | Path, out_dir: str | Path, *, bundles: list[s
     (out / "compress.md").write_text(render_markdown(results))
     _plot(results, out / "compress.png")
     return results
+
+
+def _reusable(target: Path, origin: Path, method: str, settings: dict[str, str]) -> dict[str, Any] | None:
+    """The ``compression`` entry of a variant an earlier run of the study already wrote from the same source
+    with the same method and settings (a study interrupted half-way resumes instead of starting over)."""
+    try:
+        meta, _ = read_bundle(target)
+        source_id = read_bundle(origin)[0].get("model_id")
+    except TrainError:
+        return None
+    entry = meta.get("compression") or {}
+    same = (entry.get("method") == method and entry.get("settings") == check_method(method, settings)
+            and entry.get("source_model_id") == source_id)
+    return entry if same else None
 
 
 def _folder(name: str) -> str:
