@@ -185,3 +185,20 @@ def test_compress_refuses_what_is_not_a_bundle_and_an_existing_out(small_bundle,
     assert main(["compress", "--bundle", str(logreg_bundle), "--method", "heads", "--data", str(tmp_path),
                  "--out", str(tmp_path / "o")]) == 2
     assert "heads prunes AutoInt attention heads, this bundle is 'logreg'" in capsys.readouterr().err
+
+
+def test_paired_auc_delta_is_the_auc_difference_with_an_interval_around_it():
+    from sklearn.metrics import roc_auc_score
+
+    from train.evaluate import paired_auc_delta
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(20000) < 0.05
+    base = rng.random(20000) + 0.4 * labels
+    other = np.round(base + rng.normal(0, 0.3, 20000), 2)  # worse, with ties
+    paired = paired_auc_delta(labels, base, other, resamples=200)
+    expected = roc_auc_score(labels, other) - roc_auc_score(labels, base)
+    assert paired["delta"] == pytest.approx(expected, abs=1e-6)
+    assert paired["low"] < paired["delta"] < paired["high"] < 0
+    same = paired_auc_delta(labels, base, base, resamples=50)
+    assert same["delta"] == same["low"] == same["high"] == 0.0

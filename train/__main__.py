@@ -152,8 +152,9 @@ def _compress(args: argparse.Namespace) -> dict[str, Any]:
 def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
     from train.compress_study import compress_study, render_markdown
 
-    results = compress_study(args.data, args.out, bundles=args.bundle, epochs=args.epochs, seed=args.seed,
-                             progress=not args.quiet, threads=args.threads)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    results = compress_study(args.data, args.out, bundles=args.bundle, models=models, epochs=args.epochs,
+                             seed=args.seed, progress=not args.quiet, threads=args.threads)
     print(render_markdown(results), file=sys.stderr)
     return results
 
@@ -275,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out", required=True, help="folder for the report, the PNG and the bundles")
     study.add_argument("--bundle", action="append", default=[], metavar="BUNDLE",
                        help="use this DeepFM or AutoInt bundle instead of training one (repeatable)")
+    study.add_argument("--models", default="deepfm,autoint", help="source models to study (default: deepfm,autoint)")
     study.add_argument("--epochs", type=int, help="maximum epochs of the source models trained here")
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
