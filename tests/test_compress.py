@@ -48,6 +48,7 @@ def _served_equals_own_graph(bundle, records) -> np.ndarray:
 METHODS = [
     ("int8-dynamic", [], False),
     ("int8-dynamic", ["--set", "ops=all"], False),
+    ("int8-dynamic", ["--set", "ops=tables"], False),
     ("int8-static", ["--set", "format=qdq", "--set", "calibration_rows=256"], True),
     ("int8-static", ["--set", "format=qoperator", "--set", "calibration_rows=256"], True),
     ("int8-embeddings", [], False),

@@ -9,8 +9,8 @@ interval.
 Methods:
 
 - ``int8-dynamic``: ONNX Runtime's dynamic quantization (weights int8, activations quantized per
-  call). ``ops=dnn`` quantizes the DNN's matrix products only, ``ops=all`` also the embedding tables'
-  Gathers (one scale per table).
+  call). ``ops=dnn`` quantizes the DNN's matrix products only, ``ops=tables`` the embedding tables'
+  Gathers only (uint8 with one scale per table, one DequantizeLinear after each Gather), ``ops=all`` both.
 - ``int8-static``: ONNX Runtime's static quantization, activation ranges calibrated on training rows;
   QDQ or QOperator format, per channel or per tensor.
 - ``int8-embeddings``: the hashed tables (most of the bundle's bytes) as int8 with one scale per row
@@ -80,7 +80,7 @@ METHODS: dict[str, tuple[bool, dict[str, Any]]] = {
     "distill": (True, {"student": "64,32", "embedding_dim": 8, "label_weight": 0.5, "epochs": 4}),
     "heads": (True, {"remove": 0.5, "epochs": 1, "lr": 2.5e-4, "importance_rows": 20000}),
 }
-_CHOICES = {"ops": ("dnn", "all"), "format": ("qdq", "qoperator"), "dtype": ("int8", "fp16"), "scale": ("fp16", "fp32")}
+_CHOICES = {"ops": ("dnn", "tables", "all"), "format": ("qdq", "qoperator"), "dtype": ("int8", "fp16"), "scale": ("fp16", "fp32")}
 TRAINABLE = ("deepfm", "autoint", "logreg")  # architectures deepctr_from_bundle reads back
 BOOTSTRAP = 1000
 
@@ -353,7 +353,7 @@ class _Calibration(CalibrationDataReader):
 def _quantize(src: Path, out: Path, method: str, settings: dict[str, Any], spec: FeatureSpec,
               dataset: Dataset | None, seed: int) -> None:
     """ONNX Runtime's quantizer on ``src``'s matrix products (and table Gathers with ``ops=all``)."""
-    ops = ["MatMul", "Gemm"] + (["Gather"] if settings["ops"] == "all" else [])
+    ops = {"dnn": ["MatMul", "Gemm"], "tables": ["Gather"], "all": ["MatMul", "Gemm", "Gather"]}[settings["ops"]]
     logging.disable(logging.INFO)  # the quantizer logs a line per tensor on the root logger
     try:
         _run_quantizer(src, out, method, settings, dataset, seed, ops)
@@ -392,7 +392,8 @@ def _quantized_parity(src: Path, out: Path, spec: FeatureSpec, dataset: Dataset 
 class QuantizedEmbeddings(Embeddings):
     """``Embeddings`` whose tables are int8 with one scale per row, or float16.
 
-    A multi field's count column (1 per tag, 0 for padding) is not stored: it is ``index != 0``.
+    A multi field's count column (1 per tag, 0 for padding) is not stored: only the mean combiner reads
+    it, and then it is ``index != 0``.
     """
 
     def __init__(self, source: Embeddings, dtype: str, scale_dtype: str) -> None:
@@ -422,7 +423,7 @@ class QuantizedEmbeddings(Embeddings):
         else:
             rows = F.embedding(index, getattr(self, f"{table}_int8")).float()
             rows = rows * F.embedding(index, getattr(self, f"{table}_scale")).float()
-        if table.startswith("multi"):
+        if self.mean and table.startswith("multi"):
             rows = torch.cat([rows, (index != 0).unsqueeze(-1).float()], dim=-1)
         return rows
 
