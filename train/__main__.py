@@ -1,4 +1,5 @@
-"""Command line: ``python -m train {synth,fit,default,compare,factorize,twotower,market,speed} ...``.
+"""Command line: ``python -m train COMMAND ...``, COMMAND one of synth, fit, default, compare, factorize, twotower,
+market, speed, compress, compress-study.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -70,10 +71,7 @@ def _generate(out: str | Path, rows: int, seed: int) -> dict[str, Any]:
 def _fit(args: argparse.Namespace) -> dict[str, Any]:
     from train.fit import fit_bundle
 
-    existing = [name for name in BUNDLE_FILES if (Path(args.out) / name).exists()]
-    if existing and not args.force:
-        raise TrainError(f"--out {args.out} already holds a bundle ({', '.join(existing)}); "
-                         "pass --force to replace it")
+    _check_out(args.out, args.force)
     bundle = fit_bundle(args.data, args.model, args.out, epochs=args.epochs, seed=args.seed,
                         progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
                         threads=args.threads, **_settings(args.set))
@@ -160,6 +158,39 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(render_table(result), file=sys.stderr)
     return result
+
+
+def _compress(args: argparse.Namespace) -> dict[str, Any]:
+    from train.compress import check_method, compress_bundle
+
+    settings = _settings(args.set)
+    if args.epochs is not None:
+        if args.method in ("int8-dynamic", "int8-static", "int8-embeddings"):
+            raise TrainError(f"--epochs: {args.method} does not train")
+        settings["epochs"] = str(args.epochs)
+    check_method(args.method, settings, has_data=args.data is not None)  # before any bundle or data
+    _check_out(args.out, args.force)
+    if Path(args.out).resolve() == Path(args.bundle).resolve():
+        raise TrainError(f"--out {args.out}: is the source bundle; write the compressed bundle elsewhere")
+    entry = compress_bundle(args.bundle, args.method, args.out, data=args.data, settings=settings,
+                            seed=args.seed, progress=not args.quiet, threads=args.threads)
+    return {"bundle": args.out, "compression": entry}
+
+
+def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
+    from train.compress_study import compress_study, render_markdown
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    results = compress_study(args.data, args.out, bundles=args.bundle, models=models, epochs=args.epochs,
+                             seed=args.seed, progress=not args.quiet, threads=args.threads)
+    print(render_markdown(results), file=sys.stderr)
+    return results
+
+
+def _check_out(out: str, force: bool) -> None:
+    existing = [name for name in BUNDLE_FILES if (Path(out) / name).exists()]
+    if existing and not force:
+        raise TrainError(f"--out {out} already holds a bundle ({', '.join(existing)}); pass --force to replace it")
 
 
 def _bundle_summary(bundle: Path) -> dict[str, Any]:
@@ -287,6 +318,38 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=1, help="torch threads for both loops (default 1)")
     speed.add_argument("--quiet", action="store_true", help="no progress bars")
     speed.set_defaults(run=_speed)
+
+    compress = commands.add_parser(
+        "compress", help="write a compressed copy of a bundle: int8-dynamic, int8-static, int8-embeddings, prune, "
+                         "distill or heads (train/compress.py)")
+    compress.add_argument("--bundle", required=True, help="source bundle folder (left as it is)")
+    compress.add_argument("--method", required=True, metavar="METHOD",
+                          help="int8-dynamic, int8-static, int8-embeddings, prune, distill or heads")
+    compress.add_argument("--out", required=True,
+                          help="bundle folder to write (refused when it already holds a bundle, unless --force)")
+    compress.add_argument("--data", help="folder with train.log.txt (and test.log.txt): training rows for "
+                                         "int8-static, prune, distill and heads; test rows for the paired AUC delta")
+    compress.add_argument("--force", action="store_true", help="replace the bundle already in --out")
+    compress.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                          help="a setting of the method (repeatable; train/compress.py lists them)")
+    compress.add_argument("--epochs", type=int, help="epochs of fine-tuning (prune, heads) or of the student (distill)")
+    compress.add_argument("--seed", type=int, default=0, help="seed for the split, sampling and fine-tuning")
+    compress.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.set_defaults(run=_compress)
+
+    study = commands.add_parser(
+        "compress-study", help="DeepFM and AutoInt, every compression method: accuracy, size and latency in one table")
+    study.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
+    study.add_argument("--out", required=True, help="folder for the report, the PNG and the bundles")
+    study.add_argument("--bundle", action="append", default=[], metavar="BUNDLE",
+                       help="use this DeepFM or AutoInt bundle instead of training one (repeatable)")
+    study.add_argument("--models", default="deepfm,autoint", help="source models to study (default: deepfm,autoint)")
+    study.add_argument("--epochs", type=int, help="maximum epochs of the source models trained here")
+    study.add_argument("--seed", type=int, default=0)
+    study.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    study.add_argument("--quiet", action="store_true", help="no progress bars")
+    study.set_defaults(run=_compress_study)
     return parser
 
 

@@ -23,11 +23,13 @@ import torch
 from bidder.factorized import CANDIDATE_FILE, FACTORIZED_FILE
 from bidder.retrieval import AD_TOWER_FILE, IMP_TOWER_FILE
 from bidder.shading import MARKET_FILE
-from bidder.spec import FeatureSpec
+from bidder.spec import FeatureSpec, SpecError, load_spec
 from train._deepctr import VERSION as DEEPCTR_VERSION
+from train.errors import TrainError
 from train.export import OUTPUT
 
-__all__ = ["MODEL_FILE", "SPEC_FILE", "META_FILE", "library_versions", "model_id", "replace_files", "write_bundle"]
+__all__ = ["MODEL_FILE", "SPEC_FILE", "META_FILE", "library_versions", "model_id", "read_bundle", "replace_files",
+           "write_bundle"]
 
 MODEL_FILE, SPEC_FILE, META_FILE = "model.onnx", "spec.json", "meta.json"
 # removed when a new bundle does not list them: they were built for the model it replaces
@@ -51,15 +53,41 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_bundle(bundle: str | Path) -> tuple[dict[str, Any], FeatureSpec]:
+    """(meta.json, spec) of an existing bundle whose model.onnx and spec.json match its meta.json.
+
+    ``TrainError`` names what is missing or does not match.
+    """
+    bundle = Path(bundle)
+    meta_path, model_path = bundle / META_FILE, bundle / MODEL_FILE
+    if not model_path.is_file() or not meta_path.is_file():
+        raise TrainError(f"{bundle}: not a model bundle (needs {MODEL_FILE} and {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainError(f"{meta_path}: cannot read: {exc}") from None
+    if not isinstance(meta, dict):
+        raise TrainError(f"{meta_path}: expected a JSON object")
+    if meta.get("onnx_sha256") not in (None, file_sha256(model_path)):
+        raise TrainError(f"{model_path}: does not match meta.json's onnx_sha256")
+    try:
+        spec = load_spec(bundle)
+    except SpecError as exc:
+        raise TrainError(str(exc)) from None
+    if meta.get("spec_digest") not in (None, spec.digest):
+        raise TrainError(f"{bundle}: spec.json does not match meta.json's spec_digest")
+    return meta, spec
+
+
 def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, architecture: str,
                  hyperparameters: dict[str, Any], data: dict[str, Any], metrics: dict[str, Any],
                  parity: dict[str, Any], training: dict[str, Any] | None = None,
                  graphs: dict[str, Any] | None = None, extra_files: dict[str, Path] | None = None,
-                 calibration: dict[str, Any] | None = None) -> Path:
+                 calibration: dict[str, Any] | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
     """Move ``onnx_path`` into ``out_dir`` as ``model.onnx`` with its spec and metadata; returns ``out_dir``.
 
     ``extra_files`` (name -> path) are copied in beside it and ``graphs`` becomes ``meta.json``'s entry
-    describing them.
+    describing them; ``extra_meta`` adds top-level entries (a compressed bundle's ``compression``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +113,7 @@ def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, arc
         meta["training"] = training
     if graphs:
         meta["graphs"] = graphs
+    meta.update(extra_meta or {})
     extra_files = extra_files or {}
     staged = {name: out / f".{name}.tmp" for name in [*extra_files, MODEL_FILE, SPEC_FILE, META_FILE]}
     try:

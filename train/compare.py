@@ -27,7 +27,7 @@ from train.latency import measure_latencies
 from train.models import ARCHITECTURES, deepctr_input
 from train.trainer import train_model
 
-__all__ = ["compare", "render_markdown"]
+__all__ = ["compare", "data_line", "render_markdown", "target_lines"]
 
 LATENCY_BATCHES = (1, 64)
 STOCK = "deepfm (stock deepctr graph)"
@@ -142,8 +142,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Model comparison",
         "",
-        f"Data: `{data['path']}` ({data['source']}, {data['split']} split; rows train {data['rows']['train']}, "
-        f"val {data['rows']['val']}, test {data['rows']['test']}).",
+        data_line(data),
         "",
     ]
     if results["oracle"]:
@@ -165,13 +164,24 @@ def render_markdown(results: dict[str, Any]) -> str:
                      f"{r['latency_64_us']:.1f} | {r['parity_max_abs_diff']:.2g} |")
     lines += ["", "Latency: median of 3000 calls per graph, ONNX Runtime on one thread with IO binding, graphs "
               "measured in turns within the same run.", ""]
-    if results["targets"]:
-        lines += ["## Targets", ""]
-        for name, verdict in results["targets"].items():
-            detail = ", ".join(f"{k} {v}" for k, v in verdict.items() if k != "met")
-            lines.append(f"- {name}: {'met' if verdict['met'] else 'NOT met'}{f' ({detail})' if detail else ''}")
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + target_lines(results["targets"]))
+
+
+def data_line(data: dict[str, Any]) -> str:
+    """The report line naming the data and its split."""
+    return (f"Data: `{data['path']}` ({data['source']}, {data['split']} split; rows train {data['rows']['train']}, "
+            f"val {data['rows']['val']}, test {data['rows']['test']}).")
+
+
+def target_lines(targets: dict[str, dict[str, Any]]) -> list[str]:
+    """A report's "Targets" section: each target met or NOT met, with its figures."""
+    if not targets:
+        return []
+    lines = ["## Targets", ""]
+    for name, verdict in targets.items():
+        detail = ", ".join(f"{k} {v}" for k, v in verdict.items() if k != "met")
+        lines.append(f"- {name}: {'met' if verdict['met'] else 'NOT met'}{f' ({detail})' if detail else ''}")
+    return lines + [""]
 
 
 def _num(x: float | None, digits: int) -> str:

@@ -33,8 +33,9 @@ from train.errors import ParityError, TrainError
 from train.evaluate import predict
 from train.models import deepctr_input
 
-__all__ = ["CALIBRATION_SCALE", "CALIBRATION_SHIFT", "OPSET", "OUTPUT", "PARITY_TOLERANCE", "check_parity", "export_lean", "export_stock", "lean_module",
-           "serving_session"]
+__all__ = ["CALIBRATION_SCALE", "CALIBRATION_SHIFT", "OPSET", "OUTPUT", "PARITY_TOLERANCE", "check_parity",
+           "export_lean", "export_module", "export_stock", "graph_calibration", "lean_module", "serving_session",
+           "torch_probabilities"]
 
 OPSET = 17
 OUTPUT = "ctr"
@@ -72,13 +73,13 @@ class Embeddings(nn.Module):
         vectors, linear = [], []
         position = 0
         if self.has_single:
-            rows = F.embedding(inputs[0] + self.single_offsets, self.single_table)  # one gather
+            rows = self.gather("single_table", inputs[0] + self.single_offsets)  # one gather
             if self.dim:
                 vectors.append(rows[:, :, :self.dim])
             linear.append(rows[:, :, self.dim])
             position = 1
         for i in range(self.n_multi):
-            pooled = F.embedding(inputs[position + i], getattr(self, f"multi_table_{i}")).sum(dim=1)
+            pooled = self.gather(f"multi_table_{i}", inputs[position + i]).sum(dim=1)
             if self.mean:
                 pooled = pooled[:, :-1] / (pooled[:, -1:] + _EPS)
             if self.dim:
@@ -86,6 +87,10 @@ class Embeddings(nn.Module):
             linear.append(pooled[:, self.dim:self.dim + 1])
         field_vectors = torch.cat(vectors, dim=1) if self.dim else None
         return field_vectors, torch.cat(linear, dim=1).sum(dim=1, keepdim=True)
+
+    def gather(self, table: str, index: torch.Tensor) -> torch.Tensor:
+        """The rows of table ``table`` (``single_table`` or ``multi_table_<i>``) at ``index``."""
+        return F.embedding(index, getattr(self, table))
 
 
 def _table_rows(name: str, vectors: nn.ModuleDict | None, linear: nn.ModuleDict) -> torch.Tensor:
@@ -138,24 +143,38 @@ class DeepFMHead(nn.Module):
 
 
 class AttentionLayer(nn.Module):
-    """deepctr's InteractingLayer with heads split by reshape instead of split/stack/concat."""
+    """deepctr's InteractingLayer with heads split by reshape instead of split/stack/concat.
+
+    A layer whose heads were pruned (``kept_heads`` set on it, the removed heads' value columns zero:
+    ``train/compress.py``) computes only its kept heads; a 0/1 ``placement`` matrix puts their outputs
+    back into their columns of the layer's output, the removed heads' columns holding the residual only.
+    """
 
     def __init__(self, layer: nn.Module, fields: int) -> None:
         super().__init__()
         self.fields = fields  # static sizes keep shape arithmetic out of the graph
         self.dim = layer.W_Query.shape[0]
-        self.heads = layer.head_num
+        self.head_dim = self.dim // layer.head_num
+        kept = getattr(layer, "kept_heads", None)
+        self.heads = layer.head_num if kept is None else len(kept)
+        columns = (torch.arange(self.dim) if kept is None else
+                   torch.cat([torch.arange(h * self.head_dim, (h + 1) * self.head_dim) for h in kept]))
         self.scaling = layer.scaling
         self.use_res = layer.use_res
-        self.w_query = nn.Parameter(layer.W_Query.detach().clone(), requires_grad=False)
-        self.w_key = nn.Parameter(layer.W_key.detach().clone(), requires_grad=False)
-        self.w_value = nn.Parameter(layer.W_Value.detach().clone(), requires_grad=False)
+        self.w_query = nn.Parameter(layer.W_Query.detach()[:, columns].clone(), requires_grad=False)
+        self.w_key = nn.Parameter(layer.W_key.detach()[:, columns].clone(), requires_grad=False)
+        self.w_value = nn.Parameter(layer.W_Value.detach()[:, columns].clone(), requires_grad=False)
+        if kept is not None:
+            placement = torch.zeros(len(columns), self.dim)
+            placement[torch.arange(len(columns)), columns] = 1.0
+            self.register_buffer("placement", placement)
+        else:
+            self.placement = None
         if self.use_res:
             self.w_res = nn.Parameter(layer.W_Res.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fields, dim = self.fields, self.dim
-        head_dim = dim // self.heads
+        fields, head_dim = self.fields, self.head_dim
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # [B, F, D] -> [B, H, F, D/H]
             return torch.matmul(x, t).reshape(-1, fields, self.heads, head_dim).transpose(1, 2)
@@ -164,7 +183,9 @@ class AttentionLayer(nn.Module):
         scores = torch.matmul(q, k.transpose(2, 3))
         if self.scaling:
             scores = scores / head_dim ** 0.5
-        out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(-1, fields, dim)
+        out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(-1, fields, self.heads * head_dim)
+        if self.placement is not None:
+            out = torch.matmul(out, self.placement)
         if self.use_res:
             out = out + torch.matmul(x, self.w_res)
         return torch.relu(out)
@@ -290,10 +311,13 @@ def lean_module(model: nn.Module, spec: FeatureSpec, architecture: str, combiner
 def export_lean(model: nn.Module, spec: FeatureSpec, architecture: str, path: str | Path, *, combiner: str,
                 opset: int = OPSET, calibration: Calibration | None = None) -> Path:
     """Write the lean graph: int64 inputs named by the spec, output ``ctr`` float32 ``[batch, 1]``."""
-    lean = lean_module(model, spec, architecture, combiner, calibration)
+    return export_module(lean_module(model, spec, architecture, combiner, calibration), spec, path, opset=opset)
+
+
+def export_module(lean: LeanModel, spec: FeatureSpec, path: str | Path, *, opset: int = OPSET) -> Path:
+    """Write an already built (possibly altered: ``train/compress.py``) lean module like ``export_lean``."""
     example = tuple(torch.zeros((2, spec.input_width(n)), dtype=torch.int64) for n in spec.input_names)
-    names = list(spec.input_names)
-    return _export(lean, example, names, Path(path), opset)
+    return _export(lean.eval(), example, list(spec.input_names), Path(path), opset)
 
 
 def export_stock(model: nn.Module, spec: FeatureSpec, path: str | Path, *, opset: int = OPSET) -> Path:
@@ -333,6 +357,25 @@ def predict_calibrated(model: nn.Module, x: np.ndarray, calibration: Calibration
 
 
 # -- checking ---------------------------------------------------------------------------------------------------
+def graph_calibration(init: dict[str, np.ndarray]) -> Calibration | None:
+    """The calibration a lean graph's initializers (name -> array) carry, None when it has none."""
+    if CALIBRATION_SCALE not in init and CALIBRATION_SHIFT not in init:
+        return None
+    if CALIBRATION_SCALE not in init or CALIBRATION_SHIFT not in init:
+        raise TrainError(f"model.onnx has only one of {CALIBRATION_SCALE!r} and {CALIBRATION_SHIFT!r}")
+    return Calibration(float(init[CALIBRATION_SCALE].reshape(-1)[0]), float(init[CALIBRATION_SHIFT].reshape(-1)[0]))
+
+
+@torch.no_grad()
+def torch_probabilities(model: nn.Module, inputs: dict[str, np.ndarray], spec: FeatureSpec) -> np.ndarray:
+    """Click probabilities of a deepctr model (float input matrix) or a ``LeanModel`` (the int64 inputs)."""
+    if isinstance(model, LeanModel):
+        model.eval()
+        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in spec.input_names]
+        return model(*tensors).reshape(-1).numpy()
+    return predict(model, deepctr_input(inputs, spec))
+
+
 def serving_session(path: str | Path) -> ort.InferenceSession:
     """An ONNX Runtime session configured exactly as the bidder serves (bidder.scorer.session_options)."""
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
@@ -350,8 +393,8 @@ def check_parity(model: nn.Module, path: str | Path, spec: FeatureSpec, held_out
     if n == 0:
         raise ParityError("parity check needs held-out rows, got none")
     inputs = {name: np.ascontiguousarray(arr[:n]) for name, arr in held_out.inputs.items()}
-    x = deepctr_input(inputs, spec)
-    expected = predict(model, x) if calibration is None else predict_calibrated(model, x, calibration)
+    expected = (torch_probabilities(model, inputs, spec) if calibration is None
+                else predict_calibrated(model, deepctr_input(inputs, spec), calibration))
     session = serving_session(path)
     sizes = [b for b in batch_sizes if b < n] + [n]
     worst = 0.0

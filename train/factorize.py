@@ -28,10 +28,10 @@ from onnx import TensorProto, helper, numpy_helper
 from bidder.factorized import (CAND_PART, CANDIDATE_FILE, FACTORIZED_FILE, GRAPH, PARITY_TOLERANCE, ROW_CAND, ROW_IMP,
                                candidate_fields, max_abs_diff, parity_rows)
 from bidder.scorer import session_options
-from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
-from train.bundle import META_FILE, MODEL_FILE, file_sha256, replace_files
+from bidder.spec import SPARSE_INPUT, FeatureSpec
+from train.bundle import META_FILE, MODEL_FILE, read_bundle, replace_files
 from train.errors import ParityError, TrainError
-from train.export import CALIBRATION_SCALE, CALIBRATION_SHIFT, OPSET, OUTPUT
+from train.export import OPSET, OUTPUT, graph_calibration
 
 __all__ = ["build_graphs", "factorize_bundle", "write_graphs"]
 
@@ -82,7 +82,7 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
         single_table=need("embeddings.single_table"), offsets=need("embeddings.single_offsets").reshape(-1),
         multi_tables=[need(f"embeddings.multi_table_{i}") for i in range(len(spec.multi_fields))],
         layers=layers, out=outs[0], bias=float(need("bias").reshape(-1)[0]), mean=combiner == "mean",
-        calibration=_calibration(init))
+        calibration=graph_calibration(init))
     fields = len(spec.single_fields) + len(spec.multi_fields)
     shapes_ok = (
         np.array_equal(weights.offsets, spec.sparse_offsets)
@@ -94,15 +94,6 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
     if not shapes_ok:
         raise TrainError("model.onnx: table or layer shapes do not match spec.json")
     return weights
-
-
-def _calibration(init: Mapping[str, np.ndarray]) -> tuple[float, float] | None:
-    """The lean graph's calibration constants (``train/calibrate.py``), None when it has none."""
-    if CALIBRATION_SCALE not in init and CALIBRATION_SHIFT not in init:
-        return None
-    if CALIBRATION_SCALE not in init or CALIBRATION_SHIFT not in init:
-        raise TrainError(f"model.onnx has only one of {CALIBRATION_SCALE!r} and {CALIBRATION_SHIFT!r}")
-    return float(init[CALIBRATION_SCALE].reshape(-1)[0]), float(init[CALIBRATION_SHIFT].reshape(-1)[0])
 
 
 # -- graph building ----------------------------------------------------------------------------------------
@@ -310,22 +301,12 @@ def write_graphs(model_path: Path, spec: FeatureSpec, out_dir: Path, *, combiner
 def factorize_bundle(bundle: str | Path, *, held_out: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Add the factorized graphs to an existing DeepFM bundle (``model.onnx`` untouched); returns the entry."""
     bundle = Path(bundle)
-    meta_path, model_path = bundle / META_FILE, bundle / MODEL_FILE
-    if not model_path.is_file() or not meta_path.is_file():
-        raise TrainError(f"{bundle}: not a model bundle (needs {MODEL_FILE} and {META_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TrainError(f"{meta_path}: cannot read: {exc}") from None
+    model_path = bundle / MODEL_FILE
+    meta, spec = read_bundle(bundle)
     architecture = meta.get("architecture")
     if architecture != "deepfm":
         raise TrainError(f"{bundle}: factorized scoring needs a DeepFM bundle, this one is {architecture!r} "
                          "(its interactions do not split into an imp and a candidate part; it keeps row scoring)")
-    if meta.get("onnx_sha256") not in (None, file_sha256(model_path)):
-        raise TrainError(f"{model_path}: does not match meta.json's onnx_sha256")
-    spec = load_spec(bundle)
-    if meta.get("spec_digest") not in (None, spec.digest):
-        raise TrainError(f"{bundle}: spec.json does not match meta.json's spec_digest")
     combiner = (meta.get("hyperparameters") or {}).get("usertag_combiner", "sum")
     with tempfile.TemporaryDirectory(prefix=".factorize-", dir=bundle) as tmp:
         paths, entry = write_graphs(model_path, spec, Path(tmp), combiner=combiner, held_out=held_out)

@@ -82,8 +82,12 @@ def report_skipped(dataset: Dataset) -> None:
         log.warning(dataset.bad_lines.summary())
 
 
-def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *, data_label: str | None = None) -> Path:
-    """Export ``trained`` lean, prove parity on held-out rows, write the bundle; nothing is written on failure."""
+def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *, data_label: str | None = None,
+                extra_meta: dict[str, Any] | None = None) -> Path:
+    """Export ``trained`` lean, prove parity on held-out rows, write the bundle; nothing is written on failure.
+
+    ``extra_meta`` adds top-level ``meta.json`` entries (``train/compress.py``'s ``compression``).
+    """
     spec = dataset.spec
     calibration, metrics, calibration_entry = calibrate(trained, dataset)
     with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
@@ -91,7 +95,8 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
                                 combiner=trained.hyperparameters["usertag_combiner"], calibration=calibration)
         parity = check_parity(trained.model, onnx_path, spec, dataset.test, calibration=calibration)
         graphs, extra_files = None, None
-        if trained.architecture == "deepfm":  # the others do not split into imp and candidate parts
+        # the others do not split into imp and candidate parts; FM + linear alone has no DNN to split
+        if trained.architecture == "deepfm" and trained.hyperparameters.get("dnn_hidden_units"):
             extra_files, entry = write_graphs(onnx_path, spec, Path(tmp), held_out=dataset.test.inputs,
                                               combiner=trained.hyperparameters["usertag_combiner"])
             graphs = {GRAPH: entry}
@@ -103,4 +108,5 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
             metrics=metrics, parity=parity, graphs=graphs, extra_files=extra_files, calibration=calibration_entry,
             training={"parameters": trained.parameters, "best_epoch": trained.best_epoch,
                       "epochs_run": len(trained.history), "seconds": trained.seconds, "processes": trained.processes,
-                      "history": trained.history})
+                      "history": trained.history},
+            extra_meta=extra_meta)

@@ -170,7 +170,7 @@ def _init_dnn(model: BaseModel, how: str) -> BaseModel:
     ``glorot`` (the default) draws Glorot-normal weights and zero biases; ``deepctr`` (checked by
     ``resolve_hyperparameters``) keeps deepctr's.
     """
-    if how == "glorot":
+    if how == "glorot" and hasattr(model, "dnn"):  # DeepFM without hidden layers (FM + linear) has no tower
         with torch.no_grad():
             for layer in model.dnn.linears:
                 torch.nn.init.xavier_normal_(layer.weight)

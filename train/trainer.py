@@ -24,7 +24,7 @@ from train import parallel
 from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
 from train.optim import TrainingOptimizer, build_optimizer
 
-__all__ = ["TrainedModel", "train_model"]
+__all__ = ["TrainedModel", "fit_epochs", "split_metrics", "train_model"]
 
 
 @dataclass
@@ -82,37 +82,61 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
     """
     hp = check_training(architecture, epochs, overrides)
     parallel.setup()
-    main = parallel.is_main()
-    progress = progress and main
+    progress = progress and parallel.is_main()
     started = time.perf_counter()
-    spec = dataset.spec
-    model = build_model(architecture, spec, hp, seed)
+    model = build_model(architecture, dataset.spec, hp, seed)
     _start_at_base_rate(model, dataset.train.labels)
+    history, best_epoch = fit_epochs(model, dataset, hp, seed=seed, progress=progress, desc=architecture)
+    if not parallel.is_main():
+        return None
+    return TrainedModel(architecture, model, hp, split_metrics(model, dataset), history, best_epoch,
+                        round(time.perf_counter() - started, 2), parallel.world_size())
+
+
+def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, seed: int = 0, progress: bool = True,
+               desc: str = "model", targets: np.ndarray | None = None, keep_start: bool = False,
+               grad_masks: dict[str, torch.Tensor] | None = None) -> tuple[list[dict], int]:
+    """Train ``model`` in place for up to ``hp["epochs"]`` epochs; keep the epoch with the best validation AUC.
+
+    ``targets`` replaces the training labels (a distilled student learns from the teacher's
+    probabilities mixed with the labels); ``keep_start`` counts the model as it comes in as epoch 0,
+    so fine-tuning never returns something worse on validation than its start; ``grad_masks`` (parameter
+    name -> 0/1 tensor) keep removed weights at zero (Adam never moves a weight whose gradient stays 0).
+    Under torchrun every process trains its share of each batch and process 0 validates and decides
+    for all; the other processes keep their last epoch's weights. Returns (history, best epoch).
+    """
+    main = parallel.is_main()
+    spec = dataset.spec
     optimizer = build_optimizer(model, hp)
+    hooks = [param.register_hook(lambda grad, mask=grad_masks[name]: grad * mask)
+             for name, param in model.named_parameters() if grad_masks and name in grad_masks]
     x_train = torch.from_numpy(deepctr_input(dataset.train.inputs, spec))
-    y_train = torch.from_numpy(dataset.train.labels.astype(np.float32))
+    y_train = torch.from_numpy((dataset.train.labels if targets is None else targets).astype(np.float32))
     x_val = torch.from_numpy(deepctr_input(dataset.val.inputs, spec)) if main else None
     shuffle = torch.Generator().manual_seed(seed)  # the same order in every process
 
     history: list[dict] = []
     best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
+    if keep_start and main:
+        val = binary_metrics(dataset.val.labels, predict(model, x_val))
+        best_score, best_state = _score(val), copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "val_auc": val["auc"], "val_logloss": val["logloss"]})
     try:
         for epoch in range(1, hp["epochs"] + 1):
             epoch_started = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
             train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
-                                    desc=f"{architecture} epoch {epoch}/{hp['epochs']}", progress=progress)
+                                    desc=f"{desc} epoch {epoch}/{hp['epochs']}", progress=progress)
             seconds = round(time.perf_counter() - epoch_started, 2)
             if main:
                 val = binary_metrics(dataset.val.labels, predict(model, x_val))
-                # a validation split with one class has no AUC; fall back to log loss so stopping still works
-                score = val["auc"] if val["auc"] is not None else -(val["logloss"] or 0.0)
+                score = _score(val)
                 history.append({"epoch": epoch, "train_logloss": round(train_loss, 6), "val_auc": val["auc"],
                                 "val_logloss": val["logloss"], "seconds": seconds,
                                 "samples_per_s": round(len(x_train) / max(seconds, 1e-9), 1)})
                 if progress:
-                    tqdm.write(f"{architecture} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
+                    tqdm.write(f"{desc} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
                                f"val logloss {val['logloss']}")
             else:
                 score = 0.0
@@ -126,17 +150,27 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
                     break
     finally:
         optimizer.finish()
-    if not main:
-        return None
-    model.load_state_dict(best_state)
+        for hook in hooks:
+            hook.remove()
+    if main:
+        model.load_state_dict(best_state)
     model.eval()
+    return history, best_epoch
 
+
+def _score(val: dict[str, Any]) -> float:
+    # a validation split with one class has no AUC; fall back to log loss so stopping still works
+    return val["auc"] if val["auc"] is not None else -(val["logloss"] or 0.0)
+
+
+def split_metrics(model: torch.nn.Module, dataset: Dataset) -> dict[str, dict]:
+    """Train, validation and test metrics of ``model`` (and the oracle's on synthetic data)."""
+    spec = dataset.spec
     metrics = {name: binary_metrics(part.labels, predict(model, deepctr_input(part.inputs, spec)))
                for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
     if dataset.test.pctr_true is not None:
         metrics["oracle"] = oracle_metrics(dataset.test.labels, dataset.test.pctr_true)
-    return TrainedModel(architecture, model, hp, metrics, history, best_epoch,
-                        round(time.perf_counter() - started, 2), parallel.world_size())
+    return metrics
 
 
 def _start_at_base_rate(model: torch.nn.Module, labels: np.ndarray) -> None:
