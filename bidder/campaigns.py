@@ -84,6 +84,12 @@ class Catalog:
         for c in self.candidates:
             by_size.setdefault((c.w, c.h), []).append(c)
         self._by_size = {size: tuple(cs) for size, cs in by_size.items()}
+        # (size, deal id) -> the candidates whose campaign buys that deal: retrieval never cuts a deal's buyers
+        by_deal: dict[tuple[int, int, str], list[Candidate]] = {}
+        for c in self.candidates:
+            for deal in c.deals:
+                by_deal.setdefault((c.w, c.h, deal.dealid), []).append(c)
+        self._by_deal = {key: tuple(cs) for key, cs in by_deal.items()}
         # without domain or exchange targeting a size's candidates are all eligible: the common case
         # then hands out the precomputed tuple instead of filtering it per request
         self.targeted = any(c.domains is not None or c.exchanges is not None for c in self.candidates)
@@ -97,6 +103,16 @@ class Catalog:
 
     def for_size(self, w: int, h: int) -> tuple[Candidate, ...]:
         return self._by_size.get((w, h), ())
+
+    def deal_buyers(self, w: int, h: int, dealids: Iterable[str], domain: str | None, exchange: str | None,
+                    blocked: frozenset[str]) -> list[Candidate]:
+        """Candidates of size ``w``x``h`` whose campaign buys one of ``dealids`` and that may run here."""
+        found: dict[int, Candidate] = {}
+        for dealid in dealids:
+            for c in self._by_deal.get((w, h, dealid), ()):
+                if c.runs_on(domain, exchange, blocked):
+                    found.setdefault(c.index, c)
+        return list(found.values())
 
     def eligible(self, w: int, h: int, domain: str | None, exchange: str | None,
                  blocked: frozenset[str]) -> tuple[Candidate, ...]:

@@ -180,7 +180,8 @@ class BidEngine:
                             query = self.retriever.query(record)
                         except ValueError as exc:
                             return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
-                    eligible = self.retriever.eligible(query, w, h, domain, exchange, blocked)
+                        dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
+                    eligible = self.retriever.eligible(query, w, h, domain, exchange, blocked, dealids)
                 if eligible and imp.pmp is not None:
                     eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
                     offers.update(imp_offers)

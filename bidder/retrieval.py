@@ -319,6 +319,7 @@ class Retriever:
         self.k = k
         self.approximate = approximate
         self.index = index or AdIndex(catalog, towers.ad_matrix(catalog.candidates), ann=approximate)
+        self.catalog = catalog
         self.candidates = catalog.candidates
 
     def query(self, record: Mapping[str, Any]) -> np.ndarray:
@@ -326,11 +327,18 @@ class Retriever:
         return self.towers.imp_vectors((record,))[0].copy()
 
     def eligible(self, query: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
-                 blocked: frozenset[str]) -> tuple[Candidate, ...]:
-        """The top K eligible candidates of size ``w``x``h`` for the imp of ``query``, best first."""
-        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate)
+                 blocked: frozenset[str], dealids: Sequence[str] = ()) -> tuple[Candidate, ...]:
+        """The top K eligible candidates of size ``w``x``h`` for the imp of ``query``, best first, then the
+        eligible buyers of the imp's deals (``dealids``) the K left out: a deal is a negotiated buy, which
+        an inner product must not drop (in a private auction it is the only way to bid)."""
+        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate).tolist()
         candidates = self.candidates
-        return tuple([candidates[i] for i in rows.tolist()])
+        chosen = [candidates[i] for i in rows]
+        if dealids:
+            taken = set(rows)
+            chosen.extend(c for c in self.catalog.deal_buyers(w, h, dealids, domain, exchange, blocked)
+                          if c.index not in taken)
+        return tuple(chosen)
 
 
 

@@ -263,6 +263,28 @@ def test_the_engine_scores_the_k_retrieved_and_bids_the_ranker_best_of_them(towe
         assert wide.bid(banner(*size)).body == exhaustive.bid(banner(*size)).body
 
 
+def test_a_deal_buyer_the_k_left_out_still_bids_through_its_deal(tower_bundle, market, tmp_path):
+    engine, _, _, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
+    retrieved = {c.campaign_id for c in engine.prepare(banner(), None, 0.0).candidates}
+    data = json.loads((market / CAMPAIGNS_FILE).read_text())
+    buyer = next(c for c in data["campaigns"] if c["id"] not in retrieved and not c.get("targeting", {}).get("domains")
+                 and not c.get("targeting", {}).get("exchanges") and any((x["w"], x["h"]) == (300, 250)
+                                                                          for x in c["creatives"]))
+    buyer["deals"] = [{"dealid": "D-far"}]
+    (tmp_path / "deals.json").write_text(json.dumps(data))
+    engine, _, _, _ = engines(tower_bundle, tmp_path / "deals.json", k=10)
+    request = json.loads(banner())
+    request["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-far", "bidfloor": 0.0}]}
+    body = json.dumps(request).encode()
+    pending = engine.prepare(body, None, 0.0)
+    assert {c.campaign_id for c in pending.candidates} == {buyer["id"]}  # only the deal's buyer may bid
+    bid = json.loads(engine.bid(body).body)["seatbid"][0]["bid"][0]
+    assert (bid["cid"], bid["dealid"]) == (buyer["id"], "D-far")
+    request["imp"][0]["pmp"]["private_auction"] = 0  # open auction: the K and the deal's buyer
+    opened = engine.prepare(json.dumps(request).encode(), None, 0.0)
+    assert {c.campaign_id for c in opened.candidates} == retrieved | {buyer["id"]}
+
+
 def test_badv_and_sizes_without_creatives_under_retrieval(tower_bundle, market):
     engine, _, _, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
     pending = engine.prepare(banner(), None, 0.0)
