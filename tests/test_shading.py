@@ -270,6 +270,17 @@ def test_floor_is_respected_and_no_surplus_means_no_bid(market_bundle_dir, openr
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
+def test_train_default_fits_the_win_price_model_too(tmp_path, capsys):
+    """``train default`` reproduces the shipped bundle: the CTR model, then the market model on the same data's bid log."""
+    out = tmp_path / "default"
+    assert train_main(["default", "--out", str(out), "--rows", "3000", "--epochs", "1", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    entry = json.loads((out / "meta.json").read_text())["graphs"]["market"]
+    assert summary["market"]["sha256"] == entry["sha256"] and (out / MARKET_FILE).is_file()
+    assert entry["data"] == "synthetic: python -m train synth --rows 3000 --seed 2013"
+    assert WinModel.for_scorer(Scorer(out)) is not None
+
+
 def test_train_market_errors(tmp_path, small_bundle, synthetic_data, capsys):
     assert train_main(["market", "--data", str(synthetic_data), "--bundle", str(tmp_path)]) == 2
     assert "not a model bundle" in capsys.readouterr().err
