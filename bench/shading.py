@@ -84,7 +84,9 @@ def measure(bundle: Path, rounds: int) -> dict[str, Any]:
             for at, body in requests.items():
                 samples.setdefault(f"{shape}_at{at}", []).append(time_shape(engine, body, size, repeats[shape]))
     medians = {key: round(statistics.median(values), 1) for key, values in samples.items()}
-    return {"bundle": str(bundle), "request": EXAMPLE, "rounds": rounds, "clock": "thread CPU time",
+    shown = bundle.resolve()
+    shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
+    return {"bundle": str(shown), "request": EXAMPLE, "rounds": rounds, "clock": "thread CPU time",
             "us_per_request": medians, "prices": prices,
             "ratio_at1_over_at2": {shape: round(medians[f"{shape}_at1"] / medians[f"{shape}_at2"], 3)
                                    for shape in SHAPES}}
