@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -253,17 +254,36 @@ async def test_an_unsupported_auction_type_is_refused(aiohttp_client, small_bund
 def test_floor_is_respected_and_no_surplus_means_no_bid(market_bundle_dir, openrtb_examples):
     engine = BidEngine(Scorer(market_bundle_dir), load_catalog(DEFAULT_CAMPAIGNS), Metrics(),
                        market=WinModel.for_scorer(Scorer(market_bundle_dir)))
-    value = json.loads(engine.bid(_request(openrtb_examples, 2)).body)["seatbid"][0]["bid"][0]["price"]
-    floor = round(value * 0.9, 6)
+
+    def value_at(floor: float) -> float | None:  # the imp's value: the second-price bid at this floor
+        outcome = engine.bid(_request(openrtb_examples, 2, floor=floor))
+        return json.loads(outcome.body)["seatbid"][0]["bid"][0]["price"] if outcome.status == 200 else None
+
+    unfloored = value_at(0.0)
+    for share in (0.9, 0.7, 0.5, 0.3):  # the floor is a feature: a floor high in the value it leaves
+        floor = round(unfloored * share, 6)
+        value = value_at(floor)
+        if value is not None and value > floor:
+            break
+    else:
+        pytest.fail(f"no floor below the value found (value without a floor: {unfloored})")
     shaded = json.loads(engine.bid(_request(openrtb_examples, 1, floor=floor)).body)["seatbid"][0]["bid"][0]["price"]
     assert floor <= shaded < value
-    # a floor equal to the value (found as a fixed point: the floor is a feature): surplus 0 at best
-    for _ in range(5):
-        again = json.loads(engine.bid(_request(openrtb_examples, 2, floor=floor)).body)["seatbid"][0]["bid"][0]["price"]
-        if again == floor:
+    # a floor equal to the imp's unrounded value at that floor: surplus 0 at best. The floor is a bucketized
+    # feature, so the value is constant over a bucket of floors, and a value that falls in its own bucket is such
+    # a floor (JSON carries the float exactly).
+    def exact_value(floor: float) -> float:
+        pending = engine.prepare(_request(openrtb_examples, 2, floor=floor), None, time.perf_counter())
+        best = engine.value(pending, engine.scorer.score(pending.rows))[0]
+        return best.ctr * best.candidate.value_per_click * 1000.0
+
+    for k in range(1, 41):
+        floor = exact_value(round(unfloored * k / 40, 6))
+        if exact_value(floor) == floor:
             break
-        floor = again
-    assert again == floor
+    else:
+        pytest.fail("no floor equal to the value it leaves found")
+    assert value_at(floor) == round(floor, 6)  # second price bids the value, which just clears the floor
     at_value = engine.bid(_request(openrtb_examples, 1, floor=floor))
     assert (at_value.status, at_value.reason) == (204, "no_surplus")
     assert metric(engine.metrics.render().decode(), "bidder_nobid_imps_total", reason="no_surplus") == 1

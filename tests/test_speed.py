@@ -40,7 +40,8 @@ def test_both_loops_run_on_the_same_rows_taking_turns(speed_run):
             assert model[loop]["samples_per_s"] > 0 and 0.5 < model[loop]["test_auc"] < 1
         assert model["ratio_ours_to_deepctr"] == pytest.approx(
             model["ours"]["samples_per_s"] / model["deepctr"]["samples_per_s"], rel=1e-2)
-        assert model["batch_size"] == 512
+        assert model["batch_size"] == {"deepfm": 4096, "autoint": 512}[model["model"]]
+        assert model["deepctr_batch_size"] == 512 and model["sparse_tables"]
         assert model["parameters"]["embedding_tables"] + model["parameters"]["dense"] == model["parameters"]["total"]
 
 
@@ -49,7 +50,10 @@ def test_the_json_records_settings_versions_and_machine(speed_run):
     assert {"measured_at", "settings", "versions", "machine", "models"} <= set(speed_run)
     assert {"torch", "deepctr-torch", "numpy", "python"} <= set(speed_run["versions"])
     assert {"cpu_model", "nproc", "loadavg_before", "loadavg_after"} <= set(speed_run["machine"])
-    assert speed_run["settings"]["hyperparameters"]["deepfm"]["batch_size"] == 512
+    loops = speed_run["settings"]["hyperparameters"]["deepfm"]
+    assert loops["ours"]["batch_size"] == 4096 and loops["ours"]["sparse_tables"] is True
+    assert loops["deepctr"]["batch_size"] == 512 and loops["deepctr"]["lr"] == 5e-4
+    assert loops["deepctr"]["sparse_tables"] is False
 
 
 @pytest.mark.slow
@@ -58,10 +62,12 @@ def test_the_profile_phases_add_up_to_the_epoch(speed_run):
         profile = model["profile"]
         assert set(profile["phases"]) == set(PHASES)
         total = sum(p["seconds"] for p in profile["phases"].values())
-        assert all(p["seconds"] > 0 for name, p in profile["phases"].items() if name != "other")
+        # regularization: nothing left to compute with sparse tables (a microsecond a step rounds to 0)
+        assert all(p["seconds"] > 0 for name, p in profile["phases"].items() if name not in ("other", "regularization"))
         assert total == pytest.approx(profile["epoch_seconds"], rel=0.05)
         assert sum(p["share"] for p in profile["phases"].values()) == pytest.approx(1, abs=1e-3)
-        assert profile["penalty_backward_us_per_step"] > 0 and 0 < profile["whole_table_share_estimate"] < 1
+        # sparse tables: the tables' L2 is applied row-wise, and neither model has another L2 term in its loss
+        assert profile["penalty_backward_us_per_step"] == 0 and 0 < profile["whole_table_share_estimate"] < 1
         touched = profile["touched_table_rows_per_batch"]
         assert 0 < touched["mean"] < touched["of"]
 
@@ -72,7 +78,21 @@ def test_the_table_and_json_are_printed(synthetic_data, capsys):
     captured = capsys.readouterr()
     result = json.loads(captured.out)  # stdout is the JSON alone: deepctr's prints do not land there
     assert result["models"][0]["model"] == "logreg" and "profile" not in result["models"][0]
-    assert "| logreg | 512 |" in captured.err and "ours / deepctr" in captured.err
+    assert "| logreg | 512 / 512 |" in captured.err and "ours / deepctr" in captured.err
+
+
+@pytest.mark.slow
+def test_dense_tables_and_the_deepctr_settings_can_be_chosen(synthetic_data, tmp_path):
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--data", str(synthetic_data), "--models", "deepfm", "--rows", "1200", "--quiet",
+                 "--set", "sparse_tables=false", "--set", "batch_size=256", "--deepctr-batch-size", "300",
+                 "--deepctr-lr", "0.001", "--profile", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    loops = result["settings"]["hyperparameters"]["deepfm"]
+    assert (loops["ours"]["batch_size"], loops["ours"]["sparse_tables"]) == (256, False)
+    assert (loops["deepctr"]["batch_size"], loops["deepctr"]["lr"]) == (300, 0.001)
+    profile = result["models"][0]["profile"]
+    assert profile["steps"] == 5 and profile["penalty_backward_us_per_step"] > 0  # dense: the whole L2 in the loss
 
 
 @pytest.mark.parametrize("args, message", [
@@ -85,6 +105,10 @@ def test_the_table_and_json_are_printed(synthetic_data, capsys):
     (["--repeats", "-1"], "--repeats must be a positive integer"),
     (["--threads", "0"], "--threads must be a positive integer"),
     (["--out", "/no/such/folder/speed.json"], "does not exist"),
+    (["--set", "batch_size=0"], "'batch_size' must be positive"),
+    (["--set", "nope=1"], "hyper-parameter 'nope' is not used"),
+    (["--deepctr-batch-size", "0"], "--deepctr-batch-size must be a positive integer"),
+    (["--deepctr-lr", "0"], "--deepctr-lr must be positive"),
 ])
 def test_bad_arguments_exit_2_before_reading_data(tmp_path, capsys, args, message):
     # the data folder does not exist: the argument checks must come first

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2))
+    if result is not None:  # None: a torchrun process other than 0, which writes nothing
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -76,7 +77,7 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
     bundle = fit_bundle(args.data, args.model, args.out, epochs=args.epochs, seed=args.seed,
                         progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
                         threads=args.threads, **_settings(args.set))
-    return _bundle_summary(bundle)
+    return None if bundle is None else _bundle_summary(bundle)
 
 
 def _default(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +92,8 @@ def _default(args: argparse.Namespace) -> dict[str, Any]:
         label = f"synthetic: python -m train synth --rows {args.rows} --seed {args.data_seed}"
         bundle = fit_bundle(tmp, "deepfm", out, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
                             data_label=label, threads=args.threads)
+        if bundle is None:  # a torchrun process other than 0: process 0 writes the bundle
+            return None
         market = market_bundle(tmp, bundle, seed=args.seed, threads=args.threads, progress=not args.quiet,
                                data_label=label)
     return {**_bundle_summary(bundle), "market": market}
@@ -147,7 +150,9 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
     from train.speed import check_speed, measure_speed, render_table
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    check_speed(models, rows=args.rows, epochs=args.epochs, repeats=args.repeats, threads=args.threads)
+    overrides = _settings(args.set)
+    check_speed(models, rows=args.rows, epochs=args.epochs, repeats=args.repeats, threads=args.threads,
+                overrides=overrides, deepctr_batch_size=args.deepctr_batch_size, deepctr_lr=args.deepctr_lr)
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():  # before the data: a typo must not wait for the runs
         raise TrainError(f"--out {out}: folder {out.parent} does not exist")
@@ -155,7 +160,8 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainError(f"--out {out}: is a folder, expected a JSON file name")
     result = measure_speed(args.data, models=models, rows=args.rows, epochs=args.epochs, repeats=args.repeats,
                            threads=args.threads, seed=args.seed, profile=args.profile, progress=not args.quiet,
-                           skip_bad_lines=args.skip_bad_lines, spec=args.spec)
+                           skip_bad_lines=args.skip_bad_lines, spec=args.spec, overrides=overrides,
+                           deepctr_batch_size=args.deepctr_batch_size, deepctr_lr=args.deepctr_lr)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(render_table(result), file=sys.stderr)
@@ -274,6 +280,12 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--profile", action="store_true",
                        help="one more epoch of our loop timed per phase: data, forward, regularization, "
                             "backward, optimizer")
+    speed.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                       help="override a hyper-parameter of the models and our loop (repeatable)")
+    speed.add_argument("--deepctr-batch-size", type=int, default=512,
+                       help="batch size of deepctr's fit() (default 512, our loop's setting before sparse tables)")
+    speed.add_argument("--deepctr-lr", type=float, default=5e-4,
+                       help="Adam learning rate of deepctr's fit() (default 5e-4)")
     speed.add_argument("--out", help="also write the JSON result to this file")
     speed.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
     speed.add_argument("--skip-bad-lines", action="store_true", help="leave malformed lines out instead of stopping")

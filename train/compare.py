@@ -16,8 +16,10 @@ import numpy as np
 
 from bidder.spec import FeatureSpec
 from train.bundle import MODEL_FILE
+from train import parallel
 from train.crosses import GENERATOR_CROSSES, fit_crossed_logreg
 from train.data.dataset import Dataset, load_dataset
+from train.errors import TrainError
 from train.evaluate import oracle_metrics, predict
 from train.export import STOCK_INPUT, export_stock, serving_session
 from train.fit import report_skipped, resolve_spec, save_bundle
@@ -42,6 +44,8 @@ def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...
     generator's own feature crosses is fitted too (``train.crosses``): what this many rows can teach a
     model that knows where the interactions are.
     """
+    if parallel.requested_size() > 1:
+        raise TrainError("compare trains in one process; use torchrun with train fit, one model at a time")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(data_dir, resolve_spec(spec), seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)

@@ -28,8 +28,11 @@ log = logging.getLogger("train")
 
 def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs: int | None = None, seed: int = 0,
                progress: bool = True, skip_bad_lines: bool = False, spec: FeatureSpec | str | Path | None = None,
-               data_label: str | None = None, threads: int = 1, **hyperparameters: Any) -> Path:
+               data_label: str | None = None, threads: int = 1, **hyperparameters: Any) -> Path | None:
     """Train ``model`` on the logs in ``data_dir`` and write its bundle to ``out_dir`` (returned).
+
+    Under ``torchrun --nproc-per-node N`` the processes train together and process 0 writes the bundle;
+    the others return None.
 
     ``spec`` defaults to the bidder's iPinYou spec; ``data_label`` replaces the data path recorded in
     ``meta.json`` (for data generated into a temporary folder); ``threads`` is torch's thread count
@@ -41,6 +44,8 @@ def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs:
     report_skipped(dataset)
     trained = train_model(dataset, model, epochs=epochs, seed=seed, progress=progress, threads=threads,
                           **hyperparameters)
+    if trained is None:  # a torchrun process other than 0: process 0 writes the bundle
+        return None
     return save_bundle(trained, dataset, out_dir, data_label=data_label)
 
 
@@ -97,4 +102,5 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
                   "rows": dataset.rows(), "split": dataset.split, "skipped_lines": dataset.bad_lines.count},
             metrics=metrics, parity=parity, graphs=graphs, extra_files=extra_files, calibration=calibration_entry,
             training={"parameters": trained.parameters, "best_epoch": trained.best_epoch,
-                      "epochs_run": len(trained.history), "seconds": trained.seconds, "history": trained.history})
+                      "epochs_run": len(trained.history), "seconds": trained.seconds, "processes": trained.processes,
+                      "history": trained.history})

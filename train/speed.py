@@ -35,19 +35,27 @@ from train.errors import TrainError
 from train.evaluate import binary_metrics, predict
 from train.fit import report_skipped, resolve_spec
 from train.models import ARCHITECTURES, build_model, deepctr_input, parameter_count
-from train.trainer import PhaseClock, _adam, _run_epoch, _start_at_base_rate, check_training
+from train.optim import build_optimizer, dense_adam
+from train.trainer import PhaseClock, _run_epoch, _start_at_base_rate, check_training
 
 __all__ = ["LOOPS", "PHASES", "check_speed", "measure_speed", "render_table"]
 
 LOOPS = ("ours", "deepctr")
+#: deepctr fit()'s optimizer settings unless told otherwise: the ones our loop shipped with before sparse
+#: tables and larger batches (fit() has no sparse path: it always runs torch's Adam over every parameter)
+DEEPCTR_BATCH_SIZE = 512
+DEEPCTR_LR = 5e-4
 PHASES = ("data", "forward", "regularization", "backward", "optimizer", "other")
 
 
 def check_speed(models: tuple[str, ...], *, rows: int | None = None, epochs: int = 1, repeats: int = 1,
-                threads: int = 1) -> dict[str, dict[str, Any]]:
-    """Each model's hyper-parameters for the run; a bad model, count or setting raises TrainError.
+                threads: int = 1, overrides: dict[str, Any] | None = None,
+                deepctr_batch_size: int = DEEPCTR_BATCH_SIZE,
+                deepctr_lr: float = DEEPCTR_LR) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each model's hyper-parameters for each loop; a bad model, count or setting raises TrainError.
 
-    Cheap: called before any data is read.
+    ``overrides`` (``--set``) apply to both loops; deepctr's fit() then takes ``deepctr_batch_size``
+    and ``deepctr_lr``. Cheap: called before any data is read.
     """
     if not models:
         raise TrainError(f"--models: no model given; choose from {', '.join(ARCHITECTURES)}")
@@ -63,15 +71,26 @@ def check_speed(models: tuple[str, ...], *, rows: int | None = None, epochs: int
             raise TrainError(f"{name} must be a positive integer, got {value!r}")
     if rows is not None and rows < 2:
         raise TrainError(f"--rows must be at least 2 (a batch needs rows of both loops), got {rows}")
-    return {model: check_training(model, epochs) for model in models}
+    if isinstance(deepctr_batch_size, bool) or not isinstance(deepctr_batch_size, int) or deepctr_batch_size < 1:
+        raise TrainError(f"--deepctr-batch-size must be a positive integer, got {deepctr_batch_size!r}")
+    if not deepctr_lr > 0:
+        raise TrainError(f"--deepctr-lr must be positive, got {deepctr_lr!r}")
+    settings = {}
+    for model in models:
+        ours = check_training(model, epochs, overrides)
+        settings[model] = {"ours": ours, "deepctr": {**ours, "batch_size": deepctr_batch_size, "lr": deepctr_lr,
+                                                     "sparse_tables": False}}
+    return settings
 
 
 def measure_speed(data_dir: str | Path, *, models: tuple[str, ...] = ("deepfm", "autoint"), rows: int | None = None,
                   epochs: int = 1, repeats: int = 1, threads: int = 1, seed: int = 0, profile: bool = False,
                   progress: bool = True, skip_bad_lines: bool = False,
-                  spec: FeatureSpec | str | Path | None = None) -> dict[str, Any]:
+                  spec: FeatureSpec | str | Path | None = None, overrides: dict[str, Any] | None = None,
+                  deepctr_batch_size: int = DEEPCTR_BATCH_SIZE, deepctr_lr: float = DEEPCTR_LR) -> dict[str, Any]:
     """Time both training loops on ``models``; returns settings, versions, machine and the figures."""
-    settings = check_speed(models, rows=rows, epochs=epochs, repeats=repeats, threads=threads)
+    settings = check_speed(models, rows=rows, epochs=epochs, repeats=repeats, threads=threads, overrides=overrides,
+                           deepctr_batch_size=deepctr_batch_size, deepctr_lr=deepctr_lr)
     dataset = load_dataset(data_dir, resolve_spec(spec), seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
     report_skipped(dataset)
     available = len(dataset.train)
@@ -108,19 +127,24 @@ def measure_speed(data_dir: str | Path, *, models: tuple[str, ...] = ("deepfm", 
     }
 
 
-def _measure_model(architecture: str, hp: dict[str, Any], dataset: Dataset, x_train: torch.Tensor,
+def _measure_model(architecture: str, loops: dict[str, dict[str, Any]], dataset: Dataset, x_train: torch.Tensor,
                    y_train: torch.Tensor, x_test: torch.Tensor, *, epochs: int, repeats: int, seed: int,
                    profile: bool, progress: bool) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for repeat in range(1, repeats + 1):
         for loop in LOOPS:
+            hp = loops[loop]
             model = _fresh_model(architecture, hp, dataset, seed)
-            optimizer = _adam(model, hp)
             label = f"{architecture} {loop} {repeat}/{repeats}"
             if loop == "ours":
-                epoch_seconds = _fit_ours(model, optimizer, hp, x_train, y_train, epochs, seed, label, progress)
+                optimizer = build_optimizer(model, hp)
+                try:
+                    epoch_seconds = _fit_ours(model, optimizer, hp, x_train, y_train, epochs, seed, label, progress)
+                finally:
+                    optimizer.finish()
             else:
-                epoch_seconds = _fit_deepctr(model, optimizer, hp, x_train, y_train, epochs, seed, progress)
+                epoch_seconds = _fit_deepctr(model, dense_adam(model, hp), hp, x_train, y_train, epochs, seed,
+                                             progress)
             test = binary_metrics(dataset.test.labels, predict(model, x_test))
             runs.append({"loop": loop, "repeat": repeat, "epoch_seconds": [round(s, 4) for s in epoch_seconds],
                          "samples_per_s": round(len(x_train) * epochs / sum(epoch_seconds), 1),
@@ -131,8 +155,10 @@ def _measure_model(architecture: str, hp: dict[str, Any], dataset: Dataset, x_tr
         summary[loop] = {"samples_per_s": round(statistics.median(r["samples_per_s"] for r in mine), 1),
                          "test_auc": mine[0]["test_auc"], "test_logloss": mine[0]["test_logloss"]}
     ratio = summary["ours"]["samples_per_s"] / summary["deepctr"]["samples_per_s"]
+    hp = loops["ours"]
     model = _fresh_model(architecture, hp, dataset, seed)
-    result = {"model": architecture, "batch_size": hp["batch_size"], "parameters": _parameters(model),
+    result = {"model": architecture, "batch_size": hp["batch_size"], "deepctr_batch_size": loops["deepctr"]["batch_size"],
+              "sparse_tables": hp["sparse_tables"], "parameters": _parameters(model),
               **summary, "ratio_ours_to_deepctr": round(ratio, 3), "runs": runs}
     if profile:
         result["profile"] = _profile(model, hp, x_train, y_train, seed, f"{architecture} profile", progress)
@@ -206,19 +232,22 @@ def _fit_deepctr(model: BaseModel, optimizer, hp, x, y, epochs, seed, progress) 
 
 def _profile(model, hp, x, y, seed, label, progress) -> dict[str, Any]:
     """One epoch of our loop with each phase of every step timed; phases sum to the epoch's time."""
-    optimizer = _adam(model, hp)
+    optimizer = build_optimizer(model, hp)
     clock = PhaseClock()
     started = time.perf_counter()
-    _run_epoch(model, optimizer, x, y, hp["batch_size"], torch.Generator().manual_seed(seed), desc=label,
-               progress=progress, clock=clock)
-    epoch = time.perf_counter() - started
+    try:
+        _run_epoch(model, optimizer, x, y, hp["batch_size"], torch.Generator().manual_seed(seed), desc=label,
+                   progress=progress, clock=clock)
+        epoch = time.perf_counter() - started
+        penalty_backward = _penalty_backward_seconds(optimizer)
+    finally:
+        optimizer.finish()
     total = sum(clock.seconds.values())
     phases = {name: {"seconds": round(clock.seconds.get(name, 0.0), 4),
                      "share": round(clock.seconds.get(name, 0.0) / total, 4) if total else 0.0,
                      "us_per_step": round(1e6 * clock.seconds.get(name, 0.0) / _steps(len(x), hp), 1)}
               for name in PHASES}
     steps = _steps(len(x), hp)
-    penalty_backward = _penalty_backward_seconds(model, optimizer)
     whole_table = (clock.seconds.get("regularization", 0.0) + clock.seconds.get("optimizer", 0.0)
                    + penalty_backward * steps)
     return {"epoch_seconds": round(epoch, 4), "phase_seconds_total": round(total, 4),
@@ -228,17 +257,18 @@ def _profile(model, hp, x, y, seed, label, progress) -> dict[str, Any]:
             "touched_table_rows_per_batch": _touched_rows(model, x, hp, seed)}
 
 
-def _penalty_backward_seconds(model, optimizer, steps: int = 30) -> float:
-    """Mean seconds of the backward pass of deepctr's L2 penalty alone (part of every step's backward).
+def _penalty_backward_seconds(optimizer, steps: int = 30) -> float:
+    """Mean seconds of the backward pass of the loss's L2 penalty alone (part of every step's backward).
 
-    With it, ``whole_table_share_estimate`` is regularization + optimizer + this backward, times the
-    steps, over the epoch: the work done on every table row whether the batch read it or not.
+    With dense tables, ``whole_table_share_estimate`` is regularization + optimizer + this backward,
+    times the steps, over the epoch: the work done on every table row whether the batch read it or not.
+    With ``sparse_tables`` the same sum is an upper bound: the table share of it is row-wise.
     """
     seconds = 0.0
     for _ in range(steps):
         optimizer.zero_grad()
-        penalty = model.get_regularization_loss()
-        if not penalty.requires_grad:  # no L2 terms
+        penalty = optimizer.penalty()
+        if not isinstance(penalty, torch.Tensor) or not penalty.requires_grad:  # no L2 terms in the loss
             return 0.0
         started = time.perf_counter()
         penalty.backward()
@@ -282,10 +312,10 @@ def render_table(result: dict[str, Any]) -> str:
     lines = [f"training throughput: {s['train_rows']:,} training rows, {s['epochs']} epoch(s), "
              f"{s['threads']} thread(s), {s['repeats']} repeat(s) (median), test AUC on {s['test_rows']:,} rows",
              "",
-             "| model | batch | ours samples/s | deepctr fit() samples/s | ours / deepctr | ours test AUC | deepctr test AUC |",
+             "| model | batch ours / deepctr | ours samples/s | deepctr fit() samples/s | ours / deepctr | ours test AUC | deepctr test AUC |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for m in result["models"]:
-        lines.append(f"| {m['model']} | {m['batch_size']} | {m['ours']['samples_per_s']:,.0f} | "
+        lines.append(f"| {m['model']} | {m['batch_size']} / {m['deepctr_batch_size']} | {m['ours']['samples_per_s']:,.0f} | "
                      f"{m['deepctr']['samples_per_s']:,.0f} | {m['ratio_ours_to_deepctr']:.2f}× | "
                      f"{_auc(m['ours']['test_auc'])} | {_auc(m['deepctr']['test_auc'])} |")
     profiled = [m for m in result["models"] if "profile" in m]
@@ -298,9 +328,14 @@ def render_table(result: dict[str, Any]) -> str:
                          " | ".join(f"{100 * p['phases'][k]['share']:.1f} %" for k in PHASES) + " |")
         for m in profiled:
             p = m["profile"]
-            lines.append(f"{m['model']}: the L2 penalty's backward alone takes {p['penalty_backward_us_per_step'] / 1000:.1f} ms "
-                         f"a step; with regularization and optimizer, work over every table row is about "
-                         f"{100 * p['whole_table_share_estimate']:.0f} % of the epoch")
+            if m["sparse_tables"]:
+                lines.append(f"{m['model']}: sparse tables: the loss carries {p['penalty_backward_us_per_step'] / 1000:.1f} ms "
+                             f"of L2 backward a step; regularization and optimizer (row-wise on the tables) are "
+                             f"{100 * p['whole_table_share_estimate']:.0f} % of the epoch")
+            else:
+                lines.append(f"{m['model']}: the L2 penalty's backward alone takes {p['penalty_backward_us_per_step'] / 1000:.1f} ms "
+                             f"a step; with regularization and optimizer, work over every table row is about "
+                             f"{100 * p['whole_table_share_estimate']:.0f} % of the epoch")
         for m in profiled:
             t, par = m["profile"]["touched_table_rows_per_batch"], m["parameters"]
             lines.append(f"{m['model']}: {par['embedding_tables']:,} of {par['total']:,} parameters are embedding "

@@ -20,7 +20,9 @@ from tqdm import tqdm
 from train.data.dataset import Dataset
 from train.errors import TrainError
 from train.evaluate import binary_metrics, oracle_metrics, predict
+from train import parallel
 from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
+from train.optim import TrainingOptimizer, build_optimizer
 
 __all__ = ["TrainedModel", "train_model"]
 
@@ -34,6 +36,7 @@ class TrainedModel:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    processes: int = 1                # data-parallel processes that trained it (torchrun)
 
     @property
     def parameters(self) -> int:
@@ -41,9 +44,10 @@ class TrainedModel:
 
 
 def train_model(dataset: Dataset, architecture: str, *, epochs: int | None = None, seed: int = 0,
-                progress: bool = True, threads: int = 1, **overrides: Any) -> TrainedModel:
+                progress: bool = True, threads: int = 1, **overrides: Any) -> TrainedModel | None:
     """Train ``architecture`` on ``dataset.train``, keep the epoch with the best validation AUC.
 
+    Under torchrun only process 0 gets the result; the others get None (``train.parallel``).
     ``threads`` is torch's intra-op thread count while training. One is the default: these models are
     small per batch, and on a machine shared with other jobs several spinning threads per process
     slow every step down by an order of magnitude.
@@ -71,40 +75,59 @@ def check_training(architecture: str, epochs: int | None = None,
 
 
 def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, progress: bool,
-           overrides: dict[str, Any]) -> TrainedModel:
+           overrides: dict[str, Any]) -> TrainedModel | None:
+    """Train; under torchrun every process trains its share, process 0 evaluates and gets the result.
+
+    Other processes return None once training ends: they hold the same weights, and only one writes.
+    """
     hp = check_training(architecture, epochs, overrides)
+    parallel.setup()
+    main = parallel.is_main()
+    progress = progress and main
     started = time.perf_counter()
     spec = dataset.spec
     model = build_model(architecture, spec, hp, seed)
     _start_at_base_rate(model, dataset.train.labels)
-    optimizer = _adam(model, hp)
+    optimizer = build_optimizer(model, hp)
     x_train = torch.from_numpy(deepctr_input(dataset.train.inputs, spec))
     y_train = torch.from_numpy(dataset.train.labels.astype(np.float32))
-    x_val = torch.from_numpy(deepctr_input(dataset.val.inputs, spec))
-    shuffle = torch.Generator().manual_seed(seed)
+    x_val = torch.from_numpy(deepctr_input(dataset.val.inputs, spec)) if main else None
+    shuffle = torch.Generator().manual_seed(seed)  # the same order in every process
 
     history: list[dict] = []
     best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
-    for epoch in range(1, hp["epochs"] + 1):
-        epoch_started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
-        train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
-                                desc=f"{architecture} epoch {epoch}/{hp['epochs']}", progress=progress)
-        val = binary_metrics(dataset.val.labels, predict(model, x_val))
-        # a validation split with one class has no AUC; fall back to log loss so stopping still works
-        score = val["auc"] if val["auc"] is not None else -(val["logloss"] or 0.0)
-        history.append({"epoch": epoch, "train_logloss": round(train_loss, 6), "val_auc": val["auc"],
-                        "val_logloss": val["logloss"], "seconds": round(time.perf_counter() - epoch_started, 2)})
-        if progress:
-            tqdm.write(f"{architecture} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
-                       f"val logloss {val['logloss']}")
-        if score > best_score:
-            best_score, best_state, best_epoch, stale = score, copy.deepcopy(model.state_dict()), epoch, 0
-        else:
-            stale += 1
-            if stale >= hp["patience"]:
-                break
+    try:
+        for epoch in range(1, hp["epochs"] + 1):
+            epoch_started = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
+            train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
+                                    desc=f"{architecture} epoch {epoch}/{hp['epochs']}", progress=progress)
+            seconds = round(time.perf_counter() - epoch_started, 2)
+            if main:
+                val = binary_metrics(dataset.val.labels, predict(model, x_val))
+                # a validation split with one class has no AUC; fall back to log loss so stopping still works
+                score = val["auc"] if val["auc"] is not None else -(val["logloss"] or 0.0)
+                history.append({"epoch": epoch, "train_logloss": round(train_loss, 6), "val_auc": val["auc"],
+                                "val_logloss": val["logloss"], "seconds": seconds,
+                                "samples_per_s": round(len(x_train) / max(seconds, 1e-9), 1)})
+                if progress:
+                    tqdm.write(f"{architecture} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
+                               f"val logloss {val['logloss']}")
+            else:
+                score = 0.0
+            score = parallel.broadcast_float(score)  # process 0 decides for all
+            if score > best_score:
+                best_score, best_epoch, stale = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict()) if main else None
+            else:
+                stale += 1
+                if stale >= hp["patience"]:
+                    break
+    finally:
+        optimizer.finish()
+    if not main:
+        return None
     model.load_state_dict(best_state)
     model.eval()
 
@@ -113,30 +136,7 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
     if dataset.test.pctr_true is not None:
         metrics["oracle"] = oracle_metrics(dataset.test.labels, dataset.test.pctr_true)
     return TrainedModel(architecture, model, hp, metrics, history, best_epoch,
-                        round(time.perf_counter() - started, 2))
-
-
-def _adam(model: torch.nn.Module, hp: dict) -> torch.optim.Adam:
-    """Adam with one epsilon for the hashed tables and the usual one for the dense weights.
-
-    Adam divides each update by the parameter's recent gradient size, so a table row seen a few
-    times moves by about ``lr`` per step whether its examples were clicks (gradient ~1) or
-    impressions without a click (gradient ~CTR). At a CTR under 1 % that lets every mid-frequency
-    value drift quickly towards "never clicks", which is the overfitting seen as validation AUC
-    falling after the first epoch. A table epsilon well above the size of a no-click gradient makes
-    such rows move in proportion to their gradient, while rows seen in every batch still get Adam's
-    normalised steps.
-    """
-    linear = [m.weight for m in model.linear_model.modules() if isinstance(m, torch.nn.Embedding)]
-    vectors = [m.weight for m in model.embedding_dict.modules() if isinstance(m, torch.nn.Embedding)]
-    taken = {id(t) for t in linear + vectors}
-    dense = [p for p in model.parameters() if id(p) not in taken]
-    groups = [{"params": linear, "eps": hp["table_eps"]}]
-    if vectors:
-        groups.append({"params": vectors, "eps": hp.get("vector_eps", hp["table_eps"])})
-    if dense:
-        groups.append({"params": dense, "eps": hp["adam_eps"]})
-    return torch.optim.Adam(groups, lr=hp["lr"])
+                        round(time.perf_counter() - started, 2), parallel.world_size())
 
 
 def _start_at_base_rate(model: torch.nn.Module, labels: np.ndarray) -> None:
@@ -179,30 +179,37 @@ class _NoClock:
         pass
 
 
-def _run_epoch(model, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
-               desc: str, progress: bool, clock: PhaseClock | None = None) -> float:
-    """One pass in a fresh random order; returns the mean training log loss.
+def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+               generator: torch.Generator, desc: str, progress: bool, clock: PhaseClock | None = None) -> float:
+    """One pass in a fresh random order; returns the mean training log loss (over all processes).
 
-    ``clock``, when given, is charged per phase: ``data`` (batch assembly), ``forward`` (model and loss),
-    ``regularization`` (deepctr's L2 terms, computed over the whole tables), ``backward``, ``optimizer``
-    (zero_grad and Adam's step) and ``other`` (the loss read-back and the progress bar).
+    The epoch's rows are gathered once, in shuffled order, into one block (this process's share of
+    every batch under torchrun); each batch is then a slice of it, so assembling a batch costs no copy.
+
+    ``clock``, when given, is charged per phase: ``data`` (the shuffle and gather, and the batch slices),
+    ``forward`` (model and loss), ``regularization`` (deepctr's L2 terms the loss carries: every weight
+    with dense tables, the non-table weights with ``sparse_tables``), ``backward``, ``optimizer``
+    (zero_grad, the gradient exchange under torchrun, and the steps) and ``other`` (the loss
+    read-back and the progress bar).
     """
     clock = clock or _NoClock()
     model.train()
     clock.start()
     order = torch.randperm(len(x), generator=generator)
-    steps = (len(x) + batch_size - 1) // batch_size
+    mine, ends = parallel.shard_batches(order, batch_size)
+    x_epoch, y_epoch = x.index_select(0, mine), y.index_select(0, mine)
     total = 0.0
-    with tqdm(total=steps, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
-        clock.mark("other")
-        for step in range(steps):
-            index = order[step * batch_size:(step + 1) * batch_size]
-            x_batch, y_batch = x[index], y[index]
+    with tqdm(total=len(ends), desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        clock.mark("data")
+        start = 0
+        for step, end in enumerate(ends):
+            x_batch, y_batch = x_epoch[start:end], y_epoch[start:end]
+            start = end
             clock.mark("data")
             pred = model(x_batch).reshape(-1)
             loss = F.binary_cross_entropy(pred, y_batch, reduction="sum")
             clock.mark("forward")
-            regularization = model.get_regularization_loss()
+            regularization = optimizer.penalty()
             clock.mark("regularization")
             optimizer.zero_grad()
             clock.mark("optimizer")
@@ -213,6 +220,6 @@ def _run_epoch(model, optimizer, x: torch.Tensor, y: torch.Tensor, batch_size: i
             total += loss.item()
             bar.update(1)
             if step % 100 == 0:
-                bar.set_postfix(logloss=f"{total / min(len(x), (step + 1) * batch_size):.5f}")
+                bar.set_postfix(logloss=f"{total / max(1, end):.5f}")
             clock.mark("other")
-    return total / max(1, len(x))
+    return parallel.sum_float(total) / max(1, len(x))
