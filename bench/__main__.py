@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                                           "retrieval -h)", add_help=False)
     commands.add_parser("replay", help="replay a held-out synthetic bid log: truthful, fixed, model and oracle "
                                        "shading (see python -m bench replay -h)", add_help=False)
+    commands.add_parser("shading", help="in-process cost of first-price shading: at=1 vs at=2 (see python -m bench "
+                                        "shading -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "shading":
+        from bench.shading import main as shading_main
+        return shading_main(rest)
     if args.command == "retrieval":
         from bench.retrieval import main as retrieval_main
         return retrieval_main(rest)

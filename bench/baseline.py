@@ -174,7 +174,11 @@ def create_app(model: Path = DEFAULT_BUNDLE, campaigns: Path | None = None,
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(model / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    model_id = json.loads((model / "meta.json").read_text()).get("model_id", model.name)
+    meta = json.loads((model / "meta.json").read_text())
+    model_id = meta.get("model_id", model.name)
+    market_entry = (meta.get("graphs") or {}).get("market")  # first-price shading, as the bidder does
+    market = (None if market_entry is None else
+              ort.InferenceSession(str(model / market_entry["files"][0]), options, providers=["CPUExecutionProvider"]))
     app = FastAPI()
 
     @app.post("/bid")
@@ -213,11 +217,22 @@ def create_app(model: Path = DEFAULT_BUNDLE, campaigns: Path | None = None,
         for r, (i, candidate) in enumerate(owners):
             price = ctr[r] * candidate["value_per_click"] * 1000.0
             if price >= floors[i] and price > best.get(i, (-1.0, None))[0]:
-                best[i] = (price, candidate)
+                best[i] = (price, candidate, r)
+        if market is not None and req.get("at", 2) == 1 and best:  # first price: the market graph's best bid
+            shaded = sorted(best)
+            bid, surplus = market.run(["bid", "surplus"], {
+                "sparse": featurize(spec, [rows[best[i][2]] for i in shaded])["sparse"],
+                "value": np.array([[max(round(best[i][0], 6), floors[i])] for i in shaded], dtype=np.float32),
+                "floor": np.array([[floors[i]] for i in shaded], dtype=np.float32)})
+            for k, i in enumerate(shaded):
+                if surplus[k, 0] > 0.0:
+                    best[i] = (float(bid[k, 0]), best[i][1], best[i][2])
+                else:
+                    del best[i]
         if not best:
             return Response(status_code=204)
         bids = []
-        for i, (price, c) in sorted(best.items()):
+        for i, (price, c, _) in sorted(best.items()):
             imp = imps[i]
             one = {"id": f"{request_id}-{imp['id']}", "impid": imp["id"], "price": max(round(price, 6), floors[i]),
                    "adid": c["creative"], "crid": c["creative"], "adomain": c["adomain"], "w": c["w"], "h": c["h"]}

@@ -34,6 +34,7 @@ from bidder.pricing import PricedBid, best_per_imp
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
+from bidder.spec import SPARSE_INPUT
 
 __all__ = ["BidEngine", "Outcome", "Pending", "NO_BID_REASONS"]
 
@@ -88,6 +89,7 @@ class _PredictResponse(msgspec.Struct):
 
 
 _NOTHING_BLOCKED: frozenset[str] = frozenset()
+_NO_IMPS: frozenset[int] = frozenset()
 _FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
@@ -236,7 +238,7 @@ class BidEngine:
     def _score_chunk(self, batch: Sequence[Pending], chunk: list[int], rows: int,
                      outcomes: list[Outcome | None]) -> None:
         try:
-            scores = self._score_rows([batch[k] for k in chunk], rows)
+            scores, featurized = self._score_rows([batch[k] for k in chunk], rows)
         except ValueError:
             for k in chunk:  # one request's bad row must not fail the others: score them one by one
                 outcomes[k] = self._score_alone(batch[k])
@@ -252,14 +254,16 @@ class BidEngine:
             pendings.append(pending)
             slices.append(scores[start:start + n])
             start += n
-        for k, outcome in zip(chunk, self.price_all(pendings, slices)):
+        for k, outcome in zip(chunk, self.price_all(pendings, slices, featurized)):
             outcomes[k] = outcome
 
-    def _score_rows(self, pendings: Sequence[Pending], rows: int) -> list[float]:
-        """The ``rows`` rows of ``pendings`` as Python floats: one ORT call per ``max_batch`` rows."""
+    def _score_rows(self, pendings: Sequence[Pending], rows: int) -> tuple[list[float], list[dict] | None]:
+        """The ``rows`` rows of ``pendings`` as Python floats (one ORT call per ``max_batch`` rows), and the
+        imp records featurized on the way: record ``k`` of the list is row ``k`` of the factorized graph's
+        imp inputs (None when the rows went through ``model.onnx``)."""
         factorized = self.factorized
         if factorized is None:
-            return self._score_with_model(pendings, rows)
+            return self._score_with_model(pendings, rows), None
         # factorized: each imp record featurized once; a row only names its imp and its candidate
         records: list[dict] = []
         row_imp: list[int] = []
@@ -272,7 +276,7 @@ class BidEngine:
                 row_cand.extend([c.index for c in eligible])
         n_imps = len(records)
         if n_imps > factorized.max_imps:  # more imps than the buffers hold
-            return self._score_with_model(pendings, rows)
+            return self._score_with_model(pendings, rows), None
         self.scorer.featurizer.transform_into(factorized.imp_inputs, records)
         limit = factorized.max_rows
         scores: list[float] = []
@@ -281,7 +285,7 @@ class BidEngine:
             factorized.row_imp[:n] = row_imp[start:start + n]
             factorized.row_cand[:n] = row_cand[start:start + n]
             scores.extend(factorized.run(n_imps, n).tolist())
-        return scores
+        return scores, records
 
     def _score_with_model(self, pendings: Sequence[Pending], rows: int) -> list[float]:
         """Every row through ``model.onnx``, in chunks of ``max_batch``."""
@@ -292,12 +296,12 @@ class BidEngine:
     def _score_alone(self, pending: Pending) -> Outcome | Exception:
         rows = len(pending.candidates)
         try:
-            scores = self._score_rows([pending], rows)
+            scores, featurized = self._score_rows([pending], rows)
         except ValueError as exc:
             return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
         self.metrics.batch_rows.observe(rows)
         self.metrics.batch_requests.observe(1)
-        return self.price_all([pending], [scores])[0]
+        return self.price_all([pending], [scores], featurized)[0]
 
     # -- value, shade, encode ----------------------------------------------------------------------
     def price(self, pending: Pending, scores: Sequence[float]) -> Outcome:
@@ -307,8 +311,12 @@ class BidEngine:
             raise outcome
         return outcome
 
-    def price_all(self, pendings: Sequence[Pending], scores: Sequence[Sequence[float]]) -> list[Outcome | Exception]:
+    def price_all(self, pendings: Sequence[Pending], scores: Sequence[Sequence[float]],
+                  featurized: list[dict] | None = None) -> list[Outcome | Exception]:
         """``price`` for requests scored together: their first-price imps are shaded in one call.
+
+        ``featurized``: the imp records whose features the factorized graph's imp inputs hold, in their
+        rows' order (``_score_rows``); shading reads them there instead of featurizing again.
 
         A bug met while pricing a request is returned instead of raised: it fails that request only.
         """
@@ -319,9 +327,9 @@ class BidEngine:
             except Exception as exc:  # noqa: BLE001 - handed to this request's handler by the batcher
                 valued.append(exc)
         try:
-            unprofitable = self.shade(pendings, valued)
+            unprofitable = self.shade(pendings, valued, featurized)
         except Exception as exc:  # noqa: BLE001 - the shading call failed: the requests it covered fail
-            unprofitable = [set() for _ in pendings]
+            unprofitable = [_NO_IMPS] * len(pendings)
             valued = [exc if pending.request.at == FIRST_PRICE and not isinstance(best, Exception) else best
                       for pending, best in zip(pendings, valued)]
         outcomes: list[Outcome | Exception] = []
@@ -340,7 +348,8 @@ class BidEngine:
         self.metrics.scored_rows.observe(len(scores))
         return best_per_imp(pending.owners, pending.candidates, scores, pending.floors, pending.offers)
 
-    def shade(self, pendings: Sequence[Pending], valued: Sequence[dict[int, PricedBid] | Exception]) -> list[set[int]]:
+    def shade(self, pendings: Sequence[Pending], valued: Sequence[dict[int, PricedBid] | Exception],
+              featurized: list[dict] | None = None) -> list[set[int] | frozenset[int]]:
         """Lower first-price open-auction bids to the surplus-maximising bid, all imps in one call (``bidder.shading``).
 
         Changes the bids of ``valued`` in place; returns per request the imps left without a bid
@@ -349,45 +358,51 @@ class BidEngine:
         """
         metrics = self.metrics
         market = self.market
-        unprofitable: list[set[int]] = [set() for _ in pendings]
-        todo: list[tuple[int, int]] = []  # (request position, imp index)
+        unprofitable: list[set[int] | frozenset[int]] = [_NO_IMPS] * len(pendings)
+        todo: list[tuple[int, PricedBid]] = []  # (request position, its open-auction bid) per imp to shade
         records: list[dict] = []
+        values: list[float] = []
+        floors: list[float] = []
         for j, (pending, best) in enumerate(zip(pendings, valued)):
             if isinstance(best, Exception) or not best:
                 continue
-            if pending.request.at != FIRST_PRICE:
-                observe = metrics.shading_second.observe
-                for _ in range(len(best)):
-                    observe(1.0)
-                continue
-            if market is None:
-                observe = metrics.shading_first.observe
+            if pending.request.at != FIRST_PRICE or market is None:
+                observe = (metrics.shading_second if pending.request.at != FIRST_PRICE else metrics.shading_first).observe
                 for _ in range(len(best)):
                     observe(1.0)
                 continue
             imp_records = pending.imp_records()
+            imp_floors = pending.floors
             for i, priced in best.items():
                 if priced.deal is None:
-                    todo.append((j, i))
+                    todo.append((j, priced))
                     records.append(imp_records[i])
+                    values.append(priced.price)
+                    floors.append(imp_floors[i])
         if not todo:
             return unprofitable
-        values = [valued[j][i].price for j, i in todo]
-        floors = [pendings[j].floors[i] for j, i in todo]
-        bids, surplus = market.shade(self.scorer.featurizer, records, values, floors)
+        if featurized is None:
+            bids, surplus = market.shade(self.scorer.featurizer, records, values, floors)
+        else:  # the batch's imps are featurized already: the market graph reads their rows
+            where = {id(record): k for k, record in enumerate(featurized)}
+            rows = [where[id(record)] for record in records]
+            bids, surplus = market.shade_rows(self.factorized.imp_inputs[SPARSE_INPUT], rows, values, floors)
         observe = metrics.shading_first.observe
-        for (j, i), bid, gain, value, floor in zip(todo, bids, surplus, values, floors):
-            best = valued[j]
+        for (j, priced), bid, gain, value, floor in zip(todo, bids, surplus, values, floors):
+            i = priced.imp_index
             if not gain > 0.0:
-                del best[i]
+                del valued[j][i]
+                if unprofitable[j] is _NO_IMPS:
+                    unprofitable[j] = set()
                 unprofitable[j].add(i)
                 continue
             price = max(round(bid, 6), floor)  # rounding to micro-dollars must never take a bid under its floor
-            best[i] = best[i]._replace(price=price)
+            valued[j][i] = PricedBid(i, priced.candidate, price, priced.ctr)
             observe(price / value)
         return unprofitable
 
-    def encode(self, pending: Pending, best: dict[int, PricedBid], unprofitable: set[int] = frozenset()) -> Outcome:
+    def encode(self, pending: Pending, best: dict[int, PricedBid], unprofitable: set[int] | frozenset[int] = _NO_IMPS
+               ) -> Outcome:
         """The BidResponse of the imps in ``best``, or the no-bid (with each unbid imp's reason counted)."""
         request = pending.request
         metrics = self.metrics

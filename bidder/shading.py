@@ -12,7 +12,9 @@ per request. An imp whose best expected surplus is not positive gets no bid. Wit
 a first-price imp is bid at its value.
 
 The graph runs as the scorer does: single-thread session, inputs and output bound once over
-pre-allocated buffers (``bidder.scorer.bind_buffers``), one binding per batch size, reused.
+pre-allocated buffers (``bidder.scorer.bind_buffers``), one binding per batch size, reused. With
+factorized scoring the batch's imps are featurized once, for the CTR graph; the bid path hands those rows
+to the win-price graph (``shade_rows``) instead of featurizing again.
 """
 from __future__ import annotations
 
@@ -74,6 +76,9 @@ class WinModel:
                         WIN_OUTPUT: np.zeros((max_imps, GRID), dtype=np.float32),
                         BID_OUTPUT: np.zeros((max_imps, 1), dtype=np.float32),
                         SURPLUS_OUTPUT: np.zeros((max_imps, 1), dtype=np.float32)}
+        # flat views of the [n, 1] buffers: what the per-batch code reads and writes
+        self._values, self._floors = self.value.reshape(-1), self.floor.reshape(-1)
+        self._bids, self._surplus = self.outputs[BID_OUTPUT].reshape(-1), self.outputs[SURPLUS_OUTPUT].reshape(-1)
         self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
 
     def _check_signature(self, spec: FeatureSpec) -> None:
@@ -146,6 +151,22 @@ class WinModel:
         return self._shade(len(records), values, floors,
                            lambda start, stop: featurizer.transform_into(self.inputs, records[start:stop]))
 
+    def shade_rows(self, sparse: np.ndarray, rows: Sequence[int], values: Sequence[float],
+                   floors: Sequence[float]) -> tuple[list[float], list[float]]:
+        """``shade`` for imps featurized already: imp ``i``'s features are row ``rows[i]`` of ``sparse`` (the
+        spec's ``sparse`` input, as the factorized graph's imp inputs hold a batch's imps)."""
+        buffer = self.inputs[SPARSE_INPUT]
+
+        def fill(start: int, stop: int) -> int:
+            chunk = rows[start:stop]
+            first, n = chunk[0], stop - start
+            if chunk == list(range(first, first + n)):  # consecutive rows (the usual case): a slice copy
+                buffer[:n] = sparse[first:first + n]
+            else:
+                np.take(sparse, chunk, axis=0, out=buffer[:n])
+            return n
+        return self._shade(len(rows), values, floors, fill)
+
     def shade_features(self, sparse: np.ndarray, values: Sequence[float],
                        floors: Sequence[float]) -> tuple[list[float], list[float]]:
         """``shade`` for rows already featurized (the spec's ``sparse`` input), as a replay of a log has them."""
@@ -156,14 +177,20 @@ class WinModel:
 
     def _shade(self, n: int, values: Sequence[float], floors: Sequence[float],
                fill: Any) -> tuple[list[float], list[float]]:
+        if n <= self.max_imps:  # one call: no list slicing or concatenation
+            fill(0, n)
+            self._values[:n] = values
+            self._floors[:n] = floors
+            self._run(n)
+            return self._bids[:n].tolist(), self._surplus[:n].tolist()
         bids: list[float] = []
         surplus: list[float] = []
         for start in range(0, n, self.max_imps):
             stop = min(n, start + self.max_imps)
             rows = fill(start, stop)
-            self.value[:rows, 0] = values[start:stop]
-            self.floor[:rows, 0] = floors[start:stop]
-            out = self._run(rows)
-            bids += out[BID_OUTPUT][:rows, 0].tolist()
-            surplus += out[SURPLUS_OUTPUT][:rows, 0].tolist()
+            self._values[:rows] = values[start:stop]
+            self._floors[:rows] = floors[start:stop]
+            self._run(rows)
+            bids += self._bids[:rows].tolist()
+            surplus += self._surplus[:rows].tolist()
         return bids, surplus

@@ -3,8 +3,11 @@
 The rules are the README's, written out again over plain JSON: the OpenRTB → iPinYou mapping, catalog
 eligibility (size, domain and exchange targeting, ``badv``, disabled campaigns), one scored row per
 (imp, eligible creative), CPM = pCTR × value per click × 1000, a bid only at or above the imp's floor, the
-best bid per imp. Only the model is shared with the bidder: pCTRs come from ``Scorer.predict`` over full
-records, the public scoring API.
+best bid per imp; in a first-price auction (``at`` = 1) with a bundle that has a win-price model, that bid
+lowered to the grid bid of highest expected surplus (``shade``: 64 bids from the floor up to the value,
+searched by brute force over P(win) from plain ONNX Runtime on ``market.onnx``). Only the models are
+shared with the bidder: pCTRs come from ``Scorer.predict`` over full records, the public scoring API, and
+P(win) from the market graph's ``win`` output.
 
 The receive time sets weekday and hour, so callers give the time window the request was in flight
 (``before``, ``after``) and accept the answer if it is right for one of the (weekday, hour) in force then.
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families
 
 from bidder.scorer import Scorer
@@ -165,6 +170,7 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
         value = campaign["value_per_click"]
         offers.setdefault(position, []).append((p * value * 1000.0, value * 1000.0 * CTR_TOLERANCE,
                                                 campaign, creative))
+    first_price = request.get("at", 2) == 1 and market_session(scorer) is not None
     for position, offered in offers.items():
         outcome = outcomes[position]
         floor = request["imp"][position].get("bidfloor", 0.0)
@@ -178,6 +184,13 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
         outcome.uncertain = best < floor + outcome.tolerance  # at the floor, within the tolerance: bid or not
         outcome.value = best
         outcome.price = max(round(best, 6), floor)  # micro-dollars, never under the floor
+        if first_price and not outcome.uncertain:
+            record = records[next(r for r, row in enumerate(rows) if row[0] == position)]
+            shaded = shade(scorer, record, outcome.price, floor, outcome.tolerance)  # the value as bid at 2
+            if shaded is None:
+                outcome.reason = "no_surplus"
+                continue
+            outcome.price, outcome.tolerance = shaded
         for price, _, campaign, creative in offered:
             if price >= floor - outcome.tolerance and price >= best - outcome.tolerance:
                 outcome.winners[creative["id"]] = bid_fields(request, request["imp"][position], campaign, creative)
@@ -185,6 +198,47 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
         return Expectation(200, None, outcomes, weekday, hour)
     reasons = {outcome.reason for outcome in outcomes}
     return Expectation(204, reasons.pop() if len(reasons) == 1 else None, outcomes, weekday, hour)
+
+
+GRID = 64  # README: the first-price search tries floor + (value − floor)·k/64, k = 0..63
+_markets: dict[Path, ort.InferenceSession | None] = {}
+
+
+def market_session(scorer) -> ort.InferenceSession | None:
+    """Plain ONNX Runtime on the bundle's win-price graph (meta.json ``graphs.market``); None without one."""
+    if scorer.bundle not in _markets:
+        entry = (scorer.meta.get("graphs") or {}).get("market")
+        _markets[scorer.bundle] = (None if entry is None else
+                                   ort.InferenceSession(str(scorer.bundle / entry["files"][0]),
+                                                        providers=["CPUExecutionProvider"]))
+    return _markets[scorer.bundle]
+
+
+def shade(scorer, record: dict, value: float, floor: float, tolerance: float) -> tuple[float, float] | None:
+    """(first-price bid, its tolerance) for an imp worth ``value``, or None when no bid has a positive
+    expected surplus: brute force over the grid with P(win) from the market graph.
+
+    The value is known to ``tolerance``; the bid is the one at ``value``, its tolerance the farthest bid of
+    highest surplus (to a relative 1e-5, the graph's float32 arithmetic) for any value within the tolerance.
+    """
+    session = market_session(scorer)
+    inputs = scorer.spec.allocate(1)
+    scorer.featurizer.transform_into(inputs, [record])
+    results = []
+    for v in (value, value - tolerance, value + tolerance):
+        grid = [floor + (v - floor) * k / GRID for k in range(GRID)]
+        (win,) = session.run(["win"], {"sparse": inputs["sparse"], "value": np.array([[v]], dtype=np.float32),
+                                       "floor": np.array([[floor]], dtype=np.float32)})
+        surplus = [(v - b) * float(p) for b, p in zip(grid, win[0])]
+        top = max(surplus)
+        results.append((top, [round(b, 6) for b, gain in zip(grid, surplus) if gain >= top - 1e-5 * abs(top)],
+                        grid[surplus.index(top)]))
+    top, _, bid = results[0]
+    if top <= 0.0:
+        return None
+    price = max(round(bid, 6), floor)
+    spread = max(abs(max(b, floor) - price) for _, near, _ in results for b in near)
+    return price, spread + 1e-6
 
 
 def bid_fields(request: dict, imp: dict, campaign: dict, creative: dict) -> dict[str, Any]:
@@ -426,4 +480,11 @@ def generate_requests(catalog: dict, count: int, seed: int) -> list[tuple[str | 
         if rng.random() < 0.4:
             request["tmax"] = rng.choice([120, 200, 500])
         out.append((rng.choice(EXCHANGES), request))
+    auctions = random.Random(seed + 1)  # its own stream: the requests above stay what they were
+    for _, request in out:
+        roll = auctions.random()
+        if roll < 0.4:
+            request["at"] = 1  # first price: shaded when the bundle has a win-price model
+        elif roll < 0.6:
+            request["at"] = 2
     return out

@@ -11,6 +11,7 @@ from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
+from bidder.shading import WinModel
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -23,8 +24,9 @@ def test_the_example_bid_is_what_the_default_model_answers_at_the_documented_tim
     block = re.search(r"```json\n(.*?)```", README[start:], re.S).group(1)
     documented = json.loads(block)
     assert "make serve NOW=" + now in README and "--now " + now in README
-    engine = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_BUNDLE / "campaigns.json"), Metrics(),
-                       now=parse_now(now))
+    scorer = Scorer(DEFAULT_BUNDLE)  # with the bundle's win-price model, as served: the request is first price
+    engine = BidEngine(scorer, load_catalog(DEFAULT_BUNDLE / "campaigns.json"), Metrics(), now=parse_now(now),
+                       market=WinModel.for_scorer(scorer))
     outcome = engine.bid((OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json").read_bytes())
     assert outcome.status == 200
     assert json.loads(outcome.body) == documented
@@ -37,8 +39,9 @@ def test_the_readme_says_prices_follow_the_clock():
 def test_the_example_deal_bid_is_reproducible():
     price, dealid, seat = re.search(r'pmp-with-direct-deal\.json` is answered\s+`…"price":([\d.]+),…,"cid":"c3358",'
                                     r'"dealid":"([^"]+)"}\],"seat":"([^"]+)"}', README).groups()
-    engine = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_BUNDLE / "campaigns.json"), Metrics(),
-                       now=parse_now("2026-11-25T14:00:00Z"))
+    scorer = Scorer(DEFAULT_BUNDLE)
+    engine = BidEngine(scorer, load_catalog(DEFAULT_BUNDLE / "campaigns.json"), Metrics(),
+                       now=parse_now("2026-11-25T14:00:00Z"), market=WinModel.for_scorer(scorer))
     answer = json.loads(engine.bid((OPENRTB_EXAMPLES / "bid-request-2.5" / "pmp-with-direct-deal.json").read_bytes()).body)
     (seatbid,) = answer["seatbid"]
     (bid,) = seatbid["bid"]

@@ -159,6 +159,35 @@ def test_served_bids_equal_python_onnx_runtime_and_the_argmax(market_bundle_dir,
     assert np.all(np.array(bids) >= floors.astype(np.float32))
 
 
+def test_shading_rows_featurized_already_equals_featurizing_them(market_bundle_dir, sample_records):
+    """The bid path hands the market graph the rows the factorized scorer featurized (any order, any subset)."""
+    scorer = Scorer(market_bundle_dir)
+    model = WinModel.for_scorer(scorer, max_imps=4)  # 7 imps: two ORT calls
+    featurized = scorer.featurizer.transform(sample_records[:12])[SPARSE_INPUT]
+    for rows in ([0, 1, 2, 3, 4, 5, 6], [5, 6, 7, 8, 9, 10, 11], [11, 2, 7, 3, 0, 9, 4]):
+        values = [3.0 + r for r in rows]
+        floors = [0.1 * r for r in rows]
+        expected = model.shade(scorer.featurizer, [sample_records[r] for r in rows], values, floors)
+        assert model.shade_rows(featurized, rows, values, floors) == expected
+
+
+def test_engine_shades_the_same_with_and_without_factorized_features(market_bundle_dir, openrtb_examples):
+    from bidder.factorized import FactorizedScorer
+
+    scorer = Scorer(market_bundle_dir)
+    market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch)
+    factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
+    engine = BidEngine(scorer, load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=FIXED_NOW, factorized=factorized,
+                       market=market)
+    pendings = [engine.prepare(_request(openrtb_examples, 1), None, 0.0) for _ in range(3)]
+    scores, featurized = engine._score_rows(pendings, sum(len(p.candidates) for p in pendings))
+    assert featurized is not None and len(featurized) == 3
+    split = [scores[k * len(pendings[0].candidates):(k + 1) * len(pendings[0].candidates)] for k in range(3)]
+    reused = [o.body for o in engine.price_all(pendings, split, featurized)]
+    again = [o.body for o in engine.price_all(pendings, split)]  # featurized anew by the win model
+    assert reused == again and all(b"price" in body for body in reused)
+
+
 def test_a_bundle_without_a_market_model_shades_nothing(small_bundle):
     assert WinModel.for_scorer(Scorer(small_bundle)) is None
 
@@ -261,6 +290,17 @@ def test_floor_is_respected_and_no_surplus_means_no_bid(market_bundle_dir, openr
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
+def test_train_default_fits_the_win_price_model_too(tmp_path, capsys):
+    """``train default`` reproduces the shipped bundle: the CTR model, then the market model on the same data's bid log."""
+    out = tmp_path / "default"
+    assert train_main(["default", "--out", str(out), "--rows", "3000", "--epochs", "1", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    entry = json.loads((out / "meta.json").read_text())["graphs"]["market"]
+    assert summary["market"]["sha256"] == entry["sha256"] and (out / MARKET_FILE).is_file()
+    assert entry["data"] == "synthetic: python -m train synth --rows 3000 --seed 2013"
+    assert WinModel.for_scorer(Scorer(out)) is not None
+
+
 def test_train_market_errors(tmp_path, small_bundle, synthetic_data, capsys):
     assert train_main(["market", "--data", str(synthetic_data), "--bundle", str(tmp_path)]) == 2
     assert "not a model bundle" in capsys.readouterr().err
@@ -285,6 +325,22 @@ def test_bench_bid_first_vs_second_price(benchmark, market_bundle_dir, openrtb_e
                                                               max_rows=scorer.max_batch),
                        market=WinModel.for_scorer(scorer, max_imps=scorer.max_batch))
     assert benchmark(engine.bid, _request(openrtb_examples, at)).status == 200
+
+
+def test_bench_shading_reports_both_auctions(market_bundle_dir, small_bundle, tmp_path, capsys):
+    from bench.__main__ import main as bench_main
+
+    out = tmp_path / "shading.json"
+    assert bench_main(["shading", "--bundle", str(market_bundle_dir), "--rounds", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["us_per_request"]) == {f"{s}_at{a}" for s in ("lone", "batch8", "batch32") for a in (1, 2)}
+    assert set(result["ratio_at1_over_at2"]) == {"lone", "batch8", "batch32"}
+    assert result["prices"]["at1"] < result["prices"]["at2"] and out.with_suffix(".png").is_file()
+    capsys.readouterr()
+    assert bench_main(["shading", "--bundle", str(market_bundle_dir), "--rounds", "0", "--out", str(out)]) == 2
+    assert "error: --rounds must be >= 1" in capsys.readouterr().err
+    assert bench_main(["shading", "--bundle", str(small_bundle), "--out", str(out)]) == 2
+    assert "has no win-price model" in capsys.readouterr().err
 
 
 # -- the replay -----------------------------------------------------------------------------------------------

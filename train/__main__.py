@@ -79,16 +79,22 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _default(args: argparse.Namespace) -> dict[str, Any]:
+    """The shipped bundle: DeepFM on the synthetic logs, then the win-price model on their bid log."""
     import bidder
     from train.fit import fit_bundle
+    from train.market import market_bundle
 
     out = Path(args.out) if args.out else bidder.DEFAULT_BUNDLE
     with tempfile.TemporaryDirectory(prefix="synthetic-") as tmp:
-        _generate(tmp, args.rows, args.data_seed)
+        _generate(tmp, args.rows, args.data_seed)  # the impression logs and bids.log.txt
         label = f"synthetic: python -m train synth --rows {args.rows} --seed {args.data_seed}"
         bundle = fit_bundle(tmp, "deepfm", out, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
                             data_label=label, threads=args.threads)
-    return None if bundle is None else _bundle_summary(bundle)
+        if bundle is None:  # a torchrun process other than 0: process 0 writes the bundle
+            return None
+        market = market_bundle(tmp, bundle, seed=args.seed, threads=args.threads, progress=not args.quiet,
+                               data_label=label)
+    return {**_bundle_summary(bundle), "market": market}
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The win-price model: P(win | bid, x) = P(market < bid | x), learned from a censored bid log.
 
 Model family: the market price is log-normal given the impression, ``ln market ~ N(mu(x), sigma(x))``,
-with ``mu`` and ``log sigma`` from a small network over the imp-side fields (the ones a bid request
+with ``mu`` and ``log sigma`` sums of per-value terms of the imp-side fields (the ones a bid request
 carries: exchange, domain, slot, floor, time, user agent, place; not the candidate's creative, which
 the market does not see). Why this family rather than a discrete hazard model: the bid grid the
 shader searches is continuous, a parametric CDF gives a smooth, monotone P(win | b) at any bid
@@ -53,17 +53,25 @@ __all__ = ["MarketModel", "censored_nll", "fit_market", "market_bundle"]
 PARITY_TOLERANCE = 1e-6
 PARITY_ROWS = 2048
 EVAL_GRID = np.geomspace(1.0, 40.0, 16)  # USD CPM: spans the synthetic market's bulk
-_MIN_LOG_SIGMA, _MAX_LOG_SIGMA = math.log(0.02), math.log(5.0)
+_LOG_SQRT2 = 0.5 * math.log(2.0)
+_MIN_K, _MAX_K = -math.log(5.0) - _LOG_SQRT2, -math.log(0.02) - _LOG_SQRT2  # sigma within [0.02, 5]
 
 #: row kinds of the censored likelihood
 LOST, WON_BELOW, EXACT = 0, 1, 2
 
 
 class MarketModel(nn.Module):
-    """imp-side single fields -> (mu, sigma) of the log market price; ``forward`` gives P(win) on a bid grid."""
+    """imp-side single fields -> (mu, sigma) of the log market price; ``forward`` runs the served bid search.
 
-    def __init__(self, spec: FeatureSpec, dim: int = 4, hidden: int = 32, init_mu: float = 0.0,
-                 init_log_sigma: float = 0.0) -> None:
+    Additive in log space: each value of each imp-side field has two learned terms, one for ``mu`` and
+    one for ``k`` = −ln(sigma·√2); an impression's ``mu`` and ``k`` are the sums over its fields (the
+    first field's terms also carry the intercept). No hidden layer: the market price of an exchange is
+    a sum of slot, site, exchange and floor effects far more often than an interaction of them, and the
+    served graph stays a handful of kernels (it runs on every first-price request). ``k`` is what the
+    search multiplies by, so the graph never divides.
+    """
+
+    def __init__(self, spec: FeatureSpec, init_mu: float = 0.0, init_log_sigma: float = 0.0) -> None:
         super().__init__()
         candidates = set(candidate_fields(spec))
         columns = [j for j, f in enumerate(spec.single_fields) if f.name not in candidates]
@@ -75,28 +83,27 @@ class MarketModel(nn.Module):
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.int64))
         self.register_buffer("starts", torch.tensor(starts, dtype=torch.int64).reshape(1, -1))
         self.register_buffer("steps", torch.arange(GRID, dtype=torch.float32).reshape(1, -1) / GRID)
-        self.table = nn.Embedding(buckets, dim + 2)  # per value: a vector, and linear terms for mu and log sigma
+        self.table = nn.Embedding(buckets, 2)  # per value: its term of mu and of k = -ln(sigma * sqrt 2)
         nn.init.normal_(self.table.weight, 0.0, 0.01)
-        width = len(columns) * dim
-        self.dim = dim
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 2))
-        with torch.no_grad():
-            self.mlp[2].weight.mul_(0.1)
-            self.mlp[2].bias.copy_(torch.tensor([init_mu, init_log_sigma]))
+        with torch.no_grad():  # the intercept lives in the first field's terms: every imp has one value there
+            first = spec.single_fields[columns[0]].buckets
+            self.table.weight[:first, 0] += init_mu
+            self.table.weight[:first, 1] += -init_log_sigma - _LOG_SQRT2
+
+    def _terms(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, k), each ``[n, 1]``; k = −ln(sigma·√2), clamped to sigma's range."""
+        mu, k = torch.split(self.table(torch.index_select(sparse, 1, self.columns) + self.starts).sum(dim=1), 1, dim=1)
+        return mu, torch.clamp(k, _MIN_K, _MAX_K)
 
     def params(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma), each ``[n, 1]``."""
-        rows = self.table(torch.index_select(sparse, 1, self.columns) + self.starts)  # [n, F, dim + 2]
-        out = self.mlp(rows[:, :, :self.dim].flatten(1)) + rows[:, :, self.dim:].sum(dim=1)
-        mu = out[:, 0:1]
-        sigma = torch.exp(torch.clamp(out[:, 1:2], _MIN_LOG_SIGMA, _MAX_LOG_SIGMA))
-        return mu, sigma
+        mu, k = self._terms(sparse)
+        return mu, torch.exp(-k) * (1.0 / math.sqrt(2.0))
 
     def probability(self, sparse: torch.Tensor, bids: torch.Tensor) -> torch.Tensor:
         """P(market < bids[i, g] | x_i)."""
-        mu, sigma = self.params(sparse)
-        z = (torch.log(bids) - mu) / sigma
-        return 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        mu, k = self._terms(sparse)
+        return 0.5 + 0.5 * torch.erf((torch.log(bids) - mu) * torch.exp(k))
 
     def forward(self, sparse: torch.Tensor, value: torch.Tensor, floor: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,8 +296,9 @@ def check_market_parity(model: MarketModel, path: Path, log: BidLog, rows: int =
 
 
 def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, seed: int = 0, threads: int = 1,
-                  progress: bool = True) -> dict[str, Any]:
-    """Fit the win-price model on ``data_dir``'s bid log and add it to ``bundle``; returns meta.json's entry."""
+                  progress: bool = True, data_label: str | None = None) -> dict[str, Any]:
+    """Fit the win-price model on ``data_dir``'s bid log and add it to ``bundle``; returns meta.json's entry
+    (its ``data``: ``data_label``, else the folder)."""
     bundle = Path(bundle)
     meta_path = bundle / META_FILE
     if not meta_path.is_file():
@@ -308,7 +316,7 @@ def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, 
         parity = check_market_parity(model, path, parts["test"])
         entry = {"files": [MARKET_FILE], "sha256": file_sha256(path), "family": "log-normal",
                  "fields": model.fields, "inputs": [SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT], "outputs": list(OUTPUTS),
-                 "data": str(data_dir), "metrics": metrics, "parity": parity}
+                 "data": data_label or str(data_dir), "metrics": metrics, "parity": parity}
         meta["graphs"] = {**(meta.get("graphs") or {}), MARKET_GRAPH: entry}
         staged_meta = Path(tmp) / META_FILE
         staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
