@@ -8,16 +8,10 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Sequence
 
-import numpy as np
-
 from bidder.campaigns import Candidate
 from bidder.deals import DealOffer
 
-__all__ = ["PricedBid", "VECTORIZED_ROWS", "bid_cpm", "best_per_imp"]
-
-#: from this many rows (and no deals) the best row per imp is found with numpy: the per-row Python loop costs
-#: about as much as scoring the rows when retrieval hands the ranker hundreds of candidates per imp
-VECTORIZED_ROWS = 64
+__all__ = ["PricedBid", "bid_cpm", "best_per_imp"]
 
 
 class PricedBid(NamedTuple):  # a tuple: one is built per bid on the hot path
@@ -38,8 +32,6 @@ def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Se
 
     ``offers`` maps a row to the deal its candidate can bid through (see ``bidder.deals``).
     """
-    if not offers and len(owners) >= VECTORIZED_ROWS:
-        return _best_per_imp_vectorized(owners, candidates, ctr, floors)
     if hasattr(ctr, "tolist"):  # Python floats: indexing a numpy array makes a scalar object per row
         ctr = ctr.tolist()
     # imp -> (price, candidate, ctr, deal) of its best row so far
@@ -62,25 +54,4 @@ def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Se
         # rounding to micro-dollars must never take a bid under its floor
         price = deal.price(price) if deal else max(round(price, 6), floors[imp_index])
         out[imp_index] = PricedBid(imp_index, candidate, price, p, deal)
-    return out
-
-
-def _best_per_imp_vectorized(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Sequence[float],
-                             floors: Sequence[float]) -> dict[int, PricedBid]:
-    """``best_per_imp`` without deals, in numpy: the same prices (float64, the same products in the same
-    order), the same floors and the same tie rule (``argmax`` takes the first row)."""
-    n = len(owners)
-    p = np.asarray(ctr, dtype=np.float64)
-    price = p * np.fromiter((c.value_per_click for c in candidates), dtype=np.float64, count=n) * 1000.0
-    imp = np.asarray(owners, dtype=np.int64)
-    floor = np.asarray(floors, dtype=np.float64)
-    price_or_none = np.where(price >= floor[imp], price, -np.inf)  # -inf: under its imp's floor
-    out = {}
-    # imps in the order of their first row at or above the floor, the order the loop adds them in
-    for imp_index in dict.fromkeys(imp[price_or_none > -np.inf].tolist()):
-        rows = np.flatnonzero(imp == imp_index)
-        row = int(rows[np.argmax(price_or_none[rows])])
-        value = float(price[row])
-        out[imp_index] = PricedBid(imp_index, candidates[row], max(round(value, 6), floors[imp_index]),
-                                   float(p[row]))
     return out

@@ -88,28 +88,3 @@ def test_a_private_deal_out_of_reach_rules_out_its_row_only():
     best = best_per_imp([0, 0, 1], [rich, plain, plain], [0.01, 0.01, 0.01], [0.0, 0.0], {0: private})
     assert best[0].candidate is plain and best[0].deal is None and best[0].price == pytest.approx(10.0)
     assert best[1].candidate is plain
-
-
-@given(st.data())
-def test_the_vectorized_path_equals_the_row_loop(data):
-    """From ``VECTORIZED_ROWS`` rows without deals numpy finds the best rows: the same bids, in the same order."""
-    from bidder import pricing
-
-    n = data.draw(st.integers(pricing.VECTORIZED_ROWS, 3 * pricing.VECTORIZED_ROWS))
-    imps = data.draw(st.integers(1, 4))
-    values = data.draw(st.lists(st.sampled_from([0.5, 1.0, 2.5, 3.0]), min_size=4, max_size=4))
-    cands = candidates(*values)
-    owners = data.draw(st.lists(st.integers(0, imps - 1), min_size=n, max_size=n))
-    chosen = data.draw(st.lists(st.sampled_from(cands), min_size=n, max_size=n))
-    # few distinct pCTRs, so ties between rows are common; float32 as the scorer returns them
-    ctr = np.array(data.draw(st.lists(st.sampled_from([0.0, 1e-4, 0.002, 0.0021, 0.01, 0.3]), min_size=n,
-                                      max_size=n)), dtype=np.float32)
-    floors = data.draw(st.lists(st.sampled_from([0.0, 0.2, 2.0, 5.0, 1000.0]), min_size=imps, max_size=imps))
-    fast = pricing.best_per_imp(owners, chosen, ctr, floors)
-    slow_limit, pricing.VECTORIZED_ROWS = pricing.VECTORIZED_ROWS, 10 ** 9
-    try:
-        slow = pricing.best_per_imp(owners, chosen, ctr, floors)
-    finally:
-        pricing.VECTORIZED_ROWS = slow_limit
-    assert list(fast.items()) == list(slow.items())
-    assert all(type(b.price) is float and type(b.ctr) is float for b in fast.values())
