@@ -22,6 +22,7 @@ from typing import Sequence
 
 from bidder.campaigns import Candidate
 from bidder.openrtb import DEFAULT_SEAT, Bid, Deal, Imp, SeatBid
+from bidder.pricing import floored_price
 
 __all__ = ["DealOffer", "FIXED_PRICE", "deal_candidates", "match_deal", "seat_bids"]
 
@@ -46,7 +47,7 @@ class DealOffer:
 
     def price(self, value: float) -> float:
         """A deal bid's price: the agreed price of a fixed-price deal, else the value rounded (never under floor)."""
-        return self.floor if self.fixed_price else max(round(value, 6), self.floor)
+        return self.floor if self.fixed_price else floored_price(value, self.floor)
 
 
 def match_deal(candidate: Candidate, imp: Imp) -> DealOffer | None:

@@ -30,7 +30,7 @@ from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import (FIRST_PRICE, Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict,
                             decode_request, encode_response, imp_fields, imp_sizes, request_fields)
-from bidder.pricing import PricedBid, best_per_imp
+from bidder.pricing import PricedBid, best_per_imp, floored_price
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
@@ -396,7 +396,7 @@ class BidEngine:
                     unprofitable[j] = set()
                 unprofitable[j].add(i)
                 continue
-            price = max(round(bid, 6), floor)  # rounding to micro-dollars must never take a bid under its floor
+            price = floored_price(bid, floor)
             valued[j][i] = PricedBid(i, priced.candidate, price, priced.ctr)
             observe(price / value)
         return unprofitable

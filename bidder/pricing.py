@@ -6,12 +6,14 @@ bid through a deal (``bidder/deals.py``) is held to the deal's floor and priced 
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 from bidder.campaigns import Candidate
-from bidder.deals import DealOffer
 
-__all__ = ["PricedBid", "bid_cpm", "best_per_imp"]
+if TYPE_CHECKING:  # deals prices its bids with ``floored_price``
+    from bidder.deals import DealOffer
+
+__all__ = ["PricedBid", "bid_cpm", "best_per_imp", "floored_price"]
 
 
 class PricedBid(NamedTuple):  # a tuple: one is built per bid on the hot path
@@ -20,6 +22,11 @@ class PricedBid(NamedTuple):  # a tuple: one is built per bid on the hot path
     price: float  # USD CPM
     ctr: float
     deal: DealOffer | None = None  # the deal the bid is made through
+
+
+def floored_price(price: float, floor: float) -> float:
+    """``price`` rounded to micro-dollars, which must never take a bid under its floor."""
+    return max(round(price, 6), floor)
 
 
 def bid_cpm(ctr: float, value_per_click: float) -> float:
@@ -51,7 +58,6 @@ def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Se
                 best[imp_index] = (price, candidate, p, offer)
     out = {}
     for imp_index, (price, candidate, p, deal) in best.items():
-        # rounding to micro-dollars must never take a bid under its floor
-        price = deal.price(price) if deal else max(round(price, 6), floors[imp_index])
+        price = deal.price(price) if deal else floored_price(price, floors[imp_index])
         out[imp_index] = PricedBid(imp_index, candidate, price, p, deal)
     return out

@@ -320,7 +320,6 @@ class Retriever:
         self.approximate = approximate
         self.index = index or AdIndex(catalog, towers.ad_matrix(catalog.candidates), ann=approximate)
         self.catalog = catalog
-        self.candidates = catalog.candidates
 
     def query(self, record: Mapping[str, Any]) -> np.ndarray:
         """The imp vector of one imp record (a copy: the tower's buffer is reused)."""
@@ -332,7 +331,7 @@ class Retriever:
         eligible buyers of the imp's deals (``dealids``) the K left out: a deal is a negotiated buy, which
         an inner product must not drop (in a private auction it is the only way to bid)."""
         rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate).tolist()
-        candidates = self.candidates
+        candidates = self.catalog.candidates
         chosen = [candidates[i] for i in rows]
         if dealids:
             taken = set(rows)
