@@ -26,7 +26,7 @@ ARCHITECTURES = ("deepfm", "autoint", "dcnv2", "logreg")
 # is the ceiling, early stopping on validation AUC (``patience`` epochs without a gain) ends sooner.
 # ``sparse_tables``: row-wise Adam on the embedding tables (train/optim.py); false is torch's dense Adam.
 _TRAINING = {"lr": 5e-4, "lr_decay": 1.0, "adam_eps": 1e-8, "table_eps": 0.1, "batch_size": 512, "epochs": 4, "patience": 1, "usertag_combiner": "sum",
-             "sparse_tables": True}
+             "sparse_tables": True, "fused_forward": True}
 
 # DeepFM trains with 8x the batch and 8x the learning rate (linear scaling): per sample as fast as the
 # model's own arithmetic allows. On the default bundle's 1M synthetic rows its test AUC is 0.7220 (batch 512 /
