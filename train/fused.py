@@ -56,14 +56,16 @@ class _Group:
         # groups laid out alike (the linear weights and the vectors of the same fields) share one unique_rows
         self.signature = (self.rows, tuple(column_offsets))
 
-    def gather(self, index: torch.Tensor, cache: dict) -> torch.Tensor:
-        """Every (sample, column) row of this group, (batch, columns, width); stages the leaf for the optimizer."""
+    def leaf(self, index: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the batch reads as a leaf tensor (staged for the optimizer) and each (sample, column)'s
+        position in it, (batch, columns)."""
         if self.signature not in cache:
-            cache[self.signature] = unique_rows((index + self.offsets).reshape(-1), self.rows)
+            rows, inverse = unique_rows((index + self.offsets).reshape(-1), self.rows)
+            cache[self.signature] = rows, inverse.view(index.shape)
         rows, inverse = cache[self.signature]
         leaf = self.group["flat"].index_select(0, rows).requires_grad_(True)
         self.group["staged"] = (rows, leaf)
-        return leaf.index_select(0, inverse).view(index.shape[0], index.shape[1], -1)
+        return leaf, inverse
 
 
 class _Fields:
@@ -72,30 +74,34 @@ class _Fields:
     def __init__(self, feature_index: dict[str, tuple[int, int]], columns: list) -> None:
         singles = [f for f in columns if isinstance(f, SparseFeat)]
         self.single = [feature_index[f.name][0] for f in singles]
-        self.prefix = self.single == list(range(len(self.single)))  # the usual layout: a view, no gather
-        self.single_index = torch.tensor(self.single, dtype=torch.long)
         self.multi = [(*feature_index[f.name], f.combiner) for f in columns if isinstance(f, VarLenSparseFeat)]
-        self.tables = [f.embedding_name for f in singles] + [f.embedding_name for f in columns
-                                                              if isinstance(f, VarLenSparseFeat)]
         self.column_tables: dict[int, str] = {}
         for f in columns:
             start, stop = feature_index[f.name]
             for c in range(start, stop):
                 self.column_tables[c] = f.embedding_name
 
-    def pool(self, rows: torch.Tensor, masks: dict) -> torch.Tensor:
-        """(batch, columns, width) rows -> (batch, fields, width), deepctr's order: single fields, then pooled ones."""
-        single = rows[:, :len(self.single)] if self.prefix else rows.index_select(1, self.single_index)
-        if not self.multi:
-            return single
-        parts = [single]
+    def vectors(self, leaf: torch.Tensor, position: torch.Tensor, weights: dict) -> torch.Tensor:
+        """(batch, fields, width) in deepctr's order: single fields, then each multi-valued field pooled.
+
+        Single fields and each multi-valued field are gathered apart (a slice of one gather would cost a
+        zero-filled batch-sized gradient in backward); a multi-valued field is pooled as a weighted sum,
+        the weights deepctr's mask (over the count of non-zero slots for ``mean``).
+        """
+        batch = len(position)
+        parts = [leaf.index_select(0, position[:, self.single].reshape(-1)).view(batch, len(self.single), -1)]
         for start, stop, combiner in self.multi:
-            mask, length = masks[(start, stop)]
-            pooled = (rows[:, start:stop] * mask).sum(dim=1)
-            if combiner == "mean":
-                pooled = pooled / (length + 1e-8)
-            parts.append(pooled.unsqueeze(1))
-        return torch.cat(parts, dim=1)
+            slots = leaf.index_select(0, position[:, start:stop].reshape(-1)).view(batch, stop - start, -1)
+            parts.append((slots * weights[(start, stop, combiner)].unsqueeze(-1)).sum(dim=1, keepdim=True))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def logit(self, leaf: torch.Tensor, position: torch.Tensor, weights: dict) -> torch.Tensor:
+        """deepctr's linear logit (batch, 1) for width-1 tables: every field's weight (pooled ones pooled), summed."""
+        slots = torch.ones(position.shape, dtype=leaf.dtype)
+        for start, stop, combiner in self.multi:
+            slots[:, start:stop] = weights[(start, stop, combiner)]
+        gathered = leaf.index_select(0, position.reshape(-1)).view(position.shape)
+        return (gathered * slots).sum(dim=1, keepdim=True)
 
 
 class FusedForward:
@@ -106,17 +112,18 @@ class FusedForward:
         self.model = model
         self.vectors, self.vector_fields = vectors, vector_fields
         self.linear, self.linear_fields = linear, linear_fields
-        self.multi = sorted({(s, e) for s, e, _ in vector_fields.multi + linear_fields.multi})
+        self.multi = sorted(set(vector_fields.multi + linear_fields.multi))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         index = x.long()
-        masks = {}
-        for start, stop in self.multi:
+        weights = {}
+        for start, stop, combiner in self.multi:  # deepctr's SequencePoolingLayer: non-zero slots count
             mask = (index[:, start:stop] != 0).to(x.dtype)
-            masks[(start, stop)] = (mask.unsqueeze(-1), mask.sum(dim=-1, keepdim=True))
+            weights[(start, stop, combiner)] = (mask if combiner == "sum" else
+                                                mask / (mask.sum(dim=-1, keepdim=True) + 1e-8))
         cache: dict = {}
-        emb = self.vector_fields.pool(self.vectors.gather(index, cache), masks)
-        logit = self.linear_fields.pool(self.linear.gather(index, cache), masks).sum(dim=1)
+        emb = self.vector_fields.vectors(*self.vectors.leaf(index, cache), weights)
+        logit = self.linear_fields.logit(*self.linear.leaf(index, cache), weights)
         model = self.model
         if isinstance(model, DeepFM):
             if model.use_fm:
