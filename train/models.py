@@ -30,10 +30,11 @@ _TRAINING = {"lr": 5e-4, "lr_decay": 1.0, "adam_eps": 1e-8, "table_eps": 0.1, "b
 
 # DeepFM trains with 4x the batch and 8x the learning rate: per sample nearly as fast as batch 4096 (the
 # fused forward left little per-step overhead), and better after one epoch of 216k rows (test AUC 0.7657
-# against 0.7581 at 4096 / 4e-3 and deepctr fit()'s 0.7610 at 512 / 5e-4) and on the default bundle's 1M
-# synthetic rows with early stopping (0.7224 against 0.7215 at 4096 / 4e-3; dense tables at 512 / 5e-4, the
-# older default: 0.7193); lr 8e-3 at 4096 overfit there (0.7117). AutoInt keeps batch 512: at 4096 / 4e-3
-# its 1M-row test AUC fell to 0.7157 from 0.7198. README "Training throughput".
+# against 0.7581 at 4096 / 4e-3 and deepctr fit()'s 0.7610 at 512 / 5e-4). On the default bundle's 1M
+# synthetic rows with early stopping 2048 and 4096 are within run-to-run noise (0.7186 and 0.7224 against
+# 0.7215; dense tables at 512 / 5e-4, the older default: 0.7193); lr 8e-3 at 4096 overfit there (0.7117).
+# AutoInt keeps batch 512: at 4096 / 4e-3 its 1M-row test AUC fell to 0.7157 from 0.7198. README
+# "Training throughput".
 _LARGE_BATCH = {"batch_size": 2048, "lr": 4e-3}
 
 DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
