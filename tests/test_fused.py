@@ -16,14 +16,7 @@ from train.optim import build_optimizer  # noqa: E402
 from train.trainer import training_forward  # noqa: E402
 
 SMALL = {"deepfm": {"dnn_hidden_units": [16, 8]}, "autoint": {"dnn_hidden_units": [16], "att_layer_num": 2}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(model, rows: int, seed: int) -> torch.Tensor:
