@@ -134,8 +134,14 @@ def _exchange_worker(rank: int, port: int, queue) -> None:
                 (torch.tensor([4, 8]), torch.tensor([[10.0, 20.0], [30.0, 40.0]])),
                 (None, None) if rank == 0 else (torch.tensor([2]), torch.tensor([[5.0]]))]
         dense = [torch.full((2, 2), float(rank + 1)), torch.tensor([rank * 1.5])]
-        out = exchange(mine, [10, 3], dense)
-        queue.put((rank, [(r.tolist(), g.tolist()) for r, g in out], [d.tolist() for d in dense]))
+        capacity = [0, 0]
+        out = exchange(mine, [(10, 2), (3, 1)], dense, capacity)
+        grown = list(capacity)  # the first message was too small for anyone's rows: it grew and sent again
+        dense_again = [torch.full((2, 2), float(rank + 1)), torch.tensor([rank * 1.5])]
+        again = exchange(mine, [(10, 2), (3, 1)], dense_again, capacity)  # now the blocks hold them at once
+        assert [(r.tolist(), g.tolist()) for r, g in again] == [(r.tolist(), g.tolist()) for r, g in out]
+        assert [d.tolist() for d in dense_again] == [d.tolist() for d in dense] and capacity == grown
+        queue.put((rank, [(r.tolist(), g.tolist()) for r, g in out], [d.tolist() for d in dense], grown))
     finally:
         dist.destroy_process_group()
 
@@ -151,12 +157,13 @@ def test_the_exchange_sums_every_processs_rows_and_dense_gradients():
     workers = [context.Process(target=_exchange_worker, args=(rank, port, queue)) for rank in range(2)]
     for w in workers:
         w.start()
-    results = dict((rank, (tables, dense)) for rank, tables, dense in (queue.get(timeout=120) for _ in workers))
+    results = {rank: (tables, dense, grown) for rank, tables, dense, grown in (queue.get(timeout=120) for _ in workers)}
     for w in workers:
         w.join(timeout=60)
         assert w.exitcode == 0
     for rank in range(2):
-        tables, dense = results[rank]
+        tables, dense, grown = results[rank]
+        assert grown == [3, 1]  # 25 % above the largest count, rounded down: 3 and 1 rows
         assert tables[0] == ([1, 4, 7, 8], [[1.0, 1.0], [11.0, 21.0], [1.0, 1.0], [30.0, 40.0]])
         assert tables[1] == ([2], [[5.0]])  # rows only one process read
         assert dense == [[[3.0, 3.0], [3.0, 3.0]], [1.5]]

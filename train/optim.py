@@ -85,6 +85,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": 1e-8, "l2": 0.0})
         self.exchange_seconds = 0.0  # time in ``exchange`` under torchrun (waiting for the others included)
+        self.capacity = [0] * len(self.param_groups)  # rows per group each process's block holds (``exchange``)
         for group in self.param_groups:
             weights = group["params"]
             widths = {w.shape[1] for w in weights}
@@ -110,7 +111,8 @@ class RowwiseAdam(torch.optim.Optimizer):
         touched = [self._touched(group) for group in self.param_groups]
         if parallel.world_size() > 1:
             started = time.perf_counter()
-            touched = exchange(touched, [len(group["flat"]) for group in self.param_groups], dense or [])
+            touched = exchange(touched, [tuple(group["flat"].shape) for group in self.param_groups], dense or [],
+                               self.capacity)
             self.exchange_seconds += time.perf_counter() - started
         for group, (rows, grads) in zip(self.param_groups, touched):
             if rows is not None:
@@ -166,38 +168,36 @@ class RowwiseAdam(torch.optim.Optimizer):
                 w.grad = None
 
 
-def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], table_rows: list[int],
-             dense: list[torch.Tensor]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
+             dense: list[torch.Tensor], capacity: list[int]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Every process's touched rows with their summed gradients, and ``dense`` summed in place: one message.
 
-    Each process sends the rows it read (row numbers as int32 bits in float32 slots) beside their
-    gradients, and its dense gradients, in one all-gather, each group's block padded to the longest
-    process's (learnt from one small all-reduce of the counts); every process then sums what it
-    received, so it updates the union of the rows read, as one process would on the whole batch. A batch
-    of 4096 reads a few thousand rows per group, so a step sends ~10^5 floats, not the tables as dense
-    copies (~1.5M floats).
+    ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, its count of rows read
+    per group, its dense gradients and per group a block of ``capacity`` rows: the row numbers (int32 bits in
+    float32 slots, -1 where unused) beside their gradients. Every process then sums what it received, so
+    it updates the union of the rows read, as one process would on the whole batch. Where some process
+    read more rows than a block holds (the first step, and rarely later), every process saw the same
+    counts, so all grow ``capacity`` (in place, 25 % above the largest count) the same way and send again.
+    A batch of 2048 reads a few thousand rows per group, so a step sends ~10^5 floats, not the tables as
+    dense copies (~1.5M floats), in one collective.
     """
-    if any(n >= 1 << 31 for n in table_rows):
+    if any(n >= 1 << 31 for n, _ in shapes):
         raise TrainError("data-parallel training: a table group holds 2**31 rows or more")
-    sizes = [0 if rows is None else rows.numel() for rows, _ in touched]
-    widths = [0 if grads is None else grads.shape[1] for _, grads in touched]
-    longest = parallel.all_reduce_max(torch.tensor(sizes + widths, dtype=torch.long)).tolist()
-    longest, widths = longest[:len(touched)], longest[len(touched):]
-    pieces = [t.reshape(-1) for t in dense]
-    for (rows, grads), size, width in zip(touched, longest, widths):
-        block = torch.zeros((size, width + 1))
-        block[:, 0] = torch.full((size,), -1, dtype=torch.int32).view(torch.float32)
-        if rows is not None:
-            block[:len(rows), 0] = rows.to(torch.int32).view(torch.float32)
-            block[:len(rows), 1:] = grads
-        pieces.append(block.reshape(-1))
-    gathered = parallel.all_gather(torch.cat(pieces))  # (processes, message)
-    offset = 0
+    counts = [0 if rows is None else rows.numel() for rows, _ in touched]
+    header = torch.tensor(counts, dtype=torch.int32).view(torch.float32)
+    flat_dense = [t.reshape(-1) for t in dense]
+    while True:
+        gathered = parallel.all_gather(torch.cat([header, *flat_dense, *_blocks(touched, shapes, capacity)]))
+        longest = gathered[:, :len(counts)].contiguous().view(torch.int32).amax(dim=0).tolist()
+        if all(n <= c for n, c in zip(longest, capacity)):
+            break
+        capacity[:] = [max(c, n + n // 4) for c, n in zip(capacity, longest)]
+    offset = len(counts)
     for t in dense:
         t.copy_(gathered[:, offset:offset + t.numel()].sum(dim=0).view_as(t))
         offset += t.numel()
     out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
-    for rows_in_group, size, width in zip(table_rows, longest, widths):
+    for (rows_in_group, width), size in zip(shapes, capacity):
         blocks = gathered[:, offset:offset + size * (width + 1)].reshape(-1, width + 1)
         offset += size * (width + 1)
         ids = blocks[:, 0].contiguous().view(torch.int32).long()
@@ -209,6 +209,21 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], tab
         rows, inverse = unique_rows(ids, rows_in_group)
         out.append((rows, values.new_zeros((rows.numel(), width)).index_add_(0, inverse, values)))
     return out
+
+
+def _blocks(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
+            capacity: list[int]) -> list[torch.Tensor]:
+    """Each group's rows and gradients as a flat block of ``capacity`` rows of (row number bits, gradient)."""
+    blocks = []
+    for (rows, grads), (_, width), size in zip(touched, shapes, capacity):
+        block = torch.zeros((size, width + 1))
+        block[:, 0] = torch.full((size,), -1, dtype=torch.int32).view(torch.float32)
+        if rows is not None:
+            n = min(size, len(rows))  # more rows than fit: this message only tells the counts
+            block[:n, 0] = rows[:n].to(torch.int32).view(torch.float32)
+            block[:n, 1:] = grads[:n]
+        blocks.append(block.reshape(-1))
+    return blocks
 
 
 class TrainingOptimizer:
