@@ -129,3 +129,15 @@ def fresh_record(i: int) -> dict:
 def sample_records() -> list[dict]:
     """1024 iPinYou-like records, no two sharing a string object."""
     return [fresh_record(i) for i in range(1024)]
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for tiny tensors: a second thread only adds synchronisation (and contention on a busy
+    machine). Modules that want it name it in ``pytestmark``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,14 +10,7 @@ from train.errors import TrainError  # noqa: E402
 from train.models import build_model, resolve_hyperparameters  # noqa: E402
 from train.optim import RowwiseAdam, build_optimizer, dense_adam  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and contention on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tables(seed: int = 0, rows: tuple[int, ...] = (10, 7), dim: int = 3) -> list[torch.nn.Embedding]:

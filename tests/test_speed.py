@@ -40,7 +40,7 @@ def test_both_loops_run_on_the_same_rows_taking_turns(speed_run):
             assert model[loop]["samples_per_s"] > 0 and 0.5 < model[loop]["test_auc"] < 1
         assert model["ratio_ours_to_deepctr"] == pytest.approx(
             model["ours"]["samples_per_s"] / model["deepctr"]["samples_per_s"], rel=1e-2)
-        assert model["batch_size"] == {"deepfm": 4096, "autoint": 512}[model["model"]]
+        assert model["batch_size"] == {"deepfm": 2048, "autoint": 512}[model["model"]]
         assert model["deepctr_batch_size"] == 512 and model["sparse_tables"]
         assert model["parameters"]["embedding_tables"] + model["parameters"]["dense"] == model["parameters"]["total"]
 
@@ -51,7 +51,7 @@ def test_the_json_records_settings_versions_and_machine(speed_run):
     assert {"torch", "deepctr-torch", "numpy", "python"} <= set(speed_run["versions"])
     assert {"cpu_model", "nproc", "loadavg_before", "loadavg_after"} <= set(speed_run["machine"])
     loops = speed_run["settings"]["hyperparameters"]["deepfm"]
-    assert loops["ours"]["batch_size"] == 4096 and loops["ours"]["sparse_tables"] is True
+    assert loops["ours"]["batch_size"] == 2048 and loops["ours"]["sparse_tables"] is True
     assert loops["deepctr"]["batch_size"] == 512 and loops["deepctr"]["lr"] == 5e-4
     assert loops["deepctr"]["sparse_tables"] is False
 
@@ -122,3 +122,35 @@ def test_missing_data_and_too_many_rows_exit_2(tmp_path, synthetic_data, capsys)
     assert "not a directory" in capsys.readouterr().err
     assert main(["speed", "--data", str(synthetic_data), "--rows", "10000000", "--quiet"]) == 2
     assert "--rows 10000000: the training split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--processes", "0"], "--processes must be positive integers"),
+    (["--processes", "1,two"], "expected comma-separated integers"),
+    (["--processes", ","], "--processes must be positive integers"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--repeats", "0"], "--repeats must be a positive integer"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--set", "batch_size=0"], "'batch_size' must be positive"),
+    (["--out", "/no/such/folder/ddp.json"], "expected a JSON file name in an existing folder"),
+    ([], "no such folder"),
+])
+def test_speed_ddp_bad_arguments_exit_2_before_any_run(tmp_path, capsys, args, message):
+    assert main(["speed-ddp", "--data", str(tmp_path / "missing"), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.slow
+def test_speed_ddp_runs_torchrun_with_one_and_two_processes(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "ddp.json"
+    assert main(["speed-ddp", "--data", str(synthetic_data), "--processes", "1,2", "--repeats", "1",
+                 "--set", "batch_size=1000", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    runs = {r["processes"]: r for r in result["runs"]}
+    assert sorted(runs) == [1, 2] and result["settings"]["batch_size"] == 1000
+    assert runs[1]["exchange_seconds"] == [0.0] and runs[2]["exchange_seconds"][0] > 0
+    assert runs[2]["test_auc"] == pytest.approx(runs[1]["test_auc"], abs=1e-4)  # the same steps, split in two
+    assert result["ratio_to_first"]["1"] == 1.0 and len(result["machine"]["loadavg_before"]) == 3
+    assert "--nproc-per-node N" in result["command"]

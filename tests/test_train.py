@@ -59,7 +59,7 @@ def test_bundle_metrics_data_and_parity(meta):
     assert parity["max_abs_diff"] <= 1e-6 and parity["rows"] >= 1000
     assert parity["batch_sizes"][:2] == [1, 64]
     hp = meta["hyperparameters"]
-    assert (hp["embedding_dim"], hp["lr"], hp["batch_size"], hp["dnn_hidden_units"]) == (8, 4e-3, 4096, [256, 128, 64])
+    assert (hp["embedding_dim"], hp["lr"], hp["batch_size"], hp["dnn_hidden_units"]) == (8, 4e-3, 2048, [256, 128, 64])
     assert hp["sparse_tables"] is True and (hp["table_eps"], hp["vector_eps"]) == (0.1, 0.1)
     assert meta["training"]["epochs_run"] == 1 and meta["training"]["processes"] == 1
 

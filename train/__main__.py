@@ -1,5 +1,5 @@
 """Command line: ``python -m train COMMAND ...``, COMMAND one of synth, fit, default, compare, factorize, twotower,
-market, speed, compress, compress-study.
+market, speed, speed-ddp, compress, compress-study.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -166,6 +166,26 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _speed_ddp(args: argparse.Namespace) -> dict[str, Any]:
+    from train.speed import check_processes, measure_processes, render_processes
+
+    try:
+        processes = tuple(int(n) for n in args.processes.split(",") if n.strip())
+    except ValueError:
+        raise TrainError(f"--processes {args.processes!r}: expected comma-separated integers such as 1,2") from None
+    overrides = _settings(args.set)
+    check_processes(args.model, processes, repeats=args.repeats, epochs=args.epochs, overrides=overrides)
+    out = Path(args.out) if args.out else None
+    if out is not None and (not out.parent.is_dir() or out.is_dir()):
+        raise TrainError(f"--out {out}: expected a JSON file name in an existing folder")
+    result = measure_processes(args.data, model=args.model, processes=processes, repeats=args.repeats,
+                               epochs=args.epochs, overrides=overrides, seed=args.seed, progress=not args.quiet)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(render_processes(result), file=sys.stderr)
+    return result
+
+
 def _compress(args: argparse.Namespace) -> dict[str, Any]:
     from train.compress import check_method, compress_bundle
 
@@ -324,6 +344,19 @@ def _parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=1, help="torch threads for both loops (default 1)")
     speed.add_argument("--quiet", action="store_true", help="no progress bars")
     speed.set_defaults(run=_speed)
+    ddp = commands.add_parser(
+        "speed-ddp", help="data-parallel throughput: train fit under torchrun with 1, 2, ... processes, taking turns")
+    ddp.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
+    ddp.add_argument("--model", default="deepfm", help="model to train (default deepfm)")
+    ddp.add_argument("--processes", default="1,2", help="comma-separated process counts (default 1,2)")
+    ddp.add_argument("--repeats", type=int, default=2, help="runs of each count, taking turns (default 2; median)")
+    ddp.add_argument("--epochs", type=int, default=1, help="epochs per run (default 1)")
+    ddp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="override a hyper-parameter (repeatable)")
+    ddp.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
+    ddp.add_argument("--out", help="also write the JSON result to this file")
+    ddp.add_argument("--quiet", action="store_true", help="no progress bars")
+    ddp.set_defaults(run=_speed_ddp)
 
     compress = commands.add_parser(
         "compress", help="write a compressed copy of a bundle: int8-dynamic, int8-static, int8-embeddings, prune, "

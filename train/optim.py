@@ -5,11 +5,13 @@ summed over every row) reads and writes every row and three buffers per step: ab
 epoch. With ``sparse_tables`` (the default) the tables are updated the way TorchRec's fused row-wise
 optimizers do it:
 
-- each ``nn.Embedding`` hands back a sparse gradient (``sparse=True``): the rows the batch read;
 - the tables of one parameter group share one flat storage (each table's weight is a view of it), so a
-  step is a handful of tensor operations per group, not per table: the touched rows are made unique
-  (``torch.unique``), their gradients summed (``index_add_``), their Adam moments gathered, updated and
-  written back (``index_copy_``), the rows moved (``index_add_``);
+  step is a handful of tensor operations per group, not per table;
+- the rows a batch read and their summed gradients come either from the fused training forward
+  (``train/fused.py``: one gather per group into a small leaf tensor, whose gradient is already summed
+  per row) or from each ``nn.Embedding``'s sparse gradient (``sparse=True``), made unique
+  (``unique_rows``) and summed (``index_add_``); their Adam moments are gathered, updated and written
+  back (``index_copy_``), the rows moved (``index_add_``);
 - rows the batch did not read keep their weights and both Adam moments as they are (lazy Adam, as
   TensorFlow Addons' ``LazyAdam``; bias correction uses the group's step count);
 - deepctr's L2 penalty ``l2 * sum(w ** 2)`` is applied to the touched rows only, as its gradient
@@ -22,19 +24,20 @@ optimizers do it:
 Each group keeps its own epsilon (``table_eps`` for the linear weights, ``vector_eps`` for the
 vectors): the reasoning of ``dense_adam`` below holds row by row.
 
-Under ``torchrun`` (``train.parallel``), ``step()`` first sums the gradients of every process: the dense
-ones in one flat all-reduce, each table group's as a dense copy of the group with a column marking the
-rows read (``_exchange_rows``: cheaper here than gloo's sparse all-reduce), so every process updates the
-union of the rows read, as one process would on the whole batch.
+Under ``torchrun`` (``train.parallel``), ``step()`` first sums the gradients of every process in one
+message (``exchange``): each process's rows read with their gradients and its dense gradients, all-gathered,
+so every process updates the union of the rows read, as one process would on the whole batch.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 import torch
 
 from train import parallel
 from train.errors import TrainError
+from train.fused import unique_rows
 
 __all__ = ["TrainingOptimizer", "RowwiseAdam", "build_optimizer", "dense_adam", "table_embeddings"]
 
@@ -81,6 +84,8 @@ class RowwiseAdam(torch.optim.Optimizer):
     def __init__(self, groups: list[dict[str, Any]], embeddings: dict[int, torch.nn.Embedding], lr: float,
                  betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": 1e-8, "l2": 0.0})
+        self.exchange_seconds = 0.0  # time in ``exchange`` under torchrun (waiting for the others included)
+        self.capacity = [0] * len(self.param_groups)  # rows per group each process's block holds (``exchange``)
         for group in self.param_groups:
             weights = group["params"]
             widths = {w.shape[1] for w in weights}
@@ -101,17 +106,30 @@ class RowwiseAdam(torch.optim.Optimizer):
             group["exp_avg_sq"] = torch.zeros_like(flat)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch's signature
-        for group in self.param_groups:
-            rows, grads = self._touched(group)
-            if rows is None:
-                continue
-            self._update(group, rows, grads)
+    def step(self, closure=None, dense: list[torch.Tensor] | None = None):  # noqa: D102 - torch's signature
+        """One row-wise step; under torchrun the rows (and ``dense``, the other gradients) are summed first."""
+        touched = [self._touched(group) for group in self.param_groups]
+        if parallel.world_size() > 1:
+            started = time.perf_counter()
+            touched = exchange(touched, [tuple(group["flat"].shape) for group in self.param_groups], dense or [],
+                               self.capacity)
+            self.exchange_seconds += time.perf_counter() - started
+        for group, (rows, grads) in zip(self.param_groups, touched):
+            if rows is not None:
+                self._update(group, rows, grads)
         return None
 
     @staticmethod
     def _touched(group: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The group's touched rows (unique, in flat numbering) and their summed gradients."""
+        """The group's touched rows (unique, in flat numbering) and their summed gradients, this process's.
+
+        A fused forward (``train/fused.py``) stages them itself: the rows it read and a leaf holding them,
+        whose gradient is already summed per row. Otherwise they come from the tables' sparse gradients.
+        """
+        staged = group.pop("staged", None)
+        if staged is not None:
+            rows, leaf = staged
+            return (rows, leaf.grad) if leaf.grad is not None else (None, None)
         indices, values = [], []
         for w, offset in zip(group["params"], group["offsets"]):
             g = w.grad
@@ -122,13 +140,10 @@ class RowwiseAdam(torch.optim.Optimizer):
                                  "to dense?)")
             indices.append(g._indices()[0] + offset)
             values.append(g._values())
-        flat = group["flat"]
-        if parallel.world_size() > 1:
-            return _exchange_rows(flat, indices, values)
         if not indices:
             return None, None
         index, value = torch.cat(indices), torch.cat(values)
-        rows, inverse = _unique_rows(index, len(flat))
+        rows, inverse = unique_rows(index, len(group["flat"]))
         summed = value.new_zeros((rows.numel(), value.shape[1])).index_add_(0, inverse, value)
         return rows, summed
 
@@ -153,39 +168,62 @@ class RowwiseAdam(torch.optim.Optimizer):
                 w.grad = None
 
 
-def _exchange_rows(flat: torch.Tensor, indices: list[torch.Tensor],
-                   values: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Every process's touched rows and their summed gradients, through one dense all-reduce.
+def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
+             dense: list[torch.Tensor], capacity: list[int]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Every process's touched rows with their summed gradients, and ``dense`` summed in place: one message.
 
-    Each process adds its gradients into a zero copy of the group's table with one more column that
-    marks the rows it read; after the all-reduce the marked rows are the union, exactly the rows one
-    process would have touched on the whole batch. At these table sizes (~10^5 rows) this is cheaper
-    than gloo's sparse all-reduce, which gathers every process's uncoalesced rows (measured with 2
-    processes, batch 4096: 20-27 ms against 68 ms a step for the vectors; coalescing first: 32-46 ms).
+    ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, its count of rows read
+    per group, its dense gradients and per group a block of ``capacity`` rows: the row numbers (int32 bits in
+    float32 slots, -1 where unused) beside their gradients. Every process then sums what it received, so
+    it updates the union of the rows read, as one process would on the whole batch. Where some process
+    read more rows than a block holds (the first step, and rarely later), every process saw the same
+    counts, so all grow ``capacity`` (in place, 25 % above the largest count) the same way and send again.
+    A batch of 2048 reads a few thousand rows per group, so a step sends ~10^5 floats, not the tables as
+    dense copies (~1.5M floats), in one collective.
     """
-    width = flat.shape[1]
-    exchange = flat.new_zeros((flat.shape[0], width + 1))
-    if indices:
-        index = torch.cat(indices)
-        exchange[:, :width].index_add_(0, index, torch.cat(values))
-        exchange[:, width].index_fill_(0, index, 1.0)
-    parallel.all_reduce_dense([exchange])
-    rows = exchange[:, width].nonzero().reshape(-1)
-    if rows.numel() == 0:
-        return None, None
-    return rows, exchange.index_select(0, rows)[:, :width]
+    if any(n >= 1 << 31 for n, _ in shapes):
+        raise TrainError("data-parallel training: a table group holds 2**31 rows or more")
+    counts = [0 if rows is None else rows.numel() for rows, _ in touched]
+    header = torch.tensor(counts, dtype=torch.int32).view(torch.float32)
+    flat_dense = [t.reshape(-1) for t in dense]
+    while True:
+        gathered = parallel.all_gather(torch.cat([header, *flat_dense, *_blocks(touched, shapes, capacity)]))
+        longest = gathered[:, :len(counts)].contiguous().view(torch.int32).amax(dim=0).tolist()
+        if all(n <= c for n, c in zip(longest, capacity)):
+            break
+        capacity[:] = [max(c, n + n // 4) for c, n in zip(capacity, longest)]
+    offset = len(counts)
+    for t in dense:
+        t.copy_(gathered[:, offset:offset + t.numel()].sum(dim=0).view_as(t))
+        offset += t.numel()
+    out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+    for (rows_in_group, width), size in zip(shapes, capacity):
+        blocks = gathered[:, offset:offset + size * (width + 1)].reshape(-1, width + 1)
+        offset += size * (width + 1)
+        ids = blocks[:, 0].contiguous().view(torch.int32).long()
+        keep = ids >= 0
+        if not bool(keep.any()):
+            out.append((None, None))
+            continue
+        ids, values = ids[keep], blocks[keep, 1:]
+        rows, inverse = unique_rows(ids, rows_in_group)
+        out.append((rows, values.new_zeros((rows.numel(), width)).index_add_(0, inverse, values)))
+    return out
 
 
-def _unique_rows(index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.unique(index, return_inverse=True)`` without its sort: a mark per table row, then nonzero.
-
-    The tables hold ~10^5 rows and a batch ~10^4 indices: scanning one byte per row is cheaper than
-    sorting the indices (measured: about half the time at batch 512).
-    """
-    mark = torch.zeros(rows, dtype=torch.bool).index_fill_(0, index, True)
-    unique = mark.nonzero().reshape(-1)
-    position = torch.empty(rows, dtype=torch.long).index_copy_(0, unique, torch.arange(len(unique)))
-    return unique, position.index_select(0, index)
+def _blocks(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
+            capacity: list[int]) -> list[torch.Tensor]:
+    """Each group's rows and gradients as a flat block of ``capacity`` rows of (row number bits, gradient)."""
+    blocks = []
+    for (rows, grads), (_, width), size in zip(touched, shapes, capacity):
+        block = torch.zeros((size, width + 1))
+        block[:, 0] = torch.full((size,), -1, dtype=torch.int32).view(torch.float32)
+        if rows is not None:
+            n = min(size, len(rows))  # more rows than fit: this message only tells the counts
+            block[:n, 0] = rows[:n].to(torch.int32).view(torch.float32)
+            block[:n, 1:] = grads[:n]
+        blocks.append(block.reshape(-1))
+    return blocks
 
 
 class TrainingOptimizer:
@@ -202,6 +240,13 @@ class TrainingOptimizer:
         self.sparse = sparse
         self.dense_params = [p for opt in optimizers if not isinstance(opt, RowwiseAdam)
                              for group in opt.param_groups for p in group["params"]]
+        self.tables = next((opt for opt in optimizers if isinstance(opt, RowwiseAdam)), None)
+        self._exchange_seconds = 0.0
+
+    @property
+    def exchange_seconds(self) -> float:
+        """Seconds spent summing gradients across processes so far (0 with one process)."""
+        return self._exchange_seconds + (self.tables.exchange_seconds if self.tables is not None else 0.0)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -221,10 +266,18 @@ class TrainingOptimizer:
             opt.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        if parallel.world_size() > 1:
-            parallel.all_reduce_dense([p.grad for p in self.dense_params if p.grad is not None])
+        """Under torchrun the dense gradients travel with the table rows (``exchange``), in one message."""
+        dense = [p.grad for p in self.dense_params if p.grad is not None]
+        tables = [opt for opt in self.optimizers if isinstance(opt, RowwiseAdam)]
+        if parallel.world_size() > 1 and not tables:
+            started = time.perf_counter()
+            parallel.all_reduce_dense(dense)
+            self._exchange_seconds += time.perf_counter() - started
         for opt in self.optimizers:
-            opt.step()
+            if isinstance(opt, RowwiseAdam):
+                opt.step(dense=dense)
+            else:
+                opt.step()
 
     def finish(self) -> None:
         """Give the embeddings back their dense gradients (for export, scoring and any later training)."""

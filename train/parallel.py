@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from train.errors import TrainError
 
-__all__ = ["all_reduce_dense", "broadcast_float", "is_main", "rank", "requested_size", "setup",
+__all__ = ["all_gather", "all_reduce_dense", "all_reduce_max", "broadcast_float", "is_main", "rank", "requested_size", "setup",
            "shard_batches", "sum_float", "world_size"]
 
 
@@ -86,6 +86,22 @@ def all_reduce_dense(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``t`` over all processes (``t`` itself with one process)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Every process's ``t`` (the same shape everywhere), stacked in rank order: (processes, *t.shape)."""
+    if world_size() == 1:
+        return t.unsqueeze(0)
+    out = t.new_empty((world_size(), *t.shape))
+    dist.all_gather(list(out.unbind(0)), t)  # gloo writes each process's part into its row of ``out``
+    return out
 
 
 def sum_float(value: float) -> float:

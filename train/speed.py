@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from bidder.spec import FeatureSpec
 from train._deepctr import VERSION as DEEPCTR_VERSION
@@ -36,9 +39,10 @@ from train.evaluate import binary_metrics, predict
 from train.fit import report_skipped, resolve_spec
 from train.models import ARCHITECTURES, build_model, deepctr_input, parameter_count
 from train.optim import build_optimizer, dense_adam
-from train.trainer import PhaseClock, _run_epoch, _start_at_base_rate, check_training
+from train.trainer import PhaseClock, _run_epoch, _start_at_base_rate, check_training, training_forward
 
-__all__ = ["LOOPS", "PHASES", "check_speed", "measure_speed", "render_table"]
+__all__ = ["LOOPS", "PHASES", "check_processes", "check_speed", "measure_processes", "measure_speed",
+           "render_processes", "render_table"]
 
 LOOPS = ("ours", "deepctr")
 #: deepctr fit()'s optimizer settings unless told otherwise: the ones our loop shipped with before sparse
@@ -181,7 +185,8 @@ def _fit_ours(model, optimizer, hp, x, y, epochs, seed, label, progress) -> list
         for group in optimizer.param_groups:  # as train_model does
             group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
         started = time.perf_counter()
-        _run_epoch(model, optimizer, x, y, hp["batch_size"], shuffle, desc=f"{label} epoch {epoch}", progress=progress)
+        _run_epoch(model, optimizer, x, y, hp["batch_size"], shuffle, desc=f"{label} epoch {epoch}", progress=progress,
+                   forward=training_forward(model, optimizer, hp, x.shape[1]))
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -239,7 +244,7 @@ def _profile(model, hp, x, y, seed, label, progress) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         _run_epoch(model, optimizer, x, y, hp["batch_size"], torch.Generator().manual_seed(seed), desc=label,
-                   progress=progress, clock=clock)
+                   progress=progress, clock=clock, forward=training_forward(model, optimizer, hp, x.shape[1]))
         epoch = time.perf_counter() - started
         penalty_backward = _penalty_backward_seconds(optimizer)
     finally:
@@ -375,3 +380,94 @@ def _machine() -> dict[str, Any]:
         commit = None
     return {"cpu_model": cpu, "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "kernel": platform.release(), "commit": commit}
+
+
+def check_processes(model: str, processes: tuple[int, ...], *, repeats: int = 2, epochs: int = 1,
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``measure_processes``'s arguments checked before anything runs; returns the model's hyper-parameters."""
+    if model not in ARCHITECTURES:
+        raise TrainError(f"--model: unknown model {model!r}; choose from {', '.join(ARCHITECTURES)}")
+    if not processes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in processes):
+        raise TrainError(f"--processes must be positive integers, got {','.join(map(str, processes)) or 'none'}")
+    for name, value in (("--repeats", repeats), ("--epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TrainError(f"{name} must be a positive integer, got {value!r}")
+    return check_training(model, epochs, overrides)
+
+
+def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes: tuple[int, ...] = (1, 2),
+                      repeats: int = 2, epochs: int = 1, overrides: dict[str, Any] | None = None, seed: int = 0,
+                      progress: bool = True) -> dict[str, Any]:
+    """``train fit`` under ``torchrun --nproc-per-node N`` for each N, taking turns; samples/s and test AUC.
+
+    Each run is the documented command (one thread per process) writing a bundle into a temporary folder;
+    its figures come from the bundle's ``meta.json``: the epochs' seconds and ``exchange_seconds`` (the
+    gradient exchange, waiting for the slower process included) as process 0 measured them, and the
+    test AUC. The machine's load average is recorded before and after: other jobs on the cores
+    depress the many-process figures most.
+    """
+    hp = check_processes(model, processes, repeats=repeats, epochs=epochs, overrides=overrides)
+    if not Path(data_dir).is_dir():
+        raise TrainError(f"--data {data_dir}: no such folder")
+    sets = [arg for name, value in (overrides or {}).items() for arg in ("--set", f"{name}={value}")]
+    load_before = list(os.getloadavg())
+    started = time.perf_counter()
+    runs = []
+    order = [(repeat, n) for repeat in range(1, repeats + 1) for n in processes]
+    with tempfile.TemporaryDirectory(prefix="speed-ddp-") as tmp, \
+            tqdm(order, desc="torchrun runs", unit="run", disable=not progress) as bar:
+        for repeat, n in bar:
+            bar.set_postfix(processes=n)
+            out = Path(tmp) / f"run-{repeat}-{n}"
+            command = ["-m", "train", "fit", "--data", str(data_dir), "--model", model, "--epochs", str(epochs),
+                       "--seed", str(seed), "--threads", "1", "--out", str(out), "--quiet", *sets]
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node", str(n), *command],
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise TrainError(f"torchrun with {n} process(es) failed: {last}")
+            meta = json.loads((out / "meta.json").read_text())
+            history = meta["training"]["history"]
+            seconds = sum(h["seconds"] for h in history)
+            rows = meta["data"]["rows"]["train"]
+            runs.append({"processes": n, "repeat": repeat, "epoch_seconds": [h["seconds"] for h in history],
+                         "exchange_seconds": [h.get("exchange_seconds", 0.0) for h in history],
+                         "samples_per_s": round(rows * len(history) / seconds, 1),
+                         "train_logloss": history[-1]["train_logloss"], "test_auc": meta["metrics"]["test"]["auc"]})
+    median = {n: round(statistics.median(r["samples_per_s"] for r in runs if r["processes"] == n), 1)
+              for n in processes}
+    base = median[processes[0]]
+    return {
+        "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": ("python -m torch.distributed.run --standalone --nproc-per-node N " + " ".join(
+            ["-m", "train", "fit", "--data", str(data_dir), "--model", model, "--epochs", str(epochs),
+             "--seed", str(seed), "--threads", "1", "--out", "TMP", "--quiet", *sets])),
+        "settings": {"data": str(data_dir), "model": model, "processes": list(processes), "repeats": repeats,
+                     "epochs": epochs, "threads_per_process": 1, "order": "each N in turn, per repeat",
+                     "batch_size": hp["batch_size"], "lr": hp["lr"],
+                     "timed": "training epochs of process 0 (meta.json training.history)"},
+        "versions": _versions(),
+        "machine": {**_machine(), "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())},
+        "seconds": round(time.perf_counter() - started, 2),
+        "median_samples_per_s": {str(n): v for n, v in median.items()},
+        "ratio_to_first": {str(n): round(v / base, 3) for n, v in median.items()},
+        "runs": runs,
+    }
+
+
+def render_processes(result: dict[str, Any]) -> str:
+    """The runs as a markdown table: processes, median samples/s, its ratio, exchange share, test AUC."""
+    s = result["settings"]
+    lines = [f"{s['model']} on {s['data']}: {s['epochs']} epoch(s), batch {s['batch_size']}, one thread per process, "
+             f"load average {result['machine']['loadavg_before'][0]:.1f} before / "
+             f"{result['machine']['loadavg_after'][0]:.1f} after", "",
+             "| processes | samples/s (median) | runs | × first | exchange share | test AUC |",
+             "|---:|---:|---|---:|---:|---:|"]
+    for n in s["processes"]:
+        mine = [r for r in result["runs"] if r["processes"] == n]
+        share = statistics.median(sum(r["exchange_seconds"]) / sum(r["epoch_seconds"]) for r in mine)
+        lines.append(f"| {n} | {result['median_samples_per_s'][str(n)]:,.0f} | "
+                     f"{' / '.join(format(r['samples_per_s'], ',.0f') for r in mine)} | "
+                     f"{result['ratio_to_first'][str(n)]:.2f}× | {100 * share:.0f} % | {mine[0]['test_auc']:.4f} |")
+    return "\n".join(lines)

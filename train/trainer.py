@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from train.errors import TrainError
 from train.evaluate import binary_metrics, oracle_metrics, predict
 from train import parallel
 from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
+from train.fused import fused_forward
 from train.optim import TrainingOptimizer, build_optimizer
 
 __all__ = ["TrainedModel", "fit_epochs", "split_metrics", "train_model"]
@@ -113,6 +114,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
     x_train = torch.from_numpy(deepctr_input(dataset.train.inputs, spec))
     y_train = torch.from_numpy((dataset.train.labels if targets is None else targets).astype(np.float32))
     x_val = torch.from_numpy(deepctr_input(dataset.val.inputs, spec)) if main else None
+    forward = training_forward(model, optimizer, hp, x_train.shape[1], grad_masks)
     shuffle = torch.Generator().manual_seed(seed)  # the same order in every process
 
     history: list[dict] = []
@@ -123,11 +125,12 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
         history.append({"epoch": 0, "val_auc": val["auc"], "val_logloss": val["logloss"]})
     try:
         for epoch in range(1, hp["epochs"] + 1):
-            epoch_started = time.perf_counter()
+            epoch_started, exchanged = time.perf_counter(), optimizer.exchange_seconds
             for group in optimizer.param_groups:
                 group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
             train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
-                                    desc=f"{desc} epoch {epoch}/{hp['epochs']}", progress=progress)
+                                    desc=f"{desc} epoch {epoch}/{hp['epochs']}", progress=progress,
+                                    forward=forward)
             seconds = round(time.perf_counter() - epoch_started, 2)
             if main:
                 val = binary_metrics(dataset.val.labels, predict(model, x_val))
@@ -135,6 +138,8 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                 history.append({"epoch": epoch, "train_logloss": round(train_loss, 6), "val_auc": val["auc"],
                                 "val_logloss": val["logloss"], "seconds": seconds,
                                 "samples_per_s": round(len(x_train) / max(seconds, 1e-9), 1)})
+                if parallel.world_size() > 1:  # the gradient exchange's share of the epoch, waiting included
+                    history[-1]["exchange_seconds"] = round(optimizer.exchange_seconds - exchanged, 2)
                 if progress:
                     tqdm.write(f"{desc} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
                                f"val logloss {val['logloss']}")
@@ -213,8 +218,23 @@ class _NoClock:
         pass
 
 
+def training_forward(model: torch.nn.Module, optimizer: TrainingOptimizer, hp: dict[str, Any], columns: int,
+                     grad_masks: dict[str, torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What computes the model's output while training: the fused forward where it applies, else the model.
+
+    ``fused_forward`` (hyper-parameter, default true) with ``sparse_tables`` uses ``train/fused.py``:
+    the same function of the same parameters in fewer operations.
+    """
+    if hp.get("fused_forward", False) and optimizer.tables is not None:
+        fused = fused_forward(model, optimizer.tables, columns, grad_masks)
+        if fused is not None:
+            return fused
+    return model
+
+
 def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-               generator: torch.Generator, desc: str, progress: bool, clock: PhaseClock | None = None) -> float:
+               generator: torch.Generator, desc: str, progress: bool, clock: PhaseClock | None = None,
+               forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """One pass in a fresh random order; returns the mean training log loss (over all processes).
 
     The epoch's rows are gathered once, in shuffled order, into one block (this process's share of
@@ -227,6 +247,7 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
     read-back and the progress bar).
     """
     clock = clock or _NoClock()
+    forward = forward or model
     model.train()
     clock.start()
     order = torch.randperm(len(x), generator=generator)
@@ -240,7 +261,7 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
             x_batch, y_batch = x_epoch[start:end], y_epoch[start:end]
             start = end
             clock.mark("data")
-            pred = model(x_batch).reshape(-1)
+            pred = forward(x_batch).reshape(-1)
             loss = F.binary_cross_entropy(pred, y_batch, reduction="sum")
             clock.mark("forward")
             regularization = optimizer.penalty()
