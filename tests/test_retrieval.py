@@ -165,7 +165,8 @@ def test_exact_top_k_is_brute_force_over_the_eligible_creatives(market):
 
 
 def test_the_bounded_exact_search_skips_blocks_yet_equals_brute_force():
-    """A size of 6,000 creatives: blocks below the k-th best score are skipped, and nothing is lost by it."""
+    """A size of 6,000 creatives: open blocks and targeted rows whose bound is below the k-th best score are
+    skipped, and nothing is lost by it (a negative query bias too)."""
     rng = np.random.default_rng(6)
     campaigns = [{"id": f"c{i}", "advertiser": i, "value_per_click": 1.0,
                   **({"targeting": {"exchanges": ["1"]}} if i % 3 == 0 else {}),
@@ -180,7 +181,7 @@ def test_the_bounded_exact_search_skips_blocks_yet_equals_brute_force():
     skipped = 0
     for trial in range(40):
         query = rng.normal(size=9)
-        query[-1] = abs(query[-1]) + 0.5
+        query[-1] = (abs(query[-1]) + 0.5) * (-1 if trial % 5 == 4 else 1)
         query = (query / np.linalg.norm(query)).astype(np.float32)
         exchange = [None, "1"][trial % 2]
         blocked = frozenset({"a3.example"}) if trial % 4 == 1 else frozenset()
@@ -188,8 +189,41 @@ def test_the_bounded_exact_search_skips_blocks_yet_equals_brute_force():
         got = index.top_k(query, 300, 250, None, exchange, blocked, k)
         assert {catalog.candidates[i].creative_id for i in got} == brute_force(
             catalog, matrix, query, 300, 250, None, exchange, blocked, k)
-        skipped += len(part.positions) - part.scores(query, part.mask(None, exchange, blocked), k)[1]
+        skipped += len(part.positions) - part.search(query, None, exchange, blocked, k)[1]
     assert skipped > 40 * 1000  # the bound did prune
+
+
+def test_exact_top_k_equals_brute_force_whatever_the_mix_of_targeting():
+    """Campaigns targeted by domain, by exchange (one on two exchanges sits in both exchanges' runs), by both,
+    or not at all; blocked advertisers; k from 1 to more than are eligible."""
+    rng = np.random.default_rng(11)
+    domains = [f"d{i}.example" for i in range(6)]
+    campaigns = []
+    for i in range(160):
+        targeting = {}
+        if i % 4 in (1, 3):
+            targeting["domains"] = rng.choice(domains, size=1 + i % 3, replace=False).tolist()
+        if i % 4 in (2, 3) or i % 7 == 0:
+            targeting["exchanges"] = rng.choice(["1", "2", "3"], size=1 + i % 2, replace=False).tolist()
+        campaigns.append({"id": f"c{i}", "advertiser": i, "value_per_click": 1.0, "targeting": targeting,
+                          "creatives": [{"id": f"c{i}-{j}", "w": 300, "h": 250, "adomain": [f"a{i % 9}.example"],
+                                         "nurl": "https://x.example/${AUCTION_PRICE}"} for j in range(12)]})
+    catalog = parse_catalog({"campaigns": campaigns})
+    matrix = rng.normal(size=(len(catalog), 6)).astype(np.float32)
+    matrix[:, -1] = rng.normal(0, 2, len(catalog))
+    index = AdIndex(catalog, matrix)
+    for trial in range(80):
+        query = rng.normal(size=6).astype(np.float32)
+        domain = [None, *domains, "nowhere.example"][trial % 8]
+        exchange = [None, "1", "2", "3", "9"][trial % 5]
+        blocked = frozenset(f"a{j}.example" for j in rng.choice(9, size=trial % 3, replace=False).tolist())
+        for k in (1, 7, 300, 2000):
+            got = index.top_k(query, 300, 250, domain, exchange, blocked, k)
+            assert len(set(got.tolist())) == len(got)  # a creative in two runs is retrieved once
+            assert {catalog.candidates[i].creative_id for i in got} == brute_force(
+                catalog, matrix, query, 300, 250, domain, exchange, blocked, k)
+            scores = matrix[got] @ query
+            assert np.all(np.diff(scores) <= 0)  # best first
 
 
 def test_filters_come_before_top_k_so_ineligible_favourites_never_take_a_place(market):
