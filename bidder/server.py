@@ -23,6 +23,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 from aiohttp import web
+from threadpoolctl import threadpool_limits
 
 from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import CatalogError, load_catalog
@@ -406,6 +407,9 @@ def run_worker(config: Config, worker: int, ready=None) -> int:
     if config.pin:
         core = pin_to_core(worker)
         log.info("worker %d pinned to core %d", worker, core)
+    # numpy's BLAS started a thread per core at import, unpinned: a worker owns one core, and a product handed
+    # to a thread on another worker's core waits for it (retrieval's products are large enough to be split)
+    threadpool_limits(limits=1, user_api="blas")
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency on every platform that has it
