@@ -70,7 +70,7 @@ def ann_available() -> bool:
 class Towers:
     """A bundle's imp and ad towers (ONNX Runtime sessions), their signatures and parity checked at load."""
 
-    def __init__(self, bundle: str | os.PathLike, spec: FeatureSpec, featurizer: Any, max_imps: int = 16):
+    def __init__(self, bundle: str | os.PathLike, spec: FeatureSpec, featurizer: Any, max_imps: int = 64):
         self.bundle = Path(bundle)
         self.spec = spec
         self.featurizer = featurizer
@@ -395,6 +395,16 @@ class Retriever:
     def query(self, record: Mapping[str, Any]) -> np.ndarray:
         """The imp vector of one imp record (a copy: the tower's buffer is reused)."""
         return self.towers.imp_vectors((record,))[0].copy()
+
+    def queries(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """``[n, D]``: the imp vectors of ``records``, one imp tower call per ``max_imps`` of them (a batch's imps
+        share a call: measured 53 µs for one imp, 11 µs an imp for eight)."""
+        towers = self.towers
+        step = towers.max_imps
+        if len(records) <= step:
+            return towers.imp_vectors(records).copy()
+        return np.concatenate([towers.imp_vectors(records[start:start + step]).copy()  # views of one buffer
+                               for start in range(0, len(records), step)])
 
     def eligible(self, query: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
                  blocked: frozenset[str], dealids: Sequence[str] = ()) -> tuple[Candidate, ...]:

@@ -279,11 +279,21 @@ def engines(bundle: Path, catalog_path: Path, k: int):
     return with_retrieval, exhaustive, retriever, catalog
 
 
+def retrieved(engine: BidEngine, body: bytes):
+    """The request prepared and its candidates retrieved (as the batch does), or the Outcome that ended it."""
+    pending = engine.prepare(body, None, 0.0)
+    if isinstance(pending, Outcome):
+        return pending
+    assert pending.waiting and not pending.candidates  # retrieval waits for the batch
+    outcome = engine.retrieve([pending])[0]
+    return pending if outcome is None else outcome
+
+
 def test_the_engine_scores_the_k_retrieved_and_bids_the_ranker_best_of_them(tower_bundle, market):
     engine, exhaustive, retriever, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=25)
     assert retriever is not None and len(catalog) > SMALL_CATALOG
     body = banner()
-    pending = engine.prepare(body, None, 0.0)
+    pending = retrieved(engine, body)
     assert len(pending.candidates) == 25
     query = retriever.query(pending.groups[0][0])
     assert list(pending.candidates) == list(retriever.eligible(query, 300, 250, pending.groups[0][0]["domain"], None,
@@ -299,9 +309,9 @@ def test_the_engine_scores_the_k_retrieved_and_bids_the_ranker_best_of_them(towe
 
 def test_a_deal_buyer_the_k_left_out_still_bids_through_its_deal(tower_bundle, market, tmp_path):
     engine, _, _, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
-    retrieved = {c.campaign_id for c in engine.prepare(banner(), None, 0.0).candidates}
+    first = {c.campaign_id for c in retrieved(engine, banner()).candidates}
     data = json.loads((market / CAMPAIGNS_FILE).read_text())
-    buyer = next(c for c in data["campaigns"] if c["id"] not in retrieved and not c.get("targeting", {}).get("domains")
+    buyer = next(c for c in data["campaigns"] if c["id"] not in first and not c.get("targeting", {}).get("domains")
                  and not c.get("targeting", {}).get("exchanges") and any((x["w"], x["h"]) == (300, 250)
                                                                           for x in c["creatives"]))
     buyer["deals"] = [{"dealid": "D-far"}]
@@ -310,25 +320,50 @@ def test_a_deal_buyer_the_k_left_out_still_bids_through_its_deal(tower_bundle, m
     request = json.loads(banner())
     request["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-far", "bidfloor": 0.0}]}
     body = json.dumps(request).encode()
-    pending = engine.prepare(body, None, 0.0)
+    pending = retrieved(engine, body)
     assert {c.campaign_id for c in pending.candidates} == {buyer["id"]}  # only the deal's buyer may bid
     bid = json.loads(engine.bid(body).body)["seatbid"][0]["bid"][0]
     assert (bid["cid"], bid["dealid"]) == (buyer["id"], "D-far")
     request["imp"][0]["pmp"]["private_auction"] = 0  # open auction: the K and the deal's buyer
-    opened = engine.prepare(json.dumps(request).encode(), None, 0.0)
-    assert {c.campaign_id for c in opened.candidates} == retrieved | {buyer["id"]}
+    opened = retrieved(engine, json.dumps(request).encode())
+    assert {c.campaign_id for c in opened.candidates} == first | {buyer["id"]}
 
 
 def test_badv_and_sizes_without_creatives_under_retrieval(tower_bundle, market):
     engine, _, _, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
-    pending = engine.prepare(banner(), None, 0.0)
+    pending = retrieved(engine, banner())
     blocked = sorted({d for c in pending.candidates for d in c.adomain})
-    again = engine.prepare(banner(badv=blocked), None, 0.0)
+    again = retrieved(engine, banner(badv=blocked))
     if isinstance(again, Outcome):  # every eligible creative was of a blocked advertiser
         assert again.reason == "no_eligible_creative"
     else:
         assert len(again.candidates) == 10 and not set(blocked) & {d for c in again.candidates for d in c.adomain}
     assert engine.bid(banner(7, 7)).reason == "no_eligible_creative"
+
+
+def test_a_batch_runs_the_imp_tower_once_and_a_bad_record_fails_its_request_alone(tower_bundle, market, monkeypatch):
+    engine, _, retriever, _ = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
+    bodies = [banner(), banner(728, 90), banner(domain="bad.example"), banner(160, 600)]
+    alone = [engine.bid(body) for body in bodies]
+    calls = []
+    queries = retriever.queries
+
+    def counted(records):
+        calls.append(len(records))
+        if any(r["domain"] == "bad.example" for r in records):
+            raise ValueError("record 0: field 'domain': a bad value")
+        return queries(records)
+
+    monkeypatch.setattr(retriever, "queries", counted)
+    good = [0, 1, 3]
+    outcomes = engine.score_batch([engine.prepare(bodies[k], None, float("inf")) for k in good])
+    assert calls == [3]  # one imp tower call for the batch's imps
+    assert [o.body for o in outcomes] == [alone[k].body for k in good]
+    calls.clear()
+    outcomes = engine.score_batch([engine.prepare(body, None, float("inf")) for body in bodies])
+    assert calls == [4, 1, 1, 1, 1]  # the batch, then each request on its own
+    assert outcomes[2].status == 400 and b"cannot featurize" in outcomes[2].body
+    assert [outcomes[k].body for k in good] == [alone[k].body for k in good]
 
 
 def test_small_catalogs_skip_retrieval(tower_bundle):
