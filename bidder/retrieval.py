@@ -299,11 +299,19 @@ class _SizeIndex:
 
 
 def _rows_by(rows: Iterable[tuple[int, Candidate]], keys) -> dict[str, np.ndarray]:
-    found: dict[str, list[int]] = {}
+    """key -> the sorted rows whose candidate has it among ``keys(candidate)`` (a hashable collection).
+
+    A campaign's creatives share one targeting set, so rows are grouped by set first: a 100,000-creative
+    catalog has 3.2 million (domain, creative) pairs but only a few thousand distinct sets.
+    """
+    by_set: dict[Any, list[int]] = {}
     for row, c in rows:
-        for key in keys(c):
-            found.setdefault(key, []).append(row)
-    return {key: np.array(r, dtype=np.int64) for key, r in found.items()}
+        by_set.setdefault(keys(c), []).append(row)
+    found: dict[str, list[int]] = {}
+    for keyset, members in by_set.items():
+        for key in keyset:
+            found.setdefault(key, []).extend(members)
+    return {key: np.sort(np.array(r, dtype=np.int64)) for key, r in found.items()}
 
 
 class AnnIndex:
