@@ -23,6 +23,7 @@ import time
 from typing import NamedTuple, Sequence
 
 import msgspec
+import numpy as np
 
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
@@ -208,7 +209,8 @@ class BidEngine:
     # -- retrieve (large catalogs, a batch of requests) ----------------------------------------------
     def retrieve(self, batch: Sequence[Pending]) -> list[Outcome | None]:
         """Choose the candidates of every waiting imp of ``batch``: the imp tower runs once for all of them (in
-        chunks of its buffers), then per imp and size the targeting filters and the top K (``Retriever``).
+        chunks of its buffers), then the targeting filters and the top K of every imp and size, searched
+        together (``Retriever.eligible_many``).
 
         Per request None (its rows are ready) or the Outcome that ends it: the no-bid when no imp has a
         candidate, 400 when a record cannot be featurized (that request alone: the others are retried
@@ -221,36 +223,42 @@ class BidEngine:
         retriever = self.retriever
         try:
             vectors = retriever.queries([record for k in todo for _, _, record, _ in batch[k].waiting])
-        except ValueError:
-            vectors = None  # some record is bad: each request's imps on their own
-        start = 0
-        for k in todo:
-            pending = batch[k]
-            n = len(pending.waiting)
-            if vectors is not None:
-                mine = vectors[start:start + n]
-                start += n
-            else:
+        except ValueError:  # some record is bad: each request's imps on their own
+            vectors, ready = [], []
+            for k in todo:
                 try:
-                    mine = retriever.queries([record for _, _, record, _ in pending.waiting])
+                    vectors.append(retriever.queries([record for _, _, record, _ in batch[k].waiting]))
+                    ready.append(k)
                 except ValueError as exc:
                     outcomes[k] = Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
-                    continue
-            outcomes[k] = self._choose(pending, mine)
+            if not ready:
+                return outcomes
+            todo, vectors = ready, np.concatenate(vectors)
+        wanted, rows = [], []  # per imp and size: (w, h, domain, exchange, blocked, deal ids), its imp vector row
+        row = 0
+        for k in todo:
+            domain, exchange, blocked = batch[k].where
+            for _, imp, _, sizes in batch[k].waiting:
+                dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
+                for w, h in sizes:
+                    wanted.append((w, h, domain, exchange, blocked, dealids))
+                    rows.append(row)
+                row += 1
+        found = iter(retriever.eligible_many(vectors[rows], wanted))
+        for k in todo:
+            outcomes[k] = self._choose(batch[k], found)
         return outcomes
 
-    def _choose(self, pending: Pending, vectors) -> Outcome | None:
-        """Fill ``pending``'s rows with the top K of each waiting imp (imp vector ``vectors[j]``); the no-bid if none."""
-        retriever = self.retriever
-        domain, exchange, blocked = pending.where
+    def _choose(self, pending: Pending, found) -> Outcome | None:
+        """Fill ``pending``'s rows from ``found`` (the retrieved candidates of each waiting imp and size, in
+        order); the no-bid if no imp has any."""
         groups, owners, chosen, offers = pending.groups, pending.owners, pending.candidates, pending.offers
         imp_reason = pending.imp_reason
-        for (i, imp, record, sizes), query in zip(pending.waiting, vectors):
-            dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
+        for i, imp, record, sizes in pending.waiting:
             bids = False  # some size of the imp has candidates
             unmatched = False  # eligible candidates, none of which can buy the private auction's deals
-            for w, h in sizes:
-                eligible = retriever.eligible(query, w, h, domain, exchange, blocked, dealids)
+            for _ in sizes:
+                eligible = next(found)
                 if eligible and imp.pmp is not None:
                     eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
                     offers.update(imp_offers)

@@ -154,11 +154,17 @@ class _Run:
         self.bias_lo = bias[np.minimum(starts + BLOCK, stop) - 1]
         self.norm = np.maximum.reduceat(rest_norm[start:stop], starts - start) if stop > start else np.zeros(0)
 
-    def reach(self, last: float, rest: float, kth: float, skip: int) -> tuple[int, int]:
-        """The rows, after the first ``skip`` blocks, from the first to the last block whose bound reaches ``kth``
-        (one product over the few blocks between them costs less than a call per block)."""
-        bounds = last * (self.bias_hi[skip:] if last >= 0.0 else self.bias_lo[skip:]) + rest * self.norm[skip:]
-        blocks = np.flatnonzero(bounds >= kth - _MARGIN * (1.0 + abs(kth)))
+    def reach(self, last: np.ndarray, rest: np.ndarray, kth: np.ndarray, skip: int) -> tuple[int, int]:
+        """The rows, after the first ``skip`` blocks, from the first to the last block whose bound reaches the
+        k-th score ``kth`` of some imp (per imp: its query's ``last`` entry and the norm of the ``rest``); one
+        product over the few blocks between them costs less than a call per block."""
+        hi, lo, norm = self.bias_hi[skip:], self.bias_lo[skip:], self.norm[skip:]
+        blocks = None
+        for j in range(len(kth)):
+            bounds = last[j] * (hi if last[j] >= 0.0 else lo) + rest[j] * norm
+            reached = bounds >= kth[j] - _MARGIN * (1.0 + abs(kth[j]))
+            blocks = reached if blocks is None else blocks | reached
+        blocks = np.flatnonzero(blocks)
         if not len(blocks):
             return self.start, self.start
         return (self.start + (skip + int(blocks[0])) * BLOCK,
@@ -228,23 +234,76 @@ class _SizeIndex:
             first = run.start
             if kth == -np.inf:  # no k-th score yet: this run's first blocks give one
                 first = min(run.stop, run.start + max(FIRST_ROWS, -(-2 * k // BLOCK) * BLOCK))
-                self._score(query, run.start, first, blocked_rows, scores, rows)
+                self._score(query[None, :], run.start, first, [blocked_rows], scores, rows)
             if kth == -np.inf and scores:
-                head = scores[0] if len(scores) == 1 else np.concatenate(scores)
+                head = scores[0][0] if len(scores) == 1 else np.concatenate([part[0] for part in scores])
                 if len(head) >= k:
                     kth = float(np.partition(head, len(head) - k)[len(head) - k])
             if first < run.stop:
                 start, stop = ((first, run.stop) if kth == -np.inf
+                               else run.reach((last,), (rest,), (kth,), (first - run.start) // BLOCK))
+                if stop > start:
+                    self._score(query[None, :], start, stop, [blocked_rows], scores, rows)
+        return self._finish(query, last, rest, kth, domain, exchange, blocked_rows, [part[0] for part in scores],
+                            rows, k)
+
+    def search_many(self, queries: np.ndarray, wheres: Sequence[tuple[str | None, str | None, frozenset[str]]],
+                    k: int) -> list[tuple[np.ndarray, int]]:
+        """``search`` for the imps of a batch (``queries[j]`` on ``wheres[j]``: domain, exchange, blocked): the
+        imps on one exchange share each product over a run, so its rows are read once for all of them."""
+        out: list[tuple[np.ndarray, int]] = [(np.zeros(0, dtype=np.int64), 0)] * len(wheres)
+        groups: dict[str | None, list[int]] = {}
+        for j, (_, exchange, _) in enumerate(wheres):
+            groups.setdefault(exchange if exchange in self.exchange_runs else None, []).append(j)
+        for exchange, members in groups.items():
+            if len(members) == 1:  # alone: the one-query search has less to do per call
+                out[members[0]] = self.search(queries[members[0]], *wheres[members[0]], k)
+                continue
+            runs = [self.open_run] + ([self.exchange_runs[exchange]] if exchange is not None else [])
+            found = self._search_group(queries[members], [wheres[j] for j in members], runs, k)
+            for j, result in zip(members, found):
+                out[j] = result
+        return out
+
+    def _search_group(self, queries: np.ndarray, wheres: Sequence[tuple[str | None, str | None, frozenset[str]]],
+                      runs: list[_Run], k: int) -> list[tuple[np.ndarray, int]]:
+        """Imps that share ``runs``: one product per run of rows for all of them (rows past an imp's own bounds
+        are scored exactly too, which changes nothing), then per imp its domain's rows and its top ``k``."""
+        blocked_rows = [self._blocked(blocked) for _, _, blocked in wheres]
+        last = queries[:, -1].astype(np.float64)
+        rest = np.linalg.norm(queries[:, :-1].astype(np.float64), axis=1)
+        scores: list[np.ndarray] = []  # [imps, rows] each
+        rows: list[np.ndarray] = []
+        kth = np.full(len(queries), -np.inf)  # per imp, a k-th best score so far: a lower bound on its top k's
+        for run in runs:
+            if run.stop == run.start:
+                continue
+            first = run.start
+            if np.isneginf(kth).any():  # no k-th score yet: this run's first blocks give one
+                first = min(run.stop, run.start + max(FIRST_ROWS, -(-2 * k // BLOCK) * BLOCK))
+                self._score(queries, run.start, first, blocked_rows, scores, rows)
+                head = scores[0] if len(scores) == 1 else np.concatenate(scores, axis=1)
+                if head.shape[1] >= k:
+                    kth = np.maximum(kth, np.partition(head, head.shape[1] - k, axis=1)[:, head.shape[1] - k])
+            if first < run.stop:
+                start, stop = ((first, run.stop) if np.isneginf(kth).any()
                                else run.reach(last, rest, kth, (first - run.start) // BLOCK))
                 if stop > start:
-                    self._score(query, start, stop, blocked_rows, scores, rows)
+                    self._score(queries, start, stop, blocked_rows, scores, rows)
+        return [self._finish(queries[j], last[j], rest[j], float(kth[j]), domain, exchange, blocked_rows[j],
+                             [part[j] for part in scores], rows, k) for j, (domain, exchange, _) in enumerate(wheres)]
+
+    def _finish(self, query: np.ndarray, last: float, rest: float, kth: float, domain: str | None,
+                exchange: str | None, blocked_rows: np.ndarray | None, scores: list[np.ndarray],
+                rows: list[np.ndarray], k: int) -> tuple[np.ndarray, int]:
+        """Add the imp's domain-targeted rows to the runs' ``scores`` (of ``rows``) and take its top ``k``."""
         domain_rows = self._domain_rows(domain, exchange, blocked_rows)
         if len(domain_rows) and kth > -np.inf:  # only rows whose own bound reaches the k-th best so far
             bound = last * self.bias[domain_rows] + rest * self.rest_norm[domain_rows]
             domain_rows = domain_rows[bound >= kth - _MARGIN * (1.0 + abs(kth))]
         if len(domain_rows):
-            scores.append(self.matrix[domain_rows] @ query)
-            rows.append(domain_rows)
+            scores = [*scores, self.matrix[domain_rows] @ query]
+            rows = [*rows, domain_rows]
         if not scores:
             return np.zeros(0, dtype=np.int64), 0
         score = scores[0] if len(scores) == 1 else np.concatenate(scores)
@@ -255,12 +314,12 @@ class _SizeIndex:
         keep = keep[np.argsort(-score[keep], kind="stable")]
         return row[keep], len(score)
 
-    def _score(self, query: np.ndarray, start: int, stop: int, blocked_rows: np.ndarray | None,
+    def _score(self, queries: np.ndarray, start: int, stop: int, blocked_rows: list[np.ndarray | None],
                scores: list[np.ndarray], rows: list[np.ndarray]) -> None:
-        part = query @ self.columns[:, start:stop]
-        if blocked_rows is not None:
-            inside = blocked_rows[(blocked_rows >= start) & (blocked_rows < stop)]
-            part[inside - start] = -np.inf
+        part = queries @ self.columns[:, start:stop]
+        for j, blocked in enumerate(blocked_rows):
+            if blocked is not None:
+                part[j, blocked[(blocked >= start) & (blocked < stop)] - start] = -np.inf
         scores.append(part)
         rows.append(np.arange(start, stop))
 
@@ -372,6 +431,26 @@ class AdIndex:
                 return part.positions[found]
         return part.positions[part.search(np.asarray(query, dtype=np.float32), domain, exchange, blocked, k)[0]]
 
+    def top_k_many(self, queries: np.ndarray, wanted: Sequence[tuple[int, int, str | None, str | None, frozenset[str]]],
+                   k: int, approximate: bool = False) -> list[np.ndarray]:
+        """``top_k`` for several imps (``queries[j]`` of size, domain, exchange, blocked ``wanted[j]``): the exact
+        search reads each run of rows once for the imps of one size and exchange."""
+        if approximate or len(wanted) == 1:
+            return [self.top_k(queries[j], *where, k, approximate) for j, where in enumerate(wanted)]
+        queries = np.asarray(queries, dtype=np.float32)
+        out: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(wanted)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for j, (w, h, _, _, _) in enumerate(wanted):
+            by_size.setdefault((w, h), []).append(j)
+        for size, members in by_size.items():
+            part = self.sizes.get(size)
+            if part is None:
+                continue
+            found = part.search_many(queries[members], [wanted[j][2:] for j in members], k)
+            for j, (rows, _) in zip(members, found):
+                out[j] = part.positions[rows]
+        return out
+
     @staticmethod
     def _approximate(part: _SizeIndex, query: np.ndarray, mask: np.ndarray | None, k: int) -> np.ndarray | None:
         """HNSW rows, filtered; None when fewer than ``k`` eligible ones came back (the caller goes exact)."""
@@ -419,7 +498,20 @@ class Retriever:
         """The top K eligible candidates of size ``w``x``h`` for the imp of ``query``, best first, then the
         eligible buyers of the imp's deals (``dealids``) the K left out: a deal is a negotiated buy, which
         an inner product must not drop (in a private auction it is the only way to bid)."""
-        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate).tolist()
+        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate)
+        return self._candidates(rows, w, h, domain, exchange, blocked, dealids)
+
+    def eligible_many(self, queries: np.ndarray, wanted: Sequence[tuple[int, int, str | None, str | None,
+                                                                       frozenset[str], Sequence[str]]]
+                      ) -> list[tuple[Candidate, ...]]:
+        """``eligible`` for several imps and sizes (``queries[j]`` with ``wanted[j]``: w, h, domain, exchange,
+        blocked, deal ids), the top K of a batch's imps searched together (``AdIndex.top_k_many``)."""
+        found = self.index.top_k_many(queries, [where[:5] for where in wanted], self.k, self.approximate)
+        return [self._candidates(rows, *where) for rows, where in zip(found, wanted)]
+
+    def _candidates(self, rows: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
+                    blocked: frozenset[str], dealids: Sequence[str]) -> tuple[Candidate, ...]:
+        rows = rows.tolist()
         candidates = self.catalog.candidates
         chosen = [candidates[i] for i in rows]
         if dealids:

@@ -212,6 +212,7 @@ def test_exact_top_k_equals_brute_force_whatever_the_mix_of_targeting():
     matrix = rng.normal(size=(len(catalog), 6)).astype(np.float32)
     matrix[:, -1] = rng.normal(0, 2, len(catalog))
     index = AdIndex(catalog, matrix)
+    asked = []
     for trial in range(80):
         query = rng.normal(size=6).astype(np.float32)
         domain = [None, *domains, "nowhere.example"][trial % 8]
@@ -224,6 +225,11 @@ def test_exact_top_k_equals_brute_force_whatever_the_mix_of_targeting():
                 catalog, matrix, query, 300, 250, domain, exchange, blocked, k)
             scores = matrix[got] @ query
             assert np.all(np.diff(scores) <= 0)  # best first
+        asked.append((query, (300, 250, domain, exchange, blocked)))
+    # a batch's imps searched together (each run of rows read once for an exchange's imps): the same answers
+    for k in (1, 7, 300):
+        together = index.top_k_many(np.stack([q for q, _ in asked]), [where for _, where in asked], k)
+        assert [r.tolist() for r in together] == [index.top_k(q, *where, k).tolist() for q, where in asked]
 
 
 def test_filters_come_before_top_k_so_ineligible_favourites_never_take_a_place(market):
