@@ -446,4 +446,8 @@ def test_bench_retrieval_reports_agreement_baselines_and_bid_timings(tower_bundl
     assert exact[5]["value_lost_cpm"] >= exact[40]["value_lost_cpm"] >= 0
     assert set(report["bid_ms"]) == {"retrieval_k10", "exhaustive"}
     assert report["bid_ms"]["retrieval_k10"]["requests"] == 16 and report["bid_ms"]["exhaustive"]["bids"] > 0
+    assert set(report["exact_rows_scored"]) == {"5", "40"} and 0 < report["exact_rows_scored"]["5"] <= 1
+    stages = report["stages"]
+    assert set(stages["imp_tower_us"]) == {"one_imp", "per_imp_of_8"} and min(stages["imp_tower_us"].values()) > 0
+    assert set(stages["ranker_ms_per_request"]) == {"alone_200_rows", "eight_requests_in_one_call"}
     assert main(["--data", str(market), "--bundle", str(tower_bundle), "--out", str(out), "--k", "0"]) == 2
