@@ -14,7 +14,7 @@ tower's bias + log value, the same for every imp; ``value_only``: the K best by 
   value-only baseline's is not comparable: it starts from the eligible list);
 - ``exact_rows_scored``: per K, the median share of an imp's size's rows the exact search multiplied;
 - ``stages``: the imp tower for one imp against eight in one call, and the ranker for one request's 200 rows
-  against eight requests' rows in one call (what batching across requests buys each stage).
+  against several requests' rows in one call, hot and cold (what batching across requests buys each stage).
 
 ``bid_ms`` times ``BidEngine.bid`` in process on one imp per request (the IAB simple-banner request, its
 site domain and size replaced by those of the test imps), retrieval with K = 50 and 200 against exhaustive
@@ -40,7 +40,7 @@ from bidder.campaigns import CatalogError, load_catalog
 from bidder.engine import BidEngine
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import Metrics
-from bidder.retrieval import AdIndex, Retriever, Towers, ann_available
+from bidder.retrieval import RETRIEVAL_BATCH, AdIndex, Retriever, Towers, ann_available
 from bidder.scorer import BundleError, Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,10 +177,14 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
 
 def stage_timings(towers: Towers, scorer: Scorer, catalog, records: list[dict], rounds: int = 200) -> dict:
     """What batching buys, stage by stage (medians, taking turns): the imp tower for one imp against eight in one
-    call, and the ranker (factorized graph) for one request's 200 rows against eight requests' 1,600 in one call."""
+    call, and the ranker (factorized graph) for one request's 200 rows against ``RETRIEVAL_BATCH`` requests' rows
+    in one call (the most the served engine puts in one call) and eight's; each call is timed hot (right after the
+    same call) and cold (after 16 MB of other memory was written, as serving does between requests)."""
     rng = np.random.default_rng(0)
     tower = {"one_imp": [], "per_imp_of_8": []}
-    ranker = {"alone_200_rows": [], "eight_requests_in_one_call": []}
+    batches = {1: "alone_200_rows", RETRIEVAL_BATCH: f"{RETRIEVAL_BATCH}_requests_in_one_call", 8: "8_requests_in_one_call"}
+    ranker = {f"{name}_{state}": [] for name in batches.values() for state in ("hot", "cold")}
+    other = np.ones(4 << 20, dtype=np.float32)
     wide = FactorizedScorer.for_scorer(scorer, max_imps=8, max_rows=8 * 200, check=False)
     wide.set_candidates([c.layer for c in catalog.candidates])
     scorer.featurizer.transform_into(wide.imp_inputs, records)
@@ -189,12 +193,17 @@ def stage_timings(towers: Towers, scorer: Scorer, catalog, records: list[dict], 
             started = time.perf_counter()
             towers.imp_vectors(records[:n])
             tower[key].append((time.perf_counter() - started) / len(records[:n]) * 1e6)
-        for n, key in ((1, "alone_200_rows"), (8, "eight_requests_in_one_call")):
+        for n, name in batches.items():
             wide.row_imp[:n * 200] = np.repeat(np.arange(n), 200)
             wide.row_cand[:n * 200] = rng.integers(0, len(catalog), n * 200)
-            started = time.perf_counter()
-            wide.run(n, n * 200)
-            ranker[key].append((time.perf_counter() - started) / n * 1e3)
+            for state in ("hot", "cold"):
+                if state == "hot":
+                    wide.run(n, n * 200)
+                else:
+                    other += 1.0
+                started = time.perf_counter()
+                wide.run(n, n * 200)
+                ranker[f"{name}_{state}"].append((time.perf_counter() - started) / n * 1e3)
     return {"imp_tower_us": {key: round(float(np.median(v)), 1) for key, v in tower.items()},
             "ranker_ms_per_request": {key: round(float(np.median(v)), 3) for key, v in ranker.items()}}
 

@@ -46,8 +46,10 @@ PARITY_TOLERANCE = 1e-6
 #: catalogs of at most this many creatives are scored exhaustively (a few hundred rows per imp at most)
 SMALL_CATALOG = 1000
 DEFAULT_K = 200
-#: the ranker's row buffers hold this many requests' K rows when retrieving (one ORT call for them)
-RETRIEVAL_BATCH = 8
+#: the ranker's row buffers hold this many requests' K rows when retrieving (one ORT call for them): with caches
+#: cold between requests, 4 requests' 200 rows in one call cost 15-24 % less a request than a call each; 8 were
+#: no better, their intermediate tensors leaving the cache (``python -m bench retrieval``, ``stages``)
+RETRIEVAL_BATCH = 4
 #: the approximate search asks the HNSW graph for this many times K, then applies the targeting filters
 ANN_OVERFETCH = 2
 #: exact search: open rows scored before the first bound check (at least 2 K), and rows per bounded block

@@ -106,8 +106,8 @@ class State:
             catalog = load_catalog(campaigns)
         factorized = None
         if self.config.factorized and scorer.factorized_files():
-            # retrieval gives every imp K rows: the buffers hold a batch of such requests (one ORT call for them
-            # costs less per request than a call each, caches being cold between requests)
+            # retrieval gives every imp K rows: the buffers hold a few such requests (``RETRIEVAL_BATCH``), one
+            # ORT call for them
             rows = scorer.max_batch
             if self.config.retrieval and needs_retrieval(catalog):
                 rows = max(rows, self.config.retrieve_k * RETRIEVAL_BATCH)
