@@ -40,7 +40,7 @@ from bidder.campaigns import CatalogError, load_catalog
 from bidder.engine import BidEngine
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import Metrics
-from bidder.retrieval import RETRIEVAL_BATCH, AdIndex, Retriever, Towers, ann_available
+from bidder.retrieval import AdIndex, Retriever, Towers, ann_available
 from bidder.scorer import BundleError, Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,12 +177,13 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
 
 def stage_timings(towers: Towers, scorer: Scorer, catalog, records: list[dict], rounds: int = 200) -> dict:
     """What batching buys, stage by stage (medians, taking turns): the imp tower for one imp against eight in one
-    call, and the ranker (factorized graph) for one request's 200 rows against ``RETRIEVAL_BATCH`` requests' rows
-    in one call (the most the served engine puts in one call) and eight's; each call is timed hot (right after the
-    same call) and cold (after 16 MB of other memory was written, as serving does between requests)."""
+    call, and the ranker (factorized graph) for one request's 200 rows against four and eight requests' rows in one
+    call (the served engine makes one call per request when K rows fill ``--max-batch``); each call is timed hot
+    (right after the same call) and cold (after 16 MB of other memory was written, as serving does between
+    requests)."""
     rng = np.random.default_rng(0)
     tower = {"one_imp": [], "per_imp_of_8": []}
-    batches = {1: "alone_200_rows", RETRIEVAL_BATCH: f"{RETRIEVAL_BATCH}_requests_in_one_call", 8: "8_requests_in_one_call"}
+    batches = {1: "alone_200_rows", 4: "4_requests_in_one_call", 8: "8_requests_in_one_call"}
     ranker = {f"{name}_{state}": [] for name in batches.values() for state in ("hot", "cold")}
     other = np.ones(4 << 20, dtype=np.float32)
     wide = FactorizedScorer.for_scorer(scorer, max_imps=8, max_rows=8 * 200, check=False)

@@ -50,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="worker processes sharing the port (SO_REUSEPORT), worker i pinned to core i mod ncpu "
                             "(default: %(default)s)")
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                       help="rows per ONNX Runtime call; larger requests are scored in chunks (default: %(default)s; "
-                            "with retrieval at least 4 requests' K rows)")
+                       help="rows per ONNX Runtime call; larger requests are scored in chunks (default: %(default)s)")
     serve.add_argument("--max-body", type=int, default=defaults.max_body, help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
     serve.add_argument("--utc-offset", type=float, default=defaults.utc_offset_hours,
                        help="hours added to UTC to derive weekday/hour of a request")

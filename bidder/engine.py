@@ -279,8 +279,7 @@ class BidEngine:
 
     # -- score (a batch of requests) -----------------------------------------------------------------
     def score_batch(self, batch: Sequence[Pending]) -> list[Outcome | Exception]:
-        """One Outcome per request: the batch's rows scored in chunks of at most ``max_batch`` rows (the factorized
-        scorer's ``max_rows`` when it scores: with retrieval, several requests' K rows).
+        """One Outcome per request: the batch's rows scored in chunks of at most ``max_batch`` rows.
 
         A request whose pricing raised gets the exception instead (the batcher raises it in that
         request's handler only).
@@ -289,7 +288,7 @@ class BidEngine:
         in chunks of its own. ``tmax`` is checked here, just before scoring.
         """
         outcomes: list[Outcome | None] = [None] * len(batch)
-        limit = self.scorer.max_batch if self.factorized is None else self.factorized.max_rows
+        limit = self.scorer.max_batch
         now = time.perf_counter()
         if self.retriever is not None:
             outcomes = self.retrieve(batch)

@@ -36,7 +36,7 @@ from bidder.scorer import BundleError, bind_buffers, load_graph, read_meta
 from bidder.spec import FeatureSpec
 
 __all__ = ["AD_OUTPUT", "AD_TOWER_FILE", "DEFAULT_K", "GRAPH", "IMP_OUTPUT", "IMP_TOWER_FILE", "PARITY_TOLERANCE",
-           "RETRIEVAL_BATCH", "SMALL_CATALOG", "AdIndex", "AnnIndex", "Retriever", "Towers", "ann_available", "needs_retrieval",
+           "SMALL_CATALOG", "AdIndex", "AnnIndex", "Retriever", "Towers", "ann_available", "needs_retrieval",
            "retriever_for", "towers_for"]
 
 GRAPH = "twotower"  # its key under meta.json's "graphs"
@@ -46,10 +46,6 @@ PARITY_TOLERANCE = 1e-6
 #: catalogs of at most this many creatives are scored exhaustively (a few hundred rows per imp at most)
 SMALL_CATALOG = 1000
 DEFAULT_K = 200
-#: the ranker's row buffers hold this many requests' K rows when retrieving (one ORT call for them): with caches
-#: cold between requests, 4 requests' 200 rows in one call cost 15-24 % less a request than a call each; 8 were
-#: no better, their intermediate tensors leaving the cache (``python -m bench retrieval``, ``stages``)
-RETRIEVAL_BATCH = 4
 #: the approximate search asks the HNSW graph for this many times K, then applies the targeting filters
 ANN_OVERFETCH = 2
 #: exact search: open rows scored before the first bound check (at least 2 K), and rows per bounded block

@@ -31,7 +31,7 @@ from bidder.engine import BidEngine, Outcome, error_body
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.openrtb import RequestError, decode_json
-from bidder.retrieval import DEFAULT_K, RETRIEVAL_BATCH, needs_retrieval, retriever_for
+from bidder.retrieval import DEFAULT_K, retriever_for
 from bidder.scorer import BundleError, Scorer, pin_to_core
 from bidder.shading import WinModel
 
@@ -106,13 +106,8 @@ class State:
             catalog = load_catalog(campaigns)
         factorized = None
         if self.config.factorized and scorer.factorized_files():
-            # retrieval gives every imp K rows: the buffers hold a few such requests (``RETRIEVAL_BATCH``), one
-            # ORT call for them
-            rows = scorer.max_batch
-            if self.config.retrieval and needs_retrieval(catalog):
-                rows = max(rows, self.config.retrieve_k * RETRIEVAL_BATCH)
             # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
-            factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=rows)
+            factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
         # the win-price model for first-price shading, if the bundle has one (checked, BundleError otherwise)
         market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch, native=self.config.native_shading)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
@@ -126,7 +121,7 @@ class State:
         if factorized is not None and len(catalog):
             # the shapes of batches of one-imp requests of one size: n imps x k candidates
             for k in per_size:
-                for n in range(1, min(32, factorized.max_rows // max(k, 1)) + 1):
+                for n in range(1, min(32, scorer.max_batch // max(k, 1)) + 1):
                     factorized.row_imp[:n * k] = np.repeat(np.arange(n), k)
                     factorized.row_cand[:n * k] = 0
                     factorized.run(n, n * k)

@@ -372,25 +372,6 @@ def test_a_batch_runs_the_imp_tower_once_and_a_bad_record_fails_its_request_alon
     assert [outcomes[k].body for k in good] == [alone[k].body for k in good]
 
 
-def test_the_served_engine_scores_several_requests_k_rows_in_one_ranker_call(tower_bundle, market):
-    from bidder.retrieval import RETRIEVAL_BATCH
-    from bidder.server import State
-
-    config = Config(model=tower_bundle, campaigns=market / CAMPAIGNS_FILE, now=NOW, retrieve_k=80)
-    engine = State(config, Metrics()).load(config.model, config.campaigns)
-    assert engine.factorized.max_rows == 80 * RETRIEVAL_BATCH > config.max_batch
-    bodies = [banner(), banner(728, 90), banner(), banner(728, 90)] * 3
-    alone = [engine.bid(body).body for body in bodies]
-    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
-    calls = []
-    run = engine.factorized.run
-    engine.factorized.run = lambda n_imps, rows: calls.append(rows) or run(n_imps, rows)
-    outcomes = engine.score_batch(prepared)
-    assert [o.body for o in outcomes] == alone
-    rows = [len(p.candidates) for p in prepared]
-    assert rows == [80] * 12 and calls == [80 * RETRIEVAL_BATCH] * (12 // RETRIEVAL_BATCH)  # requests share calls
-
-
 def test_small_catalogs_skip_retrieval(tower_bundle):
     scorer = Scorer(tower_bundle)
     assert retriever_for(scorer, load_catalog(DEFAULT_BUNDLE / "campaigns.json"), 5) is None
