@@ -180,25 +180,9 @@ class BidEngine:
             if self.retriever is not None:  # the candidates come from the batch's imp vectors (retrieve)
                 waiting.append((i, imp, imp_fields(shared, imp), sizes))
                 continue
-            record = None
-            bids = False  # some size of the imp has candidates
-            unmatched = False  # eligible candidates, none of which can buy the private auction's deals
-            for w, h in sizes:
-                eligible = catalog.eligible(w, h, domain, exchange, blocked)
-                if eligible and imp.pmp is not None:
-                    eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
-                    offers.update(imp_offers)
-                    unmatched = unmatched or not eligible
-                if not eligible:
-                    continue
-                if record is None:
-                    record = imp_fields(shared, imp)
-                groups.append((record, eligible))
-                owners.extend([i] * len(eligible))
-                chosen.extend(eligible)
-                bids = True
-            if not bids:
-                imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
+            per_size = [catalog.eligible(w, h, domain, exchange, blocked) for w, h in sizes]
+            record = imp_fields(shared, imp) if any(per_size) else None
+            imp_reason = self._add_rows(i, imp, record, per_size, groups, owners, chosen, offers, imp_reason)
         if waiting:
             return Pending(request, received, groups, owners, chosen, floors, offers, imp_reason, waiting,
                            (domain, exchange, blocked))
@@ -255,27 +239,35 @@ class BidEngine:
         groups, owners, chosen, offers = pending.groups, pending.owners, pending.candidates, pending.offers
         imp_reason = pending.imp_reason
         for i, imp, record, sizes in pending.waiting:
-            bids = False  # some size of the imp has candidates
-            unmatched = False  # eligible candidates, none of which can buy the private auction's deals
-            for _ in sizes:
-                eligible = next(found)
-                if eligible and imp.pmp is not None:
-                    eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
-                    offers.update(imp_offers)
-                    unmatched = unmatched or not eligible
-                if not eligible:
-                    continue
-                groups.append((record, eligible))
-                owners.extend([i] * len(eligible))
-                chosen.extend(eligible)
-                bids = True
-            if not bids:
-                imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
+            imp_reason = self._add_rows(i, imp, record, [next(found) for _ in sizes], groups, owners, chosen, offers,
+                                        imp_reason)
         pending.waiting = None
         pending.imp_reason = imp_reason
         if not groups:
             return self._no_bid(imp_reason or "no_eligible_creative")
         return None
+
+    def _add_rows(self, i: int, imp: Imp, record: dict | None, per_size: Sequence[Sequence[Candidate]],
+                  groups: list, owners: list[int], chosen: list[Candidate], offers: dict[int, DealOffer],
+                  imp_reason: str | None) -> str | None:
+        """Append imp ``i``'s rows (its eligible candidates of each size, kept to its deals' buyers in a private
+        auction) to a request's rows; returns the request's first no-bid reason, this imp's if it got none."""
+        bids = False  # some size of the imp has candidates
+        unmatched = False  # eligible candidates, none of which can buy the private auction's deals
+        for eligible in per_size:
+            if eligible and imp.pmp is not None:
+                eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
+                offers.update(imp_offers)
+                unmatched = unmatched or not eligible
+            if not eligible:
+                continue
+            groups.append((record, eligible))
+            owners.extend([i] * len(eligible))
+            chosen.extend(eligible)
+            bids = True
+        if not bids:
+            imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
+        return imp_reason
 
     # -- score (a batch of requests) -----------------------------------------------------------------
     def score_batch(self, batch: Sequence[Pending]) -> list[Outcome | Exception]:
