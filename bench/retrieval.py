@@ -11,7 +11,10 @@ tower's bias + log value, the same for every imp; ``value_only``: the K best by 
   then overlaps the exhaustive top 10 exactly that much);
 - ``value_lost``: mean of (best value − best value among the K), in CPM USD and relative to the best;
 - ``retrieval_us``: per imp, the imp tower, the filters and the top K (median and P99 over the imps; the
-  value-only baseline's is not comparable: it starts from the eligible list).
+  value-only baseline's is not comparable: it starts from the eligible list);
+- ``exact_rows_scored``: per K, the median share of an imp's size's rows the exact search multiplied;
+- ``stages``: the imp tower for one imp against eight in one call, and the ranker for one request's 200 rows
+  against several requests' rows in one call, hot and cold (what batching across requests buys each stage).
 
 ``bid_ms`` times ``BidEngine.bid`` in process on one imp per request (the IAB simple-banner request, its
 site domain and size replaced by those of the test imps), retrieval with K = 50 and 200 against exhaustive
@@ -105,6 +108,7 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
     lost = {(m, k): [] for m in modes for k in ks}
     lost_rel = {(m, k): [] for m in modes for k in ks}
     seconds = {(m, k): [] for m in modes for k in ks}
+    scored = {k: [] for k in ks}  # exact: rows the bounded search multiplied, against the imp's size's rows
     eligible_counts, exhaustive_s = [], []
     for record in tqdm(_test_imps(data, imps, seed), desc="imps", disable=not progress, leave=False):
         w, h = int(record["slotwidth"]), int(record["slotheight"])
@@ -133,6 +137,9 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
                     query = no_imp if mode == "ad_only" else towers.imp_vectors([record])[0].copy()
                     found = index.top_k(query, w, h, domain, exchange, frozenset(), k, approximate=mode == "ann")
                 seconds[mode, k].append(time.perf_counter() - started)
+                if mode == "exact":
+                    part = exact.sizes[(w, h)]
+                    scored[k].append(part.search(query, domain, exchange, frozenset(), k)[1] / len(part.positions))
                 found_set = set(found.tolist())
                 hits[mode, k].append(best in found_set)
                 tops[mode, k].append(len(top10 & found_set) / len(top10))
@@ -161,9 +168,45 @@ def measure(data: Path, bundle: Path, campaigns: Path, ks: tuple[int, ...], imps
                                   "p99": round(float(np.percentile(exhaustive_s, 99)) * 1e3, 3)},
         "results": results,
     }
+    out["exact_rows_scored"] = {str(k): round(float(np.median(v)), 4) for k, v in scored.items()}
+    out["stages"] = stage_timings(towers, scorer, catalog, _test_imps(data, 8, seed + 2))
     if bid_requests:
         out["bid_ms"] = bid_latency(scorer, catalog, towers, matrix, _test_imps(data, bid_requests, seed + 1), bid_ks)
     return out
+
+
+def stage_timings(towers: Towers, scorer: Scorer, catalog, records: list[dict], rounds: int = 200) -> dict:
+    """What batching buys, stage by stage (medians, taking turns): the imp tower for one imp against eight in one
+    call, and the ranker (factorized graph) for one request's 200 rows against four and eight requests' rows in one
+    call (the served engine makes one call per request when K rows fill ``--max-batch``); each call is timed hot
+    (right after the same call) and cold (after 16 MB of other memory was written, as serving does between
+    requests)."""
+    rng = np.random.default_rng(0)
+    tower = {"one_imp": [], "per_imp_of_8": []}
+    batches = {1: "alone_200_rows", 4: "4_requests_in_one_call", 8: "8_requests_in_one_call"}
+    ranker = {f"{name}_{state}": [] for name in batches.values() for state in ("hot", "cold")}
+    other = np.ones(4 << 20, dtype=np.float32)
+    wide = FactorizedScorer.for_scorer(scorer, max_imps=8, max_rows=8 * 200, check=False)
+    wide.set_candidates([c.layer for c in catalog.candidates])
+    scorer.featurizer.transform_into(wide.imp_inputs, records)
+    for _ in range(rounds):
+        for n, key in ((1, "one_imp"), (8, "per_imp_of_8")):
+            started = time.perf_counter()
+            towers.imp_vectors(records[:n])
+            tower[key].append((time.perf_counter() - started) / len(records[:n]) * 1e6)
+        for n, name in batches.items():
+            wide.row_imp[:n * 200] = np.repeat(np.arange(n), 200)
+            wide.row_cand[:n * 200] = rng.integers(0, len(catalog), n * 200)
+            for state in ("hot", "cold"):
+                if state == "hot":
+                    wide.run(n, n * 200)
+                else:
+                    other += 1.0
+                started = time.perf_counter()
+                wide.run(n, n * 200)
+                ranker[f"{name}_{state}"].append((time.perf_counter() - started) / n * 1e3)
+    return {"imp_tower_us": {key: round(float(np.median(v)), 1) for key, v in tower.items()},
+            "ranker_ms_per_request": {key: round(float(np.median(v)), 3) for key, v in ranker.items()}}
 
 
 def bid_latency(scorer: Scorer, catalog, towers: Towers, matrix: np.ndarray, records: list[dict],

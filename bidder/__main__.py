@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from bidder.campaigns import CatalogError, load_catalog
     from bidder.retrieval import needs_retrieval, towers_for
     from bidder.scorer import BundleError, Scorer
-    from bidder.server import EXIT_STARTUP, StartupError, check_port, serve
+    from bidder.server import EXIT_STARTUP, StartupError, check_port, preload, serve
 
     try:
         scorer = Scorer(config.model, max_batch=1)
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         check_port(config.host, config.port, reuse_port=config.workers > 1)
     except StartupError as exc:
         return _fail(str(exc), EXIT_STARTUP)
+    preload(config.campaigns, catalog)  # served as checked, not read again
+    del catalog  # the engine holds it from now on: a reload must be able to free it
     return serve(config)
 
 

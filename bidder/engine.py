@@ -3,9 +3,10 @@
 Stages, in the order a request meets them (one function each):
 
     prepare   decode → the imp records → eligible candidates per imp (no-bid and 400 answers end here);
-              with a large catalog, ``retrieve``: targeting filters, then the top K by the two towers
-              (``bidder.retrieval``)
+              with a large catalog the imps wait for ``retrieve``
     batch     ``bidder.batching.Batcher``: every request prepared in one loop turn joins one batch
+    retrieve  large catalogs: the imp tower once for every imp of the batch, then per imp the targeting
+              filters and the top K by the two towers (``bidder.retrieval``)
     score     the batch's rows in as few ORT calls as ``max_batch`` allows (``tmax`` checked first)
     value     best candidate per imp at or above its floor (``bidder.pricing``)
     shade     first-price imps of the whole batch: the surplus-maximising bid (``bidder.shading``)
@@ -22,13 +23,14 @@ import time
 from typing import NamedTuple, Sequence
 
 import msgspec
+import numpy as np
 
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.deals import DealOffer, deal_candidates, seat_bids
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (FIRST_PRICE, Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict,
+from bidder.openrtb import (FIRST_PRICE, Bid, BidRequest, BidResponse, Imp, RequestError, SeatBid, decode_predict,
                             decode_request, encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import PricedBid, best_per_imp, bid_cpm, floored_price
 from bidder.retrieval import Retriever
@@ -50,14 +52,18 @@ class Pending:
 
     ``groups`` holds (imp record, eligible candidates) per imp and size; the rows are their
     concatenation, row ``r`` being ``candidates[r]`` for imp ``owners[r]``; ``offers`` maps a row to the
-    deal its candidate can bid through.
+    deal its candidate can bid through. With a large catalog they are empty until ``BidEngine.retrieve``
+    fills them from ``waiting``: per imp (its index, the imp, its record, its sizes).
     """
 
-    __slots__ = ("request", "received", "groups", "owners", "candidates", "floors", "offers", "imp_reason")
+    __slots__ = ("request", "received", "groups", "owners", "candidates", "floors", "offers", "imp_reason",
+                 "waiting", "where")
 
     def __init__(self, request: BidRequest, received: float, groups: list[tuple[dict, Sequence[Candidate]]],
                  owners: list[int], candidates: list[Candidate], floors: list[float],
-                 offers: dict[int, DealOffer], imp_reason: str | None):
+                 offers: dict[int, DealOffer], imp_reason: str | None,
+                 waiting: list[tuple[int, Imp, dict, list[tuple[int, int]]]] | None = None,
+                 where: tuple[str | None, str | None, frozenset[str]] | None = None):
         self.request = request
         self.received = received
         self.groups = groups
@@ -66,6 +72,8 @@ class Pending:
         self.floors = floors          # per imp of the request (USD CPM)
         self.offers = offers
         self.imp_reason = imp_reason  # first reason an imp of this request got no rows
+        self.waiting = waiting        # imps whose candidates retrieval chooses; None once chosen (or never)
+        self.where = where            # (domain, exchange, blocked advertiser domains) for the targeting filters
 
     def imp_records(self) -> dict[int, dict]:
         """imp index -> its record (the raw fields the imp's rows share)."""
@@ -158,6 +166,7 @@ class BidEngine:
         floors: list[float] = []
         offers: dict[int, DealOffer] = {}  # row -> the deal its candidate can bid through
         imp_reason: str | None = None
+        waiting: list[tuple[int, Imp, dict, list[tuple[int, int]]]] = []  # imps for retrieve (large catalogs)
         for i, imp in enumerate(request.imp):
             floors.append(imp.bidfloor)
             if imp.bidfloorcur != "USD":  # no FX table: a floor we cannot compare is a floor we cannot meet
@@ -168,39 +177,97 @@ class BidEngine:
                 imp_reason = self._count_imp(imp_reason, "unsupported_format" if imp.banner is None
                                              else "no_eligible_creative")
                 continue
-            record = None
-            query = None  # the imp's vector when retrieving
-            bids = False  # some size of the imp has candidates
-            unmatched = False  # eligible candidates, none of which can buy the private auction's deals
-            for w, h in sizes:
-                if self.retriever is None:
-                    eligible = catalog.eligible(w, h, domain, exchange, blocked)
-                else:
-                    if query is None:
-                        record = imp_fields(shared, imp)
-                        try:
-                            query = self.retriever.query(record)
-                        except ValueError as exc:
-                            return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
-                        dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
-                    eligible = self.retriever.eligible(query, w, h, domain, exchange, blocked, dealids)
-                if eligible and imp.pmp is not None:
-                    eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
-                    offers.update(imp_offers)
-                    unmatched = unmatched or not eligible
-                if not eligible:
-                    continue
-                if record is None:
-                    record = imp_fields(shared, imp)
-                groups.append((record, eligible))
-                owners.extend([i] * len(eligible))
-                chosen.extend(eligible)
-                bids = True
-            if not bids:
-                imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
+            if self.retriever is not None:  # the candidates come from the batch's imp vectors (retrieve)
+                waiting.append((i, imp, imp_fields(shared, imp), sizes))
+                continue
+            per_size = [catalog.eligible(w, h, domain, exchange, blocked) for w, h in sizes]
+            record = imp_fields(shared, imp) if any(per_size) else None
+            imp_reason = self._add_rows(i, imp, record, per_size, groups, owners, chosen, offers, imp_reason)
+        if waiting:
+            return Pending(request, received, groups, owners, chosen, floors, offers, imp_reason, waiting,
+                           (domain, exchange, blocked))
         if not groups:
             return self._no_bid(imp_reason or "no_eligible_creative")
         return Pending(request, received, groups, owners, chosen, floors, offers, imp_reason)
+
+    # -- retrieve (large catalogs, a batch of requests) ----------------------------------------------
+    def retrieve(self, batch: Sequence[Pending]) -> list[Outcome | None]:
+        """Choose the candidates of every waiting imp of ``batch``: the imp tower runs once for all of them (in
+        chunks of its buffers), then the targeting filters and the top K of every imp and size, searched
+        together (``Retriever.eligible_many``).
+
+        Per request None (its rows are ready) or the Outcome that ends it: the no-bid when no imp has a
+        candidate, 400 when a record cannot be featurized (that request alone: the others are retried
+        without it).
+        """
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        todo = [k for k, pending in enumerate(batch) if pending.waiting is not None]
+        if not todo:
+            return outcomes
+        retriever = self.retriever
+        try:
+            vectors = retriever.queries([record for k in todo for _, _, record, _ in batch[k].waiting])
+        except ValueError:  # some record is bad: each request's imps on their own
+            vectors, ready = [], []
+            for k in todo:
+                try:
+                    vectors.append(retriever.queries([record for _, _, record, _ in batch[k].waiting]))
+                    ready.append(k)
+                except ValueError as exc:
+                    outcomes[k] = Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
+            if not ready:
+                return outcomes
+            todo, vectors = ready, np.concatenate(vectors)
+        wanted, rows = [], []  # per imp and size: (w, h, domain, exchange, blocked, deal ids), its imp vector row
+        row = 0
+        for k in todo:
+            domain, exchange, blocked = batch[k].where
+            for _, imp, _, sizes in batch[k].waiting:
+                dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
+                for w, h in sizes:
+                    wanted.append((w, h, domain, exchange, blocked, dealids))
+                    rows.append(row)
+                row += 1
+        found = iter(retriever.eligible_many(vectors[rows], wanted))
+        for k in todo:
+            outcomes[k] = self._choose(batch[k], found)
+        return outcomes
+
+    def _choose(self, pending: Pending, found) -> Outcome | None:
+        """Fill ``pending``'s rows from ``found`` (the retrieved candidates of each waiting imp and size, in
+        order); the no-bid if no imp has any."""
+        groups, owners, chosen, offers = pending.groups, pending.owners, pending.candidates, pending.offers
+        imp_reason = pending.imp_reason
+        for i, imp, record, sizes in pending.waiting:
+            imp_reason = self._add_rows(i, imp, record, [next(found) for _ in sizes], groups, owners, chosen, offers,
+                                        imp_reason)
+        pending.waiting = None
+        pending.imp_reason = imp_reason
+        if not groups:
+            return self._no_bid(imp_reason or "no_eligible_creative")
+        return None
+
+    def _add_rows(self, i: int, imp: Imp, record: dict | None, per_size: Sequence[Sequence[Candidate]],
+                  groups: list, owners: list[int], chosen: list[Candidate], offers: dict[int, DealOffer],
+                  imp_reason: str | None) -> str | None:
+        """Append imp ``i``'s rows (its eligible candidates of each size, kept to its deals' buyers in a private
+        auction) to a request's rows; returns the request's first no-bid reason, this imp's if it got none."""
+        bids = False  # some size of the imp has candidates
+        unmatched = False  # eligible candidates, none of which can buy the private auction's deals
+        for eligible in per_size:
+            if eligible and imp.pmp is not None:
+                eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
+                offers.update(imp_offers)
+                unmatched = unmatched or not eligible
+            if not eligible:
+                continue
+            groups.append((record, eligible))
+            owners.extend([i] * len(eligible))
+            chosen.extend(eligible)
+            bids = True
+        if not bids:
+            imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
+        return imp_reason
 
     # -- score (a batch of requests) -----------------------------------------------------------------
     def score_batch(self, batch: Sequence[Pending]) -> list[Outcome | Exception]:
@@ -215,9 +282,13 @@ class BidEngine:
         outcomes: list[Outcome | None] = [None] * len(batch)
         limit = self.scorer.max_batch
         now = time.perf_counter()
+        if self.retriever is not None:
+            outcomes = self.retrieve(batch)
         chunk: list[int] = []
         chunk_rows = 0
         for k, pending in enumerate(batch):
+            if outcomes[k] is not None:  # retrieval ended it
+                continue
             tmax = pending.request.tmax
             if tmax and (now - pending.received) * 1000.0 >= tmax:
                 outcomes[k] = self._no_bid("tmax")

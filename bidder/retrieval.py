@@ -13,11 +13,11 @@ click); the ranker then scores only the K best. Two graphs in the bundle, listed
   its last entry the creative's learnt bias; run once per catalog load (and reload). The bidder adds
   log(value per click) to that entry, so the product is the ranker's target, value included.
 
-``AdIndex`` holds that ad matrix split by creative size, and the targeting of each size as index
-arrays (domain, exchange, advertiser domain), so filtering 100,000 creatives is a few numpy operations
-per imp, not a Python loop. ``top_k`` is exact (BLAS products over the size's creatives, the
-ineligible ones masked, ``argpartition``; rows are kept best ad bias first, so blocks whose bound cannot
-reach the K-th score are skipped) or approximate (``AnnIndex``, an HNSW graph per size from faiss-cpu, an
+``AdIndex`` holds that ad matrix split by creative size, each size laid out so that an imp's eligible
+creatives are contiguous runs (the untargeted ones, those of its exchange) plus a gather of its domain's
+rows: filtering 100,000 creatives is a few slices, no mask and no Python loop. ``top_k`` is exact (BLAS
+products over those runs, best ad bias first, so blocks whose bound cannot reach the K-th score are
+skipped; ``argpartition``) or approximate (``AnnIndex``, an HNSW graph per size from faiss-cpu, an
 optional dependency: ``pip install 'bidder[ann]'``).
 
 Catalogs of at most ``SMALL_CATALOG`` creatives skip retrieval: every eligible creative is scored.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -48,8 +48,10 @@ SMALL_CATALOG = 1000
 DEFAULT_K = 200
 #: the approximate search asks the HNSW graph for this many times K, then applies the targeting filters
 ANN_OVERFETCH = 2
-#: exact search: rows scored before the first bound check (at least 8 K), and rows per bounded block
-FIRST_ROWS, BLOCK = 2048, 512
+#: exact search: open rows scored before the first bound check (at least 2 K), and rows per bounded block
+FIRST_ROWS, BLOCK = 512, 256
+#: bounds are compared with the k-th score less this share of it (float32 products round; a bound must not)
+_MARGIN = 1e-4
 
 
 def needs_retrieval(catalog: Catalog) -> bool:
@@ -68,7 +70,7 @@ def ann_available() -> bool:
 class Towers:
     """A bundle's imp and ad towers (ONNX Runtime sessions), their signatures and parity checked at load."""
 
-    def __init__(self, bundle: str | os.PathLike, spec: FeatureSpec, featurizer: Any, max_imps: int = 16):
+    def __init__(self, bundle: str | os.PathLike, spec: FeatureSpec, featurizer: Any, max_imps: int = 64):
         self.bundle = Path(bundle)
         self.spec = spec
         self.featurizer = featurizer
@@ -139,90 +141,236 @@ class Towers:
 
 
 # -- the index ------------------------------------------------------------------------------------------------
-class _SizeIndex:
-    """The creatives of one size, best ad bias first: their ad vectors, their targeting as index arrays, and
-    per block of rows the bounds that let an exact search skip blocks that cannot reach the top K."""
+class _Run:
+    """A contiguous run of rows, best ad bias first, searched by blocks: per block its bias range and its own
+    largest |rest|, so blocks whose bound cannot reach the k-th best score are not scored."""
 
-    __slots__ = ("positions", "matrix", "anywhere_domain", "by_domain", "anywhere_exchange", "by_exchange",
-                 "by_adomain", "open", "ann", "block_bias", "block_norm")
+    __slots__ = ("start", "stop", "bias_hi", "bias_lo", "norm")
+
+    def __init__(self, start: int, stop: int, bias: np.ndarray, rest_norm: np.ndarray):
+        self.start, self.stop = start, stop
+        starts = np.arange(start, stop, BLOCK)
+        self.bias_hi = bias[starts]
+        self.bias_lo = bias[np.minimum(starts + BLOCK, stop) - 1]
+        self.norm = np.maximum.reduceat(rest_norm[start:stop], starts - start) if stop > start else np.zeros(0)
+
+    def reach(self, last: np.ndarray, rest: np.ndarray, kth: np.ndarray, skip: int) -> tuple[int, int]:
+        """The rows, after the first ``skip`` blocks, from the first to the last block whose bound reaches the
+        k-th score ``kth`` of some imp (per imp: its query's ``last`` entry and the norm of the ``rest``); one
+        product over the few blocks between them costs less than a call per block."""
+        hi, lo, norm = self.bias_hi[skip:], self.bias_lo[skip:], self.norm[skip:]
+        blocks = None
+        for j in range(len(kth)):
+            bounds = last[j] * (hi if last[j] >= 0.0 else lo) + rest[j] * norm
+            reached = bounds >= kth[j] - _MARGIN * (1.0 + abs(kth[j]))
+            blocks = reached if blocks is None else blocks | reached
+        blocks = np.flatnonzero(blocks)
+        if not len(blocks):
+            return self.start, self.start
+        return (self.start + (skip + int(blocks[0])) * BLOCK,
+                min(self.start + (skip + int(blocks[-1]) + 1) * BLOCK, self.stop))
+
+
+class _SizeIndex:
+    """The creatives of one size laid out for the exact top K, as contiguous runs each best ad bias first:
+
+    - the *open* creatives (no domain or exchange targeting: eligible on every imp but a blocked advertiser's);
+    - per exchange, the creatives targeted at exchanges only that run there (one on two exchanges is in both runs);
+    - the domain-targeted creatives, found per imp through an index by domain.
+
+    An imp's candidates are thus the open run, its exchange's run and a gather of its domain's rows: no mask
+    over the whole size. Runs are searched in blocks of ``BLOCK`` rows: the first ``FIRST_ROWS`` (at least 2 K)
+    give a k-th best score, and a later block is scored only if its bound (bias part + |query rest| × its
+    largest |rest|) reaches it. Ad vectors are kept column-major (one BLAS product per run of rows) and
+    row-major (gathers, the approximate search's graph).
+    """
+
+    __slots__ = ("positions", "matrix", "columns", "bias", "rest_norm", "open_run", "exchange_runs", "n_plain",
+                 "by_domain", "domain_exchanges", "by_adomain", "ann")
 
     def __init__(self, candidates: Sequence[Candidate], matrix: np.ndarray):
-        positions = np.array([c.index for c in candidates], dtype=np.int64)
-        order = np.argsort(-matrix[positions, -1], kind="stable")  # by bias (+ log value), best first
-        candidates = [candidates[i] for i in order.tolist()]
-        self.positions = positions[order]  # catalog index of each row
-        self.matrix = np.ascontiguousarray(matrix[self.positions])
-        self.anywhere_domain = np.array([c.domains is None for c in candidates])
-        self.anywhere_exchange = np.array([c.exchanges is None for c in candidates])
-        self.by_domain = _rows_by(candidates, lambda c: c.domains or ())
-        self.by_exchange = _rows_by(candidates, lambda c: c.exchanges or ())
-        self.by_adomain = _rows_by(candidates, lambda c: c.adomain)
-        self.open = bool(self.anywhere_domain.all() and self.anywhere_exchange.all())
+        def by_bias(group: list[Candidate]) -> list[Candidate]:
+            return sorted(group, key=lambda c: -float(matrix[c.index, -1]))  # bias (+ log value), best first
+
+        layout = by_bias([c for c in candidates if c.domains is None and c.exchanges is None])
+        runs = [(None, 0, len(layout))]
+        for exchange in sorted({e for c in candidates if c.domains is None and c.exchanges for e in c.exchanges}):
+            start = len(layout)
+            layout += by_bias([c for c in candidates if c.domains is None and c.exchanges and exchange in c.exchanges])
+            runs.append((exchange, start, len(layout)))
+        self.n_plain = len(layout)  # rows before the domain-targeted ones
+        domain_targeted = by_bias([c for c in candidates if c.domains is not None])
+        layout += domain_targeted
+        self.positions = np.array([c.index for c in layout], dtype=np.int64)  # catalog index of each row
+        self.matrix = np.ascontiguousarray(matrix[self.positions]) if len(layout) else np.zeros((0, matrix.shape[1]),
+                                                                                                 np.float32)
+        self.columns = np.ascontiguousarray(self.matrix.T)
+        self.bias = self.matrix[:, -1].astype(np.float64)
+        self.rest_norm = np.linalg.norm(self.matrix[:, :-1].astype(np.float64), axis=1)
+        made = {exchange: _Run(start, stop, self.bias, self.rest_norm) for exchange, start, stop in runs}
+        self.open_run = made.pop(None)
+        self.exchange_runs = made
+        rows = range(self.n_plain, len(layout))
+        self.by_domain = _rows_by(zip(rows, domain_targeted), lambda c: c.domains)
+        self.domain_exchanges = {row: c.exchanges for row, c in zip(rows, domain_targeted) if c.exchanges is not None}
+        self.by_adomain = _rows_by(enumerate(layout), lambda c: c.adomain)
         self.ann: AnnIndex | None = None
-        # row r scores q·a_r = q_last·bias_r + q_rest·rest_r <= q_last·bias_r + |q_rest|·|rest_r|: per block the
-        # largest bias (its first row) and the largest |rest| of it and every later block (so bounds only fall)
-        starts = np.arange(0, len(self.matrix), BLOCK)
-        self.block_bias = self.matrix[starts, -1].astype(np.float64) if len(starts) else np.zeros(0)
-        norms = np.linalg.norm(self.matrix[:, :-1].astype(np.float64), axis=1)
-        block_norm = np.maximum.reduceat(norms, starts) if len(starts) else np.zeros(0)
-        self.block_norm = np.maximum.accumulate(block_norm[::-1])[::-1]
 
-    def scores(self, query: np.ndarray, mask: np.ndarray | None, k: int) -> tuple[np.ndarray, int]:
-        """Scores of rows ``[0, n)`` (ineligible ones -inf), n covering every row that can be in the top ``k``.
+    def search(self, query: np.ndarray, domain: str | None, exchange: str | None, blocked: frozenset[str],
+               k: int) -> tuple[np.ndarray, int]:
+        """Rows of the (at most) ``k`` eligible creatives with the largest ``query · ad vector``, best first, and
+        how many rows were scored (the others could not reach the top ``k``)."""
+        blocked_rows = self._blocked(blocked)
+        last, rest = float(query[-1]), float(np.linalg.norm(query[:-1]))
+        scores: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        kth = -np.inf
+        runs = [self.open_run]
+        if exchange in self.exchange_runs:
+            runs.append(self.exchange_runs[exchange])
+        for run in runs:
+            if run.stop == run.start:
+                continue
+            first = run.start
+            if kth == -np.inf:  # no k-th score yet: this run's first blocks give one
+                first = min(run.stop, run.start + max(FIRST_ROWS, -(-2 * k // BLOCK) * BLOCK))
+                self._score(query[None, :], run.start, first, [blocked_rows], scores, rows)
+            if kth == -np.inf and scores:
+                head = scores[0][0] if len(scores) == 1 else np.concatenate([part[0] for part in scores])
+                if len(head) >= k:
+                    kth = float(np.partition(head, len(head) - k)[len(head) - k])
+            if first < run.stop:
+                start, stop = ((first, run.stop) if kth == -np.inf
+                               else run.reach((last,), (rest,), (kth,), (first - run.start) // BLOCK))
+                if stop > start:
+                    self._score(query[None, :], start, stop, [blocked_rows], scores, rows)
+        return self._finish(query, last, rest, kth, domain, exchange, blocked_rows, [part[0] for part in scores],
+                            rows, k)
 
-        Rows come best bias first, so after the first rows' k-th best eligible score every block whose bound
-        falls below it is skipped (with the imp tower's unit vectors, whose last entry is positive).
-        """
-        total = len(self.matrix)
-        first = min(total, max(FIRST_ROWS, 8 * k))
-        scores = self._masked(query, mask, 0, first)
-        last = float(query[-1])
-        if first == total or last <= 0.0:
-            return (scores if first == total else self._masked(query, mask, 0, total)), total
-        eligible = scores[scores > -np.inf]
-        if len(eligible) < k:
-            return self._masked(query, mask, 0, total), total
-        kth = float(np.partition(eligible, len(eligible) - k)[len(eligible) - k])
-        bounds = last * self.block_bias + float(np.linalg.norm(query[:-1])) * self.block_norm  # non-increasing
-        stop = int(np.searchsorted(-bounds, -kth, side="right")) * BLOCK  # the first block whose bound < kth
-        if stop <= first:
-            return scores, first
-        stop = min(stop, total)
-        return np.concatenate([scores, self._masked(query, mask, first, stop)]), stop
+    def search_many(self, queries: np.ndarray, wheres: Sequence[tuple[str | None, str | None, frozenset[str]]],
+                    k: int) -> list[tuple[np.ndarray, int]]:
+        """``search`` for the imps of a batch (``queries[j]`` on ``wheres[j]``: domain, exchange, blocked): the
+        imps on one exchange share each product over a run, so its rows are read once for all of them."""
+        out: list[tuple[np.ndarray, int]] = [(np.zeros(0, dtype=np.int64), 0)] * len(wheres)
+        groups: dict[str | None, list[int]] = {}
+        for j, (_, exchange, _) in enumerate(wheres):
+            groups.setdefault(exchange if exchange in self.exchange_runs else None, []).append(j)
+        for exchange, members in groups.items():
+            if len(members) == 1:  # alone: the one-query search has less to do per call
+                out[members[0]] = self.search(queries[members[0]], *wheres[members[0]], k)
+                continue
+            runs = [self.open_run] + ([self.exchange_runs[exchange]] if exchange is not None else [])
+            found = self._search_group(queries[members], [wheres[j] for j in members], runs, k)
+            for j, result in zip(members, found):
+                out[j] = result
+        return out
 
-    def _masked(self, query: np.ndarray, mask: np.ndarray | None, start: int, stop: int) -> np.ndarray:
-        scores = self.matrix[start:stop] @ query
-        if mask is not None:
-            scores[~mask[start:stop]] = -np.inf
-        return scores
+    def _search_group(self, queries: np.ndarray, wheres: Sequence[tuple[str | None, str | None, frozenset[str]]],
+                      runs: list[_Run], k: int) -> list[tuple[np.ndarray, int]]:
+        """Imps that share ``runs``: one product per run of rows for all of them (rows past an imp's own bounds
+        are scored exactly too, which changes nothing), then per imp its domain's rows and its top ``k``."""
+        blocked_rows = [self._blocked(blocked) for _, _, blocked in wheres]
+        last = queries[:, -1].astype(np.float64)
+        rest = np.linalg.norm(queries[:, :-1].astype(np.float64), axis=1)
+        scores: list[np.ndarray] = []  # [imps, rows] each
+        rows: list[np.ndarray] = []
+        kth = np.full(len(queries), -np.inf)  # per imp, a k-th best score so far: a lower bound on its top k's
+        for run in runs:
+            if run.stop == run.start:
+                continue
+            first = run.start
+            if np.isneginf(kth).any():  # no k-th score yet: this run's first blocks give one
+                first = min(run.stop, run.start + max(FIRST_ROWS, -(-2 * k // BLOCK) * BLOCK))
+                self._score(queries, run.start, first, blocked_rows, scores, rows)
+                head = scores[0] if len(scores) == 1 else np.concatenate(scores, axis=1)
+                if head.shape[1] >= k:
+                    kth = np.maximum(kth, np.partition(head, head.shape[1] - k, axis=1)[:, head.shape[1] - k])
+            if first < run.stop:
+                start, stop = ((first, run.stop) if np.isneginf(kth).any()
+                               else run.reach(last, rest, kth, (first - run.start) // BLOCK))
+                if stop > start:
+                    self._score(queries, start, stop, blocked_rows, scores, rows)
+        return [self._finish(queries[j], last[j], rest[j], float(kth[j]), domain, exchange, blocked_rows[j],
+                             [part[j] for part in scores], rows, k) for j, (domain, exchange, _) in enumerate(wheres)]
 
-    def mask(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> np.ndarray | None:
-        """Which rows may run on ``domain`` via ``exchange`` without a blocked advertiser; None: all of them."""
-        if self.open and not blocked:
+    def _finish(self, query: np.ndarray, last: float, rest: float, kth: float, domain: str | None,
+                exchange: str | None, blocked_rows: np.ndarray | None, scores: list[np.ndarray],
+                rows: list[np.ndarray], k: int) -> tuple[np.ndarray, int]:
+        """Add the imp's domain-targeted rows to the runs' ``scores`` (of ``rows``) and take its top ``k``."""
+        domain_rows = self._domain_rows(domain, exchange, blocked_rows)
+        if len(domain_rows) and kth > -np.inf:  # only rows whose own bound reaches the k-th best so far
+            bound = last * self.bias[domain_rows] + rest * self.rest_norm[domain_rows]
+            domain_rows = domain_rows[bound >= kth - _MARGIN * (1.0 + abs(kth))]
+        if len(domain_rows):
+            scores = [*scores, self.matrix[domain_rows] @ query]
+            rows = [*rows, domain_rows]
+        if not scores:
+            return np.zeros(0, dtype=np.int64), 0
+        score = scores[0] if len(scores) == 1 else np.concatenate(scores)
+        row = rows[0] if len(rows) == 1 else np.concatenate(rows)
+        keep = np.flatnonzero(score >= kth) if kth > -np.inf else np.flatnonzero(score > -np.inf)
+        if len(keep) > k:
+            keep = keep[np.argpartition(score[keep], len(keep) - k)[len(keep) - k:]]
+        keep = keep[np.argsort(-score[keep], kind="stable")]
+        return row[keep], len(score)
+
+    def _score(self, queries: np.ndarray, start: int, stop: int, blocked_rows: list[np.ndarray | None],
+               scores: list[np.ndarray], rows: list[np.ndarray]) -> None:
+        part = queries @ self.columns[:, start:stop]
+        for j, blocked in enumerate(blocked_rows):
+            if blocked is not None:
+                part[j, blocked[(blocked >= start) & (blocked < stop)] - start] = -np.inf
+        scores.append(part)
+        rows.append(np.arange(start, stop))
+
+    def _blocked(self, blocked: frozenset[str]) -> np.ndarray | None:
+        """Rows of the blocked advertiser domains, or None."""
+        found = [self.by_adomain[a] for a in blocked if a in self.by_adomain] if blocked else None
+        if not found:
             return None
-        ok = self.anywhere_domain.copy()
-        rows = self.by_domain.get(domain)
-        if rows is not None:
-            ok[rows] = True
-        if not self.anywhere_exchange.all():
-            exchange_ok = self.anywhere_exchange.copy()
-            rows = self.by_exchange.get(exchange)
-            if rows is not None:
-                exchange_ok[rows] = True
-            ok &= exchange_ok
-        for adomain in blocked:
-            rows = self.by_adomain.get(adomain)
-            if rows is not None:
-                ok[rows] = False
+        return found[0] if len(found) == 1 else np.unique(np.concatenate(found))
+
+    def _domain_rows(self, domain: str | None, exchange: str | None, blocked_rows: np.ndarray | None) -> np.ndarray:
+        """The domain-targeted rows eligible on ``domain`` via ``exchange``, blocked advertisers' left out."""
+        found = self.by_domain.get(domain)
+        if found is None:
+            return np.zeros(0, dtype=np.int64)
+        if self.domain_exchanges:
+            exchanges = self.domain_exchanges
+            found = np.array([r for r in found.tolist() if r not in exchanges or exchange in exchanges[r]],
+                             dtype=np.int64)
+        if blocked_rows is not None:
+            found = found[~np.isin(found, blocked_rows)]
+        return found
+
+    def mask(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> np.ndarray:
+        """Which rows may run on ``domain`` via ``exchange`` without a blocked advertiser (the approximate search)."""
+        ok = np.zeros(len(self.positions), dtype=bool)
+        ok[self.open_run.start:self.open_run.stop] = True
+        run = self.exchange_runs.get(exchange)
+        if run is not None:
+            ok[run.start:run.stop] = True
+        blocked_rows = self._blocked(blocked)
+        ok[self._domain_rows(domain, exchange, None)] = True
+        if blocked_rows is not None:
+            ok[blocked_rows] = False
         return ok
 
 
-def _rows_by(candidates: Sequence[Candidate], keys) -> dict[str, np.ndarray]:
-    rows: dict[str, list[int]] = {}
-    for i, c in enumerate(candidates):
-        for key in keys(c):
-            rows.setdefault(key, []).append(i)
-    return {key: np.array(r, dtype=np.int64) for key, r in rows.items()}
+def _rows_by(rows: Iterable[tuple[int, Candidate]], keys) -> dict[str, np.ndarray]:
+    """key -> the sorted rows whose candidate has it among ``keys(candidate)`` (a hashable collection).
+
+    A campaign's creatives share one targeting set, so rows are grouped by set first: a 100,000-creative
+    catalog has 3.2 million (domain, creative) pairs but only a few thousand distinct sets.
+    """
+    by_set: dict[Any, list[int]] = {}
+    for row, c in rows:
+        by_set.setdefault(keys(c), []).append(row)
+    found: dict[str, list[int]] = {}
+    for keyset, members in by_set.items():
+        for key in keyset:
+            found.setdefault(key, []).extend(members)
+    return {key: np.sort(np.array(r, dtype=np.int64)) for key, r in found.items()}
 
 
 class AnnIndex:
@@ -277,21 +425,31 @@ class AdIndex:
         part = self.sizes.get((w, h))
         if part is None:
             return np.zeros(0, dtype=np.int64)
-        mask = part.mask(domain, exchange, blocked)
         if approximate and part.ann is not None:
-            found = self._approximate(part, query, mask, k)
+            found = self._approximate(part, query, part.mask(domain, exchange, blocked), k)
             if found is not None:
                 return part.positions[found]
-        if mask is not None:
-            eligible = int(np.count_nonzero(mask))
-            if eligible == 0:
-                return np.zeros(0, dtype=np.int64)
-            k = min(k, eligible)
-        scores, n = part.scores(query, mask, k)
-        k = min(k, n)
-        rows = np.argpartition(scores, n - k)[n - k:] if k < n else np.arange(n)
-        rows = rows[np.argsort(-scores[rows], kind="stable")]
-        return part.positions[rows]
+        return part.positions[part.search(np.asarray(query, dtype=np.float32), domain, exchange, blocked, k)[0]]
+
+    def top_k_many(self, queries: np.ndarray, wanted: Sequence[tuple[int, int, str | None, str | None, frozenset[str]]],
+                   k: int, approximate: bool = False) -> list[np.ndarray]:
+        """``top_k`` for several imps (``queries[j]`` of size, domain, exchange, blocked ``wanted[j]``): the exact
+        search reads each run of rows once for the imps of one size and exchange."""
+        if approximate or len(wanted) == 1:
+            return [self.top_k(queries[j], *where, k, approximate) for j, where in enumerate(wanted)]
+        queries = np.asarray(queries, dtype=np.float32)
+        out: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(wanted)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for j, (w, h, _, _, _) in enumerate(wanted):
+            by_size.setdefault((w, h), []).append(j)
+        for size, members in by_size.items():
+            part = self.sizes.get(size)
+            if part is None:
+                continue
+            found = part.search_many(queries[members], [wanted[j][2:] for j in members], k)
+            for j, (rows, _) in zip(members, found):
+                out[j] = part.positions[rows]
+        return out
 
     @staticmethod
     def _approximate(part: _SizeIndex, query: np.ndarray, mask: np.ndarray | None, k: int) -> np.ndarray | None:
@@ -325,12 +483,35 @@ class Retriever:
         """The imp vector of one imp record (a copy: the tower's buffer is reused)."""
         return self.towers.imp_vectors((record,))[0].copy()
 
+    def queries(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """``[n, D]``: the imp vectors of ``records``, one imp tower call per ``max_imps`` of them (a batch's imps
+        share a call: measured 53 µs for one imp, 11 µs an imp for eight)."""
+        towers = self.towers
+        step = towers.max_imps
+        if len(records) <= step:
+            return towers.imp_vectors(records).copy()
+        return np.concatenate([towers.imp_vectors(records[start:start + step]).copy()  # views of one buffer
+                               for start in range(0, len(records), step)])
+
     def eligible(self, query: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
                  blocked: frozenset[str], dealids: Sequence[str] = ()) -> tuple[Candidate, ...]:
         """The top K eligible candidates of size ``w``x``h`` for the imp of ``query``, best first, then the
         eligible buyers of the imp's deals (``dealids``) the K left out: a deal is a negotiated buy, which
         an inner product must not drop (in a private auction it is the only way to bid)."""
-        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate).tolist()
+        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate)
+        return self._candidates(rows, w, h, domain, exchange, blocked, dealids)
+
+    def eligible_many(self, queries: np.ndarray, wanted: Sequence[tuple[int, int, str | None, str | None,
+                                                                       frozenset[str], Sequence[str]]]
+                      ) -> list[tuple[Candidate, ...]]:
+        """``eligible`` for several imps and sizes (``queries[j]`` with ``wanted[j]``: w, h, domain, exchange,
+        blocked, deal ids), the top K of a batch's imps searched together (``AdIndex.top_k_many``)."""
+        found = self.index.top_k_many(queries, [where[:5] for where in wanted], self.k, self.approximate)
+        return [self._candidates(rows, *where) for rows, where in zip(found, wanted)]
+
+    def _candidates(self, rows: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
+                    blocked: frozenset[str], dealids: Sequence[str]) -> tuple[Candidate, ...]:
+        rows = rows.tolist()
         candidates = self.catalog.candidates
         chosen = [candidates[i] for i in rows]
         if dealids:

@@ -23,9 +23,10 @@ from pathlib import Path
 import msgspec
 import numpy as np
 from aiohttp import web
+from threadpoolctl import threadpool_limits
 
 from bidder import DEFAULT_BUNDLE
-from bidder.campaigns import CatalogError, load_catalog
+from bidder.campaigns import Catalog, CatalogError, load_catalog
 from bidder.engine import BidEngine, Outcome, error_body
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -45,6 +46,16 @@ UNMATCHED_ROUTE = "unmatched"
 EXIT_STARTUP = 2
 #: consecutive start-up failures of one worker after which the supervisor stops restarting it
 MAX_STARTUP_FAILURES = 3
+
+
+#: catalogs loaded already by the command line's check (``preload``), taken by the first load of their file
+_PRELOADED: dict[Path, Catalog] = {}
+
+
+def preload(campaigns: Path, catalog: Catalog) -> None:
+    """Hand ``campaigns``, already loaded, to the first engine this process builds from that file: the command
+    line checks the catalog before serving, and reading 100,000 creatives again would take seconds more."""
+    _PRELOADED[Path(campaigns)] = catalog
 
 
 class StartupError(Exception):
@@ -90,7 +101,9 @@ class State:
         now keeps the first such requests from paying for ORT's first run at a new shape.
         """
         scorer = Scorer(model, max_batch=self.config.max_batch)
-        catalog = load_catalog(campaigns)
+        catalog = _PRELOADED.pop(Path(campaigns), None)
+        if catalog is None:
+            catalog = load_catalog(campaigns)
         factorized = None
         if self.config.factorized and scorer.factorized_files():
             # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
@@ -407,6 +420,9 @@ def run_worker(config: Config, worker: int, ready=None) -> int:
     if config.pin:
         core = pin_to_core(worker)
         log.info("worker %d pinned to core %d", worker, core)
+    # numpy's BLAS started a thread per core at import, unpinned: a worker owns one core, and a product handed
+    # to a thread on another worker's core waits for it (retrieval's products are large enough to be split)
+    threadpool_limits(limits=1, user_api="blas")
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency on every platform that has it
@@ -430,6 +446,7 @@ def serve(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
     if config.workers <= 1:
         return run_worker(config, 0)
+    _PRELOADED.clear()  # the worker processes load their own
     return _Supervisor(config).run()
 
 

@@ -165,7 +165,8 @@ def test_exact_top_k_is_brute_force_over_the_eligible_creatives(market):
 
 
 def test_the_bounded_exact_search_skips_blocks_yet_equals_brute_force():
-    """A size of 6,000 creatives: blocks below the k-th best score are skipped, and nothing is lost by it."""
+    """A size of 6,000 creatives: open blocks and targeted rows whose bound is below the k-th best score are
+    skipped, and nothing is lost by it (a negative query bias too)."""
     rng = np.random.default_rng(6)
     campaigns = [{"id": f"c{i}", "advertiser": i, "value_per_click": 1.0,
                   **({"targeting": {"exchanges": ["1"]}} if i % 3 == 0 else {}),
@@ -180,7 +181,7 @@ def test_the_bounded_exact_search_skips_blocks_yet_equals_brute_force():
     skipped = 0
     for trial in range(40):
         query = rng.normal(size=9)
-        query[-1] = abs(query[-1]) + 0.5
+        query[-1] = (abs(query[-1]) + 0.5) * (-1 if trial % 5 == 4 else 1)
         query = (query / np.linalg.norm(query)).astype(np.float32)
         exchange = [None, "1"][trial % 2]
         blocked = frozenset({"a3.example"}) if trial % 4 == 1 else frozenset()
@@ -188,8 +189,47 @@ def test_the_bounded_exact_search_skips_blocks_yet_equals_brute_force():
         got = index.top_k(query, 300, 250, None, exchange, blocked, k)
         assert {catalog.candidates[i].creative_id for i in got} == brute_force(
             catalog, matrix, query, 300, 250, None, exchange, blocked, k)
-        skipped += len(part.positions) - part.scores(query, part.mask(None, exchange, blocked), k)[1]
+        skipped += len(part.positions) - part.search(query, None, exchange, blocked, k)[1]
     assert skipped > 40 * 1000  # the bound did prune
+
+
+def test_exact_top_k_equals_brute_force_whatever_the_mix_of_targeting():
+    """Campaigns targeted by domain, by exchange (one on two exchanges sits in both exchanges' runs), by both,
+    or not at all; blocked advertisers; k from 1 to more than are eligible."""
+    rng = np.random.default_rng(11)
+    domains = [f"d{i}.example" for i in range(6)]
+    campaigns = []
+    for i in range(160):
+        targeting = {}
+        if i % 4 in (1, 3):
+            targeting["domains"] = rng.choice(domains, size=1 + i % 3, replace=False).tolist()
+        if i % 4 in (2, 3) or i % 7 == 0:
+            targeting["exchanges"] = rng.choice(["1", "2", "3"], size=1 + i % 2, replace=False).tolist()
+        campaigns.append({"id": f"c{i}", "advertiser": i, "value_per_click": 1.0, "targeting": targeting,
+                          "creatives": [{"id": f"c{i}-{j}", "w": 300, "h": 250, "adomain": [f"a{i % 9}.example"],
+                                         "nurl": "https://x.example/${AUCTION_PRICE}"} for j in range(12)]})
+    catalog = parse_catalog({"campaigns": campaigns})
+    matrix = rng.normal(size=(len(catalog), 6)).astype(np.float32)
+    matrix[:, -1] = rng.normal(0, 2, len(catalog))
+    index = AdIndex(catalog, matrix)
+    asked = []
+    for trial in range(80):
+        query = rng.normal(size=6).astype(np.float32)
+        domain = [None, *domains, "nowhere.example"][trial % 8]
+        exchange = [None, "1", "2", "3", "9"][trial % 5]
+        blocked = frozenset(f"a{j}.example" for j in rng.choice(9, size=trial % 3, replace=False).tolist())
+        for k in (1, 7, 300, 2000):
+            got = index.top_k(query, 300, 250, domain, exchange, blocked, k)
+            assert len(set(got.tolist())) == len(got)  # a creative in two runs is retrieved once
+            assert {catalog.candidates[i].creative_id for i in got} == brute_force(
+                catalog, matrix, query, 300, 250, domain, exchange, blocked, k)
+            scores = matrix[got] @ query
+            assert np.all(np.diff(scores) <= 0)  # best first
+        asked.append((query, (300, 250, domain, exchange, blocked)))
+    # a batch's imps searched together (each run of rows read once for an exchange's imps): the same answers
+    for k in (1, 7, 300):
+        together = index.top_k_many(np.stack([q for q, _ in asked]), [where for _, where in asked], k)
+        assert [r.tolist() for r in together] == [index.top_k(q, *where, k).tolist() for q, where in asked]
 
 
 def test_filters_come_before_top_k_so_ineligible_favourites_never_take_a_place(market):
@@ -245,11 +285,21 @@ def engines(bundle: Path, catalog_path: Path, k: int):
     return with_retrieval, exhaustive, retriever, catalog
 
 
+def retrieved(engine: BidEngine, body: bytes):
+    """The request prepared and its candidates retrieved (as the batch does), or the Outcome that ended it."""
+    pending = engine.prepare(body, None, 0.0)
+    if isinstance(pending, Outcome):
+        return pending
+    assert pending.waiting and not pending.candidates  # retrieval waits for the batch
+    outcome = engine.retrieve([pending])[0]
+    return pending if outcome is None else outcome
+
+
 def test_the_engine_scores_the_k_retrieved_and_bids_the_ranker_best_of_them(tower_bundle, market):
     engine, exhaustive, retriever, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=25)
     assert retriever is not None and len(catalog) > SMALL_CATALOG
     body = banner()
-    pending = engine.prepare(body, None, 0.0)
+    pending = retrieved(engine, body)
     assert len(pending.candidates) == 25
     query = retriever.query(pending.groups[0][0])
     assert list(pending.candidates) == list(retriever.eligible(query, 300, 250, pending.groups[0][0]["domain"], None,
@@ -265,9 +315,9 @@ def test_the_engine_scores_the_k_retrieved_and_bids_the_ranker_best_of_them(towe
 
 def test_a_deal_buyer_the_k_left_out_still_bids_through_its_deal(tower_bundle, market, tmp_path):
     engine, _, _, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
-    retrieved = {c.campaign_id for c in engine.prepare(banner(), None, 0.0).candidates}
+    first = {c.campaign_id for c in retrieved(engine, banner()).candidates}
     data = json.loads((market / CAMPAIGNS_FILE).read_text())
-    buyer = next(c for c in data["campaigns"] if c["id"] not in retrieved and not c.get("targeting", {}).get("domains")
+    buyer = next(c for c in data["campaigns"] if c["id"] not in first and not c.get("targeting", {}).get("domains")
                  and not c.get("targeting", {}).get("exchanges") and any((x["w"], x["h"]) == (300, 250)
                                                                           for x in c["creatives"]))
     buyer["deals"] = [{"dealid": "D-far"}]
@@ -276,25 +326,50 @@ def test_a_deal_buyer_the_k_left_out_still_bids_through_its_deal(tower_bundle, m
     request = json.loads(banner())
     request["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-far", "bidfloor": 0.0}]}
     body = json.dumps(request).encode()
-    pending = engine.prepare(body, None, 0.0)
+    pending = retrieved(engine, body)
     assert {c.campaign_id for c in pending.candidates} == {buyer["id"]}  # only the deal's buyer may bid
     bid = json.loads(engine.bid(body).body)["seatbid"][0]["bid"][0]
     assert (bid["cid"], bid["dealid"]) == (buyer["id"], "D-far")
     request["imp"][0]["pmp"]["private_auction"] = 0  # open auction: the K and the deal's buyer
-    opened = engine.prepare(json.dumps(request).encode(), None, 0.0)
-    assert {c.campaign_id for c in opened.candidates} == retrieved | {buyer["id"]}
+    opened = retrieved(engine, json.dumps(request).encode())
+    assert {c.campaign_id for c in opened.candidates} == first | {buyer["id"]}
 
 
 def test_badv_and_sizes_without_creatives_under_retrieval(tower_bundle, market):
     engine, _, _, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
-    pending = engine.prepare(banner(), None, 0.0)
+    pending = retrieved(engine, banner())
     blocked = sorted({d for c in pending.candidates for d in c.adomain})
-    again = engine.prepare(banner(badv=blocked), None, 0.0)
+    again = retrieved(engine, banner(badv=blocked))
     if isinstance(again, Outcome):  # every eligible creative was of a blocked advertiser
         assert again.reason == "no_eligible_creative"
     else:
         assert len(again.candidates) == 10 and not set(blocked) & {d for c in again.candidates for d in c.adomain}
     assert engine.bid(banner(7, 7)).reason == "no_eligible_creative"
+
+
+def test_a_batch_runs_the_imp_tower_once_and_a_bad_record_fails_its_request_alone(tower_bundle, market, monkeypatch):
+    engine, _, retriever, _ = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
+    bodies = [banner(), banner(728, 90), banner(domain="bad.example"), banner(160, 600)]
+    alone = [engine.bid(body) for body in bodies]
+    calls = []
+    queries = retriever.queries
+
+    def counted(records):
+        calls.append(len(records))
+        if any(r["domain"] == "bad.example" for r in records):
+            raise ValueError("record 0: field 'domain': a bad value")
+        return queries(records)
+
+    monkeypatch.setattr(retriever, "queries", counted)
+    good = [0, 1, 3]
+    outcomes = engine.score_batch([engine.prepare(bodies[k], None, float("inf")) for k in good])
+    assert calls == [3]  # one imp tower call for the batch's imps
+    assert [o.body for o in outcomes] == [alone[k].body for k in good]
+    calls.clear()
+    outcomes = engine.score_batch([engine.prepare(body, None, float("inf")) for body in bodies])
+    assert calls == [4, 1, 1, 1, 1]  # the batch, then each request on its own
+    assert outcomes[2].status == 400 and b"cannot featurize" in outcomes[2].body
+    assert [outcomes[k].body for k in good] == [alone[k].body for k in good]
 
 
 def test_small_catalogs_skip_retrieval(tower_bundle):
@@ -371,4 +446,8 @@ def test_bench_retrieval_reports_agreement_baselines_and_bid_timings(tower_bundl
     assert exact[5]["value_lost_cpm"] >= exact[40]["value_lost_cpm"] >= 0
     assert set(report["bid_ms"]) == {"retrieval_k10", "exhaustive"}
     assert report["bid_ms"]["retrieval_k10"]["requests"] == 16 and report["bid_ms"]["exhaustive"]["bids"] > 0
+    assert set(report["exact_rows_scored"]) == {"5", "40"} and 0 < report["exact_rows_scored"]["5"] <= 1
+    stages = report["stages"]
+    assert set(stages["imp_tower_us"]) == {"one_imp", "per_imp_of_8"} and min(stages["imp_tower_us"].values()) > 0
+    assert {"alone_200_rows_cold", "8_requests_in_one_call_hot"} <= set(stages["ranker_ms_per_request"])
     assert main(["--data", str(market), "--bundle", str(tower_bundle), "--out", str(out), "--k", "0"]) == 2

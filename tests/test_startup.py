@@ -106,3 +106,37 @@ def test_the_supervisor_gives_up_when_workers_keep_failing_at_start_up(small_bun
     assert "failed at start-up 3 times in a row" in done.stderr and "giving up" in done.stderr
     assert done.stderr.count("restarting") == 0 and "Traceback" not in done.stderr
     assert time.monotonic() - started < 90
+
+
+def test_the_command_line_reads_the_catalog_once_and_a_reload_reads_it_again(small_bundle, monkeypatch):
+    """The check before serving loads the catalog; the one worker serves that object instead of reading the file
+    a second time (seconds for 100,000 creatives), and a later load of the file (a reload) reads it afresh."""
+    import bidder.campaigns
+    import bidder.server
+    from bidder.metrics import Metrics
+
+    reads = []
+    real = bidder.campaigns.load_catalog
+
+    def counted(path):
+        reads.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(bidder.campaigns, "load_catalog", counted)
+    monkeypatch.setattr(bidder.server, "load_catalog", counted)
+    served = []
+
+    def worker(config, worker, ready=None):
+        state = bidder.server.State(config, Metrics(worker))
+        served.append(state.load(config.model, config.campaigns))
+        served.append(state.load(config.model, config.campaigns))  # a reload of the same file
+        return 0
+
+    monkeypatch.setattr(bidder.server, "run_worker", worker)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["serve", "--no-pin", "--model", str(small_bundle), "--port", str(port)]) == 0
+    assert len(reads) == 2  # the check (whose catalog the first load serves) and the reload
+    assert served[0].catalog is not served[1].catalog and len(served[0].catalog) == len(served[1].catalog)
+    assert not bidder.server._PRELOADED
