@@ -310,3 +310,84 @@ def test_bench_request_scoring(benchmark, small_bundle, catalog, sample_records,
 
         result = benchmark(score)
     assert len(result) == requests * 9
+
+
+# -- compressed tables (train compress --method int8-embeddings) -----------------------------------------------
+def compressed(bundle: Path, out: Path, dtype: str) -> Path:
+    from train.compress import compress_bundle
+
+    compress_bundle(bundle, "int8-embeddings", out, settings={"dtype": dtype}, progress=False)
+    return out
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp16"])
+@pytest.mark.parametrize("overrides", [{}, {"usertag_combiner": "mean"}, {"embedding_dim": 4, "dnn_hidden_units": [16, 8]}])
+def test_compressed_tables_stay_compressed_in_factorized_graphs_equal_to_model_onnx(tmp_path, catalog, sample_records,
+                                                                                  dtype, overrides):
+    bundle = compressed(random_deepfm_bundle(tmp_path / "source", **overrides), tmp_path / "q", dtype)
+    meta = json.loads((bundle / "meta.json").read_text())
+    assert meta["graphs"]["factorized"]["parity"]["max_abs_diff"] <= TOLERANCE  # checked at export
+    model = initializers(bundle / "model.onnx")
+    for file, side in ((CANDIDATE_FILE, "candidate"), (FACTORIZED_FILE, "imp")):
+        tables = initializers(bundle / file)
+        table = tables[f"{side}.single_table_{dtype}"]
+        assert table.dtype == (np.int8 if dtype == "int8" else np.float16)
+        assert not [name for name, a in tables.items() if a.dtype == np.float32 and a.ndim and len(a) >= len(table)]
+        if dtype == "int8":  # the very rows and scales of model.onnx
+            scales = tables[f"{side}.single_table_scale"]
+            assert scales.shape == (len(table), 1) and scales.dtype == model["embeddings.single_table_scale"].dtype
+            assert np.isin(table, model["embeddings.single_table_int8"]).all()
+    assert (bundle / FACTORIZED_FILE).stat().st_size < 0.6 * (tmp_path / "source" / "model.onnx").stat().st_size
+    scorer = Scorer(bundle)
+    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)  # the load-time parity check
+    layers = [c.layer for c in catalog.candidates]
+    f.set_candidates(layers)
+    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
+    expected = canonical(scorer, sample_records[:4], layers, row_imp, row_cand)
+    assert expected.std() > 1e-3
+    np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)), expected, rtol=0,
+                               atol=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("int8")
+    return compressed(random_deepfm_bundle(root / "source"), root / "q", "int8")
+
+
+@pytest.mark.parametrize("file, initializer, index, delta", [
+    (FACTORIZED_FILE, "imp.single_table_int8", (slice(None), 0), 9),         # the imp fields' first coordinate
+    (FACTORIZED_FILE, "imp.single_table_scale", (slice(None), 0), 0.05),     # their row scales
+    (FACTORIZED_FILE, "imp.multi_table_0_scale", (slice(1, None), 0), 0.05),  # the usertag rows' scales
+    (CANDIDATE_FILE, "candidate.single_table_scale", (slice(None), 0), 0.05),
+])
+def test_a_corrupted_compressed_table_fails_the_load_check(int8_bundle, tmp_path, file, initializer, index, delta):
+    bundle = shutil.copytree(int8_bundle, tmp_path / "bundle")
+    perturb(bundle / file, initializer, index, delta)
+    scorer = Scorer(bundle)
+    with pytest.raises(BundleError, match="factorized graphs differ from model.onnx"):
+        FactorizedScorer.for_scorer(scorer)
+
+
+async def test_an_int8_bundle_bids_through_its_factorized_graphs_as_model_onnx_scores(aiohttp_client, int8_bundle,
+                                                                                     openrtb_examples):
+    """Served /bid (factorized graphs over int8 tables) equals the oracle's plain ORT on model.onnx."""
+    from oracle import bid_and_check, raw_catalog
+    from bidder.server import ENGINE, Config, create_app
+
+    app = create_app(Config(model=int8_bundle, campaigns=DEFAULT_CAMPAIGNS))
+    client = await aiohttp_client(app)
+    async with client.get("/readyz"):  # the app has started: its engine exists
+        pass
+    assert app[ENGINE].engine.factorized is not None
+    catalog = raw_catalog(DEFAULT_CAMPAIGNS)
+    bids = 0
+    for name in ("bid-request-2.5/simple-banner.json", "bid-request-2.6/mobile.json",
+                 "bid-request-2.5/expandable-creative.json"):
+        expectation, _ = await bid_and_check(client, json.loads(openrtb_examples[name]), catalog, int8_bundle)
+        bids += expectation.status == 200
+    assert bids >= 2
