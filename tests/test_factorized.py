@@ -314,17 +314,24 @@ def test_bench_request_scoring(benchmark, small_bundle, catalog, sample_records,
 
 # -- compressed tables (train compress --method int8-embeddings) -----------------------------------------------
 def compressed(bundle: Path, out: Path, dtype: str) -> Path:
+    """int8 (a scale per row) or fp16 tables (int8-embeddings), or uint8 tables (int8-dynamic, ops=tables)."""
     from train.compress import compress_bundle
 
-    compress_bundle(bundle, "int8-embeddings", out, settings={"dtype": dtype}, progress=False)
+    if dtype == "uint8":
+        compress_bundle(bundle, "int8-dynamic", out, settings={"ops": "tables"}, progress=False)
+    else:
+        compress_bundle(bundle, "int8-embeddings", out, settings={"dtype": dtype}, progress=False)
     return out
+
+
+TABLE_SUFFIX = {"int8": ("_int8", np.int8), "fp16": ("_fp16", np.float16), "uint8": ("_quantized", np.uint8)}
 
 
 def initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("dtype", ["int8", "fp16"])
+@pytest.mark.parametrize("dtype", ["int8", "fp16", "uint8"])
 @pytest.mark.parametrize("overrides", [{}, {"usertag_combiner": "mean"}, {"embedding_dim": 4, "dnn_hidden_units": [16, 8]}])
 def test_compressed_tables_stay_compressed_in_factorized_graphs_equal_to_model_onnx(tmp_path, catalog, sample_records,
                                                                                   dtype, overrides):
@@ -334,13 +341,17 @@ def test_compressed_tables_stay_compressed_in_factorized_graphs_equal_to_model_o
     model = initializers(bundle / "model.onnx")
     for file, side in ((CANDIDATE_FILE, "candidate"), (FACTORIZED_FILE, "imp")):
         tables = initializers(bundle / file)
-        table = tables[f"{side}.single_table_{dtype}"]
-        assert table.dtype == (np.int8 if dtype == "int8" else np.float16)
+        suffix, numpy_type = TABLE_SUFFIX[dtype]
+        table = tables[f"{side}.single_table{suffix}"]
+        assert table.dtype == numpy_type
         assert not [name for name, a in tables.items() if a.dtype == np.float32 and a.ndim and len(a) >= len(table)]
         if dtype == "int8":  # the very rows and scales of model.onnx
             scales = tables[f"{side}.single_table_scale"]
             assert scales.shape == (len(table), 1) and scales.dtype == model["embeddings.single_table_scale"].dtype
             assert np.isin(table, model["embeddings.single_table_int8"]).all()
+        if dtype == "uint8":  # model.onnx's scale and zero point for the whole table
+            assert tables[f"{side}.single_table_scale"] == model["embeddings.single_table_scale"]
+            assert tables[f"{side}.single_table_zero_point"] == model["embeddings.single_table_zero_point"]
     assert (bundle / FACTORIZED_FILE).stat().st_size < 0.6 * (tmp_path / "source" / "model.onnx").stat().st_size
     scorer = Scorer(bundle)
     f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)  # the load-time parity check
@@ -373,12 +384,20 @@ def test_a_corrupted_compressed_table_fails_the_load_check(int8_bundle, tmp_path
         FactorizedScorer.for_scorer(scorer)
 
 
-async def test_an_int8_bundle_bids_through_its_factorized_graphs_as_model_onnx_scores(aiohttp_client, int8_bundle,
-                                                                                     openrtb_examples):
-    """Served /bid (factorized graphs over int8 tables) equals the oracle's plain ORT on model.onnx."""
+@pytest.fixture(scope="module")
+def uint8_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uint8")
+    return compressed(random_deepfm_bundle(root / "source"), root / "q", "uint8")
+
+
+@pytest.mark.parametrize("tables", ["int8_bundle", "uint8_bundle"])
+async def test_a_compressed_bundle_bids_through_its_factorized_graphs_as_model_onnx_scores(aiohttp_client, request,
+                                                                                          tables, openrtb_examples):
+    """Served /bid (factorized graphs over int8 or uint8 tables) equals the oracle's plain ORT on model.onnx."""
     from oracle import bid_and_check, raw_catalog
     from bidder.server import ENGINE, Config, create_app
 
+    int8_bundle = request.getfixturevalue(tables)
     app = create_app(Config(model=int8_bundle, campaigns=DEFAULT_CAMPAIGNS))
     client = await aiohttp_client(app)
     async with client.get("/readyz"):  # the app has started: its engine exists

@@ -31,14 +31,14 @@ deepctr model they came from (``deepctr_from_bundle``), which is proven equal to
 (<= 1e-6) before anything else happens.
 
 Factorized graphs (``candidate.onnx`` / ``factorized.onnx``, DeepFM with a DNN only): a pruned or
-distilled DeepFM student is a float32 DeepFM like any other, and an ``int8-embeddings`` bundle keeps
-its tables compressed in them too (``train/factorize.py`` dequantizes after the Gather as model.onnx
-does), so each gets its own, checked against its own ``model.onnx`` at export and again at load. An
-``int8-dynamic`` / ``int8-static`` bundle gets none: the factorized graphs split the first DNN layer
-by sides and sum the halves, so a graph that quantizes that layer's whole input at once cannot be
-reproduced to the bidder's 1e-6 load-time tolerance, and float32 factorized tables beside it would
-make the bidder serve the uncompressed weights. Such a bundle is scored row by row through its
-model.onnx.
+distilled DeepFM student is a float32 DeepFM like any other, and bundles whose tables alone are
+compressed (``int8-embeddings``, ``int8-dynamic`` with ``ops=tables``) keep them compressed in the
+factorized graphs too (``train/factorize.py`` dequantizes after the Gather as model.onnx does), so each
+gets its own graphs, checked against its own ``model.onnx`` at export and again at load. A bundle
+whose DNN is quantized gets none: the factorized graphs split the first DNN layer by sides and sum the
+halves, so a graph that quantizes that layer's whole input at once cannot be reproduced to the
+bidder's 1e-6 load-time tolerance, and float32 factorized layers beside it would make the bidder serve
+other weights than its model.onnx. Such a bundle is scored row by row through its model.onnx.
 """
 from __future__ import annotations
 
@@ -225,10 +225,16 @@ def _compress(source: Path, meta: dict[str, Any], spec: FeatureSpec, method: str
     if method in ("int8-dynamic", "int8-static"):
         path = tmp / MODEL_FILE
         _quantize(src_model, path, method, settings, spec, dataset, seed)
-        write_bundle(out, onnx_path=path, spec=spec, architecture=meta["architecture"],
-                     hyperparameters=meta.get("hyperparameters") or {}, data=meta.get("data") or {},
-                     metrics=_onnx_metrics(path, dataset), parity=_quantized_parity(src_model, path, spec, dataset),
-                     training=meta.get("training"), extra_meta={"compression": entry})
+        hp = meta.get("hyperparameters") or {}
+        extra_files, graphs = None, None
+        if method == "int8-dynamic" and settings["ops"] == "tables":  # float32 DNN: the graphs can equal it
+            held_out = dataset.test if dataset is not None else _random_split(spec, seed)
+            extra_files, graphs = bundle_graphs(meta["architecture"], hp, path, spec, tmp, held_out=held_out.inputs)
+        write_bundle(out, onnx_path=path, spec=spec, architecture=meta["architecture"], hyperparameters=hp,
+                     data=meta.get("data") or {}, metrics=_onnx_metrics(path, dataset),
+                     parity=_quantized_parity(src_model, path, spec, dataset), training=meta.get("training"),
+                     calibration=meta.get("calibration"), graphs=graphs, extra_files=extra_files,
+                     extra_meta={"compression": entry})
     elif method == "int8-embeddings":
         teacher, hp, calibration = deepctr_from_bundle(source, meta, spec, dataset)
         lean = lean_module(teacher, spec, meta["architecture"], hp["usertag_combiner"], calibration)

@@ -12,11 +12,12 @@ linear, count]`` and its square) and W the side's columns of the first DNN layer
 linear weights into the scalar, the vectors into s) and -0.5 (the squares into the scalar).
 
 Compressed tables (``train/compress.py``'s ``int8-embeddings``: int8 with one scale per row, or
-float16) stay compressed in the factorized graphs, dequantized after the Gather exactly as
-``model.onnx`` does it (``Cast``, then ``Mul`` by the row's gathered scale), so the graphs add little
-to the bundle and score what ``model.onnx`` scores. Their ``|vector|^2`` is computed after the
-dequantization (a float column cannot live in an int8 table), and a multi field's tag count, which
-such tables do not store, is the number of non-zero indices.
+float16; its ``int8-dynamic`` with ``ops=tables``: uint8 with one scale and zero point per table) stay
+compressed in the factorized graphs, dequantized after the Gather exactly as ``model.onnx`` does it
+(``Cast`` then ``Mul`` by the row's gathered scale, or the same ``DequantizeLinear``), so the graphs add
+little to the bundle and score what ``model.onnx`` scores. Their ``|vector|^2`` is computed after the
+dequantization (a float column cannot live in an integer table), and a multi field's tag count, which
+per-row tables do not store, is the number of non-zero indices.
 """
 from __future__ import annotations
 
@@ -48,31 +49,41 @@ PARITY_REAL_ROWS = 1024
 
 @dataclass
 class Table:
-    """One embedding table of the lean graph: float32, or compressed (int8 with a per-row scale, float16)."""
-    values: np.ndarray               # [rows, columns] float32, int8 or float16
-    scale: np.ndarray | None = None  # [rows, 1] float16 or float32, with int8 values
+    """One embedding table of the lean graph: float32 or compressed.
+
+    Compressed: int8 with one scale per row or float16 (``train/compress.py``'s ``int8-embeddings``;
+    a multi field's table then has no count column), or uint8 with one scale and zero point for the
+    table, read by a ``DequantizeLinear`` after the Gather (ONNX Runtime's quantizer, ``int8-dynamic``
+    with ``ops=tables``).
+    """
+    values: np.ndarray                    # [rows, columns] float32, int8, float16 or uint8
+    scale: np.ndarray | None = None       # int8: [rows, 1] float16 or float32; uint8: a float32 scalar
+    zero_point: np.ndarray | None = None  # uint8: a uint8 scalar
 
     @property
     def compressed(self) -> bool:
         return self.values.dtype != np.float32
 
     @property
+    def per_row(self) -> bool:
+        """int8 with a scale per row, or float16: stored without a multi field's count column."""
+        return self.values.dtype in (np.int8, np.float16)
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return self.values.shape
 
     def rows(self, start: int, stop: int) -> "Table":
-        return Table(self.values[start:stop], None if self.scale is None else self.scale[start:stop])
-
-    def dequantized(self) -> np.ndarray:
-        """The float32 rows the graph computes with (the same operations, so the same numbers)."""
-        rows = self.values.astype(np.float32)
-        return rows if self.scale is None else rows * self.scale.astype(np.float32)
+        scale = self.scale[start:stop] if self.scale is not None and self.scale.ndim else self.scale
+        return Table(self.values[start:stop], scale, self.zero_point)
 
 
 def _concat_tables(tables: list[Table]) -> Table:
-    scales = [t.scale for t in tables]
+    """Row slices of one table, concatenated (a per-table scale and zero point are shared)."""
+    first = tables[0]
+    per_row_scale = first.scale is not None and first.scale.ndim
     return Table(np.concatenate([t.values for t in tables]),
-                 None if scales[0] is None else np.concatenate(scales))
+                 np.concatenate([t.scale for t in tables]) if per_row_scale else first.scale, first.zero_point)
 
 
 @dataclass
@@ -102,23 +113,48 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
             raise TrainError(f"model.onnx has no {name!r}: not a lean DeepFM graph (train/export.py)")
         return init[name]
 
-    def table(name: str) -> Table:  # train/export.py's float32 table or train/compress.py's QuantizedEmbeddings
+    def table(name: str) -> Table:  # train/export.py's float32 table, or compressed by train/compress.py
         if f"{name}_int8" in init:
             return Table(init[f"{name}_int8"], need(f"{name}_scale"))
         if f"{name}_fp16" in init:
             return Table(init[f"{name}_fp16"])
+        if f"{name}_quantized" in init:
+            table = Table(init[f"{name}_quantized"], need(f"{name}_scale"), need(f"{name}_zero_point"))
+            if table.values.dtype != np.uint8 or table.scale.ndim or table.zero_point.ndim:
+                raise TrainError(f"model.onnx: {name}_quantized: expected uint8 with one scale and zero point")
+            return table
         return Table(need(name))
 
     if not any(n.op_type == "Pow" for n in nodes):
         raise TrainError("model.onnx has no FM term: not a lean DeepFM graph")
-    layers = []
-    for node in (n for n in nodes if n.op_type == "Gemm"):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-            raise TrainError(f"model.onnx: unexpected Gemm attributes {attrs}")
-        weight = init[node.input[1]]
-        layers.append((weight if attrs.get("transB", 0) else weight.T, init[node.input[2]]))
-    outs = [init[n.input[1]] for n in nodes if n.op_type == "MatMul" and n.input[1] in init]
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def bias_of(node: onnx.NodeProto) -> np.ndarray | None:
+        """The 1-D initializer an Add reading ``node``'s output adds: a DNN layer's bias (a Gemm that ONNX
+        Runtime's quantizer split into MatMul + Add); None for the output product."""
+        for reader in readers.get(node.output[0], []):
+            biases = [init[name] for name in reader.input if name in init and init[name].ndim == 1]
+            if reader.op_type == "Add" and biases:
+                return biases[0]
+        return None
+
+    layers, outs = [], []
+    for node in nodes:
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+                raise TrainError(f"model.onnx: unexpected Gemm attributes {attrs}")
+            weight = init[node.input[1]]
+            layers.append((weight if attrs.get("transB", 0) else weight.T, init[node.input[2]]))
+        elif node.op_type == "MatMul" and node.input[1] in init:
+            bias = bias_of(node)
+            if bias is None:
+                outs.append(init[node.input[1]])
+            else:
+                layers.append((init[node.input[1]].T, bias))
     if not layers or len(outs) != 1:
         raise TrainError("model.onnx: expected a DNN of Gemm layers and one output MatMul (lean DeepFM graph)")
     weights = LeanWeights(
@@ -130,9 +166,10 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
     shapes_ok = (
         np.array_equal(weights.offsets, spec.sparse_offsets)
         and weights.single_table.shape[0] == sum(f.buckets for f in spec.single_fields)
-        and all(t.shape == (f.buckets, weights.dim + (1 if t.compressed else 2))
+        and all(t.shape == (f.buckets, weights.dim + (1 if t.per_row else 2))
                 for t, f in zip(weights.multi_tables, spec.multi_fields))
-        and all(t.scale is None or t.scale.shape == (t.shape[0], 1) for t in [weights.single_table, *weights.multi_tables])
+        and all(t.scale is None or not t.per_row or t.scale.shape == (t.shape[0], 1)
+                for t in [weights.single_table, *weights.multi_tables])
         and layers[0][0].shape[1] == fields * weights.dim
         and all(w.shape[1] == prev[0].shape[0] for (w, _), prev in zip(layers[1:], layers))
         and weights.out.shape == (layers[-1][0].shape[0], 1))
@@ -222,7 +259,7 @@ def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: 
         pooled = g.op("ReduceSum", [tags, g.const(f"{side}.axis_{i}", np.array([1], np.int64))], f"{side}.pooled_{i}",
                       keepdims=0)
         if w.mean:  # as the lean graph: vector and linear weight divided by (count + eps)
-            if table.compressed:  # no count column: the count is the number of non-zero (non-padding) indices
+            if table.per_row:  # no count column: the count is the number of non-zero (non-padding) indices
                 padding = g.op("Equal", [f.name, g.const(f"{side}.padding_{i}", np.array(0, np.int64))],
                                f"{side}.padding_{i}.is")
                 present = g.op("Cast", [g.op("Not", [padding], f"{side}.present_{i}")], f"{side}.present_{i}.float",
@@ -261,10 +298,14 @@ def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: 
 
 def _gather_rows(g: _Graph, name: str, table: Table, index: str) -> str:
     """float32 rows of ``table`` at ``index``; a compressed table is dequantized as ``model.onnx`` does it."""
-    suffix = {np.dtype(np.int8): "_int8", np.dtype(np.float16): "_fp16"}.get(table.values.dtype, "")
-    rows = g.op("Gather", [g.const(f"{name}{suffix}", table.values), index], f"{name}.gathered")
+    suffix = {np.dtype(np.int8): "_int8", np.dtype(np.float16): "_fp16", np.dtype(np.uint8): "_quantized"}
+    rows = g.op("Gather", [g.const(f"{name}{suffix.get(table.values.dtype, '')}", table.values), index],
+                f"{name}.gathered")
     if not table.compressed:
         return rows
+    if table.zero_point is not None:
+        return g.op("DequantizeLinear", [rows, g.const(f"{name}_scale", table.scale),
+                                         g.const(f"{name}_zero_point", table.zero_point)], f"{name}.dequantized")
     rows = g.op("Cast", [rows], f"{name}.float", to=TensorProto.FLOAT)
     if table.scale is None:
         return rows
