@@ -80,7 +80,7 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
 
 def _default(args: argparse.Namespace) -> dict[str, Any]:
     """The shipped bundle: DeepFM on the synthetic logs, distilled into a smaller DeepFM whose tables are
-    stored as int8 (``train.compress.DEFAULT_CHAIN``), then the win-price model on their bid log."""
+    stored as 8-bit integers (``train.compress.DEFAULT_CHAIN``), then the win-price model on their bid log."""
     import bidder
     from train.bundle import install_bundle
     from train.compress import DEFAULT_CHAIN, compress_chain

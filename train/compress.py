@@ -173,8 +173,9 @@ def compress_bundle(source: str | Path, method: str, out_dir: str | Path, *, dat
 
 
 #: what ``python -m train default`` ships: the trained DeepFM distilled into a 64,32 student, whose tables
-#: are then stored as int8 with a scale per row (README "Model compression" gives the study behind it)
-DEFAULT_CHAIN: tuple[tuple[str, dict[str, str]], ...] = (("distill", {"student": "64,32"}), ("int8-embeddings", {}))
+#: are then stored as uint8 with a scale per table (README "Model compression" gives the study behind it)
+DEFAULT_CHAIN: tuple[tuple[str, dict[str, str]], ...] = (("distill", {"student": "64,32"}),
+                                                         ("int8-dynamic", {"ops": "tables"}))
 
 
 def compress_chain(source: str | Path, steps: tuple[tuple[str, dict[str, Any]], ...], out_dir: str | Path, *,
