@@ -38,7 +38,8 @@ DEFAULT_MODEL = DEFAULT_BUNDLE
 DEFAULT_RESULTS = REPO / "bench" / "results"
 #: The bidder with some of its levers switched off, to measure each lever alone in the same run.
 BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),
-                   "bidder-plain": ("--no-batching", "--no-factorized"), "bidder-exhaustive": ("--no-retrieval",)}
+                   "bidder-plain": ("--no-batching", "--no-factorized"), "bidder-exhaustive": ("--no-retrieval",),
+                   "bidder-graphshade": ("--graph-shading",)}
 SERVERS = ("echo", "bidder", "fastapi", *(name for name in BIDDER_VARIANTS if name != "bidder"))
 BIDDING_SERVERS = (*BIDDER_VARIANTS, "fastapi")  # must answer the body with a bid before they are measured
 ECHO_LAYERS = ("app", "server")

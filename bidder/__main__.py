@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-factorized", action="store_true",
                        help="score every row with model.onnx even when the bundle has factorized graphs "
                             "(for comparison)")
+    serve.add_argument("--graph-shading", action="store_true",
+                       help="search first-price bids with the bundle's market.onnx in one ONNX Runtime call per batch "
+                            "instead of natively over its market-terms.npz (for comparison)")
     serve.add_argument("--retrieve-k", type=int, default=defaults.retrieve_k, metavar="K",
                        help="with a catalog of more than 1,000 creatives: per imp, the targeting filters and then the "
                             "K creatives with the best two-tower score (the bundle's imp and ad towers, python -m "
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, pin=not args.no_pin, batching=not args.no_batching,
-                    factorized=not args.no_factorized, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
+                    factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
                     ann=args.ann)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.campaigns import CatalogError, load_catalog

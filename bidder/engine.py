@@ -30,7 +30,7 @@ from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import (FIRST_PRICE, Bid, BidRequest, BidResponse, RequestError, SeatBid, decode_predict,
                             decode_request, encode_response, imp_fields, imp_sizes, request_fields)
-from bidder.pricing import PricedBid, best_per_imp, floored_price
+from bidder.pricing import PricedBid, best_per_imp, bid_cpm, floored_price
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
@@ -377,7 +377,8 @@ class BidEngine:
                 if priced.deal is None:
                     todo.append((j, priced))
                     records.append(imp_records[i])
-                    values.append(priced.price)
+                    # the unrounded value: a value within a micro-dollar of the floor leaves no surplus
+                    values.append(bid_cpm(priced.ctr, priced.candidate.value_per_click))
                     floors.append(imp_floors[i])
         if not todo:
             return unprofitable

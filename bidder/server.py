@@ -66,6 +66,7 @@ class Config:
     pin: bool = True
     batching: bool = True    # score the requests of one loop turn together (off: each on its own, to compare)
     factorized: bool = True  # use the bundle's factorized graphs when it has them (off: model.onnx per row)
+    native_shading: bool = True  # search first-price bids over the market model's terms (off: market.onnx, to compare)
     retrieve_k: int = DEFAULT_K  # large catalogs: creatives the ranker scores per imp, chosen by the two towers
     retrieval: bool = True   # off: a large catalog's every eligible creative is scored (for comparison)
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
@@ -95,7 +96,7 @@ class State:
             # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
             factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
         # the win-price model for first-price shading, if the bundle has one (checked, BundleError otherwise)
-        market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch)
+        market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch, native=self.config.native_shading)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized,
                            market, retriever)

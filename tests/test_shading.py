@@ -16,9 +16,10 @@ from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine
 from bidder.metrics import Metrics
 from bidder.scorer import BundleError, Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
-from bidder.shading import (FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, OUTPUTS, VALUE_INPUT, WIN_OUTPUT, WinModel,
-                            best_bids, bid_grid)
+from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
+from bidder import _shading
+from bidder.shading import (FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, NATIVE_TOLERANCE, OUTPUTS, TERMS_FILE,
+                            VALUE_INPUT, WIN_OUTPUT, WinModel, best_bids, bid_grid)
 from bidder.spec import SPARSE_INPUT, default_spec
 from oracle import metric
 from train.__main__ import main as train_main
@@ -132,37 +133,58 @@ def market_bundle_dir(small_bundle, synthetic_data, tmp_path_factory):
 def test_market_graph_is_listed_with_its_parity_and_figures(market_bundle_dir):
     entry = json.loads((market_bundle_dir / "meta.json").read_text())["graphs"]["market"]
     assert entry["files"] == [MARKET_FILE] and entry["parity"]["max_abs_diff"] <= 1e-6
+    assert entry["terms"]["file"] == TERMS_FILE and entry["terms"]["max_abs_diff"] <= NATIVE_TOLERANCE
     test = entry["metrics"]["test"]
     assert test["censored_nll"] > 0 and 0 <= test["mae_vs_truth"] < 0.2
     assert len(test["win_rate_by_bin"]) == 10
     assert "slotid" in entry["fields"] and "creative" not in entry["fields"]
 
 
-def test_served_bids_equal_python_onnx_runtime_and_the_argmax(market_bundle_dir, sample_records):
+def _graph_outputs(bundle, scorer, records, values, floors):
+    session = ort.InferenceSession(str(bundle / MARKET_FILE), providers=["CPUExecutionProvider"])
+    return dict(zip(OUTPUTS, session.run(list(OUTPUTS), {
+        SPARSE_INPUT: scorer.featurizer.transform(records)[SPARSE_INPUT],
+        VALUE_INPUT: values.astype(np.float32).reshape(-1, 1), FLOOR_INPUT: floors.astype(np.float32).reshape(-1, 1)})))
+
+
+def _graph_only(model: WinModel) -> WinModel:
+    """``model`` served by its graph, as a bundle without the terms is."""
+    model._native = None
+    return model
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_served_bids_equal_python_onnx_runtime_and_the_argmax(market_bundle_dir, sample_records, native):
     scorer = Scorer(market_bundle_dir)
-    model = WinModel.for_scorer(scorer, max_imps=8)  # 20 records: three ORT calls
+    model = WinModel.for_scorer(scorer, max_imps=8)  # 20 records: three calls
+    assert model.native
+    if not native:
+        _graph_only(model)
     records = sample_records[:20]
     values = np.linspace(1.0, 30.0, len(records))
     floors = values * np.linspace(0.0, 0.5, len(records))
     bids, surplus = model.shade(scorer.featurizer, records, values.tolist(), floors.tolist())
-    session = ort.InferenceSession(str(market_bundle_dir / MARKET_FILE), providers=["CPUExecutionProvider"])
-    got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {
-        SPARSE_INPUT: scorer.featurizer.transform(records)[SPARSE_INPUT],
-        VALUE_INPUT: values.astype(np.float32).reshape(-1, 1), FLOOR_INPUT: floors.astype(np.float32).reshape(-1, 1)})))
-    assert np.array_equal(np.array(bids, dtype=np.float32), got["bid"][:, 0])
-    assert np.array_equal(np.array(surplus, dtype=np.float32), got["surplus"][:, 0])
+    got = _graph_outputs(market_bundle_dir, scorer, records, values, floors)
+    if native:  # double precision against the graph's float32: the same grid bid, the same surplus to rounding
+        assert np.allclose(bids, got["bid"][:, 0], rtol=1e-6) and np.allclose(surplus, got["surplus"][:, 0], rtol=1e-5)
+    else:
+        assert np.array_equal(np.array(bids, dtype=np.float32), got["bid"][:, 0])
+        assert np.array_equal(np.array(surplus, dtype=np.float32), got["surplus"][:, 0])
     # the graph's grid is bid_grid's (to float32 rounding) and its bid the brute-force argmax over it
     assert np.allclose(got[GRID_OUTPUT], bid_grid(values, floors), rtol=1e-6)
     expected_bids, expected_surplus = best_bids(values, got[GRID_OUTPUT].astype(np.float64), got[WIN_OUTPUT])
     assert np.allclose(bids, expected_bids, rtol=1e-6) and np.allclose(surplus, expected_surplus, rtol=1e-5)
     assert np.all(np.diff(got[WIN_OUTPUT], axis=1) >= 0) and np.all(np.array(bids) < values)
-    assert np.all(np.array(bids) >= floors.astype(np.float32))
+    assert np.all(np.array(bids) >= (floors if native else floors.astype(np.float32)))
 
 
-def test_shading_rows_featurized_already_equals_featurizing_them(market_bundle_dir, sample_records):
-    """The bid path hands the market graph the rows the factorized scorer featurized (any order, any subset)."""
+@pytest.mark.parametrize("native", [True, False])
+def test_shading_rows_featurized_already_equals_featurizing_them(market_bundle_dir, sample_records, native):
+    """The bid path hands the search the rows the factorized scorer featurized (any order, any subset)."""
     scorer = Scorer(market_bundle_dir)
-    model = WinModel.for_scorer(scorer, max_imps=4)  # 7 imps: two ORT calls
+    model = WinModel.for_scorer(scorer, max_imps=4)  # 7 imps: two calls
+    if not native:
+        _graph_only(model)
     featurized = scorer.featurizer.transform(sample_records[:12])[SPARSE_INPUT]
     for rows in ([0, 1, 2, 3, 4, 5, 6], [5, 6, 7, 8, 9, 10, 11], [11, 2, 7, 3, 0, 9, 4]):
         values = [3.0 + r for r in rows]
@@ -186,6 +208,96 @@ def test_engine_shades_the_same_with_and_without_factorized_features(market_bund
     reused = [o.body for o in engine.price_all(pendings, split, featurized)]
     again = [o.body for o in engine.price_all(pendings, split)]  # featurized anew by the win model
     assert reused == again and all(b"price" in body for body in reused)
+
+
+def test_native_search_is_the_graphs_on_random_imps(market_bundle_dir, sample_records):
+    """P(win) at every grid bid and the best bid of each imp: the native search against the graph."""
+    scorer = Scorer(market_bundle_dir)
+    model = WinModel.for_scorer(scorer, max_imps=64)
+    assert model.native_difference(rows=512, seed=3) <= NATIVE_TOLERANCE
+    records = sample_records[:64]
+    rng = np.random.default_rng(1)
+    values = np.exp(rng.uniform(-2.0, 5.0, len(records)))
+    floors = values * rng.uniform(0.0, 0.9, len(records))
+    sparse = scorer.featurizer.transform(records)[SPARSE_INPUT]
+    bids, surplus, win = model._native.search(sparse, values, floors)
+    got = _graph_outputs(market_bundle_dir, scorer, records, values, floors)
+    assert np.max(np.abs(win - got[WIN_OUTPUT])) <= NATIVE_TOLERANCE
+    # the bid is the grid point of highest surplus over the native P(win), the first of equal ones
+    expected_bids, expected_surplus = best_bids(values, bid_grid(values, floors), win)
+    assert np.allclose(bids, expected_bids, rtol=1e-12) and np.allclose(surplus, expected_surplus, rtol=1e-12)
+    # where the two precisions pick different grid bids, they are near-ties: by the graph's own P(win), the
+    # native bid's surplus is the best to the tolerance
+    index = np.rint((bids - floors) / ((values - floors) / GRID)).astype(int)
+    rows = np.arange(len(bids))
+    graph_surplus = (values[:, None] - got[GRID_OUTPUT]) * got[WIN_OUTPUT]
+    best = graph_surplus.max(axis=1)
+    assert np.all(graph_surplus[rows, index] >= best - NATIVE_TOLERANCE * np.maximum(1.0, np.abs(best)))
+    assert np.mean(np.isclose(bids, got["bid"][:, 0], rtol=1e-6)) > 0.5
+    assert np.all((floors <= bids) & (bids < values))
+
+
+def test_native_search_refuses_indices_out_of_range(market_bundle_dir):
+    model = WinModel.for_scorer(Scorer(market_bundle_dir), max_imps=4)
+    sparse = np.zeros((2, model.spec.input_width(SPARSE_INPUT)), dtype=np.int64)
+    with pytest.raises(ValueError, match="row 2 is outside"):
+        model.shade_rows(sparse, [0, 2], [1.0, 1.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="differ in length"):
+        model._native.shade(sparse, [0, 1], [1.0], [0.0, 0.0])
+    sparse[1, model.terms.columns[0]] = 10**9
+    with pytest.raises(ValueError, match="outside the market table"):
+        model.shade_rows(sparse, [0, 1], [1.0, 1.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        _shading.Search(model.terms.table, model.terms.columns, model.terms.starts, -1.0, 1.0, 0)
+
+
+def _rewrite_meta(bundle, change) -> None:
+    meta = json.loads((bundle / "meta.json").read_text())
+    change(meta["graphs"]["market"])
+    (bundle / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_bundle_without_the_terms_is_served_by_the_graph(market_bundle_dir, tmp_path, openrtb_examples):
+    bundle = tmp_path / "b"
+    shutil.copytree(market_bundle_dir, bundle)
+    _rewrite_meta(bundle, lambda entry: entry.pop("terms"))
+    (bundle / TERMS_FILE).unlink()
+    graph = WinModel.for_scorer(Scorer(bundle))
+    assert graph is not None and not graph.native
+    prices = []
+    for path in (market_bundle_dir, bundle):
+        scorer = Scorer(path)
+        engine = BidEngine(scorer, load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=FIXED_NOW,
+                           market=WinModel.for_scorer(scorer))
+        prices.append(json.loads(engine.bid(_request(openrtb_examples, 1)).body)["seatbid"][0]["bid"][0]["price"])
+    assert prices[0] == pytest.approx(prices[1], abs=2e-6)
+
+
+def test_broken_terms_are_refused_at_load(market_bundle_dir, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(market_bundle_dir, bundle)
+    terms = dict(np.load(bundle / TERMS_FILE))
+    (bundle / TERMS_FILE).write_bytes(b"not an npz")
+    with pytest.raises(BundleError, match="terms.sha256"):
+        WinModel.for_scorer(Scorer(bundle))
+    _rewrite_meta(bundle, lambda entry: entry["terms"].pop("sha256"))
+    with pytest.raises(BundleError, match="not readable as the market model's terms"):
+        WinModel.for_scorer(Scorer(bundle))
+    np.savez(bundle / TERMS_FILE, **{k: v for k, v in terms.items() if k != "starts"})
+    with pytest.raises(BundleError, match="has no starts"):
+        WinModel.for_scorer(Scorer(bundle))
+    np.savez(bundle / TERMS_FILE, **{**terms, "table": terms["table"].astype(np.float64)})
+    with pytest.raises(BundleError, match="table must be finite float32"):
+        WinModel.for_scorer(Scorer(bundle))
+    np.savez(bundle / TERMS_FILE, **{**terms, "k_range": np.array([1.0, -1.0])})
+    with pytest.raises(BundleError, match="k_range must be"):
+        WinModel.for_scorer(Scorer(bundle))
+    np.savez(bundle / TERMS_FILE, **{**terms, "table": terms["table"] + np.float32(0.05)})  # not the graph's model
+    with pytest.raises(BundleError, match="differ from the graph"):
+        WinModel.for_scorer(Scorer(bundle))
+    (bundle / TERMS_FILE).unlink()
+    with pytest.raises(BundleError, match=f"lists {TERMS_FILE} but the bundle has no such file"):
+        WinModel.for_scorer(Scorer(bundle))
 
 
 def test_a_bundle_without_a_market_model_shades_nothing(small_bundle):
@@ -298,7 +410,7 @@ def test_train_default_fits_the_win_price_model_too(tmp_path, capsys):
     entry = json.loads((out / "meta.json").read_text())["graphs"]["market"]
     assert summary["market"]["sha256"] == entry["sha256"] and (out / MARKET_FILE).is_file()
     assert entry["data"] == "synthetic: python -m train synth --rows 3000 --seed 2013"
-    assert WinModel.for_scorer(Scorer(out)) is not None
+    assert (out / TERMS_FILE).is_file() and WinModel.for_scorer(Scorer(out)).native
     # the CTR model shipped is the trained DeepFM distilled into a 64,32 student with 8-bit tables (train/compress.py)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["compression"]["method"] == "distill + int8-dynamic" == summary["compression"]["method"]
@@ -380,3 +492,17 @@ def test_replay_errors(small_bundle, synthetic_data, tmp_path, capsys):
     assert bench_main(["replay", "--data", str(synthetic_data), "--bundle", str(small_bundle),
                        "--out", str(tmp_path / "missing" / "r.json")]) == 2
     assert capsys.readouterr().err.startswith("error: --out")
+
+
+async def test_graph_shading_serves_the_same_bids(aiohttp_client, market_bundle_dir, openrtb_examples):
+    """``bidder serve --graph-shading``: market.onnx through ONNX Runtime instead of the native search, the same
+    bids to a micro-dollar."""
+    prices = []
+    for native in (True, False):
+        app = create_app(Config(model=market_bundle_dir, campaigns=DEFAULT_CAMPAIGNS, native_shading=native))
+        client = await aiohttp_client(app)
+        response = await client.post("/bid", data=_request(openrtb_examples, 1))
+        assert response.status == 200
+        prices.append((await response.json())["seatbid"][0]["bid"][0]["price"])
+        assert app[STATE].engine.market.native is native
+    assert prices[0] == pytest.approx(prices[1], abs=1.0000001e-6)

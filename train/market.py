@@ -35,20 +35,21 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 import torch.nn as nn
 from tqdm import tqdm
 
 from bidder.factorized import candidate_fields
 from bidder.scorer import BundleError, read_meta
-from bidder.shading import (BID_OUTPUT, FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, MARKET_GRAPH, OUTPUTS,
-                            SURPLUS_OUTPUT, VALUE_INPUT, WIN_OUTPUT, best_bids)
+from bidder.shading import (BID_OUTPUT, FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, MARKET_GRAPH, NATIVE_TOLERANCE,
+                            OUTPUTS, SURPLUS_OUTPUT, TERMS_FILE, VALUE_INPUT, WIN_OUTPUT, WinModel, best_bids)
 from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
 from train.bundle import META_FILE, file_sha256, replace_files
 from train.data.bidlog import BidLog, read_bid_log, split_bid_log
 from train.errors import ParityError, TrainError
 from train.export import OPSET, serving_session
 
-__all__ = ["MarketModel", "censored_nll", "fit_market", "market_bundle"]
+__all__ = ["MarketModel", "censored_nll", "fit_market", "market_bundle", "market_terms", "write_terms"]
 
 PARITY_TOLERANCE = 1e-6
 PARITY_ROWS = 2048
@@ -314,11 +315,42 @@ def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, 
     with tempfile.TemporaryDirectory(prefix=".market-", dir=bundle) as tmp:
         path = export_market(model, spec, Path(tmp) / MARKET_FILE)
         parity = check_market_parity(model, path, parts["test"])
+        terms = write_terms(path, spec, Path(tmp) / TERMS_FILE)
         entry = {"files": [MARKET_FILE], "sha256": file_sha256(path), "family": "log-normal",
                  "fields": model.fields, "inputs": [SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT], "outputs": list(OUTPUTS),
-                 "data": data_label or str(data_dir), "metrics": metrics, "parity": parity}
+                 "terms": terms, "data": data_label or str(data_dir), "metrics": metrics, "parity": parity}
         meta["graphs"] = {**(meta.get("graphs") or {}), MARKET_GRAPH: entry}
         staged_meta = Path(tmp) / META_FILE
         staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        replace_files(bundle, {MARKET_FILE: path, META_FILE: staged_meta})
+        replace_files(bundle, {MARKET_FILE: path, TERMS_FILE: Path(tmp) / TERMS_FILE, META_FILE: staged_meta})
     return entry
+
+
+# -- the terms, for the native bid search ------------------------------------------------------------------------
+def market_terms(path: Path) -> dict[str, np.ndarray]:
+    """The additive model's parameters as ``export_market`` wrote them into ``path`` (``bidder.shading.TERMS``):
+    the table of (mu, k) terms, each field's column and first row, and the clip range of k."""
+    graph = onnx.load(str(path)).graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    clips = [n for n in graph.node if n.op_type == "Clip"]
+    if not {"table.weight", "columns", "starts"} <= set(init) or len(clips) != 1:
+        raise TrainError(f"{path}: not a win-price graph written by train/market.py (no terms table, or not one Clip)")
+    bounds = [float({**init, **constants}[name]) for name in clips[0].input[1:3]]
+    return {"table": np.ascontiguousarray(init["table.weight"], dtype=np.float32),
+            "columns": init["columns"].astype(np.int64).reshape(-1),
+            "starts": init["starts"].astype(np.int64).reshape(-1), "k_range": np.array(bounds, dtype=np.float64)}
+
+
+def write_terms(graph: Path, spec: FeatureSpec, out: Path) -> dict[str, Any]:
+    """Write ``graph``'s terms to ``out`` and check the native search they drive against the graph; returns
+    meta.json's ``terms`` entry (file, sha256, the largest difference). ``ParityError`` above the tolerance."""
+    np.savez(out, **market_terms(graph))
+    model = WinModel(graph, spec, max_imps=8, terms=out)
+    diff = model.native_difference(rows=PARITY_ROWS)
+    if not diff <= NATIVE_TOLERANCE:
+        raise ParityError(f"{graph}: the native bid search differs from the graph by {diff:.3g} "
+                          f"(tolerance {NATIVE_TOLERANCE:g})")
+    return {"file": TERMS_FILE, "sha256": file_sha256(out), "max_abs_diff": diff, "rows": PARITY_ROWS,
+            "measure": "max |Δ| of P(win) at every grid bid and of the best surplus (relative above 1), "
+                       "native (double) vs the graph (float32)", "tolerance": NATIVE_TOLERANCE}

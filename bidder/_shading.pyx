@@ -1,0 +1,112 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""First-price bid search over the win-price model's terms, natively: no ONNX Runtime call per batch.
+
+The win-price model (``train/market.py``) is additive: an imp's ``mu`` and ``k`` = −ln(sigma·√2) are
+sums of one learned pair per imp-side field value, ``k`` clipped to sigma's range, and
+P(market < b) = ½ + ½·erf((ln b − mu)·e^k). ``market.onnx`` computes exactly that over a grid of bids;
+``Search`` does the same sums and the same grid search in double precision, reading each imp's row of
+the spec's ``sparse`` input where the featurizer left it. ``bidder/shading.py`` checks it against the
+graph when the bundle loads.
+"""
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from libc.math cimport erf, exp, log, INFINITY
+from libc.stdint cimport int64_t
+
+import numpy as np
+
+cdef extern from "Python.h":
+    double PyFloat_AsDouble(object o) except? -1.0
+    long long PyLong_AsLongLong(object o) except? -1
+
+
+cdef class Search:
+    """The grid search over ``grid`` bids floor + (value − floor)·g/grid, g = 0..grid−1, for the model whose
+    terms are ``table`` (float32 [rows, 2]: per value its term of mu and of k), ``columns`` and ``starts``
+    (per imp-side field: its column in ``sparse`` and its first row in ``table``) and ``k_min``/``k_max``."""
+    cdef const float[:, ::1] table
+    cdef const int64_t[::1] columns
+    cdef const int64_t[::1] starts
+    cdef double k_min, k_max
+    cdef readonly int grid
+    cdef object _keep  # the arrays the views read
+
+    def __init__(self, table, columns, starts, double k_min, double k_max, int grid):
+        table = np.ascontiguousarray(table, dtype=np.float32)
+        columns = np.ascontiguousarray(columns, dtype=np.int64)
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        if table.ndim != 2 or table.shape[1] != 2:
+            raise ValueError(f"table must be [rows, 2], got {list(table.shape)}")
+        if columns.ndim != 1 or starts.shape != columns.shape:
+            raise ValueError("columns and starts must be vectors of one length")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
+        self._keep = (table, columns, starts)
+        self.table, self.columns, self.starts = table, columns, starts
+        self.k_min, self.k_max, self.grid = k_min, k_max, grid
+
+    cdef int _one(self, const int64_t[:, ::1] sparse, Py_ssize_t r, double value, double floor,
+                  double* bid, double* surplus, double* win) noexcept nogil:
+        """Imp at row ``r``: its best grid bid and surplus (the first of equal ones, as ``ArgMax`` takes);
+        P(win) at every grid bid into ``win`` unless NULL. 1 for a feature index outside the table."""
+        cdef Py_ssize_t j, g, at, n_table = self.table.shape[0]
+        cdef double mu = 0.0, k = 0.0, scale, step, b, p, s, best = -INFINITY, best_bid = floor
+        for j in range(self.columns.shape[0]):
+            at = sparse[r, self.columns[j]] + self.starts[j]
+            if at < 0 or at >= n_table:
+                return 1
+            mu += self.table[at, 0]
+            k += self.table[at, 1]
+        scale = exp(min(max(k, self.k_min), self.k_max))
+        step = (value - floor) / self.grid
+        for g in range(self.grid):
+            b = floor + step * g
+            p = 0.5 + 0.5 * erf((log(b) - mu) * scale)
+            s = (value - b) * p
+            if win != NULL:
+                win[g] = p
+            if s > best:
+                best = s
+                best_bid = b
+        bid[0] = best_bid
+        surplus[0] = best
+        return 0
+
+    def shade(self, const int64_t[:, ::1] sparse, list rows, list values, list floors):
+        """(bids, surplus) as lists: imp ``i`` has its features in row ``rows[i]`` of ``sparse``, its value
+        ``values[i]`` and its floor ``floors[i]``. ``ValueError`` for a row or feature index out of range."""
+        cdef Py_ssize_t i, r, n = PyList_GET_SIZE(rows)
+        cdef double bid, gain
+        if PyList_GET_SIZE(values) != n or PyList_GET_SIZE(floors) != n:
+            raise ValueError("rows, values and floors differ in length")
+        self._check_columns(sparse)
+        bids, surplus = [None] * n, [None] * n
+        for i in range(n):
+            r = PyLong_AsLongLong(<object>PyList_GET_ITEM(rows, i))
+            if r < 0 or r >= sparse.shape[0]:
+                raise ValueError(f"row {r} is outside the sparse input's {sparse.shape[0]} rows")
+            if self._one(sparse, r, PyFloat_AsDouble(<object>PyList_GET_ITEM(values, i)),
+                         PyFloat_AsDouble(<object>PyList_GET_ITEM(floors, i)), &bid, &gain, NULL):
+                raise ValueError(f"row {r}: a feature index is outside the market table's {self.table.shape[0]} rows")
+            bids[i] = bid
+            surplus[i] = gain
+        return bids, surplus
+
+    def search(self, const int64_t[:, ::1] sparse, const double[::1] values, const double[::1] floors):
+        """Every row of ``sparse``: (bids, surplus, win) as arrays, win [rows, grid] = P(win) at each grid bid."""
+        cdef Py_ssize_t i, n = sparse.shape[0]
+        if values.shape[0] != n or floors.shape[0] != n:
+            raise ValueError("sparse, values and floors differ in rows")
+        self._check_columns(sparse)
+        out_bids, out_surplus, out_win = np.empty(n), np.empty(n), np.empty((n, self.grid))
+        cdef double[::1] bids = out_bids, surplus = out_surplus
+        cdef double[:, ::1] win = out_win
+        for i in range(n):
+            if self._one(sparse, i, values[i], floors[i], &bids[i], &surplus[i], &win[i, 0]):
+                raise ValueError(f"row {i}: a feature index is outside the market table's {self.table.shape[0]} rows")
+        return out_bids, out_surplus, out_win
+
+    cdef _check_columns(self, const int64_t[:, ::1] sparse):
+        cdef Py_ssize_t j
+        for j in range(self.columns.shape[0]):
+            if self.columns[j] < 0 or self.columns[j] >= sparse.shape[1]:
+                raise ValueError(f"column {self.columns[j]} is outside the sparse input's {sparse.shape[1]} columns")
