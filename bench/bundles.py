@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.shading import EXAMPLE, SHAPES, bodies, build_engine, time_shape
+from bench.shading import EXAMPLE, SHAPES, bodies, build_engine, report, time_shape
 from bidder.scorer import BundleError
 
 REPEATS = {"lone": 300, "batch8": 40, "batch32": 10}
@@ -90,23 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.bundle) < 2:
         print("error: --bundle: give two or more bundles to compare", file=sys.stderr)
         return 2
-    if args.rounds < 1:
-        print(f"error: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
-        return 2
-    if args.out.is_dir() or not args.out.parent.is_dir():
-        print(f"error: --out {args.out}: expected a JSON file name in an existing folder", file=sys.stderr)
-        return 2
-    try:
-        result = measure(args.bundle, args.rounds)
-    except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    png = plot(result, args.out.with_suffix(".png"))
-    print(json.dumps({"json": str(args.out), "png": str(png), "us_per_request": result["us_per_request"],
-                      "ratio_to_first": result["ratio_to_first"]}, indent=2))
-    return 0
-
+    return report(args.rounds, args.out, lambda: measure(args.bundle, args.rounds), plot, "ratio_to_first")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -295,12 +295,10 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
-    for ax, source in zip(axes, SOURCES):
+    sources = [s for s in SOURCES if any(r["source"] == s for r in results["rows"])]
+    fig, axes = plt.subplots(1, len(sources), figsize=(7 * len(sources), 5.5), squeeze=False)
+    for ax, source in zip(axes[0], sources):
         rows = [r for r in results["rows"] if r["source"] == source]
-        if not rows:
-            ax.set_axis_off()
-            continue
         for r in rows:
             p = r["paired_auc_delta"]
             delta = 0.0 if r["variant"] == "fp32 (source)" else p["delta"]
