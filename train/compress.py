@@ -197,8 +197,11 @@ def compress_chain(source: str | Path, steps: tuple[tuple[str, dict[str, Any]], 
         current = source
         for k, (method, settings) in enumerate(steps):
             target = Path(out_dir) if k == len(steps) - 1 else Path(tmp) / f"step-{k}"
-            entries.append(compress_bundle(current, method, target, data=data, settings=settings, seed=seed,
-                                           progress=progress, threads=threads))
+            step = compress_bundle(current, method, target, data=data, settings=settings, seed=seed,
+                                   progress=progress, threads=threads)
+            # a step's own parity (a student's ONNX vs its torch model; a quantized graph vs its source) is
+            # kept: the written bundle's meta.json has only the last one
+            entries.append({**step, "parity": read_bundle(target)[0].get("parity")})
             current = target
     entry = {"method": " + ".join(method for method, _ in steps), "settings": {}, "steps": entries,
              "source_model_id": source_meta.get("model_id"), "source_bytes": (source / MODEL_FILE).stat().st_size}
@@ -411,9 +414,11 @@ class _Calibration(CalibrationDataReader):
 
 def _quantize(src: Path, out: Path, method: str, settings: dict[str, Any], spec: FeatureSpec,
               dataset: Dataset | None, seed: int) -> None:
-    """ONNX Runtime's quantizer on ``src``'s matrix products (and table Gathers with ``ops=all``)."""
+    """ONNX Runtime's quantizer on ``src``'s matrix products (``ops=dnn``), table Gathers (``ops=tables``) or both."""
     ops = {"dnn": ["MatMul", "Gemm"], "tables": ["Gather"], "all": ["MatMul", "Gemm", "Gather"]}[settings["ops"]]
-    logging.disable(logging.INFO)  # the quantizer logs a line per tensor on the root logger
+    # the quantizer logs a line per tensor on the root logger, and a warning advising its shape-inference
+    # pre-processing (for models with dynamic shapes in convolutions; it changes nothing here)
+    logging.disable(logging.WARNING)
     try:
         _run_quantizer(src, out, method, settings, dataset, seed, ops)
     finally:
