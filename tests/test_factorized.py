@@ -78,7 +78,9 @@ def test_bundles_list_their_factorized_graphs(bundle, scorer):
     entry = meta["graphs"]["factorized"]
     assert entry["files"] == [CANDIDATE_FILE, FACTORIZED_FILE]
     assert entry["candidate_fields"] == ["slotwidth", "slotheight", "creative", "advertiser"]
-    assert entry["layout"] == {"width": 265, "dnn_first_layer": [0, 256], "scalar": [256, 257], "fm_sum": [257, 265]}
+    hidden = meta["hyperparameters"]["dnn_hidden_units"][0]  # 256, or the shipped student's 64
+    assert entry["layout"] == {"width": hidden + 9, "dnn_first_layer": [0, hidden], "scalar": [hidden, hidden + 1],
+                               "fm_sum": [hidden + 1, hidden + 9]}
     assert entry["parity"]["rows"] >= 1000 and entry["parity"]["max_abs_diff"] <= TOLERANCE
     assert scorer.factorized_files() == (bundle / CANDIDATE_FILE, bundle / FACTORIZED_FILE)
     # the canonical graph is the one the bundle was exported with
