@@ -118,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                                        "shading (see python -m bench replay -h)", add_help=False)
     commands.add_parser("shading", help="in-process cost of first-price shading: at=1 vs at=2 (see python -m bench "
                                         "shading -h)", add_help=False)
+    commands.add_parser("bundles", help="in-process cost of two or more bundles taking turns (see python -m bench "
+                                        "bundles -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bundles":
+        from bench.bundles import main as bundles_main
+        return bundles_main(rest)
     if args.command == "shading":
         from bench.shading import main as shading_main
         return shading_main(rest)

@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import bidder
 from bidder.campaigns import load_catalog
@@ -121,19 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9, help="rounds taking turns; medians over them (default 9)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write; the PNG goes beside it")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        print(f"error: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
+    return report(args.rounds, args.out, lambda: measure(args.bundle, args.rounds), plot, "ratio_at1_over_at2")
+
+
+def report(rounds: int, out: Path, run: Callable[[], dict[str, Any]],
+           draw: Callable[[dict[str, Any], Path], Path], ratios: str) -> int:
+    """An in-process benchmark's command: check ``--rounds`` and ``--out``, ``run`` it, write the JSON and
+    the PNG ``draw`` makes beside it, print the medians and ``ratios``; exit status 2 with one line on an error."""
+    if rounds < 1:
+        print(f"error: --rounds must be >= 1, got {rounds}", file=sys.stderr)
         return 2
-    if args.out.is_dir() or not args.out.parent.is_dir():
-        print(f"error: --out {args.out}: expected a JSON file name in an existing folder", file=sys.stderr)
+    if out.is_dir() or not out.parent.is_dir():
+        print(f"error: --out {out}: expected a JSON file name in an existing folder", file=sys.stderr)
         return 2
     try:
-        result = measure(args.bundle, args.rounds)
+        result = run()
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    png = plot(result, args.out.with_suffix(".png"))
-    print(json.dumps({"json": str(args.out), "png": str(png), "us_per_request": result["us_per_request"],
-                      "ratio_at1_over_at2": result["ratio_at1_over_at2"]}, indent=2))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    png = draw(result, out.with_suffix(".png"))
+    print(json.dumps({"json": str(out), "png": str(png), "us_per_request": result["us_per_request"],
+                      ratios: result[ratios]}, indent=2))
     return 0

@@ -54,7 +54,9 @@ def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Se
             floor, offer = terms
         if price >= floor:
             current = best.get(imp_index)
-            if current is None or price > current[0]:  # ties: the first row wins
+            # ties (creatives the model cannot tell apart: 8-bit tables give unseen ones one vector) go to the
+            # candidate earlier in the catalog, whatever order the rows came in (retrieval's is by score)
+            if current is None or price > current[0] or (price == current[0] and candidate.index < current[1].index):
                 best[imp_index] = (price, candidate, p, offer)
     out = {}
     for imp_index, (price, candidate, p, deal) in best.items():

@@ -80,7 +80,11 @@ def test_each_method_writes_a_bundle_the_bidder_serves(small_bundle, synthetic_d
         assert entry["paired_test_auc"] is None
     assert json.loads(capsys.readouterr().out)["compression"]["method"] == method
     _served_equals_own_graph(out, sample_records[:40])
-    if method.startswith("int8"):
+    if method == "int8-embeddings" or settings == ["--set", "ops=tables"]:  # tables alone compressed: graphs too
+        assert meta["graphs"]["factorized"]["parity"]["max_abs_diff"] <= TOLERANCE
+        assert (out / "factorized.onnx").stat().st_size < (small_bundle / "factorized.onnx").stat().st_size * 0.6
+        assert entry["size_ratio"] < 1.0
+    elif method.startswith("int8"):
         assert "graphs" not in meta and not (out / "factorized.onnx").exists()
         assert entry["size_ratio"] < 1.0
     else:  # a trained float32 student: its ONNX equals its torch model, factorized graphs when it has a DNN
@@ -204,3 +208,42 @@ def test_paired_auc_delta_is_the_auc_difference_with_an_interval_around_it():
     assert paired["low"] < paired["delta"] < paired["high"] < 0
     same = paired_auc_delta(labels, base, base, resamples=50)
     assert same["delta"] == same["low"] == same["high"] == 0.0
+
+
+def test_the_study_runs_the_named_variants_with_the_ones_they_start_from(tmp_path, capsys):
+    from train.compress_study import select_variants
+
+    assert [name for name, *_ in select_variants("deepfm", ["distill 64,32 + int8-embeddings", "int8-embeddings"])] \
+        == ["int8-embeddings", "distill 64,32", "distill 64,32 + int8-embeddings"]
+    assert select_variants("autoint", ["distill 64,32 + int8-embeddings"]) == []  # not a variant of AutoInt's plan
+    assert len(select_variants("deepfm", None)) == len(select_variants("deepfm", [n for n, *_ in
+                                                                                   select_variants("deepfm", None)]))
+    status = main(["compress-study", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--variant", "int4"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--variant 'int4': not a variant of the study" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_bundles_times_bundles_taking_turns(tmp_path, capsys):
+    import shutil
+
+    from bench.__main__ import main as bench_main
+    from bidder import DEFAULT_BUNDLE
+
+    copy = shutil.copytree(DEFAULT_BUNDLE, tmp_path / "copy")
+    out = tmp_path / "bundles.json"
+    assert bench_main(["bundles", "--bundle", str(DEFAULT_BUNDLE), "--bundle", str(copy), "--rounds", "1",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    first, second = result["us_per_request"]
+    assert set(result["us_per_request"][first]) == {f"{s}_at{a}" for s in ("lone", "batch8", "batch32") for a in (2, 1)}
+    assert result["ratio_to_first"][first]["lone_at2"] == 1.0 and out.with_suffix(".png").is_file()
+    assert result["prices"][first] == result["prices"][second]  # the same model bids the same
+    capsys.readouterr()
+    assert bench_main(["bundles", "--bundle", str(copy), "--out", str(out)]) == 2
+    assert "give two or more bundles" in capsys.readouterr().err
+    (copy / "market.onnx").unlink()
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["graphs"]["market"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert bench_main(["bundles", "--bundle", str(DEFAULT_BUNDLE), "--bundle", str(copy), "--out", str(out)]) == 2
+    assert "has no win-price model" in capsys.readouterr().err

@@ -78,7 +78,9 @@ def test_bundles_list_their_factorized_graphs(bundle, scorer):
     entry = meta["graphs"]["factorized"]
     assert entry["files"] == [CANDIDATE_FILE, FACTORIZED_FILE]
     assert entry["candidate_fields"] == ["slotwidth", "slotheight", "creative", "advertiser"]
-    assert entry["layout"] == {"width": 265, "dnn_first_layer": [0, 256], "scalar": [256, 257], "fm_sum": [257, 265]}
+    hidden = meta["hyperparameters"]["dnn_hidden_units"][0]  # 256, or the shipped student's 64
+    assert entry["layout"] == {"width": hidden + 9, "dnn_first_layer": [0, hidden], "scalar": [hidden, hidden + 1],
+                               "fm_sum": [hidden + 1, hidden + 9]}
     assert entry["parity"]["rows"] >= 1000 and entry["parity"]["max_abs_diff"] <= TOLERANCE
     assert scorer.factorized_files() == (bundle / CANDIDATE_FILE, bundle / FACTORIZED_FILE)
     # the canonical graph is the one the bundle was exported with
@@ -310,3 +312,103 @@ def test_bench_request_scoring(benchmark, small_bundle, catalog, sample_records,
 
         result = benchmark(score)
     assert len(result) == requests * 9
+
+
+# -- compressed tables (train compress --method int8-embeddings) -----------------------------------------------
+def compressed(bundle: Path, out: Path, dtype: str) -> Path:
+    """int8 (a scale per row) or fp16 tables (int8-embeddings), or uint8 tables (int8-dynamic, ops=tables)."""
+    from train.compress import compress_bundle
+
+    if dtype == "uint8":
+        compress_bundle(bundle, "int8-dynamic", out, settings={"ops": "tables"}, progress=False)
+    else:
+        compress_bundle(bundle, "int8-embeddings", out, settings={"dtype": dtype}, progress=False)
+    return out
+
+
+TABLE_SUFFIX = {"int8": ("_int8", np.int8), "fp16": ("_fp16", np.float16), "uint8": ("_quantized", np.uint8)}
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp16", "uint8"])
+@pytest.mark.parametrize("overrides", [{}, {"usertag_combiner": "mean"}, {"embedding_dim": 4, "dnn_hidden_units": [16, 8]}])
+def test_compressed_tables_stay_compressed_in_factorized_graphs_equal_to_model_onnx(tmp_path, catalog, sample_records,
+                                                                                  dtype, overrides):
+    bundle = compressed(random_deepfm_bundle(tmp_path / "source", **overrides), tmp_path / "q", dtype)
+    meta = json.loads((bundle / "meta.json").read_text())
+    assert meta["graphs"]["factorized"]["parity"]["max_abs_diff"] <= TOLERANCE  # checked at export
+    model = initializers(bundle / "model.onnx")
+    for file, side in ((CANDIDATE_FILE, "candidate"), (FACTORIZED_FILE, "imp")):
+        tables = initializers(bundle / file)
+        suffix, numpy_type = TABLE_SUFFIX[dtype]
+        table = tables[f"{side}.single_table{suffix}"]
+        assert table.dtype == numpy_type
+        assert not [name for name, a in tables.items() if a.dtype == np.float32 and a.ndim and len(a) >= len(table)]
+        if dtype == "int8":  # the very rows and scales of model.onnx
+            scales = tables[f"{side}.single_table_scale"]
+            assert scales.shape == (len(table), 1) and scales.dtype == model["embeddings.single_table_scale"].dtype
+            assert np.isin(table, model["embeddings.single_table_int8"]).all()
+        if dtype == "uint8":  # model.onnx's scale and zero point for the whole table
+            assert tables[f"{side}.single_table_scale"] == model["embeddings.single_table_scale"]
+            assert tables[f"{side}.single_table_zero_point"] == model["embeddings.single_table_zero_point"]
+    assert (bundle / FACTORIZED_FILE).stat().st_size < 0.6 * (tmp_path / "source" / "model.onnx").stat().st_size
+    scorer = Scorer(bundle)
+    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)  # the load-time parity check
+    layers = [c.layer for c in catalog.candidates]
+    f.set_candidates(layers)
+    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
+    expected = canonical(scorer, sample_records[:4], layers, row_imp, row_cand)
+    assert expected.std() > 1e-3
+    np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)), expected, rtol=0,
+                               atol=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("int8")
+    return compressed(random_deepfm_bundle(root / "source"), root / "q", "int8")
+
+
+@pytest.mark.parametrize("file, initializer, index, delta", [
+    (FACTORIZED_FILE, "imp.single_table_int8", (slice(None), 0), 9),         # the imp fields' first coordinate
+    (FACTORIZED_FILE, "imp.single_table_scale", (slice(None), 0), 0.05),     # their row scales
+    (FACTORIZED_FILE, "imp.multi_table_0_scale", (slice(1, None), 0), 0.05),  # the usertag rows' scales
+    (CANDIDATE_FILE, "candidate.single_table_scale", (slice(None), 0), 0.05),
+])
+def test_a_corrupted_compressed_table_fails_the_load_check(int8_bundle, tmp_path, file, initializer, index, delta):
+    bundle = shutil.copytree(int8_bundle, tmp_path / "bundle")
+    perturb(bundle / file, initializer, index, delta)
+    scorer = Scorer(bundle)
+    with pytest.raises(BundleError, match="factorized graphs differ from model.onnx"):
+        FactorizedScorer.for_scorer(scorer)
+
+
+@pytest.fixture(scope="module")
+def uint8_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("uint8")
+    return compressed(random_deepfm_bundle(root / "source"), root / "q", "uint8")
+
+
+@pytest.mark.parametrize("tables", ["int8_bundle", "uint8_bundle"])
+async def test_a_compressed_bundle_bids_through_its_factorized_graphs_as_model_onnx_scores(aiohttp_client, request,
+                                                                                          tables, openrtb_examples):
+    """Served /bid (factorized graphs over int8 or uint8 tables) equals the oracle's plain ORT on model.onnx."""
+    from oracle import bid_and_check, raw_catalog
+    from bidder.server import ENGINE, Config, create_app
+
+    int8_bundle = request.getfixturevalue(tables)
+    app = create_app(Config(model=int8_bundle, campaigns=DEFAULT_CAMPAIGNS))
+    client = await aiohttp_client(app)
+    async with client.get("/readyz"):  # the app has started: its engine exists
+        pass
+    assert app[ENGINE].engine.factorized is not None
+    catalog = raw_catalog(DEFAULT_CAMPAIGNS)
+    bids = 0
+    for name in ("bid-request-2.5/simple-banner.json", "bid-request-2.6/mobile.json",
+                 "bid-request-2.5/expandable-creative.json"):
+        expectation, _ = await bid_and_check(client, json.loads(openrtb_examples[name]), catalog, int8_bundle)
+        bids += expectation.status == 200
+    assert bids >= 2

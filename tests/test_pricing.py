@@ -62,10 +62,12 @@ def test_best_is_the_maximum_over_rows_at_or_above_floor(rows, floors):
             assert best[imp].price == pytest.approx(max(eligible), abs=1e-6)
 
 
-def test_a_tie_keeps_the_first_candidate():
+def test_a_tie_goes_to_the_candidate_earlier_in_the_catalog_whatever_the_row_order():
     cands = candidates(2.0, 1.0, 2.0)
     best = best_per_imp([0, 0, 0], cands, [0.01, 0.02, 0.01], [0.0])
     assert best[0].candidate is cands[0] and best[0].price == pytest.approx(20.0)
+    best = best_per_imp([0, 0, 0], cands[::-1], [0.01, 0.02, 0.01], [0.0])  # rows ordered as retrieval might
+    assert best[0].candidate is cands[0]
 
 
 def test_prices_are_python_floats_whatever_holds_the_scores():

@@ -411,6 +411,13 @@ def test_train_default_fits_the_win_price_model_too(tmp_path, capsys):
     assert summary["market"]["sha256"] == entry["sha256"] and (out / MARKET_FILE).is_file()
     assert entry["data"] == "synthetic: python -m train synth --rows 3000 --seed 2013"
     assert (out / TERMS_FILE).is_file() and WinModel.for_scorer(Scorer(out)).native
+    # the CTR model shipped is the trained DeepFM distilled into a 64,32 student with 8-bit tables (train/compress.py)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["compression"]["method"] == "distill + int8-dynamic" == summary["compression"]["method"]
+    assert [(s["method"], s["settings"].get("ops")) for s in meta["compression"]["steps"]] == [
+        ("distill", None), ("int8-dynamic", "tables")]
+    assert meta["compression"]["size_ratio"] < 0.3 and meta["hyperparameters"]["dnn_hidden_units"] == [64, 32]
+    assert meta["data"]["path"] == entry["data"] and meta["graphs"]["factorized"]["parity"]["max_abs_diff"] <= 1e-6
 
 
 def test_train_market_errors(tmp_path, small_bundle, synthetic_data, capsys):

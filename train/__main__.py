@@ -79,22 +79,36 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _default(args: argparse.Namespace) -> dict[str, Any]:
-    """The shipped bundle: DeepFM on the synthetic logs, then the win-price model on their bid log."""
+    """The shipped bundle: DeepFM on the synthetic logs, distilled into a smaller DeepFM whose tables are
+    stored as 8-bit integers (``train.compress.DEFAULT_CHAIN``), then the win-price model on their bid log."""
     import bidder
+    from train.bundle import install_bundle
+    from train.compress import DEFAULT_CHAIN, compress_chain
+    from train.data.dataset import load_dataset
     from train.fit import fit_bundle
     from train.market import market_bundle
 
+    from train.trainer import check_training
+
+    check_training("deepfm", args.epochs, {})  # before the data: a typo must not wait for generating it
     out = Path(args.out) if args.out else bidder.DEFAULT_BUNDLE
     with tempfile.TemporaryDirectory(prefix="synthetic-") as tmp:
         _generate(tmp, args.rows, args.data_seed)  # the impression logs and bids.log.txt
         label = f"synthetic: python -m train synth --rows {args.rows} --seed {args.data_seed}"
-        bundle = fit_bundle(tmp, "deepfm", out, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
-                            data_label=label, threads=args.threads)
-        if bundle is None:  # a torchrun process other than 0: process 0 writes the bundle
+        dataset = load_dataset(tmp, bidder.default_spec(), seed=args.seed, progress=not args.quiet)
+        teacher = fit_bundle(dataset, "deepfm", Path(tmp) / "teacher", epochs=args.epochs, seed=args.seed,
+                             progress=not args.quiet, data_label=label, threads=args.threads)
+        if teacher is None:  # a torchrun process other than 0: process 0 writes the bundle
             return None
-        market = market_bundle(tmp, bundle, seed=args.seed, threads=args.threads, progress=not args.quiet,
+        staged = Path(tmp) / "bundle"
+        compression = compress_chain(teacher, DEFAULT_CHAIN, staged, data=dataset, seed=args.seed,
+                                     progress=not args.quiet, threads=args.threads)
+        market = market_bundle(tmp, staged, seed=args.seed, threads=args.threads, progress=not args.quiet,
                                data_label=label)
-    return {**_bundle_summary(bundle), "market": market}
+        bundle = install_bundle(staged, out)
+    return {**_bundle_summary(bundle), "compression": {k: compression[k] for k in
+                                                       ("method", "source_model_id", "size_ratio", "paired_test_auc")},
+            "market": market}
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,7 +222,7 @@ def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     results = compress_study(args.data, args.out, bundles=args.bundle, models=models, epochs=args.epochs,
-                             seed=args.seed, progress=not args.quiet, threads=args.threads)
+                             seed=args.seed, progress=not args.quiet, threads=args.threads, only=args.variant or None)
     print(render_markdown(results), file=sys.stderr)
     return results
 
@@ -384,6 +398,8 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--bundle", action="append", default=[], metavar="BUNDLE",
                        help="use this DeepFM or AutoInt bundle instead of training one (repeatable)")
     study.add_argument("--models", default="deepfm,autoint", help="source models to study (default: deepfm,autoint)")
+    study.add_argument("--variant", action="append", metavar="NAME",
+                       help="run only this variant (and the variants it starts from; repeatable; default: all)")
     study.add_argument("--epochs", type=int, help="maximum epochs of the source models trained here")
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,19 @@ def write_bundle(out_dir: str | Path, *, onnx_path: Path, spec: FeatureSpec, arc
         if name not in extra_files:
             (out / name).unlink(missing_ok=True)
     return out
+
+
+def install_bundle(staged: Path, out_dir: Path) -> Path:
+    """Copy the bundle in ``staged`` over ``out_dir`` (created if needed), every file, ``meta.json`` last;
+    files of ``out_dir`` that ``staged`` lacks (a catalog beside the model) stay. Returns ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in staged.iterdir() if p.is_file() and p.name != META_FILE) + [META_FILE]
+    with tempfile.TemporaryDirectory(prefix=".install-", dir=out_dir) as tmp:
+        copies = {name: Path(tmp) / name for name in names}
+        for name, path in copies.items():
+            shutil.copyfile(staged / name, path)
+        replace_files(out_dir, copies)
+    return out_dir
 
 
 def replace_files(out_dir: Path, staged: dict[str, Path]) -> None:

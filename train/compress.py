@@ -30,13 +30,15 @@ The trainable methods start from the bundle's own ``model.onnx``: its weights ar
 deepctr model they came from (``deepctr_from_bundle``), which is proven equal to the source graph
 (<= 1e-6) before anything else happens.
 
-Factorized graphs (``candidate.onnx`` / ``factorized.onnx``, DeepFM only): a pruned or distilled
-DeepFM student is a float32 DeepFM like any other, so it gets its own, checked against its own
-``model.onnx`` at export and again at load. A quantized bundle gets none: the factorized graphs
-split the first DNN layer by sides and sum the halves, so a quantized model.onnx (which rounds the
-whole layer's input at once) cannot be reproduced to the bidder's 1e-6 load-time tolerance, and
-float32 factorized tables beside an int8 model.onnx would both undo the size saving and make the
-bidder serve the uncompressed weights. Such a bundle is scored row by row through its model.onnx.
+Factorized graphs (``candidate.onnx`` / ``factorized.onnx``, DeepFM with a DNN only): a pruned or
+distilled DeepFM student is a float32 DeepFM like any other, and bundles whose tables alone are
+compressed (``int8-embeddings``, ``int8-dynamic`` with ``ops=tables``) keep them compressed in the
+factorized graphs too (``train/factorize.py`` dequantizes after the Gather as model.onnx does), so each
+gets its own graphs, checked against its own ``model.onnx`` at export and again at load. A bundle
+whose DNN is quantized gets none: the factorized graphs split the first DNN layer by sides and sum the
+halves, so a graph that quantizes that layer's whole input at once cannot be reproduced to the
+bidder's 1e-6 load-time tolerance, and float32 factorized layers beside it would make the bidder serve
+other weights than its model.onnx. Such a bundle is scored row by row through its model.onnx.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ from train.bundle import MODEL_FILE, read_bundle, write_bundle
 from train.calibrate import Calibration
 from train.data.dataset import Dataset, Split, load_dataset
 from train.errors import TrainError
+from train.factorize import bundle_graphs
 from train.evaluate import binary_metrics, paired_auc_delta
 from train.export import (CALIBRATION_SCALE, CALIBRATION_SHIFT, OUTPUT, Embeddings, LeanModel, check_parity,
                           export_module, graph_calibration, lean_module, serving_session)
@@ -69,7 +72,8 @@ from train.fit import report_skipped, save_bundle
 from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
 from train.trainer import TrainedModel, fit_epochs, split_metrics
 
-__all__ = ["METHODS", "compress_bundle", "check_method", "deepctr_from_bundle", "onnx_probabilities"]
+__all__ = ["DEFAULT_CHAIN", "METHODS", "compress_bundle", "compress_chain", "check_method", "deepctr_from_bundle",
+           "onnx_probabilities"]
 
 log = logging.getLogger("train")
 
@@ -168,6 +172,48 @@ def compress_bundle(source: str | Path, method: str, out_dir: str | Path, *, dat
         torch.set_num_threads(previous)
 
 
+#: what ``python -m train default`` ships: the trained DeepFM distilled into a 64,32 student, whose tables
+#: are then stored as uint8 with a scale per table (README "Model compression" gives the study behind it)
+DEFAULT_CHAIN: tuple[tuple[str, dict[str, str]], ...] = (("distill", {"student": "64,32"}),
+                                                         ("int8-dynamic", {"ops": "tables"}))
+
+
+def compress_chain(source: str | Path, steps: tuple[tuple[str, dict[str, Any]], ...], out_dir: str | Path, *,
+                   data: Dataset, seed: int = 0, progress: bool = True, threads: int = 1) -> dict[str, Any]:
+    """Apply ``steps`` ((method, settings) each) one after the other, from bundle ``source`` into ``out_dir``.
+
+    The written bundle's ``compression`` spans the chain: ``method`` joins the steps' methods, ``steps``
+    holds each step's own entry, and size ratio and paired test AUC delta are against ``source``. When
+    the rows are the source's own (same digest), ``meta.json``'s ``data`` is the source's record.
+    """
+    if not steps:
+        raise TrainError("compress_chain: no steps")
+    for method, settings in steps:  # every step's settings checked before the first one trains
+        check_method(method, {k: str(v) for k, v in settings.items()}, has_data=True)
+    source = Path(source)
+    source_meta, _ = read_bundle(source)
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="compress-chain-") as tmp:
+        current = source
+        for k, (method, settings) in enumerate(steps):
+            target = Path(out_dir) if k == len(steps) - 1 else Path(tmp) / f"step-{k}"
+            step = compress_bundle(current, method, target, data=data, settings=settings, seed=seed,
+                                   progress=progress, threads=threads)
+            # a step's own parity (a student's ONNX vs its torch model; a quantized graph vs its source) is
+            # kept: the written bundle's meta.json has only the last one
+            entries.append({**step, "parity": read_bundle(target)[0].get("parity")})
+            current = target
+    entry = {"method": " + ".join(method for method, _ in steps), "settings": {}, "steps": entries,
+             "source_model_id": source_meta.get("model_id"), "source_bytes": (source / MODEL_FILE).stat().st_size}
+    if (source_meta.get("data") or {}).get("digest") == data.digest:
+        meta_path = Path(out_dir) / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["data"] = source_meta["data"]
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    _finish_entry(Path(out_dir), source / MODEL_FILE, entry, data)
+    return entry
+
+
 def _load(data: str | Path, spec: FeatureSpec, seed: int, progress: bool) -> Dataset:
     dataset = load_dataset(data, spec, seed=seed, progress=progress)
     report_skipped(dataset)
@@ -183,20 +229,29 @@ def _compress(source: Path, meta: dict[str, Any], spec: FeatureSpec, method: str
     if method in ("int8-dynamic", "int8-static"):
         path = tmp / MODEL_FILE
         _quantize(src_model, path, method, settings, spec, dataset, seed)
-        write_bundle(out, onnx_path=path, spec=spec, architecture=meta["architecture"],
-                     hyperparameters=meta.get("hyperparameters") or {}, data=meta.get("data") or {},
-                     metrics=_onnx_metrics(path, dataset), parity=_quantized_parity(src_model, path, spec, dataset),
-                     training=meta.get("training"), extra_meta={"compression": entry})
+        hp = meta.get("hyperparameters") or {}
+        extra_files, graphs = None, None
+        if method == "int8-dynamic" and settings["ops"] == "tables":  # float32 DNN: the graphs can equal it
+            held_out = dataset.test if dataset is not None else _random_split(spec, seed)
+            extra_files, graphs = bundle_graphs(meta["architecture"], hp, path, spec, tmp, held_out=held_out.inputs)
+        write_bundle(out, onnx_path=path, spec=spec, architecture=meta["architecture"], hyperparameters=hp,
+                     data=meta.get("data") or {}, metrics=_onnx_metrics(path, dataset),
+                     parity=_quantized_parity(src_model, path, spec, dataset), training=meta.get("training"),
+                     calibration=meta.get("calibration"), graphs=graphs, extra_files=extra_files,
+                     extra_meta={"compression": entry})
     elif method == "int8-embeddings":
         teacher, hp, calibration = deepctr_from_bundle(source, meta, spec, dataset)
         lean = lean_module(teacher, spec, meta["architecture"], hp["usertag_combiner"], calibration)
         lean.embeddings = QuantizedEmbeddings(lean.embeddings, settings["dtype"], settings["scale"])
         path = export_module(lean, spec, tmp / MODEL_FILE)
         held_out = dataset.test if dataset is not None else _random_split(spec, seed)
+        parity = check_parity(lean, path, spec, held_out)
+        # the compressed tables stay compressed in the factorized graphs, which equal this model.onnx
+        extra_files, graphs = bundle_graphs(meta["architecture"], hp, path, spec, tmp, held_out=held_out.inputs)
         write_bundle(out, onnx_path=path, spec=spec, architecture=meta["architecture"], hyperparameters=hp,
-                     data=meta.get("data") or {}, metrics=_onnx_metrics(path, dataset),
-                     parity=check_parity(lean, path, spec, held_out), training=meta.get("training"),
-                     calibration=meta.get("calibration"), extra_meta={"compression": entry})
+                     data=meta.get("data") or {}, metrics=_onnx_metrics(path, dataset), parity=parity,
+                     training=meta.get("training"), calibration=meta.get("calibration"), graphs=graphs,
+                     extra_files=extra_files, extra_meta={"compression": entry})
     else:
         # a trained student is calibrated anew on the validation split (save_bundle), like any trained model
         teacher, hp, _ = deepctr_from_bundle(source, meta, spec, dataset)
@@ -359,9 +414,11 @@ class _Calibration(CalibrationDataReader):
 
 def _quantize(src: Path, out: Path, method: str, settings: dict[str, Any], spec: FeatureSpec,
               dataset: Dataset | None, seed: int) -> None:
-    """ONNX Runtime's quantizer on ``src``'s matrix products (and table Gathers with ``ops=all``)."""
+    """ONNX Runtime's quantizer on ``src``'s matrix products (``ops=dnn``), table Gathers (``ops=tables``) or both."""
     ops = {"dnn": ["MatMul", "Gemm"], "tables": ["Gather"], "all": ["MatMul", "Gemm", "Gather"]}[settings["ops"]]
-    logging.disable(logging.INFO)  # the quantizer logs a line per tensor on the root logger
+    # the quantizer logs a line per tensor on the root logger, and a warning advising its shape-inference
+    # pre-processing (for models with dynamic shapes in convolutions; it changes nothing here)
+    logging.disable(logging.WARNING)
     try:
         _run_quantizer(src, out, method, settings, dataset, seed, ops)
     finally:

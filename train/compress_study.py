@@ -68,14 +68,17 @@ PLAN: dict[str, list[tuple[str, str, dict[str, str], str | None]]] = {
 
 def compress_study(data_dir: str | Path, out_dir: str | Path, *, bundles: list[str] | None = None,
                    models: tuple[str, ...] = SOURCES, epochs: int | None = None, seed: int = 0, progress: bool = True,
-                   threads: int = 1) -> dict[str, Any]:
-    """Run the study on ``models`` (a subset of ``SOURCES``) and write its report files to ``out_dir``."""
+                   threads: int = 1, only: list[str] | None = None) -> dict[str, Any]:
+    """Run the study on ``models`` (a subset of ``SOURCES``) and write its report files to ``out_dir``.
+
+    ``only`` names the variants to run (with the variants they start from); None runs the whole plan."""
     from train.data.dataset import load_dataset
 
     unknown = [m for m in models if m not in SOURCES]
     if unknown or not models:
         raise TrainError(f"--models: unknown model(s) {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(SOURCES)}")
+    plan = {source: select_variants(source, only) for source in models}
     out = Path(out_dir)
     given: dict[str, Path] = {}
     for path in bundles or []:
@@ -103,7 +106,7 @@ def compress_study(data_dir: str | Path, out_dir: str | Path, *, bundles: list[s
             trained = train_model(dataset, source, epochs=epochs, seed=seed, progress=progress, threads=threads)
             src = save_bundle(trained, dataset, out / source / "source")
         variants[(source, "fp32 (source)")] = src
-        steps = PLAN[source]
+        steps = plan[source]
         for name, method, settings, start in tqdm(steps, desc=f"compressing {source}", disable=not progress):
             target = out / source / _folder(name)
             origin = variants[(source, start)] if start else src
@@ -134,6 +137,24 @@ def compress_study(data_dir: str | Path, out_dir: str | Path, *, bundles: list[s
     (out / "compress.md").write_text(render_markdown(results))
     _plot(results, out / "compress.png")
     return results
+
+
+def select_variants(source: str, only: list[str] | None) -> list[tuple[str, str, dict[str, str], str | None]]:
+    """``source``'s plan steps: all, or those ``only`` names plus the steps they start from (in plan order)."""
+    steps = PLAN[source]
+    if only is None:
+        return steps
+    known = {name for s in PLAN.values() for name, *_ in s}
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise TrainError(f"--variant {unknown[0]!r}: not a variant of the study; choose from {', '.join(sorted(known))}")
+    by_name = {step[0]: step for step in steps}
+    wanted: set[str] = set()
+    for name in only:
+        while name in by_name and name not in wanted:
+            wanted.add(name)
+            name = by_name[name][3]
+    return [step for step in steps if step[0] in wanted]
 
 
 def _reusable(target: Path, origin: Path, method: str, settings: dict[str, str]) -> dict[str, Any] | None:
@@ -274,12 +295,10 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
-    for ax, source in zip(axes, SOURCES):
+    sources = [s for s in SOURCES if any(r["source"] == s for r in results["rows"])]
+    fig, axes = plt.subplots(1, len(sources), figsize=(7 * len(sources), 5.5), squeeze=False)
+    for ax, source in zip(axes[0], sources):
         rows = [r for r in results["rows"] if r["source"] == source]
-        if not rows:
-            ax.set_axis_off()
-            continue
         for r in rows:
             p = r["paired_auc_delta"]
             delta = 0.0 if r["variant"] == "fp32 (source)" else p["delta"]

@@ -10,6 +10,14 @@ Each side's part is one matrix product ``x @ W (+ c)``: ``x`` holds the side's g
 (per single field ``[vector, linear weight, |vector|^2]``, per multi field the pooled ``[vector,
 linear, count]`` and its square) and W the side's columns of the first DNN layer (into h), ones (the
 linear weights into the scalar, the vectors into s) and -0.5 (the squares into the scalar).
+
+Compressed tables (``train/compress.py``'s ``int8-embeddings``: int8 with one scale per row, or
+float16; its ``int8-dynamic`` with ``ops=tables``: uint8 with one scale and zero point per table) stay
+compressed in the factorized graphs, dequantized after the Gather exactly as ``model.onnx`` does it
+(``Cast`` then ``Mul`` by the row's gathered scale, or the same ``DequantizeLinear``), so the graphs add
+little to the bundle and score what ``model.onnx`` scores. Their ``|vector|^2`` is computed after the
+dequantization (a float column cannot live in an integer table), and a multi field's tag count, which
+per-row tables do not store, is the number of non-zero indices.
 """
 from __future__ import annotations
 
@@ -33,18 +41,57 @@ from train.bundle import META_FILE, MODEL_FILE, read_bundle, replace_files
 from train.errors import ParityError, TrainError
 from train.export import OPSET, OUTPUT, graph_calibration
 
-__all__ = ["build_graphs", "factorize_bundle", "write_graphs"]
+__all__ = ["build_graphs", "bundle_graphs", "factorize_bundle", "write_graphs"]
 
 _EPS = 1e-8  # the lean graph's mean pooling divides by (count + 1e-8)
 PARITY_REAL_ROWS = 1024
 
 
 @dataclass
+class Table:
+    """One embedding table of the lean graph: float32 or compressed.
+
+    Compressed: int8 with one scale per row or float16 (``train/compress.py``'s ``int8-embeddings``;
+    a multi field's table then has no count column), or uint8 with one scale and zero point for the
+    table, read by a ``DequantizeLinear`` after the Gather (ONNX Runtime's quantizer, ``int8-dynamic``
+    with ``ops=tables``).
+    """
+    values: np.ndarray                    # [rows, columns] float32, int8, float16 or uint8
+    scale: np.ndarray | None = None       # int8: [rows, 1] float16 or float32; uint8: a float32 scalar
+    zero_point: np.ndarray | None = None  # uint8: a uint8 scalar
+
+    @property
+    def compressed(self) -> bool:
+        return self.values.dtype != np.float32
+
+    @property
+    def per_row(self) -> bool:
+        """int8 with a scale per row, or float16: stored without a multi field's count column."""
+        return self.values.dtype in (np.int8, np.float16)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def rows(self, start: int, stop: int) -> "Table":
+        scale = self.scale[start:stop] if self.scale is not None and self.scale.ndim else self.scale
+        return Table(self.values[start:stop], scale, self.zero_point)
+
+
+def _concat_tables(tables: list[Table]) -> Table:
+    """Row slices of one table, concatenated (a per-table scale and zero point are shared)."""
+    first = tables[0]
+    per_row_scale = first.scale is not None and first.scale.ndim
+    return Table(np.concatenate([t.values for t in tables]),
+                 np.concatenate([t.scale for t in tables]) if per_row_scale else first.scale, first.zero_point)
+
+
+@dataclass
 class LeanWeights:
     """What the lean DeepFM graph computes with (``train.export.LeanModel``)."""
-    single_table: np.ndarray     # [sum of single buckets, dim + 1]: field vector, linear weight
+    single_table: Table          # [sum of single buckets, dim + 1]: field vector, linear weight
     offsets: np.ndarray          # [n_single]: each single field's first row
-    multi_tables: list[np.ndarray]  # per multi field [buckets, dim + 2]: vector, linear, 1 (row 0 zero)
+    multi_tables: list[Table]    # per multi field [buckets, dim + 2]: vector, linear, 1 (row 0 zero); compressed: no count
     layers: list[tuple[np.ndarray, np.ndarray]]  # DNN (weight [out, in], bias [out]), Linear + ReLU each
     out: np.ndarray              # dnn_linear [H_last, 1] (no bias)
     bias: float
@@ -66,28 +113,63 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
             raise TrainError(f"model.onnx has no {name!r}: not a lean DeepFM graph (train/export.py)")
         return init[name]
 
+    def table(name: str) -> Table:  # train/export.py's float32 table, or compressed by train/compress.py
+        if f"{name}_int8" in init:
+            return Table(init[f"{name}_int8"], need(f"{name}_scale"))
+        if f"{name}_fp16" in init:
+            return Table(init[f"{name}_fp16"])
+        if f"{name}_quantized" in init:
+            table = Table(init[f"{name}_quantized"], need(f"{name}_scale"), need(f"{name}_zero_point"))
+            if table.values.dtype != np.uint8 or table.scale.ndim or table.zero_point.ndim:
+                raise TrainError(f"model.onnx: {name}_quantized: expected uint8 with one scale and zero point")
+            return table
+        return Table(need(name))
+
     if not any(n.op_type == "Pow" for n in nodes):
         raise TrainError("model.onnx has no FM term: not a lean DeepFM graph")
-    layers = []
-    for node in (n for n in nodes if n.op_type == "Gemm"):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-            raise TrainError(f"model.onnx: unexpected Gemm attributes {attrs}")
-        weight = init[node.input[1]]
-        layers.append((weight if attrs.get("transB", 0) else weight.T, init[node.input[2]]))
-    outs = [init[n.input[1]] for n in nodes if n.op_type == "MatMul" and n.input[1] in init]
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def bias_of(node: onnx.NodeProto) -> np.ndarray | None:
+        """The 1-D initializer an Add reading ``node``'s output adds: a DNN layer's bias (a Gemm that ONNX
+        Runtime's quantizer split into MatMul + Add); None for the output product."""
+        for reader in readers.get(node.output[0], []):
+            biases = [init[name] for name in reader.input if name in init and init[name].ndim == 1]
+            if reader.op_type == "Add" and biases:
+                return biases[0]
+        return None
+
+    layers, outs = [], []
+    for node in nodes:
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+                raise TrainError(f"model.onnx: unexpected Gemm attributes {attrs}")
+            weight = init[node.input[1]]
+            layers.append((weight if attrs.get("transB", 0) else weight.T, init[node.input[2]]))
+        elif node.op_type == "MatMul" and node.input[1] in init:
+            bias = bias_of(node)
+            if bias is None:
+                outs.append(init[node.input[1]])
+            else:
+                layers.append((init[node.input[1]].T, bias))
     if not layers or len(outs) != 1:
         raise TrainError("model.onnx: expected a DNN of Gemm layers and one output MatMul (lean DeepFM graph)")
     weights = LeanWeights(
-        single_table=need("embeddings.single_table"), offsets=need("embeddings.single_offsets").reshape(-1),
-        multi_tables=[need(f"embeddings.multi_table_{i}") for i in range(len(spec.multi_fields))],
+        single_table=table("embeddings.single_table"), offsets=need("embeddings.single_offsets").reshape(-1),
+        multi_tables=[table(f"embeddings.multi_table_{i}") for i in range(len(spec.multi_fields))],
         layers=layers, out=outs[0], bias=float(need("bias").reshape(-1)[0]), mean=combiner == "mean",
         calibration=graph_calibration(init))
     fields = len(spec.single_fields) + len(spec.multi_fields)
     shapes_ok = (
         np.array_equal(weights.offsets, spec.sparse_offsets)
         and weights.single_table.shape[0] == sum(f.buckets for f in spec.single_fields)
-        and all(t.shape == (f.buckets, weights.dim + 2) for t, f in zip(weights.multi_tables, spec.multi_fields))
+        and all(t.shape == (f.buckets, weights.dim + (1 if t.per_row else 2))
+                for t, f in zip(weights.multi_tables, spec.multi_fields))
+        and all(t.scale is None or not t.per_row or t.scale.shape == (t.shape[0], 1)
+                for t in [weights.single_table, *weights.multi_tables])
         and layers[0][0].shape[1] == fields * weights.dim
         and all(w.shape[1] == prev[0].shape[0] for (w, _), prev in zip(layers[1:], layers))
         and weights.out.shape == (layers[-1][0].shape[0], 1))
@@ -147,33 +229,53 @@ def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: 
     singles = [(j, f) for j, f in enumerate(spec.single_fields) if f.name in fields]
     if singles:
         columns = np.array([j for j, _ in singles], dtype=np.int64)
-        tables = [w.single_table[w.offsets[j]:w.offsets[j] + f.buckets] for j, f in singles]
-        table = np.concatenate(tables)
-        norms = np.sum(table[:, :dim].astype(np.float64) ** 2, axis=1, keepdims=True)
-        table = np.concatenate([table, norms.astype(np.float32)], axis=1)
-        offsets = np.concatenate([[0], np.cumsum([len(t) for t in tables])[:-1]]).astype(np.int64).reshape(1, -1)
+        table = _concat_tables([w.single_table.rows(w.offsets[j], w.offsets[j] + f.buckets) for j, f in singles])
+        offsets = np.concatenate([[0], np.cumsum([f.buckets for _, f in singles])[:-1]]).astype(np.int64).reshape(1, -1)
         picked = g.op("Gather", [SPARSE_INPUT, g.const(f"{side}.columns", columns)], f"{side}.picked", axis=1)
         rows = g.op("Add", [picked, g.const(f"{side}.offsets", offsets)], f"{side}.rows")
-        gathered = g.op("Gather", [g.const(f"{side}.single_table", table), rows], f"{side}.gathered")
-        pieces.append(g.op("Flatten", [gathered], f"{side}.singles", axis=1))
-        for j, _ in singles:
-            roles += [("vector", j, d) for d in range(dim)] + [("linear", j, 0), ("norm", j, 0)]
+        if table.compressed:  # [vector, linear] per field, then every field's |vector|^2 from the dequantized rows
+            gathered = _gather_rows(g, f"{side}.single_table", table, rows)
+            vectors = g.op("Slice", [gathered, g.const(f"{side}.vector_start", np.array([0], np.int64)),
+                                     g.const(f"{side}.vector_end", np.array([dim], np.int64)),
+                                     g.const(f"{side}.vector_axis", np.array([2], np.int64))], f"{side}.vectors")
+            pieces += [g.op("Flatten", [gathered], f"{side}.singles", axis=1),
+                       g.op("ReduceSumSquare", [vectors], f"{side}.norms", axes=[2], keepdims=0)]
+            for j, _ in singles:
+                roles += [("vector", j, d) for d in range(dim)] + [("linear", j, 0)]
+            roles += [("norm", j, 0) for j, _ in singles]
+        else:  # |vector|^2 precomputed into a third column of the table
+            norms = np.sum(table.values[:, :dim].astype(np.float64) ** 2, axis=1, keepdims=True)
+            values = np.concatenate([table.values, norms.astype(np.float32)], axis=1)
+            gathered = g.op("Gather", [g.const(f"{side}.single_table", values), rows], f"{side}.gathered")
+            pieces.append(g.op("Flatten", [gathered], f"{side}.singles", axis=1))
+            for j, _ in singles:
+                roles += [("vector", j, d) for d in range(dim)] + [("linear", j, 0), ("norm", j, 0)]
     for i, f in enumerate(spec.multi_fields):
         if f.name not in fields:
             continue
         position = len(spec.single_fields) + i
-        tags = g.op("Gather", [g.const(f"{side}.multi_table_{i}", w.multi_tables[i]), f.name], f"{side}.tags_{i}")
+        table = w.multi_tables[i]
+        tags = _gather_rows(g, f"{side}.multi_table_{i}", table, f.name)
         pooled = g.op("ReduceSum", [tags, g.const(f"{side}.axis_{i}", np.array([1], np.int64))], f"{side}.pooled_{i}",
                       keepdims=0)
         if w.mean:  # as the lean graph: vector and linear weight divided by (count + eps)
-            count = g.op("Slice", [pooled, g.const(f"{side}.count_start_{i}", np.array([dim + 1], np.int64)),
-                                   g.const(f"{side}.count_end_{i}", np.array([dim + 2], np.int64)),
-                                   g.const(f"{side}.count_axis_{i}", np.array([1], np.int64))], f"{side}.count_{i}")
+            if table.per_row:  # no count column: the count is the number of non-zero (non-padding) indices
+                padding = g.op("Equal", [f.name, g.const(f"{side}.padding_{i}", np.array(0, np.int64))],
+                               f"{side}.padding_{i}.is")
+                present = g.op("Cast", [g.op("Not", [padding], f"{side}.present_{i}")], f"{side}.present_{i}.float",
+                               to=TensorProto.FLOAT)
+                count = g.op("ReduceSum", [present, g.const(f"{side}.count_axis_{i}", np.array([1], np.int64))],
+                             f"{side}.count_{i}", keepdims=1)
+            else:
+                count = g.op("Slice", [pooled, g.const(f"{side}.count_start_{i}", np.array([dim + 1], np.int64)),
+                                       g.const(f"{side}.count_end_{i}", np.array([dim + 2], np.int64)),
+                                       g.const(f"{side}.count_axis_{i}", np.array([1], np.int64))], f"{side}.count_{i}")
             count = g.op("Add", [count, g.const(f"{side}.eps_{i}", np.array(_EPS, np.float32))], f"{side}.count_eps_{i}")
             pooled = g.op("Div", [pooled, count], f"{side}.mean_{i}")
         pieces += [pooled, g.op("Mul", [pooled, pooled], f"{side}.pooled_squared_{i}")]
-        roles += [("vector", position, d) for d in range(dim)] + [("linear", position, 0), ("none", position, 0)]
-        roles += [("square", position, d) for d in range(dim)] + [("none", position, 0)] * 2
+        extra = table.shape[1] - dim - 1  # the count column of a float32 table
+        roles += [("vector", position, d) for d in range(dim)] + [("linear", position, 0)] + [("none", position, 0)] * extra
+        roles += [("square", position, d) for d in range(dim)] + [("none", position, 0)] * (extra + 1)
     x = pieces[0] if len(pieces) == 1 else g.op("Concat", pieces, f"{side}.x", axis=1)
 
     weight = np.zeros((len(roles), layout.width), dtype=np.float32)
@@ -192,6 +294,25 @@ def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: 
         constants[layout.scalar] = w.bias
         inputs.append(g.const(f"{side}.constants", constants))
     return g.op("Gemm", inputs, out)
+
+
+def _gather_rows(g: _Graph, name: str, table: Table, index: str) -> str:
+    """float32 rows of ``table`` at ``index``; a compressed table is dequantized as ``model.onnx`` does it."""
+    suffix = {np.dtype(np.int8): "_int8", np.dtype(np.float16): "_fp16", np.dtype(np.uint8): "_quantized"}
+    rows = g.op("Gather", [g.const(f"{name}{suffix.get(table.values.dtype, '')}", table.values), index],
+                f"{name}.gathered")
+    if not table.compressed:
+        return rows
+    if table.zero_point is not None:
+        return g.op("DequantizeLinear", [rows, g.const(f"{name}_scale", table.scale),
+                                         g.const(f"{name}_zero_point", table.zero_point)], f"{name}.dequantized")
+    rows = g.op("Cast", [rows], f"{name}.float", to=TensorProto.FLOAT)
+    if table.scale is None:
+        return rows
+    scale = g.op("Gather", [g.const(f"{name}_scale", table.scale), index], f"{name}.scale")
+    if table.scale.dtype != np.float32:
+        scale = g.op("Cast", [scale], f"{name}.scale_float", to=TensorProto.FLOAT)
+    return g.op("Mul", [rows, scale], f"{name}.dequantized")
 
 
 def _inputs(spec: FeatureSpec, batch: str) -> list[onnx.ValueInfoProto]:
@@ -296,6 +417,19 @@ def write_graphs(model_path: Path, spec: FeatureSpec, out_dir: Path, *, combiner
     entry = {"files": list(paths), "candidate_fields": list(candidate_fields(spec)), "layout": layout,
              "parity": parity}
     return paths, entry
+
+
+def bundle_graphs(architecture: str, hyperparameters: Mapping[str, Any], model_path: Path, spec: FeatureSpec,
+                  out_dir: Path, held_out: Mapping[str, np.ndarray] | None = None
+                  ) -> tuple[dict[str, Path] | None, dict[str, Any] | None]:
+    """The factorized graphs a new bundle of ``model_path`` ships ((files, ``meta.json``'s ``graphs``)), or
+    (None, None): only a DeepFM with DNN layers splits into imp and candidate parts (the other models'
+    interactions do not; FM + linear alone has no DNN to split)."""
+    if architecture != "deepfm" or not hyperparameters.get("dnn_hidden_units"):
+        return None, None
+    files, entry = write_graphs(model_path, spec, out_dir, held_out=held_out,
+                                combiner=hyperparameters.get("usertag_combiner", "sum"))
+    return files, {GRAPH: entry}
 
 
 def factorize_bundle(bundle: str | Path, *, held_out: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:

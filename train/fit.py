@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bidder.factorized import GRAPH
 from bidder.spec import FeatureSpec, default_spec, load_spec
 from train.bundle import write_bundle
 from train.calibrate import Calibration, calibration_report, fit_platt
@@ -17,7 +16,7 @@ from train.calibrate import apply as apply_calibration
 from train.data.dataset import Dataset, load_dataset
 from train.evaluate import binary_metrics, predict
 from train.export import check_parity, export_lean
-from train.factorize import write_graphs
+from train.factorize import bundle_graphs
 from train.models import deepctr_input
 from train.trainer import TrainedModel, check_training, train_model
 
@@ -26,7 +25,7 @@ __all__ = ["fit_bundle", "save_bundle", "resolve_spec"]
 log = logging.getLogger("train")
 
 
-def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs: int | None = None, seed: int = 0,
+def fit_bundle(data_dir: str | Path | Dataset, model: str, out_dir: str | Path, *, epochs: int | None = None, seed: int = 0,
                progress: bool = True, skip_bad_lines: bool = False, spec: FeatureSpec | str | Path | None = None,
                data_label: str | None = None, threads: int = 1, **hyperparameters: Any) -> Path | None:
     """Train ``model`` on the logs in ``data_dir`` and write its bundle to ``out_dir`` (returned).
@@ -34,14 +33,18 @@ def fit_bundle(data_dir: str | Path, model: str, out_dir: str | Path, *, epochs:
     Under ``torchrun --nproc-per-node N`` the processes train together and process 0 writes the bundle;
     the others return None.
 
+    ``data_dir`` may be a ``Dataset`` already read (then ``spec`` and ``skip_bad_lines`` are its own).
     ``spec`` defaults to the bidder's iPinYou spec; ``data_label`` replaces the data path recorded in
     ``meta.json`` (for data generated into a temporary folder); ``threads`` is torch's thread count
     while training. Other keywords are hyper-parameters.
     """
     check_training(model, epochs, hyperparameters)  # before the data: a typo must not wait for featurizing
-    feature_spec = resolve_spec(spec)
-    dataset = load_dataset(data_dir, feature_spec, seed=seed, skip_bad_lines=skip_bad_lines, progress=progress)
-    report_skipped(dataset)
+    if isinstance(data_dir, Dataset):
+        dataset = data_dir
+    else:
+        dataset = load_dataset(data_dir, resolve_spec(spec), seed=seed, skip_bad_lines=skip_bad_lines,
+                               progress=progress)
+        report_skipped(dataset)
     trained = train_model(dataset, model, epochs=epochs, seed=seed, progress=progress, threads=threads,
                           **hyperparameters)
     if trained is None:  # a torchrun process other than 0: process 0 writes the bundle
@@ -94,12 +97,8 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
         onnx_path = export_lean(trained.model, spec, trained.architecture, Path(tmp) / "model.onnx",
                                 combiner=trained.hyperparameters["usertag_combiner"], calibration=calibration)
         parity = check_parity(trained.model, onnx_path, spec, dataset.test, calibration=calibration)
-        graphs, extra_files = None, None
-        # the others do not split into imp and candidate parts; FM + linear alone has no DNN to split
-        if trained.architecture == "deepfm" and trained.hyperparameters.get("dnn_hidden_units"):
-            extra_files, entry = write_graphs(onnx_path, spec, Path(tmp), held_out=dataset.test.inputs,
-                                              combiner=trained.hyperparameters["usertag_combiner"])
-            graphs = {GRAPH: entry}
+        extra_files, graphs = bundle_graphs(trained.architecture, trained.hyperparameters, onnx_path, spec, Path(tmp),
+                                            held_out=dataset.test.inputs)
         return write_bundle(
             out_dir, onnx_path=onnx_path, spec=spec, architecture=trained.architecture,
             hyperparameters=trained.hyperparameters,
