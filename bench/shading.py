@@ -8,7 +8,9 @@ requests (prepared first, then ``score_batch``: one scoring call and one shading
 figure is per request). The engine is built as ``bidder serve`` builds it (factorized scoring when the
 bundle has it, the win-price model). Each round times every (shape, auction) once in CPU time of this
 thread (``time.thread_time``: time the scheduler gives to other processes is not counted); the report gives
-per-request medians over the rounds and the at=1 / at=2 ratio per shape, plus a PNG.
+per-request medians over the rounds and the at=1 / at=2 ratio per shape, plus a PNG. ``search_us_per_call``
+is the search alone for one imp (``WinModel.shade_rows``), natively over the bundle's terms against the graph
+through ONNX Runtime, taking turns (absent without the terms).
 """
 from __future__ import annotations
 
@@ -65,6 +67,26 @@ def time_shape(engine: BidEngine, body: bytes, size: int, repeats: int) -> float
     return spent / repeats / size * 1e6
 
 
+def search_cost(market: WinModel, rounds: int, calls: int = 2000) -> dict[str, float] | None:
+    """µs of CPU per ``shade_rows`` call for one imp: the native search against the graph through ORT, taking
+    turns (medians over ``rounds``); None when the bundle has no terms for the native search."""
+    if not market.native:
+        return None
+    sparse = market.inputs["sparse"]
+    samples: dict[str, list[float]] = {"native": [], "graph": []}
+    try:
+        for _ in range(rounds + 1):  # the first round warms both paths
+            for name in samples:
+                market.native = name == "native"
+                start = time.thread_time()
+                for _ in range(calls):
+                    market.shade_rows(sparse, [0], [5.0], [0.5])
+                samples[name].append((time.thread_time() - start) / calls * 1e6)
+    finally:
+        market.native = True
+    return {name: round(statistics.median(values[1:]), 2) for name, values in samples.items()}
+
+
 def measure(bundle: Path, rounds: int) -> dict[str, Any]:
     engine = build_engine(bundle)
     requests = bodies()
@@ -84,10 +106,11 @@ def measure(bundle: Path, rounds: int) -> dict[str, Any]:
             for at, body in requests.items():
                 samples.setdefault(f"{shape}_at{at}", []).append(time_shape(engine, body, size, repeats[shape]))
     medians = {key: round(statistics.median(values), 1) for key, values in samples.items()}
+    search = search_cost(engine.market, rounds)
     shown = bundle.resolve()
     shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
     return {"bundle": str(shown), "request": EXAMPLE, "rounds": rounds, "clock": "thread CPU time",
-            "us_per_request": medians, "prices": prices,
+            "us_per_request": medians, "search_us_per_call": search, "prices": prices,
             "ratio_at1_over_at2": {shape: round(medians[f"{shape}_at1"] / medians[f"{shape}_at2"], 3)
                                    for shape in SHAPES}}
 

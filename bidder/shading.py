@@ -139,14 +139,22 @@ class WinModel:
         self._bids, self._surplus = self.outputs[BID_OUTPUT].reshape(-1), self.outputs[SURPLUS_OUTPUT].reshape(-1)
         self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
         self.terms = None if terms is None else MarketTerms.load(Path(terms), spec)
-        self._native = (None if self.terms is None else
+        self._search = (None if self.terms is None else
                         _shading.Search(self.terms.table, self.terms.columns, self.terms.starts, *self.terms.k_range, GRID))
+        self._native = self._search  # the search in use: None while the graph searches
         self._consecutive = list(range(max_imps))  # rows 0..n-1 of ``inputs`` (``shade``)
 
     @property
     def native(self) -> bool:
         """True when bids are searched natively over the model's terms (no ORT call per batch)."""
         return self._native is not None
+
+    @native.setter
+    def native(self, on: bool) -> None:
+        """Search natively (needs the terms) or through the graph: to compare the two in one process."""
+        if on and self.terms is None:
+            raise ValueError(f"{self.path}: the bundle has no {TERMS_FILE}: it can only be searched through the graph")
+        self._native = self._search if on else None
 
     def _check_signature(self, spec: FeatureSpec) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -205,7 +213,7 @@ class WinModel:
         if not sane:
             raise BundleError(f"{self.path}: P(win) must be finite, within [0, 1] and non-decreasing in the bid, and "
                               f"{BID_OUTPUT!r} the grid bid of highest expected surplus")
-        if self._native is not None:
+        if self._search is not None:
             diff = self.native_difference(rows, seed)
             if not diff <= NATIVE_TOLERANCE:
                 raise BundleError(f"{self.path}: the terms in {TERMS_FILE} differ from the graph by {diff:.3g} "
@@ -223,7 +231,7 @@ class WinModel:
         graph_win, graph_surplus = self.session.run([WIN_OUTPUT, SURPLUS_OUTPUT], {
             SPARSE_INPUT: sparse, VALUE_INPUT: values.astype(np.float32).reshape(-1, 1),
             FLOOR_INPUT: floors.astype(np.float32).reshape(-1, 1)})
-        _, surplus, win = self._native.search(sparse, values, floors)
+        _, surplus, win = self._search.search(sparse, values, floors)
         graph_surplus = graph_surplus[:, 0].astype(np.float64)
         return max(float(np.max(np.abs(win - graph_win))),
                    float(np.max(np.abs(surplus - graph_surplus) / np.maximum(1.0, np.abs(graph_surplus)))))

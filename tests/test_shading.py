@@ -149,7 +149,7 @@ def _graph_outputs(bundle, scorer, records, values, floors):
 
 def _graph_only(model: WinModel) -> WinModel:
     """``model`` served by its graph, as a bundle without the terms is."""
-    model._native = None
+    model.native = False
     return model
 
 
@@ -220,7 +220,7 @@ def test_native_search_is_the_graphs_on_random_imps(market_bundle_dir, sample_re
     values = np.exp(rng.uniform(-2.0, 5.0, len(records)))
     floors = values * rng.uniform(0.0, 0.9, len(records))
     sparse = scorer.featurizer.transform(records)[SPARSE_INPUT]
-    bids, surplus, win = model._native.search(sparse, values, floors)
+    bids, surplus, win = model._search.search(sparse, values, floors)
     got = _graph_outputs(market_bundle_dir, scorer, records, values, floors)
     assert np.max(np.abs(win - got[WIN_OUTPUT])) <= NATIVE_TOLERANCE
     # the bid is the grid point of highest surplus over the native P(win), the first of equal ones
@@ -243,7 +243,7 @@ def test_native_search_refuses_indices_out_of_range(market_bundle_dir):
     with pytest.raises(ValueError, match="row 2 is outside"):
         model.shade_rows(sparse, [0, 2], [1.0, 1.0], [0.0, 0.0])
     with pytest.raises(ValueError, match="differ in length"):
-        model._native.shade(sparse, [0, 1], [1.0], [0.0, 0.0])
+        model._search.shade(sparse, [0, 1], [1.0], [0.0, 0.0])
     sparse[1, model.terms.columns[0]] = 10**9
     with pytest.raises(ValueError, match="outside the market table"):
         model.shade_rows(sparse, [0, 1], [1.0, 1.0], [0.0, 0.0])
@@ -264,6 +264,8 @@ def test_a_bundle_without_the_terms_is_served_by_the_graph(market_bundle_dir, tm
     (bundle / TERMS_FILE).unlink()
     graph = WinModel.for_scorer(Scorer(bundle))
     assert graph is not None and not graph.native
+    with pytest.raises(ValueError, match="can only be searched through the graph"):
+        graph.native = True
     prices = []
     for path in (market_bundle_dir, bundle):
         scorer = Scorer(path)
@@ -455,6 +457,7 @@ def test_bench_shading_reports_both_auctions(market_bundle_dir, small_bundle, tm
     assert set(result["us_per_request"]) == {f"{s}_at{a}" for s in ("lone", "batch8", "batch32") for a in (1, 2)}
     assert set(result["ratio_at1_over_at2"]) == {"lone", "batch8", "batch32"}
     assert result["prices"]["at1"] < result["prices"]["at2"] and out.with_suffix(".png").is_file()
+    assert set(result["search_us_per_call"]) == {"native", "graph"}
     capsys.readouterr()
     assert bench_main(["shading", "--bundle", str(market_bundle_dir), "--rounds", "0", "--out", str(out)]) == 2
     assert "error: --rounds must be >= 1" in capsys.readouterr().err
