@@ -509,3 +509,22 @@ async def test_graph_shading_serves_the_same_bids(aiohttp_client, market_bundle_
         prices.append((await response.json())["seatbid"][0]["bid"][0]["price"])
         assert app[STATE].engine.market.native is native
     assert prices[0] == pytest.approx(prices[1], abs=1.0000001e-6)
+
+
+def test_a_compressed_bundle_keeps_the_win_price_model(market_bundle_dir, tmp_path):
+    """``train compress`` carries the market graph and its terms over: they read the spec's imp fields, not the
+    CTR model's weights."""
+    from train.compress import compress_bundle
+    from train.errors import TrainError
+
+    out = tmp_path / "int8"
+    compress_bundle(market_bundle_dir, "int8-dynamic", out, settings={"ops": "tables"}, progress=False)
+    source = json.loads((market_bundle_dir / "meta.json").read_text())["graphs"]["market"]
+    assert json.loads((out / "meta.json").read_text())["graphs"]["market"] == source
+    assert (out / TERMS_FILE).read_bytes() == (market_bundle_dir / TERMS_FILE).read_bytes()
+    assert WinModel.for_scorer(Scorer(out)).native
+    broken = tmp_path / "broken"
+    shutil.copytree(market_bundle_dir, broken)
+    (broken / TERMS_FILE).unlink()
+    with pytest.raises(TrainError, match=f"lists {TERMS_FILE}, which the bundle does not have"):
+        compress_bundle(broken, "int8-dynamic", tmp_path / "out2", settings={"ops": "tables"}, progress=False)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from bidder.factorized import random_inputs
 from bidder.spec import FeatureSpec
-from train.bundle import MODEL_FILE, read_bundle, write_bundle
+from train.bundle import MODEL_FILE, file_sha256, read_bundle, write_bundle
 from train.calibrate import Calibration
 from train.data.dataset import Dataset, Split, load_dataset
 from train.errors import TrainError
@@ -167,9 +168,42 @@ def compress_bundle(source: str | Path, method: str, out_dir: str | Path, *, dat
     torch.set_num_threads(max(1, int(threads)))
     try:
         with tempfile.TemporaryDirectory(prefix="compress-") as tmp:
-            return _compress(source, meta, spec, method, chosen, Path(out_dir), dataset, seed, progress, Path(tmp))
+            entry = _compress(source, meta, spec, method, chosen, Path(out_dir), dataset, seed, progress, Path(tmp))
     finally:
         torch.set_num_threads(previous)
+    carry_graphs(source, meta, Path(out_dir))
+    return entry
+
+
+#: graphs a compressed bundle is given as they are: they read the spec's features, not the CTR model's weights
+#: (the win-price model, and the two towers of retrieval, trained with the source as teacher)
+CARRIED_GRAPHS = ("market", "twotower")
+
+
+def carry_graphs(source: Path, meta: dict[str, Any], out: Path) -> list[str]:
+    """Copy ``CARRIED_GRAPHS`` of bundle ``source`` (whose meta.json is ``meta``) into the bundle written at ``out``:
+    their files, checked against the sha256 the source lists, and their meta.json entries. Returns their names."""
+    graphs = meta.get("graphs") or {}
+    carried = [name for name in CARRIED_GRAPHS if isinstance(graphs.get(name), dict)]
+    if not carried:
+        return []
+    out_meta = json.loads((out / "meta.json").read_text())
+    for name in carried:
+        entry = graphs[name]
+        files = list(entry.get("files") or [])
+        terms = entry.get("terms")
+        if isinstance(terms, dict) and isinstance(terms.get("file"), str):
+            files.append(terms["file"])
+        for file in files:
+            if not (source / file).is_file():
+                raise TrainError(f"{source}: meta.json graphs.{name} lists {file}, which the bundle does not have")
+            shutil.copyfile(source / file, out / file)
+        if entry.get("sha256") is not None and len(entry.get("files") or []) == 1 \
+                and file_sha256(out / entry["files"][0]) != entry["sha256"]:
+            raise TrainError(f"{source / entry['files'][0]}: does not match meta.json's graphs.{name}.sha256")
+        out_meta.setdefault("graphs", {})[name] = entry
+    (out / "meta.json").write_text(json.dumps(out_meta, indent=2) + "\n")
+    return carried
 
 
 #: what ``python -m train default`` ships: the trained DeepFM distilled into a 64,32 student, whose tables
