@@ -249,10 +249,6 @@ class WinModel:
     def shade(self, featurizer: Any, records: Sequence[dict], values: Sequence[float],
               floors: Sequence[float]) -> tuple[list[float], list[float]]:
         """(bid, expected surplus) per imp record: one search per ``max_imps`` imps."""
-        if self._native is not None and len(records) <= self.max_imps:
-            n = len(records)
-            featurizer.transform_into(self.inputs, records)
-            return self._native.shade(self.inputs[SPARSE_INPUT], self._consecutive[:n], list(values), list(floors))
         return self._shade(len(records), values, floors,
                            lambda start, stop: featurizer.transform_into(self.inputs, records[start:stop]))
 
