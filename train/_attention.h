@@ -114,9 +114,10 @@ ATT_INLINE void att_forward_chunk(const float *qkvr, int64_t batch, int64_t chun
                 pi[j] = e;
                 sum += e;
             }
+            const att_vf inverse = 1.0f / sum; /* one division a row */
             for (int c = 0; c < d; c++) acc[c] = (att_vf){0};
             for (int j = 0; j < fields; j++) {
-                const att_vf w = pi[j] / sum;
+                const att_vf w = pi[j] * inverse;
                 pi[j] = w;
                 for (int c = 0; c < d; c++) acc[c] += w * v[j * d + c];
             }

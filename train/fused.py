@@ -18,7 +18,8 @@ unique and sums again. Here, while training with row-wise Adam (``train/optim.py
 AutoInt's attention layers (deepctr's ``InteractingLayer``) run, with ``fused_attention`` (default true),
 as one matmul for the four projections (x @ [W_Query | W_key | W_Value | W_Res]) and a C kernel for the
 rest (``train/_attention.h``: scores, softmax, the weighted values, residual and relu, and their
-backward, 8 samples per vector). In torch the per-head products are 19 x 4 by 4 x 19 per sample, too
+backward, 8 samples per vector, the batch laid out in blocks of 8 samples between the layers;
+``tests/test_attention.py`` checks outputs and gradients against deepctr's module). In torch the per-head products are 19 x 4 by 4 x 19 per sample, too
 small for any batched matmul (``bmm``, ``scaled_dot_product_attention``, a block-diagonal form,
 ``torch.compile``) to run near the machine's speed, and its softmax over rows of 19 is slow too: about
 80 µs of CPU time a sample for the three layers, forward and backward, in every form. Without
@@ -38,7 +39,8 @@ import torch
 from train import _attention
 from train._deepctr import AutoInt, DeepFM, SparseFeat, VarLenSparseFeat
 
-__all__ = ["FusedForward", "fused_forward", "interacting_layer", "unique_rows"]
+__all__ = ["FusedForward", "from_blocks", "fused_forward", "interacting_layer", "interacting_layers",
+           "native_attention", "to_blocks", "unique_rows"]
 
 
 def unique_rows(index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +164,8 @@ def from_blocks(x: torch.Tensor, batch: int) -> torch.Tensor:
 def interacting_layer(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """deepctr's ``InteractingLayer`` forward ``layer(x)`` in the kernel's layout: ``x`` and the result are
     (embedding size, batch / 8, fields, 8) float32 (``to_blocks``). One matmul for the four projections of
-    the whole batch, then the C kernel; the same function of the same parameters (``tests/test_fused.py``)."""
+    the whole batch, then the C kernel; the same function of the same parameters (``tests/test_attention.py``).
+    Unlike deepctr's module it does not keep the attention weights in ``layer.normalized_att_scores``."""
     width, blocks, fields, chunk = x.shape
     weights = [layer.W_Query, layer.W_key, layer.W_Value] + ([layer.W_Res] if layer.use_res else [])
     qkvr = (torch.cat(weights, dim=1).t() @ x.reshape(width, -1)).view(-1, blocks, fields, chunk)
