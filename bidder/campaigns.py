@@ -48,8 +48,12 @@ class CampaignDeal:
     seat: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
+    # Slots, and the two fields every scored row reads first: with a large catalog each row's candidate is
+    # a cold object, and these then share the cache line of its header (which building the row touches).
+    index: int = field(default=-1, compare=False, repr=False)  # position in its catalog (factorized scoring)
+    value_per_click: float          # USD
     campaign_id: str
     advertiser: int
     creative_id: str
@@ -58,12 +62,10 @@ class Candidate:
     adomain: tuple[str, ...]
     nurl: str | None                # win notice carrying ${AUCTION_PRICE}
     markup: str | None              # ad markup returned inline as ``adm``
-    value_per_click: float          # USD
     domains: frozenset[str] | None  # targeting; None = anywhere
     exchanges: frozenset[str] | None
     layer: dict[str, Any] = field(compare=False, repr=False)
     deals: tuple[CampaignDeal, ...] = ()  # the campaign's deals
-    index: int = field(default=-1, compare=False, repr=False)  # position in its catalog (factorized scoring)
 
     def runs_on(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> bool:
         if self.domains is not None and domain not in self.domains:
