@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bidder.campaigns import Candidate, Catalog
-from bidder.scorer import BundleError, bind_buffers, load_graph, read_meta
+from bidder.scorer import BundleError, bind_buffers, featurize_many, load_graph, read_meta
 from bidder.spec import FeatureSpec
 
 __all__ = ["AD_OUTPUT", "AD_TOWER_FILE", "DEFAULT_K", "GRAPH", "IMP_OUTPUT", "IMP_TOWER_FILE", "PARITY_TOLERANCE",
@@ -130,8 +130,7 @@ class Towers:
 
     def ad_matrix(self, candidates: Sequence[Candidate]) -> np.ndarray:
         """``[n, D]`` float32: each candidate's ad vector, log(value per click) added to its last entry."""
-        inputs = self.spec.allocate(len(candidates))
-        self.featurizer.transform_into(inputs, [c.layer for c in candidates])
+        inputs = featurize_many(self.featurizer, self.spec, [c.layer for c in candidates])
         names = {a.name for a in self.ad_session.get_inputs()}
         matrix = self.ad_session.run([AD_OUTPUT], {k: v for k, v in inputs.items() if k in names})[0]
         matrix = np.ascontiguousarray(matrix, dtype=np.float32)
