@@ -1,4 +1,5 @@
-"""Build the Cython featurizer, first-price search and AutoInt attention kernel; everything else is declared in pyproject.toml."""
+"""Build the Cython featurizer, the best-row scan, the first-price search and the AutoInt attention kernel; everything
+else is declared in pyproject.toml."""
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -9,6 +10,11 @@ extensions = [
         ["bidder/_features.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    ),
+    Extension(
+        "bidder._pricing",
+        ["bidder/_pricing.pyx"],
         extra_compile_args=["-O3"],
     ),
     Extension(

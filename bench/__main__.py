@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "shading -h)", add_help=False)
     commands.add_parser("bundles", help="in-process cost of two or more bundles taking turns (see python -m bench "
                                         "bundles -h)", add_help=False)
+    commands.add_parser("reload", help="requests served while the catalog reloads (see python -m bench reload -h)",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "reload":
+        from bench.reload import main as reload_main
+        return reload_main(rest)
     if args.command == "bundles":
         from bench.bundles import main as bundles_main
         return bundles_main(rest)

@@ -937,3 +937,32 @@ def _init_keywords():
 
 
 _init_keywords()
+
+
+# -- factorized rows ----------------------------------------------------------------------------------
+def group_rows(groups, list records, int64_t[::1] row_imp, int64_t[::1] row_cand):
+    """Lay out the rows of ``groups`` ((imp record, candidates) pairs, in order) for the factorized graph.
+
+    Row ``r`` of their concatenation gets ``row_imp[r]``, the position in ``records`` of its imp record
+    (appended unless it is the same object as the last one), and ``row_cand[r]``, its candidate's catalog
+    ``index``. Returns the number of rows; ValueError if the buffers are too short.
+    """
+    cdef Py_ssize_t r = 0, n, limit = row_imp.shape[0]
+    cdef Py_ssize_t imp = len(records) - 1
+    cdef object last = records[imp] if imp >= 0 else None
+    cdef object record, eligible, candidate
+    if row_cand.shape[0] < limit:
+        limit = row_cand.shape[0]
+    for record, eligible in groups:
+        if record is not last:
+            records.append(record)
+            last = record
+            imp += 1
+        n = len(eligible)
+        if r + n > limit:
+            raise ValueError(f"the rows do not fit buffers of {limit}")
+        for candidate in eligible:
+            row_imp[r] = imp
+            row_cand[r] = candidate.index
+            r += 1
+    return r

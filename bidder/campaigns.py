@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -48,8 +49,12 @@ class CampaignDeal:
     seat: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
+    # Slots, and the two fields every scored row reads first: with a large catalog each row's candidate is
+    # a cold object, and these then share the cache line of its header (which building the row touches).
+    index: int = field(default=-1, compare=False, repr=False)  # position in its catalog (factorized scoring)
+    value_per_click: float          # USD
     campaign_id: str
     advertiser: int
     creative_id: str
@@ -58,12 +63,10 @@ class Candidate:
     adomain: tuple[str, ...]
     nurl: str | None                # win notice carrying ${AUCTION_PRICE}
     markup: str | None              # ad markup returned inline as ``adm``
-    value_per_click: float          # USD
     domains: frozenset[str] | None  # targeting; None = anywhere
     exchanges: frozenset[str] | None
     layer: dict[str, Any] = field(compare=False, repr=False)
     deals: tuple[CampaignDeal, ...] = ()  # the campaign's deals
-    index: int = field(default=-1, compare=False, repr=False)  # position in its catalog (factorized scoring)
 
     def runs_on(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> bool:
         if self.domains is not None and domain not in self.domains:
@@ -130,10 +133,53 @@ _TARGETING_KEYS = frozenset({"sizes", "domains", "exchanges"})
 _CREATIVE_KEYS = frozenset({"id", "w", "h", "adomain", "nurl", "markup"})
 
 
+#: above this many characters a catalog is decoded one campaign at a time (``_decode``)
+CHUNKED_DECODE_CHARS = 1 << 20
+_HEAD = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"campaigns"[ \t\n\r]*:[ \t\n\r]*\[[ \t\n\r]*')
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _decode(text: str) -> Any:
+    """``json.loads(text)``, for a large catalog one campaign per call.
+
+    A reload builds the new catalog in a thread while the event loop serves: one ``json.loads`` of a
+    100,000-creative file holds the GIL for most of a second, whereas the eval loop can hand the GIL
+    over between two campaigns. Anything but the plain ``{"campaigns": [...]}`` shape (another key, a
+    syntax error) goes to ``json.loads`` whole, for the same result or the same error.
+    """
+    head = _HEAD.match(text) if len(text) > CHUNKED_DECODE_CHARS else None
+    if head is None:
+        return json.loads(text)
+    decoder = json.JSONDecoder()
+    campaigns: list[Any] = []
+    at = head.end()
+    try:
+        if text.startswith("]", at):
+            at += 1
+        else:
+            while True:
+                entry, at = decoder.raw_decode(text, at)
+                campaigns.append(entry)
+                at = _SPACE.match(text, at).end()
+                if text.startswith(",", at):
+                    at = _SPACE.match(text, at + 1).end()
+                    continue
+                if not text.startswith("]", at):
+                    return json.loads(text)
+                at += 1
+                break
+    except json.JSONDecodeError:
+        return json.loads(text)  # raises the error json.loads reports for the whole file
+    at = _SPACE.match(text, at).end()
+    if not text.startswith("}", at) or _SPACE.match(text, at + 1).end() != len(text):
+        return json.loads(text)
+    return {"campaigns": campaigns}
+
+
 def load_catalog(path: str | os.PathLike) -> Catalog:
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _decode(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CatalogError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

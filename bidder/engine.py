@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 import msgspec
 import numpy as np
 
+from bidder._features import group_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.deals import DealOffer, deal_candidates, seat_bids
@@ -336,20 +337,20 @@ class BidEngine:
         if factorized is None:
             return self._score_with_model(pendings, rows), None
         # factorized: each imp record featurized once; a row only names its imp and its candidate
+        groups = pendings[0].groups if len(pendings) == 1 else [group for p in pendings for group in p.groups]
         records: list[dict] = []
-        row_imp: list[int] = []
-        row_cand: list[int] = []
-        for pending in pendings:
-            for record, eligible in pending.groups:
-                if not records or records[-1] is not record:
-                    records.append(record)
-                row_imp.extend([len(records) - 1] * len(eligible))
-                row_cand.extend([c.index for c in eligible])
+        limit = factorized.max_rows
+        if rows <= limit:  # the common case: straight into the graph's row buffers
+            group_rows(groups, records, factorized.row_imp, factorized.row_cand)
+        else:
+            row_imp, row_cand = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+            group_rows(groups, records, row_imp, row_cand)
         n_imps = len(records)
         if n_imps > factorized.max_imps:  # more imps than the buffers hold
             return self._score_with_model(pendings, rows), None
         self.scorer.featurizer.transform_into(factorized.imp_inputs, records)
-        limit = factorized.max_rows
+        if rows <= limit:
+            return factorized.run(n_imps, rows).tolist(), records
         scores: list[float] = []
         for start in range(0, rows, limit):
             n = min(limit, rows - start)

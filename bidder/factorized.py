@@ -40,7 +40,7 @@ import onnxruntime as ort
 
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
-from bidder.scorer import OUTPUT, BundleError, bind_buffers, load_graph, read_meta
+from bidder.scorer import OUTPUT, BundleError, bind_buffers, featurize_many, load_graph, read_meta
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
@@ -217,10 +217,7 @@ class FactorizedScorer:
     # -- candidates -------------------------------------------------------------------------------------
     def set_candidates(self, layers: Sequence[Mapping[str, Any]]) -> None:
         """Compute the part of each candidate (a catalog ``layer`` dict); candidate i is ``row_cand`` value i."""
-        if not isinstance(layers, (list, tuple)):
-            layers = list(layers)
-        inputs = self.spec.allocate(len(layers))
-        self.featurizer.transform_into(inputs, layers)
+        inputs = featurize_many(self.featurizer, self.spec, layers)
         part = self.candidate_session.run([CAND_PART], inputs)[0]
         cand_part = np.ascontiguousarray(part, dtype=np.float32)
         # bindings hold the previous array's OrtValue: drop them before it can be freed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
+from bidder._pricing import best_rows
 from bidder.campaigns import Candidate
 
 if TYPE_CHECKING:  # deals prices its bids with ``floored_price``
@@ -37,29 +38,17 @@ def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Se
                  floors: Sequence[float], offers: Mapping[int, DealOffer] | None = None) -> dict[int, PricedBid]:
     """Row ``r`` scored ``candidates[r]`` for imp ``owners[r]``: the best bid at or above floor per imp.
 
-    ``offers`` maps a row to the deal its candidate can bid through (see ``bidder.deals``).
+    ``offers`` maps a row to the deal its candidate can bid through (see ``bidder.deals``). A row is worth
+    ``bid_cpm``; ties (creatives the model cannot tell apart: 8-bit tables give unseen ones one vector) go
+    to the candidate earlier in the catalog, whatever order the rows came in (retrieval's is by score).
+    The scan over the rows is native (``bidder._pricing.best_rows``); the prices are set here.
     """
-    if hasattr(ctr, "tolist"):  # Python floats: indexing a numpy array makes a scalar object per row
-        ctr = ctr.tolist()
-    # imp -> (price, candidate, ctr, deal) of its best row so far
-    best: dict[int, tuple[float, Candidate, float, DealOffer | None]] = {}
-    for row, (imp_index, candidate, p) in enumerate(zip(owners, candidates, ctr)):
-        price = p * candidate.value_per_click * 1000.0
-        floor = floors[imp_index]
-        offer = offers.get(row) if offers else None
-        if offer is not None:
-            terms = offer.floor_for(price, floor)
-            if terms is None:
-                continue
-            floor, offer = terms
-        if price >= floor:
-            current = best.get(imp_index)
-            # ties (creatives the model cannot tell apart: 8-bit tables give unseen ones one vector) go to the
-            # candidate earlier in the catalog, whatever order the rows came in (retrieval's is by score)
-            if current is None or price > current[0] or (price == current[0] and candidate.index < current[1].index):
-                best[imp_index] = (price, candidate, p, offer)
+    # Python floats: indexing a numpy array makes a scalar object per row
+    ctr = ctr.tolist() if hasattr(ctr, "tolist") else ctr if type(ctr) is list else list(ctr)
     out = {}
-    for imp_index, (price, candidate, p, deal) in best.items():
+    for imp_index, row, price, deal in best_rows(owners if type(owners) is list else list(owners), candidates,
+                                                 ctr, floors if type(floors) is list else list(floors),
+                                                 dict(offers) if offers and type(offers) is not dict else offers):
         price = deal.price(price) if deal else floored_price(price, floors[imp_index])
-        out[imp_index] = PricedBid(imp_index, candidate, price, p, deal)
+        out[imp_index] = PricedBid(imp_index, candidates[row], price, ctr[row], deal)
     return out

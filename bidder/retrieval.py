@@ -25,6 +25,7 @@ Catalogs of at most ``SMALL_CATALOG`` creatives skip retrieval: every eligible c
 from __future__ import annotations
 
 import os
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -32,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bidder.campaigns import Candidate, Catalog
-from bidder.scorer import BundleError, bind_buffers, load_graph, read_meta
+from bidder.scorer import BundleError, bind_buffers, featurize_many, load_graph, read_meta
 from bidder.spec import FeatureSpec
 
 __all__ = ["AD_OUTPUT", "AD_TOWER_FILE", "DEFAULT_K", "GRAPH", "IMP_OUTPUT", "IMP_TOWER_FILE", "PARITY_TOLERANCE",
@@ -129,8 +130,7 @@ class Towers:
 
     def ad_matrix(self, candidates: Sequence[Candidate]) -> np.ndarray:
         """``[n, D]`` float32: each candidate's ad vector, log(value per click) added to its last entry."""
-        inputs = self.spec.allocate(len(candidates))
-        self.featurizer.transform_into(inputs, [c.layer for c in candidates])
+        inputs = featurize_many(self.featurizer, self.spec, [c.layer for c in candidates])
         names = {a.name for a in self.ad_session.get_inputs()}
         matrix = self.ad_session.run([AD_OUTPUT], {k: v for k, v in inputs.items() if k in names})[0]
         matrix = np.ascontiguousarray(matrix, dtype=np.float32)
@@ -185,7 +185,7 @@ class _SizeIndex:
     row-major (gathers, the approximate search's graph).
     """
 
-    __slots__ = ("positions", "matrix", "columns", "bias", "rest_norm", "open_run", "exchange_runs", "n_plain",
+    __slots__ = ("positions", "rows", "matrix", "columns", "bias", "rest_norm", "open_run", "exchange_runs", "n_plain",
                  "by_domain", "domain_exchanges", "by_adomain", "ann")
 
     def __init__(self, candidates: Sequence[Candidate], matrix: np.ndarray):
@@ -202,6 +202,8 @@ class _SizeIndex:
         domain_targeted = by_bias([c for c in candidates if c.domains is not None])
         layout += domain_targeted
         self.positions = np.array([c.index for c in layout], dtype=np.int64)  # catalog index of each row
+        self.rows = np.arange(len(layout))  # read-only: a run's rows are a view of it, not a new range per search
+        self.rows.flags.writeable = False
         self.matrix = np.ascontiguousarray(matrix[self.positions]) if len(layout) else np.zeros((0, matrix.shape[1]),
                                                                                                  np.float32)
         self.columns = np.ascontiguousarray(self.matrix.T)
@@ -321,7 +323,7 @@ class _SizeIndex:
             if blocked is not None:
                 part[j, blocked[(blocked >= start) & (blocked < stop)] - start] = -np.inf
         scores.append(part)
-        rows.append(np.arange(start, stop))
+        rows.append(self.rows[start:stop])
 
     def _blocked(self, blocked: frozenset[str]) -> np.ndarray | None:
         """Rows of the blocked advertiser domains, or None."""
@@ -513,12 +515,12 @@ class Retriever:
                     blocked: frozenset[str], dealids: Sequence[str]) -> tuple[Candidate, ...]:
         rows = rows.tolist()
         candidates = self.catalog.candidates
-        chosen = [candidates[i] for i in rows]
+        chosen = itemgetter(*rows)(candidates) if len(rows) > 1 else tuple(candidates[i] for i in rows)
         if dealids:
             taken = set(rows)
-            chosen.extend(c for c in self.catalog.deal_buyers(w, h, dealids, domain, exchange, blocked)
-                          if c.index not in taken)
-        return tuple(chosen)
+            chosen += tuple(c for c in self.catalog.deal_buyers(w, h, dealids, domain, exchange, blocked)
+                            if c.index not in taken)
+        return chosen
 
 
 

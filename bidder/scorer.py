@@ -198,6 +198,30 @@ class Scorer:
         return out
 
 
+#: records per featurizer call when a whole catalog is featurized (``featurize_many``)
+FEATURIZE_CHUNK = 4096
+
+
+def featurize_many(featurizer: Any, spec: Any, records: Sequence[Any]) -> dict[str, np.ndarray]:
+    """The spec's inputs for any number of records (a whole catalog's candidate layers), new arrays.
+
+    Featurized ``FEATURIZE_CHUNK`` records per call: each call holds the GIL, and a reload builds its catalog
+    in a thread while the event loop serves, which then gets the GIL between two calls instead of after
+    the whole catalog. A bad record's number counts from the first record, as in ``Scorer.predict``.
+    """
+    if not isinstance(records, (list, tuple)):
+        records = list(records)
+    inputs = spec.allocate(len(records))
+    for start in range(0, len(records), FEATURIZE_CHUNK):
+        chunk = records[start:start + FEATURIZE_CHUNK]
+        try:
+            featurizer.transform_into({name: buffer[start:start + len(chunk)] for name, buffer in inputs.items()},
+                                      chunk)
+        except ValueError as exc:
+            raise ValueError(_shift_record_number(str(exc), start)) from None
+    return inputs
+
+
 def _shift_record_number(message: str, offset: int) -> str:
     head, sep, rest = message.partition(": ")
     if head.startswith("record ") and head[7:].isdigit():

@@ -83,6 +83,10 @@ class Config:
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
 
 
+#: the interpreter's GIL switch interval while an engine is built (``State.load``)
+BUILD_SWITCH_INTERVAL_S = 0.0005
+
+
 class State:
     """What a worker serves; ``engine`` is replaced whole on reload, so a request sees one version."""
 
@@ -100,6 +104,26 @@ class State:
         A one-imp request scores all candidates of one size: binding and running those batch sizes
         now keeps the first such requests from paying for ORT's first run at a new shape.
         """
+        # A large catalog makes millions of objects: the cyclic collector would scan them all, more than once,
+        # each time in one call that holds the GIL for a tenth of a second or more, stalling the requests the
+        # event loop serves meanwhile (reloads run in a thread). What was built lives as long as the engine:
+        # it is frozen before the collector comes back, which would otherwise scan it all at once.
+        # The thread building it holds the GIL until the interpreter asks it to switch: every 5 ms by default,
+        # each time the serving thread waits for it (a request waits several times). A shorter interval
+        # while building keeps those waits short, at some cost to the build.
+        collecting, interval = gc.isenabled(), sys.getswitchinterval()
+        gc.disable()
+        sys.setswitchinterval(min(interval, BUILD_SWITCH_INTERVAL_S))
+        try:
+            engine = self._build(model, campaigns)
+            gc.freeze()
+            return engine
+        finally:
+            sys.setswitchinterval(interval)
+            if collecting:
+                gc.enable()
+
+    def _build(self, model: Path, campaigns: Path) -> BidEngine:
         scorer = Scorer(model, max_batch=self.config.max_batch)
         catalog = _PRELOADED.pop(Path(campaigns), None)
         if catalog is None:

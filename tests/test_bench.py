@@ -534,3 +534,41 @@ def test_low_level_echo_process_starts_and_answers(tmp_path):
                              log_dir=tmp_path):
             assert preflight("echo", base + "/bid", BODY.read_bytes(), allow_no_bid=False)["status"] == 200
         assert servers.listening_sockets(port) == 0
+
+
+def test_bench_reload_serves_through_a_reload_and_reports_each_phase(small_bundle, tmp_path, capsys):
+    """The bidder keeps answering while it reloads to another catalog; the report splits the requests by phase."""
+    from bench.reload import summarise
+
+    other = tmp_path / "campaigns.json"
+    from bidder.server import DEFAULT_CAMPAIGNS
+
+    catalog = json.loads(DEFAULT_CAMPAIGNS.read_text())
+    catalog["campaigns"] = catalog["campaigns"][:-1]
+    other.write_text(json.dumps(catalog))
+    out = tmp_path / "reload.json"
+    assert bench_main(["reload", "--model", str(small_bundle), "--to", str(other), "--duration", "2.5", "--at", "0.5",
+                       "--no-pin", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["reload"]["status"] == 200 and report["failed_requests"] == 0
+    assert report["config"]["to"] == str(other.resolve()) and out.with_suffix(".png").stat().st_size > 0
+    assert set(report["phases"]) == {"before", "during", "after"}
+    assert report["phases"]["before"]["requests"] > 0 and report["phases"]["after"]["requests"] > 0
+    assert sum(p["requests"] for p in report["phases"].values()) > 10
+    # the phases are cut by each request's start; failures are counted by kind
+    split = summarise([(0.1, 0.002, "200"), (1.0, 0.5, "timeout"), (1.2, 0.004, "200"), (3.0, 0.003, "503")],
+                      {"start_s": 0.9, "seconds": 1.0})
+    assert split["phases"]["before"]["requests"] == 1 and split["phases"]["during"]["failed"] == {"timeout": 1}
+    assert split["phases"]["after"]["failed"] == {"503": 1} and split["failed_requests"] == 2
+    assert split["phases"]["during"]["max_ms"] == 4.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--duration", "0"], "error: --duration must be positive, got 0.0"),
+    (["--at", "5", "--duration", "2"], "error: --at must be within the run"),
+    (["--to", "/nonexistent/c.json"], "error: --to /nonexistent/c.json: no such file"),
+])
+def test_bench_reload_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
+    assert bench_main(["reload", *argv, "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err

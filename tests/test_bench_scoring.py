@@ -85,3 +85,16 @@ def test_full_bid_simple_banner(benchmark, small_bundle, openrtb_examples):
     engine = BidEngine(Scorer(small_bundle), load_catalog(DEFAULT_CAMPAIGNS), Metrics())
     body = openrtb_examples["bid-request-2.5/simple-banner.json"]
     assert benchmark(engine.bid, body).status == 200
+
+
+@pytest.mark.parametrize("rows", [9, 200])
+def test_best_per_imp(benchmark, rows):
+    """Each imp's best row at or above its floor: 9 rows (the simple banner) and 200 (a retrieved imp)."""
+    from bidder.pricing import best_per_imp
+
+    benchmark.group = "best row per imp"
+    catalog = load_catalog(DEFAULT_CAMPAIGNS)
+    chosen = [catalog.candidates[i % len(catalog)] for i in range(rows)]
+    ctr = np.random.default_rng(0).uniform(0.0, 0.02, rows).astype(np.float32).tolist()
+    best = benchmark(best_per_imp, [0] * rows, chosen, ctr, [0.5], {})
+    assert list(best) == [0] and best[0].price >= 0.5

@@ -172,3 +172,44 @@ def test_a_catalog_of_some_candidates_numbers_them_afresh():
     assert [c.index for c in some.candidates] == [0, 1, 2]
     assert [c.creative_id for c in some.candidates] == ["cr2", "cr3", "cr0"]
     assert some.candidates[0].value_per_click == 1.0 and some.candidates[0].layer == every[2].layer
+
+
+@pytest.mark.parametrize("text", [
+    '{"campaigns": []}',
+    ' \n{ "campaigns" :\t[ {"a": 1} , {"b": [1, 2, {"c": "]"}]}\r\n] }\n ',
+    '{"campaigns": [{"a": 1}], "campaigns": [{"b": 2}]}',   # a repeated key: the last one, as json.loads
+    '{"campaigns": [{"a": 1}], "extra": true}',               # another key: json.loads, then the catalog refuses it
+    '{"campaigns": [{"a": 1},]}',                             # syntax errors: json.loads's own error
+    '{"campaigns": [{"a": 1} {"b": 2}]}',
+    '{"campaigns": [{"a": 1}]',
+    '{"campaigns": [{"a": 1}]} x',
+    '{"campaigns": [{"a": 1}]}\u00a0',                        # not JSON whitespace
+    '{"campaigns":\u00a0[{"a": 1}]}',
+])
+def test_a_large_catalog_is_decoded_campaign_by_campaign_exactly_as_json_loads(monkeypatch, text):
+    """The chunked decoder (it lets a reload's thread hand the GIL over between campaigns) agrees with
+    json.loads on every document: the same value, or the same error at the same place."""
+    from bidder import campaigns
+
+    monkeypatch.setattr(campaigns, "CHUNKED_DECODE_CHARS", 0)
+    try:
+        expected = json.loads(text)
+    except json.JSONDecodeError as exc:
+        with pytest.raises(json.JSONDecodeError) as raised:
+            campaigns._decode(text)
+        assert (raised.value.msg, raised.value.pos) == (exc.msg, exc.pos)
+    else:
+        assert campaigns._decode(text) == expected
+
+
+def test_a_large_catalog_file_loads_as_a_small_one(monkeypatch, tmp_path):
+    from bidder import campaigns
+
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps(json.loads(DEFAULT_CAMPAIGNS.read_text()), indent=1))
+    small = load_catalog(path)
+    monkeypatch.setattr(campaigns, "CHUNKED_DECODE_CHARS", 0)
+    assert load_catalog(path).candidates == small.candidates and len(small) > 0
+    path.write_text(path.read_text()[:-3])
+    with pytest.raises(CatalogError, match=r"campaigns.json: invalid JSON at line \d+ column \d+"):
+        load_catalog(path)

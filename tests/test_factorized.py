@@ -412,3 +412,23 @@ async def test_a_compressed_bundle_bids_through_its_factorized_graphs_as_model_o
         expectation, _ = await bid_and_check(client, json.loads(openrtb_examples[name]), catalog, int8_bundle)
         bids += expectation.status == 200
     assert bids >= 2
+
+
+def test_group_rows_lays_out_imps_and_candidates_and_refuses_short_buffers():
+    from types import SimpleNamespace
+
+    from bidder._features import group_rows
+
+    a, b = {"imp": "a"}, {"imp": "b"}
+    cands = [SimpleNamespace(index=i) for i in (7, 3, 5)]
+    groups = [(a, cands[:2]), (a, cands[2:]), (b, cands), ({"imp": "a"}, cands[:1])]  # a equal but new record
+    records: list[dict] = []
+    row_imp, row_cand = np.full(9, -1, dtype=np.int64), np.full(9, -1, dtype=np.int64)
+    assert group_rows(groups, records, row_imp, row_cand) == 7
+    assert [r["imp"] for r in records] == ["a", "b", "a"] and records[0] is a and records[1] is b
+    assert row_imp.tolist() == [0, 0, 0, 1, 1, 1, 2, -1, -1]
+    assert row_cand.tolist() == [7, 3, 5, 7, 3, 5, 7, -1, -1]
+    more = [a]  # rows of a record already there continue its imp
+    assert group_rows([(a, cands[:1])], more, row_imp, row_cand) == 1 and more == [a] and row_imp[0] == 0
+    with pytest.raises(ValueError, match="do not fit buffers of 6"):
+        group_rows(groups, [], row_imp[:6], row_cand[:6])

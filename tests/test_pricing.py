@@ -90,3 +90,51 @@ def test_a_private_deal_out_of_reach_rules_out_its_row_only():
     best = best_per_imp([0, 0, 1], [rich, plain, plain], [0.01, 0.01, 0.01], [0.0, 0.0], {0: private})
     assert best[0].candidate is plain and best[0].deal is None and best[0].price == pytest.approx(10.0)
     assert best[1].candidate is plain
+
+
+def _reference_best(owners, chosen, ctr, floors, offers):
+    """The scan written plainly in Python: the native one must choose exactly what this does."""
+    best = {}
+    for row, (imp, candidate, p) in enumerate(zip(owners, chosen, ctr)):
+        price = p * candidate.value_per_click * 1000.0
+        floor, offer = floors[imp], offers.get(row)
+        if offer is not None:
+            terms = offer.floor_for(price, floor)
+            if terms is None:
+                continue
+            floor, offer = terms
+        if price >= floor:
+            current = best.get(imp)
+            if current is None or price > current[0] or (price == current[0] and candidate.index < current[1].index):
+                best[imp] = (price, candidate, p, offer)
+    return [(imp, candidate, p, offer) for imp, (_, candidate, p, offer) in best.items()]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.sampled_from([0.0, 0.001, 0.004, 0.01, 0.5]),
+                          st.sampled_from([None, 0, 1, 2])), max_size=40),
+       st.lists(st.sampled_from([0.0, 1.0, 4.0, 10.0, 2000.0]), min_size=4, max_size=4))
+def test_the_native_scan_chooses_what_the_plain_loop_chooses(rows, floors):
+    """Same winners (ties, deals, private deals, floors), same imp order, bit-identical prices and pCTRs."""
+    from bidder.deals import DealOffer
+
+    cands = candidates(0.5, 1.0, 2.0, 2.0)  # two candidates of one value: ties
+    kinds = [DealOffer("open", "s", 5.0, False, False), DealOffer("private", "s", 5.0, False, True),
+             DealOffer("fixed", "s", 3.0, True, False)]
+    owners = [imp for imp, _, _, _ in rows]
+    chosen = [cands[k] for _, k, _, _ in rows]
+    ctr = np.array([p for _, _, p, _ in rows], dtype=np.float32)
+    offers = {row: kinds[kind] for row, (_, _, _, kind) in enumerate(rows) if kind is not None}
+    best = best_per_imp(owners, chosen, ctr, floors, offers)
+    expected = _reference_best(owners, chosen, ctr.tolist(), floors, offers)
+    assert [(imp, b.candidate, b.ctr, b.deal) for imp, b in best.items()] == expected
+    for imp, candidate, p, deal in expected:
+        value = p * candidate.value_per_click * 1000.0
+        assert best[imp].price == (deal.price(value) if deal else max(round(value, 6), floors[imp]))
+
+
+def test_rows_of_an_imp_the_request_does_not_have_are_refused():
+    (c,) = candidates(1.0)
+    with pytest.raises(IndexError, match="row 0 belongs to imp 1"):
+        best_per_imp([1], [c], [0.01], [0.0])
+    with pytest.raises(ValueError, match="2 owners, 1 candidates"):
+        best_per_imp([0, 0], [c], [0.01], [0.0])

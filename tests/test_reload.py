@@ -96,3 +96,34 @@ async def test_a_refused_reload_keeps_both_the_old_model_and_the_old_catalog(
     # the failed attempts did not stick as the paths to re-read either
     assert (await client.post("/admin/reload", json={})).status == 200
     await assert_serving(client, logreg_bundle, second_catalog, seed=30)
+
+
+def test_building_an_engine_pauses_the_collector_and_shortens_the_gil_interval_then_restores_both(
+        small_bundle, broken_bundle):
+    """A large catalog's build runs beside the serving thread: the collector off (its scans would hold the GIL),
+    a short switch interval, then what was built frozen; both settings come back, also when the build fails."""
+    import gc
+    import sys
+
+    from bidder.metrics import Metrics
+    from bidder.scorer import BundleError
+    from bidder.server import BUILD_SWITCH_INTERVAL_S, State
+
+    state = State(Config(model=small_bundle), Metrics())
+    seen = []
+    build = state._build
+
+    def spy(model, campaigns):
+        seen.append((gc.isenabled(), sys.getswitchinterval()))
+        return build(model, campaigns)
+
+    state._build = spy
+    interval = sys.getswitchinterval()
+    frozen = gc.get_freeze_count()
+    engine = state.load(small_bundle, DEFAULT_CAMPAIGNS)
+    assert seen == [(False, pytest.approx(min(interval, BUILD_SWITCH_INTERVAL_S)))]
+    assert gc.isenabled() and sys.getswitchinterval() == interval
+    assert gc.get_freeze_count() > frozen and engine.catalog is not None
+    with pytest.raises(BundleError):
+        state.load(broken_bundle, DEFAULT_CAMPAIGNS)
+    assert gc.isenabled() and sys.getswitchinterval() == interval

@@ -180,3 +180,21 @@ def test_scorer_loads_a_copied_bundle_and_its_spec(small_bundle, tmp_path):
     scorer = Scorer(copy)
     assert scorer.spec == load_spec(small_bundle)
     assert scorer.model_id == json.loads((small_bundle / "meta.json").read_text())["model_id"]
+
+
+def test_featurize_many_equals_one_call_and_numbers_errors_from_the_first_record(monkeypatch, small_bundle,
+                                                                                  sample_records):
+    from bidder import scorer as scorer_module
+    from bidder.scorer import featurize_many
+
+    scorer = Scorer(small_bundle)
+    records = list(sample_records[:50])
+    whole = scorer.spec.allocate(len(records))
+    scorer.featurizer.transform_into(whole, records)
+    monkeypatch.setattr(scorer_module, "FEATURIZE_CHUNK", 7)  # 50 records: 8 calls, the last one short
+    chunked = featurize_many(scorer.featurizer, scorer.spec, iter(records))
+    assert chunked.keys() == whole.keys()
+    for name in whole:
+        np.testing.assert_array_equal(chunked[name], whole[name])
+    with pytest.raises(ValueError, match=r"^record 22: "):
+        featurize_many(scorer.featurizer, scorer.spec, records[:22] + [{"slotprice": "cheap"}])
