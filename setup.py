@@ -1,4 +1,5 @@
-"""Build the Cython featurizer, the best-row scan and the first-price search; everything else is declared in pyproject.toml."""
+"""Build the Cython featurizer, the best-row scan, the first-price search and the AutoInt attention kernel; everything
+else is declared in pyproject.toml."""
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -21,6 +22,13 @@ extensions = [
         ["bidder/_shading.pyx"],
         extra_compile_args=["-O3"],
         libraries=["m"],
+    ),
+    Extension(
+        "train._attention",
+        ["train/_attention.pyx"],
+        depends=["train/_attention.h"],
+        # -Wno-psabi: the 32-byte vector types only pass between inlined functions, never across an ABI
+        extra_compile_args=["-O3", "-Wno-psabi"],
     ),
 ]
 

@@ -15,10 +15,15 @@ unique and sums again. Here, while training with row-wise Adam (``train/optim.py
   over their count for ``mean``), and runs the model's own modules (``fm``, ``dnn``, ``dnn_linear``,
   ``int_layers``, ``out``) on the result.
 
-AutoInt's attention layers stay deepctr's: fusing their projections into one matmul, batching the heads
-(``bmm``), a block-diagonal form of all heads and ``torch.compile`` measured no faster (about 80 µs of
-CPU time a sample for the three layers, forward and backward, in every form): the products are 19 x 4
-by 4 x 19 per head and sample, too small for any batched matmul to run near the machine's speed.
+AutoInt's attention layers (deepctr's ``InteractingLayer``) run, with ``fused_attention`` (default true),
+as one matmul for the four projections (x @ [W_Query | W_key | W_Value | W_Res]) and a C kernel for the
+rest (``train/_attention.h``: scores, softmax, the weighted values, residual and relu, and their
+backward, 8 samples per vector, the batch laid out in blocks of 8 samples between the layers;
+``tests/test_attention.py`` checks outputs and gradients against deepctr's module). In torch the per-head products are 19 x 4 by 4 x 19 per sample, too
+small for any batched matmul (``bmm``, ``scaled_dot_product_attention``, a block-diagonal form,
+``torch.compile``) to run near the machine's speed, and its softmax over rows of 19 is slow too: about
+80 µs of CPU time a sample for the three layers, forward and backward, in every form. Without
+``fused_attention`` the layers are deepctr's modules.
 
 The parameters are the model's own (the per-field weights stay views of the flat storage), so export,
 scoring and the ONNX parity contract see the same model; ``tests/test_fused.py`` checks that this
@@ -31,9 +36,11 @@ from typing import Any, Callable
 
 import torch
 
+from train import _attention
 from train._deepctr import AutoInt, DeepFM, SparseFeat, VarLenSparseFeat
 
-__all__ = ["FusedForward", "fused_forward", "unique_rows"]
+__all__ = ["FusedForward", "from_blocks", "fused_forward", "interacting_layer", "interacting_layers",
+           "native_attention", "to_blocks", "unique_rows"]
 
 
 def unique_rows(index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,12 +113,92 @@ class _Fields:
         return (gathered * slots).sum(dim=1, keepdim=True)
 
 
+class _Attention(torch.autograd.Function):
+    """relu(multi-head self-attention (+ residual)) of ``qkvr`` = [W_Query | W_key | W_Value (| W_Res)]^T x.
+
+    In blocks of 8 samples: qkvr is ((3 or 4) x embedding size, batch / 8, fields, 8), contiguous float32,
+    the result (embedding size, batch / 8, fields, 8). The C kernel saves the attention weights for the
+    backward, which returns qkvr's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, qkvr: torch.Tensor, heads: int, res: bool, scale: float) -> torch.Tensor:
+        width, blocks, fields, chunk = qkvr.shape
+        out = torch.empty((width // (4 if res else 3), blocks, fields, chunk), dtype=qkvr.dtype)
+        saved = torch.empty(_attention.saved_size(blocks * chunk, fields, heads), dtype=qkvr.dtype)
+        _attention.forward(qkvr.detach().numpy(), heads, res, scale, out.numpy(), saved.numpy())
+        ctx.save_for_backward(qkvr, out, saved)
+        ctx.heads, ctx.res, ctx.scale = heads, res, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qkvr, out, saved = ctx.saved_tensors
+        grad_qkvr = torch.empty_like(qkvr)
+        _attention.backward(grad.contiguous().numpy(), out.numpy(), qkvr.detach().numpy(), saved.numpy(), ctx.heads,
+                            ctx.res, ctx.scale, grad_qkvr.numpy())
+        return grad_qkvr, None, None, None
+
+
+def native_attention(layer: torch.nn.Module) -> bool:
+    """Whether ``interacting_layer`` can run ``layer`` (float32 weights, heads no wider than the kernel's limit)."""
+    return layer.W_Query.dtype == torch.float32 and layer.att_embedding_size <= _attention.MAX_D
+
+
+def to_blocks(x: torch.Tensor) -> torch.Tensor:
+    """(batch, fields, E) -> (E, batch / 8, fields, 8), the kernel's layout; the batch padded with zero samples
+    to a multiple of 8 (their attention is computed and never read)."""
+    batch, fields, width = x.shape
+    chunk = _attention.CHUNK
+    if batch % chunk:
+        x = torch.cat([x, x.new_zeros((chunk - batch % chunk, fields, width))])
+    return x.view(-1, chunk, fields, width).permute(3, 0, 2, 1).contiguous()
+
+
+def from_blocks(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``to_blocks`` undone: (E, blocks, fields, 8) -> (batch, fields, E), a view."""
+    width, blocks, fields, chunk = x.shape
+    return x.permute(1, 3, 2, 0).reshape(blocks * chunk, fields, width)[:batch]
+
+
+def interacting_layer(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """deepctr's ``InteractingLayer`` forward ``layer(x)`` in the kernel's layout: ``x`` and the result are
+    (embedding size, batch / 8, fields, 8) float32 (``to_blocks``). One matmul for the four projections of
+    the whole batch, then the C kernel; the same function of the same parameters (``tests/test_attention.py``).
+    Unlike deepctr's module it does not keep the attention weights in ``layer.normalized_att_scores``."""
+    width, blocks, fields, chunk = x.shape
+    weights = [layer.W_Query, layer.W_key, layer.W_Value] + ([layer.W_Res] if layer.use_res else [])
+    qkvr = (torch.cat(weights, dim=1).t() @ x.reshape(width, -1)).view(-1, blocks, fields, chunk)
+    scale = layer.att_embedding_size ** -0.5 if layer.scaling else 1.0
+    return _Attention.apply(qkvr, layer.head_num, bool(layer.use_res), scale)
+
+
+def interacting_layers(layers, emb: torch.Tensor, native: bool = True) -> torch.Tensor:
+    """AutoInt's stack of interacting layers on (batch, fields, embedding size) ``emb``, flattened to
+    (batch, fields x embedding size) as deepctr's AutoInt feeds it on. With ``native``, the layers that
+    ``native_attention`` accepts run as ``interacting_layer``, in its layout (``to_blocks`` once in, once out)."""
+    att, blocked = emb, False
+    for layer in layers:
+        if native and native_attention(layer):
+            if not blocked:
+                att, blocked = to_blocks(att), True
+            att = interacting_layer(layer, att)
+        else:
+            if blocked:
+                att, blocked = from_blocks(att, len(emb)), False
+            att = layer(att)
+    if blocked:
+        att = from_blocks(att, len(emb))
+    return att.reshape(len(emb), -1)
+
+
 class FusedForward:
     """``model(x)`` for a DeepFM or AutoInt trained with row-wise Adam, as one gather per table group."""
 
     def __init__(self, model: torch.nn.Module, vectors: _Group, vector_fields: _Fields, linear: _Group,
-                 linear_fields: _Fields) -> None:
+                 linear_fields: _Fields, attention: bool = True) -> None:
         self.model = model
+        self.attention = attention  # AutoInt: interacting layers as the C kernel (``interacting_layers``)
         self.vectors, self.vector_fields = vectors, vector_fields
         self.linear, self.linear_fields = linear, linear_fields
         self.multi = sorted(set(vector_fields.multi + linear_fields.multi))
@@ -134,10 +221,7 @@ class FusedForward:
                 logit = logit + model.dnn_linear(model.dnn(emb.reshape(len(x), -1)))
             return model.out(logit)
         # AutoInt
-        att = emb
-        for layer in model.int_layers:
-            att = layer(att)
-        att = att.reshape(len(x), -1)
+        att = interacting_layers(model.int_layers, emb, self.attention)
         if len(model.dnn_hidden_units) > 0 and model.att_layer_num > 0:
             logit = logit + model.dnn_linear(torch.cat([att, model.dnn(emb.reshape(len(x), -1))], dim=-1))
         elif len(model.dnn_hidden_units) > 0:
@@ -148,12 +232,15 @@ class FusedForward:
 
 
 def fused_forward(model: torch.nn.Module, tables: Any | None, columns: int,
-                  grad_masks: dict[str, torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                  grad_masks: dict[str, torch.Tensor] | None = None,
+                  attention: bool = True) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A ``FusedForward`` for ``model`` trained by ``tables`` (a ``RowwiseAdam``), or None where it does not apply.
 
     It applies to deepctr's DeepFM and AutoInt (exactly those classes) over sparse fields only, whose
     vectors sit in one group and linear weights in another, every input column read by both; not when
     ``grad_masks`` name a table (their hooks are on the per-field weights, which it does not read).
+    ``attention``: AutoInt's interacting layers run as the C kernel (``interacting_layer``), not as
+    deepctr's modules (masks on their weights still apply: the kernel reads the parameters themselves).
     """
     if tables is None or type(model) not in (DeepFM, AutoInt):
         return None
@@ -179,4 +266,4 @@ def fused_forward(model: torch.nn.Module, tables: Any | None, columns: int,
             return None
         parts.append((_Group(located[0][0], [offset for _, offset in located]), fields))
     (vectors, vector_fields), (linear, linear_fields) = parts
-    return FusedForward(model, vectors, vector_fields, linear, linear_fields)
+    return FusedForward(model, vectors, vector_fields, linear, linear_fields, attention)

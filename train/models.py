@@ -41,7 +41,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "deepfm": {**_TRAINING, **_LARGE_BATCH, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5,
                "dnn_dropout": 0.0},
     "autoint": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "embedding_dim": 16, "att_layer_num": 3, "att_head_num": 4, "att_res": True,
-                "dnn_hidden_units": [256, 128], "l2_reg_embedding": 1e-5, "dnn_dropout": 0.0},
+                "dnn_hidden_units": [256, 128], "l2_reg_embedding": 1e-5, "dnn_dropout": 0.0, "fused_attention": True},
     "dcnv2": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "cross_num": 2, "low_rank": 32, "num_experts": 4,
               "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5, "l2_reg_cross": 1e-5,
               "dnn_dropout": 0.0},

@@ -223,10 +223,11 @@ def training_forward(model: torch.nn.Module, optimizer: TrainingOptimizer, hp: d
     """What computes the model's output while training: the fused forward where it applies, else the model.
 
     ``fused_forward`` (hyper-parameter, default true) with ``sparse_tables`` uses ``train/fused.py``:
-    the same function of the same parameters in fewer operations.
+    the same function of the same parameters in fewer operations; AutoInt's ``fused_attention`` (default
+    true) runs its attention layers there as a C kernel.
     """
     if hp.get("fused_forward", False) and optimizer.tables is not None:
-        fused = fused_forward(model, optimizer.tables, columns, grad_masks)
+        fused = fused_forward(model, optimizer.tables, columns, grad_masks, hp.get("fused_attention", False))
         if fused is not None:
             return fused
     return model
