@@ -85,6 +85,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": 1e-8, "l2": 0.0})
         self.exchange_seconds = 0.0  # time in ``exchange`` under torchrun (waiting for the others included)
+        self.exchange_parts: dict[str, float] = {}  # ``exchange``'s seconds by part, and its message size
         self.capacity = [0] * len(self.param_groups)  # rows per group each process's block holds (``exchange``)
         for group in self.param_groups:
             weights = group["params"]
@@ -112,7 +113,7 @@ class RowwiseAdam(torch.optim.Optimizer):
         if parallel.world_size() > 1:
             started = time.perf_counter()
             touched = exchange(touched, [tuple(group["flat"].shape) for group in self.param_groups], dense or [],
-                               self.capacity)
+                               self.capacity, self.exchange_parts)
             self.exchange_seconds += time.perf_counter() - started
         for group, (rows, grads) in zip(self.param_groups, touched):
             if rows is not None:
@@ -171,7 +172,8 @@ class RowwiseAdam(torch.optim.Optimizer):
 
 
 def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
-             dense: list[torch.Tensor], capacity: list[int]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+             dense: list[torch.Tensor], capacity: list[int],
+             clock: dict[str, float] | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Every process's touched rows with their summed gradients, and ``dense`` summed in place: one message.
 
     ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, a header (its count of
@@ -185,6 +187,10 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
     saw the same counts, so all grow ``capacity`` (in place, 25 % above the largest count) the same way and
     send again. A batch of 2048 reads a few thousand rows per group, so a step sends ~10^5 floats, not the
     tables as dense copies (~1.5M floats), in one collective.
+
+    ``clock``, when given, is charged the seconds of each part: ``pack`` (writing the message), ``gather``
+    (the all-gather: the transfer and the wait for the slowest process) and ``unpack`` (the sums); its
+    ``floats`` is the last message's length per process.
     """
     if any(n >= 1 << 31 for n, _ in shapes):
         raise TrainError("data-parallel training: a table group holds 2**31 rows or more")
@@ -193,8 +199,16 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
     shares = [next((j for j in range(g) if rows is not None and touched[j][0] is rows), -1)
               for g, (rows, _) in enumerate(touched)]
     dense_size = sum(t.numel() for t in dense)
+    clock = {} if clock is None else clock
     while True:
-        gathered = parallel.all_gather(_message(touched, shapes, dense, dense_size, capacity, counts + shares))
+        started = time.perf_counter()
+        message = _message(touched, shapes, dense, dense_size, capacity, counts + shares)
+        packed = time.perf_counter()
+        gathered = parallel.all_gather(message)
+        received = time.perf_counter()
+        clock["pack"] = clock.get("pack", 0.0) + packed - started
+        clock["gather"] = clock.get("gather", 0.0) + received - packed
+        clock["floats"] = float(len(message))
         header = gathered[:, :2 * groups].contiguous().view(torch.int32)
         longest = header[:, :groups].amax(dim=0).tolist()
         if all(n <= c for n, c in zip(longest, capacity)):
@@ -226,6 +240,7 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         merged.append((rows, inverse))
         values = torch.cat([gathered[p, grads_at:grads_at + n * width].view(n, width) for p, n in present])
         out.append((rows, values.new_zeros((rows.numel(), width)).index_put_((inverse,), values, accumulate=True)))
+    clock["unpack"] = clock.get("unpack", 0.0) + time.perf_counter() - received
     return out
 
 
@@ -289,6 +304,11 @@ class TrainingOptimizer:
     def exchange_seconds(self) -> float:
         """Seconds spent summing gradients across processes so far (0 with one process)."""
         return self._exchange_seconds + (self.tables.exchange_seconds if self.tables is not None else 0.0)
+
+    @property
+    def exchange_parts(self) -> dict[str, float]:
+        """``exchange``'s seconds so far by part (pack, gather, unpack) and its message size (floats)."""
+        return dict(self.tables.exchange_parts) if self.tables is not None else {}
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
