@@ -95,6 +95,22 @@ def test_a_tiny_logistic_regression_converges_to_the_known_log_odds():
     assert table.weight[3, 0] == 0 and optimizer.param_groups[0]["exp_avg_sq"][3, 0] == 0
 
 
+def test_the_row_update_has_the_bits_of_index_add():
+    """Row-wise Adam writes each moved row back itself; the bits are those of ``flat.index_add_`` with alpha."""
+    g = torch.Generator().manual_seed(3)
+    group = {"flat": torch.randn(500, 8, generator=g), "exp_avg": torch.randn(500, 8, generator=g) * 1e-3,
+             "exp_avg_sq": torch.rand(500, 8, generator=g) * 1e-4, "betas": (0.9, 0.999), "eps": 0.1, "lr": 4e-3,
+             "l2": 1e-5, "step": 4}
+    rows, grad = torch.randperm(500, generator=g)[:120], torch.randn(120, 8, generator=g) * 1e-2
+    flat, m, v = group["flat"].clone(), group["exp_avg"][rows].clone(), group["exp_avg_sq"][rows].clone()
+    RowwiseAdam._update(group, rows, grad.clone())
+    full = grad + 2 * 1e-5 * flat[rows]  # the reference: the same arithmetic, then index_add_ (row by row)
+    m, v = m.mul_(0.9).add_(full, alpha=0.1), v.mul_(0.999).addcmul_(full, full, value=0.001)
+    denom = (v / (1 - 0.999 ** 5)).sqrt_().add_(0.1)
+    flat.index_add_(0, rows, m / denom, alpha=-4e-3 / (1 - 0.9 ** 5))
+    assert torch.equal(group["flat"], flat) and group["step"] == 5
+
+
 @pytest.fixture(scope="module")
 def small_model():
     spec = default_spec()

@@ -10,6 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from train.optim import RowwiseAdam, exchange, merge_rows  # noqa: E402
 from train.parallel import shard_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +31,128 @@ def test_each_batch_is_split_across_the_processes_and_nothing_is_lost():
         assert torch.equal(torch.cat(parts), batch)  # process r holds the r-th part of batch s
     assert [len(ends) for _, ends in shards] == [3, 3, 3]
     assert sorted(torch.cat([rows for rows, _ in shards]).tolist()) == list(range(23))
+
+
+def test_merge_rows_lists_each_row_once_and_where_every_entry_went():
+    parts = [torch.tensor([7, 2, 9]), torch.tensor([3, 9, 7, 0]), torch.tensor([5, 3])]
+    rows, position = merge_rows(parts, 10)
+    assert rows.tolist() == [7, 2, 9, 3, 0, 5]  # the first part, then each later part's new rows in order
+    assert torch.equal(rows[position], torch.cat(parts))
+    alone, where = merge_rows([torch.tensor([4, 1])], 10)
+    assert alone.tolist() == [4, 1] and where.tolist() == [0, 1]
+
+
+def _run_two(worker, tmp_path: Path, *args) -> list:
+    """``worker(rank, store_file, out_dir, *args)`` in two gloo processes; what each saved, in rank order."""
+    mp.start_processes(worker, args=(str(tmp_path / "store"), str(tmp_path), *args), nprocs=2, join=True,
+                       start_method="fork")
+    return [torch.load(tmp_path / f"out-{r}.pt") for r in range(2)]
+
+
+def _join(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+
+
+def _touched(rank: int, step: int) -> tuple[list, list[torch.Tensor]]:
+    """Rank-dependent rows for two groups (widths 1 and 3, 50 rows each) and two dense gradients."""
+    g = torch.Generator().manual_seed(10 * step + rank)
+    rows = torch.randperm(50, generator=g)[:8 + 12 * step + 5 * rank]  # step 1 outgrows the first capacity
+    other = torch.randperm(50, generator=g)[:6]
+    second = rows if rank == 0 else other  # process 0 shares one row tensor between its groups, process 1 not
+    touched = [(rows, torch.randn(len(rows), 1, generator=g)), (second, torch.randn(len(second), 3, generator=g))]
+    if step == 2 and rank == 1:
+        touched[0] = (None, None)  # a process may read no row of a group
+    return touched, [torch.randn(4, 2, generator=g), torch.randn(3, generator=g)]
+
+
+def _exchange_worker(rank: int, store: str, out: str) -> None:
+    _join(rank, store)
+    capacity, results = [0, 0], []
+    for step in range(3):
+        touched, dense = _touched(rank, step)
+        summed = exchange(touched, [(50, 1), (50, 3)], dense, capacity)
+        results.append((summed, dense, list(capacity)))
+    torch.save(results, Path(out) / f"out-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _expected(step: int, group: int, width: int) -> torch.Tensor:
+    """The group's gradients of both processes summed into a dense (50, width) table."""
+    total = torch.zeros(50, width)
+    for rank in range(2):
+        rows, grads = _touched(rank, step)[0][group]
+        if rows is not None:
+            total.index_add_(0, rows, grads)
+    return total
+
+
+@pytest.mark.slow
+def test_exchange_sums_every_processes_rows_and_dense_gradients_the_same_way_in_each(tmp_path):
+    results = _run_two(_exchange_worker, tmp_path)
+    for step in range(3):
+        for rank in range(2):
+            summed, dense, capacity = results[rank][step]
+            for group, width in ((0, 1), (1, 3)):
+                rows, grads = summed[group]
+                assert len(torch.unique(rows)) == len(rows)  # each row once: the update may index by them
+                table = torch.zeros(50, width).index_put_((rows,), grads)
+                assert torch.allclose(table, _expected(step, group, width), atol=1e-6)
+                other_rows, other_grads = results[1 - rank][step][0][group]
+                assert torch.equal(rows, other_rows) and torch.equal(grads, other_grads)  # bit for bit alike
+            want = [sum(_touched(r, step)[1][i] for r in range(2)) for i in range(2)]
+            assert all(torch.allclose(d, w, atol=1e-6) for d, w in zip(dense, want))
+            assert capacity == results[1 - rank][step][2]
+    assert results[0][1][2][0] >= 8 + 12 + 5  # grown for the larger second step
+
+
+def _tables(seed: int = 0) -> list[torch.nn.Embedding]:
+    torch.manual_seed(seed)
+    return [torch.nn.Embedding(30, 1), torch.nn.Embedding(30, 4)]
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 30, (16,), generator=torch.Generator().manual_seed(step))
+
+
+def _train_tables(tables: list[torch.nn.Embedding], dense: torch.nn.Parameter, parts: list[torch.Tensor],
+                  optimizer: RowwiseAdam) -> None:
+    """Row-wise Adam on the tables; plain gradient descent on ``dense``, with the gradient the exchange summed."""
+    for part in parts:
+        optimizer.zero_grad()
+        dense.grad = None
+        loss = ((tables[0](part).sum(1) + tables[1](part) @ dense) ** 2).sum()
+        loss.backward()
+        optimizer.step(dense=[dense.grad])
+        with torch.no_grad():
+            dense -= 0.01 * dense.grad
+
+
+def _adam_worker(rank: int, store: str, out: str) -> None:
+    _join(rank, store)
+    tables, dense = _tables(), torch.nn.Parameter(torch.linspace(-1, 1, 4))
+    optimizer = RowwiseAdam([{"params": [tables[0].weight], "eps": 0.1, "l2": 1e-3},
+                             {"params": [tables[1].weight], "eps": 0.1, "l2": 0.0}],
+                            {id(t.weight): t for t in tables}, lr=0.05)
+    _train_tables(tables, dense, [_batch(step).tensor_split(2)[rank] for step in range(4)], optimizer)
+    torch.save([t.weight.detach() for t in tables] + [dense.detach()], Path(out) / f"out-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tmp_path):
+    """Each process steps on its half of every batch; the tables and the dense weights stay identical across
+    processes and equal one process stepping on the whole batches."""
+    two = _run_two(_adam_worker, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(*two))
+    tables, dense = _tables(), torch.nn.Parameter(torch.linspace(-1, 1, 4))
+    optimizer = RowwiseAdam([{"params": [tables[0].weight], "eps": 0.1, "l2": 1e-3},
+                             {"params": [tables[1].weight], "eps": 0.1, "l2": 0.0}],
+                            {id(t.weight): t for t in tables}, lr=0.05)
+    _train_tables(tables, dense, [_batch(step) for step in range(4)], optimizer)
+    one = [t.weight.detach() for t in tables] + [dense.detach()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(two[0], one))
+    assert not torch.equal(one[1], _tables()[1].weight) and not torch.equal(one[2], torch.linspace(-1, 1, 4))
 
 
 @pytest.mark.slow

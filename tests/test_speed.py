@@ -151,6 +151,11 @@ def test_speed_ddp_runs_torchrun_with_one_and_two_processes(synthetic_data, tmp_
     runs = {r["processes"]: r for r in result["runs"]}
     assert sorted(runs) == [1, 2] and result["settings"]["batch_size"] == 1000
     assert runs[1]["exchange_seconds"] == [0.0] and runs[2]["exchange_seconds"][0] > 0
+    parts = [runs[2][f"exchange_{part}_seconds"][0] for part in ("pack", "gather", "unpack")]
+    assert all(p > 0 for p in parts) and sum(parts) <= runs[2]["exchange_seconds"][0] + 0.02  # rounding
+    assert runs[1]["exchange_floats"] == 0 and runs[2]["exchange_floats"] > 0
+    alone = result["all_gather_alone"]
+    assert list(alone) == ["2"] and alone["2"]["floats"] == runs[2]["exchange_floats"] and alone["2"]["ms"] > 0
     assert runs[2]["test_auc"] == pytest.approx(runs[1]["test_auc"], abs=1e-4)  # the same steps, split in two
     assert result["ratio_to_first"]["1"] == 1.0 and len(result["machine"]["loadavg_before"]) == 3
     assert "--nproc-per-node N" in result["command"]

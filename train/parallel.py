@@ -10,7 +10,11 @@ Without torchrun's environment (``WORLD_SIZE`` unset or 1) every function here i
 """
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -18,7 +22,7 @@ import torch.distributed as dist
 
 from train.errors import TrainError
 
-__all__ = ["all_gather", "all_reduce_dense", "all_reduce_max", "broadcast_float", "is_main", "rank", "requested_size", "setup",
+__all__ = ["all_gather", "all_gather_seconds", "all_reduce_dense", "all_reduce_max", "broadcast_float", "is_main", "rank", "requested_size", "setup",
            "shard_batches", "sum_float", "world_size"]
 
 
@@ -120,3 +124,32 @@ def broadcast_float(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.broadcast(t, 0)
     return float(t.item())
+
+
+def all_gather_seconds(floats: int, repeats: int = 30) -> float:
+    """Median seconds of one ``all_gather`` of ``floats`` float32 per process, every process arriving together.
+
+    A barrier precedes each timed call, so no process waits for a slower one: this is the collective's own
+    cost (latency and transfer), the part of training's ``gather`` seconds that is not waiting.
+    """
+    message = torch.zeros(floats)
+    all_gather(message)  # connections warm
+    seconds = []
+    for _ in range(repeats):
+        if world_size() > 1:
+            dist.barrier()
+        started = time.perf_counter()
+        all_gather(message)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m train.parallel FLOATS: process 0 prints the median
+    torch.set_num_threads(1)
+    setup()
+    size = int(sys.argv[1])
+    result = {"processes": world_size(), "floats": size, "seconds": all_gather_seconds(size)}
+    if is_main():
+        print(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()

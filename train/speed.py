@@ -402,9 +402,11 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
 
     Each run is the documented command (one thread per process) writing a bundle into a temporary folder;
     its figures come from the bundle's ``meta.json``: the epochs' seconds and ``exchange_seconds`` (the
-    gradient exchange, waiting for the slower process included) as process 0 measured them, and the
-    test AUC. The machine's load average is recorded before and after: other jobs on the cores
-    depress the many-process figures most.
+    gradient exchange, waiting for the slower process included) as process 0 measured them, with its parts
+    (writing the message, the all-gather, the sums), and the test AUC. For each N > 1 the all-gather of the
+    same message is then timed alone, every process arriving together (``train.parallel``), so the
+    all-gather's seconds split into its own cost and waiting for the slower process. The machine's load
+    average is recorded before and after: other jobs on the cores depress the many-process figures most.
     """
     hp = check_processes(model, processes, repeats=repeats, epochs=epochs, overrides=overrides)
     if not Path(data_dir).is_dir():
@@ -433,8 +435,24 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
             rows = meta["data"]["rows"]["train"]
             runs.append({"processes": n, "repeat": repeat, "epoch_seconds": [h["seconds"] for h in history],
                          "exchange_seconds": [h.get("exchange_seconds", 0.0) for h in history],
+                         **{f"exchange_{part}_seconds": [h.get(f"exchange_{part}_seconds", 0.0) for h in history]
+                            for part in ("pack", "gather", "unpack")},
+                         "exchange_floats": history[-1].get("exchange_floats", 0),
                          "samples_per_s": round(rows * len(history) / seconds, 1),
                          "train_logloss": history[-1]["train_logloss"], "test_auc": meta["metrics"]["test"]["auc"]})
+        # the all-gather alone, every process arriving together: what of ``gather`` is not waiting
+        alone = {}
+        for n in (n for n in processes if n > 1):
+            floats = max(r["exchange_floats"] for r in runs if r["processes"] == n)
+            if not floats:  # dense tables: gradients summed by all_reduce_dense, not this message
+                continue
+            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                   str(n), "-m", "train.parallel", str(floats)],
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise TrainError(f"timing the all-gather alone on {n} processes failed: {last}")
+            alone[str(n)] = {"floats": floats, "ms": round(1e3 * json.loads(done.stdout)["seconds"], 3)}
     median = {n: round(statistics.median(r["samples_per_s"] for r in runs if r["processes"] == n), 1)
               for n in processes}
     base = median[processes[0]]
@@ -452,22 +470,37 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
         "seconds": round(time.perf_counter() - started, 2),
         "median_samples_per_s": {str(n): v for n, v in median.items()},
         "ratio_to_first": {str(n): round(v / base, 3) for n, v in median.items()},
+        "steps_per_epoch": (rows + hp["batch_size"] - 1) // hp["batch_size"],
+        "all_gather_alone": alone,
         "runs": runs,
     }
 
 
 def render_processes(result: dict[str, Any]) -> str:
-    """The runs as a markdown table: processes, median samples/s, its ratio, exchange share, test AUC."""
+    """The runs as markdown tables: processes, median samples/s, its ratio, exchange share, test AUC; then the
+    exchange per step by part (medians over the runs), with the all-gather alone beside the all-gather."""
     s = result["settings"]
     lines = [f"{s['model']} on {s['data']}: {s['epochs']} epoch(s), batch {s['batch_size']}, one thread per process, "
              f"load average {result['machine']['loadavg_before'][0]:.1f} before / "
              f"{result['machine']['loadavg_after'][0]:.1f} after", "",
              "| processes | samples/s (median) | runs | × first | exchange share | test AUC |",
              "|---:|---:|---|---:|---:|---:|"]
+    parts = []
     for n in s["processes"]:
         mine = [r for r in result["runs"] if r["processes"] == n]
         share = statistics.median(sum(r["exchange_seconds"]) / sum(r["epoch_seconds"]) for r in mine)
         lines.append(f"| {n} | {result['median_samples_per_s'][str(n)]:,.0f} | "
                      f"{' / '.join(format(r['samples_per_s'], ',.0f') for r in mine)} | "
                      f"{result['ratio_to_first'][str(n)]:.2f}× | {100 * share:.0f} % | {mine[0]['test_auc']:.4f} |")
+        alone = result.get("all_gather_alone", {}).get(str(n))
+        if alone:
+            steps = result["steps_per_epoch"] * s["epochs"]
+            per_step = {part: statistics.median(1e3 * sum(r[f"exchange_{part}_seconds"]) / steps for r in mine)
+                        for part in ("pack", "gather", "unpack")}
+            parts.append(f"| {n} | {alone['floats']:,} | {per_step['pack']:.2f} | {per_step['gather']:.2f} | "
+                         f"{alone['ms']:.2f} | {max(0.0, per_step['gather'] - alone['ms']):.2f} | "
+                         f"{per_step['unpack']:.2f} |")
+    if parts:
+        lines += ["", "| processes | message floats | pack ms/step | all-gather ms/step | all-gather alone ms | "
+                      "waiting ms/step | unpack ms/step |", "|---:|---:|---:|---:|---:|---:|---:|", *parts]
     return "\n".join(lines)

@@ -126,6 +126,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
     try:
         for epoch in range(1, hp["epochs"] + 1):
             epoch_started, exchanged = time.perf_counter(), optimizer.exchange_seconds
+            parts = optimizer.exchange_parts
             for group in optimizer.param_groups:
                 group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
             train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
@@ -140,6 +141,11 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                                 "samples_per_s": round(len(x_train) / max(seconds, 1e-9), 1)})
                 if parallel.world_size() > 1:  # the gradient exchange's share of the epoch, waiting included
                     history[-1]["exchange_seconds"] = round(optimizer.exchange_seconds - exchanged, 2)
+                    now = optimizer.exchange_parts  # its parts (row-wise tables only) and the message size
+                    history[-1].update({f"exchange_{name}_seconds": round(now[name] - parts.get(name, 0.0), 3)
+                                        for name in ("pack", "gather", "unpack") if name in now})
+                    if "floats" in now:
+                        history[-1]["exchange_floats"] = int(now["floats"])
                 if progress:
                     tqdm.write(f"{desc} epoch {epoch}: train logloss {train_loss:.5f}  val auc {val['auc']}  "
                                f"val logloss {val['logloss']}")
