@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.load import DEFAULT_BODY
+from bench.load import DEFAULT_BODY, REPO, child_environment
 from bench.machine import machine_info
 from bench.servers import BenchError, free_port, pinned, running
 from bidder import DEFAULT_BUNDLE
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                str(campaigns), "--port", str(port)]
     if args.retrieve_k is not None:
         command += ["--retrieve-k", str(args.retrieve_k)]
-    repo = str(Path(__file__).resolve().parents[1])
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([repo, *filter(None, os.environ.get(
-        "PYTHONPATH", "").split(os.pathsep))]))
+    child_environment()
     try:
         with running("bidder", pinned(command, None if args.no_pin else args.server_cpus), base, ready_path="/readyz",
                      startup_timeout_s=args.startup_timeout, port=port):
@@ -192,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                          "at_s": args.at, "timeout_s": args.timeout,
                          "server_cpus": None if args.no_pin else args.server_cpus,
                          "client_cpus": None if args.no_pin else args.client_cpus},
-              "machine": machine_info(Path(repo), "not used"), "reload": run["reload"],
+              "machine": machine_info(REPO, "not used"), "reload": run["reload"],
               **summarise(run["records"], run["reload"])}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     png = plot(run["records"], run["reload"], f"requests while {target.name} reloads ({args.connections} loop(s))",
