@@ -107,7 +107,8 @@ class State:
         # A large catalog makes millions of objects: the cyclic collector would scan them all, more than once,
         # each time in one call that holds the GIL for a tenth of a second or more, stalling the requests the
         # event loop serves meanwhile (reloads run in a thread). What was built lives as long as the engine:
-        # it is frozen before the collector comes back, which would otherwise scan it all at once.
+        # it is frozen before the collector comes back, which would otherwise scan it all at once (and again
+        # on every collection of the bid path's short-lived objects).
         # The thread building it holds the GIL until the interpreter asks it to switch: every 5 ms by default,
         # each time the serving thread waits for it (a request waits several times). A shorter interval
         # while building keeps those waits short, at some cost to the build.
@@ -155,9 +156,6 @@ class State:
         self.engine = engine
         self.config = replace(self.config, model=model, campaigns=campaigns)
         self.metrics.set_model(engine.scorer.model_id, str(engine.scorer.meta.get("architecture", "unknown")))
-        # what is loaded now lives as long as the engine: keep the cyclic collector from re-scanning it
-        # on every collection of the bid path's short-lived objects
-        gc.freeze()
 
 
 STATE = web.AppKey("state", State)
