@@ -1,5 +1,5 @@
-"""Build the Cython featurizer, the best-row scan, the first-price search and the AutoInt attention kernel; everything
-else is declared in pyproject.toml."""
+"""Build the Cython featurizer, the best-row scan, the first-price search, the AutoInt attention kernel, row-wise
+Adam's row loops and the shared-memory all-gather's flags; everything else is declared in pyproject.toml."""
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -22,6 +22,17 @@ extensions = [
         ["bidder/_shading.pyx"],
         extra_compile_args=["-O3"],
         libraries=["m"],
+    ),
+    Extension(
+        "train._rows",
+        ["train/_rows.pyx"],
+        # no errno from sqrtf: the row loop's square roots vectorize
+        extra_compile_args=["-O3", "-fno-math-errno"],
+    ),
+    Extension(
+        "train._local",
+        ["train/_local.pyx"],
+        extra_compile_args=["-O3"],
     ),
     Extension(
         "train._attention",

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from bidder.spec import default_spec  # noqa: E402
 from train.errors import TrainError  # noqa: E402
 from train.models import build_model, resolve_hyperparameters  # noqa: E402
-from train.optim import RowwiseAdam, build_optimizer, dense_adam  # noqa: E402
+from train.optim import FlatAdam, RowwiseAdam, build_optimizer, dense_adam  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,20 +95,44 @@ def test_a_tiny_logistic_regression_converges_to_the_known_log_odds():
     assert table.weight[3, 0] == 0 and optimizer.param_groups[0]["exp_avg_sq"][3, 0] == 0
 
 
-def test_the_row_update_has_the_bits_of_index_add():
-    """Row-wise Adam writes each moved row back itself; the bits are those of ``flat.index_add_`` with alpha."""
+def test_the_row_update_is_adams_step_on_the_rows_and_leaves_the_others():
+    """Row-wise Adam's C loop against the same step in torch on the gathered rows (float32, the L2 term included)."""
     g = torch.Generator().manual_seed(3)
     group = {"flat": torch.randn(500, 8, generator=g), "exp_avg": torch.randn(500, 8, generator=g) * 1e-3,
              "exp_avg_sq": torch.rand(500, 8, generator=g) * 1e-4, "betas": (0.9, 0.999), "eps": 0.1, "lr": 4e-3,
              "l2": 1e-5, "step": 4}
     rows, grad = torch.randperm(500, generator=g)[:120], torch.randn(120, 8, generator=g) * 1e-2
-    flat, m, v = group["flat"].clone(), group["exp_avg"][rows].clone(), group["exp_avg_sq"][rows].clone()
+    flat, m, v = group["flat"].clone(), group["exp_avg"].clone(), group["exp_avg_sq"].clone()
     RowwiseAdam._update(group, rows, grad.clone())
-    full = grad + 2 * 1e-5 * flat[rows]  # the reference: the same arithmetic, then index_add_ (row by row)
-    m, v = m.mul_(0.9).add_(full, alpha=0.1), v.mul_(0.999).addcmul_(full, full, value=0.001)
-    denom = (v / (1 - 0.999 ** 5)).sqrt_().add_(0.1)
-    flat.index_add_(0, rows, m / denom, alpha=-4e-3 / (1 - 0.9 ** 5))
-    assert torch.equal(group["flat"], flat) and group["step"] == 5
+    full = grad + 2 * 1e-5 * flat[rows]
+    m[rows], v[rows] = m[rows] * 0.9 + 0.1 * full, v[rows] * 0.999 + 0.001 * full * full
+    flat[rows] -= 4e-3 / (1 - 0.9 ** 5) * m[rows] / ((v[rows] / (1 - 0.999 ** 5)).sqrt() + 0.1)
+    for name, expected in (("flat", flat), ("exp_avg", m), ("exp_avg_sq", v)):
+        assert torch.allclose(group[name], expected, rtol=1e-6, atol=1e-9), name
+    others = torch.ones(500, dtype=torch.bool).index_fill_(0, rows, False)
+    assert torch.equal(group["flat"][others], flat[others]) and group["step"] == 5
+    with pytest.raises(IndexError, match="row 500 is outside"):
+        RowwiseAdam._update(group, torch.tensor([1, 500]), grad[:2].clone())
+
+
+def test_flat_adam_takes_torchs_adam_steps_with_the_parameters_in_one_storage():
+    torch.manual_seed(1)
+    ours, theirs = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    theirs.load_state_dict(ours.state_dict())
+    flat = FlatAdam(list(ours.parameters()), lr=0.01, eps=1e-8)
+    reference = torch.optim.Adam(theirs.parameters(), lr=0.01, eps=1e-8)
+    assert ours.weight.data_ptr() == flat.param_groups[0]["flat"].data_ptr()  # the weights now live in it
+    x = torch.randn(7, 5)
+    for step in range(4):
+        for model, optimizer in ((ours, flat), (theirs, reference)):
+            optimizer.zero_grad()
+            (model(x + step) ** 2).sum().backward()
+            optimizer.step()
+        assert ours.weight.grad.data_ptr() == flat.param_groups[0]["grad"].data_ptr()  # added into, in place
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    flat.finish()
+    assert ours.weight.grad is None
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +149,7 @@ def test_build_optimizer_keeps_the_table_epsilons_and_moves_deepfm_tables_into_f
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = build_optimizer(model, hp)
     tables, dense = optimizer.optimizers
-    assert isinstance(tables, RowwiseAdam) and isinstance(dense, torch.optim.Adam)
+    assert isinstance(tables, RowwiseAdam) and isinstance(dense, FlatAdam)
     assert sorted(g["eps"] for g in tables.param_groups) == [0.25, 0.5]
     assert all(g["l2"] == hp["l2_reg_embedding"] for g in tables.param_groups)  # deepctr's strengths, per table
     assert dense.param_groups[0]["eps"] == hp["adam_eps"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from train.optim import RowwiseAdam, exchange, merge_rows  # noqa: E402
-from train.parallel import shard_batches  # noqa: E402
+from train.optim import RowwiseAdam, exchange, merge_sum  # noqa: E402
+from train import _local  # noqa: E402
+from train.parallel import all_gather, local_cpus, send_buffer, shard_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,13 +35,66 @@ def test_each_batch_is_split_across_the_processes_and_nothing_is_lost():
     assert sorted(torch.cat([rows for rows, _ in shards]).tolist()) == list(range(23))
 
 
-def test_merge_rows_lists_each_row_once_and_where_every_entry_went():
+def test_merge_sum_lists_each_row_once_with_its_gradients_summed_in_process_order():
     parts = [torch.tensor([7, 2, 9]), torch.tensor([3, 9, 7, 0]), torch.tensor([5, 3])]
-    rows, position = merge_rows(parts, 10)
+    values = torch.arange(18, dtype=torch.float32).view(9, 2)
+    slot = torch.full((10,), -1, dtype=torch.int32)
+    rows, (sums, doubled) = merge_sum(torch.cat(parts).to(torch.int32), [values, 2 * values[:, :1]], 10, slot)
     assert rows.tolist() == [7, 2, 9, 3, 0, 5]  # the first part, then each later part's new rows in order
-    assert torch.equal(rows[position], torch.cat(parts))
-    alone, where = merge_rows([torch.tensor([4, 1])], 10)
-    assert alone.tolist() == [4, 1] and where.tolist() == [0, 1]
+    expected = torch.zeros(10, 2).index_add_(0, torch.cat(parts), values)
+    assert torch.equal(sums, expected[rows]) and torch.equal(doubled, 2 * expected[rows][:, :1])
+    assert torch.all(slot == -1)
+    alone, (same,) = merge_sum(torch.tensor([4, 1], dtype=torch.int32), [values[:2]], 10)
+    assert alone.tolist() == [4, 1] and torch.equal(same, values[:2])
+    with pytest.raises(IndexError, match="row 10 .*10 rows"):
+        merge_sum(torch.tensor([4, 10], dtype=torch.int32), [values[:2]], 10, slot)
+    assert torch.all(slot == -1)
+
+
+def test_each_local_process_is_pinned_to_its_own_block_of_cpus(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for local, expected in ((0, {0, 1}), (1, {2, 3})):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        assert local_cpus([0, 1, 2, 3]) == expected
+    assert local_cpus([5]) is None  # fewer CPUs than processes: left to the scheduler
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert local_cpus([0, 1]) is None  # not started by torchrun
+
+
+def test_the_spin_wait_sees_every_flag_and_gives_up_after_its_timeout():
+    flags = torch.zeros(16, dtype=torch.int64).numpy()
+    _local.publish(flags, 0, 3)
+    _local.publish(flags, 8, 4)
+    assert _local.wait_all(flags, 8, 2, 3, 1.0)
+    assert not _local.wait_all(flags, 8, 2, 4, 0.05)  # flag 0 says 3
+    with pytest.raises(IndexError):
+        _local.wait_all(flags, 8, 3, 1, 0.05)
+    with pytest.raises(IndexError):
+        _local.publish(flags, 16, 1)
+
+
+def _gather_worker(rank: int, store: str, out: str) -> None:
+    _join(rank, store, "shared memory")
+    results = []
+    for step, n in enumerate((5, 3, 2000, 7)):  # the third call outgrows the first shared file
+        message = send_buffer(n)
+        message.copy_(torch.arange(n, dtype=torch.float32) + 100 * rank + step)
+        results.append(all_gather(message, copy=step % 2 == 0).clone())
+    results.append(all_gather(torch.ones(2, dtype=torch.float64) * rank))  # float64: gloo carries it
+    torch.save(results, Path(out) / f"out-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_shared_memory_all_gather_stacks_every_message_and_leaves_no_file(tmp_path):
+    before = set(Path("/dev/shm").glob("train-gather-*")) if Path("/dev/shm").is_dir() else set()
+    results = _run_two(_gather_worker, tmp_path)
+    for step, n in enumerate((5, 3, 2000, 7)):
+        expected = torch.stack([torch.arange(n, dtype=torch.float32) + 100 * r + step for r in range(2)])
+        assert torch.equal(results[0][step], expected) and torch.equal(results[1][step], expected)
+    assert torch.equal(results[0][4], torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
+    after = set(Path("/dev/shm").glob("train-gather-*")) if Path("/dev/shm").is_dir() else set()
+    assert after <= before
 
 
 def _run_two(worker, tmp_path: Path, *args) -> list:
@@ -49,8 +104,17 @@ def _run_two(worker, tmp_path: Path, *args) -> list:
     return [torch.load(tmp_path / f"out-{r}.pt") for r in range(2)]
 
 
-def _join(rank: int, store: str) -> None:
+TRANSPORTS = ["shared memory", "gloo"]
+
+
+def _join(rank: int, store: str, transport: str = "gloo") -> None:
+    """Join a group of two; the all-gathers travel through shared memory where torchrun would say both processes
+    run on this machine (``LOCAL_WORLD_SIZE``), else through gloo."""
     torch.set_num_threads(1)
+    if transport == "shared memory":
+        os.environ["LOCAL_WORLD_SIZE"] = "2"
+    else:
+        os.environ.pop("LOCAL_WORLD_SIZE", None)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 
 
@@ -66,8 +130,8 @@ def _touched(rank: int, step: int) -> tuple[list, list[torch.Tensor]]:
     return touched, [torch.randn(4, 2, generator=g), torch.randn(3, generator=g)]
 
 
-def _exchange_worker(rank: int, store: str, out: str) -> None:
-    _join(rank, store)
+def _exchange_worker(rank: int, store: str, out: str, transport: str) -> None:
+    _join(rank, store, transport)
     capacity, results = [0, 0], []
     for step in range(3):
         touched, dense = _touched(rank, step)
@@ -88,8 +152,9 @@ def _expected(step: int, group: int, width: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_exchange_sums_every_processes_rows_and_dense_gradients_the_same_way_in_each(tmp_path):
-    results = _run_two(_exchange_worker, tmp_path)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exchange_sums_every_processes_rows_and_dense_gradients_the_same_way_in_each(tmp_path, transport):
+    results = _run_two(_exchange_worker, tmp_path, transport)
     for step in range(3):
         for rank in range(2):
             summed, dense, capacity = results[rank][step]
@@ -128,8 +193,8 @@ def _train_tables(tables: list[torch.nn.Embedding], dense: torch.nn.Parameter, p
             dense -= 0.01 * dense.grad
 
 
-def _adam_worker(rank: int, store: str, out: str) -> None:
-    _join(rank, store)
+def _adam_worker(rank: int, store: str, out: str, transport: str) -> None:
+    _join(rank, store, transport)
     tables, dense = _tables(), torch.nn.Parameter(torch.linspace(-1, 1, 4))
     optimizer = RowwiseAdam([{"params": [tables[0].weight], "eps": 0.1, "l2": 1e-3},
                              {"params": [tables[1].weight], "eps": 0.1, "l2": 0.0}],
@@ -140,10 +205,11 @@ def _adam_worker(rank: int, store: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tmp_path, transport):
     """Each process steps on its half of every batch; the tables and the dense weights stay identical across
     processes and equal one process stepping on the whole batches."""
-    two = _run_two(_adam_worker, tmp_path)
+    two = _run_two(_adam_worker, tmp_path, transport)
     assert all(torch.equal(a, b) for a, b in zip(*two))
     tables, dense = _tables(), torch.nn.Parameter(torch.linspace(-1, 1, 4))
     optimizer = RowwiseAdam([{"params": [tables[0].weight], "eps": 0.1, "l2": 1e-3},

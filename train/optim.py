@@ -9,9 +9,9 @@ optimizers do it:
   step is a handful of tensor operations per group, not per table;
 - the rows a batch read and their summed gradients come either from the fused training forward
   (``train/fused.py``: one gather per group into a small leaf tensor, whose gradient is already summed
-  per row) or from each ``nn.Embedding``'s sparse gradient (``sparse=True``), made unique
-  (``unique_rows``) and summed (an accumulating ``index_put_``); their Adam moments and the rows themselves
-  are gathered, updated and written back (``index_copy_``);
+  per row) or from each ``nn.Embedding``'s sparse gradient (``sparse=True``), made unique and summed
+  (``merge_sum``); Adam then updates those rows and their moments in place, in one pass over them in C
+  (``train/_rows.pyx``);
 - rows the batch did not read keep their weights and both Adam moments as they are (lazy Adam, as
   TensorFlow Addons' ``LazyAdam``; bias correction uses the group's step count);
 - deepctr's L2 penalty ``l2 * sum(w ** 2)`` is applied to the touched rows only, as its gradient
@@ -35,11 +35,11 @@ from typing import Any, Iterable
 
 import torch
 
-from train import parallel
+from train import _rows, parallel
 from train.errors import TrainError
 from train.fused import unique_rows
 
-__all__ = ["TrainingOptimizer", "RowwiseAdam", "build_optimizer", "dense_adam", "table_embeddings"]
+__all__ = ["FlatAdam", "TrainingOptimizer", "RowwiseAdam", "build_optimizer", "dense_adam", "table_embeddings"]
 
 
 def table_embeddings(model: torch.nn.Module) -> tuple[list[torch.nn.Embedding], list[torch.nn.Embedding]]:
@@ -105,6 +105,7 @@ class RowwiseAdam(torch.optim.Optimizer):
             group["step"] = 0
             group["exp_avg"] = torch.zeros_like(flat)
             group["exp_avg_sq"] = torch.zeros_like(flat)
+            group["slot"] = torch.full((len(flat),), -1, dtype=torch.int32)  # ``unique_rows``' scratch
 
     @torch.no_grad()
     def step(self, closure=None, dense: list[torch.Tensor] | None = None):  # noqa: D102 - torch's signature
@@ -113,7 +114,7 @@ class RowwiseAdam(torch.optim.Optimizer):
         if parallel.world_size() > 1:
             started = time.perf_counter()
             touched = exchange(touched, [tuple(group["flat"].shape) for group in self.param_groups], dense or [],
-                               self.capacity, self.exchange_parts)
+                               self.capacity, self.exchange_parts, [group["slot"] for group in self.param_groups])
             self.exchange_seconds += time.perf_counter() - started
         for group, (rows, grads) in zip(self.param_groups, touched):
             if rows is not None:
@@ -144,28 +145,22 @@ class RowwiseAdam(torch.optim.Optimizer):
         if not indices:
             return None, None
         index, value = torch.cat(indices), torch.cat(values)
-        rows, inverse = unique_rows(index, len(group["flat"]))
-        summed = value.new_zeros((rows.numel(), value.shape[1])).index_put_((inverse,), value, accumulate=True)
-        return rows, summed
+        rows, sums = merge_sum(index, [value], len(group["flat"]), group["slot"])
+        return rows, sums[0]
 
     @staticmethod
     def _update(group: dict[str, Any], rows: torch.Tensor, grad: torch.Tensor) -> None:
-        flat, beta1, beta2 = group["flat"], *group["betas"]
-        if group["l2"]:
-            grad.add_(flat.index_select(0, rows), alpha=2.0 * group["l2"])
+        """Adam's step on the rows, in place: one pass over them in C (``train/_rows.pyx``, ``adam_rows``).
+
+        In torch the same step is eleven passes (three gathers, the arithmetic, three writes back); the rows are
+        spread over the table, so each pass is a walk of cache misses. ``grad`` is overwritten.
+        """
+        beta1, beta2 = group["betas"]
         group["step"] += 1
-        exp_avg = group["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq = group["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        group["exp_avg"].index_copy_(0, rows, exp_avg)
-        group["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-        bias1 = 1 - beta1 ** group["step"]
-        bias2 = 1 - beta2 ** group["step"]
-        denom = exp_avg_sq.div_(bias2).sqrt_().add_(group["eps"])
-        # ``flat.index_add_(0, rows, step, alpha)`` moved the rows, but on CPU index_add_ of a 2-D tensor adds
-        # row by row (about 0.3 ms for 4,600 rows); the rows are unique, so gathering them, adding with the same
-        # kernel and writing them back gives the same bits in three vectorised passes
-        moved = flat.index_select(0, rows).add_(exp_avg.div_(denom), alpha=-group["lr"] / bias1)
-        flat.index_copy_(0, rows, moved)
+        grad = grad.contiguous()
+        _rows.adam_rows(group["flat"].numpy(), group["exp_avg"].numpy(), group["exp_avg_sq"].numpy(),
+                        rows.contiguous().numpy(), grad.numpy(), group["lr"], beta1, beta2, group["eps"],
+                        group["l2"], 1 - beta1 ** group["step"], 1 - beta2 ** group["step"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -173,18 +168,61 @@ class RowwiseAdam(torch.optim.Optimizer):
                 w.grad = None
 
 
+class FlatAdam(torch.optim.Optimizer):
+    """Adam over the dense (non-table) parameters, kept in one flat storage with their gradients in another.
+
+    Building it moves the parameters' data into one flat tensor and makes their ``.grad`` views of one flat
+    gradient, which backward adds into in place (``zero_grad`` zeroes it and keeps the views). A step is then one
+    pass in C (``train/_rows.pyx``, ``adam_flat``), where torch's fused Adam spends most of its 0.4 ms a step in
+    Python over the parameter list; and under torchrun the dense gradients go into the message and come back
+    summed as one tensor.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, eps: float, betas: tuple[float, float] = (0.9, 0.999)):
+        super().__init__([{"params": params}], {"lr": lr, "betas": betas, "eps": eps})
+        group = self.param_groups[0]
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
+            grad = torch.zeros_like(flat)
+            offset = 0
+            for p in params:
+                p.data = flat[offset:offset + p.numel()].view_as(p)
+                p.grad = grad[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        group.update(flat=flat, grad=grad, exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat), step=0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - the views must stay
+        self.param_groups[0]["grad"].zero_()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch's signature
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        group["step"] += 1
+        _rows.adam_flat(group["flat"].numpy(), group["exp_avg"].numpy(), group["exp_avg_sq"].numpy(),
+                        group["grad"].numpy(), group["lr"], beta1, beta2, group["eps"], 1 - beta1 ** group["step"],
+                        1 - beta2 ** group["step"])
+        return None
+
+    def finish(self) -> None:
+        """Drop the gradient views (the parameters stay views of the flat storage)."""
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+
 def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
-             dense: list[torch.Tensor], capacity: list[int],
-             clock: dict[str, float] | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+             dense: list[torch.Tensor], capacity: list[int], clock: dict[str, float] | None = None,
+             slots: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Every process's touched rows with their summed gradients, and ``dense`` summed in place: one message.
 
-    ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, a header (its count of
-    rows read per group, and per group the earlier group whose row numbers it shares, -1 if none), its dense
-    gradients and per group ``capacity`` row numbers (int32 bits in float32 slots) then ``capacity`` rows of
-    gradients, its count of them first, the rest unused. Every process then sums what it received
-    (``merge_rows``), so it updates the union of the rows read, as one process would on the whole batch.
-    The fused forward stages one row tensor for the linear weights and the vectors of the same fields: where
-    every process says a group shares an earlier group's rows, their union is merged once.
+    ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, a header (per group its
+    count of rows read, and the earlier group whose row tensor it shares, -1 if none), its dense gradients and
+    per group ``capacity`` row numbers (int32 bits in float32 slots; not written where it shares an earlier
+    group's) then ``capacity`` rows of gradients, its count of them first, the rest unused. Every process then
+    sums what it received (``merge_sum``, in C), so it updates the union of the rows read, as one process would
+    on the whole batch. The fused forward stages one row tensor for the linear weights and the vectors of the
+    same fields: where every process says a group shares an earlier group's rows, they are merged once for both.
+    ``slots`` are the groups' ``unique_rows`` scratch (``RowwiseAdam`` keeps them).
     Where some process read more rows than a block holds (the first step, and rarely later), every process
     saw the same counts, so all grow ``capacity`` (in place, 25 % above the largest count) the same way and
     send again. A batch of 2048 reads a few thousand rows per group, so a step sends ~10^5 floats, not the
@@ -206,7 +244,7 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         started = time.perf_counter()
         message = _message(touched, shapes, dense, dense_size, capacity, counts + shares)
         packed = time.perf_counter()
-        gathered = parallel.all_gather(message)
+        gathered = parallel.all_gather(message, copy=False)  # read before this function returns
         received = time.perf_counter()
         clock["pack"] = clock.get("pack", 0.0) + packed - started
         clock["gather"] = clock.get("gather", 0.0) + received - packed
@@ -223,63 +261,65 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         for t in dense:
             t.copy_(summed[offset - 2 * groups:offset - 2 * groups + t.numel()].view_as(t))
             offset += t.numel()
-    out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
-    merged: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    for g, ((rows_in_group, width), size) in enumerate(zip(shapes, capacity)):
-        ids_at, grads_at = offset, offset + size
+    starts = []  # each group's row numbers and gradients in a process's message
+    for (_, width), size in zip(shapes, capacity):
+        starts.append((offset, offset + size))
         offset += size * (width + 1)
+    # groups every process says share an earlier group's rows are merged with it, once
+    lead = [shared[0][g] if shared[0][g] >= 0 and all(row[g] == shared[0][g] for row in shared) else g
+            for g in range(groups)]
+    out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * groups
+    for g in range(groups):
         present = [(p, counts[g]) for p, counts in enumerate(sent) if counts[g]]
-        if not present:
-            out.append((None, None))
-            merged.append(None)
+        if lead[g] != g or not present:
             continue
-        first = shared[0][g]
-        if first >= 0 and all(row[g] == first for row in shared) and merged[first] is not None:
-            rows, inverse = merged[first]
-        else:
-            rows, inverse = merge_rows([gathered[p, ids_at:ids_at + n].view(torch.int32).long() for p, n in present],
-                                       rows_in_group)
-        merged.append((rows, inverse))
-        values = torch.cat([gathered[p, grads_at:grads_at + n * width].view(n, width) for p, n in present])
-        out.append((rows, values.new_zeros((rows.numel(), width)).index_put_((inverse,), values, accumulate=True)))
+        members = [m for m in range(groups) if lead[m] == g]
+        # a process that shares writes its row numbers once, in the group it shares
+        ids = torch.cat([gathered[p, starts[g if shared[p][g] < 0 else shared[p][g]][0]:][:n] for p, n in present])
+        values = [torch.cat([gathered[p, starts[m][1]:starts[m][1] + n * shapes[m][1]].view(n, shapes[m][1])
+                             for p, n in present]) for m in members]
+        rows, sums = merge_sum(ids.view(torch.int32), values, shapes[g][0], None if slots is None else slots[g])
+        for m, total in zip(members, sums):
+            out[m] = (rows, total)
     clock["unpack"] = clock.get("unpack", 0.0) + time.perf_counter() - received
     return out
 
 
-def merge_rows(parts: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The union of ``parts`` (each a list of distinct row numbers below ``rows``) and each entry's position in it.
+def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
+              slot: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The distinct rows of ``ids`` (the processes' row lists one after another, each list distinct; every row below
+    ``rows``) and, for each of ``values`` (one row of gradients per entry of ``ids``, for groups that read the same
+    rows), the sum of each row's entries, added in the processes' order.
 
-    The union lists ``parts[0]`` first, then each later part's rows not seen before, in their order; the
-    positions are those of ``torch.cat(parts)``'s entries. It costs a pass over the parts' entries, not over
-    the table: ``unique_rows`` on the same entries scans a mark per table row, about twice as long for two
-    parts of 4,600 rows of a 128k-row group (its ``nonzero`` alone costs as much as this whole merge).
+    One pass over the received entries in C (``unique_rows``, then ``train/_rows.pyx``'s ``add_rows``), not over
+    the table; ``slot`` is the group's table-sized int32 scratch of -1. Every process merges the same message, so
+    all compute the same bits.
     """
-    if len(parts) == 1:
-        return parts[0], torch.arange(len(parts[0]))
-    seen = torch.zeros(rows, dtype=torch.bool)
-    union = [parts[0]]
-    for ids in parts[1:]:
-        seen.index_fill_(0, union[-1], True)
-        union.append(ids.masked_select(~seen.index_select(0, ids)))
-    merged = torch.cat(union)
-    position = torch.empty(rows, dtype=torch.long).index_copy_(0, merged, torch.arange(len(merged)))
-    return merged, position.index_select(0, torch.cat(parts))
+    distinct, position = unique_rows(ids, rows, slot=slot)
+    sums = []
+    for v in values:
+        total = v.new_zeros((len(distinct), v.shape[1]))
+        _rows.add_rows(position.numpy(), v.contiguous().numpy(), total.numpy())
+        sums.append(total)
+    return distinct, sums
 
 
 def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
              dense: list[torch.Tensor], dense_size: int, capacity: list[int], header: list[int]) -> torch.Tensor:
     """This process's part of the all-gather: header, dense gradients, then per group its row numbers and
     gradients (``capacity`` of each; slots past a group's count are left as they are, nobody reads them)."""
-    message = torch.empty(len(header) + dense_size + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
+    message = parallel.send_buffer(len(header) + dense_size + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
     message[:len(header)].view(torch.int32).copy_(torch.tensor(header, dtype=torch.int32))
     offset = len(header)
     if dense:
         torch.cat([t.reshape(-1) for t in dense], out=message[offset:offset + dense_size])
         offset += dense_size
-    for (rows, grads), (_, width), size in zip(touched, shapes, capacity):
+    shares = header[len(shapes):]
+    for (rows, grads), (_, width), size, share in zip(touched, shapes, capacity, shares):
         if rows is not None:
             n = min(size, len(rows))  # more rows than fit: this message only tells the counts
-            message[offset:offset + n].view(torch.int32).copy_(rows[:n])
+            if share < 0:
+                message[offset:offset + n].view(torch.int32).copy_(rows[:n])
             message[offset + size:offset + size + n * width].view(n, width).copy_(grads[:n])
         offset += size * (width + 1)
     return message
@@ -299,6 +339,7 @@ class TrainingOptimizer:
         self.sparse = sparse
         self.dense_params = [p for opt in optimizers if not isinstance(opt, RowwiseAdam)
                              for group in opt.param_groups for p in group["params"]]
+        self.flat = next((opt for opt in optimizers if isinstance(opt, FlatAdam)), None)
         self.tables = next((opt for opt in optimizers if isinstance(opt, RowwiseAdam)), None)
         self._exchange_seconds = 0.0
 
@@ -331,7 +372,8 @@ class TrainingOptimizer:
 
     def step(self) -> None:
         """Under torchrun the dense gradients travel with the table rows (``exchange``), in one message."""
-        dense = [p.grad for p in self.dense_params if p.grad is not None]
+        dense = ([self.flat.param_groups[0]["grad"]] if self.flat is not None
+                 else [p.grad for p in self.dense_params if p.grad is not None])
         tables = [opt for opt in self.optimizers if isinstance(opt, RowwiseAdam)]
         if parallel.world_size() > 1 and not tables:
             started = time.perf_counter()
@@ -347,6 +389,8 @@ class TrainingOptimizer:
         """Give the embeddings back their dense gradients (for export, scoring and any later training)."""
         for embedding in self.sparse:
             embedding.sparse = False
+        if self.flat is not None:
+            self.flat.finish()
 
 
 def build_optimizer(model: torch.nn.Module, hp: dict[str, Any]) -> TrainingOptimizer:
@@ -371,7 +415,7 @@ def build_optimizer(model: torch.nn.Module, hp: dict[str, Any]) -> TrainingOptim
     dense = [p for p in model.parameters() if id(p) not in by_weight]
     optimizers: list[torch.optim.Optimizer] = [tables]
     if dense:
-        optimizers.append(torch.optim.Adam([{"params": dense, "eps": hp["adam_eps"]}], lr=hp["lr"], fused=True))
+        optimizers.append(FlatAdam(dense, lr=hp["lr"], eps=hp["adam_eps"]))
     penalized = [(w, l1, l2) for w, l1, l2 in regularized if id(w) not in by_weight]
     return TrainingOptimizer(optimizers, penalized, linear + vectors)
 
