@@ -26,7 +26,8 @@ import torch.distributed as dist
 from train import _local
 from train.errors import TrainError
 
-__all__ = ["LocalGather", "all_gather", "all_gather_seconds", "all_reduce_dense", "all_reduce_max", "broadcast_float", "is_main", "local_cpus", "rank", "requested_size", "send_buffer", "setup",
+__all__ = ["LocalGather", "all_gather", "all_gather_seconds", "all_reduce_dense", "all_reduce_max", "barrier",
+           "broadcast_float", "is_main", "local_cpus", "rank", "requested_size", "send_buffer", "setup",
            "shard_batches", "sum_float", "world_size"]
 
 
@@ -119,6 +120,12 @@ def all_reduce_dense(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing with one process)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,9 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
         val = binary_metrics(dataset.val.labels, predict(model, x_val))
         best_score, best_state = _score(val), copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "val_auc": val["auc"], "val_logloss": val["logloss"]})
+    # the processes read and featurized the data apart, some faster than others: the first epoch's seconds should
+    # not include waiting for the slowest of them
+    parallel.barrier()
     try:
         for epoch in range(1, hp["epochs"] + 1):
             epoch_started, exchanged = time.perf_counter(), optimizer.exchange_seconds
