@@ -123,7 +123,8 @@ def _touched(rank: int, step: int) -> tuple[list, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(10 * step + rank)
     rows = torch.randperm(50, generator=g)[:8 + 12 * step + 5 * rank]  # step 1 outgrows the first capacity
     other = torch.randperm(50, generator=g)[:6]
-    second = rows if rank == 0 else other  # process 0 shares one row tensor between its groups, process 1 not
+    # process 0 shares one row tensor between its groups; process 1 only at step 1, where both do
+    second = rows if rank == 0 or step == 1 else other
     touched = [(rows, torch.randn(len(rows), 1, generator=g)), (second, torch.randn(len(second), 3, generator=g))]
     if step == 2 and rank == 1:
         touched[0] = (None, None)  # a process may read no row of a group

@@ -85,6 +85,97 @@ def add_rows(const int64_t[::1] position, const float[:, ::1] values, float[:, :
         raise IndexError(f"position {position[bad]} (entry {bad}) is outside the {k} sums")
 
 
+def pack_rows(float[::1] message, Py_ssize_t offset, const int64_t[::1] rows, const float[:, ::1] grads) -> None:
+    """Write ``rows`` and their ``grads`` into ``message`` from ``offset``, a row at a time: the row number (int32
+    bits in a float32 slot), then its gradient's ``width`` floats. The data-parallel exchange's table blocks."""
+    cdef Py_ssize_t n = rows.shape[0], width = grads.shape[1], i, j, at
+    if grads.shape[0] != n or offset < 0 or offset + n * (width + 1) > message.shape[0]:
+        raise ValueError("pack_rows: rows, grads and the message do not agree in shape")
+    with nogil:
+        for i in range(n):
+            at = offset + i * (width + 1)
+            (<int32_t *>&message[at])[0] = <int32_t>rows[i]
+            for j in range(width):
+                message[at + 1 + j] = grads[i, j]
+
+
+cdef int _blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width, const int64_t[::1] counts,
+                 Py_ssize_t entries) except -1:
+    """Checks that every process's block (``counts[p]`` rows of 1 + ``width`` floats from ``offset``) fits."""
+    cdef Py_ssize_t p, total = 0
+    if counts.shape[0] != gathered.shape[0]:
+        raise ValueError("one count per process")
+    for p in range(counts.shape[0]):
+        if counts[p] < 0 or offset < 0 or offset + counts[p] * (width + 1) > gathered.shape[1]:
+            raise ValueError(f"process {p}'s block of {counts[p]} rows does not fit in its message")
+        total += counts[p]
+    if entries >= 0 and total != entries:
+        raise ValueError(f"{entries} positions for {total} received rows")
+    return 0
+
+
+def merge_blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width, const int64_t[::1] counts,
+                 int32_t[::1] slot, int64_t[::1] rows, int64_t[::1] position, float[:, ::1] sums) -> int:
+    """Every process's block of rows (``pack_rows``' layout, ``counts[p]`` rows from ``offset`` in row p of
+    ``gathered``) merged: the distinct rows in order of first appearance (``rows[:k]``), each entry's place among
+    them (``position``, process after process) and each row's gradients summed in process order (``sums[:k]``,
+    which must be zero). Returns k. Every process merges the same message, so all compute the same bits."""
+    cdef Py_ssize_t processes = gathered.shape[0], size = slot.shape[0], p, i, j, at, k = 0, entry = 0, bad = -1
+    cdef int32_t r, s
+    _blocks(gathered, offset, width, counts, position.shape[0])
+    if sums.shape[1] != width or rows.shape[0] < min(position.shape[0], size) or sums.shape[0] < rows.shape[0]:
+        raise ValueError("merge_blocks: rows, position and sums do not agree in shape")
+    with nogil:
+        for p in range(processes):
+            for i in range(counts[p]):
+                at = offset + i * (width + 1)
+                if i + AHEAD < counts[p]:  # the scratch entry of a row further on: spread over the table
+                    r = (<const int32_t *>&gathered[p, at + AHEAD * (width + 1)])[0]
+                    if 0 <= r < size:
+                        ROWS_PREFETCH(&slot[r])
+                r = (<const int32_t *>&gathered[p, at])[0]
+                if r < 0 or r >= size:
+                    bad = entry
+                    break
+                s = slot[r]
+                if s < 0:
+                    s = <int32_t>k
+                    slot[r] = s
+                    rows[k] = r
+                    k += 1
+                position[entry] = s
+                entry += 1
+                for j in range(width):
+                    sums[s, j] += gathered[p, at + 1 + j]
+            if bad >= 0:
+                break
+        _reset(slot, rows, k)
+    if bad >= 0:
+        raise IndexError(f"received row (entry {bad}) is outside the table's {size} rows")
+    return k
+
+
+def add_blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width, const int64_t[::1] counts,
+               const int64_t[::1] position, float[:, ::1] sums) -> None:
+    """``merge_blocks``' sums for another group whose blocks list the same rows in the same order (the fused
+    forward stages one row tensor for the linear weights and the vectors): ``position`` is that merge's."""
+    cdef Py_ssize_t processes = gathered.shape[0], p, i, j, at, entry = 0, s, k = sums.shape[0]
+    _blocks(gathered, offset, width, counts, position.shape[0])
+    if sums.shape[1] != width:
+        raise ValueError("add_blocks: sums and width do not agree")
+    for i in range(position.shape[0]):
+        if position[i] < 0 or position[i] >= k:
+            raise IndexError(f"position {position[i]} is outside the {k} sums")
+    with nogil:
+        for p in range(processes):
+            for i in range(counts[p]):
+                at = offset + i * (width + 1)
+                s = position[entry]
+                entry += 1
+                for j in range(width):
+                    sums[s, j] += gathered[p, at + 1 + j]
+
+
 def adam_rows(float[:, ::1] weight, float[:, ::1] exp_avg, float[:, ::1] exp_avg_sq, const int64_t[::1] rows,
               float[:, ::1] grad, double lr, double beta1, double beta2, double eps, double l2, double bias1,
               double bias2) -> None:

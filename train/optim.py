@@ -217,11 +217,12 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
 
     ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, a header (per group its
     count of rows read, and the earlier group whose row tensor it shares, -1 if none), its dense gradients and
-    per group ``capacity`` row numbers (int32 bits in float32 slots; not written where it shares an earlier
-    group's) then ``capacity`` rows of gradients, its count of them first, the rest unused. Every process then
-    sums what it received (``merge_sum``, in C), so it updates the union of the rows read, as one process would
-    on the whole batch. The fused forward stages one row tensor for the linear weights and the vectors of the
-    same fields: where every process says a group shares an earlier group's rows, they are merged once for both.
+    per group a block of ``capacity`` rows of 1 + width floats: the row number (int32 bits), then its gradient
+    (``pack_rows`` in ``train/_rows.pyx``), its count of them first, the rest unused. Every process then sums
+    what it received (``merge_blocks``, in C, straight from the received message), so it updates the union of
+    the rows read, as one process would on the whole batch. The fused forward stages one row tensor for the
+    linear weights and the vectors of the same fields: where every process says a group shares an earlier
+    group's rows, the later group's sums reuse the earlier merge's positions (``add_blocks``).
     ``slots`` are the groups' ``unique_rows`` scratch (``RowwiseAdam`` keeps them).
     Where some process read more rows than a block holds (the first step, and rarely later), every process
     saw the same counts, so all grow ``capacity`` (in place, 25 % above the largest count) the same way and
@@ -254,46 +255,50 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         if all(n <= c for n, c in zip(longest, capacity)):
             break
         capacity[:] = [max(c, n + n // 4) for c, n in zip(capacity, longest)]
-    sent, shared = header[:, :groups].tolist(), header[:, groups:].tolist()  # (process, group)
+    sent = header[:, :groups].to(torch.long)  # (process, group)
+    shared = header[:, groups:].tolist()
     offset = 2 * groups
-    if dense:
+    if len(dense) == 1 and dense[0].is_contiguous():  # ``FlatAdam``'s one gradient: summed straight into it
+        torch.sum(gathered[:, offset:offset + dense_size], dim=0, out=dense[0].view(-1))
+        offset += dense_size
+    elif dense:
         summed = gathered[:, offset:offset + dense_size].sum(dim=0)
         for t in dense:
             t.copy_(summed[offset - 2 * groups:offset - 2 * groups + t.numel()].view_as(t))
             offset += t.numel()
-    starts = []  # each group's row numbers and gradients in a process's message
-    for (_, width), size in zip(shapes, capacity):
-        starts.append((offset, offset + size))
-        offset += size * (width + 1)
-    # groups every process says share an earlier group's rows are merged with it, once
-    lead = [shared[0][g] if shared[0][g] >= 0 and all(row[g] == shared[0][g] for row in shared) else g
-            for g in range(groups)]
+    received_rows = gathered.numpy()
     out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * groups
-    for g in range(groups):
-        present = [(p, counts[g]) for p, counts in enumerate(sent) if counts[g]]
-        if lead[g] != g or not present:
-            continue
-        members = [m for m in range(groups) if lead[m] == g]
-        # a process that shares writes its row numbers once, in the group it shares
-        ids = torch.cat([gathered[p, starts[g if shared[p][g] < 0 else shared[p][g]][0]:][:n] for p, n in present])
-        values = [torch.cat([gathered[p, starts[m][1]:starts[m][1] + n * shapes[m][1]].view(n, shapes[m][1])
-                             for p, n in present]) for m in members]
-        rows, sums = merge_sum(ids.view(torch.int32), values, shapes[g][0], None if slots is None else slots[g])
-        for m, total in zip(members, sums):
-            out[m] = (rows, total)
+    merged: dict[int, torch.Tensor] = {}  # a merged group's positions, for the groups that share its rows
+    for g, ((rows_in_group, width), size) in enumerate(zip(shapes, capacity)):
+        per_process = sent[:, g].contiguous()
+        entries = int(per_process.sum())
+        if entries:
+            lead = shared[0][g]
+            if lead >= 0 and lead in merged and all(row[g] == lead for row in shared):
+                rows, position = out[lead][0], merged[lead]
+                sums = torch.zeros((len(rows), width))
+                _rows.add_blocks(received_rows, offset, width, per_process.numpy(), position.numpy(), sums.numpy())
+            else:
+                slot = torch.full((rows_in_group,), -1, dtype=torch.int32) if slots is None else slots[g]
+                sums = torch.zeros((min(entries, rows_in_group), width))
+                rows, position = torch.empty(len(sums), dtype=torch.long), torch.empty(entries, dtype=torch.long)
+                k = _rows.merge_blocks(received_rows, offset, width, per_process.numpy(), slot.numpy(), rows.numpy(),
+                                       position.numpy(), sums.numpy())
+                rows, sums = rows[:k], sums[:k]
+                merged[g] = position
+            out[g] = (rows, sums)
+        offset += size * (width + 1)
     clock["unpack"] = clock.get("unpack", 0.0) + time.perf_counter() - received
     return out
 
 
 def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
               slot: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The distinct rows of ``ids`` (the processes' row lists one after another, each list distinct; every row below
-    ``rows``) and, for each of ``values`` (one row of gradients per entry of ``ids``, for groups that read the same
-    rows), the sum of each row's entries, added in the processes' order.
+    """The distinct rows of ``ids`` (in order of first appearance; every row below ``rows``) and, for each of
+    ``values`` (one row of gradients per entry of ``ids``), the sum of each row's entries, added in their order.
 
-    One pass over the received entries in C (``unique_rows``, then ``train/_rows.pyx``'s ``add_rows``), not over
-    the table; ``slot`` is the group's table-sized int32 scratch of -1. Every process merges the same message, so
-    all compute the same bits.
+    One pass over the entries in C (``unique_rows``, then ``train/_rows.pyx``'s ``add_rows``), not over the
+    table; ``slot`` is the group's table-sized int32 scratch of -1.
     """
     distinct, position = unique_rows(ids, rows, slot=slot)
     sums = []
@@ -306,21 +311,18 @@ def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
 
 def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
              dense: list[torch.Tensor], dense_size: int, capacity: list[int], header: list[int]) -> torch.Tensor:
-    """This process's part of the all-gather: header, dense gradients, then per group its row numbers and
-    gradients (``capacity`` of each; slots past a group's count are left as they are, nobody reads them)."""
+    """This process's part of the all-gather: header, dense gradients, then per group its rows and their
+    gradients (``capacity`` rows of each; slots past a group's count are left as they are, nobody reads them)."""
     message = parallel.send_buffer(len(header) + dense_size + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
     message[:len(header)].view(torch.int32).copy_(torch.tensor(header, dtype=torch.int32))
     offset = len(header)
     if dense:
         torch.cat([t.reshape(-1) for t in dense], out=message[offset:offset + dense_size])
         offset += dense_size
-    shares = header[len(shapes):]
-    for (rows, grads), (_, width), size, share in zip(touched, shapes, capacity, shares):
+    for (rows, grads), (_, width), size in zip(touched, shapes, capacity):
         if rows is not None:
             n = min(size, len(rows))  # more rows than fit: this message only tells the counts
-            if share < 0:
-                message[offset:offset + n].view(torch.int32).copy_(rows[:n])
-            message[offset + size:offset + size + n * width].view(n, width).copy_(grads[:n])
+            _rows.pack_rows(message.numpy(), offset, rows[:n].contiguous().numpy(), grads[:n].contiguous().numpy())
         offset += size * (width + 1)
     return message
 
