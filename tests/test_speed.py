@@ -158,4 +158,7 @@ def test_speed_ddp_runs_torchrun_with_one_and_two_processes(synthetic_data, tmp_
     assert list(alone) == ["2"] and alone["2"]["floats"] == runs[2]["exchange_floats"] and alone["2"]["ms"] > 0
     assert runs[2]["test_auc"] == pytest.approx(runs[1]["test_auc"], abs=1e-4)  # the same steps, split in two
     assert result["ratio_to_first"]["1"] == 1.0 and len(result["machine"]["loadavg_before"]) == 3
+    pair = runs[2]["samples_per_s"] / runs[1]["samples_per_s"]  # the one repeat's two runs, taken in turn
+    assert result["pair_ratios"] == {"1": [1.0], "2": [pytest.approx(pair, abs=1e-3)]}
+    assert result["pair_ratio_median"]["2"] == pytest.approx(pair, abs=1e-3)
     assert "--nproc-per-node N" in result["command"]

@@ -456,6 +456,11 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
     median = {n: round(statistics.median(r["samples_per_s"] for r in runs if r["processes"] == n), 1)
               for n in processes}
     base = median[processes[0]]
+    # each run against the first process count's run of the same repeat, which ran just before it: the machine's
+    # speed drifts over minutes, so pairs taken in turn say more than medians taken minutes apart
+    first = {r["repeat"]: r["samples_per_s"] for r in runs if r["processes"] == processes[0]}
+    pairs = {str(n): [round(r["samples_per_s"] / first[r["repeat"]], 3) for r in runs if r["processes"] == n]
+             for n in processes}
     return {
         "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": ("python -m torch.distributed.run --standalone --nproc-per-node N " + " ".join(
@@ -470,10 +475,20 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
         "seconds": round(time.perf_counter() - started, 2),
         "median_samples_per_s": {str(n): v for n, v in median.items()},
         "ratio_to_first": {str(n): round(v / base, 3) for n, v in median.items()},
+        "pair_ratios": pairs,
+        "pair_ratio_median": {n: round(statistics.median(v), 3) for n, v in pairs.items()},
         "steps_per_epoch": (rows + hp["batch_size"] - 1) // hp["batch_size"],
         "all_gather_alone": alone,
         "runs": runs,
     }
+
+
+def _pairs(result: dict[str, Any], n: int) -> str:
+    """Each run's ratio to the first process count's run just before it, and their median ("–" in older files)."""
+    pairs = result.get("pair_ratios", {}).get(str(n))
+    if not pairs:
+        return "–"
+    return f"{', '.join(f'{p:.2f}' for p in pairs)} ({result['pair_ratio_median'][str(n)]:.2f}×)"
 
 
 def render_processes(result: dict[str, Any]) -> str:
@@ -483,15 +498,16 @@ def render_processes(result: dict[str, Any]) -> str:
     lines = [f"{s['model']} on {s['data']}: {s['epochs']} epoch(s), batch {s['batch_size']}, one thread per process, "
              f"load average {result['machine']['loadavg_before'][0]:.1f} before / "
              f"{result['machine']['loadavg_after'][0]:.1f} after", "",
-             "| processes | samples/s (median) | runs | × first | exchange share | test AUC |",
-             "|---:|---:|---|---:|---:|---:|"]
+             "| processes | samples/s (median) | runs | × first | × first, run by run (median) | exchange share "
+             "| test AUC |", "|---:|---:|---|---:|---|---:|---:|"]
     parts = []
     for n in s["processes"]:
         mine = [r for r in result["runs"] if r["processes"] == n]
         share = statistics.median(sum(r["exchange_seconds"]) / sum(r["epoch_seconds"]) for r in mine)
         lines.append(f"| {n} | {result['median_samples_per_s'][str(n)]:,.0f} | "
                      f"{' / '.join(format(r['samples_per_s'], ',.0f') for r in mine)} | "
-                     f"{result['ratio_to_first'][str(n)]:.2f}× | {100 * share:.0f} % | {mine[0]['test_auc']:.4f} |")
+                     f"{result['ratio_to_first'][str(n)]:.2f}× | {_pairs(result, n)} | {100 * share:.0f} % | "
+                     f"{mine[0]['test_auc']:.4f} |")
         alone = result.get("all_gather_alone", {}).get(str(n))
         if alone:
             steps = result["steps_per_epoch"] * s["epochs"]
