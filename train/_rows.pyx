@@ -25,6 +25,17 @@ cdef inline void _reset(int32_t[::1] slot, const int64_t[::1] rows, Py_ssize_t k
         slot[rows[i]] = -1
 
 
+cdef inline int32_t _place(int32_t *slot, int64_t *rows, int64_t r, Py_ssize_t *k) noexcept nogil:
+    """Row ``r``'s place among the rows seen so far (``rows[:k]``), added at ``k`` if it is new."""
+    cdef int32_t s = slot[r]
+    if s < 0:
+        s = <int32_t>k[0]
+        slot[r] = s
+        rows[k[0]] = r
+        k[0] += 1
+    return s
+
+
 def unique_rows(const int64_t[:, ::1] index, const int64_t[::1] offsets, int32_t[::1] slot,
                 int64_t[::1] rows, int64_t[:, ::1] position) -> int:
     """The distinct ``index[i, j] + offsets[j]``, in order of first appearance, and each entry's place among them.
@@ -51,13 +62,7 @@ def unique_rows(const int64_t[:, ::1] index, const int64_t[::1] offsets, int32_t
                 if r < 0 or r >= size:
                     bad = i * c + j
                     break
-                s = slot[r]
-                if s < 0:
-                    s = <int32_t>k
-                    slot[r] = s
-                    rows[k] = r
-                    k += 1
-                position[i, j] = s
+                position[i, j] = _place(&slot[0], &rows[0], r, &k)
             if bad >= 0:
                 break
         _reset(slot, rows, k)
@@ -137,12 +142,7 @@ def merge_blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width
                 if r < 0 or r >= size:
                     bad = entry
                     break
-                s = slot[r]
-                if s < 0:
-                    s = <int32_t>k
-                    slot[r] = s
-                    rows[k] = r
-                    k += 1
+                s = _place(&slot[0], &rows[0], r, &k)
                 position[entry] = s
                 entry += 1
                 for j in range(width):
