@@ -15,7 +15,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from train.optim import RowwiseAdam, exchange, merge_sum  # noqa: E402
-from train import _local  # noqa: E402
+from train import _local, parallel  # noqa: E402
 from train.parallel import all_gather, local_cpus, send_buffer, shard_batches  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,22 +73,31 @@ def test_the_spin_wait_sees_every_flag_and_gives_up_after_its_timeout():
         _local.publish(flags, 16, 1)
 
 
-def _gather_worker(rank: int, store: str, out: str) -> None:
+def _no_room(size: int, floats: int) -> str:
+    raise OSError(28, "No space left on device")
+
+
+def _gather_worker(rank: int, store: str, out: str, room: bool) -> None:
     _join(rank, store, "shared memory")
+    if not room:  # process 0 cannot make the file: both processes go on with gloo
+        parallel.LocalGather._create = staticmethod(_no_room)
     results = []
     for step, n in enumerate((5, 3, 2000, 7)):  # the third call outgrows the first shared file
         message = send_buffer(n)
         message.copy_(torch.arange(n, dtype=torch.float32) + 100 * rank + step)
         results.append(all_gather(message, copy=step % 2 == 0).clone())
     results.append(all_gather(torch.ones(2, dtype=torch.float64) * rank))  # float64: gloo carries it
+    results.append(parallel._GATHER["gather"].ok)
     torch.save(results, Path(out) / f"out-{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_the_shared_memory_all_gather_stacks_every_message_and_leaves_no_file(tmp_path):
+@pytest.mark.parametrize("room", [True, False], ids=["shared file", "no room for it"])
+def test_the_shared_memory_all_gather_stacks_every_message_and_leaves_no_file(tmp_path, room):
     before = set(Path("/dev/shm").glob("train-gather-*")) if Path("/dev/shm").is_dir() else set()
-    results = _run_two(_gather_worker, tmp_path)
+    results = _run_two(_gather_worker, tmp_path, room)
+    assert results[0][5] is room and results[1][5] is room  # both use the file, or neither
     for step, n in enumerate((5, 3, 2000, 7)):
         expected = torch.stack([torch.arange(n, dtype=torch.float32) + 100 * r + step for r in range(2)])
         assert torch.equal(results[0][step], expected) and torch.equal(results[1][step], expected)

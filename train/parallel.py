@@ -163,7 +163,8 @@ class LocalGather:
     call k. Gloo's all-gather of the same 120k floats took 1.0-1.3 ms after the last process arrived.
 
     Building it is collective: process 0 creates the file (in /dev/shm where it exists), the others map it, and
-    once all have, process 0 removes its name, so nothing is left behind when training ends or fails.
+    once all have, process 0 removes its name, so nothing is left behind when training ends or fails. Where the
+    file cannot be made or mapped by some process, ``ok`` is False everywhere and gloo carries the messages.
     """
 
     TIMEOUT_S = 1800.0  # as long as gloo's own timeout (``setup``)
@@ -172,15 +173,27 @@ class LocalGather:
     def __init__(self, floats: int) -> None:
         self.floats, self.size, self.me, self.calls = int(floats), world_size(), rank(), 0
         self.group = None  # the process group it serves (``_local_gather``)
-        path = [self._create(self.size, self.floats) if is_main() else None]
+        path: list[str | None] = [None]
+        if is_main():
+            try:
+                path[0] = self._create(self.size, self.floats)
+            except OSError:
+                path[0] = ""  # no room for the file: every process goes on with gloo
         dist.broadcast_object_list(path, 0)
-        try:
-            with open(path[0], "r+b") as handle:
-                self._map = mmap.mmap(handle.fileno(), 0)
-        finally:
-            dist.barrier()
-            if is_main():
-                os.unlink(path[0])
+        failed = not path[0]
+        if not failed:
+            try:
+                with open(path[0], "r+b") as handle:
+                    self._map = mmap.mmap(handle.fileno(), 0)
+            except OSError:
+                failed = True
+        verdict = torch.tensor([1.0 if failed else 0.0])
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # also the barrier: everyone has mapped the file (or not)
+        if is_main() and path[0]:
+            os.unlink(path[0])
+        self.ok = verdict.item() == 0  # False: some process could not use the file, so none does
+        if not self.ok:
+            return
         flags = self.size * self.FLAG_STRIDE
         memory = torch.frombuffer(self._map, dtype=torch.int64, count=flags)
         self.flags = memory.numpy()
@@ -189,10 +202,17 @@ class LocalGather:
 
     @staticmethod
     def _create(size: int, floats: int) -> str:
+        """The shared file, its pages reserved (``posix_fallocate``): on a full /dev/shm that fails here, with an
+        OSError, instead of a SIGBUS at the first write into the mapping."""
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
         handle, path = tempfile.mkstemp(prefix="train-gather-", dir=folder)
-        with os.fdopen(handle, "r+b") as out:
-            out.truncate(8 * size * LocalGather.FLAG_STRIDE + 4 * 2 * size * floats)
+        try:
+            os.posix_fallocate(handle, 0, 8 * size * LocalGather.FLAG_STRIDE + 4 * 2 * size * floats)
+        except OSError:
+            os.close(handle)
+            os.unlink(path)
+            raise
+        os.close(handle)
         return path
 
     def block(self, n: int) -> torch.Tensor:
@@ -234,10 +254,10 @@ def _local_gather(dtype: torch.dtype, dim: int, floats: int) -> LocalGather | No
         return None
     group = dist.group.WORLD  # a new process group (after destroy_process_group) gets new shared memory
     current = _GATHER.get("gather")
-    if current is None or current.group is not group or current.floats < floats:
+    if current is None or current.group is not group or (current.ok and current.floats < floats):
         _GATHER["gather"] = current = LocalGather(max(floats * 5 // 4, 1024))
         current.group = group
-    return current
+    return current if current.ok else None
 
 
 def sum_float(value: float) -> float:
