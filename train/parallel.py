@@ -172,7 +172,7 @@ class LocalGather:
 
     def __init__(self, floats: int) -> None:
         self.floats, self.size, self.me, self.calls = int(floats), world_size(), rank(), 0
-        self.group = None  # the process group it serves (``_local_gather``)
+        self.group = dist.group.WORLD  # the process group it serves: a new one gets new shared memory
         path: list[str | None] = [None]
         if is_main():
             try:
@@ -252,11 +252,9 @@ def _local_gather(dtype: torch.dtype, dim: int, floats: int) -> LocalGather | No
         return None
     if os.environ.get("LOCAL_WORLD_SIZE", "") != str(world_size()):
         return None
-    group = dist.group.WORLD  # a new process group (after destroy_process_group) gets new shared memory
     current = _GATHER.get("gather")
-    if current is None or current.group is not group or (current.ok and current.floats < floats):
+    if current is None or current.group is not dist.group.WORLD or (current.ok and current.floats < floats):
         _GATHER["gather"] = current = LocalGather(max(floats * 5 // 4, 1024))
-        current.group = group
     return current if current.ok else None
 
 

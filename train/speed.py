@@ -423,12 +423,7 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
             out = Path(tmp) / f"run-{repeat}-{n}"
             command = ["-m", "train", "fit", "--data", str(data_dir), "--model", model, "--epochs", str(epochs),
                        "--seed", str(seed), "--threads", "1", "--out", str(out), "--quiet", *sets]
-            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc-per-node", str(n), *command],
-                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise TrainError(f"torchrun with {n} process(es) failed: {last}")
+            _torchrun(n, command, f"torchrun with {n} process(es) failed")
             meta = json.loads((out / "meta.json").read_text())
             history = meta["training"]["history"]
             seconds = sum(h["seconds"] for h in history)
@@ -446,13 +441,9 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
             floats = max(r["exchange_floats"] for r in runs if r["processes"] == n)
             if not floats:  # dense tables: gradients summed by all_reduce_dense, not this message
                 continue
-            done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                   str(n), "-m", "train.parallel", str(floats)],
-                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise TrainError(f"timing the all-gather alone on {n} processes failed: {last}")
-            alone[str(n)] = {"floats": floats, "ms": round(1e3 * json.loads(done.stdout)["seconds"], 3)}
+            printed = _torchrun(n, ["-m", "train.parallel", str(floats)],
+                                f"timing the all-gather alone on {n} processes failed")
+            alone[str(n)] = {"floats": floats, "ms": round(1e3 * json.loads(printed)["seconds"], 3)}
     median = {n: round(statistics.median(r["samples_per_s"] for r in runs if r["processes"] == n), 1)
               for n in processes}
     base = median[processes[0]]
@@ -481,6 +472,17 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
         "all_gather_alone": alone,
         "runs": runs,
     }
+
+
+def _torchrun(n: int, args: list[str], failure: str) -> str:
+    """``args`` under ``torchrun --standalone --nproc-per-node n``, one thread per process; what it printed.
+    A failed run raises TrainError: ``failure`` and the last line the run wrote to stderr."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                           *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise TrainError(f"{failure}: {last}")
+    return done.stdout
 
 
 def _pairs(result: dict[str, Any], n: int) -> str:
