@@ -73,14 +73,14 @@ def test_the_spin_wait_sees_every_flag_and_gives_up_after_its_timeout():
         _local.publish(flags, 16, 1)
 
 
-def _no_room(size: int, floats: int) -> str:
+def _no_room(size: int, prefix: str) -> str:
     raise OSError(28, "No space left on device")
 
 
 def _gather_worker(rank: int, store: str, out: str, room: bool) -> None:
     _join(rank, store, "shared memory")
     if not room:  # process 0 cannot make the file: both processes go on with gloo
-        parallel.LocalGather._create = staticmethod(_no_room)
+        parallel._create_file = _no_room
     results = []
     for step, n in enumerate((5, 3, 2000, 7)):  # the third call outgrows the first shared file
         message = send_buffer(n)
@@ -256,3 +256,131 @@ def test_torchrun_on_two_processes_trains_what_one_process_trains(synthetic_data
         assert meta_two["metrics"][split]["auc"] == pytest.approx(meta_one["metrics"][split]["auc"], abs=1e-4)
     for a, b in zip(meta_two["training"]["history"], meta_one["training"]["history"]):
         assert a["train_logloss"] == pytest.approx(b["train_logloss"], rel=1e-4)
+
+
+def test_pack_owned_writes_each_owners_rows_as_one_run_in_their_order():
+    from train import _rows
+    rows = torch.tensor([130, 5, 64, 200, 70, 1, 127, 128])  # blocks of 64 rows: 2, 0, 1, 3, 1, 0, 1, 2
+    grads = torch.arange(16, dtype=torch.float32).view(8, 2)
+    for owners, runs in ((1, [[130, 5, 64, 200, 70, 1, 127, 128]]),
+                         (2, [[130, 5, 1, 128], [64, 200, 70, 127]]),
+                         (3, [[5, 200, 1], [64, 70, 127], [130, 128]])):
+        message, counts = torch.full((3 + 8 * 3,), -7.0), torch.zeros(owners, dtype=torch.long)
+        _rows.pack_owned(message.numpy(), 3, rows.numpy(), grads.numpy(), 6, counts.numpy())
+        assert counts.tolist() == [len(run) for run in runs]
+        block = message[3:].view(8, 3)
+        assert block[:, 0].contiguous().view(torch.int32).tolist() == sum(runs, [])
+        order = [rows.tolist().index(r) for r in sum(runs, [])]
+        assert torch.equal(block[:, 1:], grads[order])
+        assert torch.all(message[:3] == -7.0)  # nothing before the offset
+    with pytest.raises(ValueError):
+        _rows.pack_owned(torch.zeros(10).numpy(), 3, rows.numpy(), grads.numpy(), 6,
+                         torch.zeros(2, dtype=torch.long).numpy())  # the message is too short
+
+
+def test_each_process_owns_a_cache_aligned_part_of_the_dense_weights():
+    for n, size in ((100, 2), (1000, 3), (5, 2), (0, 2)):
+        parts = [parallel.shard_range(n, size, me) for me in range(size)]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # no gap, no overlap
+        assert all(start % 16 == 0 for start, _ in parts)
+    assert parallel.shard_range(1000, 2, 0) == (0, 496) and parallel.shard_range(1000, 2, 1) == (496, 1000)
+
+
+def _wide(rank: int, step: int) -> tuple[list, torch.Tensor]:
+    """Rank-dependent rows over 300-row groups (so both processes own some), one flat dense gradient."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    rows = torch.randperm(300, generator=g)[:40 + 30 * step + 7 * rank]
+    touched = [(rows, torch.randn(len(rows), 1, generator=g)), (rows, torch.randn(len(rows), 3, generator=g))]
+    if step == 2:
+        touched[1] = (rows[:3] if rank == 0 else None, torch.randn(3, 3, generator=g) if rank == 0 else None)
+    return touched, torch.randn(37, generator=g)
+
+
+def _owned_worker(rank: int, store: str, out: str) -> None:
+    _join(rank, store, "shared memory")
+    results = []
+    capacity = {1: [0, 0], 2: [0, 0]}
+    for step in range(3):
+        touched, dense = _wide(rank, step)
+        for owners in (1, 2):
+            flat = dense.clone()
+            results.append((owners, exchange(touched, [(300, 1), (300, 3)], [flat], capacity[owners], owners=owners),
+                            flat))
+    torch.save(results, Path(out) / f"out-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_with_sharded_state_each_process_sums_only_the_rows_and_dense_range_it_owns(tmp_path):
+    results = _run_two(_owned_worker, tmp_path)
+    for step in range(3):
+        everyone = results[0][2 * step]
+        assert everyone[0] == 1 and torch.equal(everyone[2], results[1][2 * step][2])
+        for group in range(2):
+            all_rows, all_sums = everyone[1][group]
+            owned = [results[rank][2 * step + 1][1][group] for rank in range(2)]
+            if all_rows is None:
+                assert owned == [(None, None), (None, None)]
+                continue
+            for rank, (rows, sums) in enumerate(owned):
+                assert torch.all((rows >> 6) % 2 == rank)  # only its own rows
+                picked = torch.tensor([all_rows.tolist().index(r) for r in rows.tolist()], dtype=torch.long)
+                assert torch.equal(sums, all_sums[picked])  # the same bits as the full sum
+            assert sorted(torch.cat([rows for rows, _ in owned]).tolist()) == sorted(all_rows.tolist())
+        for rank in range(2):
+            start, stop = parallel.shard_range(37, 2, rank)
+            assert torch.equal(results[rank][2 * step + 1][2][start:stop], everyone[2][start:stop])
+    # step 2, second group: only process 0 read rows; each process still gets a pair (maybe empty), so both count
+    # the step for the group's bias correction
+    assert all(results[rank][5][1][1][0] is not None for rank in range(2))
+
+
+def _sharded_worker(rank: int, store: str, out: str, shard: str) -> None:
+    from train.optim import FlatAdam, TrainingOptimizer
+    os.environ["TRAIN_SHARD"] = "0" if shard == "0" else "1"
+    if shard == "no room":  # the state's file cannot be made: every process keeps its own state
+        make = parallel._create_file
+        parallel._create_file = lambda size, prefix: _no_room(size, prefix) if "state" in prefix else make(size, prefix)
+    _join(rank, store, "shared memory")
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(300, 1), torch.nn.Embedding(300, 4)]
+    dense = torch.nn.Parameter(torch.linspace(-1, 1, 4))
+    tables_adam = RowwiseAdam([{"params": [tables[0].weight], "eps": 0.1, "l2": 1e-3},
+                               {"params": [tables[1].weight], "eps": 0.1, "l2": 0.0}],
+                              {id(t.weight): t for t in tables}, lr=0.05)
+    optimizer = TrainingOptimizer([tables_adam, FlatAdam([dense], lr=0.01, eps=1e-8)], [], tables)
+    optimizer.prepare(16)
+    for step in range(4):
+        part = torch.randint(0, 300, (32,), generator=torch.Generator().manual_seed(step)).tensor_split(2)[rank]
+        optimizer.zero_grad()
+        loss = ((tables[0](part).sum(1) + tables[1](part) @ dense) ** 2).sum()
+        loss.backward()
+        optimizer.step()
+    shared = bool(optimizer._shared)
+    optimizer.finish()
+    weights = [t.weight.detach().clone() for t in tables] + [dense.detach().clone()]
+    if rank == 0:  # each process has its own copy again
+        with torch.no_grad():
+            dense.add_(1.0)
+            tables[1].weight.add_(1.0)
+    dist.barrier()
+    private = torch.equal(tables[1].weight.detach(), weights[1]) and torch.equal(dense.detach(), weights[2])
+    torch.save((weights, shared, private), Path(out) / f"out-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_state_takes_the_same_steps_bit_for_bit_and_gives_each_process_its_copy_back(tmp_path):
+    for name in ("one", "two", "three"):
+        (tmp_path / name).mkdir()
+    sharded = _run_two(_sharded_worker, tmp_path / "one", "1")
+    whole = _run_two(_sharded_worker, tmp_path / "two", "0")
+    no_room = _run_two(_sharded_worker, tmp_path / "three", "no room")
+    assert [s for _, s, _ in sharded] == [True, True] and [s for _, s, _ in whole + no_room] == [False] * 4
+    for weights, _, _ in sharded + whole + no_room:
+        assert all(torch.equal(a, b) for a, b in zip(weights, whole[0][0]))
+    assert sharded[1][2]  # process 0's change after ``finish`` is not seen by process 1
+    torch.manual_seed(0)
+    start = [torch.nn.Embedding(300, 1).weight, torch.nn.Embedding(300, 4).weight]
+    assert not torch.equal(whole[0][0][1], start[1].detach()) and not torch.equal(whole[0][0][0], start[0].detach())

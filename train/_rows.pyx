@@ -7,7 +7,8 @@ place among the rows seen so far; every call sets back the entries it used befor
 raises. ``train/fused.py`` and ``train/optim.py`` call them on torch tensors' memory.
 """
 from libc.math cimport sqrtf
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdlib cimport free, malloc
 
 cdef extern from *:
     """
@@ -90,28 +91,63 @@ def add_rows(const int64_t[::1] position, const float[:, ::1] values, float[:, :
         raise IndexError(f"position {position[bad]} (entry {bad}) is outside the {k} sums")
 
 
-def pack_rows(float[::1] message, Py_ssize_t offset, const int64_t[::1] rows, const float[:, ::1] grads) -> None:
+cdef inline Py_ssize_t _owner(int64_t r, int shift, uint32_t owners) noexcept nogil:
+    """Row r's owner, r >= 0 and below 2**31: a mask where ``owners`` is a power of two, else an unsigned modulo."""
+    cdef uint32_t block = <uint32_t>(r >> shift)
+    if owners & (owners - 1) == 0:
+        return <Py_ssize_t>(block & (owners - 1))
+    return <Py_ssize_t>(block % owners)
+
+
+def pack_owned(float[::1] message, Py_ssize_t offset, const int64_t[::1] rows, const float[:, ::1] grads, int shift,
+               int64_t[::1] counts) -> None:
     """Write ``rows`` and their ``grads`` into ``message`` from ``offset``, a row at a time: the row number (int32
-    bits in a float32 slot), then its gradient's ``width`` floats. The data-parallel exchange's table blocks."""
-    cdef Py_ssize_t n = rows.shape[0], width = grads.shape[1], i, j, at
-    if grads.shape[0] != n or offset < 0 or offset + n * (width + 1) > message.shape[0]:
-        raise ValueError("pack_rows: rows, grads and the message do not agree in shape")
+    bits in a float32 slot), then its gradient's ``width`` floats (the data-parallel exchange's table blocks).
+
+    The rows are grouped by the process that owns them, row r belonging to process ``(r >> shift) % owners``
+    (``owners`` = ``counts``' length): each owner's rows are one run, in their order in ``rows``, the runs in
+    owner order; ``counts[o]`` gets owner o's number of rows. With one owner the rows stay in their order."""
+    cdef Py_ssize_t n = rows.shape[0], width = grads.shape[1], owners = counts.shape[0], i, j, o, at
+    cdef int64_t *cursor
+    cdef int64_t running = 0
+    if grads.shape[0] != n or offset < 0 or offset + n * (width + 1) > message.shape[0] or not 1 <= owners < 1 << 31:
+        raise ValueError("pack_owned: rows, grads, counts and the message do not agree in shape")
+    if shift < 0 or shift > 62:
+        raise ValueError(f"pack_owned: shift {shift} is not in 0..62")
+    for i in range(n):
+        if rows[i] < 0 or rows[i] >= 1 << 31:
+            raise IndexError(f"row {rows[i]} does not fit the message's int32 row numbers")
+    cursor = <int64_t *>malloc(owners * sizeof(int64_t))
+    if cursor == NULL:
+        raise MemoryError()
     with nogil:
+        for o in range(owners):
+            counts[o] = 0
         for i in range(n):
-            at = offset + i * (width + 1)
+            counts[_owner(rows[i], shift, <uint32_t>owners)] += 1
+        for o in range(owners):
+            cursor[o] = running
+            running += counts[o]
+        for i in range(n):
+            o = _owner(rows[i], shift, <uint32_t>owners)
+            at = offset + cursor[o] * (width + 1)
+            cursor[o] += 1
             (<int32_t *>&message[at])[0] = <int32_t>rows[i]
             for j in range(width):
                 message[at + 1 + j] = grads[i, j]
+    free(cursor)
 
 
 cdef int _blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width, const int64_t[::1] counts,
-                 Py_ssize_t entries) except -1:
-    """Checks that every process's block (``counts[p]`` rows of 1 + ``width`` floats from ``offset``) fits."""
+                 const int64_t[::1] starts, Py_ssize_t entries) except -1:
+    """Checks that every process's block (``counts[p]`` rows of 1 + ``width`` floats, ``starts[p]`` rows after
+    ``offset``) fits."""
     cdef Py_ssize_t p, total = 0
-    if counts.shape[0] != gathered.shape[0]:
-        raise ValueError("one count per process")
+    if counts.shape[0] != gathered.shape[0] or starts.shape[0] != gathered.shape[0]:
+        raise ValueError("one count and one start per process")
     for p in range(counts.shape[0]):
-        if counts[p] < 0 or offset < 0 or offset + counts[p] * (width + 1) > gathered.shape[1]:
+        if (counts[p] < 0 or starts[p] < 0 or offset < 0
+                or offset + (starts[p] + counts[p]) * (width + 1) > gathered.shape[1]):
             raise ValueError(f"process {p}'s block of {counts[p]} rows does not fit in its message")
         total += counts[p]
     if entries >= 0 and total != entries:
@@ -120,20 +156,22 @@ cdef int _blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width
 
 
 def merge_blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width, const int64_t[::1] counts,
-                 int32_t[::1] slot, int64_t[::1] rows, int64_t[::1] position, float[:, ::1] sums) -> int:
-    """Every process's block of rows (``pack_rows``' layout, ``counts[p]`` rows from ``offset`` in row p of
-    ``gathered``) merged: the distinct rows in order of first appearance (``rows[:k]``), each entry's place among
-    them (``position``, process after process) and each row's gradients summed in process order (``sums[:k]``,
-    which must be zero). Returns k. Every process merges the same message, so all compute the same bits."""
+                 const int64_t[::1] starts, int32_t[::1] slot, int64_t[::1] rows, int64_t[::1] position,
+                 float[:, ::1] sums) -> int:
+    """Every process's block of rows (``pack_owned``' layout, ``counts[p]`` rows from ``starts[p]`` rows after
+    ``offset`` in row p of ``gathered``) merged: the distinct rows in order of first appearance (``rows[:k]``),
+    each entry's place among them (``position``, process after process) and each row's gradients summed in process
+    order (``sums[:k]``, which must be zero). Returns k. Every process that merges the same blocks computes the
+    same bits."""
     cdef Py_ssize_t processes = gathered.shape[0], size = slot.shape[0], p, i, j, at, k = 0, entry = 0, bad = -1
     cdef int32_t r, s
-    _blocks(gathered, offset, width, counts, position.shape[0])
+    _blocks(gathered, offset, width, counts, starts, position.shape[0])
     if sums.shape[1] != width or rows.shape[0] < min(position.shape[0], size) or sums.shape[0] < rows.shape[0]:
         raise ValueError("merge_blocks: rows, position and sums do not agree in shape")
     with nogil:
         for p in range(processes):
             for i in range(counts[p]):
-                at = offset + i * (width + 1)
+                at = offset + (starts[p] + i) * (width + 1)
                 if i + AHEAD < counts[p]:  # the scratch entry of a row further on: spread over the table
                     r = (<const int32_t *>&gathered[p, at + AHEAD * (width + 1)])[0]
                     if 0 <= r < size:
@@ -156,11 +194,11 @@ def merge_blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width
 
 
 def add_blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width, const int64_t[::1] counts,
-               const int64_t[::1] position, float[:, ::1] sums) -> None:
+               const int64_t[::1] starts, const int64_t[::1] position, float[:, ::1] sums) -> None:
     """``merge_blocks``' sums for another group whose blocks list the same rows in the same order (the fused
     forward stages one row tensor for the linear weights and the vectors): ``position`` is that merge's."""
     cdef Py_ssize_t processes = gathered.shape[0], p, i, j, at, entry = 0, s, k = sums.shape[0]
-    _blocks(gathered, offset, width, counts, position.shape[0])
+    _blocks(gathered, offset, width, counts, starts, position.shape[0])
     if sums.shape[1] != width:
         raise ValueError("add_blocks: sums and width do not agree")
     for i in range(position.shape[0]):
@@ -169,7 +207,7 @@ def add_blocks(const float[:, :] gathered, Py_ssize_t offset, Py_ssize_t width, 
     with nogil:
         for p in range(processes):
             for i in range(counts[p]):
-                at = offset + i * (width + 1)
+                at = offset + (starts[p] + i) * (width + 1)
                 s = position[entry]
                 entry += 1
                 for j in range(width):

@@ -26,13 +26,19 @@ vectors): the reasoning of ``dense_adam`` below holds row by row.
 
 Under ``torchrun`` (``train.parallel``), ``step()`` first sums the gradients of every process in one
 message (``exchange``): each process's rows read with their gradients and its dense gradients, all-gathered,
-so every process updates the union of the rows read, as one process would on the whole batch.
+so the union of the rows read is updated as one process would update it on the whole batch. Where every
+process runs on this machine, the weights and Adam moments of the tables and dense layers sit in shared memory
+(``TrainingOptimizer.prepare``), and each process sums and steps only its part: the table rows in blocks of 64
+by row number, one range of the dense layers; then all wait for each other (``parallel.sync``) before anyone
+reads the weights again. Otherwise every process keeps its own copy and steps all of it.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from train import _rows, parallel
@@ -108,13 +114,17 @@ class RowwiseAdam(torch.optim.Optimizer):
             group["slot"] = torch.full((len(flat),), -1, dtype=torch.int32)  # ``unique_rows``' scratch
 
     @torch.no_grad()
-    def step(self, closure=None, dense: list[torch.Tensor] | None = None):  # noqa: D102 - torch's signature
-        """One row-wise step; under torchrun the rows (and ``dense``, the other gradients) are summed first."""
+    def step(self, closure=None, dense: list[torch.Tensor] | None = None, owners: int = 1):  # noqa: D102
+        """One row-wise step; under torchrun the rows (and ``dense``, the other gradients) are summed first.
+
+        ``owners`` > 1: the tables and moments are shared by the processes (``TrainingOptimizer``), and this one
+        steps only the rows it owns (``exchange``)."""
         touched = [self._touched(group) for group in self.param_groups]
         if parallel.world_size() > 1:
             started = time.perf_counter()
             touched = exchange(touched, [tuple(group["flat"].shape) for group in self.param_groups], dense or [],
-                               self.capacity, self.exchange_parts, [group["slot"] for group in self.param_groups])
+                               self.capacity, self.exchange_parts, [group["slot"] for group in self.param_groups],
+                               owners)
             self.exchange_seconds += time.perf_counter() - started
         for group, (rows, grads) in zip(self.param_groups, touched):
             if rows is not None:
@@ -195,12 +205,15 @@ class FlatAdam(torch.optim.Optimizer):
         self.param_groups[0]["grad"].zero_()
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch's signature
+    def step(self, closure=None, part: tuple[int, int] | None = None):  # noqa: D102 - torch's signature
+        """Adam's step; ``part`` (start, stop): only those elements (the range this process owns where the
+        parameters are shared, ``TrainingOptimizer``)."""
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         group["step"] += 1
-        _rows.adam_flat(group["flat"].numpy(), group["exp_avg"].numpy(), group["exp_avg_sq"].numpy(),
-                        group["grad"].numpy(), group["lr"], beta1, beta2, group["eps"], 1 - beta1 ** group["step"],
+        start, stop = part if part is not None else (0, len(group["flat"]))
+        _rows.adam_flat(*(group[key][start:stop].numpy() for key in ("flat", "exp_avg", "exp_avg_sq", "grad")),
+                        group["lr"], beta1, beta2, group["eps"], 1 - beta1 ** group["step"],
                         1 - beta2 ** group["step"])
         return None
 
@@ -210,20 +223,32 @@ class FlatAdam(torch.optim.Optimizer):
             p.grad = None
 
 
+OWNER_SHIFT = 6  # with sharded state a table row belongs to process (row >> 6) % processes: blocks of 64 rows
+
+
 def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
              dense: list[torch.Tensor], capacity: list[int], clock: dict[str, float] | None = None,
-             slots: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+             slots: list[torch.Tensor] | None = None,
+             owners: int = 1) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Every process's touched rows with their summed gradients, and ``dense`` summed in place: one message.
 
     ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, a header (per group its
-    count of rows read, and the earlier group whose row tensor it shares, -1 if none), its dense gradients and
-    per group a block of ``capacity`` rows of 1 + width floats: the row number (int32 bits), then its gradient
-    (``pack_rows`` in ``train/_rows.pyx``), its count of them first, the rest unused. Every process then sums
-    what it received (``merge_blocks``, in C, straight from the received message), so it updates the union of
-    the rows read, as one process would on the whole batch. The fused forward stages one row tensor for the
-    linear weights and the vectors of the same fields: where every process says a group shares an earlier
-    group's rows, the later group's sums reuse the earlier merge's positions (``add_blocks``).
-    ``slots`` are the groups' ``unique_rows`` scratch (``RowwiseAdam`` keeps them).
+    count of rows read per owner, then per group the earlier group whose row tensor it shares, -1 if none), its
+    dense gradients and per group a block of ``capacity`` rows of 1 + width floats: the row number (int32 bits),
+    then its gradient (``pack_owned`` in ``train/_rows.pyx``), its count of them first, the rest unused. Every
+    process then sums what it received (``merge_blocks``, in C, straight from the received message), so it
+    updates the union of the rows read, as one process would on the whole batch. The fused forward stages one row
+    tensor for the linear weights and the vectors of the same fields: where every process says a group shares an
+    earlier group's rows, the later group's sums reuse the earlier merge's positions (``add_blocks``).
+
+    ``owners`` > 1 (the processes, when the parameters and Adam's moments sit in shared memory,
+    ``TrainingOptimizer``): row r belongs to process ``(r >> OWNER_SHIFT) % owners`` and each block lists its rows
+    owner by owner, so this process sums, and returns, only the rows it owns (an empty pair for a group whose rows
+    some process read but none of them its own; (None, None) where nobody read any), and sums ``dense`` (one flat
+    tensor) only over its ``parallel.shard_range``, the other processes' ranges of its own gradient left out of
+    the message. Every row's sum adds the processes' gradients in process order either way, so the sums are the
+    bits one owner would get.
+
     Where some process read more rows than a block holds (the first step, and rarely later), every process
     saw the same counts, so all grow ``capacity`` (in place, 25 % above the largest count) the same way and
     send again. A batch of 2048 reads a few thousand rows per group, so a step sends ~10^5 floats, not the
@@ -236,57 +261,77 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
     if any(n >= 1 << 31 for n, _ in shapes):
         raise TrainError("data-parallel training: a table group holds 2**31 rows or more")
     groups = len(shapes)
-    counts = [0 if rows is None else rows.numel() for rows, _ in touched]
+    me = parallel.rank() if owners > 1 else 0
+    dense_size = sum(t.numel() for t in dense)
+    if owners > 1 and (len(dense) > 1 or (dense and not dense[0].is_contiguous())):
+        raise TrainError("data-parallel training: sharded state needs the dense gradients as one flat tensor")
+    own = parallel.shard_range(dense_size, owners, me) if owners > 1 else (0, dense_size)
     shares = [next((j for j in range(g) if rows is not None and touched[j][0] is rows), -1)
               for g, (rows, _) in enumerate(touched)]
-    dense_size = sum(t.numel() for t in dense)
     clock = {} if clock is None else clock
+    head = groups * (owners + 1)
     while True:
         started = time.perf_counter()
-        message = _message(touched, shapes, dense, dense_size, capacity, counts + shares)
+        message = _message(touched, shapes, dense, dense_size, capacity, shares, owners, own if owners > 1 else None)
         packed = time.perf_counter()
         gathered = parallel.all_gather(message, copy=False)  # read before this function returns
         received = time.perf_counter()
         clock["pack"] = clock.get("pack", 0.0) + packed - started
         clock["gather"] = clock.get("gather", 0.0) + received - packed
         clock["floats"] = float(len(message))
-        header = gathered[:, :2 * groups].contiguous().view(torch.int32)
-        longest = header[:, :groups].amax(dim=0).tolist()
+        header = gathered.numpy()[:, :head].view(np.int32)
+        sent = header[:, :groups * owners].astype(np.int64).reshape(-1, groups, owners)  # (process, group, owner)
+        longest = sent.sum(axis=2).max(axis=0).tolist()
         if all(n <= c for n, c in zip(longest, capacity)):
             break
         capacity[:] = [max(c, n + n // 4) for c, n in zip(capacity, longest)]
-    sent = header[:, :groups].to(torch.long)  # (process, group)
-    shared = header[:, groups:].tolist()
-    offset = 2 * groups
-    if len(dense) == 1 and dense[0].is_contiguous():  # ``FlatAdam``'s one gradient: summed straight into it
+    shared = header[:, groups * owners:].tolist()
+    offset = head
+    if owners > 1:
+        if dense_size:
+            start, stop = own
+            mine = dense[0].view(-1)[start:stop]
+            parts = [mine if p == me else gathered[p, offset + start:offset + stop] for p in range(len(gathered))]
+            if len(parts) == 2:  # a + b == b + a in floating point: the process-order sum, without a copy
+                torch.add(parts[1 - me], mine, out=mine)
+            else:
+                total = parts[0].clone()
+                for part in parts[1:]:
+                    total += part
+                mine.copy_(total)
+        offset += dense_size
+    elif len(dense) == 1 and dense[0].is_contiguous():  # ``FlatAdam``'s one gradient: summed straight into it
         torch.sum(gathered[:, offset:offset + dense_size], dim=0, out=dense[0].view(-1))
         offset += dense_size
     elif dense:
         summed = gathered[:, offset:offset + dense_size].sum(dim=0)
         for t in dense:
-            t.copy_(summed[offset - 2 * groups:offset - 2 * groups + t.numel()].view_as(t))
+            t.copy_(summed[offset - head:offset - head + t.numel()].view_as(t))
             offset += t.numel()
     received_rows = gathered.numpy()
     out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * groups
     merged: dict[int, torch.Tensor] = {}  # a merged group's positions, for the groups that share its rows
     for g, ((rows_in_group, width), size) in enumerate(zip(shapes, capacity)):
-        per_process = sent[:, g].contiguous()
+        per_process = np.ascontiguousarray(sent[:, g, me])
+        starts = sent[:, g, :me].sum(axis=1)  # this owner's run in each block, in rows
         entries = int(per_process.sum())
         if entries:
             lead = shared[0][g]
             if lead >= 0 and lead in merged and all(row[g] == lead for row in shared):
                 rows, position = out[lead][0], merged[lead]
                 sums = torch.zeros((len(rows), width))
-                _rows.add_blocks(received_rows, offset, width, per_process.numpy(), position.numpy(), sums.numpy())
+                _rows.add_blocks(received_rows, offset, width, per_process, starts, position.numpy(), sums.numpy())
             else:
                 slot = torch.full((rows_in_group,), -1, dtype=torch.int32) if slots is None else slots[g]
                 sums = torch.zeros((min(entries, rows_in_group), width))
                 rows, position = torch.empty(len(sums), dtype=torch.long), torch.empty(entries, dtype=torch.long)
-                k = _rows.merge_blocks(received_rows, offset, width, per_process.numpy(), slot.numpy(), rows.numpy(),
+                k = _rows.merge_blocks(received_rows, offset, width, per_process, starts, slot.numpy(), rows.numpy(),
                                        position.numpy(), sums.numpy())
                 rows, sums = rows[:k], sums[:k]
                 merged[g] = position
             out[g] = (rows, sums)
+        elif sent[:, g].any():  # others' rows only: the step still counts for this group
+            out[g] = (torch.empty(0, dtype=torch.long), torch.zeros((0, width)))
         offset += size * (width + 1)
     clock["unpack"] = clock.get("unpack", 0.0) + time.perf_counter() - received
     return out
@@ -310,20 +355,36 @@ def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
 
 
 def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
-             dense: list[torch.Tensor], dense_size: int, capacity: list[int], header: list[int]) -> torch.Tensor:
-    """This process's part of the all-gather: header, dense gradients, then per group its rows and their
-    gradients (``capacity`` rows of each; slots past a group's count are left as they are, nobody reads them)."""
-    message = parallel.send_buffer(len(header) + dense_size + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
-    message[:len(header)].view(torch.int32).copy_(torch.tensor(header, dtype=torch.int32))
-    offset = len(header)
+             dense: list[torch.Tensor], dense_size: int, capacity: list[int], shares: list[int], owners: int,
+             own: tuple[int, int] | None) -> torch.Tensor:
+    """This process's part of the all-gather: header (rows per group and owner, then the shared groups), dense
+    gradients (without ``own``, the range this process sums itself, where given), then per group its rows and
+    their gradients (``capacity`` rows of each; slots past a group's count are left as they are, nobody reads
+    them; more rows than fit: the header alone tells the counts)."""
+    groups = len(shapes)
+    message = parallel.send_buffer(groups * (owners + 1) + dense_size
+                                   + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
+    counts = np.zeros((groups, owners), dtype=np.int64)
+    offset = groups * (owners + 1)
     if dense:
-        torch.cat([t.reshape(-1) for t in dense], out=message[offset:offset + dense_size])
+        if own is None:
+            torch.cat([t.reshape(-1) for t in dense], out=message[offset:offset + dense_size])
+        else:  # one flat gradient: every range but this process's own
+            flat = dense[0].view(-1)
+            message[offset:offset + own[0]].copy_(flat[:own[0]])
+            message[offset + own[1]:offset + dense_size].copy_(flat[own[1]:])
         offset += dense_size
-    for (rows, grads), (_, width), size in zip(touched, shapes, capacity):
+    for g, ((rows, grads), (_, width), size) in enumerate(zip(touched, shapes, capacity)):
         if rows is not None:
-            n = min(size, len(rows))  # more rows than fit: this message only tells the counts
-            _rows.pack_rows(message.numpy(), offset, rows[:n].contiguous().numpy(), grads[:n].contiguous().numpy())
+            if len(rows) <= size:
+                _rows.pack_owned(message.numpy(), offset, rows.contiguous().numpy(), grads.contiguous().numpy(),
+                                 OWNER_SHIFT, counts[g])
+            else:
+                counts[g] = np.bincount((rows.numpy() >> OWNER_SHIFT) % owners, minlength=owners)
         offset += size * (width + 1)
+    header = message.numpy()[:groups * (owners + 1)].view(np.int32)  # numpy: a handful of tiny torch ops cost ~50 µs
+    header[:groups * owners] = counts.reshape(-1)
+    header[groups * owners:] = shares
     return message
 
 
@@ -344,6 +405,7 @@ class TrainingOptimizer:
         self.flat = next((opt for opt in optimizers if isinstance(opt, FlatAdam)), None)
         self.tables = next((opt for opt in optimizers if isinstance(opt, RowwiseAdam)), None)
         self._exchange_seconds = 0.0
+        self._shared: bool | None = None  # under torchrun: parameters and moments in shared memory (``_share``)
 
     @property
     def exchange_seconds(self) -> float:
@@ -373,9 +435,23 @@ class TrainingOptimizer:
             opt.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        """Under torchrun the dense gradients travel with the table rows (``exchange``), in one message."""
+        """Under torchrun the dense gradients travel with the table rows (``exchange``), in one message; where the
+        processes share their parameters (``_share``), each steps the part it owns, then all wait for each other."""
         dense = ([self.flat.param_groups[0]["grad"]] if self.flat is not None
                  else [p.grad for p in self.dense_params if p.grad is not None])
+        if self._shared is None and parallel.world_size() > 1:
+            self._shared = self._share()
+        if self._shared:
+            size = parallel.world_size()
+            self.tables.step(dense=dense, owners=size)
+            if self.flat is not None:
+                self.flat.step(part=parallel.shard_range(len(self.flat.param_groups[0]["flat"]), size))
+            started = time.perf_counter()
+            parallel.sync()  # nobody reads the parameters before everyone wrote its part
+            waited = time.perf_counter() - started
+            self.tables.exchange_seconds += waited
+            self.tables.exchange_parts["sync"] = self.tables.exchange_parts.get("sync", 0.0) + waited
+            return
         tables = [opt for opt in self.optimizers if isinstance(opt, RowwiseAdam)]
         if parallel.world_size() > 1 and not tables:
             started = time.perf_counter()
@@ -388,11 +464,81 @@ class TrainingOptimizer:
                 opt.step()
 
     def finish(self) -> None:
-        """Give the embeddings back their dense gradients (for export, scoring and any later training)."""
+        """Give the embeddings back their dense gradients (for export, scoring and any later training), and each
+        process its own copy of shared parameters."""
         for embedding in self.sparse:
             embedding.sparse = False
+        if self._shared:
+            self._relocate(lambda t: t.clone())
+            self._shared = False
         if self.flat is not None:
             self.flat.finish()
+
+    def prepare(self, entries: int) -> None:
+        """Before the first step under torchrun (collective): share the parameters (``_share``) and, where shared
+        memory carries the messages, size them for ``entries`` (the most table entries one process's batch reads:
+        its rows times the input columns), so that the first epoch neither builds shared memory nor sends a step
+        twice to grow its blocks."""
+        if parallel.world_size() == 1:
+            return
+        if self._shared is None:
+            self._shared = self._share()
+        tables = self.tables
+        if tables is None or not parallel.shared_floats_available():
+            return
+        capacity = [min(len(group["flat"]), entries) for group in tables.param_groups]
+        owners = parallel.world_size() if self._shared else 1
+        dense = len(self.flat.param_groups[0]["flat"]) if self.flat is not None else sum(
+            p.numel() for p in self.dense_params)
+        floats = len(capacity) * (owners + 1) + dense + sum(
+            c * (group["flat"].shape[1] + 1) for c, group in zip(capacity, tables.param_groups))
+        if floats <= self.MESSAGE_LIMIT:
+            tables.capacity[:] = [max(a, b) for a, b in zip(tables.capacity, capacity)]
+            parallel.send_buffer(floats)  # builds the shared all-gather for messages this long
+
+    MESSAGE_LIMIT = 1 << 24  # floats per process: longer messages are sized as they come (64 MB each, twice over)
+
+    def _state(self) -> list[tuple[dict[str, Any], str]]:
+        """Where the tables' and dense layers' weights and Adam moments are kept: (group, key) pairs."""
+        groups = list(self.tables.param_groups) + ([self.flat.param_groups[0]] if self.flat is not None else [])
+        return [(group, key) for group in groups for key in ("flat", "exp_avg", "exp_avg_sq")]
+
+    def _relocate(self, place) -> None:
+        """Move every ``_state`` tensor to ``place(tensor)``, the parameters staying views of their group's ``flat``."""
+        for group, key in self._state():
+            group[key] = place(group[key])
+        for group in self.tables.param_groups:
+            for w, offset in zip(group["params"], group["offsets"]):
+                w.data = group["flat"][offset:offset + w.shape[0]]
+        if self.flat is not None:
+            group, offset = self.flat.param_groups[0], 0
+            for p in group["params"]:
+                p.data = group["flat"][offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+
+    def _share(self) -> bool:
+        """Under torchrun on one machine, put the weights and Adam's moments of the tables and the dense layers in
+        shared memory (process 0's values; collective), so that each process steps only its part of them: the rows
+        it owns and its range of the dense layers (``exchange`` with ``owners``). Every process then sums and
+        steps half as much (with two) as when each steps everything. False (nothing moved) where other optimizers
+        take part, ``TRAIN_SHARD=0`` or shared memory cannot be had."""
+        if (self.tables is None or os.environ.get("TRAIN_SHARD", "1") == "0"
+                or any(opt is not self.tables and opt is not self.flat for opt in self.optimizers)):
+            return False
+        align = 16  # each tensor on its own cache lines
+        sizes = [(group[key].numel() + align - 1) // align * align for group, key in self._state()]
+        memory = parallel.shared_floats(sum(sizes))
+        if memory is None:
+            return False
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        places = {id(group[key]): memory[start:start + group[key].numel()].view_as(group[key])
+                  for (group, key), start in zip(self._state(), starts)}
+        if parallel.is_main():
+            for group, key in self._state():
+                places[id(group[key])].copy_(group[key])
+        parallel.barrier()
+        self._relocate(lambda t: places[id(t)])
+        return True
 
 
 def build_optimizer(model: torch.nn.Module, hp: dict[str, Any]) -> TrainingOptimizer:

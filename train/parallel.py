@@ -28,7 +28,8 @@ from train.errors import TrainError
 
 __all__ = ["LocalGather", "all_gather", "all_gather_seconds", "all_reduce_dense", "all_reduce_max", "barrier",
            "broadcast_float", "is_main", "local_cpus", "rank", "requested_size", "send_buffer", "setup",
-           "shard_batches", "sum_float", "world_size"]
+           "shard_batches", "shard_range", "shared_floats", "shared_floats_available", "sum_float", "sync",
+           "world_size"]
 
 
 def world_size() -> int:
@@ -173,47 +174,15 @@ class LocalGather:
     def __init__(self, floats: int) -> None:
         self.floats, self.size, self.me, self.calls = int(floats), world_size(), rank(), 0
         self.group = dist.group.WORLD  # the process group it serves: a new one gets new shared memory
-        path: list[str | None] = [None]
-        if is_main():
-            try:
-                path[0] = self._create(self.size, self.floats)
-            except OSError:
-                path[0] = ""  # no room for the file: every process goes on with gloo
-        dist.broadcast_object_list(path, 0)
-        failed = not path[0]
-        if not failed:
-            try:
-                with open(path[0], "r+b") as handle:
-                    self._map = mmap.mmap(handle.fileno(), 0)
-            except OSError:
-                failed = True
-        verdict = torch.tensor([1.0 if failed else 0.0])
-        dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # also the barrier: everyone has mapped the file (or not)
-        if is_main() and path[0]:
-            os.unlink(path[0])
-        self.ok = verdict.item() == 0  # False: some process could not use the file, so none does
+        flags = self.size * self.FLAG_STRIDE
+        self._map = _shared_mapping(8 * flags + 4 * 2 * self.size * self.floats, "train-gather-")
+        self.ok = self._map is not None  # False: some process could not use the file, so none does
         if not self.ok:
             return
-        flags = self.size * self.FLAG_STRIDE
         memory = torch.frombuffer(self._map, dtype=torch.int64, count=flags)
         self.flags = memory.numpy()
         self.blocks = torch.frombuffer(self._map, dtype=torch.float32, offset=8 * flags,
                                        count=2 * self.size * self.floats).view(2, self.size, self.floats)
-
-    @staticmethod
-    def _create(size: int, floats: int) -> str:
-        """The shared file, its pages reserved (``posix_fallocate``): on a full /dev/shm that fails here, with an
-        OSError, instead of a SIGBUS at the first write into the mapping."""
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        handle, path = tempfile.mkstemp(prefix="train-gather-", dir=folder)
-        try:
-            os.posix_fallocate(handle, 0, 8 * size * LocalGather.FLAG_STRIDE + 4 * 2 * size * floats)
-        except OSError:
-            os.close(handle)
-            os.unlink(path)
-            raise
-        os.close(handle)
-        return path
 
     def block(self, n: int) -> torch.Tensor:
         """This process's block for the next call, its first ``n`` floats: write a message here to save a copy."""
@@ -233,6 +202,94 @@ class LocalGather:
         everyone = self.blocks[part, :, :n]
         return everyone.clone() if copy else everyone
 
+    def sync(self) -> None:
+        """Wait until every process gets here: a call with no message, so it keeps the calls' alternation."""
+        self.calls += 1
+        _local.publish(self.flags, self.me * self.FLAG_STRIDE, self.calls)
+        if not _local.wait_all(self.flags, self.FLAG_STRIDE, self.size, self.calls, self.TIMEOUT_S):
+            raise TrainError(f"data-parallel training: a process did not reach call {self.calls} of the shared "
+                             f"all-gather within {self.TIMEOUT_S:.0f} s")
+
+
+def _create_file(size: int, prefix: str) -> str:
+    """A new file of ``size`` bytes in /dev/shm (where it exists), its pages reserved (``posix_fallocate``): on a
+    full /dev/shm that fails here, with an OSError, instead of with a SIGBUS at the first write into a mapping."""
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    handle, path = tempfile.mkstemp(prefix=prefix, dir=folder)
+    try:
+        os.posix_fallocate(handle, 0, max(int(size), 1))
+    except OSError:
+        os.close(handle)
+        os.unlink(path)
+        raise
+    os.close(handle)
+    return path
+
+
+def _shared_mapping(size: int, prefix: str) -> mmap.mmap | None:
+    """``size`` bytes of zero-filled shared memory that every process maps (collective, every process on this
+    machine); None in every process where some process could not make or map it.
+
+    Process 0 creates the file (``_create_file``), the others map it, and once all have, process 0 removes its
+    name, so nothing is left behind when training ends or fails.
+    """
+    path: list[str | None] = [None]
+    if is_main():
+        try:
+            path[0] = _create_file(size, prefix)
+        except OSError:
+            path[0] = ""  # no room for the file: every process goes on without it
+    dist.broadcast_object_list(path, 0)
+    mapped = None
+    if path[0]:
+        try:
+            with open(path[0], "r+b") as handle:  # its page table filled now, not by faults while training
+                mapped = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        except OSError:
+            mapped = None
+    verdict = torch.tensor([0.0 if mapped is not None else 1.0])
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # also the barrier: everyone has mapped the file (or not)
+    if is_main() and path[0]:
+        os.unlink(path[0])
+    return mapped if verdict.item() == 0 else None
+
+
+def shared_floats(floats: int) -> torch.Tensor | None:
+    """A float32 tensor of ``floats`` zeros that every process sees, or None where shared memory cannot carry it
+    (as for ``all_gather``: torchrun's ``LOCAL_WORLD_SIZE`` must be the world size, ``TRAIN_SHM`` not 0, and the
+    file must be made and mapped everywhere). Collective."""
+    if world_size() == 1 or not _all_local():
+        return None
+    mapped = _shared_mapping(4 * floats, "train-state-")
+    return None if mapped is None else torch.frombuffer(mapped, dtype=torch.float32, count=floats)
+
+
+def shared_floats_available() -> bool:
+    """Whether ``all_gather`` and ``shared_floats`` may use shared memory here (several processes, all on this
+    machine, ``TRAIN_SHM`` not 0); whether the files can be made is known only by trying."""
+    return world_size() > 1 and _all_local()
+
+
+def sync() -> None:
+    """Wait until every process gets here: through the shared all-gather's flags where shared memory carries the
+    messages (no kernel call), else a gloo barrier. Nothing with one process."""
+    if world_size() == 1:
+        return
+    local = _GATHER.get("gather")
+    if local is not None and local.ok and local.group is dist.group.WORLD and _all_local():
+        local.sync()
+    else:
+        dist.barrier()
+
+
+def shard_range(n: int, size: int | None = None, me: int | None = None, align: int = 16) -> tuple[int, int]:
+    """Process ``me``'s part [start, stop) of ``n`` elements split in ``size`` near-equal contiguous parts whose
+    bounds are multiples of ``align`` (16 float32: no cache line written by two processes)."""
+    size = world_size() if size is None else size
+    me = rank() if me is None else me
+    units = (n + align - 1) // align
+    return min(units * me // size * align, n), min(units * (me + 1) // size * align, n)
+
 
 _GATHER: dict[str, LocalGather] = {}
 
@@ -248,14 +305,19 @@ def _local_gather(dtype: torch.dtype, dim: int, floats: int) -> LocalGather | No
     """The shared-memory all-gather for a ``dim``-D ``dtype`` tensor of ``floats`` elements, built (collectively)
     or grown on first need; None where gloo must carry it. Every process decides alike: the environment is the
     same, and so is the message's length (gloo requires it)."""
-    if dtype != torch.float32 or dim != 1 or os.environ.get("TRAIN_SHM", "1") == "0":
-        return None
-    if os.environ.get("LOCAL_WORLD_SIZE", "") != str(world_size()):
+    if dtype != torch.float32 or dim != 1 or not _all_local():
         return None
     current = _GATHER.get("gather")
     if current is None or current.group is not dist.group.WORLD or (current.ok and current.floats < floats):
         _GATHER["gather"] = current = LocalGather(max(floats * 5 // 4, 1024))
     return current if current.ok else None
+
+
+def _all_local() -> bool:
+    """Whether shared memory may carry what the processes exchange: torchrun says every process runs on this
+    machine (``LOCAL_WORLD_SIZE`` is the world size) and ``TRAIN_SHM`` does not turn it off."""
+    return (os.environ.get("TRAIN_SHM", "1") != "0"
+            and os.environ.get("LOCAL_WORLD_SIZE", "") == str(world_size()))
 
 
 def sum_float(value: float) -> float:

@@ -431,7 +431,7 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
             runs.append({"processes": n, "repeat": repeat, "epoch_seconds": [h["seconds"] for h in history],
                          "exchange_seconds": [h.get("exchange_seconds", 0.0) for h in history],
                          **{f"exchange_{part}_seconds": [h.get(f"exchange_{part}_seconds", 0.0) for h in history]
-                            for part in ("pack", "gather", "unpack")},
+                            for part in ("pack", "gather", "unpack", "sync")},
                          "exchange_floats": history[-1].get("exchange_floats", 0),
                          "samples_per_s": round(rows * len(history) / seconds, 1),
                          "train_logloss": history[-1]["train_logloss"], "test_auc": meta["metrics"]["test"]["auc"]})
@@ -513,12 +513,14 @@ def render_processes(result: dict[str, Any]) -> str:
         alone = result.get("all_gather_alone", {}).get(str(n))
         if alone:
             steps = result["steps_per_epoch"] * s["epochs"]
-            per_step = {part: statistics.median(1e3 * sum(r[f"exchange_{part}_seconds"]) / steps for r in mine)
-                        for part in ("pack", "gather", "unpack")}
+            per_step = {part: statistics.median(1e3 * sum(r.get(f"exchange_{part}_seconds", [0.0])) / steps
+                                                for r in mine)
+                        for part in ("pack", "gather", "unpack", "sync")}
             parts.append(f"| {n} | {alone['floats']:,} | {per_step['pack']:.2f} | {per_step['gather']:.2f} | "
                          f"{alone['ms']:.2f} | {max(0.0, per_step['gather'] - alone['ms']):.2f} | "
-                         f"{per_step['unpack']:.2f} |")
+                         f"{per_step['unpack']:.2f} | {per_step['sync']:.2f} |")
     if parts:
         lines += ["", "| processes | message floats | pack ms/step | all-gather ms/step | all-gather alone ms | "
-                      "waiting ms/step | unpack ms/step |", "|---:|---:|---:|---:|---:|---:|---:|", *parts]
+                      "waiting ms/step | unpack ms/step | sync ms/step |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  *parts]
     return "\n".join(lines)

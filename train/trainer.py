@@ -124,7 +124,8 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
         best_score, best_state = _score(val), copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "val_auc": val["auc"], "val_logloss": val["logloss"]})
     # the processes read and featurized the data apart, some faster than others: the first epoch's seconds should
-    # not include waiting for the slowest of them
+    # not include waiting for the slowest of them, nor building what the gradient exchange keeps
+    optimizer.prepare(-(-hp["batch_size"] // parallel.world_size()) * x_train.shape[1])
     parallel.barrier()
     try:
         for epoch in range(1, hp["epochs"] + 1):
@@ -146,7 +147,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                     history[-1]["exchange_seconds"] = round(optimizer.exchange_seconds - exchanged, 2)
                     now = optimizer.exchange_parts  # its parts (row-wise tables only) and the message size
                     history[-1].update({f"exchange_{name}_seconds": round(now[name] - parts.get(name, 0.0), 3)
-                                        for name in ("pack", "gather", "unpack") if name in now})
+                                        for name in ("pack", "gather", "unpack", "sync") if name in now})
                     if "floats" in now:
                         history[-1]["exchange_floats"] = int(now["floats"])
                 if progress:
