@@ -233,12 +233,13 @@ def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tmp_pa
 
 @pytest.mark.slow
 def test_torchrun_on_two_processes_trains_what_one_process_trains(synthetic_data, tmp_path):
-    """The gradients of both halves of every batch are summed, so the two runs take the same steps."""
+    """The gradients of both parts of every batch are summed, so the two runs take the same steps. The fixture's
+    14,400 training rows make 11 batches of 1,309 and a last one of 1 row, which one process holds alone."""
     def fit(out: Path, processes: int) -> subprocess.CompletedProcess:
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
                      "--standalone"] if processes > 1 else [sys.executable])
         return subprocess.run([*launcher, "-m", "train", "fit", "--data", str(synthetic_data), "--model", "deepfm",
-                               "--epochs", "2", "--set", "batch_size=1000", "--out", str(out), "--quiet"],
+                               "--epochs", "2", "--set", "batch_size=1309", "--out", str(out), "--quiet"],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
 
     two = fit(tmp_path / "two", 2)
@@ -304,9 +305,9 @@ def _owned_worker(rank: int, store: str, out: str) -> None:
     for step in range(3):
         touched, dense = _wide(rank, step)
         for owners in (1, 2):
-            flat = dense.clone()
-            results.append((owners, exchange(touched, [(300, 1), (300, 3)], [flat], capacity[owners], owners=owners),
-                            flat))
+            flat, speed = dense.clone(), [0.25 + rank + step]
+            results.append((owners, exchange(touched, [(300, 1), (300, 3)], [flat], capacity[owners], owners=owners,
+                                             speed=speed if owners == 2 else None), flat, speed))
     torch.save(results, Path(out) / f"out-{rank}.pt")
     dist.destroy_process_group()
 
@@ -331,6 +332,7 @@ def test_with_sharded_state_each_process_sums_only_the_rows_and_dense_range_it_o
         for rank in range(2):
             start, stop = parallel.shard_range(37, 2, rank)
             assert torch.equal(results[rank][2 * step + 1][2][start:stop], everyone[2][start:stop])
+            assert results[rank][2 * step + 1][3] == [0.25 + step, 1.25 + step]  # both speeds, in process order
     # step 2, second group: only process 0 read rows; each process still gets a pair (maybe empty), so both count
     # the step for the group's bias correction
     assert all(results[rank][5][1][1][0] is not None for rank in range(2))
@@ -350,7 +352,7 @@ def _sharded_worker(rank: int, store: str, out: str, shard: str) -> None:
                                {"params": [tables[1].weight], "eps": 0.1, "l2": 0.0}],
                               {id(t.weight): t for t in tables}, lr=0.05)
     optimizer = TrainingOptimizer([tables_adam, FlatAdam([dense], lr=0.01, eps=1e-8)], [], tables)
-    optimizer.prepare(16)
+    optimizer.prepare(32, 1)
     for step in range(4):
         part = torch.randint(0, 300, (32,), generator=torch.Generator().manual_seed(step)).tensor_split(2)[rank]
         optimizer.zero_grad()
@@ -384,3 +386,26 @@ def test_sharded_state_takes_the_same_steps_bit_for_bit_and_gives_each_process_i
     torch.manual_seed(0)
     start = [torch.nn.Embedding(300, 1).weight, torch.nn.Embedding(300, 4).weight]
     assert not torch.equal(whole[0][0][1], start[1].detach()) and not torch.equal(whole[0][0][0], start[0].detach())
+
+
+def test_balanced_parts_follow_the_processes_speeds_within_bounds_and_cover_each_batch(monkeypatch):
+    from train.optim import TrainingOptimizer
+    optimizer = TrainingOptimizer([], [], [])
+    optimizer._shared = True  # as after ``prepare`` on one machine
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
+
+    def parts(rows: int) -> list[tuple[int, int]]:
+        found = []
+        for me in range(2):
+            monkeypatch.setattr(parallel, "rank", lambda me=me: me)
+            found.append(optimizer.part(rows))
+        return found
+
+    assert parts(2049) == [(0, 1025), (1025, 2049)]  # no speeds yet: equal parts, as ``shard_batches``
+    optimizer._costs = [2e-6, 1e-6]  # process 1 takes half the time a row
+    assert parts(2048) == [(0, 683), (683, 2048)]
+    optimizer._costs = [1e-6, 5e-6]  # far slower: held to 0.6 of an equal part
+    assert parts(2048) == [(0, 1434), (1434, 2048)]
+    assert parts(1) == [(0, 1), (1, 1)]
+    monkeypatch.setenv("TRAIN_BALANCE", "0")
+    assert not optimizer.balanced and parts(2048) == [(0, 1024), (1024, 2048)]
