@@ -305,9 +305,9 @@ def _owned_worker(rank: int, store: str, out: str) -> None:
     for step in range(3):
         touched, dense = _wide(rank, step)
         for owners in (1, 2):
-            flat, speed = dense.clone(), [0.25 + rank + step]
-            results.append((owners, exchange(touched, [(300, 1), (300, 3)], [flat], capacity[owners], owners=owners,
-                                             speed=speed if owners == 2 else None), flat, speed))
+            flat = dense.clone()
+            results.append((owners, exchange(touched, [(300, 1), (300, 3)], [flat], capacity[owners], owners=owners),
+                            flat))
     torch.save(results, Path(out) / f"out-{rank}.pt")
     dist.destroy_process_group()
 
@@ -332,7 +332,6 @@ def test_with_sharded_state_each_process_sums_only_the_rows_and_dense_range_it_o
         for rank in range(2):
             start, stop = parallel.shard_range(37, 2, rank)
             assert torch.equal(results[rank][2 * step + 1][2][start:stop], everyone[2][start:stop])
-            assert results[rank][2 * step + 1][3] == [0.25 + step, 1.25 + step]  # both speeds, in process order
     # step 2, second group: only process 0 read rows; each process still gets a pair (maybe empty), so both count
     # the step for the group's bias correction
     assert all(results[rank][5][1][1][0] is not None for rank in range(2))
@@ -386,26 +385,3 @@ def test_sharded_state_takes_the_same_steps_bit_for_bit_and_gives_each_process_i
     torch.manual_seed(0)
     start = [torch.nn.Embedding(300, 1).weight, torch.nn.Embedding(300, 4).weight]
     assert not torch.equal(whole[0][0][1], start[1].detach()) and not torch.equal(whole[0][0][0], start[0].detach())
-
-
-def test_balanced_parts_follow_the_processes_speeds_within_bounds_and_cover_each_batch(monkeypatch):
-    from train.optim import TrainingOptimizer
-    optimizer = TrainingOptimizer([], [], [])
-    optimizer._shared = True  # as after ``prepare`` on one machine
-    monkeypatch.setattr(parallel, "world_size", lambda: 2)
-
-    def parts(rows: int) -> list[tuple[int, int]]:
-        found = []
-        for me in range(2):
-            monkeypatch.setattr(parallel, "rank", lambda me=me: me)
-            found.append(optimizer.part(rows))
-        return found
-
-    assert parts(2049) == [(0, 1025), (1025, 2049)]  # no speeds yet: equal parts, as ``shard_batches``
-    optimizer._costs = [2e-6, 1e-6]  # process 1 takes half the time a row
-    assert parts(2048) == [(0, 683), (683, 2048)]
-    optimizer._costs = [1e-6, 5e-6]  # far slower: held to 0.6 of an equal part
-    assert parts(2048) == [(0, 1434), (1434, 2048)]
-    assert parts(1) == [(0, 1), (1, 1)]
-    monkeypatch.setenv("TRAIN_BALANCE", "0")
-    assert not optimizer.balanced and parts(2048) == [(0, 1024), (1024, 2048)]

@@ -34,7 +34,6 @@ reads the weights again. Otherwise every process keeps its own copy and steps al
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Iterable
@@ -115,18 +114,17 @@ class RowwiseAdam(torch.optim.Optimizer):
             group["slot"] = torch.full((len(flat),), -1, dtype=torch.int32)  # ``unique_rows``' scratch
 
     @torch.no_grad()
-    def step(self, closure=None, dense: list[torch.Tensor] | None = None, owners: int = 1,
-             speed: list[float] | None = None):  # noqa: D102 - torch's signature, and more
+    def step(self, closure=None, dense: list[torch.Tensor] | None = None, owners: int = 1):  # noqa: D102
         """One row-wise step; under torchrun the rows (and ``dense``, the other gradients) are summed first.
 
         ``owners`` > 1: the tables and moments are shared by the processes (``TrainingOptimizer``), and this one
-        steps only the rows it owns; ``speed`` travels with the message (both: ``exchange``)."""
+        steps only the rows it owns (``exchange``)."""
         touched = [self._touched(group) for group in self.param_groups]
         if parallel.world_size() > 1:
             started = time.perf_counter()
             touched = exchange(touched, [tuple(group["flat"].shape) for group in self.param_groups], dense or [],
                                self.capacity, self.exchange_parts, [group["slot"] for group in self.param_groups],
-                               owners, speed)
+                               owners)
             self.exchange_seconds += time.perf_counter() - started
         for group, (rows, grads) in zip(self.param_groups, touched):
             if rows is not None:
@@ -230,8 +228,8 @@ OWNER_SHIFT = 6  # with sharded state a table row belongs to process (row >> 6) 
 
 def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
              dense: list[torch.Tensor], capacity: list[int], clock: dict[str, float] | None = None,
-             slots: list[torch.Tensor] | None = None, owners: int = 1,
-             speed: list[float] | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+             slots: list[torch.Tensor] | None = None,
+             owners: int = 1) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Every process's touched rows with their summed gradients, and ``dense`` summed in place: one message.
 
     ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, a header (per group its
@@ -258,8 +256,7 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
 
     ``clock``, when given, is charged the seconds of each part: ``pack`` (writing the message), ``gather``
     (the all-gather: the transfer and the wait for the slowest process) and ``unpack`` (the sums); its
-    ``floats`` is the last message's length per process. ``speed``, when given, travels in the header: this
-    process's figure in, every process's (in process order) out, in place.
+    ``floats`` is the last message's length per process.
     """
     if any(n >= 1 << 31 for n, _ in shapes):
         raise TrainError("data-parallel training: a table group holds 2**31 rows or more")
@@ -272,26 +269,23 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
     shares = [next((j for j in range(g) if rows is not None and touched[j][0] is rows), -1)
               for g, (rows, _) in enumerate(touched)]
     clock = {} if clock is None else clock
-    head = groups * (owners + 1) + (speed is not None)
+    head = groups * (owners + 1)
     while True:
         started = time.perf_counter()
-        message = _message(touched, shapes, dense, dense_size, capacity, shares, owners, own if owners > 1 else None,
-                           speed[0] if speed is not None else None)
+        message = _message(touched, shapes, dense, dense_size, capacity, shares, owners, own if owners > 1 else None)
         packed = time.perf_counter()
         gathered = parallel.all_gather(message, copy=False)  # read before this function returns
         received = time.perf_counter()
         clock["pack"] = clock.get("pack", 0.0) + packed - started
         clock["gather"] = clock.get("gather", 0.0) + received - packed
         clock["floats"] = float(len(message))
-        header = gathered.numpy()[:, :groups * (owners + 1)].view(np.int32)
+        header = gathered.numpy()[:, :head].view(np.int32)
         sent = header[:, :groups * owners].astype(np.int64).reshape(-1, groups, owners)  # (process, group, owner)
         longest = sent.sum(axis=2).max(axis=0).tolist()
         if all(n <= c for n, c in zip(longest, capacity)):
             break
         capacity[:] = [max(c, n + n // 4) for c, n in zip(capacity, longest)]
     shared = header[:, groups * owners:].tolist()
-    if speed is not None:
-        speed[:] = gathered[:, head - 1].tolist()
     offset = head
     if owners > 1:
         if dense_size:
@@ -362,18 +356,16 @@ def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
 
 def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
              dense: list[torch.Tensor], dense_size: int, capacity: list[int], shares: list[int], owners: int,
-             own: tuple[int, int] | None, speed: float | None = None) -> torch.Tensor:
-    """This process's part of the all-gather: header (rows per group and owner, then the shared groups, then
-    ``speed`` where given, as a float), dense
+             own: tuple[int, int] | None) -> torch.Tensor:
+    """This process's part of the all-gather: header (rows per group and owner, then the shared groups), dense
     gradients (without ``own``, the range this process sums itself, where given), then per group its rows and
     their gradients (``capacity`` rows of each; slots past a group's count are left as they are, nobody reads
     them; more rows than fit: the header alone tells the counts)."""
     groups = len(shapes)
-    offset = groups * (owners + 1) + (speed is not None)
-    message = parallel.send_buffer(offset + dense_size + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
+    message = parallel.send_buffer(groups * (owners + 1) + dense_size
+                                   + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
     counts = np.zeros((groups, owners), dtype=np.int64)
-    if speed is not None:
-        message.numpy()[offset - 1] = speed
+    offset = groups * (owners + 1)
     if dense:
         if own is None:
             torch.cat([t.reshape(-1) for t in dense], out=message[offset:offset + dense_size])
@@ -414,8 +406,6 @@ class TrainingOptimizer:
         self.tables = next((opt for opt in optimizers if isinstance(opt, RowwiseAdam)), None)
         self._exchange_seconds = 0.0
         self._shared: bool | None = None  # under torchrun: parameters and moments in shared memory (``_share``)
-        self._costs: list[float] | None = None  # per process: seconds per row of its part, smoothed (``part``)
-        self._part = (0, 0, 0.0)  # this step's part of the batch: rows from, to, and when the step began
 
     @property
     def exchange_seconds(self) -> float:
@@ -453,14 +443,7 @@ class TrainingOptimizer:
             self._shared = self._share()
         if self._shared:
             size = parallel.world_size()
-            speed = None
-            if self.balanced:
-                began = self._part[2]
-                speed = [(time.perf_counter() - began) / max(1, self._part[1] - self._part[0]) if began else 0.0]
-            self.tables.step(dense=dense, owners=size, speed=speed)
-            if speed is not None and all(0.0 < v < math.inf for v in speed):
-                self._costs = speed if self._costs is None else [
-                    (1 - self.SMOOTHING) * old + self.SMOOTHING * new for old, new in zip(self._costs, speed)]
+            self.tables.step(dense=dense, owners=size)
             if self.flat is not None:
                 self.flat.step(part=parallel.shard_range(len(self.flat.param_groups[0]["flat"]), size))
             started = time.perf_counter()
@@ -491,45 +474,6 @@ class TrainingOptimizer:
         if self.flat is not None:
             self.flat.finish()
 
-    SMOOTHING = 0.25   # weight of the latest step in each process's seconds per row
-    SHARE_BOUNDS = (0.6, 1.4)  # a process's part of a batch stays within these multiples of an equal part
-
-    @property
-    def balanced(self) -> bool:
-        """Whether batches are split by the processes' measured speeds (``part``): under torchrun with shared
-        state (``prepare``), unless ``TRAIN_BALANCE=0``."""
-        return bool(self._shared) and os.environ.get("TRAIN_BALANCE", "1") != "0"
-
-    def part(self, rows: int) -> tuple[int, int]:
-        """This process's rows [from, to) of a batch of ``rows`` (all of them with one process), called as its step
-        begins.
-
-        Equal parts, unless ``balanced``: then each process's part is in proportion to its speed, rows per second
-        of its own part measured over the last steps (every process computes the same split from the speeds that
-        travel with the gradients). A virtual core that is slower for a while (another guest on its host core)
-        would otherwise make every step wait for it. The batch and its gradient are the same whatever the split;
-        only how the sum is grouped changes, so the bits of a run depend on the timings (``TRAIN_BALANCE=0``
-        keeps equal parts and reproducible bits).
-        """
-        size, me = parallel.world_size(), parallel.rank()
-        if size == 1:
-            return 0, rows
-        if self.balanced and self._costs is not None:
-            low, high = self.SHARE_BOUNDS
-            speeds = [1.0 / c for c in self._costs]
-            shares = [min(max(v / sum(speeds), low / size), high / size) for v in speeds]
-            edges = [0]
-            for share in shares[:-1]:
-                edges.append(edges[-1] + round(rows * share / sum(shares)))
-            edges.append(rows)
-            start, stop = min(edges[me], rows), min(max(edges[me + 1], edges[me]), rows)
-        else:  # as ``parallel.shard_batches``: the first rows % size parts one row longer
-            base, extra = divmod(rows, size)
-            start = me * base + min(me, extra)
-            stop = start + base + (me < extra)
-        self._part = (start, stop, time.perf_counter())
-        return start, stop
-
     def prepare(self, batch_size: int, columns: int) -> None:
         """Before the first step under torchrun (collective): share the parameters (``_share``) and, where shared
         memory carries the messages, size them for the most table entries one process's part of a batch of
@@ -543,13 +487,12 @@ class TrainingOptimizer:
         tables = self.tables
         if tables is None or not parallel.shared_floats_available():
             return
-        most = batch_size / size * (self.SHARE_BOUNDS[1] if self.balanced else 1.0)
-        entries = (math.ceil(most) + 1) * columns
+        entries = -(-batch_size // size) * columns
         capacity = [min(len(group["flat"]), entries) for group in tables.param_groups]
         owners = parallel.world_size() if self._shared else 1
         dense = len(self.flat.param_groups[0]["flat"]) if self.flat is not None else sum(
             p.numel() for p in self.dense_params)
-        floats = len(capacity) * (owners + 1) + self.balanced + dense + sum(
+        floats = len(capacity) * (owners + 1) + dense + sum(
             c * (group["flat"].shape[1] + 1) for c, group in zip(capacity, tables.param_groups))
         if floats <= self.MESSAGE_LIMIT:
             tables.capacity[:] = [max(a, b) for a, b in zip(tables.capacity, capacity)]

@@ -249,8 +249,7 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
     """One pass in a fresh random order; returns the mean training log loss (over all processes).
 
     The epoch's rows are gathered once, in shuffled order, into one block (this process's share of
-    every batch under torchrun; every batch whole where the optimizer splits batches by the processes' speeds,
-    ``TrainingOptimizer.part``); each batch is then a slice of it, so assembling a batch costs no copy.
+    every batch under torchrun); each batch is then a slice of it, so assembling a batch costs no copy.
 
     ``clock``, when given, is charged per phase: ``data`` (the shuffle and gather, and the batch slices),
     ``forward`` (model and loss), ``regularization`` (deepctr's L2 terms the loss carries: every weight
@@ -263,20 +262,14 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
     model.train()
     clock.start()
     order = torch.randperm(len(x), generator=generator)
-    balanced = getattr(optimizer, "balanced", False)  # parts of each batch by the processes' speeds
-    mine, ends = ((order, [min(len(order), (s + 1) * batch_size) for s in range((len(order) - 1) // batch_size + 1)])
-                  if balanced else parallel.shard_batches(order, batch_size))
+    mine, ends = parallel.shard_batches(order, batch_size)
     x_epoch, y_epoch = x.index_select(0, mine), y.index_select(0, mine)
     total = 0.0
     with tqdm(total=len(ends), desc=desc, unit="batch", disable=not progress, leave=False) as bar:
         clock.mark("data")
         start = 0
         for step, end in enumerate(ends):
-            if balanced:  # every process holds the whole batch and takes its part of it
-                low, high = optimizer.part(end - start)
-                x_batch, y_batch = x_epoch[start + low:start + high], y_epoch[start + low:start + high]
-            else:
-                x_batch, y_batch = x_epoch[start:end], y_epoch[start:end]
+            x_batch, y_batch = x_epoch[start:end], y_epoch[start:end]
             start = end
             clock.mark("data")
             if len(x_batch):
