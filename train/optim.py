@@ -256,7 +256,7 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
 
     ``clock``, when given, is charged the seconds of each part: ``pack`` (writing the message), ``gather``
     (the all-gather: the transfer and the wait for the slowest process) and ``unpack`` (the sums); its
-    ``floats`` is the last message's length per process.
+    ``floats`` is the length of the last message's written part (header, dense gradients, rows) per process.
     """
     if any(n >= 1 << 31 for n, _ in shapes):
         raise TrainError("data-parallel training: a table group holds 2**31 rows or more")
@@ -278,7 +278,8 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         received = time.perf_counter()
         clock["pack"] = clock.get("pack", 0.0) + packed - started
         clock["gather"] = clock.get("gather", 0.0) + received - packed
-        clock["floats"] = float(len(message))
+        clock["floats"] = float(head + dense_size + sum(  # what was written, not the blocks' unused room
+            (0 if rows is None else len(rows)) * (width + 1) for (rows, _), (_, width) in zip(touched, shapes)))
         header = gathered.numpy()[:, :head].view(np.int32)
         sent = header[:, :groups * owners].astype(np.int64).reshape(-1, groups, owners)  # (process, group, owner)
         longest = sent.sum(axis=2).max(axis=0).tolist()
