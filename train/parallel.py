@@ -194,16 +194,13 @@ class LocalGather:
         mine = self.blocks[part, self.me, :n]
         if t.data_ptr() != mine.data_ptr():
             mine.copy_(t.reshape(-1))
-        self.calls += 1
-        _local.publish(self.flags, self.me * self.FLAG_STRIDE, self.calls)
-        if not _local.wait_all(self.flags, self.FLAG_STRIDE, self.size, self.calls, self.TIMEOUT_S):
-            raise TrainError(f"data-parallel training: a process did not reach all-gather {self.calls} within "
-                             f"{self.TIMEOUT_S:.0f} s")
+        self.sync()
         everyone = self.blocks[part, :, :n]
         return everyone.clone() if copy else everyone
 
     def sync(self) -> None:
-        """Wait until every process gets here: a call with no message, so it keeps the calls' alternation."""
+        """Publish this call and wait until every process has published it; on its own, a call with no message
+        (a barrier that keeps the calls' alternation)."""
         self.calls += 1
         _local.publish(self.flags, self.me * self.FLAG_STRIDE, self.calls)
         if not _local.wait_all(self.flags, self.FLAG_STRIDE, self.size, self.calls, self.TIMEOUT_S):
