@@ -45,7 +45,8 @@ from train import _rows, parallel
 from train.errors import TrainError
 from train.fused import unique_rows
 
-__all__ = ["FlatAdam", "TrainingOptimizer", "RowwiseAdam", "build_optimizer", "dense_adam", "table_embeddings"]
+__all__ = ["EXCHANGE_PARTS", "FlatAdam", "TrainingOptimizer", "RowwiseAdam", "build_optimizer", "dense_adam",
+           "table_embeddings"]
 
 
 def table_embeddings(model: torch.nn.Module) -> tuple[list[torch.nn.Embedding], list[torch.nn.Embedding]]:
@@ -223,6 +224,7 @@ class FlatAdam(torch.optim.Optimizer):
             p.grad = None
 
 
+EXCHANGE_PARTS = ("pack", "gather", "unpack", "sync")  # the exchange's timed parts (``exchange``, ``step``)
 OWNER_SHIFT = 6  # with sharded state a table row belongs to process (row >> 6) % processes: blocks of 64 rows
 
 
@@ -355,6 +357,11 @@ def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
     return distinct, sums
 
 
+def _message_floats(shapes: list[tuple[int, int]], dense_size: int, capacity: list[int], owners: int) -> int:
+    """The length of ``_message``'s message: header, dense gradients, and ``capacity`` rows of each group."""
+    return len(shapes) * (owners + 1) + dense_size + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity))
+
+
 def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
              dense: list[torch.Tensor], dense_size: int, capacity: list[int], shares: list[int], owners: int,
              own: tuple[int, int] | None) -> torch.Tensor:
@@ -363,8 +370,7 @@ def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
     their gradients (``capacity`` rows of each; slots past a group's count are left as they are, nobody reads
     them; more rows than fit: the header alone tells the counts)."""
     groups = len(shapes)
-    message = parallel.send_buffer(groups * (owners + 1) + dense_size
-                                   + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity)))
+    message = parallel.send_buffer(_message_floats(shapes, dense_size, capacity, owners))
     counts = np.zeros((groups, owners), dtype=np.int64)
     offset = groups * (owners + 1)
     if dense:
@@ -415,7 +421,7 @@ class TrainingOptimizer:
 
     @property
     def exchange_parts(self) -> dict[str, float]:
-        """``exchange``'s seconds so far by part (pack, gather, unpack) and its message size (floats)."""
+        """``exchange``'s seconds so far by part (``EXCHANGE_PARTS``) and its message size (floats)."""
         return dict(self.tables.exchange_parts) if self.tables is not None else {}
 
     @property
@@ -490,11 +496,10 @@ class TrainingOptimizer:
             return
         entries = -(-batch_size // size) * columns
         capacity = [min(len(group["flat"]), entries) for group in tables.param_groups]
-        owners = parallel.world_size() if self._shared else 1
         dense = len(self.flat.param_groups[0]["flat"]) if self.flat is not None else sum(
             p.numel() for p in self.dense_params)
-        floats = len(capacity) * (owners + 1) + dense + sum(
-            c * (group["flat"].shape[1] + 1) for c, group in zip(capacity, tables.param_groups))
+        floats = _message_floats([tuple(group["flat"].shape) for group in tables.param_groups], dense, capacity,
+                                 size if self._shared else 1)
         if floats <= self.MESSAGE_LIMIT:
             tables.capacity[:] = [max(a, b) for a, b in zip(tables.capacity, capacity)]
             parallel.send_buffer(floats)  # builds the shared all-gather for messages this long

@@ -255,7 +255,7 @@ def shared_floats(floats: int) -> torch.Tensor | None:
     """A float32 tensor of ``floats`` zeros that every process sees, or None where shared memory cannot carry it
     (as for ``all_gather``: torchrun's ``LOCAL_WORLD_SIZE`` must be the world size, ``TRAIN_SHM`` not 0, and the
     file must be made and mapped everywhere). Collective."""
-    if world_size() == 1 or not _all_local():
+    if not shared_floats_available():
         return None
     mapped = _shared_mapping(4 * floats, "train-state-")
     return None if mapped is None else torch.frombuffer(mapped, dtype=torch.float32, count=floats)

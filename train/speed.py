@@ -38,7 +38,7 @@ from train.errors import TrainError
 from train.evaluate import binary_metrics, predict
 from train.fit import report_skipped, resolve_spec
 from train.models import ARCHITECTURES, build_model, deepctr_input, parameter_count
-from train.optim import build_optimizer, dense_adam
+from train.optim import EXCHANGE_PARTS, build_optimizer, dense_adam
 from train.trainer import PhaseClock, _run_epoch, _start_at_base_rate, check_training, training_forward
 
 __all__ = ["LOOPS", "PHASES", "check_processes", "check_speed", "measure_processes", "measure_speed",
@@ -431,7 +431,7 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
             runs.append({"processes": n, "repeat": repeat, "epoch_seconds": [h["seconds"] for h in history],
                          "exchange_seconds": [h.get("exchange_seconds", 0.0) for h in history],
                          **{f"exchange_{part}_seconds": [h.get(f"exchange_{part}_seconds", 0.0) for h in history]
-                            for part in ("pack", "gather", "unpack", "sync")},
+                            for part in EXCHANGE_PARTS},
                          "exchange_floats": history[-1].get("exchange_floats", 0),
                          "samples_per_s": round(rows * len(history) / seconds, 1),
                          "train_logloss": history[-1]["train_logloss"], "test_auc": meta["metrics"]["test"]["auc"]})
@@ -515,7 +515,7 @@ def render_processes(result: dict[str, Any]) -> str:
             steps = result["steps_per_epoch"] * s["epochs"]
             per_step = {part: statistics.median(1e3 * sum(r.get(f"exchange_{part}_seconds", [0.0])) / steps
                                                 for r in mine)
-                        for part in ("pack", "gather", "unpack", "sync")}
+                        for part in EXCHANGE_PARTS}
             parts.append(f"| {n} | {alone['floats']:,} | {per_step['pack']:.2f} | {per_step['gather']:.2f} | "
                          f"{alone['ms']:.2f} | {max(0.0, per_step['gather'] - alone['ms']):.2f} | "
                          f"{per_step['unpack']:.2f} | {per_step['sync']:.2f} |")

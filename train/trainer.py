@@ -23,7 +23,7 @@ from train.evaluate import binary_metrics, oracle_metrics, predict
 from train import parallel
 from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
 from train.fused import fused_forward
-from train.optim import TrainingOptimizer, build_optimizer
+from train.optim import EXCHANGE_PARTS, TrainingOptimizer, build_optimizer
 
 __all__ = ["TrainedModel", "fit_epochs", "split_metrics", "train_model"]
 
@@ -147,7 +147,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                     history[-1]["exchange_seconds"] = round(optimizer.exchange_seconds - exchanged, 2)
                     now = optimizer.exchange_parts  # its parts (row-wise tables only) and the message size
                     history[-1].update({f"exchange_{name}_seconds": round(now[name] - parts.get(name, 0.0), 3)
-                                        for name in ("pack", "gather", "unpack", "sync") if name in now})
+                                        for name in EXCHANGE_PARTS if name in now})
                     if "floats" in now:
                         history[-1]["exchange_floats"] = int(now["floats"])
                 if progress:
