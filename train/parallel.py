@@ -27,7 +27,7 @@ from train import _local
 from train.errors import TrainError
 
 __all__ = ["LocalGather", "all_gather", "all_gather_seconds", "all_reduce_dense", "all_reduce_max", "barrier",
-           "broadcast_float", "is_main", "local_cpus", "rank", "requested_size", "send_buffer", "setup",
+           "broadcast_float", "is_main", "local_cpus", "local_gather", "rank", "requested_size", "send_buffer", "setup",
            "shard_batches", "shard_range", "shared_floats", "shared_floats_available", "sum_float", "sync",
            "world_size"]
 
@@ -183,6 +183,7 @@ class LocalGather:
         self.flags = memory.numpy()
         self.blocks = torch.frombuffer(self._map, dtype=torch.float32, offset=8 * flags,
                                        count=2 * self.size * self.floats).view(2, self.size, self.floats)
+        self.arrays = self.blocks.numpy()  # the same blocks for C kernels: (set, process, floats)
 
     def block(self, n: int) -> torch.Tensor:
         """This process's block for the next call, its first ``n`` floats: write a message here to save a copy."""
@@ -289,6 +290,13 @@ def shard_range(n: int, size: int | None = None, me: int | None = None, align: i
 
 
 _GATHER: dict[str, LocalGather] = {}
+
+
+def local_gather(floats: int) -> LocalGather | None:
+    """The shared-memory all-gather whose blocks hold ``floats`` per process (built or grown now, collectively),
+    None where gloo carries the messages. For a caller that writes its message into ``arrays[calls % 2, me]`` and
+    calls ``sync()``, as ``all_gather`` of ``send_buffer``'s block does."""
+    return _local_gather(torch.float32, 1, floats) if world_size() > 1 else None
 
 
 def send_buffer(floats: int) -> torch.Tensor:
