@@ -93,6 +93,24 @@ def test_training_steps_with_the_fused_forward_move_the_same_weights(architectur
             assert torch.equal(states[1][name][40:], start[name][40:]), name
 
 
+def test_a_prepared_batch_gives_the_forward_it_would_compute_and_only_for_that_batch():
+    """``prepare`` works out the next batch's inputs ahead (while a process waits for the others); the forward of that
+    batch uses them and gives the same bits, and a forward of any other tensor ignores them."""
+    model, hp = _model("deepfm")
+    optimizer = build_optimizer(model, hp)
+    fused = training_forward(model, optimizer, hp, 34)
+    first, second = _inputs(model, 64, seed=3), _inputs(model, 64, seed=4)
+    want = [fused(first).detach(), fused(second).detach()]
+    fused.prepare(first)
+    assert fused._prepared is not None and fused._prepared[0] is first
+    assert torch.equal(fused(first).detach(), want[0])
+    assert fused._prepared is None  # used once
+    fused.prepare(first)
+    assert torch.equal(fused(second).detach(), want[1])  # another batch: computed from its own inputs
+    assert torch.equal(fused(first.clone()).detach(), want[0])  # equal values, another tensor: not the prepared one
+    optimizer.finish()
+
+
 def test_the_fused_forward_is_used_only_where_it_computes_the_model():
     model, hp = _model("deepfm")
     optimizer = build_optimizer(model, hp)

@@ -352,12 +352,13 @@ def _sharded_worker(rank: int, store: str, out: str, shard: str) -> None:
                               {id(t.weight): t for t in tables}, lr=0.05)
     optimizer = TrainingOptimizer([tables_adam, FlatAdam([dense], lr=0.01, eps=1e-8)], [], tables)
     optimizer.prepare(16, 1)  # blocks for 8 rows: the first step's 16 outgrow them, the general path grows them
+    waits = []  # ``during`` runs while a step waits for the other process, with shared state only
     for step in range(4):
         part = torch.randint(0, 300, (32,), generator=torch.Generator().manual_seed(step)).tensor_split(2)[rank]
         optimizer.zero_grad()
         loss = ((tables[0](part).sum(1) + tables[1](part) @ dense) ** 2).sum()
         loss.backward()
-        optimizer.step()
+        optimizer.step(during=lambda: waits.append(step))
     shared = bool(optimizer._shared)
     fast = optimizer._fast is not None  # the steps after the first went through ``_SharedStep``
     optimizer.finish()
@@ -368,7 +369,7 @@ def _sharded_worker(rank: int, store: str, out: str, shard: str) -> None:
             tables[1].weight.add_(1.0)
     dist.barrier()
     private = torch.equal(tables[1].weight.detach(), weights[1]) and torch.equal(dense.detach(), weights[2])
-    torch.save((weights, shared and fast, private), Path(out) / f"out-{rank}.pt")
+    torch.save((weights, shared and fast and waits == [0, 1, 2, 3], private), Path(out) / f"out-{rank}.pt")
     dist.destroy_process_group()
 
 

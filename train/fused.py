@@ -75,9 +75,7 @@ class _Group:
 
     def leaf(self, index: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows the batch reads as a leaf tensor (staged for the optimizer) and each (sample, column)'s
-        position in it, (batch, columns)."""
-        if self.signature not in cache:
-            cache[self.signature] = unique_rows(index, self.rows, self.offsets, self.group["slot"])
+        position in it, (batch, columns); ``cache`` holds ``unique_rows`` of ``index`` by layout (``signature``)."""
         rows, inverse = cache[self.signature]
         leaf = self.group["flat"].index_select(0, rows).requires_grad_(True)
         self.group["staged"] = (rows, leaf)
@@ -209,8 +207,17 @@ class FusedForward:
         self.vectors, self.vector_fields = vectors, vector_fields
         self.linear, self.linear_fields = linear, linear_fields
         self.multi = sorted(set(vector_fields.multi + linear_fields.multi))
+        self._prepared: tuple | None = None  # (x, what ``_inputs(x)`` returned): ``prepare``
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor) -> None:
+        """Work out now what the forward of ``x`` needs from ``x`` alone (``_inputs``), so that ``self(x)``, the next
+        call, starts from it. Under torchrun the trainer calls this for the next batch while a process waits for the
+        others to send their gradients: a faster process then spends part of its wait on it."""
+        self._prepared = (x, self._inputs(x))
+
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """The batch as indices, the pooling weights of the multi-valued fields, and the rows each group reads with
+        each entry's position among them (``unique_rows``, once per layout)."""
         index = x.long()
         weights = {}
         for start, stop, combiner in self.multi:  # deepctr's SequencePoolingLayer: non-zero slots count
@@ -218,6 +225,14 @@ class FusedForward:
             weights[(start, stop, combiner)] = (mask if combiner == "sum" else
                                                 mask / (mask.sum(dim=-1, keepdim=True) + 1e-8))
         cache: dict = {}
+        for group in (self.vectors, self.linear):
+            if group.signature not in cache:
+                cache[group.signature] = unique_rows(index, group.rows, group.offsets, group.group["slot"])
+        return index, weights, cache
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        prepared, self._prepared = self._prepared, None
+        index, weights, cache = prepared[1] if prepared is not None and prepared[0] is x else self._inputs(x)
         emb = self.vector_fields.vectors(*self.vectors.leaf(index, cache), weights)
         logit = self.linear_fields.logit(*self.linear.leaf(index, cache), weights)
         model = self.model

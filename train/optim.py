@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -456,9 +456,11 @@ class _SharedStep:
                                  np.zeros((min(entries, rows), width), dtype=np.float32)))
         self.flat_arrays = flat.arrays(*self.own) if flat is not None else None
 
-    def run(self, touched: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> bool:
+    def run(self, touched: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+            during: Callable[[], None] | None = None) -> bool:
         """Exchange, sum and step ``touched`` (``RowwiseAdam._touched`` of each group) and the dense gradient; then
-        wait for everyone. False: nothing summed or stepped (some process's rows outgrew their block)."""
+        wait for everyone. False: nothing summed or stepped (some process's rows outgrew their block). ``during``
+        runs once the message is sent, before waiting for the others' (``TrainingOptimizer.step``)."""
         gather, me, size, head, dense = self.gather, self.me, self.size, self.head, self.dense
         clock = self.tables.exchange_parts
         started = time.perf_counter()
@@ -483,7 +485,7 @@ class _SharedStep:
         header[:counts.size] = counts.reshape(-1)
         header[counts.size:] = shares
         packed = time.perf_counter()
-        gather.sync()
+        gather.sync(during)
         received = time.perf_counter()
         clock["pack"] = clock.get("pack", 0.0) + packed - started
         clock["gather"] = clock.get("gather", 0.0) + received - packed
@@ -591,9 +593,13 @@ class TrainingOptimizer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
+    def step(self, during: Callable[[], None] | None = None) -> None:
         """Under torchrun the dense gradients travel with the table rows (``exchange``), in one message; where the
-        processes share their parameters (``_share``), each steps the part it owns, then all wait for each other."""
+        processes share their parameters (``_share``), each steps the part it owns, then all wait for each other.
+
+        ``during``: work that does not read the parameters (the next batch's ``FusedForward.prepare``), run once
+        while this process waits for the others' gradients where the state is shared (``_SharedStep``); not run
+        otherwise."""
         dense = ([self.flat.param_groups[0]["grad"]] if self.flat is not None
                  else [p.grad for p in self.dense_params if p.grad is not None])
         if self._shared is None and parallel.world_size() > 1:
@@ -601,7 +607,7 @@ class TrainingOptimizer:
         if self._shared:
             touched = [self.tables._touched(group) for group in self.tables.param_groups]
             fast = self._shared_step()
-            if fast is not None and fast.run(touched):
+            if fast is not None and fast.run(touched, during):
                 return
             size = parallel.world_size()
             self.tables.step(dense=dense, owners=size, touched=touched)

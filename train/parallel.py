@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from datetime import timedelta
+from typing import Callable
 
 import numpy as np
 import torch
@@ -199,11 +200,13 @@ class LocalGather:
         everyone = self.blocks[part, :, :n]
         return everyone.clone() if copy else everyone
 
-    def sync(self) -> None:
+    def sync(self, during: Callable[[], None] | None = None) -> None:
         """Publish this call and wait until every process has published it; on its own, a call with no message
-        (a barrier that keeps the calls' alternation)."""
+        (a barrier that keeps the calls' alternation). ``during``: run between publishing and waiting."""
         self.calls += 1
         _local.publish(self.flags, self.me * self.FLAG_STRIDE, self.calls)
+        if during is not None:
+            during()
         if not _local.wait_all(self.flags, self.FLAG_STRIDE, self.size, self.calls, self.TIMEOUT_S):
             raise TrainError(f"data-parallel training: a process did not reach call {self.calls} of the shared "
                              f"all-gather within {self.TIMEOUT_S:.0f} s")

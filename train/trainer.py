@@ -7,6 +7,7 @@ the model's L2 terms), so its regularisation strengths mean what they mean in de
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -250,6 +251,8 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
 
     The epoch's rows are gathered once, in shuffled order, into one block (this process's share of
     every batch under torchrun); each batch is then a slice of it, so assembling a batch costs no copy.
+    A forward that can ``prepare`` a batch (``FusedForward``) is handed the next one during the optimizer's step,
+    which runs it while waiting for the other processes where it waits (``TrainingOptimizer.step``).
 
     ``clock``, when given, is charged per phase: ``data`` (the shuffle and gather, and the batch slices),
     ``forward`` (model and loss), ``regularization`` (deepctr's L2 terms the loss carries: every weight
@@ -265,11 +268,14 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
     mine, ends = parallel.shard_batches(order, batch_size)
     x_epoch, y_epoch = x.index_select(0, mine), y.index_select(0, mine)
     total = 0.0
+    prepare = getattr(forward, "prepare", None)  # ``FusedForward``: the next batch's inputs, while waiting
     with tqdm(total=len(ends), desc=desc, unit="batch", disable=not progress, leave=False) as bar:
         clock.mark("data")
-        start = 0
+        start, upcoming = 0, None
         for step, end in enumerate(ends):
-            x_batch, y_batch = x_epoch[start:end], y_epoch[start:end]
+            x_batch = upcoming if upcoming is not None else x_epoch[start:end]
+            y_batch = y_epoch[start:end]
+            upcoming = x_epoch[end:ends[step + 1]] if step + 1 < len(ends) else None
             start = end
             clock.mark("data")
             if len(x_batch):
@@ -286,7 +292,8 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
             if objective.requires_grad:
                 objective.backward()
             clock.mark("backward")
-            optimizer.step()
+            ahead = prepare is not None and upcoming is not None and len(upcoming) > 0
+            optimizer.step(during=functools.partial(prepare, upcoming) if ahead else None)
             clock.mark("optimizer")
             total += loss.item()
             bar.update(1)
