@@ -42,6 +42,17 @@ def publish(int64_t[::1] flags, Py_ssize_t at, int64_t value) -> None:
     local_store(&flags[at], value)
 
 
+def published(const int64_t[::1] flags, Py_ssize_t stride, Py_ssize_t count, int64_t value) -> bool:
+    """Whether ``flags[p * stride] >= value`` for every ``p < count`` now: one look, with acquire loads."""
+    cdef Py_ssize_t p
+    if count < 0 or stride < 1 or (count and (count - 1) * stride >= flags.shape[0]):
+        raise IndexError(f"{count} flags {stride} apart do not fit in {flags.shape[0]}")
+    for p in range(count):
+        if local_load(&flags[p * stride]) < value:
+            return False
+    return True
+
+
 def wait_all(int64_t[::1] flags, Py_ssize_t stride, Py_ssize_t count, int64_t value, double timeout,
              double spin=0.005) -> bool:
     """Wait until ``flags[p * stride] >= value`` for every ``p < count``; False if ``timeout`` seconds pass first.

@@ -211,8 +211,8 @@ class FusedForward:
 
     def prepare(self, x: torch.Tensor) -> None:
         """Work out now what the forward of ``x`` needs from ``x`` alone (``_inputs``), so that ``self(x)``, the next
-        call, starts from it. Under torchrun the trainer calls this for the next batch while a process waits for the
-        others to send their gradients: a faster process then spends part of its wait on it."""
+        call, starts from it. Under torchrun the trainer has this run for the next batch while a process waits for the
+        others to send their gradients: a process that arrives early spends part of its wait on it."""
         self._prepared = (x, self._inputs(x))
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:

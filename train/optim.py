@@ -241,7 +241,9 @@ class FlatAdam(torch.optim.Optimizer):
             p.grad = None
 
 
-EXCHANGE_PARTS = ("pack", "gather", "unpack", "sync")  # the exchange's timed parts (``exchange``, ``step``)
+# the exchange's timed parts (``exchange``, ``_SharedStep``): "ahead" is the next batch's preparation, run while a
+# process waits for the others (``TrainingOptimizer.step``'s ``during``), not counted in "gather"
+EXCHANGE_PARTS = ("pack", "gather", "ahead", "unpack", "sync")
 OWNER_SHIFT = 6  # with sharded state a table row belongs to process (row >> 6) % processes: blocks of 64 rows
 
 
@@ -484,11 +486,18 @@ class _SharedStep:
         header = self.headers[part, me]
         header[:counts.size] = counts.reshape(-1)
         header[counts.size:] = shares
-        packed = time.perf_counter()
-        gather.sync(during)
+        packed, ahead = time.perf_counter(), [0.0]
+
+        def timed() -> None:
+            begun = time.perf_counter()
+            during()
+            ahead[0] = time.perf_counter() - begun
+
+        gather.sync(timed if during is not None else None)
         received = time.perf_counter()
         clock["pack"] = clock.get("pack", 0.0) + packed - started
-        clock["gather"] = clock.get("gather", 0.0) + received - packed
+        clock["gather"] = clock.get("gather", 0.0) + received - packed - ahead[0]
+        clock["ahead"] = clock.get("ahead", 0.0) + ahead[0]
         clock["floats"] = float(written)
         headers = self.headers[part]
         sent = headers[:, :counts.size].astype(np.int64).reshape(size, len(touched), size)  # (process, group, owner)
@@ -597,9 +606,9 @@ class TrainingOptimizer:
         """Under torchrun the dense gradients travel with the table rows (``exchange``), in one message; where the
         processes share their parameters (``_share``), each steps the part it owns, then all wait for each other.
 
-        ``during``: work that does not read the parameters (the next batch's ``FusedForward.prepare``), run once
-        while this process waits for the others' gradients where the state is shared (``_SharedStep``); not run
-        otherwise."""
+        ``during``: work that does not read the parameters (the next batch's ``FusedForward.prepare``), run at most
+        once, while this process would wait for the others' gradients, where the state is shared (``_SharedStep``,
+        ``LocalGather.sync``): the last process to send does not run it, as it would delay everyone."""
         dense = ([self.flat.param_groups[0]["grad"]] if self.flat is not None
                  else [p.grad for p in self.dense_params if p.grad is not None])
         if self._shared is None and parallel.world_size() > 1:

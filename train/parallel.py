@@ -202,10 +202,12 @@ class LocalGather:
 
     def sync(self, during: Callable[[], None] | None = None) -> None:
         """Publish this call and wait until every process has published it; on its own, a call with no message
-        (a barrier that keeps the calls' alternation). ``during``: run between publishing and waiting."""
+        (a barrier that keeps the calls' alternation). ``during``: run between publishing and waiting where some
+        process has not published yet, that is, where this one would wait; the last to arrive does not run it,
+        so it delays nobody."""
         self.calls += 1
         _local.publish(self.flags, self.me * self.FLAG_STRIDE, self.calls)
-        if during is not None:
+        if during is not None and not _local.published(self.flags, self.FLAG_STRIDE, self.size, self.calls):
             during()
         if not _local.wait_all(self.flags, self.FLAG_STRIDE, self.size, self.calls, self.TIMEOUT_S):
             raise TrainError(f"data-parallel training: a process did not reach call {self.calls} of the shared "

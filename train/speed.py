@@ -518,9 +518,9 @@ def render_processes(result: dict[str, Any]) -> str:
                         for part in EXCHANGE_PARTS}
             parts.append(f"| {n} | {alone['floats']:,} | {per_step['pack']:.2f} | {per_step['gather']:.2f} | "
                          f"{alone['ms']:.2f} | {max(0.0, per_step['gather'] - alone['ms']):.2f} | "
-                         f"{per_step['unpack']:.2f} | {per_step['sync']:.2f} |")
+                         f"{per_step['ahead']:.2f} | {per_step['unpack']:.2f} | {per_step['sync']:.2f} |")
     if parts:
         lines += ["", "| processes | message floats | pack ms/step | all-gather ms/step | all-gather alone ms | "
-                      "waiting ms/step | unpack ms/step | sync ms/step |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
-                  *parts]
+                      "waiting ms/step | next batch while waiting ms/step | unpack ms/step | sync ms/step |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *parts]
     return "\n".join(lines)
