@@ -307,20 +307,13 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         if all(n <= c for n, c in zip(longest, capacity)):
             break
         capacity[:] = [max(c, n + n // 4) for c, n in zip(capacity, longest)]
-    shared = header[:, groups * owners:].tolist()
+    shared = header[:, groups * owners:]
     offset = head
     if owners > 1:
         if dense_size:
             start, stop = own
-            mine = dense[0].view(-1)[start:stop]
-            parts = [mine if p == me else gathered[p, offset + start:offset + stop] for p in range(len(gathered))]
-            if len(parts) == 2:  # a + b == b + a in floating point: the process-order sum, without a copy
-                torch.add(parts[1 - me], mine, out=mine)
-            else:
-                total = parts[0].clone()
-                for part in parts[1:]:
-                    total += part
-                mine.copy_(total)
+            _sum_owned_dense(dense[0].view(-1)[start:stop].numpy(), gathered.numpy()[:, offset + start:offset + stop],
+                             me)
         offset += dense_size
     elif len(dense) == 1 and dense[0].is_contiguous():  # ``FlatAdam``'s one gradient: summed straight into it
         torch.sum(gathered[:, offset:offset + dense_size], dim=0, out=dense[0].view(-1))
@@ -330,32 +323,70 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         for t in dense:
             t.copy_(summed[offset - head:offset - head + t.numel()].view_as(t))
             offset += t.numel()
-    received_rows = gathered.numpy()
-    out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * groups
-    merged: dict[int, torch.Tensor] = {}  # a merged group's positions, for the groups that share its rows
-    for g, ((rows_in_group, width), size) in enumerate(zip(shapes, capacity)):
-        per_process = np.ascontiguousarray(sent[:, g, me])
-        starts = sent[:, g, :me].sum(axis=1)  # this owner's run in each block, in rows
-        entries = int(per_process.sum())
-        if entries:
-            lead = shared[0][g]
-            if lead >= 0 and lead in merged and all(row[g] == lead for row in shared):
-                rows, position = out[lead][0], merged[lead]
-                sums = torch.zeros((len(rows), width))
-                _rows.add_blocks(received_rows, offset, width, per_process, starts, position.numpy(), sums.numpy())
-            else:
-                slot = torch.full((rows_in_group,), -1, dtype=torch.int32) if slots is None else slots[g]
-                sums = torch.zeros((min(entries, rows_in_group), width))
-                rows, position = torch.empty(len(sums), dtype=torch.long), torch.empty(entries, dtype=torch.long)
-                k = _rows.merge_blocks(received_rows, offset, width, per_process, starts, slot.numpy(), rows.numpy(),
-                                       position.numpy(), sums.numpy())
-                rows, sums = rows[:k], sums[:k]
-                merged[g] = position
-            out[g] = (rows, sums)
-        elif sent[:, g].any():  # others' rows only: the step still counts for this group
-            out[g] = (torch.empty(0, dtype=torch.long), torch.zeros((0, width)))
-        offset += size * (width + 1)
+    offsets = [offset + sum(c * (w + 1) for (_, w), c in zip(shapes[:g], capacity[:g])) for g in range(groups)]
+    out = [(None, None) if pair is None else (torch.from_numpy(pair[0]), torch.from_numpy(pair[1]))
+           for pair in _merge_owned(gathered.numpy(), sent, shared, me, shapes, offsets,
+                                    None if slots is None else [slot.numpy() for slot in slots])]
     clock["unpack"] = clock.get("unpack", 0.0) + time.perf_counter() - received
+    return out
+
+
+def _sum_owned_dense(mine: np.ndarray, received: np.ndarray, me: int) -> None:
+    """Add to ``mine`` (this process's own range of its dense gradient) that range of every other process's message
+    (``received``: (processes, range), row ``me`` not read), in process order, in place."""
+    if len(received) == 2:  # a + b == b + a in floating point: the process-order sum, without a copy
+        np.add(received[1 - me], mine, out=mine)
+        return
+    parts = [mine if p == me else received[p] for p in range(len(received))]
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    mine[:] = total
+
+
+def _merge_owned(received: np.ndarray, sent: np.ndarray, shares: np.ndarray, me: int, shapes: list[tuple[int, int]],
+                 offsets: list[int], slots: list[np.ndarray] | None = None,
+                 scratch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+                 ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per group, the rows owner ``me`` owns that some process read, with their gradients summed in process order,
+    from every process's block (``received``: (processes, floats), each group's blocks from ``offsets[g]``).
+
+    ``sent`` counts each process's rows by group and owner (process, group, owner); ``shares`` (process, group) names
+    the earlier group whose rows each process's group repeats, -1 if none: where every process says so, the group's
+    sums reuse that merge's positions (``add_blocks``), else ``merge_blocks`` makes them. A group gets an empty pair
+    where others read rows but none of this owner's (its step still counts), None where nobody read any. ``slots``:
+    the groups' ``unique_rows`` scratch (new ones if None); ``scratch``: per group arrays for the rows, positions and
+    sums, large enough for every process's block (``_SharedStep``), else new arrays."""
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    merged: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # a merged group's rows, positions and count
+    for g, ((table_rows, width), offset) in enumerate(zip(shapes, offsets)):
+        per_process = np.ascontiguousarray(sent[:, g, me])
+        entries = int(per_process.sum())
+        if not entries:
+            out.append((np.zeros(0, dtype=np.int64), np.zeros((0, width), dtype=np.float32))
+                       if sent[:, g].any() else None)
+            continue
+        starts = sent[:, g, :me].sum(axis=1)  # this owner's run in each block, in rows
+        lead = int(shares[0, g])
+        if lead >= 0 and lead in merged and (shares[:, g] == lead).all():
+            rows, position, k = merged[lead]
+            sums = (scratch[g][2][:k] if scratch is not None and k <= len(scratch[g][2])
+                    else np.zeros((k, width), dtype=np.float32))
+            sums.fill(0.0)
+            _rows.add_blocks(received, offset, width, per_process, starts, position, sums)
+        else:
+            room = min(entries, table_rows)
+            if scratch is not None:
+                rows, position, sums = scratch[g][0][:room], scratch[g][1][:entries], scratch[g][2][:room]
+                sums.fill(0.0)
+            else:
+                rows, position = np.empty(room, dtype=np.int64), np.empty(entries, dtype=np.int64)
+                sums = np.zeros((room, width), dtype=np.float32)
+            slot = slots[g] if slots is not None else np.full(table_rows, -1, dtype=np.int32)
+            k = _rows.merge_blocks(received, offset, width, per_process, starts, slot, rows, position, sums)
+            merged[g] = (rows, position, k)
+            sums = sums[:k]
+        out.append((rows[:k], sums))
     return out
 
 
@@ -506,44 +537,14 @@ class _SharedStep:
             return False
         everyone = gather.arrays[part]
         if len(dense):
-            mine = dense[start:stop]
-            if size == 2:  # a + b == b + a in floating point: the process-order sum, without a copy
-                np.add(everyone[1 - me, head + start:head + stop], mine, out=mine)
-            else:
-                parts = [mine if p == me else everyone[p, head + start:head + stop] for p in range(size)]
-                total = parts[0].copy()
-                for other in parts[1:]:
-                    total += other
-                mine[:] = total
-        steps, merged = [], {}  # (group, rows, sums) to step; a merged group's rows, positions and count
-        for g, ((table_rows, width), offset) in enumerate(zip(self.shapes, self.offsets)):
-            per_process = np.ascontiguousarray(sent[:, g, me])
-            entries = int(per_process.sum())
-            if not entries:
-                if sent[:, g].any():  # others' rows only: the step still counts for this group
-                    steps.append((g, np.zeros(0, dtype=np.int64), np.zeros((0, width), dtype=np.float32)))
-                continue
-            starts = sent[:, g, :me].sum(axis=1)  # this owner's run in each block, in rows
-            rows, position, sums = self.scratch[g]
-            lead = int(headers[0, counts.size + g])
-            if lead >= 0 and lead in merged and (headers[:, counts.size + g] == lead).all():
-                rows, position, k = merged[lead]
-                sums = sums[:k] if k <= len(sums) else np.zeros((k, width), dtype=np.float32)
-                sums.fill(0.0)
-                _rows.add_blocks(everyone, offset, width, per_process, starts, position, sums)
-            else:
-                room = min(entries, table_rows)
-                sums[:room].fill(0.0)
-                k = _rows.merge_blocks(everyone, offset, width, per_process, starts, self.slots[g], rows[:room],
-                                       position[:entries], sums[:room])
-                merged[g] = (rows, position[:entries], k)
-                sums = sums[:k]
-            steps.append((g, rows[:k], sums))
+            _sum_owned_dense(dense[start:stop], everyone[:, head + start:head + stop], me)
+        summed = _merge_owned(everyone, sent, headers[:, counts.size:], me, self.shapes, self.offsets, self.slots,
+                              self.scratch)
         unpacked = time.perf_counter()
         clock["unpack"] = clock.get("unpack", 0.0) + unpacked - received
-        groups = self.tables.param_groups
-        for g, rows, sums in steps:
-            RowwiseAdam._advance(groups[g], rows, sums, self.state[g])
+        for group, pair, state in zip(self.tables.param_groups, summed, self.state):
+            if pair is not None:
+                RowwiseAdam._advance(group, *pair, state)
         if self.flat is not None:
             self.flat._advance(self.flat_arrays)
         stepped = time.perf_counter()
