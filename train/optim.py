@@ -287,20 +287,19 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
     if owners > 1 and (len(dense) > 1 or (dense and not dense[0].is_contiguous())):
         raise TrainError("data-parallel training: sharded state needs the dense gradients as one flat tensor")
     own = parallel.shard_range(dense_size, owners, me) if owners > 1 else (0, dense_size)
-    shares = [next((j for j in range(g) if rows is not None and touched[j][0] is rows), -1)
-              for g, (rows, _) in enumerate(touched)]
+    shares = _shares(touched)
     clock = {} if clock is None else clock
     head = groups * (owners + 1)
     while True:
         started = time.perf_counter()
-        message = _message(touched, shapes, dense, dense_size, capacity, shares, owners, own if owners > 1 else None)
+        message, written = _message(touched, shapes, dense, dense_size, capacity, shares, owners,
+                                    own if owners > 1 else None)
         packed = time.perf_counter()
         gathered = parallel.all_gather(message, copy=False)  # read before this function returns
         received = time.perf_counter()
         clock["pack"] = clock.get("pack", 0.0) + packed - started
         clock["gather"] = clock.get("gather", 0.0) + received - packed
-        clock["floats"] = float(head + dense_size + sum(  # what was written, not the blocks' unused room
-            (0 if rows is None else len(rows)) * (width + 1) for (rows, _), (_, width) in zip(touched, shapes)))
+        clock["floats"] = float(written)  # what was written, not the blocks' unused room
         header = gathered.numpy()[:, :head].view(np.int32)
         sent = header[:, :groups * owners].astype(np.int64).reshape(-1, groups, owners)  # (process, group, owner)
         longest = sent.sum(axis=2).max(axis=0).tolist()
@@ -323,7 +322,7 @@ def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], sha
         for t in dense:
             t.copy_(summed[offset - head:offset - head + t.numel()].view_as(t))
             offset += t.numel()
-    offsets = [offset + sum(c * (w + 1) for (_, w), c in zip(shapes[:g], capacity[:g])) for g in range(groups)]
+    offsets = _block_offsets(shapes, capacity, offset)
     out = [(None, None) if pair is None else (torch.from_numpy(pair[0]), torch.from_numpy(pair[1]))
            for pair in _merge_owned(gathered.numpy(), sent, shared, me, shapes, offsets,
                                     None if slots is None else [slot.numpy() for slot in slots])]
@@ -414,35 +413,62 @@ def _message_floats(shapes: list[tuple[int, int]], dense_size: int, capacity: li
 
 def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
              dense: list[torch.Tensor], dense_size: int, capacity: list[int], shares: list[int], owners: int,
-             own: tuple[int, int] | None) -> torch.Tensor:
-    """This process's part of the all-gather: header (rows per group and owner, then the shared groups), dense
-    gradients (without ``own``, the range this process sums itself, where given), then per group its rows and
-    their gradients (``capacity`` rows of each; slots past a group's count are left as they are, nobody reads
-    them; more rows than fit: the header alone tells the counts)."""
-    groups = len(shapes)
+             own: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+    """This process's part of the all-gather (``_pack``), written into ``send_buffer``'s block, and the length of
+    its written part."""
     message = parallel.send_buffer(_message_floats(shapes, dense_size, capacity, owners))
+    offsets = _block_offsets(shapes, capacity, len(shapes) * (owners + 1) + dense_size)
+    return message, _pack(message.numpy(), touched, shapes, offsets, capacity, dense, dense_size, shares, owners, own)
+
+
+def _block_offsets(shapes: list[tuple[int, int]], capacity: list[int], start: int) -> list[int]:
+    """Where each group's block of ``capacity`` rows (1 + width floats each) starts in a message, the first at
+    ``start`` (after the header and the dense gradients)."""
+    offsets = []
+    for (_, width), size in zip(shapes, capacity):
+        offsets.append(start)
+        start += size * (width + 1)
+    return offsets
+
+
+def _shares(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> list[int]:
+    """Per group, the earlier group whose row tensor it stages (the fused forward's linear weights and vectors read
+    the same rows), -1 if none."""
+    return [next((j for j in range(g) if rows is not None and touched[j][0] is rows), -1)
+            for g, (rows, _) in enumerate(touched)]
+
+
+def _pack(message: np.ndarray, touched: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+          shapes: list[tuple[int, int]], offsets: list[int], capacity: list[int], dense: list[torch.Tensor],
+          dense_size: int, shares: list[int], owners: int, own: tuple[int, int] | None) -> int:
+    """Write a process's message into ``message``: header (rows per group and owner, then ``shares``), dense
+    gradients (without ``own``, the range this process sums itself, where given), then per group its rows and their
+    gradients from ``offsets[g]`` (``pack_owned``: ``capacity`` rows of each; slots past a group's count are left
+    as they are, nobody reads them; more rows than fit: the header alone tells the counts). Returns the length of
+    the written part (the header, the dense gradients and every row read)."""
+    groups = len(shapes)
+    head = groups * (owners + 1)
     counts = np.zeros((groups, owners), dtype=np.int64)
-    offset = groups * (owners + 1)
-    if dense:
-        if own is None:
-            torch.cat([t.reshape(-1) for t in dense], out=message[offset:offset + dense_size])
-        else:  # one flat gradient: every range but this process's own
-            flat = dense[0].view(-1)
-            message[offset:offset + own[0]].copy_(flat[:own[0]])
-            message[offset + own[1]:offset + dense_size].copy_(flat[own[1]:])
-        offset += dense_size
+    if dense and own is None:
+        torch.cat([t.reshape(-1) for t in dense], out=torch.from_numpy(message[head:head + dense_size]))
+    elif dense:  # one flat gradient: every range but this process's own
+        flat = dense[0].view(-1).numpy()
+        message[head:head + own[0]] = flat[:own[0]]
+        message[head + own[1]:head + dense_size] = flat[own[1]:]
+    written = head + dense_size
     for g, ((rows, grads), (_, width), size) in enumerate(zip(touched, shapes, capacity)):
-        if rows is not None:
-            if len(rows) <= size:
-                _rows.pack_owned(message.numpy(), offset, rows.contiguous().numpy(), grads.contiguous().numpy(),
-                                 OWNER_SHIFT, counts[g])
-            else:
-                counts[g] = np.bincount((rows.numpy() >> OWNER_SHIFT) % owners, minlength=owners)
-        offset += size * (width + 1)
-    header = message.numpy()[:groups * (owners + 1)].view(np.int32)  # numpy: a handful of tiny torch ops cost ~50 µs
+        if rows is None:
+            continue
+        if len(rows) <= size:
+            _rows.pack_owned(message, offsets[g], rows.contiguous().numpy(), grads.contiguous().numpy(), OWNER_SHIFT,
+                             counts[g])
+        else:
+            counts[g] = np.bincount((rows.numpy() >> OWNER_SHIFT) % owners, minlength=owners)
+        written += len(rows) * (width + 1)
+    header = message[:head].view(np.int32)
     header[:groups * owners] = counts.reshape(-1)
     header[groups * owners:] = shares
-    return message
+    return written
 
 
 class _SharedStep:
@@ -471,14 +497,12 @@ class _SharedStep:
         self.dense = (flat.param_groups[0]["grad"].numpy() if flat is not None else np.zeros(0, dtype=np.float32))
         self.own = parallel.shard_range(len(self.dense), self.size, self.me)
         self.head = len(groups) * (self.size + 1)
-        self.offsets, offset = [], self.head + len(self.dense)
-        for (_, width), size in zip(self.shapes, self.capacity):
-            self.offsets.append(offset)
-            offset += size * (width + 1)
-        if offset > gather.floats:
-            raise TrainError(f"data-parallel training: a {offset}-float message in {gather.floats}-float blocks")
+        self.offsets = _block_offsets(self.shapes, self.capacity, self.head + len(self.dense))
+        floats = _message_floats(self.shapes, len(self.dense), self.capacity, self.size)
+        if floats > gather.floats:
+            raise TrainError(f"data-parallel training: a {floats}-float message in {gather.floats}-float blocks")
+        self.gradients = [flat.param_groups[0]["grad"]] if flat is not None else []  # ``_pack``'s dense gradients
         self.headers = gather.arrays[:, :, :self.head].view(np.int32)  # (set, process, header)
-        self.counts = np.zeros((len(groups), self.size), dtype=np.int64)
         self.state = [(group["flat"].numpy(), group["exp_avg"].numpy(), group["exp_avg_sq"].numpy())
                       for group in groups]
         self.slots = [group["slot"].numpy() for group in groups]
@@ -498,25 +522,8 @@ class _SharedStep:
         clock = self.tables.exchange_parts
         started = time.perf_counter()
         part = gather.calls % 2
-        message = gather.arrays[part, me]
-        start, stop = self.own
-        if len(dense):
-            message[head:head + start] = dense[:start]
-            message[head + stop:head + len(dense)] = dense[stop:]
-        counts, shares, written = self.counts, [], head + len(dense)
-        for g, (rows, grads) in enumerate(touched):
-            shares.append(next((j for j in range(g) if rows is not None and touched[j][0] is rows), -1))
-            if rows is None:
-                counts[g] = 0
-            elif len(rows) <= self.capacity[g]:
-                _rows.pack_owned(message, self.offsets[g], rows.contiguous().numpy(), grads.contiguous().numpy(),
-                                 OWNER_SHIFT, counts[g])
-                written += len(rows) * (self.shapes[g][1] + 1)
-            else:
-                counts[g] = np.bincount((rows.numpy() >> OWNER_SHIFT) % size, minlength=size)
-        header = self.headers[part, me]
-        header[:counts.size] = counts.reshape(-1)
-        header[counts.size:] = shares
+        written = _pack(gather.arrays[part, me], touched, self.shapes, self.offsets, self.capacity, self.gradients,
+                        len(dense), _shares(touched), size, self.own)
         packed, ahead = time.perf_counter(), [0.0]
 
         def timed() -> None:
@@ -531,14 +538,16 @@ class _SharedStep:
         clock["ahead"] = clock.get("ahead", 0.0) + ahead[0]
         clock["floats"] = float(written)
         headers = self.headers[part]
-        sent = headers[:, :counts.size].astype(np.int64).reshape(size, len(touched), size)  # (process, group, owner)
+        counts = len(touched) * size
+        sent = headers[:, :counts].astype(np.int64).reshape(size, len(touched), size)  # (process, group, owner)
         if (sent.sum(axis=2) > self.capacity).any():
             self.tables.exchange_seconds += received - started
             return False
         everyone = gather.arrays[part]
         if len(dense):
+            start, stop = self.own
             _sum_owned_dense(dense[start:stop], everyone[:, head + start:head + stop], me)
-        summed = _merge_owned(everyone, sent, headers[:, counts.size:], me, self.shapes, self.offsets, self.slots,
+        summed = _merge_owned(everyone, sent, headers[:, counts:], me, self.shapes, self.offsets, self.slots,
                               self.scratch)
         unpacked = time.perf_counter()
         clock["unpack"] = clock.get("unpack", 0.0) + unpacked - received
