@@ -9,6 +9,7 @@ pytest.importorskip("torch")
 pytest.importorskip("deepctr_torch")
 
 from train.__main__ import main  # noqa: E402
+from train.optim import EXCHANGE_PARTS  # noqa: E402
 from train.speed import LOOPS, PHASES  # noqa: E402
 
 ROWS = 3000
@@ -151,8 +152,11 @@ def test_speed_ddp_runs_torchrun_with_one_and_two_processes(synthetic_data, tmp_
     runs = {r["processes"]: r for r in result["runs"]}
     assert sorted(runs) == [1, 2] and result["settings"]["batch_size"] == 1000
     assert runs[1]["exchange_seconds"] == [0.0] and runs[2]["exchange_seconds"][0] > 0
-    parts = [runs[2][f"exchange_{part}_seconds"][0] for part in ("pack", "gather", "unpack")]
-    assert all(p > 0 for p in parts) and sum(parts) <= runs[2]["exchange_seconds"][0] + 0.02  # rounding
+    parts = {part: runs[2][f"exchange_{part}_seconds"][0] for part in EXCHANGE_PARTS}
+    # writing and summing the message always take time; what is left of the all-gather once a process has spent
+    # its waits preparing the next batch ("ahead") can round to 0 on this small run
+    assert parts["pack"] > 0 and parts["unpack"] > 0 and min(parts.values()) >= 0
+    assert sum(parts.values()) <= runs[2]["exchange_seconds"][0] + 0.02  # rounding
     assert runs[1]["exchange_floats"] == 0 and runs[2]["exchange_floats"] > 0
     alone = result["all_gather_alone"]
     assert list(alone) == ["2"] and alone["2"]["floats"] == runs[2]["exchange_floats"] and alone["2"]["ms"] > 0
