@@ -307,7 +307,7 @@ def local_gather(floats: int) -> LocalGather | None:
 def send_buffer(floats: int) -> torch.Tensor:
     """Where to write a float32 message of ``floats`` for the next ``all_gather``: the shared block when shared
     memory carries it, so the message is not copied again, else a new tensor. Collective, like ``all_gather``."""
-    local = _local_gather(torch.float32, 1, floats) if world_size() > 1 else None
+    local = local_gather(floats)
     return local.block(floats) if local is not None else torch.empty(floats)
 
 
