@@ -939,30 +939,39 @@ def _init_keywords():
 _init_keywords()
 
 
-# -- factorized rows ----------------------------------------------------------------------------------
-def group_rows(groups, list records, int64_t[::1] row_imp, int64_t[::1] row_cand):
-    """Lay out the rows of ``groups`` ((imp record, candidates) pairs, in order) for the factorized graph.
+# -- a batch's rows ------------------------------------------------------------------------------------
+def layout_rows(pendings, int64_t[::1] row_imp, int64_t[::1] row_cand, double[::1] row_floor,
+                double[::1] row_value):
+    """Lay out the rows of ``pendings`` (``bidder.batch.Pending``, their ``first_imp`` set) one after another.
 
-    Row ``r`` of their concatenation gets ``row_imp[r]``, the position in ``records`` of its imp record
-    (appended unless it is the same object as the last one), and ``row_cand[r]``, its candidate's catalog
-    ``index``. Returns the number of rows; ValueError if the buffers are too short.
+    Row ``r`` gets ``row_imp[r]``, its imp's position in the batch (the request's ``first_imp`` plus the imp's
+    position in the request), ``row_cand[r]``, its candidate's catalog ``index``, ``row_floor[r]``, its imp's
+    floor, and ``row_value[r]``, its candidate's value per click. Sets each request's ``first_row``; returns
+    the number of rows; ValueError if the arrays are too short.
     """
-    cdef Py_ssize_t r = 0, n, limit = row_imp.shape[0]
-    cdef Py_ssize_t imp = len(records) - 1
-    cdef object last = records[imp] if imp >= 0 else None
-    cdef object record, eligible, candidate
-    if row_cand.shape[0] < limit:
-        limit = row_cand.shape[0]
-    for record, eligible in groups:
-        if record is not last:
-            records.append(record)
-            last = record
+    cdef Py_ssize_t r = 0, j, imp, n, limit = row_imp.shape[0]
+    cdef double floor
+    cdef object pending, eligible, candidate
+    cdef list floors, ids, candidates
+    if row_cand.shape[0] < limit or row_floor.shape[0] < limit or row_value.shape[0] < limit:
+        raise ValueError("row arrays of different lengths")
+    for pending in pendings:
+        pending.first_row = r
+        imp = pending.first_imp
+        floors = pending.floors
+        ids = pending.imp_ids
+        candidates = pending.candidates
+        for j in range(len(ids)):
+            floor = floors[ids[j]]
+            eligible = candidates[j]
+            n = len(eligible)
+            if r + n > limit:
+                raise ValueError(f"the rows do not fit arrays of {limit}")
+            for candidate in eligible:
+                row_imp[r] = imp
+                row_cand[r] = candidate.index
+                row_floor[r] = floor
+                row_value[r] = candidate.value_per_click
+                r += 1
             imp += 1
-        n = len(eligible)
-        if r + n > limit:
-            raise ValueError(f"the rows do not fit buffers of {limit}")
-        for candidate in eligible:
-            row_imp[r] = imp
-            row_cand[r] = candidate.index
-            r += 1
     return r

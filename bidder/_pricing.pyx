@@ -1,91 +1,71 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The best row per imp, natively: ``bidder.pricing.best_per_imp``'s scan over a request's rows.
+"""The best row per imp of a whole batch, natively: the scan behind ``bidder.pricing.best_rows``.
 
-A retrieved imp has hundreds of rows; a Python loop over them cost about 0.35 µs a row. This scan does
-the same arithmetic in the same order (price = pCTR × value per click × 1000 in double precision, the
-float32 score widened exactly as ``tolist`` widens it), so its choices are bit-identical. The pricing
-rules that follow (rounding, floors, deal terms) stay in ``bidder/pricing.py``.
+Every input is an array worked out before the scan (the rows' imps, candidates, floors and deal terms), so
+the scan makes no Python call. A row's value is pCTR × value per click × 1000 in double precision (a float32
+score widened exactly, as ``float(score)`` widens it), so its choices and values are bit-identical to
+pricing the rows one by one in Python. The pricing rules that follow (rounding, deal prices, shading)
+stay in ``bidder/pricing.py`` and ``bidder/engine.py``.
 """
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from libc.stdlib cimport free, malloc
-
-cdef extern from "Python.h":
-    double PyFloat_AsDouble(object o) except? -1.0
-    long PyLong_AsLong(object o) except? -1
+from libc.math cimport isnan
+from libc.stdint cimport int64_t, uint8_t
 
 
-def best_rows(list owners, candidates, list ctr, list floors, dict offers):
-    """Per imp (in the order of its first row at or above its floor) ``(imp, row, price, offer)``.
+def best_rows(const int64_t[::1] row_imp, const int64_t[::1] row_cand, const double[::1] scores,
+              const double[::1] value_per_click, const double[::1] row_floor, const double[::1] deal_floor,
+              const uint8_t[::1] deal_private, int64_t[::1] best_row, double[::1] best_value,
+              uint8_t[::1] via_deal, int64_t[::1] order):
+    """Per imp the row of highest value at or above its floor.
 
-    Row ``r`` is ``candidates[r]`` (a sequence of ``Candidate``) scored ``ctr[r]`` (a Python float) for
-    imp ``owners[r]``; ``floors`` holds each imp's floor; ``offers`` maps a row to the deal offer its
-    candidate can bid through (``bidder.deals``), whose ``floor_for(price, floor)`` gives the row's floor
-    and terms, or None when the row cannot bid. The best row has the highest price; a tie goes to the
-    candidate earlier in the catalog (the lower ``index``), whatever the rows' order.
+    Row ``r`` pairs imp ``row_imp[r]`` with the candidate at catalog position ``row_cand[r]``, whose value per
+    click is ``value_per_click[r]``, scored ``scores[r]`` (a float32 score widened: the arithmetic is in double
+    precision), under the imp floor ``row_floor[r]``. A row that
+    can bid through a deal has the deal's floor in ``deal_floor[r]`` (NaN: no deal): it bids through the deal
+    when its value reaches that floor; otherwise, in a private auction (``deal_private[r]``) not at all, in an
+    open one against the imp floor. Ties go to the candidate earlier in the catalog, whatever the rows' order.
+
+    Writes, per imp ``i`` (arrays of at least as many entries as imps): ``best_row[i]`` (-1: no row at or
+    above its floor), ``best_value[i]`` and ``via_deal[i]`` (1 when the best row bids through its deal); and
+    in ``order`` the imps that have a best row, in the order of their first row at or above its floor.
+    Returns how many imps have one.
     """
-    cdef Py_ssize_t n = PyList_GET_SIZE(owners)
-    cdef Py_ssize_t imps = PyList_GET_SIZE(floors)
-    cdef Py_ssize_t r, i, last
-    cdef long imp, index
-    cdef double p, price, floor
-    if PyList_GET_SIZE(ctr) != n or len(candidates) != n:
-        raise ValueError(f"{n} owners, {len(candidates)} candidates and {PyList_GET_SIZE(ctr)} scores")
-    if imps == 0:
-        return []
-    cdef double *best_price = <double *> malloc(imps * sizeof(double))
-    cdef long *best_index = <long *> malloc(imps * sizeof(long))
-    cdef Py_ssize_t *best_row = <Py_ssize_t *> malloc(imps * sizeof(Py_ssize_t))
-    cdef double *imp_floor = <double *> malloc(imps * sizeof(double))
-    cdef Py_ssize_t *order = <Py_ssize_t *> malloc(imps * sizeof(Py_ssize_t))
+    cdef Py_ssize_t n = row_imp.shape[0], imps = best_row.shape[0], r, imp
+    cdef double value, floor, deal
+    cdef uint8_t through
+    cdef int64_t cand, last
+    if (row_cand.shape[0] < n or scores.shape[0] < n or value_per_click.shape[0] < n or row_floor.shape[0] < n
+            or deal_floor.shape[0] < n or deal_private.shape[0] < n):
+        raise ValueError(f"{n} rows, but row_cand, scores, value_per_click, row_floor, deal_floor or deal_private "
+                         "is shorter")
     cdef Py_ssize_t found = 0
-    cdef list best_offer = [None] * imps if offers else None
-    cdef object candidate, offer, terms
-    cdef list rows = candidates if type(candidates) is list else list(candidates)
-    try:
-        if best_price == NULL or best_index == NULL or best_row == NULL or imp_floor == NULL or order == NULL:
-            raise MemoryError()
-        for i in range(imps):
-            best_row[i] = -1
-            imp_floor[i] = PyFloat_AsDouble(<object> PyList_GET_ITEM(floors, i))
-        for r in range(n):
-            imp = PyLong_AsLong(<object> PyList_GET_ITEM(owners, r))
-            if imp < 0 or imp >= imps:
-                raise IndexError(f"row {r} belongs to imp {imp}, but the request has {imps} floors")
-            candidate = <object> PyList_GET_ITEM(rows, r)
-            p = PyFloat_AsDouble(<object> PyList_GET_ITEM(ctr, r))
-            price = p * <double> candidate.value_per_click * 1000.0
-            floor = imp_floor[imp]
-            offer = None
-            if offers:
-                offer = offers.get(r)
-                if offer is not None:
-                    terms = offer.floor_for(price, floor)
-                    if terms is None:
-                        continue
-                    floor = terms[0]
-                    offer = terms[1]
-            if not price >= floor:
+    if best_value.shape[0] < imps or via_deal.shape[0] < imps or order.shape[0] < imps:
+        raise ValueError(f"{imps} imps, but best_value, via_deal or order is shorter")
+    for imp in range(imps):
+        best_row[imp] = -1
+    for r in range(n):
+        imp = row_imp[r]
+        cand = row_cand[r]
+        if imp < 0 or imp >= imps:
+            raise IndexError(f"row {r} belongs to imp {imp}, but the batch has {imps} imps")
+        value = scores[r] * value_per_click[r] * 1000.0
+        floor = row_floor[r]
+        through = 0
+        deal = deal_floor[r]
+        if not isnan(deal):
+            if value >= deal:
+                floor = deal
+                through = 1
+            elif deal_private[r]:
                 continue
-            index = candidate.index
-            last = best_row[imp]
-            if last < 0:
-                order[found] = imp
-                found += 1
-            elif not (price > best_price[imp] or (price == best_price[imp] and index < best_index[imp])):
-                continue
-            best_price[imp] = price
-            best_index[imp] = index
-            best_row[imp] = r
-            if best_offer is not None:
-                best_offer[imp] = offer
-        out = []
-        for i in range(found):
-            imp = order[i]
-            out.append((imp, best_row[imp], best_price[imp], best_offer[imp] if best_offer is not None else None))
-        return out
-    finally:
-        free(best_price)
-        free(best_index)
-        free(best_row)
-        free(imp_floor)
-        free(order)
+        if not value >= floor:
+            continue
+        last = best_row[imp]
+        if last < 0:
+            order[found] = imp
+            found += 1
+        elif not (value > best_value[imp] or (value == best_value[imp] and cand < row_cand[last])):
+            continue
+        best_row[imp] = r
+        best_value[imp] = value
+        via_deal[imp] = through
+    return found

@@ -17,37 +17,13 @@ without ``bidfloor`` takes the imp's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from bidder.campaigns import Candidate
 from bidder.openrtb import DEFAULT_SEAT, Bid, Deal, Imp, SeatBid
-from bidder.pricing import floored_price
+from bidder.pricing import FIXED_PRICE, DealOffer
 
 __all__ = ["DealOffer", "FIXED_PRICE", "deal_candidates", "match_deal", "seat_bids"]
-
-#: ``Deal.at`` value saying that ``bidfloor`` is the agreed deal price
-FIXED_PRICE = 3
-
-
-@dataclass(frozen=True)
-class DealOffer:
-    """The deal one candidate can bid through on one imp."""
-    dealid: str
-    seat: str
-    floor: float        # USD CPM a deal bid must reach
-    fixed_price: bool   # bid exactly ``floor`` (``at = 3``)
-    private: bool       # a private auction: below ``floor`` there is no open-market bid to fall back on
-
-    def floor_for(self, value: float, imp_floor: float) -> tuple[float, DealOffer | None] | None:
-        """(floor, deal) a bid of ``value`` is held to, or None when it may not bid at all."""
-        if value >= self.floor:
-            return self.floor, self
-        return None if self.private else (imp_floor, None)
-
-    def price(self, value: float) -> float:
-        """A deal bid's price: the agreed price of a fixed-price deal, else the value rounded (never under floor)."""
-        return self.floor if self.fixed_price else floored_price(value, self.floor)
 
 
 def match_deal(candidate: Candidate, imp: Imp) -> DealOffer | None:

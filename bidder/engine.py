@@ -1,16 +1,20 @@
 """The bid path without HTTP: body bytes in, status and body bytes out.
 
-Stages, in the order a request meets them (one function each):
+Stages, in the order a request meets them (one method each, over a ``bidder.batch.Batch`` from ``batch``):
 
-    prepare   decode → the imp records → eligible candidates per imp (no-bid and 400 answers end here);
-              with a large catalog the imps wait for ``retrieve``
-    batch     ``bidder.batching.Batcher``: every request prepared in one loop turn joins one batch
-    retrieve  large catalogs: the imp tower once for every imp of the batch, then per imp the targeting
-              filters and the top K by the two towers (``bidder.retrieval``)
-    score     the batch's rows in as few ORT calls as ``max_batch`` allows (``tmax`` checked first)
-    value     best candidate per imp at or above its floor (``bidder.pricing``)
-    shade     first-price imps of the whole batch: the surplus-maximising bid (``bidder.shading``)
-    encode    the BidResponse
+    prepare    decode → the imp records → eligible candidates per imp (no-bid and 400 answers end here);
+               with a large catalog the imps wait for ``retrieve``
+    batch      ``bidder.batching.Batcher``: every request prepared in one loop turn joins one flush, which
+               becomes one ``Batch`` (``tmax`` is checked here)
+    featurize  every imp of the batch, once, into the buffer the scorer, the towers and the win-price search read
+    retrieve   large catalogs: the imp tower for every waiting imp of the batch, then per imp the targeting
+               filters and the top K by the two towers (``bidder.retrieval``)
+    layout     the batch's rows as arrays: imp, candidate, floor, value per click, deal terms
+    score      the rows in as few ORT calls as ``max_batch`` allows, by the factorized graphs when the batch's
+               imps are in their buffer, else by ``model.onnx`` row by row
+    value      per imp the best row at or above its floor, natively (``bidder.pricing.best_rows``)
+    shade      the batch's first-price open-auction imps in one search (``bidder.shading``)
+    encode     per request: the bids priced (rounded, deal terms, shaded) and the BidResponse, or the no-bid
 
 ``bid(body)`` runs all of them for one request, synchronously; the server runs ``prepare`` in the
 request's handler and ``submit``s what has rows to score.
@@ -20,20 +24,21 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import msgspec
 import numpy as np
 
-from bidder._features import group_rows
+from bidder._features import layout_rows
+from bidder.batch import Batch, Outcome, Pending, empty_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
-from bidder.deals import DealOffer, deal_candidates, seat_bids
+from bidder.deals import deal_candidates, seat_bids
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (FIRST_PRICE, Bid, BidRequest, BidResponse, Imp, RequestError, SeatBid, decode_predict,
+from bidder.openrtb import (FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid, decode_predict,
                             decode_request, encode_response, imp_fields, imp_sizes, request_fields)
-from bidder.pricing import PricedBid, best_per_imp, bid_cpm, floored_price
+from bidder.pricing import DealOffer, PricedBid, best_rows, floored_price
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
@@ -42,63 +47,12 @@ from bidder.spec import SPARSE_INPUT
 __all__ = ["BidEngine", "Outcome", "Pending", "NO_BID_REASONS"]
 
 
-class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen dataclass costs several times more
-    status: int
-    body: bytes = b""
-    reason: str | None = None  # no-bid reason (204) or error kind (4xx)
-
-
-class Pending:
-    """A decoded bid request with rows to score.
-
-    ``groups`` holds (imp record, eligible candidates) per imp and size; the rows are their
-    concatenation, row ``r`` being ``candidates[r]`` for imp ``owners[r]``; ``offers`` maps a row to the
-    deal its candidate can bid through. With a large catalog they are empty until ``BidEngine.retrieve``
-    fills them from ``waiting``: per imp (its index, the imp, its record, its sizes).
-    """
-
-    __slots__ = ("request", "received", "groups", "owners", "candidates", "floors", "offers", "imp_reason",
-                 "waiting", "where")
-
-    def __init__(self, request: BidRequest, received: float, groups: list[tuple[dict, Sequence[Candidate]]],
-                 owners: list[int], candidates: list[Candidate], floors: list[float],
-                 offers: dict[int, DealOffer], imp_reason: str | None,
-                 waiting: list[tuple[int, Imp, dict, list[tuple[int, int]]]] | None = None,
-                 where: tuple[str | None, str | None, frozenset[str]] | None = None):
-        self.request = request
-        self.received = received
-        self.groups = groups
-        self.owners = owners
-        self.candidates = candidates
-        self.floors = floors          # per imp of the request (USD CPM)
-        self.offers = offers
-        self.imp_reason = imp_reason  # first reason an imp of this request got no rows
-        self.waiting = waiting        # imps whose candidates retrieval chooses; None once chosen (or never)
-        self.where = where            # (domain, exchange, blocked advertiser domains) for the targeting filters
-
-    def imp_records(self) -> dict[int, dict]:
-        """imp index -> its record (the raw fields the imp's rows share)."""
-        out: dict[int, dict] = {}
-        owners = self.owners
-        row = 0
-        for record, eligible in self.groups:
-            out[owners[row]] = record
-            row += len(eligible)
-        return out
-
-    @property
-    def rows(self) -> list[tuple[dict, dict]]:
-        """(candidate layer, imp record) pairs: the featurizer's overlay rows for the canonical graph."""
-        return [(c.layer, record) for record, eligible in self.groups for c in eligible]
-
-
 class _PredictResponse(msgspec.Struct):
     ctr: list[float]
     model: str
 
 
 _NOTHING_BLOCKED: frozenset[str] = frozenset()
-_NO_IMPS: frozenset[int] = frozenset()
 _FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
@@ -129,6 +83,10 @@ class BidEngine:
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
         self.now = now  # Unix seconds every request is taken to arrive at (examples, tests); None: the wall clock
+        # where a batch's imps are featurized: the factorized graphs read them there, so does the bid search
+        self.features = factorized.imp_inputs if factorized is not None else scorer.spec.allocate(scorer.max_batch)
+        self.capacity = len(next(iter(self.features.values())))  # imps a batch may hold
+        self._rows = empty_rows(scorer.max_batch)
         self.batcher = Batcher(self.score_batch)
 
     # -- the whole path for one request ------------------------------------------------------------
@@ -161,69 +119,180 @@ class BidEngine:
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog
-        groups: list[tuple[dict, tuple[Candidate, ...]]] = []
-        owners: list[int] = []
-        chosen: list[Candidate] = []
-        floors: list[float] = []
-        offers: dict[int, DealOffer] = {}  # row -> the deal its candidate can bid through
-        imp_reason: str | None = None
-        waiting: list[tuple[int, Imp, dict, list[tuple[int, int]]]] = []  # imps for retrieve (large catalogs)
+        pending = Pending(request, received, [imp.bidfloor for imp in request.imp])
+        if self.retriever is not None:
+            pending.waiting = []
+            pending.where = (domain, exchange, blocked)
         for i, imp in enumerate(request.imp):
-            floors.append(imp.bidfloor)
             if imp.bidfloorcur != "USD":  # no FX table: a floor we cannot compare is a floor we cannot meet
-                imp_reason = self._count_imp(imp_reason, "floor_currency")
+                pending.imp_reason = self._count_imp(pending.imp_reason, "floor_currency")
                 continue
             sizes = imp_sizes(imp)
             if not sizes:
-                imp_reason = self._count_imp(imp_reason, "unsupported_format" if imp.banner is None
-                                             else "no_eligible_creative")
+                pending.imp_reason = self._count_imp(pending.imp_reason, "unsupported_format" if imp.banner is None
+                                                     else "no_eligible_creative")
                 continue
-            if self.retriever is not None:  # the candidates come from the batch's imp vectors (retrieve)
-                waiting.append((i, imp, imp_fields(shared, imp), sizes))
+            if pending.waiting is not None:  # the candidates come from the batch's imp vectors (retrieve)
+                pending.waiting.append((imp, sizes))
+                pending.add_imp(i, imp_fields(shared, imp), (), None)
                 continue
             per_size = [catalog.eligible(w, h, domain, exchange, blocked) for w, h in sizes]
-            record = imp_fields(shared, imp) if any(per_size) else None
-            imp_reason = self._add_rows(i, imp, record, per_size, groups, owners, chosen, offers, imp_reason)
-        if waiting:
-            return Pending(request, received, groups, owners, chosen, floors, offers, imp_reason, waiting,
-                           (domain, exchange, blocked))
-        if not groups:
-            return self._no_bid(imp_reason or "no_eligible_creative")
-        return Pending(request, received, groups, owners, chosen, floors, offers, imp_reason)
+            if any(per_size):
+                self._add_candidates(pending, i, imp, imp_fields(shared, imp), per_size)
+            else:
+                pending.imp_reason = self._count_imp(pending.imp_reason, "no_eligible_creative")
+        if not pending.imp_ids:
+            return self._no_bid(pending.imp_reason or "no_eligible_creative")
+        return pending
 
-    # -- retrieve (large catalogs, a batch of requests) ----------------------------------------------
-    def retrieve(self, batch: Sequence[Pending]) -> list[Outcome | None]:
-        """Choose the candidates of every waiting imp of ``batch``: the imp tower runs once for all of them (in
+    def _add_candidates(self, pending: Pending, i: int, imp: Imp, record: dict,
+                        per_size: Sequence[Sequence[Candidate]], at: int | None = None) -> None:
+        """Give imp ``i`` its eligible candidates of every size, kept to its deals' buyers in a private auction
+        (appended, or set at its position ``at`` in the request's imps once retrieval chose them); an imp left
+        without any counts its reason."""
+        if len(per_size) == 1 and imp.pmp is None:  # the common case: one size, no deals
+            candidates: Sequence[Candidate] = per_size[0]
+            offers = None
+        else:
+            candidates, offers = [], {}
+            unmatched = False  # eligible candidates, none of which can buy the private auction's deals
+            for eligible in per_size:
+                if eligible and imp.pmp is not None:
+                    eligible, size_offers = deal_candidates(eligible, imp, len(candidates))
+                    offers.update(size_offers)
+                    unmatched = unmatched or not eligible
+                candidates.extend(eligible)
+            offers = offers or None
+            if not candidates:
+                pending.imp_reason = self._count_imp(pending.imp_reason,
+                                                     "no_matching_deal" if unmatched else "no_eligible_creative")
+                if at is None:
+                    return
+        if at is None:
+            pending.add_imp(i, record, candidates, offers)
+        else:
+            pending.candidates[at] = candidates
+            pending.offers[at] = offers
+            pending.n_rows += len(candidates)
+
+    # -- batch -------------------------------------------------------------------------------------
+    def score_batch(self, pendings: Sequence[Pending]) -> list[Outcome | Exception]:
+        """One Outcome per request (or the exception a bug raised while pricing it: the batcher raises it in
+        that request's handler only). ``tmax`` is checked first; the rest run through the stages in batches of
+        at most ``capacity`` imps (a request with more imps is a batch of its own)."""
+        outcomes: list[Outcome | Exception | None] = [None] * len(pendings)
+        now = time.perf_counter()
+        live = []
+        for k, pending in enumerate(pendings):
+            tmax = pending.request.tmax
+            if tmax and (now - pending.received) * 1000.0 >= tmax:
+                outcomes[k] = self._no_bid("tmax")
+            else:
+                live.append(k)
+        for positions, features in self._batches(pendings, live):
+            batch = Batch([pendings[k] for k in positions], self.catalog.candidates, features)
+            self.run(batch)
+            for k, outcome in zip(positions, batch.outcomes):
+                outcomes[k] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _batches(self, pendings: Sequence[Pending], live: list[int]) -> Iterator[tuple[list[int], dict]]:
+        """Consecutive requests whose imps fit the feature buffer together."""
+        positions: list[int] = []
+        imps = 0
+        for k in live:
+            n = len(pendings[k].imp_ids)
+            if n > self.capacity:  # alone, in a buffer of its own (scored row by row: not in the graphs' buffer)
+                yield [k], self.scorer.spec.allocate(n)
+                continue
+            if imps + n > self.capacity:
+                yield positions, self.features
+                positions, imps = [], 0
+            positions.append(k)
+            imps += n
+        if positions:
+            yield positions, self.features
+
+    def run(self, batch: Batch) -> None:
+        """The stages after ``prepare``, over one batch; each request's outcome lands in ``batch.outcomes``."""
+        self.featurize(batch)
+        if self.retriever is not None:
+            self.retrieve(batch)
+        if self.layout(batch):
+            self.score(batch)
+            self.value(batch)
+            self.shade(batch)
+        self.encode_all(batch)
+
+    def _live(self, batch: Batch) -> list[Pending]:
+        outcomes = batch.outcomes
+        return [p for k, p in enumerate(batch.pendings) if outcomes[k] is None]
+
+    # -- featurize ---------------------------------------------------------------------------------
+    def featurize(self, batch: Batch) -> None:
+        """Every imp of the batch's requests into ``batch.features``, once; a request whose records cannot be
+        featurized gets its 400 and leaves the batch (the others are featurized without it)."""
+        featurizer = self.scorer.featurizer
+        self._gather_imps(batch)
+        try:
+            featurizer.transform_into(batch.features, batch.records)
+            return
+        except ValueError:
+            pass
+        for k, pending in enumerate(batch.pendings):  # find the request(s) at fault
+            try:
+                featurizer.transform_into(batch.features, pending.records)
+            except ValueError as exc:
+                batch.outcomes[k] = Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
+        self._gather_imps(batch)
+        featurizer.transform_into(batch.features, batch.records)
+
+    @staticmethod
+    def _gather_imps(batch: Batch) -> None:
+        records, imp_request, imp_ids = batch.records, batch.imp_request, batch.imp_ids
+        del records[:], imp_request[:], imp_ids[:]
+        outcomes = batch.outcomes
+        for k, pending in enumerate(batch.pendings):
+            if outcomes[k] is not None:
+                continue
+            pending.first_imp = len(records)
+            records.extend(pending.records)
+            imp_ids.extend(pending.imp_ids)
+            imp_request.extend([k] * len(pending.imp_ids))
+
+    # -- retrieve (large catalogs) -------------------------------------------------------------------
+    def retrieve(self, batch: Batch) -> None:
+        """Choose the candidates of every waiting imp of the batch: the imp tower runs once for all of them (in
         chunks of its buffers), then the targeting filters and the top K of every imp and size, searched
         together (``Retriever.eligible_many``).
 
-        Per request None (its rows are ready) or the Outcome that ends it: the no-bid when no imp has a
-        candidate, 400 when a record cannot be featurized (that request alone: the others are retried
-        without it).
+        A request whose imps get no candidate gets its no-bid; one whose record the tower cannot featurize gets
+        400 (that request alone: the others are retried without it).
         """
-        outcomes: list[Outcome | None] = [None] * len(batch)
-        todo = [k for k, pending in enumerate(batch) if pending.waiting is not None]
+        outcomes = batch.outcomes
+        todo = [k for k, pending in enumerate(batch.pendings) if outcomes[k] is None and pending.waiting]
         if not todo:
-            return outcomes
+            return
         retriever = self.retriever
+        pendings = batch.pendings
         try:
-            vectors = retriever.queries([record for k in todo for _, _, record, _ in batch[k].waiting])
+            vectors = retriever.queries([record for k in todo for record in pendings[k].records])
         except ValueError:  # some record is bad: each request's imps on their own
             vectors, ready = [], []
             for k in todo:
                 try:
-                    vectors.append(retriever.queries([record for _, _, record, _ in batch[k].waiting]))
+                    vectors.append(retriever.queries(pendings[k].records))
                     ready.append(k)
                 except ValueError as exc:
                     outcomes[k] = Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
             if not ready:
-                return outcomes
+                return
             todo, vectors = ready, np.concatenate(vectors)
         wanted, rows = [], []  # per imp and size: (w, h, domain, exchange, blocked, deal ids), its imp vector row
         row = 0
         for k in todo:
-            domain, exchange, blocked = batch[k].where
-            for _, imp, _, sizes in batch[k].waiting:
+            domain, exchange, blocked = pendings[k].where
+            for imp, sizes in pendings[k].waiting:
                 dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
                 for w, h in sizes:
                     wanted.append((w, h, domain, exchange, blocked, dealids))
@@ -231,271 +300,186 @@ class BidEngine:
                 row += 1
         found = iter(retriever.eligible_many(vectors[rows], wanted))
         for k in todo:
-            outcomes[k] = self._choose(batch[k], found)
-        return outcomes
+            pending = pendings[k]
+            for position, (imp, sizes) in enumerate(pending.waiting):
+                self._add_candidates(pending, pending.imp_ids[position], imp, pending.records[position],
+                                     [next(found) for _ in sizes], at=position)
+            pending.waiting = None
+            if not pending.n_rows:
+                outcomes[k] = self._no_bid(pending.imp_reason or "no_eligible_creative")
 
-    def _choose(self, pending: Pending, found) -> Outcome | None:
-        """Fill ``pending``'s rows from ``found`` (the retrieved candidates of each waiting imp and size, in
-        order); the no-bid if no imp has any."""
-        groups, owners, chosen, offers = pending.groups, pending.owners, pending.candidates, pending.offers
-        imp_reason = pending.imp_reason
-        for i, imp, record, sizes in pending.waiting:
-            imp_reason = self._add_rows(i, imp, record, [next(found) for _ in sizes], groups, owners, chosen, offers,
-                                        imp_reason)
-        pending.waiting = None
-        pending.imp_reason = imp_reason
-        if not groups:
-            return self._no_bid(imp_reason or "no_eligible_creative")
-        return None
-
-    def _add_rows(self, i: int, imp: Imp, record: dict | None, per_size: Sequence[Sequence[Candidate]],
-                  groups: list, owners: list[int], chosen: list[Candidate], offers: dict[int, DealOffer],
-                  imp_reason: str | None) -> str | None:
-        """Append imp ``i``'s rows (its eligible candidates of each size, kept to its deals' buyers in a private
-        auction) to a request's rows; returns the request's first no-bid reason, this imp's if it got none."""
-        bids = False  # some size of the imp has candidates
-        unmatched = False  # eligible candidates, none of which can buy the private auction's deals
-        for eligible in per_size:
-            if eligible and imp.pmp is not None:
-                eligible, imp_offers = deal_candidates(eligible, imp, len(chosen))
-                offers.update(imp_offers)
-                unmatched = unmatched or not eligible
-            if not eligible:
+    # -- layout ------------------------------------------------------------------------------------
+    def layout(self, batch: Batch) -> int:
+        """The rows of the batch's live requests as arrays (``Batch.row_*``); returns their number."""
+        live = self._live(batch)
+        n = sum(p.n_rows for p in live)
+        if n == 0:
+            return 0
+        rows = self._rows
+        if len(rows["row_imp"]) < n:
+            rows = self._rows = empty_rows(max(n, 2 * len(rows["row_imp"])))
+        for name, array in rows.items():
+            setattr(batch, name, array[:n])
+        batch.deal_floor.fill(np.nan)
+        batch.deal_private.fill(0)
+        batch.n_rows = layout_rows(live, batch.row_imp, batch.row_cand, batch.row_floor, batch.row_value)
+        for pending in live:
+            if not any(pending.offers):
                 continue
-            groups.append((record, eligible))
-            owners.extend([i] * len(eligible))
-            chosen.extend(eligible)
-            bids = True
-        if not bids:
-            imp_reason = self._count_imp(imp_reason, "no_matching_deal" if unmatched else "no_eligible_creative")
-        return imp_reason
+            row = pending.first_row
+            for candidates, offers in zip(pending.candidates, pending.offers):
+                for position, offer in (offers or {}).items():
+                    batch.offers[row + position] = offer
+                    batch.deal_floor[row + position] = offer.floor
+                    batch.deal_private[row + position] = offer.private
+                row += len(candidates)
+        return batch.n_rows
 
-    # -- score (a batch of requests) -----------------------------------------------------------------
-    def score_batch(self, batch: Sequence[Pending]) -> list[Outcome | Exception]:
-        """One Outcome per request: the batch's rows scored in chunks of at most ``max_batch`` rows.
-
-        A request whose pricing raised gets the exception instead (the batcher raises it in that
-        request's handler only).
-
-        A request is never split across chunks; one with more rows than ``max_batch`` is scored alone,
-        in chunks of its own. ``tmax`` is checked here, just before scoring.
-        """
-        outcomes: list[Outcome | None] = [None] * len(batch)
-        limit = self.scorer.max_batch
-        now = time.perf_counter()
-        if self.retriever is not None:
-            outcomes = self.retrieve(batch)
-        chunk: list[int] = []
-        chunk_rows = 0
-        for k, pending in enumerate(batch):
-            if outcomes[k] is not None:  # retrieval ended it
-                continue
-            tmax = pending.request.tmax
-            if tmax and (now - pending.received) * 1000.0 >= tmax:
-                outcomes[k] = self._no_bid("tmax")
-                continue
-            n = len(pending.candidates)
-            if n > limit:
-                outcomes[k] = self._score_alone(pending)
-                continue
-            if chunk_rows + n > limit:
-                self._score_chunk(batch, chunk, chunk_rows, outcomes)
-                chunk, chunk_rows = [], 0
-            chunk.append(k)
-            chunk_rows += n
-        if chunk:
-            self._score_chunk(batch, chunk, chunk_rows, outcomes)
-        return outcomes  # type: ignore[return-value]
-
-    def _score_chunk(self, batch: Sequence[Pending], chunk: list[int], rows: int,
-                     outcomes: list[Outcome | None]) -> None:
-        try:
-            scores, featurized = self._score_rows([batch[k] for k in chunk], rows)
-        except ValueError:
-            for k in chunk:  # one request's bad row must not fail the others: score them one by one
-                outcomes[k] = self._score_alone(batch[k])
-            return
-        metrics = self.metrics
-        metrics.batch_rows.observe(rows)
-        metrics.batch_requests.observe(len(chunk))
-        pendings, slices = [], []
-        start = 0
-        for k in chunk:
-            pending = batch[k]
-            n = len(pending.candidates)
-            pendings.append(pending)
-            slices.append(scores[start:start + n])
-            start += n
-        for k, outcome in zip(chunk, self.price_all(pendings, slices, featurized)):
-            outcomes[k] = outcome
-
-    def _score_rows(self, pendings: Sequence[Pending], rows: int) -> tuple[list[float], list[dict] | None]:
-        """The ``rows`` rows of ``pendings`` as Python floats (one ORT call per ``max_batch`` rows), and the
-        imp records featurized on the way: record ``k`` of the list is row ``k`` of the factorized graph's
-        imp inputs (None when the rows went through ``model.onnx``)."""
+    # -- score ---------------------------------------------------------------------------------------
+    def score(self, batch: Batch) -> None:
+        """``batch.scores``: every row's probability, in calls of at most ``max_batch`` rows that never split a
+        request (a request with more rows is scored alone, in calls of its own)."""
         factorized = self.factorized
-        if factorized is None:
-            return self._score_with_model(pendings, rows), None
-        # factorized: each imp record featurized once; a row only names its imp and its candidate
-        groups = pendings[0].groups if len(pendings) == 1 else [group for p in pendings for group in p.groups]
-        records: list[dict] = []
-        limit = factorized.max_rows
-        if rows <= limit:  # the common case: straight into the graph's row buffers
-            group_rows(groups, records, factorized.row_imp, factorized.row_cand)
-        else:
-            row_imp, row_cand = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
-            group_rows(groups, records, row_imp, row_cand)
-        n_imps = len(records)
-        if n_imps > factorized.max_imps:  # more imps than the buffers hold
-            return self._score_with_model(pendings, rows), None
-        self.scorer.featurizer.transform_into(factorized.imp_inputs, records)
-        if rows <= limit:
-            return factorized.run(n_imps, rows).tolist(), records
-        scores: list[float] = []
-        for start in range(0, rows, limit):
-            n = min(limit, rows - start)
-            factorized.row_imp[:n] = row_imp[start:start + n]
-            factorized.row_cand[:n] = row_cand[start:start + n]
-            scores.extend(factorized.run(n_imps, n).tolist())
-        return scores, records
-
-    def _score_with_model(self, pendings: Sequence[Pending], rows: int) -> list[float]:
-        """Every row through ``model.onnx``, in chunks of ``max_batch``."""
-        all_rows = pendings[0].rows if len(pendings) == 1 else [row for p in pendings for row in p.rows]
-        scorer = self.scorer
-        return (scorer.score(all_rows) if rows <= scorer.max_batch else scorer.predict(all_rows)).tolist()
-
-    def _score_alone(self, pending: Pending) -> Outcome | Exception:
-        rows = len(pending.candidates)
-        try:
-            scores, featurized = self._score_rows([pending], rows)
-        except ValueError as exc:
-            return Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
-        self.metrics.batch_rows.observe(rows)
-        self.metrics.batch_requests.observe(1)
-        return self.price_all([pending], [scores], featurized)[0]
-
-    # -- value, shade, encode ----------------------------------------------------------------------
-    def price(self, pending: Pending, scores: Sequence[float]) -> Outcome:
-        """Best bid per imp from the request's row scores (shaded in a first-price auction), encoded; or the no-bid."""
-        outcome = self.price_all([pending], [scores])[0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    def price_all(self, pendings: Sequence[Pending], scores: Sequence[Sequence[float]],
-                  featurized: list[dict] | None = None) -> list[Outcome | Exception]:
-        """``price`` for requests scored together: their first-price imps are shaded in one call.
-
-        ``featurized``: the imp records whose features the factorized graph's imp inputs hold, in their
-        rows' order (``_score_rows``); shading reads them there instead of featurizing again.
-
-        A bug met while pricing a request is returned instead of raised: it fails that request only.
-        """
-        valued: list[dict[int, PricedBid] | Exception] = []
-        for pending, request_scores in zip(pendings, scores):
-            try:
-                valued.append(self.value(pending, request_scores))
-            except Exception as exc:  # noqa: BLE001 - handed to this request's handler by the batcher
-                valued.append(exc)
-        try:
-            unprofitable = self.shade(pendings, valued, featurized)
-        except Exception as exc:  # noqa: BLE001 - the shading call failed: the requests it covered fail
-            unprofitable = [_NO_IMPS] * len(pendings)
-            valued = [exc if pending.request.at == FIRST_PRICE and not isinstance(best, Exception) else best
-                      for pending, best in zip(pendings, valued)]
-        outcomes: list[Outcome | Exception] = []
-        for pending, best, dropped in zip(pendings, valued, unprofitable):
-            if isinstance(best, Exception):
-                outcomes.append(best)
-                continue
-            try:
-                outcomes.append(self.encode(pending, best, dropped))
-            except Exception as exc:  # noqa: BLE001
-                outcomes.append(exc)
-        return outcomes
-
-    def value(self, pending: Pending, scores: Sequence[float]) -> dict[int, PricedBid]:
-        """Per imp the best candidate at or above its floor, priced at its value (``bidder.pricing``)."""
-        self.metrics.scored_rows.observe(len(scores))
-        return best_per_imp(pending.owners, pending.candidates, scores, pending.floors, pending.offers)
-
-    def shade(self, pendings: Sequence[Pending], valued: Sequence[dict[int, PricedBid] | Exception],
-              featurized: list[dict] | None = None) -> list[set[int] | frozenset[int]]:
-        """Lower first-price open-auction bids to the surplus-maximising bid, all imps in one call (``bidder.shading``).
-
-        Changes the bids of ``valued`` in place; returns per request the imps left without a bid
-        because no bid has a positive expected surplus. Deal bids keep their deal's terms; second-price
-        imps, and first-price ones when the bundle has no win-price model, keep their value.
-        """
+        scorer = factorized if factorized is not None and batch.features is factorized.imp_inputs else self.scorer
+        scores = batch.scores = np.empty(batch.n_rows, dtype=np.float64)
+        limit = self.scorer.max_batch
         metrics = self.metrics
+        start = stop = 0
+        requests = 0
+        for pending in self._live(batch):
+            n = pending.n_rows
+            if n > limit or stop - start + n > limit:
+                if requests:
+                    scores[start:stop] = scorer.score_rows(batch, start, stop)
+                    metrics.batch_rows.observe(stop - start)
+                    metrics.batch_requests.observe(requests)
+                start, requests = stop, 0
+            stop += n
+            requests += 1
+            if n > limit:  # alone
+                scores[start:stop] = scorer.score_rows(batch, start, stop)
+                metrics.batch_rows.observe(n)
+                metrics.batch_requests.observe(1)
+                start, requests = stop, 0
+        if requests:
+            scores[start:stop] = scorer.score_rows(batch, start, stop)
+            metrics.batch_rows.observe(stop - start)
+            metrics.batch_requests.observe(requests)
+
+    # -- value ---------------------------------------------------------------------------------------
+    def value(self, batch: Batch) -> None:
+        """Per imp of the batch its best row at or above its floor and that row's value (``bidder.pricing``)."""
+        n = batch.n_imps
+        best_row = np.empty(n, dtype=np.int64)
+        best_value = np.empty(n, dtype=np.float64)
+        via_deal = np.zeros(n, dtype=np.uint8)
+        best_rows(batch.row_imp, batch.row_cand, batch.scores, batch.row_value, batch.row_floor, batch.deal_floor,
+                  batch.deal_private, best_row, best_value, via_deal, np.empty(n, dtype=np.int64))
+        # Python numbers: the stages after read them one by one
+        batch.best_row, batch.best_value, batch.via_deal = best_row.tolist(), best_value.tolist(), via_deal.tolist()
+
+    # -- shade ---------------------------------------------------------------------------------------
+    def shade(self, batch: Batch) -> None:
+        """First-price open-auction bids lowered to the surplus-maximising bid, all imps of the batch in one
+        search (``bidder.shading``), over the imps' features where ``featurize`` wrote them.
+
+        Fills ``batch.shaded`` (imp -> bid) and ``batch.unprofitable`` (imps no bid has a positive expected
+        surplus for). Deal bids keep their deal's terms; second-price imps, and first-price ones when the bundle
+        has no win-price model, keep their value. If the search fails, the requests it covered fail.
+        """
         market = self.market
-        unprofitable: list[set[int] | frozenset[int]] = [_NO_IMPS] * len(pendings)
-        todo: list[tuple[int, PricedBid]] = []  # (request position, its open-auction bid) per imp to shade
-        records: list[dict] = []
+        if market is None:
+            return
+        imps: list[int] = []
         values: list[float] = []
         floors: list[float] = []
-        for j, (pending, best) in enumerate(zip(pendings, valued)):
-            if isinstance(best, Exception) or not best:
+        best_row, best_value, via_deal, imp_ids = batch.best_row, batch.best_value, batch.via_deal, batch.imp_ids
+        first_price = []
+        for k, pending in enumerate(batch.pendings):
+            if batch.outcomes[k] is not None or pending.request.at != FIRST_PRICE:
                 continue
-            if pending.request.at != FIRST_PRICE or market is None:
-                observe = (metrics.shading_second if pending.request.at != FIRST_PRICE else metrics.shading_first).observe
-                for _ in range(len(best)):
-                    observe(1.0)
-                continue
-            imp_records = pending.imp_records()
+            first_price.append(k)
             imp_floors = pending.floors
-            for i, priced in best.items():
-                if priced.deal is None:
-                    todo.append((j, priced))
-                    records.append(imp_records[i])
+            for j in range(pending.first_imp, pending.first_imp + len(pending.imp_ids)):
+                if best_row[j] >= 0 and not via_deal[j]:
+                    imps.append(j)
                     # the unrounded value: a value within a micro-dollar of the floor leaves no surplus
-                    values.append(bid_cpm(priced.ctr, priced.candidate.value_per_click))
-                    floors.append(imp_floors[i])
-        if not todo:
-            return unprofitable
-        if featurized is None:
-            bids, surplus = market.shade(self.scorer.featurizer, records, values, floors)
-        else:  # the batch's imps are featurized already: the market graph reads their rows
-            where = {id(record): k for k, record in enumerate(featurized)}
-            rows = [where[id(record)] for record in records]
-            bids, surplus = market.shade_rows(self.factorized.imp_inputs[SPARSE_INPUT], rows, values, floors)
-        observe = metrics.shading_first.observe
-        for (j, priced), bid, gain, value, floor in zip(todo, bids, surplus, values, floors):
-            i = priced.imp_index
-            if not gain > 0.0:
-                del valued[j][i]
-                if unprofitable[j] is _NO_IMPS:
-                    unprofitable[j] = set()
-                unprofitable[j].add(i)
-                continue
-            price = floored_price(bid, floor)
-            valued[j][i] = PricedBid(i, priced.candidate, price, priced.ctr)
-            observe(price / value)
-        return unprofitable
+                    values.append(best_value[j])
+                    floors.append(imp_floors[imp_ids[j]])
+        if not imps:
+            return
+        try:
+            bids, surplus = market.shade_rows(batch.features[SPARSE_INPUT], imps, values, floors)
+        except Exception as exc:  # noqa: BLE001 - the requests it covered fail, the others bid
+            for k in first_price:
+                batch.outcomes[k] = exc
+            return
+        shaded, unprofitable = batch.shaded, batch.unprofitable
+        for j, bid, gain in zip(imps, bids, surplus):
+            if gain > 0.0:
+                shaded[j] = bid
+            else:
+                unprofitable.add(j)
 
-    def encode(self, pending: Pending, best: dict[int, PricedBid], unprofitable: set[int] | frozenset[int] = _NO_IMPS
-               ) -> Outcome:
-        """The BidResponse of the imps in ``best``, or the no-bid (with each unbid imp's reason counted)."""
+    # -- encode --------------------------------------------------------------------------------------
+    def encode_all(self, batch: Batch) -> None:
+        """Each live request's answer; a bug met while pricing one request fails that request only."""
+        outcomes = batch.outcomes
+        for k in range(len(batch.pendings)):
+            if outcomes[k] is None:
+                try:
+                    outcomes[k] = self.encode(batch, k)
+                except Exception as exc:  # noqa: BLE001 - handed to this request's handler by the batcher
+                    outcomes[k] = exc
+
+    def encode(self, batch: Batch, k: int) -> Outcome:
+        """Request ``k``'s bids priced (deal terms, shading, rounding: never under the floor) and its BidResponse,
+        or the no-bid (each imp without a bid counted under its reason)."""
+        pending = batch.pendings[k]
         request = pending.request
         metrics = self.metrics
+        metrics.scored_rows.observe(pending.n_rows)
         imp_reason = pending.imp_reason
-        if len(best) < len(request.imp):
-            for i in set(pending.owners).difference(best):
-                imp_reason = self._count_imp(imp_reason, "no_surplus" if i in unprofitable else "below_floor")
-        if not best:
-            return self._no_bid(imp_reason or "below_floor")
-        bids = []
-        imps = request.imp
-        for i in sorted(best):
-            priced = best[i]
-            imp, c = imps[i], priced.candidate
-            bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=priced.price, adid=c.creative_id,
+        first_price = request.at == FIRST_PRICE
+        shading = first_price and self.market is not None
+        observe = (metrics.shading_first if first_price else metrics.shading_second).observe
+        best_row, best_value, via_deal = batch.best_row, batch.best_value, batch.via_deal
+        candidates, row_cand, shaded = batch.candidates, batch.row_cand, batch.shaded
+        imps, floors = request.imp, pending.floors
+        bids: list[Bid] = []
+        priced: list[PricedBid] = []
+        for position, i in enumerate(pending.imp_ids):
+            j = pending.first_imp + position
+            row = best_row[j]
+            if row < 0:
+                if pending.candidates[position]:
+                    imp_reason = self._count_imp(imp_reason, "below_floor")
+                continue
+            if j in batch.unprofitable:
+                imp_reason = self._count_imp(imp_reason, "no_surplus")
+                continue
+            value = best_value[j]
+            deal: DealOffer | None = batch.offers[row] if via_deal[j] else None
+            if deal is not None:
+                price = deal.price(value)
+                if not shading:
+                    observe(1.0)
+            elif shading:
+                price = floored_price(shaded[j], floors[i])
+                observe(price / value)
+            else:
+                price = floored_price(value, floors[i])
+                observe(1.0)
+            c = candidates[int(row_cand[row])]
+            imp = imps[i]
+            priced.append(PricedBid(i, c, price, float(batch.scores[row]), deal, value))
+            bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=price, adid=c.creative_id,
                             crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
-                            cid=c.campaign_id, adm=c.markup, dealid=priced.deal.dealid if priced.deal else None))
+                            cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None))
+        if not bids:
+            return self._no_bid(imp_reason or "below_floor")
         metrics.bids.inc(len(bids))
-        seatbid = (seat_bids(bids, [best[i].deal for i in sorted(best)]) if pending.offers
-                   else [SeatBid(bid=bids)])
+        seatbid = (seat_bids(bids, [p.deal for p in priced]) if any(pending.offers) else [SeatBid(bid=bids)])
         return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid)))
 
     # -- /predict ----------------------------------------------------------------------------------

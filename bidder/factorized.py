@@ -243,6 +243,26 @@ class FactorizedScorer:
         self.session.run_with_iobinding(bound[0])
         return self.output[:rows, 0]
 
+    def score_rows(self, batch: Any, start: int, stop: int) -> np.ndarray:
+        """Probabilities of rows ``[start, stop)`` of ``batch`` (a ``bidder.batch.Batch`` whose imps are featurized
+        into ``imp_inputs``), in calls of at most ``max_rows`` rows; a view overwritten by the next call when
+        they fit one call."""
+        if batch.features is not self.imp_inputs:
+            raise ValueError("the batch's imps are featurized into another buffer than this scorer's imp inputs")
+        n_imps, limit = batch.n_imps, self.max_rows
+        if stop - start <= limit:
+            n = stop - start
+            self.row_imp[:n] = batch.row_imp[start:stop]
+            self.row_cand[:n] = batch.row_cand[start:stop]
+            return self.run(n_imps, n)
+        out = np.empty(stop - start, dtype=np.float32)
+        for first in range(start, stop, limit):
+            n = min(limit, stop - first)
+            self.row_imp[:n] = batch.row_imp[first:first + n]
+            self.row_cand[:n] = batch.row_cand[first:first + n]
+            out[first - start:first - start + n] = self.run(n_imps, n)
+        return out
+
     def _bind(self, n_imps: int, rows: int) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
         if self._cand_value is None:
             raise RuntimeError("no candidates: call set_candidates first")

@@ -182,6 +182,13 @@ class Scorer:
         self.session.run_with_iobinding(self._binding(rows))
         return self.output[:rows, 0]
 
+    def score_rows(self, batch: Any, start: int, stop: int) -> np.ndarray:
+        """Probabilities of rows ``[start, stop)`` of ``batch`` (a ``bidder.batch.Batch``): each row's candidate
+        layer over its imp's record, featurized and scored row by row (``score``, or ``predict`` past
+        ``max_batch`` rows)."""
+        rows = batch.pair_rows(start, stop)
+        return self.score(rows) if len(rows) <= self.max_batch else self.predict(rows)
+
     def predict(self, records: Sequence[Any]) -> np.ndarray:
         """Probabilities for any number of records (scored in chunks of ``max_batch``), a new array."""
         if not isinstance(records, (list, tuple)):

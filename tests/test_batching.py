@@ -264,14 +264,14 @@ async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, op
     engine = make_engine(small_bundle, max_batch=max_batch)
     bodies = [body for _, body in distinct_requests(openrtb_examples, 5)]
     alone = [engine.bid(body) for body in bodies]
-    value = engine.value
+    encode = engine.encode  # the per-request stage: prices and encodes each request of a batch on its own
 
-    def value_or_crash(pending, scores):
-        if pending.request.id == "batch-3":
+    def encode_or_crash(batch, k):
+        if batch.pendings[k].request.id == "batch-3":
             raise ZeroDivisionError("a pricing bug")
-        return value(pending, scores)
+        return encode(batch, k)
 
-    engine.value = value_or_crash
+    engine.encode = encode_or_crash
     prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
     together = await asyncio.gather(*(engine.submit(p) for p in prepared), return_exceptions=True)
     assert isinstance(together[3], ZeroDivisionError)

@@ -414,21 +414,22 @@ async def test_a_compressed_bundle_bids_through_its_factorized_graphs_as_model_o
     assert bids >= 2
 
 
-def test_group_rows_lays_out_imps_and_candidates_and_refuses_short_buffers():
+def test_layout_rows_lays_out_imps_and_candidates_and_refuses_short_arrays():
     from types import SimpleNamespace
 
-    from bidder._features import group_rows
+    from bidder._features import layout_rows
 
-    a, b = {"imp": "a"}, {"imp": "b"}
-    cands = [SimpleNamespace(index=i) for i in (7, 3, 5)]
-    groups = [(a, cands[:2]), (a, cands[2:]), (b, cands), ({"imp": "a"}, cands[:1])]  # a equal but new record
-    records: list[dict] = []
+    cands = [SimpleNamespace(index=i, value_per_click=v) for i, v in ((7, 0.5), (3, 1.5), (5, 2.0))]
+    first = SimpleNamespace(first_imp=0, imp_ids=[0, 2], floors=[1.0, 9.0, 2.0], candidates=[cands[:2], cands],
+                            first_row=None)
+    second = SimpleNamespace(first_imp=2, imp_ids=[1], floors=[0.0, 3.0], candidates=[cands[2:]], first_row=None)
     row_imp, row_cand = np.full(9, -1, dtype=np.int64), np.full(9, -1, dtype=np.int64)
-    assert group_rows(groups, records, row_imp, row_cand) == 7
-    assert [r["imp"] for r in records] == ["a", "b", "a"] and records[0] is a and records[1] is b
-    assert row_imp.tolist() == [0, 0, 0, 1, 1, 1, 2, -1, -1]
-    assert row_cand.tolist() == [7, 3, 5, 7, 3, 5, 7, -1, -1]
-    more = [a]  # rows of a record already there continue its imp
-    assert group_rows([(a, cands[:1])], more, row_imp, row_cand) == 1 and more == [a] and row_imp[0] == 0
-    with pytest.raises(ValueError, match="do not fit buffers of 6"):
-        group_rows(groups, [], row_imp[:6], row_cand[:6])
+    row_floor, row_value = np.full(9, -1.0), np.full(9, -1.0)
+    assert layout_rows([first, second], row_imp, row_cand, row_floor, row_value) == 6
+    assert (first.first_row, second.first_row) == (0, 5)
+    assert row_imp.tolist() == [0, 0, 1, 1, 1, 2, -1, -1, -1]
+    assert row_cand.tolist() == [7, 3, 7, 3, 5, 5, -1, -1, -1]
+    assert row_floor.tolist() == [1.0, 1.0, 2.0, 2.0, 2.0, 3.0, -1.0, -1.0, -1.0]  # each imp's own floor
+    assert row_value.tolist() == [0.5, 1.5, 0.5, 1.5, 2.0, 2.0, -1.0, -1.0, -1.0]
+    with pytest.raises(ValueError, match="do not fit arrays of 4"):
+        layout_rows([first, second], row_imp[:4], row_cand[:4], row_floor[:4], row_value[:4])

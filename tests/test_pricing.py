@@ -92,6 +92,13 @@ def test_a_private_deal_out_of_reach_rules_out_its_row_only():
     assert best[1].candidate is plain
 
 
+def _floor_for(offer, value, imp_floor):
+    """(floor, deal) a row of ``value`` with a deal ``offer`` is held to, or None when it may not bid at all."""
+    if value >= offer.floor:
+        return offer.floor, offer
+    return None if offer.private else (imp_floor, None)
+
+
 def _reference_best(owners, chosen, ctr, floors, offers):
     """The scan written plainly in Python: the native one must choose exactly what this does."""
     best = {}
@@ -99,7 +106,7 @@ def _reference_best(owners, chosen, ctr, floors, offers):
         price = p * candidate.value_per_click * 1000.0
         floor, offer = floors[imp], offers.get(row)
         if offer is not None:
-            terms = offer.floor_for(price, floor)
+            terms = _floor_for(offer, price, floor)
             if terms is None:
                 continue
             floor, offer = terms

@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
+from bidder.batch import Batch
 from bidder.campaigns import load_catalog, parse_catalog
 from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer, candidate_fields, random_inputs
@@ -286,13 +288,19 @@ def engines(bundle: Path, catalog_path: Path, k: int):
 
 
 def retrieved(engine: BidEngine, body: bytes):
-    """The request prepared and its candidates retrieved (as the batch does), or the Outcome that ended it."""
+    """The request prepared and its candidates retrieved (as the batch does), or the Outcome that ended it; the
+    request's rows as ``candidates`` and, per imp, (record, candidates) as ``groups``."""
     pending = engine.prepare(body, None, 0.0)
     if isinstance(pending, Outcome):
         return pending
-    assert pending.waiting and not pending.candidates  # retrieval waits for the batch
-    outcome = engine.retrieve([pending])[0]
-    return pending if outcome is None else outcome
+    assert pending.waiting and not pending.n_rows  # retrieval waits for the batch
+    batch = Batch([pending], engine.catalog.candidates, engine.features)
+    engine.featurize(batch)
+    engine.retrieve(batch)
+    if batch.outcomes[0] is not None:
+        return batch.outcomes[0]
+    return SimpleNamespace(candidates=[c for eligible in pending.candidates for c in eligible],
+                           groups=list(zip(pending.records, pending.candidates)))
 
 
 def test_the_engine_scores_the_k_retrieved_and_bids_the_ranker_best_of_them(tower_bundle, market):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bidder.openrtb
+from bidder.batch import Batch
 from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine
 from bidder.metrics import Metrics
@@ -202,12 +203,17 @@ def test_engine_shades_the_same_with_and_without_factorized_features(market_bund
     engine = BidEngine(scorer, load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=FIXED_NOW, factorized=factorized,
                        market=market)
     pendings = [engine.prepare(_request(openrtb_examples, 1), None, 0.0) for _ in range(3)]
-    scores, featurized = engine._score_rows(pendings, sum(len(p.candidates) for p in pendings))
-    assert featurized is not None and len(featurized) == 3
-    split = [scores[k * len(pendings[0].candidates):(k + 1) * len(pendings[0].candidates)] for k in range(3)]
-    reused = [o.body for o in engine.price_all(pendings, split, featurized)]
-    again = [o.body for o in engine.price_all(pendings, split)]  # featurized anew by the win model
-    assert reused == again and all(b"price" in body for body in reused)
+    batch = Batch(pendings, engine.catalog.candidates, engine.features)
+    for stage in (engine.featurize, engine.layout, engine.score, engine.value, engine.shade):
+        stage(batch)
+    assert batch.features is factorized.imp_inputs and len(batch.records) == 3 and len(batch.shaded) == 3
+    imps = sorted(batch.shaded)
+    values = [batch.best_value[j] for j in imps]
+    floors = [pendings[batch.imp_request[j]].floors[batch.imp_ids[j]] for j in imps]
+    again, _ = market.shade(scorer.featurizer, [batch.records[j] for j in imps], values, floors)  # featurized anew
+    assert [batch.shaded[j] for j in imps] == again
+    engine.encode_all(batch)
+    assert all(b"price" in outcome.body for outcome in batch.outcomes)
 
 
 def test_native_search_is_the_graphs_on_random_imps(market_bundle_dir, sample_records):
@@ -388,8 +394,10 @@ def test_floor_is_respected_and_no_surplus_means_no_bid(market_bundle_dir, openr
     # a floor (JSON carries the float exactly).
     def exact_value(floor: float) -> float:
         pending = engine.prepare(_request(openrtb_examples, 2, floor=floor), None, time.perf_counter())
-        best = engine.value(pending, engine.scorer.score(pending.rows))[0]
-        return best.ctr * best.candidate.value_per_click * 1000.0
+        batch = Batch([pending], engine.catalog.candidates, engine.features)
+        for stage in (engine.featurize, engine.layout, engine.score, engine.value):
+            stage(batch)
+        return batch.best_value[0]  # pCTR × value per click × 1000 of the imp's best row
 
     for k in range(1, 41):
         floor = exact_value(round(unfloored * k / 40, 6))

@@ -1,0 +1,127 @@
+"""The data a bid request and a batch of them carry through the stages of ``bidder.engine``.
+
+``Pending`` is one request after ``prepare``: its imps that have candidates (or wait for retrieval to choose
+them), each with the raw record the model reads. ``Batch`` is what a flush becomes: the requests scored
+together, their imps featurized once into one buffer that the scorer, the towers and the win-price search all
+read, the rows as arrays (imp, candidate, floor, value per click, deal terms), then the scores, each imp's best
+row and value, and the bids. Every stage reads what the stages before it wrote and adds its own part; no stage
+works out again what another computed.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from bidder.campaigns import Candidate
+from bidder.openrtb import BidRequest, Imp
+from bidder.pricing import DealOffer, PricedBid
+
+__all__ = ["Batch", "Outcome", "Pending"]
+
+
+class Outcome(NamedTuple):  # a tuple: one is built per request, a frozen dataclass costs several times more
+    status: int
+    body: bytes = b""
+    reason: str | None = None  # no-bid reason (204) or error kind (4xx)
+
+
+class Pending:
+    """A decoded bid request with rows to score.
+
+    Per imp that can bid (in request order): ``imp_ids`` its index in ``request.imp``, ``records`` its raw
+    record, ``candidates`` the eligible candidates of all its sizes and ``offers`` (None when the imp has no
+    deals) the deal each of them can bid through, by position. With a large catalog, ``candidates`` is empty
+    until retrieval fills it from ``waiting`` (per imp: the imp and its sizes) and ``where`` (the targeting
+    context). ``floors`` holds every imp's floor (USD CPM), ``imp_reason`` the first reason an imp of the
+    request got no rows.
+    """
+
+    __slots__ = ("request", "received", "imp_ids", "records", "candidates", "offers", "floors", "imp_reason",
+                 "waiting", "where", "n_rows", "first_imp", "first_row")
+
+    def __init__(self, request: BidRequest, received: float, floors: list[float]):
+        self.request = request
+        self.received = received
+        self.floors = floors
+        self.imp_ids: list[int] = []
+        self.records: list[dict] = []
+        self.candidates: list[Sequence[Candidate]] = []
+        self.offers: list[dict[int, DealOffer] | None] = []
+        self.imp_reason: str | None = None
+        self.waiting: list[tuple[Imp, list[tuple[int, int]]]] | None = None
+        self.where: tuple[str | None, str | None, frozenset[str]] | None = None
+        self.n_rows = 0
+        self.first_imp = 0  # where its imps and rows start in the batch (``Batch.layout``)
+        self.first_row = 0
+
+    def add_imp(self, i: int, record: dict, candidates: Sequence[Candidate],
+                offers: dict[int, DealOffer] | None) -> None:
+        self.imp_ids.append(i)
+        self.records.append(record)
+        self.candidates.append(candidates)
+        self.offers.append(offers)
+        self.n_rows += len(candidates)
+
+    @property
+    def rows(self) -> list[tuple[dict, dict]]:
+        """(candidate layer, imp record) pairs: the featurizer's overlay rows for the canonical graph."""
+        return [(c.layer, record) for record, eligible in zip(self.records, self.candidates) for c in eligible]
+
+
+class Batch:
+    """Requests scored together, and what each stage worked out for them.
+
+    Imp ``j`` of the batch is imp ``imp_ids[j]`` of request ``imp_request[j]``; its features are row ``j`` of
+    ``features`` (the spec's inputs). Row ``r`` pairs imp ``row_imp[r]`` with catalog candidate ``row_cand[r]``,
+    under floor ``row_floor[r]``, at ``row_value[r]`` USD per click, through the deal ``offers[r]`` if it has
+    one (its floor in ``deal_floor[r]``, NaN without). A request's imps and rows are consecutive.
+    """
+
+    __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_request", "imp_ids", "features", "n_rows", "row_imp",
+                 "row_cand", "row_floor", "row_value", "deal_floor", "deal_private", "offers", "scores",
+                 "best_row", "best_value", "via_deal", "shaded", "unprofitable")
+
+    def __init__(self, pendings: Sequence[Pending], candidates: Sequence[Candidate], features: dict[str, np.ndarray]):
+        self.pendings = pendings
+        self.candidates = candidates  # the catalog's: ``row_cand`` indexes it
+        self.outcomes: list[Outcome | Exception | None] = [None] * len(pendings)
+        self.features = features
+        self.records: list[dict] = []
+        self.imp_request: list[int] = []
+        self.imp_ids: list[int] = []
+        self.n_rows = 0
+        self.offers: dict[int, DealOffer] = {}
+        self.scores: np.ndarray | None = None
+        self.shaded: dict[int, float] = {}       # batch imp -> its first-price bid (shade)
+        self.unprofitable: set[int] = set()      # batch imps left without a bid: no positive expected surplus
+        self.row_imp = self.row_cand = self.row_floor = self.row_value = self.deal_floor = self.deal_private = None
+        self.best_row = self.best_value = self.via_deal = None
+
+    @property
+    def n_imps(self) -> int:
+        return len(self.records)
+
+    def pair_rows(self, start: int, stop: int) -> list[tuple[dict, dict]]:
+        """Rows ``[start, stop)`` as (candidate layer, imp record) pairs: what row scoring featurizes."""
+        candidates, records = self.candidates, self.records
+        return [(candidates[c].layer, records[i])
+                for i, c in zip(self.row_imp[start:stop].tolist(), self.row_cand[start:stop].tolist())]
+
+    def live(self) -> list[int]:
+        """Positions of the requests no stage has answered yet."""
+        return [k for k, outcome in enumerate(self.outcomes) if outcome is None]
+
+    def bid_of(self, imp: int, candidate: Candidate, price: float) -> PricedBid:
+        """The bid of batch imp ``imp`` at ``price``, from its best row."""
+        row = int(self.best_row[imp])
+        deal = self.offers.get(row) if self.via_deal[imp] else None
+        return PricedBid(self.imp_ids[imp], candidate, price, float(self.scores[row]), deal,
+                         float(self.best_value[imp]))
+
+
+def empty_rows(n: int) -> dict[str, Any]:
+    """Fresh row arrays for ``n`` rows (``Batch.row_*``)."""
+    return {"row_imp": np.empty(n, dtype=np.int64), "row_cand": np.empty(n, dtype=np.int64),
+            "row_floor": np.empty(n, dtype=np.float64), "row_value": np.empty(n, dtype=np.float64),
+            "deal_floor": np.full(n, np.nan, dtype=np.float64), "deal_private": np.zeros(n, dtype=np.uint8)}
