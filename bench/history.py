@@ -134,9 +134,11 @@ def _load_section(path: Path, results: Path) -> list[str]:
     rows = report.get("medians") or [  # one pass (older files): its runs are the figures
         {**run, "batch_mean": {name: (hist or {}).get("mean") for name, hist in (run.get("batch") or {}).items()
                                if isinstance(hist, dict)}} for run in report.get("runs", [])]
+    machine = report.get("machine", {})
+    passes = " (medians of the passes)" if report.get("medians") else ""
     lines = [f"### {_date(report.get('created'))} UTC: {_link(path, results)}", "",
-             f"Machine: {_machine(report.get('machine'))}; model `{report.get('machine', {}).get('model_id', '–')}`.",
-             f"Command: `{load_command(report['config'])}`" + (" (medians of the passes)" if report.get("medians") else ""),
+             f"Machine: {_machine(machine)}; model `{machine.get('model_id', '–')}`.",
+             f"Command: `{load_command(report['config'])}`{passes}",
              "", "| server | workers | connections | rps | P50 ms | P99 ms | requests / ORT call | rows / ORT call |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=lambda r: (r["workers"], r["connections"])):
@@ -144,7 +146,8 @@ def _load_section(path: Path, results: Path) -> list[str]:
         latency = row["latency_ms"]
         lines.append(f"| {row['server']} | {row['workers']} | {row['connections']} | {_number(row['rps'])} "
                      f"| {_number(latency.get('p50'), 3)} | {_number(latency.get('p99'), 3)} "
-                     f"| {_number(batch.get('bidder_batch_requests'), 2)} | {_number(batch.get('bidder_batch_rows'), 1)} |")
+                     f"| {_number(batch.get('bidder_batch_requests'), 2)} "
+                     f"| {_number(batch.get('bidder_batch_rows'), 1)} |")
     ratios = [f"{r['ratio']} at c={r['connections']}" + (f", {r['workers']} workers" if r["workers"] > 1 else "")
               + f": {r['median_rps']:.2f}× ({r['pairs']} pairs)" for r in report.get("pair_ratios", [])]
     if ratios:
@@ -158,9 +161,10 @@ def _speed_table(paths: list[Path], results: Path) -> list[str]:
              "| test AUC ours / deepctr |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     for path, report in paths:
         for model in report["models"]:
-            lines.append(f"| {_date(report.get('measured_at'))} | {_link(path, results)} | {_machine(report.get('machine'))} "
-                         f"| {model['model']} | {model.get('batch_size', '–')} | {_number(model['ours']['samples_per_s'])} "
-                         f"| {_number(model['deepctr']['samples_per_s'])} | {model['ratio_ours_to_deepctr']:.2f}× "
+            lines.append(f"| {_date(report.get('measured_at'))} | {_link(path, results)} "
+                         f"| {_machine(report.get('machine'))} | {model['model']} | {model.get('batch_size', '–')} "
+                         f"| {_number(model['ours']['samples_per_s'])} | {_number(model['deepctr']['samples_per_s'])} "
+                         f"| {model['ratio_ours_to_deepctr']:.2f}× "
                          f"| {model['ours']['test_auc']:.4f} / {model['deepctr']['test_auc']:.4f} |")
     return lines + [""]
 
