@@ -193,6 +193,9 @@ def _other_row(path: Path, report: Any, results: Path) -> str:
     commands = report.get("commands") or ([report["command"]] if report.get("command") else [])
     if isinstance(commands, dict):
         commands = list(commands.values())
+    if not commands and isinstance(report.get("runs"), list):  # a study of several runs, each with its command
+        commands = list(dict.fromkeys(run["command"] for run in report["runs"]
+                                      if isinstance(run, dict) and run.get("command")))
     shown = "<br>".join(f"`{_cell(str(c))}`" for c in commands) or "–"
     cpus = report.get("cpus")
     machine = report.get("machine") or ({"cpu_model": report.get("cpu_model"),
@@ -240,13 +243,20 @@ def _reload_figures(report: dict) -> str:
             f"longest silence {report.get('longest_silence_ms', 0):.0f} ms")
 
 
+def _runs_figures(report: dict) -> str:
+    return "; ".join(f"batch {run['hyperparameters'].get('batch_size')} lr {run['hyperparameters'].get('lr')}: "
+                     f"test AUC {run['test_auc']:.4f}" for run in report.get("runs", [])
+                     if isinstance(run, dict) and "test_auc" in run and "hyperparameters" in run)
+
+
 def _kind(path: Path) -> str:
     return re.match(r"[a-z]+", path.name).group(0) if re.match(r"[a-z]+", path.name) else path.name
 
 
 _KEY_FIGURES: dict[str, Callable[[dict], str]] = {
     "replay": _replay_figures, "shading": _shading_figures, "retrieval": _retrieval_figures,
-    "compare": _compare_figures, "compress": _compress_figures, "after": _reload_figures, "before": _reload_figures}
+    "compare": _compare_figures, "compress": _compress_figures, "after": _reload_figures, "before": _reload_figures,
+    "batch": _runs_figures}
 
 
 def render(results: Path = RESULTS) -> str:

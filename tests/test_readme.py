@@ -311,6 +311,9 @@ def test_the_benchmark_history_page_is_what_its_command_writes(capsys):
         "docs/benchmarks.md is stale: run .venv/bin/python -m bench history --out docs/benchmarks.md"
     assert main([]) == 0  # without --out it prints, leaving the committed page alone
     assert capsys.readouterr().out == render()
+    assert main(["--results", str(ROOT / "no-such-folder")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-folder" in err and err.count("\n") == 1
 
 
 def test_serving_options_in_the_readme_are_the_real_ones():
