@@ -49,7 +49,7 @@ DEFAULT_MODEL := bidder/models/default/model.onnx
 # with the train extras). Not a prerequisite: make would build it even when the model is there.
 $(DEFAULT_MODEL):
 	$(MAKE) $(FULL)
-	$(PY) -m train default
+	$(PY) -m train default --out bidder/models/default
 
 serve: $(RUNTIME) $(DEFAULT_MODEL)
 	$(PY) -m bidder serve --host $(HOST) --port $(PORT) --workers $(WORKERS) $(if $(NOW),--now $(NOW))
@@ -69,8 +69,9 @@ bench: $(FULL)
 bench-load: $(FULL) $(DEFAULT_MODEL)
 	$(PY) -m bench load
 
+# Rebuilds the committed default bundle in place (train default alone writes runs/default).
 default-model: $(FULL)
-	$(PY) -m train default
+	$(PY) -m train default --out bidder/models/default
 
 clean:
 	rm -rf build bidder/_features.c bidder/_features*.so bidder/_shading.c bidder/_shading*.so bidder/_pricing.c bidder/_pricing*.so train/_attention.c train/_attention*.so train/_rows.c train/_rows*.so train/_local.c train/_local*.so *.egg-info $(VENV) mutants mutants.log .mutation-cache

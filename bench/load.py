@@ -35,7 +35,7 @@ from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
 DEFAULT_MODEL = DEFAULT_BUNDLE
-DEFAULT_RESULTS = REPO / "bench" / "results"
+DEFAULT_RESULTS = REPO / "runs" / "bench"  # git-ignored; committed runs go to bench/results by an explicit --out
 #: The bidder with some of its levers switched off, to measure each lever alone in the same run.
 BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),
                    "bidder-plain": ("--no-batching", "--no-factorized"), "bidder-exhaustive": ("--no-retrieval",),

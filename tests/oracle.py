@@ -1,13 +1,13 @@
 """What the bidder should answer, stated plainly and independently of ``bidder.engine``.
 
-The rules are the README's, written out again over plain JSON: the OpenRTB → iPinYou mapping, catalog
-eligibility (size, domain and exchange targeting, ``badv``, disabled campaigns), one scored row per
-(imp, eligible creative), CPM = pCTR × value per click × 1000, a bid only at or above the imp's floor, the
-best bid per imp; in a first-price auction (``at`` = 1) with a bundle that has a win-price model, that bid
-lowered to the grid bid of highest expected surplus (``shade``: 64 bids from the floor up to the value,
-searched by brute force over P(win) from plain ONNX Runtime on ``market.onnx``). Only the models are
-shared with the bidder: pCTRs come from ``Scorer.predict`` over full records, the public scoring API, and
-P(win) from the market graph's ``win`` output.
+The rules are the documented ones (README, docs/serving.md, docs/catalog.md, docs/first-price.md), written out
+again over plain JSON: the OpenRTB → iPinYou mapping, catalog eligibility (size, domain and exchange targeting,
+``badv``, disabled campaigns), one scored row per (imp, eligible creative), CPM = pCTR × value per click × 1000, a
+bid only at or above the imp's floor, the best bid per imp; in a first-price auction (``at`` = 1) with a bundle
+that has a win-price model, that bid lowered to the grid bid of highest expected surplus (``shade``: 64 bids from
+the floor up to the value, searched by brute force over P(win) from plain ONNX Runtime on ``market.onnx``). Only
+the models are shared with the bidder: pCTRs come from ``Scorer.predict`` over full records, the public scoring
+API, and P(win) from the market graph's ``win`` output.
 
 The receive time sets weekday and hour, so callers give the time window the request was in flight
 (``before``, ``after``) and accept the answer if it is right for one of the (weekday, hour) in force then.
@@ -30,10 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bidder.scorer import Scorer
 
-#: iPinYou ``slotprice`` is CNY fen CPM; OpenRTB floors are USD CPM; README: fixed rate 7.2 CNY per USD.
+#: iPinYou ``slotprice`` is CNY fen CPM; OpenRTB floors are USD CPM; docs/serving.md: fixed rate 7.2 CNY per USD.
 FEN_PER_USD = 7.2 * 100
 SLOTPRICE_CAP = 10**12
-#: OpenRTB ``banner.pos`` → iPinYou ``slotvisibility`` (README): 1, 4, 7 FirstView; 3 SecondView; 2, 5, 6 OtherView.
+#: OpenRTB ``banner.pos`` → iPinYou ``slotvisibility`` (docs/serving.md): 1, 4, 7 FirstView; 3 SecondView;
+#: 2, 5, 6 OtherView.
 VISIBILITY = {1: "FirstView", 4: "FirstView", 7: "FirstView", 3: "SecondView",
               2: "OtherView", 5: "OtherView", 6: "OtherView"}
 #: The parity contract (DESIGN): a served probability may differ from the canonical graph's by 1e-6. A price
@@ -200,7 +201,7 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
     return Expectation(204, reasons.pop() if len(reasons) == 1 else None, outcomes, weekday, hour)
 
 
-GRID = 64  # README: the first-price search tries floor + (value − floor)·k/64, k = 0..63
+GRID = 64  # docs/first-price.md: the first-price search tries floor + (value − floor)·k/64, k = 0..63
 _markets: dict[Path, ort.InferenceSession | None] = {}
 
 

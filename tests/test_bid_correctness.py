@@ -1,6 +1,6 @@
 """The bid is right: creative and price per imp equal an independent computation (tests/oracle.py).
 
-Black-box: requests go through HTTP (aiohttp test client); the expectation comes from the README's rules
+Black-box: requests go through HTTP (aiohttp test client); the expectation comes from the documented rules
 over the raw request and catalog JSON, scored with ``Scorer.predict``. Covers the IAB banner examples,
 generated requests (several imps, sizes, floors, ``badv``, site/app, exchange routes) on two bundles and
 two catalogs, floors between candidates, chunked scoring, the shipped default bundle, ``tmax``, and the

@@ -81,7 +81,8 @@ def test_a_missing_default_model_is_trained_with_the_extras(clone):
     (clone / "bidder/models/default/model.onnx").unlink()
     stamps(clone, ".runtime", ".extension")
     plan = dry_run(clone, "serve")
-    assert "-m train default" in plan and "'.[train,dev]'" in plan
+    # into the package's bundle, where serving looks: train default alone writes runs/default
+    assert "-m train default --out bidder/models/default" in plan and "'.[train,dev]'" in plan
 
 
 def test_runtime_dependencies_hold_no_training_library():

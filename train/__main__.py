@@ -22,6 +22,7 @@ from train.models import ARCHITECTURES
 DEFAULT_ROWS = 1_000_000
 BUNDLE_FILES = ("model.onnx", "spec.json", "meta.json")
 DEFAULT_DATA_SEED = 2013
+DEFAULT_BUNDLE_OUT = "runs/default"  # git-ignored
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +97,7 @@ def _default(args: argparse.Namespace) -> dict[str, Any]:
     from train.trainer import check_training
 
     check_training("deepfm", args.epochs, {})  # before the data: a typo must not wait for generating it
-    out = Path(args.out) if args.out else bidder.DEFAULT_BUNDLE
+    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="synthetic-") as tmp:
         _generate(tmp, args.rows, args.data_seed)  # the impression logs and bids.log.txt
         label = f"synthetic: python -m train synth --rows {args.rows} --seed {args.data_seed}"
@@ -286,7 +287,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.set_defaults(run=_fit)
 
     default = commands.add_parser("default", help="reproduce the bundle shipped in bidder/models/default")
-    default.add_argument("--out", help="bundle folder (default: the package's default bundle)")
+    # Never the shipped bundle unless asked: a rerun must not silently replace the committed files.
+    default.add_argument("--out", default=DEFAULT_BUNDLE_OUT,
+                         help="bundle folder (default: %(default)s; --out bidder/models/default replaces the shipped one)")
     default.add_argument("--rows", type=int, default=DEFAULT_ROWS)
     default.add_argument("--data-seed", type=int, default=DEFAULT_DATA_SEED)
     default.add_argument("--seed", type=int, default=0, help="training seed")
