@@ -11,7 +11,12 @@ from libc.math cimport isnan
 from libc.stdint cimport int64_t, uint8_t
 
 
-def best_rows(const int64_t[::1] row_imp, const int64_t[::1] row_cand, const double[::1] scores,
+ctypedef fused score_t:
+    float
+    double
+
+
+def best_rows(const int64_t[::1] row_imp, const int64_t[::1] row_cand, const score_t[::1] scores,
               const double[::1] value_per_click, const double[::1] row_floor, const double[::1] deal_floor,
               const uint8_t[::1] deal_private, int64_t[::1] best_row, double[::1] best_value,
               uint8_t[::1] via_deal, int64_t[::1] order):
@@ -47,7 +52,7 @@ def best_rows(const int64_t[::1] row_imp, const int64_t[::1] row_cand, const dou
         cand = row_cand[r]
         if imp < 0 or imp >= imps:
             raise IndexError(f"row {r} belongs to imp {imp}, but the batch has {imps} imps")
-        value = scores[r] * value_per_click[r] * 1000.0
+        value = <double> scores[r] * value_per_click[r] * 1000.0
         floor = row_floor[r]
         through = 0
         deal = deal_floor[r]

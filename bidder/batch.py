@@ -112,16 +112,9 @@ class Batch:
         """Positions of the requests no stage has answered yet."""
         return [k for k, outcome in enumerate(self.outcomes) if outcome is None]
 
-    def bid_of(self, imp: int, candidate: Candidate, price: float) -> PricedBid:
-        """The bid of batch imp ``imp`` at ``price``, from its best row."""
-        row = int(self.best_row[imp])
-        deal = self.offers.get(row) if self.via_deal[imp] else None
-        return PricedBid(self.imp_ids[imp], candidate, price, float(self.scores[row]), deal,
-                         float(self.best_value[imp]))
-
 
 def empty_rows(n: int) -> dict[str, Any]:
-    """Fresh row arrays for ``n`` rows (``Batch.row_*``)."""
+    """Fresh row arrays for ``n`` rows (``Batch.row_*``): no row has deal terms."""
     return {"row_imp": np.empty(n, dtype=np.int64), "row_cand": np.empty(n, dtype=np.int64),
             "row_floor": np.empty(n, dtype=np.float64), "row_value": np.empty(n, dtype=np.float64),
             "deal_floor": np.full(n, np.nan, dtype=np.float64), "deal_private": np.zeros(n, dtype=np.uint8)}

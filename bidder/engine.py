@@ -61,6 +61,12 @@ def error_body(message: str, path: str = "$") -> bytes:
     return _encoder.encode({"error": message, "path": path})
 
 
+def _imp_arrays(n: int) -> tuple[np.ndarray, ...]:
+    """Per imp: best row, its value, whether it bids through its deal, and the order imps found one."""
+    return (np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float64), np.zeros(n, dtype=np.uint8),
+            np.empty(n, dtype=np.int64))
+
+
 class BidEngine:
     """Scores and prices bid requests with one scorer and one catalog (swapped whole on reload).
 
@@ -87,6 +93,7 @@ class BidEngine:
         self.features = factorized.imp_inputs if factorized is not None else scorer.spec.allocate(scorer.max_batch)
         self.capacity = len(next(iter(self.features.values())))  # imps a batch may hold
         self._rows = empty_rows(scorer.max_batch)
+        self._imps = _imp_arrays(self.capacity)
         self.batcher = Batcher(self.score_batch)
 
     # -- the whole path for one request ------------------------------------------------------------
@@ -310,7 +317,8 @@ class BidEngine:
 
     # -- layout ------------------------------------------------------------------------------------
     def layout(self, batch: Batch) -> int:
-        """The rows of the batch's live requests as arrays (``Batch.row_*``); returns their number."""
+        """The rows of the batch's live requests as arrays (``Batch.row_*``, views of arrays the engine keeps);
+        returns their number."""
         live = self._live(batch)
         n = sum(p.n_rows for p in live)
         if n == 0:
@@ -320,8 +328,6 @@ class BidEngine:
             rows = self._rows = empty_rows(max(n, 2 * len(rows["row_imp"])))
         for name, array in rows.items():
             setattr(batch, name, array[:n])
-        batch.deal_floor.fill(np.nan)
-        batch.deal_private.fill(0)
         batch.n_rows = layout_rows(live, batch.row_imp, batch.row_cand, batch.row_floor, batch.row_value)
         for pending in live:
             if not any(pending.offers):
@@ -337,16 +343,22 @@ class BidEngine:
 
     # -- score ---------------------------------------------------------------------------------------
     def score(self, batch: Batch) -> None:
-        """``batch.scores``: every row's probability, in calls of at most ``max_batch`` rows that never split a
-        request (a request with more rows is scored alone, in calls of its own)."""
+        """``batch.scores``: every row's probability (float32), in calls of at most ``max_batch`` rows that never
+        split a request (a request with more rows is scored alone, in calls of its own)."""
         factorized = self.factorized
         scorer = factorized if factorized is not None and batch.features is factorized.imp_inputs else self.scorer
-        scores = batch.scores = np.empty(batch.n_rows, dtype=np.float64)
         limit = self.scorer.max_batch
         metrics = self.metrics
+        live = self._live(batch)
+        if batch.n_rows <= limit:  # the common case: one call, its output read where ORT wrote it
+            batch.scores = scorer.score_rows(batch, 0, batch.n_rows)
+            metrics.batch_rows.observe(batch.n_rows)
+            metrics.batch_requests.observe(len(live))
+            return
+        scores = batch.scores = np.empty(batch.n_rows, dtype=np.float32)
         start = stop = 0
         requests = 0
-        for pending in self._live(batch):
+        for pending in live:
             n = pending.n_rows
             if n > limit or stop - start + n > limit:
                 if requests:
@@ -370,13 +382,17 @@ class BidEngine:
     def value(self, batch: Batch) -> None:
         """Per imp of the batch its best row at or above its floor and that row's value (``bidder.pricing``)."""
         n = batch.n_imps
-        best_row = np.empty(n, dtype=np.int64)
-        best_value = np.empty(n, dtype=np.float64)
-        via_deal = np.zeros(n, dtype=np.uint8)
+        imps = self._imps
+        if len(imps[0]) < n:
+            imps = self._imps = _imp_arrays(n)
+        best_row, best_value, via_deal, order = (array[:n] for array in imps)
         best_rows(batch.row_imp, batch.row_cand, batch.scores, batch.row_value, batch.row_floor, batch.deal_floor,
-                  batch.deal_private, best_row, best_value, via_deal, np.empty(n, dtype=np.int64))
+                  batch.deal_private, best_row, best_value, via_deal, order)
         # Python numbers: the stages after read them one by one
         batch.best_row, batch.best_value, batch.via_deal = best_row.tolist(), best_value.tolist(), via_deal.tolist()
+        for row in batch.offers:  # the engine's row arrays hold no deal terms between batches
+            batch.deal_floor[row] = np.nan
+            batch.deal_private[row] = 0
 
     # -- shade ---------------------------------------------------------------------------------------
     def shade(self, batch: Batch) -> None:
