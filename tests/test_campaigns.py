@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from bidder.app import DEFAULT_CAMPAIGNS
 from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog, parse_catalog
-from bidder.server import DEFAULT_CAMPAIGNS
 
 
 def _creative(**fields):
