@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -174,42 +175,88 @@ def test_a_catalog_of_some_candidates_numbers_them_afresh():
     assert some.candidates[0].value_per_click == 1.0 and some.candidates[0].layer == every[2].layer
 
 
+_FIRST = {"id": "c", "advertiser": 1, "value_per_click": 1.5, "name": "ünï",
+          "creatives": [_creative(markup='<a href="x">]}</a>')]}
+_SECOND = {"id": "d", "advertiser": 2, "value_per_click": 2, "targeting": {"sizes": [[300, 250]]},
+           "deals": [{"dealid": "D1"}], "creatives": [_creative(id="cr2", nurl=None, markup="{[")]}
+
+
 @pytest.mark.parametrize("text", [
     '{"campaigns": []}',
-    ' \n{ "campaigns" :\t[ {"a": 1} , {"b": [1, 2, {"c": "]"}]}\r\n] }\n ',
-    '{"campaigns": [{"a": 1}], "campaigns": [{"b": 2}]}',   # a repeated key: the last one, as json.loads
-    '{"campaigns": [{"a": 1}], "extra": true}',               # another key: json.loads, then the catalog refuses it
-    '{"campaigns": [{"a": 1},]}',                             # syntax errors: json.loads's own error
+    ' \n{ "campaigns" :\t[ FIRST , SECOND\r\n] }\n ',
+    '{"campaigns": [FIRST], "campaigns": [SECOND]}',     # a repeated key: the last one, as json.loads
+    '{"campaigns": [FIRST, {"id": "x", "advertiser": -1}]}',     # schema errors: the same message
+    '{"campaigns": [FIRST, SECOND, {"id": "c"}]}',
+    '{"campaigns": [SECOND, SECOND]}',
+    '{"campaigns": [FIRST, {"id": "d", "advertiser": 2, "value_per_click": 1, "creatives": [{"w": 300}]}]}',
+])
+def test_a_catalog_file_reads_as_its_json_parsed_whole(tmp_path, text):
+    """A file's campaigns are decoded one per call (a reload's thread can hand the GIL over between them): the
+    file gives the catalog, or the error, that ``parse_catalog`` gives for its JSON parsed whole."""
+    text = text.replace("FIRST", json.dumps(_FIRST)).replace("SECOND", json.dumps(_SECOND))
+    path = tmp_path / "catalog.json"
+    path.write_text(text, encoding="utf-8")
+    try:
+        expected = parse_catalog(json.loads(text), str(path))
+    except CatalogError as exc:
+        with pytest.raises(CatalogError) as raised:
+            load_catalog(path)
+        assert str(raised.value) == str(exc)
+    else:
+        catalog = load_catalog(path)
+        assert catalog.candidates == expected.candidates and catalog.source == str(path)
+        assert [c.index for c in catalog.candidates] == list(range(len(expected)))
+
+
+def test_a_catalog_file_is_decoded_one_campaign_per_call(monkeypatch, tmp_path):
+    from bidder import campaigns
+
+    decoded = []
+    real = campaigns._campaign_decoder
+
+    class Spy:
+        def decode(self, raw):
+            decoded.append(json.loads(bytes(raw)))
+            return real.decode(raw)
+
+    monkeypatch.setattr(campaigns, "_campaign_decoder", Spy())
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"campaigns": [_FIRST, _SECOND]}, indent=1))
+    assert len(load_catalog(path)) == 2
+    assert decoded == [_FIRST, _SECOND]
+
+
+@pytest.mark.parametrize("text", [
+    '{"campaigns": [{"a": 1},]}',
     '{"campaigns": [{"a": 1} {"b": 2}]}',
     '{"campaigns": [{"a": 1}]',
     '{"campaigns": [{"a": 1}]} x',
     '{"campaigns": [{"a": 1}]}\u00a0',                        # not JSON whitespace
     '{"campaigns":\u00a0[{"a": 1}]}',
+    '{"campaigns": [\n{"a": 1},\n\u00e9]}',
+    '{"campaigns": [7]}\n\n  x',                              # not JSON: so told, before the schema error
+    '[1, 2',
+    '',
 ])
-def test_a_large_catalog_is_decoded_campaign_by_campaign_exactly_as_json_loads(monkeypatch, text):
-    """The chunked decoder (it lets a reload's thread hand the GIL over between campaigns) agrees with
-    json.loads on every document: the same value, or the same error at the same place."""
-    from bidder import campaigns
-
-    monkeypatch.setattr(campaigns, "CHUNKED_DECODE_CHARS", 0)
-    try:
-        expected = json.loads(text)
-    except json.JSONDecodeError as exc:
-        with pytest.raises(json.JSONDecodeError) as raised:
-            campaigns._decode(text)
-        assert (raised.value.msg, raised.value.pos) == (exc.msg, exc.pos)
-    else:
-        assert campaigns._decode(text) == expected
+def test_a_file_that_is_not_json_names_the_line_and_column(tmp_path, text):
+    path = tmp_path / "catalog.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError) as reference:
+        json.loads(text)
+    with pytest.raises(CatalogError) as raised:
+        load_catalog(path)
+    found = re.fullmatch(rf"{re.escape(str(path))}: invalid JSON at line (\d+) column (\d+): .+", str(raised.value))
+    assert found, raised.value
+    line, column = int(found[1]), int(found[2])
+    # the place json.loads names, or just past it (msgspec names the offending character's end)
+    assert line == reference.value.lineno and 0 <= column - reference.value.colno <= 2, (raised.value, reference.value)
 
 
-def test_a_large_catalog_file_loads_as_a_small_one(monkeypatch, tmp_path):
-    from bidder import campaigns
-
+def test_an_indented_catalog_file_loads_as_a_compact_one(tmp_path):
     path = tmp_path / "campaigns.json"
     path.write_text(json.dumps(json.loads(DEFAULT_CAMPAIGNS.read_text()), indent=1))
-    small = load_catalog(path)
-    monkeypatch.setattr(campaigns, "CHUNKED_DECODE_CHARS", 0)
-    assert load_catalog(path).candidates == small.candidates and len(small) > 0
+    indented = load_catalog(path)
+    assert indented.candidates == load_catalog(DEFAULT_CAMPAIGNS).candidates and len(indented) > 0
     path.write_text(path.read_text()[:-3])
     with pytest.raises(CatalogError, match=r"campaigns.json: invalid JSON at line \d+ column \d+"):
         load_catalog(path)
