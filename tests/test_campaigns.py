@@ -7,7 +7,8 @@ import re
 import pytest
 
 from bidder.app import DEFAULT_CAMPAIGNS
-from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog, parse_catalog
+from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog
+from catalogs import parse_catalog
 
 
 def _creative(**fields):
@@ -182,30 +183,44 @@ _SECOND = {"id": "d", "advertiser": 2, "value_per_click": 2, "targeting": {"size
 
 
 @pytest.mark.parametrize("text", [
-    '{"campaigns": []}',
     ' \n{ "campaigns" :\t[ FIRST , SECOND\r\n] }\n ',
-    '{"campaigns": [FIRST], "campaigns": [SECOND]}',     # a repeated key: the last one, as json.loads
-    '{"campaigns": [FIRST, {"id": "x", "advertiser": -1}]}',     # schema errors: the same message
-    '{"campaigns": [FIRST, SECOND, {"id": "c"}]}',
-    '{"campaigns": [SECOND, SECOND]}',
-    '{"campaigns": [FIRST, {"id": "d", "advertiser": 2, "value_per_click": 1, "creatives": [{"w": 300}]}]}',
+    '{"campaigns": [FIRST, SECOND]}',
+    '{"campaigns": [SECOND], "campaigns": [FIRST, SECOND]}',     # a repeated key: the last one, as json.loads
 ])
-def test_a_catalog_file_reads_as_its_json_parsed_whole(tmp_path, text):
-    """A file's campaigns are decoded one per call (a reload's thread can hand the GIL over between them): the
-    file gives the catalog, or the error, that ``parse_catalog`` gives for its JSON parsed whole."""
+def test_a_catalog_file_reads_as_json_loads_reads_it(tmp_path, text):
+    """A file's campaigns are decoded one per call (a reload's thread can hand the GIL over between them),
+    whatever the layout around them and whatever brackets their strings hold."""
     text = text.replace("FIRST", json.dumps(_FIRST)).replace("SECOND", json.dumps(_SECOND))
     path = tmp_path / "catalog.json"
     path.write_text(text, encoding="utf-8")
-    try:
-        expected = parse_catalog(json.loads(text), str(path))
-    except CatalogError as exc:
-        with pytest.raises(CatalogError) as raised:
-            load_catalog(path)
-        assert str(raised.value) == str(exc)
-    else:
-        catalog = load_catalog(path)
-        assert catalog.candidates == expected.candidates and catalog.source == str(path)
-        assert [c.index for c in catalog.candidates] == list(range(len(expected)))
+    catalog = load_catalog(path)
+    expected = [(campaign["id"], creative["id"], float(campaign["value_per_click"]), creative.get("nurl"),
+                 creative.get("markup"), tuple(creative["adomain"]))
+                for campaign in json.loads(text)["campaigns"] for creative in campaign["creatives"]]
+    assert [(c.campaign_id, c.creative_id, c.value_per_click, c.nurl, c.markup, c.adomain)
+            for c in catalog.candidates] == expected
+    assert catalog.candidates[0].layer["creative"] == "cr" and catalog.candidates[1].deals[0].dealid == "D1"
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"campaigns": []}', None),
+    ('{"campaigns": [FIRST, {"id": "x", "advertiser": -1}]}',
+     r"campaigns\[1\]\.advertiser: expected a non-negative integer, got -1$"),
+    ('{"campaigns": [FIRST, SECOND, {"id": "c"}]}', r"campaigns\[2\]\.advertiser: .*, got None$"),
+    ('{"campaigns": [SECOND, SECOND]}', r"campaigns\[1\]\.id: duplicate campaign id 'd'$"),
+    ('{"campaigns": [FIRST, {"id": "d", "advertiser": 2, "value_per_click": 1, "creatives": [{"w": 300}]}]}',
+     r"campaigns\[1\]\.creatives\[0\]\.id: expected a non-empty string, got None$"),
+    ('{"campaigns": [FIRST], "extra": {"a": [1]}}', r"unknown keys \['extra'\] \(allowed: \['campaigns'\]\)$"),
+])
+def test_a_file_names_the_campaign_in_its_errors(tmp_path, text, message):
+    text = text.replace("FIRST", json.dumps(_FIRST)).replace("SECOND", json.dumps(_SECOND))
+    path = tmp_path / "catalog.json"
+    path.write_text(text, encoding="utf-8")
+    if message is None:
+        assert len(load_catalog(path)) == 0
+        return
+    with pytest.raises(CatalogError, match=f"^{re.escape(str(path))}: {message}"):
+        load_catalog(path)
 
 
 def test_a_catalog_file_is_decoded_one_campaign_per_call(monkeypatch, tmp_path):

@@ -19,9 +19,10 @@ from onnx import numpy_helper
 
 from bidder import DEFAULT_BUNDLE, default_spec
 from bidder.app import DEFAULT_CAMPAIGNS
-from bidder.campaigns import CANDIDATE_FIELDS, load_catalog, parse_catalog
+from bidder.campaigns import CANDIDATE_FIELDS, load_catalog
 from bidder.factorized import CANDIDATE_FILE, FACTORIZED_FILE, FactorizedScorer, candidate_fields
 from bidder.scorer import BundleError, Scorer
+from catalogs import parse_catalog
 from train.__main__ import main as train_main
 from train.bundle import write_bundle
 from train.errors import ParityError, TrainError

@@ -15,7 +15,7 @@ import torch
 
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 from bidder.app import STATE, Config, create_app
-from bidder.campaigns import load_catalog, parse_catalog
+from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer, candidate_fields, random_inputs
 from bidder.metrics import Metrics
@@ -23,6 +23,7 @@ from bidder.retrieval import (AD_TOWER_FILE, GRAPH, IMP_TOWER_FILE, SMALL_CATALO
                               ann_available, retriever_for)
 from bidder.scorer import BundleError, Scorer
 from bidder.spec import SPARSE_INPUT
+from catalogs import parse_catalog
 from train.data.market_catalog import CAMPAIGNS_FILE, generate_market
 from train.errors import ParityError, TrainError
 from train.twotower import TowerModel, _export, _parity, check_settings, train_twotower
