@@ -94,7 +94,11 @@ async def _run_worker(config: Config, worker: int, ready=None) -> None:
     await stop.wait()
     state.draining = True
     log.info("worker %d draining %d in-flight request(s)", worker, state.in_flight)
-    await site.stop()  # no new connections; requests already started run to completion
+    # Not aiohttp's graceful shutdown alone (runner.cleanup with shutdown_timeout): it stops reading every
+    # connection at once (aiohttp 3.14 RequestHandler.data_received drops what arrives after close()), so a
+    # request whose body is still arriving could never complete, and /readyz could not answer "draining" on
+    # a kept-alive connection. The listener closes now; open connections are served until none is in flight.
+    await site.stop()
     deadline = loop.time() + config.shutdown_timeout
     while state.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.01)
