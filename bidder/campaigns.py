@@ -194,8 +194,8 @@ _MESSAGES = {
     "campaigns[].creatives": "expected a non-empty list",
     "campaigns[].creatives[]": "expected an object",
     "campaigns[].creatives[].id": _NON_EMPTY_TEXT,
-    "campaigns[].creatives[].w": "w and h must be positive integers, got {entry[w]!r} x {entry[h]!r}",
-    "campaigns[].creatives[].h": "w and h must be positive integers, got {entry[w]!r} x {entry[h]!r}",
+    "campaigns[].creatives[].w": "w and h must be positive integers, got {w!r} x {h!r}",
+    "campaigns[].creatives[].h": "w and h must be positive integers, got {w!r} x {h!r}",
     "campaigns[].creatives[].adomain": "expected a non-empty list of domains",
     "campaigns[].creatives[].nurl": _NON_EMPTY_TEXT,
     "campaigns[].creatives[].markup": _NON_EMPTY_TEXT,
@@ -204,7 +204,7 @@ _MESSAGES = {
 _REPORTED_ON_THE_OBJECT = frozenset({"campaigns", "campaigns[].creatives[].w", "campaigns[].creatives[].h"})
 _OBJECTS = {"": _CatalogText, "campaigns[]": _Campaign, "campaigns[].targeting": _Targeting,
             "campaigns[].deals[]": _Deal, "campaigns[].creatives[]": _Creative}
-_ERROR = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?", re.S)
+_ERROR = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?")
 _STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
 _FIELD = re.compile(r"Object (?P<kind>missing required|contains unknown) field `(?P<field>\w+)`")
 _BYTE = re.compile(r" \(byte (\d+)\)$")
@@ -299,9 +299,8 @@ def _schema_error(exc: msgspec.ValidationError, data: Any, origin: str, prefix: 
     field = _FIELD.match(found["message"])
     if field and field["kind"] == "contains unknown":  # named by the object that has it
         place = _place(steps)
-        entry = _value(data, steps)
         allowed = set(_OBJECTS[place].__struct_fields__)
-        unknown = sorted(set(entry) - allowed) if isinstance(entry, dict) else [field["field"]]
+        unknown = sorted(set(_value(data, steps)) - allowed)
         return CatalogError(f"{_where(origin, steps)}: unknown keys {unknown} (allowed: {sorted(allowed)})")
     if field:  # a required key is missing: it is reported as its value, None
         steps.append(field["field"])
@@ -311,16 +310,8 @@ def _schema_error(exc: msgspec.ValidationError, data: Any, origin: str, prefix: 
     value = _value(data, steps)
     if place in _REPORTED_ON_THE_OBJECT:
         steps.pop()
-    entry = _value(data, steps)
-    message = _MESSAGES[place].format(value=value, entry=_Fields(entry if isinstance(entry, dict) else {}))
+    message = _MESSAGES[place].format(value=value, w=_value(data, [*steps, "w"]), h=_value(data, [*steps, "h"]))
     return CatalogError(f"{_where(origin, steps)}: {message}")
-
-
-class _Fields(dict):
-    """An entry's keys for a message; a missing one reads as None."""
-
-    def __missing__(self, key: str) -> None:
-        return None
 
 
 def _place(steps: list[str | int]) -> str:
