@@ -25,7 +25,7 @@ from bench.load import DEFAULT_BODY, REPO, child_environment
 from bench.machine import machine_info
 from bench.servers import BenchError, free_port, pinned, running
 from bidder import DEFAULT_BUNDLE
-from bidder.server import DEFAULT_CAMPAIGNS
+from bidder.app import DEFAULT_CAMPAIGNS
 
 PHASES = ("before", "during", "after")
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bidder import DEFAULT_BUNDLE
-from bidder.server import DEFAULT_CAMPAIGNS, Config
+from bidder.app import DEFAULT_CAMPAIGNS, Config
 
 
 def parse_now(text: str) -> float:
@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
                     ann=args.ann)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
+    from bidder.app import preload
     from bidder.campaigns import CatalogError, load_catalog
     from bidder.retrieval import needs_retrieval, towers_for
     from bidder.scorer import BundleError, Scorer
-    from bidder.server import EXIT_STARTUP, StartupError, check_port, preload, serve
+    from bidder.workers import EXIT_STARTUP, StartupError, check_port, serve
 
     try:
         scorer = Scorer(config.model, max_batch=1)

@@ -432,10 +432,6 @@ cdef class Featurizer:
         PyMem_Free(self._base_sparse)
         PyMem_Free(self._base_multi)
 
-    @property
-    def input_names(self):
-        return self.spec.input_names
-
     # -- public API ------------------------------------------------------------------------------
     def transform(self, records):
         """Fresh ``{input name: int64 [rows, width]}`` arrays for ``records``."""

@@ -22,16 +22,17 @@ are the candidate side of factorized scoring (``bidder/factorized.py``); every o
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
+
+import msgspec
+from msgspec import Meta, Struct
 
 __all__ = ["AUCTION_PRICE_MACRO", "CANDIDATE_FIELDS", "CampaignDeal", "Candidate", "Catalog", "CatalogError",
-           "load_catalog",
-           "parse_catalog"]
+           "decode_catalog", "load_catalog"]
 
 AUCTION_PRICE_MACRO = "${AUCTION_PRICE}"
 #: The raw record keys a candidate (not the imp) supplies, in the order of its ``layer`` dict.
@@ -126,179 +127,227 @@ class Catalog:
         return tuple(c for c in candidates if c.runs_on(domain, exchange, blocked))
 
 
-_CAMPAIGN_KEYS = frozenset({"id", "advertiser", "name", "value_per_click", "enabled", "targeting", "deals",
-                            "creatives"})
-_DEAL_KEYS = frozenset({"dealid", "seat"})
-_TARGETING_KEYS = frozenset({"sizes", "domains", "exchanges"})
-_CREATIVE_KEYS = frozenset({"id", "w", "h", "adomain", "nurl", "markup"})
+# -- the file's schema: msgspec checks types, required and unknown keys; errors are translated below -------
+_NonEmptyText = Annotated[str, Meta(min_length=1)]
+_Positive = Annotated[int, Meta(gt=0)]
 
 
-#: above this many characters a catalog is decoded one campaign at a time (``_decode``)
-CHUNKED_DECODE_CHARS = 1 << 20
-_HEAD = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"campaigns"[ \t\n\r]*:[ \t\n\r]*\[[ \t\n\r]*')
-_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+class _Deal(Struct, forbid_unknown_fields=True):
+    dealid: _NonEmptyText
+    seat: _NonEmptyText | None = None
 
 
-def _decode(text: str) -> Any:
-    """``json.loads(text)``, for a large catalog one campaign per call.
+class _Targeting(Struct, forbid_unknown_fields=True):
+    sizes: list[tuple[_Positive, _Positive]] | None = None
+    domains: list[str] | None = None
+    exchanges: list[str] | None = None
 
-    A reload builds the new catalog in a thread while the event loop serves: one ``json.loads`` of a
-    100,000-creative file holds the GIL for most of a second, whereas the eval loop can hand the GIL
-    over between two campaigns. Anything but the plain ``{"campaigns": [...]}`` shape (another key, a
-    syntax error) goes to ``json.loads`` whole, for the same result or the same error.
-    """
-    head = _HEAD.match(text) if len(text) > CHUNKED_DECODE_CHARS else None
-    if head is None:
-        return json.loads(text)
-    decoder = json.JSONDecoder()
-    campaigns: list[Any] = []
-    at = head.end()
-    try:
-        if text.startswith("]", at):
-            at += 1
-        else:
-            while True:
-                entry, at = decoder.raw_decode(text, at)
-                campaigns.append(entry)
-                at = _SPACE.match(text, at).end()
-                if text.startswith(",", at):
-                    at = _SPACE.match(text, at + 1).end()
-                    continue
-                if not text.startswith("]", at):
-                    return json.loads(text)
-                at += 1
-                break
-    except json.JSONDecodeError:
-        return json.loads(text)  # raises the error json.loads reports for the whole file
-    at = _SPACE.match(text, at).end()
-    if not text.startswith("}", at) or _SPACE.match(text, at + 1).end() != len(text):
-        return json.loads(text)
-    return {"campaigns": campaigns}
+
+class _Creative(Struct, forbid_unknown_fields=True):
+    id: _NonEmptyText
+    w: _Positive
+    h: _Positive
+    adomain: Annotated[list[_NonEmptyText], Meta(min_length=1)]
+    nurl: _NonEmptyText | None = None
+    markup: _NonEmptyText | None = None
+
+
+class _Campaign(Struct, forbid_unknown_fields=True):
+    id: _NonEmptyText
+    advertiser: Annotated[int, Meta(ge=0)]
+    value_per_click: Annotated[float, Meta(gt=0, lt=1e6)]
+    creatives: Annotated[list[_Creative], Meta(min_length=1)]
+    name: str | None = None
+    enabled: bool = True
+    targeting: _Targeting | None = None
+    deals: list[_Deal] | None = None
+
+
+class _CatalogText(Struct, forbid_unknown_fields=True):
+    """A catalog file with each campaign left undecoded: ``load_catalog`` decodes them one per call."""
+    campaigns: list[msgspec.Raw]
+
+
+_text_decoder = msgspec.json.Decoder(_CatalogText)
+_campaign_decoder = msgspec.json.Decoder(_Campaign)
+
+# What an entry that breaks the schema is told, by where it is (list positions as []). An error below one of
+# these places (an element of ``adomain``, a pair of ``sizes``) is reported at it.
+_NON_EMPTY_TEXT = "expected a non-empty string, got {value!r}"
+_MESSAGES = {
+    "": "expected an object with a 'campaigns' list",
+    "campaigns": "expected an object with a 'campaigns' list",
+    "campaigns[]": "expected an object",
+    "campaigns[].id": _NON_EMPTY_TEXT,
+    "campaigns[].advertiser": "expected a non-negative integer, got {value!r}",
+    "campaigns[].value_per_click": "expected a positive number of USD, got {value!r}",
+    "campaigns[].name": "expected a string, got {value!r}",
+    "campaigns[].enabled": "expected true or false, got {value!r}",
+    "campaigns[].targeting": "expected an object",
+    "campaigns[].targeting.sizes": "expected a list of [w, h] pairs",
+    "campaigns[].targeting.domains": "expected a list of strings",
+    "campaigns[].targeting.exchanges": "expected a list of strings",
+    "campaigns[].deals": 'expected a list of {{"dealid": ..., "seat": ...}} objects',
+    "campaigns[].deals[]": "expected an object",
+    "campaigns[].deals[].dealid": _NON_EMPTY_TEXT,
+    "campaigns[].deals[].seat": _NON_EMPTY_TEXT,
+    "campaigns[].creatives": "expected a non-empty list",
+    "campaigns[].creatives[]": "expected an object",
+    "campaigns[].creatives[].id": _NON_EMPTY_TEXT,
+    "campaigns[].creatives[].w": "w and h must be positive integers, got {w!r} x {h!r}",
+    "campaigns[].creatives[].h": "w and h must be positive integers, got {w!r} x {h!r}",
+    "campaigns[].creatives[].adomain": "expected a non-empty list of domains",
+    "campaigns[].creatives[].nurl": _NON_EMPTY_TEXT,
+    "campaigns[].creatives[].markup": _NON_EMPTY_TEXT,
+}
+#: places whose message is about their object as a whole (named by the object's path)
+_REPORTED_ON_THE_OBJECT = frozenset({"campaigns", "campaigns[].creatives[].w", "campaigns[].creatives[].h"})
+_OBJECTS = {"": _CatalogText, "campaigns[]": _Campaign, "campaigns[].targeting": _Targeting,
+            "campaigns[].deals[]": _Deal, "campaigns[].creatives[]": _Creative}
+_ERROR = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?")
+_STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+_FIELD = re.compile(r"Object (?P<kind>missing required|contains unknown) field `(?P<field>\w+)`")
+_BYTE = re.compile(r" \(byte (\d+)\)$")
 
 
 def load_catalog(path: str | os.PathLike) -> Catalog:
     path = Path(path)
     try:
-        data = _decode(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CatalogError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CatalogError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    return parse_catalog(data, str(path))
+    return decode_catalog(text, str(path))
 
 
-def parse_catalog(data: Any, origin: str = "catalog") -> Catalog:
-    if not isinstance(data, dict) or not isinstance(data.get("campaigns"), list):
-        raise CatalogError(f"{origin}: expected an object with a 'campaigns' list")
-    unknown = set(data) - {"campaigns"}
-    if unknown:
-        raise CatalogError(f"{origin}: unknown keys {sorted(unknown)}")
+def decode_catalog(text: str, origin: str = "catalog") -> Catalog:
+    """The catalog a file's ``text`` describes; error messages begin with ``origin``."""
+    try:
+        campaigns = _text_decoder.decode(text).campaigns
+    except msgspec.ValidationError as exc:  # reported as such if the text is JSON at all
+        raise _schema_error(exc, _json(text, origin), origin) from None
+    except msgspec.DecodeError as exc:
+        raise _syntax_error(exc, text, origin) from None
+    # One campaign per call: a reload builds the new catalog in a thread while the event loop serves, and
+    # decoding a 100,000-creative file in one call would hold the GIL throughout (50 ms of CPU); between two
+    # campaigns the interpreter can hand it to the serving thread.
+    return _catalog((_decode_campaign(raw, i, origin) for i, raw in enumerate(campaigns)), origin)
+
+
+def _decode_campaign(raw: msgspec.Raw, index: int, origin: str) -> _Campaign:
+    try:
+        return _campaign_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        # the campaign's value where the whole file's would hold it, for the message's "got ..."
+        raise _schema_error(exc, {"campaigns": {index: msgspec.json.decode(raw)}}, origin,
+                            f".campaigns[{index}]") from None
+
+
+def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
+    """The candidates of schema-checked ``campaigns``, after the rules a schema cannot say."""
     candidates: list[Candidate] = []
     seen: set[str] = set()
     seen_creatives: dict[str, str] = {}
-    for i, entry in enumerate(data["campaigns"]):
-        where = f"{origin}: campaigns[{i}]"
-        _known_keys(entry, _CAMPAIGN_KEYS, where)
-        campaign_id = _text(entry.get("id"), f"{where}.id")
-        if campaign_id in seen:
-            raise CatalogError(f"{where}.id: duplicate campaign id {campaign_id!r}")
-        seen.add(campaign_id)
-        advertiser = entry.get("advertiser")
-        if not isinstance(advertiser, int) or isinstance(advertiser, bool) or advertiser < 0:
-            raise CatalogError(f"{where}.advertiser: expected a non-negative integer, got {advertiser!r}")
-        value = entry.get("value_per_click")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e6:
-            raise CatalogError(f"{where}.value_per_click: expected a positive number of USD, got {value!r}")
-        enabled = entry.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise CatalogError(f"{where}.enabled: expected true or false, got {enabled!r}")
-        targeting = entry.get("targeting") or {}
-        _known_keys(targeting, _TARGETING_KEYS, f"{where}.targeting")
-        domains = _string_set(targeting.get("domains"), f"{where}.targeting.domains")
-        exchanges = _string_set(targeting.get("exchanges"), f"{where}.targeting.exchanges")
-        sizes = targeting.get("sizes")
-        if sizes is not None and (not isinstance(sizes, list) or not all(_is_size(s) for s in sizes)):
-            raise CatalogError(f"{where}.targeting.sizes: expected a list of [w, h] pairs")
-        allowed_sizes = None if sizes is None else {tuple(s) for s in sizes}
-        deals = _deals(entry.get("deals"), f"{where}.deals")
-        creatives = entry.get("creatives")
-        if not isinstance(creatives, list) or not creatives:
-            raise CatalogError(f"{where}.creatives: expected a non-empty list")
-        for j, cr in enumerate(creatives):
+    for i, campaign in enumerate(campaigns):
+        where = f"campaigns[{i}]"
+        if campaign.id in seen:
+            raise CatalogError(f"{origin}: {where}.id: duplicate campaign id {campaign.id!r}")
+        seen.add(campaign.id)
+        targeting = campaign.targeting or _Targeting()
+        domains = None if targeting.domains is None else frozenset(targeting.domains)
+        exchanges = None if targeting.exchanges is None else frozenset(targeting.exchanges)
+        allowed_sizes = None if targeting.sizes is None else set(targeting.sizes)
+        deals = _deals(campaign.deals or (), f"{origin}: {where}.deals")
+        for j, creative in enumerate(campaign.creatives):
             cw = f"{where}.creatives[{j}]"
-            _known_keys(cr, _CREATIVE_KEYS, cw)
-            creative_id = _text(cr.get("id"), f"{cw}.id")
+            creative_id = creative.id
             if creative_id in seen_creatives:  # crid must name one ad in win notices and reports
-                raise CatalogError(f"{cw}.id: creative {creative_id!r} is also in {seen_creatives[creative_id]}")
-            seen_creatives[creative_id] = cw.partition(": ")[2]
-            w, h = cr.get("w"), cr.get("h")
-            if not _is_size([w, h]):
-                raise CatalogError(f"{cw}: w and h must be positive integers, got {w!r} x {h!r}")
-            adomain = cr.get("adomain")
-            if not isinstance(adomain, list) or not adomain or not all(isinstance(d, str) and d for d in adomain):
-                raise CatalogError(f"{cw}.adomain: expected a non-empty list of domains")
-            nurl, markup = cr.get("nurl"), cr.get("markup")
+                raise CatalogError(f"{origin}: {cw}.id: creative {creative_id!r} is also in "
+                                   f"{seen_creatives[creative_id]}")
+            seen_creatives[creative_id] = cw
+            nurl, markup = creative.nurl, creative.markup
             if nurl is None and markup is None:
-                raise CatalogError(f"{cw}: needs a nurl (win notice) or markup (served inline as adm)")
-            if nurl is not None:
-                nurl = _text(nurl, f"{cw}.nurl")
-                if AUCTION_PRICE_MACRO not in nurl:
-                    raise CatalogError(f"{cw}.nurl: must carry {AUCTION_PRICE_MACRO} for the clearing price")
-            if markup is not None:
-                markup = _text(markup, f"{cw}.markup")
-            if not enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
+                raise CatalogError(f"{origin}: {cw}: needs a nurl (win notice) or markup (served inline as adm)")
+            if nurl is not None and AUCTION_PRICE_MACRO not in nurl:
+                raise CatalogError(f"{origin}: {cw}.nurl: must carry {AUCTION_PRICE_MACRO} for the clearing price")
+            w, h = creative.w, creative.h
+            if not campaign.enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
                 continue
-            layer = dict(zip(CANDIDATE_FIELDS, (creative_id, advertiser, w, h)))
+            layer = dict(zip(CANDIDATE_FIELDS, (creative_id, campaign.advertiser, w, h)))
             candidates.append(Candidate(
-                campaign_id=campaign_id, advertiser=advertiser, creative_id=creative_id, w=w, h=h,
-                adomain=tuple(adomain), nurl=nurl, markup=markup, value_per_click=float(value),
+                campaign_id=campaign.id, advertiser=campaign.advertiser, creative_id=creative_id, w=w, h=h,
+                adomain=tuple(creative.adomain), nurl=nurl, markup=markup, value_per_click=campaign.value_per_click,
                 domains=domains, exchanges=exchanges, layer=layer, deals=deals, index=len(candidates)))
     return Catalog(candidates, origin)
 
 
-def _known_keys(entry: Any, allowed: frozenset[str], where: str) -> None:
-    """``entry`` must be an object of ``allowed`` keys only."""
-    if not isinstance(entry, dict):
-        raise CatalogError(f"{where}: expected an object")
-    # a misspelt optional key ("enabeld", "targetting") would otherwise be silently ignored
-    unknown = set(entry) - allowed
-    if unknown:
-        raise CatalogError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
-
-
-def _deals(value: Any, where: str) -> tuple[CampaignDeal, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise CatalogError(f"{where}: expected a list of {{\"dealid\": ..., \"seat\": ...}} objects")
+def _deals(entries: Iterable[_Deal], where: str) -> tuple[CampaignDeal, ...]:
     deals: dict[str, CampaignDeal] = {}
-    for k, deal in enumerate(value):
-        dw = f"{where}[{k}]"
-        _known_keys(deal, _DEAL_KEYS, dw)
-        dealid = _text(deal.get("dealid"), f"{dw}.dealid")
-        if dealid in deals:
-            raise CatalogError(f"{dw}.dealid: duplicate deal {dealid!r}")
-        seat = deal.get("seat")
-        deals[dealid] = CampaignDeal(dealid, None if seat is None else _text(seat, f"{dw}.seat"))
+    for k, deal in enumerate(entries):
+        if deal.dealid in deals:
+            raise CatalogError(f"{where}[{k}].dealid: duplicate deal {deal.dealid!r}")
+        deals[deal.dealid] = CampaignDeal(deal.dealid, deal.seat)
     return tuple(deals.values())
 
 
-def _text(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise CatalogError(f"{where}: expected a non-empty string, got {value!r}")
-    return value
+def _schema_error(exc: msgspec.ValidationError, data: Any, origin: str, prefix: str = "") -> CatalogError:
+    """msgspec's ``exc`` (``Expected `int`, got `str` - at `$.campaigns[0].advertiser```) in the catalog's words,
+    naming the entry as ``campaigns[0].advertiser``, with the offending value read from ``data``."""
+    found = _ERROR.fullmatch(str(exc))
+    steps: list[str | int] = [name or int(index) for name, index in _STEP.findall(prefix + (found["path"] or ""))]
+    field = _FIELD.match(found["message"])
+    if field and field["kind"] == "contains unknown":  # named by the object that has it
+        place = _place(steps)
+        allowed = set(_OBJECTS[place].__struct_fields__)
+        unknown = sorted(set(_value(data, steps)) - allowed)
+        return CatalogError(f"{_where(origin, steps)}: unknown keys {unknown} (allowed: {sorted(allowed)})")
+    if field:  # a required key is missing: it is reported as its value, None
+        steps.append(field["field"])
+    while _place(steps) not in _MESSAGES:  # inside a list or pair that has one message for all of it
+        steps.pop()
+    place = _place(steps)
+    value = _value(data, steps)
+    if place in _REPORTED_ON_THE_OBJECT:
+        steps.pop()
+    message = _MESSAGES[place].format(value=value, w=_value(data, [*steps, "w"]), h=_value(data, [*steps, "h"]))
+    return CatalogError(f"{_where(origin, steps)}: {message}")
 
 
-def _string_set(value: Any, where: str) -> frozenset[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise CatalogError(f"{where}: expected a list of strings")
-    return frozenset(value)
+def _place(steps: list[str | int]) -> str:
+    return "".join("[]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
 
 
-def _is_size(pair: Any) -> bool:
-    return (isinstance(pair, (list, tuple)) and len(pair) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair))
+def _where(origin: str, steps: list[str | int]) -> str:
+    path = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+    return f"{origin}: {path}" if path else origin
+
+
+def _value(data: Any, steps: list[str | int]) -> Any:
+    """What ``data`` holds at ``steps``; None where it holds nothing."""
+    for step in steps:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _json(text: str, origin: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise _syntax_error(exc, text, origin) from None
+
+
+def _syntax_error(exc: msgspec.DecodeError, text: str, origin: str) -> CatalogError:
+    """``exc`` (``JSON is malformed: ... (byte 17)``) as the line and column of ``text`` it happened at."""
+    message = str(exc).removeprefix("JSON is malformed: ")
+    at = _BYTE.search(message)
+    encoded = text.encode("utf-8")
+    offset = int(at[1]) if at else len(encoded)  # without a position: the text ended too early
+    before = encoded[:offset].decode("utf-8", errors="replace")
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    message = message[:at.start()] if at else message
+    return CatalogError(f"{origin}: invalid JSON at line {line} column {column}: {message}")

@@ -173,10 +173,6 @@ class FeatureSpec:
         path.write_text(self.to_json())
         return path
 
-    @classmethod
-    def from_dict(cls, data: Any, origin: str = "spec") -> "FeatureSpec":
-        return _parse_spec(data, origin)
-
 
 def _plain_number(x: float) -> float | int:
     return int(x) if float(x).is_integer() else float(x)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 import bidder.openrtb
 from bidder.batching import Batcher
 from bidder.campaigns import load_catalog
@@ -13,7 +14,6 @@ from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 from oracle import metric
 
 FIXED_NOW = 1_370_530_800.0  # Thursday 2013-06-06 15:00 UTC: weekday/hour must not move during a test

@@ -541,7 +541,7 @@ def test_bench_reload_serves_through_a_reload_and_reports_each_phase(small_bundl
     from bench.reload import summarise
 
     other = tmp_path / "campaigns.json"
-    from bidder.server import DEFAULT_CAMPAIGNS
+    from bidder.app import DEFAULT_CAMPAIGNS
 
     catalog = json.loads(DEFAULT_CAMPAIGNS.read_text())
     catalog["campaigns"] = catalog["campaigns"][:-1]

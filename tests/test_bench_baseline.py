@@ -17,7 +17,7 @@ pytest.importorskip("mmh3")
 from bench import baseline  # noqa: E402
 from bench.load import DEFAULT_BODY  # noqa: E402
 from bidder import DEFAULT_BUNDLE, reference  # noqa: E402
-from bidder.server import Config, create_app  # noqa: E402
+from bidder.app import Config, create_app  # noqa: E402
 from bidder.spec import load_spec  # noqa: E402
 
 # A fixed receive time for both servers (a Wednesday, 14:00 UTC), so weekday/hour cannot differ between them.

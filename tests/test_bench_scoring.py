@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from bidder import Featurizer
+from bidder.app import DEFAULT_CAMPAIGNS
 from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
-from bidder.server import DEFAULT_CAMPAIGNS
 
 BATCHES = [1, 16, 64]
 

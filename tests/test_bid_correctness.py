@@ -21,8 +21,8 @@ import pytest
 import oracle
 from oracle import bid_and_check, metric, oracle_scorer, post_bid, raw_catalog
 from bidder import DEFAULT_BUNDLE, load_spec, reference
+from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 from bidder.scorer import Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, ENGINE, Config, create_app
 
 #: Private-auction semantics (``pmp.private_auction``) are being redefined: today's open-market bid for the
 #: PMP examples is not pinned here.
@@ -323,7 +323,7 @@ class _Broken:
 
 async def test_a_bug_answers_500_json_counts_it_and_the_worker_serves_on(client, openrtb_examples, small_bundle):
     body = openrtb_examples[SIMPLE_BANNER]
-    state = client.server.app[ENGINE]
+    state = client.server.app[STATE]
     engine, state.engine = state.engine, _Broken()
     try:
         for route, data in (("/bid", body), ("/predict", b'{"records": [{}]}')):

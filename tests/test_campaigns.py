@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog, parse_catalog
-from bidder.server import DEFAULT_CAMPAIGNS
+from bidder.app import DEFAULT_CAMPAIGNS
+from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog
+from catalogs import parse_catalog
 
 
 def _creative(**fields):
@@ -174,42 +176,100 @@ def test_a_catalog_of_some_candidates_numbers_them_afresh():
     assert some.candidates[0].value_per_click == 1.0 and some.candidates[0].layer == every[2].layer
 
 
+_FIRST = {"id": "c", "advertiser": 1, "value_per_click": 1.5, "name": "ünï",
+          "creatives": [_creative(markup='<a href="x">]}</a>')]}
+_SECOND = {"id": "d", "advertiser": 2, "value_per_click": 2, "targeting": {"sizes": [[300, 250]]},
+           "deals": [{"dealid": "D1"}], "creatives": [_creative(id="cr2", nurl=None, markup="{[")]}
+
+
 @pytest.mark.parametrize("text", [
-    '{"campaigns": []}',
-    ' \n{ "campaigns" :\t[ {"a": 1} , {"b": [1, 2, {"c": "]"}]}\r\n] }\n ',
-    '{"campaigns": [{"a": 1}], "campaigns": [{"b": 2}]}',   # a repeated key: the last one, as json.loads
-    '{"campaigns": [{"a": 1}], "extra": true}',               # another key: json.loads, then the catalog refuses it
-    '{"campaigns": [{"a": 1},]}',                             # syntax errors: json.loads's own error
+    ' \n{ "campaigns" :\t[ FIRST , SECOND\r\n] }\n ',
+    '{"campaigns": [FIRST, SECOND]}',
+    '{"campaigns": [SECOND], "campaigns": [FIRST, SECOND]}',     # a repeated key: the last one, as json.loads
+])
+def test_a_catalog_file_reads_as_json_loads_reads_it(tmp_path, text):
+    """A file's campaigns are decoded one per call (a reload's thread can hand the GIL over between them),
+    whatever the layout around them and whatever brackets their strings hold."""
+    text = text.replace("FIRST", json.dumps(_FIRST)).replace("SECOND", json.dumps(_SECOND))
+    path = tmp_path / "catalog.json"
+    path.write_text(text, encoding="utf-8")
+    catalog = load_catalog(path)
+    expected = [(campaign["id"], creative["id"], float(campaign["value_per_click"]), creative.get("nurl"),
+                 creative.get("markup"), tuple(creative["adomain"]))
+                for campaign in json.loads(text)["campaigns"] for creative in campaign["creatives"]]
+    assert [(c.campaign_id, c.creative_id, c.value_per_click, c.nurl, c.markup, c.adomain)
+            for c in catalog.candidates] == expected
+    assert catalog.candidates[0].layer["creative"] == "cr" and catalog.candidates[1].deals[0].dealid == "D1"
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"campaigns": [FIRST, {"id": "x", "advertiser": -1}]}',
+     r"campaigns\[1\]\.advertiser: expected a non-negative integer, got -1$"),
+    ('{"campaigns": [FIRST, SECOND, {"id": "c"}]}', r"campaigns\[2\]\.advertiser: .*, got None$"),
+    ('{"campaigns": [SECOND, SECOND]}', r"campaigns\[1\]\.id: duplicate campaign id 'd'$"),
+    ('{"campaigns": [FIRST, {"id": "d", "advertiser": 2, "value_per_click": 1, "creatives": [{"w": 300}]}]}',
+     r"campaigns\[1\]\.creatives\[0\]\.id: expected a non-empty string, got None$"),
+    ('{"campaigns": [FIRST], "extra": {"a": [1]}}', r"unknown keys \['extra'\] \(allowed: \['campaigns'\]\)$"),
+])
+def test_a_file_names_the_campaign_in_its_errors(tmp_path, text, message):
+    text = text.replace("FIRST", json.dumps(_FIRST)).replace("SECOND", json.dumps(_SECOND))
+    path = tmp_path / "catalog.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CatalogError, match=f"^{re.escape(str(path))}: {message}"):
+        load_catalog(path)
+
+
+def test_a_catalog_file_is_decoded_one_campaign_per_call(monkeypatch, tmp_path):
+    from bidder import campaigns
+
+    decoded = []
+    real = campaigns._campaign_decoder
+
+    class Spy:
+        def decode(self, raw):
+            decoded.append(json.loads(bytes(raw)))
+            return real.decode(raw)
+
+    monkeypatch.setattr(campaigns, "_campaign_decoder", Spy())
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"campaigns": [_FIRST, _SECOND]}, indent=1))
+    assert len(load_catalog(path)) == 2
+    assert decoded == [_FIRST, _SECOND]
+    path.write_text('{"campaigns": []}')
+    assert len(load_catalog(path)) == 0 and len(decoded) == 2
+
+
+@pytest.mark.parametrize("text", [
+    '{"campaigns": [{"a": 1},]}',
     '{"campaigns": [{"a": 1} {"b": 2}]}',
     '{"campaigns": [{"a": 1}]',
     '{"campaigns": [{"a": 1}]} x',
     '{"campaigns": [{"a": 1}]}\u00a0',                        # not JSON whitespace
     '{"campaigns":\u00a0[{"a": 1}]}',
+    '{"campaigns": [\n{"a": 1},\n\u00e9]}',
+    '{"campaigns": [7]}\n\n  x',                              # not JSON: so told, before the schema error
+    '[1, 2',
+    '',
 ])
-def test_a_large_catalog_is_decoded_campaign_by_campaign_exactly_as_json_loads(monkeypatch, text):
-    """The chunked decoder (it lets a reload's thread hand the GIL over between campaigns) agrees with
-    json.loads on every document: the same value, or the same error at the same place."""
-    from bidder import campaigns
-
-    monkeypatch.setattr(campaigns, "CHUNKED_DECODE_CHARS", 0)
-    try:
-        expected = json.loads(text)
-    except json.JSONDecodeError as exc:
-        with pytest.raises(json.JSONDecodeError) as raised:
-            campaigns._decode(text)
-        assert (raised.value.msg, raised.value.pos) == (exc.msg, exc.pos)
-    else:
-        assert campaigns._decode(text) == expected
+def test_a_file_that_is_not_json_names_the_line_and_column(tmp_path, text):
+    path = tmp_path / "catalog.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError) as reference:
+        json.loads(text)
+    with pytest.raises(CatalogError) as raised:
+        load_catalog(path)
+    found = re.fullmatch(rf"{re.escape(str(path))}: invalid JSON at line (\d+) column (\d+): .+", str(raised.value))
+    assert found, raised.value
+    line, column = int(found[1]), int(found[2])
+    # the place json.loads names, or just past it (msgspec names the offending character's end)
+    assert line == reference.value.lineno and 0 <= column - reference.value.colno <= 2, (raised.value, reference.value)
 
 
-def test_a_large_catalog_file_loads_as_a_small_one(monkeypatch, tmp_path):
-    from bidder import campaigns
-
+def test_an_indented_catalog_file_loads_as_a_compact_one(tmp_path):
     path = tmp_path / "campaigns.json"
     path.write_text(json.dumps(json.loads(DEFAULT_CAMPAIGNS.read_text()), indent=1))
-    small = load_catalog(path)
-    monkeypatch.setattr(campaigns, "CHUNKED_DECODE_CHARS", 0)
-    assert load_catalog(path).candidates == small.candidates and len(small) > 0
+    indented = load_catalog(path)
+    assert indented.candidates == load_catalog(DEFAULT_CAMPAIGNS).candidates and len(indented) > 0
     path.write_text(path.read_text()[:-3])
     with pytest.raises(CatalogError, match=r"campaigns.json: invalid JSON at line \d+ column \d+"):
         load_catalog(path)

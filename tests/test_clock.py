@@ -5,13 +5,13 @@ import calendar
 
 import pytest
 
+from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 import bidder.openrtb
 from bidder.__main__ import _parser, parse_now
 from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 
 WEDNESDAY_14H = calendar.timegm((2026, 11, 25, 14, 0, 0))
 

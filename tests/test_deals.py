@@ -6,13 +6,14 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bidder.campaigns import CampaignDeal, CatalogError, parse_catalog
+from bidder.campaigns import CampaignDeal, CatalogError
 from bidder.deals import DealOffer, deal_candidates, match_deal
 from bidder.engine import BidEngine
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import decode_request
 from bidder.pricing import best_per_imp
 from bidder.scorer import Scorer
+from catalogs import parse_catalog
 
 PMP_EXAMPLES = ["bid-request-2.5/pmp-with-direct-deal.json", "bid-request-2.6/pmp-with-direct-deal.json"]
 

@@ -8,9 +8,9 @@ import msgspec
 import numpy as np
 import pytest
 
+from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.openrtb import PredictRecord, RequestError, decode_predict, decode_request
 from bidder.scorer import Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.spec import RAW_FIELDS, TIMESTAMP_KEY
 from oracle import metric
 

@@ -18,10 +18,11 @@ import torch
 from onnx import numpy_helper
 
 from bidder import DEFAULT_BUNDLE, default_spec
-from bidder.campaigns import CANDIDATE_FIELDS, load_catalog, parse_catalog
+from bidder.app import DEFAULT_CAMPAIGNS
+from bidder.campaigns import CANDIDATE_FIELDS, load_catalog
 from bidder.factorized import CANDIDATE_FILE, FACTORIZED_FILE, FactorizedScorer, candidate_fields
 from bidder.scorer import BundleError, Scorer
-from bidder.server import DEFAULT_CAMPAIGNS
+from catalogs import parse_catalog
 from train.__main__ import main as train_main
 from train.bundle import write_bundle
 from train.errors import ParityError, TrainError
@@ -397,14 +398,14 @@ async def test_a_compressed_bundle_bids_through_its_factorized_graphs_as_model_o
                                                                                           tables, openrtb_examples):
     """Served /bid (factorized graphs over int8 or uint8 tables) equals the oracle's plain ORT on model.onnx."""
     from oracle import bid_and_check, raw_catalog
-    from bidder.server import ENGINE, Config, create_app
+    from bidder.app import STATE, Config, create_app
 
     int8_bundle = request.getfixturevalue(tables)
     app = create_app(Config(model=int8_bundle, campaigns=DEFAULT_CAMPAIGNS))
     client = await aiohttp_client(app)
     async with client.get("/readyz"):  # the app has started: its engine exists
         pass
-    assert app[ENGINE].engine.factorized is not None
+    assert app[STATE].engine.factorized is not None
     catalog = raw_catalog(DEFAULT_CAMPAIGNS)
     bids = 0
     for name in ("bid-request-2.5/simple-banner.json", "bid-request-2.6/mobile.json",

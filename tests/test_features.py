@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from bidder import Featurizer, default_spec, reference
 from bidder._features import hash_bytes, hash_value
-from bidder.spec import BROWSER_KEYWORDS, OS_KEYWORDS, FeatureSpec
+from bidder.spec import BROWSER_KEYWORDS, OS_KEYWORDS, FeatureSpec, _parse_spec
 
 SPEC = default_spec()
 FEATURIZER = Featurizer(SPEC)
@@ -216,7 +216,7 @@ def specs(draw):
             entry.update(kind="derived", transform=kind, buckets=draw(st.integers(2, 2**31)))
         fields.append(entry)
     seed = draw(st.integers(0, 2**32 - 1))
-    return FeatureSpec.from_dict({"schema_version": 1, "seed": seed, "fields": fields})
+    return _parse_spec({"schema_version": 1, "seed": seed, "fields": fields}, "spec")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
+from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from oracle import bid_and_check, metric, raw_catalog
 
 ALLOWED = {200, 204, 400, 413}
@@ -123,7 +123,7 @@ def _leaf_paths(node, path=()):
 
 async def test_every_leaf_of_every_example_set_to_each_edge_value(client, openrtb_examples):
     """Deterministic sweep, through the engine (no HTTP) to stay fast: no value anywhere raises."""
-    from bidder.server import STATE
+    from bidder.app import STATE
 
     engine = client.server.app[STATE].engine
     statuses = set()

@@ -105,7 +105,7 @@ def test_serving_imports_nothing_from_the_training_extras(tmp_path):
         "        if name.split('.')[0] in BLOCKED:\n"
         "            raise ImportError(f'{name} is a training dependency')\n"
         "sys.meta_path.insert(0, Block())\n")
-    code = ("import sys; from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES; from bidder.server import create_app; "
+    code = ("import sys; from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES; from bidder.app import create_app; "
             "from bidder.engine import BidEngine; from bidder.scorer import Scorer; "
             "from bidder.campaigns import load_catalog; from bidder.metrics import Metrics; "
             "e = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_BUNDLE / 'campaigns.json'), Metrics()); "

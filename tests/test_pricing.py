@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bidder.campaigns import parse_catalog
 from bidder.pricing import best_per_imp, bid_cpm
+from catalogs import parse_catalog
 
 
 def candidates(*values_per_click: float):

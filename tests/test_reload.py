@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import oracle
-from bidder.server import DEFAULT_CAMPAIGNS, Config, create_app
+from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from oracle import bid_and_check, metric, raw_catalog
 
 
@@ -105,9 +105,9 @@ def test_building_an_engine_pauses_the_collector_and_shortens_the_gil_interval_t
     import gc
     import sys
 
+    from bidder.app import BUILD_SWITCH_INTERVAL_S, State
     from bidder.metrics import Metrics
     from bidder.scorer import BundleError
-    from bidder.server import BUILD_SWITCH_INTERVAL_S, State
 
     state = State(Config(model=small_bundle), Metrics())
     seen = []

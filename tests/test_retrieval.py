@@ -15,16 +15,17 @@ import pytest
 import torch
 
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
+from bidder.app import STATE, Config, create_app
 from bidder.batch import Batch
-from bidder.campaigns import load_catalog, parse_catalog
+from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer, candidate_fields, random_inputs
 from bidder.metrics import Metrics
 from bidder.retrieval import (AD_TOWER_FILE, GRAPH, IMP_TOWER_FILE, SMALL_CATALOG, AdIndex, Towers,
                               ann_available, retriever_for)
 from bidder.scorer import BundleError, Scorer
-from bidder.server import ENGINE, Config, create_app
 from bidder.spec import SPARSE_INPUT
+from catalogs import parse_catalog
 from train.data.market_catalog import CAMPAIGNS_FILE, generate_market
 from train.errors import ParityError, TrainError
 from train.twotower import TowerModel, _export, _parity, check_settings, train_twotower
@@ -428,7 +429,7 @@ async def test_reload_of_a_large_catalog_under_load_fails_no_request(aiohttp_cli
     stop.set()
     await asyncio.gather(*workers)
     assert len(statuses) > 20 and set(statuses) <= {200, 204}, sorted(set(statuses))
-    state = client.app[ENGINE]
+    state = client.app[STATE]
     assert len(state.engine.catalog) == 1500 and state.engine.retriever is not None
     assert state.engine.retriever.index.matrix.shape[0] == 1500
 

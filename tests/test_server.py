@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 from bidder.campaigns import load_catalog
 from bidder.metrics import NO_BID_REASONS
 from bidder.scorer import Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 from oracle import metric
 
 NO_BANNER = {"bid-request-2.5/video.json", "bid-request-2.6/video.json", "bid-request-2.5/native-ad.json"}

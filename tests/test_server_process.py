@@ -20,7 +20,7 @@ import pytest
 
 import oracle
 from bidder.__main__ import main
-from bidder.server import DEFAULT_CAMPAIGNS
+from bidder.app import DEFAULT_CAMPAIGNS
 from processes import Server
 
 pytestmark = pytest.mark.slow

@@ -11,13 +11,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 import bidder.openrtb
 from bidder.batch import Batch
 from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine
 from bidder.metrics import Metrics
 from bidder.scorer import BundleError, Scorer
-from bidder.server import DEFAULT_CAMPAIGNS, STATE, Config, create_app
 from bidder import _shading
 from bidder.shading import (FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, NATIVE_TOLERANCE, OUTPUTS, TERMS_FILE,
                             VALUE_INPUT, WIN_OUTPUT, WinModel, best_bids, bid_grid)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bidder import DEFAULT_BUNDLE, default_spec, load_spec
-from bidder.spec import RAW_FIELDS, FeatureSpec, SpecError
+from bidder.spec import RAW_FIELDS, SpecError
 
 
 def test_default_spec_covers_the_ipinyou_schema():
@@ -82,5 +82,6 @@ def test_unreadable_files_are_spec_errors(tmp_path):
     (tmp_path / "spec.json").write_text("{not json")
     with pytest.raises(SpecError, match="invalid JSON at line 1"):
         load_spec(tmp_path)
-    with pytest.raises(SpecError, match="expected a JSON object"):
-        FeatureSpec.from_dict([1, 2])
+    (tmp_path / "spec.json").write_text("[1, 2]")
+    with pytest.raises(SpecError, match="spec.json: expected a JSON object, got list"):
+        load_spec(tmp_path)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bidder.__main__ import main
-from bidder.server import EXIT_STARTUP, Config, StartupError, check_port, serve
+from bidder.app import Config
+from bidder.workers import EXIT_STARTUP, StartupError, check_port, serve
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +99,7 @@ def test_a_worker_that_cannot_listen_exits_2_without_a_traceback(small_bundle, b
 
 
 def test_the_supervisor_gives_up_when_workers_keep_failing_at_start_up(small_bundle, busy_port):
-    code = (f"import sys; from pathlib import Path; from bidder.server import Config, serve; "
+    code = (f"import sys; from pathlib import Path; from bidder.app import Config; from bidder.workers import serve; "
             f"sys.exit(serve(Config(model=Path({str(small_bundle)!r}), port={busy_port}, workers=2, pin=False)))")
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -112,7 +113,8 @@ def test_the_command_line_reads_the_catalog_once_and_a_reload_reads_it_again(sma
     """The check before serving loads the catalog; the one worker serves that object instead of reading the file
     a second time (seconds for 100,000 creatives), and a later load of the file (a reload) reads it afresh."""
     import bidder.campaigns
-    import bidder.server
+    import bidder.app
+    import bidder.workers
     from bidder.metrics import Metrics
 
     reads = []
@@ -123,20 +125,20 @@ def test_the_command_line_reads_the_catalog_once_and_a_reload_reads_it_again(sma
         return real(path)
 
     monkeypatch.setattr(bidder.campaigns, "load_catalog", counted)
-    monkeypatch.setattr(bidder.server, "load_catalog", counted)
+    monkeypatch.setattr(bidder.app, "load_catalog", counted)
     served = []
 
     def worker(config, worker, ready=None):
-        state = bidder.server.State(config, Metrics(worker))
+        state = bidder.app.State(config, Metrics(worker))
         served.append(state.load(config.model, config.campaigns))
         served.append(state.load(config.model, config.campaigns))  # a reload of the same file
         return 0
 
-    monkeypatch.setattr(bidder.server, "run_worker", worker)
+    monkeypatch.setattr(bidder.workers, "run_worker", worker)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     assert main(["serve", "--no-pin", "--model", str(small_bundle), "--port", str(port)]) == 0
     assert len(reads) == 2  # the check (whose catalog the first load serves) and the reload
     assert served[0].catalog is not served[1].catalog and len(served[0].catalog) == len(served[1].catalog)
-    assert not bidder.server._PRELOADED
+    assert not bidder.app._PRELOADED

@@ -1,8 +1,7 @@
-"""HTTP service: aiohttp on uvloop, one pinned single-thread scorer per worker process.
+"""The HTTP application: configuration, what a worker serves (``State``), the handlers and reload.
 
 ``create_app(config)`` builds the application without a socket (tests drive it with aiohttp's test
-client); ``serve(config)`` runs one worker in this process or, with ``workers > 1``, supervises N
-worker processes that share the port through SO_REUSEPORT.
+client); ``bidder/workers.py`` runs it in worker processes.
 """
 from __future__ import annotations
 
@@ -11,10 +10,6 @@ import functools
 import gc
 import ipaddress
 import logging
-import multiprocessing
-import os
-import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -23,7 +18,6 @@ from pathlib import Path
 import msgspec
 import numpy as np
 from aiohttp import web
-from threadpoolctl import threadpool_limits
 
 from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import Catalog, CatalogError, load_catalog
@@ -32,20 +26,16 @@ from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.openrtb import RequestError, decode_json
 from bidder.retrieval import DEFAULT_K, retriever_for
-from bidder.scorer import BundleError, Scorer, pin_to_core
+from bidder.scorer import BundleError, Scorer
 from bidder.shading import WinModel
 
-__all__ = ["Config", "ENGINE", "EXIT_STARTUP", "StartupError", "check_port", "create_app", "serve"]
+__all__ = ["Config", "DEFAULT_CAMPAIGNS", "STATE", "State", "create_app", "forget_preloaded", "preload", "reload"]
 
 log = logging.getLogger("bidder")
 
 DEFAULT_CAMPAIGNS = DEFAULT_BUNDLE / "campaigns.json"
 #: the route label of requests no route matched (404, 405): one label, whatever the path, bounds the series
 UNMATCHED_ROUTE = "unmatched"
-#: exit status of a server (or worker) that could not start: bad option, bundle, catalog or address
-EXIT_STARTUP = 2
-#: consecutive start-up failures of one worker after which the supervisor stops restarting it
-MAX_STARTUP_FAILURES = 3
 
 
 #: catalogs loaded already by the command line's check (``preload``), taken by the first load of their file
@@ -58,8 +48,10 @@ def preload(campaigns: Path, catalog: Catalog) -> None:
     _PRELOADED[Path(campaigns)] = catalog
 
 
-class StartupError(Exception):
-    """A worker could not start serving; the message is one line naming the cause."""
+def forget_preloaded() -> None:
+    """Drop what ``preload`` handed over: worker processes of their own load their catalog themselves."""
+    _PRELOADED.clear()
+
 
 
 @dataclass(frozen=True)
@@ -159,7 +151,6 @@ class State:
 
 
 STATE = web.AppKey("state", State)
-ENGINE = STATE  # the app key tests and benchmarks use to reach the engine: app[ENGINE].engine
 
 
 def _json(status: int, body: bytes) -> web.Response:
@@ -362,184 +353,3 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     app.router.add_post("/admin/reload", admin_reload)
     app.router.add_route("*", "/{path:.*}", no_route)  # last: only what no route above takes
     return app
-
-
-# -- processes ------------------------------------------------------------------------------------
-def listen_error(host: str, port: int, exc: OSError) -> str:
-    if isinstance(exc, socket.gaierror) or not exc.errno:
-        reason = exc.strerror or str(exc)
-    else:  # asyncio wraps the errno in a sentence that repeats the address
-        reason = os.strerror(exc.errno)
-    return f"cannot listen on {host}:{port}: {reason}"
-
-
-def check_port(host: str, port: int, reuse_port: bool = False) -> None:
-    """Bind (and release) ``host:port`` as the server will, so a busy or bad address fails before any start-up.
-
-    Raises StartupError. The options are asyncio's (SO_REUSEADDR, IPv6-only for IPv6) plus SO_REUSEPORT when
-    workers share the port, so the probe fails exactly when the server's own bind would.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in infos:
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.bind(address)
-    except OSError as exc:
-        raise StartupError(listen_error(host, port, exc)) from None
-
-
-async def _run_worker(config: Config, worker: int, ready=None) -> None:
-    app = create_app(config, worker)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout)
-    try:
-        await runner.setup()  # loads the bundle and the catalog
-    except (BundleError, CatalogError, OSError) as exc:
-        raise StartupError(f"cannot load the model or the catalog: {exc}") from None
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.workers > 1, backlog=4096)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise StartupError(listen_error(config.host, config.port, exc)) from None
-    if ready is not None:
-        ready.set()
-    state = app[STATE]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    reloads: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
-
-    def reload_on_signal() -> None:
-        task = asyncio.ensure_future(reload(state))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
-    log.info("worker %d (pid %d) serving %s on http://%s:%d", worker, os.getpid(), state.engine.scorer.model_id,
-             config.host, config.port)
-    await stop.wait()
-    state.draining = True
-    log.info("worker %d draining %d in-flight request(s)", worker, state.in_flight)
-    await site.stop()  # no new connections; requests already started run to completion
-    deadline = loop.time() + config.shutdown_timeout
-    while state.in_flight and loop.time() < deadline:
-        await asyncio.sleep(0.01)
-    await runner.cleanup()
-
-
-def run_worker(config: Config, worker: int, ready=None) -> int:
-    """Serve until SIGTERM/SIGINT; 0, or EXIT_STARTUP after printing one line when it cannot start.
-
-    ``ready`` (an event) is set once the worker listens: the supervisor tells start-up failures by it.
-    """
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{worker} %(levelname)s %(message)s")
-    if config.pin:
-        core = pin_to_core(worker)
-        log.info("worker %d pinned to core %d", worker, core)
-    # numpy's BLAS started a thread per core at import, unpinned: a worker owns one core, and a product handed
-    # to a thread on another worker's core waits for it (retrieval's products are large enough to be split)
-    threadpool_limits(limits=1, user_api="blas")
-    try:
-        import uvloop
-    except ImportError:  # uvloop is a dependency on every platform that has it
-        run = asyncio.run
-    else:
-        run = uvloop.run
-    try:
-        run(_run_worker(config, worker, ready))
-    except StartupError as exc:
-        who = f"worker {worker}: " if config.workers > 1 else ""
-        print(f"error: {who}" + " ".join(str(exc).split()), file=sys.stderr, flush=True)  # one line
-        return EXIT_STARTUP
-    return 0
-
-
-def _worker_process(config: Config, worker: int, ready) -> None:
-    sys.exit(run_worker(config, worker, ready))
-
-
-def serve(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status."""
-    if config.workers <= 1:
-        return run_worker(config, 0)
-    _PRELOADED.clear()  # the worker processes load their own
-    return _Supervisor(config).run()
-
-
-class _Supervisor:
-    """Starts N workers, restarts any that dies, forwards SIGTERM/SIGINT/SIGHUP to all.
-
-    A worker that dies before it listens failed at start-up; after MAX_STARTUP_FAILURES such failures in a
-    row the supervisor stops every worker and exits with EXIT_STARTUP instead of restarting it forever.
-    """
-
-    def __init__(self, config: Config):
-        self.config = config
-        self.context = multiprocessing.get_context("spawn")
-        self.workers: dict[int, multiprocessing.process.BaseProcess] = {}
-        self.ready: dict[int, object] = {}
-        self.started: dict[int, float] = {}
-        self.startup_failures: dict[int, int] = {}
-        self.stopping = False
-
-    def _start(self, index: int) -> None:
-        ready = self.context.Event()
-        process = self.context.Process(target=_worker_process, args=(self.config, index, ready),
-                                       name=f"bidder-worker-{index}")
-        process.start()
-        self.workers[index] = process
-        self.ready[index] = ready
-        self.started[index] = time.monotonic()
-
-    def _forward(self, signum: int) -> None:
-        for process in self.workers.values():
-            if process.is_alive() and process.pid:
-                os.kill(process.pid, signum)
-
-    def run(self) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
-
-        def on_stop(signum, _frame):
-            self.stopping = True
-            self._forward(signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, lambda signum, _frame: self._forward(signal.SIGHUP))
-        for index in range(self.config.workers):
-            self._start(index)
-        log.info("supervising %d workers on http://%s:%d", self.config.workers, self.config.host, self.config.port)
-        status = 0
-        while not self.stopping:
-            time.sleep(0.2)
-            for index, process in list(self.workers.items()):
-                if process.is_alive() or self.stopping:
-                    continue
-                if self.ready[index].is_set():
-                    self.startup_failures[index] = 0
-                    log.warning("worker %d exited with %s; restarting", index, process.exitcode)
-                else:
-                    failures = self.startup_failures[index] = self.startup_failures.get(index, 0) + 1
-                    if failures >= MAX_STARTUP_FAILURES:
-                        log.error("worker %d failed at start-up %d times in a row (exit status %s); giving up",
-                                  index, failures, process.exitcode)
-                        self.stopping = True
-                        self._forward(signal.SIGTERM)
-                        status = EXIT_STARTUP
-                        break
-                    log.warning("worker %d failed at start-up (exit status %s); retrying", index, process.exitcode)
-                if time.monotonic() - self.started[index] < 2.0:
-                    time.sleep(1.0)  # a worker that dies at start-up would otherwise spin
-                self._start(index)
-        deadline = time.monotonic() + self.config.shutdown_timeout + 5
-        for process in self.workers.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-        return status
