@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bidder.scorer import session_options
+from bidder.bundle import session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 from train.calibrate import Calibration
 from train.data.dataset import Split
@@ -377,7 +377,7 @@ def torch_probabilities(model: nn.Module, inputs: dict[str, np.ndarray], spec: F
 
 
 def serving_session(path: str | Path) -> ort.InferenceSession:
-    """An ONNX Runtime session configured exactly as the bidder serves (bidder.scorer.session_options)."""
+    """An ONNX Runtime session configured exactly as the bidder serves (bidder.bundle.session_options)."""
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 

@@ -21,8 +21,6 @@ per-row tables do not store, is the number of non-zero indices.
 """
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +31,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from bidder.bundle import add_graph, session_options
 from bidder.factorized import (CAND_PART, CANDIDATE_FILE, FACTORIZED_FILE, GRAPH, PARITY_TOLERANCE, ROW_CAND, ROW_IMP,
                                candidate_fields, max_abs_diff, parity_rows)
-from bidder.scorer import session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
-from train.bundle import META_FILE, MODEL_FILE, read_bundle, replace_files
+from train.bundle import MODEL_FILE, read_bundle
 from train.errors import ParityError, TrainError
 from train.export import OPSET, OUTPUT, graph_calibration
 
@@ -444,8 +442,5 @@ def factorize_bundle(bundle: str | Path, *, held_out: Mapping[str, np.ndarray] |
     combiner = (meta.get("hyperparameters") or {}).get("usertag_combiner", "sum")
     with tempfile.TemporaryDirectory(prefix=".factorize-", dir=bundle) as tmp:
         paths, entry = write_graphs(model_path, spec, Path(tmp), combiner=combiner, held_out=held_out)
-        meta["graphs"] = {**(meta.get("graphs") or {}), GRAPH: entry}
-        staged_meta = Path(tmp) / META_FILE
-        staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        replace_files(bundle, {**paths, META_FILE: staged_meta})  # the graphs first, meta.json naming them last
+        add_graph(bundle, GRAPH, paths, entry)  # model.onnx and the rest of the bundle as they were
     return entry
