@@ -11,7 +11,7 @@ Each side's part is one matrix product ``x @ W (+ c)``: ``x`` holds the side's g
 linear, count]`` and its square) and W the side's columns of the first DNN layer (into h), ones (the
 linear weights into the scalar, the vectors into s) and -0.5 (the squares into the scalar).
 
-Compressed tables (``train/compress.py``'s ``int8-embeddings``: int8 with one scale per row, or
+Compressed tables (``train/compress/embeddings.py``'s ``int8-embeddings``: int8 with one scale per row, or
 float16; its ``int8-dynamic`` with ``ops=tables``: uint8 with one scale and zero point per table) stay
 compressed in the factorized graphs, dequantized after the Gather exactly as ``model.onnx`` does it
 (``Cast`` then ``Mul`` by the row's gathered scale, or the same ``DequantizeLinear``), so the graphs add
@@ -49,7 +49,7 @@ PARITY_REAL_ROWS = 1024
 class Table:
     """One embedding table of the lean graph: float32 or compressed.
 
-    Compressed: int8 with one scale per row or float16 (``train/compress.py``'s ``int8-embeddings``;
+    Compressed: int8 with one scale per row or float16 (``train/compress/embeddings.py``'s ``int8-embeddings``;
     a multi field's table then has no count column), or uint8 with one scale and zero point for the
     table, read by a ``DequantizeLinear`` after the Gather (ONNX Runtime's quantizer, ``int8-dynamic``
     with ``ops=tables``).
@@ -111,7 +111,7 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
             raise TrainError(f"model.onnx has no {name!r}: not a lean DeepFM graph (train/export.py)")
         return init[name]
 
-    def table(name: str) -> Table:  # train/export.py's float32 table, or compressed by train/compress.py
+    def table(name: str) -> Table:  # train/export.py's float32 table, or compressed by train/compress/embeddings.py
         if f"{name}_int8" in init:
             return Table(init[f"{name}_int8"], need(f"{name}_scale"))
         if f"{name}_fp16" in init:

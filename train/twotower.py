@@ -3,7 +3,7 @@
 ``python -m train twotower --data DIR --bundle BUNDLE`` trains an imp tower and an ad tower over the
 spec's hashed fields (the ad tower reads the candidate fields, creative, advertiser and size; the imp
 tower everything else) so that ``imp_vec · ad_vec`` ranks a catalog's creatives for an imp the way the
-ranker does by expected value, log(pCTR × value per click); ``bidder/retrieval.py`` serves them.
+ranker does by expected value, log(pCTR × value per click); ``bidder/retrieval/`` serves them.
 
 Objective: a sampled softmax over each batch's candidates, with the ranker as teacher.
     * candidates: the creatives the batch's log rows showed (*in-batch negatives*: popular creatives are
