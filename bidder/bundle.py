@@ -186,7 +186,7 @@ class Bundle:
     """A bundle folder, opened and checked once: its format, spec, graphs and a verified digest per file.
 
     ``open`` refuses a bundle that is not self-consistent; ``session`` makes the ONNX Runtime sessions of its
-    graphs. The digests are checked when the bundle is opened, each file read once.
+    graphs. Every file is hashed once, when the bundle is opened.
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], version: int, spec: FeatureSpec, digests: dict[str, str]):
@@ -194,6 +194,8 @@ class Bundle:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Bundle":
+        """The bundle in ``path``, checked: its format version, spec against ``spec_digest``, graph entries against
+        their kinds and every file against its recorded digest; BundleError naming the first that disagrees."""
         path = Path(path)
         if not (path / MODEL_FILE).is_file():
             raise BundleError(f"{path}: no {MODEL_FILE}")
