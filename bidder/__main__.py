@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bidder import DEFAULT_BUNDLE
 from bidder.app import DEFAULT_CAMPAIGNS, Config
+from bidder.bundle import CAMPAIGNS_FILE, MODEL_FILE
 
 
 def parse_now(text: str) -> float:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     campaigns = args.campaigns
     if campaigns is None:
-        campaigns = args.model / "campaigns.json"
+        campaigns = args.model / CAMPAIGNS_FILE
         if not campaigns.exists():
             campaigns = DEFAULT_CAMPAIGNS
     if args.workers < 1 or args.max_batch < 1 or args.max_body < 1:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             towers_for(scorer, catalog, config.ann)
     except (BundleError, CatalogError) as exc:
         hint = ""
-        if config.model.resolve() == DEFAULT_BUNDLE.resolve() and not (DEFAULT_BUNDLE / "model.onnx").exists():
+        if config.model.resolve() == DEFAULT_BUNDLE.resolve() and not (DEFAULT_BUNDLE / MODEL_FILE).exists():
             hint = " (the default bundle has no model yet: build it with `make default-model`)"
         return _fail(f"{exc}{hint}", EXIT_STARTUP)
     except OSError as exc:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -40,14 +39,13 @@ import onnxruntime as ort
 
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
-from bidder.scorer import OUTPUT, BundleError, bind_buffers, featurize_many, load_graph, read_meta
+from bidder.bundle import CANDIDATE_FILE, FACTORIZED_FILE, FACTORIZED_GRAPH as GRAPH, Bundle, BundleError
+from bidder.scorer import OUTPUT, bind_buffers, featurize_many
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
            "candidate_fields", "max_abs_diff", "parity_rows", "random_inputs"]
 
-GRAPH = "factorized"  # its key under meta.json's "graphs"
-CANDIDATE_FILE, FACTORIZED_FILE = "candidate.onnx", "factorized.onnx"
 CAND_PART, ROW_IMP, ROW_CAND = "cand_part", "row_imp", "row_cand"
 PARITY_TOLERANCE = 1e-6
 PARITY_IMPS, PARITY_CANDIDATES = 64, 16
@@ -144,27 +142,26 @@ class FactorizedScorer:
     (n_imps, rows) the first time it is needed and kept (the ``max_bindings`` most recently used).
     """
 
-    def __init__(self, bundle: str | os.PathLike, spec: FeatureSpec, featurizer: Featurizer,
+    def __init__(self, bundle: str | os.PathLike | Bundle, spec: FeatureSpec, featurizer: Featurizer,
                  max_imps: int = 64, max_rows: int = 256, *, max_bindings: int = 256):
         if max_imps < 1 or max_rows < 1 or max_bindings < 1:
             raise ValueError(f"max_imps, max_rows and max_bindings must be >= 1, got {max_imps}, {max_rows}, "
                              f"{max_bindings}")
-        self.bundle = Path(bundle)
+        # the bundle as its Scorer opened and checked it, else opened (and checked) here
+        self.opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.bundle = self.opened.path
         self.spec = spec
         self.featurizer = featurizer
         self.max_imps, self.max_rows, self.max_bindings = max_imps, max_rows, max_bindings
-        entry = (read_meta(self.bundle).get("graphs") or {}).get(GRAPH)
-        if not isinstance(entry, dict):
+        entry = self.opened.graph(GRAPH)
+        if entry is None:
             raise BundleError(f"{self.bundle}: meta.json lists no factorized graph (python -m train factorize)")
         fields = candidate_fields(spec)
         if list(entry.get("candidate_fields") or []) != list(fields):
             raise BundleError(f"{self.bundle}: factorized graphs were built with candidate fields "
                               f"{entry.get('candidate_fields')}, the spec's are {list(fields)}")
-        if entry.get("files") != [CANDIDATE_FILE, FACTORIZED_FILE]:
-            raise BundleError(f"{self.bundle}: meta.json factorized files {entry.get('files')}, expected "
-                              f"{[CANDIDATE_FILE, FACTORIZED_FILE]}")
-        self.candidate_session = self._load(CANDIDATE_FILE)
-        self.session = self._load(FACTORIZED_FILE)
+        self.candidate_session = self.opened.session(CANDIDATE_FILE)
+        self.session = self.opened.session(FACTORIZED_FILE)
         self.width = self._check_signatures()
         self.imp_inputs = spec.allocate(max_imps)
         self.row_imp = np.zeros(max_rows, dtype=np.int64)
@@ -177,7 +174,7 @@ class FactorizedScorer:
     @classmethod
     def for_scorer(cls, scorer: Any, max_imps: int = 64, max_rows: int = 256, *, check: bool = True) -> "FactorizedScorer":
         """The factorized graphs of ``scorer``'s bundle (a ``bidder.scorer.Scorer``), checked against its model."""
-        factorized = cls(scorer.bundle, scorer.spec, scorer.featurizer, max_imps, max_rows)
+        factorized = cls(scorer.opened, scorer.spec, scorer.featurizer, max_imps, max_rows)
         if check:
             factorized.check_parity(scorer)
         return factorized
@@ -185,9 +182,6 @@ class FactorizedScorer:
     @property
     def n_candidates(self) -> int:
         return 0 if self.cand_part is None else len(self.cand_part)
-
-    def _load(self, name: str) -> ort.InferenceSession:
-        return load_graph(self.bundle / name)
 
     def _check_signatures(self) -> int:
         spec_inputs = {name: ["tensor(int64)", self.spec.input_width(name)] for name in self.spec.input_names}

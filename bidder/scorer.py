@@ -7,8 +7,7 @@ writes probabilities straight into the bound output memory.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,38 +16,13 @@ import numpy as np
 import onnxruntime as ort
 
 from bidder._features import Featurizer
-from bidder.spec import FeatureSpec, SpecError, load_spec
+from bidder.bundle import FACTORIZED_GRAPH, MODEL_FILE, Bundle, BundleError
+from bidder.spec import FeatureSpec
 
-__all__ = ["BundleError", "Scorer", "bind_buffers", "load_graph", "pin_to_core", "read_meta", "session_options"]
+__all__ = ["BundleError", "Scorer", "bind_buffers", "pin_to_core"]  # BundleError: bidder.bundle's, for callers
 
 OUTPUT = "ctr"
-
-
-class BundleError(ValueError):
-    """A model bundle that cannot be served; the message says which file and what disagrees."""
-
-
-def session_options() -> ort.SessionOptions:
-    """One thread, sequential, no spinning: a worker owns one core and must not burn it while idle."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return options
-
-
-def load_graph(path: Path) -> ort.InferenceSession:
-    """A serving session (``session_options``) of a graph that a bundle's meta.json lists; BundleError if it cannot."""
-    try:
-        return ort.InferenceSession(path.read_bytes(), session_options(), providers=["CPUExecutionProvider"])
-    except FileNotFoundError:
-        raise BundleError(f"{path}: listed in meta.json but missing") from None
-    except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-        raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
+log = logging.getLogger("bidder")
 
 
 def bind_buffers(session: ort.InferenceSession, inputs: dict[str, np.ndarray | ort.OrtValue],
@@ -80,46 +54,22 @@ def pin_to_core(core: int) -> int:
     return chosen
 
 
-def read_meta(bundle: Path) -> dict[str, Any]:
-    path = bundle / "meta.json"
-    if not path.exists():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: cannot read: {exc}") from None
-    if not isinstance(meta, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    return meta
-
-
 class Scorer:
     """Predicts click probabilities for raw records with the model of one bundle directory."""
 
     def __init__(self, bundle: str | os.PathLike, max_batch: int = 256):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.bundle = Path(bundle)
-        model = self.bundle / "model.onnx"
-        if not model.is_file():
-            raise BundleError(f"{self.bundle}: no model.onnx")
-        try:
-            self.spec: FeatureSpec = load_spec(self.bundle)
-        except SpecError as exc:
-            raise BundleError(str(exc)) from None
-        self.meta = read_meta(self.bundle)
-        digest = self.meta.get("spec_digest")
-        if digest is not None and digest != self.spec.digest:
-            raise BundleError(f"{self.bundle}: spec.json does not match the spec the model was trained with "
-                              f"(meta.json spec_digest {str(digest)[:12]}…, spec.json {self.spec.digest[:12]}…)")
-        model_bytes = model.read_bytes()
-        try:
-            self.session = ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-            raise BundleError(f"{model}: ONNX Runtime cannot load it: {exc}") from None
+        self.opened = Bundle.open(bundle)  # checked: format, spec, graphs, every file's digest
+        for warning in self.opened.warnings:
+            log.warning("%s", warning)
+        self.bundle = self.opened.path
+        self.spec: FeatureSpec = self.opened.spec
+        self.meta = self.opened.meta
+        model = self.opened.file(MODEL_FILE)
+        self.session = self.opened.session(MODEL_FILE)
         self._check_signature(model)
-        self.model_id = str(self.meta.get("model_id") or
-                            f"{self.bundle.name}-{hashlib.sha256(model_bytes).hexdigest()[:8]}")
+        self.model_id = str(self.meta.get("model_id") or f"{self.bundle.name}-{self.opened.digests[MODEL_FILE][:8]}")
         self.max_batch = max_batch
         self.featurizer = Featurizer(self.spec)
         self.inputs = self.spec.allocate(max_batch)
@@ -153,10 +103,8 @@ class Scorer:
 
         Only DeepFM bundles have them; ``FactorizedScorer.for_scorer(self)`` loads and checks them.
         """
-        graphs = self.meta.get("graphs")
-        entry = graphs.get("factorized") if isinstance(graphs, dict) else None
-        files = entry.get("files") if isinstance(entry, dict) else None
-        return tuple(self.bundle / str(name) for name in files) if isinstance(files, list) else ()
+        entry = self.opened.graph(FACTORIZED_GRAPH)
+        return tuple(self.bundle / name for name in entry["files"]) if entry is not None else ()
 
     def _binding(self, rows: int) -> ort.IOBinding:
         """The binding for a batch of ``rows``: OrtValues over views of the shared buffers, made once.

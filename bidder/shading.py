@@ -25,7 +25,6 @@ bid path hands those rows to the search (``shade_rows``) instead of featurizing 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +34,14 @@ import numpy as np
 import onnxruntime as ort
 
 from bidder import _shading
-from bidder.scorer import BundleError, bind_buffers, session_options
+from bidder.bundle import MARKET_FILE, MARKET_GRAPH, TERMS_FILE, BundleError, session_options
+from bidder.scorer import bind_buffers
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["BID_OUTPUT", "FLOOR_INPUT", "GRID", "GRID_OUTPUT", "MARKET_FILE", "MARKET_GRAPH", "NATIVE_TOLERANCE", "OUTPUTS",
            "SURPLUS_OUTPUT", "TERMS", "TERMS_FILE", "VALUE_INPUT", "WIN_OUTPUT", "MarketTerms", "WinModel", "best_bids",
            "bid_grid"]
 
-MARKET_GRAPH = "market"  # its key under meta.json's "graphs"
-MARKET_FILE = "market.onnx"
-TERMS_FILE = "market-terms.npz"  # the model's terms, for the native search; listed under the entry's "terms"
 TERMS = ("table", "columns", "starts", "k_range")
 #: native (double) vs graph (float32): P(win) at each grid bid, and the best surplus relative to max(1, |s|)
 NATIVE_TOLERANCE = 1e-5
@@ -174,23 +171,14 @@ class WinModel:
     def for_scorer(cls, scorer: Any, max_imps: int = 64, native: bool = True) -> "WinModel | None":
         """The win-price model ``scorer``'s bundle lists under meta.json's ``graphs.market``; None without one.
 
-        The files must match the sha256 meta.json records and pass ``check``. ``native=False`` searches with
-        the graph even when the bundle has the terms (to compare).
+        ``scorer.opened`` (``bidder.bundle.Bundle``) has checked the files against their digests; the model must
+        pass ``check``. ``native=False`` searches with the graph even when the bundle has the terms (to compare).
         """
-        graphs = scorer.meta.get("graphs")
-        entry = graphs.get(MARKET_GRAPH) if isinstance(graphs, dict) else None
+        entry = scorer.opened.graph(MARKET_GRAPH)
         if entry is None:
             return None
-        files = entry.get("files") if isinstance(entry, dict) else None
-        if not (isinstance(files, list) and len(files) == 1 and isinstance(files[0], str)):
-            raise BundleError(f"{scorer.bundle}: meta.json graphs.{MARKET_GRAPH}.files must name one file")
-        path = _listed(scorer.bundle, files[0], entry.get("sha256"), f"graphs.{MARKET_GRAPH}")
-        terms = entry.get("terms") if native else None
-        if terms is not None:
-            if not (isinstance(terms, dict) and isinstance(terms.get("file"), str)):
-                raise BundleError(f"{scorer.bundle}: meta.json graphs.{MARKET_GRAPH}.terms must be "
-                                  '{"file": ..., "sha256": ...}')
-            terms = _listed(scorer.bundle, terms["file"], terms.get("sha256"), f"graphs.{MARKET_GRAPH}.terms")
+        path = scorer.opened.file(MARKET_FILE)
+        terms = scorer.opened.file(TERMS_FILE) if native and entry.get("terms") is not None else None
         model = cls(path, scorer.spec, max_imps=max_imps, terms=terms)
         model.check(scorer.featurizer)
         return model
@@ -304,12 +292,3 @@ class WinModel:
             surplus += self._surplus[:rows].tolist()
         return bids, surplus
 
-
-def _listed(bundle: Path, name: str, digest: Any, key: str) -> Path:
-    """``bundle/name``, which meta.json lists under ``key`` with sha256 ``digest`` (if any); BundleError otherwise."""
-    path = bundle / name
-    if not path.is_file():
-        raise BundleError(f"{bundle}: meta.json lists {name} but the bundle has no such file")
-    if digest is not None and digest != hashlib.sha256(path.read_bytes()).hexdigest():
-        raise BundleError(f"{path}: does not match meta.json's {key}.sha256")
-    return path

@@ -69,7 +69,8 @@ def _trained_bundle(request, tmp_path_factory, architecture: str) -> Path:
                           tmp_path_factory.mktemp(architecture), epochs=1, progress=False)
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256(architecture.encode())
-    for path in sorted([*root.glob("train/**/*.py"), root / "bidder" / "spec.py", root / "bidder" / "_features.pyx",
+    for path in sorted([*root.glob("train/**/*.py"), root / "bidder" / "spec.py", root / "bidder" / "bundle.py",
+                        root / "bidder" / "_features.pyx",
                         root / "train" / "_attention.pyx", root / "train" / "_attention.h"]):
         digest.update(path.read_bytes())
     cached = Path(cache) / f"{architecture}-{digest.hexdigest()[:16]}"

@@ -31,6 +31,8 @@ from train.factorize import check_parity, factorize_bundle
 from train.fit import fit_bundle
 from train.models import build_model, resolve_hyperparameters
 
+from tamper import restamp
+
 TOLERANCE = 1e-6
 SHAPES = [(1, 1), (1, 9), (3, 27), (32, 288)]
 
@@ -177,7 +179,7 @@ def logreg_bundle(synthetic_data, tmp_path_factory) -> Path:
 def test_non_deepfm_bundles_keep_row_scoring(logreg_bundle, capsys):
     assert not (logreg_bundle / CANDIDATE_FILE).exists() and not (logreg_bundle / FACTORIZED_FILE).exists()
     scorer = Scorer(logreg_bundle)
-    assert "graphs" not in scorer.meta and scorer.factorized_files() == ()
+    assert scorer.meta["graphs"] == {} and scorer.factorized_files() == ()
     with pytest.raises(BundleError, match="no factorized graph"):
         FactorizedScorer.for_scorer(scorer)
     with pytest.raises(TrainError, match="needs a DeepFM bundle, this one is 'logreg'"):
@@ -223,6 +225,7 @@ def random_bundle(tmp_path_factory) -> Path:
 def test_a_corrupted_graph_fails_the_load_check(random_bundle, tmp_path, file, initializer, index):
     bundle = shutil.copytree(random_bundle, tmp_path / "bundle")
     perturb(bundle / file, initializer, index, 0.05)
+    restamp(bundle)  # digests that match: the parity check is what must refuse it
     scorer = Scorer(bundle)
     with pytest.raises(BundleError, match="factorized graphs differ from model.onnx"):
         FactorizedScorer.for_scorer(scorer)
@@ -233,11 +236,14 @@ def test_a_corrupted_graph_fails_the_load_check(random_bundle, tmp_path, file, i
 def test_a_graph_with_the_wrong_signature_is_refused(small_bundle, tmp_path):
     bundle = shutil.copytree(small_bundle, tmp_path / "bundle")
     shutil.copyfile(bundle / "model.onnx", bundle / FACTORIZED_FILE)
+    with pytest.raises(BundleError, match="factorized.onnx: its sha256 .* is not the .* meta.json records"):
+        Scorer(bundle)
+    restamp(bundle)  # digests that match: the signature check is what must refuse it
     with pytest.raises(BundleError, match="factorized.onnx: expected inputs"):
         FactorizedScorer(bundle, Scorer(bundle).spec, Scorer(bundle).featurizer)
     (bundle / CANDIDATE_FILE).unlink()
-    with pytest.raises(BundleError, match="candidate.onnx: listed in meta.json but missing"):
-        FactorizedScorer(bundle, Scorer(bundle).spec, Scorer(bundle).featurizer)
+    with pytest.raises(BundleError, match="graphs.factorized lists candidate.onnx but the bundle has no such file"):
+        Scorer(bundle)
 
 
 # -- building from model.onnx -------------------------------------------------------------------------------
@@ -248,7 +254,8 @@ def test_factorize_leaves_model_onnx_alone_and_keeps_meta(tmp_path):
     entry = factorize_bundle(bundle)
     after = json.loads((bundle / "meta.json").read_text())
     assert (bundle / "model.onnx").read_bytes() == model
-    assert {k: v for k, v in after.items() if k != "graphs"} == {k: v for k, v in before.items() if k != "graphs"}
+    written = ("graphs", "files", "format_version")  # the new graph, its digests, and the format they are written in
+    assert {k: v for k, v in after.items() if k not in written} == {k: v for k, v in before.items() if k not in written}
     assert after["graphs"]["factorized"] == entry and entry["parity"]["max_abs_diff"] <= TOLERANCE
     assert not [p for p in bundle.iterdir() if p.name.startswith(".")]  # no staging left behind
 
@@ -382,6 +389,7 @@ def int8_bundle(tmp_path_factory) -> Path:
 def test_a_corrupted_compressed_table_fails_the_load_check(int8_bundle, tmp_path, file, initializer, index, delta):
     bundle = shutil.copytree(int8_bundle, tmp_path / "bundle")
     perturb(bundle / file, initializer, index, delta)
+    restamp(bundle)  # digests that match: the parity check is what must refuse it
     scorer = Scorer(bundle)
     with pytest.raises(BundleError, match="factorized graphs differ from model.onnx"):
         FactorizedScorer.for_scorer(scorer)

@@ -23,6 +23,7 @@ from bidder.shading import (FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, NATIVE_
                             VALUE_INPUT, WIN_OUTPUT, WinModel, best_bids, bid_grid)
 from bidder.spec import SPARSE_INPUT, default_spec
 from oracle import metric
+from tamper import as_format1, restamp, rewrite_meta
 from train.__main__ import main as train_main
 from train.data.bidlog import BID_LOG, read_bid_log, split_bid_log
 from train.market import EXACT, LOST, WON_BELOW, censored_nll, market_bundle
@@ -264,8 +265,10 @@ def _rewrite_meta(bundle, change) -> None:
 
 
 def test_a_bundle_without_the_terms_is_served_by_the_graph(market_bundle_dir, tmp_path, openrtb_examples):
+    """Bundles of format 1 may predate the terms (format 2 requires them)."""
     bundle = tmp_path / "b"
     shutil.copytree(market_bundle_dir, bundle)
+    rewrite_meta(bundle, as_format1)
     _rewrite_meta(bundle, lambda entry: entry.pop("terms"))
     (bundle / TERMS_FILE).unlink()
     graph = WinModel.for_scorer(Scorer(bundle))
@@ -286,21 +289,25 @@ def test_broken_terms_are_refused_at_load(market_bundle_dir, tmp_path):
     shutil.copytree(market_bundle_dir, bundle)
     terms = dict(np.load(bundle / TERMS_FILE))
     (bundle / TERMS_FILE).write_bytes(b"not an npz")
-    with pytest.raises(BundleError, match="terms.sha256"):
+    with pytest.raises(BundleError, match=f"{TERMS_FILE}: its sha256 .* is not the .* meta.json records"):
         WinModel.for_scorer(Scorer(bundle))
-    _rewrite_meta(bundle, lambda entry: entry["terms"].pop("sha256"))
+    restamp(bundle)  # from here on the digests match: the terms' own checks must refuse them
     with pytest.raises(BundleError, match="not readable as the market model's terms"):
         WinModel.for_scorer(Scorer(bundle))
     np.savez(bundle / TERMS_FILE, **{k: v for k, v in terms.items() if k != "starts"})
+    restamp(bundle)
     with pytest.raises(BundleError, match="has no starts"):
         WinModel.for_scorer(Scorer(bundle))
     np.savez(bundle / TERMS_FILE, **{**terms, "table": terms["table"].astype(np.float64)})
+    restamp(bundle)
     with pytest.raises(BundleError, match="table must be finite float32"):
         WinModel.for_scorer(Scorer(bundle))
     np.savez(bundle / TERMS_FILE, **{**terms, "k_range": np.array([1.0, -1.0])})
+    restamp(bundle)
     with pytest.raises(BundleError, match="k_range must be"):
         WinModel.for_scorer(Scorer(bundle))
     np.savez(bundle / TERMS_FILE, **{**terms, "table": terms["table"] + np.float32(0.05)})  # not the graph's model
+    restamp(bundle)
     with pytest.raises(BundleError, match="differ from the graph"):
         WinModel.for_scorer(Scorer(bundle))
     (bundle / TERMS_FILE).unlink()
@@ -418,10 +425,10 @@ def test_train_default_fits_the_win_price_model_too(tmp_path, capsys):
     assert train_main(["default", "--out", str(out), "--rows", "3000", "--epochs", "1", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     entry = json.loads((out / "meta.json").read_text())["graphs"]["market"]
-    assert summary["market"]["sha256"] == entry["sha256"] and (out / MARKET_FILE).is_file()
+    assert summary["market"] == entry and (out / MARKET_FILE).is_file()
     assert entry["data"] == "synthetic: python -m train synth --rows 3000 --seed 2013"
     assert (out / TERMS_FILE).is_file() and WinModel.for_scorer(Scorer(out)).native
-    # the CTR model shipped is the trained DeepFM distilled into a 64,32 student with 8-bit tables (train/compress.py)
+    # the CTR model shipped is the trained DeepFM distilled into a 64,32 student with 8-bit tables (train/compress/)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["compression"]["method"] == "distill + int8-dynamic" == summary["compression"]["method"]
     assert [(s["method"], s["settings"].get("ops")) for s in meta["compression"]["steps"]] == [
@@ -534,5 +541,5 @@ def test_a_compressed_bundle_keeps_the_win_price_model(market_bundle_dir, tmp_pa
     broken = tmp_path / "broken"
     shutil.copytree(market_bundle_dir, broken)
     (broken / TERMS_FILE).unlink()
-    with pytest.raises(TrainError, match=f"lists {TERMS_FILE}, which the bundle does not have"):
+    with pytest.raises(TrainError, match=f"lists {TERMS_FILE} but the bundle has no such file"):
         compress_bundle(broken, "int8-dynamic", tmp_path / "out2", settings={"ops": "tables"}, progress=False)

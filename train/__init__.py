@@ -7,7 +7,8 @@
     trainer.py          the training loop with early stopping
     evaluate.py         AUC / log loss, the oracle's figures
     export.py           the lean ONNX graph, the stock one, the parity check
-    bundle.py           model.onnx + spec.json + meta.json
+    bundle.py           a trained model's meta.json record, written through bidder/bundle.py
+    compress/           compressing a bundle, one module per method
     fit.py              one model from logs to bundle
     compare.py          the DeepFM / AutoInt / DCNv2 / logistic-regression study
     latency.py          serving latency as the bidder runs it

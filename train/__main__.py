@@ -1,5 +1,5 @@
 """Command line: ``python -m train COMMAND ...``, COMMAND one of synth, fit, default, compare, factorize, twotower,
-market, speed, speed-ddp, compress, compress-study.
+market, speed, speed-ddp, compress, compress-study, bundle-upgrade.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -15,12 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bidder.bundle import META_FILE, MODEL_FILE, SPEC_FILE, BundleError
 from bidder.spec import SpecError
 from train.errors import ParityError, TrainError
 from train.models import ARCHITECTURES
 
 DEFAULT_ROWS = 1_000_000
-BUNDLE_FILES = ("model.onnx", "spec.json", "meta.json")
+BUNDLE_FILES = (MODEL_FILE, SPEC_FILE, META_FILE)
 DEFAULT_DATA_SEED = 2013
 DEFAULT_BUNDLE_OUT = "runs/default"  # git-ignored
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (TrainError, SpecError) as exc:
+    except (TrainError, SpecError, BundleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -223,6 +224,12 @@ def _compress(args: argparse.Namespace) -> dict[str, Any]:
     return {"bundle": args.out, "compression": entry}
 
 
+def _bundle_upgrade(args: argparse.Namespace) -> dict[str, Any]:
+    from bidder.bundle import upgrade
+
+    return upgrade(args.bundle)
+
+
 def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
     from train.compress_study import compress_study, render_markdown
 
@@ -240,7 +247,7 @@ def _check_out(out: str, force: bool) -> None:
 
 
 def _bundle_summary(bundle: Path) -> dict[str, Any]:
-    meta = json.loads((bundle / "meta.json").read_text())
+    meta = json.loads((bundle / META_FILE).read_text())
     return {"bundle": str(bundle), "model_id": meta["model_id"], "metrics": meta["metrics"],
             "parity": meta["parity"], "training": meta.get("training", {})}
 
@@ -382,7 +389,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser(
         "compress", help="write a compressed copy of a bundle: int8-dynamic, int8-static, int8-embeddings, prune, "
-                         "distill or heads (train/compress.py)")
+                         "distill or heads (train/compress/)")
     compress.add_argument("--bundle", required=True, help="source bundle folder (left as it is)")
     compress.add_argument("--method", required=True, metavar="METHOD",
                           help="int8-dynamic, int8-static, int8-embeddings, prune, distill or heads")
@@ -392,7 +399,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "int8-static, prune, distill and heads; test rows for the paired AUC delta")
     compress.add_argument("--force", action="store_true", help="replace the bundle already in --out")
     compress.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                          help="a setting of the method (repeatable; train/compress.py lists them)")
+                          help="a setting of the method (repeatable; train/compress/ lists them)")
     compress.add_argument("--epochs", type=int, help="epochs of fine-tuning (prune, heads) or of the student (distill)")
     compress.add_argument("--seed", type=int, default=0, help="seed for the split, sampling and fine-tuning")
     compress.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
@@ -413,6 +420,11 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
     study.set_defaults(run=_compress_study)
+    upgrade = commands.add_parser(
+        "bundle-upgrade", help="rewrite a bundle's format-1 meta.json as the current format (its files' digests "
+                               "recorded, checked first as format 1 allows); no other file changes")
+    upgrade.add_argument("bundle", metavar="DIR", help="the bundle folder to upgrade in place")
+    upgrade.set_defaults(run=_bundle_upgrade)
     return parser
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bidder.scorer import session_options
+from bidder.bundle import session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 from train.calibrate import Calibration
 from train.data.dataset import Split
@@ -146,7 +146,7 @@ class AttentionLayer(nn.Module):
     """deepctr's InteractingLayer with heads split by reshape instead of split/stack/concat.
 
     A layer whose heads were pruned (``kept_heads`` set on it, the removed heads' value columns zero:
-    ``train/compress.py``) computes only its kept heads; a 0/1 ``placement`` matrix puts their outputs
+    ``train/compress/heads.py``) computes only its kept heads; a 0/1 ``placement`` matrix puts their outputs
     back into their columns of the layer's output, the removed heads' columns holding the residual only.
     """
 
@@ -315,7 +315,7 @@ def export_lean(model: nn.Module, spec: FeatureSpec, architecture: str, path: st
 
 
 def export_module(lean: LeanModel, spec: FeatureSpec, path: str | Path, *, opset: int = OPSET) -> Path:
-    """Write an already built (possibly altered: ``train/compress.py``) lean module like ``export_lean``."""
+    """Write an already built (possibly altered: ``train/compress/``) lean module like ``export_lean``."""
     example = tuple(torch.zeros((2, spec.input_width(n)), dtype=torch.int64) for n in spec.input_names)
     return _export(lean.eval(), example, list(spec.input_names), Path(path), opset)
 
@@ -377,7 +377,7 @@ def torch_probabilities(model: nn.Module, inputs: dict[str, np.ndarray], spec: F
 
 
 def serving_session(path: str | Path) -> ort.InferenceSession:
-    """An ONNX Runtime session configured exactly as the bidder serves (bidder.scorer.session_options)."""
+    """An ONNX Runtime session configured exactly as the bidder serves (bidder.bundle.session_options)."""
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 

@@ -11,7 +11,7 @@ Each side's part is one matrix product ``x @ W (+ c)``: ``x`` holds the side's g
 linear, count]`` and its square) and W the side's columns of the first DNN layer (into h), ones (the
 linear weights into the scalar, the vectors into s) and -0.5 (the squares into the scalar).
 
-Compressed tables (``train/compress.py``'s ``int8-embeddings``: int8 with one scale per row, or
+Compressed tables (``train/compress/embeddings.py``'s ``int8-embeddings``: int8 with one scale per row, or
 float16; its ``int8-dynamic`` with ``ops=tables``: uint8 with one scale and zero point per table) stay
 compressed in the factorized graphs, dequantized after the Gather exactly as ``model.onnx`` does it
 (``Cast`` then ``Mul`` by the row's gathered scale, or the same ``DequantizeLinear``), so the graphs add
@@ -21,8 +21,6 @@ per-row tables do not store, is the number of non-zero indices.
 """
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +31,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from bidder.bundle import add_graph, session_options
 from bidder.factorized import (CAND_PART, CANDIDATE_FILE, FACTORIZED_FILE, GRAPH, PARITY_TOLERANCE, ROW_CAND, ROW_IMP,
                                candidate_fields, max_abs_diff, parity_rows)
-from bidder.scorer import session_options
 from bidder.spec import SPARSE_INPUT, FeatureSpec
-from train.bundle import META_FILE, MODEL_FILE, read_bundle, replace_files
+from train.bundle import MODEL_FILE, read_bundle
 from train.errors import ParityError, TrainError
 from train.export import OPSET, OUTPUT, graph_calibration
 
@@ -51,7 +49,7 @@ PARITY_REAL_ROWS = 1024
 class Table:
     """One embedding table of the lean graph: float32 or compressed.
 
-    Compressed: int8 with one scale per row or float16 (``train/compress.py``'s ``int8-embeddings``;
+    Compressed: int8 with one scale per row or float16 (``train/compress/embeddings.py``'s ``int8-embeddings``;
     a multi field's table then has no count column), or uint8 with one scale and zero point for the
     table, read by a ``DequantizeLinear`` after the Gather (ONNX Runtime's quantizer, ``int8-dynamic``
     with ``ops=tables``).
@@ -113,7 +111,7 @@ def read_lean_deepfm(model: onnx.ModelProto, spec: FeatureSpec, combiner: str) -
             raise TrainError(f"model.onnx has no {name!r}: not a lean DeepFM graph (train/export.py)")
         return init[name]
 
-    def table(name: str) -> Table:  # train/export.py's float32 table, or compressed by train/compress.py
+    def table(name: str) -> Table:  # train/export.py's float32 table, or compressed by train/compress/embeddings.py
         if f"{name}_int8" in init:
             return Table(init[f"{name}_int8"], need(f"{name}_scale"))
         if f"{name}_fp16" in init:
@@ -444,8 +442,5 @@ def factorize_bundle(bundle: str | Path, *, held_out: Mapping[str, np.ndarray] |
     combiner = (meta.get("hyperparameters") or {}).get("usertag_combiner", "sum")
     with tempfile.TemporaryDirectory(prefix=".factorize-", dir=bundle) as tmp:
         paths, entry = write_graphs(model_path, spec, Path(tmp), combiner=combiner, held_out=held_out)
-        meta["graphs"] = {**(meta.get("graphs") or {}), GRAPH: entry}
-        staged_meta = Path(tmp) / META_FILE
-        staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        replace_files(bundle, {**paths, META_FILE: staged_meta})  # the graphs first, meta.json naming them last
+        add_graph(bundle, GRAPH, paths, entry)  # model.onnx and the rest of the bundle as they were
     return entry

@@ -89,7 +89,7 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
                 extra_meta: dict[str, Any] | None = None) -> Path:
     """Export ``trained`` lean, prove parity on held-out rows, write the bundle; nothing is written on failure.
 
-    ``extra_meta`` adds top-level ``meta.json`` entries (``train/compress.py``'s ``compression``).
+    ``extra_meta`` adds top-level ``meta.json`` entries (``train/compress/``'s ``compression``).
     """
     spec = dataset.spec
     calibration, metrics, calibration_entry = calibrate(trained, dataset)

@@ -24,7 +24,6 @@ the argmax of ONNX Runtime's own surplus.
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -39,12 +38,12 @@ from onnx import numpy_helper
 import torch.nn as nn
 from tqdm import tqdm
 
+from bidder.bundle import add_graph
 from bidder.factorized import candidate_fields
-from bidder.scorer import BundleError, read_meta
 from bidder.shading import (BID_OUTPUT, FLOOR_INPUT, GRID, GRID_OUTPUT, MARKET_FILE, MARKET_GRAPH, NATIVE_TOLERANCE,
                             OUTPUTS, SURPLUS_OUTPUT, TERMS_FILE, VALUE_INPUT, WIN_OUTPUT, WinModel, best_bids)
-from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
-from train.bundle import META_FILE, file_sha256, replace_files
+from bidder.spec import SPARSE_INPUT, FeatureSpec
+from train.bundle import open_bundle
 from train.data.bidlog import BidLog, read_bid_log, split_bid_log
 from train.errors import ParityError, TrainError
 from train.export import OPSET, serving_session
@@ -301,14 +300,10 @@ def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, 
     """Fit the win-price model on ``data_dir``'s bid log and add it to ``bundle``; returns meta.json's entry
     (its ``data``: ``data_label``, else the folder)."""
     bundle = Path(bundle)
-    meta_path = bundle / META_FILE
-    if not meta_path.is_file():
-        raise TrainError(f"--bundle {bundle}: not a model bundle (no {META_FILE})")
     try:
-        meta = read_meta(bundle)
-        spec = load_spec(bundle)
-    except (BundleError, ValueError) as exc:
-        raise TrainError(f"--bundle {bundle}: {exc}") from None
+        spec = open_bundle(bundle).spec
+    except TrainError as exc:
+        raise TrainError(f"--bundle {exc}") from None
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise TrainError(f"--epochs must be a positive integer, got {epochs!r}")
     model, metrics, parts = fit_market(data_dir, spec, epochs=epochs, seed=seed, threads=threads, progress=progress)
@@ -316,13 +311,10 @@ def market_bundle(data_dir: str | Path, bundle: str | Path, *, epochs: int = 8, 
         path = export_market(model, spec, Path(tmp) / MARKET_FILE)
         parity = check_market_parity(model, path, parts["test"])
         terms = write_terms(path, spec, Path(tmp) / TERMS_FILE)
-        entry = {"files": [MARKET_FILE], "sha256": file_sha256(path), "family": "log-normal",
+        entry = {"files": [MARKET_FILE], "family": "log-normal",
                  "fields": model.fields, "inputs": [SPARSE_INPUT, VALUE_INPUT, FLOOR_INPUT], "outputs": list(OUTPUTS),
                  "terms": terms, "data": data_label or str(data_dir), "metrics": metrics, "parity": parity}
-        meta["graphs"] = {**(meta.get("graphs") or {}), MARKET_GRAPH: entry}
-        staged_meta = Path(tmp) / META_FILE
-        staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        replace_files(bundle, {MARKET_FILE: path, TERMS_FILE: Path(tmp) / TERMS_FILE, META_FILE: staged_meta})
+        add_graph(bundle, MARKET_GRAPH, {MARKET_FILE: path, TERMS_FILE: Path(tmp) / TERMS_FILE}, entry)
     return entry
 
 
@@ -344,13 +336,13 @@ def market_terms(path: Path) -> dict[str, np.ndarray]:
 
 def write_terms(graph: Path, spec: FeatureSpec, out: Path) -> dict[str, Any]:
     """Write ``graph``'s terms to ``out`` and check the native search they drive against the graph; returns
-    meta.json's ``terms`` entry (file, sha256, the largest difference). ``ParityError`` above the tolerance."""
+    meta.json's ``terms`` entry (file, the largest difference). ``ParityError`` above the tolerance."""
     np.savez(out, **market_terms(graph))
     model = WinModel(graph, spec, max_imps=8, terms=out)
     diff = model.native_difference(rows=PARITY_ROWS)
     if not diff <= NATIVE_TOLERANCE:
         raise ParityError(f"{graph}: the native bid search differs from the graph by {diff:.3g} "
                           f"(tolerance {NATIVE_TOLERANCE:g})")
-    return {"file": TERMS_FILE, "sha256": file_sha256(out), "max_abs_diff": diff, "rows": PARITY_ROWS,
+    return {"file": TERMS_FILE, "max_abs_diff": diff, "rows": PARITY_ROWS,
             "measure": "max |Δ| of P(win) at every grid bid and of the best surplus (relative above 1), "
                        "native (double) vs the graph (float32)", "tolerance": NATIVE_TOLERANCE}

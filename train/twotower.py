@@ -3,7 +3,7 @@
 ``python -m train twotower --data DIR --bundle BUNDLE`` trains an imp tower and an ad tower over the
 spec's hashed fields (the ad tower reads the candidate fields, creative, advertiser and size; the imp
 tower everything else) so that ``imp_vec · ad_vec`` ranks a catalog's creatives for an imp the way the
-ranker does by expected value, log(pCTR × value per click); ``bidder/retrieval.py`` serves them.
+ranker does by expected value, log(pCTR × value per click); ``bidder/retrieval/`` serves them.
 
 Objective: a sampled softmax over each batch's candidates, with the ranker as teacher.
     * candidates: the creatives the batch's log rows showed (*in-batch negatives*: popular creatives are
@@ -30,7 +30,6 @@ and listed in ``meta.json``'s ``graphs.twotower``.
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -47,13 +46,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bidder._features import Featurizer
+from bidder.bundle import CAMPAIGNS_FILE, add_graph, session_options
 from bidder.campaigns import CatalogError, load_catalog
 from bidder.factorized import CAND_PART, CANDIDATE_FILE, FACTORIZED_FILE, GRAPH as FACTORIZED, ROW_CAND, ROW_IMP, \
     candidate_fields
 from bidder.retrieval import AD_OUTPUT, AD_TOWER_FILE, GRAPH, IMP_OUTPUT, IMP_TOWER_FILE, PARITY_TOLERANCE
-from bidder.scorer import OUTPUT, session_options
-from bidder.spec import SPARSE_INPUT, FeatureSpec, load_spec
-from train.bundle import META_FILE, MODEL_FILE, replace_files
+from bidder.scorer import OUTPUT
+from bidder.spec import SPARSE_INPUT, FeatureSpec
+from train.bundle import MODEL_FILE, open_bundle
 from train.data.ipinyou import LogReader
 from train.data.synthetic import TEST_FILE, TRAIN_FILE
 from train.errors import ParityError, TrainError
@@ -222,12 +222,12 @@ def train_twotower(data: str | Path, bundle: str | Path, *, campaigns: str | Pat
     """Train the towers on ``data``'s logs against ``bundle``'s ranker, write them into the bundle; returns the entry."""
     hp = check_settings(overrides)
     data, bundle = Path(data), Path(bundle)
-    meta_path = bundle / META_FILE
-    if not (bundle / MODEL_FILE).is_file() or not meta_path.is_file():
-        raise TrainError(f"--bundle {bundle}: not a model bundle (needs {MODEL_FILE} and {META_FILE})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    spec = load_spec(bundle)
-    campaigns = Path(campaigns) if campaigns else data / "campaigns.json"
+    try:
+        opened = open_bundle(bundle)
+    except TrainError as exc:
+        raise TrainError(f"--bundle {exc}") from None
+    meta, spec = opened.meta, opened.spec
+    campaigns = Path(campaigns) if campaigns else data / CAMPAIGNS_FILE
     try:
         catalog = load_catalog(campaigns)
     except CatalogError as exc:
@@ -318,10 +318,7 @@ def _train(data: Path, bundle: Path, meta: dict, spec: FeatureSpec, catalog, cam
                          "seconds": round(trained_seconds, 1), "seconds_teacher": round(teacher_seconds, 1)},
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
         }
-        meta["graphs"] = {**(meta.get("graphs") or {}), GRAPH: entry}
-        staged_meta = Path(tmp) / META_FILE
-        staged_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        replace_files(bundle, {**staged, META_FILE: staged_meta})  # the graphs first, meta.json naming them last
+        add_graph(bundle, GRAPH, staged, entry)  # the ranker and its other graphs as they were
     return entry
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bidder import DEFAULT_BUNDLE
+from bidder.bundle import CAMPAIGNS_FILE
 from bidder.openrtb import USD_TO_CNY
 from bidder.spec import FeatureSpec
 from train.data.dataset import Split, featurize_log
@@ -57,7 +58,7 @@ COLUMNS = FEATURE_COLUMNS + LOG_COLUMNS + TRUTH_COLUMNS
 TEST_FRACTION, VAL_FRACTION = 0.2, 0.1  # the latest 20 % held out (the impression logs' test days), then 10 %
 
 
-def catalog_values(path: Path = DEFAULT_BUNDLE / "campaigns.json") -> dict[int, float]:
+def catalog_values(path: Path = DEFAULT_BUNDLE / CAMPAIGNS_FILE) -> dict[int, float]:
     """advertiser id -> value per click (USD) in the shipped campaign catalog."""
     data = json.loads(path.read_text(encoding="utf-8"))
     return {int(c["advertiser"]): float(c["value_per_click"]) for c in data["campaigns"]}

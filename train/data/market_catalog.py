@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from bidder.bundle import CAMPAIGNS_FILE
 from train.data.synthetic import _CAMPAIGNS, _EXCHANGES, N_DOMAINS, _bytes_array, _World, _zipf, write_logs
 
 __all__ = ["CAMPAIGNS_FILE", "MAX_CREATIVES", "MIN_CREATIVES", "generate_market"]
 
-CAMPAIGNS_FILE = "campaigns.json"
 MIN_CREATIVES, MAX_CREATIVES = 100, 1_000_000
 CREATIVES_PER_CAMPAIGN = 50
 CAMPAIGNS_PER_ADVERTISER = 2

@@ -1,62 +1,28 @@
-"""Retrieval for large catalogs: targeting filters, then the top K creatives by a two-tower inner product.
+"""The exact and approximate top K over a catalog's ad vectors, with its targeting (``AdIndex``).
 
-Scoring every eligible creative of a 100,000-creative catalog per imp costs the ranker ~100,000 rows.
-A two-tower model (``train/twotower.py``) maps an imp to a vector ``q`` (the *imp tower*) and a creative
-to a vector ``a`` (the *ad tower*) so that ``q · a`` ranks creatives by the ranker's log(pCTR × value per
-click); the ranker then scores only the K best. Two graphs in the bundle, listed under ``meta.json``'s
-``graphs.twotower`` with their parity figures:
-
-- ``imp_tower.onnx``: the model's inputs (only imp-side columns are read) -> ``imp_vec`` float32 ``[n, D]``:
-  the trained ``[u, 1]`` scaled to unit length (which changes no ranking of an imp); run per imp through
-  IO binding (``bidder.scorer.bind_buffers``).
-- ``ad_tower.onnx``: the model's inputs (only candidate columns are read) -> ``ad_vec`` float32 ``[n, D]``,
-  its last entry the creative's learnt bias; run once per catalog load (and reload). The bidder adds
-  log(value per click) to that entry, so the product is the ranker's target, value included.
-
-``AdIndex`` holds that ad matrix split by creative size, each size laid out so that an imp's eligible
+``AdIndex`` holds the ad matrix split by creative size, each size laid out so that an imp's eligible
 creatives are contiguous runs (the untargeted ones, those of its exchange) plus a gather of its domain's
 rows: filtering 100,000 creatives is a few slices, no mask and no Python loop. ``top_k`` is exact (BLAS
 products over those runs, best ad bias first, so blocks whose bound cannot reach the K-th score are
 skipped; ``argpartition``) or approximate (``AnnIndex``, an HNSW graph per size from faiss-cpu, an
 optional dependency: ``pip install 'bidder[ann]'``).
-
-Catalogs of at most ``SMALL_CATALOG`` creatives skip retrieval: every eligible creative is scored.
 """
 from __future__ import annotations
 
-import os
-from operator import itemgetter
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from bidder.campaigns import Candidate, Catalog
-from bidder.scorer import BundleError, bind_buffers, featurize_many, load_graph, read_meta
-from bidder.spec import FeatureSpec
 
-__all__ = ["AD_OUTPUT", "AD_TOWER_FILE", "DEFAULT_K", "GRAPH", "IMP_OUTPUT", "IMP_TOWER_FILE", "PARITY_TOLERANCE",
-           "SMALL_CATALOG", "AdIndex", "AnnIndex", "Retriever", "Towers", "ann_available", "needs_retrieval",
-           "retriever_for", "towers_for"]
+__all__ = ["ANN_OVERFETCH", "BLOCK", "FIRST_ROWS", "AdIndex", "AnnIndex", "ann_available"]
 
-GRAPH = "twotower"  # its key under meta.json's "graphs"
-IMP_TOWER_FILE, AD_TOWER_FILE = "imp_tower.onnx", "ad_tower.onnx"
-IMP_OUTPUT, AD_OUTPUT = "imp_vec", "ad_vec"
-PARITY_TOLERANCE = 1e-6
-#: catalogs of at most this many creatives are scored exhaustively (a few hundred rows per imp at most)
-SMALL_CATALOG = 1000
-DEFAULT_K = 200
 #: the approximate search asks the HNSW graph for this many times K, then applies the targeting filters
 ANN_OVERFETCH = 2
 #: exact search: open rows scored before the first bound check (at least 2 K), and rows per bounded block
 FIRST_ROWS, BLOCK = 512, 256
 #: bounds are compared with the k-th score less this share of it (float32 products round; a bound must not)
 _MARGIN = 1e-4
-
-
-def needs_retrieval(catalog: Catalog) -> bool:
-    return len(catalog) > SMALL_CATALOG
 
 
 def ann_available() -> bool:
@@ -67,80 +33,6 @@ def ann_available() -> bool:
     return True
 
 
-# -- the towers ---------------------------------------------------------------------------------------------
-class Towers:
-    """A bundle's imp and ad towers (ONNX Runtime sessions), their signatures and parity checked at load."""
-
-    def __init__(self, bundle: str | os.PathLike, spec: FeatureSpec, featurizer: Any, max_imps: int = 64):
-        self.bundle = Path(bundle)
-        self.spec = spec
-        self.featurizer = featurizer
-        entry = (read_meta(self.bundle).get("graphs") or {}).get(GRAPH)
-        if not isinstance(entry, dict):
-            raise BundleError(f"{self.bundle}: meta.json lists no two-tower graphs (python -m train twotower)")
-        if entry.get("files") != [IMP_TOWER_FILE, AD_TOWER_FILE]:
-            raise BundleError(f"{self.bundle}: meta.json twotower files {entry.get('files')}, expected "
-                              f"{[IMP_TOWER_FILE, AD_TOWER_FILE]}")
-        parity = entry.get("parity") or {}
-        for name in ("imp_tower", "ad_tower"):
-            figure = parity.get(name)
-            if not isinstance(figure, (int, float)) or not figure <= PARITY_TOLERANCE:
-                raise BundleError(f"{self.bundle}: meta.json twotower parity {name} is {figure!r}, needs a figure "
-                                  f"<= {PARITY_TOLERANCE:g} (the export's check against the trained towers)")
-        self.imp_session = self._load(IMP_TOWER_FILE)
-        self.ad_session = self._load(AD_TOWER_FILE)
-        self.dim = self._check(self.imp_session, IMP_TOWER_FILE, IMP_OUTPUT)
-        if self._check(self.ad_session, AD_TOWER_FILE, AD_OUTPUT) != self.dim:
-            raise BundleError(f"{self.bundle}: {IMP_TOWER_FILE} and {AD_TOWER_FILE} disagree on the vector width")
-        self.max_imps = max_imps
-        self.imp_inputs = spec.allocate(max_imps)
-        self.imp_output = np.zeros((max_imps, self.dim), dtype=np.float32)
-        self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
-
-    def _load(self, name: str) -> ort.InferenceSession:
-        return load_graph(self.bundle / name)
-
-    def _check(self, session: ort.InferenceSession, name: str, output: str) -> int:
-        """The graph's inputs are some of the spec's (int64 ``[n, width]``), its output float32 ``[n, D]``."""
-        for arg in session.get_inputs():
-            if (arg.name not in self.spec.input_names or arg.type != "tensor(int64)" or len(arg.shape) != 2
-                    or arg.shape[1] != self.spec.input_width(arg.name)):
-                raise BundleError(f"{self.bundle / name}: input {arg.name!r} {arg.type} {arg.shape} is not one of "
-                                  f"spec.json's inputs {list(self.spec.input_names)}")
-        outputs = session.get_outputs()
-        if (len(outputs) != 1 or outputs[0].name != output or outputs[0].type != "tensor(float)"
-                or len(outputs[0].shape) != 2 or not isinstance(outputs[0].shape[1], int)):
-            raise BundleError(f"{self.bundle / name}: expected one output {output!r} float32 [n, D], has "
-                              f"{[(o.name, o.type, o.shape) for o in outputs]}")
-        return int(outputs[0].shape[1])
-
-    def imp_vectors(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Imp vectors of at most ``max_imps`` records, a view of the output buffer (overwritten by the next call)."""
-        n = self.featurizer.transform_into(self.imp_inputs, records)
-        bound = self._bindings.get(n)
-        if bound is None:
-            if n == 0:
-                return self.imp_output[:0]
-            names = {a.name for a in self.imp_session.get_inputs()}
-            bound = self._bindings[n] = bind_buffers(
-                self.imp_session, {k: v[:n] for k, v in self.imp_inputs.items() if k in names},
-                {IMP_OUTPUT: self.imp_output[:n]})
-        self.imp_session.run_with_iobinding(bound[0])
-        return self.imp_output[:n]
-
-    def ad_matrix(self, candidates: Sequence[Candidate]) -> np.ndarray:
-        """``[n, D]`` float32: each candidate's ad vector, log(value per click) added to its last entry."""
-        inputs = featurize_many(self.featurizer, self.spec, [c.layer for c in candidates])
-        names = {a.name for a in self.ad_session.get_inputs()}
-        matrix = self.ad_session.run([AD_OUTPUT], {k: v for k, v in inputs.items() if k in names})[0]
-        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        matrix[:, -1] += np.log(np.array([c.value_per_click for c in candidates], dtype=np.float64)).astype(np.float32)
-        if not np.isfinite(matrix).all():
-            raise BundleError(f"{self.bundle / AD_TOWER_FILE}: non-finite ad vectors for this catalog")
-        return matrix
-
-
-# -- the index ------------------------------------------------------------------------------------------------
 class _Run:
     """A contiguous run of rows, best ad bias first, searched by blocks: per block its bias range and its own
     largest |rest|, so blocks whose bound cannot reach the k-th best score are not scored."""
@@ -464,83 +356,3 @@ class AdIndex:
         if len(rows) >= k:
             return rows[:k]
         return None if len(rows) < min(k, int(np.count_nonzero(mask))) else rows
-
-
-# -- what the engine calls ------------------------------------------------------------------------------------
-class Retriever:
-    """Top-K retrieval for one catalog: the imp tower per imp, the ad index built at load."""
-
-    def __init__(self, towers: Towers, catalog: Catalog, k: int = DEFAULT_K, approximate: bool = False,
-                 index: AdIndex | None = None):
-        """``index``: the catalog's ``AdIndex`` when already built (else computed here from the ad tower)."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.towers = towers
-        self.k = k
-        self.approximate = approximate
-        self.index = index or AdIndex(catalog, towers.ad_matrix(catalog.candidates), ann=approximate)
-        self.catalog = catalog
-
-    def query(self, record: Mapping[str, Any]) -> np.ndarray:
-        """The imp vector of one imp record (a copy: the tower's buffer is reused)."""
-        return self.towers.imp_vectors((record,))[0].copy()
-
-    def queries(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """``[n, D]``: the imp vectors of ``records``, one imp tower call per ``max_imps`` of them (a batch's imps
-        share a call: measured 53 µs for one imp, 11 µs an imp for eight)."""
-        towers = self.towers
-        step = towers.max_imps
-        if len(records) <= step:
-            return towers.imp_vectors(records).copy()
-        return np.concatenate([towers.imp_vectors(records[start:start + step]).copy()  # views of one buffer
-                               for start in range(0, len(records), step)])
-
-    def eligible(self, query: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
-                 blocked: frozenset[str], dealids: Sequence[str] = ()) -> tuple[Candidate, ...]:
-        """The top K eligible candidates of size ``w``x``h`` for the imp of ``query``, best first, then the
-        eligible buyers of the imp's deals (``dealids``) the K left out: a deal is a negotiated buy, which
-        an inner product must not drop (in a private auction it is the only way to bid)."""
-        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate)
-        return self._candidates(rows, w, h, domain, exchange, blocked, dealids)
-
-    def eligible_many(self, queries: np.ndarray, wanted: Sequence[tuple[int, int, str | None, str | None,
-                                                                       frozenset[str], Sequence[str]]]
-                      ) -> list[tuple[Candidate, ...]]:
-        """``eligible`` for several imps and sizes (``queries[j]`` with ``wanted[j]``: w, h, domain, exchange,
-        blocked, deal ids), the top K of a batch's imps searched together (``AdIndex.top_k_many``)."""
-        found = self.index.top_k_many(queries, [where[:5] for where in wanted], self.k, self.approximate)
-        return [self._candidates(rows, *where) for rows, where in zip(found, wanted)]
-
-    def _candidates(self, rows: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
-                    blocked: frozenset[str], dealids: Sequence[str]) -> tuple[Candidate, ...]:
-        rows = rows.tolist()
-        candidates = self.catalog.candidates
-        chosen = itemgetter(*rows)(candidates) if len(rows) > 1 else tuple(candidates[i] for i in rows)
-        if dealids:
-            taken = set(rows)
-            chosen += tuple(c for c in self.catalog.deal_buyers(w, h, dealids, domain, exchange, blocked)
-                            if c.index not in taken)
-        return chosen
-
-
-
-def towers_for(scorer: Any, catalog: Catalog, approximate: bool = False) -> Towers:
-    """The towers of ``scorer``'s bundle (a ``bidder.scorer.Scorer``) for a large catalog, or a ``BundleError``
-    saying what to do."""
-    if approximate and not ann_available():
-        raise BundleError("--ann: approximate retrieval needs faiss-cpu (pip install 'bidder[ann]')")
-    try:
-        return Towers(scorer.bundle, scorer.spec, scorer.featurizer)
-    except BundleError as exc:
-        raise BundleError(f"{catalog.source}: {len(catalog):,} creatives (more than {SMALL_CATALOG:,}) need retrieval, "
-                          f"and {exc}; add the towers with python -m train twotower --data DIR --bundle "
-                          f"{scorer.bundle}, or serve with --no-retrieval to score every eligible creative") from None
-
-
-def retriever_for(scorer: Any, catalog: Catalog, k: int = DEFAULT_K, approximate: bool = False,
-                  enabled: bool = True) -> Retriever | None:
-    """The retriever ``catalog`` needs with ``scorer``'s bundle; None for a small catalog or when not ``enabled``
-    (then every eligible creative is scored)."""
-    if not enabled or not needs_retrieval(catalog):
-        return None
-    return Retriever(towers_for(scorer, catalog, approximate), catalog, k, approximate)
