@@ -193,12 +193,15 @@ def _speed_ddp(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError:
         raise TrainError(f"--processes {args.processes!r}: expected comma-separated integers such as 1,2") from None
     overrides = _settings(args.set)
-    check_processes(args.model, processes, repeats=args.repeats, epochs=args.epochs, overrides=overrides)
+    transports = tuple(t.strip() for t in args.transports.split(",") if t.strip())
+    check_processes(args.model, processes, repeats=args.repeats, epochs=args.epochs, overrides=overrides,
+                    transports=transports)
     out = Path(args.out) if args.out else None
     if out is not None and (not out.parent.is_dir() or out.is_dir()):
         raise TrainError(f"--out {out}: expected a JSON file name in an existing folder")
     result = measure_processes(args.data, model=args.model, processes=processes, repeats=args.repeats,
-                               epochs=args.epochs, overrides=overrides, seed=args.seed, progress=not args.quiet)
+                               epochs=args.epochs, overrides=overrides, seed=args.seed, transports=transports,
+                               progress=not args.quiet)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(render_processes(result), file=sys.stderr)
@@ -372,6 +375,9 @@ def _parser() -> argparse.ArgumentParser:
     ddp.add_argument("--epochs", type=int, default=1, help="epochs per run (default 1)")
     ddp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="override a hyper-parameter (repeatable)")
+    ddp.add_argument("--transports", default="shm",
+                     help="comma-separated all-gather transports to compare, shm and/or gloo, each run in turn "
+                          "(default shm)")
     ddp.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
     ddp.add_argument("--out", help="also write the JSON result to this file")
     ddp.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -30,7 +30,7 @@ from train.errors import TrainError
 __all__ = ["LocalGather", "all_gather", "all_gather_seconds", "all_reduce_dense", "all_reduce_max", "barrier",
            "broadcast_float", "is_main", "local_cpus", "local_gather", "rank", "requested_size", "send_buffer", "setup",
            "shard_batches", "shard_range", "shared_floats", "shared_floats_available", "sum_float", "sync",
-           "world_size"]
+           "transport", "world_size"]
 
 
 def world_size() -> int:
@@ -313,14 +313,26 @@ def send_buffer(floats: int) -> torch.Tensor:
 
 def _local_gather(dtype: torch.dtype, dim: int, floats: int) -> LocalGather | None:
     """The shared-memory all-gather for a ``dim``-D ``dtype`` tensor of ``floats`` elements, built (collectively)
-    or grown on first need; None where gloo must carry it. Every process decides alike: the environment is the
-    same, and so is the message's length (gloo requires it)."""
-    if dtype != torch.float32 or dim != 1 or not _all_local():
+    or grown on first need; None where gloo must carry it (``transport``). Every process decides alike: the
+    environment is the same, and so is the message's length (gloo requires it)."""
+    if dtype != torch.float32 or dim != 1 or not _all_local() or transport() != "shm":
         return None
     current = _GATHER.get("gather")
     if current is None or current.group is not dist.group.WORLD or (current.ok and current.floats < floats):
         _GATHER["gather"] = current = LocalGather(max(floats * 5 // 4, 1024))
     return current if current.ok else None
+
+
+TRANSPORTS = ("shm", "gloo")
+
+
+def transport() -> str:
+    """What carries the all-gather between processes on one machine: ``TRAIN_GATHER``, "shm" (``LocalGather``, the
+    default) or "gloo" (torch.distributed; the parameters may still be shared, ``shared_floats``)."""
+    value = os.environ.get("TRAIN_GATHER", "shm")
+    if value not in TRANSPORTS:
+        raise TrainError(f"TRAIN_GATHER={value!r}: expected one of {', '.join(TRANSPORTS)}")
+    return value
 
 
 def _all_local() -> bool:
