@@ -117,7 +117,7 @@ def _default(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from train.compare import compare, render_markdown
+    from train.studies.compare import compare, render_markdown
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     unknown = [m for m in models if m not in ARCHITECTURES]
@@ -164,7 +164,7 @@ def _market(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
-    from train.speed import check_speed, measure_speed, render_table
+    from train.studies.speed import check_speed, measure_speed, render_table
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     overrides = _settings(args.set)
@@ -186,7 +186,7 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _speed_ddp(args: argparse.Namespace) -> dict[str, Any]:
-    from train.speed import check_processes, measure_processes, render_processes
+    from train.studies.speed import check_processes, measure_processes, render_processes
 
     try:
         processes = tuple(int(n) for n in args.processes.split(",") if n.strip())
@@ -226,7 +226,7 @@ def _compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
-    from train.compress_study import compress_study, render_markdown
+    from train.studies.compress_study import compress_study, render_markdown
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     results = compress_study(args.data, args.out, bundles=args.bundle, models=models, epochs=args.epochs,

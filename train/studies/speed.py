@@ -38,8 +38,9 @@ from train.errors import TrainError
 from train.evaluate import binary_metrics, predict
 from train.fit import report_skipped, resolve_spec
 from train.models import ARCHITECTURES, build_model, deepctr_input, parameter_count
-from train.optim import EXCHANGE_PARTS, build_optimizer, dense_adam
-from train.parallel import TRANSPORTS
+from train.distributed.shm import TRANSPORTS
+from train.distributed.wire import EXCHANGE_PARTS
+from train.optim import build_optimizer, dense_adam
 from train.trainer import PhaseClock, _run_epoch, _start_at_base_rate, check_training, training_forward
 
 __all__ = ["LOOPS", "PHASES", "check_processes", "check_speed", "measure_processes", "measure_speed",
@@ -409,13 +410,14 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
     its figures come from the bundle's ``meta.json``: the epochs' seconds and ``exchange_seconds`` (the
     gradient exchange, waiting for the slower process included) as process 0 measured them, with its parts
     (writing the message, the all-gather, the sums), and the test AUC. For each N > 1 the all-gather of the
-    same message is then timed alone, every process arriving together (``train.parallel``), so the
+    same message is then timed alone, every process arriving together (``train.studies.all_gather``), so the
     all-gather's seconds split into its own cost and waiting for the slower process. The machine's load
     average is recorded before and after: other jobs on the cores depress the many-process figures most.
 
-    With several ``transports`` (``parallel.TRANSPORTS``, set through ``TRAIN_GATHER``) every N > 1 runs once per
-    transport in each repeat, one after the other, and each run is keyed "N transport"; ``transport_ratios`` then
-    gives, per repeat, the first transport's samples/s over each other's, runs taken minutes apart never paired.
+    With several ``transports`` (``train.distributed.shm.TRANSPORTS``, set through ``TRAIN_GATHER``) every N > 1
+    runs once per transport in each repeat, one after the other, and each run is keyed "N transport";
+    ``transport_ratios`` then gives, per repeat, the first transport's samples/s over each other's: runs taken
+    minutes apart are never paired.
     """
     hp = check_processes(model, processes, repeats=repeats, epochs=epochs, overrides=overrides, transports=transports)
     if not Path(data_dir).is_dir():
@@ -453,7 +455,7 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
             floats = max(r["exchange_floats"] for r in runs if r["key"] == key)
             if not floats:  # dense tables: gradients summed by all_reduce_dense, not this message
                 continue
-            printed = _torchrun(n, ["-m", "train.parallel", str(floats)],
+            printed = _torchrun(n, ["-m", "train.studies.all_gather", str(floats)],
                                 f"timing the all-gather alone on {n} processes failed", t)
             alone[key] = {"floats": floats, "ms": round(1e3 * json.loads(printed)["seconds"], 3)}
     keys = [_key(n, t, transports) for n, t in configs]
