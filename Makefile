@@ -34,7 +34,7 @@ $(VENV)/.full: pyproject.toml setup.py | $(PY)
 	$(PIP) install -q --no-build-isolation -e '.[train,dev]'
 	touch $(VENV)/.runtime $@
 
-$(VENV)/.extension: bidder/_features.pyx bidder/_pricing.pyx bidder/_shading.pyx train/_attention.pyx train/_attention.h train/_rows.pyx train/_local.pyx setup.py | $(PY)
+$(VENV)/.extension: bidder/_features.pyx bidder/_pricing.pyx bidder/_shading.pyx train/_attention.pyx train/_attention.h train/_rows.pyx train/distributed/_flags.pyx setup.py | $(PY)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
@@ -74,4 +74,4 @@ default-model: $(FULL)
 	$(PY) -m train default --out bidder/models/default
 
 clean:
-	rm -rf build bidder/_features.c bidder/_features*.so bidder/_shading.c bidder/_shading*.so bidder/_pricing.c bidder/_pricing*.so train/_attention.c train/_attention*.so train/_rows.c train/_rows*.so train/_local.c train/_local*.so *.egg-info $(VENV) mutants mutants.log .mutation-cache
+	rm -rf build bidder/_features.c bidder/_features*.so bidder/_shading.c bidder/_shading*.so bidder/_pricing.c bidder/_pricing*.so train/_attention.c train/_attention*.so train/_rows.c train/_rows*.so train/distributed/_flags.c train/distributed/_flags*.so *.egg-info $(VENV) mutants mutants.log .mutation-cache

@@ -30,8 +30,8 @@ extensions = [
         extra_compile_args=["-O3", "-fno-math-errno"],
     ),
     Extension(
-        "train._local",
-        ["train/_local.pyx"],
+        "train.distributed._flags",
+        ["train/distributed/_flags.pyx"],
         extra_compile_args=["-O3"],
     ),
     Extension(

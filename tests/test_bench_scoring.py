@@ -58,7 +58,7 @@ def test_score(benchmark, small_bundle, sample_records, batch):
 @pytest.mark.parametrize("kind", ["stock", "lean"])
 @pytest.mark.parametrize("batch", [1, 64])
 def test_graph_stock_vs_lean(benchmark, graphs, kind, batch):
-    from train.latency import BoundGraph
+    from train.studies.latency import BoundGraph
 
     benchmark.group = f"graph B={batch}: stock vs lean (IO binding)"
     graph = BoundGraph(graphs[kind], _feeds(graphs, kind, batch))

@@ -211,7 +211,7 @@ def test_paired_auc_delta_is_the_auc_difference_with_an_interval_around_it():
 
 
 def test_the_study_runs_the_named_variants_with_the_ones_they_start_from(tmp_path, capsys):
-    from train.compress_study import select_variants
+    from train.studies.compress_study import select_variants
 
     assert [name for name, *_ in select_variants("deepfm", ["distill 64,32 + int8-embeddings", "int8-embeddings"])] \
         == ["int8-embeddings", "distill 64,32", "distill 64,32 + int8-embeddings"]

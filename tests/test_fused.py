@@ -158,7 +158,7 @@ def _free_port() -> int:
 def _exchange_worker(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
 
-    from train.optim import exchange
+    from train.distributed.wire import exchange
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -22,7 +22,7 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def clone(tmp_path) -> Path:
     """The files make's rules look at, in a folder without a .venv."""
     for name in ("Makefile", "pyproject.toml", "setup.py", "bidder/_features.pyx", "bidder/_pricing.pyx", "bidder/_shading.pyx",
-                 "train/_attention.pyx", "train/_attention.h", "train/_rows.pyx", "train/_local.pyx",
+                 "train/_attention.pyx", "train/_attention.h", "train/_rows.pyx", "train/distributed/_flags.pyx",
                  "bidder/models/default/model.onnx"):
         target = tmp_path / name
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,13 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from train.optim import RowwiseAdam, exchange, merge_sum  # noqa: E402
-from train import _local, parallel  # noqa: E402
-from train.parallel import all_gather, local_cpus, send_buffer, shard_batches  # noqa: E402
+from train.distributed import _flags, shm  # noqa: E402
+from train.distributed.gather import all_gather, send_buffer, sync  # noqa: E402
+from train.distributed.group import local_cpus  # noqa: E402
+from train.distributed.shards import shard_batches, shard_range  # noqa: E402
+from train.distributed.wire import exchange  # noqa: E402
+from train.errors import TrainError  # noqa: E402
+from train.optim import RowwiseAdam, merge_sum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,17 +66,27 @@ def test_each_local_process_is_pinned_to_its_own_block_of_cpus(monkeypatch):
     assert local_cpus([0, 1]) is None  # not started by torchrun
 
 
+def test_the_transport_is_shared_memory_unless_train_gather_names_gloo(monkeypatch):
+    monkeypatch.delenv("TRAIN_GATHER", raising=False)
+    assert shm.transport() == "shm"
+    monkeypatch.setenv("TRAIN_GATHER", "gloo")
+    assert shm.transport() == "gloo"
+    monkeypatch.setenv("TRAIN_GATHER", "tcp")
+    with pytest.raises(TrainError, match="TRAIN_GATHER='tcp': expected one of shm, gloo"):
+        shm.transport()
+
+
 def test_the_spin_wait_sees_every_flag_and_gives_up_after_its_timeout():
     flags = torch.zeros(16, dtype=torch.int64).numpy()
-    _local.publish(flags, 0, 3)
-    _local.publish(flags, 8, 4)
-    assert _local.wait_all(flags, 8, 2, 3, 1.0)
-    assert not _local.wait_all(flags, 8, 2, 4, 0.05)  # flag 0 says 3
-    assert _local.published(flags, 8, 2, 3) and not _local.published(flags, 8, 2, 4)  # one look, no wait
+    _flags.publish(flags, 0, 3)
+    _flags.publish(flags, 8, 4)
+    assert _flags.wait_all(flags, 8, 2, 3, 1.0)
+    assert not _flags.wait_all(flags, 8, 2, 4, 0.05)  # flag 0 says 3
+    assert _flags.published(flags, 8, 2, 3) and not _flags.published(flags, 8, 2, 4)  # one look, no wait
     with pytest.raises(IndexError):
-        _local.wait_all(flags, 8, 3, 1, 0.05)
+        _flags.wait_all(flags, 8, 3, 1, 0.05)
     with pytest.raises(IndexError):
-        _local.publish(flags, 16, 1)
+        _flags.publish(flags, 16, 1)
 
 
 def _no_room(size: int, prefix: str) -> str:
@@ -82,18 +96,18 @@ def _no_room(size: int, prefix: str) -> str:
 def _gather_worker(rank: int, store: str, out: str, room: bool) -> None:
     _join(rank, store, "shared memory")
     if not room:  # process 0 cannot make the file: both processes go on with gloo
-        parallel._create_file = _no_room
+        shm._create_file = _no_room
     results = []
     for step, n in enumerate((5, 3, 2000, 7)):  # the third call outgrows the first shared file
         message = send_buffer(n)
         message.copy_(torch.arange(n, dtype=torch.float32) + 100 * rank + step)
         results.append(all_gather(message, copy=step % 2 == 0).clone())
     results.append(all_gather(torch.ones(2, dtype=torch.float64) * rank))  # float64: gloo carries it
-    results.append(parallel._GATHER["gather"].ok)
+    results.append(shm._GATHER["gather"].ok)
     ran: list[int] = []  # ``during`` runs in the process that arrives first, which would wait, not in the last
     if rank == 1:
         time.sleep(0.3)
-    parallel.sync() if not room else parallel._GATHER["gather"].sync(during=lambda: ran.append(rank))
+    sync() if not room else shm._GATHER["gather"].sync(during=lambda: ran.append(rank))
     results.append(ran)
     torch.save(results, Path(out) / f"out-{rank}.pt")
     dist.destroy_process_group()
@@ -290,11 +304,11 @@ def test_pack_owned_writes_each_owners_rows_as_one_run_in_their_order():
 
 def test_each_process_owns_a_cache_aligned_part_of_the_dense_weights():
     for n, size in ((100, 2), (1000, 3), (5, 2), (0, 2)):
-        parts = [parallel.shard_range(n, size, me) for me in range(size)]
+        parts = [shard_range(n, size, me) for me in range(size)]
         assert parts[0][0] == 0 and parts[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # no gap, no overlap
         assert all(start % 16 == 0 for start, _ in parts)
-    assert parallel.shard_range(1000, 2, 0) == (0, 496) and parallel.shard_range(1000, 2, 1) == (496, 1000)
+    assert shard_range(1000, 2, 0) == (0, 496) and shard_range(1000, 2, 1) == (496, 1000)
 
 
 def _wide(rank: int, step: int) -> tuple[list, torch.Tensor]:
@@ -339,7 +353,7 @@ def test_with_sharded_state_each_process_sums_only_the_rows_and_dense_range_it_o
                 assert torch.equal(sums, all_sums[picked])  # the same bits as the full sum
             assert sorted(torch.cat([rows for rows, _ in owned]).tolist()) == sorted(all_rows.tolist())
         for rank in range(2):
-            start, stop = parallel.shard_range(37, 2, rank)
+            start, stop = shard_range(37, 2, rank)
             assert torch.equal(results[rank][2 * step + 1][2][start:stop], everyone[2][start:stop])
     # step 2, second group: only process 0 read rows; each process still gets a pair (maybe empty), so both count
     # the step for the group's bias correction
@@ -349,9 +363,11 @@ def test_with_sharded_state_each_process_sums_only_the_rows_and_dense_range_it_o
 def _sharded_worker(rank: int, store: str, out: str, shard: str) -> None:
     from train.optim import FlatAdam, TrainingOptimizer
     os.environ["TRAIN_SHARD"] = "0" if shard == "0" else "1"
+    if shard == "gloo":  # shared state, the messages and the barrier through gloo (``TRAIN_GATHER``)
+        os.environ["TRAIN_GATHER"] = "gloo"
     if shard == "no room":  # the state's file cannot be made: every process keeps its own state
-        make = parallel._create_file
-        parallel._create_file = lambda size, prefix: _no_room(size, prefix) if "state" in prefix else make(size, prefix)
+        make = shm._create_file
+        shm._create_file = lambda size, prefix: _no_room(size, prefix) if "state" in prefix else make(size, prefix)
     _join(rank, store, "shared memory")
     torch.manual_seed(0)
     tables = [torch.nn.Embedding(300, 1), torch.nn.Embedding(300, 4)]
@@ -369,7 +385,7 @@ def _sharded_worker(rank: int, store: str, out: str, shard: str) -> None:
         loss.backward()
         optimizer.step(during=lambda: waits.append(step))
     shared = bool(optimizer._shared)
-    fast = optimizer._fast is not None  # the steps after the first went through ``_SharedStep``
+    fast = optimizer._fast is not None  # the steps after the first went through ``SharedStep``
     optimizer.finish()
     weights = [t.weight.detach().clone() for t in tables] + [dense.detach().clone()]
     if rank == 0:  # each process has its own copy again
@@ -380,21 +396,27 @@ def _sharded_worker(rank: int, store: str, out: str, shard: str) -> None:
     private = torch.equal(tables[1].weight.detach(), weights[1]) and torch.equal(dense.detach(), weights[2])
     # ``during`` ran at most once a step, and only where the state is shared (where it ran depends on timing)
     once = len(waits) == len(set(waits)) and set(waits) <= {0, 1, 2, 3} and (shared or not waits)
-    torch.save((weights, shared and fast and once, private), Path(out) / f"out-{rank}.pt")
+    gathered_by_gloo = shm.built_gather() is None
+    torch.save((weights, shared and fast and once, private, (shared, fast, gathered_by_gloo, waits)),
+               Path(out) / f"out-{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_sharded_state_takes_the_same_steps_bit_for_bit_and_gives_each_process_its_copy_back(tmp_path):
-    for name in ("one", "two", "three"):
+    for name in ("one", "two", "three", "four"):
         (tmp_path / name).mkdir()
     sharded = _run_two(_sharded_worker, tmp_path / "one", "1")
     whole = _run_two(_sharded_worker, tmp_path / "two", "0")
     no_room = _run_two(_sharded_worker, tmp_path / "three", "no room")
-    assert [s for _, s, _ in sharded] == [True, True] and [s for _, s, _ in whole + no_room] == [False] * 4
-    for weights, _, _ in sharded + whole + no_room:
+    by_gloo = _run_two(_sharded_worker, tmp_path / "four", "gloo")
+    assert [s for _, s, _, _ in sharded] == [True, True] and [s for _, s, _, _ in whole + no_room] == [False] * 4
+    assert [facts[2] for _, _, _, facts in sharded] == [False, False]  # the shared all-gather carried them
+    # TRAIN_GATHER=gloo: the state is still shared, but no shared all-gather, so no step plan and nothing run ahead
+    assert [facts for _, _, _, facts in by_gloo] == [(True, False, True, [])] * 2
+    for weights, _, _, _ in sharded + whole + no_room + by_gloo:
         assert all(torch.equal(a, b) for a, b in zip(weights, whole[0][0]))
-    assert sharded[1][2]  # process 0's change after ``finish`` is not seen by process 1
+    assert sharded[1][2] and by_gloo[1][2]  # process 0's change after ``finish`` is not seen by process 1
     torch.manual_seed(0)
     start = [torch.nn.Embedding(300, 1).weight, torch.nn.Embedding(300, 4).weight]
     assert not torch.equal(whole[0][0][1], start[1].detach()) and not torch.equal(whole[0][0][0], start[0].detach())

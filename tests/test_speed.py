@@ -9,8 +9,8 @@ pytest.importorskip("torch")
 pytest.importorskip("deepctr_torch")
 
 from train.__main__ import main  # noqa: E402
-from train.optim import EXCHANGE_PARTS  # noqa: E402
-from train.speed import LOOPS, PHASES  # noqa: E402
+from train.distributed.wire import EXCHANGE_PARTS  # noqa: E402
+from train.studies.speed import LOOPS, PHASES  # noqa: E402
 
 ROWS = 3000
 
@@ -134,6 +134,9 @@ def test_missing_data_and_too_many_rows_exit_2(tmp_path, synthetic_data, capsys)
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--set", "batch_size=0"], "'batch_size' must be positive"),
     (["--out", "/no/such/folder/ddp.json"], "expected a JSON file name in an existing folder"),
+    (["--transports", "shm,tcp"], "--transports must name distinct transports among shm, gloo, got shm,tcp"),
+    (["--transports", "gloo,gloo"], "--transports must name distinct transports"),
+    (["--transports", ","], "--transports must name distinct transports among shm, gloo, got none"),
     ([], "no such folder"),
 ])
 def test_speed_ddp_bad_arguments_exit_2_before_any_run(tmp_path, capsys, args, message):
@@ -166,3 +169,21 @@ def test_speed_ddp_runs_torchrun_with_one_and_two_processes(synthetic_data, tmp_
     assert result["pair_ratios"] == {"1": [1.0], "2": [pytest.approx(pair, abs=1e-3)]}
     assert result["pair_ratio_median"]["2"] == pytest.approx(pair, abs=1e-3)
     assert "--nproc-per-node N" in result["command"]
+
+
+@pytest.mark.slow
+def test_speed_ddp_compares_the_transports_run_by_run(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "ddp.json"
+    assert main(["speed-ddp", "--data", str(synthetic_data), "--processes", "2", "--transports", "shm,gloo",
+                 "--repeats", "1", "--set", "batch_size=1000", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    runs = {r["key"]: r for r in result["runs"]}
+    assert list(runs) == ["2 shm", "2 gloo"] and [r["transport"] for r in runs.values()] == ["shm", "gloo"]
+    assert runs["2 gloo"]["exchange_ahead_seconds"] == [0.0]  # only the shared all-gather prepares while waiting
+    assert runs["2 shm"]["test_auc"] == runs["2 gloo"]["test_auc"]  # the same steps, bit for bit
+    ratio = runs["2 shm"]["samples_per_s"] / runs["2 gloo"]["samples_per_s"]
+    assert result["transport_ratios"] == {"2": {"gloo": [pytest.approx(ratio, abs=1e-3)]}}
+    assert result["transport_ratio_median"]["2"]["gloo"] == pytest.approx(ratio, abs=1e-3)
+    assert set(result["all_gather_alone"]) == {"2 shm", "2 gloo"}
+    assert all(a["floats"] == runs[k]["exchange_floats"] and a["ms"] > 0 for k, a in result["all_gather_alone"].items())

@@ -12,7 +12,7 @@ from deepctr_torch.inputs import combined_dnn_input
 
 from bidder.spec import default_spec, load_spec
 from train.__main__ import main
-from train.compare import compare
+from train.studies.compare import compare
 from train.data.dataset import load_dataset
 from train.data.synthetic import generate
 from train.errors import DataError, TrainError

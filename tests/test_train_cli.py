@@ -26,9 +26,9 @@ def test_fit_checks_settings_before_reading_data(tmp_path, data_never_read, caps
 
 
 def test_compare_checks_settings_before_reading_data(tmp_path, monkeypatch, capsys):
-    import train.compare
+    import train.studies.compare
 
-    monkeypatch.setattr(train.compare, "compare", lambda *a, **k: pytest.fail("compare ran"))
+    monkeypatch.setattr(train.studies.compare, "compare", lambda *a, **k: pytest.fail("compare ran"))
     status = main(["compare", "--data", str(tmp_path), "--models", "deepfm,dcnv2", "--set", "dcnv2.cross_num=x"])
     assert status == 2 and "cross_num" in capsys.readouterr().err
 

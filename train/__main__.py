@@ -119,7 +119,7 @@ def _default(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from train.compare import compare, render_markdown
+    from train.studies.compare import compare, render_markdown
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     unknown = [m for m in models if m not in ARCHITECTURES]
@@ -166,7 +166,7 @@ def _market(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
-    from train.speed import check_speed, measure_speed, render_table
+    from train.studies.speed import check_speed, measure_speed, render_table
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     overrides = _settings(args.set)
@@ -188,19 +188,22 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _speed_ddp(args: argparse.Namespace) -> dict[str, Any]:
-    from train.speed import check_processes, measure_processes, render_processes
+    from train.studies.speed import check_processes, measure_processes, render_processes
 
     try:
         processes = tuple(int(n) for n in args.processes.split(",") if n.strip())
     except ValueError:
         raise TrainError(f"--processes {args.processes!r}: expected comma-separated integers such as 1,2") from None
     overrides = _settings(args.set)
-    check_processes(args.model, processes, repeats=args.repeats, epochs=args.epochs, overrides=overrides)
+    transports = tuple(t.strip() for t in args.transports.split(",") if t.strip())
+    check_processes(args.model, processes, repeats=args.repeats, epochs=args.epochs, overrides=overrides,
+                    transports=transports)
     out = Path(args.out) if args.out else None
     if out is not None and (not out.parent.is_dir() or out.is_dir()):
         raise TrainError(f"--out {out}: expected a JSON file name in an existing folder")
     result = measure_processes(args.data, model=args.model, processes=processes, repeats=args.repeats,
-                               epochs=args.epochs, overrides=overrides, seed=args.seed, progress=not args.quiet)
+                               epochs=args.epochs, overrides=overrides, seed=args.seed, transports=transports,
+                               progress=not args.quiet)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(render_processes(result), file=sys.stderr)
@@ -231,7 +234,7 @@ def _bundle_upgrade(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
-    from train.compress_study import compress_study, render_markdown
+    from train.studies.compress_study import compress_study, render_markdown
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     results = compress_study(args.data, args.out, bundles=args.bundle, models=models, epochs=args.epochs,
@@ -382,6 +385,9 @@ def _parser() -> argparse.ArgumentParser:
     ddp.add_argument("--epochs", type=int, default=1, help="epochs per run (default 1)")
     ddp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="override a hyper-parameter (repeatable)")
+    ddp.add_argument("--transports", default="shm",
+                     help="comma-separated all-gather transports to compare, shm and/or gloo, each run in turn "
+                          "(default shm)")
     ddp.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
     ddp.add_argument("--out", help="also write the JSON result to this file")
     ddp.add_argument("--quiet", action="store_true", help="no progress bars")

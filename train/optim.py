@@ -24,13 +24,13 @@ optimizers do it:
 Each group keeps its own epsilon (``table_eps`` for the linear weights, ``vector_eps`` for the
 vectors): the reasoning of ``dense_adam`` below holds row by row.
 
-Under ``torchrun`` (``train.parallel``), ``step()`` first sums the gradients of every process in one
-message (``exchange``): each process's rows read with their gradients and its dense gradients, all-gathered,
-so the union of the rows read is updated as one process would update it on the whole batch. Where every
-process runs on this machine, the weights and Adam moments of the tables and dense layers sit in shared memory
-(``TrainingOptimizer.prepare``), and each process sums and steps only its part: the table rows in blocks of 64
-by row number, one range of the dense layers; then all wait for each other (``parallel.sync``) before anyone
-reads the weights again. Otherwise every process keeps its own copy and steps all of it.
+Under ``torchrun`` (``train.distributed``), ``step()`` first sums the gradients of every process in one
+message (``train.distributed.wire.exchange``): each process's rows read with their gradients and its dense
+gradients, all-gathered, so the union of the rows read is updated as one process would update it on the whole
+batch. Where every process runs on this machine, the weights and Adam moments of the tables and dense layers sit
+in shared memory (``TrainingOptimizer.prepare``), and each process sums and steps only its part: the table rows in
+blocks of 64 by row number, one range of the dense layers (``train.distributed.shared_step``); then all wait for
+each other (``train.distributed.gather.sync``) before anyone reads the weights again. Otherwise every process keeps its own copy and steps all of it.
 """
 from __future__ import annotations
 
@@ -41,11 +41,17 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from train import _rows, parallel
+from train import _rows
+from train.distributed import shm
+from train.distributed.gather import send_buffer, sync
+from train.distributed.group import all_reduce_dense, barrier, is_main, world_size
+from train.distributed.shards import shard_range
+from train.distributed.shared_step import SharedStep
+from train.distributed.wire import exchange, message_floats
 from train.errors import TrainError
 from train.fused import unique_rows
 
-__all__ = ["EXCHANGE_PARTS", "FlatAdam", "TrainingOptimizer", "RowwiseAdam", "build_optimizer", "dense_adam",
+__all__ = ["FlatAdam", "TrainingOptimizer", "RowwiseAdam", "build_optimizer", "dense_adam",
            "table_embeddings"]
 
 
@@ -123,7 +129,7 @@ class RowwiseAdam(torch.optim.Optimizer):
         steps only the rows it owns (``exchange``). ``touched``: the groups' ``_touched``, where the caller took
         them already."""
         touched = [self._touched(group) for group in self.param_groups] if touched is None else touched
-        if parallel.world_size() > 1:
+        if world_size() > 1:
             started = time.perf_counter()
             touched = exchange(touched, [tuple(group["flat"].shape) for group in self.param_groups], dense or [],
                                self.capacity, self.exchange_parts, [group["slot"] for group in self.param_groups],
@@ -241,154 +247,6 @@ class FlatAdam(torch.optim.Optimizer):
             p.grad = None
 
 
-# the exchange's timed parts (``exchange``, ``_SharedStep``): "ahead" is the next batch's preparation, run while a
-# process waits for the others (``TrainingOptimizer.step``'s ``during``), not counted in "gather"
-EXCHANGE_PARTS = ("pack", "gather", "ahead", "unpack", "sync")
-OWNER_SHIFT = 6  # with sharded state a table row belongs to process (row >> 6) % processes: blocks of 64 rows
-
-
-def exchange(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
-             dense: list[torch.Tensor], capacity: list[int], clock: dict[str, float] | None = None,
-             slots: list[torch.Tensor] | None = None,
-             owners: int = 1) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """Every process's touched rows with their summed gradients, and ``dense`` summed in place: one message.
-
-    ``shapes`` are the groups' (rows, width). Each process sends, in one all-gather, a header (per group its
-    count of rows read per owner, then per group the earlier group whose row tensor it shares, -1 if none), its
-    dense gradients and per group a block of ``capacity`` rows of 1 + width floats: the row number (int32 bits),
-    then its gradient (``pack_owned`` in ``train/_rows.pyx``), its count of them first, the rest unused. Every
-    process then sums what it received (``merge_blocks``, in C, straight from the received message), so it
-    updates the union of the rows read, as one process would on the whole batch. The fused forward stages one row
-    tensor for the linear weights and the vectors of the same fields: where every process says a group shares an
-    earlier group's rows, the later group's sums reuse the earlier merge's positions (``add_blocks``).
-
-    ``owners`` > 1 (the processes, when the parameters and Adam's moments sit in shared memory,
-    ``TrainingOptimizer``): row r belongs to process ``(r >> OWNER_SHIFT) % owners`` and each block lists its rows
-    owner by owner, so this process sums, and returns, only the rows it owns (an empty pair for a group whose rows
-    some process read but none of them its own; (None, None) where nobody read any), and sums ``dense`` (one flat
-    tensor) only over its ``parallel.shard_range``, the other processes' ranges of its own gradient left out of
-    the message. Every row's sum adds the processes' gradients in process order either way, so the sums are the
-    bits one owner would get.
-
-    Where some process read more rows than a block holds (the first step, and rarely later), every process
-    saw the same counts, so all grow ``capacity`` (in place, 25 % above the largest count) the same way and
-    send again. A batch of 2048 reads a few thousand rows per group, so a step sends ~10^5 floats, not the
-    tables as dense copies (~1.5M floats), in one collective.
-
-    ``clock``, when given, is charged the seconds of each part: ``pack`` (writing the message), ``gather``
-    (the all-gather: the transfer and the wait for the slowest process) and ``unpack`` (the sums); its
-    ``floats`` is the length of the last message's written part (header, dense gradients, rows) per process.
-    """
-    if any(n >= 1 << 31 for n, _ in shapes):
-        raise TrainError("data-parallel training: a table group holds 2**31 rows or more")
-    groups = len(shapes)
-    me = parallel.rank() if owners > 1 else 0
-    dense_size = sum(t.numel() for t in dense)
-    if owners > 1 and (len(dense) > 1 or (dense and not dense[0].is_contiguous())):
-        raise TrainError("data-parallel training: sharded state needs the dense gradients as one flat tensor")
-    own = parallel.shard_range(dense_size, owners, me) if owners > 1 else (0, dense_size)
-    shares = _shares(touched)
-    clock = {} if clock is None else clock
-    head = groups * (owners + 1)
-    while True:
-        started = time.perf_counter()
-        message, written = _message(touched, shapes, dense, dense_size, capacity, shares, owners,
-                                    own if owners > 1 else None)
-        packed = time.perf_counter()
-        gathered = parallel.all_gather(message, copy=False)  # read before this function returns
-        received = time.perf_counter()
-        clock["pack"] = clock.get("pack", 0.0) + packed - started
-        clock["gather"] = clock.get("gather", 0.0) + received - packed
-        clock["floats"] = float(written)  # what was written, not the blocks' unused room
-        header = gathered.numpy()[:, :head].view(np.int32)
-        sent = header[:, :groups * owners].astype(np.int64).reshape(-1, groups, owners)  # (process, group, owner)
-        longest = sent.sum(axis=2).max(axis=0).tolist()
-        if all(n <= c for n, c in zip(longest, capacity)):
-            break
-        capacity[:] = [max(c, n + n // 4) for c, n in zip(capacity, longest)]
-    shared = header[:, groups * owners:]
-    offset = head
-    if owners > 1:
-        if dense_size:
-            start, stop = own
-            _sum_owned_dense(dense[0].view(-1)[start:stop].numpy(), gathered.numpy()[:, offset + start:offset + stop],
-                             me)
-        offset += dense_size
-    elif len(dense) == 1 and dense[0].is_contiguous():  # ``FlatAdam``'s one gradient: summed straight into it
-        torch.sum(gathered[:, offset:offset + dense_size], dim=0, out=dense[0].view(-1))
-        offset += dense_size
-    elif dense:
-        summed = gathered[:, offset:offset + dense_size].sum(dim=0)
-        for t in dense:
-            t.copy_(summed[offset - head:offset - head + t.numel()].view_as(t))
-            offset += t.numel()
-    offsets = _block_offsets(shapes, capacity, offset)
-    out = [(None, None) if pair is None else (torch.from_numpy(pair[0]), torch.from_numpy(pair[1]))
-           for pair in _merge_owned(gathered.numpy(), sent, shared, me, shapes, offsets,
-                                    None if slots is None else [slot.numpy() for slot in slots])]
-    clock["unpack"] = clock.get("unpack", 0.0) + time.perf_counter() - received
-    return out
-
-
-def _sum_owned_dense(mine: np.ndarray, received: np.ndarray, me: int) -> None:
-    """Add to ``mine`` (this process's own range of its dense gradient) that range of every other process's message
-    (``received``: (processes, range), row ``me`` not read), in process order, in place."""
-    if len(received) == 2:  # a + b == b + a in floating point: the process-order sum, without a copy
-        np.add(received[1 - me], mine, out=mine)
-        return
-    parts = [mine if p == me else received[p] for p in range(len(received))]
-    total = parts[0].copy()
-    for part in parts[1:]:
-        total += part
-    mine[:] = total
-
-
-def _merge_owned(received: np.ndarray, sent: np.ndarray, shares: np.ndarray, me: int, shapes: list[tuple[int, int]],
-                 offsets: list[int], slots: list[np.ndarray] | None = None,
-                 scratch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-                 ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Per group, the rows owner ``me`` owns that some process read, with their gradients summed in process order,
-    from every process's block (``received``: (processes, floats), each group's blocks from ``offsets[g]``).
-
-    ``sent`` counts each process's rows by group and owner (process, group, owner); ``shares`` (process, group) names
-    the earlier group whose rows each process's group repeats, -1 if none: where every process says so, the group's
-    sums reuse that merge's positions (``add_blocks``), else ``merge_blocks`` makes them. A group gets an empty pair
-    where others read rows but none of this owner's (its step still counts), None where nobody read any. ``slots``:
-    the groups' ``unique_rows`` scratch (new ones if None); ``scratch``: per group arrays for the rows, positions and
-    sums, large enough for every process's block (``_SharedStep``), else new arrays."""
-    out: list[tuple[np.ndarray, np.ndarray] | None] = []
-    merged: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # a merged group's rows, positions and count
-    for g, ((table_rows, width), offset) in enumerate(zip(shapes, offsets)):
-        per_process = np.ascontiguousarray(sent[:, g, me])
-        entries = int(per_process.sum())
-        if not entries:
-            out.append((np.zeros(0, dtype=np.int64), np.zeros((0, width), dtype=np.float32))
-                       if sent[:, g].any() else None)
-            continue
-        starts = sent[:, g, :me].sum(axis=1)  # this owner's run in each block, in rows
-        lead = int(shares[0, g])
-        if lead >= 0 and lead in merged and (shares[:, g] == lead).all():
-            rows, position, k = merged[lead]
-            sums = (scratch[g][2][:k] if scratch is not None and k <= len(scratch[g][2])
-                    else np.zeros((k, width), dtype=np.float32))
-            sums.fill(0.0)
-            _rows.add_blocks(received, offset, width, per_process, starts, position, sums)
-        else:
-            room = min(entries, table_rows)
-            if scratch is not None:
-                rows, position, sums = scratch[g][0][:room], scratch[g][1][:entries], scratch[g][2][:room]
-                sums.fill(0.0)
-            else:
-                rows, position = np.empty(room, dtype=np.int64), np.empty(entries, dtype=np.int64)
-                sums = np.zeros((room, width), dtype=np.float32)
-            slot = slots[g] if slots is not None else np.full(table_rows, -1, dtype=np.int32)
-            k = _rows.merge_blocks(received, offset, width, per_process, starts, slot, rows, position, sums)
-            merged[g] = (rows, position, k)
-            sums = sums[:k]
-        out.append((rows[:k], sums))
-    return out
-
-
 def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
               slot: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The distinct rows of ``ids`` (in order of first appearance; every row below ``rows``) and, for each of
@@ -404,164 +262,6 @@ def merge_sum(ids: torch.Tensor, values: list[torch.Tensor], rows: int,
         _rows.add_rows(position.numpy(), v.contiguous().numpy(), total.numpy())
         sums.append(total)
     return distinct, sums
-
-
-def _message_floats(shapes: list[tuple[int, int]], dense_size: int, capacity: list[int], owners: int) -> int:
-    """The length of ``_message``'s message: header, dense gradients, and ``capacity`` rows of each group."""
-    return len(shapes) * (owners + 1) + dense_size + sum(c * (w + 1) for (_, w), c in zip(shapes, capacity))
-
-
-def _message(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]], shapes: list[tuple[int, int]],
-             dense: list[torch.Tensor], dense_size: int, capacity: list[int], shares: list[int], owners: int,
-             own: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
-    """This process's part of the all-gather (``_pack``), written into ``send_buffer``'s block, and the length of
-    its written part."""
-    message = parallel.send_buffer(_message_floats(shapes, dense_size, capacity, owners))
-    offsets = _block_offsets(shapes, capacity, len(shapes) * (owners + 1) + dense_size)
-    return message, _pack(message.numpy(), touched, shapes, offsets, capacity, dense, dense_size, shares, owners, own)
-
-
-def _block_offsets(shapes: list[tuple[int, int]], capacity: list[int], start: int) -> list[int]:
-    """Where each group's block of ``capacity`` rows (1 + width floats each) starts in a message, the first at
-    ``start`` (after the header and the dense gradients)."""
-    offsets = []
-    for (_, width), size in zip(shapes, capacity):
-        offsets.append(start)
-        start += size * (width + 1)
-    return offsets
-
-
-def _shares(touched: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> list[int]:
-    """Per group, the earlier group whose row tensor it stages (the fused forward's linear weights and vectors read
-    the same rows), -1 if none."""
-    return [next((j for j in range(g) if rows is not None and touched[j][0] is rows), -1)
-            for g, (rows, _) in enumerate(touched)]
-
-
-def _pack(message: np.ndarray, touched: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-          shapes: list[tuple[int, int]], offsets: list[int], capacity: list[int], dense: list[torch.Tensor],
-          dense_size: int, shares: list[int], owners: int, own: tuple[int, int] | None) -> int:
-    """Write a process's message into ``message``: header (rows per group and owner, then ``shares``), dense
-    gradients (without ``own``, the range this process sums itself, where given), then per group its rows and their
-    gradients from ``offsets[g]`` (``pack_owned``: ``capacity`` rows of each; slots past a group's count are left
-    as they are, nobody reads them; more rows than fit: the header alone tells the counts). Returns the length of
-    the written part (the header, the dense gradients and every row read)."""
-    groups = len(shapes)
-    head = groups * (owners + 1)
-    counts = np.zeros((groups, owners), dtype=np.int64)
-    if dense and own is None:
-        torch.cat([t.reshape(-1) for t in dense], out=torch.from_numpy(message[head:head + dense_size]))
-    elif dense:  # one flat gradient: every range but this process's own
-        flat = dense[0].view(-1).numpy()
-        message[head:head + own[0]] = flat[:own[0]]
-        message[head + own[1]:head + dense_size] = flat[own[1]:]
-    written = head + dense_size
-    for g, ((rows, grads), (_, width), size) in enumerate(zip(touched, shapes, capacity)):
-        if rows is None:
-            continue
-        if len(rows) <= size:
-            _rows.pack_owned(message, offsets[g], rows.contiguous().numpy(), grads.contiguous().numpy(), OWNER_SHIFT,
-                             counts[g])
-        else:
-            counts[g] = np.bincount((rows.numpy() >> OWNER_SHIFT) % owners, minlength=owners)
-        written += len(rows) * (width + 1)
-    header = message[:head].view(np.int32)
-    header[:groups * owners] = counts.reshape(-1)
-    header[groups * owners:] = shares
-    return written
-
-
-class _SharedStep:
-    """``TrainingOptimizer.step`` where the processes share their parameters and shared memory carries the message
-    (``parallel.local_gather``): ``exchange``'s message with ``owners``, its sums, the steps of the rows and the
-    dense range this process owns, then the wait for everyone (``LocalGather.sync``). The same kernels run in the
-    same order as through ``exchange``, ``RowwiseAdam.step`` and ``FlatAdam.step``, so the steps are the same bits.
-
-    What does not change between steps is worked out once: views of the blocks and their headers, where each
-    group's rows go in the message, the dense ranges, the state as numpy arrays, scratch for the sums. A step is
-    then a few C calls with little Python between them. That matters because this Python runs with cold caches
-    (forward and backward have just walked the tables and the batch): there each small torch or numpy operation
-    costs several times what it costs in a loop. Measured on two processes at batch 2048, the optimizer's time
-    besides waiting went from 1.7-2.1 ms a step through the general form to 1.0-1.2 ms.
-
-    ``run`` returns False, having written only its message, where some process read more rows than a block holds;
-    the caller then takes the general path, which grows the blocks (and a new ``_SharedStep`` follows).
-    """
-
-    def __init__(self, tables: RowwiseAdam, flat: FlatAdam | None, gather: parallel.LocalGather) -> None:
-        self.tables, self.flat, self.gather = tables, flat, gather
-        self.size, self.me = gather.size, gather.me
-        groups = tables.param_groups
-        self.capacity = list(tables.capacity)
-        self.shapes = [tuple(group["flat"].shape) for group in groups]
-        self.dense = (flat.param_groups[0]["grad"].numpy() if flat is not None else np.zeros(0, dtype=np.float32))
-        self.own = parallel.shard_range(len(self.dense), self.size, self.me)
-        self.head = len(groups) * (self.size + 1)
-        self.offsets = _block_offsets(self.shapes, self.capacity, self.head + len(self.dense))
-        floats = _message_floats(self.shapes, len(self.dense), self.capacity, self.size)
-        if floats > gather.floats:
-            raise TrainError(f"data-parallel training: a {floats}-float message in {gather.floats}-float blocks")
-        self.gradients = [flat.param_groups[0]["grad"]] if flat is not None else []  # ``_pack``'s dense gradients
-        self.headers = gather.arrays[:, :, :self.head].view(np.int32)  # (set, process, header)
-        self.state = [(group["flat"].numpy(), group["exp_avg"].numpy(), group["exp_avg_sq"].numpy())
-                      for group in groups]
-        self.slots = [group["slot"].numpy() for group in groups]
-        self.scratch = []  # per group: merged rows, each entry's position, the sums
-        for (rows, width), size in zip(self.shapes, self.capacity):
-            entries = size * self.size
-            self.scratch.append((np.empty(min(entries, rows), dtype=np.int64), np.empty(entries, dtype=np.int64),
-                                 np.zeros((min(entries, rows), width), dtype=np.float32)))
-        self.flat_arrays = flat.arrays(*self.own) if flat is not None else None
-
-    def run(self, touched: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-            during: Callable[[], None] | None = None) -> bool:
-        """Exchange, sum and step ``touched`` (``RowwiseAdam._touched`` of each group) and the dense gradient; then
-        wait for everyone. False: nothing summed or stepped (some process's rows outgrew their block). ``during``
-        runs once the message is sent, before waiting for the others' (``TrainingOptimizer.step``)."""
-        gather, me, size, head, dense = self.gather, self.me, self.size, self.head, self.dense
-        clock = self.tables.exchange_parts
-        started = time.perf_counter()
-        part = gather.calls % 2
-        written = _pack(gather.arrays[part, me], touched, self.shapes, self.offsets, self.capacity, self.gradients,
-                        len(dense), _shares(touched), size, self.own)
-        packed, ahead = time.perf_counter(), [0.0]
-
-        def timed() -> None:
-            begun = time.perf_counter()
-            during()
-            ahead[0] = time.perf_counter() - begun
-
-        gather.sync(timed if during is not None else None)
-        received = time.perf_counter()
-        clock["pack"] = clock.get("pack", 0.0) + packed - started
-        clock["gather"] = clock.get("gather", 0.0) + received - packed - ahead[0]
-        clock["ahead"] = clock.get("ahead", 0.0) + ahead[0]
-        clock["floats"] = float(written)
-        headers = self.headers[part]
-        counts = len(touched) * size
-        sent = headers[:, :counts].astype(np.int64).reshape(size, len(touched), size)  # (process, group, owner)
-        if (sent.sum(axis=2) > self.capacity).any():
-            self.tables.exchange_seconds += received - started
-            return False
-        everyone = gather.arrays[part]
-        if len(dense):
-            start, stop = self.own
-            _sum_owned_dense(dense[start:stop], everyone[:, head + start:head + stop], me)
-        summed = _merge_owned(everyone, sent, headers[:, counts:], me, self.shapes, self.offsets, self.slots,
-                              self.scratch)
-        unpacked = time.perf_counter()
-        clock["unpack"] = clock.get("unpack", 0.0) + unpacked - received
-        for group, pair, state in zip(self.tables.param_groups, summed, self.state):
-            if pair is not None:
-                RowwiseAdam._advance(group, *pair, state)
-        if self.flat is not None:
-            self.flat._advance(self.flat_arrays)
-        stepped = time.perf_counter()
-        gather.sync()  # nobody reads the parameters before everyone wrote its part
-        waited = time.perf_counter() - stepped
-        clock["sync"] = clock.get("sync", 0.0) + waited
-        self.tables.exchange_seconds += unpacked - started + waited  # as through ``exchange``: not the steps
-        return True
 
 
 class TrainingOptimizer:
@@ -582,7 +282,7 @@ class TrainingOptimizer:
         self.tables = next((opt for opt in optimizers if isinstance(opt, RowwiseAdam)), None)
         self._exchange_seconds = 0.0
         self._shared: bool | None = None  # under torchrun: parameters and moments in shared memory (``_share``)
-        self._fast: _SharedStep | None = None  # ``step``'s plan with shared parameters and messages (``_shared_step``)
+        self._fast: SharedStep | None = None  # ``step``'s plan with shared parameters and messages (``_shared_step``)
         self._fast_capacity: list[int] | None = None  # the blocks' capacity ``_fast`` was decided for
 
     @property
@@ -617,31 +317,31 @@ class TrainingOptimizer:
         processes share their parameters (``_share``), each steps the part it owns, then all wait for each other.
 
         ``during``: work that does not read the parameters (the next batch's ``FusedForward.prepare``), run at most
-        once, while this process would wait for the others' gradients, where the state is shared (``_SharedStep``,
+        once, while this process would wait for the others' gradients, where the state is shared (``SharedStep``,
         ``LocalGather.sync``): the last process to send does not run it, as it would delay everyone."""
         dense = ([self.flat.param_groups[0]["grad"]] if self.flat is not None
                  else [p.grad for p in self.dense_params if p.grad is not None])
-        if self._shared is None and parallel.world_size() > 1:
+        if self._shared is None and world_size() > 1:
             self._shared = self._share()
         if self._shared:
             touched = [self.tables._touched(group) for group in self.tables.param_groups]
             fast = self._shared_step()
             if fast is not None and fast.run(touched, during):
                 return
-            size = parallel.world_size()
+            size = world_size()
             self.tables.step(dense=dense, owners=size, touched=touched)
             if self.flat is not None:
-                self.flat.step(part=parallel.shard_range(len(self.flat.param_groups[0]["flat"]), size))
+                self.flat.step(part=shard_range(len(self.flat.param_groups[0]["flat"]), size))
             started = time.perf_counter()
-            parallel.sync()  # nobody reads the parameters before everyone wrote its part
+            sync()  # nobody reads the parameters before everyone wrote its part
             waited = time.perf_counter() - started
             self.tables.exchange_seconds += waited
             self.tables.exchange_parts["sync"] = self.tables.exchange_parts.get("sync", 0.0) + waited
             return
         tables = [opt for opt in self.optimizers if isinstance(opt, RowwiseAdam)]
-        if parallel.world_size() > 1 and not tables:
+        if world_size() > 1 and not tables:
             started = time.perf_counter()
-            parallel.all_reduce_dense(dense)
+            all_reduce_dense(dense)
             self._exchange_seconds += time.perf_counter() - started
         for opt in self.optimizers:
             if isinstance(opt, RowwiseAdam):
@@ -649,16 +349,16 @@ class TrainingOptimizer:
             else:
                 opt.step()
 
-    def _shared_step(self) -> _SharedStep | None:
+    def _shared_step(self) -> SharedStep | None:
         """``step``'s plan where the parameters are shared and shared memory carries the messages, None where gloo
         carries them. Made again when the blocks grew (collective then: every process sees the same counts)."""
         if self._fast_capacity != self.tables.capacity:
             self._fast_capacity = list(self.tables.capacity)
             shapes = [tuple(group["flat"].shape) for group in self.tables.param_groups]
             dense = len(self.flat.param_groups[0]["flat"]) if self.flat is not None else 0
-            size = parallel.world_size()
-            gather = parallel.local_gather(_message_floats(shapes, dense, self.tables.capacity, size))
-            self._fast = _SharedStep(self.tables, self.flat, gather) if gather is not None else None
+            size = world_size()
+            gather = shm.local_gather(message_floats(shapes, dense, self.tables.capacity, size))
+            self._fast = SharedStep(self.tables, self.flat, gather) if gather is not None else None
         return self._fast
 
     def finish(self) -> None:
@@ -678,23 +378,23 @@ class TrainingOptimizer:
         memory carries the messages, size them for the most table entries one process's part of a batch of
         ``batch_size`` rows of ``columns`` indices reads, so that the first epoch neither builds shared memory nor
         sends a step twice to grow its blocks."""
-        size = parallel.world_size()
+        size = world_size()
         if size == 1:
             return
         if self._shared is None:
             self._shared = self._share()
         tables = self.tables
-        if tables is None or not parallel.shared_floats_available():
+        if tables is None or not shm.shared_floats_available():
             return
         entries = -(-batch_size // size) * columns
         capacity = [min(len(group["flat"]), entries) for group in tables.param_groups]
         dense = len(self.flat.param_groups[0]["flat"]) if self.flat is not None else sum(
             p.numel() for p in self.dense_params)
-        floats = _message_floats([tuple(group["flat"].shape) for group in tables.param_groups], dense, capacity,
+        floats = message_floats([tuple(group["flat"].shape) for group in tables.param_groups], dense, capacity,
                                  size if self._shared else 1)
         if floats <= self.MESSAGE_LIMIT:
             tables.capacity[:] = [max(a, b) for a, b in zip(tables.capacity, capacity)]
-            parallel.send_buffer(floats)  # builds the shared all-gather for messages this long
+            send_buffer(floats)  # builds the shared all-gather for messages this long
 
     MESSAGE_LIMIT = 1 << 24  # floats per process: longer messages are sized as they come (64 MB each, twice over)
 
@@ -727,16 +427,16 @@ class TrainingOptimizer:
             return False
         align = 16  # each tensor on its own cache lines
         sizes = [(group[key].numel() + align - 1) // align * align for group, key in self._state()]
-        memory = parallel.shared_floats(sum(sizes))
+        memory = shm.shared_floats(sum(sizes))
         if memory is None:
             return False
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         places = {id(group[key]): memory[start:start + group[key].numel()].view_as(group[key])
                   for (group, key), start in zip(self._state(), starts)}
-        if parallel.is_main():
+        if is_main():
             for group, key in self._state():
                 places[id(group[key])].copy_(group[key])
-        parallel.barrier()
+        barrier()
         self._relocate(lambda t: places[id(t)])
         return True
 

@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train.data.dataset import Dataset
+from train.distributed import group as process_group
+from train.distributed.shards import shard_batches
+from train.distributed.wire import EXCHANGE_PARTS
 from train.errors import TrainError
 from train.evaluate import binary_metrics, oracle_metrics, predict
-from train import parallel
-from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
 from train.fused import fused_forward
-from train.optim import EXCHANGE_PARTS, TrainingOptimizer, build_optimizer
+from train.models import build_model, deepctr_input, parameter_count, resolve_hyperparameters
+from train.optim import TrainingOptimizer, build_optimizer
 
 __all__ = ["TrainedModel", "fit_epochs", "split_metrics", "train_model"]
 
@@ -49,7 +51,7 @@ def train_model(dataset: Dataset, architecture: str, *, epochs: int | None = Non
                 progress: bool = True, threads: int = 1, **overrides: Any) -> TrainedModel | None:
     """Train ``architecture`` on ``dataset.train``, keep the epoch with the best validation AUC.
 
-    Under torchrun only process 0 gets the result; the others get None (``train.parallel``).
+    Under torchrun only process 0 gets the result; the others get None (``train.distributed``).
     ``threads`` is torch's intra-op thread count while training. One is the default: these models are
     small per batch, and on a machine shared with other jobs several spinning threads per process
     slow every step down by an order of magnitude.
@@ -83,16 +85,16 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
     Other processes return None once training ends: they hold the same weights, and only one writes.
     """
     hp = check_training(architecture, epochs, overrides)
-    parallel.setup()
-    progress = progress and parallel.is_main()
+    process_group.setup()
+    progress = progress and process_group.is_main()
     started = time.perf_counter()
     model = build_model(architecture, dataset.spec, hp, seed)
     _start_at_base_rate(model, dataset.train.labels)
     history, best_epoch = fit_epochs(model, dataset, hp, seed=seed, progress=progress, desc=architecture)
-    if not parallel.is_main():
+    if not process_group.is_main():
         return None
     return TrainedModel(architecture, model, hp, split_metrics(model, dataset), history, best_epoch,
-                        round(time.perf_counter() - started, 2), parallel.world_size())
+                        round(time.perf_counter() - started, 2), process_group.world_size())
 
 
 def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, seed: int = 0, progress: bool = True,
@@ -107,7 +109,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
     Under torchrun every process trains its share of each batch and process 0 validates and decides
     for all; the other processes keep their last epoch's weights. Returns (history, best epoch).
     """
-    main = parallel.is_main()
+    main = process_group.is_main()
     spec = dataset.spec
     optimizer = build_optimizer(model, hp)
     hooks = [param.register_hook(lambda grad, mask=grad_masks[name]: grad * mask)
@@ -127,7 +129,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
     # the processes read and featurized the data apart, some faster than others: the first epoch's seconds should
     # not include waiting for the slowest of them, nor building what the gradient exchange keeps
     optimizer.prepare(hp["batch_size"], x_train.shape[1])
-    parallel.barrier()
+    process_group.barrier()
     try:
         for epoch in range(1, hp["epochs"] + 1):
             epoch_started, exchanged = time.perf_counter(), optimizer.exchange_seconds
@@ -144,7 +146,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                 history.append({"epoch": epoch, "train_logloss": round(train_loss, 6), "val_auc": val["auc"],
                                 "val_logloss": val["logloss"], "seconds": seconds,
                                 "samples_per_s": round(len(x_train) / max(seconds, 1e-9), 1)})
-                if parallel.world_size() > 1:  # the gradient exchange's share of the epoch, waiting included
+                if process_group.world_size() > 1:  # the gradient exchange's share of the epoch, waiting included
                     history[-1]["exchange_seconds"] = round(optimizer.exchange_seconds - exchanged, 2)
                     now = optimizer.exchange_parts  # its parts (row-wise tables only) and the message size
                     history[-1].update({f"exchange_{name}_seconds": round(now[name] - parts.get(name, 0.0), 3)
@@ -156,7 +158,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                                f"val logloss {val['logloss']}")
             else:
                 score = 0.0
-            score = parallel.broadcast_float(score)  # process 0 decides for all
+            score = process_group.broadcast_float(score)  # process 0 decides for all
             if score > best_score:
                 best_score, best_epoch, stale = score, epoch, 0
                 best_state = copy.deepcopy(model.state_dict()) if main else None
@@ -265,7 +267,7 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
     model.train()
     clock.start()
     order = torch.randperm(len(x), generator=generator)
-    mine, ends = parallel.shard_batches(order, batch_size)
+    mine, ends = shard_batches(order, batch_size)
     x_epoch, y_epoch = x.index_select(0, mine), y.index_select(0, mine)
     total = 0.0
     prepare = getattr(forward, "prepare", None)  # ``FusedForward``: the next batch's inputs, while waiting
@@ -300,4 +302,4 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
             if step % 100 == 0:
                 bar.set_postfix(logloss=f"{total / max(1, end):.5f}")
             clock.mark("other")
-    return parallel.sum_float(total) / max(1, len(x))
+    return process_group.sum_float(total) / max(1, len(x))

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""The flags of the shared-memory all-gather (``train/parallel.py``, ``LocalGather``): a release store to say a
+"""The flags of the shared-memory all-gather (``train/distributed/shm.py``, ``LocalGather``): a release store to say a
 message is written, and a spin until every process has said so, with acquire loads.
 
 A process that blocks in the kernel while it waits gives its core back; on a virtual machine the core's caches are

@@ -18,13 +18,13 @@ import numpy as np
 from tqdm import tqdm
 
 from train.bundle import MODEL_FILE, read_bundle
-from train.compare import data_line, target_lines
+from train.studies.compare import data_line, target_lines
 from train.compress import check_method, compress_bundle, onnx_probabilities
 from train.data.dataset import Dataset
 from train.errors import TrainError
 from train.evaluate import binary_metrics, paired_auc_delta
 from train.fit import report_skipped, resolve_spec, save_bundle
-from train.latency import measure_latencies
+from train.studies.latency import measure_latencies
 from train.trainer import train_model
 
 __all__ = ["LATENCY_BATCHES", "compress_study", "render_markdown"]

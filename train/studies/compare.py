@@ -16,14 +16,14 @@ import numpy as np
 
 from bidder.spec import FeatureSpec
 from train.bundle import MODEL_FILE
-from train import parallel
+from train.distributed.group import requested_size
 from train.crosses import GENERATOR_CROSSES, fit_crossed_logreg
 from train.data.dataset import Dataset, load_dataset
 from train.errors import TrainError
 from train.evaluate import oracle_metrics, predict
 from train.export import STOCK_INPUT, export_stock, serving_session
 from train.fit import report_skipped, resolve_spec, save_bundle
-from train.latency import measure_latencies
+from train.studies.latency import measure_latencies
 from train.models import ARCHITECTURES, deepctr_input
 from train.trainer import train_model
 
@@ -44,7 +44,7 @@ def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...
     generator's own feature crosses is fitted too (``train.crosses``): what this many rows can teach a
     model that knows where the interactions are.
     """
-    if parallel.requested_size() > 1:
+    if requested_size() > 1:
         raise TrainError("compare trains in one process; use torchrun with train fit, one model at a time")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,9 @@ from train.errors import TrainError
 from train.evaluate import binary_metrics, predict
 from train.fit import report_skipped, resolve_spec
 from train.models import ARCHITECTURES, build_model, deepctr_input, parameter_count
-from train.optim import EXCHANGE_PARTS, build_optimizer, dense_adam
+from train.distributed.shm import TRANSPORTS
+from train.distributed.wire import EXCHANGE_PARTS
+from train.optim import build_optimizer, dense_adam
 from train.trainer import PhaseClock, _run_epoch, _start_at_base_rate, check_training, training_forward
 
 __all__ = ["LOOPS", "PHASES", "check_processes", "check_speed", "measure_processes", "measure_speed",
@@ -383,7 +385,7 @@ def _machine() -> dict[str, Any]:
 
 
 def check_processes(model: str, processes: tuple[int, ...], *, repeats: int = 2, epochs: int = 1,
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                    overrides: dict[str, Any] | None = None, transports: tuple[str, ...] = ("shm",)) -> dict[str, Any]:
     """``measure_processes``'s arguments checked before anything runs; returns the model's hyper-parameters."""
     if model not in ARCHITECTURES:
         raise TrainError(f"--model: unknown model {model!r}; choose from {', '.join(ARCHITECTURES)}")
@@ -392,43 +394,54 @@ def check_processes(model: str, processes: tuple[int, ...], *, repeats: int = 2,
     for name, value in (("--repeats", repeats), ("--epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TrainError(f"{name} must be a positive integer, got {value!r}")
+    unknown = [t for t in transports if t not in TRANSPORTS]
+    if not transports or unknown or len(set(transports)) != len(transports):
+        raise TrainError(f"--transports must name distinct transports among {', '.join(TRANSPORTS)}, "
+                         f"got {','.join(transports) or 'none'}")
     return check_training(model, epochs, overrides)
 
 
 def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes: tuple[int, ...] = (1, 2),
                       repeats: int = 2, epochs: int = 1, overrides: dict[str, Any] | None = None, seed: int = 0,
-                      progress: bool = True) -> dict[str, Any]:
+                      transports: tuple[str, ...] = ("shm",), progress: bool = True) -> dict[str, Any]:
     """``train fit`` under ``torchrun --nproc-per-node N`` for each N, taking turns; samples/s and test AUC.
 
     Each run is the documented command (one thread per process) writing a bundle into a temporary folder;
     its figures come from the bundle's ``meta.json``: the epochs' seconds and ``exchange_seconds`` (the
     gradient exchange, waiting for the slower process included) as process 0 measured them, with its parts
     (writing the message, the all-gather, the sums), and the test AUC. For each N > 1 the all-gather of the
-    same message is then timed alone, every process arriving together (``train.parallel``), so the
+    same message is then timed alone, every process arriving together (``train.studies.all_gather``), so the
     all-gather's seconds split into its own cost and waiting for the slower process. The machine's load
     average is recorded before and after: other jobs on the cores depress the many-process figures most.
+
+    With several ``transports`` (``train.distributed.shm.TRANSPORTS``, set through ``TRAIN_GATHER``) every N > 1
+    runs once per transport in each repeat, one after the other, and each run is keyed "N transport";
+    ``transport_ratios`` then gives, per repeat, the first transport's samples/s over each other's: runs taken
+    minutes apart are never paired.
     """
-    hp = check_processes(model, processes, repeats=repeats, epochs=epochs, overrides=overrides)
+    hp = check_processes(model, processes, repeats=repeats, epochs=epochs, overrides=overrides, transports=transports)
     if not Path(data_dir).is_dir():
         raise TrainError(f"--data {data_dir}: no such folder")
     sets = [arg for name, value in (overrides or {}).items() for arg in ("--set", f"{name}={value}")]
     load_before = list(os.getloadavg())
     started = time.perf_counter()
     runs = []
-    order = [(repeat, n) for repeat in range(1, repeats + 1) for n in processes]
+    configs = [(n, t) for n in processes for t in (transports if n > 1 else transports[:1])]
+    order = [(repeat, n, t) for repeat in range(1, repeats + 1) for n, t in configs]
     with tempfile.TemporaryDirectory(prefix="speed-ddp-") as tmp, \
             tqdm(order, desc="torchrun runs", unit="run", disable=not progress) as bar:
-        for repeat, n in bar:
-            bar.set_postfix(processes=n)
-            out = Path(tmp) / f"run-{repeat}-{n}"
+        for repeat, n, t in bar:
+            bar.set_postfix(processes=n, transport=t)
+            out = Path(tmp) / f"run-{repeat}-{n}-{t}"
             command = ["-m", "train", "fit", "--data", str(data_dir), "--model", model, "--epochs", str(epochs),
                        "--seed", str(seed), "--threads", "1", "--out", str(out), "--quiet", *sets]
-            _torchrun(n, command, f"torchrun with {n} process(es) failed")
+            _torchrun(n, command, f"torchrun with {n} process(es) failed", t)
             meta = json.loads((out / "meta.json").read_text())
             history = meta["training"]["history"]
             seconds = sum(h["seconds"] for h in history)
             rows = meta["data"]["rows"]["train"]
-            runs.append({"processes": n, "repeat": repeat, "epoch_seconds": [h["seconds"] for h in history],
+            runs.append({"processes": n, "transport": t, "key": _key(n, t, transports), "repeat": repeat,
+                         "epoch_seconds": [h["seconds"] for h in history],
                          "exchange_seconds": [h.get("exchange_seconds", 0.0) for h in history],
                          **{f"exchange_{part}_seconds": [h.get(f"exchange_{part}_seconds", 0.0) for h in history]
                             for part in EXCHANGE_PARTS},
@@ -437,65 +450,81 @@ def measure_processes(data_dir: str | Path, *, model: str = "deepfm", processes:
                          "train_logloss": history[-1]["train_logloss"], "test_auc": meta["metrics"]["test"]["auc"]})
         # the all-gather alone, every process arriving together: what of ``gather`` is not waiting
         alone = {}
-        for n in (n for n in processes if n > 1):
-            floats = max(r["exchange_floats"] for r in runs if r["processes"] == n)
+        for n, t in ((n, t) for n, t in configs if n > 1):
+            key = _key(n, t, transports)
+            floats = max(r["exchange_floats"] for r in runs if r["key"] == key)
             if not floats:  # dense tables: gradients summed by all_reduce_dense, not this message
                 continue
-            printed = _torchrun(n, ["-m", "train.parallel", str(floats)],
-                                f"timing the all-gather alone on {n} processes failed")
-            alone[str(n)] = {"floats": floats, "ms": round(1e3 * json.loads(printed)["seconds"], 3)}
-    median = {n: round(statistics.median(r["samples_per_s"] for r in runs if r["processes"] == n), 1)
-              for n in processes}
-    base = median[processes[0]]
+            printed = _torchrun(n, ["-m", "train.studies.all_gather", str(floats)],
+                                f"timing the all-gather alone on {n} processes failed", t)
+            alone[key] = {"floats": floats, "ms": round(1e3 * json.loads(printed)["seconds"], 3)}
+    keys = [_key(n, t, transports) for n, t in configs]
+    median = {k: round(statistics.median(r["samples_per_s"] for r in runs if r["key"] == k), 1) for k in keys}
+    base = median[keys[0]]
     # each run against the first process count's run of the same repeat, which ran just before it: the machine's
     # speed drifts over minutes, so pairs taken in turn say more than medians taken minutes apart
-    first = {r["repeat"]: r["samples_per_s"] for r in runs if r["processes"] == processes[0]}
-    pairs = {str(n): [round(r["samples_per_s"] / first[r["repeat"]], 3) for r in runs if r["processes"] == n]
-             for n in processes}
+    first = {r["repeat"]: r["samples_per_s"] for r in runs if r["key"] == keys[0]}
+    pairs = {k: [round(r["samples_per_s"] / first[r["repeat"]], 3) for r in runs if r["key"] == k] for k in keys}
+    by_run = {(r["repeat"], r["processes"], r["transport"]): r["samples_per_s"] for r in runs}
+    transport_ratios = {str(n): {t: [round(by_run[(repeat, n, transports[0])] / by_run[(repeat, n, t)], 3)
+                                     for repeat in range(1, repeats + 1)] for t in transports[1:]}
+                        for n in processes if n > 1 and len(transports) > 1}
     return {
         "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": ("python -m torch.distributed.run --standalone --nproc-per-node N " + " ".join(
             ["-m", "train", "fit", "--data", str(data_dir), "--model", model, "--epochs", str(epochs),
              "--seed", str(seed), "--threads", "1", "--out", "TMP", "--quiet", *sets])),
         "settings": {"data": str(data_dir), "model": model, "processes": list(processes), "repeats": repeats,
-                     "epochs": epochs, "threads_per_process": 1, "order": "each N in turn, per repeat",
+                     "epochs": epochs, "threads_per_process": 1, "transports": list(transports),
+                     "order": "each N (and each transport) in turn, per repeat",
                      "batch_size": hp["batch_size"], "lr": hp["lr"],
                      "timed": "training epochs of process 0 (meta.json training.history)"},
         "versions": _versions(),
         "machine": {**_machine(), "loadavg_before": load_before, "loadavg_after": list(os.getloadavg())},
         "seconds": round(time.perf_counter() - started, 2),
-        "median_samples_per_s": {str(n): v for n, v in median.items()},
-        "ratio_to_first": {str(n): round(v / base, 3) for n, v in median.items()},
+        "median_samples_per_s": median,
+        "ratio_to_first": {k: round(v / base, 3) for k, v in median.items()},
         "pair_ratios": pairs,
-        "pair_ratio_median": {n: round(statistics.median(v), 3) for n, v in pairs.items()},
+        "pair_ratio_median": {k: round(statistics.median(v), 3) for k, v in pairs.items()},
+        "transport_ratios": transport_ratios,
+        "transport_ratio_median": {n: {t: round(statistics.median(v), 3) for t, v in ratios.items()}
+                                   for n, ratios in transport_ratios.items()},
         "steps_per_epoch": (rows + hp["batch_size"] - 1) // hp["batch_size"],
         "all_gather_alone": alone,
         "runs": runs,
     }
 
 
-def _torchrun(n: int, args: list[str], failure: str) -> str:
-    """``args`` under ``torchrun --standalone --nproc-per-node n``, one thread per process; what it printed.
-    A failed run raises TrainError: ``failure`` and the last line the run wrote to stderr."""
+def _key(processes: int, transport: str, transports: tuple[str, ...]) -> str:
+    """A run's name in the result: the process count, with the transport where several were compared."""
+    return str(processes) if processes == 1 or len(transports) == 1 else f"{processes} {transport}"
+
+
+def _torchrun(n: int, args: list[str], failure: str, transport: str = "shm") -> str:
+    """``args`` under ``torchrun --standalone --nproc-per-node n``, one thread per process, the all-gather carried by
+    ``transport``; what it printed. A failed run raises TrainError: ``failure`` and the last line the run wrote
+    to stderr."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                           *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_GATHER": transport})
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise TrainError(f"{failure}: {last}")
     return done.stdout
 
 
-def _pairs(result: dict[str, Any], n: int) -> str:
+def _pairs(result: dict[str, Any], key: str) -> str:
     """Each run's ratio to the first process count's run just before it, and their median ("–" in older files)."""
-    pairs = result.get("pair_ratios", {}).get(str(n))
+    pairs = result.get("pair_ratios", {}).get(key)
     if not pairs:
         return "–"
-    return f"{', '.join(f'{p:.2f}' for p in pairs)} ({result['pair_ratio_median'][str(n)]:.2f}×)"
+    return f"{', '.join(f'{p:.2f}' for p in pairs)} ({result['pair_ratio_median'][key]:.2f}×)"
 
 
 def render_processes(result: dict[str, Any]) -> str:
-    """The runs as markdown tables: processes, median samples/s, its ratio, exchange share, test AUC; then the
-    exchange per step by part (medians over the runs), with the all-gather alone beside the all-gather."""
+    """The runs as markdown tables: processes (and transport), median samples/s, its ratio, exchange share, test
+    AUC; then the exchange per step by part (medians over the runs), with the all-gather alone beside the
+    all-gather; then, where transports were compared, the first's samples/s over each other's, run by run."""
     s = result["settings"]
     lines = [f"{s['model']} on {s['data']}: {s['epochs']} epoch(s), batch {s['batch_size']}, one thread per process, "
              f"load average {result['machine']['loadavg_before'][0]:.1f} before / "
@@ -503,24 +532,32 @@ def render_processes(result: dict[str, Any]) -> str:
              "| processes | samples/s (median) | runs | × first | × first, run by run (median) | exchange share "
              "| test AUC |", "|---:|---:|---|---:|---|---:|---:|"]
     parts = []
-    for n in s["processes"]:
-        mine = [r for r in result["runs"] if r["processes"] == n]
+    keys = list(dict.fromkeys(r.get("key", str(r["processes"])) for r in result["runs"]))
+    for key in keys:
+        mine = [r for r in result["runs"] if r.get("key", str(r["processes"])) == key]
         share = statistics.median(sum(r["exchange_seconds"]) / sum(r["epoch_seconds"]) for r in mine)
-        lines.append(f"| {n} | {result['median_samples_per_s'][str(n)]:,.0f} | "
+        lines.append(f"| {key} | {result['median_samples_per_s'][key]:,.0f} | "
                      f"{' / '.join(format(r['samples_per_s'], ',.0f') for r in mine)} | "
-                     f"{result['ratio_to_first'][str(n)]:.2f}× | {_pairs(result, n)} | {100 * share:.0f} % | "
+                     f"{result['ratio_to_first'][key]:.2f}× | {_pairs(result, key)} | {100 * share:.0f} % | "
                      f"{mine[0]['test_auc']:.4f} |")
-        alone = result.get("all_gather_alone", {}).get(str(n))
+        alone = result.get("all_gather_alone", {}).get(key)
         if alone:
             steps = result["steps_per_epoch"] * s["epochs"]
             per_step = {part: statistics.median(1e3 * sum(r.get(f"exchange_{part}_seconds", [0.0])) / steps
                                                 for r in mine)
                         for part in EXCHANGE_PARTS}
-            parts.append(f"| {n} | {alone['floats']:,} | {per_step['pack']:.2f} | {per_step['gather']:.2f} | "
+            parts.append(f"| {key} | {alone['floats']:,} | {per_step['pack']:.2f} | {per_step['gather']:.2f} | "
                          f"{alone['ms']:.2f} | {max(0.0, per_step['gather'] - alone['ms']):.2f} | "
                          f"{per_step['ahead']:.2f} | {per_step['unpack']:.2f} | {per_step['sync']:.2f} |")
     if parts:
         lines += ["", "| processes | message floats | pack ms/step | all-gather ms/step | all-gather alone ms | "
                       "waiting ms/step | next batch while waiting ms/step | unpack ms/step | sync ms/step |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *parts]
+    compared = result.get("transport_ratios", {})
+    if compared:
+        first = s["transports"][0]
+        lines += ["", f"| processes | {first} over | run by run | median |", "|---:|---|---|---:|"]
+        lines += [f"| {n} | {t} | {', '.join(f'{x:.3f}' for x in ratios)} | "
+                  f"{result['transport_ratio_median'][n][t]:.3f}× |"
+                  for n, by in compared.items() for t, ratios in by.items()]
     return "\n".join(lines)
