@@ -14,7 +14,8 @@ import pytest
 
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 from bidder.__main__ import parse_now
-from bidder.campaigns import load_catalog, parse_catalog
+from bidder.campaigns import load_catalog
+from catalogs import parse_catalog
 from bidder.engine import BidEngine
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
