@@ -943,7 +943,7 @@ def layout_rows(pendings, int64_t[::1] row_imp, int64_t[::1] row_cand, double[::
     Row ``r`` gets ``row_imp[r]``, its imp's position in the batch (the request's ``first_imp`` plus the imp's
     position in the request), ``row_cand[r]``, its candidate's catalog ``index``, ``row_floor[r]``, its imp's
     floor, and ``row_value[r]``, its candidate's value per click. Sets each request's ``first_row``; returns
-    the number of rows; ValueError if the arrays are too short.
+    the number of rows; ValueError if the arrays are too short (they may be longer).
     """
     cdef Py_ssize_t r = 0, j, imp, n, limit = row_imp.shape[0]
     cdef double floor

@@ -16,7 +16,7 @@ ctypedef fused score_t:
     double
 
 
-def best_rows(const int64_t[::1] row_imp, const int64_t[::1] row_cand, const score_t[::1] scores,
+def best_rows(Py_ssize_t n, Py_ssize_t imps, const int64_t[::1] row_imp, const int64_t[::1] row_cand, const score_t[::1] scores,
               const double[::1] value_per_click, const double[::1] row_floor, const double[::1] deal_floor,
               const uint8_t[::1] deal_private, int64_t[::1] best_row, double[::1] best_value,
               uint8_t[::1] via_deal, int64_t[::1] order):
@@ -29,22 +29,22 @@ def best_rows(const int64_t[::1] row_imp, const int64_t[::1] row_cand, const sco
     when its value reaches that floor; otherwise, in a private auction (``deal_private[r]``) not at all, in an
     open one against the imp floor. Ties go to the candidate earlier in the catalog, whatever the rows' order.
 
-    Writes, per imp ``i`` (arrays of at least as many entries as imps): ``best_row[i]`` (-1: no row at or
+    Writes, per imp ``i``: ``best_row[i]`` (-1: no row at or
     above its floor), ``best_value[i]`` and ``via_deal[i]`` (1 when the best row bids through its deal); and
     in ``order`` the imps that have a best row, in the order of their first row at or above its floor.
     Returns how many imps have one.
     """
-    cdef Py_ssize_t n = row_imp.shape[0], imps = best_row.shape[0], r, imp
+    cdef Py_ssize_t r, imp
     cdef double value, floor, deal
     cdef uint8_t through
     cdef int64_t cand, last
-    if (row_cand.shape[0] < n or scores.shape[0] < n or value_per_click.shape[0] < n or row_floor.shape[0] < n
+    if (n < 0 or imps < 0 or row_imp.shape[0] < n or row_cand.shape[0] < n or scores.shape[0] < n or value_per_click.shape[0] < n or row_floor.shape[0] < n
             or deal_floor.shape[0] < n or deal_private.shape[0] < n):
-        raise ValueError(f"{n} rows, but row_cand, scores, value_per_click, row_floor, deal_floor or deal_private "
-                         "is shorter")
+        raise ValueError(f"{n} rows, but row_imp, row_cand, scores, value_per_click, row_floor, deal_floor or "
+                         "deal_private is shorter")
     cdef Py_ssize_t found = 0
-    if best_value.shape[0] < imps or via_deal.shape[0] < imps or order.shape[0] < imps:
-        raise ValueError(f"{imps} imps, but best_value, via_deal or order is shorter")
+    if best_row.shape[0] < imps or best_value.shape[0] < imps or via_deal.shape[0] < imps or order.shape[0] < imps:
+        raise ValueError(f"{imps} imps, but best_row, best_value, via_deal or order is shorter")
     for imp in range(imps):
         best_row[imp] = -1
     for r in range(n):

@@ -75,11 +75,12 @@ class Batch:
     Imp ``j`` of the batch is imp ``imp_ids[j]`` of request ``imp_request[j]``; its features are row ``j`` of
     ``features`` (the spec's inputs). Row ``r`` pairs imp ``row_imp[r]`` with catalog candidate ``row_cand[r]``,
     under floor ``row_floor[r]``, at ``row_value[r]`` USD per click, through the deal ``offers[r]`` if it has
-    one (its floor in ``deal_floor[r]``, NaN without). A request's imps and rows are consecutive.
+    one (its floor in ``deal_floor[r]``, NaN without), for ``r < n_rows`` (the arrays are the engine's, reused
+    from batch to batch, and may be longer). A request's imps and rows are consecutive.
     """
 
-    __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_request", "imp_ids", "features", "n_rows", "row_imp",
-                 "row_cand", "row_floor", "row_value", "deal_floor", "deal_private", "offers", "scores",
+    __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_request", "imp_ids", "features", "n_rows",
+                 "row_imp", "row_cand", "row_floor", "row_value", "deal_floor", "deal_private", "offers", "scores",
                  "best_row", "best_value", "via_deal", "shaded", "unprofitable")
 
     def __init__(self, pendings: Sequence[Pending], candidates: Sequence[Candidate], features: dict[str, np.ndarray]):

@@ -326,8 +326,8 @@ class BidEngine:
         rows = self._rows
         if len(rows["row_imp"]) < n:
             rows = self._rows = empty_rows(max(n, 2 * len(rows["row_imp"])))
-        for name, array in rows.items():
-            setattr(batch, name, array[:n])
+        for name, array in rows.items():  # the engine's arrays whole: the stages read their first n_rows
+            setattr(batch, name, array)
         batch.n_rows = layout_rows(live, batch.row_imp, batch.row_cand, batch.row_floor, batch.row_value)
         for pending in live:
             if not any(pending.offers):
@@ -385,11 +385,12 @@ class BidEngine:
         imps = self._imps
         if len(imps[0]) < n:
             imps = self._imps = _imp_arrays(n)
-        best_row, best_value, via_deal, order = (array[:n] for array in imps)
-        best_rows(batch.row_imp, batch.row_cand, batch.scores, batch.row_value, batch.row_floor, batch.deal_floor,
-                  batch.deal_private, best_row, best_value, via_deal, order)
+        best_row, best_value, via_deal, order = imps
+        best_rows(batch.n_rows, n, batch.row_imp, batch.row_cand, batch.scores, batch.row_value, batch.row_floor,
+                  batch.deal_floor, batch.deal_private, best_row, best_value, via_deal, order)
         # Python numbers: the stages after read them one by one
-        batch.best_row, batch.best_value, batch.via_deal = best_row.tolist(), best_value.tolist(), via_deal.tolist()
+        batch.best_row, batch.best_value = best_row[:n].tolist(), best_value[:n].tolist()
+        batch.via_deal = via_deal[:n].tolist()
         for row in batch.offers:  # the engine's row arrays hold no deal terms between batches
             batch.deal_floor[row] = np.nan
             batch.deal_private[row] = 0

@@ -74,7 +74,7 @@ def best_per_imp(owners: Sequence[int], candidates: Sequence[Candidate], ctr: Se
     best_value = np.empty(imps, dtype=np.float64)
     via_deal = np.zeros(imps, dtype=np.uint8)
     order = np.empty(imps, dtype=np.int64)
-    found = best_rows(np.array(owners, dtype=np.int64), np.array([c.index for c in candidates], dtype=np.int64),
+    found = best_rows(n, imps, np.array(owners, dtype=np.int64), np.array([c.index for c in candidates], dtype=np.int64),
               np.array(ctr, dtype=np.float64), np.array([c.value_per_click for c in candidates], dtype=np.float64),
               np.array([floors[i] if 0 <= i < imps else np.nan for i in owners], dtype=np.float64),
               np.array([offers[r].floor if r in offers else np.nan for r in range(n)], dtype=np.float64),
