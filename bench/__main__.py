@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|exchange [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "bundles -h)", add_help=False)
     commands.add_parser("reload", help="requests served while the catalog reloads (see python -m bench reload -h)",
                         add_help=False)
+    commands.add_parser("exchange", help="a simulated exchange: a day of auctions, notices and clicks against "
+                                         "OpenRTB bidders (see python -m bench exchange -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "exchange":
+        from bench.exchange.cli import main as exchange_main
+        return exchange_main(rest)
     if args.command == "reload":
         from bench.reload import main as reload_main
         return reload_main(rest)
