@@ -30,10 +30,12 @@ from bidder.clock import Clock
 
 __all__ = ["Exchange"]
 
-#: requests in flight before the exchange waits (it then falls behind the clock, which the report shows)
-MAX_IN_FLIGHT = 1024
-#: a bid request is abandoned (and its connection closed) this many times its tmax after it was sent
-HARD_DEADLINE_TMAX = 20
+#: auctions and notices under way before the exchange waits (it then falls behind the clock, which the report
+#: shows as lag): a bound on memory, not a limit a healthy run meets
+MAX_IN_FLIGHT = 50_000
+#: a bid request is abandoned (and its connection closed) this long after it was sent; it counted as a
+#: timeout at its tmax already
+HARD_DEADLINE_S = 10.0
 NOTICE_TIMEOUT_S = 5.0
 _HREF = re.compile(r"""href\s*=\s*["']([^"']+)["']""", re.IGNORECASE)
 
@@ -73,14 +75,16 @@ class _Bidder:
     url: str  # may hold {exchange}
     stats: BidderStats
     urls: dict[str, str]  # by exchange name
+    connections: int      # bid requests in flight at most; beyond, a request is not sent to it (throttled)
+    in_flight: int = 0
     last_notice: str | None = None  # an earlier genuine notice, for replayed forgeries
 
 
 class Exchange:
     def __init__(self, traffic: Traffic, market: Market, terms: Terms, bidders: list[str], faults: Faults,
-                 clock: Clock, hours: int, record_sends: bool = False):
+                 clock: Clock, hours: int, connections: int, record_sends: bool = False):
         self.traffic, self.market, self.terms, self.faults, self.clock = traffic, market, terms, faults, clock
-        self.bidders = [_Bidder(i, url, BidderStats(url, hours), {}) for i, url in enumerate(bidders)]
+        self.bidders = [_Bidder(i, url, BidderStats(url, hours), {}, connections) for i, url in enumerate(bidders)]
         self.hours = hours
         self.client = Client()
         self.sent = 0
@@ -190,19 +194,25 @@ class Exchange:
         """The bidder's best bid for the imp, or None (no bid, late, an error, or not a usable bid)."""
         stats = bidder.stats
         stats.requests += 1
+        if bidder.in_flight >= bidder.connections:  # as an exchange does with a bidder that cannot keep up
+            stats.throttled += 1
+            return None
         url = bidder.urls.get(imp.exchange)
         if url is None:
             url = bidder.urls[imp.exchange] = bidder.url.replace("{exchange}", imp.exchange)
         tmax = imp.tmax_ms / 1000.0
         started = time.perf_counter()
+        bidder.in_flight += 1
         try:
-            status, body = await self.client.request(url, imp.body, timeout=tmax * HARD_DEADLINE_TMAX)
+            status, body = await self.client.request(url, imp.body, timeout=HARD_DEADLINE_S)
         except (TimeoutError, asyncio.TimeoutError):
             stats.timeouts += 1
             return None
         except (ConnectionError, OSError):
             stats.errors += 1
             return None
+        finally:
+            bidder.in_flight -= 1
         elapsed = time.perf_counter() - started
         stats.latency_ms.append(elapsed * 1000.0)
         if elapsed > tmax:

@@ -130,24 +130,26 @@ class Client:
 
     def __init__(self) -> None:
         self._origins: dict[tuple[str, int], _Origin] = {}
-        self._split: dict[str, tuple[_Origin, bytes]] = {}  # bid URLs repeat: parse each once
+        self._by_netloc: dict[str, _Origin] = {}  # URLs differ per notice; their host:port repeat
 
     def _target(self, url: str) -> tuple[_Origin, bytes]:
-        found = self._split.get(url)
-        if found is not None:
-            return found
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"only http:// URLs can be fetched, got {url!r}")
-        key = (parts.hostname, parts.port or 80)
-        origin = self._origins.get(key)
+        scheme, _, rest = url.partition("://")
+        netloc, slash, path = rest.partition("/")
+        if "?" in netloc:  # http://host:port?query
+            netloc, _, query = netloc.partition("?")
+            slash, path = "/", "?" + query
+        origin = self._by_netloc.get(netloc) if scheme == "http" else None
         if origin is None:
-            origin = self._origins[key] = _Origin(*key)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        target = (origin, path.encode())
-        if len(self._split) < 10_000:  # notice URLs differ per auction: remember only a few
-            self._split[url] = target
-        return target
+            parts = urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"only http:// URLs can be fetched, got {url!r}")
+            key = (parts.hostname, parts.port or 80)
+            origin = self._origins.get(key)
+            if origin is None:
+                origin = self._origins[key] = _Origin(*key)
+            self._by_netloc[netloc] = origin
+        target = slash + path.partition("#")[0]
+        return origin, (target if target.startswith("/") else "/" + target).encode()
 
     async def request(self, url: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
         origin, path = self._target(url)

@@ -32,16 +32,31 @@ def substitute(url: str, values: dict[str, str]) -> str:
 def is_local(url: str) -> bool:
     """Whether ``url`` is http(s) to an address on this machine: the only notices the simulator sends.
     Names other than ``localhost`` are not resolved (no lookup leaves the machine)."""
+    origin = url.split("/", 3)[:3]  # "scheme:", "", "host:port": notice URLs differ, their origins repeat
+    key = "/".join(origin)
+    found = _local_origins.get(key)
+    if found is None:
+        found = _is_local_origin(key)
+        if len(_local_origins) < 10_000:
+            _local_origins[key] = found
+    return found
+
+
+_local_origins: dict[str, bool] = {}
+
+
+def _is_local_origin(origin: str) -> bool:
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(origin)
+        hostname = parts.hostname
     except ValueError:
         return False
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not hostname:
         return False
-    if parts.hostname == "localhost":
+    if hostname == "localhost":
         return True
     try:
-        return ipaddress.ip_address(parts.hostname).is_loopback
+        return ipaddress.ip_address(hostname).is_loopback
     except ValueError:
         return False
 

@@ -60,6 +60,7 @@ class BidderStats:
     errors: int = 0           # answers other than 200 with a bid or 204, and connections that failed
     invalid: int = 0          # 200 answers that are not a usable bid for the imp (id, impid, price, currency)
     timeouts: int = 0         # answers later than the request's tmax, or none: no bid
+    throttled: int = 0        # requests not sent: the bidder had --connections requests in flight already
     wins: int = 0
     bills: int = 0
     unrendered: int = 0
@@ -123,7 +124,7 @@ def build_report(config: dict[str, Any], bidders: list[BidderStats], plan_share:
         notices = b.notices
         entry: dict[str, Any] = {
             "requests": b.requests, "bids": b.bids, "no_bids": b.no_bids, "errors": b.errors, "invalid": b.invalid,
-            "timeouts": b.timeouts, "wins": b.wins, "bills": b.bills, "unrendered": b.unrendered,
+            "timeouts": b.timeouts, "throttled": b.throttled, "wins": b.wins, "bills": b.bills, "unrendered": b.unrendered,
             "spend": round(b.spend, 6), "value": round(b.value, 6), "surplus": round(b.value - b.spend, 6),
             "clicks": b.clicks, "cpc": _ratio(b.spend, b.clicks), "ecpm": _ratio(b.spend * 1000, b.bills),
             "win_rate": _ratio(b.wins, b.bids, 4), "bid_rate": _ratio(b.bids, b.requests, 4),
