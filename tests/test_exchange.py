@@ -470,3 +470,18 @@ def test_bad_fault_rates_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--bidder", "http://127.0.0.1:1/bid", "--lost", "2"])
     assert exit_.value.code == 2 and "from 0 to 1" in capsys.readouterr().err
+
+
+def test_the_constant_bidder_answers_every_notice(market):
+    from bench.exchange.constant import create_app
+
+    holder = reserve_port()
+    port = holder.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/bid/{{exchange}}"
+    with serving(create_app(5.0, port), port, holder):
+        report, _ = run_exchange(day([url], faults=Faults(), requests=200), market=market)
+    b = report["bidders"][url]
+    n = b["notices"]
+    assert b["bids"] == b["requests"] == report["requests"] > 100, {k: b[k] for k in ("requests", "no_bids", "errors", "invalid", "timeouts", "throttled")}
+    assert b["wins"] > 0 and n["by_kind"]["win"] > 0 and n["by_kind"]["loss"] > 0
+    assert n["answered"] == n["sent"] - n["forged_sent"] - n["failed"] and n["refused"] == 0

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import gc
 import json
 import resource
 import signal
@@ -73,6 +74,10 @@ def run_exchange(config: ExchangeConfig, progress: bool = False, record_sends: b
             raise ValueError(f"--bidder must be an http:// URL on this machine (127.0.0.1, localhost, ::1), got {url!r}")
     terms = read_terms(config.campaigns)
     market = market or Market(config.world_seed, config.world_rows)
+    # the market's hundreds of thousands of strings and lists live as long as the run: out of the collector's
+    # way, its collections during the run scan only what the run allocates
+    gc.collect()
+    gc.freeze()
     traffic = Traffic(market, config.seed, config.start, config.hours, config.rate, config.speed, config.requests,
                       len(config.bidders), [Deal(deal, 0.0, seat) for deal, seat in terms.deals])
     hours = max(1, int(-(-config.hours // 1)))
