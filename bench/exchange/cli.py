@@ -278,16 +278,18 @@ def main(argv: list[str] | None = None) -> int:
         report, _ = run_exchange(config, progress=not args.no_progress)
     except (TermsError, ValueError) as exc:
         return _fail(str(exc))
-    from bench.exchange.plot import plot_report
-
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    png = plot_report(report, out.with_suffix(".png"))
+    try:
+        from bench.exchange.plot import plot_report
+        png = plot_report(report, out.with_suffix(".png"))
+    except ImportError as exc:  # a runtime-only install: the report is written, the picture cannot be
+        png = f"none ({exc.name} is not installed: pip install 'bidder[bench]')"
     print(summary(report, out, png))
     return 130 if report["partial"] else 0
 
 
-def summary(report: dict[str, Any], out: Path, png: Path) -> str:
+def summary(report: dict[str, Any], out: Path, png: Path | str) -> str:
     lines = [f"{'partial ' if report['partial'] else ''}report: {out}  plot: {png}",
              f"{report['requests']:,} requests in {report['wall_s']:.1f} s: {report['rate_rps']:,.0f} requests/s "
              f"({report['rate_per_cpu_s'] or 0:,.0f} per CPU second); clock lag max "

@@ -119,7 +119,7 @@ class Exchange:
                     self.lag_max = lag
                 self._spawn(self._auction(imp))
                 self.sent += 1
-                if progress is not None and n % 256 == 0:
+                if progress is not None and (n % 256 == 0 or wait > 0.05):
                     progress(self.sent, imp.time)
             while self._tasks and not self.stopping:  # stopped: what is still on its way is dropped
                 await asyncio.wait(set(self._tasks), timeout=0.25)
