@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
