@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -124,10 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     commands.add_parser("history", help="the benchmark history page from bench/results/ (see python -m bench "
                                         "history -h)", add_help=False)
+    commands.add_parser("exchange", help="a simulated exchange: a day of auctions, notices and clicks against "
+                                         "OpenRTB bidders (see python -m bench exchange -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "history":
         from bench.history import main as history_main
         return history_main(rest)
+    if args.command == "exchange":
+        from bench.exchange.cli import main as exchange_main
+        return exchange_main(rest)
     if args.command == "reload":
         from bench.reload import main as reload_main
         return reload_main(rest)

@@ -6,31 +6,38 @@ line on stderr and exit status 2, before any worker starts.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 from bidder import DEFAULT_BUNDLE
 from bidder.app import DEFAULT_CAMPAIGNS, Config
 from bidder.bundle import CAMPAIGNS_FILE, MODEL_FILE
+from bidder.clock import Clock, parse_time
 
 
 def parse_now(text: str) -> float:
-    """``--now``: an ISO 8601 time (UTC unless it carries an offset) or Unix seconds → Unix seconds."""
+    """``--now``, ``--clock-start``, ``--clock-anchor``: ``bidder.clock.parse_time`` for argparse."""
     try:
-        return float(text) if text.replace(".", "", 1).isdigit() else _iso_seconds(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-11-25T14:00:00Z or Unix seconds, "
-                                         f"got {text!r}") from None
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _iso_seconds(text: str) -> float:
-    if text[-1:] in ("Z", "z"):  # fromisoformat reads "Z" only from Python 3.11
-        text = text[:-1] + "+00:00"
-    when = dt.datetime.fromisoformat(text)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
+def simulated_clock(args: argparse.Namespace) -> Clock | None:
+    """The clock of --clock-start/--clock-speed/--clock-anchor, anchored now if no anchor is given; None
+    without them. ValueError names the option at fault."""
+    if args.clock_start is None and args.clock_speed is None:
+        if args.clock_anchor is not None:
+            raise ValueError("--clock-anchor needs --clock-start or --clock-speed")
+        return None
+    if args.now is not None:
+        raise ValueError("--now fixes the clock; it cannot be combined with --clock-start or --clock-speed")
+    speed = 1.0 if args.clock_speed is None else args.clock_speed
+    if not speed > 0 or speed == float("inf"):
+        raise ValueError(f"--clock-speed must be a positive number of simulated seconds per second, got {speed}")
+    anchor = time.time() if args.clock_anchor is None else args.clock_anchor
+    return Clock(start=anchor if args.clock_start is None else args.clock_start, speed=speed, anchor=anchor)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="fix the clock: every request is priced as if received at TIME (ISO 8601 such as "
                             "2026-11-25T14:00:00Z, or Unix seconds), for reproducible examples and tests; "
                             "--utc-offset still applies (default: the wall clock)")
+    serve.add_argument("--clock-start", type=parse_now, default=None, metavar="TIME",
+                       help="simulated clock: the time requests are priced at when the clock starts (at "
+                            "--clock-anchor), running --clock-speed times faster than the wall clock from there, for "
+                            "a simulated day (python -m bench exchange); ISO 8601 or Unix seconds (default: the "
+                            "anchor itself)")
+    serve.add_argument("--clock-speed", type=float, default=None, metavar="X",
+                       help="simulated seconds per wall-clock second (for example 720: a day in two minutes); "
+                            "setting it or --clock-start turns the simulated clock on (default: 1)")
+    serve.add_argument("--clock-anchor", type=parse_now, default=None, metavar="TIME",
+                       help="the wall-clock time at which the simulated clock reads --clock-start: give the exchange "
+                            "simulator the same value (its --anchor) and both read the same simulated time whenever "
+                            "each of them started (default: the moment the server starts)")
     serve.add_argument("--no-pin", action="store_true", help="do not pin workers to cores")
     serve.add_argument("--no-batching", action="store_true",
                        help="score each request in its own ONNX Runtime call instead of one call for all requests "
@@ -95,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--retrieve-k must be a positive number of creatives per imp, got {args.retrieve_k}")
     if not 0 < args.port < 65536:
         return _fail(f"--port must be between 1 and 65535, got {args.port}")
+    try:
+        clock = simulated_clock(args)
+    except ValueError as exc:
+        return _fail(str(exc))
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
-                    now=args.now, pin=not args.no_pin, batching=not args.no_batching,
+                    now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
                     ann=args.ann)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import Catalog, CatalogError, load_catalog
+from bidder.clock import Clock
 from bidder.engine import BidEngine, Outcome, error_body
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -65,6 +66,7 @@ class Config:
     max_body: int = 64 * 1024
     utc_offset_hours: float = 0.0
     now: float | None = None  # a fixed receive time (Unix seconds) for weekday/hour; None: the wall clock
+    clock: Clock | None = None  # a simulated clock for weekday/hour (--clock-start/--clock-speed); overrides now
     shutdown_timeout: float = 30.0
     pin: bool = True
     batching: bool = True    # score the requests of one loop turn together (off: each on its own, to compare)
@@ -128,8 +130,8 @@ class State:
         # the win-price model for first-price shading, if the bundle has one (checked, BundleError otherwise)
         market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch, native=self.config.native_shading)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
-        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours, self.config.now, factorized,
-                           market, retriever)
+        engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours,
+                           self.config.clock or self.config.now, factorized, market, retriever)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
         per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import msgspec
 import numpy as np
@@ -75,7 +75,7 @@ class BidEngine:
     """
 
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
-                 now: float | None = None, factorized: FactorizedScorer | None = None,
+                 now: float | Callable[[], float] | None = None, factorized: FactorizedScorer | None = None,
                  market: WinModel | None = None, retriever: Retriever | None = None):
         self.scorer = scorer
         self.catalog = catalog
@@ -88,7 +88,9 @@ class BidEngine:
         self.market = market  # the bundle's win-price model; None: first-price imps are bid at their value
         self.metrics = metrics
         self.utc_offset_hours = utc_offset_hours
-        self.now = now  # Unix seconds every request is taken to arrive at (examples, tests); None: the wall clock
+        # Unix seconds every request is taken to arrive at (examples, tests), or a clock to read them from
+        # (bidder.clock.Clock: a simulated day); None: the wall clock
+        self.now = now
         # where a batch's imps are featurized: the factorized graphs read them there, so does the bid search
         self.features = factorized.imp_inputs if factorized is not None else scorer.spec.allocate(scorer.max_batch)
         self.capacity = len(next(iter(self.features.values())))  # imps a batch may hold
@@ -122,7 +124,8 @@ class BidEngine:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         if request.cur and "USD" not in request.cur:
             return self._no_bid("currency")
-        shared = request_fields(request, exchange, now=self.now, utc_offset_hours=self.utc_offset_hours)
+        now = self.now() if callable(self.now) else self.now
+        shared = request_fields(request, exchange, now=now, utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog

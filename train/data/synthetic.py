@@ -33,7 +33,7 @@ from bidder.reference import os_browser
 from bidder.spec import default_spec
 from train.data.bidlog import BID_LOG, write_bid_log
 
-__all__ = ["ADVERTISERS", "ADVERTISER_CATEGORIES", "COLUMNS", "USER_AGENTS", "generate"]
+__all__ = ["ADVERTISERS", "ADVERTISER_CATEGORIES", "COLUMNS", "USER_AGENTS", "generate", "market_world"]
 
 #: The make-ipinyou-data header, then the generator's own column.
 COLUMNS = (
@@ -177,6 +177,12 @@ def generate(out_dir: str | Path, rows: int, seed: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     return write_logs(out, _World(rng, rows), rows, seed, started)
+
+
+def market_world(seed: int, rows: int) -> "_World":
+    """The world ``generate(out_dir, rows, seed)`` draws its impressions from (domains, slots, users and the
+    truth: ``true_pctr``, ``market_mu``), for drawing more traffic from the same market."""
+    return _World(np.random.default_rng(seed), rows)
 
 
 def write_logs(out: Path, world: "_World", rows: int, seed: int, started: float,
@@ -332,6 +338,35 @@ class _World:
         self.m_dom = rng.normal(0, 0.25, N_DOMAINS)
         self.m_exchange = np.array([0.1, 0.0, -0.1, -0.25, -0.25])
 
+    # the truth of an impression --------------------------------------------------------------------
+    def true_pctr(self, slot: np.ndarray, user: np.ndarray, ua: np.ndarray, hour: np.ndarray, weekday: np.ndarray,
+                  cre: np.ndarray) -> np.ndarray:
+        """The true click probability of creative ``cre`` shown in ``slot`` to ``user`` (browsing with user
+        agent ``ua``) at ``hour`` on ``weekday`` (Monday = 0): indices into the world's tables, broadcast
+        together. Defined for every pair, whichever creative the logs or a bidder put in the slot."""
+        adv = self.cre_adv[cre]
+        domain = self.slot_domain[slot]
+        exchange = self.dom_exchange[domain]
+        visibility = self.slot_visibility[slot]
+        floor_band = np.searchsorted(_FLOOR_BANDS, self.slot_floor[slot], side="left")  # right-closed, as served
+        region = self.user_region[user]
+        logit = (BASE_LOGIT + self.e_adv[adv] + self.e_cre[cre] + self.e_dom[domain] + self.e_slot[slot]
+                 + self.e_visibility[visibility] + self.e_format[self.slot_format[slot]] + self.e_exchange[exchange]
+                 + self.e_hour[hour] + self.e_weekday[weekday] + self.e_ua[ua] + self.e_region[region]
+                 + self.e_floor_band[floor_band] + self.user_main[user]
+                 + np.einsum("...j,...j->...", self.adv_vec[adv], self.dom_vec[domain])
+                 + np.einsum("...j,...j->...", self.cre_vec[cre], self.placement_vec[visibility])
+                 + np.einsum("...j,...j->...", self.hour_vec[hour], self.region_vec[region])
+                 + self.user_adv[user, adv])
+        return 1.0 / (1.0 + np.exp(-logit))
+
+    def market_mu(self, slot: np.ndarray) -> np.ndarray:
+        """The mean log market price (CNY fen CPM) of ``slot``: the market price is log-normal around it,
+        with spread ``MARKET_SIGMA``."""
+        domain = self.slot_domain[slot]
+        return (4.1 + self.m_slot[slot] + self.m_dom[domain] + self.m_exchange[self.dom_exchange[domain]]
+                + 0.15 * np.log1p(self.slot_floor[slot]))
+
     # rows ------------------------------------------------------------------------------------------
     def impressions(self, n: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Byte-string columns for ``n`` time-ordered impressions, their true CTR, the clicks, and the
@@ -354,28 +389,16 @@ class _World:
         domain = self.slot_domain[slot]
         exchange = self.dom_exchange[domain]
         visibility = self.slot_visibility[slot]
-        floor_band = np.searchsorted(_FLOOR_BANDS, self.slot_floor[slot], side="left")  # right-closed, as served
         page = rng.choice(PAGES_PER_DOMAIN, size=n, p=_zipf(PAGES_PER_DOMAIN, 1.2))
 
         user = rng.choice(self.n_users, size=n, p=self.user_p)
         ua = self.user_ua[user].copy()
         mobile_rows = np.flatnonzero(self.mobile_size[size])  # a 320x50 slot is seen on a phone
         ua[mobile_rows] = self.mobile_ua[rng.choice(len(self.mobile_ua), size=len(mobile_rows), p=self.mobile_ua_p)]
-        region = self.user_region[user]
-
-        logit = (BASE_LOGIT + self.e_adv[adv] + self.e_cre[cre] + self.e_dom[domain] + self.e_slot[slot]
-                 + self.e_visibility[visibility] + self.e_format[self.slot_format[slot]] + self.e_exchange[exchange]
-                 + self.e_hour[hour] + self.e_weekday[weekday] + self.e_ua[ua] + self.e_region[region]
-                 + self.e_floor_band[floor_band] + self.user_main[user]
-                 + np.einsum("ij,ij->i", self.adv_vec[adv], self.dom_vec[domain])
-                 + np.einsum("ij,ij->i", self.cre_vec[cre], self.placement_vec[visibility])
-                 + np.einsum("ij,ij->i", self.hour_vec[hour], self.region_vec[region])
-                 + self.user_adv[user, adv])
-        pctr = 1.0 / (1.0 + np.exp(-logit))
+        pctr = self.true_pctr(slot, user, ua, hour, weekday, cre)
         clicks = (rng.random(n) < pctr).astype(np.int64)
 
-        market_mu = (4.1 + self.m_slot[slot] + self.m_dom[domain] + self.m_exchange[exchange]
-                     + 0.15 * np.log1p(self.slot_floor[slot]))
+        market_mu = self.market_mu(slot)
         market = np.exp(market_mu + rng.normal(0, MARKET_SIGMA, n))
         bid = self.adv_bid[adv]
         payprice = np.minimum(np.maximum(np.round(market), self.slot_floor[slot]), bid).astype(np.int64)
@@ -391,7 +414,7 @@ class _World:
             "ipinyouid": self.user_ids[user],
             "useragent": self.ua_names[ua],
             "IP": self.user_ip[user],
-            "region": _ints(np.array(_REGIONS)[region]),
+            "region": _ints(np.array(_REGIONS)[self.user_region[user]]),
             "city": _ints(self.user_city[user]),
             "adexchange": _bytes_array(_EXCHANGES)[exchange],
             "domain": self.dom_names[domain],

@@ -1,0 +1,1 @@
+"""A simulated exchange (python -m bench exchange): see docs/exchange.md."""
