@@ -147,7 +147,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                                 "val_logloss": val["logloss"], "seconds": seconds,
                                 "samples_per_s": round(len(x_train) / max(seconds, 1e-9), 1)})
                 if process_group.world_size() > 1:  # the gradient exchange's share of the epoch, waiting included
-                    history[-1]["exchange_seconds"] = round(optimizer.exchange_seconds - exchanged, 2)
+                    history[-1]["exchange_seconds"] = round(optimizer.exchange_seconds - exchanged, 4)
                     now = optimizer.exchange_parts  # its parts (row-wise tables only) and the message size
                     history[-1].update({f"exchange_{name}_seconds": round(now[name] - parts.get(name, 0.0), 3)
                                         for name in EXCHANGE_PARTS if name in now})
