@@ -15,6 +15,8 @@ extensions = [
     Extension(
         "bidder._pricing",
         ["bidder/_pricing.pyx"],
+        include_dirs=[numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
     ),
     Extension(

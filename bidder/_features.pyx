@@ -936,21 +936,30 @@ _init_keywords()
 
 
 # -- a batch's rows ------------------------------------------------------------------------------------
-def layout_rows(pendings, int64_t[::1] row_imp, int64_t[::1] row_cand, double[::1] row_floor,
-                double[::1] row_value):
+def layout_rows(pendings, cnp.ndarray row_imp, cnp.ndarray row_cand, cnp.ndarray row_floor,
+                cnp.ndarray row_value):
     """Lay out the rows of ``pendings`` (``bidder.batch.Pending``, their ``first_imp`` set) one after another.
 
     Row ``r`` gets ``row_imp[r]``, its imp's position in the batch (the request's ``first_imp`` plus the imp's
-    position in the request), ``row_cand[r]``, its candidate's catalog ``index``, ``row_floor[r]``, its imp's
-    floor, and ``row_value[r]``, its candidate's value per click. Sets each request's ``first_row``; returns
-    the number of rows; ValueError if the arrays are too short (they may be longer).
+    position in the request), ``row_cand[r]``, its candidate's catalog ``index`` (both int64), ``row_floor[r]``,
+    its imp's floor, and ``row_value[r]``, its candidate's value per click (both float64). Sets each request's
+    ``first_row``; returns the number of rows; ValueError if the arrays are too short (they may be longer).
+    The arrays are read through their data pointers (a typed memoryview costs about 0.2 µs to acquire).
     """
-    cdef Py_ssize_t r = 0, j, imp, n, limit = row_imp.shape[0]
+    cdef Py_ssize_t r = 0, j, imp, n, limit
     cdef double floor
     cdef object pending, eligible, candidate
     cdef list floors, ids, candidates
-    if row_cand.shape[0] < limit or row_floor.shape[0] < limit or row_value.shape[0] < limit:
-        raise ValueError("row arrays of different lengths")
+    for array, kind in ((row_imp, cnp.NPY_INT64), (row_cand, cnp.NPY_INT64), (row_floor, cnp.NPY_FLOAT64),
+                        (row_value, cnp.NPY_FLOAT64)):
+        if cnp.PyArray_TYPE(array) != kind or not cnp.PyArray_IS_C_CONTIGUOUS(array) or cnp.PyArray_NDIM(array) != 1:
+            raise ValueError("row arrays must be contiguous 1-d int64 (imp, candidate) and float64 (floor, value)")
+    limit = min(cnp.PyArray_DIM(row_imp, 0), cnp.PyArray_DIM(row_cand, 0), cnp.PyArray_DIM(row_floor, 0),
+                cnp.PyArray_DIM(row_value, 0))
+    cdef int64_t* imp_of = <int64_t*> cnp.PyArray_DATA(row_imp)
+    cdef int64_t* cand_of = <int64_t*> cnp.PyArray_DATA(row_cand)
+    cdef double* floor_of = <double*> cnp.PyArray_DATA(row_floor)
+    cdef double* value_of = <double*> cnp.PyArray_DATA(row_value)
     for pending in pendings:
         pending.first_row = r
         imp = pending.first_imp
@@ -964,10 +973,10 @@ def layout_rows(pendings, int64_t[::1] row_imp, int64_t[::1] row_cand, double[::
             if r + n > limit:
                 raise ValueError(f"the rows do not fit arrays of {limit}")
             for candidate in eligible:
-                row_imp[r] = imp
-                row_cand[r] = candidate.index
-                row_floor[r] = floor
-                row_value[r] = candidate.value_per_click
+                imp_of[r] = imp
+                cand_of[r] = candidate.index
+                floor_of[r] = floor
+                value_of[r] = candidate.value_per_click
                 r += 1
             imp += 1
     return r

@@ -9,7 +9,7 @@ works out again what another computed.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Pending:
     """
 
     __slots__ = ("request", "received", "imp_ids", "records", "candidates", "offers", "floors", "imp_reason",
-                 "waiting", "where", "n_rows", "first_imp", "first_row")
+                 "waiting", "where", "n_rows", "first_imp", "first_row", "has_deals")
 
     def __init__(self, request: BidRequest, received: float, floors: list[float]):
         self.request = request
@@ -52,6 +52,7 @@ class Pending:
         self.waiting: list[tuple[Imp, list[tuple[int, int]]]] | None = None
         self.where: tuple[str | None, str | None, frozenset[str]] | None = None
         self.n_rows = 0
+        self.has_deals = False  # some candidate of some imp can bid through a deal
         self.first_imp = 0  # where its imps and rows start in the batch (``Batch.layout``)
         self.first_row = 0
 
@@ -62,6 +63,8 @@ class Pending:
         self.candidates.append(candidates)
         self.offers.append(offers)
         self.n_rows += len(candidates)
+        if offers:
+            self.has_deals = True
 
     @property
     def rows(self) -> list[tuple[dict, dict]]:
@@ -114,8 +117,8 @@ class Batch:
         return [k for k, outcome in enumerate(self.outcomes) if outcome is None]
 
 
-def empty_rows(n: int) -> dict[str, Any]:
-    """Fresh row arrays for ``n`` rows (``Batch.row_*``): no row has deal terms."""
-    return {"row_imp": np.empty(n, dtype=np.int64), "row_cand": np.empty(n, dtype=np.int64),
-            "row_floor": np.empty(n, dtype=np.float64), "row_value": np.empty(n, dtype=np.float64),
-            "deal_floor": np.full(n, np.nan, dtype=np.float64), "deal_private": np.zeros(n, dtype=np.uint8)}
+def empty_rows(n: int) -> tuple[np.ndarray, ...]:
+    """Fresh row arrays for ``n`` rows, in ``Batch``'s order (imp, candidate, floor, value per click, deal floor,
+    private deal): no row has deal terms."""
+    return (np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float64),
+            np.empty(n, dtype=np.float64), np.full(n, np.nan, dtype=np.float64), np.zeros(n, dtype=np.uint8))

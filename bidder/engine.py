@@ -38,7 +38,7 @@ from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.openrtb import (FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid, decode_predict,
                             decode_request, encode_response, imp_fields, imp_sizes, request_fields)
-from bidder.pricing import DealOffer, PricedBid, best_rows, floored_price
+from bidder.pricing import DealOffer, best_rows, floored_price
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
@@ -183,6 +183,7 @@ class BidEngine:
         else:
             pending.candidates[at] = candidates
             pending.offers[at] = offers
+            pending.has_deals = pending.has_deals or bool(offers)
             pending.n_rows += len(candidates)
 
     # -- batch -------------------------------------------------------------------------------------
@@ -320,20 +321,22 @@ class BidEngine:
 
     # -- layout ------------------------------------------------------------------------------------
     def layout(self, batch: Batch) -> int:
-        """The rows of the batch's live requests as arrays (``Batch.row_*``, views of arrays the engine keeps);
-        returns their number."""
+        """The rows of the batch's live requests as arrays (``Batch.row_*``: the engine's arrays, reused, of which
+        the batch's rows are the first ``n_rows``); returns their number."""
         live = self._live(batch)
-        n = sum(p.n_rows for p in live)
+        n = 0
+        for pending in live:
+            n += pending.n_rows
         if n == 0:
             return 0
         rows = self._rows
-        if len(rows["row_imp"]) < n:
-            rows = self._rows = empty_rows(max(n, 2 * len(rows["row_imp"])))
-        for name, array in rows.items():  # the engine's arrays whole: the stages read their first n_rows
-            setattr(batch, name, array)
+        if len(rows[0]) < n:
+            rows = self._rows = empty_rows(max(n, 2 * len(rows[0])))
+        (batch.row_imp, batch.row_cand, batch.row_floor, batch.row_value, batch.deal_floor,
+         batch.deal_private) = rows
         batch.n_rows = layout_rows(live, batch.row_imp, batch.row_cand, batch.row_floor, batch.row_value)
         for pending in live:
-            if not any(pending.offers):
+            if not pending.has_deals:
                 continue
             row = pending.first_row
             for candidates, offers in zip(pending.candidates, pending.offers):
@@ -467,7 +470,7 @@ class BidEngine:
         candidates, row_cand, shaded = batch.candidates, batch.row_cand, batch.shaded
         imps, floors = request.imp, pending.floors
         bids: list[Bid] = []
-        priced: list[PricedBid] = []
+        deals: list[DealOffer | None] = []
         for position, i in enumerate(pending.imp_ids):
             j = pending.first_imp + position
             row = best_row[j]
@@ -492,14 +495,14 @@ class BidEngine:
                 observe(1.0)
             c = candidates[int(row_cand[row])]
             imp = imps[i]
-            priced.append(PricedBid(i, c, price, float(batch.scores[row]), deal, value))
+            deals.append(deal)
             bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=price, adid=c.creative_id,
                             crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
                             cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None))
         if not bids:
             return self._no_bid(imp_reason or "below_floor")
         metrics.bids.inc(len(bids))
-        seatbid = (seat_bids(bids, [p.deal for p in priced]) if any(pending.offers) else [SeatBid(bid=bids)])
+        seatbid = seat_bids(bids, deals) if pending.has_deals else [SeatBid(bid=bids)]
         return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid)))
 
     # -- /predict ----------------------------------------------------------------------------------
