@@ -357,10 +357,17 @@ _VISIBILITY = {1: "FirstView", 4: "FirstView", 7: "FirstView", 3: "SecondView", 
                5: "OtherView", 6: "OtherView"}
 
 
+def weekday_hour(seconds: float) -> tuple[int, int]:
+    """``time.gmtime(seconds)``'s ``tm_wday`` (Monday 0) and ``tm_hour``, by integer arithmetic on whole hours
+    since the epoch (a Thursday): a third of ``gmtime``'s cost, and no struct built per request."""
+    hours = int(seconds // 3600)
+    return (hours // 24 + 3) % 7, hours % 24
+
+
 def request_fields(request: BidRequest, exchange: str | None, now: float | None = None,
                    utc_offset_hours: float = 0.0) -> dict[str, Any]:
     """The raw fields every imp of ``request`` shares."""
-    stamp = time.gmtime((time.time() if now is None else now) + utc_offset_hours * 3600)
+    weekday, hour = weekday_hour((time.time() if now is None else now) + utc_offset_hours * 3600)
     device = request.device
     geo = device.geo if device is not None else None
     site, app = request.site, request.app
@@ -371,8 +378,8 @@ def request_fields(request: BidRequest, exchange: str | None, now: float | None 
                 if segment.id:
                     tags.append(segment.id)
     return {
-        "weekday": stamp.tm_wday,
-        "hour": stamp.tm_hour,
+        "weekday": weekday,
+        "hour": hour,
         "useragent": device.ua if device is not None else None,
         "IP": (device.ip or device.ipv6) if device is not None else None,
         "region": geo.region if geo is not None else None,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import msgspec
 
-from bidder.openrtb import (decode_predict, MAX_SLOTPRICE_FEN, USD_TO_CNY, Bid, BidResponse, RequestError, SeatBid, decode_request,
+from bidder.openrtb import (weekday_hour, decode_predict, MAX_SLOTPRICE_FEN, USD_TO_CNY, Bid, BidResponse, RequestError, SeatBid, decode_request,
                             encode_response, imp_fields, imp_sizes, request_fields, slotprice_from_usd_cpm)
 
 
@@ -206,3 +206,11 @@ def test_predict_fields_out_of_range_get_plain_words_and_wrong_types_keep_the_de
     with pytest.raises(RequestError) as info:
         decode_predict(b'{"records": [{"weekday": [1]}]}')
     assert info.value.message.startswith(words + ": Expected ") and "array" in info.value.message
+
+
+@given(st.floats(min_value=-2e9, max_value=4e10, allow_nan=False))
+def test_weekday_and_hour_are_gmtimes(seconds):
+    import time
+
+    stamp = time.gmtime(seconds)
+    assert weekday_hour(seconds) == (stamp.tm_wday, stamp.tm_hour)
