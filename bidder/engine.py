@@ -273,42 +273,24 @@ class BidEngine:
 
     # -- retrieve (large catalogs) -------------------------------------------------------------------
     def retrieve(self, batch: Batch) -> None:
-        """Choose the candidates of every waiting imp of the batch: the imp tower runs once for all of them (in
-        chunks of its buffers), then the targeting filters and the top K of every imp and size, searched
-        together (``Retriever.eligible_many``).
-
-        A request whose imps get no candidate gets its no-bid; one whose record the tower cannot featurize gets
-        400 (that request alone: the others are retried without it).
-        """
-        outcomes = batch.outcomes
-        todo = [k for k, pending in enumerate(batch.pendings) if outcomes[k] is None and pending.waiting]
+        """Choose the candidates of every waiting imp of the batch: the imp tower runs once over the batch's
+        featurized imps (in chunks of its buffers), then the targeting filters and the top K of every imp and size,
+        searched together (``Retriever.eligible_many``). A request whose imps get no candidate gets its no-bid."""
+        outcomes, pendings = batch.outcomes, batch.pendings
+        todo = [k for k, pending in enumerate(pendings) if outcomes[k] is None and pending.waiting]
         if not todo:
             return
         retriever = self.retriever
-        pendings = batch.pendings
-        try:
-            vectors = retriever.queries([record for k in todo for record in pendings[k].records])
-        except ValueError:  # some record is bad: each request's imps on their own
-            vectors, ready = [], []
-            for k in todo:
-                try:
-                    vectors.append(retriever.queries(pendings[k].records))
-                    ready.append(k)
-                except ValueError as exc:
-                    outcomes[k] = Outcome(400, error_body(f"cannot featurize the request: {exc}"), "bad_request")
-            if not ready:
-                return
-            todo, vectors = ready, np.concatenate(vectors)
+        vectors = retriever.queries_of(batch.features, batch.n_imps)
         wanted, rows = [], []  # per imp and size: (w, h, domain, exchange, blocked, deal ids), its imp vector row
-        row = 0
         for k in todo:
-            domain, exchange, blocked = pendings[k].where
-            for imp, sizes in pendings[k].waiting:
+            pending = pendings[k]
+            domain, exchange, blocked = pending.where
+            for position, (imp, sizes) in enumerate(pending.waiting):
                 dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
                 for w, h in sizes:
                     wanted.append((w, h, domain, exchange, blocked, dealids))
-                    rows.append(row)
-                row += 1
+                    rows.append(pending.first_imp + position)
         found = iter(retriever.eligible_many(vectors[rows], wanted))
         for k in todo:
             pending = pendings[k]

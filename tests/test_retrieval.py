@@ -356,27 +356,39 @@ def test_badv_and_sizes_without_creatives_under_retrieval(tower_bundle, market):
     assert engine.bid(banner(7, 7)).reason == "no_eligible_creative"
 
 
+class _PoisonedFeaturizer:
+    """Delegates to the real featurizer, but a record of the domain 'bad.example' cannot be featurized."""
+
+    def __init__(self, featurizer):
+        self.featurizer = featurizer
+
+    def transform_into(self, buffers, records):
+        if any(r.get("domain") == "bad.example" for r in records):
+            raise ValueError("record 0: field 'domain': a bad value")
+        return self.featurizer.transform_into(buffers, records)
+
+
 def test_a_batch_runs_the_imp_tower_once_and_a_bad_record_fails_its_request_alone(tower_bundle, market, monkeypatch):
     engine, _, retriever, _ = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
     bodies = [banner(), banner(728, 90), banner(domain="bad.example"), banner(160, 600)]
     alone = [engine.bid(body) for body in bodies]
     calls = []
-    queries = retriever.queries
+    vectors_of = retriever.towers.vectors_of
 
-    def counted(records):
-        calls.append(len(records))
-        if any(r["domain"] == "bad.example" for r in records):
-            raise ValueError("record 0: field 'domain': a bad value")
-        return queries(records)
+    def counted(features, n):
+        assert features is engine.features  # the imps as the batch featurized them, not featurized again
+        calls.append(n)
+        return vectors_of(features, n)
 
-    monkeypatch.setattr(retriever, "queries", counted)
+    monkeypatch.setattr(retriever.towers, "vectors_of", counted)
+    monkeypatch.setattr(engine.scorer, "featurizer", _PoisonedFeaturizer(engine.scorer.featurizer))
     good = [0, 1, 3]
     outcomes = engine.score_batch([engine.prepare(bodies[k], None, float("inf")) for k in good])
     assert calls == [3]  # one imp tower call for the batch's imps
     assert [o.body for o in outcomes] == [alone[k].body for k in good]
     calls.clear()
     outcomes = engine.score_batch([engine.prepare(body, None, float("inf")) for body in bodies])
-    assert calls == [4, 1, 1, 1, 1]  # the batch, then each request on its own
+    assert calls == [3]  # the bad request left the batch when featurized: one call for the others' imps
     assert outcomes[2].status == 400 and b"cannot featurize" in outcomes[2].body
     assert [outcomes[k].body for k in good] == [alone[k].body for k in good]
 

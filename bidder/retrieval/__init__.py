@@ -66,6 +66,10 @@ class Retriever:
         return np.concatenate([towers.imp_vectors(records[start:start + step]).copy()  # views of one buffer
                                for start in range(0, len(records), step)])
 
+    def queries_of(self, features: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        """``[n, D]``: the imp vectors of rows ``[0, n)`` of ``features``, imps featurized already (a batch's)."""
+        return self.towers.vectors_of(features, n)
+
     def eligible(self, query: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
                  blocked: frozenset[str], dealids: Sequence[str] = ()) -> tuple[Candidate, ...]:
         """The top K eligible candidates of size ``w``x``h`` for the imp of ``query``, best first, then the

@@ -25,6 +25,8 @@ __all__ = ["AD_OUTPUT", "AD_TOWER_FILE", "GRAPH", "IMP_OUTPUT", "IMP_TOWER_FILE"
 
 IMP_OUTPUT, AD_OUTPUT = "imp_vec", "ad_vec"
 PARITY_TOLERANCE = 1e-6
+#: bindings ``vectors_of`` keeps (per buffer and row range) before it starts afresh
+MAX_VIEW_BINDINGS = 256
 
 
 class Towers:
@@ -54,6 +56,7 @@ class Towers:
         self.imp_inputs = spec.allocate(max_imps)
         self.imp_output = np.zeros((max_imps, self.dim), dtype=np.float32)
         self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
+        self._views: dict[tuple[int, int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}  # ``vectors_of``
 
     def _check(self, session: ort.InferenceSession, name: str, output: str) -> int:
         """The graph's inputs are some of the spec's (int64 ``[n, width]``), its output float32 ``[n, D]``."""
@@ -82,6 +85,26 @@ class Towers:
                 {IMP_OUTPUT: self.imp_output[:n]})
         self.imp_session.run_with_iobinding(bound[0])
         return self.imp_output[:n]
+
+    def vectors_of(self, features: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+        """``[n, D]``: the imp vectors of rows ``[0, n)`` of ``features`` (the spec's inputs, featurized already:
+        a batch's imps), one imp tower call per ``max_imps`` rows, bound over views of ``features`` (a binding per
+        buffer and row range, kept: a worker's batches reuse one buffer), a new array."""
+        out = np.empty((n, self.dim), dtype=np.float32)
+        names = [a.name for a in self.imp_session.get_inputs()]
+        for start in range(0, n, self.max_imps):
+            stop = min(n, start + self.max_imps)
+            key = (id(features[names[0]]), start, stop)  # the binding holds the buffer: its id is not reused
+            bound = self._views.get(key)
+            if bound is None:
+                if len(self._views) >= MAX_VIEW_BINDINGS:
+                    self._views.clear()
+                bound = self._views[key] = bind_buffers(
+                    self.imp_session, {name: features[name][start:stop] for name in names},
+                    {IMP_OUTPUT: self.imp_output[:stop - start]})
+            self.imp_session.run_with_iobinding(bound[0])
+            out[start:stop] = self.imp_output[:stop - start]
+        return out
 
     def ad_matrix(self, candidates: Sequence[Candidate]) -> np.ndarray:
         """``[n, D]`` float32: each candidate's ad vector, log(value per click) added to its last entry."""
