@@ -15,7 +15,7 @@ import numpy as np
 
 from bidder.campaigns import Candidate
 from bidder.openrtb import BidRequest, Imp
-from bidder.pricing import DealOffer, PricedBid
+from bidder.pricing import DealOffer
 
 __all__ = ["Batch", "Outcome", "Pending"]
 

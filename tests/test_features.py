@@ -1,11 +1,10 @@
 """The Cython featurizer against its pure-Python twin, bit for bit, and the twin against mmh3."""
 from __future__ import annotations
 
-import math
 import string
 import sys
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import datetime
 
 import mmh3
 import numpy as np

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
+from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import load_catalog
 from bidder.metrics import NO_BID_REASONS
 from bidder.scorer import Scorer

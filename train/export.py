@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bidder.bundle import session_options
-from bidder.spec import SPARSE_INPUT, FeatureSpec
+from bidder.spec import FeatureSpec
 from train.calibrate import Calibration
 from train.data.dataset import Split
 from train.errors import ParityError, TrainError
