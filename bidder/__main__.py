@@ -40,6 +40,35 @@ def simulated_clock(args: argparse.Namespace) -> Clock | None:
     return Clock(start=anchor if args.clock_start is None else args.clock_start, speed=speed, anchor=anchor)
 
 
+def notice_settings(args: argparse.Namespace):
+    """Notices as --notice-* and --state-dir ask, or None without --notice-url; ValueError names the option or
+    the key file's entry at fault."""
+    from bidder.notices import Keyring, NoticeSettings, load_keyring
+
+    if args.notice_url is None:
+        if args.notice_keys is not None or args.state_dir is not None:
+            raise ValueError("--notice-keys and --state-dir need --notice-url")
+        return None
+    if not args.notice_url.startswith(("http://", "https://")) or "?" in args.notice_url:
+        raise ValueError(f"--notice-url must be an http(s) base URL without a query, got {args.notice_url!r}")
+    if not 0 < args.notice_window <= args.notice_max_window:
+        raise ValueError(f"--notice-window must be positive and at most --notice-max-window, got "
+                         f"{args.notice_window} and {args.notice_max_window}")
+    keyring = Keyring.generate() if args.notice_keys is None else load_keyring(args.notice_keys)
+    state_dir = args.state_dir
+    if state_dir is None:
+        import tempfile
+        state_dir = Path(tempfile.mkdtemp(prefix="bidder-state-"))
+    import sqlite3
+
+    from bidder.notice_store import SqliteNoticeStore
+    try:  # the workers open it themselves: refuse an unusable directory here, in one line
+        SqliteNoticeStore(state_dir, args.notice_max_window).close()
+    except (OSError, sqlite3.Error) as exc:
+        raise ValueError(f"--state-dir {state_dir}: cannot keep the notice store there: {exc}") from None
+    return NoticeSettings(args.notice_url.rstrip("/"), keyring, args.notice_window, args.notice_max_window, state_dir)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bidder",
                                      description="Real-time CTR bidder: serve OpenRTB 2.5/2.6 bid requests over HTTP.")
@@ -96,6 +125,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ann", action="store_true",
                        help="approximate top K (an HNSW graph per creative size; needs faiss-cpu: pip install "
                             "'bidder[ann]') instead of the exact product over every eligible creative")
+    serve.add_argument("--notice-url", default=None, metavar="URL",
+                       help="turn notices on: every bid's nurl, burl and lurl (and its creative's click link) point "
+                            "at this bidder's /notice/win, /notice/bill, /notice/loss and /click under URL, the "
+                            "public base address exchanges reach it at, with a signed token (docs/notices.md); "
+                            "without it a bid carries its creative's own nurl")
+    serve.add_argument("--notice-keys", type=Path, default=None, metavar="FILE",
+                       help="the signing keys (JSON, chmod 600; the newest signs, all verify); without it a key is "
+                            "generated at start, and tokens die with the process: for trials only")
+    serve.add_argument("--notice-window", type=int, default=600, metavar="SECONDS",
+                       help="a bid's exp when the imp gives none: notices after it are accepted and counted as late "
+                            "(default: %(default)s)")
+    serve.add_argument("--notice-max-window", type=int, default=86_400, metavar="SECONDS",
+                       help="the longest exp a bid carries; notices after it are refused as expired "
+                            "(default: %(default)s)")
+    serve.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                       help="where the workers of this machine record which notices were counted (a SQLite file); "
+                            "default: a new temporary directory, forgotten at restart")
     serve.add_argument("--no-retrieval", action="store_true",
                        help="score every eligible creative of a large catalog, as for a small one (for comparison)")
     return parser
@@ -118,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         clock = simulated_clock(args)
     except ValueError as exc:
         return _fail(str(exc))
-    config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
+    try:
+        notices = notice_settings(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    config = Config(notices=notices, model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,

@@ -10,6 +10,7 @@ import functools
 import gc
 import ipaddress
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -25,6 +26,8 @@ from bidder.clock import Clock
 from bidder.engine import BidEngine, Outcome, error_body
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
+from bidder.notice_store import NoticeStore, SqliteNoticeStore
+from bidder.notices import REFUSALS, NoticeFacts, Notices, NoticeSettings, micros
 from bidder.openrtb import RequestError, decode_json
 from bidder.retrieval import DEFAULT_K, retriever_for
 from bidder.scorer import BundleError, Scorer
@@ -75,6 +78,7 @@ class Config:
     retrieve_k: int = DEFAULT_K  # large catalogs: creatives the ranker scores per imp, chosen by the two towers
     retrieval: bool = True   # off: a large catalog's every eligible creative is scored (for comparison)
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
+    notices: NoticeSettings | None = None  # signed win/billing/loss notices and clicks (--notice-url); None: off
 
 
 #: the interpreter's GIL switch interval while an engine is built (``State.load``)
@@ -91,6 +95,19 @@ class State:
         self.draining = False
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
+        self.notices: Notices | None = None
+        self.store: NoticeStore | None = None
+        if config.notices is not None:
+            self.notices = Notices(config.notices)
+            self.store = SqliteNoticeStore(config.notices.state_dir, config.notices.max_window_s)
+            metrics.enable_notices(NOTICE_RESULTS)
+
+    def now(self) -> float:
+        """The engine's time (Unix seconds): the fixed --now, the simulated clock, else the wall clock."""
+        now = self.config.clock or self.config.now
+        if callable(now):
+            return now()
+        return time.time() if now is None else now
 
     def load(self, model: Path, campaigns: Path) -> BidEngine:
         """Build a complete engine (runs in a thread during reloads) and warm it.
@@ -131,7 +148,7 @@ class State:
         market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch, native=self.config.native_shading)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours,
-                           self.config.clock or self.config.now, factorized, market, retriever)
+                           self.config.clock or self.config.now, factorized, market, retriever, self.notices)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
         per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})
@@ -309,6 +326,94 @@ async def admin_reload(request: web.Request) -> web.Response:
     return _respond(state, "/admin/reload", outcome, started)
 
 
+#: what ``bidder_notices_total`` counts per kind: ``result`` label values
+NOTICE_RESULTS = ("ok", "duplicate", "late", *(f"refused_{reason}" for reason in REFUSALS))
+
+
+def _answer(state: State, route: str, started: float, response: web.Response, error: str | None = None):
+    if error is not None:
+        state.metrics.errors.labels(error).inc()
+    state.metrics.response(route, response.status).inc()
+    state.metrics.route_latency[route].observe(time.perf_counter() - started)
+    return response
+
+
+def _check_notice(state: State, query, kind: str) -> NoticeFacts | tuple[int, bytes, str]:
+    """The facts of a genuine notice, counted once (ok, late) or as a duplicate; else (status, JSON body, error
+    kind) of its refusal, counted under its reason."""
+    token = query.get("t")
+    if not token:
+        return 400, error_body("no token: a notice URL carries t=TOKEN", "t"), "bad_request"
+    facts = state.notices.keyring.verify(token)
+    if facts.__class__ is str:
+        return _refuse(state, kind, facts, "the token is not one this bidder signed" if facts == "bad_signature"
+                       else "the token's key is not among this bidder's keys")
+    for name, value in (("a", facts.request_id), ("bid", facts.bid_id)):
+        seen = query.get(name)
+        if seen is not None and not seen.startswith("${") and seen != value:
+            return _refuse(state, kind, "altered", f"{name}={seen!r} is not the bid the token was signed for")
+    price = query.get("p")
+    if price and not price.startswith("${"):
+        try:
+            cleared = float(price)
+        except ValueError:
+            cleared = math.nan
+        if not (cleared >= 0 and math.isfinite(cleared)):
+            return 400, error_body(f"expected the clearing price (CPM), got {price!r}", "p"), "bad_request"
+        if micros(cleared) > facts.price_micros:
+            return _refuse(state, kind, "price_above_bid",
+                           f"clearing price {price} above the bid price {facts.price_micros / 1e6:.6f}")
+    now = state.now()
+    age = now - facts.issued
+    if age > state.config.notices.max_window_s:
+        return _refuse(state, kind, "expired", f"issued {age:.0f} s ago, past the longest window "
+                                               f"({state.config.notices.max_window_s} s)")
+    metrics = state.metrics
+    if state.store.first_time(facts.bid_id, kind, facts.issued, now):
+        metrics.notices.labels(kind, "late" if age > facts.window else "ok").inc()
+        metrics.notice_delay.labels(kind).observe(max(age, 0.0))
+    else:
+        metrics.notices.labels(kind, "duplicate").inc()
+    return facts
+
+
+def _refuse(state: State, kind: str, reason: str, detail: str) -> tuple[int, bytes, str]:
+    state.metrics.notices.labels(kind, f"refused_{reason}").inc()
+    return 403, msgspec.json.encode({"error": f"notice refused ({reason}): {detail}", "reason": reason}), "forbidden"
+
+
+@guarded
+async def notice(request: web.Request) -> web.Response:
+    """``GET|POST /notice/{win,bill,loss}?t=TOKEN&...``: 200 with an empty body once the token checks out (a
+    repeat too: it is counted as a duplicate); 403 (refused) or 400 with a JSON body naming the cause."""
+    started = time.perf_counter()
+    state = request.app[STATE]
+    if request.method == "POST":  # the parameters are the URL's; a body, if any, is read and ignored
+        body = await _read_body(request, state)
+        if body.__class__ is not bytes:
+            return _answer(state, "/notice", started, _json(body.status, body.body), body.reason)
+    checked = _check_notice(state, request.query, request.match_info["kind"])
+    if checked.__class__ is tuple:
+        return _answer(state, "/notice", started, _json(checked[0], checked[1]), checked[2])
+    return _answer(state, "/notice", started, web.Response(status=200))
+
+
+@guarded
+async def click(request: web.Request) -> web.Response:
+    """``GET /click?t=TOKEN``: 302 to the creative's landing page (``click_url`` in the catalog serving),
+    counted once per bid."""
+    started = time.perf_counter()
+    state = request.app[STATE]
+    checked = _check_notice(state, request.query, "click")
+    if checked.__class__ is tuple:
+        return _answer(state, "/click", started, _json(checked[0], checked[1]), checked[2])
+    candidate = state.engine.catalog.creative(checked.creative)
+    if candidate is None or candidate.click_url is None:
+        body = error_body(f"creative {checked.creative!r} has no click_url in the catalog serving", "t")
+        return _answer(state, "/click", started, _json(404, body), "not_found")
+    return _answer(state, "/click", started, web.Response(status=302, headers={"Location": candidate.click_url}))
+
+
 async def no_route(request: web.Request) -> web.Response:
     """404 and 405 answer JSON like every other error and are counted (under one route label: unmatched).
 
@@ -344,6 +449,8 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
         state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
         yield
         state.engine = None
+        if state.store is not None:
+            state.store.close()
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/bid", bid)
@@ -353,5 +460,9 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", admin_reload)
+    if config.notices is not None:
+        app.router.add_route("GET", "/notice/{kind:win|bill|loss}", notice)
+        app.router.add_route("POST", "/notice/{kind:win|bill|loss}", notice)
+        app.router.add_get("/click", click)
     app.router.add_route("*", "/{path:.*}", no_route)  # last: only what no route above takes
     return app

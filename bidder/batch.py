@@ -34,11 +34,12 @@ class Pending:
     deals) the deal each of them can bid through, by position. With a large catalog, ``candidates`` is empty
     until retrieval fills it from ``waiting`` (per imp: the imp and its sizes) and ``where`` (the targeting
     context). ``floors`` holds every imp's floor (USD CPM), ``imp_reason`` the first reason an imp of the
-    request got no rows.
+    request got no rows. ``exchange`` (the request's exchange) is set only when notices are on: the bids' tokens
+    carry it.
     """
 
     __slots__ = ("request", "received", "imp_ids", "records", "candidates", "offers", "floors", "imp_reason",
-                 "waiting", "where", "n_rows", "first_imp", "first_row", "has_deals")
+                 "waiting", "where", "n_rows", "first_imp", "first_row", "has_deals", "exchange")
 
     def __init__(self, request: BidRequest, received: float, floors: list[float]):
         self.request = request

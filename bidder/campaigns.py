@@ -10,7 +10,8 @@ The file is JSON::
                                    "nurl": "https://...price=${AUCTION_PRICE}", "markup": "<a ...>"}]}]}
 
 ``name``, ``enabled`` (default true), ``targeting`` and each of its keys, and ``deals`` are optional; a
-creative needs a ``nurl`` or a ``markup`` (or both). Unknown keys are errors, so a misspelt option cannot
+creative needs a ``nurl`` or a ``markup`` (or both); its optional ``click_url`` (the landing page) must
+appear in its markup, whose link to it the bidder routes through ``/click`` when notices are on. Unknown keys are errors, so a misspelt option cannot
 pass silently. ``deals`` lists the private-marketplace deals the campaign may buy: the deal id an exchange
 sends in ``imp.pmp.deals[].id`` and, optionally, the buyer seat the deal was set up for (without one the
 bid goes in the bidder's own seat); ``bidder/deals.py`` matches them against a request.
@@ -68,6 +69,7 @@ class Candidate:
     exchanges: frozenset[str] | None
     layer: dict[str, Any] = field(compare=False, repr=False)
     deals: tuple[CampaignDeal, ...] = ()  # the campaign's deals
+    click_url: str | None = None    # landing page the markup links to (notices on: routed through /click)
 
     def runs_on(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> bool:
         if self.domains is not None and domain not in self.domains:
@@ -100,6 +102,13 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.candidates)
+
+    def creative(self, creative_id: str) -> Candidate | None:
+        """The candidate of a creative id (a click's landing page), or None when the catalog has none."""
+        by_id = self.__dict__.get("_by_creative")
+        if by_id is None:
+            by_id = self._by_creative = {c.creative_id: c for c in self.candidates}
+        return by_id.get(creative_id)
 
     @property
     def sizes(self) -> frozenset[tuple[int, int]]:
@@ -150,6 +159,7 @@ class _Creative(Struct, forbid_unknown_fields=True):
     adomain: Annotated[list[_NonEmptyText], Meta(min_length=1)]
     nurl: _NonEmptyText | None = None
     markup: _NonEmptyText | None = None
+    click_url: _NonEmptyText | None = None
 
 
 class _Campaign(Struct, forbid_unknown_fields=True):
@@ -199,6 +209,7 @@ _MESSAGES = {
     "campaigns[].creatives[].adomain": "expected a non-empty list of domains",
     "campaigns[].creatives[].nurl": _NON_EMPTY_TEXT,
     "campaigns[].creatives[].markup": _NON_EMPTY_TEXT,
+    "campaigns[].creatives[].click_url": _NON_EMPTY_TEXT,
 }
 #: places whose message is about their object as a whole (named by the object's path)
 _REPORTED_ON_THE_OBJECT = frozenset({"campaigns", "campaigns[].creatives[].w", "campaigns[].creatives[].h"})
@@ -271,6 +282,10 @@ def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
                 raise CatalogError(f"{origin}: {cw}: needs a nurl (win notice) or markup (served inline as adm)")
             if nurl is not None and AUCTION_PRICE_MACRO not in nurl:
                 raise CatalogError(f"{origin}: {cw}.nurl: must carry {AUCTION_PRICE_MACRO} for the clearing price")
+            click_url = creative.click_url
+            if click_url is not None and (markup is None or click_url not in markup):
+                raise CatalogError(f"{origin}: {cw}.click_url: the markup must link to it (with notices on, the "
+                                   f"bidder routes that link through /click)")
             w, h = creative.w, creative.h
             if not campaign.enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
                 continue
@@ -278,7 +293,8 @@ def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
             candidates.append(Candidate(
                 campaign_id=campaign.id, advertiser=campaign.advertiser, creative_id=creative_id, w=w, h=h,
                 adomain=tuple(creative.adomain), nurl=nurl, markup=markup, value_per_click=campaign.value_per_click,
-                domains=domains, exchanges=exchanges, layer=layer, deals=deals, index=len(candidates)))
+                domains=domains, exchanges=exchanges, layer=layer, deals=deals, index=len(candidates),
+                click_url=click_url))
     return Catalog(candidates, origin)
 
 

@@ -36,7 +36,8 @@ from bidder.campaigns import Candidate, Catalog
 from bidder.deals import deal_candidates, seat_bids
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.openrtb import (FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid, decode_predict,
+from bidder.notices import Notices
+from bidder.openrtb import (DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid, decode_predict,
                             decode_request, encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import DealOffer, best_rows, floored_price
 from bidder.retrieval import Retriever
@@ -76,7 +77,7 @@ class BidEngine:
 
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
                  now: float | Callable[[], float] | None = None, factorized: FactorizedScorer | None = None,
-                 market: WinModel | None = None, retriever: Retriever | None = None):
+                 market: WinModel | None = None, retriever: Retriever | None = None, notices: Notices | None = None):
         self.scorer = scorer
         self.catalog = catalog
         # large catalogs: the top K eligible creatives per imp by the two towers; None: every eligible creative
@@ -91,6 +92,8 @@ class BidEngine:
         # Unix seconds every request is taken to arrive at (examples, tests), or a clock to read them from
         # (bidder.clock.Clock: a simulated day); None: the wall clock
         self.now = now
+        # bids signed and their notices pointed at the bidder's own routes (bidder/notices.py); None: off
+        self.notices = notices
         # where a batch's imps are featurized: the factorized graphs read them there, so does the bid search
         self.features = factorized.imp_inputs if factorized is not None else scorer.spec.allocate(scorer.max_batch)
         self.capacity = len(next(iter(self.features.values())))  # imps a batch may hold
@@ -153,6 +156,8 @@ class BidEngine:
                 pending.imp_reason = self._count_imp(pending.imp_reason, "no_eligible_creative")
         if not pending.imp_ids:
             return self._no_bid(pending.imp_reason or "no_eligible_creative")
+        if self.notices is not None:
+            pending.exchange = exchange
         return pending
 
     def _add_candidates(self, pending: Pending, i: int, imp: Imp, record: dict,
@@ -481,11 +486,19 @@ class BidEngine:
             bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=price, adid=c.creative_id,
                             crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
                             cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None))
+            if self.notices is not None:
+                self._sign(bids[-1], pending, imp, deal, c)
         if not bids:
             return self._no_bid(imp_reason or "below_floor")
         metrics.bids.inc(len(bids))
         seatbid = seat_bids(bids, deals) if pending.has_deals else [SeatBid(bid=bids)]
         return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid)))
+
+    def _sign(self, bid: Bid, pending: Pending, imp: Imp, deal: DealOffer | None, c: Candidate) -> None:
+        """Notices on: the bid's notice URLs and click link carry its signed facts, issued on the engine's clock."""
+        now = self.now() if callable(self.now) else self.now
+        self.notices.dress(bid, pending.request.id, imp.exp, deal.seat if deal is not None else DEFAULT_SEAT, c,
+                           pending.exchange, self.scorer.model_id, time.time() if now is None else now)
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, body: bytes) -> Outcome:

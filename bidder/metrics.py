@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-__all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NO_BID_REASONS", "ROUTES"]
+__all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NOTICE_KINDS", "NOTICE_ROUTES", "NO_BID_REASONS",
+           "ROUTES"]
 
 ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload")
 #: why a request (or one imp of it) got no bid
@@ -29,6 +30,11 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 AUCTIONS = ("first_price", "second_price")
+#: routes that exist only with notices on (``Metrics.enable_notices``)
+NOTICE_ROUTES = ("/notice", "/click")
+NOTICE_KINDS = ("win", "bill", "loss", "click")
+#: auction-to-notice delay on the engine's clock: seconds for the wire, minutes and hours for late notices
+DELAY_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 600, 1800, 3600, 21600, 86400)
 
 
 class Count:
@@ -133,6 +139,24 @@ class Metrics:
         self._responses: dict[tuple[str, int], Count] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+
+    def enable_notices(self, results: Sequence[str]) -> None:
+        """Notices on: ``bidder_notices_total{kind,result}`` (every kind and result exported from the start),
+        the auction-to-notice delay, and the notice routes' latency. Off, none of these series exists."""
+        self.notices = Family("bidder_notices", "Win, billing, loss notices and clicks, by kind and result",
+                              ["kind", "result"])
+        for kind in NOTICE_KINDS:
+            for result in results:
+                self.notices.labels(kind, result)
+        self.notice_delay = Family("bidder_notice_delay_seconds", "Auction (token issue) to notice, on the "
+                                   "engine's clock, per kind; first notices only", ["kind"],
+                                   lambda: Distribution(DELAY_BUCKETS))
+        for kind in NOTICE_KINDS:
+            self.notice_delay.labels(kind)
+        self._counters += (self.notices,)
+        self._histograms += (self.notice_delay,)
+        for route in NOTICE_ROUTES:
+            self.route_latency[route] = self.latency.labels(route)
 
     def response(self, route: str, status: int) -> Count:
         """The responses counter for ``route`` and ``status``, resolved once per pair."""

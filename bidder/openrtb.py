@@ -76,6 +76,7 @@ class Imp(msgspec.Struct, gc=False):
     bidfloor: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     bidfloorcur: str = "USD"
     pmp: Pmp | None = None
+    exp: int | None = None  # seconds the exchange allows between auction and impression (notice window)
 
 
 class Geo(msgspec.Struct, gc=False):
@@ -142,6 +143,9 @@ class Bid(msgspec.Struct, omit_defaults=True, gc=False):
     cid: str | None = None
     adm: str | None = None
     dealid: str | None = None
+    burl: str | None = None  # billing notice (notices on: bidder/notices.py)
+    lurl: str | None = None  # loss notice
+    exp: int | None = None   # seconds the bid's notices are on time
 
 
 #: the buyer seat of bids that name no other (a deal may be bought through a campaign's own seat)

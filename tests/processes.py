@@ -41,7 +41,8 @@ def http(port: int, path: str, body: bytes | None = None, timeout: float = 10) -
 
 
 class Server:
-    """``python -m bidder serve ARGS --port P --no-pin``; its output is collected line by line."""
+    """``python -m bidder serve ARGS --port P --no-pin``; its output is collected line by line. ``{port}`` in an
+    argument becomes P (a notice URL names the server's own port)."""
 
     def __init__(self, *args: str, workers: int = 1):
         self.holder = reserve_port()
@@ -49,7 +50,7 @@ class Server:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bidder", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "bidder", "serve", *(a.replace("{port}", str(self.port)) for a in args), "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", str(workers), "--no-pin"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -1,0 +1,72 @@
+"""Which notices were counted already: one row per (bid id, notice kind), shared by every worker of a machine.
+
+``NoticeStore.first_time`` is the whole interface: True the first time a (bid id, kind) is seen, False for
+every repeat (a duplicate, an exchange's retry), whichever worker process answers it. ``SqliteNoticeStore``
+keeps the rows in a SQLite file in write-ahead-log mode under the state directory: ``INSERT OR IGNORE`` on the
+primary key is atomic across processes, and needs no service. Across machines the rows must live where the
+spend ledger lives: that back end (Redis) comes with the budgets work; until then each machine dedups its own
+notices, which is exact when an exchange sends a bid's notices to the machine that made the bid.
+
+Rows are kept as long as a notice can still be accepted: a token older than the longest window is refused as
+expired before it reaches the store, so rows issued before that (plus a margin) are deleted now and then.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["NoticeStore", "SqliteNoticeStore", "STORE_FILE"]
+
+STORE_FILE = "notices.sqlite"
+#: rows kept beyond the longest window (seconds): clocks of two machines and a notice in flight
+RETENTION_MARGIN_S = 3600.0
+#: inserts between two deletions of expired rows
+PRUNE_EVERY = 10_000
+
+
+class NoticeStore(Protocol):
+    def first_time(self, bid_id: str, kind: str, issued: float, now: float) -> bool:
+        """Record (bid id, kind); True when no worker recorded it before. ``issued`` is the token's issue time
+        and ``now`` the engine's clock, both Unix seconds (they bound how long the row is kept)."""
+
+
+class SqliteNoticeStore:
+    """The store of one machine: ``state_dir/notices.sqlite``, opened by each worker process."""
+
+    def __init__(self, state_dir: str | os.PathLike, max_window_s: float):
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / STORE_FILE
+        self.retention_s = max_window_s + RETENTION_MARGIN_S
+        # autocommit: each insert is its own transaction; synchronous=NORMAL in WAL mode survives a crashed
+        # process (not a power cut) without an fsync per notice
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS notices (bid_id TEXT NOT NULL, kind TEXT NOT NULL, "
+                        "issued REAL NOT NULL, seen REAL NOT NULL, PRIMARY KEY (bid_id, kind)) WITHOUT ROWID")
+        self.db.execute("CREATE INDEX IF NOT EXISTS notices_issued ON notices (issued)")
+        self._inserts = 0
+
+    def first_time(self, bid_id: str, kind: str, issued: float, now: float) -> bool:
+        cursor = self.db.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)",
+                                 (bid_id, kind, issued, time.time()))
+        first = cursor.rowcount == 1
+        if first:
+            self._inserts += 1
+            if self._inserts % PRUNE_EVERY == 0:
+                self.prune(now)
+        return first
+
+    def prune(self, now: float) -> int:
+        """Delete rows no notice can match any more; how many were deleted."""
+        return self.db.execute("DELETE FROM notices WHERE issued < ?", (now - self.retention_s,)).rowcount
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT count(*) FROM notices").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()

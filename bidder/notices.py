@@ -1,0 +1,250 @@
+"""Notice tokens: what a bid's win, billing and loss notice URLs (and its click link) carry, and their checks.
+
+A token holds the bid's facts itself, so checking one needs no server state: a version byte, the issue time
+(milliseconds, on the engine's clock), the bid price in micro-units of its currency, the window the bid's
+``exp`` announced (seconds), the signing key's id, then request id, imp id, bid id, seat, campaign, creative,
+currency, exchange and model id (each UTF-8, prefixed by its length, two bytes), and last 16 bytes of
+HMAC-SHA256 over everything before them with the key's secret. The URL carries it as base64url without padding.
+
+Keys come from a JSON file (``load_keyring``)::
+
+    {"keys": [{"id": "2026-12", "secret": "<64 hex digits>", "created": "2026-12-01T00:00:00Z"}, ...]}
+
+The newest key (by ``created``) signs; every key listed verifies, so a key is rotated by adding the new one,
+restarting or reloading, and removing the old one once the longest window has passed. ``Keyring.verify``
+answers the facts or the reason for refusing (``REFUSALS``); the HTTP routes live in ``bidder/app.py``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from bidder.clock import parse_time
+
+__all__ = ["KeyFileError", "Keyring", "NOTICE_QUERIES", "NoticeFacts", "NoticeSettings", "Notices", "REFUSALS",
+           "SigningKey", "load_keyring", "micros"]
+
+VERSION = 1
+MAC_BYTES = 16
+_HEAD = struct.Struct(">BQQI")  # version, issued (ms), price (micro-units), window (s)
+_LENGTH = struct.Struct(">H")
+#: the text fields a token binds, in their order in it
+TEXT_FIELDS = ("request_id", "imp_id", "bid_id", "seat", "campaign", "creative", "currency", "exchange", "model_id")
+#: why a notice is refused (403), as counted in ``bidder_notices_total{result="refused_<reason>"}``
+REFUSALS = ("bad_signature", "unknown_key", "altered", "price_above_bid", "expired")
+MIN_SECRET_BYTES = 16
+
+
+class KeyFileError(ValueError):
+    """A key file that cannot be used; the message names the file and the entry."""
+
+
+class NoticeFacts(NamedTuple):
+    issued: float      # Unix seconds on the engine's clock
+    price_micros: int  # the bid price, micro-units of ``currency`` (CPM)
+    window: int        # seconds the bid's ``exp`` announced
+    key_id: str
+    request_id: str
+    imp_id: str
+    bid_id: str
+    seat: str
+    campaign: str
+    creative: str
+    currency: str
+    exchange: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    id: str
+    secret: bytes
+    created: float  # Unix seconds
+
+
+def micros(price: float) -> int:
+    """A price (currency units) in micro-units, as tokens carry it."""
+    return int(round(price * 1_000_000))
+
+
+class Keyring:
+    """Keys by id; the newest signs, all verify."""
+
+    def __init__(self, keys: list[SigningKey], origin: str = "keys"):
+        if not keys:
+            raise KeyFileError(f"{origin}: no keys")
+        self.origin = origin
+        self.keys = {k.id: k for k in keys}
+        self.signing = max(keys, key=lambda k: k.created)
+        self._id = self.signing.id.encode("utf-8")
+        self._macs = {k.id.encode("utf-8"): hmac.new(k.secret, digestmod=hashlib.sha256) for k in keys}
+        self._sign_mac = self._macs[self._id]
+
+    def __reduce__(self):  # to worker processes: HMAC objects do not pickle, the keys do
+        return Keyring, (list(self.keys.values()), self.origin)
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        """One random key, for trials: tokens it signs die with the process (see docs/notices.md)."""
+        import time
+        return cls([SigningKey("trial-" + secrets.token_hex(4), secrets.token_bytes(32), time.time())], "trial key")
+
+    def sign(self, issued: float, price_micros: int, window: int, *texts: str) -> str:
+        """The token of a bid: ``texts`` are the values of ``TEXT_FIELDS`` in that order."""
+        parts = [_HEAD.pack(VERSION, int(issued * 1000), price_micros, window), _text(self._id)]
+        for text in texts:
+            parts.append(_text(text.encode("utf-8")))
+        payload = b"".join(parts)
+        mac = self._sign_mac.copy()
+        mac.update(payload)
+        return base64.urlsafe_b64encode(payload + mac.digest()[:MAC_BYTES]).rstrip(b"=").decode("ascii")
+
+    def verify(self, token: str) -> NoticeFacts | str:
+        """The facts a token carries, or the reason (one of ``REFUSALS``) it is refused: a token that does not
+        decode is a bad signature, as is one signed by another secret."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            return "bad_signature"
+        if len(raw) < _HEAD.size + MAC_BYTES:
+            return "bad_signature"
+        payload, tag = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
+        try:
+            version, issued, price, window = _HEAD.unpack_from(payload)
+            texts, at = [], _HEAD.size
+            for _ in range(1 + len(TEXT_FIELDS)):
+                (n,) = _LENGTH.unpack_from(payload, at)
+                at += 2
+                if at + n > len(payload):
+                    return "bad_signature"
+                texts.append(payload[at:at + n])
+                at += n
+        except struct.error:
+            return "bad_signature"
+        if version != VERSION or at != len(payload):
+            return "bad_signature"
+        base = self._macs.get(texts[0])
+        if base is None:
+            return "unknown_key"
+        mac = base.copy()
+        mac.update(payload)
+        if not hmac.compare_digest(mac.digest()[:MAC_BYTES], tag):
+            return "bad_signature"
+        try:
+            words = [t.decode("utf-8") for t in texts]
+        except UnicodeDecodeError:
+            return "bad_signature"
+        return NoticeFacts(issued / 1000.0, price, window, *words)
+
+
+def _text(data: bytes) -> bytes:
+    if len(data) > 0xFFFF:
+        raise ValueError(f"a token field of {len(data)} bytes (at most 65535)")
+    return _LENGTH.pack(len(data)) + data
+
+
+def load_keyring(path: str | os.PathLike) -> Keyring:
+    """The keys of a key file; ``KeyFileError`` names the file and the entry at fault (a file readable by group or
+    others is refused: its secrets sign what the bidder is paid for)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{path}: cannot read: {exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"{path}: readable by group or others (mode {stat.S_IMODE(mode):o}): chmod 600 it")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KeyFileError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise KeyFileError(f'{path}: expected {{"keys": [{{"id": ..., "secret": ..., "created": ...}}, ...]}}')
+    keys: list[SigningKey] = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: keys[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"id", "secret", "created"}:
+            raise KeyFileError(f"{where}: expected an object with exactly id, secret and created")
+        key_id, secret, created = entry["id"], entry["secret"], entry["created"]
+        if not isinstance(key_id, str) or not key_id or len(key_id.encode("utf-8")) > 255:
+            raise KeyFileError(f"{where}.id: expected a non-empty string of at most 255 bytes, got {key_id!r}")
+        if any(k.id == key_id for k in keys):
+            raise KeyFileError(f"{where}.id: duplicate key id {key_id!r}")
+        try:
+            raw = bytes.fromhex(secret) if isinstance(secret, str) else None
+        except ValueError:
+            raw = None
+        if raw is None or len(raw) < MIN_SECRET_BYTES:
+            raise KeyFileError(f"{where}.secret: expected at least {MIN_SECRET_BYTES} bytes as hex digits "
+                            f"(python -c 'import secrets; print(secrets.token_hex(32))')")
+        try:
+            when = parse_time(created) if isinstance(created, str) else None
+        except ValueError:
+            when = None
+        if when is None:
+            raise KeyFileError(f"{where}.created: expected an ISO 8601 time such as 2026-12-01T00:00:00Z, "
+                            f"got {created!r}")
+        keys.append(SigningKey(key_id, raw, when))
+    return Keyring(keys, str(path))
+
+
+@dataclass(frozen=True)
+class NoticeSettings:
+    """Notices turned on: the public base URL of the bidder's routes, the keys, the windows and the state."""
+    url: str                 # e.g. https://bidder.example.com (no trailing slash)
+    keyring: Keyring
+    window_s: int = 600      # a bid's exp when the imp gives none; a notice after it is late (accepted)
+    max_window_s: int = 86_400  # the longest exp; a notice after it is expired (refused)
+    state_dir: Path = Path("bidder-state")  # where the dedup store lives (bidder/notice_store.py)
+
+
+#: the query each notice URL carries after its token: the exchange substitutes the macros (OpenRTB 2.6)
+_CHECKED = "&a=${AUCTION_ID}&bid=${AUCTION_BID_ID}"
+NOTICE_QUERIES = {"win": _CHECKED + "&p=${AUCTION_PRICE}", "bill": _CHECKED + "&p=${AUCTION_PRICE}",
+                  "loss": _CHECKED + "&loss=${AUCTION_LOSS}&mtw=${AUCTION_MIN_TO_WIN}"}
+
+
+class Notices:
+    """Signs each bid and points its notices (and its creative's click link) at the bidder's own routes."""
+
+    def __init__(self, settings: NoticeSettings):
+        self.settings = settings
+        self.keyring = settings.keyring
+        base = settings.url.rstrip("/")
+        self._win, self._bill, self._loss = (f"{base}/notice/{kind}?t=" for kind in ("win", "bill", "loss"))
+        self._click = f"{base}/click?t="
+
+    def window(self, exp: int | None) -> int:
+        """A bid's ``exp``: the imp's when it gives one (capped at the longest window), else the default."""
+        settings = self.settings
+        if exp is None or exp <= 0:
+            return settings.window_s
+        return min(exp, settings.max_window_s)
+
+    def dress(self, bid, request_id: str, exp: int | None, seat: str, candidate, exchange: str | None,
+              model_id: str, issued: float) -> None:
+        """Set ``bid``'s ``nurl``, ``burl``, ``lurl`` and ``exp``, and route its markup's click link (the
+        creative's ``click_url``) through ``/click``; all of them carry one token."""
+        window = self.window(exp)
+        token = self.keyring.sign(issued, micros(bid.price), window, request_id, bid.impid, bid.id, seat,
+                                  candidate.campaign_id, candidate.creative_id, "USD", exchange or "",
+                                  model_id)
+        bid.nurl = self._win + token + NOTICE_QUERIES["win"]
+        bid.burl = self._bill + token + NOTICE_QUERIES["bill"]
+        bid.lurl = self._loss + token + NOTICE_QUERIES["loss"]
+        bid.exp = window
+        if candidate.click_url is not None and bid.adm is not None:
+            bid.adm = bid.adm.replace(candidate.click_url, self._click + token)

@@ -1,0 +1,320 @@
+"""Notices: signed tokens and every refusal, key files and rotation, the dedup store across processes, the
+routes end to end over HTTP (win, billing, loss, click), and the simulated exchange against a bidder with
+notices on."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from bidder.__main__ import main
+from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
+from bidder.campaigns import CatalogError, load_catalog
+from bidder.notice_store import SqliteNoticeStore
+from bidder.notices import (KeyFileError, Keyring, NoticeSettings, Notices, SigningKey, load_keyring, micros)
+from oracle import metric
+
+NOW = 1_764_590_400.0  # 2025-12-01T12:00:00Z: the fixed clock of the app below
+FIELDS = ("r1", "1", "r1-1", "bidder", "c1458", "cr1", "USD", "2", "deepfm-abc")
+SECRET_A, SECRET_B = "11" * 32, "22" * 32
+
+
+def keyring(*keys: tuple[str, str, float]) -> Keyring:
+    return Keyring([SigningKey(i, bytes.fromhex(s), t) for i, s, t in keys])
+
+
+def write_keys(path: Path, keys: list[dict], mode: int = 0o600) -> Path:
+    path.write_text(json.dumps({"keys": keys}))
+    path.chmod(mode)
+    return path
+
+
+# -- tokens ------------------------------------------------------------------------------------------------------
+def test_a_token_carries_the_bids_facts_and_any_change_breaks_its_signature():
+    keys = keyring(("a", SECRET_A, 0))
+    token = keys.sign(NOW, micros(2.5), 600, *FIELDS)
+    facts = keys.verify(token)
+    assert (facts.issued, facts.price_micros, facts.window, facts.key_id) == (NOW, 2_500_000, 600, "a")
+    assert (facts.request_id, facts.imp_id, facts.bid_id, facts.seat, facts.campaign, facts.creative,
+            facts.currency, facts.exchange, facts.model_id) == FIELDS
+    assert len(token) < 150 and token.isascii() and "=" not in token
+    raw = bytearray(token.encode())
+    for at in range(0, len(raw), 3):  # any one character changed: refused
+        altered = raw.copy()
+        altered[at] = ord("A") if altered[at] != ord("A") else ord("B")
+        assert keys.verify(altered.decode()) in ("bad_signature", "unknown_key"), at
+    for forged in ("", "x", "!!!!", token[:-4], token + "AAAA", "A" * 200):
+        assert keys.verify(forged) == "bad_signature", forged
+    other = keyring(("a", SECRET_B, 0))  # the same key id, another secret: a forgery
+    assert other.verify(token) == "bad_signature"
+    assert keyring(("b", SECRET_A, 0)).verify(token) == "unknown_key"
+
+
+def test_the_newest_key_signs_and_every_key_verifies(tmp_path):
+    old = write_keys(tmp_path / "old.json", [{"id": "2026-11", "secret": SECRET_A, "created": "2026-11-01T00:00:00Z"}])
+    before = load_keyring(old).sign(NOW, 1, 600, *FIELDS)
+    both = load_keyring(write_keys(tmp_path / "both.json", [
+        {"id": "2026-11", "secret": SECRET_A, "created": "2026-11-01T00:00:00Z"},
+        {"id": "2026-12", "secret": SECRET_B, "created": "2026-12-01T00:00:00Z"}]))
+    assert both.signing.id == "2026-12"
+    assert both.verify(before).key_id == "2026-11"  # issued before the rotation, still good
+    after = both.sign(NOW, 1, 600, *FIELDS)
+    assert both.verify(after).key_id == "2026-12" and load_keyring(old).verify(after) == "unknown_key"
+    # the worker processes get the keys by pickling the configuration
+    import pickle
+    assert pickle.loads(pickle.dumps(both)).verify(after).key_id == "2026-12"
+
+
+@pytest.mark.parametrize("content, mode, message", [
+    ({"keys": [{"id": "k", "secret": SECRET_A, "created": "2026-12-01T00:00:00Z"}]}, 0o644, "chmod 600"),
+    ({"keys": []}, 0o600, 'expected {"keys"'),
+    ({"keys": [{"id": "k", "secret": "abcd", "created": "2026-12-01T00:00:00Z"}]}, 0o600, "keys[0].secret"),
+    ({"keys": [{"id": "k", "secret": "zz" * 32, "created": "2026-12-01T00:00:00Z"}]}, 0o600, "keys[0].secret"),
+    ({"keys": [{"id": "k", "secret": SECRET_A, "created": "yesterday"}]}, 0o600, "keys[0].created"),
+    ({"keys": [{"id": "k", "secret": SECRET_A, "created": "2026-12-01T00:00:00Z"},
+               {"id": "k", "secret": SECRET_B, "created": "2026-12-02T00:00:00Z"}]}, 0o600, "keys[1].id: duplicate"),
+    ({"keys": [{"id": "k", "secret": SECRET_A}]}, 0o600, "exactly id, secret and created"),
+])
+def test_a_bad_key_file_is_one_error_line(tmp_path, capsys, content, mode, message):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(content))
+    path.chmod(mode)
+    with pytest.raises(KeyFileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_keyring(path)
+    assert main(["serve", "--notice-url", "http://127.0.0.1:1", "--notice-keys", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--notice-keys", "k.json"], "need --notice-url"),
+    (["--notice-url", "ftp://x"], "http(s) base URL"),
+    (["--notice-url", "http://x", "--notice-window", "100", "--notice-max-window", "50"], "--notice-window"),
+])
+def test_bad_notice_options_are_one_error_line(capsys, argv, message):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+# -- the dedup store -----------------------------------------------------------------------------------------------
+def _record_all(state_dir: str, ids: list[str], out) -> None:
+    store = SqliteNoticeStore(state_dir, 3600)
+    out.put(sum(store.first_time(i, "bill", NOW, NOW) for i in ids))
+
+
+def test_two_processes_count_each_notice_once(tmp_path):
+    ids = [f"bid-{i}" for i in range(1500)]
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    workers = [context.Process(target=_record_all, args=(str(tmp_path), ids[k::2] + ids, out)) for k in (0, 1)]
+    for w in workers:
+        w.start()
+    firsts = [out.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    assert sum(firsts) == len(ids) and all(f > 0 for f in firsts)
+    store = SqliteNoticeStore(tmp_path, 3600)
+    assert len(store) == len(ids) and not store.first_time("bid-7", "bill", NOW, NOW)
+    assert store.first_time("bid-7", "win", NOW, NOW)  # another kind of the same bid is another notice
+    # rows no token can match any more (past the longest window and the margin) are deleted
+    assert store.prune(NOW + 3600 + 3600 + 1) == len(ids) + 1 and len(store) == 0
+
+
+# -- the routes, over HTTP ---------------------------------------------------------------------------------------------
+LANDING = "https://brand.example/landing?from=ad"
+
+
+@pytest.fixture(scope="module")
+def clicking_catalog(tmp_path_factory) -> Path:
+    """The default catalog, its creatives with markup linking to a landing page (``click_url``)."""
+    catalog = json.loads(DEFAULT_CAMPAIGNS.read_text())
+    for campaign in catalog["campaigns"]:
+        for creative in campaign["creatives"]:
+            creative["markup"] = f'<a href="{LANDING}"><img src="https://cdn.example/{creative["id"]}.png"></a>'
+            creative["click_url"] = LANDING
+    path = tmp_path_factory.mktemp("notices") / "campaigns.json"
+    path.write_text(json.dumps(catalog))
+    return path
+
+
+def test_a_click_url_must_be_in_the_markup(tmp_path, clicking_catalog):
+    catalog = json.loads(clicking_catalog.read_text())
+    catalog["campaigns"][0]["creatives"][0]["click_url"] = "https://elsewhere.example/"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(catalog))
+    with pytest.raises(CatalogError, match=r"campaigns\[0\].creatives\[0\].click_url: the markup must link to it"):
+        load_catalog(path)
+    assert load_catalog(clicking_catalog).candidates[0].click_url == LANDING
+
+
+KEYS = keyring(("k1", SECRET_A, 0))
+SETTINGS = dict(url="https://bidder.example/", keyring=KEYS, window_s=600, max_window_s=3600)
+
+
+@pytest.fixture
+async def client(aiohttp_client, small_bundle, clicking_catalog, tmp_path):
+    settings = NoticeSettings(**SETTINGS, state_dir=tmp_path / "state")
+    app = create_app(Config(model=small_bundle, campaigns=clicking_catalog, now=NOW, notices=settings))
+    return await aiohttp_client(app)
+
+
+REQUEST = {"id": "req-1", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}, "exp": 120}],
+           "site": {"domain": "news.example"}, "device": {"ua": "Mozilla/5.0"}}
+
+
+def local(url: str, **macros: str) -> str:
+    """A notice URL as the exchange sends it to the test client: path and query, its macros substituted."""
+    for name, value in macros.items():
+        url = url.replace("${" + name + "}", value)
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+async def notices_of(client, kind: str, result: str) -> float:
+    return metric(await (await client.get("/metrics")).text(), "bidder_notices_total", kind=kind, result=result)
+
+
+async def test_a_bids_notice_urls_and_click_link_carry_one_valid_token(client):
+    response = await client.post("/bid/2", data=json.dumps(REQUEST))
+    assert response.status == 200, await response.text()
+    bid = (await response.json())["seatbid"][0]["bid"][0]
+    assert bid["exp"] == 120  # the imp's exp (under the longest window)
+    for key, kind in (("nurl", "win"), ("burl", "bill"), ("lurl", "loss")):
+        assert bid[key].startswith(f"https://bidder.example/notice/{kind}?t=")
+    assert "p=${AUCTION_PRICE}" in bid["nurl"] and "loss=${AUCTION_LOSS}" in bid["lurl"]
+    token = parse_qs(urlsplit(bid["nurl"]).query)["t"][0]
+    facts = KEYS.verify(token)
+    assert (facts.request_id, facts.imp_id, facts.bid_id, facts.seat, facts.exchange) == ("req-1", "1", bid["id"],
+                                                                                        "bidder", "2")
+    assert (facts.creative, facts.campaign, facts.price_micros, facts.issued) == (bid["crid"], bid["cid"],
+                                                                                  micros(bid["price"]), NOW)
+    assert LANDING not in bid["adm"] and f'href="https://bidder.example/click?t={token}"' in bid["adm"]
+
+    macros = dict(AUCTION_ID="req-1", AUCTION_BID_ID=bid["id"], AUCTION_PRICE=f"{bid['price'] * 0.8:.6f}")
+    win = local(bid["nurl"], **macros)
+    first = await client.get(win)
+    assert first.status == 200 and await first.read() == b""
+    assert (await client.post(win)).status == 200  # the same notice again (POST too): a duplicate
+    assert (await client.get(local(bid["burl"], **macros))).status == 200
+    assert (await client.get(local(bid["burl"], **macros))).status == 200
+    assert await notices_of(client, "win", "ok") == 1 and await notices_of(client, "win", "duplicate") == 1
+    assert await notices_of(client, "bill", "ok") == 1 and await notices_of(client, "bill", "duplicate") == 1
+
+    clicked = await client.get(f"/click?t={token}", allow_redirects=False)
+    assert clicked.status == 302 and clicked.headers["Location"] == LANDING
+    assert (await client.get(f"/click?t={token}", allow_redirects=False)).status == 302
+    assert await notices_of(client, "click", "ok") == 1 and await notices_of(client, "click", "duplicate") == 1
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_notice_delay_seconds_count", kind="win") == 1
+
+
+async def test_every_refusal_is_a_403_naming_its_reason_and_counted(client):
+    bid = (await (await client.post("/bid", data=json.dumps(REQUEST))).json())["seatbid"][0]["bid"][0]
+    macros = dict(AUCTION_ID="req-1", AUCTION_BID_ID=bid["id"], AUCTION_PRICE=f"{bid['price']:.6f}")
+    token = parse_qs(urlsplit(bid["burl"]).query)["t"][0]
+    facts = KEYS.verify(token)
+    stranger = keyring(("k1", SECRET_B, 0)).sign(NOW, 1, 600, *FIELDS)
+    unknown = keyring(("k9", SECRET_A, 0)).sign(NOW, 1, 600, *FIELDS)
+    other_bid = KEYS.sign(NOW, facts.price_micros, 600, "req-2", "1", "req-2-1", "bidder", facts.campaign,
+                          facts.creative, "USD", "", facts.model_id)
+    expired = KEYS.sign(NOW - 3601, facts.price_micros, 600, *facts[4:])
+    cases = {
+        "bad_signature": f"/notice/bill?t={stranger}",
+        "unknown_key": f"/notice/bill?t={unknown}",
+        "altered": local(bid["burl"], **dict(macros, AUCTION_BID_ID="someone-else")),
+        "price_above_bid": local(bid["burl"], **dict(macros, AUCTION_PRICE=f"{bid['price'] + 0.000002:.6f}")),
+        "expired": f"/notice/bill?t={expired}&p=0.1",
+    }
+    for reason, url in cases.items():
+        response = await client.get(url)
+        body = await response.json()
+        assert response.status == 403 and body["reason"] == reason and reason in body["error"], (reason, body)
+        assert await notices_of(client, "bill", f"refused_{reason}") == 1, reason
+    # a genuine token of another bid under this bid's id: altered; with its own ids it is that bid's notice
+    assert (await client.get(f"/notice/bill?t={other_bid}&a=req-1&bid={bid['id']}&p=0.1")).status == 403
+    assert await notices_of(client, "bill", "refused_altered") == 2
+    assert await notices_of(client, "bill", "ok") == 0
+    for url, status in ((f"/notice/bill?t={token}&p=cheap", 400), ("/notice/bill?p=1", 400),
+                        (f"/notice/bill?t={token}&p=-1", 400), (f"/notice/click?t={token}", 404),
+                        (f"/click?t={stranger}", 403)):
+        response = await client.get(url)
+        assert response.status == status and "error" in await response.json(), url
+    assert (await client.get(local(bid["burl"], **macros))).status == 200  # the genuine notice still counts
+    assert await notices_of(client, "bill", "ok") == 1
+
+
+async def test_a_late_notice_is_accepted_and_counted_as_late(client):
+    bid = (await (await client.post("/bid", data=json.dumps(REQUEST))).json())["seatbid"][0]["bid"][0]
+    facts = KEYS.verify(parse_qs(urlsplit(bid["nurl"]).query)["t"][0])
+    late = KEYS.sign(NOW - 121, facts.price_micros, 120, *facts[4:])  # the bid's exp was 120 s
+    assert (await client.get(f"/notice/loss?t={late}&loss=102&mtw=1.5")).status == 200
+    assert await notices_of(client, "loss", "late") == 1 and await notices_of(client, "loss", "ok") == 0
+    on_time = KEYS.sign(NOW - 119, facts.price_micros, 120, *facts[4:])
+    assert (await client.get(f"/notice/win?t={on_time}")).status == 200
+    assert await notices_of(client, "win", "ok") == 1
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_notice_delay_seconds_sum", kind="loss") == pytest.approx(121, abs=0.01)
+
+
+async def test_without_a_notice_url_nothing_changes(aiohttp_client, small_bundle, clicking_catalog):
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=clicking_catalog, now=NOW)))
+    bid = (await (await client.post("/bid", data=json.dumps(REQUEST))).json())["seatbid"][0]["bid"][0]
+    assert "burl" not in bid and "lurl" not in bid and "exp" not in bid
+    assert bid["nurl"].startswith("https://win.bidder.example.com/")  # the creative's own
+    assert LANDING in bid["adm"]
+    assert (await client.get("/notice/win?t=x")).status == 404 and (await client.get("/click?t=x")).status == 404
+    assert "bidder_notices" not in await (await client.get("/metrics")).text()
+
+
+def test_notices_dress_a_bid_within_the_windows():
+    notices = Notices(NoticeSettings(**SETTINGS, state_dir=Path("unused")))
+    assert [notices.window(e) for e in (None, 0, 30, 3600, 10 ** 9)] == [600, 600, 30, 3600, 3600]
+
+
+# -- the simulated exchange --------------------------------------------------------------------------------------------
+def test_the_exchange_against_a_bidder_with_notices(tmp_path, clicking_catalog):
+    """Every genuine first notice is counted once; duplicates and replays are answered 200 and counted as
+    duplicates; every other forgery (an altered bid id, a price above the bid) is refused."""
+    from bench.exchange.cli import ExchangeConfig, run_exchange
+    from bench.exchange.faults import Faults
+    from bench.exchange.traffic import Market
+    from bidder.clock import parse_time
+    from tests.processes import Server
+
+    anchor = time.time() + 8.0
+    start = "2026-12-01T09:00:00Z"
+    keys = write_keys(tmp_path / "keys.json", [{"id": "k", "secret": SECRET_A, "created": "2026-12-01T00:00:00Z"}])
+    with Server("--campaigns", str(clicking_catalog), "--notice-url", "http://127.0.0.1:{port}", "--notice-keys",
+                str(keys), "--state-dir", str(tmp_path / "state"), "--clock-start", start, "--clock-speed", "720",
+                "--clock-anchor", str(anchor)) as server:
+        server.wait_ready()
+        url = f"http://127.0.0.1:{server.port}/bid/{{exchange}}"
+        faults = Faults(delay_s=1.0, late=0.0, lost=0.0, duplicate=0.5, unrendered=0.0, forged=1.0)
+        config = ExchangeConfig(bidders=(url,), campaigns=clicking_catalog, start=parse_time(start), speed=720.0,
+                                hours=1.0, requests=250, rate=300.0, seed=4, world_seed=5, world_rows=8_000,
+                                faults=faults, anchor=anchor)
+        report, _ = run_exchange(config, market=Market(world_seed=5, world_rows=8_000))
+        status, text = server.get("/metrics")
+        server.stop()
+    n = report["bidders"][url]["notices"]
+    text = text.decode()
+
+    def counted(result: str, kind: str | None = None) -> float:
+        return metric(text, "bidder_notices_total", result=result, **({"kind": kind} if kind else {}))
+
+    assert report["bidders"][url]["wins"] > 20 and n["forged_sent"] > 20
+    assert n["refused"] == n["failed"] == n["unreachable"] == 0  # every genuine notice answered 2xx
+    for kind in ("win", "bill", "loss"):
+        assert counted("ok", kind) + counted("late", kind) == n["by_kind"][kind], kind
+    refused = sum(counted(f"refused_{r}") for r in ("bad_signature", "unknown_key", "altered", "price_above_bid",
+                                                     "expired"))
+    assert refused == n["forged_refused"] > 0
+    # what was accepted of the forgeries is a replay of a genuine notice: a duplicate, never counted again
+    assert counted("duplicate") - counted("duplicate", "click") == (n["duplicates_sent"] + n["retries_sent"]
+                                                                    + n["forged_accepted"])
