@@ -463,6 +463,6 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     if config.notices is not None:
         app.router.add_route("GET", "/notice/{kind:win|bill|loss}", notice)
         app.router.add_route("POST", "/notice/{kind:win|bill|loss}", notice)
-        app.router.add_get("/click", click)
+        app.router.add_get("/click", click, allow_head=False)  # a prefetch is no click
     app.router.add_route("*", "/{path:.*}", no_route)  # last: only what no route above takes
     return app

@@ -318,3 +318,12 @@ def test_the_exchange_against_a_bidder_with_notices(tmp_path, clicking_catalog):
     # what was accepted of the forgeries is a replay of a genuine notice: a duplicate, never counted again
     assert counted("duplicate") - counted("duplicate", "click") == (n["duplicates_sent"] + n["retries_sent"]
                                                                     + n["forged_accepted"])
+
+
+def test_the_cost_benchmark_measures_every_step(tmp_path):
+    from bench.notices import measure
+
+    figures = measure(50, tmp_path)
+    assert set(figures) == {"token_chars", "sign_us", "verify_us", "store_first_us", "store_duplicate_us",
+                            "route_check_us"}
+    assert all(value > 0 for value in figures.values())
