@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["NoticeStore", "SqliteNoticeStore", "STORE_FILE"]
+__all__ = ["STORE_FILE", "NoticeStore", "SqliteNoticeStore"]
 
 STORE_FILE = "notices.sqlite"
 #: rows kept beyond the longest window (seconds): clocks of two machines and a notice in flight

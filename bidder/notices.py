@@ -25,13 +25,14 @@ import os
 import secrets
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from bidder.clock import parse_time
 
-__all__ = ["KeyFileError", "Keyring", "NOTICE_QUERIES", "NoticeFacts", "NoticeSettings", "Notices", "REFUSALS",
+__all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
            "SigningKey", "load_keyring", "micros"]
 
 VERSION = 1
@@ -74,7 +75,7 @@ class SigningKey:
 
 def micros(price: float) -> int:
     """A price (currency units) in micro-units, as tokens carry it."""
-    return int(round(price * 1_000_000))
+    return round(price * 1_000_000)
 
 
 class Keyring:
@@ -96,7 +97,6 @@ class Keyring:
     @classmethod
     def generate(cls) -> Keyring:
         """One random key, for trials: tokens it signs die with the process (see docs/notices.md)."""
-        import time
         return cls([SigningKey("trial-" + secrets.token_hex(4), secrets.token_bytes(32), time.time())], "trial key")
 
     def sign(self, issued: float, price_micros: int, window: int, *texts: str) -> str:

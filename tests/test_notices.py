@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +15,7 @@ from bidder.__main__ import main
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import CatalogError, load_catalog
 from bidder.notice_store import SqliteNoticeStore
-from bidder.notices import (KeyFileError, Keyring, NoticeSettings, Notices, SigningKey, load_keyring, micros)
+from bidder.notices import KeyFileError, Keyring, NoticeSettings, Notices, SigningKey, load_keyring, micros
 from oracle import metric
 
 NOW = 1_764_590_400.0  # 2025-12-01T12:00:00Z: the fixed clock of the app below
@@ -103,27 +102,33 @@ def test_bad_notice_options_are_one_error_line(capsys, argv, message):
 
 
 # -- the dedup store -----------------------------------------------------------------------------------------------
-def _record_all(state_dir: str, ids: list[str], out) -> None:
+def _record_all(state_dir: str, own: list[str], every: list[str], barrier, out) -> None:
+    """Its own half of the bids, then (once the other process has recorded its half) every bid."""
     store = SqliteNoticeStore(state_dir, 3600)
-    out.put(sum(store.first_time(i, "bill", NOW, NOW) for i in ids))
+    firsts = sum(store.first_time(i, "bill", NOW, NOW) for i in own)
+    barrier.wait(timeout=60)
+    out.put((firsts, sum(store.first_time(i, "bill", NOW, NOW) for i in every)))
 
 
 def test_two_processes_count_each_notice_once(tmp_path):
     ids = [f"bid-{i}" for i in range(1500)]
+    fresh = [f"new-{i}" for i in range(1500)]  # recorded by both at once, in opposite orders: they race
     context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    workers = [context.Process(target=_record_all, args=(str(tmp_path), ids[k::2] + ids, out)) for k in (0, 1)]
+    out, barrier = context.Queue(), context.Barrier(2)
+    workers = [context.Process(target=_record_all, args=(str(tmp_path), ids[k::2], (ids + fresh)[::1 - 2 * k],
+                                                         barrier, out)) for k in (0, 1)]
     for w in workers:
         w.start()
-    firsts = [out.get(timeout=60) for _ in workers]
+    counts = [out.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(timeout=30)
-    assert sum(firsts) == len(ids) and all(f > 0 for f in firsts)
+    # each process counted its own half, none of the other's, and the bids both recorded at once exactly once
+    assert [own for own, _ in counts] == [750, 750] and sum(later for _, later in counts) == len(fresh)
     store = SqliteNoticeStore(tmp_path, 3600)
-    assert len(store) == len(ids) and not store.first_time("bid-7", "bill", NOW, NOW)
+    assert len(store) == len(ids) + len(fresh) and not store.first_time("bid-7", "bill", NOW, NOW)
     assert store.first_time("bid-7", "win", NOW, NOW)  # another kind of the same bid is another notice
     # rows no token can match any more (past the longest window and the margin) are deleted
-    assert store.prune(NOW + 3600 + 3600 + 1) == len(ids) + 1 and len(store) == 0
+    assert store.prune(NOW + 3600 + 3600 + 1) == len(ids) + len(fresh) + 1 and len(store) == 0
 
 
 # -- the routes, over HTTP ---------------------------------------------------------------------------------------------
@@ -300,7 +305,7 @@ def test_the_exchange_against_a_bidder_with_notices(tmp_path, clicking_catalog):
                                 hours=1.0, requests=250, rate=300.0, seed=4, world_seed=5, world_rows=8_000,
                                 faults=faults, anchor=anchor)
         report, _ = run_exchange(config, market=Market(world_seed=5, world_rows=8_000))
-        status, text = server.get("/metrics")
+        _, text = server.get("/metrics")
         server.stop()
     n = report["bidders"][url]["notices"]
     text = text.decode()
