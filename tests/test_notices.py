@@ -332,3 +332,36 @@ def test_the_cost_benchmark_measures_every_step(tmp_path):
     assert set(figures) == {"token_chars", "sign_us", "verify_us", "store_first_us", "store_duplicate_us",
                             "route_check_us"}
     assert all(value > 0 for value in figures.values())
+
+
+def test_two_workers_count_a_notice_once_whichever_answers_it(tmp_path):
+    """``bidder serve --workers 2``: the same notice sent over new connections (spread over both workers by
+    SO_REUSEPORT) is counted once, every copy answered 200; each worker's counters, summed, say so."""
+    import re
+    import sqlite3
+
+    from bidder.openrtb import DEFAULT_SEAT
+    from tests.processes import Server
+
+    with Server("--notice-url", "http://127.0.0.1:{port}", "--state-dir", str(tmp_path), "--now", str(NOW),
+                workers=2) as server:
+        server.wait_ready(workers=2)
+        status, body = server.post("/bid/2", json.dumps(REQUEST).encode())
+        assert status == 200, body
+        bid = json.loads(body)["seatbid"][0]["bid"][0]
+        assert json.loads(body)["seatbid"][0]["seat"] == DEFAULT_SEAT
+        win = local(bid["nurl"], AUCTION_ID="req-1", AUCTION_BID_ID=bid["id"], AUCTION_PRICE="0.5")
+        assert [server.get(win)[0] for _ in range(30)] == [200] * 30
+        per_worker: dict[str, str] = {}  # pid -> its latest /metrics
+        for _ in range(60):
+            text = server.get("/metrics")[1].decode()
+            per_worker[re.search(r'bidder_worker_info\{pid="(\d+)"', text).group(1)] = text
+            if len(per_worker) == 2:
+                break
+        server.stop()
+    assert len(per_worker) == 2
+    ok = [metric(t, "bidder_notices_total", kind="win", result="ok") for t in per_worker.values()]
+    duplicates = [metric(t, "bidder_notices_total", kind="win", result="duplicate") for t in per_worker.values()]
+    assert sum(ok) == 1 and sum(duplicates) == 29 and all(o + d > 0 for o, d in zip(ok, duplicates))
+    rows = sqlite3.connect(tmp_path / "notices.sqlite").execute("SELECT bid_id, kind FROM notices").fetchall()
+    assert rows == [(bid["id"], "win")]
