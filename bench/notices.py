@@ -1,5 +1,5 @@
 """What a notice costs the bidder, without HTTP: signing a bid's token, checking one, recording it in the dedup
-store (first and repeated), and the whole check a notice route runs (``bidder.app._check_notice``).
+store (first and repeated), and the whole check a notice route runs (``bidder.app.count_notice``).
 
 ``python -m bench.notices [--n 20000] [--state-dir DIR]``: microseconds per call (the best of five rounds; the
 store's rounds run once each, on distinct bid ids, as notices do).
@@ -12,7 +12,7 @@ import time
 import timeit
 from pathlib import Path
 
-from bidder.app import Config, State
+from bidder.app import Config, State, count_notice
 from bidder.metrics import Metrics
 from bidder.notice_store import SqliteNoticeStore
 from bidder.notices import Keyring, NoticeSettings, SigningKey, micros
@@ -41,8 +41,6 @@ def measure(n: int, state_dir: Path) -> dict[str, float]:
     out["store_duplicate_us"] = (time.perf_counter() - started) / n * 1e6
     store.close()
     # the route's whole check (token, URL fields, price, window, store, metrics) on n distinct bids
-    from bidder.app import _check_notice
-
     settings = NoticeSettings("https://bidder.example", keys, 600, 86_400, state_dir / "route")
     state = State(Config(now=ISSUED, notices=settings), Metrics())
     queries = []
@@ -51,7 +49,7 @@ def measure(n: int, state_dir: Path) -> dict[str, float]:
         queries.append({"t": keys.sign(ISSUED, 2_500_000, 600, *fields), "a": f"r{i}", "bid": f"r{i}-1", "p": "1.5"})
     started = time.perf_counter()
     for query in queries:
-        _check_notice(state, query, "bill")
+        count_notice(state, query, "bill")
     out["route_check_us"] = (time.perf_counter() - started) / n * 1e6
     state.store.close()
     return out

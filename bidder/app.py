@@ -10,7 +10,6 @@ import functools
 import gc
 import ipaddress
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -27,13 +26,14 @@ from bidder.engine import BidEngine, Outcome, error_body
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.notice_store import NoticeStore, SqliteNoticeStore
-from bidder.notices import REFUSALS, NoticeFacts, Notices, NoticeSettings, micros
+from bidder.notices import REFUSALS, NoticeFacts, Notices, NoticeSettings, Refusal
 from bidder.openrtb import RequestError, decode_json
 from bidder.retrieval import DEFAULT_K, retriever_for
 from bidder.scorer import BundleError, Scorer
 from bidder.shading import WinModel
 
-__all__ = ["Config", "DEFAULT_CAMPAIGNS", "STATE", "State", "create_app", "forget_preloaded", "preload", "reload"]
+__all__ = ["Config", "DEFAULT_CAMPAIGNS", "STATE", "State", "count_notice", "create_app", "forget_preloaded",
+           "preload", "reload"]
 
 log = logging.getLogger("bidder")
 
@@ -338,48 +338,32 @@ def _answer(state: State, route: str, started: float, response: web.Response, er
     return response
 
 
-def _check_notice(state: State, query, kind: str) -> NoticeFacts | tuple[int, bytes, str]:
-    """The facts of a genuine notice, counted once (ok, late) or as a duplicate; else (status, JSON body, error
-    kind) of its refusal, counted under its reason."""
-    token = query.get("t")
-    if not token:
-        return 400, error_body("no token: a notice URL carries t=TOKEN", "t"), "bad_request"
-    facts = state.notices.keyring.verify(token)
-    if facts.__class__ is str:
-        return _refuse(state, kind, facts, "the token is not one this bidder signed" if facts == "bad_signature"
-                       else "the token's key is not among this bidder's keys")
-    for name, value in (("a", facts.request_id), ("bid", facts.bid_id)):
-        seen = query.get(name)
-        if seen is not None and not seen.startswith("${") and seen != value:
-            return _refuse(state, kind, "altered", f"{name}={seen!r} is not the bid the token was signed for")
-    price = query.get("p")
-    if price and not price.startswith("${"):
-        try:
-            cleared = float(price)
-        except ValueError:
-            cleared = math.nan
-        if not (cleared >= 0 and math.isfinite(cleared)):
-            return 400, error_body(f"expected the clearing price (CPM), got {price!r}", "p"), "bad_request"
-        if micros(cleared) > facts.price_micros:
-            return _refuse(state, kind, "price_above_bid",
-                           f"clearing price {price} above the bid price {facts.price_micros / 1e6:.6f}")
+def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
+    """Check a notice (``Notices.check``) and count it: the first of its kind for its bid as ok (late after the
+    bid's exp), any other as a duplicate, a refusal under its reason."""
     now = state.now()
-    age = now - facts.issued
-    if age > state.config.notices.max_window_s:
-        return _refuse(state, kind, "expired", f"issued {age:.0f} s ago, past the longest window "
-                                               f"({state.config.notices.max_window_s} s)")
+    checked = state.notices.check(query, now)
     metrics = state.metrics
-    if state.store.first_time(facts.bid_id, kind, facts.issued, now):
-        metrics.notices.labels(kind, "late" if age > facts.window else "ok").inc()
+    if checked.__class__ is Refusal:
+        if checked.status == 403:
+            metrics.notices.labels(kind, f"refused_{checked.reason}").inc()
+        return checked
+    age = now - checked.issued
+    if state.store.first_time(checked.bid_id, kind, checked.issued, now):
+        metrics.notices.labels(kind, "late" if age > checked.window else "ok").inc()
         metrics.notice_delay.labels(kind).observe(max(age, 0.0))
     else:
         metrics.notices.labels(kind, "duplicate").inc()
-    return facts
+    return checked
 
 
-def _refuse(state: State, kind: str, reason: str, detail: str) -> tuple[int, bytes, str]:
-    state.metrics.notices.labels(kind, f"refused_{reason}").inc()
-    return 403, msgspec.json.encode({"error": f"notice refused ({reason}): {detail}", "reason": reason}), "forbidden"
+def _refused(state: State, route: str, started: float, refusal: Refusal) -> web.Response:
+    if refusal.status == 403:
+        body = msgspec.json.encode({"error": f"notice refused ({refusal.reason}): {refusal.message}",
+                                    "reason": refusal.reason, "path": refusal.where})
+        return _answer(state, route, started, _json(403, body), "forbidden")
+    return _answer(state, route, started, _json(refusal.status, error_body(refusal.message, refusal.where)),
+                   "bad_request")
 
 
 @guarded
@@ -392,9 +376,9 @@ async def notice(request: web.Request) -> web.Response:
         body = await _read_body(request, state)
         if body.__class__ is not bytes:
             return _answer(state, "/notice", started, _json(body.status, body.body), body.reason)
-    checked = _check_notice(state, request.query, request.match_info["kind"])
-    if checked.__class__ is tuple:
-        return _answer(state, "/notice", started, _json(checked[0], checked[1]), checked[2])
+    checked = count_notice(state, request.query, request.match_info["kind"])
+    if checked.__class__ is Refusal:
+        return _refused(state, "/notice", started, checked)
     return _answer(state, "/notice", started, web.Response(status=200))
 
 
@@ -404,9 +388,9 @@ async def click(request: web.Request) -> web.Response:
     counted once per bid."""
     started = time.perf_counter()
     state = request.app[STATE]
-    checked = _check_notice(state, request.query, "click")
-    if checked.__class__ is tuple:
-        return _answer(state, "/click", started, _json(checked[0], checked[1]), checked[2])
+    checked = count_notice(state, request.query, "click")
+    if checked.__class__ is Refusal:
+        return _refused(state, "/click", started, checked)
     candidate = state.engine.catalog.creative(checked.creative)
     if candidate is None or candidate.click_url is None:
         body = error_body(f"creative {checked.creative!r} has no click_url in the catalog serving", "t")

@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import stat
@@ -28,12 +29,12 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 from bidder.clock import parse_time
 
 __all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
-           "SigningKey", "load_keyring", "micros"]
+           "Refusal", "SigningKey", "load_keyring", "micros"]
 
 VERSION = 1
 MAC_BYTES = 16
@@ -64,6 +65,13 @@ class NoticeFacts(NamedTuple):
     currency: str
     exchange: str
     model_id: str
+
+
+class Refusal(NamedTuple):
+    status: int   # 403: refused (``reason`` one of REFUSALS); 400: not a notice URL at all
+    reason: str   # a REFUSALS entry, or "bad_request"
+    message: str  # what the JSON answer says, naming the cause
+    where: str = "t"  # the URL parameter at fault
 
 
 @dataclass(frozen=True)
@@ -226,6 +234,39 @@ class Notices:
         base = settings.url.rstrip("/")
         self._win, self._bill, self._loss = (f"{base}/notice/{kind}?t=" for kind in ("win", "bill", "loss"))
         self._click = f"{base}/click?t="
+
+    def check(self, query: Mapping[str, str], now: float) -> NoticeFacts | Refusal:
+        """A notice URL's parameters (``now``: the engine's clock): the facts of its token, or why it is refused.
+        The token must be ours; the URL's request id (``a``) and bid id (``bid``), when the exchange substituted
+        them, must be the token's; the clearing price (``p``) may not exceed the bid price; the token may not be
+        older than the longest window. Whether a notice is late or a repeat is the caller's to tell."""
+        token = query.get("t")
+        if not token:
+            return Refusal(400, "bad_request", "no token: a notice URL carries t=TOKEN")
+        facts = self.keyring.verify(token)
+        if facts.__class__ is str:
+            return Refusal(403, facts, "the token is not one this bidder signed" if facts == "bad_signature"
+                           else "the token's key is not among this bidder's keys")
+        for name, value in (("a", facts.request_id), ("bid", facts.bid_id)):
+            seen = query.get(name)
+            if seen is not None and not seen.startswith("${") and seen != value:
+                return Refusal(403, "altered", f"{name}={seen!r} is not the bid the token was signed for", name)
+        price = query.get("p")
+        if price and not price.startswith("${"):
+            try:
+                cleared = float(price)
+            except ValueError:
+                cleared = math.nan
+            if not (cleared >= 0 and math.isfinite(cleared)):
+                return Refusal(400, "bad_request", f"expected the clearing price (CPM), got {price!r}", "p")
+            if micros(cleared) > facts.price_micros:
+                return Refusal(403, "price_above_bid", f"clearing price {price} above the bid price "
+                                                       f"{facts.price_micros / 1e6:.6f}", "p")
+        age = now - facts.issued
+        if age > self.settings.max_window_s:
+            return Refusal(403, "expired", f"issued {age:.0f} s ago, past the longest window "
+                                           f"({self.settings.max_window_s} s)")
+        return facts
 
     def window(self, exp: int | None) -> int:
         """A bid's ``exp``: the imp's when it gives one (capped at the longest window), else the default."""
