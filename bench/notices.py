@@ -41,7 +41,7 @@ def measure(n: int, state_dir: Path) -> dict[str, float]:
     out["store_duplicate_us"] = (time.perf_counter() - started) / n * 1e6
     store.close()
     # the route's whole check (token, URL fields, price, window, store, metrics) on n distinct bids
-    settings = NoticeSettings("https://bidder.example", keys, 600, 86_400, state_dir / "route")
+    settings = NoticeSettings(url="https://bidder.example", keyring=keys, state_dir=state_dir / "route")
     state = State(Config(now=ISSUED, notices=settings), Metrics())
     queries = []
     for i in range(n):

@@ -66,7 +66,8 @@ def notice_settings(args: argparse.Namespace):
         SqliteNoticeStore(state_dir, args.notice_max_window).close()
     except (OSError, sqlite3.Error) as exc:
         raise ValueError(f"--state-dir {state_dir}: cannot keep the notice store there: {exc}") from None
-    return NoticeSettings(args.notice_url.rstrip("/"), keyring, args.notice_window, args.notice_max_window, state_dir)
+    return NoticeSettings(url=args.notice_url.rstrip("/"), keyring=keyring, state_dir=state_dir,
+                          window_s=args.notice_window, max_window_s=args.notice_max_window)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -214,9 +214,9 @@ class NoticeSettings:
     """Notices turned on: the public base URL of the bidder's routes, the keys, the windows and the state."""
     url: str                 # e.g. https://bidder.example.com (no trailing slash)
     keyring: Keyring
+    state_dir: Path          # where the dedup store lives (bidder/notice_store.py)
     window_s: int = 600      # a bid's exp when the imp gives none; a notice after it is late (accepted)
     max_window_s: int = 86_400  # the longest exp; a notice after it is expired (refused)
-    state_dir: Path = Path("bidder-state")  # where the dedup store lives (bidder/notice_store.py)
 
 
 #: the query each notice URL carries after its token: the exchange substitutes the macros (OpenRTB 2.6)
