@@ -27,7 +27,8 @@ def measure(n: int, state_dir: Path) -> dict[str, float]:
     keys = Keyring([SigningKey("k1", b"\x11" * 32, 0)])
     token = keys.sign(ISSUED, micros(2.5), 600, *FIELDS)
     out = {"token_chars": float(len(token))}
-    out["sign_us"] = min(timeit.repeat(lambda: keys.sign(ISSUED, 2_500_000, 600, *FIELDS), number=n, repeat=5)) / n * 1e6
+    sign = timeit.repeat(lambda: keys.sign(ISSUED, 2_500_000, 600, *FIELDS), number=n, repeat=5)
+    out["sign_us"] = min(sign) / n * 1e6
     out["verify_us"] = min(timeit.repeat(lambda: keys.verify(token), number=n, repeat=5)) / n * 1e6
     store = SqliteNoticeStore(state_dir / "store", 86_400)
     ids = [f"bid-{i}" for i in range(n)]

@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         notices = notice_settings(args)
     except ValueError as exc:
         return _fail(str(exc))
-    config = Config(notices=notices, model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
+    config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
-                    ann=args.ann)
+                    ann=args.ann, notices=notices)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.app import preload
     from bidder.campaigns import CatalogError, load_catalog

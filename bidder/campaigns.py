@@ -11,8 +11,8 @@ The file is JSON::
 
 ``name``, ``enabled`` (default true), ``targeting`` and each of its keys, and ``deals`` are optional; a
 creative needs a ``nurl`` or a ``markup`` (or both); its optional ``click_url`` (the landing page) must
-appear in its markup, whose link to it the bidder routes through ``/click`` when notices are on. Unknown keys are errors, so a misspelt option cannot
-pass silently. ``deals`` lists the private-marketplace deals the campaign may buy: the deal id an exchange
+appear in its markup, whose link to it the bidder routes through ``/click`` when notices are on. Unknown keys
+are errors, so a misspelt option cannot pass silently. ``deals`` lists the private-marketplace deals the campaign may buy: the deal id an exchange
 sends in ``imp.pmp.deals[].id`` and, optionally, the buyer seat the deal was set up for (without one the
 bid goes in the bidder's own seat); ``bidder/deals.py`` matches them against a request.
 
