@@ -23,6 +23,7 @@ from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import Catalog, CatalogError, load_catalog
 from bidder.clock import Clock
 from bidder.engine import BidEngine, Outcome, error_body
+from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.openrtb import RequestError, decode_json
@@ -75,6 +76,7 @@ class Config:
     retrieve_k: int = DEFAULT_K  # large catalogs: creatives the ranker scores per imp, chosen by the two towers
     retrieval: bool = True   # off: a large catalog's every eligible creative is scored (for comparison)
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
+    events: Path | None = None  # the event log's directory (bidder.events); None: no event log
 
 
 #: the interpreter's GIL switch interval while an engine is built (``State.load``)
@@ -88,6 +90,7 @@ class State:
         self.config = config
         self.metrics = metrics
         self.engine: BidEngine | None = None
+        self.events: EventLog | None = None  # started by the worker (bidder.workers) when config.events is set
         self.draining = False
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
@@ -131,7 +134,7 @@ class State:
         market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch, native=self.config.native_shading)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours,
-                           self.config.clock or self.config.now, factorized, market, retriever)
+                           self.config.clock or self.config.now, factorized, market, retriever, self.events)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
         per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})
@@ -341,9 +344,13 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     app[STATE] = state
 
     async def resources(app: web.Application):
+        if config.events is not None:  # before the engine: it logs every bid from its first
+            state.events = metrics_.events = EventLog(config.events, worker).start()
         state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
         yield
         state.engine = None
+        if state.events is not None:  # every queued event written, the last file renamed into place
+            state.events.close()
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/bid", bid)
