@@ -58,6 +58,24 @@ def test_a_full_queue_drops_and_counts_without_waiting(tmp_path):
     events.click("r1-1")
     assert len(events.queue) == 3
     assert events.dropped == {"queue_full": 4, "write_error": 0}
+    metrics = Metrics()
+    metrics.events = events
+    text = metrics.render().decode()
+    assert 'bidder_events_dropped_total{reason="queue_full"} 4.0' in text and "bidder_events_queued 3.0" in text
+
+
+def test_files_rotate_by_the_hour_of_their_events_and_by_size(tmp_path):
+    events = EventLog(tmp_path, flush_s=60, max_bytes=1)  # every flush past the size: a new file
+    ten, eleven = 1_796_637_600.0, 1_796_641_200.0  # 2026-12-07 10:00 and 11:00 UTC
+    events.queue.extend([("click", ten, "a"), ("click", ten + 1, "b"), ("click", eleven, "c")])
+    events._drain()
+    events.queue.append(("click", eleven + 1, "d"))
+    events._drain()
+    events._finish()
+    names = sorted(p.name.split("-p")[0] for p in tmp_path.glob("events-*"))
+    assert names == ["events-20261207T10-w0", "events-20261207T11-w0", "events-20261207T11-w0"]
+    assert [r["bid_id"] for r in _records(tmp_path)] == ["a", "b", "c", "d"]
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_every_queued_event_is_written_on_close_with_its_schema(tmp_path):
