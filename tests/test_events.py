@@ -183,9 +183,10 @@ def test_the_engine_logs_each_bid_and_answers_the_same_bytes(tmp_path):
     assert all(np.array_equal(again[k], scored[k]) for k in scored)
 
 
-def test_sigterm_writes_every_event_of_a_served_bid(tmp_path):
-    with Server("--events", str(tmp_path / "events")) as server:
-        server.wait_ready()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_writes_every_event_of_a_served_bid(tmp_path, workers):
+    with Server("--events", str(tmp_path / "events"), workers=workers) as server:
+        server.wait_ready(workers)
         answered = []
         for i in range(20):
             status, body = server.post("/bid/2", _banner(f"sigterm-{i}"))
