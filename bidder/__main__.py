@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.app import preload
     from bidder.campaigns import CatalogError, load_catalog
-    from bidder.events import EventLogError, check_directory
+    from bidder.events import EventLog, EventLogError, check_directory
     from bidder.retrieval import needs_retrieval, towers_for
     from bidder.scorer import BundleError, Scorer
     from bidder.workers import EXIT_STARTUP, StartupError, check_port, serve
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         check_port(config.host, config.port, reuse_port=config.workers > 1)
         if config.events is not None:
             check_directory(config.events)
+            EventLog(config.events).salvage()  # what a killed server left, before its workers start
     except (StartupError, EventLogError) as exc:
         return _fail(str(exc), EXIT_STARTUP)
     preload(config.campaigns, catalog)  # served as checked, not read again

@@ -12,8 +12,9 @@ Files (``docs/events.md`` has the schema field by field):
 * renamed to ``DIR/events-<hour>-w<worker>-p<pid>-<seq>.jsonl.gz`` (``<hour>`` as ``YYYYMMDDTHH``, UTC of the
   events) when the hour of the events changes, the file passes ``max_bytes``, or the log closes; fsynced
   before the rename, so a reader that skips ``.tmp-`` files never sees a half-written file;
-* a ``.tmp-`` file whose process is gone (a ``kill -9``) is salvaged at the next start: its complete members
-  are renamed into place, a torn last member (the last second at most) is dropped.
+* a ``.tmp-`` file whose process is gone (a ``kill -9``) is salvaged at the next start (``bidder serve`` before
+  its workers start, and a worker the supervisor restarts): its complete members are renamed into place, a torn
+  last member (the last second at most) is dropped.
 
 Why gzip JSON lines: one self-describing record per line that ``zcat | jq``, pandas, DuckDB, Spark and
 BigQuery read directly, written with the standard library only (the runtime gains no dependency); the records
@@ -35,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["DROP_REASONS", "EVENT_KINDS", "EventLog", "EventLogError", "SCHEMA_VERSION", "check_directory",
+__all__ = ["DROP_REASONS", "EVENT_KINDS", "NOTICE_KINDS", "EventLog", "EventLogError", "SCHEMA_VERSION", "check_directory",
            "complete_members", "events_hour"]
 
 log = logging.getLogger("bidder")
@@ -193,7 +194,7 @@ class EventLog:
         """Check the directory can be written (EventLogError otherwise), salvage what a killed worker left,
         start the writer thread."""
         check_directory(self.directory)
-        self.salvage()
+        self.salvage(self.worker)  # a worker the supervisor restarts after a kill -9: what its predecessor left
         self._thread = threading.Thread(target=self._run, name=f"events-w{self.worker}", daemon=True)
         self._thread.start()
         return self
@@ -207,13 +208,14 @@ class EventLog:
         self._thread.join(timeout)
         self._thread = None
 
-    def salvage(self) -> int:
-        """Rename into place what workers killed before they closed left in ``.tmp-`` files: their complete
-        gzip members (a torn last one is dropped). Returns the number of files salvaged."""
+    def salvage(self, worker: int | None = None) -> int:
+        """Rename into place what workers killed before they closed left in ``.tmp-`` files (of every worker, or of
+        worker ``worker`` only: workers starting together must not salvage the same file): their complete gzip
+        members (a torn last one is dropped). Returns the number of files salvaged."""
         salvaged = 0
         for path in sorted(self.directory.glob(TMP_PREFIX + "*")):
             match = _TMP_NAME.match(path.name)
-            if match is None or _pid_alive(int(match[3])):
+            if match is None or (worker is not None and int(match[2]) != worker) or _pid_alive(int(match[3])):
                 continue
             try:
                 data, torn = complete_members(path.read_bytes())

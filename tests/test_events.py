@@ -148,6 +148,7 @@ def test_a_killed_writer_loses_only_its_torn_last_member(tmp_path):
     child.wait(10)
     left = list(tmp_path.glob(".tmp-*"))
     assert left, "the killed process left its file unfinished"
+    assert EventLog(tmp_path).salvage(worker=1) == 0, "another worker's file is left to that worker"
     assert EventLog(tmp_path).salvage() == 1
     ids = [r["bid_id"] for r in _records(tmp_path)]
     assert ids and ids == [f"b{i}" for i in range(len(ids))], "a prefix of what was logged, in order, no torn line"

@@ -358,13 +358,16 @@ def _parser() -> argparse.ArgumentParser:
     market.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     market.add_argument("--quiet", action="store_true", help="no progress bars")
     market.set_defaults(run=_market)
+    from train.logs import DEFAULT_CLICK_WINDOW_S
+
     logs = commands.add_parser(
         "logs", help="training data from the bidder's own event log (bidder serve --events DIR): train.log.txt "
                      "for train fit and bids.log.txt for train market (docs/events.md)")
     logs.add_argument("--events", required=True, help="the event log directory bidder serve --events wrote")
     logs.add_argument("--out", required=True, help="folder to write train.log.txt and bids.log.txt to")
-    logs.add_argument("--click-window", type=float, default=3600.0, metavar="SECONDS",
-                      help="a click counts (label 1) when it arrives this long after its bid at most (default 3600)")
+    logs.add_argument("--click-window", type=float, default=DEFAULT_CLICK_WINDOW_S, metavar="SECONDS",
+                      help="a click counts (label 1) when it arrives this long after its bid at most "
+                           "(default %(default)s)")
     logs.add_argument("--quiet", action="store_true", help="no progress bars")
     logs.set_defaults(run=_logs)
     speed = commands.add_parser(
