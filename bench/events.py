@@ -4,10 +4,10 @@
 
 In process: the cost of one `EventLog.bid`, `notice` and `click` call (the queue append the bid path pays), best of
 three runs of a million calls, with no writer draining meanwhile. Then `--kills` times: `bidder serve --events`
-in a child process, one client posting the IAB simple-banner request (floor 0.01) one after another for `--seconds` (plus a
-random fraction of a second, so the kill lands anywhere in the writer's flush interval), `kill -9`, the salvage a
-restart does (`EventLog.salvage`), and which answered bids are missing from the log: how many, and how long before
-the kill the oldest of them was answered (the log promises at most a second).
+in a child process, one client posting the IAB simple-banner request (floor 0.01) one after another for
+`--seconds` (plus a random fraction of a second, so the kill lands anywhere in the writer's flush interval),
+`kill -9`, the salvage a restart does (`EventLog.salvage`), and which answered bids are missing from the log: how
+many, and how long before the kill the oldest of them was answered (the log promises at most a second).
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def kill_loss(model: Path, seconds: float, body: bytes) -> dict[str, Any]:
     EventLog(directory).salvage()
     logged = set()
     for path in directory.glob("events-*.jsonl.gz"):
-        logged.update(json.loads(line)["bid_id"] for line in gzip.open(path).read().splitlines())
+        with gzip.open(path) as f:
+            logged.update(json.loads(line)["bid_id"] for line in f.read().splitlines())
     lost = [at for at, bid in answered if bid not in logged]
     return {"answered": len(answered), "logged": len(logged), "lost": len(lost),
             "oldest_lost_s_before_kill": round(killed - min(lost), 3) if lost else 0.0}

@@ -36,8 +36,8 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["DROP_REASONS", "EVENT_KINDS", "NOTICE_KINDS", "EventLog", "EventLogError", "SCHEMA_VERSION", "check_directory",
-           "complete_members", "events_hour"]
+__all__ = ["DROP_REASONS", "EVENT_KINDS", "NOTICE_KINDS", "SCHEMA_VERSION", "EventLog", "EventLogError",
+           "check_directory", "complete_members", "events_hour"]
 
 log = logging.getLogger("bidder")
 
@@ -190,7 +190,7 @@ class EventLog:
         queue.append(("click", time.time(), bid_id))
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def start(self) -> "EventLog":
+    def start(self) -> EventLog:
         """Check the directory can be written (EventLogError otherwise), salvage what a killed worker left,
         start the writer thread."""
         check_directory(self.directory)
@@ -244,7 +244,7 @@ class EventLog:
             stopping = self._stop
             try:
                 self._drain()
-            except Exception:  # noqa: BLE001 - a bug here must not end the log (nor the worker)
+            except Exception:  # noqa: BLE001 - a bug here must not end the log, nor the worker
                 log.exception("events: cannot encode queued events")
             if stopping:
                 self._finish()

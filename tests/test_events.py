@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import Server
 
 import bidder
-from bidder import DEFAULT_BUNDLE, Featurizer
+from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES, Featurizer
 from bidder.__main__ import main as bidder_main
 from bidder.app import DEFAULT_CAMPAIGNS
 from bidder.campaigns import load_catalog
@@ -23,7 +24,6 @@ from bidder.engine import BidEngine
 from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_members
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
-from processes import Server
 from train.__main__ import main as train_main
 from train.data.bidlog import read_bid_log
 from train.data.dataset import featurize_log
@@ -38,12 +38,13 @@ BID = ("r1-1", {"weekday": 3, "hour": 14, "usertag": ["10006"], "slotprice": 7},
 def _records(directory: Path) -> list[dict]:
     out = []
     for path in sorted(directory.glob("events-*.jsonl.gz")):
-        out.extend(json.loads(line) for line in gzip.open(path).read().splitlines())
+        with gzip.open(path) as f:
+            out.extend(json.loads(line) for line in f.read().splitlines())
     return out
 
 
 def _banner(request_id: str = "r1") -> bytes:
-    body = json.loads((Path(bidder.__file__).parent / "examples/openrtb/bid-request-2.5/simple-banner.json").read_bytes())
+    body = json.loads((OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json").read_bytes())
     body["id"] = request_id
     body["imp"][0]["bidfloor"] = 0.01
     return json.dumps(body).encode()
@@ -88,7 +89,8 @@ def test_every_queued_event_is_written_on_close_with_its_schema(tmp_path):
     bid, notice, click = _records(tmp_path)
     assert {r["schema"] for r in (bid, notice, click)} == {SCHEMA_VERSION}
     assert bid["record"] == {**BID[1], **BID[2]}  # the raw record the model scored: the imp's and the candidate's
-    assert (bid["bid_id"], bid["campaign"], bid["price"], bid["auction"], bid["user"]) == ("r1-1", "c1458", 2.0, 1, "u1")
+    assert (bid["bid_id"], bid["campaign"], bid["price"], bid["auction"], bid["user"]) == \
+        ("r1-1", "c1458", 2.0, 1, "u1")
     assert (notice["notice"], notice["loss"], notice["min_to_win"]) == ("loss", 102, 2.5)
     assert click["kind"] == "click" and click["bid_id"] == "r1-1"
 
@@ -127,13 +129,13 @@ def test_an_unwritable_directory_is_one_line_at_start(tmp_path, capsys):
 
 def test_a_killed_writer_loses_only_its_torn_last_member(tmp_path):
     """A process writing events is killed (SIGKILL); the next start renames what it flushed into place."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys, time
         from bidder.events import EventLog
         events = EventLog(sys.argv[1], flush_s=0.05).start()
         i = 0
         while True:
-            events.click(f"b{{i}}")
+            events.click(f"b{i}")
             i += 1
             if i % 100 == 0:
                 print(i, flush=True)
