@@ -346,11 +346,13 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     async def resources(app: web.Application):
         if config.events is not None:  # before the engine: it logs every bid from its first
             state.events = metrics_.events = EventLog(config.events, worker).start()
-        state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
-        yield
-        state.engine = None
-        if state.events is not None:  # every queued event written, the last file renamed into place
-            state.events.close()
+        try:
+            state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
+            yield
+        finally:
+            state.engine = None
+            if state.events is not None:  # every queued event written, the last file renamed into place
+                state.events.close()
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/bid", bid)
