@@ -201,6 +201,14 @@ def test_sigterm_writes_every_event_of_a_served_bid(tmp_path, workers):
     assert not list((tmp_path / "events").glob(".tmp-*"))
 
 
+def test_bench_load_can_measure_the_bidder_with_its_event_log():
+    from bench import load
+
+    command = load.server_command("bidder-events", load.LoadConfig(servers=("bidder", "bidder-events")), 9005, 1)
+    assert command[command.index("--events") + 1].endswith("bench-bidder-events")
+    assert "--events" not in load.server_command("bidder", load.LoadConfig(), 9005, 1)
+
+
 # -- train logs ------------------------------------------------------------------------------------------------
 def _write_log(directory: Path, records: list[dict], name: str = "events-20261207T10-w0-p1-000001.jsonl.gz") -> None:
     directory.mkdir(parents=True, exist_ok=True)
