@@ -126,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                                         "history -h)", add_help=False)
     commands.add_parser("exchange", help="a simulated exchange: a day of auctions, notices and clicks against "
                                          "OpenRTB bidders (see python -m bench exchange -h)", add_help=False)
+    commands.add_parser("events", help="the event log's cost per event and what a kill -9 loses (see python -m "
+                                       "bench events -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "events":
+        from bench.events import main as events_main
+        return events_main(rest)
     if args.command == "history":
         from bench.history import main as history_main
         return history_main(rest)

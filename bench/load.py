@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +40,9 @@ DEFAULT_RESULTS = REPO / "runs" / "bench"  # git-ignored; committed runs go to b
 #: The bidder with some of its levers switched off, to measure each lever alone in the same run.
 BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),
                    "bidder-plain": ("--no-batching", "--no-factorized"), "bidder-exhaustive": ("--no-retrieval",),
-                   "bidder-graphshade": ("--graph-shading",)}
+                   "bidder-graphshade": ("--graph-shading",),
+                   # the bidder with its event log on: what logging every bid costs (reused, and salvaged, run to run)
+                   "bidder-events": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-events"))}
 SERVERS = ("echo", "bidder", "fastapi", *(name for name in BIDDER_VARIANTS if name != "bidder"))
 BIDDING_SERVERS = (*BIDDER_VARIANTS, "fastapi")  # must answer the body with a bid before they are measured
 ECHO_LAYERS = ("app", "server")

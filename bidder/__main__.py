@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
                             "default: a new temporary directory, forgotten at restart")
     serve.add_argument("--no-retrieval", action="store_true",
                        help="score every eligible creative of a large catalog, as for a small one (for comparison)")
+    serve.add_argument("--events", type=Path, default=None, metavar="DIR",
+                       help="log every bid (and the notices and clicks reported to the bidder) to gzip JSON lines "
+                            "files in DIR, written off the bid path (docs/events.md); python -m train logs turns "
+                            "them into training data (default: no event log)")
     return parser
 
 
@@ -173,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
-                    ann=args.ann, notices=notices)
+                    ann=args.ann, notices=notices, events=args.events)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.app import preload
     from bidder.campaigns import CatalogError, load_catalog
+    from bidder.events import EventLog, EventLogError, check_directory
     from bidder.retrieval import needs_retrieval, towers_for
     from bidder.scorer import BundleError, Scorer
     from bidder.workers import EXIT_STARTUP, StartupError, check_port, serve
@@ -195,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{exc.filename or config.model}: cannot read: {exc.strerror or exc}", EXIT_STARTUP)
     try:
         check_port(config.host, config.port, reuse_port=config.workers > 1)
-    except StartupError as exc:
+        if config.events is not None:
+            check_directory(config.events)
+            EventLog(config.events).salvage()  # what a killed server left, before its workers start
+    except (StartupError, EventLogError) as exc:
         return _fail(str(exc), EXIT_STARTUP)
     preload(config.campaigns, catalog)  # served as checked, not read again
     del catalog  # the engine holds it from now on: a reload must be able to free it

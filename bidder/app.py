@@ -23,6 +23,7 @@ from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import Catalog, CatalogError, load_catalog
 from bidder.clock import Clock
 from bidder.engine import BidEngine, Outcome, error_body
+from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.notice_store import NoticeStore, SqliteNoticeStore
@@ -79,6 +80,7 @@ class Config:
     retrieval: bool = True   # off: a large catalog's every eligible creative is scored (for comparison)
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
     notices: NoticeSettings | None = None  # signed win/billing/loss notices and clicks (--notice-url); None: off
+    events: Path | None = None  # the event log's directory (bidder.events); None: no event log
 
 
 #: the interpreter's GIL switch interval while an engine is built (``State.load``)
@@ -92,6 +94,7 @@ class State:
         self.config = config
         self.metrics = metrics
         self.engine: BidEngine | None = None
+        self.events: EventLog | None = None  # started by the worker (bidder.workers) when config.events is set
         self.draining = False
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
@@ -148,7 +151,8 @@ class State:
         market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch, native=self.config.native_shading)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours,
-                           self.config.clock or self.config.now, factorized, market, retriever, self.notices)
+                           self.config.clock or self.config.now, factorized, market, retriever,
+                           notices=self.notices, events=self.events)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
         per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})
@@ -352,9 +356,27 @@ def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
     if state.store.first_time(checked.bid_id, kind, checked.issued, now):
         metrics.notices.labels(kind, "late" if age > checked.window else "ok").inc()
         metrics.notice_delay.labels(kind).observe(max(age, 0.0))
+        if state.events is not None:  # logged once, as counted
+            _log_notice(state.events, kind, checked.bid_id, query, max(age, 0.0))
     else:
         metrics.notices.labels(kind, "duplicate").inc()
     return checked
+
+
+def _number(text: str | None, kind=float):
+    """A notice parameter as a number, None when absent or left as the exchange's unsubstituted macro."""
+    try:
+        return kind(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _log_notice(events, kind: str, bid_id: str, query, delay: float) -> None:
+    if kind == "click":
+        events.click(bid_id)
+        return
+    events.notice(kind, bid_id, price=_number(query.get("p")), loss=_number(query.get("loss"), int),
+                  min_to_win=_number(query.get("mtw")), delay=delay)
 
 
 def _refused(state: State, route: str, started: float, refusal: Refusal) -> web.Response:
@@ -430,11 +452,17 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     app[STATE] = state
 
     async def resources(app: web.Application):
-        state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
-        yield
-        state.engine = None
-        if state.store is not None:
-            state.store.close()
+        if config.events is not None:  # before the engine: it logs every bid from its first
+            state.events = metrics_.events = EventLog(config.events, worker).start()
+        try:
+            state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
+            yield
+        finally:
+            state.engine = None
+            if state.store is not None:
+                state.store.close()
+            if state.events is not None:  # every queued event written, the last file renamed into place
+                state.events.close()
 
     app.cleanup_ctx.append(resources)
     app.router.add_post("/bid", bid)

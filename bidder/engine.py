@@ -34,6 +34,7 @@ from bidder.batch import Batch, Outcome, Pending, empty_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.deals import deal_candidates, seat_bids
+from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.notices import Notices
@@ -77,8 +78,10 @@ class BidEngine:
 
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
                  now: float | Callable[[], float] | None = None, factorized: FactorizedScorer | None = None,
-                 market: WinModel | None = None, retriever: Retriever | None = None, notices: Notices | None = None):
+                 market: WinModel | None = None, retriever: Retriever | None = None, notices: Notices | None = None,
+                 events: EventLog | None = None):
         self.scorer = scorer
+        self.events = events  # every bid placed is logged there (``bidder serve --events``); None: not logged
         self.catalog = catalog
         # large catalogs: the top K eligible creatives per imp by the two towers; None: every eligible creative
         self.retriever = retriever
@@ -483,7 +486,10 @@ class BidEngine:
             c = candidates[int(row_cand[row])]
             imp = imps[i]
             deals.append(deal)
-            bids.append(Bid(id=f"{request.id}-{imp.id}", impid=imp.id, price=price, adid=c.creative_id,
+            bid_id = f"{request.id}-{imp.id}"
+            if self.events is not None:
+                self._log_bid(bid_id, pending, position, c, batch.scores[row], value, price, floors[i])
+            bids.append(Bid(id=bid_id, impid=imp.id, price=price, adid=c.creative_id,
                             crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
                             cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None))
             if self.notices is not None:
@@ -499,6 +505,20 @@ class BidEngine:
         now = self.now() if callable(self.now) else self.now
         self.notices.dress(bid, pending.request.id, imp.exp, deal.seat if deal is not None else DEFAULT_SEAT, c,
                            pending.exchange, self.scorer.model_id, time.time() if now is None else now)
+
+    def _log_bid(self, bid_id: str, pending: Pending, position: int, c: Candidate, pctr: float, value: float,
+                 price: float, floor: float) -> None:
+        request = pending.request
+        record = pending.records[position]
+        user, device = request.user, request.device
+        key = (user.id or user.buyeruid) if user is not None else None
+        if key is None and device is not None:
+            key = device.ifa
+        if key is not None and key.__class__ is not str:
+            key = str(key)
+        self.events.bid(bid_id, record, c.layer, c.campaign_id, c.creative_id, self.scorer.model_id, float(pctr),
+                        value, price, price / value if value > 0 else 1.0, floor, request.at, record["adexchange"],
+                        key)
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, body: bytes) -> Outcome:

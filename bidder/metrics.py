@@ -137,6 +137,7 @@ class Metrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
         self._responses: dict[tuple[str, int], Count] = {}
+        self.events = None  # the worker's bidder.events.EventLog, when it logs events: its counters are exported
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -186,6 +187,21 @@ class Metrics:
             for values, series in list(family.series.items()):
                 out.add_metric(values, series.value)
             yield out
+        if self.events is not None:
+            yield from self._event_metrics()
+
+    def _event_metrics(self) -> Iterator[Metric]:
+        events = self.events
+        dropped = CounterMetricFamily("bidder_events_dropped", "Events not written to the event log, by reason "
+                                      "(queue_full: the writer fell behind; write_error: a full disk or an I/O "
+                                      "error)", labels=["reason"])
+        for reason, count in events.dropped.items():
+            dropped.add_metric((reason,), count)
+        yield dropped
+        yield CounterMetricFamily("bidder_events_written", "Events written to the event log's files",
+                                  value=events.written)
+        yield GaugeMetricFamily("bidder_events_queued", "Events waiting for the event log's writer",
+                                value=len(events.queue))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

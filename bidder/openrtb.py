@@ -86,6 +86,7 @@ class Geo(msgspec.Struct, gc=False):
 
 class Device(msgspec.Struct, gc=False):
     ua: str | None = None
+    ifa: Any = None  # the advertising id: a user key of the event log (any JSON: a strange one is no 400)
     ip: str | None = None
     ipv6: str | None = None
     geo: Geo | None = None
@@ -110,6 +111,8 @@ class Data(msgspec.Struct, gc=False):
 
 
 class User(msgspec.Struct, gc=False):
+    id: Any = None        # the exchange's user id and ours (buyeruid): user keys of the event log (any JSON,
+    buyeruid: Any = None  # as before they were read: a strange one is no 400)
     data: list[Data] | None = None
 
 

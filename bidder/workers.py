@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from bidder.app import STATE, Config, create_app, forget_preloaded, reload
 from bidder.campaigns import CatalogError
+from bidder.events import EventLogError
 from bidder.scorer import BundleError, pin_to_core
 
 __all__ = ["EXIT_STARTUP", "StartupError", "check_port", "run_worker", "serve"]
@@ -66,6 +67,8 @@ async def _run_worker(config: Config, worker: int, ready=None) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout)
     try:
         await runner.setup()  # loads the bundle and the catalog
+    except EventLogError as exc:
+        raise StartupError(str(exc)) from None
     except (BundleError, CatalogError, OSError) as exc:
         raise StartupError(f"cannot load the model or the catalog: {exc}") from None
     site = web.TCPSite(runner, config.host, config.port, reuse_port=config.workers > 1, backlog=4096)

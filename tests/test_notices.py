@@ -365,3 +365,31 @@ def test_two_workers_count_a_notice_once_whichever_answers_it(tmp_path):
     assert sum(ok) == 1 and sum(duplicates) == 29 and all(o + d > 0 for o, d in zip(ok, duplicates))
     rows = sqlite3.connect(tmp_path / "notices.sqlite").execute("SELECT bid_id, kind FROM notices").fetchall()
     assert rows == [(bid["id"], "win")]
+
+
+async def test_with_an_event_log_each_counted_notice_and_click_is_logged_once(aiohttp_client, small_bundle,
+                                                                            clicking_catalog, tmp_path):
+    import gzip
+
+    settings = NoticeSettings(**SETTINGS, state_dir=tmp_path / "state")
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=clicking_catalog, now=NOW,
+                                                    notices=settings, events=tmp_path / "events")))
+    bid = (await (await client.post("/bid/2", data=json.dumps(REQUEST))).json())["seatbid"][0]["bid"][0]
+    macros = dict(AUCTION_ID="req-1", AUCTION_BID_ID=bid["id"], AUCTION_PRICE="1.234567", AUCTION_LOSS="102")
+    for url in (bid["nurl"], bid["nurl"], bid["burl"], bid["lurl"]):  # the win twice: logged once
+        assert (await client.get(local(url, **macros))).status == 200
+    token = parse_qs(urlsplit(bid["nurl"]).query)["t"][0]
+    assert (await client.get(f"/click?t={token}", allow_redirects=False)).status == 302
+    assert (await client.get("/notice/win?t=forged&p=1")).status in (400, 403)  # refused: not logged
+    await client.close()  # the app's cleanup closes the log: every queued event written
+    records = []
+    for path in sorted((tmp_path / "events").glob("events-*.jsonl.gz")):
+        with gzip.open(path) as f:
+            records += [json.loads(line) for line in f.read().splitlines()]
+    assert [r["kind"] for r in records].count("bid") == 1
+    notices = {r["notice"]: r for r in records if r["kind"] == "notice"}
+    assert sorted(notices) == ["bill", "loss", "win"] and len([r for r in records if r["kind"] == "notice"]) == 3
+    assert all(r["bid_id"] == bid["id"] for r in records if r["kind"] != "bid")
+    assert notices["win"]["price"] == 1.234567 and notices["loss"]["loss"] == 102
+    assert notices["loss"]["min_to_win"] is None  # ${AUCTION_MIN_TO_WIN} left unsubstituted
+    assert [r["kind"] for r in records].count("click") == 1

@@ -1,5 +1,5 @@
 """Command line: ``python -m train COMMAND ...``, COMMAND one of synth, fit, default, compare, factorize, twotower,
-market, speed, speed-ddp, compress, compress-study, bundle-upgrade.
+market, logs, speed, speed-ddp, compress, compress-study, bundle-upgrade.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -163,6 +163,12 @@ def _market(args: argparse.Namespace) -> dict[str, Any]:
 
     return {"bundle": args.bundle, "market": market_bundle(args.data, args.bundle, epochs=args.epochs, seed=args.seed,
                                                            threads=args.threads, progress=not args.quiet)}
+
+
+def _logs(args: argparse.Namespace) -> dict[str, Any]:
+    from train.logs import write_training_data
+
+    return write_training_data(args.events, args.out, click_window=args.click_window, progress=not args.quiet)
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -352,6 +358,18 @@ def _parser() -> argparse.ArgumentParser:
     market.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     market.add_argument("--quiet", action="store_true", help="no progress bars")
     market.set_defaults(run=_market)
+    from train.logs import DEFAULT_CLICK_WINDOW_S
+
+    logs = commands.add_parser(
+        "logs", help="training data from the bidder's own event log (bidder serve --events DIR): train.log.txt "
+                     "for train fit and bids.log.txt for train market (docs/events.md)")
+    logs.add_argument("--events", required=True, help="the event log directory bidder serve --events wrote")
+    logs.add_argument("--out", required=True, help="folder to write train.log.txt and bids.log.txt to")
+    logs.add_argument("--click-window", type=float, default=DEFAULT_CLICK_WINDOW_S, metavar="SECONDS",
+                      help="a click counts (label 1) when it arrives this long after its bid at most "
+                           "(default %(default)s)")
+    logs.add_argument("--quiet", action="store_true", help="no progress bars")
+    logs.set_defaults(run=_logs)
     speed = commands.add_parser(
         "speed", help="training throughput: our loop against deepctr-torch's fit() on the same rows, taking turns")
     speed.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")

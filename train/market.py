@@ -12,6 +12,7 @@ outputs per impression keep the served graph tiny. Its limit is the shape: a mar
 Censored likelihood, per bid-log row (Φ the standard normal CDF, z(t) = (ln t − mu) / sigma):
 
     lost (either auction)          market >= bid           log(1 − Φ(z(bid)))
+    lost, with min-to-win m        market =  m             log φ(z(m)) − log sigma − log m
     first-price win                market <  bid           log Φ(z(bid))
     second-price win, paid > floor market =  paid          log φ(z(paid)) − log sigma − log paid
     second-price win, paid = floor market <= floor         log Φ(z(floor))
@@ -127,6 +128,9 @@ def observations(log: BidLog) -> tuple[np.ndarray, np.ndarray]:
     threshold[second_win & ~at_floor] = log.paid[second_win & ~at_floor]
     kind[at_floor] = WON_BELOW
     threshold[at_floor] = log.floor[at_floor]
+    told = ~log.won & np.isfinite(log.min_to_win)  # the exchange said what would have won: the market price
+    kind[told] = EXACT
+    threshold[told] = log.min_to_win[told]
     return kind, threshold
 
 
@@ -214,10 +218,16 @@ def _nll(model: MarketModel, sparse: torch.Tensor, kind: torch.Tensor, threshold
 
 @torch.no_grad()
 def evaluate(model: MarketModel, log: BidLog, bins: int = 10) -> dict[str, Any]:
-    """Held-out figures: censored NLL (the model's and the truth's), win rate by predicted bin, MAE vs truth."""
+    """Held-out figures: censored NLL (the model's and, on synthetic logs, the truth's), win rate by predicted bin,
+    MAE vs truth (synthetic logs only: None on a log from the bidder's own events)."""
     sparse, kind, threshold = _tensors(log)
     mu, sigma = model.params(sparse)
     nll = float(censored_nll(mu, sigma, kind, threshold))
+    if not log.has_truth:
+        predicted = model.probability(sparse, torch.from_numpy(log.bid.astype(np.float32)).reshape(-1, 1)).numpy()
+        return {"rows": len(log), "censored_nll": round(nll, 5), "censored_nll_truth": None,
+                "win_rate": {"predicted": round(float(predicted.mean()), 4), "observed": round(float(log.won.mean()), 4)},
+                "mae_vs_truth": None}
     true_mu = torch.from_numpy(log.market_mu_true)
     true_sigma = torch.from_numpy(log.market_sigma_true)
     nll_true = float(censored_nll(true_mu, true_sigma, kind, threshold))

@@ -10,10 +10,14 @@ simulated bidder answered (the same impressions, in time order), with
     click           1 when the won impression was clicked; 0 otherwise (a lost request showed nothing)
     value_per_click the campaign's value per click (USD), from the shipped catalog
 
-and the truth, which no model may read: ``market_true`` (the market price drawn), ``market_mu_true``
+and, on synthetic logs only, the truth, which no model may read: ``market_true`` (the market price drawn), ``market_mu_true``
 and ``market_sigma_true`` (its log-normal distribution: ln market ~ N(mu, sigma)) and ``pctr_true``.
 The feature columns are the impression log's, so the bidder's featurizer reads them unchanged
 (``slotprice``, the floor, stays in CNY fen as in iPinYou).
+
+A bid log made from the bidder's own event log (``python -m train logs``) has no truth columns (nobody knows the
+market's real distribution: they read as NaN) and one more, ``min_to_win``: on a loss, the exchange's
+``${AUCTION_MIN_TO_WIN}`` (the price that would have won, so the exact market price), or null.
 
 What is observed is censored: a first-price win says only market < bid, a loss market >= bid; a
 second-price win reveals the market price (or, when it paid the floor, that market <= floor).
@@ -53,6 +57,7 @@ FEATURE_COLUMNS = (
     "advertiser", "usertag",
 )
 LOG_COLUMNS = ("auction", "bid", "won", "payprice", "value_per_click")
+MIN_TO_WIN = "min_to_win"  # optional: a loss's exact market price, from the exchange's loss notice
 TRUTH_COLUMNS = ("market_true", "market_mu_true", "market_sigma_true", "pctr_true")
 COLUMNS = FEATURE_COLUMNS + LOG_COLUMNS + TRUTH_COLUMNS
 TEST_FRACTION, VAL_FRACTION = 0.2, 0.1  # the latest 20 % held out (the impression logs' test days), then 10 %
@@ -134,6 +139,12 @@ class BidLog:
     market_mu_true: np.ndarray
     market_sigma_true: np.ndarray
     pctr_true: np.ndarray
+    min_to_win: np.ndarray    # USD CPM on a loss whose exchange said what would have won, else nan
+
+    @property
+    def has_truth(self) -> bool:
+        """Whether the log carries the market's truth (synthetic logs), for evaluation."""
+        return bool(np.isfinite(self.market_mu_true).all())
 
     def __len__(self) -> int:
         return len(self.bid)
@@ -157,20 +168,22 @@ def read_bid_log(path: str | Path, spec: FeatureSpec, *, progress: bool = True) 
         raise DataError(f"{path}: no such file (python -m train synth writes {BID_LOG})")
     with open(path, "rb") as f:
         header = f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")
-        missing = [c for c in LOG_COLUMNS + TRUTH_COLUMNS + ("slotprice",) if c not in header]
+        missing = [c for c in LOG_COLUMNS + ("slotprice",) if c not in header]
         if missing:
             raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (expected a bid log)")
-        wanted = [header.index(c) for c in LOG_COLUMNS + TRUTH_COLUMNS + ("slotprice",)]
+        names = LOG_COLUMNS + ("slotprice",) + tuple(c for c in TRUTH_COLUMNS + (MIN_TO_WIN,) if c in header)
+        wanted = [header.index(c) for c in names]
         rows = []
         for number, raw in enumerate(f, start=2):
             parts = raw.rstrip(b"\r\n").split(b"\t")
             if len(parts) != len(header):
                 raise DataError(f"{path}:{number}: expected {len(header)} tab-separated columns, got {len(parts)}")
             rows.append([parts[i] for i in wanted])
-    names = LOG_COLUMNS + TRUTH_COLUMNS + ("slotprice",)
     table = {name: [r[i] for r in rows] for i, name in enumerate(names)}
 
     def numbers(name: str, allow_null: bool = False) -> np.ndarray:
+        if name not in table:  # a truth column of a log that has none, or a log without min_to_win
+            return np.full(len(rows), np.nan)
         try:
             return np.array([np.nan if (allow_null and v == b"null") else float(v) for v in table[name]])
         except ValueError as exc:
@@ -187,7 +200,8 @@ def read_bid_log(path: str | Path, spec: FeatureSpec, *, progress: bool = True) 
                   paid=numbers("payprice", allow_null=True), floor=floor_usd(numbers("slotprice")),
                   clicks=split.labels.astype(np.int64), value_per_click=numbers("value_per_click"),
                   market_true=numbers("market_true"), market_mu_true=numbers("market_mu_true"),
-                  market_sigma_true=numbers("market_sigma_true"), pctr_true=numbers("pctr_true"))
+                  market_sigma_true=numbers("market_sigma_true"), pctr_true=numbers("pctr_true"),
+                  min_to_win=numbers(MIN_TO_WIN, allow_null=True))
 
 
 def split_bid_log(log: BidLog) -> dict[str, BidLog]:

@@ -1,0 +1,336 @@
+"""The event log (``bidder serve --events DIR``): every bid, notice and click, keyed by bid id, for training on
+the bidder's own traffic (``python -m train logs``).
+
+The bid path only appends a tuple to a bounded in-memory queue (``EventLog.bid``, ``notice``, ``click``); a
+writer thread drains it, encodes JSON lines and writes gzip files. When the queue is full, or the disk is,
+events are dropped and counted (``bidder_events_dropped_total{reason}``): bidding never waits for the log.
+
+Files (``docs/events.md`` has the schema field by field):
+
+* ``DIR/.tmp-events-<hour>-w<worker>-p<pid>-<seq>.jsonl.gz`` while being written: one complete gzip member per
+  flush (at least once a second), so the bytes written survive a ``kill -9`` as whole members;
+* renamed to ``DIR/events-<hour>-w<worker>-p<pid>-<seq>.jsonl.gz`` (``<hour>`` as ``YYYYMMDDTHH``, UTC of the
+  events) when the hour of the events changes, the file passes ``max_bytes``, or the log closes; fsynced
+  before the rename, so a reader that skips ``.tmp-`` files never sees a half-written file;
+* a ``.tmp-`` file whose process is gone (a ``kill -9``) is salvaged at the next start (``bidder serve`` before
+  its workers start, and a worker the supervisor restarts): its complete members are renamed into place, a torn
+  last member (the last second at most) is dropped.
+
+Why gzip JSON lines: one self-describing record per line that ``zcat | jq``, pandas, DuckDB, Spark and
+BigQuery read directly, written with the standard library only (the runtime gains no dependency); the records
+are nested (the raw record, its ``usertag`` list), which Parquet would flatten into a schema to maintain.
+"""
+from __future__ import annotations
+
+import errno
+import gzip
+import logging
+import os
+import re
+import threading
+import time
+import zlib
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = ["DROP_REASONS", "EVENT_KINDS", "NOTICE_KINDS", "SCHEMA_VERSION", "EventLog", "EventLogError",
+           "check_directory", "complete_members", "events_hour"]
+
+log = logging.getLogger("bidder")
+
+#: the version every record carries (``schema``); readers refuse versions they do not know
+SCHEMA_VERSION = 1
+EVENT_KINDS = ("bid", "notice", "click")
+NOTICE_KINDS = ("win", "bill", "loss")
+#: why an event was not written
+DROP_REASONS = ("queue_full", "write_error")
+DEFAULT_QUEUE = 65536           # events held in memory at most (a few seconds of a busy worker)
+DEFAULT_FLUSH_S = 0.5           # the writer flushes at least this often: a kill -9 loses at most ~1 s
+DEFAULT_MAX_BYTES = 256 << 20   # a file is closed and renamed past this many compressed bytes
+YIELD_EVERY = 128               # events the writer encodes between offers of the GIL (about 0.5 ms of work)
+FINAL_PREFIX, TMP_PREFIX, SUFFIX = "events-", ".tmp-events-", ".jsonl.gz"
+_TMP_NAME = re.compile(r"^\.tmp-events-(\d{8}T\d{2})-w(\d+)-p(\d+)-(\d+)\.jsonl\.gz$")
+
+# the tuple each kind is queued as (after the kind and the time): names of the record's fields, in order
+BID_FIELDS = ("bid_id", "record", "layer", "campaign", "creative", "model", "pctr", "value", "price", "shading",
+              "floor", "auction", "exchange", "user")
+NOTICE_FIELDS = ("bid_id", "notice", "price", "loss", "min_to_win", "delay")
+CLICK_FIELDS = ("bid_id",)
+
+
+class EventLogError(Exception):
+    """The event log cannot start (an unwritable directory): one line naming the directory and the cause."""
+
+
+def events_hour(seconds: float) -> str:
+    """The UTC hour of a Unix time as in the file names, ``YYYYMMDDTHH``."""
+    return time.strftime("%Y%m%dT%H", time.gmtime(seconds))
+
+
+def _record(event: tuple) -> dict[str, Any]:
+    """A queued tuple as the record written (``docs/events.md``)."""
+    kind, at = event[0], event[1]
+    out: dict[str, Any] = {"schema": SCHEMA_VERSION, "kind": kind, "time": at}
+    if kind == "bid":
+        out.update(zip(BID_FIELDS, event[2:]))
+        layer = out.pop("layer")
+        out["record"] = {**out["record"], **layer}  # the raw record the model scored: imp fields + candidate's
+    elif kind == "notice":
+        out.update(zip(NOTICE_FIELDS, event[2:]))
+    else:
+        out.update(zip(CLICK_FIELDS, event[2:]))
+    return out
+
+
+def check_directory(directory: Path) -> None:
+    """Create ``directory`` if needed and write (and fsync) a probe file there: EventLogError, one line naming
+    the directory and the cause, when it cannot be written (not a directory, no permission, a full disk)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-p{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"x" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise EventLogError(f"--events {directory}: cannot write there: {exc.strerror or exc}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def complete_members(data: bytes) -> tuple[bytes, bool]:
+    """The uncompressed bytes of the complete gzip members at the start of ``data``, and whether a torn (or
+    corrupt) member followed them."""
+    out = []
+    while data:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            chunk = inflater.decompress(data)
+        except zlib.error:
+            return b"".join(out), True
+        if not inflater.eof:
+            return b"".join(out), True
+        out.append(chunk)
+        data = inflater.unused_data
+    return b"".join(out), False
+
+
+class EventLog:
+    """One worker's event log in ``directory``; ``start()`` checks the directory and starts the writer.
+
+    ``bid``, ``notice`` and ``click`` run on the bid path: they append to a bounded deque (a drop counted when it
+    is full) and return; ``close()`` (on SIGTERM) drains everything queued and renames the last file.
+    """
+
+    def __init__(self, directory: str | Path, worker: int = 0, *, queue_size: int = DEFAULT_QUEUE,
+                 flush_s: float = DEFAULT_FLUSH_S, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.directory = Path(directory)
+        self.worker = worker
+        self.queue_size = queue_size
+        self.flush_s = flush_s
+        self.max_bytes = max_bytes
+        self.queue: deque = deque()
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.written = 0  # events in files (renamed or being written)
+        self.files = 0    # files renamed into place
+        self._seq = 0
+        self._tmp: Path | None = None
+        self._file = None
+        self._hour: str | None = None
+        self._bytes = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._encoder = msgspec.json.Encoder()
+
+    # -- the bid path: append and return -------------------------------------------------------------
+    def bid(self, bid_id: str, record: dict, layer: dict, campaign: str, creative: str, model: str, pctr: float,
+            value: float, price: float, shading: float, floor: float, auction: int, exchange: str | None,
+            user: str | None) -> None:
+        """A bid placed: ``record`` the imp's raw record, ``layer`` the candidate's fields (together what the
+        model scored), ``value`` pCTR × value per click in USD CPM, ``price`` the bid, ``shading`` price / value."""
+        queue = self.queue
+        if len(queue) >= self.queue_size:
+            self.dropped["queue_full"] += 1
+            return
+        queue.append(("bid", time.time(), bid_id, record, layer, campaign, creative, model, pctr, value, price,
+                      shading, floor, auction, exchange, user))
+
+    def notice(self, kind: str, bid_id: str, price: float | None = None, loss: int | None = None,
+               min_to_win: float | None = None, delay: float | None = None) -> None:
+        """An exchange's notice for ``bid_id``: ``kind`` one of ``NOTICE_KINDS`` (win, bill, loss); ``price`` the
+        clearing price (USD CPM, ``${AUCTION_PRICE}``), ``loss`` the loss code (``${AUCTION_LOSS}``),
+        ``min_to_win`` ``${AUCTION_MIN_TO_WIN}`` when the exchange sends it, ``delay`` seconds since the bid when
+        the caller knows it (``train logs`` otherwise works it out from the bid's time)."""
+        queue = self.queue
+        if len(queue) >= self.queue_size:
+            self.dropped["queue_full"] += 1
+            return
+        queue.append(("notice", time.time(), bid_id, kind, price, loss, min_to_win, delay))
+
+    def click(self, bid_id: str) -> None:
+        """A click on the ad of ``bid_id``."""
+        queue = self.queue
+        if len(queue) >= self.queue_size:
+            self.dropped["queue_full"] += 1
+            return
+        queue.append(("click", time.time(), bid_id))
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> EventLog:
+        """Check the directory can be written (EventLogError otherwise), salvage what a killed worker left,
+        start the writer thread."""
+        check_directory(self.directory)
+        self.salvage(self.worker)  # a worker the supervisor restarts after a kill -9: what its predecessor left
+        self._thread = threading.Thread(target=self._run, name=f"events-w{self.worker}", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write every queued event and rename the last file into place (SIGTERM)."""
+        if self._thread is None:
+            return
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def salvage(self, worker: int | None = None) -> int:
+        """Rename into place what workers killed before they closed left in ``.tmp-`` files (of every worker, or of
+        worker ``worker`` only: workers starting together must not salvage the same file): their complete gzip
+        members (a torn last one is dropped). Returns the number of files salvaged."""
+        salvaged = 0
+        for path in sorted(self.directory.glob(TMP_PREFIX + "*")):
+            match = _TMP_NAME.match(path.name)
+            if match is None or (worker is not None and int(match[2]) != worker) or _pid_alive(int(match[3])):
+                continue
+            try:
+                data, torn = complete_members(path.read_bytes())
+                if data:
+                    final = path.with_name(path.name[len(".tmp-"):])
+                    if torn:  # rewrite the complete members only: gzip readers fail on a torn tail
+                        with open(path, "wb") as f:
+                            f.write(gzip.compress(data, compresslevel=1))
+                            f.flush()
+                            os.fsync(f.fileno())
+                    os.replace(path, final)
+                    salvaged += 1
+                else:
+                    path.unlink()
+            except OSError as exc:
+                log.warning("events: cannot salvage %s: %s", path, exc.strerror or exc)
+        if salvaged:
+            self._sync_directory()
+            log.info("events: salvaged %d file(s) a killed worker left in %s", salvaged, self.directory)
+        return salvaged
+
+    # -- the writer thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_s)
+            stopping = self._stop
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - a bug here must not end the log, nor the worker
+                log.exception("events: cannot encode queued events")
+            if stopping:
+                self._finish()
+                return
+
+    def _drain(self) -> None:
+        """Encode and write what is queued now, one gzip member per hour of events."""
+        queue = self.queue
+        n = len(queue)
+        if not n:
+            return
+        encode = self._encoder.encode
+        lines: list[bytes] = []
+        hour, start, end = self._hour, 0.0, 0.0  # the hour's name and its [start, end) in Unix seconds
+        for i in range(n):
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                time.sleep(0)  # let the event loop have the GIL: it would otherwise wait out the switch interval
+            event = queue.popleft()
+            at = event[1]
+            if not start <= at < end:
+                start = at - at % 3600.0  # UTC hours are whole multiples of 3600 s in Unix time
+                end = start + 3600.0
+                if events_hour(at) != hour:
+                    if lines:
+                        self._write(hour, lines)
+                        lines = []
+                    hour = events_hour(at)
+            lines.append(encode(_record(event)))
+        self._write(hour, lines)
+
+    def _write(self, hour: str, lines: list[bytes]) -> None:
+        payload = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=1)
+        try:
+            if self._file is not None and (hour != self._hour or self._bytes >= self.max_bytes):
+                self._finish()
+            if self._file is None:
+                self._open(hour)
+            self._file.write(payload)
+            self._file.flush()  # to the kernel: a kill -9 of this process keeps it
+        except OSError as exc:
+            self.dropped["write_error"] += len(lines)
+            log.warning("events: %d event(s) dropped: cannot write %s: %s", len(lines), self._tmp,
+                        exc.strerror or exc)
+            self._abandon(exc)
+            return
+        self._bytes += len(payload)
+        self.written += len(lines)
+
+    def _open(self, hour: str) -> None:
+        self._seq += 1
+        self._hour = hour
+        self._tmp = self.directory / f"{TMP_PREFIX}{hour}-w{self.worker}-p{os.getpid()}-{self._seq:06d}{SUFFIX}"
+        self._file = open(self._tmp, "wb")
+        self._bytes = 0
+
+    def _finish(self) -> None:
+        """fsync the file being written, rename it into place and fsync the directory."""
+        if self._file is None:
+            return
+        try:
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self._tmp.with_name(self._tmp.name[len(".tmp-"):]))
+            self._sync_directory()
+            self.files += 1
+        except OSError as exc:
+            log.warning("events: cannot close %s: %s (left for the next start to salvage)", self._tmp,
+                        exc.strerror or exc)
+        self._file = None
+
+    def _abandon(self, exc: OSError) -> None:
+        """After a failed write the file may end in a torn member: close it and leave it for salvage (the next
+        start); a full disk is retried with a new file at the next flush."""
+        try:
+            if self._file is not None:
+                self._file.close()
+        except OSError:
+            pass
+        self._file = None
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            log.error("events: writing to %s failed; retrying with a new file", self.directory)
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

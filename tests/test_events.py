@@ -1,0 +1,290 @@
+"""The event log (``bidder serve --events DIR``, ``bidder/events.py``) and training from it (``train logs``)."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from processes import Server
+
+import bidder
+from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES, Featurizer
+from bidder.__main__ import main as bidder_main
+from bidder.app import DEFAULT_CAMPAIGNS
+from bidder.campaigns import load_catalog
+from bidder.engine import BidEngine
+from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_members
+from bidder.metrics import Metrics
+from bidder.scorer import Scorer
+from train.__main__ import main as train_main
+from train.data.bidlog import read_bid_log
+from train.data.dataset import featurize_log
+from train.errors import DataError
+from train.logs import write_training_data
+from train.market import EXACT, LOST, observations
+
+BID = ("r1-1", {"weekday": 3, "hour": 14, "usertag": ["10006"], "slotprice": 7}, {"creative": "cr", "advertiser": 1458,
+       "slotwidth": 300, "slotheight": 250}, "c1458", "cr", "model", 0.002, 2.4, 2.0, 0.8333, 0.5, 1, "2", "u1")
+
+
+def _records(directory: Path) -> list[dict]:
+    out = []
+    for path in sorted(directory.glob("events-*.jsonl.gz")):
+        with gzip.open(path) as f:
+            out.extend(json.loads(line) for line in f.read().splitlines())
+    return out
+
+
+def _banner(request_id: str = "r1") -> bytes:
+    body = json.loads((OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json").read_bytes())
+    body["id"] = request_id
+    body["imp"][0]["bidfloor"] = 0.01
+    return json.dumps(body).encode()
+
+
+# -- the log -----------------------------------------------------------------------------------------------
+def test_a_full_queue_drops_and_counts_without_waiting(tmp_path):
+    events = EventLog(tmp_path, queue_size=3)  # no writer: nothing drains the queue
+    for _ in range(5):
+        events.bid(*BID)
+    events.notice("win", "r1-1", price=1.0)
+    events.click("r1-1")
+    assert len(events.queue) == 3
+    assert events.dropped == {"queue_full": 4, "write_error": 0}
+    metrics = Metrics()
+    metrics.events = events
+    text = metrics.render().decode()
+    assert 'bidder_events_dropped_total{reason="queue_full"} 4.0' in text and "bidder_events_queued 3.0" in text
+
+
+def test_files_rotate_by_the_hour_of_their_events_and_by_size(tmp_path):
+    events = EventLog(tmp_path, flush_s=60, max_bytes=1)  # every flush past the size: a new file
+    ten, eleven = 1_796_637_600.0, 1_796_641_200.0  # 2026-12-07 10:00 and 11:00 UTC
+    events.queue.extend([("click", ten, "a"), ("click", ten + 1, "b"), ("click", eleven, "c")])
+    events._drain()
+    events.queue.append(("click", eleven + 1, "d"))
+    events._drain()
+    events._finish()
+    names = sorted(p.name.split("-p")[0] for p in tmp_path.glob("events-*"))
+    assert names == ["events-20261207T10-w0", "events-20261207T11-w0", "events-20261207T11-w0"]
+    assert [r["bid_id"] for r in _records(tmp_path)] == ["a", "b", "c", "d"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_every_queued_event_is_written_on_close_with_its_schema(tmp_path):
+    events = EventLog(tmp_path, flush_s=60).start()  # close, not the timer, must write them
+    events.bid(*BID)
+    events.notice("loss", "r1-1", loss=102, min_to_win=2.5)
+    events.click("r1-1")
+    events.close()
+    assert not list(tmp_path.glob(".tmp-*")), "close renames the last file into place"
+    bid, notice, click = _records(tmp_path)
+    assert {r["schema"] for r in (bid, notice, click)} == {SCHEMA_VERSION}
+    assert bid["record"] == {**BID[1], **BID[2]}  # the raw record the model scored: the imp's and the candidate's
+    assert (bid["bid_id"], bid["campaign"], bid["price"], bid["auction"], bid["user"]) == \
+        ("r1-1", "c1458", 2.0, 1, "u1")
+    assert (notice["notice"], notice["loss"], notice["min_to_win"]) == ("loss", 102, 2.5)
+    assert click["kind"] == "click" and click["bid_id"] == "r1-1"
+
+
+def test_a_full_disk_drops_and_counts_and_the_writer_carries_on(tmp_path, monkeypatch):
+    events = EventLog(tmp_path, flush_s=0.01).start()
+    opened = EventLog._open
+
+    def full_disk(self, hour):  # every write fails as on a full disk: /dev/full answers ENOSPC
+        self._seq += 1
+        self._hour, self._tmp, self._bytes = hour, Path("/dev/full"), 0
+        self._file = open("/dev/full", "wb")
+
+    monkeypatch.setattr(EventLog, "_open", full_disk)
+    for _ in range(10):
+        events.bid(*BID)
+    deadline = time.monotonic() + 10
+    while events.dropped["write_error"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events.dropped["write_error"] == 10 and events.written == 0
+    monkeypatch.setattr(EventLog, "_open", opened)  # space again: the next events are written
+    events.bid(*BID)
+    events.close()
+    assert len(_records(tmp_path)) == 1 and events.written == 1
+
+
+def test_an_unwritable_directory_is_one_line_at_start(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(EventLogError, match=r"--events .*a-file/events: cannot write there"):
+        EventLog(blocker / "events").start()
+    status = bidder_main(["serve", "--events", str(blocker / "events"), "--port", "1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: --events ") and "a-file" in err
+
+
+def test_a_killed_writer_loses_only_its_torn_last_member(tmp_path):
+    """A process writing events is killed (SIGKILL); the next start renames what it flushed into place."""
+    script = textwrap.dedent("""
+        import sys, time
+        from bidder.events import EventLog
+        events = EventLog(sys.argv[1], flush_s=0.05).start()
+        i = 0
+        while True:
+            events.click(f"b{i}")
+            i += 1
+            if i % 100 == 0:
+                print(i, flush=True)
+                time.sleep(0.001)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    for _ in range(30):  # enough for several flushes
+        child.stdout.readline()
+    time.sleep(0.3)
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    left = list(tmp_path.glob(".tmp-*"))
+    assert left, "the killed process left its file unfinished"
+    assert EventLog(tmp_path).salvage(worker=1) == 0, "another worker's file is left to that worker"
+    assert EventLog(tmp_path).salvage() == 1
+    ids = [r["bid_id"] for r in _records(tmp_path)]
+    assert ids and ids == [f"b{i}" for i in range(len(ids))], "a prefix of what was logged, in order, no torn line"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_complete_members_drops_a_torn_tail():
+    whole = gzip.compress(b"a\n") + gzip.compress(b"b\n")
+    assert complete_members(whole) == (b"a\nb\n", False)
+    assert complete_members(whole + gzip.compress(b"c\n")[:-3]) == (b"a\nb\n", True)
+
+
+# -- the bid path --------------------------------------------------------------------------------------------
+def test_the_engine_logs_each_bid_and_answers_the_same_bytes(tmp_path):
+    scorer, catalog = Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS)
+    events = EventLog(tmp_path).start()
+    plain = BidEngine(scorer, catalog, Metrics(), now=1.8e9).bid(_banner(), "2")
+    logged = BidEngine(scorer, catalog, Metrics(), now=1.8e9, events=events).bid(_banner(), "2")
+    events.close()
+    assert plain.status == 200 and logged.body == plain.body
+    bid = json.loads(plain.body)["seatbid"][0]["bid"][0]
+    (event,) = _records(tmp_path)
+    assert (event["bid_id"], event["price"], event["creative"], event["campaign"]) == (bid["id"], bid["price"],
+                                                                                       bid["crid"], bid["cid"])
+    assert event["model"] == scorer.model_id and event["exchange"] == "2" and event["floor"] == 0.01
+    candidate = next(c for c in catalog.candidates if c.creative_id == bid["crid"])
+    assert event["value"] == pytest.approx(event["pctr"] * candidate.value_per_click * 1000.0, rel=1e-5)
+    # the logged record featurizes to what the model scored: the engine's own record and candidate layer
+    featurizer = Featurizer(scorer.spec)
+    again = featurizer.transform([event["record"]])
+    pending = BidEngine(scorer, catalog, Metrics(), now=1.8e9).prepare(_banner(), "2", 0.0)
+    scored = featurizer.transform([{**pending.records[0], **candidate.layer}])
+    assert all(np.array_equal(again[k], scored[k]) for k in scored)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_writes_every_event_of_a_served_bid(tmp_path, workers):
+    with Server("--events", str(tmp_path / "events"), workers=workers) as server:
+        server.wait_ready(workers)
+        answered = []
+        for i in range(20):
+            status, body = server.post("/bid/2", _banner(f"sigterm-{i}"))
+            if status == 200:
+                answered.extend(b["id"] for s in json.loads(body)["seatbid"] for b in s["bid"])
+        assert answered
+        assert server.stop() == 0
+    assert sorted(r["bid_id"] for r in _records(tmp_path / "events")) == sorted(answered)
+    assert not list((tmp_path / "events").glob(".tmp-*"))
+
+
+def test_bench_load_can_measure_the_bidder_with_its_event_log():
+    from bench import load
+
+    command = load.server_command("bidder-events", load.LoadConfig(servers=("bidder", "bidder-events")), 9005, 1)
+    assert command[command.index("--events") + 1].endswith("bench-bidder-events")
+    assert "--events" not in load.server_command("bidder", load.LoadConfig(), 9005, 1)
+
+
+# -- train logs ------------------------------------------------------------------------------------------------
+def _write_log(directory: Path, records: list[dict], name: str = "events-20261207T10-w0-p1-000001.jsonl.gz") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with gzip.open(directory / name, "wb") as f:
+        f.write(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+
+
+def _bid(bid_id: str, at: float, **fields) -> dict:
+    record = {"weekday": 3, "hour": 14, "useragent": "Mozilla/5.0 (Windows NT 6.1)", "IP": "1.2.3.*",
+              "region": "1", "city": "2", "adexchange": "2", "domain": "example.com", "url": None, "urlid": None,
+              "usertag": ["10006", "13776"], "slotid": "s1", "slotvisibility": "Na", "slotformat": "0",
+              "slotprice": 7, "creative": "cr", "advertiser": 1458, "slotwidth": 300, "slotheight": 250}
+    return {"schema": 1, "kind": "bid", "time": at, "bid_id": bid_id, "record": record, "campaign": "c1458",
+            "creative": "cr", "model": "m", "pctr": 0.002, "value": 2.4, "price": 2.0, "shading": 0.8333,
+            "floor": 0.1, "auction": 2, "exchange": "2", "user": "u", **fields}
+
+
+def _notice(kind: str, bid_id: str, at: float, **fields) -> dict:
+    return {"schema": 1, "kind": "notice", "time": at, "bid_id": bid_id, "notice": kind, "price": None, "loss": None,
+            "min_to_win": None, "delay": None, **fields}
+
+
+def _click(bid_id: str, at: float) -> dict:
+    return {"schema": 1, "kind": "click", "time": at, "bid_id": bid_id}
+
+
+def _lines(path: Path) -> list[dict[str, str]]:
+    header, *rows = path.read_text().splitlines()
+    return [dict(zip(header.split("\t"), row.split("\t"))) for row in rows]
+
+
+def test_train_logs_joins_bids_with_their_outcomes(tmp_path):
+    t = 1_796_637_600.0  # 2026-12-07 10:00 UTC
+    events = tmp_path / "events"
+    _write_log(events, [
+        _bid("a", t), _notice("win", "a", t + 1, price=1.5), _notice("bill", "a", t + 2, price=1.5),
+        _click("a", t + 60),                                           # billed, clicked in time: label 1
+        _bid("b", t + 1), _notice("bill", "b", t + 3, price=1.2), _click("b", t + 7200),  # clicked too late: 0
+        _bid("c", t + 2), _notice("bill", "c", t + 4, price=1.1),      # billed, no click: 0
+        _bid("d", t + 3), _notice("win", "d", t + 5, price=1.0), _click("d", t + 6),  # won, never billed
+        _bid("e", t + 4), _notice("loss", "e", t + 5, loss=102, min_to_win=2.75),  # lost: exact market price
+        _bid("f", t + 5), _notice("loss", "f", t + 6, loss=102),       # lost: market >= bid only
+        _bid("g", t + 6),                                              # a bid with no outcome
+        _notice("bill", "zz", t + 7, price=1.0), _click("yy", t + 8),  # outcomes with no bid
+    ])
+    # the events of one bid may be in another worker's file, and in any order
+    _write_log(events, [_click("c", t + 30)], "events-20261207T11-w1-p2-000001.jsonl.gz")
+    _write_log(events, [_bid("ignored", t)], ".tmp-events-20261207T11-w0-p3-000001.jsonl.gz")
+    summary = write_training_data(events, tmp_path / "data", click_window=3600, progress=False)
+    train = _lines(tmp_path / "data" / "train.log.txt")
+    assert {(r["bidid"], r["click"]) for r in train} == {("a", "1"), ("b", "0"), ("c", "1")}
+    assert train[0]["timestamp"] == "20261207100000000" and train[0]["usertag"] == "10006,13776"
+    bids = {r["bidid"]: r for r in _lines(tmp_path / "data" / "bids.log.txt")}
+    assert set(bids) == {"a", "b", "c", "d", "e", "f"}
+    assert (bids["d"]["won"], bids["d"]["payprice"], bids["d"]["click"]) == ("1", "1.000000", "0")
+    assert (bids["e"]["won"], bids["e"]["payprice"], bids["e"]["min_to_win"]) == ("0", "null", "2.750000")
+    assert bids["f"]["min_to_win"] == "null" and bids["a"]["value_per_click"] == "1.200000"
+    assert summary["bids_without_outcome"] == 1 and summary["outcomes_without_bid"] == {"notice": 1, "click": 1}
+    assert summary["billed"] == 3 and summary["billed_join_rate"] == 0.75 and summary["clicks"] == 2
+    # the layouts the trainers read: train fit's logs and train market's bid log
+    spec = bidder.default_spec()
+    split, stamps, _ = featurize_log(tmp_path / "data" / "train.log.txt", spec, progress=False)
+    assert split.labels.tolist() == [1.0, 0.0, 1.0] and (stamps > 0).all()
+    market = read_bid_log(tmp_path / "data", spec, progress=False)
+    assert market.won.tolist() == [True, True, True, True, False, False] and not market.has_truth
+    kind, threshold = observations(market)  # the loss with min-to-win is an exact price, the other a bound
+    assert (kind[4], threshold[4], kind[5], threshold[5]) == (EXACT, 2.75, LOST, 2.0)
+
+
+def test_train_logs_refuses_a_schema_version_it_does_not_know(tmp_path, capsys):
+    events = tmp_path / "events"
+    _write_log(events, [_bid("a", 1.8e9), {**_bid("b", 1.8e9), "schema": SCHEMA_VERSION + 1}])
+    status = train_main(["logs", "--events", str(events), "--out", str(tmp_path / "data"), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "events-20261207T10-w0-p1-000001.jsonl.gz:2: event schema version 2 is not known" in err
+    with pytest.raises(DataError, match=r":1: not an event record"):
+        _write_log(events, [{"kind": "bid"}])
+        write_training_data(events, tmp_path / "data", progress=False)
