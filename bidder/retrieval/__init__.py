@@ -54,7 +54,7 @@ class Retriever:
 
     def query(self, record: Mapping[str, Any]) -> np.ndarray:
         """The imp vector of one imp record (a copy: the tower's buffer is reused)."""
-        return self.towers.imp_vectors((record,))[0].copy()
+        return self.towers.imp_vectors((record,))[0]
 
     def queries(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """``[n, D]``: the imp vectors of ``records``, one imp tower call per ``max_imps`` of them (a batch's imps
@@ -62,8 +62,8 @@ class Retriever:
         towers = self.towers
         step = towers.max_imps
         if len(records) <= step:
-            return towers.imp_vectors(records).copy()
-        return np.concatenate([towers.imp_vectors(records[start:start + step]).copy()  # views of one buffer
+            return towers.imp_vectors(records)
+        return np.concatenate([towers.imp_vectors(records[start:start + step])
                                for start in range(0, len(records), step)])
 
     def queries_of(self, features: Mapping[str, np.ndarray], n: int) -> np.ndarray:

@@ -55,7 +55,6 @@ class Towers:
         self.max_imps = max_imps
         self.imp_inputs = spec.allocate(max_imps)
         self.imp_output = np.zeros((max_imps, self.dim), dtype=np.float32)
-        self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
         self._views: dict[tuple[int, int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = {}  # ``vectors_of``
 
     def _check(self, session: ort.InferenceSession, name: str, output: str) -> int:
@@ -73,18 +72,9 @@ class Towers:
         return int(outputs[0].shape[1])
 
     def imp_vectors(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Imp vectors of at most ``max_imps`` records, a view of the output buffer (overwritten by the next call)."""
-        n = self.featurizer.transform_into(self.imp_inputs, records)
-        bound = self._bindings.get(n)
-        if bound is None:
-            if n == 0:
-                return self.imp_output[:0]
-            names = {a.name for a in self.imp_session.get_inputs()}
-            bound = self._bindings[n] = bind_buffers(
-                self.imp_session, {k: v[:n] for k, v in self.imp_inputs.items() if k in names},
-                {IMP_OUTPUT: self.imp_output[:n]})
-        self.imp_session.run_with_iobinding(bound[0])
-        return self.imp_output[:n]
+        """``[n, D]``: the imp vectors of at most ``max_imps`` records, featurized into the towers' own buffer, a
+        new array."""
+        return self.vectors_of(self.imp_inputs, self.featurizer.transform_into(self.imp_inputs, records))
 
     def vectors_of(self, features: Mapping[str, np.ndarray], n: int) -> np.ndarray:
         """``[n, D]``: the imp vectors of rows ``[0, n)`` of ``features`` (the spec's inputs, featurized already:
