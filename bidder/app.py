@@ -16,12 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
-import numpy as np
 from aiohttp import web
 
 from bidder import DEFAULT_BUNDLE
 from bidder.campaigns import Catalog, CatalogError, load_catalog
-from bidder.clock import Clock
+from bidder.clock import Clock, read_clock
 from bidder.engine import BidEngine, Outcome, error_body
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
@@ -107,10 +106,7 @@ class State:
 
     def now(self) -> float:
         """The engine's time (Unix seconds): the fixed --now, the simulated clock, else the wall clock."""
-        now = self.config.clock or self.config.now
-        if callable(now):
-            return now()
-        return time.time() if now is None else now
+        return read_clock(self.config.clock or self.config.now)
 
     def load(self, model: Path, campaigns: Path) -> BidEngine:
         """Build a complete engine (runs in a thread during reloads) and warm it.
@@ -162,9 +158,7 @@ class State:
             # the shapes of batches of one-imp requests of one size: n imps x k candidates
             for k in per_size:
                 for n in range(1, min(32, scorer.max_batch // max(k, 1)) + 1):
-                    factorized.row_imp[:n * k] = np.repeat(np.arange(n), k)
-                    factorized.row_cand[:n * k] = 0
-                    factorized.run(n, n * k)
+                    factorized.warm(n, k)
         return engine
 
     def install(self, engine: BidEngine, model: Path, campaigns: Path) -> None:

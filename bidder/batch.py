@@ -34,17 +34,17 @@ class Pending:
     deals) the deal each of them can bid through, by position. With a large catalog, ``candidates`` is empty
     until retrieval fills it from ``waiting`` (per imp: the imp and its sizes) and ``where`` (the targeting
     context). ``floors`` holds every imp's floor (USD CPM), ``imp_reason`` the first reason an imp of the
-    request got no rows. ``exchange`` (the request's exchange) is set only when notices are on: the bids' tokens
-    carry it.
+    request got no rows, ``exchange`` the exchange it came through (the bids' notice tokens carry it).
     """
 
     __slots__ = ("request", "received", "imp_ids", "records", "candidates", "offers", "floors", "imp_reason",
                  "waiting", "where", "n_rows", "first_imp", "first_row", "has_deals", "exchange")
 
-    def __init__(self, request: BidRequest, received: float, floors: list[float]):
+    def __init__(self, request: BidRequest, received: float, floors: list[float], exchange: str | None = None):
         self.request = request
         self.received = received
         self.floors = floors
+        self.exchange = exchange
         self.imp_ids: list[int] = []
         self.records: list[dict] = []
         self.candidates: list[Sequence[Candidate]] = []
@@ -76,14 +76,14 @@ class Pending:
 class Batch:
     """Requests scored together, and what each stage worked out for them.
 
-    Imp ``j`` of the batch is imp ``imp_ids[j]`` of request ``imp_request[j]``; its features are row ``j`` of
+    Imp ``j`` of the batch is imp ``imp_ids[j]`` of its request (a request's imps start at its ``first_imp``); its features are row ``j`` of
     ``features`` (the spec's inputs). Row ``r`` pairs imp ``row_imp[r]`` with catalog candidate ``row_cand[r]``,
     under floor ``row_floor[r]``, at ``row_value[r]`` USD per click, through the deal ``offers[r]`` if it has
     one (its floor in ``deal_floor[r]``, NaN without), for ``r < n_rows`` (the arrays are the engine's, reused
     from batch to batch, and may be longer). A request's imps and rows are consecutive.
     """
 
-    __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_request", "imp_ids", "features", "n_rows",
+    __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_ids", "features", "n_rows",
                  "row_imp", "row_cand", "row_floor", "row_value", "deal_floor", "deal_private", "offers", "scores",
                  "best_row", "best_value", "via_deal", "shaded", "unprofitable")
 
@@ -93,7 +93,6 @@ class Batch:
         self.outcomes: list[Outcome | Exception | None] = [None] * len(pendings)
         self.features = features
         self.records: list[dict] = []
-        self.imp_request: list[int] = []
         self.imp_ids: list[int] = []
         self.n_rows = 0
         self.offers: dict[int, DealOffer] = {}

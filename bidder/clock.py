@@ -12,8 +12,17 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
+from typing import Callable
 
-__all__ = ["Clock", "parse_time"]
+__all__ = ["Clock", "parse_time", "read_clock"]
+
+
+def read_clock(source: float | Callable[[], float] | None) -> float:
+    """Unix seconds from what a bidder is given to tell the time by: a fixed instant (``--now``), a clock to call
+    (``Clock``), or None for the wall clock."""
+    if source is None:
+        return time.time()
+    return source() if callable(source) else source
 
 
 def parse_time(text: str) -> float:

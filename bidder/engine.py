@@ -33,6 +33,7 @@ from bidder._features import layout_rows
 from bidder.batch import Batch, Outcome, Pending, empty_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
+from bidder.clock import read_clock
 from bidder.deals import deal_candidates, seat_bids
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
@@ -130,12 +131,11 @@ class BidEngine:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
         if request.cur and "USD" not in request.cur:
             return self._no_bid("currency")
-        now = self.now() if callable(self.now) else self.now
-        shared = request_fields(request, exchange, now=now, utc_offset_hours=self.utc_offset_hours)
+        shared = request_fields(request, exchange, now=read_clock(self.now), utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog
-        pending = Pending(request, received, [imp.bidfloor for imp in request.imp])
+        pending = Pending(request, received, [imp.bidfloor for imp in request.imp], exchange)
         if self.retriever is not None:
             pending.waiting = []
             pending.where = (domain, exchange, blocked)
@@ -159,8 +159,6 @@ class BidEngine:
                 pending.imp_reason = self._count_imp(pending.imp_reason, "no_eligible_creative")
         if not pending.imp_ids:
             return self._no_bid(pending.imp_reason or "no_eligible_creative")
-        if self.notices is not None:
-            pending.exchange = exchange
         return pending
 
     def _add_candidates(self, pending: Pending, i: int, imp: Imp, record: dict,
@@ -268,8 +266,8 @@ class BidEngine:
 
     @staticmethod
     def _gather_imps(batch: Batch) -> None:
-        records, imp_request, imp_ids = batch.records, batch.imp_request, batch.imp_ids
-        del records[:], imp_request[:], imp_ids[:]
+        records, imp_ids = batch.records, batch.imp_ids
+        del records[:], imp_ids[:]
         outcomes = batch.outcomes
         for k, pending in enumerate(batch.pendings):
             if outcomes[k] is not None:
@@ -277,7 +275,6 @@ class BidEngine:
             pending.first_imp = len(records)
             records.extend(pending.records)
             imp_ids.extend(pending.imp_ids)
-            imp_request.extend([k] * len(pending.imp_ids))
 
     # -- retrieve (large catalogs) -------------------------------------------------------------------
     def retrieve(self, batch: Batch) -> None:
@@ -502,9 +499,8 @@ class BidEngine:
 
     def _sign(self, bid: Bid, pending: Pending, imp: Imp, deal: DealOffer | None, c: Candidate) -> None:
         """Notices on: the bid's notice URLs and click link carry its signed facts, issued on the engine's clock."""
-        now = self.now() if callable(self.now) else self.now
         self.notices.dress(bid, pending.request.id, imp.exp, deal.seat if deal is not None else DEFAULT_SEAT, c,
-                           pending.exchange, self.scorer.model_id, time.time() if now is None else now)
+                           pending.exchange, self.scorer.model_id, read_clock(self.now))
 
     def _log_bid(self, bid_id: str, pending: Pending, position: int, c: Candidate, pctr: float, value: float,
                  price: float, floor: float) -> None:

@@ -237,6 +237,14 @@ class FactorizedScorer:
         self.session.run_with_iobinding(bound[0])
         return self.output[:rows, 0]
 
+    def warm(self, n_imps: int, per_imp: int) -> None:
+        """Bind and run the shape of ``n_imps`` imps of ``per_imp`` candidates each, so the first batch of that
+        shape does not pay ONNX Runtime's first run at it (the rows pair each imp with candidate 0)."""
+        rows = n_imps * per_imp
+        self.row_imp[:rows] = np.repeat(np.arange(n_imps), per_imp)
+        self.row_cand[:rows] = 0
+        self.run(n_imps, rows)
+
     def score_rows(self, batch: Any, start: int, stop: int) -> np.ndarray:
         """Probabilities of rows ``[start, stop)`` of ``batch`` (a ``bidder.batch.Batch`` whose imps are featurized
         into ``imp_inputs``), in calls of at most ``max_rows`` rows; a view overwritten by the next call when

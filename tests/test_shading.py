@@ -210,7 +210,8 @@ def test_engine_shades_the_same_with_and_without_factorized_features(market_bund
     assert batch.features is factorized.imp_inputs and len(batch.records) == 3 and len(batch.shaded) == 3
     imps = sorted(batch.shaded)
     values = [batch.best_value[j] for j in imps]
-    floors = [pendings[batch.imp_request[j]].floors[batch.imp_ids[j]] for j in imps]
+    owner = {p.first_imp + position: p for p in pendings for position in range(len(p.imp_ids))}
+    floors = [owner[j].floors[batch.imp_ids[j]] for j in imps]
     again, _ = market.shade(scorer.featurizer, [batch.records[j] for j in imps], values, floors)  # featurized anew
     assert [batch.shaded[j] for j in imps] == again
     engine.encode_all(batch)
