@@ -12,7 +12,8 @@ The file is JSON::
 ``name``, ``enabled`` (default true), ``targeting`` and each of its keys, and ``deals`` are optional; a
 creative needs a ``nurl`` or a ``markup`` (or both); its optional ``click_url`` (the landing page) must
 appear in its markup, whose link to it the bidder routes through ``/click`` when notices are on. Unknown keys
-are errors, so a misspelt option cannot pass silently. ``deals`` lists the private-marketplace deals the campaign may buy: the deal id an exchange
+are errors, so a misspelt option cannot pass silently. A campaign's money terms (``budget``, ``flight``,
+``pacing``, ``max_cpm``, ``frequency_cap``: docs/catalog.md) become its ``CampaignTerms`` in ``Catalog.terms``. ``deals`` lists the private-marketplace deals the campaign may buy: the deal id an exchange
 sends in ``imp.pmp.deals[].id`` and, optionally, the buyer seat the deal was set up for (without one the
 bid goes in the bidder's own seat); ``bidder/deals.py`` matches them against a request.
 
@@ -27,13 +28,16 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Any, Iterable, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from msgspec import Meta, Struct
 
-__all__ = ["AUCTION_PRICE_MACRO", "CANDIDATE_FIELDS", "CampaignDeal", "Candidate", "Catalog", "CatalogError",
-           "decode_catalog", "load_catalog"]
+from bidder.clock import parse_time
+
+__all__ = ["AUCTION_PRICE_MACRO", "CANDIDATE_FIELDS", "CampaignDeal", "CampaignTerms", "Candidate", "Catalog",
+           "CatalogError", "FrequencyCap", "decode_catalog", "load_catalog"]
 
 AUCTION_PRICE_MACRO = "${AUCTION_PRICE}"
 #: The raw record keys a candidate (not the imp) supplies, in the order of its ``layer`` dict.
@@ -49,6 +53,36 @@ class CampaignDeal:
     """A deal a campaign may buy: the exchange's deal id and the buyer seat it was set up for, if any."""
     dealid: str
     seat: str | None = None
+
+
+# -- campaign money terms: budget, flight, pacing, bid cap, frequency caps ------------------------------------
+@dataclass(frozen=True)
+class FrequencyCap:
+    """At most ``count`` billed impressions per user in any ``seconds``, of the campaign or of each creative."""
+    count: int
+    seconds: int
+    scope: str  # "campaign" | "creative"
+
+
+@dataclass(frozen=True)
+class CampaignTerms:
+    """What a campaign may spend and when (``bidder.ledger`` enforces it); amounts in USD, times Unix seconds."""
+    campaign_id: str
+    total_usd: float | None = None    # over the whole flight; None: no total budget
+    daily_usd: float | None = None    # per day of ``timezone``; None: no daily budget
+    timezone: ZoneInfo = ZoneInfo("UTC")  # where the campaign's day begins and ends
+    start: float | None = None        # flight: no bid before ``start``, nor at or after ``end``
+    end: float | None = None
+    pacing: str = "asap"              # "even": spread the daily budget over the day; "asap": as the market allows
+    max_cpm: float | None = None      # the highest bid price (CPM, USD)
+    frequency_caps: tuple[FrequencyCap, ...] = ()
+
+    @property
+    def budgeted(self) -> bool:
+        return self.total_usd is not None or self.daily_usd is not None
+
+    def in_flight(self, now: float) -> bool:
+        return (self.start is None or now >= self.start) and (self.end is None or now < self.end)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,10 +116,13 @@ class Candidate:
 class Catalog:
     """Enabled candidates indexed by creative size."""
 
-    def __init__(self, candidates: Iterable[Candidate], source: str = "catalog"):
+    def __init__(self, candidates: Iterable[Candidate], source: str = "catalog",
+                 terms: Iterable[CampaignTerms] = ()):
         # a candidate knows its position: factorized scoring addresses its precomputed part by it
         self.candidates = tuple(c if c.index == i else replace(c, index=i) for i, c in enumerate(candidates))
         self.source = source
+        # campaign id -> its money terms, for the campaigns that declare any (bidder.ledger reads them)
+        self.terms: dict[str, CampaignTerms] = {t.campaign_id: t for t in terms}
         by_size: dict[tuple[int, int], list[Candidate]] = {}
         for c in self.candidates:
             by_size.setdefault((c.w, c.h), []).append(c)
@@ -162,6 +199,27 @@ class _Creative(Struct, forbid_unknown_fields=True):
     click_url: _NonEmptyText | None = None
 
 
+# campaign money terms
+_Usd = Annotated[float, Meta(gt=0, lt=1e9)]
+
+
+class _Budget(Struct, forbid_unknown_fields=True):
+    total: _Usd | None = None
+    daily: _Usd | None = None
+    timezone: _NonEmptyText = "UTC"
+
+
+class _Flight(Struct, forbid_unknown_fields=True):
+    start: _NonEmptyText | None = None
+    end: _NonEmptyText | None = None
+
+
+class _FrequencyCap(Struct, forbid_unknown_fields=True):
+    count: _Positive
+    seconds: _Positive
+    scope: Literal["campaign", "creative"] = "campaign"
+
+
 class _Campaign(Struct, forbid_unknown_fields=True):
     id: _NonEmptyText
     advertiser: Annotated[int, Meta(ge=0)]
@@ -171,6 +229,12 @@ class _Campaign(Struct, forbid_unknown_fields=True):
     enabled: bool = True
     targeting: _Targeting | None = None
     deals: list[_Deal] | None = None
+    # campaign money terms
+    budget: _Budget | None = None
+    flight: _Flight | None = None
+    pacing: Literal["even", "asap"] | None = None
+    max_cpm: _Usd | None = None
+    frequency_cap: list[_FrequencyCap] | None = None
 
 
 class _CatalogText(Struct, forbid_unknown_fields=True):
@@ -210,11 +274,29 @@ _MESSAGES = {
     "campaigns[].creatives[].nurl": _NON_EMPTY_TEXT,
     "campaigns[].creatives[].markup": _NON_EMPTY_TEXT,
     "campaigns[].creatives[].click_url": _NON_EMPTY_TEXT,
+    # campaign money terms
+    "campaigns[].budget": 'expected an object such as {{"daily": 250.0, "total": 5000.0, "timezone": "UTC"}}',
+    "campaigns[].budget.total": "expected a positive number of USD (below 10^9), got {value!r}",
+    "campaigns[].budget.daily": "expected a positive number of USD (below 10^9), got {value!r}",
+    "campaigns[].budget.timezone": "expected an IANA time zone name such as America/New_York, got {value!r}",
+    "campaigns[].flight": 'expected an object such as {{"start": "2026-12-01T00:00:00Z", "end": ...}}',
+    "campaigns[].flight.start": "expected an ISO 8601 time such as 2026-12-01T00:00:00Z, got {value!r}",
+    "campaigns[].flight.end": "expected an ISO 8601 time such as 2026-12-31T00:00:00Z, got {value!r}",
+    "campaigns[].pacing": "expected 'even' or 'asap', got {value!r}",
+    "campaigns[].max_cpm": "expected a positive bid price (CPM, USD), got {value!r}",
+    "campaigns[].frequency_cap": 'expected a list of {{"count": ..., "seconds": ..., "scope": ...}} objects',
+    "campaigns[].frequency_cap[]": "expected an object",
+    "campaigns[].frequency_cap[].count": "expected a positive integer of impressions, got {value!r}",
+    "campaigns[].frequency_cap[].seconds": "expected a positive integer of seconds, got {value!r}",
+    "campaigns[].frequency_cap[].scope": "expected 'campaign' or 'creative', got {value!r}",
 }
 #: places whose message is about their object as a whole (named by the object's path)
 _REPORTED_ON_THE_OBJECT = frozenset({"campaigns", "campaigns[].creatives[].w", "campaigns[].creatives[].h"})
 _OBJECTS = {"": _CatalogText, "campaigns[]": _Campaign, "campaigns[].targeting": _Targeting,
-            "campaigns[].deals[]": _Deal, "campaigns[].creatives[]": _Creative}
+            "campaigns[].deals[]": _Deal, "campaigns[].creatives[]": _Creative,
+            # campaign money terms
+            "campaigns[].budget": _Budget, "campaigns[].flight": _Flight,
+            "campaigns[].frequency_cap[]": _FrequencyCap}
 _ERROR = re.compile(r"(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?")
 _STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
 _FIELD = re.compile(r"Object (?P<kind>missing required|contains unknown) field `(?P<field>\w+)`")
@@ -258,6 +340,7 @@ def _decode_campaign(raw: msgspec.Raw, index: int, origin: str) -> _Campaign:
 def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
     """The candidates of schema-checked ``campaigns``, after the rules a schema cannot say."""
     candidates: list[Candidate] = []
+    terms: list[CampaignTerms] = []
     seen: set[str] = set()
     seen_creatives: dict[str, str] = {}
     for i, campaign in enumerate(campaigns):
@@ -265,6 +348,9 @@ def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
         if campaign.id in seen:
             raise CatalogError(f"{origin}: {where}.id: duplicate campaign id {campaign.id!r}")
         seen.add(campaign.id)
+        campaign_terms = _terms(campaign, f"{origin}: {where}")
+        if campaign_terms is not None:
+            terms.append(campaign_terms)
         targeting = campaign.targeting or _Targeting()
         domains = None if targeting.domains is None else frozenset(targeting.domains)
         exchanges = None if targeting.exchanges is None else frozenset(targeting.exchanges)
@@ -295,7 +381,48 @@ def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
                 adomain=tuple(creative.adomain), nurl=nurl, markup=markup, value_per_click=campaign.value_per_click,
                 domains=domains, exchanges=exchanges, layer=layer, deals=deals, index=len(candidates),
                 click_url=click_url))
-    return Catalog(candidates, origin)
+    return Catalog(candidates, origin, terms)
+
+
+# -- campaign money terms: the rules a schema cannot say ---------------------------------------------------------
+def _terms(campaign: _Campaign, where: str) -> CampaignTerms | None:
+    """The campaign's money terms, or None when it declares none."""
+    budget, flight = campaign.budget, campaign.flight
+    if (budget is None and flight is None and campaign.pacing is None and campaign.max_cpm is None
+            and not campaign.frequency_cap):
+        return None
+    total = daily = None
+    zone = ZoneInfo("UTC")
+    if budget is not None:
+        if budget.total is None and budget.daily is None:
+            raise CatalogError(f"{where}.budget: needs a total or a daily amount (USD), or both")
+        total, daily = budget.total, budget.daily
+        try:
+            zone = ZoneInfo(budget.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise CatalogError(f"{where}.budget.timezone: unknown time zone {budget.timezone!r} (an IANA name such "
+                               f"as America/New_York)") from None
+    start = end = None
+    if flight is not None:
+        start, end = (_flight_time(text, f"{where}.flight.{key}") for key, text in
+                      (("start", flight.start), ("end", flight.end)))
+        if start is not None and end is not None and end <= start:
+            raise CatalogError(f"{where}.flight: ends ({flight.end}) before it starts ({flight.start})")
+    pacing = campaign.pacing or "asap"
+    if pacing == "even" and daily is None:
+        raise CatalogError(f"{where}.pacing: 'even' spreads a daily budget over the day: set budget.daily")
+    caps = tuple(FrequencyCap(cap.count, cap.seconds, cap.scope) for cap in campaign.frequency_cap or ())
+    return CampaignTerms(campaign.id, total_usd=total, daily_usd=daily, timezone=zone, start=start, end=end,
+                         pacing=pacing, max_cpm=campaign.max_cpm, frequency_caps=caps)
+
+
+def _flight_time(text: str | None, where: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise CatalogError(f"{where}: {exc}") from None
 
 
 def _deals(entries: Iterable[_Deal], where: str) -> tuple[CampaignDeal, ...]:

@@ -273,3 +273,63 @@ def test_an_indented_catalog_file_loads_as_a_compact_one(tmp_path):
     path.write_text(path.read_text()[:-3])
     with pytest.raises(CatalogError, match=r"campaigns.json: invalid JSON at line \d+ column \d+"):
         load_catalog(path)
+
+
+# -- campaign money terms -------------------------------------------------------------------------------------
+def _termed(**terms):
+    data = _catalog()
+    data["campaigns"][0].update(terms)
+    return data
+
+
+def test_money_terms_are_read_per_campaign():
+    catalog = parse_catalog(_termed(
+        budget={"daily": 250.0, "total": 5000.0, "timezone": "America/New_York"}, pacing="even", max_cpm=20.0,
+        flight={"start": "2026-12-01T00:00:00-05:00", "end": "2026-12-31T00:00:00Z"},
+        frequency_cap=[{"count": 3, "seconds": 86400}, {"count": 1, "seconds": 60, "scope": "creative"}]))
+    terms = catalog.terms["c"]
+    assert (terms.total_usd, terms.daily_usd, str(terms.timezone)) == (5000.0, 250.0, "America/New_York")
+    assert (terms.pacing, terms.max_cpm, terms.budgeted) == ("even", 20.0, True)
+    assert terms.start == 1796101200.0 and terms.end == 1798675200.0  # 05:00 UTC; midnight UTC
+    assert terms.in_flight(terms.start) and not terms.in_flight(terms.start - 1) and not terms.in_flight(terms.end)
+    assert [(c.count, c.seconds, c.scope) for c in terms.frequency_caps] == [(3, 86400, "campaign"),
+                                                                         (1, 60, "creative")]
+
+
+def test_campaigns_without_money_terms_have_none_and_a_bare_budget_is_asap_in_utc():
+    assert parse_catalog(_catalog()).terms == {}
+    terms = parse_catalog(_termed(budget={"total": 10})).terms["c"]
+    assert (terms.total_usd, terms.daily_usd, str(terms.timezone), terms.pacing) == (10.0, None, "UTC", "asap")
+    assert terms.in_flight(0.0) and terms.max_cpm is None and terms.frequency_caps == ()
+    capped = parse_catalog(_termed(max_cpm=2.5)).terms["c"]
+    assert not capped.budgeted and capped.max_cpm == 2.5
+
+
+@pytest.mark.parametrize("terms,message", [
+    ({"budget": 5}, r"^catalog: campaigns\[0\]\.budget: expected an object"),
+    ({"budget": {}}, r"^catalog: campaigns\[0\]\.budget: needs a total or a daily amount"),
+    ({"budget": {"daily": -1}}, r"^catalog: campaigns\[0\]\.budget\.daily: expected a positive number of USD"),
+    ({"budget": {"total": "lots"}}, r"^catalog: campaigns\[0\]\.budget\.total: expected a positive number"),
+    ({"budget": {"daily": 1, "timezone": "Mars/Base"}},
+     r"^catalog: campaigns\[0\]\.budget\.timezone: unknown time zone 'Mars/Base'"),
+    ({"budget": {"daily": 1, "timezone": "../etc/passwd"}}, r"budget\.timezone: unknown time zone"),
+    ({"budget": {"daily": 1, "tz": "UTC"}}, r"^catalog: campaigns\[0\]\.budget: unknown keys \['tz'\]"),
+    ({"flight": {"start": "yesterday"}}, r"^catalog: campaigns\[0\]\.flight\.start: expected an ISO 8601 time"),
+    ({"flight": {"end": 5}}, r"^catalog: campaigns\[0\]\.flight\.end: expected an ISO 8601 time"),
+    ({"flight": {"start": "2026-12-02T00:00:00Z", "end": "2026-12-01T00:00:00Z"}},
+     r"^catalog: campaigns\[0\]\.flight: ends \(2026-12-01T00:00:00Z\) before it starts"),
+    ({"pacing": "fast"}, r"^catalog: campaigns\[0\]\.pacing: expected 'even' or 'asap', got 'fast'$"),
+    ({"pacing": "even", "budget": {"total": 5}}, r"^catalog: campaigns\[0\]\.pacing: 'even' .* set budget\.daily"),
+    ({"max_cpm": 0}, r"^catalog: campaigns\[0\]\.max_cpm: expected a positive bid price"),
+    ({"frequency_cap": {}}, r"^catalog: campaigns\[0\]\.frequency_cap: expected a list of"),
+    ({"frequency_cap": [{"count": 0, "seconds": 1}]},
+     r"^catalog: campaigns\[0\]\.frequency_cap\[0\]\.count: expected a positive integer of impressions, got 0$"),
+    ({"frequency_cap": [{"count": 1}]}, r"^catalog: campaigns\[0\]\.frequency_cap\[0\]\.seconds: .* got None$"),
+    ({"frequency_cap": [{"count": 1, "seconds": 60, "scope": "user"}]},
+     r"^catalog: campaigns\[0\]\.frequency_cap\[0\]\.scope: expected 'campaign' or 'creative', got 'user'$"),
+    ({"frequency_cap": [{"count": 1, "seconds": 60, "per": "day"}]},
+     r"^catalog: campaigns\[0\]\.frequency_cap\[0\]: unknown keys \['per'\]"),
+])
+def test_money_term_errors_name_the_entry(terms, message):
+    with pytest.raises(CatalogError, match=message):
+        parse_catalog(_termed(**terms))
