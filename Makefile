@@ -14,7 +14,7 @@ NOW    ?=
 RUNTIME := $(VENV)/.runtime $(VENV)/.extension
 FULL    := $(VENV)/.full $(VENV)/.extension
 
-.PHONY: all test serve dev bench bench-load default-model mutation clean
+.PHONY: all test serve dev bench bench-load default-model mutation clean redis-server
 
 all: test
 
@@ -38,8 +38,15 @@ $(VENV)/.extension: bidder/_features.pyx bidder/_pricing.pyx bidder/_shading.pyx
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
-test: $(FULL)
+test: $(FULL) redis-server
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The ledger's tests start their own redis-server (the Debian package), installed here when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q redis-server; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q redis-server; \
+	  else echo "error: the tests need redis-server: apt-get install redis-server" >&2; exit 1; fi; }
 
 dev: $(FULL)
 

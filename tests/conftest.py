@@ -143,3 +143,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A real redis-server of this test's own (AOF on, no RDB snapshots), stopped after it."""
+    from processes import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -118,3 +118,59 @@ class Server:
             self.process.wait(timeout=10)
         self.holder.close()
         self._reader.join(timeout=5)
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free port with append-only persistence in ``directory``, for tests: started
+    and stopped by the test (``stop`` then ``start`` is a restart that keeps its data, as a crash would not lose
+    what the AOF holds)."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        for _ in range(5):  # a port freed here can be taken by another process before redis binds it: try again
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+            self._spawn()
+            if self._answers():
+                return self
+            self.process.kill()
+            self.process.wait()
+        raise AssertionError(f"redis-server did not start on a free port (last {self.port})")
+
+    def _answers(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Start again on the same port and directory (the AOF is read back)."""
+        self.stop()
+        self._spawn()
+        assert self._answers(), f"redis-server did not come back on port {self.port}"
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", self.directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

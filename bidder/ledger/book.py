@@ -1,0 +1,218 @@
+"""The banker's arithmetic: accounts, leases and reservations, in integer nano-USD.
+
+One ``sync`` call is one atomic step of the banker for one lease holder (a worker process): the holder reports
+what its lease still holds and the bids it reserved since its last call, hands over the notices it received,
+and gets its leases topped up (or taken back). The embedded back end runs this module inside one SQLite
+transaction; the Redis back end runs the same steps as a Lua script (``bidder/ledger/redis_banker.py``); the
+tests hold both to a plain model of it.
+
+Amounts are integers of nano-USD: the cost of one impression in nano-USD is its CPM in micro-USD, so the
+clearing prices of notices (micro-units of CPM) add up exactly, and the spend equals the exchange's charges to
+the micro-dollar.
+
+Per campaign there are two accounts, ``T`` (the whole flight, against ``budget.total``) and one per day of the
+campaign's time zone (``2026-12-07``, against ``budget.daily``). Each has ``spent`` (committed charges),
+``reserved`` (bids waiting for their notices) and ``leased`` (handed to holders, not yet reserved). The banker
+grants only what both accounts have left: ``spent + reserved + leased <= budget``.
+
+A bid's row moves through these states::
+
+    open ──win──► won ──bill──► billed        (charge: the clearing price)
+      │             └──expiry─► expired        (charge: the win's price — a win without a bill is an impression)
+      ├──bill──► billed
+      ├──loss──► lost                          (charge 0)
+      └──expiry► expired                       (charge 0: no notice came; the reservation is released)
+
+A notice can reach the banker before the holder's report of the bid (another worker answered it within one
+refresh): the row is then made by the notice, *unfunded*, and the report that comes later only returns the
+reservation's amount to the holder's lease. A bill after a row expired charges the difference (late bills:
+the only way spend can pass a budget).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, Sequence
+
+__all__ = ["OPEN", "WON", "BILLED", "LOST", "EXPIRED", "FINAL", "BidRow", "Book", "CampaignSync", "Grant",
+           "Reservation", "Settlement", "Storage", "TOTAL", "UNLIMITED", "headroom"]
+
+TOTAL = "T"
+#: a budget that is not set
+UNLIMITED = -1
+OPEN, WON, BILLED, LOST, EXPIRED = "open", "won", "billed", "lost", "expired"
+FINAL = frozenset({BILLED, LOST, EXPIRED})
+#: rows swept per sync at most (a backlog is worked off over the next calls)
+EXPIRE_BATCH = 2000
+
+
+class CampaignSync(NamedTuple):
+    """What a holder says of one campaign: its current day, budgets, what its lease holds now, the lease it wants."""
+    campaign: str
+    day: str
+    total: int     # nano-USD; UNLIMITED without a total budget
+    daily: int     # nano-USD; UNLIMITED without a daily budget
+    held: int      # the holder's lease as the holder counts it (granted - reserved)
+    target: int    # the lease it asks for (0: give it all back)
+
+
+class Reservation(NamedTuple):
+    bid_id: str
+    campaign: str
+    amount: int    # nano-USD: the bid's price per impression
+    expires: float  # Unix seconds (engine clock) after which it is settled by the policy
+
+
+class Settlement(NamedTuple):
+    bid_id: str
+    kind: str      # "win" | "bill" | "loss"
+    campaign: str
+    price: int     # nano-USD: the clearing price per impression (0 for a loss)
+    amount: int    # nano-USD: the bid's price (what a win without a bill is capped at)
+    day: str       # the day of the bid, in its campaign's time zone
+    expires: float
+
+
+class Grant(NamedTuple):
+    """The banker's answer for one campaign: the change to the holder's lease and the accounts after the call."""
+    delta: int
+    spent_total: int
+    spent_day: int
+    reserved_total: int
+    leased_total: int
+
+
+class BidRow(NamedTuple):
+    bid_id: str
+    campaign: str
+    day: str
+    amount: int     # the reservation's amount once funded (0 until then)
+    funded: bool    # the holder's report of the bid arrived
+    state: str
+    price: int      # win price (won) or the charge (final)
+    expires: float
+
+
+class Storage(Protocol):
+    """Where the banker's rows live; every call happens inside one atomic step."""
+    def account(self, campaign: str, period: str) -> tuple[int, int, int]: ...  # spent, reserved, leased
+    def add(self, campaign: str, period: str, spent: int = 0, reserved: int = 0, leased: int = 0) -> None: ...
+    def hold(self, holder: str, campaign: str) -> tuple[int, str]: ...  # lease, its day ("" without one)
+    def set_hold(self, holder: str, campaign: str, lease: int, day: str) -> None: ...
+    def bid(self, bid_id: str) -> BidRow | None: ...
+    def put_bid(self, row: BidRow, keep_until: float) -> None: ...
+    def due(self, now: float, limit: int) -> list[BidRow]: ...  # unsettled rows whose expiry passed
+    def purge(self, now: float) -> None: ...  # final rows past their keep-until time
+
+
+def headroom(budget: int, spent: int, reserved: int, leased: int) -> int | None:
+    """What an account can still grant; None when its budget is not set."""
+    return None if budget == UNLIMITED else budget - spent - reserved - leased
+
+
+class Book:
+    """The banker's steps over a ``Storage``; ``retention_s`` is how long a settled row is kept after its expiry
+    (a late bill within it is matched to its bid; after it, it is charged as a new one)."""
+
+    def __init__(self, storage: Storage, retention_s: float):
+        self.storage = storage
+        self.retention_s = retention_s
+
+    def sync(self, holder: str, now: float, campaigns: Sequence[CampaignSync], reservations: Sequence[Reservation],
+             settlements: Sequence[Settlement]) -> dict[str, Grant]:
+        store = self.storage
+        lease_day: dict[str, str] = {}
+        for c in campaigns:  # the holder's count of its lease is the truth (a lost reply heals here)
+            lease, day = store.hold(holder, c.campaign)
+            day = day or c.day
+            lease_day[c.campaign] = day
+            if c.held != lease:
+                store.add(c.campaign, TOTAL, leased=c.held - lease)
+                store.add(c.campaign, day, leased=c.held - lease)
+                store.set_hold(holder, c.campaign, c.held, day)
+        for r in reservations:
+            self.fund(r, lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1])
+        for s in settlements:
+            self.settle(s)
+        for row in store.due(now, EXPIRE_BATCH):
+            self.expire(row)
+        store.purge(now)
+        return {c.campaign: self.grant(holder, c) for c in campaigns}
+
+    # -- a bid's row ----------------------------------------------------------------------------------------
+    def _move(self, row: BidRow, spent: int = 0, reserved: int = 0) -> None:
+        self.storage.add(row.campaign, TOTAL, spent=spent, reserved=reserved)
+        self.storage.add(row.campaign, row.day, spent=spent, reserved=reserved)
+
+    def _put(self, row: BidRow) -> None:
+        self.storage.put_bid(row, row.expires + self.retention_s)
+
+    def fund(self, r: Reservation, day: str) -> None:
+        """The holder reserved ``r.amount`` for a bid: it moves from the lease (already counted by ``held``) to
+        reserved, unless the bid was settled before its report came (then it simply returns to the budget)."""
+        row = self.storage.bid(r.bid_id)
+        if row is None:
+            row = BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires)
+            self._move(row, reserved=r.amount)
+        elif row.funded:  # a report sent again after a lost reply
+            return
+        else:
+            row = row._replace(amount=r.amount, funded=True)
+            if row.state not in FINAL:
+                self._move(row, reserved=r.amount)
+        self._put(row)
+
+    def settle(self, s: Settlement) -> None:
+        row = self.storage.bid(s.bid_id)
+        if row is None:  # the notice came before the holder's report of its bid
+            row = BidRow(s.bid_id, s.campaign, s.day, 0, False, OPEN, 0, s.expires)
+        held = row.amount if row.funded and row.state not in FINAL else 0
+        if s.kind == "bill":
+            if row.state == BILLED:
+                return
+            charge = s.price - (row.price if row.state == EXPIRED else 0)
+            row = row._replace(state=BILLED, price=s.price)
+            self._move(row, spent=charge, reserved=-held)
+        elif s.kind == "win":
+            if row.state != OPEN:
+                return
+            row = row._replace(state=WON, price=s.price)
+        elif s.kind == "loss":
+            if row.state != OPEN:  # a win is stronger evidence than a loss; a settled row stays settled
+                return
+            row = row._replace(state=LOST, price=0)
+            self._move(row, reserved=-held)
+        else:
+            raise ValueError(f"unknown notice kind {s.kind!r}")
+        self._put(row)
+
+    def expire(self, row: BidRow) -> None:
+        """The policy for a bid whose notices never came: a win without a bill is charged at the win's price
+        (never underestimate an impression that happened); a bid without any notice is released."""
+        held = row.amount if row.funded else 0
+        charge = row.price if row.state == WON else 0
+        row = row._replace(state=EXPIRED, price=charge)
+        self._move(row, spent=charge, reserved=-held)
+        self._put(row)
+
+    # -- leases ---------------------------------------------------------------------------------------------
+    def grant(self, holder: str, c: CampaignSync) -> Grant:
+        """Top the holder's lease up to ``c.target`` within what both accounts have left (or take back what they
+        are short of); a lease of an earlier day moves to the new day's account first."""
+        store = self.storage
+        lease, day = store.hold(holder, c.campaign)
+        if day and day != c.day and lease:
+            store.add(c.campaign, day, leased=-lease)
+            store.add(c.campaign, c.day, leased=lease)
+        total = store.account(c.campaign, TOTAL)
+        daily = store.account(c.campaign, c.day)
+        room = [r for r in (headroom(c.total, *total), headroom(c.daily, *daily)) if r is not None]
+        delta = c.target - lease
+        if room:
+            delta = min(delta, min(room))
+        delta = max(delta, -lease) if lease > 0 else max(delta, 0)
+        if delta:
+            store.add(c.campaign, TOTAL, leased=delta)
+            store.add(c.campaign, c.day, leased=delta)
+        store.set_hold(holder, c.campaign, lease + delta, c.day)
+        total = store.account(c.campaign, TOTAL)
+        spent_day = store.account(c.campaign, c.day)[0]
+        return Grant(delta, total[0], spent_day, total[1], total[2])

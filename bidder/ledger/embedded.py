@@ -1,0 +1,110 @@
+"""The embedded banker: one machine's accounts in a SQLite file under the state directory, no service to run.
+
+Every worker process of the machine opens the same file (``ledger.sqlite``); each ``sync`` is one
+``BEGIN IMMEDIATE`` transaction, so the workers' steps are serialized by SQLite's write lock and a step is
+applied whole or not at all. The file is in write-ahead-log mode with ``synchronous=FULL``: SQLite fsyncs the
+log at every commit, that is once per sync of each worker (a few times a second, off the bid path), so the
+day's spend survives a crash of the process or of the machine; nothing else is fsync'd.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+from bidder.ledger.book import FINAL, BidRow, Book, CampaignSync, Grant, Reservation, Settlement
+
+__all__ = ["LEDGER_FILE", "EmbeddedBanker"]
+
+LEDGER_FILE = "ledger.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (campaign TEXT NOT NULL, period TEXT NOT NULL, spent INTEGER NOT NULL DEFAULT 0,
+    reserved INTEGER NOT NULL DEFAULT 0, leased INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (campaign, period))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS holds (holder TEXT NOT NULL, campaign TEXT NOT NULL, lease INTEGER NOT NULL,
+    day TEXT NOT NULL, PRIMARY KEY (holder, campaign)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bids (bid_id TEXT PRIMARY KEY, campaign TEXT NOT NULL, day TEXT NOT NULL,
+    amount INTEGER NOT NULL, funded INTEGER NOT NULL, state TEXT NOT NULL, price INTEGER NOT NULL,
+    expires REAL NOT NULL, due REAL, keep_until REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS bids_due ON bids (due) WHERE due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS bids_keep ON bids (keep_until);
+"""
+
+
+class _SqliteStorage:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def account(self, campaign: str, period: str) -> tuple[int, int, int]:
+        row = self.db.execute("SELECT spent, reserved, leased FROM accounts WHERE campaign = ? AND period = ?",
+                              (campaign, period)).fetchone()
+        return (0, 0, 0) if row is None else row
+
+    def add(self, campaign: str, period: str, spent: int = 0, reserved: int = 0, leased: int = 0) -> None:
+        self.db.execute("INSERT INTO accounts VALUES (?, ?, ?, ?, ?) ON CONFLICT (campaign, period) DO UPDATE SET "
+                        "spent = spent + excluded.spent, reserved = reserved + excluded.reserved, "
+                        "leased = leased + excluded.leased", (campaign, period, spent, reserved, leased))
+
+    def hold(self, holder: str, campaign: str) -> tuple[int, str]:
+        row = self.db.execute("SELECT lease, day FROM holds WHERE holder = ? AND campaign = ?",
+                              (holder, campaign)).fetchone()
+        return (0, "") if row is None else row
+
+    def set_hold(self, holder: str, campaign: str, lease: int, day: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)", (holder, campaign, lease, day))
+
+    def bid(self, bid_id: str) -> BidRow | None:
+        row = self.db.execute("SELECT bid_id, campaign, day, amount, funded, state, price, expires FROM bids "
+                              "WHERE bid_id = ?", (bid_id,)).fetchone()
+        return None if row is None else BidRow(row[0], row[1], row[2], row[3], bool(row[4]), *row[5:])
+
+    def put_bid(self, row: BidRow, keep_until: float) -> None:
+        due = None if row.state in FINAL else row.expires
+        self.db.execute("INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*row[:4], int(row.funded), row.state, row.price, row.expires, due, keep_until))
+
+    def due(self, now: float, limit: int) -> list[BidRow]:
+        rows = self.db.execute("SELECT bid_id, campaign, day, amount, funded, state, price, expires FROM bids "
+                               "WHERE due IS NOT NULL AND due <= ? ORDER BY due LIMIT ?", (now, limit)).fetchall()
+        return [BidRow(r[0], r[1], r[2], r[3], bool(r[4]), *r[5:]) for r in rows]
+
+    def purge(self, now: float) -> None:
+        self.db.execute("DELETE FROM bids WHERE keep_until < ? AND due IS NULL", (now,))
+
+
+class EmbeddedBanker:
+    """The banker of one machine (``--ledger`` left out): ``state_dir/ledger.sqlite``, opened by each worker."""
+
+    def __init__(self, state_dir: str | os.PathLike, retention_s: float):
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / LEDGER_FILE
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        self.book = Book(_SqliteStorage(self.db), retention_s)
+
+    def __repr__(self) -> str:
+        return f"EmbeddedBanker({str(self.path)!r})"
+
+    def sync(self, holder: str, now: float, campaigns: Sequence[CampaignSync], reservations: Sequence[Reservation],
+             settlements: Sequence[Settlement]) -> dict[str, Grant]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            grants = self.book.sync(holder, now, campaigns, reservations, settlements)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return grants
+
+    def accounts(self, campaign: str, day: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(spent, reserved, leased) of the campaign's total account and of its account for ``day``."""
+        storage = self.book.storage
+        return storage.account(campaign, "T"), storage.account(campaign, day)
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,252 @@
+"""A worker's side of the spend ledger: local leases the bid path reserves from, refilled in the background.
+
+The bid path never waits: ``Ledger.reserve`` compares two numbers of the campaign's slot and appends the bid to
+a queue. Two lists carry the lease, each written by one thread only, so neither needs a lock: ``granted``
+(what the banker handed this worker, written by the refresher) and ``used`` (what the worker's bids reserved,
+written by the bid path); what the lease holds is ``granted - used``. The refresher thread calls the banker
+every ``refresh_s`` (``Banker.sync``): it reads ``used`` first, then drains the queue, so a bid counted in
+``used`` is always among the reservations it reports (a bid reported but not yet in the snapshot is counted
+twice for one call: never too little). The banker takes the worker's count of its lease as the truth, so a
+reply lost on the way heals at the next call; everything the call carried is sent again until one succeeds.
+
+Notices (``Ledger.settle``) are queued the same way from the notice routes and reach the banker with the next
+call, from whichever worker received them.
+
+The pacing hook: ``pass_rate[slot]`` is the probability that a bid of the campaign goes on to reserve (1.0:
+every bid, which is ``asap`` pacing and the value until a pacing controller writes it); ``spent_today(slot)``
+and ``daily_budget(slot)`` are what such a controller reads.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections import deque
+from typing import Callable, Iterable, Protocol, Sequence
+
+from bidder.campaigns import CampaignTerms
+from bidder.clock import read_clock
+from bidder.ledger.book import UNLIMITED, CampaignSync, Grant, Reservation, Settlement
+
+__all__ = ["Banker", "Ledger", "NANOS_PER_USD", "campaign_day", "nanos"]
+
+log = logging.getLogger("bidder")
+
+NANOS_PER_USD = 1_000_000_000
+#: a lease, as a share of the campaign's smallest budget (daily, else total): what one worker may hold
+DEFAULT_LEASE_FRACTION = 0.002
+#: the smallest lease asked for (USD): ten bids at a 1 USD CPM, so that a small budget still bids
+DEFAULT_MIN_LEASE_USD = 0.01
+
+
+class Banker(Protocol):
+    def sync(self, holder: str, now: float, campaigns: Sequence[CampaignSync], reservations: Sequence[Reservation],
+             settlements: Sequence[Settlement]) -> dict[str, Grant]: ...
+
+    def close(self) -> None: ...
+
+
+def nanos(usd: float) -> int:
+    """USD in integer nano-USD (an impression's cost in nano-USD is its CPM in micro-USD)."""
+    return round(usd * NANOS_PER_USD)
+
+
+def campaign_day(zone: dt.tzinfo, now: float) -> str:
+    """The date at ``now`` (Unix seconds) in the campaign's time zone: the name of its daily account."""
+    return dt.datetime.fromtimestamp(now, zone).strftime("%Y-%m-%d")
+
+
+class Ledger:
+    """The leases of one worker process, the queue of what the banker must hear, and the refresher thread."""
+
+    def __init__(self, banker: Banker, clock: float | Callable[[], float] | None = None, refresh_s: float = 0.25,
+                 grace_s: float = 10.0, lease_fraction: float = DEFAULT_LEASE_FRACTION,
+                 min_lease_usd: float = DEFAULT_MIN_LEASE_USD, holder: str | None = None):
+        self.banker = banker
+        self.clock = clock          # the engine's: days and expiries are on it
+        self.refresh_s = refresh_s
+        self.grace_s = grace_s      # after a bid's window, before its reservation is settled by the policy
+        self.lease_fraction = lease_fraction
+        self.min_lease = nanos(min_lease_usd)
+        # one holder per process start: a killed process's leases stay with its holder, never granted again
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.slots: dict[str, int] = {}          # campaign id -> slot; slots are never reused
+        self.campaigns: list[str] = []
+        self.terms: list[CampaignTerms | None] = []  # None: no longer in the catalog (its lease goes back)
+        self.granted: list[int] = []             # written by the refresher only
+        self.used: list[int] = []                # written by the bid path only
+        self.pass_rate: list[float] = []         # the pacing hook (written by a pacing controller)
+        self.view: list[Grant | None] = []       # the accounts after the last call, per slot
+        self._reservations: deque[Reservation] = deque()
+        self._settlements: deque[Settlement] = deque()
+        self._unsent: tuple[list[Reservation], list[Settlement]] = ([], [])
+        self.calls = self.failures = 0
+        self.connected = False                    # the last call reached the banker
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()             # one call at a time (the thread, close, tests)
+
+    # -- the catalog ------------------------------------------------------------------------------------------
+    def use_terms(self, terms: Iterable[CampaignTerms]) -> None:
+        """The budgeted campaigns of the catalog serving (at start and on every reload); a campaign left out
+        keeps its slot, and its lease goes back to the banker at the next call."""
+        budgeted = {t.campaign_id: t for t in terms if t.budgeted}
+        for campaign, slot in self.slots.items():
+            self.terms[slot] = budgeted.get(campaign)
+        for campaign, t in budgeted.items():
+            if campaign not in self.slots:
+                # every list grows before the slot is published: the refresher reads up to len(campaigns)
+                self.granted.append(0)
+                self.used.append(0)
+                self.pass_rate.append(1.0)
+                self.view.append(None)
+                self.terms.append(t)
+                self.campaigns.append(campaign)
+                self.slots[campaign] = len(self.campaigns) - 1
+
+    # -- the bid path ------------------------------------------------------------------------------------------
+    def reserve(self, slot: int, amount: int, bid_id: str, expires: float) -> bool:
+        """Take ``amount`` nano-USD from the campaign's lease for a bid; False (and nothing taken) when the lease
+        holds less. ``expires``: when the reservation is settled by the policy if no notice came."""
+        if self.granted[slot] - self.used[slot] < amount:
+            return False
+        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount, expires + self.grace_s))
+        self.used[slot] += amount  # after the append: see the module's docstring
+        return True
+
+    def available(self, slot: int) -> int:
+        return self.granted[slot] - self.used[slot]
+
+    # -- the notice routes --------------------------------------------------------------------------------------
+    def settle(self, kind: str, bid_id: str, campaign: str, price_micros: int | None, bid_micros: int,
+               issued: float, window: float) -> None:
+        """A counted notice (``kind`` win, bill or loss) of a bid of ``campaign``: ``price_micros`` the clearing
+        price (CPM, micro-USD; None when the exchange did not give it: the bid's price is taken), ``bid_micros``
+        the bid's, ``issued`` and ``window`` from its token. Queued for the banker; never waits."""
+        slot = self.slots.get(campaign)
+        terms = self.terms[slot] if slot is not None else None
+        zone = terms.timezone if terms is not None else dt.timezone.utc
+        amount = bid_micros  # CPM in micro-USD = an impression's cost in nano-USD
+        charge = amount if price_micros is None else min(price_micros, amount)
+        self._settlements.append(Settlement(bid_id, kind, campaign, 0 if kind == "loss" else charge, amount,
+                                            campaign_day(zone, issued), issued + window + self.grace_s))
+
+    # -- what a pacing controller and the operator view read ----------------------------------------------------
+    def spent_today(self, slot: int) -> float:
+        """USD the campaign spent today (its time zone's), as the banker said at the last call."""
+        grant = self.view[slot]
+        return 0.0 if grant is None else grant.spent_day / NANOS_PER_USD
+
+    def daily_budget(self, slot: int) -> float | None:
+        terms = self.terms[slot]
+        return None if terms is None else terms.daily_usd
+
+    def report(self) -> dict[str, dict]:
+        """Per budgeted campaign: budgets, spent (total, today), reserved, leased (all holders), this worker's
+        lease and pass rate, as of the last call to the banker."""
+        out = {}
+        for slot, campaign in enumerate(self.campaigns):
+            terms, grant = self.terms[slot], self.view[slot]
+            if terms is None:
+                continue
+            out[campaign] = {
+                "budget_total": terms.total_usd, "budget_daily": terms.daily_usd, "timezone": str(terms.timezone),
+                "pacing": terms.pacing,
+                "spent_total": grant.spent_total / NANOS_PER_USD if grant else 0.0,
+                "spent_today": grant.spent_day / NANOS_PER_USD if grant else 0.0,
+                "reserved": grant.reserved_total / NANOS_PER_USD if grant else 0.0,
+                "leased": grant.leased_total / NANOS_PER_USD if grant else 0.0,
+                "lease_here": self.available(slot) / NANOS_PER_USD, "pass_rate": self.pass_rate[slot]}
+        return out
+
+    def remaining(self, slot: int) -> float | None:
+        """USD the campaign has left (the smaller of its total's and today's budget), None before the first call."""
+        terms, grant = self.terms[slot], self.view[slot]
+        if terms is None or grant is None:
+            return None
+        left = []
+        if terms.total_usd is not None:
+            left.append(terms.total_usd - grant.spent_total / NANOS_PER_USD)
+        if terms.daily_usd is not None:
+            left.append(terms.daily_usd - grant.spent_day / NANOS_PER_USD)
+        return min(left)
+
+    # -- the refresher ------------------------------------------------------------------------------------------
+    def _target(self, slot: int, now: float) -> int:
+        terms = self.terms[slot]
+        if terms is None or not terms.in_flight(now):
+            return 0
+        budgets = [b for b in (terms.daily_usd, terms.total_usd) if b is not None]
+        return max(nanos(min(budgets) * self.lease_fraction), self.min_lease)
+
+    def refresh(self) -> bool:
+        """One call to the banker: report, settle, top up. False when the banker could not be reached (what the
+        call carried is sent again with the next one)."""
+        with self._lock:
+            return self._refresh(read_clock(self.clock))
+
+    def _refresh(self, now: float, returning: bool = False) -> bool:
+        n = len(self.campaigns)
+        used = self.used[:n]  # before the queue is drained
+        reservations, settlements = self._unsent
+        queue = self._reservations
+        while queue:
+            reservations.append(queue.popleft())
+        queue = self._settlements
+        while queue:
+            settlements.append(queue.popleft())
+        campaigns = []
+        for slot in range(n):
+            terms = self.terms[slot]
+            zone = terms.timezone if terms is not None else dt.timezone.utc
+            total = UNLIMITED if terms is None or terms.total_usd is None else nanos(terms.total_usd)
+            daily = UNLIMITED if terms is None or terms.daily_usd is None else nanos(terms.daily_usd)
+            campaigns.append(CampaignSync(self.campaigns[slot], campaign_day(zone, now), total, daily,
+                                          self.granted[slot] - used[slot], 0 if returning else self._target(slot, now)))
+        self.calls += 1
+        try:
+            grants = self.banker.sync(self.holder, now, campaigns, reservations, settlements)
+        except Exception as exc:  # noqa: BLE001 - the bid path goes on with the leases it holds
+            self.failures += 1
+            if self.connected or self.failures == 1:
+                log.warning("ledger: %r unreachable (%s: %s); bidding on the leases held", self.banker,
+                            type(exc).__name__, exc)
+            self.connected = False
+            return False
+        if not self.connected and self.calls > 1:
+            log.info("ledger: %r reachable again", self.banker)
+        self.connected = True
+        reservations.clear()
+        settlements.clear()
+        for slot in range(n):
+            grant = grants[self.campaigns[slot]]
+            self.granted[slot] += grant.delta
+            self.view[slot] = grant
+        return True
+
+    def start(self) -> Ledger:
+        """A first call (leases before the first bid, if the banker answers), then the refresher thread."""
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="ledger-refresher", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a bug here must not end the refreshing
+                log.exception("ledger: refresh failed")
+
+    def close(self) -> None:
+        """Stop the refresher, report what is queued and give the leases back (one try: if the banker is
+        unreachable they stay counted as leased, never spent twice)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._refresh(read_clock(self.clock), returning=True)
+        self.banker.close()

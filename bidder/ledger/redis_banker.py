@@ -1,0 +1,245 @@
+"""The Redis banker (``bidder serve --ledger redis://HOST:PORT/DB``): the accounts of many machines in one Redis.
+
+Each ``sync`` is one Lua script, so Redis applies a holder's step whole, between any two steps of other
+holders: the same steps as ``bidder.ledger.book.Book`` (its docstring has the accounts and the states of a
+bid), written in Lua. Money is integer nano-USD; Lua counts in doubles, exact up to 2^53 nano-USD (9 million
+USD per account), and every number reaches Redis formatted as an integer (``%.0f``).
+
+Persistence is Redis's: run it with ``--appendonly yes`` (AOF); with the default ``appendfsync everysec`` a
+crash of Redis loses at most the last second of steps. The notices' dedup (``RedisNoticeStore``) lives in the
+same database: ``SET key 1 NX EX ttl`` is atomic, so a notice is counted once across every worker of every
+machine. Keys are under ``bidder:ledger:`` and ``bidder:notice:``; the script names keys it computes, so the
+database must be a single Redis (not Redis Cluster).
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Sequence
+from urllib.parse import urlsplit
+
+from bidder.ledger.book import TOTAL, Grant, CampaignSync, Reservation, Settlement, EXPIRE_BATCH
+
+__all__ = ["PREFIX", "RedisBanker", "RedisNoticeStore", "connect"]
+
+PREFIX = "bidder:ledger:"
+NOTICE_PREFIX = "bidder:notice:"
+
+_SYNC = r"""
+local P = KEYS[1]
+local a = cjson.decode(ARGV[1])
+local now, retention, limit = a.now, a.retention, a.limit
+local function n(x) return string.format('%.0f', x) end
+local function num(x) return tonumber(x) or 0 end
+
+local function add(c, period, spent, reserved, leased)
+  local k = P .. 'acct:' .. c
+  if spent ~= 0 then redis.call('HINCRBY', k, period .. ':s', n(spent)) end
+  if reserved ~= 0 then redis.call('HINCRBY', k, period .. ':r', n(reserved)) end
+  if leased ~= 0 then redis.call('HINCRBY', k, period .. ':l', n(leased)) end
+end
+local function account(c, period)
+  local v = redis.call('HMGET', P .. 'acct:' .. c, period .. ':s', period .. ':r', period .. ':l')
+  return num(v[1]), num(v[2]), num(v[3])
+end
+local hold_key = P .. 'hold:' .. a.holder
+local function hold(c)
+  local v = redis.call('HMGET', hold_key, c, c .. '|day')
+  return num(v[1]), (v[2] or '')
+end
+local function set_hold(c, lease, day)
+  redis.call('HSET', hold_key, c, n(lease), c .. '|day', day)
+end
+
+local FINAL = {billed = true, lost = true, expired = true}
+local function get_bid(id)
+  local v = redis.call('HMGET', P .. 'bid:' .. id, 'c', 'day', 'amount', 'funded', 'state', 'price', 'expires')
+  if not v[1] then return nil end
+  return {id = id, c = v[1], day = v[2], amount = num(v[3]), funded = v[4] == '1', state = v[5],
+          price = num(v[6]), expires = num(v[7])}
+end
+local function put_bid(r)
+  local k = P .. 'bid:' .. r.id
+  redis.call('HSET', k, 'c', r.c, 'day', r.day, 'amount', n(r.amount), 'funded', r.funded and '1' or '0',
+             'state', r.state, 'price', n(r.price), 'expires', string.format('%.17g', r.expires))
+  if FINAL[r.state] then
+    redis.call('ZREM', P .. 'due', r.id)
+    redis.call('ZADD', P .. 'keep', string.format('%.17g', r.expires + retention), r.id)
+  else
+    redis.call('ZADD', P .. 'due', string.format('%.17g', r.expires), r.id)
+  end
+end
+local function move(r, spent, reserved)
+  add(r.c, 'T', spent, reserved, 0)
+  add(r.c, r.day, spent, reserved, 0)
+end
+
+local lease_day = {}
+for _, c in ipairs(a.campaigns) do
+  local name, cday, held = c[1], c[2], c[5]
+  local lease, day = hold(name)
+  if day == '' then day = cday end
+  lease_day[name] = day
+  if held ~= lease then
+    add(name, 'T', 0, 0, held - lease)
+    add(name, day, 0, 0, held - lease)
+    set_hold(name, held, day)
+  end
+end
+
+for _, r in ipairs(a.reservations) do
+  local id, name, amount, expires = r[1], r[2], r[3], r[4]
+  local row = get_bid(id)
+  if row == nil then
+    local day = lease_day[name]
+    if day == nil then local _; _, day = hold(name) end
+    row = {id = id, c = name, day = day, amount = amount, funded = true, state = 'open', price = 0,
+           expires = expires}
+    move(row, 0, amount)
+    put_bid(row)
+  elseif not row.funded then
+    row.amount, row.funded = amount, true
+    if not FINAL[row.state] then move(row, 0, amount) end
+    put_bid(row)
+  end
+end
+
+for _, s in ipairs(a.settlements) do
+  local id, kind, name, price, day, expires = s[1], s[2], s[3], s[4], s[6], s[7]
+  local row = get_bid(id)
+  if row == nil then
+    row = {id = id, c = name, day = day, amount = 0, funded = false, state = 'open', price = 0, expires = expires}
+  end
+  local held = 0
+  if row.funded and not FINAL[row.state] then held = row.amount end
+  if kind == 'bill' then
+    if row.state ~= 'billed' then
+      local charge = price
+      if row.state == 'expired' then charge = price - row.price end
+      row.state, row.price = 'billed', price
+      move(row, charge, -held)
+      put_bid(row)
+    end
+  elseif kind == 'win' then
+    if row.state == 'open' then
+      row.state, row.price = 'won', price
+      put_bid(row)
+    end
+  elseif kind == 'loss' then
+    if row.state == 'open' then
+      row.state, row.price = 'lost', 0
+      move(row, 0, -held)
+      put_bid(row)
+    end
+  else
+    return redis.error_reply('unknown notice kind ' .. tostring(kind))
+  end
+end
+
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', string.format('%.17g', now), 'LIMIT', 0, limit)) do
+  local row = get_bid(id)
+  if row == nil then
+    redis.call('ZREM', P .. 'due', id)
+  elseif not FINAL[row.state] then
+    local held, charge = 0, 0
+    if row.funded then held = row.amount end
+    if row.state == 'won' then charge = row.price end
+    row.state, row.price = 'expired', charge
+    move(row, charge, -held)
+    put_bid(row)
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'keep', '-inf', '(' .. string.format('%.17g', now),
+                               'LIMIT', 0, limit)) do
+  redis.call('DEL', P .. 'bid:' .. id)
+  redis.call('ZREM', P .. 'keep', id)
+end
+
+local out = {}
+for _, c in ipairs(a.campaigns) do
+  local name, cday, total, daily, target = c[1], c[2], c[3], c[4], c[6]
+  local lease, day = hold(name)
+  if day ~= '' and day ~= cday and lease ~= 0 then
+    add(name, day, 0, 0, -lease)
+    add(name, cday, 0, 0, lease)
+  end
+  local ts, tr, tl = account(name, 'T')
+  local ds, dr, dl = account(name, cday)
+  local delta = target - lease
+  if total >= 0 then delta = math.min(delta, total - ts - tr - tl) end
+  if daily >= 0 then delta = math.min(delta, daily - ds - dr - dl) end
+  if lease > 0 then delta = math.max(delta, -lease) else delta = math.max(delta, 0) end
+  if delta ~= 0 then
+    add(name, 'T', 0, 0, delta)
+    add(name, cday, 0, 0, delta)
+  end
+  set_hold(name, lease + delta, cday)
+  ts, tr, tl = account(name, 'T')
+  ds = account(name, cday)
+  table.insert(out, name)
+  table.insert(out, n(delta))
+  table.insert(out, n(ts))
+  table.insert(out, n(ds))
+  table.insert(out, n(tr))
+  table.insert(out, n(tl))
+end
+return out
+"""
+
+
+def connect(url: str):
+    """A client of the Redis at ``url`` (``redis://HOST:PORT/DB``); ValueError naming the URL when it is not
+    one. Short timeouts: a banker that does not answer must not hold the refresher for long."""
+    try:
+        import redis
+    except ImportError:
+        raise ValueError("--ledger redis://... needs the redis package: pip install 'bidder[redis]'") from None
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"expected a Redis URL such as redis://127.0.0.1:6379/0, got {url!r}")
+    return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True)
+
+
+class RedisBanker:
+    """The banker of many machines: every holder's step is one Lua script in the Redis at ``url``."""
+
+    def __init__(self, url: str, retention_s: float):
+        self.url = url
+        self.client = connect(url)
+        self.retention_s = retention_s
+        self._sync = self.client.register_script(_SYNC)
+
+    def __repr__(self) -> str:
+        return f"RedisBanker({self.url!r})"
+
+    def sync(self, holder: str, now: float, campaigns: Sequence[CampaignSync], reservations: Sequence[Reservation],
+             settlements: Sequence[Settlement]) -> dict[str, Grant]:
+        payload = json.dumps({"holder": holder, "now": now, "retention": self.retention_s, "limit": EXPIRE_BATCH,
+                              "campaigns": campaigns, "reservations": reservations, "settlements": settlements})
+        flat = self._sync(keys=[PREFIX], args=[payload])
+        return {flat[i]: Grant(*(int(x) for x in flat[i + 1:i + 6])) for i in range(0, len(flat), 6)}
+
+    def accounts(self, campaign: str, day: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(spent, reserved, leased) of the campaign's total account and of its account for ``day``."""
+        fields = [f"{period}:{x}" for period in (TOTAL, day) for x in "srl"]
+        values = [int(v or 0) for v in self.client.hmget(PREFIX + "acct:" + campaign, fields)]
+        return tuple(values[:3]), tuple(values[3:])
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RedisNoticeStore:
+    """``bidder.notice_store.NoticeStore`` in Redis: a key per (bid id, kind), set once, kept as long as a notice
+    can still be accepted (``max_window_s`` plus a margin, on the engine's clock)."""
+
+    def __init__(self, url: str, max_window_s: float, margin_s: float = 3600.0):
+        self.client = connect(url)
+        self.retention_s = max_window_s + margin_s
+
+    def first_time(self, bid_id: str, kind: str, issued: float, now: float) -> bool:
+        ttl = max(1, math.ceil(issued + self.retention_s - now))
+        return bool(self.client.set(f"{NOTICE_PREFIX}{bid_id}:{kind}", 1, nx=True, ex=ttl))
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,366 @@
+"""The spend ledger: leases, reservations, notices and expiry, on both bankers (embedded SQLite, real Redis)."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from bidder.campaigns import CampaignTerms
+from bidder.ledger import Ledger, nanos, open_banker
+from bidder.ledger.book import TOTAL, UNLIMITED, CampaignSync, Reservation, Settlement
+from bidder.ledger.embedded import EmbeddedBanker
+from bidder.ledger.redis_banker import RedisBanker, RedisNoticeStore
+
+RETENTION_S = 3600.0
+NOON = dt.datetime(2026, 12, 7, 12, tzinfo=dt.timezone.utc).timestamp()
+CPM_1 = 1_000_000  # a 1 USD CPM bid: its impression costs a thousandth of a USD, 10^6 nano-USD
+
+
+class Clock:
+    """The engine's clock, moved by hand."""
+
+    def __init__(self, now: float = NOON):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def bankers(request, tmp_path):
+    """Makes bankers of one back end sharing one set of accounts (as the workers of one machine, or the machines
+    of one Redis, share them)."""
+    if request.param == "embedded":
+        made = lambda: EmbeddedBanker(tmp_path / "state", RETENTION_S)  # noqa: E731
+        made.server = None
+    else:
+        server = request.getfixturevalue("redis_server")
+        made = lambda: RedisBanker(server.url, RETENTION_S)  # noqa: E731
+        made.server = server
+    made.kind = request.param
+    return made
+
+
+def _terms(campaign="c", total=None, daily=None, timezone="UTC", **more):
+    return CampaignTerms(campaign, total_usd=total, daily_usd=daily, timezone=ZoneInfo(timezone), **more)
+
+
+def _ledger(banker, clock, *terms, **options) -> Ledger:
+    options.setdefault("lease_fraction", 0.01)
+    options.setdefault("min_lease_usd", 0.0)
+    ledger = Ledger(banker, clock, refresh_s=3600, grace_s=0.0, **options)
+    ledger.use_terms(terms)
+    return ledger
+
+
+def _spend(ledger: Ledger, slot: int, amount: int, prefix: str, clock: Clock, window: float = 60.0) -> list[str]:
+    """Reserve bids of ``amount`` until the lease says no; their ids."""
+    ids = []
+    while ledger.reserve(slot, amount, f"{prefix}{len(ids)}", clock() + window):
+        ids.append(f"{prefix}{len(ids)}")
+    return ids
+
+
+def _accounts(banker, campaign="c", day="2026-12-07"):
+    return banker.accounts(campaign, day)
+
+
+def test_a_lease_is_reserved_from_until_it_runs_out_and_bills_commit_the_clearing_price(bankers):
+    clock = Clock()
+    ledger = _ledger(bankers(), clock, _terms(total=1.0))  # leases of 1 % of 1 USD: ten 1 USD-CPM bids
+    assert ledger.refresh() and ledger.available(0) == nanos(0.01)
+    bids = _spend(ledger, 0, CPM_1, "b", clock)
+    assert len(bids) == 10 and ledger.available(0) == 0
+    for bid in bids[:4]:  # cleared at half the bid
+        ledger.settle("bill", bid, "c", CPM_1 // 2, CPM_1, clock(), 60)
+    for bid in bids[4:6]:
+        ledger.settle("loss", bid, "c", None, CPM_1, clock(), 60)
+    assert ledger.refresh()
+    (spent, reserved, leased), (day_spent, _, _) = _accounts(ledger.banker)
+    assert spent == day_spent == 4 * CPM_1 // 2
+    assert reserved == 4 * CPM_1  # four bids still wait for their notices
+    assert leased == ledger.available(0) == nanos(0.01)  # topped up again
+    assert ledger.spent_today(0) == 0.002 and ledger.remaining(0) == pytest.approx(0.998)
+
+
+def test_two_workers_never_lease_more_than_the_budget_and_spend_it_to_the_nano(bankers):
+    clock = Clock()
+    budget = 0.05  # fifty 1 USD-CPM impressions
+    ledgers = [_ledger(bankers(), clock, _terms(daily=budget), lease_fraction=0.1, holder=f"w{i}") for i in (0, 1)]
+    for _ in range(20):
+        for i, ledger in enumerate(ledgers):
+            ledger.refresh()
+            for bid in _spend(ledger, 0, CPM_1, f"{i}-{ledger.calls}-", clock):
+                ledger.settle("bill", bid, "c", CPM_1, CPM_1, clock(), 60)
+            spent, reserved, leased = _accounts(ledger.banker)[1]
+            assert spent + reserved + leased <= nanos(budget)
+    for ledger in ledgers:
+        ledger.refresh()
+    (spent, reserved, leased), day = _accounts(ledgers[0].banker)
+    assert spent == day[0] == nanos(budget) and reserved == 0 and leased == 0
+    assert not any(ledger.reserve(0, CPM_1, "more", clock() + 60) for ledger in ledgers)
+
+
+def test_expiry_releases_a_silent_bid_and_commits_a_win_without_a_bill_at_its_price(bankers):
+    clock = Clock()
+    ledger = _ledger(bankers(), clock, _terms(total=1.0), lease_fraction=0.004)  # four bids
+    ledger.refresh()
+    silent, won, late, lost = _spend(ledger, 0, CPM_1, "x", clock, window=30.0)
+    ledger.settle("win", won, "c", 700_000, CPM_1, clock(), 30)
+    ledger.settle("loss", lost, "c", None, CPM_1, clock(), 30)
+    ledger.refresh()
+    assert _accounts(ledger.banker)[0][:2] == (0, 3 * CPM_1)  # silent, won, late reserved; lost released
+    clock.now += 31
+    ledger.refresh()
+    spent, reserved, _ = _accounts(ledger.banker)[0]
+    assert (spent, reserved) == (700_000, 0)  # the win charged at its price, the silent ones released
+    ledger.settle("bill", late, "c", 400_000, CPM_1, clock.now - 31, 30)  # after its reservation was released
+    ledger.settle("bill", won, "c", 650_000, CPM_1, clock.now - 31, 30)  # the win's bill: its true price
+    ledger.settle("bill", won, "c", 650_000, CPM_1, clock.now - 31, 30)  # a retry changes nothing
+    ledger.refresh()
+    assert _accounts(ledger.banker)[0][:2] == (400_000 + 650_000, 0)
+    ledger.settle("bill", silent, "c", None, CPM_1, clock.now - 31, 30)  # a bill without a price: the bid's
+    ledger.refresh()
+    assert _accounts(ledger.banker)[0][0] == 400_000 + 650_000 + CPM_1
+
+
+def test_a_notice_that_beats_its_bid_report_to_the_banker_is_counted_once(bankers):
+    """Worker B receives the bill of worker A's bid before A has told the banker of the bid."""
+    clock = Clock()
+    a, b = (_ledger(bankers(), clock, _terms(total=1.0), holder=h) for h in ("a", "b"))
+    a.refresh(), b.refresh()
+    bid = "early"
+    assert a.reserve(0, 600_000, bid, clock() + 60)
+    b.settle("bill", bid, "c", 500_000, 600_000, clock(), 60)
+    b.refresh()
+    assert _accounts(b.banker)[0][:2] == (500_000, 0)
+    a.refresh()  # the report of the bid returns its reservation to A's lease: nothing is held twice
+    spent, reserved, leased = _accounts(a.banker)[0]
+    assert (spent, reserved) == (500_000, 0) and leased == a.available(0) + b.available(0)
+
+
+def test_the_day_resets_in_the_campaigns_time_zone_once(bankers):
+    clock = Clock(dt.datetime(2026, 12, 7, 23, 0, tzinfo=ZoneInfo("America/New_York")).timestamp())
+    ledger = _ledger(bankers(), clock, _terms(daily=0.01, timezone="America/New_York"), lease_fraction=1.0)
+    ledger.refresh()
+    for bid in _spend(ledger, 0, CPM_1, "d1-", clock):
+        ledger.settle("bill", bid, "c", CPM_1, CPM_1, clock(), 60)
+    ledger.refresh()
+    assert ledger.available(0) == 0 and ledger.spent_today(0) == 0.01  # the day's budget is spent
+    clock.now += 1800  # 23:30 in New York (04:30 UTC: another day in UTC, not in the campaign's zone)
+    ledger.refresh()
+    assert ledger.available(0) == 0
+    clock.now += 3600  # 00:30: a new day
+    ledger.refresh()
+    assert ledger.available(0) == nanos(0.01) and ledger.spent_today(0) == 0.0
+    clock.now -= 3600  # the clock jumps back to yesterday: that day's budget is spent, the lease is taken back
+    ledger.refresh()
+    assert ledger.available(0) == 0 and ledger.spent_today(0) == 0.01
+    assert _accounts(ledger.banker, day="2026-12-07")[1] == (nanos(0.01), 0, 0)
+    clock.now += 7200  # the 8th again: its budget, once
+    ledger.refresh()
+    ((spent, _, leased), today) = _accounts(ledger.banker, day="2026-12-08")
+    assert spent == nanos(0.01) and today == (0, 0, nanos(0.01)) and leased == nanos(0.01)
+    assert ledger.available(0) == nanos(0.01)
+
+
+def test_a_restart_keeps_the_spend(bankers):
+    clock = Clock()
+    ledger = _ledger(bankers(), clock, _terms(total=0.02, daily=0.01), lease_fraction=1.0)
+    ledger.refresh()
+    for bid in _spend(ledger, 0, CPM_1, "r", clock):
+        ledger.settle("bill", bid, "c", CPM_1, CPM_1, clock(), 60)
+    ledger.close()  # reports the bills, gives the lease back
+    if bankers.server is not None:
+        bankers.server.restart()
+    again = _ledger(bankers(), clock, _terms(total=0.02, daily=0.01), lease_fraction=1.0)
+    again.refresh()
+    assert again.spent_today(0) == 0.01 and again.available(0) == 0  # today's budget is spent
+    clock.now += 86400
+    again.refresh()
+    assert again.available(0) == nanos(0.01) and again.remaining(0) == pytest.approx(0.01)
+
+
+def test_a_killed_worker_s_lease_is_counted_and_never_granted_again(bankers, tmp_path):
+    """A worker process takes a lease, reserves from it and is killed with SIGKILL: its lease stays leased."""
+    url = None if bankers.server is None else bankers.server.url
+    script = textwrap.dedent(f"""
+        import sys, time
+        from zoneinfo import ZoneInfo
+        from bidder.campaigns import CampaignTerms
+        from bidder.ledger import Ledger, open_banker
+        ledger = Ledger(open_banker({url!r}, {str(tmp_path / "state")!r}, 3600.0), {NOON!r}, refresh_s=3600,
+                        lease_fraction=0.5, min_lease_usd=0.0, holder="doomed")
+        ledger.use_terms([CampaignTerms("c", total_usd=0.01)])
+        ledger.refresh()
+        assert ledger.reserve(0, {CPM_1}, "doomed-1", {NOON + 60})
+        ledger.refresh()
+        assert ledger.reserve(0, {CPM_1}, "doomed-2", {NOON + 60})  # never reported
+        print("leased", flush=True)
+        time.sleep(600)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "leased"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    clock = Clock()
+    survivor = _ledger(bankers(), clock, _terms(total=0.01), lease_fraction=1.0, holder="survivor")
+    survivor.refresh()
+    # the dead worker reported one bid (reserved) and was topped up to 0.005 USD again, one bid of which it
+    # reserved without reporting: the banker counts all 0.005 as leased to it, for good
+    assert survivor.available(0) == nanos(0.004)
+    spent, reserved, leased = _accounts(survivor.banker)[0]
+    assert (reserved, leased) == (CPM_1, nanos(0.005) + nanos(0.004))
+    clock.now += 120
+    survivor.refresh()  # the reported bid expires (released): its amount is free again; the lease is not
+    assert survivor.available(0) == nanos(0.004) + CPM_1
+
+
+def test_the_banker_down_leases_still_bid_then_stop_and_bidding_resumes_when_it_returns(redis_server):
+    clock = Clock()
+    ledger = _ledger(RedisBanker(redis_server.url, RETENTION_S), clock, _terms(total=1.0))
+    assert ledger.refresh() and ledger.connected
+    redis_server.stop()
+    bids = _spend(ledger, 0, CPM_1, "down", clock)  # the lease held: ten bids, no waiting on the banker
+    assert len(bids) == 10
+    for bid in bids[:3]:
+        ledger.settle("bill", bid, "c", CPM_1, CPM_1, clock(), 60)
+    assert not ledger.refresh() and not ledger.connected
+    assert not ledger.reserve(0, CPM_1, "down-more", clock() + 60)  # no lease left: no bid
+    redis_server.restart()
+    assert ledger.refresh() and ledger.connected
+    assert ledger.available(0) == nanos(0.01)  # topped up, and what was queued reached the banker
+    assert _accounts(ledger.banker)[0][:2] == (3 * CPM_1, 7 * CPM_1)
+
+
+def test_the_embedded_banker_is_the_default_and_redis_urls_are_checked(tmp_path):
+    assert isinstance(open_banker(None, tmp_path, RETENTION_S), EmbeddedBanker)
+    with pytest.raises(ValueError, match="expected a Redis URL such as redis://"):
+        open_banker("http://127.0.0.1:6379/0", tmp_path, RETENTION_S)
+
+
+def test_notice_dedup_in_redis_counts_a_notice_once(redis_server):
+    stores = [RedisNoticeStore(redis_server.url, 600), RedisNoticeStore(redis_server.url, 600)]
+    assert stores[0].first_time("b1", "bill", NOON, NOON)
+    assert not stores[1].first_time("b1", "bill", NOON, NOON + 5)
+    assert stores[1].first_time("b1", "win", NOON, NOON + 5)
+    ttl = stores[0].client.ttl("bidder:notice:b1:bill")
+    assert 600 < ttl <= 600 + 3600
+
+
+# -- the arithmetic against a plain model of it ----------------------------------------------------------------
+class Model:
+    """The ledger as a list of bids: spent is the sum of what each bid is charged, reserved the sum of what the
+    bids still waiting hold, leased what each holder holds. Nothing is carried from call to call but the bids."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.bids: dict[str, dict] = {}
+        self.leases = {"a": 0, "b": 0}
+
+    def charge(self, bid: dict) -> int:
+        return bid["billed"] if bid["billed"] is not None else (bid["won"] or 0) if bid["expired"] else 0
+
+    def holds(self, bid: dict) -> int:
+        settled = bid["billed"] is not None or bid["lost"] or bid["expired"]
+        return 0 if settled or not bid["funded"] else bid["amount"]
+
+    def totals(self) -> tuple[int, int, int]:
+        return (sum(map(self.charge, self.bids.values())), sum(map(self.holds, self.bids.values())),
+                sum(self.leases.values()))
+
+
+_operations = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), st.sampled_from("ab"), st.integers(1, 4) .map(lambda k: k * 250_000)),
+    st.tuples(st.just("bill"), st.integers(0, 5), st.integers(0, 1_000_000)),
+    st.tuples(st.just("win"), st.integers(0, 5), st.integers(0, 1_000_000)),
+    st.tuples(st.just("loss"), st.integers(0, 5), st.just(0)),
+    st.tuples(st.just("sync"), st.sampled_from("ab"), st.sampled_from([0, 10, 40])),  # seconds on: expiries
+), max_size=60)
+
+
+_WIN_EXPIRES_THEN_BILLED = [("sync", "a", 0), ("reserve", "a", 500_000), ("win", 0, 400_000), ("sync", "a", 0),
+                            ("sync", "a", 40), ("bill", 0, 300_000), ("sync", "a", 0)]
+_BILL_BEFORE_REPORT = [("sync", "a", 0), ("sync", "b", 0), ("reserve", "a", 750_000), ("bill", 0, 500_000),
+                       ("sync", "b", 0), ("sync", "a", 0), ("sync", "a", 40)]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(operations=_WIN_EXPIRES_THEN_BILLED)
+@example(operations=_BILL_BEFORE_REPORT)
+@given(operations=_operations)
+def test_the_ledger_arithmetic_matches_a_plain_model(bankers, operations):
+    """Reservations, bills (late ones too), wins, losses and expiries in any order, from two holders."""
+    banker = bankers()
+    if bankers.kind == "redis":
+        banker.client.flushdb()
+    else:
+        for table in ("accounts", "holds", "bids"):
+            banker.db.execute(f"DELETE FROM {table}")
+    budget = 3_000_000
+    model = Model(budget)
+    now = NOON
+    pending = {"a": [], "b": []}
+    notices: list[Settlement] = []
+    held = {"a": 0, "b": 0}  # what each holder's lease holds, as the holder counts it
+    n = 0
+    for op, who, value in operations:
+        if op == "reserve" and held[who] >= value:
+            bid = f"bid{n}"
+            n += 1
+            held[who] -= value
+            pending[who].append(Reservation(bid, "c", value, now + 30))
+            model.bids[bid] = {"amount": value, "funded": False, "expires": now + 30, "billed": None, "won": None,
+                               "lost": False, "expired": False, "known": False}
+        elif op in ("bill", "win", "loss") and who < n:
+            bid = f"bid{who}"
+            price = min(value, model.bids[bid]["amount"])
+            notices.append(Settlement(bid, op, "c", price, model.bids[bid]["amount"], "2026-12-07", now + 30))
+        elif op == "sync":
+            now += value
+            model.leases[who] = held[who]
+            for r in pending[who]:
+                model.bids[r.bid_id]["funded"] = model.bids[r.bid_id]["known"] = True
+            for s in notices:
+                bid = model.bids[s.bid_id]
+                bid["known"] = True  # the banker knows of a bid from its report or from a notice
+                if s.kind == "bill" and bid["billed"] is None:
+                    bid["billed"] = s.price
+                elif s.kind == "win" and not (bid["billed"] is not None or bid["lost"] or bid["expired"]
+                                              or bid["won"] is not None):
+                    bid["won"] = s.price
+                elif s.kind == "loss" and not (bid["billed"] is not None or bid["lost"] or bid["expired"]
+                                               or bid["won"] is not None):
+                    bid["lost"] = True
+            for bid in model.bids.values():
+                if bid["known"] and now >= bid["expires"] and bid["billed"] is None and not bid["lost"]:
+                    bid["expired"] = True
+            spent, reserved, leased = model.totals()
+            want = max(0, min(1_000_000, budget - spent - reserved - leased + held[who]))
+            grants = banker.sync(who, now, [CampaignSync("c", "2026-12-07", budget, UNLIMITED, held[who], 1_000_000)],
+                                 pending[who], notices)
+            pending[who], notices = [], []
+            grant = grants["c"]
+            held[who] += grant.delta
+            model.leases[who] = held[who]
+            assert held[who] == want
+            assert (grant.spent_total, grant.reserved_total, grant.leased_total) == model.totals()
+            assert (grant.spent_day,) == (model.totals()[0],)
+            late = sum(b["billed"] for b in model.bids.values() if b["billed"] is not None and b["expired"])
+            assert sum(model.totals()) <= budget + late
+    banker.close()
+
+
+def test_book_totals_live_under_the_total_account_name():
+    assert TOTAL == "T" and UNLIMITED < 0
