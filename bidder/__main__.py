@@ -70,6 +70,28 @@ def notice_settings(args: argparse.Namespace):
                           window_s=args.notice_window, max_window_s=args.notice_max_window)
 
 
+def ledger_settings(args: argparse.Namespace, notices) -> None:
+    """Refuse --ledger, --ledger-refresh and --lease-fraction values that cannot work (ValueError naming the
+    option); a Redis banker must answer now."""
+    if not args.ledger_refresh > 0 or args.ledger_refresh > 60:
+        raise ValueError(f"--ledger-refresh must be a number of seconds in (0, 60], got {args.ledger_refresh}")
+    if not 0 < args.lease_fraction <= 1:
+        raise ValueError(f"--lease-fraction must be in (0, 1], got {args.lease_fraction}")
+    if args.ledger is None:
+        return
+    if notices is None:
+        raise ValueError("--ledger needs --notice-url: the billing notices are what commits the spend")
+    from bidder.ledger.redis_banker import connect
+
+    client = connect(args.ledger)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - redis raises its own connection and authentication errors
+        raise ValueError(f"--ledger {args.ledger}: cannot reach the Redis banker: {exc}") from None
+    finally:
+        client.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bidder",
                                      description="Real-time CTR bidder: serve OpenRTB 2.5/2.6 bid requests over HTTP.")
@@ -143,6 +165,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                        help="where the workers of this machine record which notices were counted (a SQLite file); "
                             "default: a new temporary directory, forgotten at restart")
+    serve.add_argument("--ledger", default=None, metavar="URL",
+                       help="where the spend ledger of campaigns with budgets lives, and the notices' dedup with it: "
+                            "redis://HOST:PORT/DB for a Redis shared by every machine (docs/budgets.md); default: "
+                            "the embedded banker, a SQLite file in --state-dir shared by this machine's workers")
+    serve.add_argument("--ledger-refresh", type=float, default=Config().ledger_refresh_s, metavar="SECONDS",
+                       help="how often each worker reports its bids to the banker and has its leases topped up "
+                            "(default: %(default)s)")
+    serve.add_argument("--lease-fraction", type=float, default=Config().lease_fraction, metavar="F",
+                       help="the most of a campaign's budget (daily, else total) one worker holds as its lease "
+                            "(default: %(default)s)")
     serve.add_argument("--no-retrieval", action="store_true",
                        help="score every eligible creative of a large catalog, as for a small one (for comparison)")
     serve.add_argument("--events", type=Path, default=None, metavar="DIR",
@@ -171,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     try:
         notices = notice_settings(args)
+        ledger_settings(args, notices)
     except ValueError as exc:
         return _fail(str(exc))
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
-                    ann=args.ann, notices=notices, events=args.events)
+                    ann=args.ann, notices=notices, events=args.events, ledger=args.ledger,
+                    ledger_refresh_s=args.ledger_refresh, lease_fraction=args.lease_fraction)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.app import preload
     from bidder.campaigns import CatalogError, load_catalog
@@ -189,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scorer = Scorer(config.model, max_batch=1)
         catalog = load_catalog(config.campaigns)
+        if notices is None and any(t.budgeted for t in catalog.terms.values()):
+            raise CatalogError(f"{config.campaigns}: campaigns with a budget need notices (--notice-url): the "
+                               f"billing notices are what commits their spend")
         if config.retrieval and needs_retrieval(catalog):
             towers_for(scorer, catalog, config.ann)
     except (BundleError, CatalogError) as exc:

@@ -24,16 +24,17 @@ from bidder.clock import Clock, read_clock
 from bidder.engine import BidEngine, Outcome, error_body
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
+from bidder.ledger import Ledger, open_banker, open_notice_store
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
-from bidder.notice_store import NoticeStore, SqliteNoticeStore
-from bidder.notices import REFUSALS, NoticeFacts, Notices, NoticeSettings, Refusal
+from bidder.notice_store import RETENTION_MARGIN_S, NoticeStore
+from bidder.notices import REFUSALS, NoticeFacts, Notices, NoticeSettings, Refusal, micros
 from bidder.openrtb import RequestError, decode_json
 from bidder.retrieval import DEFAULT_K, retriever_for
 from bidder.scorer import BundleError, Scorer
 from bidder.shading import WinModel
 
-__all__ = ["Config", "DEFAULT_CAMPAIGNS", "STATE", "State", "count_notice", "create_app", "forget_preloaded",
-           "preload", "reload"]
+__all__ = ["Config", "DEFAULT_CAMPAIGNS", "STATE", "State", "campaigns_report", "count_notice", "create_app",
+           "forget_preloaded", "preload", "reload"]
 
 log = logging.getLogger("bidder")
 
@@ -80,6 +81,11 @@ class Config:
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
     notices: NoticeSettings | None = None  # signed win/billing/loss notices and clicks (--notice-url); None: off
     events: Path | None = None  # the event log's directory (bidder.events); None: no event log
+    # the spend ledger (campaigns with budgets; needs notices): the banker's Redis URL, None for the embedded one
+    # in the notices' state directory; how often a worker calls it; a worker's lease as a share of a budget
+    ledger: str | None = None
+    ledger_refresh_s: float = 0.25
+    lease_fraction: float = 0.002
 
 
 #: the interpreter's GIL switch interval while an engine is built (``State.load``)
@@ -99,9 +105,11 @@ class State:
         self.reload_lock = asyncio.Lock()
         self.notices: Notices | None = None
         self.store: NoticeStore | None = None
+        # the spend ledger, made by the first engine whose catalog has budgets (bidder.ledger)
+        self.ledger: Ledger | None = None
         if config.notices is not None:
             self.notices = Notices(config.notices)
-            self.store = SqliteNoticeStore(config.notices.state_dir, config.notices.max_window_s)
+            self.store = open_notice_store(config.ledger, config.notices.state_dir, config.notices.max_window_s)
             metrics.enable_notices(NOTICE_RESULTS)
 
     def now(self) -> float:
@@ -148,7 +156,7 @@ class State:
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours,
                            self.config.clock or self.config.now, factorized, market, retriever,
-                           notices=self.notices, events=self.events)
+                           notices=self.notices, events=self.events, ledger=self._ledger_for(catalog))
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
         per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})
@@ -160,6 +168,23 @@ class State:
                 for n in range(1, min(32, scorer.max_batch // max(k, 1)) + 1):
                     factorized.warm(n, k)
         return engine
+
+    def _ledger_for(self, catalog: Catalog) -> Ledger | None:
+        """The worker's ledger, started the first time a catalog has budgets; CatalogError without notices (the
+        billing notices are what commits spend)."""
+        if self.ledger is not None or not any(t.budgeted for t in catalog.terms.values()):
+            return self.ledger
+        config = self.config
+        if config.notices is None:
+            raise CatalogError(f"{catalog.source}: campaigns with a budget need notices (bidder serve --notice-url): "
+                               f"the billing notices are what commits their spend")
+        banker = open_banker(config.ledger, config.notices.state_dir,
+                             config.notices.max_window_s + RETENTION_MARGIN_S)
+        ledger = Ledger(banker, config.clock or config.now, refresh_s=config.ledger_refresh_s,
+                        lease_fraction=config.lease_fraction)
+        ledger.use_terms(catalog.terms.values())  # leases from the first call on
+        self.ledger = self.metrics.ledger = ledger.start()
+        return ledger
 
     def install(self, engine: BidEngine, model: Path, campaigns: Path) -> None:
         self.engine = engine
@@ -298,15 +323,18 @@ async def reload(state: State, model: Path | None = None, campaigns: Path | None
         return True, engine.scorer.model_id
 
 
+def _loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 @guarded
 async def admin_reload(request: web.Request) -> web.Response:
     started = time.perf_counter()
     state = request.app[STATE]
-    try:
-        loopback = ipaddress.ip_address((request.remote or "").split("%")[0]).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not _loopback(request):
         return _respond(state, "/admin/reload", Outcome(403, error_body("reload is allowed from loopback only"),
                                                        "forbidden"), started)
     body = await _read_body(request, state)
@@ -322,6 +350,39 @@ async def admin_reload(request: web.Request) -> web.Response:
     outcome = (Outcome(200, msgspec.json.encode({"model": detail})) if ok
                else Outcome(422, error_body(f"reload refused, old model still serving: {detail}"), "reload_refused"))
     return _respond(state, "/admin/reload", outcome, started)
+
+
+def campaigns_report(state: State) -> dict[str, dict]:
+    """Per campaign with money terms: the terms, and for a budgeted one the ledger's figures (USD) as of this
+    worker's last call to the banker."""
+    engine = state.engine
+    figures = state.ledger.report() if state.ledger is not None else {}
+    out = {}
+    for campaign, terms in engine.catalog.terms.items():
+        out[campaign] = {"budget_total": terms.total_usd, "budget_daily": terms.daily_usd,
+                         "timezone": str(terms.timezone), "pacing": terms.pacing, "max_cpm": terms.max_cpm,
+                         "flight": {"start": terms.start, "end": terms.end},
+                         "frequency_cap": [{"count": c.count, "seconds": c.seconds, "scope": c.scope}
+                                           for c in terms.frequency_caps],
+                         **figures.get(campaign, {})}
+    return out
+
+
+@guarded
+async def admin_campaigns(request: web.Request) -> web.Response:
+    """``GET /admin/campaigns`` (loopback only): ``campaigns_report`` as JSON, with whether the banker answered
+    this worker's last call."""
+    started = time.perf_counter()
+    state = request.app[STATE]
+    if not _loopback(request):
+        return _respond(state, "/admin/campaigns", Outcome(403, error_body("the operator view is allowed from "
+                                                                           "loopback only"), "forbidden"), started)
+    ledger = state.ledger
+    body = msgspec.json.encode({"campaigns": campaigns_report(state),
+                                "banker": None if ledger is None else {"name": repr(ledger.banker),
+                                                                       "connected": ledger.connected,
+                                                                       "failures": ledger.failures}})
+    return _respond(state, "/admin/campaigns", Outcome(200, body), started)
 
 
 #: what ``bidder_notices_total`` counts per kind: ``result`` label values
@@ -350,6 +411,10 @@ def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
     if state.store.first_time(checked.bid_id, kind, checked.issued, now):
         metrics.notices.labels(kind, "late" if age > checked.window else "ok").inc()
         metrics.notice_delay.labels(kind).observe(max(age, 0.0))
+        if state.ledger is not None and kind != "click":  # the spend: committed by a bill, released by a loss
+            price = _number(query.get("p")) if kind != "loss" else None
+            state.ledger.settle(kind, checked.bid_id, checked.campaign, None if price is None else micros(price),
+                                checked.price_micros, checked.issued, checked.window)
         if state.events is not None:  # logged once, as counted
             _log_notice(state.events, kind, checked.bid_id, query, max(age, 0.0))
     else:
@@ -453,6 +518,8 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
             yield
         finally:
             state.engine = None
+            if state.ledger is not None:  # what is queued reported, the leases given back
+                state.ledger.close()
             if state.store is not None:
                 state.store.close()
             if state.events is not None:  # every queued event written, the last file renamed into place
@@ -466,6 +533,7 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/reload", admin_reload)
+    app.router.add_get("/admin/campaigns", admin_campaigns)
     if config.notices is not None:
         app.router.add_route("GET", "/notice/{kind:win|bill|loss}", notice)
         app.router.add_route("POST", "/notice/{kind:win|bill|loss}", notice)

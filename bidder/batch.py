@@ -85,7 +85,7 @@ class Batch:
 
     __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_ids", "features", "n_rows",
                  "row_imp", "row_cand", "row_floor", "row_value", "deal_floor", "deal_private", "offers", "scores",
-                 "best_row", "best_value", "via_deal", "shaded", "unprofitable")
+                 "best_row", "best_value", "via_deal", "shaded", "unprofitable", "prices", "held")
 
     def __init__(self, pendings: Sequence[Pending], candidates: Sequence[Candidate], features: dict[str, np.ndarray]):
         self.pendings = pendings
@@ -101,6 +101,9 @@ class Batch:
         self.unprofitable: set[int] = set()      # batch imps left without a bid: no positive expected surplus
         self.row_imp = self.row_cand = self.row_floor = self.row_value = self.deal_floor = self.deal_private = None
         self.best_row = self.best_value = self.via_deal = None
+        # the budget stage (campaigns with money terms only): batch imp -> its final price, or why it is held back
+        self.prices: dict[int, float] | None = None
+        self.held: dict[int, str] | None = None
 
     @property
     def n_imps(self) -> int:

@@ -14,6 +14,8 @@ Stages, in the order a request meets them (one method each, over a ``bidder.batc
                imps are in their buffer, else by ``model.onnx`` row by row
     value      per imp the best row at or above its floor, natively (``bidder.pricing.best_rows``)
     shade      the batch's first-price open-auction imps in one search (``bidder.shading``)
+    budget     only when campaigns have money terms: each bid's price capped at its campaign's max_cpm, the
+               flight checked, the price reserved from the campaign's lease (``bidder.ledger``)
     encode     per request: the bids priced (rounded, deal terms, shaded) and the BidResponse, or the no-bid
 
 ``bid(body)`` runs all of them for one request, synchronously; the server runs ``prepare`` in the
@@ -22,6 +24,7 @@ request's handler and ``submit``s what has rows to score.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from typing import Callable, Iterator, Sequence
@@ -37,8 +40,9 @@ from bidder.clock import read_clock
 from bidder.deals import deal_candidates, seat_bids
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
+from bidder.ledger import Ledger
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.notices import Notices
+from bidder.notices import Notices, micros
 from bidder.openrtb import (DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid, decode_predict,
                             decode_request, encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import DealOffer, best_rows, floored_price
@@ -56,6 +60,8 @@ class _PredictResponse(msgspec.Struct):
 
 
 _NOTHING_BLOCKED: frozenset[str] = frozenset()
+#: a bid's window (seconds) for its reservation's expiry when notices are off (bidder.notices' default)
+DEFAULT_WINDOW_S = 600
 _FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
@@ -80,7 +86,7 @@ class BidEngine:
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
                  now: float | Callable[[], float] | None = None, factorized: FactorizedScorer | None = None,
                  market: WinModel | None = None, retriever: Retriever | None = None, notices: Notices | None = None,
-                 events: EventLog | None = None):
+                 events: EventLog | None = None, ledger: Ledger | None = None):
         self.scorer = scorer
         self.events = events  # every bid placed is logged there (``bidder serve --events``); None: not logged
         self.catalog = catalog
@@ -98,6 +104,15 @@ class BidEngine:
         self.now = now
         # bids signed and their notices pointed at the bidder's own routes (bidder/notices.py); None: off
         self.notices = notices
+        # campaigns' money terms: the budget stage runs only when some campaign has any (bidder.ledger holds the
+        # leases of the budgeted ones); without, the bid path is what it was
+        self.ledger = ledger
+        self.money = bool(catalog.terms)
+        if any(t.budgeted for t in catalog.terms.values()):
+            if ledger is None:
+                raise ValueError(f"{catalog.source}: campaigns with a budget need the spend ledger (bidder serve "
+                                 f"--notice-url: notices commit the spend)")
+            ledger.use_terms(catalog.terms.values())
         # where a batch's imps are featurized: the factorized graphs read them there, so does the bid search
         self.features = factorized.imp_inputs if factorized is not None else scorer.spec.allocate(scorer.max_batch)
         self.capacity = len(next(iter(self.features.values())))  # imps a batch may hold
@@ -239,6 +254,8 @@ class BidEngine:
             self.score(batch)
             self.value(batch)
             self.shade(batch)
+            if self.money:
+                self.budget(batch)
         self.encode_all(batch)
 
     def _live(self, batch: Batch) -> list[Pending]:
@@ -431,6 +448,65 @@ class BidEngine:
             else:
                 unprofitable.add(j)
 
+    # -- budget ----------------------------------------------------------------------------------------
+    def budget(self, batch: Batch) -> None:
+        """Each bid of a campaign with money terms: held back outside its flight (``flight``), its price lowered to
+        its ``max_cpm`` (``below_floor`` when that is under the floor), then, for a budgeted campaign, passed by
+        the pacing hook (``Ledger.pass_rate``: ``pacing``) and its price reserved from the campaign's lease
+        (``no_budget`` when the lease holds less). Fills ``batch.prices`` and ``batch.held``; encode reads them."""
+        now = read_clock(self.now)
+        terms_of, ledger, notices = self.catalog.terms, self.ledger, self.notices
+        prices: dict[int, float] = {}
+        held: dict[int, str] = {}
+        batch.prices, batch.held = prices, held
+        best_row, candidates, row_cand = batch.best_row, batch.candidates, batch.row_cand
+        unprofitable = batch.unprofitable
+        for k, pending in enumerate(batch.pendings):
+            if batch.outcomes[k] is not None:
+                continue
+            request = pending.request
+            for position, i in enumerate(pending.imp_ids):
+                j = pending.first_imp + position
+                row = best_row[j]
+                if row < 0 or j in unprofitable:
+                    continue
+                c = candidates[int(row_cand[row])]
+                price = self._price(batch, j, pending.floors[i])[0]
+                terms = terms_of.get(c.campaign_id)
+                if terms is None:
+                    prices[j] = price
+                    continue
+                if not terms.in_flight(now):
+                    held[j] = "flight"
+                    continue
+                if terms.max_cpm is not None and price > terms.max_cpm:
+                    if terms.max_cpm < pending.floors[i]:
+                        held[j] = "below_floor"
+                        continue
+                    price = round(terms.max_cpm, 6)
+                if terms.budgeted:
+                    slot = ledger.slots[c.campaign_id]
+                    rate = ledger.pass_rate[slot]
+                    if rate < 1.0 and random.random() >= rate:
+                        held[j] = "pacing"
+                        continue
+                    imp = request.imp[i]
+                    window = notices.window(imp.exp) if notices is not None else DEFAULT_WINDOW_S
+                    if not ledger.reserve(slot, micros(price), f"{request.id}-{imp.id}", now + window):
+                        held[j] = "no_budget"
+                        continue
+                prices[j] = price
+
+    def _price(self, batch: Batch, j: int, floor: float) -> tuple[float, DealOffer | None]:
+        """Batch imp ``j``'s bid price before money terms (its deal's terms, its shaded bid, or its value; never
+        under ``floor``) and the deal it bids through."""
+        value = batch.best_value[j]
+        deal: DealOffer | None = batch.offers[batch.best_row[j]] if batch.via_deal[j] else None
+        if deal is not None:
+            return deal.price(value), deal
+        shaded = batch.shaded.get(j)
+        return floored_price(value if shaded is None else shaded, floor), None
+
     # -- encode --------------------------------------------------------------------------------------
     def encode_all(self, batch: Batch) -> None:
         """Each live request's answer; a bug met while pricing one request fails that request only."""
@@ -455,6 +531,7 @@ class BidEngine:
         observe = (metrics.shading_first if first_price else metrics.shading_second).observe
         best_row, best_value, via_deal = batch.best_row, batch.best_value, batch.via_deal
         candidates, row_cand, shaded = batch.candidates, batch.row_cand, batch.shaded
+        prices, held = batch.prices, batch.held
         imps, floors = request.imp, pending.floors
         bids: list[Bid] = []
         deals: list[DealOffer | None] = []
@@ -468,17 +545,25 @@ class BidEngine:
             if j in batch.unprofitable:
                 imp_reason = self._count_imp(imp_reason, "no_surplus")
                 continue
+            if held is not None:  # the budget stage ran: its price, or why the imp is held back
+                price = prices.get(j)
+                if price is None:
+                    imp_reason = self._count_imp(imp_reason, held.get(j, "below_floor"))
+                    continue
             value = best_value[j]
             deal: DealOffer | None = batch.offers[row] if via_deal[j] else None
             if deal is not None:
-                price = deal.price(value)
+                if held is None:
+                    price = deal.price(value)
                 if not shading:
                     observe(1.0)
             elif shading:
-                price = floored_price(shaded[j], floors[i])
+                if held is None:
+                    price = floored_price(shaded[j], floors[i])
                 observe(price / value)
             else:
-                price = floored_price(value, floors[i])
+                if held is None:
+                    price = floored_price(value, floors[i])
                 observe(1.0)
             c = candidates[int(row_cand[row])]
             imp = imps[i]

@@ -17,10 +17,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 __all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NOTICE_KINDS", "NOTICE_ROUTES", "NO_BID_REASONS",
            "ROUTES"]
 
-ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload")
+ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload", "/admin/campaigns")
 #: why a request (or one imp of it) got no bid
 NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
-                  "tmax", "no_matching_deal", "no_surplus")
+                  "tmax", "no_matching_deal", "no_surplus",
+                  # campaign money terms (bidder.ledger): outside its flight, no lease left, throttled by pacing
+                  "flight", "no_budget", "pacing")
 #: why a request was refused or failed
 ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_refused", "internal", "not_found",
                "method_not_allowed")
@@ -138,6 +140,7 @@ class Metrics:
             self.errors.labels(kind)
         self._responses: dict[tuple[str, int], Count] = {}
         self.events = None  # the worker's bidder.events.EventLog, when it logs events: its counters are exported
+        self.ledger = None  # the worker's bidder.ledger.Ledger, when campaigns have budgets: their spend is exported
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -189,6 +192,8 @@ class Metrics:
             yield out
         if self.events is not None:
             yield from self._event_metrics()
+        if self.ledger is not None:
+            yield from self._ledger_metrics()
 
     def _event_metrics(self) -> Iterator[Metric]:
         events = self.events
@@ -202,6 +207,22 @@ class Metrics:
                                   value=events.written)
         yield GaugeMetricFamily("bidder_events_queued", "Events waiting for the event log's writer",
                                 value=len(events.queue))
+
+    def _ledger_metrics(self) -> Iterator[Metric]:
+        """The banker's figures as of this worker's last call to it: the same in every worker (take one, do not
+        sum them)."""
+        spend = CounterMetricFamily("bidder_spend_usd", "USD committed per budgeted campaign (all workers and "
+                                    "machines sharing the banker)", labels=["campaign"])
+        remaining = GaugeMetricFamily("bidder_budget_remaining_usd", "USD a budgeted campaign has left: the smaller "
+                                      "of its total's and today's", labels=["campaign"])
+        ledger = self.ledger
+        for campaign, figures in ledger.report().items():
+            spend.add_metric((campaign,), figures["spent_total"])
+            left = ledger.remaining(ledger.slots[campaign])
+            if left is not None:
+                remaining.add_metric((campaign,), left)
+        yield spend
+        yield remaining
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,8 +38,8 @@ log = logging.getLogger("bidder")
 NANOS_PER_USD = 1_000_000_000
 #: a lease, as a share of the campaign's smallest budget (daily, else total): what one worker may hold
 DEFAULT_LEASE_FRACTION = 0.002
-#: the smallest lease asked for (USD): ten bids at a 1 USD CPM, so that a small budget still bids
-DEFAULT_MIN_LEASE_USD = 0.01
+#: the smallest lease asked for (USD): two bids at a 1 USD CPM, so that a small budget still bids
+DEFAULT_MIN_LEASE_USD = 0.002
 
 
 class Banker(Protocol):

@@ -1,0 +1,172 @@
+"""Campaign money terms on the bid path: max_cpm, flight, budgets reserved from leases, committed by billing
+notices and released by losses over HTTP; the operator view and the spend metrics; both bankers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from bidder.__main__ import main
+from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
+from bidder.engine import BidEngine
+from bidder.ledger import nanos
+from bidder.notices import Keyring, NoticeSettings, SigningKey
+from oracle import metric
+
+NOW = 1_796_126_400.0  # 2026-12-01T12:00:00Z
+KEYS = Keyring([SigningKey("k1", bytes.fromhex("11" * 32), 0)])
+REQUEST = {"id": "req", "imp": [{"id": "1", "banner": {"w": 300, "h": 250}, "exp": 120}],
+           "site": {"domain": "news.example"}, "device": {"ua": "Mozilla/5.0"}}
+
+
+def _catalog(tmp_path: Path, **terms) -> Path:
+    """The default catalog's first campaign alone (one 300x250 creative bids), with ``terms``."""
+    campaign = json.loads(DEFAULT_CAMPAIGNS.read_text())["campaigns"][0]
+    campaign.update(terms)
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps({"campaigns": [campaign]}))
+    return path
+
+
+def _request(n: int) -> bytes:
+    return json.dumps(dict(REQUEST, id=f"req-{n}")).encode()
+
+
+def _notices(tmp_path: Path) -> NoticeSettings:
+    return NoticeSettings(url="https://bidder.example", keyring=KEYS, state_dir=tmp_path / "state", window_s=600,
+                          max_window_s=3600)
+
+
+def _local(url: str, price: float | None = None) -> str:
+    if price is not None:
+        url = url.replace("${AUCTION_PRICE}", f"{price:.6f}")
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+async def _bid(client, n: int):
+    response = await client.post("/bid", data=_request(n))
+    if response.status == 204:
+        return None
+    assert response.status == 200, await response.text()
+    return (await response.json())["seatbid"][0]["bid"][0]
+
+
+async def _nobids(client, reason: str) -> float:
+    return metric(await (await client.get("/metrics")).text(), "bidder_nobid_imps_total", reason=reason)
+
+
+async def test_without_money_terms_the_budget_stage_never_runs(aiohttp_client, tmp_path, monkeypatch):
+    def refuse(self, batch):
+        raise AssertionError("the budget stage ran without money terms")
+
+    monkeypatch.setattr(BidEngine, "budget", refuse)
+    client = await aiohttp_client(create_app(Config(campaigns=_catalog(tmp_path), now=NOW)))
+    assert await _bid(client, 1) is not None
+    state = client.app[STATE]
+    assert not state.engine.money and state.ledger is None and state.metrics.ledger is None
+
+
+async def test_max_cpm_caps_the_bid_and_a_flight_bounds_it(aiohttp_client, tmp_path):
+    free = await aiohttp_client(create_app(Config(campaigns=_catalog(tmp_path), now=NOW)))
+    price = (await _bid(free, 1))["price"]
+    cap = round(price / 2, 6)
+    (tmp_path / "capped").mkdir()
+    capped = await aiohttp_client(create_app(Config(campaigns=_catalog(tmp_path / "capped", max_cpm=cap), now=NOW)))
+    assert (await _bid(capped, 1))["price"] == cap
+    (tmp_path / "later").mkdir()
+    later = await aiohttp_client(create_app(Config(
+        campaigns=_catalog(tmp_path / "later", flight={"start": "2026-12-02T00:00:00Z"}), now=NOW)))
+    assert await _bid(later, 1) is None and await _nobids(later, "flight") == 1
+    (tmp_path / "over").mkdir()
+    over = await aiohttp_client(create_app(Config(
+        campaigns=_catalog(tmp_path / "over", flight={"end": "2026-12-01T12:00:00Z"}), now=NOW)))
+    assert await _bid(over, 1) is None and await _nobids(over, "flight") == 1
+
+
+def test_budgets_without_notices_are_refused_in_one_line(tmp_path, capsys):
+    path = _catalog(tmp_path, budget={"daily": 10.0})
+    assert main(["serve", "--campaigns", str(path), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "campaigns with a budget need notices (--notice-url)" in err
+    assert err.count("\n") == 1
+    assert main(["serve", "--ledger", "redis://127.0.0.1:1/0", "--port", "1"]) == 2
+    assert "--ledger needs --notice-url" in capsys.readouterr().err
+    assert main(["serve", "--ledger-refresh", "0", "--port", "1"]) == 2
+    assert "--ledger-refresh must be" in capsys.readouterr().err
+
+
+def test_an_unreachable_redis_banker_is_refused_at_start(tmp_path, capsys):
+    assert main(["serve", "--notice-url", "http://127.0.0.1:1", "--state-dir", str(tmp_path),
+                 "--ledger", "redis://127.0.0.1:1/0", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ledger redis://127.0.0.1:1/0: cannot reach the Redis banker")
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def ledger_url(request):
+    return None if request.param == "embedded" else request.getfixturevalue("redis_server").url
+
+
+async def test_spend_is_reserved_at_bid_time_and_committed_by_the_bill(aiohttp_client, tmp_path, ledger_url):
+    """Leases of a tenth of a 1-cent budget: bids until the lease holds no more, then no_budget; billing notices
+    commit their clearing price, a loss releases its bid; the operator view and the metrics show it."""
+    catalog = _catalog(tmp_path, budget={"total": 0.01, "daily": 0.01}, max_cpm=1.0)
+    config = Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path), ledger=ledger_url,
+                    lease_fraction=0.5, ledger_refresh_s=3600)
+    client = await aiohttp_client(create_app(config))
+    ledger = client.app[STATE].ledger
+    assert ledger is not None and ledger.available(0) == nanos(0.005)
+    bids = []
+    while (bid := await _bid(client, len(bids))) is not None:
+        bids.append(bid)
+    assert bids and all(b["price"] <= 1.0 for b in bids)
+    assert sum(round(b["price"] * 1e6) for b in bids) <= nanos(0.005) < sum(round(b["price"] * 1e6)
+                                                                             for b in bids) + 1_000_000
+    assert await _nobids(client, "no_budget") == 1
+    billed, lost = bids[0], bids[1:]
+    clearing = round(billed["price"] / 2, 6)
+    assert (await client.get(_local(billed["burl"], clearing))).status == 200
+    assert (await client.get(_local(billed["burl"], clearing))).status == 200  # a retry: counted once
+    for bid in lost:
+        assert (await client.get(_local(bid["lurl"]))).status == 200
+    assert ledger.refresh()
+    spent = round(clearing * 1e6)  # nano-USD: the CPM in micro-USD
+    assert ledger.view[0].spent_total == spent and ledger.view[0].reserved_total == 0
+    assert ledger.available(0) == nanos(0.005)  # topped up again
+    report = await (await client.get("/admin/campaigns")).json()
+    figures = report["campaigns"]["c1458"]
+    assert figures["spent_total"] == figures["spent_today"] == spent / 1e9
+    assert (figures["budget_total"], figures["max_cpm"], figures["pacing"]) == (0.01, 1.0, "asap")
+    assert report["banker"]["connected"] is True
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_spend_usd_total", campaign="c1458") == spent / 1e9
+    assert metric(text, "bidder_budget_remaining_usd", campaign="c1458") == pytest.approx(0.01 - spent / 1e9)
+
+
+async def test_the_pacing_hook_throttles_a_campaign(aiohttp_client, tmp_path):
+    catalog = _catalog(tmp_path, budget={"daily": 100.0}, pacing="even")
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger_refresh_s=3600)))
+    ledger = client.app[STATE].ledger
+    ledger.pass_rate[ledger.slots["c1458"]] = 0.0
+    assert await _bid(client, 1) is None and await _nobids(client, "pacing") == 1
+    ledger.pass_rate[ledger.slots["c1458"]] = 1.0
+    assert await _bid(client, 2) is not None
+
+
+async def test_the_operator_view_is_loopback_only(aiohttp_client, tmp_path):
+    client = await aiohttp_client(create_app(Config(campaigns=_catalog(tmp_path, max_cpm=2.0), now=NOW)))
+    response = await client.get("/admin/campaigns", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert response.status == 200  # the test client is loopback; a forwarded header changes nothing
+    assert (await response.json())["campaigns"]["c1458"]["max_cpm"] == 2.0
+
+
+def test_a_bill_token_names_what_the_ledger_commits(tmp_path):
+    """The token's bid price is in CPM micro-USD: an impression's cost in nano-USD, the ledger's unit."""
+    token = KEYS.sign(NOW, 2_500_000, 600, "r", "1", "r-1", "bidder", "c1458", "cr", "USD", "", "m")
+    facts = KEYS.verify(token)
+    assert facts.price_micros == nanos(2.5 / 1000)
+    assert parse_qs("t=" + token)["t"][0] == token
