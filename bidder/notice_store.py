@@ -3,9 +3,9 @@
 ``NoticeStore.first_time`` is the whole interface: True the first time a (bid id, kind) is seen, False for
 every repeat (a duplicate, an exchange's retry), whichever worker process answers it. ``SqliteNoticeStore``
 keeps the rows in a SQLite file in write-ahead-log mode under the state directory: ``INSERT OR IGNORE`` on the
-primary key is atomic across processes, and needs no service. Across machines the rows must live where the
-spend ledger lives: that back end (Redis) comes with the budgets work; until then each machine dedups its own
-notices, which is exact when an exchange sends a bid's notices to the machine that made the bid.
+primary key is atomic across processes, and needs no service. Across machines the rows live where the spend
+ledger lives: with ``bidder serve --ledger redis://...`` ``bidder.ledger.redis_banker.RedisNoticeStore`` keeps
+them in that Redis (``bidder.ledger.open_notice_store`` picks the store).
 
 Rows are kept as long as a notice can still be accepted: a token older than the longest window is refused as
 expired before it reaches the store, so rows issued before that (plus a margin) are deleted now and then.

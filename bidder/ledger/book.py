@@ -18,10 +18,10 @@ grants only what both accounts have left: ``spent + reserved + leased <= budget`
 A bid's row moves through these states::
 
     open ──win──► won ──bill──► billed        (charge: the clearing price)
-      │             └──expiry─► expired        (charge: the win's price — a win without a bill is an impression)
+      │             └──expiry─► expired        (charge: the win's price; a win is an impression)
       ├──bill──► billed
       ├──loss──► lost                          (charge 0)
-      └──expiry► expired                       (charge 0: no notice came; the reservation is released)
+      └──expiry► expired                       (charge 0: no notice came, the reservation is released)
 
 A notice can reach the banker before the holder's report of the bid (another worker answered it within one
 refresh): the row is then made by the notice, *unfunded*, and the report that comes later only returns the
