@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scorer = Scorer(config.model, max_batch=1)
         catalog = load_catalog(config.campaigns)
-        if notices is None and any(t.budgeted for t in catalog.terms.values()):
-            raise CatalogError(f"{config.campaigns}: campaigns with a budget need notices (--notice-url): the "
-                               f"billing notices are what commits their spend")
+        if notices is None and any(t.budgeted or t.frequency_caps for t in catalog.terms.values()):
+            raise CatalogError(f"{config.campaigns}: campaigns with a budget or frequency caps need notices "
+                               f"(--notice-url): the billing notices commit spend and count impressions")
         if config.retrieval and needs_retrieval(catalog):
             towers_for(scorer, catalog, config.ann)
     except (BundleError, CatalogError) as exc:

@@ -172,12 +172,12 @@ class State:
     def _ledger_for(self, catalog: Catalog) -> Ledger | None:
         """The worker's ledger, started the first time a catalog has budgets; CatalogError without notices (the
         billing notices are what commits spend)."""
-        if self.ledger is not None or not any(t.budgeted for t in catalog.terms.values()):
+        if self.ledger is not None or not any(t.budgeted or t.frequency_caps for t in catalog.terms.values()):
             return self.ledger
         config = self.config
         if config.notices is None:
-            raise CatalogError(f"{catalog.source}: campaigns with a budget need notices (bidder serve --notice-url): "
-                               f"the billing notices are what commits their spend")
+            raise CatalogError(f"{catalog.source}: campaigns with a budget or frequency caps need notices (bidder "
+                               f"serve --notice-url): the billing notices commit spend and count impressions")
         banker = open_banker(config.ledger, config.notices.state_dir,
                              config.notices.max_window_s + RETENTION_MARGIN_S)
         ledger = Ledger(banker, config.clock or config.now, refresh_s=config.ledger_refresh_s,

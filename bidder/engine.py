@@ -66,6 +66,18 @@ _FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
 
+def user_key(request) -> str | None:
+    """Who a request is for, as frequency caps and the event log count people: ``user.id``, else
+    ``user.buyeruid``, else ``device.ifa``; None without any."""
+    user, device = request.user, request.device
+    key = (user.id or user.buyeruid) if user is not None else None
+    if key is None and device is not None:
+        key = device.ifa
+    if key is not None and key.__class__ is not str:
+        key = str(key)
+    return key
+
+
 def error_body(message: str, path: str = "$") -> bytes:
     return _encoder.encode({"error": message, "path": path})
 
@@ -108,10 +120,10 @@ class BidEngine:
         # leases of the budgeted ones); without, the bid path is what it was
         self.ledger = ledger
         self.money = bool(catalog.terms)
-        if any(t.budgeted for t in catalog.terms.values()):
+        if any(t.budgeted or t.frequency_caps for t in catalog.terms.values()):
             if ledger is None:
-                raise ValueError(f"{catalog.source}: campaigns with a budget need the spend ledger (bidder serve "
-                                 f"--notice-url: notices commit the spend)")
+                raise ValueError(f"{catalog.source}: campaigns with a budget or frequency caps need the spend ledger "
+                                 f"(bidder serve --notice-url: billing notices commit spend and count impressions)")
             ledger.use_terms(catalog.terms.values())
         # where a batch's imps are featurized: the factorized graphs read them there, so does the bid search
         self.features = factorized.imp_inputs if factorized is not None else scorer.spec.allocate(scorer.max_batch)
@@ -451,9 +463,11 @@ class BidEngine:
     # -- budget ----------------------------------------------------------------------------------------
     def budget(self, batch: Batch) -> None:
         """Each bid of a campaign with money terms: held back outside its flight (``flight``), its price lowered to
-        its ``max_cpm`` (``below_floor`` when that is under the floor), then, for a budgeted campaign, passed by
-        the pacing hook (``Ledger.pass_rate``: ``pacing``) and its price reserved from the campaign's lease
-        (``no_budget`` when the lease holds less). Fills ``batch.prices`` and ``batch.held``; encode reads them."""
+        its ``max_cpm`` (``below_floor`` when that is under the floor), held back when the request's user reached
+        one of its frequency caps (``frequency_cap``), then, for a budgeted campaign, passed by the pacing hook
+        (``Ledger.pass_rate``: ``pacing``) and its price reserved from the campaign's lease (``no_budget`` when the
+        lease holds less); a capped campaign without a budget reserves nothing, but its bid is reported with its
+        user so that its billing counts. Fills ``batch.prices`` and ``batch.held``; encode reads them."""
         now = read_clock(self.now)
         terms_of, ledger, notices = self.catalog.terms, self.ledger, self.notices
         prices: dict[int, float] = {}
@@ -465,6 +479,7 @@ class BidEngine:
             if batch.outcomes[k] is not None:
                 continue
             request = pending.request
+            user = None  # read once per request, when a capped campaign bids
             for position, i in enumerate(pending.imp_ids):
                 j = pending.first_imp + position
                 row = best_row[j]
@@ -484,15 +499,24 @@ class BidEngine:
                         held[j] = "below_floor"
                         continue
                     price = round(terms.max_cpm, 6)
-                if terms.budgeted:
+                caps = terms.frequency_caps
+                if terms.budgeted or caps:
                     slot = ledger.slots[c.campaign_id]
+                    if caps:
+                        if user is None:
+                            user = (user_key(request) or "").replace("\t", " ")
+                        if user and ledger.capped(slot, c.creative_id, user, now):
+                            ledger.cap_hits[slot] += 1
+                            held[j] = "frequency_cap"
+                            continue
                     rate = ledger.pass_rate[slot]
                     if rate < 1.0 and random.random() >= rate:
                         held[j] = "pacing"
                         continue
                     imp = request.imp[i]
                     window = notices.window(imp.exp) if notices is not None else DEFAULT_WINDOW_S
-                    if not ledger.reserve(slot, micros(price), f"{request.id}-{imp.id}", now + window):
+                    if not ledger.reserve(slot, micros(price) if terms.budgeted else 0, f"{request.id}-{imp.id}",
+                                          now + window, user if caps else "", c.creative_id):
                         held[j] = "no_budget"
                         continue
                 prices[j] = price
@@ -591,12 +615,7 @@ class BidEngine:
                  price: float, floor: float) -> None:
         request = pending.request
         record = pending.records[position]
-        user, device = request.user, request.device
-        key = (user.id or user.buyeruid) if user is not None else None
-        if key is None and device is not None:
-            key = device.ifa
-        if key is not None and key.__class__ is not str:
-            key = str(key)
+        key = user_key(request)
         self.events.bid(bid_id, record, c.layer, c.campaign_id, c.creative_id, self.scorer.model_id, float(pctr),
                         value, price, price / value if value > 0 else 1.0, floor, request.at, record["adexchange"],
                         key)

@@ -21,8 +21,9 @@ ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload"
 #: why a request (or one imp of it) got no bid
 NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
                   "tmax", "no_matching_deal", "no_surplus",
-                  # campaign money terms (bidder.ledger): outside its flight, no lease left, throttled by pacing
-                  "flight", "no_budget", "pacing")
+                  # campaign money terms (bidder.ledger): outside its flight, no lease left, throttled by pacing,
+                  # the user had as many impressions as a frequency cap allows
+                  "flight", "no_budget", "pacing", "frequency_cap")
 #: why a request was refused or failed
 ERROR_KINDS = ("bad_request", "bad_record", "too_large", "forbidden", "reload_refused", "internal", "not_found",
                "method_not_allowed")

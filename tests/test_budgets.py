@@ -90,7 +90,7 @@ def test_budgets_without_notices_are_refused_in_one_line(tmp_path, capsys):
     path = _catalog(tmp_path, budget={"daily": 10.0})
     assert main(["serve", "--campaigns", str(path), "--port", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "campaigns with a budget need notices (--notice-url)" in err
+    assert err.startswith("error: ") and "campaigns with a budget or frequency caps need notices (--notice-url)" in err
     assert err.count("\n") == 1
     assert main(["serve", "--ledger", "redis://127.0.0.1:1/0", "--port", "1"]) == 2
     assert "--ledger needs --notice-url" in capsys.readouterr().err
@@ -170,3 +170,25 @@ def test_a_bill_token_names_what_the_ledger_commits(tmp_path):
     facts = KEYS.verify(token)
     assert facts.price_micros == nanos(2.5 / 1000)
     assert parse_qs("t=" + token)["t"][0] == token
+
+
+async def test_a_user_capped_by_billed_impressions_gets_no_more_bids(aiohttp_client, tmp_path):
+    catalog = _catalog(tmp_path, frequency_cap=[{"count": 1, "seconds": 3600}])
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger_refresh_s=3600)))
+
+    async def bid_for(n: int, user: dict | None):
+        body = dict(REQUEST, id=f"req-{n}", **({"user": user} if user is not None else {}))
+        response = await client.post("/bid", data=json.dumps(body))
+        return (await response.json())["seatbid"][0]["bid"][0] if response.status == 200 else None
+
+    first = await bid_for(1, {"id": "u1"})
+    assert (await client.get(_local(first["burl"], first["price"]))).status == 200
+    ledger = client.app[STATE].ledger
+    assert ledger.refresh()
+    assert await bid_for(2, {"id": "u1"}) is None and await _nobids(client, "frequency_cap") == 1
+    assert await bid_for(3, {"buyeruid": "u2"}) is not None  # another user
+    assert await bid_for(4, None) is not None  # no user key: never capped
+    report = await (await client.get("/admin/campaigns")).json()
+    assert report["campaigns"]["c1458"]["cap_hits"] == 1
+    assert report["campaigns"]["c1458"]["frequency_cap"] == [{"count": 1, "seconds": 3600, "scope": "campaign"}]

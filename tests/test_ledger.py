@@ -364,3 +364,35 @@ def test_the_ledger_arithmetic_matches_a_plain_model(bankers, operations):
 
 def test_book_totals_live_under_the_total_account_name():
     assert TOTAL == "T" and UNLIMITED < 0
+
+
+# -- frequency caps ------------------------------------------------------------------------------------------
+def test_frequency_caps_count_billed_impressions_of_a_user_across_workers(bankers):
+    from bidder.campaigns import FrequencyCap
+
+    clock = Clock()
+    caps = (FrequencyCap(2, 60, "campaign"), FrequencyCap(1, 30, "creative"))
+    a, b = (_ledger(bankers(), clock, _terms(total=1.0, frequency_caps=caps), holder=h) for h in ("a", "b"))
+    a.refresh(), b.refresh()
+    assert a.reserve(0, CPM_1, "u-1", clock() + 60, "user-1", "cr1")
+    a.settle("bill", "u-1", "c", CPM_1, CPM_1, clock(), 60)
+    a.refresh(), b.refresh()
+    assert b.capped(0, "cr1", "user-1", clock())  # the creative's cap: once in 30 s
+    assert not b.capped(0, "cr2", "user-1", clock()) and not b.capped(0, "cr1", "user-2", clock())
+    # the second impression, billed through B before A reports its bid: counted when the report comes
+    assert a.reserve(0, CPM_1, "u-2", clock() + 60, "user-1", "cr2")
+    b.settle("bill", "u-2", "c", CPM_1, CPM_1, clock(), 60)
+    b.refresh()
+    assert not b.capped(0, "cr3", "user-1", clock())
+    a.refresh(), b.refresh()
+    assert b.capped(0, "cr3", "user-1", clock()) and a.capped(0, "cr3", "user-1", clock())  # the campaign's: 2/60 s
+    assert [(i.creative, i.user) for i in a.banker.impressions(0, NOON)] == [("cr1", "user-1"), ("cr2", "user-1")]
+    assert a.reserve(0, CPM_1, "anonymous", clock() + 60, "", "cr1")  # no user key: counted nowhere, never capped
+    a.settle("bill", "anonymous", "c", CPM_1, CPM_1, clock(), 60)
+    clock.now += 31
+    a.refresh()
+    assert a.capped(0, "cr1", "user-1", clock())  # the campaign's cap still holds
+    clock.now += 30
+    a.refresh()
+    assert not a.capped(0, "cr1", "user-1", clock()) and not a.blocked
+    assert a.banker.impressions(0, NOON) == []  # older than the longest window: gone from the log

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol, Sequence
 
 __all__ = ["OPEN", "WON", "BILLED", "LOST", "EXPIRED", "FINAL", "BidRow", "Book", "CampaignSync", "Grant",
-           "Reservation", "Settlement", "Storage", "TOTAL", "UNLIMITED", "headroom"]
+           "Impression", "Reservation", "Settlement", "Storage", "TOTAL", "UNLIMITED", "headroom"]
 
 TOTAL = "T"
 #: a budget that is not set
@@ -57,8 +57,10 @@ class CampaignSync(NamedTuple):
 class Reservation(NamedTuple):
     bid_id: str
     campaign: str
-    amount: int    # nano-USD: the bid's price per impression
+    amount: int    # nano-USD: the bid's price per impression (0 for a campaign with frequency caps but no budget)
     expires: float  # Unix seconds (engine clock) after which it is settled by the policy
+    user: str = ""      # the request's user key, for frequency caps ("" without one: never capped)
+    creative: str = ""
 
 
 class Settlement(NamedTuple):
@@ -89,6 +91,17 @@ class BidRow(NamedTuple):
     state: str
     price: int      # win price (won) or the charge (final)
     expires: float
+    user: str = ""  # from the holder's report: a billed bid with a user counts towards frequency caps
+    creative: str = ""
+
+
+class Impression(NamedTuple):
+    """A billed bid of a user: what frequency caps count (``seq`` orders the banker's log of them)."""
+    seq: int
+    campaign: str
+    creative: str
+    user: str
+    at: float
 
 
 class Storage(Protocol):
@@ -101,6 +114,7 @@ class Storage(Protocol):
     def put_bid(self, row: BidRow, keep_until: float) -> None: ...
     def due(self, now: float, limit: int) -> list[BidRow]: ...  # unsettled rows whose expiry passed
     def purge(self, now: float) -> None: ...  # final rows past their keep-until time
+    def log_impression(self, campaign: str, creative: str, user: str, at: float) -> None: ...
 
 
 def headroom(budget: int, spent: int, reserved: int, leased: int) -> int | None:
@@ -115,10 +129,12 @@ class Book:
     def __init__(self, storage: Storage, retention_s: float):
         self.storage = storage
         self.retention_s = retention_s
+        self.now = 0.0  # the engine's time of the call under way
 
     def sync(self, holder: str, now: float, campaigns: Sequence[CampaignSync], reservations: Sequence[Reservation],
              settlements: Sequence[Settlement]) -> dict[str, Grant]:
         store = self.storage
+        self.now = now
         lease_day: dict[str, str] = {}
         for c in campaigns:  # the holder's count of its lease is the truth (a lost reply heals here)
             lease, day = store.hold(holder, c.campaign)
@@ -150,15 +166,21 @@ class Book:
         reserved, unless the bid was settled before its report came (then it simply returns to the budget)."""
         row = self.storage.bid(r.bid_id)
         if row is None:
-            row = BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires)
+            row = BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires, r.user, r.creative)
             self._move(row, reserved=r.amount)
         elif row.funded:  # a report sent again after a lost reply
             return
         else:
-            row = row._replace(amount=r.amount, funded=True)
+            row = row._replace(amount=r.amount, funded=True, user=r.user, creative=r.creative)
             if row.state not in FINAL:
                 self._move(row, reserved=r.amount)
+            elif row.state == BILLED:  # billed before its report came: the impression counts now
+                self._impression(row)
         self._put(row)
+
+    def _impression(self, row: BidRow) -> None:
+        if row.user:
+            self.storage.log_impression(row.campaign, row.creative, row.user, self.now)
 
     def settle(self, s: Settlement) -> None:
         row = self.storage.bid(s.bid_id)
@@ -171,6 +193,7 @@ class Book:
             charge = s.price - (row.price if row.state == EXPIRED else 0)
             row = row._replace(state=BILLED, price=s.price)
             self._move(row, spent=charge, reserved=-held)
+            self._impression(row)
         elif s.kind == "win":
             if row.state != OPEN:
                 return

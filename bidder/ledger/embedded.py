@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
-from bidder.ledger.book import FINAL, BidRow, Book, CampaignSync, Grant, Reservation, Settlement
+from bidder.ledger.book import FINAL, BidRow, Book, CampaignSync, Grant, Impression, Reservation, Settlement
 
 __all__ = ["LEDGER_FILE", "EmbeddedBanker"]
 
@@ -27,10 +27,18 @@ CREATE TABLE IF NOT EXISTS holds (holder TEXT NOT NULL, campaign TEXT NOT NULL, 
     day TEXT NOT NULL, PRIMARY KEY (holder, campaign)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bids (bid_id TEXT PRIMARY KEY, campaign TEXT NOT NULL, day TEXT NOT NULL,
     amount INTEGER NOT NULL, funded INTEGER NOT NULL, state TEXT NOT NULL, price INTEGER NOT NULL,
-    expires REAL NOT NULL, due REAL, keep_until REAL NOT NULL) WITHOUT ROWID;
+    expires REAL NOT NULL, user TEXT NOT NULL, creative TEXT NOT NULL, due REAL, keep_until REAL NOT NULL)
+    WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS bids_due ON bids (due) WHERE due IS NOT NULL;
 CREATE INDEX IF NOT EXISTS bids_keep ON bids (keep_until);
+CREATE TABLE IF NOT EXISTS impressions (seq INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT NOT NULL,
+    creative TEXT NOT NULL, user TEXT NOT NULL, at REAL NOT NULL);
 """
+_BID_COLUMNS = "bid_id, campaign, day, amount, funded, state, price, expires, user, creative"
+
+
+def _bid_row(r) -> BidRow:
+    return BidRow(r[0], r[1], r[2], r[3], bool(r[4]), *r[5:])
 
 
 class _SqliteStorage:
@@ -56,22 +64,25 @@ class _SqliteStorage:
         self.db.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)", (holder, campaign, lease, day))
 
     def bid(self, bid_id: str) -> BidRow | None:
-        row = self.db.execute("SELECT bid_id, campaign, day, amount, funded, state, price, expires FROM bids "
-                              "WHERE bid_id = ?", (bid_id,)).fetchone()
-        return None if row is None else BidRow(row[0], row[1], row[2], row[3], bool(row[4]), *row[5:])
+        row = self.db.execute(f"SELECT {_BID_COLUMNS} FROM bids WHERE bid_id = ?", (bid_id,)).fetchone()
+        return None if row is None else _bid_row(row)
 
     def put_bid(self, row: BidRow, keep_until: float) -> None:
         due = None if row.state in FINAL else row.expires
-        self.db.execute("INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (*row[:4], int(row.funded), row.state, row.price, row.expires, due, keep_until))
+        self.db.execute("INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*row[:4], int(row.funded), *row[5:], due, keep_until))
 
     def due(self, now: float, limit: int) -> list[BidRow]:
-        rows = self.db.execute("SELECT bid_id, campaign, day, amount, funded, state, price, expires FROM bids "
-                               "WHERE due IS NOT NULL AND due <= ? ORDER BY due LIMIT ?", (now, limit)).fetchall()
-        return [BidRow(r[0], r[1], r[2], r[3], bool(r[4]), *r[5:]) for r in rows]
+        rows = self.db.execute(f"SELECT {_BID_COLUMNS} FROM bids WHERE due IS NOT NULL AND due <= ? ORDER BY due "
+                               f"LIMIT ?", (now, limit)).fetchall()
+        return [_bid_row(r) for r in rows]
 
     def purge(self, now: float) -> None:
         self.db.execute("DELETE FROM bids WHERE keep_until < ? AND due IS NULL", (now,))
+
+    def log_impression(self, campaign: str, creative: str, user: str, at: float) -> None:
+        self.db.execute("INSERT INTO impressions (campaign, creative, user, at) VALUES (?, ?, ?, ?)",
+                        (campaign, creative, user, at))
 
 
 class EmbeddedBanker:
@@ -100,6 +111,14 @@ class EmbeddedBanker:
             raise
         self.db.execute("COMMIT")
         return grants
+
+    def impressions(self, after: int, horizon: float, limit: int = 10_000) -> list[Impression]:
+        """The billed impressions of users logged after ``after`` (a ``seq``), oldest first; the log loses what is
+        older than ``horizon`` (the engine's time minus the longest frequency cap window)."""
+        self.db.execute("DELETE FROM impressions WHERE at < ?", (horizon,))
+        rows = self.db.execute("SELECT seq, campaign, creative, user, at FROM impressions WHERE seq > ? ORDER BY seq "
+                               "LIMIT ?", (after, limit)).fetchall()
+        return [Impression(*r) for r in rows]
 
     def accounts(self, campaign: str, day: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """(spent, reserved, leased) of the campaign's total account and of its account for ``day``."""

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from bidder.campaigns import CampaignTerms
 from bidder.clock import read_clock
-from bidder.ledger.book import UNLIMITED, CampaignSync, Grant, Reservation, Settlement
+from bidder.ledger.book import UNLIMITED, CampaignSync, Grant, Impression, Reservation, Settlement
 
 __all__ = ["Banker", "Ledger", "NANOS_PER_USD", "campaign_day", "nanos"]
 
@@ -40,11 +40,15 @@ NANOS_PER_USD = 1_000_000_000
 DEFAULT_LEASE_FRACTION = 0.002
 #: the smallest lease asked for (USD): two bids at a 1 USD CPM, so that a small budget still bids
 DEFAULT_MIN_LEASE_USD = 0.002
+#: calls to the banker between two sweeps of the users whose impressions all left the longest cap window
+SWEEP_EVERY = 240
 
 
 class Banker(Protocol):
     def sync(self, holder: str, now: float, campaigns: Sequence[CampaignSync], reservations: Sequence[Reservation],
              settlements: Sequence[Settlement]) -> dict[str, Grant]: ...
+
+    def impressions(self, after: int, horizon: float, limit: int = 10_000) -> list[Impression]: ...
 
     def close(self) -> None: ...
 
@@ -80,6 +84,12 @@ class Ledger:
         self.used: list[int] = []                # written by the bid path only
         self.pass_rate: list[float] = []         # the pacing hook (written by a pacing controller)
         self.view: list[Grant | None] = []       # the accounts after the last call, per slot
+        self.cap_hits: list[int] = []            # bids held back by a frequency cap, per slot (this worker)
+        # frequency caps: (campaign or creative id, user) -> until when it is capped; the refresher writes it from
+        # the banker's log of billed impressions (``seen``: the last entry of it read), the bid path reads it
+        self.blocked: dict[tuple[str, str], float] = {}
+        self.seen = 0
+        self._shown: dict[tuple[str, str], deque[float]] = {}  # (campaign or creative, user) -> impression times
         self._reservations: deque[Reservation] = deque()
         self._settlements: deque[Settlement] = deque()
         self._unsent: tuple[list[Reservation], list[Settlement]] = ([], [])
@@ -91,9 +101,9 @@ class Ledger:
 
     # -- the catalog ------------------------------------------------------------------------------------------
     def use_terms(self, terms: Iterable[CampaignTerms]) -> None:
-        """The budgeted campaigns of the catalog serving (at start and on every reload); a campaign left out
-        keeps its slot, and its lease goes back to the banker at the next call."""
-        budgeted = {t.campaign_id: t for t in terms if t.budgeted}
+        """The campaigns of the catalog serving with a budget or frequency caps (at start and on every reload); a
+        campaign left out keeps its slot, and its lease goes back to the banker at the next call."""
+        budgeted = {t.campaign_id: t for t in terms if t.budgeted or t.frequency_caps}
         for campaign, slot in self.slots.items():
             self.terms[slot] = budgeted.get(campaign)
         for campaign, t in budgeted.items():
@@ -103,19 +113,33 @@ class Ledger:
                 self.used.append(0)
                 self.pass_rate.append(1.0)
                 self.view.append(None)
+                self.cap_hits.append(0)
                 self.terms.append(t)
                 self.campaigns.append(campaign)
                 self.slots[campaign] = len(self.campaigns) - 1
 
     # -- the bid path ------------------------------------------------------------------------------------------
-    def reserve(self, slot: int, amount: int, bid_id: str, expires: float) -> bool:
+    def reserve(self, slot: int, amount: int, bid_id: str, expires: float, user: str = "",
+                creative: str = "") -> bool:
         """Take ``amount`` nano-USD from the campaign's lease for a bid; False (and nothing taken) when the lease
-        holds less. ``expires``: when the reservation is settled by the policy if no notice came."""
+        holds less. ``expires``: when the reservation is settled by the policy if no notice came; ``user`` (the
+        request's user key, "" without one) and ``creative``: what its billing counts towards frequency caps."""
         if self.granted[slot] - self.used[slot] < amount:
             return False
-        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount, expires + self.grace_s))
+        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount, expires + self.grace_s, user,
+                                              creative))
         self.used[slot] += amount  # after the append: see the module's docstring
         return True
+
+    def capped(self, slot: int, creative: str, user: str, now: float) -> bool:
+        """Whether a user has had as many billed impressions of the campaign (or of ``creative``) as one of its
+        frequency caps allows, as the local view has them."""
+        blocked = self.blocked
+        until = blocked.get((self.campaigns[slot], user))
+        if until is not None and now < until:
+            return True
+        until = blocked.get((creative, user))
+        return until is not None and now < until
 
     def available(self, slot: int) -> int:
         return self.granted[slot] - self.used[slot]
@@ -159,13 +183,14 @@ class Ledger:
                 "spent_today": grant.spent_day / NANOS_PER_USD if grant else 0.0,
                 "reserved": grant.reserved_total / NANOS_PER_USD if grant else 0.0,
                 "leased": grant.leased_total / NANOS_PER_USD if grant else 0.0,
-                "lease_here": self.available(slot) / NANOS_PER_USD, "pass_rate": self.pass_rate[slot]}
+                "lease_here": self.available(slot) / NANOS_PER_USD, "pass_rate": self.pass_rate[slot],
+                "cap_hits": self.cap_hits[slot]}
         return out
 
     def remaining(self, slot: int) -> float | None:
         """USD the campaign has left (the smaller of its total's and today's budget), None before the first call."""
         terms, grant = self.terms[slot], self.view[slot]
-        if terms is None or grant is None:
+        if terms is None or grant is None or not terms.budgeted:
             return None
         left = []
         if terms.total_usd is not None:
@@ -177,7 +202,7 @@ class Ledger:
     # -- the refresher ------------------------------------------------------------------------------------------
     def _target(self, slot: int, now: float) -> int:
         terms = self.terms[slot]
-        if terms is None or not terms.in_flight(now):
+        if terms is None or not terms.budgeted or not terms.in_flight(now):
             return 0
         budgets = [b for b in (terms.daily_usd, terms.total_usd) if b is not None]
         return max(nanos(min(budgets) * self.lease_fraction), self.min_lease)
@@ -225,7 +250,46 @@ class Ledger:
             grant = grants[self.campaigns[slot]]
             self.granted[slot] += grant.delta
             self.view[slot] = grant
+        self._read_impressions(now)
         return True
+
+    def _read_impressions(self, now: float) -> None:
+        """The banker's new billed impressions of users, into ``blocked``: a (campaign or creative, user) is
+        capped until its ``count``-th latest impression is ``seconds`` old, for each cap of its campaign."""
+        caps = {self.campaigns[slot]: t.frequency_caps for slot, t in enumerate(self.terms)
+                if t is not None and t.frequency_caps}
+        if not caps:
+            return
+        longest = max(cap.seconds for campaign_caps in caps.values() for cap in campaign_caps)
+        try:
+            new = self.banker.impressions(self.seen, now - longest)
+        except Exception as exc:  # noqa: BLE001 - read again at the next call
+            log.warning("ledger: cannot read the impressions log (%s: %s)", type(exc).__name__, exc)
+            return
+        shown, blocked = self._shown, self.blocked
+        touched = set()
+        for imp in new:
+            self.seen = imp.seq
+            for key in ((imp.campaign, imp.user), (imp.creative, imp.user)):
+                shown.setdefault(key, deque()).append(imp.at)
+                touched.add((key, imp.campaign, key[0] == imp.campaign))
+        for key, campaign, of_campaign in touched:
+            times = shown[key]
+            while times and times[0] < now - longest:
+                times.popleft()
+            until = 0.0
+            for cap in caps.get(campaign, ()):
+                if (cap.scope == "campaign") == of_campaign and len(times) >= cap.count:
+                    until = max(until, times[-cap.count] + cap.seconds)
+            if until > now:
+                blocked[key] = until
+            else:
+                blocked.pop(key, None)
+        for key in [key for key, until in blocked.items() if until <= now]:
+            del blocked[key]
+        if self.calls % SWEEP_EVERY == 0:  # users not seen again: their impressions leave the window
+            for key in [key for key, times in shown.items() if times[-1] < now - longest]:
+                del shown[key]
 
     def start(self) -> Ledger:
         """A first call (leases before the first bid, if the banker answers), then the refresher thread."""

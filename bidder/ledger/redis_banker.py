@@ -18,7 +18,7 @@ import math
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from bidder.ledger.book import TOTAL, Grant, CampaignSync, Reservation, Settlement, EXPIRE_BATCH
+from bidder.ledger.book import EXPIRE_BATCH, TOTAL, CampaignSync, Grant, Impression, Reservation, Settlement
 
 __all__ = ["PREFIX", "RedisBanker", "RedisNoticeStore", "connect"]
 
@@ -53,15 +53,24 @@ end
 
 local FINAL = {billed = true, lost = true, expired = true}
 local function get_bid(id)
-  local v = redis.call('HMGET', P .. 'bid:' .. id, 'c', 'day', 'amount', 'funded', 'state', 'price', 'expires')
+  local v = redis.call('HMGET', P .. 'bid:' .. id, 'c', 'day', 'amount', 'funded', 'state', 'price', 'expires',
+                      'user', 'creative')
   if not v[1] then return nil end
   return {id = id, c = v[1], day = v[2], amount = num(v[3]), funded = v[4] == '1', state = v[5],
-          price = num(v[6]), expires = num(v[7])}
+          price = num(v[6]), expires = num(v[7]), user = v[8] or '', creative = v[9] or ''}
+end
+local function impression(r)
+  if r.user ~= '' then
+    local seq = redis.call('INCR', P .. 'impseq')
+    redis.call('ZADD', P .. 'imps', seq, table.concat({seq, r.c, r.creative, r.user, string.format('%.17g', now)},
+                                                      '\t'))
+  end
 end
 local function put_bid(r)
   local k = P .. 'bid:' .. r.id
   redis.call('HSET', k, 'c', r.c, 'day', r.day, 'amount', n(r.amount), 'funded', r.funded and '1' or '0',
-             'state', r.state, 'price', n(r.price), 'expires', string.format('%.17g', r.expires))
+             'state', r.state, 'price', n(r.price), 'expires', string.format('%.17g', r.expires), 'user', r.user,
+             'creative', r.creative)
   if FINAL[r.state] then
     redis.call('ZREM', P .. 'due', r.id)
     redis.call('ZADD', P .. 'keep', string.format('%.17g', r.expires + retention), r.id)
@@ -88,18 +97,22 @@ for _, c in ipairs(a.campaigns) do
 end
 
 for _, r in ipairs(a.reservations) do
-  local id, name, amount, expires = r[1], r[2], r[3], r[4]
+  local id, name, amount, expires, user, creative = r[1], r[2], r[3], r[4], r[5], r[6]
   local row = get_bid(id)
   if row == nil then
     local day = lease_day[name]
     if day == nil then local _; _, day = hold(name) end
     row = {id = id, c = name, day = day, amount = amount, funded = true, state = 'open', price = 0,
-           expires = expires}
+           expires = expires, user = user, creative = creative}
     move(row, 0, amount)
     put_bid(row)
   elseif not row.funded then
-    row.amount, row.funded = amount, true
-    if not FINAL[row.state] then move(row, 0, amount) end
+    row.amount, row.funded, row.user, row.creative = amount, true, user, creative
+    if not FINAL[row.state] then
+      move(row, 0, amount)
+    elseif row.state == 'billed' then
+      impression(row)
+    end
     put_bid(row)
   end
 end
@@ -108,7 +121,8 @@ for _, s in ipairs(a.settlements) do
   local id, kind, name, price, day, expires = s[1], s[2], s[3], s[4], s[6], s[7]
   local row = get_bid(id)
   if row == nil then
-    row = {id = id, c = name, day = day, amount = 0, funded = false, state = 'open', price = 0, expires = expires}
+    row = {id = id, c = name, day = day, amount = 0, funded = false, state = 'open', price = 0, expires = expires,
+           user = '', creative = ''}
   end
   local held = 0
   if row.funded and not FINAL[row.state] then held = row.amount end
@@ -118,6 +132,7 @@ for _, s in ipairs(a.settlements) do
       if row.state == 'expired' then charge = price - row.price end
       row.state, row.price = 'billed', price
       move(row, charge, -held)
+      impression(row)
       put_bid(row)
     end
   elseif kind == 'win' then
@@ -187,6 +202,19 @@ return out
 """
 
 
+_IMPRESSIONS = r"""
+local P, after, horizon, limit = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+while true do
+  local oldest = redis.call('ZRANGE', P .. 'imps', 0, 0)
+  if #oldest == 0 then break end
+  local at = tonumber(string.match(oldest[1], '([^\t]*)$'))
+  if at >= horizon then break end
+  redis.call('ZREM', P .. 'imps', oldest[1])
+end
+return redis.call('ZRANGEBYSCORE', P .. 'imps', '(' .. after, '+inf', 'LIMIT', 0, limit)
+"""
+
+
 def connect(url: str):
     """A client of the Redis at ``url`` (``redis://HOST:PORT/DB``); ValueError naming the URL when it is not
     one. Short timeouts: a banker that does not answer must not hold the refresher for long."""
@@ -208,6 +236,7 @@ class RedisBanker:
         self.client = connect(url)
         self.retention_s = retention_s
         self._sync = self.client.register_script(_SYNC)
+        self._impressions = self.client.register_script(_IMPRESSIONS)
 
     def __repr__(self) -> str:
         return f"RedisBanker({self.url!r})"
@@ -218,6 +247,15 @@ class RedisBanker:
                               "campaigns": campaigns, "reservations": reservations, "settlements": settlements})
         flat = self._sync(keys=[PREFIX], args=[payload])
         return {flat[i]: Grant(*(int(x) for x in flat[i + 1:i + 6])) for i in range(0, len(flat), 6)}
+
+    def impressions(self, after: int, horizon: float, limit: int = 10_000) -> list[Impression]:
+        """The billed impressions of users logged after ``after`` (a ``seq``), oldest first; the log loses what is
+        older than ``horizon`` (the engine's time minus the longest frequency cap window)."""
+        out = []
+        for entry in self._impressions(keys=[PREFIX], args=[after, repr(horizon), limit]):
+            seq, campaign, creative, user, at = entry.split("\t")
+            out.append(Impression(int(seq), campaign, creative, user, float(at)))
+        return out
 
     def accounts(self, campaign: str, day: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """(spent, reserved, leased) of the campaign's total account and of its account for ``day``."""
