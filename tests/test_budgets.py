@@ -192,3 +192,55 @@ async def test_a_user_capped_by_billed_impressions_gets_no_more_bids(aiohttp_cli
     report = await (await client.get("/admin/campaigns")).json()
     assert report["campaigns"]["c1458"]["cap_hits"] == 1
     assert report["campaigns"]["c1458"]["frequency_cap"] == [{"count": 1, "seconds": 3600, "scope": "campaign"}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", ["two workers, embedded", "two bidders, one Redis"])
+def test_bidders_sharing_a_budget_spend_it_without_overspending(tmp_path, shared, request):
+    """Every bid billed at its price until the budget is gone: the spend never passes the budget and equals the
+    sum of the bills to the micro-dollar, whichever worker or bidder answered each bid and each bill."""
+    import time
+
+    from processes import Server, http
+
+    budget = 0.2
+    catalog = _catalog(tmp_path, budget={"total": budget}, max_cpm=2.0)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "k", "secret": "11" * 32, "created": "2026-12-01T00:00:00Z"}]}))
+    keys.chmod(0o600)
+    common = ["--campaigns", str(catalog), "--notice-url", "http://127.0.0.1:{port}", "--notice-keys", str(keys),
+              "--now", "2026-12-01T12:00:00Z", "--ledger-refresh", "0.05", "--lease-fraction", "0.05"]
+    if shared.startswith("two workers"):
+        servers = [Server(*common, "--state-dir", str(tmp_path / "state"), workers=2)]
+    else:
+        url = request.getfixturevalue("redis_server").url
+        servers = [Server(*common, "--state-dir", str(tmp_path / f"state{i}"), "--ledger", url) for i in (0, 1)]
+    try:
+        for server in servers:
+            server.wait_ready(workers=2 if shared.startswith("two workers") else 1)
+        billed = 0
+        idle = 0
+        n = 0
+        while idle < 40:  # until no bidder has had a lease for a while
+            server = servers[n % len(servers)]
+            status, body = server.post("/bid", _request(n))
+            n += 1
+            if status == 204:
+                idle += 1
+                time.sleep(0.01)
+                continue
+            idle = 0
+            bid = json.loads(body)["seatbid"][0]["bid"][0]
+            # the bill reaches the other bidder, when there are two
+            other = servers[n % len(servers)]
+            assert http(other.port, _local(bid["burl"], bid["price"]))[0] == 200
+            billed += round(bid["price"] * 1e6)
+        time.sleep(0.3)  # the last bills reach the banker
+        report = json.loads(servers[0].get("/admin/campaigns")[1])["campaigns"]["c1458"]
+    finally:
+        for server in servers:
+            server.stop()
+            server.__exit__()
+    assert billed <= nanos(budget)
+    assert round(report["spent_total"] * 1e9) == billed
+    assert billed >= nanos(budget) - 2 * nanos(0.05 * budget) - 2_000_000  # at most the leases left unused
