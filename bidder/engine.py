@@ -162,6 +162,7 @@ class BidEngine:
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         catalog = self.catalog
+        paused = self.ledger.paused if self.ledger is not None else None
         pending = Pending(request, received, [imp.bidfloor for imp in request.imp], exchange)
         if self.retriever is not None:
             pending.waiting = []
@@ -180,6 +181,11 @@ class BidEngine:
                 pending.add_imp(i, imp_fields(shared, imp), (), None)
                 continue
             per_size = [catalog.eligible(w, h, domain, exchange, blocked) for w, h in sizes]
+            if paused and any(per_size):  # campaigns whose lease is spent leave the imp to the others
+                per_size = [[c for c in eligible if c.campaign_id not in paused] for eligible in per_size]
+                if not any(per_size):
+                    pending.imp_reason = self._count_imp(pending.imp_reason, "no_budget")
+                    continue
             if any(per_size):
                 self._add_candidates(pending, i, imp, imp_fields(shared, imp), per_size)
             else:

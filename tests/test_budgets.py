@@ -244,3 +244,25 @@ def test_bidders_sharing_a_budget_spend_it_without_overspending(tmp_path, shared
     assert billed <= nanos(budget)
     assert round(report["spent_total"] * 1e9) == billed
     assert billed >= nanos(budget) - 2 * nanos(0.05 * budget) - 2_000_000  # at most the leases left unused
+
+
+async def test_a_campaign_out_of_lease_leaves_the_imp_to_the_others(aiohttp_client, tmp_path):
+    campaigns = json.loads(DEFAULT_CAMPAIGNS.read_text())["campaigns"][:2]
+    (tmp_path / "free").mkdir()
+    free = tmp_path / "free" / "campaigns.json"
+    free.write_text(json.dumps({"campaigns": campaigns}))
+    first = await aiohttp_client(create_app(Config(campaigns=free, now=NOW)))
+    winner = (await _bid(first, 1))["cid"]
+    for campaign in campaigns:
+        if campaign["id"] == winner:
+            campaign["budget"] = {"total": 0.001}  # one bid at most: the smallest lease is 0.002 USD
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps({"campaigns": campaigns}))
+    client = await aiohttp_client(create_app(Config(campaigns=path, now=NOW, notices=_notices(tmp_path),
+                                                    ledger_refresh_s=3600)))
+    winners = [bid and bid["cid"] for bid in [await _bid(client, n) for n in range(5)]]
+    other = next(c["id"] for c in campaigns if c["id"] != winner)
+    assert winners[-3:] == [other] * 3 and winners.count(winner) <= 1
+    assert client.app[STATE].ledger.paused == {winner}
+    # the one bid its lease could not pay is the only one lost: from then on the campaign is left out
+    assert winners.count(None) == await _nobids(client, "no_budget") <= 1

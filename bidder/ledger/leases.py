@@ -72,7 +72,9 @@ class Ledger:
         self.banker = banker
         self.clock = clock          # the engine's: days and expiries are on it
         self.refresh_s = refresh_s
-        self.grace_s = grace_s      # after a bid's window, before its reservation is settled by the policy
+        # after a bid's window, before its reservation is settled by the policy: wall seconds (notices travel in
+        # wall time), so on the engine's clock the speed of a simulated clock times as many
+        self.grace_s = grace_s * (getattr(clock, "speed", 0.0) or 1.0)
         self.lease_fraction = lease_fraction
         self.min_lease = nanos(min_lease_usd)
         # one holder per process start: a killed process's leases stay with its holder, never granted again
@@ -85,6 +87,10 @@ class Ledger:
         self.pass_rate: list[float] = []         # the pacing hook (written by a pacing controller)
         self.view: list[Grant | None] = []       # the accounts after the last call, per slot
         self.cap_hits: list[int] = []            # bids held back by a frequency cap, per slot (this worker)
+        # campaigns whose lease could not pay a bid, until the refresher tops it up: the bid path leaves them out
+        # of the eligible candidates, so an imp goes to a campaign that can pay (set by the bid path, cleared by
+        # the refresher: adding and discarding are each atomic)
+        self.paused: set[str] = set()
         # frequency caps: (campaign or creative id, user) -> until when it is capped; the refresher writes it from
         # the banker's log of billed impressions (``seen``: the last entry of it read), the bid path reads it
         self.blocked: dict[tuple[str, str], float] = {}
@@ -125,6 +131,7 @@ class Ledger:
         holds less. ``expires``: when the reservation is settled by the policy if no notice came; ``user`` (the
         request's user key, "" without one) and ``creative``: what its billing counts towards frequency caps."""
         if self.granted[slot] - self.used[slot] < amount:
+            self.paused.add(self.campaigns[slot])
             return False
         self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount, expires + self.grace_s, user,
                                               creative))
@@ -246,10 +253,14 @@ class Ledger:
         self.connected = True
         reservations.clear()
         settlements.clear()
+        paused = self.paused
         for slot in range(n):
-            grant = grants[self.campaigns[slot]]
+            campaign = self.campaigns[slot]
+            grant = grants[campaign]
             self.granted[slot] += grant.delta
             self.view[slot] = grant
+            if campaign in paused and self.granted[slot] - self.used[slot] > 0:
+                paused.discard(campaign)
         self._read_impressions(now)
         return True
 
