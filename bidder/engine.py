@@ -504,7 +504,7 @@ class BidEngine:
                     if terms.max_cpm < pending.floors[i]:
                         held[j] = "below_floor"
                         continue
-                    price = round(terms.max_cpm, 6)
+                    price = floored_price(terms.max_cpm, pending.floors[i])
                 caps = terms.frequency_caps
                 if terms.budgeted or caps:
                     slot = ledger.slots[c.campaign_id]
