@@ -266,3 +266,51 @@ async def test_a_campaign_out_of_lease_leaves_the_imp_to_the_others(aiohttp_clie
     assert client.app[STATE].ledger.paused == {winner}
     # the one bid its lease could not pay is the only one lost: from then on the campaign is left out
     assert winners.count(None) == await _nobids(client, "no_budget") <= 1
+
+
+@pytest.mark.slow
+def test_the_ledger_spends_what_the_exchange_charges_and_no_campaign_passes_its_budget(tmp_path):
+    """The simulated exchange against two workers sharing the embedded banker, every notice delivered (some twice,
+    all with delays): each campaign's spend in the ledger equals the exchange's charges to the micro-dollar, and
+    none passes its budget, small enough that several run out within the simulated hour."""
+    import time
+
+    from bench.exchange.cli import ExchangeConfig, run_exchange
+    from bench.exchange.faults import Faults
+    from bench.exchange.traffic import Market
+    from bidder.clock import parse_time
+    from processes import Server
+
+    budget = 0.02
+    catalog = json.loads(DEFAULT_CAMPAIGNS.read_text())
+    for campaign in catalog["campaigns"]:
+        campaign["budget"] = {"total": budget, "timezone": "America/New_York"}
+        for creative in campaign["creatives"]:  # markup: what the exchange renders (and charges for)
+            creative["markup"] = f'<img src="https://cdn.example/{creative["id"]}.png">'
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps(catalog))
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"id": "k", "secret": "11" * 32, "created": "2026-12-01T00:00:00Z"}]}))
+    keys.chmod(0o600)
+    anchor = time.time() + 10.0
+    start = "2026-12-01T09:00:00Z"
+    with Server("--campaigns", str(path), "--notice-url", "http://127.0.0.1:{port}", "--notice-keys", str(keys),
+                "--state-dir", str(tmp_path / "state"), "--clock-start", start, "--clock-speed", "720",
+                "--clock-anchor", str(anchor), "--ledger-refresh", "0.05", workers=2) as server:
+        server.wait_ready(workers=2)
+        url = f"http://127.0.0.1:{server.port}/bid/{{exchange}}"
+        faults = Faults(delay_s=2.0, late=0.0, lost=0.0, duplicate=0.3, unrendered=0.0, forged=0.0)
+        config = ExchangeConfig(bidders=(url,), campaigns=path, start=parse_time(start), speed=720.0, hours=1.0,
+                                requests=600, rate=300.0, seed=4, world_seed=5, world_rows=8_000, faults=faults,
+                                anchor=anchor)
+        report, _ = run_exchange(config, market=Market(world_seed=5, world_rows=8_000))
+        time.sleep(0.5)  # the last notices reach the banker, and the worker answering next has read it back
+        ledger = json.loads(server.get("/admin/campaigns")[1])["campaigns"]
+        server.stop()
+    charged = report["bidders"][url]["campaigns"]
+    assert report["bidders"][url]["notices"]["lost"] == 0 and report["bidders"][url]["bills"] >= 10
+    for campaign, figures in ledger.items():
+        spend = charged.get(campaign, {}).get("spend", 0.0)
+        assert figures["spent_total"] == pytest.approx(spend, abs=1e-6), campaign
+        assert figures["spent_total"] <= budget, campaign
+    assert sum(f["spent_total"] > budget / 2 for f in ledger.values()) >= 2  # budgets small enough to bind

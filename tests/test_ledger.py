@@ -87,8 +87,11 @@ def test_a_lease_is_reserved_from_until_it_runs_out_and_bills_commit_the_clearin
     (spent, reserved, leased), (day_spent, _, _) = _accounts(ledger.banker)
     assert spent == day_spent == 4 * CPM_1 // 2
     assert reserved == 4 * CPM_1  # four bids still wait for their notices
-    assert leased == ledger.available(0) == nanos(0.01)  # topped up again
+    # topped up again: to twice what the worker reserved since its last call, its pace
+    assert leased == ledger.available(0) == 2 * nanos(0.01)
     assert ledger.spent_today(0) == 0.002 and ledger.remaining(0) == pytest.approx(0.998)
+    assert ledger.refresh() and ledger.available(0) == nanos(0.01)  # nothing reserved meanwhile: the base lease
+    assert _accounts(ledger.banker)[0][2] == nanos(0.01)
 
 
 def test_two_workers_never_lease_more_than_the_budget_and_spend_it_to_the_nano(bankers):
@@ -240,7 +243,7 @@ def test_the_banker_down_leases_still_bid_then_stop_and_bidding_resumes_when_it_
     assert not ledger.reserve(0, CPM_1, "down-more", clock() + 60)  # no lease left: no bid
     redis_server.restart()
     assert ledger.refresh() and ledger.connected
-    assert ledger.available(0) == nanos(0.01)  # topped up, and what was queued reached the banker
+    assert ledger.available(0) == 2 * nanos(0.01)  # topped up to its pace, and what was queued reached the banker
     assert _accounts(ledger.banker)[0][:2] == (3 * CPM_1, 7 * CPM_1)
 
 

@@ -40,6 +40,10 @@ NANOS_PER_USD = 1_000_000_000
 DEFAULT_LEASE_FRACTION = 0.002
 #: the smallest lease asked for (USD): two bids at a 1 USD CPM, so that a small budget still bids
 DEFAULT_MIN_LEASE_USD = 0.002
+#: a lease holds at least this many of the campaign's largest bid so far (a lease that cannot pay a bid is none)
+LEASE_BIDS = 4
+#: a lease holds twice what the worker reserved in its last interval, up to this share of the budget
+MAX_LEASE_FRACTION = 0.05
 #: calls to the banker between two sweeps of the users whose impressions all left the longest cap window
 SWEEP_EVERY = 240
 
@@ -84,6 +88,8 @@ class Ledger:
         self.terms: list[CampaignTerms | None] = []  # None: no longer in the catalog (its lease goes back)
         self.granted: list[int] = []             # written by the refresher only
         self.used: list[int] = []                # written by the bid path only
+        self.largest: list[int] = []             # the largest amount a bid asked of each lease (the bid path's)
+        self._used_before: list[int] = []        # ``used`` at the refresher's previous call
         self.pass_rate: list[float] = []         # the pacing hook (written by a pacing controller)
         self.view: list[Grant | None] = []       # the accounts after the last call, per slot
         self.cap_hits: list[int] = []            # bids held back by a frequency cap, per slot (this worker)
@@ -117,6 +123,8 @@ class Ledger:
                 # every list grows before the slot is published: the refresher reads up to len(campaigns)
                 self.granted.append(0)
                 self.used.append(0)
+                self.largest.append(0)
+                self._used_before.append(0)
                 self.pass_rate.append(1.0)
                 self.view.append(None)
                 self.cap_hits.append(0)
@@ -130,6 +138,8 @@ class Ledger:
         """Take ``amount`` nano-USD from the campaign's lease for a bid; False (and nothing taken) when the lease
         holds less. ``expires``: when the reservation is settled by the policy if no notice came; ``user`` (the
         request's user key, "" without one) and ``creative``: what its billing counts towards frequency caps."""
+        if amount > self.largest[slot]:
+            self.largest[slot] = amount
         if self.granted[slot] - self.used[slot] < amount:
             self.paused.add(self.campaigns[slot])
             return False
@@ -207,12 +217,16 @@ class Ledger:
         return min(left)
 
     # -- the refresher ------------------------------------------------------------------------------------------
-    def _target(self, slot: int, now: float) -> int:
+    def _target(self, slot: int, now: float, used: int) -> int:
+        """The lease the worker asks for: ``lease_fraction`` of the campaign's smallest budget, but at least the
+        smallest lease, ``LEASE_BIDS`` of its largest bid, and twice what it reserved since the previous call (up
+        to ``MAX_LEASE_FRACTION`` of the budget): a busy worker is not starved between two calls."""
         terms = self.terms[slot]
         if terms is None or not terms.budgeted or not terms.in_flight(now):
             return 0
-        budgets = [b for b in (terms.daily_usd, terms.total_usd) if b is not None]
-        return max(nanos(min(budgets) * self.lease_fraction), self.min_lease)
+        budget = min(b for b in (terms.daily_usd, terms.total_usd) if b is not None)
+        pace = min(2 * (used - self._used_before[slot]), nanos(budget * MAX_LEASE_FRACTION))
+        return max(nanos(budget * self.lease_fraction), self.min_lease, LEASE_BIDS * self.largest[slot], pace)
 
     def refresh(self) -> bool:
         """One call to the banker: report, settle, top up. False when the banker could not be reached (what the
@@ -222,7 +236,13 @@ class Ledger:
 
     def _refresh(self, now: float, returning: bool = False) -> bool:
         n = len(self.campaigns)
-        used = self.used[:n]  # before the queue is drained
+        granted, bid_path_used = self.granted, self.used
+        targets = [0 if returning else self._target(slot, now, bid_path_used[slot]) for slot in range(n)]
+        for slot in range(n):  # a lease above its target shrinks here, before the call: the banker never takes
+            excess = granted[slot] - bid_path_used[slot] - targets[slot]  # back what a bid may be reserving
+            if excess > 0:
+                granted[slot] -= excess
+        used = bid_path_used[:n]  # before the queue is drained
         reservations, settlements = self._unsent
         queue = self._reservations
         while queue:
@@ -237,7 +257,7 @@ class Ledger:
             total = UNLIMITED if terms is None or terms.total_usd is None else nanos(terms.total_usd)
             daily = UNLIMITED if terms is None or terms.daily_usd is None else nanos(terms.daily_usd)
             campaigns.append(CampaignSync(self.campaigns[slot], campaign_day(zone, now), total, daily,
-                                          self.granted[slot] - used[slot], 0 if returning else self._target(slot, now)))
+                                          granted[slot] - used[slot], targets[slot]))
         self.calls += 1
         try:
             grants = self.banker.sync(self.holder, now, campaigns, reservations, settlements)
@@ -253,6 +273,7 @@ class Ledger:
         self.connected = True
         reservations.clear()
         settlements.clear()
+        self._used_before[:n] = used
         paused = self.paused
         for slot in range(n):
             campaign = self.campaigns[slot]
