@@ -40,7 +40,8 @@ NANOS_PER_USD = 1_000_000_000
 DEFAULT_LEASE_FRACTION = 0.002
 #: the smallest lease asked for (USD): two bids at a 1 USD CPM, so that a small budget still bids
 DEFAULT_MIN_LEASE_USD = 0.002
-#: a lease holds at least this many of the campaign's largest bid so far (a lease that cannot pay a bid is none)
+#: a lease holds this many of the campaign's largest bid so far, within MAX_LEASE_FRACTION of the budget, and one
+#: such bid in any case (a lease that cannot pay a bid is none)
 LEASE_BIDS = 4
 #: a lease holds twice what the worker reserved in its last interval, up to this share of the budget
 MAX_LEASE_FRACTION = 0.05
@@ -71,7 +72,7 @@ class Ledger:
     """The leases of one worker process, the queue of what the banker must hear, and the refresher thread."""
 
     def __init__(self, banker: Banker, clock: float | Callable[[], float] | None = None, refresh_s: float = 0.25,
-                 grace_s: float = 10.0, lease_fraction: float = DEFAULT_LEASE_FRACTION,
+                 grace_s: float = 2.0, lease_fraction: float = DEFAULT_LEASE_FRACTION,
                  min_lease_usd: float = DEFAULT_MIN_LEASE_USD, holder: str | None = None):
         self.banker = banker
         self.clock = clock          # the engine's: days and expiries are on it
@@ -219,14 +220,18 @@ class Ledger:
     # -- the refresher ------------------------------------------------------------------------------------------
     def _target(self, slot: int, now: float, used: int) -> int:
         """The lease the worker asks for: ``lease_fraction`` of the campaign's smallest budget, but at least the
-        smallest lease, ``LEASE_BIDS`` of its largest bid, and twice what it reserved since the previous call (up
-        to ``MAX_LEASE_FRACTION`` of the budget): a busy worker is not starved between two calls."""
+        smallest lease, its largest bid so far (``LEASE_BIDS`` of them within ``MAX_LEASE_FRACTION`` of the budget),
+        and twice what it reserved since the previous call (within ``MAX_LEASE_FRACTION`` of the budget): a busy
+        worker is not starved between two calls, and several workers share a small budget."""
         terms = self.terms[slot]
         if terms is None or not terms.budgeted or not terms.in_flight(now):
             return 0
         budget = min(b for b in (terms.daily_usd, terms.total_usd) if b is not None)
-        pace = min(2 * (used - self._used_before[slot]), nanos(budget * MAX_LEASE_FRACTION))
-        return max(nanos(budget * self.lease_fraction), self.min_lease, LEASE_BIDS * self.largest[slot], pace)
+        most = nanos(budget * MAX_LEASE_FRACTION)
+        largest = self.largest[slot]
+        pace = min(2 * (used - self._used_before[slot]), most)
+        return max(nanos(budget * self.lease_fraction), self.min_lease, largest, min(LEASE_BIDS * largest, most),
+                   pace)
 
     def refresh(self) -> bool:
         """One call to the banker: report, settle, top up. False when the banker could not be reached (what the
