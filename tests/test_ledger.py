@@ -399,3 +399,19 @@ def test_frequency_caps_count_billed_impressions_of_a_user_across_workers(banker
     a.refresh()
     assert not a.capped(0, "cr1", "user-1", clock()) and not a.blocked
     assert a.banker.impressions(0, NOON) == []  # older than the longest window: gone from the log
+
+
+def test_the_pacing_hook_is_called_after_each_call_that_reached_the_banker(tmp_path):
+    clock = Clock()
+    ledger = _ledger(EmbeddedBanker(tmp_path, RETENTION_S), clock, _terms(daily=10.0, pacing="even"))
+    seen = []
+
+    def pace(ledger: Ledger, now: float) -> None:
+        slot = ledger.slots["c"]
+        seen.append((now, ledger.spent_today(slot), ledger.daily_budget(slot)))
+        ledger.pass_rate[slot] = 0.5
+
+    ledger.on_refresh = pace
+    assert ledger.pass_rate == [1.0]
+    ledger.refresh()
+    assert seen == [(NOON, 0.0, 10.0)] and ledger.pass_rate == [0.5]

@@ -13,8 +13,9 @@ Notices (``Ledger.settle``) are queued the same way from the notice routes and r
 call, from whichever worker received them.
 
 The pacing hook: ``pass_rate[slot]`` is the probability that a bid of the campaign goes on to reserve (1.0:
-every bid, which is ``asap`` pacing and the value until a pacing controller writes it); ``spent_today(slot)``
-and ``daily_budget(slot)`` are what such a controller reads.
+every bid, which is ``asap`` pacing and the value until a pacing controller writes it); ``on_refresh`` is called
+after every call that reached the banker, and ``spent_today(slot)``, ``daily_budget(slot)`` and ``terms[slot]``
+are what a controller reads there.
 """
 from __future__ import annotations
 
@@ -92,6 +93,9 @@ class Ledger:
         self.largest: list[int] = []             # the largest amount a bid asked of each lease (the bid path's)
         self._used_before: list[int] = []        # ``used`` at the refresher's previous call
         self.pass_rate: list[float] = []         # the pacing hook (written by a pacing controller)
+        # called by the refresher after each call that reached the banker, with the ledger and the engine's time:
+        # where a pacing controller updates ``pass_rate`` from ``spent_today`` (None: pacing off, every rate 1.0)
+        self.on_refresh: Callable[[Ledger, float], None] | None = None
         self.view: list[Grant | None] = []       # the accounts after the last call, per slot
         self.cap_hits: list[int] = []            # bids held back by a frequency cap, per slot (this worker)
         # campaigns whose lease could not pay a bid, until the refresher tops it up: the bid path leaves them out
@@ -288,6 +292,8 @@ class Ledger:
             if campaign in paused and self.granted[slot] - self.used[slot] > 0:
                 paused.discard(campaign)
         self._read_impressions(now)
+        if self.on_refresh is not None:
+            self.on_refresh(self, now)
         return True
 
     def _read_impressions(self, now: float) -> None:
