@@ -32,15 +32,26 @@ local now, retention, limit = a.now, a.retention, a.limit
 local function n(x) return string.format('%.0f', x) end
 local function num(x) return tonumber(x) or 0 end
 
+-- a call's account changes are summed here and written once at its end (it moves the same few accounts often)
+local changes, order = {}, {}
+local function change(k, field, x)
+  if x == 0 then return end
+  local fields = changes[k]
+  if fields == nil then fields = {}; changes[k] = fields; table.insert(order, k) end
+  fields[field] = (fields[field] or 0) + x
+end
 local function add(c, period, spent, reserved, leased)
   local k = P .. 'acct:' .. c
-  if spent ~= 0 then redis.call('HINCRBY', k, period .. ':s', n(spent)) end
-  if reserved ~= 0 then redis.call('HINCRBY', k, period .. ':r', n(reserved)) end
-  if leased ~= 0 then redis.call('HINCRBY', k, period .. ':l', n(leased)) end
+  change(k, period .. ':s', spent)
+  change(k, period .. ':r', reserved)
+  change(k, period .. ':l', leased)
 end
 local function account(c, period)
-  local v = redis.call('HMGET', P .. 'acct:' .. c, period .. ':s', period .. ':r', period .. ':l')
-  return num(v[1]), num(v[2]), num(v[3])
+  local k = P .. 'acct:' .. c
+  local v = redis.call('HMGET', k, period .. ':s', period .. ':r', period .. ':l')
+  local pending = changes[k] or {}
+  return num(v[1]) + (pending[period .. ':s'] or 0), num(v[2]) + (pending[period .. ':r'] or 0),
+         num(v[3]) + (pending[period .. ':l'] or 0)
 end
 local hold_key = P .. 'hold:' .. a.holder
 local function hold(c)
@@ -197,6 +208,11 @@ for _, c in ipairs(a.campaigns) do
   table.insert(out, n(ds))
   table.insert(out, n(tr))
   table.insert(out, n(tl))
+end
+for _, k in ipairs(order) do
+  for field, x in pairs(changes[k]) do
+    if x ~= 0 then redis.call('HINCRBY', k, field, n(x)) end
+  end
 end
 return out
 """
