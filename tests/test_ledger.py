@@ -415,3 +415,58 @@ def test_the_pacing_hook_is_called_after_each_call_that_reached_the_banker(tmp_p
     assert ledger.pass_rate == [1.0]
     ledger.refresh()
     assert seen == [(NOON, 0.0, 10.0)] and ledger.pass_rate == [0.5]
+
+
+_worker_steps = st.lists(st.one_of(
+    st.tuples(st.just("bid"), st.sampled_from([0, 1]), st.integers(1, 8).map(lambda k: k * 250_000)),
+    st.tuples(st.just("bill"), st.integers(0, 9), st.integers(0, 1_000_000)),
+    st.tuples(st.just("loss"), st.integers(0, 9), st.just(0)),
+    st.tuples(st.just("refresh"), st.sampled_from([0, 1]), st.sampled_from([0.0, 1.0, 5.0])),
+), max_size=50)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(steps=[("refresh", 0, 0.0), ("refresh", 1, 0.0), *[("bid", 0, 250_000)] * 14])  # a lease is a bound
+@example(steps=[("refresh", 0, 0.0), *[step for k in range(6) for step in  # bills eat the budget: leases shrink
+                                       (("bid", 0, 1_000_000), ("bill", k, 1_000_000), ("refresh", 0, 1.0))]])
+@given(steps=_worker_steps)
+def test_two_workers_leases_never_commit_more_than_the_budget(bankers, steps):
+    """Two workers bid (at prices of their own), take bills and losses of each other's bids, refresh in any order.
+    At every moment what is committed (the bills, the bids still waiting for theirs, what the leases hold) is within
+    the budget, and once both workers have given their leases back the spend is exactly the first bill of each
+    billed bid."""
+    banker = bankers()
+    if bankers.kind == "redis":
+        banker.client.flushdb()
+    else:
+        for table in ("accounts", "holds", "bids", "impressions"):
+            banker.db.execute(f"DELETE FROM {table}")
+    clock = Clock()
+    budget = nanos(0.005)
+    workers = [_ledger(bankers() if i else banker, clock, _terms(total=0.005), lease_fraction=0.2, holder=f"w{i}")
+               for i in (0, 1)]
+    bids: list[tuple[str, int]] = []
+    billed: dict[str, int] = {}
+    settled: set[str] = set()
+    for step, who, value in steps:
+        if step == "bid":
+            bid = f"bid{len(bids)}"
+            if workers[who].reserve(0, value, bid, clock() + 600):
+                bids.append((bid, value))
+        elif step in ("bill", "loss") and who < len(bids):
+            bid, amount = bids[who]
+            price = min(value, amount)
+            workers[len(bids) % 2].settle(step, bid, "c", price, amount, clock(), 600)
+            settled.add(bid)
+            if step == "bill":
+                billed.setdefault(bid, price)
+        elif step == "refresh":
+            clock.now += value
+            workers[who].refresh()
+        waiting = sum(amount for bid, amount in bids if bid not in settled)
+        held = [worker.available(0) for worker in workers]
+        assert min(held) >= 0 and sum(billed.values()) + waiting + sum(held) <= budget
+    for worker in workers:
+        worker.close()
+    (spent, reserved, leased), _ = _accounts(bankers(), day="2026-12-07")
+    assert leased == 0 and spent == sum(billed.values())
