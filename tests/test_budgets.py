@@ -370,3 +370,16 @@ def test_a_bidder_rides_out_redis_going_away_and_a_restart_keeps_its_spend(tmp_p
         figures = json.loads(again.get("/admin/campaigns")[1])["campaigns"]["c1458"]
         assert round(figures["spent_total"] * 1e9) == spent
         again.stop()
+
+
+def test_the_user_key_is_user_id_then_buyeruid_then_the_device_ifa():
+    from bidder.engine import user_key
+    from bidder.openrtb import decode_request
+
+    def key(**parts):
+        return user_key(decode_request(json.dumps(dict(REQUEST, **parts)).encode()))
+
+    assert key(user={"id": "u", "buyeruid": "b"}, device={"ifa": "i"}) == "u"
+    assert key(user={"buyeruid": "b"}, device={"ifa": "i"}) == "b"
+    assert key(user={}, device={"ifa": "i"}) == "i"
+    assert key() is None
