@@ -247,6 +247,13 @@ def test_the_banker_down_leases_still_bid_then_stop_and_bidding_resumes_when_it_
     assert _accounts(ledger.banker)[0][:2] == (3 * CPM_1, 7 * CPM_1)
 
 
+def test_notices_of_campaigns_without_budget_or_caps_never_reach_the_banker(tmp_path):
+    ledger = _ledger(EmbeddedBanker(tmp_path, RETENTION_S), Clock(), _terms(total=1.0))
+    ledger.settle("bill", "elsewhere-1", "unbudgeted", CPM_1, CPM_1, NOON, 60)
+    ledger.settle("bill", "here-1", "c", CPM_1, CPM_1, NOON, 60)
+    assert [s.bid_id for s in ledger._settlements] == ["here-1"]
+
+
 def test_the_embedded_banker_is_the_default_and_redis_urls_are_checked(tmp_path):
     assert isinstance(open_banker(None, tmp_path, RETENTION_S), EmbeddedBanker)
     with pytest.raises(ValueError, match="expected a Redis URL such as redis://"):

@@ -171,9 +171,12 @@ class Ledger:
                issued: float, window: float) -> None:
         """A counted notice (``kind`` win, bill or loss) of a bid of ``campaign``: ``price_micros`` the clearing
         price (CPM, micro-USD; None when the exchange did not give it: the bid's price is taken), ``bid_micros``
-        the bid's, ``issued`` and ``window`` from its token. Queued for the banker; never waits."""
+        the bid's, ``issued`` and ``window`` from its token. Queued for the banker; never waits. A notice of a
+        campaign the ledger never had (no budget, no frequency cap) is none of its business."""
         slot = self.slots.get(campaign)
-        terms = self.terms[slot] if slot is not None else None
+        if slot is None:
+            return
+        terms = self.terms[slot]
         zone = terms.timezone if terms is not None else dt.timezone.utc
         amount = bid_micros  # CPM in micro-USD = an impression's cost in nano-USD
         charge = amount if price_micros is None else min(price_micros, amount)
