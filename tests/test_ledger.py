@@ -167,6 +167,9 @@ def test_the_day_resets_in_the_campaigns_time_zone_once(bankers):
     clock.now -= 3600  # the clock jumps back to yesterday: that day's budget is spent, the lease is taken back
     ledger.refresh()
     assert ledger.available(0) == 0 and ledger.spent_today(0) == 0.01
+    # taken back, it stays counted as leased until the worker's next call confirms what it gave back
+    assert _accounts(ledger.banker, day="2026-12-07")[1] == (nanos(0.01), 0, nanos(0.01))
+    ledger.refresh()
     assert _accounts(ledger.banker, day="2026-12-07")[1] == (nanos(0.01), 0, 0)
     clock.now += 7200  # the 8th again: its budget, once
     ledger.refresh()
@@ -363,7 +366,8 @@ def test_the_ledger_arithmetic_matches_a_plain_model(bankers, operations):
             pending[who], notices = [], []
             grant = grants["c"]
             held[who] += grant.delta
-            model.leases[who] = held[who]
+            if grant.delta >= 0:  # a lease taken back stays counted until the holder's next call
+                model.leases[who] = held[who]
             assert held[who] == want
             assert (grant.spent_total, grant.reserved_total, grant.leased_total) == model.totals()
             assert (grant.spent_day,) == (model.totals()[0],)

@@ -140,10 +140,11 @@ class Book:
             lease, day = store.hold(holder, c.campaign)
             day = day or c.day
             lease_day[c.campaign] = day
-            if c.held != lease:
-                store.add(c.campaign, TOTAL, leased=c.held - lease)
-                store.add(c.campaign, day, leased=c.held - lease)
-                store.set_hold(holder, c.campaign, c.held, day)
+            held = max(c.held, 0)  # overdrawn (bids raced a lease taken back): those bids are reported, reserved
+            if held != lease:
+                store.add(c.campaign, TOTAL, leased=held - lease)
+                store.add(c.campaign, day, leased=held - lease)
+                store.set_hold(holder, c.campaign, held, day)
         for r in reservations:
             self.fund(r, lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1])
         for s in settlements:
@@ -232,10 +233,13 @@ class Book:
         if room:
             delta = min(delta, min(room))
         delta = max(delta, -lease) if lease > 0 else max(delta, 0)
-        if delta:
+        if delta > 0:
             store.add(c.campaign, TOTAL, leased=delta)
             store.add(c.campaign, c.day, leased=delta)
-        store.set_hold(holder, c.campaign, lease + delta, c.day)
+            lease += delta
+        # A lease taken back (delta < 0) stays counted as leased until the holder's next call says what it gave
+        # back: its bids may be reserving from it while this answer travels, and what they reserve is not free.
+        store.set_hold(holder, c.campaign, lease, c.day)
         total = store.account(c.campaign, TOTAL)
         spent_day = store.account(c.campaign, c.day)[0]
         return Grant(delta, total[0], spent_day, total[1], total[2])

@@ -96,7 +96,7 @@ end
 
 local lease_day = {}
 for _, c in ipairs(a.campaigns) do
-  local name, cday, held = c[1], c[2], c[5]
+  local name, cday, held = c[1], c[2], math.max(c[5], 0)
   local lease, day = hold(name)
   if day == '' then day = cday end
   lease_day[name] = day
@@ -195,11 +195,12 @@ for _, c in ipairs(a.campaigns) do
   if total >= 0 then delta = math.min(delta, total - ts - tr - tl) end
   if daily >= 0 then delta = math.min(delta, daily - ds - dr - dl) end
   if lease > 0 then delta = math.max(delta, -lease) else delta = math.max(delta, 0) end
-  if delta ~= 0 then
+  if delta > 0 then
     add(name, 'T', 0, 0, delta)
     add(name, cday, 0, 0, delta)
+    lease = lease + delta
   end
-  set_hold(name, lease + delta, cday)
+  set_hold(name, lease, cday)  -- a lease taken back stays leased until the holder's next call (see book.py)
   ts, tr, tl = account(name, 'T')
   ds = account(name, cday)
   table.insert(out, name)
