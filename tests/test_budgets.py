@@ -360,8 +360,8 @@ def test_a_bidder_rides_out_redis_going_away_and_a_restart_keeps_its_spend(tmp_p
             placed += 1
             assert placed < 100
         assert placed >= 1 and server.get("/healthz")[0] == 200
-        report = json.loads(server.get("/admin/campaigns")[1])
-        assert report["banker"]["connected"] is False
+        until(lambda: json.loads(server.get("/admin/campaigns")[1])["banker"]["connected"] is False)
+        assert bid(server) is None  # still no lease: no bid while the banker is away
         redis_server.restart()
         until(lambda: bid(server) is not None)
         server.stop()
