@@ -209,18 +209,23 @@ def price_agreement(preflights: dict) -> str | None:
 
 def measure(name: str, url: str, config: LoadConfig, *, workers: int, connections: int, threads: int,
             server_cpus: str | None, client_cpus: str | None, repetition: int = 1,
-            probe: MetricsProbe | None = None) -> Measurement:
-    """Warm up, then measure; with a probe, scrape /metrics just before and after the measured run."""
+            probe: MetricsProbe | None = None, pid: int | None = None) -> Measurement:
+    """Warm up, then measure; with a probe, scrape /metrics just before and after the measured run; with the
+    server's pid, the CPU time its processes used per answered request."""
     common = dict(connections=connections, threads=threads, timeout_s=config.wrk_timeout_s, cpus=client_cpus)
     if config.warmup_s > 0:
         run_wrk(url, config.body, duration_s=config.warmup_s, **common)
     before = probe.scrape() if probe is not None else None
+    cpu_before = servers.tree_cpu_seconds(pid) if pid is not None else None
     result = run_wrk(url, config.body, duration_s=config.duration_s, **common)
+    cpu_us = None
+    if cpu_before is not None and result.requests:
+        cpu_us = (servers.tree_cpu_seconds(pid) - cpu_before) / result.requests * 1e6
     batch = None
     if before is not None:
         after = probe.scrape(same_pid=before.pid)
         batch = batch_delta(before, after) if after is not None else None
-    m = Measurement(name, workers, connections, threads, server_cpus, client_cpus, result, repetition, batch)
+    m = Measurement(name, workers, connections, threads, server_cpus, client_cpus, result, repetition, batch, cpu_us)
     trouble = f", {result.socket_errors} socket errors" if result.socket_errors else ""
     trouble += f", {result.non_2xx} non-2xx" if result.non_2xx else ""
     per_call = "".join(f"  {label} {m.batch_mean(histogram):.2f}" for label, histogram in BATCH_COLUMNS
@@ -228,7 +233,8 @@ def measure(name: str, url: str, config: LoadConfig, *, workers: int, connection
     run = f" run {repetition}/{config.repeat}" if config.repeat > 1 else ""
     print(f"  {name:7} workers={workers} c={connections:<3}{run} {result.rps:10,.0f} rps  "
           f"P50 {result.percentile_us(50) / 1000:.3f} ms  P99 {result.percentile_us(99) / 1000:.3f} ms"
-          f"{per_call}{trouble}", file=sys.stderr, flush=True)
+          + (f"  CPU {cpu_us:.1f} us/req" if cpu_us is not None else "")
+          + f"{per_call}{trouble}", file=sys.stderr, flush=True)
     return m
 
 
@@ -262,7 +268,8 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
                 for name in config.servers:
                     measurements.append(measure(name, urls[name], config, workers=workers, connections=c,
                                                 threads=threads, server_cpus=server_cpus, client_cpus=client_cpus,
-                                                repetition=repetition, probe=probes.get(name)))
+                                                repetition=repetition, probe=probes.get(name),
+                                                pid=started[name].process.pid))
                     # A server that died under load leaves wrk counting connect errors, not a crash.
                     if started[name].process.poll() is not None:
                         raise started[name].failure(f"exited with status {started[name].process.returncode} "

@@ -14,6 +14,7 @@ import pytest
 from bidder.__main__ import main
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import CatalogError, load_catalog
+from bidder.events import read_lines
 from bidder.notice_store import SqliteNoticeStore
 from bidder.notices import KeyFileError, Keyring, NoticeSettings, Notices, SigningKey, load_keyring, micros
 from oracle import metric
@@ -369,8 +370,6 @@ def test_two_workers_count_a_notice_once_whichever_answers_it(tmp_path):
 
 async def test_with_an_event_log_each_counted_notice_and_click_is_logged_once(aiohttp_client, small_bundle,
                                                                             clicking_catalog, tmp_path):
-    import gzip
-
     settings = NoticeSettings(**SETTINGS, state_dir=tmp_path / "state")
     client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=clicking_catalog, now=NOW,
                                                     notices=settings, events=tmp_path / "events")))
@@ -383,9 +382,8 @@ async def test_with_an_event_log_each_counted_notice_and_click_is_logged_once(ai
     assert (await client.get("/notice/win?t=forged&p=1")).status in (400, 403)  # refused: not logged
     await client.close()  # the app's cleanup closes the log: every queued event written
     records = []
-    for path in sorted((tmp_path / "events").glob("events-*.jsonl.gz")):
-        with gzip.open(path) as f:
-            records += [json.loads(line) for line in f.read().splitlines()]
+    for path in sorted((tmp_path / "events").glob("events-*.jsonl.zst")):
+        records += [json.loads(line) for line in read_lines(path)]
     assert [r["kind"] for r in records].count("bid") == 1
     notices = {r["notice"]: r for r in records if r["kind"] == "notice"}
     assert sorted(notices) == ["bill", "loss", "win"] and len([r for r in records if r["kind"] == "notice"]) == 3
