@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange|events|loop [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -126,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
                                         "history -h)", add_help=False)
     commands.add_parser("exchange", help="a simulated exchange: a day of auctions, notices and clicks against "
                                          "OpenRTB bidders (see python -m bench exchange -h)", add_help=False)
+    commands.add_parser("loop", help="the learning loop on the simulated exchange: days of logs, train on them, "
+                                     "serve the result (see python -m bench loop -h)", add_help=False)
     commands.add_parser("events", help="the event log's cost per event and what a kill -9 loses (see python -m "
                                        "bench events -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "loop":
+        from bench.loop import main as loop_main
+        return loop_main(rest)
     if args.command == "events":
         from bench.events import main as events_main
         return events_main(rest)

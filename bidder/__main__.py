@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-retrieval", action="store_true",
                        help="score every eligible creative of a large catalog, as for a small one (for comparison)")
     serve.add_argument("--events", type=Path, default=None, metavar="DIR",
-                       help="log every bid (and the notices and clicks reported to the bidder) to gzip JSON lines "
+                       help="log every bid (and the notices and clicks reported to the bidder) to zstd JSON lines "
                             "files in DIR, written off the bid path (docs/events.md); python -m train logs turns "
                             "them into training data (default: no event log)")
     return parser

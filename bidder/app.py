@@ -447,7 +447,9 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
 
     async def resources(app: web.Application):
         if config.events is not None:  # before the engine: it logs every bid from its first
-            state.events = metrics_.events = EventLog(config.events, worker).start()
+            # stamped on the engine's clock, as the notices' delays are: a simulated day logs simulated hours
+            clock = config.clock.now if config.clock is not None else time.time
+            state.events = metrics_.events = EventLog(config.events, worker, clock=clock).start()
         try:
             state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
             yield

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import msgspec
 import zstandard
@@ -170,7 +170,8 @@ class EventLog:
     """
 
     def __init__(self, directory: str | Path, worker: int = 0, *, queue_size: int = DEFAULT_QUEUE,
-                 flush_s: float = DEFAULT_FLUSH_S, max_bytes: int = DEFAULT_MAX_BYTES):
+                 flush_s: float = DEFAULT_FLUSH_S, max_bytes: int = DEFAULT_MAX_BYTES,
+                 clock: Callable[[], float] = time.time):
         self.directory = Path(directory)
         self.worker = worker
         self.queue_size = queue_size
@@ -184,7 +185,7 @@ class EventLog:
         self._tmp: Path | None = None
         self._file = None
         self._bytes = 0
-        self.now = time.time  # the time each event is stamped with (Unix seconds)
+        self.now = clock  # the time each event is stamped with (Unix seconds): the engine's, simulated or not
         self.hours: deque[tuple[int, str]] = deque()
         self._hour_start = self._hour_end = 0.0  # the hour last put in ``hours``, [start, end)
         self._queued = 0   # events ever queued (bid path)

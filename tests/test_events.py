@@ -18,10 +18,11 @@ from processes import Server
 import bidder
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES, Featurizer
 from bidder.__main__ import main as bidder_main
-from bidder.app import DEFAULT_CAMPAIGNS
+from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import load_catalog
+from bidder.clock import Clock
 from bidder.engine import BidEngine
-from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_frames, read_lines
+from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_frames, events_hour, read_lines
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
 from train.__main__ import main as train_main
@@ -129,7 +130,7 @@ def test_an_unwritable_directory_is_one_line_at_start(tmp_path, capsys):
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: --events ") and "a-file" in err
 
 
-def test_a_killed_writer_loses_only_its_torn_last_member(tmp_path):
+def test_a_killed_writer_loses_only_its_torn_last_frame(tmp_path):
     """A process writing events is killed (SIGKILL); the next start renames what it flushed into place."""
     script = textwrap.dedent("""
         import sys, time
@@ -195,6 +196,18 @@ def test_the_engine_logs_each_bid_and_answers_the_same_bytes(tmp_path):
     pending = BidEngine(scorer, catalog, Metrics(), now=1.8e9).prepare(_banner(), "2", 0.0)
     scored = featurizer.transform([{**pending.records[0], **candidate.layer}])
     assert all(np.array_equal(again[k], scored[k]) for k in scored)
+
+
+async def test_a_simulated_clock_stamps_the_events_with_simulated_time(aiohttp_client, tmp_path):
+    start = 1_796_083_200.0  # 2026-12-01T00:00:00Z
+    clock = Clock(start=start, speed=3600.0, anchor=time.time())
+    client = await aiohttp_client(create_app(Config(clock=clock, events=tmp_path)))
+    assert (await client.post("/bid/2", data=_banner())).status == 200
+    await client.close()  # closes the log: every queued event written
+    (event,) = _records(tmp_path)
+    assert start <= event["time"] <= clock.now()
+    assert event["record"]["hour"] == time.gmtime(event["time"]).tm_hour  # the hour the model saw, and the file's
+    assert [p.name[:18] for p in tmp_path.glob("events-*")] == [f"events-{events_hour(event['time'])}"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -299,3 +312,28 @@ def test_train_logs_refuses_a_schema_version_it_does_not_know(tmp_path, capsys):
     with pytest.raises(DataError, match=r":1: not an event record"):
         _write_log(events, [{"kind": "bid"}])
         write_training_data(events, tmp_path / "data", progress=False)
+
+
+# -- bench loop -------------------------------------------------------------------------------------------------
+def test_bench_loop_draws_as_many_generator_rows_as_the_logs_hold_in_time_order(tmp_path):
+    from bench.loop import reference_data
+    from bench.servers import BenchError
+
+    generator = tmp_path / "generator"
+    generator.mkdir()
+    (generator / "train.log.txt").write_text("click\ttimestamp\n" + "".join(f"0\t{i:05d}\n" for i in range(100)))
+    (generator / "test.log.txt").write_text("click\ttimestamp\n1\t99999\n")
+    reference_data(generator, 30, tmp_path / "data", seed=1)
+    header, *rows = (tmp_path / "data" / "train.log.txt").read_text().splitlines()
+    assert header == "click\ttimestamp" and len(rows) == len(set(rows)) == 30 and rows == sorted(rows)
+    assert (tmp_path / "data" / "test.log.txt").read_text() == "click\ttimestamp\n1\t99999\n"
+    with pytest.raises(BenchError, match="more than the generator's 100"):
+        reference_data(generator, 101, tmp_path / "more", seed=1)
+
+
+def test_bench_loop_refuses_a_folder_already_holding_results(tmp_path, capsys):
+    from bench.loop import main as loop_main
+
+    (tmp_path / "loop.json").write_text("{}")
+    assert loop_main(["--out", str(tmp_path)]) == 1
+    assert "is not empty" in capsys.readouterr().err
