@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange|events|pacing [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -128,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                                          "OpenRTB bidders (see python -m bench exchange -h)", add_help=False)
     commands.add_parser("events", help="the event log's cost per event and what a kill -9 loses (see python -m "
                                        "bench events -h)", add_help=False)
+    commands.add_parser("pacing", help="even pacing against asap over simulated days of the synthetic market "
+                                       "(see python -m bench pacing -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "pacing":
+        from bench.pacing import main as pacing_main
+        return pacing_main(rest)
     if args.command == "events":
         from bench.events import main as events_main
         return events_main(rest)

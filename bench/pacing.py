@@ -45,7 +45,7 @@ from bidder.clock import parse_time
 from bidder.pacing import DailyPlan, Pacer
 from train.data.bidlog import FIRST_PRICE_EXCHANGES
 
-__all__ = ["Day", "DayRun", "PacingConfig", "campaign_day", "main", "run_pacing", "simulate"]
+__all__ = ["Day", "DayRun", "PacingConfig", "campaign_day", "lone_bidder_pays", "main", "run_pacing", "simulate"]
 
 SECONDS_PER_DAY = 86400.0
 FRACTIONS = (0.2, 0.4, 0.6, 0.8)
@@ -122,18 +122,24 @@ def campaign_day(market: Market, campaign: str, creatives: tuple[str, ...], valu
         floor = np.asarray(c["floor"])[rows]
         price = np.asarray(c["market"])[rows]
         first = np.isin(np.asarray(c["exchange"])[rows], first_price)
-        won = (value >= floor) & (value > price)
-        clearing = np.where(first, value, np.maximum(price, floor))
         parts.append((traffic.times[k * CHUNK:(k + 1) * CHUNK][rows], value / 1000.0,
-                      np.where(won, clearing, 0.0) / 1000.0))
+                      lone_bidder_pays(value, floor, price, first) / 1000.0))
     times, cost, paid = (np.concatenate(column) for column in zip(*parts))
     return Day(start, times, cost, paid)
+
+
+def lone_bidder_pays(bid: np.ndarray, floor: np.ndarray, market: np.ndarray, first_price: np.ndarray) -> np.ndarray:
+    """What a lone bidder pays per auction (0 on a loss), all USD CPM: ``bench.exchange.auction``'s rule with
+    one offer, vectorised (tests/test_pacing.py holds the two together)."""
+    won = (bid >= floor) & (bid > market)
+    return np.where(won, np.where(first_price, bid, np.minimum(np.maximum(market, floor), bid)), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class DayRun:
     hours: np.ndarray       # hours into the day of each update
-    spent: np.ndarray       # committed + reserved / budget, at each update
+    spent: np.ndarray       # (committed + reserved) / budget, at each update
+    spent_usd: np.ndarray   # committed + reserved, at each update
     planned: np.ndarray     # the plan's cumulative fraction at each update
     pass_rate: np.ndarray
     committed: float        # USD at the end of the day, every notice settled
@@ -163,7 +169,7 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
     leases = np.zeros(workers)
     pending: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()  # (due, cost, paid), in due order
     steps = len(edges) - 1
-    hours, spent, planned, passes = (np.zeros(steps) for _ in range(4))
+    hours, spent, spent_usd, planned, passes = (np.zeros(steps) for _ in range(5))
     eligible = 0
 
     def settle(until: float) -> None:
@@ -184,7 +190,8 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
         target = budget_at((now - day.start) / 3600.0)
         pace = pacer.update(now, committed + reserved, target, plan, eligible if count_eligible and k else None)
         hours[k] = (now - day.start) / 3600.0
-        spent[k] = (committed + reserved) / target if target > 0 else 1.0
+        spent_usd[k] = committed + reserved
+        spent[k] = spent_usd[k] / target if target > 0 else 1.0
         planned[k], passes[k] = pace.planned, pace.pass_rate
         available = target - committed - reserved - leases.sum()
         if available < 0:  # a lowered budget: the banker takes back what the leases hold beyond it
@@ -211,7 +218,7 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
             reserved += float(day.cost[bids].sum())
             pending.append((day.times[bids] + notice_delay_s, day.cost[bids], day.paid[bids]))
     settle(np.inf)
-    return DayRun(hours, spent, planned, passes, committed, budget_at(24.0))
+    return DayRun(hours, spent, spent_usd, planned, passes, committed, budget_at(24.0))
 
 
 def _plan(market: Market, config: PacingConfig, creatives, vpc: float, seed: int) -> DailyPlan:

@@ -16,7 +16,7 @@ pricing stages chose, and the hot path pays one float read and one draw.
 
 **The plan** (``DailyPlan``): 24 hourly shares of the day's budget in the campaign's time zone, shaped by
 the eligible requests the campaign saw on past days (per-day shares, recent days weigh more, smoothed over
-neighbouring hours, a floor so that no hour is zero); flat without history. Its cumulative fraction is
+neighbouring hours, a tenth spread evenly so that no hour is zero); flat without history. Its cumulative fraction is
 linear within each hour. Hours are wall-clock hours of the local day: on a daylight-saving day the skipped
 hour's share falls due at once and the repeated hour is planned twice, which the controller absorbs because
 it re-plans the remaining budget at every update.
@@ -110,13 +110,14 @@ class DailyPlan:
         return cls(hourly=(1.0 / HOURS_PER_DAY,) * HOURS_PER_DAY, timezone=timezone, days=0)
 
     @classmethod
-    def from_counts(cls, counts, timezone: str = "UTC", half_life_days: float = 7.0, floor: float = 0.25,
+    def from_counts(cls, counts, timezone: str = "UTC", half_life_days: float = 7.0, floor: float = 0.1,
                     smoothing: float = 0.25) -> "DailyPlan":
         """The plan shaped by past traffic: ``counts[d][h]`` eligible requests in local hour ``h`` of past day
         ``d`` (oldest first). Each day counts by its shares (a busy day does not outweigh a quiet one),
         weighted ``0.5 ** (age / half_life_days)``; each hour then keeps ``1 - 2 * smoothing`` of its share
-        and gives ``smoothing`` to each neighbour (23 h and 0 h are neighbours), and no hour falls under
-        ``floor`` x an even hour's share. Days without a request are skipped; none left gives the flat plan."""
+        and gives ``smoothing`` to each neighbour (23 h and 0 h are neighbours); last, ``floor`` of the budget
+        is spread evenly, so that no hour gets less than ``floor`` x an even hour's share. Days without a
+        request are skipped; none left gives the flat plan."""
         table = np.asarray(counts, dtype=np.float64)
         if table.ndim == 1 and table.size == HOURS_PER_DAY:
             table = table[None, :]
@@ -138,7 +139,7 @@ class DailyPlan:
         weights = 0.5 ** (age / half_life_days)
         shares = weights @ days / weights.sum()
         shares = (1 - 2 * smoothing) * shares + smoothing * (np.roll(shares, 1) + np.roll(shares, -1))
-        shares = np.maximum(shares, floor / HOURS_PER_DAY)
+        shares = (1 - floor) * shares + floor / HOURS_PER_DAY
         return cls(hourly=tuple(shares / shares.sum()), timezone=timezone, days=len(days))
 
     def fraction(self, hours: float) -> float:
