@@ -52,6 +52,9 @@ FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 MODES = ("even", "even-flat", "asap")
 #: the spend, as a fraction of the budget, at which a budget counts as run out
 EXHAUSTED = 0.99
+#: a worker's lease holds at least this many of the campaign's large bids (a banker would take its max_cpm;
+#: the synthetic campaign has none, its 99th percentile bid stands for it)
+LEASE_FLOOR_BIDS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +148,16 @@ class DayRun:
     committed: float        # USD at the end of the day, every notice settled
     budget: float           # USD at the end of the day
 
-    def summary(self, from_hour: float = 0.0) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """Budget use, the hour spend reached 99 % of the budget, and the RMSE (percentage points of the budget)
+        of the spent fraction against the plan; for a day that started late, against what was left of the
+        plan at the start, stretched to the whole budget."""
         reached = np.flatnonzero(self.spent >= EXHAUSTED)
-        after = self.hours >= from_hour
+        first = self.planned[0]
+        planned = (self.planned - first) / (1.0 - first) if first < 1 else self.planned
         return {"use": round(self.committed / self.budget, 5) if self.budget > 0 else None,
                 "exhausted_h": round(float(self.hours[reached[0]]), 3) if len(reached) else None,
-                "rmse_pp": round(float(np.sqrt(np.mean((self.spent[after] - self.planned[after]) ** 2))) * 100, 3),
+                "rmse_pp": round(float(np.sqrt(np.mean((self.spent - planned) ** 2))) * 100, 3),
                 "spend_usd": round(self.committed, 4), "budget_usd": round(self.budget, 4)}
 
 
@@ -170,15 +177,19 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
     pending: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque()  # (due, cost, paid), in due order
     steps = len(edges) - 1
     hours, spent, spent_usd, planned, passes = (np.zeros(steps) for _ in range(5))
-    eligible = 0
+    eligible = no_lease = 0
+    settled_cost = settled_paid = 0.0  # USD reserved and USD paid by the bids settled so far
+    lease_floor = LEASE_FLOOR_BIDS * float(np.quantile(day.cost, 0.99)) if len(day) else 0.0  # per worker
 
     def settle(until: float) -> None:
-        nonlocal committed, reserved
+        nonlocal committed, reserved, settled_cost, settled_paid
         while pending and pending[0][0][0] <= until:
             due, cost, paid = pending[0]
             n = int(np.searchsorted(due, until, side="right"))
             reserved -= float(cost[:n].sum())
             committed += float(paid[:n].sum())
+            settled_cost += float(cost[:n].sum())
+            settled_paid += float(paid[:n].sum())
             if n < len(due):
                 pending[0] = (due[n:], cost[n:], paid[n:])
                 break
@@ -188,7 +199,9 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
         now = float(edges[k])
         settle(now)
         target = budget_at((now - day.start) / 3600.0)
-        pace = pacer.update(now, committed + reserved, target, plan, eligible if count_eligible and k else None)
+        counted = count_eligible and k > 0
+        pace = pacer.update(now, committed + reserved, target, plan, eligible if counted else None,
+                            no_lease if counted else None)
         hours[k] = (now - day.start) / 3600.0
         spent_usd[k] = committed + reserved
         spent[k] = spent_usd[k] / target if target > 0 else 1.0
@@ -197,7 +210,9 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
         if available < 0:  # a lowered budget: the banker takes back what the leases hold beyond it
             leases *= max(0.0, 1.0 + available / leases.sum()) if leases.sum() > 0 else 0.0
             available = 0.0
-        share = pace.lease(update_s, headroom) / workers
+        # what a ledger measures: USD reserved per USD spent, over the bids settled so far
+        reserve_per_spend = max(settled_cost / settled_paid, 1.0) if settled_paid > 0 else 1.0
+        share = pace.lease(update_s, headroom, reserve_per_spend, floor=lease_floor * workers) / workers
         for w in range(workers):
             top = min(max(share - leases[w], 0.0), available)
             leases[w] += top
@@ -205,6 +220,7 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
         lo, hi = int(bounds[k]), int(bounds[k + 1])
         eligible = hi - lo
         passed = lo + np.flatnonzero(draw[lo:hi] < pace.pass_rate)
+        no_lease = len(passed)
         taken = []
         for w in range(workers):
             mine = passed[worker[passed] == w]
@@ -213,6 +229,7 @@ def simulate(day: Day, plan: DailyPlan, pacer: Pacer, budget: float | Callable[[
             if n:
                 leases[w] -= float(total[n - 1])
                 taken.append(mine[:n])
+                no_lease -= n
         if taken:
             bids = np.sort(np.concatenate(taken))
             reserved += float(day.cost[bids].sum())
@@ -284,7 +301,7 @@ def _scenarios(day: Day, plan: DailyPlan, seed: int, sim: dict[str, Any]):
     ]
     for name, requests, budget, from_hour in cases:
         run = simulate(requests, plan, Pacer("even"), budget, seed=seed, from_hour=from_hour, **sim)
-        yield name, run.summary(from_hour), run
+        yield name, run.summary(), run
 
 
 def _curve(run: DayRun, points: int = 289) -> dict[str, list[float]]:
@@ -311,13 +328,18 @@ def _table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
+    """Cumulative spend against the plan per budget fraction (the first seed), the stress scenarios, and the
+    pass rate even pacing chose through the day."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fractions = report["config"]["fractions"]
-    fig, axes = plt.subplots(1, len(fractions) + 1, figsize=(4.2 * (len(fractions) + 1), 4.2), sharey=True)
+    columns = 3
+    rows = (len(fractions) + 2 + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.0 * rows), squeeze=False)
+    axes = axes.ravel()
     colors = {"even": "tab:blue", "even-flat": "tab:green", "asap": "tab:red"}
     curves = report["curves"]
     for ax, fraction in zip(axes, fractions):
@@ -325,27 +347,36 @@ def plot(report: dict[str, Any], path: Path) -> Path:
             curve = curves.get(f"{mode}/{fraction}")
             if curve:
                 ax.plot(curve["hours"], curve["spent"], color=colors[mode], lw=1.3, label=mode)
-        planned = curves.get(f"even/{fraction}")
-        if planned:
-            ax.plot(planned["hours"], planned["planned"], color="black", ls="--", lw=1, label="plan (learned)")
-        ax.axvline(21.6, color="gray", ls=":", lw=1)
-        ax.set_title(f"budget = {fraction:g} x unconstrained spend")
-        ax.set_xlabel("hour of the day")
-        ax.set_xlim(0, 24)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("spent / daily budget (committed + reserved)")
-    axes[0].legend(fontsize=8, loc="upper left")
-    ax = axes[-1]
+        even = curves.get(f"even/{fraction}")
+        if even:
+            ax.plot(even["hours"], even["planned"], color="black", ls="--", lw=1, label="learned plan")
+        ax.plot([0, 24], [0, 1], color="tab:green", ls=":", lw=0.8, label="flat plan (first day)")
+        ax.set_title(f"budget = {fraction:g} x unconstrained spend", fontsize=10)
+        ax.set_ylabel("spent / daily budget")
+    scenarios = axes[len(fractions)]
     for name, curve in curves.items():
         if name.startswith("scenario/"):
-            ax.plot(curve["hours"], curve["spent"], lw=1.2, label=name.split("/", 1)[1])
-    ax.axvline(21.6, color="gray", ls=":", lw=1)
-    ax.set_title("stress scenarios (even, learned plan)")
-    ax.set_xlabel("hour of the day")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    seeds = report["config"]["seeds"]
-    fig.suptitle(f"cumulative spend against plan, seed {seeds[0]}; dotted: 90 % of the day", fontsize=10)
+            scenarios.plot(curve["hours"], curve["spent"], lw=1.2, label=name.split("/", 1)[1])
+    scenarios.set_title("stress scenarios (even, learned plan)", fontsize=10)
+    scenarios.set_ylabel("spent / daily budget at the time")
+    rates = axes[len(fractions) + 1]
+    for fraction in fractions:
+        curve = curves.get(f"even/{fraction}")
+        if curve:
+            rates.plot(curve["hours"], curve["pass_rate"], lw=1.0, label=f"{fraction:g}")
+    rates.set_title("pass rate of even pacing, by budget fraction", fontsize=10)
+    rates.set_ylabel("pass rate")
+    for ax in axes[:len(fractions) + 2]:
+        ax.axvline(21.6, color="gray", ls=":", lw=1)
+        ax.set_xlim(0, 24)
+        ax.set_xticks(range(0, 25, 3))
+        ax.set_xlabel("hour of the day (campaign's zone)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in axes[len(fractions) + 2:]:
+        ax.set_visible(False)
+    fig.suptitle(f"cumulative spend (committed + reserved) against plan, seed {report['config']['seeds'][0]}; "
+                 f"dotted vertical: 90 % of the day", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -30,8 +30,12 @@ proportions of the plan, so the pass rate is
 where ``C`` is the estimated unconstrained daily spend: what the campaign would spend over a whole day of
 planned traffic if every request passed. ``C`` is a ratio of exponentially forgotten sums (memory
 ``memory_s``): the spend observed since the last update over (the pass rate in force x the plan fraction
-that elapsed); with the eligible-request counts it is split into spend per passing request x requests per
-unit of plan, so that a quiet hour is told apart from a cheap one. There is no integral term to wind up:
+that elapsed). Given the eligible-request counts it is split into spend per request let through x
+eligible requests per unit of plan, so that a quiet hour is told apart from a cheap one; given the
+requests that passed the throttle but found their worker's lease empty (``no_lease``, the ``no_budget``
+no-bids), those are taken out of the requests let through, so that a lease that ran dry does not make the
+market look smaller than it is. The win rate needs no input of its own: spend per request let through is
+already the bid rate x the win rate x the clearing price. There is no integral term to wind up:
 every update solves afresh for the remaining budget, so being behind (a late start, a quiet morning, a
 budget raised at noon) raises the rate for the rest of the day, being ahead lowers it, and a budget lowered
 below the spend stops the campaign at once. ``finish_hour`` (23.5 by default) plans the last of the budget
@@ -180,16 +184,21 @@ class Pace:
     planned: float           # the plan's cumulative fraction of the day at this update
     estimate: float | None   # USD: the estimated unconstrained daily spend C (None until spend was observed)
 
-    def lease(self, interval_s: float, headroom: float = 2.0) -> float:
+    def lease(self, interval_s: float, headroom: float = 2.0, reserve_per_spend: float = 1.0,
+              floor: float = 0.0) -> float:
         """USD a banker should have granted (across workers) to cover ``interval_s`` seconds at this pace:
-        ``headroom`` x the planned spend, never more than what is left. The headroom keeps the lease from
-        censoring the spend the estimate is learned from; the lease in turn bounds what an estimate error
-        can spend before the next update."""
-        if not interval_s > 0 or not headroom >= 1:
-            raise PacingError(f"lease: expected interval_s > 0 and headroom >= 1, got {interval_s!r}, {headroom!r}")
+        ``headroom`` x the planned spend x ``reserve_per_spend`` (USD a bid reserves per USD it ends up
+        costing: bids over clearing prices, and losses, reserve more than they spend; the ledger measures it
+        over recent notices), at least ``floor`` (a few of the campaign's largest bids, so that a slow
+        campaign is not starved by a lease smaller than a bid), never more than what is left. The headroom
+        keeps a lease from running dry before the throttle does the pacing; the lease in turn bounds what an
+        estimate error can spend before the next update."""
+        if not interval_s > 0 or not headroom >= 1 or not reserve_per_spend >= 1 or not floor >= 0:
+            raise PacingError(f"lease: expected interval_s > 0, headroom >= 1, reserve_per_spend >= 1 and "
+                              f"floor >= 0, got {interval_s!r}, {headroom!r}, {reserve_per_spend!r}, {floor!r}")
         if self.pass_rate <= 0:
             return 0.0
-        return min(self.remaining, self.spend_rate * interval_s * headroom)
+        return min(self.remaining, max(self.spend_rate * interval_s * headroom * reserve_per_spend, floor))
 
 
 class Pacer:
@@ -210,7 +219,7 @@ class Pacer:
         self.finish_hour = float(finish_hour)
         self.memory_s = float(memory_s)
         # exponentially forgotten sums: spend / (pass x plan fraction), or, with eligible counts,
-        # spend / (pass x requests) and requests / plan fraction
+        # spend / (pass x requests - requests without lease) and requests / plan fraction
         self._spend = self._exposure = 0.0
         self._requests = self._plan_elapsed = 0.0
         self._prior = estimate
@@ -229,21 +238,27 @@ class Pacer:
             return self._prior
         return max(per_exposure * self._requests / self._plan_elapsed, 0.0)
 
-    def update(self, now: float, spent: float, budget: float, plan: DailyPlan, eligible: int | None = None) -> Pace:
+    def update(self, now: float, spent: float, budget: float, plan: DailyPlan, eligible: int | None = None,
+               no_lease: int | None = None) -> Pace:
         """The pace from Unix time ``now`` on. ``spent``: USD of the campaign's current day, committed +
-        reserved; ``budget``: its daily budget, USD (it may change between calls); ``eligible``: requests the
-        campaign was eligible for since the previous update, throttled ones included (None: not counted;
-        give it always or never)."""
+        reserved; ``budget``: its daily budget, USD (it may change between calls). Since the previous update,
+        ``eligible``: requests the campaign was eligible for, throttled ones included; ``no_lease``: of
+        those, requests that passed the throttle but found no lease. Each None when not counted; give them
+        always or never, ``no_lease`` only with ``eligible``."""
         for name, value in (("now", now), ("spent", spent), ("budget", budget)):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise PacingError(f"{name}: expected a finite number, got {value!r}")
         if budget < 0:
             raise PacingError(f"budget: expected >= 0 USD, got {budget!r}")
-        if eligible is not None and (not isinstance(eligible, (int, np.integer)) or eligible < 0):
-            raise PacingError(f"eligible: expected a count >= 0, got {eligible!r}")
+        for name, count in (("eligible", eligible), ("no_lease", no_lease)):
+            if count is not None and (not isinstance(count, (int, np.integer)) or count < 0):
+                raise PacingError(f"{name}: expected a count >= 0, got {count!r}")
+        if no_lease is not None and (eligible is None or no_lease > eligible):
+            raise PacingError(f"no_lease: expected a count of eligible requests (<= eligible), got {no_lease!r} "
+                              f"with eligible {eligible!r}")
         day, hours = local_clock(now, plan.timezone)
         planned = plan.fraction(hours)
-        self._learn(now, day, planned, spent, eligible)
+        self._learn(now, day, planned, spent, eligible, no_lease or 0)
         remaining = max(budget - spent, 0.0)
         estimate = self.estimate
         if self.pacing == "asap":
@@ -264,7 +279,8 @@ class Pacer:
         return Pace(pass_rate=pass_rate, spend_rate=rate if remaining > 0 else 0.0, remaining=remaining,
                     planned=planned, estimate=estimate)
 
-    def _learn(self, now: float, day: dt.date, planned: float, spent: float, eligible: int | None) -> None:
+    def _learn(self, now: float, day: dt.date, planned: float, spent: float, eligible: int | None,
+               no_lease: int) -> None:
         """Fold the interval since the last update into the estimate. A new day, a clock that went back or a
         first call only sets the starting point: the spend it saw belongs to no interval of this day."""
         last = self._last
@@ -279,6 +295,6 @@ class Pacer:
         else:
             if not self._counted:  # switching to counted requests: the two sums measure different things
                 self._spend, self._exposure, self._counted = spent - last_spent, 0.0, True
-            self._exposure = keep * self._exposure + last_pass * eligible
+            self._exposure = keep * self._exposure + max(last_pass * eligible - no_lease, 0.0)
             self._requests = keep * self._requests + eligible
             self._plan_elapsed = keep * self._plan_elapsed + elapsed

@@ -155,6 +155,25 @@ def test_even_pass_rate_solves_for_the_remaining_budget():
     assert Pacer("even", estimate=240.0).update(START, 0.0, 120.0, plan).pass_rate < 1.0
 
 
+def test_eligible_counts_split_the_estimate_and_requests_without_lease_do_not_shrink_it():
+    plan = DailyPlan.flat()
+    counted, starved = Pacer("even"), Pacer("even")
+    for pacer in (counted, starved):
+        pacer.update(START + 6 * 3600, 0.0, 100.0, plan)
+    # an hour at pass 1: 1000 eligible requests, 10 USD spent; for `starved` half of them found no lease
+    hour = counted.update(START + 7 * 3600, 10.0, 100.0, plan, eligible=1000)
+    assert hour.estimate == pytest.approx(240.0)
+    assert starved.update(START + 7 * 3600, 10.0, 100.0, plan, eligible=1000,
+                          no_lease=500).estimate == pytest.approx(480.0)
+    # the next hour is twice as busy at the same spend per request let through: the estimate rises
+    busier = counted.update(START + 8 * 3600, 10.0 + 0.01 * hour.pass_rate * 2000, 100.0, plan, eligible=2000)
+    assert 240.0 < busier.estimate < 480.0
+    with pytest.raises(PacingError, match="no_lease"):
+        Pacer().update(START, 0.0, 1.0, plan, eligible=3, no_lease=4)
+    with pytest.raises(PacingError, match="no_lease"):
+        Pacer().update(START, 0.0, 1.0, plan, no_lease=1)
+
+
 def test_a_new_day_starts_without_counting_yesterdays_spend():
     plan = DailyPlan.flat()
     pacer = Pacer("even")
@@ -186,9 +205,15 @@ def test_lease_follows_the_planned_rate():
     pace = Pace(pass_rate=0.5, spend_rate=0.01, remaining=100.0, planned=0.3, estimate=500.0)
     assert pace.lease(5.0) == pytest.approx(0.1)
     assert pace.lease(5.0, headroom=3.0) == pytest.approx(0.15)
+    assert pace.lease(5.0, reserve_per_spend=2.5) == pytest.approx(0.25)
+    assert pace.lease(5.0, floor=1.0) == pytest.approx(1.0)
+    assert pace.lease(5.0, floor=1000.0) == pytest.approx(100.0)  # never more than is left
     assert Pace(1.0, math.inf, 7.0, 0.99, None).lease(5.0) == 7.0
-    with pytest.raises(PacingError, match="lease"):
-        pace.lease(0.0)
+    assert Pace(0.0, 0.0, 7.0, 0.5, 10.0).lease(5.0, floor=1.0) == 0.0  # throttle closed: no lease
+    for bad in (dict(interval_s=0.0), dict(interval_s=5.0, headroom=0.5),
+                dict(interval_s=5.0, reserve_per_spend=0.9), dict(interval_s=5.0, floor=-1.0)):
+        with pytest.raises(PacingError, match="lease"):
+            pace.lease(**bad)
 
 
 # simulated days --------------------------------------------------------------------------------------
@@ -219,7 +244,7 @@ def test_late_start_spends_the_day_in_what_is_left_of_it(today, learned_plan):
     noon = today.start + 12 * 3600
     late = Day(today.start, *(a[today.times >= noon] for a in (today.times, today.cost, today.paid)))
     summary = simulate(late, learned_plan, Pacer("even"), 0.6 * late.unconstrained(), seed=1, from_hour=12.0,
-                       **SIM).summary(12.0)
+                       **SIM).summary()
     assert summary["use"] >= 0.99 and summary["exhausted_h"] >= 0.9 * 24
 
 
