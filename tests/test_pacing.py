@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.__main__ import main as bench_main
 from bench.exchange.auction import Offer, run_auction
 from bench.exchange.traffic import arrival_times
-from bench.pacing import Day, lone_bidder_pays, main as pacing_main, simulate
+from bench.pacing import Day, lone_bidder_pays, simulate
 from bidder.clock import parse_time
 from bidder.pacing import DailyPlan, Pace, Pacer, PacingError, local_clock
 
@@ -291,8 +292,8 @@ def test_lone_bidder_rule_matches_the_exchange_auction():
 # the harness ---------------------------------------------------------------------------------------------
 
 def test_harness_runs_on_a_tiny_day(tmp_path, capsys):
-    code = pacing_main(["--out", str(tmp_path / "pacing"), "--seeds", "0", "--fractions", "0.5", "--rate", "0.3",
-                        "--history-days", "1", "--update", "60", "--world-rows", "8000", "--quiet"])
+    code = bench_main(["pacing", "--out", str(tmp_path / "pacing"), "--seeds", "0", "--fractions", "0.5",
+                       "--rate", "0.3", "--history-days", "1", "--update", "60", "--world-rows", "8000", "--quiet"])
     assert code == 0
     report = json.loads((tmp_path / "pacing" / "pacing.json").read_text())
     assert (tmp_path / "pacing" / "pacing.png").stat().st_size > 10_000
@@ -304,7 +305,16 @@ def test_harness_runs_on_a_tiny_day(tmp_path, capsys):
 
 
 def test_harness_errors_are_one_line(tmp_path, capsys):
-    code = pacing_main(["--out", str(tmp_path), "--campaign", "nope", "--world-rows", "8000", "--quiet"])
+    code = bench_main(["pacing", "--out", str(tmp_path), "--campaign", "nope", "--world-rows", "8000", "--quiet"])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --campaign nope") and "\n" not in err
+
+
+def test_a_daylight_saving_day_plans_by_the_wall_clock():
+    """2026-03-08 in New York: 02:00 EST is 03:00 EDT; the skipped hour's share falls due at once."""
+    plan = DailyPlan.flat("America/New_York")
+    before = parse_time("2026-03-08T06:59:59Z")  # 01:59:59 EST
+    assert plan.fraction_at(before) == pytest.approx(2 / 24, abs=1e-4)
+    assert plan.fraction_at(before + 1) == pytest.approx(3 / 24)
+    assert local_clock(before + 1, "America/New_York")[1] == pytest.approx(3.0)
