@@ -42,6 +42,7 @@ from tqdm import tqdm
 from bench.exchange.cli import DEFAULT_CAMPAIGNS, DEFAULT_START, DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED
 from bench.exchange.terms import TermsError, read_terms
 from bench.exchange.traffic import CHUNK, Market, Traffic
+from bench.servers import BenchError
 from bidder.clock import parse_time
 from bidder.pacing import DailyPlan, Pacer
 from train.data.bidlog import FIRST_PRICE_EXCHANGES
@@ -111,7 +112,7 @@ def campaign_day(market: Market, campaign: str, creatives: tuple[str, ...], valu
         if index is not None:
             by_size.setdefault(int(world.cre_size[index]), index)
     if not by_size:
-        raise ValueError(f"campaign {campaign}: none of its creatives is in the synthetic market")
+        raise BenchError(f"campaign {campaign}: none of its creatives is in the synthetic market")
     creative_of_size = np.full(len(world.sizes), -1, dtype=np.int64)
     creative_of_size[list(by_size)] = list(by_size.values())
     traffic = Traffic(market, seed, start, 24.0, rate, 1.0, None, 1, [])
@@ -249,7 +250,7 @@ def _plan(market: Market, config: PacingConfig, creatives, vpc: float, seed: int
 def run_pacing(config: PacingConfig, progress: bool = True) -> dict[str, Any]:
     terms = read_terms(config.campaigns)
     if config.campaign not in terms.campaigns:
-        raise ValueError(f"--campaign {config.campaign}: not in {config.campaigns} "
+        raise BenchError(f"--campaign {config.campaign}: not in {config.campaigns} "
                          f"(has {', '.join(sorted(terms.campaigns))})")
     campaign = terms.campaigns[config.campaign]
     started = time.perf_counter()
@@ -448,8 +449,12 @@ def main(argv: list[str] | None = None) -> int:
                           headroom=args.headroom, scenarios=not args.no_scenarios, world_rows=args.world_rows)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --out {args.out}: cannot create the folder: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
         report = run_pacing(config, progress=not args.quiet)
-    except (TermsError, ValueError, OSError) as exc:
+    except (TermsError, BenchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     json_path = args.out / "pacing.json"

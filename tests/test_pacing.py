@@ -309,6 +309,10 @@ def test_harness_errors_are_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --campaign nope") and "\n" not in err
+    (tmp_path / "file").write_text("")
+    assert bench_main(["pacing", "--out", str(tmp_path / "file"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {tmp_path / 'file'}: cannot create the folder") and "\n" not in err
 
 
 def test_a_daylight_saving_day_plans_by_the_wall_clock():
