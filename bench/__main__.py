@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange|events|loop [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange|events|loop|pacing [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -130,10 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                                      "serve the result (see python -m bench loop -h)", add_help=False)
     commands.add_parser("events", help="the event log's cost per event and what a kill -9 loses (see python -m "
                                        "bench events -h)", add_help=False)
+    commands.add_parser("pacing", help="even pacing against asap over simulated days of the synthetic market "
+                                       "(see python -m bench pacing -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "loop":
         from bench.loop import main as loop_main
         return loop_main(rest)
+    if args.command == "pacing":
+        from bench.pacing import main as pacing_main
+        return pacing_main(rest)
     if args.command == "events":
         from bench.events import main as events_main
         return events_main(rest)
