@@ -41,7 +41,7 @@ import onnxruntime as ort
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
 from bidder.bundle import CANDIDATE_FILE, FACTORIZED_FILE, FACTORIZED_GRAPH as GRAPH, Bundle, BundleError
-from bidder.scorer import OUTPUT, bind_buffers, featurize_many
+from bidder.scorer import OUTPUT, bind_buffers, featurize_many, run_binding
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
@@ -235,7 +235,7 @@ class FactorizedScorer:
             bound = self._bind(n_imps, rows)
         else:
             self._bindings.move_to_end(key)
-        self.session.run_with_iobinding(bound[0])
+        run_binding(self.session, bound[0])
         return self.output[:rows, 0]
 
     def warm(self, n_imps: int, per_imp: int) -> None:
