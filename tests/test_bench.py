@@ -572,3 +572,19 @@ def test_bench_reload_refuses_bad_options_in_one_line(tmp_path, capsys, argv, me
     assert bench_main(["reload", *argv, "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_bench_factorized_against_compares_two_exports_of_the_graphs(tmp_path):
+    """``python -m bench.factorized --against``: the shipped graphs against a copy of themselves."""
+    from bench.factorized import DEFAULT_BODY, compare_graphs
+    from bidder import DEFAULT_BUNDLE
+
+    old = shutil.copytree(DEFAULT_BUNDLE, tmp_path / "old")
+    results = compare_graphs(old, DEFAULT_BUNDLE, DEFAULT_BUNDLE / "campaigns.json", DEFAULT_BODY.read_bytes(),
+                             [1, 3], calls=5, evict_bytes=1 << 16)
+    assert [(r["requests"], r["rows"]) for r in results] == [(1, 9), (3, 27)]
+    for r in results:  # the same graphs: the same probabilities and answers, prices to the micro-dollar
+        assert r["max_abs_diff"]["new_vs_old"] == 0.0 and r["max_abs_diff"]["new_vs_model_onnx"] <= 1e-6
+        assert r["answers_differing_beyond_price"] == 0 and r["max_abs_price_diff"] == 0.0
+        assert set(r["run_us"]) == {"old", "new", "new_run_binding"} and all(t > 0 for t in r["run_us"].values())
+        assert set(r["engine_run_us"]) == {"old", "new"} and all(t > 0 for t in r["engine_run_us"].values())
