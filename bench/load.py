@@ -69,7 +69,7 @@ class LoadConfig:
     duration_s: float = 10.0
     warmup_s: float = 2.0
     connections: tuple[int, ...] = (1, 8, 32)
-    scaling_workers: int | None = None
+    scaling_workers: tuple[int, ...] | None = None  # worker counts of the scaling curve (1 is always run)
     max_batch: int | None = None
     retrieve_k: int | None = None          # passed to the bidder (large catalogs: creatives ranked per imp)
     server_cpus: str | None = "0"          # None: no pinning
@@ -300,8 +300,7 @@ def run_load(config: LoadConfig) -> tuple[dict, Path, Path]:
     preflights: dict = {}
     measurements = run_phase(config, workers=1, connections=config.connections, threads=1,
                              server_cpus=config.server_cpus, client_cpus=config.client_cpus, preflights=preflights)
-    if config.scaling_workers and config.scaling_workers > 1:
-        n = config.scaling_workers
+    for n in (n for n in config.scaling_workers or () if n > 1):
         if config.server_cpus is not None or config.client_cpus is not None:
             server_cpus, client_cpus, note = scaling_cpus(n, sorted(os.sched_getaffinity(0)))
             threads = len(parse_cpus(client_cpus))
