@@ -2,10 +2,12 @@
 family once, each sample labelled with its worker. (A real two-worker server: tests/test_operations_process.py.)"""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from bidder.metrics import Metrics
-from bidder.worker_metrics import merge
+from bidder.worker_metrics import MetricsServer, merge
 
 
 def exposition(worker: int, bids: int, model: str) -> str:
@@ -38,3 +40,30 @@ def test_one_exposition_with_every_workers_samples():
 
 def test_no_worker_answered():
     assert merge({}) == ""
+
+
+def test_the_grafana_dashboard_loads_and_asks_only_for_metrics_the_bidder_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    from bidder.app import NOTICE_RESULTS
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "bidder.json").read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+    metrics = Metrics(0)
+    metrics.enable_notices(NOTICE_RESULTS)  # as with --notice-url
+    metrics.response("/bid", 200).inc()  # responses are series once one was answered
+    metrics.events = SimpleNamespace(dropped={"queue_full": 0}, written=0, queue=[])  # as with --events
+    supervisor = MetricsServer("127.0.0.1", 0, sockets=dict, restarts=lambda: {0: 1})
+    try:
+        text = merge({0: metrics.render().decode()}) + supervisor.render().decode()
+    finally:
+        supervisor.server.server_close()
+    exported = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    asked = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            asked |= set(re.findall(r"\b(bidder_[a-z_]+)", target["expr"]))
+    assert asked and asked <= exported, asked - exported
