@@ -20,9 +20,9 @@ import time
 import traceback
 
 import msgspec
-from aiohttp.abc import AbstractAccessLogger
 
-__all__ = ["LEVELS", "FORMATS", "JsonFormatter", "Throttled", "configure", "event", "sampled_access_logger"]
+__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "Throttled", "access_log_options", "configure", "event",
+           "sampled_access_logger"]
 
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error")
@@ -102,20 +102,28 @@ class Throttled:
         event(self.logger, self.level, self.name, self.message, suppressed=suppressed, **fields)
 
 
-class _SampledAccessLogger(AbstractAccessLogger):
-    rate = 0.0
-
-    def log(self, request, response, time: float) -> None:  # noqa: A002 (aiohttp's signature)
-        if random.random() >= self.rate:
-            return
-        event(self.logger, logging.INFO, "access", "%(method)s %(path)s %(status)d %(duration_ms).3f ms",
-              method=request.method, path=request.path, status=response.status,
-              duration_ms=round(time * 1000, 3), remote=request.remote)
+def access_log_options(rate: float) -> dict:
+    """aiohttp runner options for an access log of a ``rate`` fraction of requests; none at all at rate 0, so that
+    requests pay nothing for it."""
+    if rate <= 0:
+        return {"access_log": None}
+    return {"access_log": logging.getLogger("bidder.access"), "access_log_class": sampled_access_logger(rate)}
 
 
-def sampled_access_logger(rate: float) -> type[AbstractAccessLogger]:
+def sampled_access_logger(rate: float) -> type:
     """aiohttp's access log class that logs a ``rate`` fraction of requests (0 < rate <= 1) as ``access``
     events. With sampling off the runner gets no access logger at all, so requests pay nothing."""
+    from aiohttp.abc import AbstractAccessLogger  # here: the scorer and the training code log without aiohttp
+
     if not 0 < rate <= 1:
         raise ValueError(f"access log sample rate must be in (0, 1], got {rate}")
-    return type("SampledAccessLogger", (_SampledAccessLogger,), {"rate": rate})
+
+    class SampledAccessLogger(AbstractAccessLogger):
+        def log(self, request, response, time: float) -> None:  # noqa: A002 (aiohttp's signature)
+            if random.random() >= rate:
+                return
+            event(self.logger, logging.INFO, "access", "%(method)s %(path)s %(status)d %(duration_ms).3f ms",
+                  method=request.method, path=request.path, status=response.status,
+                  duration_ms=round(time * 1000, 3), remote=request.remote)
+
+    return SampledAccessLogger

@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from bidder.app import STATE, Config, create_app, forget_preloaded, reload
 from bidder.campaigns import CatalogError
 from bidder.events import EventLogError
-from bidder.logs import configure, event, sampled_access_logger
+from bidder.logs import access_log_options, configure, event
 from bidder.scorer import BundleError, pin_to_core
 from bidder.worker_metrics import MetricsServer, worker_socket
 
@@ -69,11 +69,8 @@ def check_port(host: str, port: int, reuse_port: bool = False) -> None:
 
 async def _run_worker(config: Config, worker: int, ready=None) -> None:
     app = create_app(config, worker)
-    # no access logger at all unless sampling is asked for: then requests pay nothing for it
-    access = ({"access_log": logging.getLogger("bidder.access"),
-               "access_log_class": sampled_access_logger(config.access_log_sample)}
-              if config.access_log_sample > 0 else {"access_log": None})
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout, **access)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout,
+                           **access_log_options(config.access_log_sample))
     try:
         await runner.setup()  # loads the bundle and the catalog
     except EventLogError as exc:

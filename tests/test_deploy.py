@@ -197,8 +197,8 @@ def python_for_the_image_user(env: dict[str, str], cwd: Path) -> list[str]:
 
 @pytest.fixture
 def workdir():
-    """Skips without root (setpriv needs it). The image's WORKDIR, the one place its user may write besides /tmp: owned by that user, in a directory
-    the user may enter (pytest's own temporary directories are root's alone)."""
+    """The image's WORKDIR, the one place its user may write besides /tmp: owned by that user, in a directory the
+    user may enter (pytest's own temporary directories are root's alone). Skips without root (setpriv needs it)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("running as the image's user needs root and setpriv (util-linux)")
     parent = Path(tempfile.mkdtemp(prefix="bidder-image-"))

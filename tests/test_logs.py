@@ -12,7 +12,7 @@ import random
 import pytest
 
 import bidder.logs
-from bidder.logs import Throttled, configure, event, sampled_access_logger
+from bidder.logs import Throttled, access_log_options, configure, event, sampled_access_logger
 
 
 @pytest.fixture
@@ -55,7 +55,8 @@ def test_other_records_and_errors_are_json_too(captured):
     plain, error = lines(captured)
     assert (plain["event"], plain["message"], plain["logger"], plain["worker"]) == (
         "log", "plain text", "aiohttp.server", "supervisor")
-    assert (error["event"], error["level"], error["method"], error["path"]) == ("internal_error", "error", "POST", "/bid")
+    assert (error["event"], error["level"], error["method"], error["path"]) == (
+        "internal_error", "error", "POST", "/bid")
     assert error["exception"].startswith("Traceback") and "RuntimeError: boom" in error["exception"]
 
 
@@ -115,3 +116,29 @@ def test_the_access_log_samples(captured):
     assert 120 < len(lines(captured)) - 1 < 290
     with pytest.raises(ValueError):
         sampled_access_logger(0)
+
+
+async def test_a_served_request_is_an_access_event_only_when_sampling_is_on(captured):
+    import aiohttp
+    from aiohttp import web
+
+    bidder.logs.configure("json", "info", 0)
+
+    async def ok(request):
+        return web.Response(status=204)
+
+    for rate, expected in ((0.0, []), (1.0, [("access", "GET", "/x", 204)])):
+        app = web.Application()
+        app.router.add_get("/x", ok)
+        runner = web.AppRunner(app, **access_log_options(rate))  # as a worker runs it (bidder/workers.py)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/x") as response:
+                assert response.status == 204
+        finally:
+            await runner.cleanup()
+        logged = lines(captured)
+        assert [(e["event"], e["method"], e["path"], e["status"]) for e in logged] == expected, logged
