@@ -193,7 +193,7 @@ def scaling(measurements: list[Measurement]) -> list[dict]:
                   and s["connections"] * m["workers"] == m["connections"]]
         if single and single[0]["rps"]:
             speedup = m["rps"] / single[0]["rps"]
-            echo = [e for e in entries if e["server"] == "echo" and e["workers"] == m["workers"]
+            echo = [e for e in entries if e["server"] == "echo" != m["server"] and e["workers"] == m["workers"]
                     and e["connections"] == m["connections"] and e["rps"]]
             out.append({"server": m["server"], "workers": m["workers"], "connections": m["connections"],
                         "rps": m["rps"], "single_worker_rps": single[0]["rps"], "speedup": speedup,

@@ -606,3 +606,9 @@ def test_workers_take_a_list_and_each_count_above_one_is_a_run(monkeypatch, tmp_
                                             "--out", str(tmp_path)]))
     load.run_load(config)
     assert phases == [(1, (1, 32)), (2, (64,)), (4, (128,))]
+
+
+def test_the_echo_is_not_compared_with_itself():
+    runs = [measurement("echo", 32, 10000, 2000), measurement("echo", 64, 18000, 2000, workers=2)]
+    [entry] = scaling(runs)
+    assert entry["vs_echo"] is None and "echo at" not in format_scaling([entry])
