@@ -612,3 +612,10 @@ def test_the_echo_is_not_compared_with_itself():
     runs = [measurement("echo", 32, 10000, 2000), measurement("echo", 64, 18000, 2000, workers=2)]
     [entry] = scaling(runs)
     assert entry["vs_echo"] is None and "echo at" not in format_scaling([entry])
+
+
+def test_several_bidder_workers_are_scraped_through_the_supervisors_metrics_port():
+    config = LoadConfig(servers=("echo", "bidder"))
+    assert load.server_command("bidder", config, 9000, 2, 9100)[-2:] == ["--metrics-port", "9100"]
+    assert "--metrics-port" not in load.server_command("echo", config, 9001, 2, 9100)
+    assert "--metrics-port" not in load.server_command("bidder", config, 9002, 1)
