@@ -3,8 +3,9 @@
 The file's keys are ``bidder serve``'s long options without their dashes (``max-batch = 256``,
 ``notice-url = "https://..."``, ``no-pin = true``), read from the command line's own parser: an option added to
 ``bidder serve`` is a key of the file with no change here, and a key that is no option is refused, naming the
-file and the key's path. Options given on the command line override the file's values. Relative paths in the
-file are read from the file's directory, so a file and the files it names move together.
+file and the key's path. Options given on the command line override the file's values (an option given several
+times, ``action="append"``, adds to the file's array). Relative paths in the file are read from the file's
+directory, so a file and the files it names move together.
 
 Secrets never live in the file: a key that names one (a password, a secret, a token) or a URL that carries a
 password is refused; they come from a file the options name (``notice-keys``) or from the environment.
@@ -96,11 +97,25 @@ def _unknown(path: Path, key: str, value: object, keys: dict[str, argparse.Actio
     return message
 
 
+def _takes_several(action: argparse.Action) -> bool:
+    """An option given several values (``nargs='+'``) or several times (``action='append'``): a TOML array."""
+    return isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+") or (
+        isinstance(action.nargs, int) and action.nargs > 1)
+
+
 def _convert(action: argparse.Action, value: object, where: str, base: Path) -> object:
     if action.nargs == 0:  # a flag: true sets it, false leaves the option's default
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return action.const if value else action.default
+    if _takes_several(action):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array of values, got {value!r}")
+        return [_convert_one(action, item, f"{where}[{i}]", base) for i, item in enumerate(value)]
+    return _convert_one(action, value, where, base)
+
+
+def _convert_one(action: argparse.Action, value: object, where: str, base: Path) -> object:
     if isinstance(value, (dict, list)):
         raise ConfigError(f"{where}: expected a single value, got {type(value).__name__} {value!r}")
     if isinstance(value, bool):
@@ -136,6 +151,8 @@ def render_config(parser: argparse.ArgumentParser, namespace: argparse.Namespace
             lines.append(f"{key} = {'true' if value == action.const else 'false'}")
         elif value is None:
             lines.append(f"# {key} =  (not set)")
+        elif _takes_several(action):
+            lines.append(f"{key} = [{', '.join(_toml_value(item) for item in value)}]")
         else:
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

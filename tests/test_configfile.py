@@ -173,3 +173,18 @@ def test_the_shipped_config_files_load_and_hold_no_secret(tmp_path):
     from_configmap = read_config(path, serve)
     # the ConfigMap is the shipped file plus this deployment's notices
     assert {k: v for k, v in from_configmap.items() if k in shipped} == shipped
+
+
+def test_an_option_given_several_times_is_an_array(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget", action="append", default=None)
+    parser.add_argument("--shards", type=int, nargs="+", default=None)
+    path = write(tmp_path, 'budget = ["c1=100", "c2=50"]\nshards = [1, 2]\n')
+    settings = read_config(path, parser)
+    assert settings == {"budget": ["c1=100", "c2=50"], "shards": [1, 2]}
+    printed = render_config(parser, argparse.Namespace(**settings))
+    assert read_config(write(tmp_path, printed, "printed.toml"), parser) == settings
+    with pytest.raises(ConfigError, match=r"budget: expected an array"):
+        read_config(write(tmp_path, 'budget = "c1=100"\n'), parser)
+    with pytest.raises(ConfigError, match=r"shards\[1\]: invalid int value"):
+        read_config(write(tmp_path, 'shards = [1, "x"]\n'), parser)
