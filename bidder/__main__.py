@@ -324,8 +324,9 @@ def ready(host: str, port: int, timeout: float = 3.0) -> int:
     """``bidder ready``: 0 if ``/readyz`` answers 200; else 1, with one line saying what it answered."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     url = f"http://[{host}]:{port}/readyz" if ":" in host else f"http://{host}:{port}/readyz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP_PROXY
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with direct.open(url, timeout=timeout) as response:
             response.read()
             return 0
     except urllib.error.HTTPError as exc:

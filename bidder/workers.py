@@ -227,8 +227,9 @@ class _Supervisor:
         signal.signal(signal.SIGHUP, lambda signum, _frame: self._forward(signal.SIGHUP))
         for index in range(self.config.workers):
             self._start(index)
+        metrics = "" if self.config.metrics_port is None else ", every worker's metrics on port %(metrics_port)d"
         event(log, logging.INFO, "supervisor_started", "supervisor (pid %(pid)d) supervising %(workers)d workers "
-              "on %(url)s, metrics of all on port %(metrics_port)s", pid=os.getpid(), workers=self.config.workers,
+              "on %(url)s" + metrics, pid=os.getpid(), workers=self.config.workers,
               url=f"http://{self.config.host}:{self.config.port}", metrics_port=self.config.metrics_port)
         status = 0
         while not self.stopping:
