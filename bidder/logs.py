@@ -12,6 +12,7 @@ the JSON format prints one object per line: ``ts``, ``level``, ``worker`` (its i
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -21,8 +22,8 @@ import traceback
 
 import msgspec
 
-__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "Throttled", "access_log_options", "configure", "event",
-           "sampled_access_logger"]
+__all__ = ["FORMATS", "LEVELS", "JsonFormatter", "Throttled", "access_log_options", "configure", "configured",
+           "event", "sampled_access_logger"]
 
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error")
@@ -82,6 +83,20 @@ def configure(log_format: str = "text", level: str = "info", worker: int | str =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+@contextlib.contextmanager
+def configured(log_format: str = "text", level: str = "info", worker: int | str = 0):
+    """``configure`` for as long as a server runs, then the logging set-up it found (a server run in a process
+    that goes on, a test's, must not leave a handler bound to a stream that closes)."""
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    configure(log_format, level, worker)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
 
 
 class Throttled:

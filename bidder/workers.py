@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from bidder.app import STATE, Config, create_app, forget_preloaded, reload
 from bidder.campaigns import CatalogError
 from bidder.events import EventLogError
-from bidder.logs import access_log_options, configure, event
+from bidder.logs import access_log_options, configured, event
 from bidder.scorer import BundleError, pin_to_core
 from bidder.worker_metrics import MetricsServer, worker_socket
 
@@ -129,7 +129,11 @@ def run_worker(config: Config, worker: int, ready=None) -> int:
 
     ``ready`` (an event) is set once the worker listens: the supervisor tells start-up failures by it.
     """
-    configure(config.log_format, config.log_level, worker)
+    with configured(config.log_format, config.log_level, worker):
+        return _serve_worker(config, worker, ready)
+
+
+def _serve_worker(config: Config, worker: int, ready) -> int:
     if config.pin:
         core = pin_to_core(worker)
         event(log, logging.INFO, "worker_pinned", "worker %(index)d pinned to core %(core)d", index=worker, core=core)
@@ -195,7 +199,10 @@ class _Supervisor:
                 os.kill(process.pid, signum)
 
     def run(self) -> int:
-        configure(self.config.log_format, self.config.log_level, "supervisor")
+        with configured(self.config.log_format, self.config.log_level, "supervisor"):
+            return self._run()
+
+    def _run(self) -> int:
         if self.config.metrics_port is None:
             return self._supervise()
         with tempfile.TemporaryDirectory(prefix="bidder-metrics-") as sockets:

@@ -142,3 +142,12 @@ async def test_a_served_request_is_an_access_event_only_when_sampling_is_on(capt
             await runner.cleanup()
         logged = lines(captured)
         assert [(e["event"], e["method"], e["path"], e["status"]) for e in logged] == expected, logged
+
+
+def test_a_server_run_in_process_leaves_logging_as_it_found_it():
+    root = logging.getLogger()
+    before = root.handlers[:], root.level
+    with bidder.logs.configured("json", "debug", 0):
+        assert len(root.handlers) == 1 and isinstance(root.handlers[0].formatter, bidder.logs.JsonFormatter)
+        assert root.level == logging.DEBUG
+    assert (root.handlers, root.level) == before
