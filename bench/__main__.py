@@ -24,6 +24,12 @@ def connection_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def worker_list(text: str) -> tuple[int, ...]:
+    """``--workers 1,2,4``: the worker counts of a scaling curve (the 1-worker run is always measured)."""
+    values = connection_list(text)
+    return tuple(sorted(set(values)))
+
+
 def server_list(text: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if not names or set(names) - set(SERVERS):
@@ -56,8 +62,9 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{QUICK_DURATION_S:g} s per measurement, {QUICK_WARMUP_S:g} s warm-up")
     parser.add_argument("--connections", type=connection_list, default=(1, 8, 32),
                         help="concurrency levels, the largest being saturation (default: 1,8,32)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="add a scaling run with N workers per server at N x the largest concurrency")
+    parser.add_argument("--workers", type=worker_list, default=None, metavar="N[,N...]",
+                        help="the scaling curve: for each N > 1 a run with N workers per server at N x the largest "
+                             "concurrency, compared with the 1-worker run (e.g. 1,2 or 1,2,4,8,14)")
     parser.add_argument("--max-batch", type=int, default=None, help="passed to the bidder")
     parser.add_argument("--retrieve-k", type=positive_int, default=None, metavar="K",
                         help="passed to the bidder: creatives ranked per imp of a large catalog (bidder-exhaustive "
@@ -84,8 +91,6 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> LoadConfig:
-    if args.workers is not None and args.workers < 1:
-        raise BenchError("--workers must be >= 1")
     return LoadConfig(
         body=args.body.resolve(), model=args.model.resolve(),
         campaigns=args.campaigns.resolve() if args.campaigns else None, route=args.route, host=args.host,

@@ -198,9 +198,13 @@ def scaling(measurements: list[Measurement]) -> list[dict]:
         single = [s for s in entries if s["server"] == m["server"] and s["workers"] == 1
                   and s["connections"] * m["workers"] == m["connections"]]
         if single and single[0]["rps"]:
+            speedup = m["rps"] / single[0]["rps"]
+            echo = [e for e in entries if e["server"] == "echo" != m["server"] and e["workers"] == m["workers"]
+                    and e["connections"] == m["connections"] and e["rps"]]
             out.append({"server": m["server"], "workers": m["workers"], "connections": m["connections"],
-                        "rps": m["rps"], "single_worker_rps": single[0]["rps"],
-                        "speedup": m["rps"] / single[0]["rps"], "runs": m["runs"]})
+                        "rps": m["rps"], "single_worker_rps": single[0]["rps"], "speedup": speedup,
+                        "efficiency": speedup / m["workers"],  # the target: >= 0.85 up to the cores available
+                        "vs_echo": m["rps"] / echo[0]["rps"] if echo else None, "runs": m["runs"]})
     return out
 
 
@@ -314,7 +318,9 @@ def format_target(entries: list[dict]) -> str:
 def format_scaling(entries: list[dict]) -> str:
     """One line per entry of `scaling()`."""
     return "\n".join(f"scaling: {s['server']} {s['workers']} workers at c={s['connections']}: "
-                     f"{s['rps']:,.0f} rps = {s['speedup']:.2f}x its 1-worker run"
+                     f"{s['rps']:,.0f} rps = {s['speedup']:.2f}x its 1-worker run "
+                     f"({s['efficiency']:.2f} of {s['workers']}x)"
+                     + ("" if s.get("vs_echo") is None else f", {s['vs_echo']:.2f}x echo at {s['workers']} workers")
                      for s in entries)
 
 

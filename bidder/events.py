@@ -37,6 +37,8 @@ from typing import Callable, Iterator
 import msgspec
 import zstandard
 
+from bidder.logs import event as log_event
+
 __all__ = ["DROP_REASONS", "EVENT_KINDS", "NOTICE_KINDS", "SCHEMA_VERSION", "EventLog", "EventLogError",
            "check_directory", "complete_frames", "events_hour", "read_lines"]
 
@@ -299,10 +301,12 @@ class EventLog:
                 else:
                     path.unlink()
             except OSError as exc:
-                log.warning("events: cannot salvage %s: %s", path, exc.strerror or exc)
+                log_event(log, logging.WARNING, "events_salvage_failed",
+                          "events: cannot salvage %(path)s: %(error)s", path=str(path), error=exc.strerror or str(exc))
         if salvaged:
             self._sync_directory()
-            log.info("events: salvaged %d file(s) a killed worker left in %s", salvaged, self.directory)
+            log_event(log, logging.INFO, "events_salvaged", "events: salvaged %(files)d file(s) a killed worker "
+                      "left in %(directory)s", files=salvaged, directory=str(self.directory))
         return salvaged
 
     # -- the writer thread -----------------------------------------------------------------------------
@@ -313,7 +317,7 @@ class EventLog:
             try:
                 self._drain()
             except Exception:  # noqa: BLE001 - a bug here must not end the log, nor the worker
-                log.exception("events: cannot write queued events")
+                log.exception("events: cannot write queued events", extra={"event": "events_write_failed"})
             if stopping:
                 self._finish()
                 return
@@ -347,8 +351,8 @@ class EventLog:
             self._file.flush()  # to the kernel: a kill -9 of this process keeps it
         except OSError as exc:
             self.dropped["write_error"] += len(lines)
-            log.warning("events: %d event(s) dropped: cannot write %s: %s", len(lines), self._tmp,
-                        exc.strerror or exc)
+            log_event(log, logging.WARNING, "events_dropped", "events: %(dropped)d event(s) dropped: cannot write "
+                      "%(path)s: %(error)s", dropped=len(lines), path=str(self._tmp), error=exc.strerror or str(exc))
             self._abandon(exc)
             return
         self._bytes += len(payload)
@@ -372,8 +376,8 @@ class EventLog:
             self._sync_directory()
             self.files += 1
         except OSError as exc:
-            log.warning("events: cannot close %s: %s (left for the next start to salvage)", self._tmp,
-                        exc.strerror or exc)
+            log_event(log, logging.WARNING, "events_close_failed", "events: cannot close %(path)s: %(error)s (left "
+                      "for the next start to salvage)", path=str(self._tmp), error=exc.strerror or str(exc))
         self._file = None
 
     def _abandon(self, exc: OSError) -> None:
@@ -386,7 +390,8 @@ class EventLog:
             pass
         self._file = None
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            log.error("events: writing to %s failed; retrying with a new file", self.directory)
+            log_event(log, logging.ERROR, "events_write_failed", "events: writing to %(directory)s failed; "
+                      "retrying with a new file", directory=str(self.directory), error=exc.strerror or str(exc))
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

@@ -34,7 +34,7 @@ from typing import Mapping, NamedTuple
 from bidder.clock import parse_time
 
 __all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
-           "Refusal", "SigningKey", "load_keyring", "micros"]
+           "Refusal", "SigningKey", "load_keyring", "micros", "parse_keyring"]
 
 VERSION = 1
 MAC_BYTES = 16
@@ -174,6 +174,13 @@ def load_keyring(path: str | os.PathLike) -> Keyring:
         raise KeyFileError(f"{path}: cannot read: {exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"{path}: readable by group or others (mode {stat.S_IMODE(mode):o}): chmod 600 it")
+    return parse_keyring(text, str(path))
+
+
+def parse_keyring(text: str, origin: str) -> Keyring:
+    """The keys of a key file's JSON text, read from ``origin`` (a file, an environment variable), which
+    ``KeyFileError`` names with the entry at fault."""
+    path = origin
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -206,7 +213,7 @@ def load_keyring(path: str | os.PathLike) -> Keyring:
             raise KeyFileError(f"{where}.created: expected an ISO 8601 time such as 2026-12-01T00:00:00Z, "
                             f"got {created!r}")
         keys.append(SigningKey(key_id, raw, when))
-    return Keyring(keys, str(path))
+    return Keyring(keys, origin)
 
 
 @dataclass(frozen=True)

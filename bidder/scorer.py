@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from bidder._features import Featurizer
 from bidder.bundle import FACTORIZED_GRAPH, MODEL_FILE, Bundle, BundleError
+from bidder.logs import event
 from bidder.spec import FeatureSpec
 
 # BundleError: bidder.bundle's, for callers
@@ -72,7 +73,8 @@ class Scorer:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.opened = Bundle.open(bundle)  # checked: format, spec, graphs, every file's digest
         for warning in self.opened.warnings:
-            log.warning("%s", warning)
+            event(log, logging.WARNING, "bundle_warning", "%(warning)s", warning=str(warning),
+                  bundle=str(self.opened.path))
         self.bundle = self.opened.path
         self.spec: FeatureSpec = self.opened.spec
         self.meta = self.opened.meta

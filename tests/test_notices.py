@@ -4,6 +4,7 @@ notices on."""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import time
 from pathlib import Path
@@ -391,3 +392,16 @@ async def test_with_an_event_log_each_counted_notice_and_click_is_logged_once(ai
     assert notices["win"]["price"] == 1.234567 and notices["loss"]["loss"] == 102
     assert notices["loss"]["min_to_win"] is None  # ${AUCTION_MIN_TO_WIN} left unsubstituted
     assert [r["kind"] for r in records].count("click") == 1
+
+
+async def test_refused_notices_are_logged_as_events_at_most_once_a_second_per_reason(client, caplog):
+    stranger = keyring(("k1", SECRET_B, 0)).sign(NOW, 1, 600, *FIELDS)
+    unknown = keyring(("k9", SECRET_A, 0)).sign(NOW, 1, 600, *FIELDS)
+    with caplog.at_level(logging.INFO, logger="bidder"):
+        for _ in range(3):
+            assert (await client.get(f"/notice/win?t={stranger}")).status == 403
+        assert (await client.get(f"/notice/win?t={unknown}")).status == 403
+    refused = [r for r in caplog.records if getattr(r, "event", None) == "notice_refused"]
+    assert [(r.args["kind"], r.args["reason"], r.args["status"], r.args["suppressed"]) for r in refused] == [
+        ("win", "bad_signature", 403, 0), ("win", "unknown_key", 403, 0)]
+    assert all(r.levelname == "WARNING" and r.args["where"] == "t" for r in refused)
