@@ -552,7 +552,7 @@ class BidEngine:
             meta = c.meta
             bids.append(Bid(id=bid_id, impid=imp.id, price=price, adid=c.creative_id,
                             crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, mtype=BANNER, nurl=c.nurl,
-                            cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None, exp=imp.exp,
+                            cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None,
                             cat=meta.bid_cat, cattax=meta.cattax if meta.bid_cat else None, attr=meta.bid_attr))
             if self.notices is not None:
                 self._sign(bids[-1], pending, imp, deal, c)
