@@ -16,6 +16,11 @@ are errors, so a misspelt option cannot pass silently. ``deals`` lists the priva
 sends in ``imp.pmp.deals[].id`` and, optionally, the buyer seat the deal was set up for (without one the
 bid goes in the bidder's own seat); ``bidder/deals.py`` matches them against a request.
 
+A creative may declare what it is (``cat`` with ``cattax``, ``attr``, ``btype``, ``mimes``, ``api``, ``bundle``) and
+a campaign that it needs consent to personal data (``requires_consent``): checked here, against the shipped IAB
+taxonomy and the OpenRTB lists, and honoured by ``bidder/conformance.py``. The currency table beside the file
+(``bidder/currencies.py``) is read with it.
+
 Each enabled creative becomes one *candidate*. Its ``layer`` dict holds the candidate-level raw
 fields (``CANDIDATE_FIELDS``: creative, advertiser and the creative's size); a scored row is the pair
 (layer, imp record), so no dict is built per row on the hot path. Model fields read from these keys

@@ -155,6 +155,7 @@ class BlockingIndex:
         self.by_btype = _index((m.btype, i) for i, m in metas if m.btype is not None)
         self.by_mime = _index((mime, i) for i, m in metas for mime in m.mimes)
         self.by_api = _index((api, i) for i, m in metas for api in m.api)
+        self.needs_api = bool(self.by_api)  # some creative needs an API framework: every slot is checked for it
 
     def _any(self, index: dict, values: Iterable) -> frozenset[int]:
         found = [index[v] for v in values if v in index]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,14 +36,14 @@ class Currencies:
     date: str
     per_usd: dict[str, float]  # units of each currency one USD buys
     source: str = "currencies"
+    cny_per_usd: float = field(init=False)  # every imp's price feature reads it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cny_per_usd", self.per_usd["CNY"])
 
     def rate(self, currency: str) -> float | None:
         """Units of ``currency`` per USD, or None when the table has no rate for it."""
         return self.per_usd.get(currency)
-
-    @property
-    def cny_per_usd(self) -> float:
-        return self.per_usd["CNY"]
 
 
 def currencies_beside(catalog: Path) -> Path:

@@ -149,7 +149,7 @@ class BidEngine:
         exclusion = NOTHING_EXCLUDED
         if request.bcat or request.bapp or not pending.personal_ok:
             exclusion = blocking.request_rules(request.bcat, request.cattax, request.bapp, pending.personal_ok)
-        per_imp_rules = blocking.by_api or blocking.by_attribute or blocking.by_btype or blocking.by_mime
+        needs_api = blocking.needs_api
         cny_per_usd = catalog.currencies.cny_per_usd
         if self.retriever is not None:
             pending.waiting = []
@@ -166,7 +166,9 @@ class BidEngine:
             if pending.seats is not None and imp.pmp is None and not pending.seats.allows(DEFAULT_SEAT):
                 pending.imp_reason = self._count_imp(pending.imp_reason, "blocked_seat")
                 continue
-            imp_exclusion = exclusion.extended(blocking.imp_rules(imp.banner)) if per_imp_rules else exclusion
+            banner = imp.banner
+            imp_exclusion = (exclusion.extended(blocking.imp_rules(banner))
+                             if banner.battr or banner.btype or banner.mimes or needs_api else exclusion)
             if pending.waiting is not None:  # the candidates come from the batch's imp vectors (retrieve)
                 pending.waiting.append((imp, sizes, imp_exclusion))
                 pending.add_imp(i, imp_fields(shared, imp, pending.floors[i], cny_per_usd), (), None)
@@ -348,21 +350,26 @@ class BidEngine:
             return
         retriever = self.retriever
         vectors = retriever.queries_of(batch.features, batch.n_imps)
-        wanted, rows = [], []  # per imp and size: (w, h, domain, exchange, blocked, deal ids), its imp vector row
+        # per imp and size: (w, h, domain, exchange, blocked, deal ids, excluded), its imp vector row
+        wanted, rows = [], []
         for k in todo:
             pending = pendings[k]
             domain, exchange, blocked = pending.where
-            for position, (imp, sizes, _) in enumerate(pending.waiting):
+            for position, (imp, sizes, exclusion) in enumerate(pending.waiting):
                 dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
                 for w, h in sizes:
-                    wanted.append((w, h, domain, exchange, blocked, dealids))
+                    wanted.append((w, h, domain, exchange, blocked, dealids, exclusion.excluded))
                     rows.append(pending.first_imp + position)
         found = iter(retriever.eligible_many(vectors[rows], wanted))
         for k in todo:
             pending = pendings[k]
             for position, (imp, sizes, exclusion) in enumerate(pending.waiting):
-                self._add_candidates(pending, pending.imp_ids[position], imp, pending.records[position],
-                                     [next(found) for _ in sizes], at=position, exclusion=exclusion)
+                per_size = [next(found) for _ in sizes]
+                if exclusion.excluded and not any(per_size):  # none left: the rules' doing, or none eligible?
+                    domain, exchange, blocked = pending.where
+                    per_size = [self.catalog.eligible(w, h, domain, exchange, blocked) for w, h in sizes]
+                self._add_candidates(pending, pending.imp_ids[position], imp, pending.records[position], per_size,
+                                     at=position, exclusion=exclusion)
             pending.waiting = None
             if not pending.n_rows:
                 outcomes[k] = self._no_bid(pending.imp_reason or "no_eligible_creative")

@@ -474,13 +474,15 @@ def imp_sizes(imp: Imp, available: Iterable[tuple[int, int]] = ()) -> list[tuple
         if banner.wmax or banner.hmax or banner.wmin or banner.hmin:
             return sorted(size for size in available if _in_range(banner, size))
         return []
-    sizes = []
-    for f in banner.format:
-        if f.w and f.h:
-            sizes.append((f.w, f.h))
-        elif f.wratio and f.hratio and f.wratio > 0 and f.hratio > 0:
-            wmin = f.wmin or 0
-            sizes.extend(sorted((w, h) for w, h in available if w * f.hratio == h * f.wratio and w >= wmin))
+    sizes = [(f.w, f.h) for f in banner.format if f.w and f.h]
+    if len(sizes) < len(banner.format):  # some format has no fixed size: a flexible one, or an empty one
+        sizes = []
+        for f in banner.format:
+            if f.w and f.h:
+                sizes.append((f.w, f.h))
+            elif f.wratio and f.hratio and f.wratio > 0 and f.hratio > 0:
+                wmin = f.wmin or 0
+                sizes.extend(sorted((w, h) for w, h in available if w * f.hratio == h * f.wratio and w >= wmin))
     if not sizes and banner.w and banner.h:
         sizes = [(banner.w, banner.h)]
     return list(dict.fromkeys(sizes))
