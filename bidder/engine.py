@@ -237,7 +237,7 @@ class BidEngine:
             for eligible in per_size:
                 if eligible and imp.pmp is not None:
                     eligible, size_offers = deal_candidates(eligible, imp, len(candidates), pending.seats,
-                                                            pending.floors[i])
+                                                            pending.floors[i], self.catalog.currencies)
                     offers.update(size_offers)
                     unmatched = unmatched or not eligible
                 candidates.extend(eligible)

@@ -115,6 +115,21 @@ async def test_a_blocked_own_seat_still_bids_through_an_allowed_deal_seat(rich, 
     assert (await post_bid(client, request))[0] == 204
 
 
+async def test_a_deal_floored_in_another_currency_is_bought_at_its_converted_floor(rich, small_bundle):
+    client, _ = rich
+    request = copy.deepcopy(BASE)
+    request["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-1", "bidfloor": 0.0095, "bidfloorcur": "EUR"}]}
+    status, answer, *_ = await post_bid(client, request)  # the validator checks the price against 0.01 USD
+    assert status == 200 and answer["seatbid"][0]["bid"][0]["dealid"] == "D-1"
+    assert answer["seatbid"][0]["bid"][0]["price"] >= 0.0095 / 0.95
+    request["imp"][0]["pmp"]["deals"][0]["bidfloorcur"] = "XTS"  # no rate: the deal cannot be bought
+    before = await (await client.get("/metrics")).text()
+    assert (await post_bid(client, request))[0] == 204
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "bidder_nobids_total", reason="no_matching_deal") - metric(
+        before, "bidder_nobids_total", reason="no_matching_deal") == 1
+
+
 async def test_without_consent_personal_data_is_blanked_before_scoring(aiohttp_client, small_bundle):
     """The oracle scores the blanked record: the served price matches only if IP, city and segments were blanked."""
     client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS)))
