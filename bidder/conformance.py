@@ -25,12 +25,26 @@ order of the table). ``badv`` stays with the targeting (``Candidate.runs_on``), 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
-__all__ = ["ATTRIBUTES", "API_FRAMEWORKS", "BANNER_TYPES", "BlockingIndex", "CONTENT_TAXONOMY_1", "CreativeMeta",
-           "Exclusion", "IAB_CONTENT_1", "NO_META", "Seats", "TAXONOMY_FILE", "content_categories", "exclude"]
+__all__ = [
+    "API_FRAMEWORKS",
+    "ATTRIBUTES",
+    "BANNER_TYPES",
+    "CONTENT_TAXONOMY_1",
+    "IAB_CONTENT_1",
+    "NO_META",
+    "TAXONOMY_FILE",
+    "BlockingIndex",
+    "CreativeMeta",
+    "Exclusion",
+    "Seats",
+    "content_categories",
+    "exclude",
+]
 
 #: ``cattax`` 1: the IAB Content Category Taxonomy 1.0 (OpenRTB 2.5 list 5.1), the one taxonomy shipped
 CONTENT_TAXONOMY_1 = 1
@@ -77,7 +91,7 @@ class CreativeMeta:
     @classmethod
     def of(cls, cat: Sequence[str] | None, cattax: int, attr: Sequence[int] | None, btype: int | None,
            mimes: Sequence[str] | None, api: Sequence[int] | None, bundle: str | None,
-           requires_consent: bool) -> "CreativeMeta":
+           requires_consent: bool) -> CreativeMeta:
         cat_t = tuple(dict.fromkeys(cat or ()))
         attr_t = tuple(dict.fromkeys(attr or ()))
         return cls(cat_t, cattax, attr_t, btype, frozenset(mimes or ()), frozenset(api or ()), bundle,
@@ -96,7 +110,7 @@ class Seats(NamedTuple):
         return seat not in self.bseat and (self.wseat is None or seat in self.wseat)
 
     @classmethod
-    def of(cls, bseat: Iterable[str] | None, wseat: Iterable[str] | None) -> "Seats":
+    def of(cls, bseat: Iterable[str] | None, wseat: Iterable[str] | None) -> Seats:
         return cls(frozenset(bseat or ()), None if wseat is None else frozenset(wseat))
 
 
@@ -106,7 +120,7 @@ class Exclusion(NamedTuple):
     rules: tuple[tuple[str, frozenset[int]], ...]
     excluded: frozenset[int]
 
-    def extended(self, more: Sequence[tuple[str, frozenset[int]]]) -> "Exclusion":
+    def extended(self, more: Sequence[tuple[str, frozenset[int]]]) -> Exclusion:
         if not more:
             return self
         excluded = self.excluded.union(*(positions for _, positions in more))

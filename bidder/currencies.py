@@ -18,8 +18,16 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["CURRENCY_FILE", "Currencies", "CurrencyError", "DEFAULT_CURRENCIES", "currencies_beside",
-           "default_currencies", "load_currencies", "parse_currencies"]
+__all__ = [
+    "CURRENCY_FILE",
+    "DEFAULT_CURRENCIES",
+    "Currencies",
+    "CurrencyError",
+    "currencies_beside",
+    "default_currencies",
+    "load_currencies",
+    "parse_currencies",
+]
 
 CURRENCY_FILE = "currencies.json"
 DEFAULT_CURRENCIES = Path(__file__).parent / "models" / "default" / CURRENCY_FILE

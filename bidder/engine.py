@@ -42,8 +42,8 @@ from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.notices import Notices
 from bidder.openrtb import (BANNER, DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid,
                             decode_predict, decode_request, encode_response, imp_fields, imp_sizes, request_fields)
-from bidder.privacy import personal_data, withhold
 from bidder.pricing import DealOffer, best_rows, floored_price
+from bidder.privacy import personal_data, withhold
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 import base64
 import copy
+import gzip
 import json
+import random
 from pathlib import Path
 
-import pytest
-
 import oracle
+import pytest
 from oracle import bid_and_check, metric, post_bid, raw_catalog
 from response_rules import violations
+
+from bidder import DEFAULT_BUNDLE
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import CatalogError, decode_catalog, load_catalog
 from bidder.conformance import IAB_CONTENT_1
 from bidder.currencies import CurrencyError, load_currencies, parse_currencies
+from bidder.engine import BidEngine
+from bidder.events import EventLog
+from bidder.metrics import Metrics
 from bidder.openrtb import decode_request
 from bidder.privacy import personal_data, tcf_purposes
+from bidder.scorer import Scorer
 
 DATA = Path(__file__).parent / "data"
 
@@ -146,6 +153,28 @@ async def test_without_consent_personal_data_is_blanked_before_scoring(aiohttp_c
         assert metric(text, "bidder_privacy_total", case=case) == 1, case
 
 
+def test_the_event_log_keeps_no_user_key_nor_personal_fields_without_consent(tmp_path):
+    events = EventLog(tmp_path).start()
+    engine = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=1.7e9, events=events)
+    request = copy.deepcopy(BASE)
+    request["imp"][0]["banner"] = {"w": 728, "h": 90}
+    for n, regs in enumerate((None, {"coppa": 1})):
+        body = {**request, "id": f"r{n}"} if regs is None else {**request, "id": f"r{n}", "regs": regs}
+        pending = engine.prepare(json.dumps(body).encode(), None, 0.0)
+        assert pending.personal_ok is (regs is None) and pending.imp_personal_ok(0) is (regs is None)
+        assert engine.bid(json.dumps(body).encode()).status == 200
+    events.close()
+    logged = {}
+    for path in tmp_path.glob("events-*.jsonl.gz"):
+        with gzip.open(path) as f:
+            logged.update((r["bid_id"], r) for r in map(json.loads, f.read().splitlines()))
+    assert logged["r0-1"]["user"] == "u-1" and logged["r0-1"]["record"]["IP"] == "81.2.69.160"
+    blanked = logged["r1-1"]
+    assert blanked["user"] is None and blanked["record"]["usertag"] == []
+    assert blanked["record"]["IP"] is None and blanked["record"]["city"] is None
+    assert blanked["record"]["region"] == "BE"  # coarse: kept
+
+
 def test_privacy_signals_decide_per_the_documented_policy():
     def decide(**parts):
         return personal_data(decode_request(json.dumps({"id": "r", "imp": [{"id": "1"}], **parts}).encode()))
@@ -210,6 +239,25 @@ def test_the_currency_table_is_checked_and_travels_with_the_catalog(tmp_path):
         load_catalog(tmp_path / "campaigns.json")
 
 
+async def test_a_reload_reads_the_currency_table_again(aiohttp_client, small_bundle, tmp_path):
+    (tmp_path / "campaigns.json").write_text(json.dumps(rich_catalog()))
+    table = {"date": "2026-12-01", "base": "USD", "rates": {"USD": 1.0, "CNY": 7.2, "EUR": 0.5}}
+    (tmp_path / "currencies.json").write_text(json.dumps(table))
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=tmp_path / "campaigns.json")))
+    request = {**copy.deepcopy(BASE), "cur": ["EUR"]}
+    _, first, *_ = await post_bid(client, request)
+    table["rates"]["EUR"], table["date"] = 1.0, "2026-12-02"
+    (tmp_path / "currencies.json").write_text(json.dumps(table))
+    assert (await client.post("/admin/reload", json={})).status == 200
+    _, second, *_ = await post_bid(client, request)
+    price = [answer["seatbid"][0]["bid"][0]["price"] for answer in (first, second)]
+    assert first["cur"] == second["cur"] == "EUR" and price[1] == pytest.approx(2 * price[0], abs=1e-5)
+    table["rates"].pop("CNY")
+    (tmp_path / "currencies.json").write_text(json.dumps(table))
+    response = await client.post("/admin/reload", json={})
+    assert response.status == 422 and "rates.CNY" in (await response.json())["error"]
+
+
 # -- the catalog's creative metadata ------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value,message", [
     ("cat", ["IAB22-2", "IAB99"], r"campaigns\[0\].creatives\[0\].cat\[1\]: unknown IAB content category 'IAB99'"),
@@ -252,7 +300,6 @@ async def test_prebid_style_requests_get_valid_answers_the_oracle_expects(aiohtt
 
 def conformance_requests(catalog: dict, count: int, seed: int) -> list[tuple[str | None, dict]]:
     """``oracle.generate_requests`` with the conformance fields added from a stream of their own."""
-    import random
     rng = random.Random(seed + 7)
     categories = sorted({c for campaign in catalog["campaigns"] for cr in campaign["creatives"]
                          for c in cr.get("cat") or []})
