@@ -311,6 +311,8 @@ def _path_of_bad_string(body: bytes) -> tuple[str | None, bool]:
 
 
 def decode_request(body: bytes) -> BidRequest:
+    if not body:  # said plainly: msgspec would call it truncated JSON
+        raise RequestError("empty request body")
     request = decode_json(_decoder, body)
     if request.at != SECOND_PRICE and request.at != FIRST_PRICE:
         raise RequestError(f"auction type {request.at} is not supported: expected 1 (first price) or 2 (second price)",

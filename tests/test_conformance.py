@@ -356,6 +356,12 @@ async def test_generated_requests_with_conformance_fields(aiohttp_client, small_
                                                                        "blocked_banner_type")) >= 5, (statuses, reasons)
 
 
+async def test_an_empty_body_is_said_to_be_empty(aiohttp_client, small_bundle):
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS)))
+    response = await client.post("/bid", data=b"")
+    assert response.status == 400 and await response.json() == {"error": "empty request body", "path": "$"}
+
+
 def test_the_validator_catches_broken_bids():
     request = {"id": "r", "imp": [{"id": "1", "banner": {"format": [{"w": 300, "h": 250}], "battr": [4]},
                                    "bidfloor": 1.0}], "badv": ["bad.example"], "bcat": ["IAB22"], "wseat": ["bidder"]}
