@@ -170,6 +170,20 @@ class BlockingIndex:
         self.by_mime = _index((mime, i) for i, m in metas for mime in m.mimes)
         self.by_api = _index((api, i) for i, m in metas for api in m.api)
         self.needs_api = bool(self.by_api)  # some creative needs an API framework: every slot is checked for it
+        self._requests: dict[tuple, Exclusion] = {}  # the rules' answers, by the lists that asked
+        self._imps: dict[tuple, Exclusion] = {}
+        self._kept: dict[tuple, tuple] = {}  # (id of a candidate tuple, excluded) -> (that tuple, what is kept)
+
+    def kept(self, candidates: Sequence, excluded: frozenset[int]) -> Sequence:
+        """``exclude``, remembered for the catalog's own tuples (a size's candidates, handed out as they are when
+        no targeting applies): the same few rule sets meet the same few tuples."""
+        key = (id(candidates), excluded)
+        found = self._kept.get(key)
+        if found is not None and found[0] is candidates:
+            return found[1]
+        kept = exclude(candidates, excluded)
+        _remember(self._kept, key, (candidates, kept))
+        return kept
 
     def _any(self, index: dict, values: Iterable) -> frozenset[int]:
         found = [index[v] for v in values if v in index]
@@ -177,7 +191,26 @@ class BlockingIndex:
 
     def request_rules(self, bcat: Sequence[str] | None, cattax: int, bapp: Sequence[str] | None,
                       personal_ok: bool) -> Exclusion:
-        """The request-level rules, in the table's order (``NOTHING_EXCLUDED`` when none applies)."""
+        """The request-level rules, in the table's order (``NOTHING_EXCLUDED`` when none applies). An exchange sends
+        the same lists again and again (a publisher's settings), so the answer is remembered by them."""
+        key = (tuple(bcat) if bcat else (), cattax, tuple(bapp) if bapp else (), personal_ok)
+        found = self._requests.get(key)
+        if found is None:
+            found = _remember(self._requests, key, self._request_rules(bcat, cattax, bapp, personal_ok))
+        return found
+
+    def imp_rules(self, exclusion: Exclusion, banner) -> Exclusion:
+        """``exclusion`` extended by the rules of one banner (``battr``, ``btype``, ``mimes``, ``api``); remembered as
+        the request's rules are."""
+        key = (exclusion.rules, tuple(banner.battr or ()), tuple(banner.btype or ()), tuple(banner.mimes or ()),
+               tuple(banner.api or ()))
+        found = self._imps.get(key)
+        if found is None:
+            found = _remember(self._imps, key, exclusion.extended(self._banner_rules(banner)))
+        return found
+
+    def _request_rules(self, bcat: Sequence[str] | None, cattax: int, bapp: Sequence[str] | None,
+                       personal_ok: bool) -> Exclusion:
         rules = []
         if bcat:
             if cattax == CONTENT_TAXONOMY_1:
@@ -191,8 +224,7 @@ class BlockingIndex:
         rules = [rule for rule in rules if rule[1]]
         return NOTHING_EXCLUDED.extended(rules) if rules else NOTHING_EXCLUDED
 
-    def imp_rules(self, banner) -> list[tuple[str, frozenset[int]]]:
-        """The rules of one banner (``battr``, ``btype``, ``mimes``, ``api``): empty when it sets none."""
+    def _banner_rules(self, banner) -> list[tuple[str, frozenset[int]]]:
         rules = []
         if banner.battr:
             rules.append(("blocked_attribute", self._any(self.by_attribute, banner.battr)))
@@ -205,3 +237,15 @@ class BlockingIndex:
             supported = set(banner.api or ())
             rules.append(("unsupported_api", self._any(self.by_api, [a for a in self.by_api if a not in supported])))
         return [rule for rule in rules if rule[1]]
+
+
+#: distinct rule lists remembered per catalog; past it the memory starts again (a flood of distinct lists costs
+#: the unions it would cost anyway, never memory)
+REMEMBERED = 4096
+
+
+def _remember(cache: dict, key: tuple, value):
+    if len(cache) >= REMEMBERED:
+        cache.clear()
+    cache[key] = value
+    return value

@@ -34,7 +34,7 @@ from bidder.batch import Batch, Outcome, Pending, empty_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.clock import read_clock
-from bidder.conformance import NOTHING_EXCLUDED, Exclusion, Seats, exclude
+from bidder.conformance import NOTHING_EXCLUDED, Exclusion, Seats
 from bidder.deals import deal_candidates, seat_bids
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
@@ -167,7 +167,7 @@ class BidEngine:
                 pending.imp_reason = self._count_imp(pending.imp_reason, "blocked_seat")
                 continue
             banner = imp.banner
-            imp_exclusion = (exclusion.extended(blocking.imp_rules(banner))
+            imp_exclusion = (blocking.imp_rules(exclusion, banner)
                              if banner.battr or banner.btype or banner.mimes or needs_api else exclusion)
             if pending.waiting is not None:  # the candidates come from the batch's imp vectors (retrieve)
                 pending.waiting.append((imp, sizes, imp_exclusion))
@@ -220,7 +220,7 @@ class BidEngine:
         deals' buyers in a private auction (appended, or set at its position ``at`` in the request's imps once
         retrieval chose them); an imp left without any counts its reason."""
         if exclusion.excluded:
-            kept = [exclude(eligible, exclusion.excluded) for eligible in per_size]
+            kept = [self.catalog.blocking.kept(eligible, exclusion.excluded) for eligible in per_size]
             if not any(kept) and any(per_size):
                 pending.imp_reason = self._count_imp(pending.imp_reason,
                                                      exclusion.reason([c for e in per_size for c in e]))

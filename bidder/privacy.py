@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from functools import lru_cache
 
 __all__ = ["PERSONAL_FIELDS", "PRIVACY_CASES", "REQUIRED_PURPOSES", "personal_data", "tcf_purposes", "withhold"]
 
@@ -38,13 +39,22 @@ GPP_TCF_EU, GPP_US_PRIVACY = 2, 6
 #: the raw record's personal fields and what they become without consent (the region stays: it is coarse)
 PERSONAL_FIELDS = {"IP": None, "city": None, "usertag": ()}
 _PURPOSES_AT, _PURPOSES_BITS, _TCF_VERSION = 152, 24, 2
+_CORE_CHARS = 32  # base64 characters holding the first 192 bits (a multiple of 4: whole bytes)
+_REQUIRED_BITS = sum(1 << (_PURPOSES_BITS - p) for p in REQUIRED_PURPOSES)
 
 
 def tcf_purposes(consent: object) -> frozenset[int] | None:
     """The purposes a TCF v2 consent string consents to, or None when it is no TCF v2 string."""
-    if not isinstance(consent, str) or not consent:
+    bits = _purpose_bits(consent) if isinstance(consent, str) else None
+    if bits is None:
         return None
-    core = consent.partition(".")[0]
+    return frozenset(p for p in range(1, _PURPOSES_BITS + 1) if bits >> (_PURPOSES_BITS - p) & 1)
+
+
+@lru_cache(maxsize=4096)  # a user's string comes back with each of their requests
+def _purpose_bits(consent: str) -> int | None:
+    """The core string's 24 purpose consent bits (purpose 1 the highest), or None when it is no TCF v2 string."""
+    core = consent.partition(".")[0][:_CORE_CHARS]  # the purposes end within the first 30 characters
     try:
         raw = base64.urlsafe_b64decode(core + "=" * (-len(core) % 4))
     except (binascii.Error, ValueError):
@@ -55,8 +65,7 @@ def tcf_purposes(consent: object) -> frozenset[int] | None:
     bits = int.from_bytes(raw, "big")
     if bits >> (n - 6) != _TCF_VERSION:
         return None
-    purposes = (bits >> (n - _PURPOSES_AT - _PURPOSES_BITS)) & ((1 << _PURPOSES_BITS) - 1)
-    return frozenset(p for p in range(1, _PURPOSES_BITS + 1) if purposes >> (_PURPOSES_BITS - p) & 1)
+    return (bits >> (n - _PURPOSES_AT - _PURPOSES_BITS)) & ((1 << _PURPOSES_BITS) - 1)
 
 
 def _one(value: object) -> bool:
@@ -85,10 +94,10 @@ def personal_data(request) -> tuple[bool, str | None]:
         consent = None
         if user is not None:
             consent = user.consent if user.consent is not None else (user.ext.consent if user.ext else None)
-        purposes = tcf_purposes(consent)
-        if purposes is None:
+        bits = _purpose_bits(consent) if isinstance(consent, str) else None
+        if bits is None:
             return False, "gdpr_bad_consent"
-        if not purposes.issuperset(REQUIRED_PURPOSES):
+        if bits & _REQUIRED_BITS != _REQUIRED_BITS:
             return False, "gdpr_no_consent"
         case = "gdpr_consent"
     us_privacy = regs.us_privacy if regs.us_privacy is not None else (ext.us_privacy if ext is not None else None)
