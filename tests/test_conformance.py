@@ -217,6 +217,23 @@ async def test_a_currency_with_a_rate_is_bid_in_and_floors_are_converted(aiohttp
     assert (await post_bid(client, request))[0] == 204
 
 
+async def test_flexible_sizes_choose_among_the_catalogs_sizes(aiohttp_client, small_bundle):
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS)))
+    catalog = raw_catalog(DEFAULT_CAMPAIGNS)
+    request = copy.deepcopy(BASE)
+    for banner, sizes in (({"wmin": 700, "wmax": 800, "hmin": 80, "hmax": 100}, {(728, 90)}),
+                          ({"format": [{"wratio": 1, "hratio": 1}]}, {(250, 250), (200, 200)}),
+                          ({"format": [{"wratio": 1, "hratio": 1, "wmin": 220}]}, {(250, 250)}),
+                          ({"format": [{"wratio": 3, "hratio": 1}]}, set())):
+        request["imp"][0]["banner"] = banner
+        expectation, answer = await bid_and_check(client, request, catalog, small_bundle)
+        if sizes:
+            bid = answer["seatbid"][0]["bid"][0]
+            assert (bid["w"], bid["h"]) in sizes, banner
+        else:
+            assert expectation.status == 204 and expectation.imp_reasons == ["no_eligible_creative"]
+
+
 def test_the_currency_table_is_checked_and_travels_with_the_catalog(tmp_path):
     table = load_currencies()
     assert table.rate("USD") == 1.0 and table.cny_per_usd == 7.2 and table.rate("XTS") is None
@@ -342,16 +359,23 @@ def conformance_requests(catalog: dict, count: int, seed: int) -> list[tuple[str
 async def test_generated_requests_with_conformance_fields(aiohttp_client, small_bundle):
     client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=DEFAULT_CAMPAIGNS)))
     catalog = raw_catalog(DEFAULT_CAMPAIGNS)
-    reasons: dict[str, int] = {}
+    reasons: dict[str, int] = {}   # imp reasons the oracle expects
+    requests: dict[str, int] = {}  # request no-bids that end before any imp is looked at
     statuses = {200: 0, 204: 0}
     for exchange, request in conformance_requests(catalog, 160, seed=5):
         expectation, _ = await bid_and_check(client, request, catalog, small_bundle, exchange)
         statuses[expectation.status] += 1
-        for reason in expectation.imp_reasons if expectation.reason is None else [expectation.reason]:
+        if expectation.reason in ("currency", "blocked_seat") and not expectation.imps:
+            requests[expectation.reason] = requests.get(expectation.reason, 0) + 1
+        for reason in expectation.imp_reasons:
             reasons[reason] = reasons.get(reason, 0) + 1
     text = await (await client.get("/metrics")).text()
-    for reason in ("blocked_category", "blocked_attribute", "blocked_banner_type", "unsupported_mime"):
+    for reason in ("blocked_category", "unknown_cattax", "blocked_app", "requires_consent", "blocked_attribute",
+                   "blocked_banner_type", "unsupported_mime", "floor_currency", "no_eligible_creative"):
         assert metric(text, "bidder_nobid_imps_total", reason=reason) == reasons.get(reason, 0), (reason, reasons)
+    for reason, count in requests.items():
+        assert metric(text, "bidder_nobids_total", reason=reason) == count, (reason, requests)
+    assert requests.get("blocked_seat", 0) >= 2, requests
     assert statuses[200] >= 50 and sum(reasons.get(r, 0) for r in ("blocked_category", "blocked_attribute",
                                                                        "blocked_banner_type")) >= 5, (statuses, reasons)
 
