@@ -33,9 +33,10 @@ class Pending:
     Per imp that can bid (in request order): ``imp_ids`` its index in ``request.imp``, ``records`` its raw
     record, ``candidates`` the eligible candidates of all its sizes and ``offers`` (None when the imp has no
     deals) the deal each of them can bid through, by position. With a large catalog, ``candidates`` is empty
-    until retrieval fills it from ``waiting`` (per imp: the imp and its sizes) and ``where`` (the targeting
-    context). ``floors`` holds every imp's floor (USD CPM, converted from ``bidfloorcur``), ``imp_reason`` the first reason an imp of the
-    request got no rows, ``exchange`` the exchange it came through (the bids' notice tokens carry it).
+    until retrieval fills it from ``waiting`` (per imp: the imp, its sizes and the blocking rules' exclusion) and
+    ``where`` (the targeting context). ``floors`` holds every imp's floor (USD CPM, converted from ``bidfloorcur``),
+    ``imp_reason`` the first reason an imp of the request got no rows, ``exchange`` the exchange it came through (the
+    bids' notice tokens carry it).
     """
 
     __slots__ = ("request", "received", "imp_ids", "records", "candidates", "offers", "floors", "imp_reason",

@@ -4,21 +4,21 @@ A creative declares what it is (``cat`` under ``cattax``, ``attr``, banner type 
 frameworks it needs, the app ``bundle`` it installs) and its campaign whether it needs consent to personal data
 (``requires_consent``); ``bidder/campaigns.py`` validates them at load. Here, once per catalog, each value becomes
 the set of candidate positions that carry it (``BlockingIndex``), so a request's rules cost a few set unions
-over the values it names, never a pass over the creatives:
+over the values it names (remembered, as exchanges repeat their lists), never a pass over the creatives:
 
-==================  ============================================================================  ====================
-request field       excluded candidates                                                           no-bid reason
-==================  ============================================================================  ====================
-``bseat``/``wseat`` the bidder's own seat blocked: only deal bids through an allowed deal seat     ``blocked_seat``
-``bcat``            a category (or its tier-1 parent) listed, under ``cattax`` 1                   ``blocked_category``
-``bcat`` + other    every categorised creative: its categories cannot be compared                  ``unknown_cattax``
-``bapp``            an app-install creative of a listed bundle                                     ``blocked_app``
-no consent          a campaign with ``requires_consent`` (``bidder/privacy.py``)                   ``requires_consent``
-``banner.battr``    a creative with a listed attribute                                             ``blocked_attribute``
-``banner.btype``    a creative of a listed banner type                                             ``blocked_banner_type``
-``banner.mimes``    a creative with a MIME type the slot does not list                             ``unsupported_mime``
-``banner.api``      a creative needing an API framework the slot does not list (absent: none)      ``unsupported_api``
-==================  ============================================================================  ====================
+==================  ======================================================================  =======================
+request field       excluded candidates                                                      no-bid reason
+==================  ======================================================================  =======================
+``bseat``/``wseat`` the bidder's own seat blocked: only deal bids through an allowed seat    ``blocked_seat``
+``bcat``            a category (or its tier-1 parent) listed, under ``cattax`` 1              ``blocked_category``
+``bcat`` + other    every categorised creative: its categories cannot be compared            ``unknown_cattax``
+``bapp``            an app-install creative of a listed bundle                               ``blocked_app``
+no consent          a campaign with ``requires_consent`` (``bidder/privacy.py``)             ``requires_consent``
+``banner.battr``    a creative with a listed attribute                                       ``blocked_attribute``
+``banner.btype``    a creative of a listed banner type                                       ``blocked_banner_type``
+``banner.mimes``    a creative with a MIME type the slot does not list                       ``unsupported_mime``
+``banner.api``      a creative needing an API the slot does not list (absent: none)          ``unsupported_api``
+==================  ======================================================================  =======================
 
 An imp left without candidates by these rules is counted under the rule that removed the last of them (in the
 order of the table). ``badv`` stays with the targeting (``Candidate.runs_on``), as before.
@@ -30,21 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = [
-    "API_FRAMEWORKS",
-    "ATTRIBUTES",
-    "BANNER_TYPES",
-    "CONTENT_TAXONOMY_1",
-    "IAB_CONTENT_1",
-    "NO_META",
-    "TAXONOMY_FILE",
-    "BlockingIndex",
-    "CreativeMeta",
-    "Exclusion",
-    "Seats",
-    "content_categories",
-    "exclude",
-]
+__all__ = ["API_FRAMEWORKS", "ATTRIBUTES", "BANNER_TYPES", "CONTENT_TAXONOMY_1", "IAB_CONTENT_1", "NOTHING_EXCLUDED",
+           "NO_META", "REMEMBERED", "TAXONOMY_FILE", "BlockingIndex", "CreativeMeta", "Exclusion", "Seats",
+           "content_categories", "exclude"]
 
 #: ``cattax`` 1: the IAB Content Category Taxonomy 1.0 (OpenRTB 2.5 list 5.1), the one taxonomy shipped
 CONTENT_TAXONOMY_1 = 1

@@ -95,7 +95,8 @@ def _bid_violations(request: dict, imps: dict, bid: dict, cur: str, bcat: set, b
             out.append("adomain is required when the request sets badv")
         elif set(bid["adomain"]) & badv:
             out.append(f"adomain {bid['adomain']} is blocked by badv")
-    if not isinstance(bid.get("w"), int) or not isinstance(bid.get("h"), int) or not accepts_size(imp, bid["w"], bid["h"]):
+    w, h = bid.get("w"), bid.get("h")
+    if not isinstance(w, int) or not isinstance(h, int) or not accepts_size(imp, w, h):
         out.append(f"size {bid.get('w')}x{bid.get('h')} is not one the imp accepts")
     kinds = [MTYPES[kind] for kind in MTYPES if imp.get(kind) is not None]
     if bid.get("mtype") not in kinds:

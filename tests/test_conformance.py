@@ -125,7 +125,8 @@ async def test_a_blocked_own_seat_still_bids_through_an_allowed_deal_seat(rich, 
 async def test_a_deal_floored_in_another_currency_is_bought_at_its_converted_floor(rich, small_bundle):
     client, _ = rich
     request = copy.deepcopy(BASE)
-    request["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-1", "bidfloor": 0.0095, "bidfloorcur": "EUR"}]}
+    request["imp"][0]["pmp"] = {"private_auction": 1,
+                                "deals": [{"id": "D-1", "bidfloor": 0.0095, "bidfloorcur": "EUR"}]}
     status, answer, *_ = await post_bid(client, request)  # the validator checks the price against 0.01 USD
     assert status == 200 and answer["seatbid"][0]["bid"][0]["dealid"] == "D-1"
     assert answer["seatbid"][0]["bid"][0]["price"] >= 0.0095 / 0.95

@@ -190,7 +190,8 @@ class _SizeIndex:
                 if stop > start:
                     self._score(queries, start, stop, blocked_rows, scores, rows)
         return [self._finish(queries[j], last[j], rest[j], float(kth[j]), domain, exchange, blocked_rows[j],
-                             [part[j] for part in scores], rows, k) for j, (domain, exchange, _, _) in enumerate(wheres)]
+                             [part[j] for part in scores], rows, k)
+                for j, (domain, exchange, _, _) in enumerate(wheres)]
 
     def _finish(self, query: np.ndarray, last: float, rest: float, kth: float, domain: str | None,
                 exchange: str | None, blocked_rows: np.ndarray | None, scores: list[np.ndarray],
