@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import msgspec
 import numpy as np
+from msgspec.structs import replace
 
 from bidder._features import layout_rows
 from bidder.batch import Batch, Outcome, Pending, empty_rows
@@ -106,6 +107,7 @@ class BidEngine:
         self._rows = empty_rows(scorer.max_batch)
         self._imps = _imp_arrays(self.capacity)
         self.batcher = Batcher(self.score_batch)
+        self._bid_templates: dict[int, Bid] = {}  # catalog index -> its creative's bid fields (``_bid_template``)
 
     # -- the whole path for one request ------------------------------------------------------------
     def bid(self, body: bytes, exchange: str | None = None, received: float | None = None) -> Outcome:
@@ -556,11 +558,9 @@ class BidEngine:
                 self._log_bid(bid_id, pending, position, c, batch.scores[row], value, price, floors[i])
             if pending.rate != 1.0:
                 price = self._in_currency(price, imp, floors[i], pending)
-            meta = c.meta
-            bids.append(Bid(id=bid_id, impid=imp.id, price=price, adid=c.creative_id,
-                            crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, mtype=BANNER, nurl=c.nurl,
-                            cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None,
-                            cat=meta.bid_cat, cattax=meta.cattax if meta.bid_cat else None, attr=meta.bid_attr))
+            template = self._bid_templates.get(c.index) or self._bid_template(c)
+            bids.append(replace(template, id=bid_id, impid=imp.id, price=price, dealid=deal.dealid) if deal else
+                        replace(template, id=bid_id, impid=imp.id, price=price))
             if self.notices is not None:
                 self._sign(bids[-1], pending, imp, deal, c)
         if not bids:
@@ -568,6 +568,16 @@ class BidEngine:
         metrics.bids.inc(len(bids))
         seatbid = seat_bids(bids, deals) if pending.has_deals else [SeatBid(bid=bids)]
         return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid, cur=pending.currency)))
+
+    def _bid_template(self, c: Candidate) -> Bid:
+        """The fields of ``c``'s bids that are the creative's, built once per engine (a bid is a copy with its
+        ids and price: msgspec matches the 16 keywords of a whole Bid several times slower than 3)."""
+        meta = c.meta
+        template = self._bid_templates[c.index] = Bid(
+            id="", impid="", price=0.0, adid=c.creative_id, crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h,
+            mtype=BANNER, nurl=c.nurl, cid=c.campaign_id, adm=c.markup, cat=meta.bid_cat,
+            cattax=meta.cattax if meta.bid_cat else None, attr=meta.bid_attr)
+        return template
 
     @staticmethod
     def _in_currency(price: float, imp: Imp, floor_usd: float, pending: Pending) -> float:
