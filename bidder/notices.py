@@ -283,12 +283,12 @@ class Notices:
         return min(exp, settings.max_window_s)
 
     def dress(self, bid, request_id: str, exp: int | None, seat: str, candidate, exchange: str | None,
-              model_id: str, issued: float) -> None:
+              model_id: str, issued: float, currency: str = "USD") -> None:
         """Set ``bid``'s ``nurl``, ``burl``, ``lurl`` and ``exp``, and route its markup's click link (the
         creative's ``click_url``) through ``/click``; all of them carry one token."""
         window = self.window(exp)
         token = self.keyring.sign(issued, micros(bid.price), window, request_id, bid.impid, bid.id, seat,
-                                  candidate.campaign_id, candidate.creative_id, "USD", exchange or "",
+                                  candidate.campaign_id, candidate.creative_id, currency, exchange or "",
                                   model_id)
         bid.nurl = self._win + token + NOTICE_QUERIES["win"]
         bid.burl = self._bill + token + NOTICE_QUERIES["bill"]
