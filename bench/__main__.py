@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange|events|loop|pacing [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,12 @@ def connection_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("connection counts must be >= 1")
     return values
+
+
+def worker_list(text: str) -> tuple[int, ...]:
+    """``--workers 1,2,4``: the worker counts of a scaling curve (the 1-worker run is always measured)."""
+    values = connection_list(text)
+    return tuple(sorted(set(values)))
 
 
 def server_list(text: str) -> tuple[str, ...]:
@@ -56,8 +62,9 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{QUICK_DURATION_S:g} s per measurement, {QUICK_WARMUP_S:g} s warm-up")
     parser.add_argument("--connections", type=connection_list, default=(1, 8, 32),
                         help="concurrency levels, the largest being saturation (default: 1,8,32)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="add a scaling run with N workers per server at N x the largest concurrency")
+    parser.add_argument("--workers", type=worker_list, default=None, metavar="N[,N...]",
+                        help="the scaling curve: for each N > 1 a run with N workers per server at N x the largest "
+                             "concurrency, compared with the 1-worker run (e.g. 1,2 or 1,2,4,8,14)")
     parser.add_argument("--max-batch", type=int, default=None, help="passed to the bidder")
     parser.add_argument("--retrieve-k", type=positive_int, default=None, metavar="K",
                         help="passed to the bidder: creatives ranked per imp of a large catalog (bidder-exhaustive "
@@ -84,8 +91,6 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(args: argparse.Namespace) -> LoadConfig:
-    if args.workers is not None and args.workers < 1:
-        raise BenchError("--workers must be >= 1")
     return LoadConfig(
         body=args.body.resolve(), model=args.model.resolve(),
         campaigns=args.campaigns.resolve() if args.campaigns else None, route=args.route, host=args.host,
@@ -126,9 +131,19 @@ def main(argv: list[str] | None = None) -> int:
                                         "history -h)", add_help=False)
     commands.add_parser("exchange", help="a simulated exchange: a day of auctions, notices and clicks against "
                                          "OpenRTB bidders (see python -m bench exchange -h)", add_help=False)
+    commands.add_parser("loop", help="the learning loop on the simulated exchange: days of logs, train on them, "
+                                     "serve the result (see python -m bench loop -h)", add_help=False)
     commands.add_parser("events", help="the event log's cost per event and what a kill -9 loses (see python -m "
                                        "bench events -h)", add_help=False)
+    commands.add_parser("pacing", help="even pacing against asap over simulated days of the synthetic market "
+                                       "(see python -m bench pacing -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "loop":
+        from bench.loop import main as loop_main
+        return loop_main(rest)
+    if args.command == "pacing":
+        from bench.pacing import main as pacing_main
+        return pacing_main(rest)
     if args.command == "events":
         from bench.events import main as events_main
         return events_main(rest)

@@ -12,7 +12,6 @@ many, and how long before the kill the oldest of them was answered (the log prom
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import signal
@@ -28,7 +27,7 @@ from bench.load import DEFAULT_BODY, REPO, child_environment
 from bench.machine import machine_info
 from bench.servers import BenchError, free_port, running
 from bidder import DEFAULT_BUNDLE
-from bidder.events import EventLog
+from bidder.events import FINAL_PREFIX, SUFFIX, EventLog, read_lines
 
 CALLS = 1_000_000
 
@@ -75,9 +74,8 @@ def kill_loss(model: Path, seconds: float, body: bytes) -> dict[str, Any]:
         raise BenchError("the bidder answered no bid: nothing to measure")
     EventLog(directory).salvage()
     logged = set()
-    for path in directory.glob("events-*.jsonl.gz"):
-        with gzip.open(path) as f:
-            logged.update(json.loads(line)["bid_id"] for line in f.read().splitlines())
+    for path in directory.glob(f"{FINAL_PREFIX}*{SUFFIX}"):
+        logged.update(json.loads(line)["bid_id"] for line in read_lines(path))
     lost = [at for at, bid in answered if bid not in logged]
     return {"answered": len(answered), "logged": len(logged), "lost": len(lost),
             "oldest_lost_s_before_kill": round(killed - min(lost), 3) if lost else 0.0}

@@ -106,7 +106,8 @@ def load_command(config: dict) -> str:
                ("repeat", "--repeat", str, defaults["repeat"]),
                ("duration_s", "--duration", lambda v: f"{v:g}", defaults["duration"]),
                ("warmup_s", "--warmup", lambda v: f"{v:g}", defaults["warmup"]),
-               ("scaling_workers", "--workers", str, defaults["workers"]),
+               ("scaling_workers", "--workers", lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v),
+                defaults["workers"]),
                ("max_batch", "--max-batch", str, defaults["max_batch"]),
                ("retrieve_k", "--retrieve-k", str, defaults["retrieve_k"]),
                ("echo_layer", "--echo-layer", str, defaults["echo_layer"]),
@@ -249,6 +250,15 @@ def _runs_figures(report: dict) -> str:
                      if isinstance(run, dict) and "test_auc" in run and "hyperparameters" in run)
 
 
+def _factorized_figures(report: dict) -> str:
+    rows = [r for r in report.get("results", []) if isinstance(r, dict)]
+    if report.get("against"):  # two exports of the graphs: new over old
+        return "; ".join(f"{r['requests']} req: run {r['new_over_old']['run_binding']:.2f}×, "
+                         f"BidEngine.run {r['new_over_old']['engine_run']:.2f}×" for r in rows if "new_over_old" in r)
+    return "; ".join(f"{r['requests']} req: factorized {r['factorized_over_canonical']:.2f}× canonical"
+                     for r in rows if "factorized_over_canonical" in r)
+
+
 def _kind(path: Path) -> str:
     return re.match(r"[a-z]+", path.name).group(0) if re.match(r"[a-z]+", path.name) else path.name
 
@@ -256,7 +266,7 @@ def _kind(path: Path) -> str:
 _KEY_FIGURES: dict[str, Callable[[dict], str]] = {
     "replay": _replay_figures, "shading": _shading_figures, "retrieval": _retrieval_figures,
     "compare": _compare_figures, "compress": _compress_figures, "after": _reload_figures, "before": _reload_figures,
-    "batch": _runs_figures}
+    "batch": _runs_figures, "factorized": _factorized_figures}
 
 
 def render(results: Path = RESULTS) -> str:

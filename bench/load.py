@@ -69,7 +69,7 @@ class LoadConfig:
     duration_s: float = 10.0
     warmup_s: float = 2.0
     connections: tuple[int, ...] = (1, 8, 32)
-    scaling_workers: int | None = None
+    scaling_workers: tuple[int, ...] | None = None  # worker counts of the scaling curve (1 is always run)
     max_batch: int | None = None
     retrieve_k: int | None = None          # passed to the bidder (large catalogs: creatives ranked per imp)
     server_cpus: str | None = "0"          # None: no pinning
@@ -138,7 +138,8 @@ def check_prerequisites(config: LoadConfig) -> None:
                 raise BenchError(f"CPU list {spec!r} is not within the usable CPUs {sorted(usable)}")
 
 
-def server_command(name: str, config: LoadConfig, port: int, workers: int) -> list[str]:
+def server_command(name: str, config: LoadConfig, port: int, workers: int, metrics_port: int | None = None
+                   ) -> list[str]:
     if name == "echo":
         return [sys.executable, "-m", "bench.echo", "--host", config.host, "--port", str(port),
                 "--workers", str(workers), "--layer", config.echo_layer]
@@ -152,6 +153,8 @@ def server_command(name: str, config: LoadConfig, port: int, workers: int) -> li
         command += ["--max-batch", str(config.max_batch)]
     if config.retrieve_k is not None and name in BIDDER_VARIANTS:
         command += ["--retrieve-k", str(config.retrieve_k)]
+    if metrics_port is not None and name in BIDDER_VARIANTS:  # one scrape of every worker's batch figures
+        command += ["--metrics-port", str(metrics_port)]
     return command
 
 
@@ -209,18 +212,23 @@ def price_agreement(preflights: dict) -> str | None:
 
 def measure(name: str, url: str, config: LoadConfig, *, workers: int, connections: int, threads: int,
             server_cpus: str | None, client_cpus: str | None, repetition: int = 1,
-            probe: MetricsProbe | None = None) -> Measurement:
-    """Warm up, then measure; with a probe, scrape /metrics just before and after the measured run."""
+            probe: MetricsProbe | None = None, pid: int | None = None) -> Measurement:
+    """Warm up, then measure; with a probe, scrape /metrics just before and after the measured run; with the
+    server's pid, the CPU time its processes used per answered request."""
     common = dict(connections=connections, threads=threads, timeout_s=config.wrk_timeout_s, cpus=client_cpus)
     if config.warmup_s > 0:
         run_wrk(url, config.body, duration_s=config.warmup_s, **common)
     before = probe.scrape() if probe is not None else None
+    cpu_before = servers.tree_cpu_seconds(pid) if pid is not None else None
     result = run_wrk(url, config.body, duration_s=config.duration_s, **common)
+    cpu_us = None
+    if cpu_before is not None and result.requests:
+        cpu_us = (servers.tree_cpu_seconds(pid) - cpu_before) / result.requests * 1e6
     batch = None
     if before is not None:
         after = probe.scrape(same_pid=before.pid)
         batch = batch_delta(before, after) if after is not None else None
-    m = Measurement(name, workers, connections, threads, server_cpus, client_cpus, result, repetition, batch)
+    m = Measurement(name, workers, connections, threads, server_cpus, client_cpus, result, repetition, batch, cpu_us)
     trouble = f", {result.socket_errors} socket errors" if result.socket_errors else ""
     trouble += f", {result.non_2xx} non-2xx" if result.non_2xx else ""
     per_call = "".join(f"  {label} {m.batch_mean(histogram):.2f}" for label, histogram in BATCH_COLUMNS
@@ -228,7 +236,8 @@ def measure(name: str, url: str, config: LoadConfig, *, workers: int, connection
     run = f" run {repetition}/{config.repeat}" if config.repeat > 1 else ""
     print(f"  {name:7} workers={workers} c={connections:<3}{run} {result.rps:10,.0f} rps  "
           f"P50 {result.percentile_us(50) / 1000:.3f} ms  P99 {result.percentile_us(99) / 1000:.3f} ms"
-          f"{per_call}{trouble}", file=sys.stderr, flush=True)
+          + (f"  CPU {cpu_us:.1f} us/req" if cpu_us is not None else "")
+          + f"{per_call}{trouble}", file=sys.stderr, flush=True)
     return m
 
 
@@ -246,7 +255,9 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
         for name in config.servers:
             port = servers.free_port(config.host)
             base = f"http://{config.host}:{port}"
-            command = servers.pinned(server_command(name, config, port, workers), server_cpus)
+            # several workers: the supervisor's metrics port sums them all (a scrape of the bid port sees one)
+            metrics_port = servers.free_port(config.host) if workers > 1 and name in BIDDER_VARIANTS else None
+            command = servers.pinned(server_command(name, config, port, workers, metrics_port), server_cpus)
             print(f"starting {name} ({workers} worker{'s' if workers > 1 else ''}) on {base}"
                   + (f", cpus {server_cpus}" if server_cpus else ""), file=sys.stderr, flush=True)
             started[name] = stack.enter_context(servers.running(
@@ -255,14 +266,15 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
             urls[name] = base + config.route
             preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body, config.allow_no_bid)
             if name in BIDDER_VARIANTS:
-                probes[name] = MetricsProbe(config.host, port)
+                probes[name] = MetricsProbe(config.host, metrics_port or port)
                 stack.callback(probes[name].close)
         for repetition in range(1, config.repeat + 1):
             for c in connections:
                 for name in config.servers:
                     measurements.append(measure(name, urls[name], config, workers=workers, connections=c,
                                                 threads=threads, server_cpus=server_cpus, client_cpus=client_cpus,
-                                                repetition=repetition, probe=probes.get(name)))
+                                                repetition=repetition, probe=probes.get(name),
+                                                pid=started[name].process.pid))
                     # A server that died under load leaves wrk counting connect errors, not a crash.
                     if started[name].process.poll() is not None:
                         raise started[name].failure(f"exited with status {started[name].process.returncode} "
@@ -300,8 +312,7 @@ def run_load(config: LoadConfig) -> tuple[dict, Path, Path]:
     preflights: dict = {}
     measurements = run_phase(config, workers=1, connections=config.connections, threads=1,
                              server_cpus=config.server_cpus, client_cpus=config.client_cpus, preflights=preflights)
-    if config.scaling_workers and config.scaling_workers > 1:
-        n = config.scaling_workers
+    for n in (n for n in config.scaling_workers or () if n > 1):
         if config.server_cpus is not None or config.client_cpus is not None:
             server_cpus, client_cpus, note = scaling_cpus(n, sorted(os.sched_getaffinity(0)))
             threads = len(parse_cpus(client_cpus))
@@ -313,9 +324,6 @@ def run_load(config: LoadConfig) -> tuple[dict, Path, Path]:
                                   threads=min(threads, n), server_cpus=server_cpus, client_cpus=client_cpus,
                                   preflights=preflights)
     notes += filter(None, [price_agreement(preflights)])
-    if any(m.batch is not None and m.workers > 1 for m in measurements):
-        notes.append("batch figures of multi-worker runs are one worker's: each worker exports its own "
-                     "/metrics and the scrape's connection reaches one of them (worker_pid in the JSON)")
     machine = machine_info(REPO, wrk_version())
     machine["loadavg_before"] = list(load_before)
     machine["model_id"] = model_id(config.model)

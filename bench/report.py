@@ -43,6 +43,7 @@ class Measurement:
     result: WrkResult
     repetition: int = 1    # which pass of `--repeat N` (1-based)
     batch: dict | None = None  # bidder batch histograms over the run (bench.scrape.batch_delta), if exported
+    cpu_us: float | None = None  # CPU time of the server's processes per answered request (µs), if known
 
     @property
     def scenario(self) -> tuple[int, int]:
@@ -59,6 +60,8 @@ class Measurement:
                "wrk": self.result.to_dict()}
         if self.batch is not None:
             out["batch"] = self.batch
+        if self.cpu_us is not None:
+            out["cpu_us_per_request"] = self.cpu_us
         return out
 
 
@@ -130,6 +133,9 @@ def medians(measurements: list[Measurement]) -> list[dict]:
             means = [mean for m in runs if (mean := m.batch_mean(histogram)) is not None]
             if means:
                 entry.setdefault("batch_mean", {})[histogram] = _median(means)
+        cpu = [m.cpu_us for m in runs if m.cpu_us is not None]
+        if cpu:
+            entry["cpu_us_per_request"] = _median(cpu)
         out.append(entry)
     return out
 
@@ -192,9 +198,13 @@ def scaling(measurements: list[Measurement]) -> list[dict]:
         single = [s for s in entries if s["server"] == m["server"] and s["workers"] == 1
                   and s["connections"] * m["workers"] == m["connections"]]
         if single and single[0]["rps"]:
+            speedup = m["rps"] / single[0]["rps"]
+            echo = [e for e in entries if e["server"] == "echo" != m["server"] and e["workers"] == m["workers"]
+                    and e["connections"] == m["connections"] and e["rps"]]
             out.append({"server": m["server"], "workers": m["workers"], "connections": m["connections"],
-                        "rps": m["rps"], "single_worker_rps": single[0]["rps"],
-                        "speedup": m["rps"] / single[0]["rps"], "runs": m["runs"]})
+                        "rps": m["rps"], "single_worker_rps": single[0]["rps"], "speedup": speedup,
+                        "efficiency": speedup / m["workers"],  # the target: >= 0.85 up to the cores available
+                        "vs_echo": m["rps"] / echo[0]["rps"] if echo else None, "runs": m["runs"]})
     return out
 
 
@@ -268,13 +278,16 @@ def format_table(measurements: list[Measurement]) -> str:
 def format_medians(median_entries: list[dict]) -> str:
     """Per (server, workers, connections): medians over the repetitions."""
     with_batch = any("batch_mean" in m for m in median_entries)
+    with_cpu = any("cpu_us_per_request" in m for m in median_entries)
     head = ("server", "workers", "conns", "runs", "median rps", "P50 ms", "P99 ms",
-            *((label for label, _ in BATCH_COLUMNS) if with_batch else ()))
+            *(("CPU us/req",) if with_cpu else ()), *((label for label, _ in BATCH_COLUMNS) if with_batch else ()))
     body = []
     for m in median_entries:
         batch = m.get("batch_mean", {})
+        cpu = m.get("cpu_us_per_request")
         body.append((m["server"], str(m["workers"]), str(m["connections"]), str(m["runs"]), f"{m['rps']:,.0f}",
                      f"{m['latency_ms']['p50']:.3f}", f"{m['latency_ms']['p99']:.3f}",
+                     *(("-" if cpu is None else f"{cpu:.1f}",) if with_cpu else ()),
                      *((_per_call(batch.get(h)) for _, h in BATCH_COLUMNS) if with_batch else ())))
     return _format(head, body, {0})
 
@@ -305,7 +318,9 @@ def format_target(entries: list[dict]) -> str:
 def format_scaling(entries: list[dict]) -> str:
     """One line per entry of `scaling()`."""
     return "\n".join(f"scaling: {s['server']} {s['workers']} workers at c={s['connections']}: "
-                     f"{s['rps']:,.0f} rps = {s['speedup']:.2f}x its 1-worker run"
+                     f"{s['rps']:,.0f} rps = {s['speedup']:.2f}x its 1-worker run "
+                     f"({s['efficiency']:.2f} of {s['workers']}x)"
+                     + ("" if s.get("vs_echo") is None else f", {s['vs_echo']:.2f}x echo at {s['workers']} workers")
                      for s in entries)
 
 

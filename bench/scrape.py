@@ -4,9 +4,9 @@ The bidder exports two Prometheus histograms per ONNX Runtime call: `bidder_batc
 and `bidder_batch_requests` (requests whose rows shared the call). The difference of two scrapes
 gives what happened during the measurement: calls, mean per call, and calls per bucket.
 
-Each worker process exports its own metrics and SO_REUSEPORT hands a connection to one worker, so a
-scrape sees one worker. Both scrapes go over one kept-alive connection, so they see the same worker
-(checked through `bidder_worker_info{pid}`); with `--workers N` the figures are that worker's.
+With one worker both scrapes go to the bid port over one kept-alive connection (checked through
+`bidder_worker_info{pid}`). With `--workers N` they go to the supervisor's `--metrics-port`, whose page holds
+every worker's samples: the histograms are summed over workers.
 """
 from __future__ import annotations
 

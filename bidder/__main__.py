@@ -1,4 +1,6 @@
-"""``python -m bidder serve`` (or the installed ``bidder serve``): run the bid server.
+"""``python -m bidder serve`` (or the installed ``bidder serve``): run the bid server; ``bidder config --print``:
+the configuration it would run with; ``bidder ready``: whether a server answers ``/readyz`` (a container's
+health check).
 
 Start-up problems (a bad option, an unreadable bundle or catalog, a busy port) end with one ``error: ...``
 line on stderr and exit status 2, before any worker starts.
@@ -6,14 +8,23 @@ line on stderr and exit status 2, before any worker starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from bidder import DEFAULT_BUNDLE
 from bidder.app import DEFAULT_CAMPAIGNS, Config
 from bidder.bundle import CAMPAIGNS_FILE, MODEL_FILE
 from bidder.clock import Clock, parse_time
+from bidder.configfile import ConfigError, read_config, render_config
+from bidder.cpus import available_cpus
+from bidder.logs import FORMATS, LEVELS
+
+#: the environment variable that may hold the notice signing keys (the key file's JSON) instead of --notice-keys
+NOTICE_KEYS_ENV = "BIDDER_NOTICE_KEYS"
 
 
 def parse_now(text: str) -> float:
@@ -22,6 +33,27 @@ def parse_now(text: str) -> float:
         return parse_time(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def worker_count(text: str) -> int | str:
+    """``--workers``: a positive number, or ``auto`` for the CPUs this process may use (``bidder.cpus``)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or auto, got {text!r}") from None
+
+
+def sample_rate(text: str) -> float:
+    """``--access-log-sample``: a fraction of requests, 0 (off) to 1."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = float("nan")
+    if not 0 <= rate <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
+    return rate
 
 
 def simulated_clock(args: argparse.Namespace) -> Clock | None:
@@ -43,18 +75,24 @@ def simulated_clock(args: argparse.Namespace) -> Clock | None:
 def notice_settings(args: argparse.Namespace):
     """Notices as --notice-* and --state-dir ask, or None without --notice-url; ValueError names the option or
     the key file's entry at fault."""
-    from bidder.notices import Keyring, NoticeSettings, load_keyring
+    from bidder.notices import Keyring, NoticeSettings, load_keyring, parse_keyring
 
+    from_env = os.environ.get(NOTICE_KEYS_ENV)
     if args.notice_url is None:
-        if args.notice_keys is not None or args.state_dir is not None:
-            raise ValueError("--notice-keys and --state-dir need --notice-url")
+        if args.notice_keys is not None or args.state_dir is not None or from_env is not None:
+            raise ValueError(f"--notice-keys, {NOTICE_KEYS_ENV} and --state-dir need --notice-url")
         return None
+    if args.notice_keys is not None and from_env is not None:
+        raise ValueError(f"the notice keys come from --notice-keys or from {NOTICE_KEYS_ENV}, not both")
     if not args.notice_url.startswith(("http://", "https://")) or "?" in args.notice_url:
         raise ValueError(f"--notice-url must be an http(s) base URL without a query, got {args.notice_url!r}")
     if not 0 < args.notice_window <= args.notice_max_window:
         raise ValueError(f"--notice-window must be positive and at most --notice-max-window, got "
                          f"{args.notice_window} and {args.notice_max_window}")
-    keyring = Keyring.generate() if args.notice_keys is None else load_keyring(args.notice_keys)
+    if from_env is not None:
+        keyring = parse_keyring(from_env, NOTICE_KEYS_ENV)
+    else:
+        keyring = Keyring.generate() if args.notice_keys is None else load_keyring(args.notice_keys)
     state_dir = args.state_dir
     if state_dir is None:
         import tempfile
@@ -100,15 +138,20 @@ def _parser() -> argparse.ArgumentParser:
                            description="Serve /bid, /bid/EXCHANGE, /predict, /healthz, /readyz, /metrics and "
                                        "/admin/reload on HTTP. Start-up errors print one line and exit with status 2.")
     defaults = Config()
+    serve.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="a TOML file of these options, one key per option without its dashes (max-batch = 256, "
+                            "no-pin = true); options on the command line override it; secrets are refused there "
+                            "(docs/operations.md)")
     serve.add_argument("--model", type=Path, default=defaults.model,
                        help="model bundle directory (default: the bundled model, %(default)s)")
     serve.add_argument("--campaigns", type=Path, default=None,
                        help="campaign catalog JSON (default: the bundle's campaigns.json, else the default catalog)")
     serve.add_argument("--host", default=defaults.host, help="(default: %(default)s)")
     serve.add_argument("--port", type=int, default=defaults.port, help="(default: %(default)s)")
-    serve.add_argument("--workers", type=int, default=defaults.workers,
-                       help="worker processes sharing the port (SO_REUSEPORT), worker i pinned to core i mod ncpu "
-                            "(default: %(default)s)")
+    serve.add_argument("--workers", type=worker_count, default=defaults.workers, metavar="N|auto",
+                       help="worker processes sharing the port (SO_REUSEPORT), worker i pinned to core i mod ncpu; "
+                            "auto: one per CPU this process may use, by its affinity and cgroup CPU quota, not the "
+                            "host's core count (default: %(default)s)")
     serve.add_argument("--max-batch", type=int, default=defaults.max_batch,
                        help="rows per ONNX Runtime call; larger requests are scored in chunks (default: %(default)s)")
     serve.add_argument("--max-body", type=int, default=defaults.max_body, help="largest request body in bytes; larger ones get 413 (default: %(default)s)")
@@ -178,14 +221,73 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-retrieval", action="store_true",
                        help="score every eligible creative of a large catalog, as for a small one (for comparison)")
     serve.add_argument("--events", type=Path, default=None, metavar="DIR",
-                       help="log every bid (and the notices and clicks reported to the bidder) to gzip JSON lines "
+                       help="log every bid (and the notices and clicks reported to the bidder) to zstd JSON lines "
                             "files in DIR, written off the bid path (docs/events.md); python -m train logs turns "
                             "them into training data (default: no event log)")
+    serve.add_argument("--log-format", choices=FORMATS, default=defaults.log_format,
+                       help="text lines, or one JSON object per line (ts, level, worker, pid, event, message and the "
+                            "event's fields) (default: %(default)s)")
+    serve.add_argument("--log-level", choices=LEVELS, default=defaults.log_level, help="(default: %(default)s)")
+    serve.add_argument("--access-log-sample", type=sample_rate, default=defaults.access_log_sample, metavar="RATE",
+                       help="log this fraction of requests (0 to 1) as access events; the bid path logs nothing "
+                            "otherwise (default: %(default)s, off)")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help="the supervisor serves /metrics on PORT with every worker's metrics, labelled by worker "
+                            "(one scrape sees them all; also with one worker) (default: off: each worker's own "
+                            "/metrics on the bid port)")
+    serve.add_argument("--drain-timeout", type=float, default=defaults.shutdown_timeout, metavar="SECONDS",
+                       help="on SIGTERM, how long in-flight requests may take to finish before the worker exits; "
+                            "give a container's stop timeout more (default: %(default)s)")
+    _with_serve_options(sub, serve, "config", help="print the configuration bidder serve would run with",
+                        description="Print the effective configuration (the config file, then the options given "
+                                    "here over it) as a config file bidder serve --config reads.")
+    _with_serve_options(sub, serve, "ready", help="exit 0 if the server the options describe answers /readyz",
+                        description="Ask the server these options describe (its host and port; 0.0.0.0 is asked "
+                                    "on 127.0.0.1) whether it is ready: exit 0 if /readyz answers 200, else 1 with "
+                                    "one line. A container's health check.")
     return parser
 
 
+def _with_serve_options(sub, serve: argparse.ArgumentParser, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand that takes every option of ``serve``: called after the last of them is added."""
+    command = sub.add_parser(name, parents=[serve], add_help=False, **kwargs)
+    if name == "config":
+        command.add_argument("--print", action="store_true", required=True,
+                             help="print the effective configuration as TOML")
+    return command
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise LookupError(command)
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """``bidder serve``'s parser (whose options are the config file's keys) and the command's arguments: the
+    config file's values (``--config``) under the command line's. ConfigError names the file and key at fault."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    serve = _command_parser(parser, "serve")
+    if args.config is not None:
+        _command_parser(parser, args.command).set_defaults(**read_config(args.config, serve))
+        args = parser.parse_args(argv)
+    return serve, args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        serve_parser, args = parse(argv)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.command == "config":
+        sys.stdout.write(render_config(serve_parser, args))
+        return 0
+    if args.command == "ready":
+        return ready(args.host, args.port)
+    if args.workers == "auto":
+        args.workers = available_cpus()
     campaigns = args.campaigns
     if campaigns is None:
         campaigns = args.model / CAMPAIGNS_FILE
@@ -193,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             campaigns = DEFAULT_CAMPAIGNS
     if args.workers < 1 or args.max_batch < 1 or args.max_body < 1:
         return _fail("--workers, --max-batch and --max-body must be positive")
+    if not args.drain_timeout >= 0:
+        return _fail(f"--drain-timeout must be a number of seconds, 0 or more, got {args.drain_timeout}")
+    if args.metrics_port is not None and (not 0 < args.metrics_port < 65536 or args.metrics_port == args.port):
+        return _fail(f"--metrics-port must be between 1 and 65535 and not --port, got {args.metrics_port}")
     if args.retrieve_k < 1:
         return _fail(f"--retrieve-k must be a positive number of creatives per imp, got {args.retrieve_k}")
     if not 0 < args.port < 65536:
@@ -211,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                     now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
                     ann=args.ann, notices=notices, events=args.events, ledger=args.ledger,
-                    ledger_refresh_s=args.ledger_refresh, lease_fraction=args.lease_fraction)
+                    ledger_refresh_s=args.ledger_refresh, lease_fraction=args.lease_fraction,
+                    shutdown_timeout=args.drain_timeout, log_format=args.log_format, log_level=args.log_level,
+                    access_log_sample=args.access_log_sample, metrics_port=args.metrics_port)
     # refuse a broken bundle or catalog and a busy address here, in one line, before any worker starts
     from bidder.app import preload
     from bidder.campaigns import CatalogError, load_catalog
@@ -237,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{exc.filename or config.model}: cannot read: {exc.strerror or exc}", EXIT_STARTUP)
     try:
         check_port(config.host, config.port, reuse_port=config.workers > 1)
+        if config.metrics_port is not None:
+            check_port(config.host, config.metrics_port)
         if config.events is not None:
             check_directory(config.events)
             EventLog(config.events).salvage()  # what a killed server left, before its workers start
@@ -245,6 +355,21 @@ def main(argv: list[str] | None = None) -> int:
     preload(config.campaigns, catalog)  # served as checked, not read again
     del catalog  # the engine holds it from now on: a reload must be able to free it
     return serve(config)
+
+
+def ready(host: str, port: int, timeout: float = 3.0) -> int:
+    """``bidder ready``: 0 if ``/readyz`` answers 200; else 1, with one line saying what it answered."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://[{host}]:{port}/readyz" if ":" in host else f"http://{host}:{port}/readyz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP_PROXY
+    try:
+        with direct.open(url, timeout=timeout) as response:
+            response.read()
+            return 0
+    except urllib.error.HTTPError as exc:
+        return _fail(f"{url}: {exc.code} {exc.read().decode('utf-8', 'replace')}", 1)
+    except (OSError, ValueError) as exc:
+        return _fail(f"{url}: {getattr(exc, 'reason', None) or exc}", 1)
 
 
 def _fail(message: str, status: int = 2) -> int:

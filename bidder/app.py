@@ -25,6 +25,7 @@ from bidder.engine import BidEngine, Outcome, error_body
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
 from bidder.ledger import Ledger, open_banker, open_notice_store
+from bidder.logs import Throttled, event
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.notice_store import RETENTION_MARGIN_S, NoticeStore
 from bidder.notices import REFUSALS, NoticeFacts, Notices, NoticeSettings, Refusal, micros
@@ -86,6 +87,11 @@ class Config:
     ledger: str | None = None
     ledger_refresh_s: float = 0.25
     lease_fraction: float = 0.002
+    log_format: str = "text"  # bidder.logs: text or json, one object per line
+    log_level: str = "info"
+    access_log_sample: float = 0.0  # the fraction of requests logged as access events; 0: no access log
+    metrics_port: int | None = None  # the supervisor's /metrics of every worker (bidder.worker_metrics)
+    metrics_sockets: str | None = None  # set by the supervisor: the directory of the workers' scrape sockets
 
 
 #: the interpreter's GIL switch interval while an engine is built (``State.load``)
@@ -104,6 +110,9 @@ class State:
         self.in_flight = 0
         self.reload_lock = asyncio.Lock()
         self.notices: Notices | None = None
+        # refusals come in floods when someone replays or forges notices: a line per kind and reason a second
+        self.log_refusal = Throttled(log, logging.WARNING, "notice_refused",
+                                     "%(kind)s notice refused (%(reason)s): %(detail)s")
         self.store: NoticeStore | None = None
         # the spend ledger, made by the first engine whose catalog has budgets (bidder.ledger)
         self.ledger: Ledger | None = None
@@ -221,7 +230,8 @@ async def _read_body(request: web.Request, state: State) -> bytes | Outcome:
 
 
 def _internal_error(state: State, request: web.Request) -> web.Response:
-    log.exception("internal error on %s %s", request.method, request.path)
+    log.exception("internal error on %(method)s %(path)s", {"method": request.method, "path": request.path},
+                  extra={"event": "internal_error"})
     state.metrics.errors.labels("internal").inc()
     return _json(500, error_body("internal error"))
 
@@ -306,20 +316,24 @@ async def reload(state: State, model: Path | None = None, campaigns: Path | None
     model = Path(model or state.config.model)
     campaigns = Path(campaigns or state.config.campaigns)
     async with state.reload_lock:
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             engine = await loop.run_in_executor(None, state.load, model, campaigns)
         except (BundleError, CatalogError, OSError, ValueError) as exc:
             state.metrics.reloads.labels("refused").inc()
-            log.error("reload refused, still serving %s: %s", state.engine.scorer.model_id, exc)
+            event(log, logging.ERROR, "reload_refused", "reload refused, still serving %(model)s: %(error)s",
+                  model=state.engine.scorer.model_id, error=str(exc), bundle=str(model), campaigns=str(campaigns))
             return False, str(exc)
         except Exception as exc:  # whatever a broken bundle makes a library raise, the old model serves on
             state.metrics.reloads.labels("refused").inc()
-            log.exception("reload failed, still serving %s", state.engine.scorer.model_id)
+            log.exception("reload failed, still serving %(model)s", {"model": state.engine.scorer.model_id},
+                          extra={"event": "reload_failed"})
             return False, f"{type(exc).__name__}: {exc}"
         state.install(engine, model, campaigns)
         state.metrics.reloads.labels("ok").inc()
-        log.info("reloaded: serving %s", engine.scorer.model_id)
+        event(log, logging.INFO, "reloaded", "reloaded: serving %(model)s", model=engine.scorer.model_id,
+              bundle=str(model), campaigns=str(campaigns), seconds=round(time.perf_counter() - started, 3))
         return True, engine.scorer.model_id
 
 
@@ -406,6 +420,8 @@ def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
     if checked.__class__ is Refusal:
         if checked.status == 403:
             metrics.notices.labels(kind, f"refused_{checked.reason}").inc()
+        state.log_refusal((kind, checked.reason), kind=kind, reason=checked.reason, status=checked.status,
+                          where=checked.where, detail=checked.message)
         return checked
     age = now - checked.issued
     if state.store.first_time(checked.bid_id, kind, checked.issued, now):
@@ -413,8 +429,14 @@ def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
         metrics.notice_delay.labels(kind).observe(max(age, 0.0))
         if state.ledger is not None and kind != "click":  # the spend: committed by a bill, released by a loss
             price = _number(query.get("p")) if kind != "loss" else None
+            bid_micros = checked.price_micros
+            if checked.currency != "USD":  # the ledger counts USD: a bid priced in the request's currency converts
+                rate = state.engine.catalog.currencies.rate(checked.currency) if state.engine is not None else None
+                if rate:
+                    price = None if price is None else price / rate
+                    bid_micros = round(bid_micros / rate)
             state.ledger.settle(kind, checked.bid_id, checked.campaign, None if price is None else micros(price),
-                                checked.price_micros, checked.issued, checked.window)
+                                bid_micros, checked.issued, checked.window)
         if state.events is not None:  # logged once, as counted
             _log_notice(state.events, kind, checked.bid_id, query, max(age, 0.0))
     else:
@@ -512,7 +534,9 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
 
     async def resources(app: web.Application):
         if config.events is not None:  # before the engine: it logs every bid from its first
-            state.events = metrics_.events = EventLog(config.events, worker).start()
+            # stamped on the engine's clock, as the notices' delays are: a simulated day logs simulated hours
+            clock = config.clock.now if config.clock is not None else time.time
+            state.events = metrics_.events = EventLog(config.events, worker, clock=clock).start()
         try:
             state.install(state.load(config.model, config.campaigns), config.model, config.campaigns)
             yield

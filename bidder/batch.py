@@ -14,6 +14,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from bidder.campaigns import Candidate
+from bidder.conformance import Exclusion, Seats
 from bidder.openrtb import BidRequest, Imp
 from bidder.pricing import DealOffer
 
@@ -32,13 +33,15 @@ class Pending:
     Per imp that can bid (in request order): ``imp_ids`` its index in ``request.imp``, ``records`` its raw
     record, ``candidates`` the eligible candidates of all its sizes and ``offers`` (None when the imp has no
     deals) the deal each of them can bid through, by position. With a large catalog, ``candidates`` is empty
-    until retrieval fills it from ``waiting`` (per imp: the imp and its sizes) and ``where`` (the targeting
-    context). ``floors`` holds every imp's floor (USD CPM), ``imp_reason`` the first reason an imp of the
-    request got no rows, ``exchange`` the exchange it came through (the bids' notice tokens carry it).
+    until retrieval fills it from ``waiting`` (per imp: the imp, its sizes and the blocking rules' exclusion) and
+    ``where`` (the targeting context). ``floors`` holds every imp's floor (USD CPM, converted from ``bidfloorcur``),
+    ``imp_reason`` the first reason an imp of the request got no rows, ``exchange`` the exchange it came through (the
+    bids' notice tokens carry it).
     """
 
     __slots__ = ("request", "received", "imp_ids", "records", "candidates", "offers", "floors", "imp_reason",
-                 "waiting", "where", "n_rows", "first_imp", "first_row", "has_deals", "exchange")
+                 "waiting", "where", "n_rows", "first_imp", "first_row", "has_deals", "exchange",
+                 "personal_ok", "seats", "currency", "rate")
 
     def __init__(self, request: BidRequest, received: float, floors: list[float], exchange: str | None = None):
         self.request = request
@@ -50,12 +53,23 @@ class Pending:
         self.candidates: list[Sequence[Candidate]] = []
         self.offers: list[dict[int, DealOffer] | None] = []
         self.imp_reason: str | None = None
-        self.waiting: list[tuple[Imp, list[tuple[int, int]]]] | None = None
+        self.waiting: list[tuple[Imp, list[tuple[int, int]], Exclusion]] | None = None
         self.where: tuple[str | None, str | None, frozenset[str]] | None = None
         self.n_rows = 0
         self.has_deals = False  # some candidate of some imp can bid through a deal
         self.first_imp = 0  # where its imps and rows start in the batch (``Batch.layout``)
         self.first_row = 0
+        # -- conformance (bidder/conformance.py, bidder/privacy.py, bidder/currencies.py)
+        # False: no consent to personal data: the records are blanked, and no imp of it is frequency-capped by user
+        self.personal_ok = True
+        self.seats: Seats | None = None  # the request's bseat/wseat, when it has either
+        self.currency = "USD"            # the response's, and its units per USD
+        self.rate = 1.0
+
+    def imp_personal_ok(self, position: int) -> bool:
+        """Whether the imp at ``position`` (of ``imp_ids``) may use personal data (a frequency cap by user): today
+        every imp of a request shares the request's signals."""
+        return self.personal_ok
 
     def add_imp(self, i: int, record: dict, candidates: Sequence[Candidate],
                 offers: dict[int, DealOffer] | None) -> None:

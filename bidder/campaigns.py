@@ -17,6 +17,11 @@ are errors, so a misspelt option cannot pass silently. A campaign's money terms 
 sends in ``imp.pmp.deals[].id`` and, optionally, the buyer seat the deal was set up for (without one the
 bid goes in the bidder's own seat); ``bidder/deals.py`` matches them against a request.
 
+A creative may declare what it is (``cat`` with ``cattax``, ``attr``, ``btype``, ``mimes``, ``api``, ``bundle``) and
+a campaign that it needs consent to personal data (``requires_consent``): checked here, against the shipped IAB
+taxonomy and the OpenRTB lists, and honoured by ``bidder/conformance.py``. The currency table beside the file
+(``bidder/currencies.py``) is read with it.
+
 Each enabled creative becomes one *candidate*. Its ``layer`` dict holds the candidate-level raw
 fields (``CANDIDATE_FIELDS``: creative, advertiser and the creative's size); a scored row is the pair
 (layer, imp record), so no dict is built per row on the hot path. Model fields read from these keys
@@ -35,6 +40,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 from bidder.clock import parse_time
+from bidder.conformance import (API_FRAMEWORKS, ATTRIBUTES, BANNER_TYPES, CONTENT_TAXONOMY_1, IAB_CONTENT_1, NO_META,
+                                BlockingIndex, CreativeMeta)
+from bidder.currencies import Currencies, CurrencyError, currencies_beside, default_currencies, load_currencies
 
 __all__ = ["AUCTION_PRICE_MACRO", "CANDIDATE_FIELDS", "CampaignDeal", "CampaignTerms", "Candidate", "Catalog",
            "CatalogError", "FrequencyCap", "decode_catalog", "load_catalog"]
@@ -104,6 +112,8 @@ class Candidate:
     layer: dict[str, Any] = field(compare=False, repr=False)
     deals: tuple[CampaignDeal, ...] = ()  # the campaign's deals
     click_url: str | None = None    # landing page the markup links to (notices on: routed through /click)
+    # -- creative metadata (bidder/conformance.py): categories, attributes, type, MIME types, APIs, app bundle
+    meta: CreativeMeta = field(default=NO_META, compare=False, repr=False)
 
     def runs_on(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> bool:
         if self.domains is not None and domain not in self.domains:
@@ -116,7 +126,7 @@ class Candidate:
 class Catalog:
     """Enabled candidates indexed by creative size."""
 
-    def __init__(self, candidates: Iterable[Candidate], source: str = "catalog",
+    def __init__(self, candidates: Iterable[Candidate], source: str = "catalog", currencies: Currencies | None = None,
                  terms: Iterable[CampaignTerms] = ()):
         # a candidate knows its position: factorized scoring addresses its precomputed part by it
         self.candidates = tuple(c if c.index == i else replace(c, index=i) for i, c in enumerate(candidates))
@@ -136,6 +146,11 @@ class Catalog:
         # without domain or exchange targeting a size's candidates are all eligible: the common case
         # then hands out the precomputed tuple instead of filtering it per request
         self.targeted = any(c.domains is not None or c.exchanges is not None for c in self.candidates)
+        # -- conformance: the blocking rules' per-value candidate sets, the sizes flexible formats choose from, and
+        # the currency table read with the catalog
+        self.blocking = BlockingIndex(self.candidates)
+        self.size_list = tuple(self._by_size)
+        self.currencies = currencies if currencies is not None else default_currencies()
 
     def __len__(self) -> int:
         return len(self.candidates)
@@ -197,6 +212,14 @@ class _Creative(Struct, forbid_unknown_fields=True):
     nurl: _NonEmptyText | None = None
     markup: _NonEmptyText | None = None
     click_url: _NonEmptyText | None = None
+    # -- creative metadata (bidder/conformance.py; values checked in _creative_meta)
+    cat: list[_NonEmptyText] | None = None
+    cattax: int = CONTENT_TAXONOMY_1
+    attr: list[int] | None = None
+    btype: int | None = None
+    mimes: list[_NonEmptyText] | None = None
+    api: list[int] | None = None
+    bundle: _NonEmptyText | None = None
 
 
 # campaign money terms
@@ -229,6 +252,8 @@ class _Campaign(Struct, forbid_unknown_fields=True):
     enabled: bool = True
     targeting: _Targeting | None = None
     deals: list[_Deal] | None = None
+    # -- conformance: the campaign bids only where the user consented to personal data (bidder/privacy.py)
+    requires_consent: bool = False
     # campaign money terms
     budget: _Budget | None = None
     flight: _Flight | None = None
@@ -274,6 +299,15 @@ _MESSAGES = {
     "campaigns[].creatives[].nurl": _NON_EMPTY_TEXT,
     "campaigns[].creatives[].markup": _NON_EMPTY_TEXT,
     "campaigns[].creatives[].click_url": _NON_EMPTY_TEXT,
+    # -- creative metadata
+    "campaigns[].requires_consent": "expected true or false, got {value!r}",
+    "campaigns[].creatives[].cat": "expected a list of category ids (strings), got {value!r}",
+    "campaigns[].creatives[].cattax": "expected a category taxonomy id (integer), got {value!r}",
+    "campaigns[].creatives[].attr": "expected a list of creative attribute ids (integers), got {value!r}",
+    "campaigns[].creatives[].btype": "expected a banner type id (integer), got {value!r}",
+    "campaigns[].creatives[].mimes": "expected a list of MIME types (strings), got {value!r}",
+    "campaigns[].creatives[].api": "expected a list of API framework ids (integers), got {value!r}",
+    "campaigns[].creatives[].bundle": _NON_EMPTY_TEXT,
     # campaign money terms
     "campaigns[].budget": 'expected an object such as {{"daily": 250.0, "total": 5000.0, "timezone": "UTC"}}',
     "campaigns[].budget.total": "expected a positive number of USD (below 10^9), got {value!r}",
@@ -304,6 +338,7 @@ _BYTE = re.compile(r" \(byte (\d+)\)$")
 
 
 def load_catalog(path: str | os.PathLike) -> Catalog:
+    """The catalog of a file, with the currency table beside it (``bidder.currencies.currencies_beside``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -311,11 +346,16 @@ def load_catalog(path: str | os.PathLike) -> Catalog:
         raise CatalogError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path}: cannot read: {exc}") from None
-    return decode_catalog(text, str(path))
+    try:
+        currencies = load_currencies(currencies_beside(path))
+    except CurrencyError as exc:
+        raise CatalogError(str(exc)) from None
+    return decode_catalog(text, str(path), currencies)
 
 
-def decode_catalog(text: str, origin: str = "catalog") -> Catalog:
-    """The catalog a file's ``text`` describes; error messages begin with ``origin``."""
+def decode_catalog(text: str, origin: str = "catalog", currencies: Currencies | None = None) -> Catalog:
+    """The catalog a file's ``text`` describes (``currencies``: the shipped table when None); error messages begin
+    with ``origin``."""
     try:
         campaigns = _text_decoder.decode(text).campaigns
     except msgspec.ValidationError as exc:  # reported as such if the text is JSON at all
@@ -325,7 +365,7 @@ def decode_catalog(text: str, origin: str = "catalog") -> Catalog:
     # One campaign per call: a reload builds the new catalog in a thread while the event loop serves, and
     # decoding a 100,000-creative file in one call would hold the GIL throughout (50 ms of CPU); between two
     # campaigns the interpreter can hand it to the serving thread.
-    return _catalog((_decode_campaign(raw, i, origin) for i, raw in enumerate(campaigns)), origin)
+    return _catalog((_decode_campaign(raw, i, origin) for i, raw in enumerate(campaigns)), origin, currencies)
 
 
 def _decode_campaign(raw: msgspec.Raw, index: int, origin: str) -> _Campaign:
@@ -337,7 +377,7 @@ def _decode_campaign(raw: msgspec.Raw, index: int, origin: str) -> _Campaign:
                             f".campaigns[{index}]") from None
 
 
-def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
+def _catalog(campaigns: Iterable[_Campaign], origin: str, currencies: Currencies | None = None) -> Catalog:
     """The candidates of schema-checked ``campaigns``, after the rules a schema cannot say."""
     candidates: list[Candidate] = []
     terms: list[CampaignTerms] = []
@@ -372,6 +412,7 @@ def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
             if click_url is not None and (markup is None or click_url not in markup):
                 raise CatalogError(f"{origin}: {cw}.click_url: the markup must link to it (with notices on, the "
                                    f"bidder routes that link through /click)")
+            meta = _creative_meta(creative, campaign.requires_consent, f"{origin}: {cw}")
             w, h = creative.w, creative.h
             if not campaign.enabled or (allowed_sizes is not None and (w, h) not in allowed_sizes):
                 continue
@@ -380,8 +421,37 @@ def _catalog(campaigns: Iterable[_Campaign], origin: str) -> Catalog:
                 campaign_id=campaign.id, advertiser=campaign.advertiser, creative_id=creative_id, w=w, h=h,
                 adomain=tuple(creative.adomain), nurl=nurl, markup=markup, value_per_click=campaign.value_per_click,
                 domains=domains, exchanges=exchanges, layer=layer, deals=deals, index=len(candidates),
-                click_url=click_url))
-    return Catalog(candidates, origin, terms)
+                click_url=click_url, meta=meta))
+    return Catalog(candidates, origin, currencies, terms)
+
+
+# -- creative metadata: the values a schema cannot check, each error naming its path ------------------------
+def _creative_meta(creative: _Creative, requires_consent: bool, where: str) -> CreativeMeta:
+    if creative.cattax != CONTENT_TAXONOMY_1:
+        raise CatalogError(f"{where}.cattax: taxonomy {creative.cattax} is not known: the catalog's categories are "
+                           f"IAB Content Category Taxonomy 1.0 (cattax {CONTENT_TAXONOMY_1})")
+    for k, category in enumerate(creative.cat or ()):
+        if category not in IAB_CONTENT_1:
+            raise CatalogError(f"{where}.cat[{k}]: unknown IAB content category {category!r} (cattax 1: "
+                               f"IAB1 .. IAB26, subcategories such as IAB7-39)")
+    _known(creative.attr, ATTRIBUTES, f"{where}.attr", "creative attribute")
+    _known(creative.api, API_FRAMEWORKS, f"{where}.api", "API framework")
+    if creative.btype is not None and creative.btype not in BANNER_TYPES:
+        raise CatalogError(f"{where}.btype: unknown banner type {creative.btype} (expected "
+                           f"{BANNER_TYPES.start}-{BANNER_TYPES.stop - 1})")
+    for k, mime in enumerate(creative.mimes or ()):
+        kind, slash, subtype = mime.partition("/")
+        if not (kind and slash and subtype) or " " in mime:
+            raise CatalogError(f"{where}.mimes[{k}]: expected a MIME type such as image/png, got {mime!r}")
+    return CreativeMeta.of(creative.cat, creative.cattax, creative.attr, creative.btype, creative.mimes, creative.api,
+                           creative.bundle, requires_consent)
+
+
+def _known(values: list[int] | None, known: range, where: str, what: str) -> None:
+    for k, value in enumerate(values or ()):
+        if value not in known:
+            raise CatalogError(f"{where}[{k}]: unknown {what} {value} (expected {known.start}-{known.stop - 1})")
+
 
 
 # -- campaign money terms: the rules a schema cannot say ---------------------------------------------------------

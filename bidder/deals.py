@@ -4,7 +4,8 @@ An imp's ``pmp`` lists deals (``id``, ``bidfloor``, ``at``, allowed buyer seats 
 domains ``wadomain``). A candidate can buy a deal when its campaign declares the deal id (the catalog's
 ``deals``, parsed in ``campaigns.py``), the seat it buys through (the campaign deal's ``seat``, else the
 bidder's own) is in ``wseat`` when that is given, and one of its ``adomain`` is in ``wadomain`` when that is
-given. A deal floored in another currency than USD is never matched (no FX table, as for imp floors); a deal
+given. A deal floored in another currency than USD is matched at its floor converted by the currency table
+(``bidder.currencies``), and never when the table has no rate for it (or none is given); a deal
 without ``bidfloor`` takes the imp's.
 
 - ``pmp.private_auction = 1``: only candidates that can buy one of the deals are eligible, and they bid
@@ -14,38 +15,51 @@ without ``bidfloor`` takes the imp's.
   deal's floor and in the open market (imp floor, no ``dealid``) otherwise; other candidates bid as usual.
 - a candidate that can buy several of the deals takes the one with the lowest floor (the first on ties).
 - ``at = 3`` on a deal: its ``bidfloor`` is the agreed price, and a deal bid is made at exactly that price.
+- the request's ``bseat``/``wseat`` (``bidder.conformance.Seats``) apply to deal seats too; when they block the
+  bidder's own seat, every imp is bid as a private auction: only through a deal bought in an allowed seat.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 from bidder.campaigns import Candidate
+from bidder.conformance import Seats
+from bidder.currencies import Currencies
 from bidder.openrtb import DEFAULT_SEAT, Bid, Deal, Imp, SeatBid
 from bidder.pricing import FIXED_PRICE, DealOffer
 
 __all__ = ["DealOffer", "FIXED_PRICE", "deal_candidates", "match_deal", "seat_bids"]
 
 
-def match_deal(candidate: Candidate, imp: Imp) -> DealOffer | None:
-    """The deal of ``imp.pmp`` that ``candidate`` can buy with the lowest floor, or None."""
+def match_deal(candidate: Candidate, imp: Imp, seats: Seats | None = None, floor: float | None = None,
+               currencies: Currencies | None = None) -> DealOffer | None:
+    """The deal of ``imp.pmp`` that ``candidate`` can buy with the lowest floor (in a seat ``seats`` allows), or None;
+    ``floor``: the imp's floor in USD (default its ``bidfloor``); ``currencies``: the table deal floors in other
+    currencies are converted by (None: such deals are skipped)."""
     pmp = imp.pmp
     if pmp is None or not pmp.deals or not candidate.deals:
         return None
+    private = bool(pmp.private_auction) or (seats is not None and not seats.allows(DEFAULT_SEAT))
+    imp_floor = imp.bidfloor if floor is None else floor
     best: DealOffer | None = None
     for deal in pmp.deals:
         seat = _seat_for(candidate, deal)
-        if seat is None:
+        if seat is None or (seats is not None and not seats.allows(seat)):
             continue
-        floor = imp.bidfloor if deal.bidfloor is None else deal.bidfloor
-        if best is None or floor < best.floor:
-            best = DealOffer(deal.id, seat, floor, deal.at == FIXED_PRICE, bool(pmp.private_auction))
+        deal_floor = imp_floor if deal.bidfloor is None else deal.bidfloor
+        if deal.bidfloorcur != "USD":
+            rate = currencies.rate(deal.bidfloorcur) if currencies is not None else None
+            if rate is None:
+                continue
+            if deal.bidfloor is not None:
+                deal_floor = deal.bidfloor / rate
+        if best is None or deal_floor < best.floor:
+            best = DealOffer(deal.id, seat, deal_floor, deal.at == FIXED_PRICE, private)
     return best
 
 
 def _seat_for(candidate: Candidate, deal: Deal) -> str | None:
     """The seat ``candidate`` buys ``deal`` through, or None when it cannot buy it."""
-    if deal.bidfloorcur != "USD":
-        return None
     if deal.wadomain and not any(d in deal.wadomain for d in candidate.adomain):
         return None
     for own in candidate.deals:
@@ -56,8 +70,9 @@ def _seat_for(candidate: Candidate, deal: Deal) -> str | None:
     return None
 
 
-def deal_candidates(candidates: Sequence[Candidate], imp: Imp,
-                    first_row: int) -> tuple[Sequence[Candidate], dict[int, DealOffer]]:
+def deal_candidates(candidates: Sequence[Candidate], imp: Imp, first_row: int, seats: Seats | None = None,
+                    floor: float | None = None,
+                    currencies: Currencies | None = None) -> tuple[Sequence[Candidate], dict[int, DealOffer]]:
     """The candidates that may bid on ``imp`` and the deal offers of those that can buy a deal.
 
     Offers are keyed by the row each candidate will have when the returned candidates are appended to a
@@ -65,10 +80,11 @@ def deal_candidates(candidates: Sequence[Candidate], imp: Imp,
     dropped; in an open one they stay and bid in the open market.
     """
     offers: dict[int, DealOffer] = {}
-    private = bool(imp.pmp is not None and imp.pmp.private_auction)
+    private = bool(imp.pmp is not None and imp.pmp.private_auction) or (seats is not None
+                                                                         and not seats.allows(DEFAULT_SEAT))
     kept: list[Candidate] = []
     for candidate in candidates:
-        offer = match_deal(candidate, imp)
+        offer = match_deal(candidate, imp, seats, floor, currencies)
         if offer is None and private:
             continue
         if offer is not None:

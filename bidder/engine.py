@@ -31,21 +31,24 @@ from typing import Callable, Iterator, Sequence
 
 import msgspec
 import numpy as np
+from msgspec.structs import replace
 
 from bidder._features import layout_rows
 from bidder.batch import Batch, Outcome, Pending, empty_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.clock import read_clock
+from bidder.conformance import NOTHING_EXCLUDED, Exclusion, Seats
 from bidder.deals import deal_candidates, seat_bids
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
 from bidder.ledger import Ledger
 from bidder.metrics import NO_BID_REASONS, Metrics
 from bidder.notices import Notices, micros
-from bidder.openrtb import (DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid, decode_predict,
-                            decode_request, encode_response, imp_fields, imp_sizes, request_fields)
+from bidder.openrtb import (BANNER, DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid,
+                            decode_predict, decode_request, encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import DealOffer, best_rows, floored_price
+from bidder.privacy import personal_data, withhold
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
@@ -131,6 +134,7 @@ class BidEngine:
         self._rows = empty_rows(scorer.max_batch)
         self._imps = _imp_arrays(self.capacity)
         self.batcher = Batcher(self.score_batch)
+        self._bid_templates: dict[int, Bid] = {}  # catalog index -> its creative's bid fields (``_bid_template``)
 
     # -- the whole path for one request ------------------------------------------------------------
     def bid(self, body: bytes, exchange: str | None = None, received: float | None = None) -> Outcome:
@@ -156,29 +160,48 @@ class BidEngine:
             request = decode_request(body)
         except RequestError as exc:
             return Outcome(400, error_body(exc.message, exc.path), "bad_request")
-        if request.cur and "USD" not in request.cur:
+        catalog = self.catalog
+        pending = Pending(request, received, [imp.bidfloor for imp in request.imp], exchange)
+        if request.cur and "USD" not in request.cur and not self._currency(pending, request.cur):
             return self._no_bid("currency")
         shared = request_fields(request, exchange, now=read_clock(self.now), utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
         blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
-        catalog = self.catalog
         paused = self.ledger.paused if self.ledger is not None else None
-        pending = Pending(request, received, [imp.bidfloor for imp in request.imp], exchange)
+        # -- conformance: privacy signals, seats, the request's blocking rules (bidder/privacy.py, conformance.py)
+        if request.regs is not None:
+            self._privacy(pending, shared)
+        if request.bseat or request.wseat:
+            pending.seats = Seats.of(request.bseat, request.wseat)
+            if not pending.seats.allows(DEFAULT_SEAT) and not any(imp.pmp for imp in request.imp):
+                return self._no_bid("blocked_seat")
+        blocking = catalog.blocking
+        exclusion = NOTHING_EXCLUDED
+        if request.bcat or request.bapp or not pending.personal_ok:
+            exclusion = blocking.request_rules(request.bcat, request.cattax, request.bapp, pending.personal_ok)
+        needs_api = blocking.needs_api
+        cny_per_usd = catalog.currencies.cny_per_usd
         if self.retriever is not None:
             pending.waiting = []
             pending.where = (domain, exchange, blocked)
         for i, imp in enumerate(request.imp):
-            if imp.bidfloorcur != "USD":  # no FX table: a floor we cannot compare is a floor we cannot meet
+            if imp.bidfloorcur != "USD" and not self._floor_currency(pending, i, imp):
                 pending.imp_reason = self._count_imp(pending.imp_reason, "floor_currency")
                 continue
-            sizes = imp_sizes(imp)
+            sizes = imp_sizes(imp, catalog.size_list)
             if not sizes:
                 pending.imp_reason = self._count_imp(pending.imp_reason, "unsupported_format" if imp.banner is None
                                                      else "no_eligible_creative")
                 continue
+            if pending.seats is not None and imp.pmp is None and not pending.seats.allows(DEFAULT_SEAT):
+                pending.imp_reason = self._count_imp(pending.imp_reason, "blocked_seat")
+                continue
+            banner = imp.banner
+            imp_exclusion = (blocking.imp_rules(exclusion, banner)
+                             if banner.battr or banner.btype or banner.mimes or needs_api else exclusion)
             if pending.waiting is not None:  # the candidates come from the batch's imp vectors (retrieve)
-                pending.waiting.append((imp, sizes))
-                pending.add_imp(i, imp_fields(shared, imp), (), None)
+                pending.waiting.append((imp, sizes, imp_exclusion))
+                pending.add_imp(i, imp_fields(shared, imp, pending.floors[i], cny_per_usd), (), None)
                 continue
             per_size = [catalog.eligible(w, h, domain, exchange, blocked) for w, h in sizes]
             if paused and any(per_size):  # campaigns whose lease is spent leave the imp to the others
@@ -187,18 +210,59 @@ class BidEngine:
                     pending.imp_reason = self._count_imp(pending.imp_reason, "no_budget")
                     continue
             if any(per_size):
-                self._add_candidates(pending, i, imp, imp_fields(shared, imp), per_size)
+                self._add_candidates(pending, i, imp, imp_fields(shared, imp, pending.floors[i], cny_per_usd),
+                                     per_size, exclusion=imp_exclusion)
             else:
                 pending.imp_reason = self._count_imp(pending.imp_reason, "no_eligible_creative")
         if not pending.imp_ids:
             return self._no_bid(pending.imp_reason or "no_eligible_creative")
         return pending
 
+    # -- conformance: currencies and privacy (the rules themselves: bidder/currencies.py, bidder/privacy.py) ------
+    def _currency(self, pending: Pending, accepted: Sequence[str]) -> bool:
+        """Bid in the first currency of ``accepted`` that the table has a rate for; False when there is none."""
+        currencies = self.catalog.currencies
+        for currency in accepted:
+            rate = currencies.rate(currency)
+            if rate is not None:
+                pending.currency, pending.rate = currency, rate
+                return True
+        return False
+
+    def _floor_currency(self, pending: Pending, i: int, imp: Imp) -> bool:
+        """Imp ``i``'s floor in USD from its ``bidfloorcur``; False when the table has no rate for it (a floor we
+        cannot compare is a floor we cannot meet)."""
+        rate = self.catalog.currencies.rate(imp.bidfloorcur)
+        if rate is None:
+            return False
+        pending.floors[i] = imp.bidfloor / rate
+        return True
+
+    def _privacy(self, pending: Pending, shared: dict) -> None:
+        """Read the request's privacy signals; without consent its personal fields are blanked before any record
+        is built, and its imps are marked (``Pending.personal_ok``: no frequency cap by user)."""
+        ok, case = personal_data(pending.request)
+        if case is not None:
+            self.metrics.privacy.labels(case).inc()
+        if not ok:
+            pending.personal_ok = False
+            withhold(shared)
+
     def _add_candidates(self, pending: Pending, i: int, imp: Imp, record: dict,
-                        per_size: Sequence[Sequence[Candidate]], at: int | None = None) -> None:
-        """Give imp ``i`` its eligible candidates of every size, kept to its deals' buyers in a private auction
-        (appended, or set at its position ``at`` in the request's imps once retrieval chose them); an imp left
-        without any counts its reason."""
+                        per_size: Sequence[Sequence[Candidate]], at: int | None = None,
+                        exclusion: Exclusion = NOTHING_EXCLUDED) -> None:
+        """Give imp ``i`` its eligible candidates of every size, less those the request's rules exclude, kept to its
+        deals' buyers in a private auction (appended, or set at its position ``at`` in the request's imps once
+        retrieval chose them); an imp left without any counts its reason."""
+        if exclusion.excluded:
+            kept = [self.catalog.blocking.kept(eligible, exclusion.excluded) for eligible in per_size]
+            if not any(kept) and any(per_size):
+                pending.imp_reason = self._count_imp(pending.imp_reason,
+                                                     exclusion.reason([c for e in per_size for c in e]))
+                if at is not None:
+                    pending.candidates[at], pending.offers[at] = (), None
+                return
+            per_size = kept
         if len(per_size) == 1 and imp.pmp is None:  # the common case: one size, no deals
             candidates: Sequence[Candidate] = per_size[0]
             offers = None
@@ -207,7 +271,8 @@ class BidEngine:
             unmatched = False  # eligible candidates, none of which can buy the private auction's deals
             for eligible in per_size:
                 if eligible and imp.pmp is not None:
-                    eligible, size_offers = deal_candidates(eligible, imp, len(candidates))
+                    eligible, size_offers = deal_candidates(eligible, imp, len(candidates), pending.seats,
+                                                            pending.floors[i], self.catalog.currencies)
                     offers.update(size_offers)
                     unmatched = unmatched or not eligible
                 candidates.extend(eligible)
@@ -322,21 +387,26 @@ class BidEngine:
             return
         retriever = self.retriever
         vectors = retriever.queries_of(batch.features, batch.n_imps)
-        wanted, rows = [], []  # per imp and size: (w, h, domain, exchange, blocked, deal ids), its imp vector row
+        # per imp and size: (w, h, domain, exchange, blocked, deal ids, excluded), its imp vector row
+        wanted, rows = [], []
         for k in todo:
             pending = pendings[k]
             domain, exchange, blocked = pending.where
-            for position, (imp, sizes) in enumerate(pending.waiting):
+            for position, (imp, sizes, exclusion) in enumerate(pending.waiting):
                 dealids = [d.id for d in imp.pmp.deals] if imp.pmp is not None and imp.pmp.deals else ()
                 for w, h in sizes:
-                    wanted.append((w, h, domain, exchange, blocked, dealids))
+                    wanted.append((w, h, domain, exchange, blocked, dealids, exclusion.excluded))
                     rows.append(pending.first_imp + position)
         found = iter(retriever.eligible_many(vectors[rows], wanted))
         for k in todo:
             pending = pendings[k]
-            for position, (imp, sizes) in enumerate(pending.waiting):
-                self._add_candidates(pending, pending.imp_ids[position], imp, pending.records[position],
-                                     [next(found) for _ in sizes], at=position)
+            for position, (imp, sizes, exclusion) in enumerate(pending.waiting):
+                per_size = [next(found) for _ in sizes]
+                if exclusion.excluded and not any(per_size):  # none left: the rules' doing, or none eligible?
+                    domain, exchange, blocked = pending.where
+                    per_size = [self.catalog.eligible(w, h, domain, exchange, blocked) for w, h in sizes]
+                self._add_candidates(pending, pending.imp_ids[position], imp, pending.records[position], per_size,
+                                     at=position, exclusion=exclusion)
             pending.waiting = None
             if not pending.n_rows:
                 outcomes[k] = self._no_bid(pending.imp_reason or "no_eligible_creative")
@@ -509,8 +579,8 @@ class BidEngine:
                 if terms.budgeted or caps:
                     slot = ledger.slots[c.campaign_id]
                     if caps:
-                        if user is None:
-                            user = (user_key(request) or "").replace("\t", " ")
+                        if user is None:  # without consent to personal data, nobody is capped by user key
+                            user = ((user_key(request) if pending.personal_ok else None) or "").replace("\t", " ")
                         if user and ledger.capped(slot, c.creative_id, user, now):
                             ledger.cap_hits[slot] += 1
                             held[j] = "frequency_cap"
@@ -601,27 +671,45 @@ class BidEngine:
             bid_id = f"{request.id}-{imp.id}"
             if self.events is not None:
                 self._log_bid(bid_id, pending, position, c, batch.scores[row], value, price, floors[i])
-            bids.append(Bid(id=bid_id, impid=imp.id, price=price, adid=c.creative_id,
-                            crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h, nurl=c.nurl,
-                            cid=c.campaign_id, adm=c.markup, dealid=deal.dealid if deal else None))
+            if pending.rate != 1.0:
+                price = self._in_currency(price, imp, floors[i], pending)
+            template = self._bid_templates.get(c.index) or self._bid_template(c)
+            bids.append(replace(template, id=bid_id, impid=imp.id, price=price, dealid=deal.dealid) if deal else
+                        replace(template, id=bid_id, impid=imp.id, price=price))
             if self.notices is not None:
                 self._sign(bids[-1], pending, imp, deal, c)
         if not bids:
             return self._no_bid(imp_reason or "below_floor")
         metrics.bids.inc(len(bids))
         seatbid = seat_bids(bids, deals) if pending.has_deals else [SeatBid(bid=bids)]
-        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid)))
+        return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid, cur=pending.currency)))
+
+    def _bid_template(self, c: Candidate) -> Bid:
+        """The fields of ``c``'s bids that are the creative's, built once per engine (a bid is a copy with its
+        ids and price: msgspec matches the 16 keywords of a whole Bid several times slower than 3)."""
+        meta = c.meta
+        template = self._bid_templates[c.index] = Bid(
+            id="", impid="", price=0.0, adid=c.creative_id, crid=c.creative_id, adomain=c.adomain, w=c.w, h=c.h,
+            mtype=BANNER, nurl=c.nurl, cid=c.campaign_id, adm=c.markup, cat=meta.bid_cat,
+            cattax=meta.cattax if meta.bid_cat else None, attr=meta.bid_attr)
+        return template
+
+    @staticmethod
+    def _in_currency(price: float, imp: Imp, floor_usd: float, pending: Pending) -> float:
+        """A USD price in the response's currency, in micro-units, never under the imp's floor there."""
+        floor = imp.bidfloor if imp.bidfloorcur == pending.currency else floor_usd * pending.rate
+        return max(round(price * pending.rate, 6), floor)
 
     def _sign(self, bid: Bid, pending: Pending, imp: Imp, deal: DealOffer | None, c: Candidate) -> None:
         """Notices on: the bid's notice URLs and click link carry its signed facts, issued on the engine's clock."""
         self.notices.dress(bid, pending.request.id, imp.exp, deal.seat if deal is not None else DEFAULT_SEAT, c,
-                           pending.exchange, self.scorer.model_id, read_clock(self.now))
+                           pending.exchange, self.scorer.model_id, read_clock(self.now), pending.currency)
 
     def _log_bid(self, bid_id: str, pending: Pending, position: int, c: Candidate, pctr: float, value: float,
                  price: float, floor: float) -> None:
         request = pending.request
         record = pending.records[position]
-        key = user_key(request)
+        key = user_key(request) if pending.personal_ok else None  # no consent: no user key logged
         self.events.bid(bid_id, record, c.layer, c.campaign_id, c.creative_id, self.scorer.model_id, float(pctr),
                         value, price, price / value if value > 0 else 1.0, floor, request.at, record["adexchange"],
                         key)

@@ -9,12 +9,13 @@ the logit of a row is::
                                                                    q = sum of their squares)
   + DNN(relu(W_I e_I + W_C e_C + b1))                             (first layer split by columns)
 
-so each side reduces to one vector of width D, laid out as ``[h (H1) | scalar (1) | s (dim)]`` with
-``h = W_side e_side`` (the candidate side also carries b1), ``scalar = linear_side - 0.5 * q_side``
-(the candidate side also carries the output bias) and ``s`` the side's FM sum. A row adds its imp's
-and its candidate's vectors, S = A + B, and only computes ``S[scalar] + 0.5 * |S[s]|^2`` and the DNN
-from the second layer on (over ``relu(S)``, the next layer's weights padded with zero columns for
-the scalar and ``s`` entries).
+so each side reduces to one vector of width D, laid out as ``[h (H1) | scalar (1) | -scalar (1) | s (dim)]``
+with ``h = W_side e_side`` (the candidate side also carries b1), ``scalar = a * (linear_side - 0.5 *
+q_side)`` (the candidate side also carries ``a * output bias + b``; ``a, b`` the calibration's scale and
+shift, 1 and 0 without one) and ``s`` the side's FM sum. A row adds its imp's and its candidate's vectors,
+S = A + B, and runs the DNN from the second layer on over ``relu(S)``; each layer carries two more units,
+``relu(scalar)`` and ``relu(-scalar)``, so that the output product adds ``relu(scalar) - relu(-scalar)``,
+``a`` times the DNN's output and ``a / 2 * |S[s]|^2``: the calibrated logit, in one node.
 
 Two graphs in the bundle, written by ``python -m train factorize`` (``train/factorize.py``):
 
@@ -40,7 +41,7 @@ import onnxruntime as ort
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
 from bidder.bundle import CANDIDATE_FILE, FACTORIZED_FILE, FACTORIZED_GRAPH as GRAPH, Bundle, BundleError
-from bidder.scorer import OUTPUT, bind_buffers, featurize_many
+from bidder.scorer import OUTPUT, bind_buffers, featurize_many, run_binding
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
@@ -234,7 +235,7 @@ class FactorizedScorer:
             bound = self._bind(n_imps, rows)
         else:
             self._bindings.move_to_end(key)
-        self.session.run_with_iobinding(bound[0])
+        run_binding(self.session, bound[0])
         return self.output[:rows, 0]
 
     def warm(self, n_imps: int, per_imp: int) -> None:

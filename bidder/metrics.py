@@ -14,6 +14,8 @@ from typing import Iterator, Sequence
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from bidder.privacy import PRIVACY_CASES
+
 __all__ = ["CONTENT_TYPE_LATEST", "ERROR_KINDS", "Metrics", "NOTICE_KINDS", "NOTICE_ROUTES", "NO_BID_REASONS",
            "ROUTES"]
 
@@ -21,6 +23,9 @@ ROUTES = ("/bid", "/predict", "/healthz", "/readyz", "/metrics", "/admin/reload"
 #: why a request (or one imp of it) got no bid
 NO_BID_REASONS = ("currency", "unsupported_format", "no_eligible_creative", "floor_currency", "below_floor",
                   "tmax", "no_matching_deal", "no_surplus",
+                  # the OpenRTB blocking rules (bidder/conformance.py)
+                  "blocked_seat", "blocked_category", "unknown_cattax", "blocked_app", "requires_consent",
+                  "blocked_attribute", "blocked_banner_type", "unsupported_mime", "unsupported_api",
                   # campaign money terms (bidder.ledger): outside its flight, no lease left, throttled by pacing,
                   # the user had as many impressions as a frequency cap allows
                   "flight", "no_budget", "pacing", "frequency_cap")
@@ -129,7 +134,12 @@ class Metrics:
         self.model = Family("bidder_model_info", "The model being served (value 1)", ["model_id", "architecture"])
         self.worker = Family("bidder_worker_info", "This worker (value 1)", ["worker", "pid"])
         self.worker.labels(str(worker), str(os.getpid())).inc()
-        self._counters = (self.responses, self._bids, self.nobids, self.nobid_imps, self.errors, self.reloads)
+        self.privacy = Family("bidder_privacy", "Bid requests by the privacy signal that decided whether their "
+                              "personal data is used (docs/conformance.md)", ["case"])
+        for case in PRIVACY_CASES:
+            self.privacy.labels(case)
+        self._counters = (self.responses, self._bids, self.nobids, self.nobid_imps, self.errors, self.reloads,
+                          self.privacy)
         self._histograms = (self.latency, self._scored_rows, self._batch_rows, self._batch_requests, self._shading)
         self._gauges = (self.model, self.worker)
         self.route_latency = {route: self.latency.labels(route) for route in ROUTES}

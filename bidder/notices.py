@@ -34,7 +34,7 @@ from typing import Mapping, NamedTuple
 from bidder.clock import parse_time
 
 __all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
-           "Refusal", "SigningKey", "load_keyring", "micros"]
+           "Refusal", "SigningKey", "load_keyring", "micros", "parse_keyring"]
 
 VERSION = 1
 MAC_BYTES = 16
@@ -174,6 +174,13 @@ def load_keyring(path: str | os.PathLike) -> Keyring:
         raise KeyFileError(f"{path}: cannot read: {exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"{path}: readable by group or others (mode {stat.S_IMODE(mode):o}): chmod 600 it")
+    return parse_keyring(text, str(path))
+
+
+def parse_keyring(text: str, origin: str) -> Keyring:
+    """The keys of a key file's JSON text, read from ``origin`` (a file, an environment variable), which
+    ``KeyFileError`` names with the entry at fault."""
+    path = origin
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -206,7 +213,7 @@ def load_keyring(path: str | os.PathLike) -> Keyring:
             raise KeyFileError(f"{where}.created: expected an ISO 8601 time such as 2026-12-01T00:00:00Z, "
                             f"got {created!r}")
         keys.append(SigningKey(key_id, raw, when))
-    return Keyring(keys, str(path))
+    return Keyring(keys, origin)
 
 
 @dataclass(frozen=True)
@@ -276,12 +283,12 @@ class Notices:
         return min(exp, settings.max_window_s)
 
     def dress(self, bid, request_id: str, exp: int | None, seat: str, candidate, exchange: str | None,
-              model_id: str, issued: float) -> None:
+              model_id: str, issued: float, currency: str = "USD") -> None:
         """Set ``bid``'s ``nurl``, ``burl``, ``lurl`` and ``exp``, and route its markup's click link (the
         creative's ``click_url``) through ``/click``; all of them carry one token."""
         window = self.window(exp)
         token = self.keyring.sign(issued, micros(bid.price), window, request_id, bid.impid, bid.id, seat,
-                                  candidate.campaign_id, candidate.creative_id, "USD", exchange or "",
+                                  candidate.campaign_id, candidate.creative_id, currency, exchange or "",
                                   model_id)
         bid.nurl = self._win + token + NOTICE_QUERIES["win"]
         bid.burl = self._bill + token + NOTICE_QUERIES["bill"]

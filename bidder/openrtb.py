@@ -12,20 +12,20 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterable
 
 import msgspec
 
 __all__ = [
-    "BidRequest", "BidResponse", "Bid", "DEFAULT_SEAT", "FIRST_PRICE", "SECOND_PRICE", "Deal", "Imp", "Pmp", "SeatBid", "RequestError", "USD_TO_CNY",
+    "BANNER", "BidRequest", "BidResponse", "Bid", "DEFAULT_SEAT", "FIRST_PRICE", "SECOND_PRICE", "Deal", "Imp", "Pmp", "SeatBid", "RequestError", "USD_TO_CNY",
     "PredictRecord", "decode_json", "decode_predict", "decode_request", "encode_response", "imp_sizes",
     "request_fields", "imp_fields",
     "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
 ]
 
 #: iPinYou prices (``slotprice``) are CNY fen (0.01 yuan) per thousand impressions; OpenRTB floors are
-#: CPM in ``bidfloorcur`` (only USD is bid on). A fixed, documented rate keeps the feature on the scale
-#: the model was trained on; FX drift only moves a floor within its coarse price bucket.
+#: CPM in ``bidfloorcur``, converted to USD and then to CNY by the currency table (bidder/currencies.py). This
+#: is the rate of the shipped table and the one training converts logged floors with.
 USD_TO_CNY = 7.2
 #: Floors above this many fen all land in the top price bucket; the cap keeps absurd floors (1e308)
 #: from overflowing the integer conversion.
@@ -37,6 +37,10 @@ NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 class Format(msgspec.Struct, gc=False):
     w: int | None = None
     h: int | None = None
+    # a flexible size (2.5+): any creative of aspect ratio ``wratio``:``hratio`` at least ``wmin`` wide
+    wratio: int | None = None
+    hratio: int | None = None
+    wmin: int | None = None
 
 
 class Banner(msgspec.Struct, gc=False):
@@ -44,6 +48,15 @@ class Banner(msgspec.Struct, gc=False):
     h: int | None = None
     format: list[Format] | None = None
     pos: int | None = None
+    # -- conformance (bidder/conformance.py): what the slot refuses or supports
+    btype: list[int] | None = None   # blocked banner types (list: Banner Ad Types)
+    battr: list[int] | None = None   # blocked creative attributes (list: Creative Attributes)
+    mimes: list[str] | None = None   # content MIME types supported
+    api: list[int] | None = None     # API frameworks supported (list: API Frameworks); absent: none
+    wmin: int | None = None          # a size range instead of w/h (2.5, deprecated in 2.6 for format)
+    wmax: int | None = None
+    hmin: int | None = None
+    hmax: int | None = None
 
 
 class Present(msgspec.Struct, gc=False):
@@ -110,13 +123,36 @@ class Data(msgspec.Struct, gc=False):
     segment: list[Segment] | None = None
 
 
+class UserExt(msgspec.Struct, gc=False):
+    consent: Any = None  # 2.5 and Prebid: the TCF consent string (2.6: ``user.consent``)
+
+
 class User(msgspec.Struct, gc=False):
     id: Any = None        # the exchange's user id and ours (buyeruid): user keys of the event log (any JSON,
     buyeruid: Any = None  # as before they were read: a strange one is no 400)
     data: list[Data] | None = None
+    consent: Any = None   # TCF v2 consent string (bidder/privacy.py; any JSON: one that is no string is no consent)
+    ext: UserExt | None = None
+
+
+class RegsExt(msgspec.Struct, gc=False):
+    """2.5 and Prebid carry the privacy signals in ``regs.ext`` (2.6 moved them into ``regs``)."""
+    gdpr: Any = None
+    us_privacy: Any = None
+
+
+class Regs(msgspec.Struct, gc=False):
+    coppa: Any = None       # 1: the audience is children (COPPA)
+    gdpr: Any = None        # 1: GDPR applies
+    us_privacy: Any = None  # the IAB CCPA string ("1YNN")
+    gpp: Any = None         # the IAB Global Privacy Platform string
+    gpp_sid: Any = None     # the GPP sections in force
+    ext: RegsExt | None = None
 
 
 FIRST_PRICE, SECOND_PRICE = 1, 2
+#: ``bid.mtype`` of a banner
+BANNER = 1
 
 
 class BidRequest(msgspec.Struct, gc=False):
@@ -131,6 +167,13 @@ class BidRequest(msgspec.Struct, gc=False):
     badv: list[str] | None = None
     test: int = 0
     at: int = SECOND_PRICE  # auction type: 1 first price, 2 second price plus (the OpenRTB default)
+    # -- conformance (bidder/conformance.py, bidder/privacy.py): blocking rules and privacy signals
+    bcat: list[str] | None = None   # blocked content categories, of taxonomy ``cattax``
+    cattax: int = 1                 # 1: IAB Content Category Taxonomy 1.0 (the OpenRTB 2.6 default)
+    bapp: list[str] | None = None   # blocked app bundles (an app-install creative's ``bundle``)
+    bseat: list[str] | None = None  # buyer seats that may not bid
+    wseat: list[str] | None = None  # the only buyer seats that may bid
+    regs: Regs | None = None
 
 
 class Bid(msgspec.Struct, omit_defaults=True, gc=False):
@@ -142,6 +185,7 @@ class Bid(msgspec.Struct, omit_defaults=True, gc=False):
     adomain: list[str]
     w: int
     h: int
+    mtype: int  # markup type (OpenRTB 2.6): BANNER, the only kind bid
     nurl: str | None = None
     cid: str | None = None
     adm: str | None = None
@@ -149,6 +193,10 @@ class Bid(msgspec.Struct, omit_defaults=True, gc=False):
     burl: str | None = None  # billing notice (notices on: bidder/notices.py)
     lurl: str | None = None  # loss notice
     exp: int | None = None   # seconds the bid's notices are on time
+    # -- conformance: what the creative is, so the exchange can check its own rules (OpenRTB 2.6)
+    cat: list[str] | None = None
+    cattax: int | None = None
+    attr: list[int] | None = None
 
 
 #: the buyer seat of bids that name no other (a deal may be bought through a campaign's own seat)
@@ -263,6 +311,8 @@ def _path_of_bad_string(body: bytes) -> tuple[str | None, bool]:
 
 
 def decode_request(body: bytes) -> BidRequest:
+    if not body:  # said plainly: msgspec would call it truncated JSON
+        raise RequestError("empty request body")
     request = decode_json(_decoder, body)
     if request.at != SECOND_PRICE and request.at != FIRST_PRICE:
         raise RequestError(f"auction type {request.at} is not supported: expected 1 (first price) or 2 (second price)",
@@ -353,9 +403,10 @@ def encode_response(response: BidResponse) -> bytes:
     return _encoder.encode(response)
 
 
-def slotprice_from_usd_cpm(bidfloor: float) -> int:
-    """OpenRTB floor (USD CPM) → iPinYou ``slotprice`` (CNY fen CPM), rounded to whole fen."""
-    fen = bidfloor * USD_TO_CNY * 100
+def slotprice_from_usd_cpm(bidfloor: float, cny_per_usd: float = USD_TO_CNY) -> int:
+    """OpenRTB floor (USD CPM) → iPinYou ``slotprice`` (CNY fen CPM) at the currency table's rate, rounded to
+    whole fen."""
+    fen = bidfloor * cny_per_usd * 100
     return MAX_SLOTPRICE_FEN if fen >= MAX_SLOTPRICE_FEN else int(round(fen))
 
 
@@ -399,25 +450,46 @@ def request_fields(request: BidRequest, exchange: str | None, now: float | None 
     }
 
 
-def imp_fields(shared: dict[str, Any], imp: Imp) -> dict[str, Any]:
-    """One imp's record: the shared fields plus the slot's own (size comes from each candidate)."""
+def imp_fields(shared: dict[str, Any], imp: Imp, floor_usd: float | None = None,
+               cny_per_usd: float = USD_TO_CNY) -> dict[str, Any]:
+    """One imp's record: the shared fields plus the slot's own (size comes from each candidate); ``floor_usd`` is
+    the imp's floor in USD (``bidfloor`` converted from ``bidfloorcur``; None: ``bidfloor`` is USD)."""
     banner = imp.banner
     record = dict(shared)
     record["slotid"] = imp.tagid
     record["slotvisibility"] = _VISIBILITY.get(banner.pos, "Na") if banner is not None and banner.pos else "Na"
     record["slotformat"] = "1" if imp.instl else "0"
-    record["slotprice"] = slotprice_from_usd_cpm(imp.bidfloor)
+    record["slotprice"] = slotprice_from_usd_cpm(imp.bidfloor if floor_usd is None else floor_usd, cny_per_usd)
     return record
 
 
-def imp_sizes(imp: Imp) -> list[tuple[int, int]]:
-    """Sizes a banner imp accepts: ``format`` (2.5+) or else ``w``/``h``; zero sizes are none."""
+def imp_sizes(imp: Imp, available: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """Sizes a banner imp accepts: ``format`` (2.5+) or else ``w``/``h``; zero sizes are none. A flexible format
+    (``wratio``:``hratio``, at least ``wmin`` wide) and a banner's ``wmin``..``wmax`` x ``hmin``..``hmax`` range
+    accept each of the ``available`` sizes (the catalog's) that fits them."""
     banner = imp.banner
     if banner is None:
         return []
     if not banner.format:
-        return [(banner.w, banner.h)] if banner.w and banner.h else []
+        if banner.w and banner.h:
+            return [(banner.w, banner.h)]
+        if banner.wmax or banner.hmax or banner.wmin or banner.hmin:
+            return sorted(size for size in available if _in_range(banner, size))
+        return []
     sizes = [(f.w, f.h) for f in banner.format if f.w and f.h]
+    if len(sizes) < len(banner.format):  # some format has no fixed size: a flexible one, or an empty one
+        sizes = []
+        for f in banner.format:
+            if f.w and f.h:
+                sizes.append((f.w, f.h))
+            elif f.wratio and f.hratio and f.wratio > 0 and f.hratio > 0:
+                wmin = f.wmin or 0
+                sizes.extend(sorted((w, h) for w, h in available if w * f.hratio == h * f.wratio and w >= wmin))
     if not sizes and banner.w and banner.h:
         sizes = [(banner.w, banner.h)]
     return list(dict.fromkeys(sizes))
+
+
+def _in_range(banner: Banner, size: tuple[int, int]) -> bool:
+    w, h = size
+    return ((banner.wmin or 0) <= w <= (banner.wmax or w) and (banner.hmin or 0) <= h <= (banner.hmax or h))

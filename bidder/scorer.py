@@ -17,12 +17,16 @@ import onnxruntime as ort
 
 from bidder._features import Featurizer
 from bidder.bundle import FACTORIZED_GRAPH, MODEL_FILE, Bundle, BundleError
+from bidder.logs import event
 from bidder.spec import FeatureSpec
 
-__all__ = ["BundleError", "Scorer", "bind_buffers", "pin_to_core"]  # BundleError: bidder.bundle's, for callers
+# BundleError: bidder.bundle's, for callers
+__all__ = ["BundleError", "Scorer", "bind_buffers", "pin_to_core", "run_binding"]
 
 OUTPUT = "ctr"
 log = logging.getLogger("bidder")
+# Made once: called without run options, ONNX Runtime's binding builds default ones on every run (about 1 µs)
+_RUN_OPTIONS = ort.RunOptions()
 
 
 def bind_buffers(session: ort.InferenceSession, inputs: dict[str, np.ndarray | ort.OrtValue],
@@ -46,6 +50,13 @@ def bind_buffers(session: ort.InferenceSession, inputs: dict[str, np.ndarray | o
     return binding, values
 
 
+def run_binding(session: ort.InferenceSession, binding: ort.IOBinding) -> None:
+    """``session.run_with_iobinding(binding)`` at about 1.3 µs less a run (a tenth of a one-request batch's run of
+    the factorized graph): the compiled session is called directly with run options made once, skipping the Python
+    wrapper's per-run check for WebGPU graph capture and the default run options built per call."""
+    session._sess.run_with_iobinding(binding._iobinding, _RUN_OPTIONS)
+
+
 def pin_to_core(core: int) -> int:
     """Pin this process to ``core`` mod the cores it may use; returns the core chosen."""
     allowed = sorted(os.sched_getaffinity(0))
@@ -62,7 +73,8 @@ class Scorer:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.opened = Bundle.open(bundle)  # checked: format, spec, graphs, every file's digest
         for warning in self.opened.warnings:
-            log.warning("%s", warning)
+            event(log, logging.WARNING, "bundle_warning", "%(warning)s", warning=str(warning),
+                  bundle=str(self.opened.path))
         self.bundle = self.opened.path
         self.spec: FeatureSpec = self.opened.spec
         self.meta = self.opened.meta
@@ -127,7 +139,7 @@ class Scorer:
         rows = self.featurizer.transform_into(self.inputs, records)
         if rows == 0:
             return self.output[:0, 0]
-        self.session.run_with_iobinding(self._binding(rows))
+        run_binding(self.session, self._binding(rows))
         return self.output[:rows, 0]
 
     def score_rows(self, batch: Any, start: int, stop: int) -> np.ndarray:

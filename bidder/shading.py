@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 from bidder import _shading
 from bidder.bundle import MARKET_FILE, MARKET_GRAPH, TERMS_FILE, BundleError, session_options
-from bidder.scorer import bind_buffers
+from bidder.scorer import bind_buffers, run_binding
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["BID_OUTPUT", "FLOOR_INPUT", "GRID", "GRID_OUTPUT", "MARKET_FILE", "MARKET_GRAPH", "NATIVE_TOLERANCE", "OUTPUTS",
@@ -231,7 +231,7 @@ class WinModel:
                 self.session, {SPARSE_INPUT: self.inputs[SPARSE_INPUT][:n], VALUE_INPUT: self.value[:n],
                                FLOOR_INPUT: self.floor[:n]},
                 {name: buffer[:n] for name, buffer in self.outputs.items()})
-        self.session.run_with_iobinding(bound[0])
+        run_binding(self.session, bound[0])
         return self.outputs
 
     def shade(self, featurizer: Any, records: Sequence[dict], values: Sequence[float],

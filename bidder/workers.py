@@ -10,7 +10,10 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from aiohttp import web
 from threadpoolctl import threadpool_limits
@@ -18,7 +21,9 @@ from threadpoolctl import threadpool_limits
 from bidder.app import STATE, Config, create_app, forget_preloaded, reload
 from bidder.campaigns import CatalogError
 from bidder.events import EventLogError
+from bidder.logs import access_log_options, configured, event
 from bidder.scorer import BundleError, pin_to_core
+from bidder.worker_metrics import MetricsServer, worker_socket
 
 __all__ = ["EXIT_STARTUP", "StartupError", "check_port", "run_worker", "serve"]
 
@@ -64,7 +69,8 @@ def check_port(host: str, port: int, reuse_port: bool = False) -> None:
 
 async def _run_worker(config: Config, worker: int, ready=None) -> None:
     app = create_app(config, worker)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout,
+                           **access_log_options(config.access_log_sample))
     try:
         await runner.setup()  # loads the bundle and the catalog
     except EventLogError as exc:
@@ -77,6 +83,10 @@ async def _run_worker(config: Config, worker: int, ready=None) -> None:
     except OSError as exc:
         await runner.cleanup()
         raise StartupError(listen_error(config.host, config.port, exc)) from None
+    if config.metrics_sockets is not None:  # the supervisor's scrapes reach this worker there
+        scrape_path = worker_socket(config.metrics_sockets, worker)
+        scrape_path.unlink(missing_ok=True)  # left by this worker's previous process
+        await web.UnixSite(runner, str(scrape_path)).start()
     if ready is not None:
         ready.set()
     state = app[STATE]
@@ -92,11 +102,14 @@ async def _run_worker(config: Config, worker: int, ready=None) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
-    log.info("worker %d (pid %d) serving %s on http://%s:%d", worker, os.getpid(), state.engine.scorer.model_id,
-             config.host, config.port)
+    event(log, logging.INFO, "worker_started", "worker %(index)d (pid %(pid)d) serving %(model)s on %(url)s",
+          index=worker, pid=os.getpid(), model=state.engine.scorer.model_id,
+          url=f"http://{config.host}:{config.port}", workers=config.workers)
     await stop.wait()
     state.draining = True
-    log.info("worker %d draining %d in-flight request(s)", worker, state.in_flight)
+    draining = loop.time()
+    event(log, logging.INFO, "drain_started", "worker %(index)d draining %(in_flight)d in-flight request(s)",
+          index=worker, in_flight=state.in_flight, timeout_s=config.shutdown_timeout)
     # Not aiohttp's graceful shutdown alone (runner.cleanup with shutdown_timeout): it stops reading every
     # connection at once (aiohttp 3.14 RequestHandler.data_received drops what arrives after close()), so a
     # request whose body is still arriving could never complete, and /readyz could not answer "draining" on
@@ -105,6 +118,9 @@ async def _run_worker(config: Config, worker: int, ready=None) -> None:
     deadline = loop.time() + config.shutdown_timeout
     while state.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.01)
+    event(log, logging.INFO if not state.in_flight else logging.WARNING, "drain_finished",
+          "worker %(index)d drained in %(seconds).3f s, %(abandoned)d request(s) cut off", index=worker,
+          seconds=round(loop.time() - draining, 3), abandoned=state.in_flight)
     await runner.cleanup()
 
 
@@ -113,10 +129,14 @@ def run_worker(config: Config, worker: int, ready=None) -> int:
 
     ``ready`` (an event) is set once the worker listens: the supervisor tells start-up failures by it.
     """
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{worker} %(levelname)s %(message)s")
+    with configured(config.log_format, config.log_level, worker):
+        return _serve_worker(config, worker, ready)
+
+
+def _serve_worker(config: Config, worker: int, ready) -> int:
     if config.pin:
         core = pin_to_core(worker)
-        log.info("worker %d pinned to core %d", worker, core)
+        event(log, logging.INFO, "worker_pinned", "worker %(index)d pinned to core %(core)d", index=worker, core=core)
     # numpy's BLAS started a thread per core at import, unpinned: a worker owns one core, and a product handed
     # to a thread on another worker's core waits for it (retrieval's products are large enough to be split)
     threadpool_limits(limits=1, user_api="blas")
@@ -141,7 +161,7 @@ def _worker_process(config: Config, worker: int, ready) -> None:
 
 def serve(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status."""
-    if config.workers <= 1:
+    if config.workers <= 1 and config.metrics_port is None:
         return run_worker(config, 0)
     forget_preloaded()  # the worker processes load their own
     return _Supervisor(config).run()
@@ -161,6 +181,7 @@ class _Supervisor:
         self.ready: dict[int, object] = {}
         self.started: dict[int, float] = {}
         self.startup_failures: dict[int, int] = {}
+        self.restarts: dict[int, int] = {}
         self.stopping = False
 
     def _start(self, index: int) -> None:
@@ -178,7 +199,31 @@ class _Supervisor:
                 os.kill(process.pid, signum)
 
     def run(self) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
+        with configured(self.config.log_format, self.config.log_level, "supervisor"):
+            return self._run()
+
+    def _run(self) -> int:
+        if self.config.metrics_port is None:
+            return self._supervise()
+        with tempfile.TemporaryDirectory(prefix="bidder-metrics-") as sockets:
+            self.config = replace(self.config, metrics_sockets=sockets)
+            try:
+                metrics = MetricsServer(self.config.host, self.config.metrics_port, self._scrape_sockets,
+                                        lambda: dict(self.restarts)).start()
+            except OSError as exc:
+                print("error: " + listen_error(self.config.host, self.config.metrics_port, exc), file=sys.stderr)
+                return EXIT_STARTUP
+            try:
+                return self._supervise()
+            finally:
+                metrics.stop()
+
+    def _scrape_sockets(self) -> dict[int, Path]:
+        """The scrape socket of every worker that has listened since it last started."""
+        return {index: worker_socket(self.config.metrics_sockets, index)
+                for index, ready in list(self.ready.items()) if ready.is_set()}
+
+    def _supervise(self) -> int:
 
         def on_stop(signum, _frame):
             self.stopping = True
@@ -189,7 +234,10 @@ class _Supervisor:
         signal.signal(signal.SIGHUP, lambda signum, _frame: self._forward(signal.SIGHUP))
         for index in range(self.config.workers):
             self._start(index)
-        log.info("supervising %d workers on http://%s:%d", self.config.workers, self.config.host, self.config.port)
+        metrics = "" if self.config.metrics_port is None else ", every worker's metrics on port %(metrics_port)d"
+        event(log, logging.INFO, "supervisor_started", "supervisor (pid %(pid)d) supervising %(workers)d workers "
+              "on %(url)s" + metrics, pid=os.getpid(), workers=self.config.workers,
+              url=f"http://{self.config.host}:{self.config.port}", metrics_port=self.config.metrics_port)
         status = 0
         while not self.stopping:
             time.sleep(0.2)
@@ -198,17 +246,21 @@ class _Supervisor:
                     continue
                 if self.ready[index].is_set():
                     self.startup_failures[index] = 0
-                    log.warning("worker %d exited with %s; restarting", index, process.exitcode)
+                    self.restarts[index] = self.restarts.get(index, 0) + 1
+                    event(log, logging.WARNING, "worker_exited", "worker %(index)d exited with %(status)s; restarting",
+                          index=index, status=process.exitcode, worker_pid=process.pid)
                 else:
                     failures = self.startup_failures[index] = self.startup_failures.get(index, 0) + 1
                     if failures >= MAX_STARTUP_FAILURES:
-                        log.error("worker %d failed at start-up %d times in a row (exit status %s); giving up",
-                                  index, failures, process.exitcode)
+                        event(log, logging.ERROR, "worker_gave_up", "worker %(index)d failed at start-up %(failures)d "
+                              "times in a row (exit status %(status)s); giving up", index=index, failures=failures,
+                              status=process.exitcode)
                         self.stopping = True
                         self._forward(signal.SIGTERM)
                         status = EXIT_STARTUP
                         break
-                    log.warning("worker %d failed at start-up (exit status %s); retrying", index, process.exitcode)
+                    event(log, logging.WARNING, "worker_start_failed", "worker %(index)d failed at start-up (exit "
+                          "status %(status)s); retrying", index=index, status=process.exitcode)
                 if time.monotonic() - self.started[index] < 2.0:
                     time.sleep(1.0)  # a worker that dies at start-up would otherwise spin
                 self._start(index)
@@ -217,4 +269,6 @@ class _Supervisor:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
+        event(log, logging.INFO, "supervisor_stopped", "supervisor (pid %(pid)d) stopped", pid=os.getpid(),
+              status=status)
         return status

@@ -29,9 +29,13 @@ import onnxruntime as ort
 from prometheus_client.parser import text_string_to_metric_families
 
 from bidder.scorer import Scorer
+from response_rules import violations
 
-#: iPinYou ``slotprice`` is CNY fen CPM; OpenRTB floors are USD CPM; docs/serving.md: fixed rate 7.2 CNY per USD.
-FEN_PER_USD = 7.2 * 100
+#: the shipped currency table (docs/conformance.md): units per USD; floors in USD become CNY fen at its CNY rate
+_TABLE = json.loads((Path(__file__).parent.parent / "bidder" / "models" / "default" / "currencies.json").read_text())
+RATES = {code: rate / _TABLE["rates"]["USD"] for code, rate in _TABLE["rates"].items()}
+#: iPinYou ``slotprice`` is CNY fen CPM; OpenRTB floors are USD CPM (converted from ``bidfloorcur``).
+FEN_PER_USD = RATES["CNY"] * 100
 SLOTPRICE_CAP = 10**12
 #: OpenRTB ``banner.pos`` → iPinYou ``slotvisibility`` (docs/serving.md): 1, 4, 7 FirstView; 3 SecondView;
 #: 2, 5, 6 OtherView.
@@ -61,6 +65,7 @@ class Expectation:
     imps: list[ImpOutcome] = field(default_factory=list)
     weekday: int = -1
     hour: int = -1
+    currency: str = "USD"                     # the response's: the first of ``cur`` with a rate (USD if listed)
 
     @property
     def imp_reasons(self) -> list[str]:
@@ -110,6 +115,91 @@ def eligible_creatives(catalog: dict, size: tuple[int, int], domain: str | None,
     return out
 
 
+# -- conformance (docs/conformance.md), restated over the raw request and catalog --------------------------------
+def personal_ok(request: dict) -> bool:
+    """Whether the request's personal data may be used: no COPPA, a TCF v2 consent to purposes 1, 3 and 4 where
+    GDPR applies, no CCPA opt-out, no GPP section other than 2 and 6."""
+    regs = request.get("regs")
+    if regs is None:
+        return True
+    ext = regs.get("ext") or {}
+    sections = [s for s in regs.get("gpp_sid") or [] if isinstance(s, int) and not isinstance(s, bool)]
+    if regs.get("coppa") in (1, "1"):
+        return False
+    if regs.get("gdpr") in (1, "1") or ext.get("gdpr") in (1, "1") or 2 in sections:
+        user = request.get("user") or {}
+        consent = user.get("consent", (user.get("ext") or {}).get("consent"))
+        if not {1, 3, 4} <= tcf_consented_purposes(consent):
+            return False
+    us_privacy = regs.get("us_privacy", ext.get("us_privacy"))
+    if us_privacy is not None or 6 in sections:
+        if not (isinstance(us_privacy, str) and len(us_privacy) == 4 and us_privacy[0] == "1"
+                and us_privacy[2] in "N-"):
+            return False
+    return not any(s > 0 and s not in (2, 6) for s in sections)
+
+
+def tcf_consented_purposes(consent) -> set[int]:
+    """Purposes a TCF v2 string consents to, read as a string of bits (empty when it is none)."""
+    import base64
+    if not isinstance(consent, str) or not consent:
+        return set()
+    core = consent.split(".")[0]
+    try:
+        raw = base64.urlsafe_b64decode(core + "=" * (-len(core) % 4))
+    except ValueError:
+        return set()
+    bits = "".join(f"{byte:08b}" for byte in raw)
+    if len(bits) < 176 or int(bits[:6], 2) != 2:
+        return set()
+    return {k + 1 for k, bit in enumerate(bits[152:176]) if bit == "1"}
+
+
+def excluded_by(request: dict, imp: dict, campaign: dict, creative: dict, personal: bool) -> str | None:
+    """The first conformance rule that keeps ``creative`` off ``imp`` (docs/conformance.md's order), or None."""
+    cats = set(creative.get("cat") or [])
+    cats |= {c.split("-")[0] for c in cats}
+    bcat = request.get("bcat") or []
+    if bcat and cats:
+        if request.get("cattax", 1) != 1:
+            return "unknown_cattax"
+        if cats & set(bcat):
+            return "blocked_category"
+    if creative.get("bundle") is not None and creative["bundle"] in (request.get("bapp") or []):
+        return "blocked_app"
+    if campaign.get("requires_consent") and not personal:
+        return "requires_consent"
+    banner = imp.get("banner") or {}
+    if set(creative.get("attr") or []) & set(banner.get("battr") or []):
+        return "blocked_attribute"
+    if creative.get("btype") is not None and creative["btype"] in (banner.get("btype") or []):
+        return "blocked_banner_type"
+    if banner.get("mimes") and not set(creative.get("mimes") or []) <= set(banner["mimes"]):
+        return "unsupported_mime"
+    if not set(creative.get("api") or []) <= set(banner.get("api") or []):
+        return "unsupported_api"
+    return None
+
+
+def seat_allowed(request: dict, seat: str) -> bool:
+    return seat not in (request.get("bseat") or []) and (not request.get("wseat") or seat in request["wseat"])
+
+
+def flexible_sizes(imp: dict, catalog: dict) -> list[tuple[int, int]]:
+    """The catalog's sizes a flexible format (wratio:hratio, wmin) or a banner's w/h range accepts."""
+    banner = imp.get("banner") or {}
+    sizes = sorted({(c["w"], c["h"]) for campaign in catalog["campaigns"] for c in campaign["creatives"]})
+    out = []
+    for f in banner.get("format") or []:
+        if not (f.get("w") and f.get("h")) and f.get("wratio") and f.get("hratio"):
+            out += [(w, h) for w, h in sizes if w * f["hratio"] == h * f["wratio"] and w >= (f.get("wmin") or 0)]
+    if not banner.get("format") and not (banner.get("w") and banner.get("h")) and any(
+            banner.get(k) for k in ("wmin", "wmax", "hmin", "hmax")):
+        out += [(w, h) for w, h in sizes if (banner.get("wmin") or 0) <= w <= (banner.get("wmax") or w)
+                and (banner.get("hmin") or 0) <= h <= (banner.get("hmax") or h)]
+    return out
+
+
 def shared_fields(request: dict, exchange: str | None, weekday: int, hour: int) -> dict[str, Any]:
     device = request.get("device") or {}
     geo = device.get("geo") or {}
@@ -122,14 +212,23 @@ def shared_fields(request: dict, exchange: str | None, weekday: int, hour: int) 
         domain, url = None, None
     tags = [segment["id"] for data in (request.get("user") or {}).get("data") or []
             for segment in data.get("segment") or [] if segment.get("id")]
-    return {"weekday": weekday, "hour": hour, "useragent": device.get("ua"),
-            "IP": device.get("ip") or device.get("ipv6"), "region": geo.get("region"), "city": geo.get("city"),
-            "adexchange": exchange, "domain": domain, "url": url, "urlid": None, "usertag": tags}
+    out = {"weekday": weekday, "hour": hour, "useragent": device.get("ua"),
+           "IP": device.get("ip") or device.get("ipv6"), "region": geo.get("region"), "city": geo.get("city"),
+           "adexchange": exchange, "domain": domain, "url": url, "urlid": None, "usertag": tags}
+    if not personal_ok(request):  # the personal fields are blanked; the region stays
+        out.update(IP=None, city=None, usertag=[])
+    return out
+
+
+def floor_usd(imp: dict) -> float | None:
+    """The imp's floor in USD, or None when its currency has no rate."""
+    rate = RATES.get(imp.get("bidfloorcur", "USD"))
+    return None if rate is None else imp.get("bidfloor", 0.0) / rate
 
 
 def slot_fields(imp: dict) -> dict[str, Any]:
     banner = imp.get("banner") or {}
-    fen = imp.get("bidfloor", 0.0) * FEN_PER_USD
+    fen = floor_usd(imp) * FEN_PER_USD
     return {"slotid": imp.get("tagid"), "slotvisibility": VISIBILITY.get(banner.get("pos"), "Na"),
             "slotformat": "1" if imp.get("instl") else "0",
             "slotprice": SLOTPRICE_CAP if fen >= SLOTPRICE_CAP else int(round(fen))}
@@ -139,9 +238,14 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
            utc_offset_hours: float = 0.0) -> Expectation:
     """The answer to ``request`` received at ``now`` (tmax aside: the caller keeps it generous or absent)."""
     weekday, hour = clock(now, utc_offset_hours)
-    if request.get("cur") and "USD" not in request["cur"]:
+    if request.get("cur") and "USD" not in request["cur"] and not any(c in RATES for c in request["cur"]):
         return Expectation(204, "currency", [], weekday, hour)
+    if not seat_allowed(request, "bidder") and not any(imp.get("pmp") for imp in request["imp"]):
+        return Expectation(204, "blocked_seat", [], weekday, hour)
     shared = shared_fields(request, exchange, weekday, hour)
+    personal = personal_ok(request)
+    cur = request.get("cur") or ["USD"]
+    currency = "USD" if "USD" in cur else next(c for c in cur if c in RATES)
     badv = request.get("badv") or []
     outcomes: list[ImpOutcome] = []
     records: list[dict] = []
@@ -149,17 +253,28 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
     for position, imp in enumerate(request["imp"]):
         outcome = ImpOutcome(imp["id"])
         outcomes.append(outcome)
-        if imp.get("bidfloorcur", "USD") != "USD":
+        if floor_usd(imp) is None:
             outcome.reason = "floor_currency"
             continue
         if imp.get("banner") is None:
             outcome.reason = "unsupported_format"
             continue
-        candidates = [pair for size in sizes_of(imp)
+        sizes = list(dict.fromkeys(sizes_of(imp) + flexible_sizes(imp, catalog)))
+        candidates = [pair for size in sizes
                       for pair in eligible_creatives(catalog, size, shared["domain"], exchange, badv)]
-        if not candidates:
+        if not sizes or not candidates:
             outcome.reason = "no_eligible_creative"
             continue
+        if not seat_allowed(request, "bidder"):
+            outcome.reason = "blocked_seat"
+            continue
+        rules = [excluded_by(request, imp, campaign, creative, personal) for campaign, creative in candidates]
+        if all(rules):  # counted under the rule, in the documented order, that removed the last of them
+            order = ("blocked_category", "unknown_cattax", "blocked_app", "requires_consent", "blocked_attribute",
+                     "blocked_banner_type", "unsupported_mime", "unsupported_api")
+            outcome.reason = max(rules, key=order.index)
+            continue
+        candidates = [pair for pair, rule in zip(candidates, rules) if rule is None]
         for campaign, creative in candidates:
             records.append({**shared, **slot_fields(imp), "creative": creative["id"],
                             "advertiser": campaign["advertiser"], "slotwidth": creative["w"],
@@ -174,7 +289,7 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
     first_price = request.get("at", 2) == 1 and market_session(scorer) is not None
     for position, offered in offers.items():
         outcome = outcomes[position]
-        floor = request["imp"][position].get("bidfloor", 0.0)
+        floor = floor_usd(request["imp"][position])
         outcome.values = sorted((price for price, *_ in offered), reverse=True)
         best = outcome.values[0]
         # a creative within twice the tolerance of the best may win instead, at its own price
@@ -196,9 +311,9 @@ def expect(request: dict, catalog: dict, scorer, exchange: str | None, now: floa
             if price >= floor - outcome.tolerance and price >= best - outcome.tolerance:
                 outcome.winners[creative["id"]] = bid_fields(request, request["imp"][position], campaign, creative)
     if any(outcome.reason is None for outcome in outcomes):
-        return Expectation(200, None, outcomes, weekday, hour)
+        return Expectation(200, None, outcomes, weekday, hour, currency)
     reasons = {outcome.reason for outcome in outcomes}
-    return Expectation(204, reasons.pop() if len(reasons) == 1 else None, outcomes, weekday, hour)
+    return Expectation(204, reasons.pop() if len(reasons) == 1 else None, outcomes, weekday, hour, currency)
 
 
 GRID = 64  # docs/first-price.md: the first-price search tries floor + (value − floor)·k/64, k = 0..63
@@ -243,13 +358,19 @@ def shade(scorer, record: dict, value: float, floor: float, tolerance: float) ->
 
 
 def bid_fields(request: dict, imp: dict, campaign: dict, creative: dict) -> dict[str, Any]:
-    """The fields of the bid for ``creative`` on ``imp`` (price aside), as the README's example shows them."""
+    """The fields of the bid for ``creative`` on ``imp`` (price aside), as the README's example shows them: with
+    the creative's categories (and their taxonomy), attributes and the markup type (1: banner)."""
     out = {"id": f"{request['id']}-{imp['id']}", "impid": imp["id"], "adid": creative["id"], "crid": creative["id"],
-           "adomain": creative["adomain"], "w": creative["w"], "h": creative["h"], "cid": campaign["id"]}
+           "adomain": creative["adomain"], "w": creative["w"], "h": creative["h"], "cid": campaign["id"], "mtype": 1}
     if "nurl" in creative:
         out["nurl"] = creative["nurl"]
     if "markup" in creative:
         out["adm"] = creative["markup"]
+    if creative.get("cat"):
+        out["cat"] = list(dict.fromkeys(creative["cat"]))
+        out["cattax"] = creative.get("cattax", 1)
+    if creative.get("attr"):
+        out["attr"] = list(dict.fromkeys(creative["attr"]))
     return out
 
 
@@ -263,7 +384,7 @@ def mismatch(expectation: Expectation, status: int, answer: dict | None, request
     if status == 204:
         settle(expectation, {})
         return None
-    if answer.get("id") != request["id"] or answer.get("cur") != "USD":
+    if answer.get("id") != request["id"] or answer.get("cur") != expectation.currency:
         return f"response id/cur {answer.get('id')!r}/{answer.get('cur')!r}"
     bids = [bid for seat in answer.get("seatbid", []) for bid in seat.get("bid", [])]
     if any(seat.get("seat") != "bidder" for seat in answer.get("seatbid", [])):
@@ -290,11 +411,15 @@ def mismatch(expectation: Expectation, status: int, answer: dict | None, request
         fields = {k: v for k, v in bid.items() if k != "price"}
         if fields != expected:
             return f"imp {outcome.imp_id!r}: bid fields {fields}, expected {expected}"
-        floor = next(imp for imp in request["imp"] if imp["id"] == outcome.imp_id).get("bidfloor", 0.0)
+        imp = next(imp for imp in request["imp"] if imp["id"] == outcome.imp_id)
+        rate = RATES[expectation.currency]  # prices are worked out in USD, bid in the response's currency
+        floor = (imp.get("bidfloor", 0.0) if imp.get("bidfloorcur", "USD") == expectation.currency
+                 else floor_usd(imp) * rate)
+        price = max(round(outcome.price * rate, 6), floor) if rate != 1.0 else outcome.price
         if not isinstance(bid.get("price"), float) or bid["price"] < floor:
             return f"imp {outcome.imp_id!r}: price {bid.get('price')!r} under the floor {floor}"
-        if not math.isclose(bid["price"], outcome.price, rel_tol=0.0, abs_tol=outcome.tolerance + 1e-6):
-            return f"imp {outcome.imp_id!r}: price {bid['price']}, expected {outcome.price} (±{outcome.tolerance})"
+        if not math.isclose(bid["price"], price, rel_tol=0.0, abs_tol=(outcome.tolerance + 1e-6) * rate):
+            return f"imp {outcome.imp_id!r}: price {bid['price']}, expected {price} (±{outcome.tolerance})"
         if round(bid["price"], 6) != bid["price"] and bid["price"] != floor:  # a bid at the floor is the floor
             return f"imp {outcome.imp_id!r}: price {bid['price']} is not in micro-dollars"
     if by_imp:
@@ -356,7 +481,8 @@ def raw_catalog(path: Path) -> dict:
 
 
 async def post_bid(client, request: dict | bytes, exchange: str | None = None, **kwargs):
-    """(status, answer or None, time sent, time answered)."""
+    """(status, answer or None, time sent, time answered); every bid is held to the OpenRTB 2.6 bid rules
+    (tests/response_rules.py)."""
     body = request if isinstance(request, bytes) else json.dumps(request).encode()
     before = time.time()
     response = await client.post("/bid" if exchange is None else f"/bid/{exchange}", data=body, **kwargs)
@@ -364,6 +490,9 @@ async def post_bid(client, request: dict | bytes, exchange: str | None = None, *
     after = time.time()
     if response.status not in (200, 204):
         raise AssertionError(f"{response.status}: {await response.text()}")
+    if answer is not None:
+        problems = violations(json.loads(body), answer)
+        assert not problems, f"the response breaks OpenRTB's bid rules: {problems}\nanswer: {answer}"
     return response.status, answer, before, after
 
 
@@ -445,7 +574,7 @@ def generate_requests(catalog: dict, count: int, seed: int) -> list[tuple[str | 
             if floor is not None:
                 imp["bidfloor"] = round(floor, rng.choice([2, 4, 6]))
             if rng.random() < 0.05:
-                imp["bidfloorcur"] = "EUR"
+                imp["bidfloorcur"] = "XTS"
             elif rng.random() < 0.3:
                 imp["bidfloorcur"] = "USD"
             if rng.random() < 0.8:
@@ -475,7 +604,7 @@ def generate_requests(catalog: dict, count: int, seed: int) -> list[tuple[str | 
             request["badv"] = rng.sample(adomains, rng.randint(1, 3))
         roll = rng.random()
         if roll < 0.05:
-            request["cur"] = ["EUR"]
+            request["cur"] = ["XTS"]
         elif roll < 0.4:
             request["cur"] = rng.choice([["USD"], ["EUR", "USD"]])
         if rng.random() < 0.4:

@@ -20,8 +20,8 @@ from bench.__main__ import main as bench_main
 from bench.echo import handle as echo_handle
 from bench.echo import make_app
 from bench.load import LoadConfig, parse_cpus, preflight, price_agreement, scaling_cpus, summary
-from bench.report import (Measurement, build_report, comparisons, format_table, format_target, groups, medians,
-                          pair_ratios, ratios, scaling, target_check)
+from bench.report import (Measurement, build_report, comparisons, format_scaling, format_table, format_target, groups,
+                          medians, pair_ratios, ratios, scaling, target_check)
 from bench.scrape import MetricsProbe, batch_delta, parse_metrics
 from bench.servers import BenchError
 from bench.wrk_driver import INSTALL_HINT, MARKER, SCRIPT, WrkResult, parse_output, wrk_path
@@ -572,3 +572,66 @@ def test_bench_reload_refuses_bad_options_in_one_line(tmp_path, capsys, argv, me
     assert bench_main(["reload", *argv, "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_bench_factorized_against_compares_two_exports_of_the_graphs(tmp_path):
+    """``python -m bench.factorized --against``: the shipped graphs against a copy of themselves."""
+    from bench.factorized import DEFAULT_BODY, compare_graphs
+    from bidder import DEFAULT_BUNDLE
+
+    old = shutil.copytree(DEFAULT_BUNDLE, tmp_path / "old")
+    results = compare_graphs(old, DEFAULT_BUNDLE, DEFAULT_BUNDLE / "campaigns.json", DEFAULT_BODY.read_bytes(),
+                             [1, 3], calls=5, evict_bytes=1 << 16)
+    assert [(r["requests"], r["rows"]) for r in results] == [(1, 9), (3, 27)]
+    for r in results:  # the same graphs: the same probabilities and answers, prices to the micro-dollar
+        assert r["max_abs_diff"]["new_vs_old"] == 0.0 and r["max_abs_diff"]["new_vs_model_onnx"] <= 1e-6
+        assert r["answers_differing_beyond_price"] == 0 and r["max_abs_price_diff"] == 0.0
+        assert set(r["run_us"]) == {"old", "new", "new_run_binding"} and all(t > 0 for t in r["run_us"].values())
+        assert set(r["engine_run_us"]) == {"old", "new"} and all(t > 0 for t in r["engine_run_us"].values())
+
+
+def test_the_scaling_curve_reports_efficiency_and_the_echo_at_each_worker_count():
+    runs = [measurement("echo", 32, 10000, 2000), measurement("bidder", 32, 4000, 4000),
+            measurement("echo", 64, 18000, 2000, workers=2), measurement("bidder", 64, 7200, 5000, workers=2),
+            measurement("bidder", 128, 12000, 6000, workers=4)]
+    entries = {(e["server"], e["workers"]): e for e in scaling(runs)}
+    two, four = entries[("bidder", 2)], entries[("bidder", 4)]
+    assert (two["speedup"], two["efficiency"], two["vs_echo"]) == (pytest.approx(1.8), pytest.approx(0.9),
+                                                                   pytest.approx(0.4))
+    assert (four["efficiency"], four["vs_echo"]) == (pytest.approx(0.75), None)  # no echo run at 4 workers
+    text = format_scaling(list(entries.values()))
+    assert "0.90 of 2x" in text and "0.40x echo at 2 workers" in text and "0.75 of 4x" in text
+
+
+def test_workers_take_a_list_and_each_count_above_one_is_a_run(monkeypatch, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_load_arguments(parser)
+    assert load_config(parser.parse_args(["--workers", "4,1,2,2"])).scaling_workers == (1, 2, 4)
+    assert load_config(parser.parse_args(["--workers", "2"])).scaling_workers == (2,)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--workers", "0,2"])
+    phases = []
+    monkeypatch.setattr(load, "check_prerequisites", lambda config: None)
+    monkeypatch.setattr(load, "run_phase", lambda config, **kw: phases.append((kw["workers"], kw["connections"]))
+                        or [])
+    monkeypatch.setattr(load, "machine_info", lambda *a: {"cpu_model": "cpu", "nproc": 2, "python": "3", "wrk": "w"})
+    monkeypatch.setattr(load, "wrk_version", lambda: "wrk")
+    monkeypatch.setattr(load, "model_id", lambda model: "m")
+    monkeypatch.setattr(load, "plot_latency", lambda measurements, path, title: path)
+    config = load_config(parser.parse_args(["--workers", "1,2,4", "--connections", "1,32", "--no-pin",
+                                            "--out", str(tmp_path)]))
+    load.run_load(config)
+    assert phases == [(1, (1, 32)), (2, (64,)), (4, (128,))]
+
+
+def test_the_echo_is_not_compared_with_itself():
+    runs = [measurement("echo", 32, 10000, 2000), measurement("echo", 64, 18000, 2000, workers=2)]
+    [entry] = scaling(runs)
+    assert entry["vs_echo"] is None and "echo at" not in format_scaling([entry])
+
+
+def test_several_bidder_workers_are_scraped_through_the_supervisors_metrics_port():
+    config = LoadConfig(servers=("echo", "bidder"))
+    assert load.server_command("bidder", config, 9000, 2, 9100)[-2:] == ["--metrics-port", "9100"]
+    assert "--metrics-port" not in load.server_command("echo", config, 9001, 2, 9100)
+    assert "--metrics-port" not in load.server_command("bidder", config, 9002, 1)

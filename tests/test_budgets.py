@@ -285,8 +285,7 @@ def test_the_ledger_spends_what_the_exchange_charges_and_no_campaign_passes_its_
     catalog = json.loads(DEFAULT_CAMPAIGNS.read_text())
     for campaign in catalog["campaigns"]:
         campaign["budget"] = {"total": budget, "timezone": "America/New_York"}
-        for creative in campaign["creatives"]:  # markup: what the exchange renders (and charges for)
-            creative["markup"] = f'<img src="https://cdn.example/{creative["id"]}.png">'
+        assert all(creative["markup"] for creative in campaign["creatives"])  # what the exchange renders and charges
     path = tmp_path / "campaigns.json"
     path.write_text(json.dumps(catalog))
     keys = tmp_path / "keys.json"

@@ -1,7 +1,6 @@
 """The event log (``bidder serve --events DIR``, ``bidder/events.py``) and training from it (``train logs``)."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -13,15 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 from processes import Server
 
 import bidder
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES, Featurizer
 from bidder.__main__ import main as bidder_main
-from bidder.app import DEFAULT_CAMPAIGNS
+from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import load_catalog
+from bidder.clock import Clock
 from bidder.engine import BidEngine
-from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_members
+from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_frames, events_hour, read_lines
 from bidder.metrics import Metrics
 from bidder.scorer import Scorer
 from train.__main__ import main as train_main
@@ -37,9 +38,8 @@ BID = ("r1-1", {"weekday": 3, "hour": 14, "usertag": ["10006"], "slotprice": 7},
 
 def _records(directory: Path) -> list[dict]:
     out = []
-    for path in sorted(directory.glob("events-*.jsonl.gz")):
-        with gzip.open(path) as f:
-            out.extend(json.loads(line) for line in f.read().splitlines())
+    for path in sorted(directory.glob("events-*.jsonl.zst")):
+        out.extend(json.loads(line) for line in read_lines(path))
     return out
 
 
@@ -68,9 +68,12 @@ def test_a_full_queue_drops_and_counts_without_waiting(tmp_path):
 def test_files_rotate_by_the_hour_of_their_events_and_by_size(tmp_path):
     events = EventLog(tmp_path, flush_s=60, max_bytes=1)  # every flush past the size: a new file
     ten, eleven = 1_796_637_600.0, 1_796_641_200.0  # 2026-12-07 10:00 and 11:00 UTC
-    events.queue.extend([("click", ten, "a"), ("click", ten + 1, "b"), ("click", eleven, "c")])
+    times = iter([ten, ten + 1, eleven, eleven + 1])
+    events.now = lambda: next(times)
+    for bid_id in "abc":
+        events.click(bid_id)
     events._drain()
-    events.queue.append(("click", eleven + 1, "d"))
+    events.click("d")
     events._drain()
     events._finish()
     names = sorted(p.name.split("-p")[0] for p in tmp_path.glob("events-*"))
@@ -127,7 +130,7 @@ def test_an_unwritable_directory_is_one_line_at_start(tmp_path, capsys):
     assert status == 2 and err.count("\n") == 1 and err.startswith("error: --events ") and "a-file" in err
 
 
-def test_a_killed_writer_loses_only_its_torn_last_member(tmp_path):
+def test_a_killed_writer_loses_only_its_torn_last_frame(tmp_path):
     """A process writing events is killed (SIGKILL); the next start renames what it flushed into place."""
     script = textwrap.dedent("""
         import sys, time
@@ -157,10 +160,19 @@ def test_a_killed_writer_loses_only_its_torn_last_member(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_complete_members_drops_a_torn_tail():
-    whole = gzip.compress(b"a\n") + gzip.compress(b"b\n")
-    assert complete_members(whole) == (b"a\nb\n", False)
-    assert complete_members(whole + gzip.compress(b"c\n")[:-3]) == (b"a\nb\n", True)
+def test_complete_frames_drops_a_torn_tail():
+    compress = zstandard.ZstdCompressor().compress
+    whole = compress(b"a\n") + compress(b"b\n")
+    assert complete_frames(whole) == (b"a\nb\n", False)
+    assert complete_frames(whole + compress(b"c\n")[:-3]) == (b"a\nb\n", True)
+    assert complete_frames(whole + b"not zstd") == (b"a\nb\n", True)
+
+
+def test_a_file_of_many_frames_reads_as_one_stream_of_lines(tmp_path):
+    compress = zstandard.ZstdCompressor().compress
+    path = tmp_path / "events.jsonl.zst"
+    path.write_bytes(compress(b"a\nb") + compress(b"c\n") + compress(b"d\n"))
+    assert list(read_lines(path)) == [b"a", b"bc", b"d"]
 
 
 # -- the bid path --------------------------------------------------------------------------------------------
@@ -184,6 +196,18 @@ def test_the_engine_logs_each_bid_and_answers_the_same_bytes(tmp_path):
     pending = BidEngine(scorer, catalog, Metrics(), now=1.8e9).prepare(_banner(), "2", 0.0)
     scored = featurizer.transform([{**pending.records[0], **candidate.layer}])
     assert all(np.array_equal(again[k], scored[k]) for k in scored)
+
+
+async def test_a_simulated_clock_stamps_the_events_with_simulated_time(aiohttp_client, tmp_path):
+    start = 1_796_083_200.0  # 2026-12-01T00:00:00Z
+    clock = Clock(start=start, speed=3600.0, anchor=time.time())
+    client = await aiohttp_client(create_app(Config(clock=clock, events=tmp_path)))
+    assert (await client.post("/bid/2", data=_banner())).status == 200
+    await client.close()  # closes the log: every queued event written
+    (event,) = _records(tmp_path)
+    assert start <= event["time"] <= clock.now()
+    assert event["record"]["hour"] == time.gmtime(event["time"]).tm_hour  # the hour the model saw, and the file's
+    assert [p.name[:18] for p in tmp_path.glob("events-*")] == [f"events-{events_hour(event['time'])}"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -210,10 +234,10 @@ def test_bench_load_can_measure_the_bidder_with_its_event_log():
 
 
 # -- train logs ------------------------------------------------------------------------------------------------
-def _write_log(directory: Path, records: list[dict], name: str = "events-20261207T10-w0-p1-000001.jsonl.gz") -> None:
+def _write_log(directory: Path, records: list[dict], name: str = "events-20261207T10-w0-p1-000001.jsonl.zst") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    with gzip.open(directory / name, "wb") as f:
-        f.write(b"".join(json.dumps(r).encode() + b"\n" for r in records))
+    (directory / name).write_bytes(zstandard.ZstdCompressor().compress(
+        b"".join(json.dumps(r).encode() + b"\n" for r in records)))
 
 
 def _bid(bid_id: str, at: float, **fields) -> dict:
@@ -255,8 +279,8 @@ def test_train_logs_joins_bids_with_their_outcomes(tmp_path):
         _notice("bill", "zz", t + 7, price=1.0), _click("yy", t + 8),  # outcomes with no bid
     ])
     # the events of one bid may be in another worker's file, and in any order
-    _write_log(events, [_click("c", t + 30)], "events-20261207T11-w1-p2-000001.jsonl.gz")
-    _write_log(events, [_bid("ignored", t)], ".tmp-events-20261207T11-w0-p3-000001.jsonl.gz")
+    _write_log(events, [_click("c", t + 30)], "events-20261207T11-w1-p2-000001.jsonl.zst")
+    _write_log(events, [_bid("ignored", t)], ".tmp-events-20261207T11-w0-p3-000001.jsonl.zst")
     summary = write_training_data(events, tmp_path / "data", click_window=3600, progress=False)
     train = _lines(tmp_path / "data" / "train.log.txt")
     assert {(r["bidid"], r["click"]) for r in train} == {("a", "1"), ("b", "0"), ("c", "1")}
@@ -284,7 +308,32 @@ def test_train_logs_refuses_a_schema_version_it_does_not_know(tmp_path, capsys):
     status = train_main(["logs", "--events", str(events), "--out", str(tmp_path / "data"), "--quiet"])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
-    assert "events-20261207T10-w0-p1-000001.jsonl.gz:2: event schema version 2 is not known" in err
+    assert "events-20261207T10-w0-p1-000001.jsonl.zst:2: event schema version 2 is not known" in err
     with pytest.raises(DataError, match=r":1: not an event record"):
         _write_log(events, [{"kind": "bid"}])
         write_training_data(events, tmp_path / "data", progress=False)
+
+
+# -- bench loop -------------------------------------------------------------------------------------------------
+def test_bench_loop_draws_as_many_generator_rows_as_the_logs_hold_in_time_order(tmp_path):
+    from bench.loop import reference_data
+    from bench.servers import BenchError
+
+    generator = tmp_path / "generator"
+    generator.mkdir()
+    (generator / "train.log.txt").write_text("click\ttimestamp\n" + "".join(f"0\t{i:05d}\n" for i in range(100)))
+    (generator / "test.log.txt").write_text("click\ttimestamp\n1\t99999\n")
+    reference_data(generator, 30, tmp_path / "data", seed=1)
+    header, *rows = (tmp_path / "data" / "train.log.txt").read_text().splitlines()
+    assert header == "click\ttimestamp" and len(rows) == len(set(rows)) == 30 and rows == sorted(rows)
+    assert (tmp_path / "data" / "test.log.txt").read_text() == "click\ttimestamp\n1\t99999\n"
+    with pytest.raises(BenchError, match="more than the generator's 100"):
+        reference_data(generator, 101, tmp_path / "more", seed=1)
+
+
+def test_bench_loop_refuses_a_folder_already_holding_results(tmp_path, capsys):
+    from bench.loop import main as loop_main
+
+    (tmp_path / "loop.json").write_text("{}")
+    assert loop_main(["--out", str(tmp_path)]) == 1
+    assert "is not empty" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from bidder.scorer import BundleError, Scorer
 from catalogs import parse_catalog
 from train.__main__ import main as train_main
 from train.bundle import write_bundle
+from train.calibrate import Calibration
 from train.errors import ParityError, TrainError
 from train.export import export_lean
 from train.factorize import check_parity, factorize_bundle
@@ -82,8 +83,8 @@ def test_bundles_list_their_factorized_graphs(bundle, scorer):
     assert entry["files"] == [CANDIDATE_FILE, FACTORIZED_FILE]
     assert entry["candidate_fields"] == ["slotwidth", "slotheight", "creative", "advertiser"]
     hidden = meta["hyperparameters"]["dnn_hidden_units"][0]  # 256, or the shipped student's 64
-    assert entry["layout"] == {"width": hidden + 9, "dnn_first_layer": [0, hidden], "scalar": [hidden, hidden + 1],
-                               "fm_sum": [hidden + 1, hidden + 9]}
+    assert entry["layout"] == {"width": hidden + 10, "dnn_first_layer": [0, hidden], "scalar": [hidden, hidden + 1],
+                               "scalar_negated": [hidden + 1, hidden + 2], "fm_sum": [hidden + 2, hidden + 10]}
     assert entry["parity"]["rows"] >= 1000 and entry["parity"]["max_abs_diff"] <= TOLERANCE
     assert scorer.factorized_files() == (bundle / CANDIDATE_FILE, bundle / FACTORIZED_FILE)
     # the canonical graph is the one the bundle was exported with
@@ -216,8 +217,9 @@ def random_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("file, initializer, index", [
-    (FACTORIZED_FILE, "row.half", ()),                      # the FM term
-    (FACTORIZED_FILE, "imp.weight", (0, 257)),              # the first imp field's vector into the FM sum
+    (FACTORIZED_FILE, "row.out", (-2, 0)),                  # the scalar (linear and FM squares) as the DNN carries it
+    (FACTORIZED_FILE, "row.out", (-1, 0)),                  # ... and its negated copy
+    (FACTORIZED_FILE, "imp.weight", (0, 258)),              # the first imp field's vector into the FM sum
     (FACTORIZED_FILE, "dnn.1.bias", (0,)),                  # the DNN after the split layer
     (CANDIDATE_FILE, "candidate.weight", (0, 3)),           # the first candidate field's share of the DNN
     (CANDIDATE_FILE, "candidate.constants", (256,)),        # the output bias the candidate side carries
@@ -260,7 +262,7 @@ def test_factorize_leaves_model_onnx_alone_and_keeps_meta(tmp_path):
     assert not [p for p in bundle.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def random_deepfm_bundle(out: Path, **overrides) -> Path:
+def random_deepfm_bundle(out: Path, calibration: Calibration | None = None, **overrides) -> Path:
     """An untrained DeepFM with every weight drawn at a scale where each part of the logit matters."""
     spec = default_spec()
     hp = resolve_hyperparameters("deepfm", overrides)
@@ -270,11 +272,34 @@ def random_deepfm_bundle(out: Path, **overrides) -> Path:
         for param in model.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     out.mkdir(parents=True)
-    path = export_lean(model, spec, "deepfm", out / "lean.onnx", combiner=hp["usertag_combiner"])
+    path = export_lean(model, spec, "deepfm", out / "lean.onnx", combiner=hp["usertag_combiner"],
+                       calibration=calibration)
     write_bundle(out, onnx_path=path, spec=spec, architecture="deepfm", hyperparameters=hp, data={}, metrics={},
                  parity={})
     path.unlink()
     return out
+
+
+@pytest.mark.parametrize("calibration", [Calibration(1.3, -0.4), Calibration(-0.8, 0.5)])
+@pytest.mark.parametrize("overrides", [{}, {"dnn_hidden_units": [32]}])
+def test_the_calibration_folded_into_the_factorized_graphs_scores_as_model_onnx(tmp_path, catalog, sample_records,
+                                                                              calibration, overrides):
+    """The graphs carry sigmoid(a * logit + b) in their weights (any sign of a), not as nodes of its own."""
+    bundle = random_deepfm_bundle(tmp_path / "bundle", calibration, **overrides)
+    assert factorize_bundle(bundle)["parity"]["max_abs_diff"] <= TOLERANCE
+    assert initializers(bundle / "model.onnx")["calibration_scale"] == np.float32(calibration.scale)
+    graph = onnx.load(str(bundle / FACTORIZED_FILE)).graph
+    assert not {"calibration_scale", "calibration_shift"} & {t.name for t in graph.initializer}
+    assert [n.op_type for n in graph.node].count("Mul") == 1  # the imp side's squares, nothing after the split
+    scorer = Scorer(bundle)
+    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)
+    layers = [c.layer for c in catalog.candidates]
+    f.set_candidates(layers)
+    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
+    expected = canonical(scorer, sample_records[:4], layers, row_imp, row_cand)
+    assert expected.std() > 1e-3
+    np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)), expected, rtol=0,
+                               atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("overrides", [{"usertag_combiner": "mean"}, {"dnn_hidden_units": [32]},

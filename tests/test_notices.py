@@ -4,6 +4,7 @@ notices on."""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from bidder.__main__ import main
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import CatalogError, load_catalog
+from bidder.events import read_lines
 from bidder.notice_store import SqliteNoticeStore
 from bidder.notices import KeyFileError, Keyring, NoticeSettings, Notices, SigningKey, load_keyring, micros
 from oracle import metric
@@ -369,8 +371,6 @@ def test_two_workers_count_a_notice_once_whichever_answers_it(tmp_path):
 
 async def test_with_an_event_log_each_counted_notice_and_click_is_logged_once(aiohttp_client, small_bundle,
                                                                             clicking_catalog, tmp_path):
-    import gzip
-
     settings = NoticeSettings(**SETTINGS, state_dir=tmp_path / "state")
     client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=clicking_catalog, now=NOW,
                                                     notices=settings, events=tmp_path / "events")))
@@ -383,9 +383,8 @@ async def test_with_an_event_log_each_counted_notice_and_click_is_logged_once(ai
     assert (await client.get("/notice/win?t=forged&p=1")).status in (400, 403)  # refused: not logged
     await client.close()  # the app's cleanup closes the log: every queued event written
     records = []
-    for path in sorted((tmp_path / "events").glob("events-*.jsonl.gz")):
-        with gzip.open(path) as f:
-            records += [json.loads(line) for line in f.read().splitlines()]
+    for path in sorted((tmp_path / "events").glob("events-*.jsonl.zst")):
+        records += [json.loads(line) for line in read_lines(path)]
     assert [r["kind"] for r in records].count("bid") == 1
     notices = {r["notice"]: r for r in records if r["kind"] == "notice"}
     assert sorted(notices) == ["bill", "loss", "win"] and len([r for r in records if r["kind"] == "notice"]) == 3
@@ -393,3 +392,16 @@ async def test_with_an_event_log_each_counted_notice_and_click_is_logged_once(ai
     assert notices["win"]["price"] == 1.234567 and notices["loss"]["loss"] == 102
     assert notices["loss"]["min_to_win"] is None  # ${AUCTION_MIN_TO_WIN} left unsubstituted
     assert [r["kind"] for r in records].count("click") == 1
+
+
+async def test_refused_notices_are_logged_as_events_at_most_once_a_second_per_reason(client, caplog):
+    stranger = keyring(("k1", SECRET_B, 0)).sign(NOW, 1, 600, *FIELDS)
+    unknown = keyring(("k9", SECRET_A, 0)).sign(NOW, 1, 600, *FIELDS)
+    with caplog.at_level(logging.INFO, logger="bidder"):
+        for _ in range(3):
+            assert (await client.get(f"/notice/win?t={stranger}")).status == 403
+        assert (await client.get(f"/notice/win?t={unknown}")).status == 403
+    refused = [r for r in caplog.records if getattr(r, "event", None) == "notice_refused"]
+    assert [(r.args["kind"], r.args["reason"], r.args["status"], r.args["suppressed"]) for r in refused] == [
+        ("win", "bad_signature", 403, 0), ("win", "unknown_key", 403, 0)]
+    assert all(r.levelname == "WARNING" and r.args["where"] == "t" for r in refused)

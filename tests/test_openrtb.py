@@ -95,12 +95,12 @@ def test_every_example_decodes(openrtb_examples):
 
 
 def test_response_encoding_carries_the_win_macro_and_omits_absent_fields():
-    bid = Bid(id="r-1", impid="1", price=1.5, adid="cr", crid="cr", adomain=["a.com"], w=300, h=250,
+    bid = Bid(id="r-1", impid="1", price=1.5, adid="cr", crid="cr", adomain=["a.com"], w=300, h=250, mtype=1,
               nurl="https://w/?p=${AUCTION_PRICE}")
     answer = msgspec.json.decode(encode_response(BidResponse(id="r", seatbid=[SeatBid(bid=[bid])])))
     assert answer == {"id": "r", "cur": "USD", "seatbid": [{"seat": "bidder", "bid": [
         {"id": "r-1", "impid": "1", "price": 1.5, "adid": "cr", "crid": "cr", "adomain": ["a.com"], "w": 300,
-         "h": 250, "nurl": "https://w/?p=${AUCTION_PRICE}"}]}]}
+         "h": 250, "mtype": 1, "nurl": "https://w/?p=${AUCTION_PRICE}"}]}]}
 
 
 @pytest.mark.parametrize("body,path", [

@@ -18,6 +18,7 @@ from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 from bidder.app import STATE, Config, create_app
 from bidder.batch import Batch
 from bidder.campaigns import load_catalog
+from bidder.conformance import IAB_CONTENT_1
 from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer, candidate_fields, random_inputs
 from bidder.metrics import Metrics
@@ -354,6 +355,32 @@ def test_badv_and_sizes_without_creatives_under_retrieval(tower_bundle, market):
     else:
         assert len(again.candidates) == 10 and not set(blocked) & {d for c in again.candidates for d in c.adomain}
     assert engine.bid(banner(7, 7)).reason == "no_eligible_creative"
+
+
+def test_blocking_rules_come_before_top_k_under_retrieval(tower_bundle, market, tmp_path):
+    """Creatives a request's bcat excludes take no place in the K: the K are the best of the others."""
+    engine, _, _, _ = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
+    first = {c.campaign_id for c in retrieved(engine, banner()).candidates}
+    data = json.loads((market / CAMPAIGNS_FILE).read_text())
+    for campaign in data["campaigns"]:
+        if campaign["id"] in first:
+            for creative in campaign["creatives"]:
+                creative["cat"] = ["IAB7-39"]
+    (tmp_path / "cats.json").write_text(json.dumps(data))
+    engine, _, _, _ = engines(tower_bundle, tmp_path / "cats.json", k=10)
+    assert {c.campaign_id for c in retrieved(engine, banner()).candidates} == first  # metadata alone: the same K
+    request = json.loads(banner())
+    request["bcat"] = ["IAB7"]
+    again = retrieved(engine, json.dumps(request).encode())
+    assert len(again.candidates) == 10 and not first & {c.campaign_id for c in again.candidates}
+    request["bcat"] = sorted(IAB_CONTENT_1)  # nothing left: counted under the rule
+    for campaign in data["campaigns"]:
+        for creative in campaign["creatives"]:
+            creative["cat"] = ["IAB1"]
+    (tmp_path / "all.json").write_text(json.dumps(data))
+    engine, _, _, _ = engines(tower_bundle, tmp_path / "all.json", k=10)
+    outcome = retrieved(engine, json.dumps(request).encode())
+    assert isinstance(outcome, Outcome) and outcome.reason == "blocked_category"
 
 
 class _PoisonedFeaturizer:

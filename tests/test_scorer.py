@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from bidder import default_spec, load_spec, reference
-from bidder.scorer import BundleError, Scorer, pin_to_core
+from bidder.scorer import OUTPUT, BundleError, Scorer, pin_to_core, run_binding
 
 
 def tiny_model(path: Path, inputs: dict[str, list], output: str = "ctr", out_shape=("batch", 1)) -> Path:
@@ -131,6 +131,20 @@ def test_bindings_are_made_once_per_batch_size_over_the_shared_buffers(small_bun
     assert first.base is scorer.output or first.base is scorer.output.base
     expected = Scorer(small_bundle, max_batch=32).predict(sample_records[:3])
     np.testing.assert_array_equal(scorer.output[:3, 0], expected)
+
+
+def test_run_binding_runs_the_binding_as_onnx_runtimes_own_call(small_bundle, sample_records):
+    scorer = Scorer(small_bundle, max_batch=32)
+    scorer.featurizer.transform_into(scorer.inputs, sample_records[:9])
+    binding = scorer._binding(9)
+    scorer.session.run_with_iobinding(binding)
+    expected = scorer.output[:9].copy()
+    scorer.output[:] = -1.0
+    run_binding(scorer.session, binding)
+    np.testing.assert_array_equal(scorer.output[:9], expected)
+    np.testing.assert_array_equal(scorer.output[9:], -1.0)  # rows outside the binding are left alone
+    inputs = {name: buffer[:9] for name, buffer in scorer.inputs.items()}
+    np.testing.assert_array_equal(scorer.session.run([OUTPUT], inputs)[0], expected)
 
 
 def test_score_refuses_more_rows_than_the_buffers_hold(small_bundle, sample_records):

@@ -71,8 +71,8 @@ async def test_exchange_route_and_blocked_advertisers(client, openrtb_examples):
 
 
 @pytest.mark.parametrize("change,reason", [
-    (lambda r: r.update(cur=["EUR"]), "currency"),
-    (lambda r: r["imp"][0].update(bidfloorcur="EUR"), "floor_currency"),
+    (lambda r: r.update(cur=["XTS"]), "currency"),  # XTS: ISO 4217 test code, no rate
+    (lambda r: r["imp"][0].update(bidfloorcur="XTS"), "floor_currency"),
     (lambda r: r["imp"][0].update(bidfloor=10_000.0), "below_floor"),
     (lambda r: r["imp"][0]["banner"].update(w=1, h=1), "no_eligible_creative"),
     (lambda r: r.update(tmax=0.0000001), None),

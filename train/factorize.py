@@ -7,17 +7,25 @@ the caller has them) and records them in ``meta.json``. Working from the ONNX fi
 torch model lets any DeepFM bundle, the shipped default included, be factorized without retraining.
 
 Each side's part is one matrix product ``x @ W (+ c)``: ``x`` holds the side's gathered table rows
-(per single field ``[vector, linear weight, |vector|^2]``, per multi field the pooled ``[vector,
-linear, count]`` and its square) and W the side's columns of the first DNN layer (into h), ones (the
-linear weights into the scalar, the vectors into s) and -0.5 (the squares into the scalar).
+(per single field ``[vector, linear weight]``, per multi field the pooled ``[vector, linear(, count)]``)
+followed by the same numbers squared, and W the side's columns of the first DNN layer (into h), ones
+(the vectors into s), ``a`` (the linear weights into the scalar) and ``-a/2`` (the squared vector
+coordinates into the scalar), where ``a`` is the calibration's scale (1 without one).
+
+The graphs are built for few nodes, because ONNX Runtime's cost per node, not the arithmetic, is most of a
+bid batch's scoring time: the calibration ``sigmoid(a * logit + b)`` is folded into the weights (the
+scalar columns, the output weights and the FM term's factor) instead of two nodes of its own, and the
+scalar reaches the output product through the DNN (once as is and once negated, so that ``relu(x) -
+relu(-x)`` gives it back) instead of two Slices and an Add; ONNX Runtime then fuses the output product with
+the sigmoid.
 
 Compressed tables (``train/compress/embeddings.py``'s ``int8-embeddings``: int8 with one scale per row, or
 float16; its ``int8-dynamic`` with ``ops=tables``: uint8 with one scale and zero point per table) stay
 compressed in the factorized graphs, dequantized after the Gather exactly as ``model.onnx`` does it
 (``Cast`` then ``Mul`` by the row's gathered scale, or the same ``DequantizeLinear``), so the graphs add
-little to the bundle and score what ``model.onnx`` scores. Their ``|vector|^2`` is computed after the
-dequantization (a float column cannot live in an integer table), and a multi field's tag count, which
-per-row tables do not store, is the number of non-zero indices.
+little to the bundle and score what ``model.onnx`` scores (float32 copies of the shipped bundle's tables
+would save its two DequantizeLinear nodes: measured, about 0.5 µs of a 12 µs run, for 3.3 MB more). A
+multi field's tag count, which per-row tables do not store, is the number of non-zero indices.
 """
 from __future__ import annotations
 
@@ -200,28 +208,36 @@ class _Graph:
 
 
 class _Layout:
-    """Columns of a side part: ``[h (hidden) | scalar | s (dim)]``."""
+    """Columns of a side part: ``[h (hidden) | scalar | -scalar | s (dim)]``.
+
+    The scalar is there twice, once negated, so that it can cross the ReLUs of the DNN unchanged (``relu(x) -
+    relu(-x) = x``) and reach the output product, which then adds it with the DNN's output in one node.
+    """
 
     def __init__(self, hidden: int, dim: int) -> None:
         self.hidden, self.dim = hidden, dim
-        self.scalar = hidden
-        self.s = slice(hidden + 1, hidden + 1 + dim)
-        self.width = hidden + 1 + dim
+        self.scalar, self.negated = hidden, hidden + 1
+        self.s = slice(hidden + 2, hidden + 2 + dim)
+        self.width = hidden + 2 + dim
 
     def describe(self) -> dict[str, Any]:
         return {"width": self.width, "dnn_first_layer": [0, self.hidden], "scalar": [self.scalar, self.scalar + 1],
-                "fm_sum": [self.s.start, self.s.stop]}
+                "scalar_negated": [self.negated, self.negated + 1], "fm_sum": [self.s.start, self.s.stop]}
 
 
 def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: _Layout, fields: set[str],
                out: str, with_constants: bool) -> str:
     """Nodes computing one side's part ``[n, D]`` (named ``out``) from the model inputs.
 
-    ``x`` holds per single field its table row ``[vector, linear weight, |vector|^2]`` (the last column
-    precomputed into the table) and per multi field its pooled ``[vector, linear, count]`` followed by
-    that row squared; one product ``x @ W (+ c)`` then yields ``[h | scalar | s]``.
+    ``x`` holds per single field its table row ``[vector, linear weight]`` and per multi field its pooled
+    ``[vector, linear(, count)]``, followed by all of that squared; one product ``x @ W (+ c)`` then yields
+    ``[h | scalar | -scalar | s]`` (the squared vector coordinates enter the scalar with -1/2). With a
+    calibration ``(a, b)`` the scalar columns are ``a`` times theirs and the constants carry ``a * bias + b``:
+    the row graph adds them to ``a`` times the DNN output and to ``a / 2`` times the FM square, which is
+    ``a * logit + b``.
     """
     dim, first_w, first_b = w.dim, w.layers[0][0], w.layers[0][1]
+    scale, shift = w.calibration if w.calibration is not None else (1.0, 0.0)
     pieces: list[str] = []
     roles: list[tuple[str, int, int]] = []  # per column of x: (role, field position in the DNN input, dim)
     singles = [(j, f) for j, f in enumerate(spec.single_fields) if f.name in fields]
@@ -231,23 +247,10 @@ def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: 
         offsets = np.concatenate([[0], np.cumsum([f.buckets for _, f in singles])[:-1]]).astype(np.int64).reshape(1, -1)
         picked = g.op("Gather", [SPARSE_INPUT, g.const(f"{side}.columns", columns)], f"{side}.picked", axis=1)
         rows = g.op("Add", [picked, g.const(f"{side}.offsets", offsets)], f"{side}.rows")
-        if table.compressed:  # [vector, linear] per field, then every field's |vector|^2 from the dequantized rows
-            gathered = _gather_rows(g, f"{side}.single_table", table, rows)
-            vectors = g.op("Slice", [gathered, g.const(f"{side}.vector_start", np.array([0], np.int64)),
-                                     g.const(f"{side}.vector_end", np.array([dim], np.int64)),
-                                     g.const(f"{side}.vector_axis", np.array([2], np.int64))], f"{side}.vectors")
-            pieces += [g.op("Flatten", [gathered], f"{side}.singles", axis=1),
-                       g.op("ReduceSumSquare", [vectors], f"{side}.norms", axes=[2], keepdims=0)]
-            for j, _ in singles:
-                roles += [("vector", j, d) for d in range(dim)] + [("linear", j, 0)]
-            roles += [("norm", j, 0) for j, _ in singles]
-        else:  # |vector|^2 precomputed into a third column of the table
-            norms = np.sum(table.values[:, :dim].astype(np.float64) ** 2, axis=1, keepdims=True)
-            values = np.concatenate([table.values, norms.astype(np.float32)], axis=1)
-            gathered = g.op("Gather", [g.const(f"{side}.single_table", values), rows], f"{side}.gathered")
-            pieces.append(g.op("Flatten", [gathered], f"{side}.singles", axis=1))
-            for j, _ in singles:
-                roles += [("vector", j, d) for d in range(dim)] + [("linear", j, 0), ("norm", j, 0)]
+        gathered = _gather_rows(g, f"{side}.single_table", table, rows)
+        pieces.append(g.op("Flatten", [gathered], f"{side}.singles", axis=1))
+        for j, _ in singles:
+            roles += [("vector", j, d) for d in range(dim)] + [("linear", j, 0)]
     for i, f in enumerate(spec.multi_fields):
         if f.name not in fields:
             continue
@@ -270,26 +273,30 @@ def _side_part(g: _Graph, side: str, spec: FeatureSpec, w: LeanWeights, layout: 
                                        g.const(f"{side}.count_axis_{i}", np.array([1], np.int64))], f"{side}.count_{i}")
             count = g.op("Add", [count, g.const(f"{side}.eps_{i}", np.array(_EPS, np.float32))], f"{side}.count_eps_{i}")
             pooled = g.op("Div", [pooled, count], f"{side}.mean_{i}")
-        pieces += [pooled, g.op("Mul", [pooled, pooled], f"{side}.pooled_squared_{i}")]
+        pieces.append(pooled)
         extra = table.shape[1] - dim - 1  # the count column of a float32 table
         roles += [("vector", position, d) for d in range(dim)] + [("linear", position, 0)] + [("none", position, 0)] * extra
-        roles += [("square", position, d) for d in range(dim)] + [("none", position, 0)] * (extra + 1)
-    x = pieces[0] if len(pieces) == 1 else g.op("Concat", pieces, f"{side}.x", axis=1)
+    linear = pieces[0] if len(pieces) == 1 else g.op("Concat", pieces, f"{side}.linear", axis=1)
+    squared = g.op("Mul", [linear, linear], f"{side}.squared")
+    x = g.op("Concat", [linear, squared], f"{side}.x", axis=1)
+    roles += [("square" if role == "vector" else "none", position, d) for role, position, d in roles]
 
-    weight = np.zeros((len(roles), layout.width), dtype=np.float32)
+    weight = np.zeros((len(roles), layout.width), dtype=np.float64)
     for row, (role, position, d) in enumerate(roles):
         if role == "vector":
             weight[row, :layout.hidden] = first_w[:, position * dim + d]  # into h
             weight[row, layout.s.start + d] = 1.0                        # into the FM sum
         elif role == "linear":
-            weight[row, layout.scalar] = 1.0
-        elif role in ("norm", "square"):                                 # FM: minus half the sum of squares
-            weight[row, layout.scalar] = -0.5
-    inputs = [x, g.const(f"{side}.weight", weight)]
-    if with_constants:  # the first layer's bias and the output bias, once (on the candidate side)
+            weight[row, layout.scalar] = scale
+        elif role == "square":                                           # FM: minus half the sum of squares
+            weight[row, layout.scalar] = -0.5 * scale
+    weight[:, layout.negated] = -weight[:, layout.scalar]
+    inputs = [x, g.const(f"{side}.weight", weight.astype(np.float32))]
+    if with_constants:  # the first layer's bias and the output bias (calibrated), once (on the candidate side)
         constants = np.zeros(layout.width, dtype=np.float32)
         constants[:layout.hidden] = first_b
-        constants[layout.scalar] = w.bias
+        constants[layout.scalar] = scale * w.bias + shift
+        constants[layout.negated] = -constants[layout.scalar]
         inputs.append(g.const(f"{side}.constants", constants))
     return g.op("Gemm", inputs, out)
 
@@ -342,31 +349,31 @@ def build_graphs(model: onnx.ModelProto, spec: FeatureSpec, combiner: str = "sum
     b = g.op("Gather", [CAND_PART, ROW_CAND], "row.candidate", axis=0)
     total = g.op("Add", [a, b], "row.sum")
     h = g.op("Relu", [total], "row.hidden_0")
-    consumers = [*(lw for lw, _ in w.layers[1:]), w.out.T]  # weight [out, in] of what reads h next
-
-    def padded(weight: np.ndarray) -> np.ndarray:  # zero columns: relu(scalar) and relu(s) feed nothing
-        out = np.zeros((weight.shape[0], layout.width), dtype=np.float32)
-        out[:, :layout.hidden] = weight
-        return out
-
+    # every layer after the first carries relu(scalar) and relu(-scalar) through two more units (weight 1, bias 0:
+    # a ReLU of a non-negative number is that number); the first reads them from their columns of relu(row.sum)
+    scale = w.calibration[0] if w.calibration is not None else 1.0
+    width = layout.width
     for k, (lw, lb) in enumerate(w.layers[1:], start=1):
-        lw = padded(lw) if k == 1 else lw
-        h = g.op("Gemm", [h, g.const(f"dnn.{k}.weight", lw), g.const(f"dnn.{k}.bias", lb)], f"row.gemm_{k}", transB=1)
+        units = lw.shape[0]
+        weight = np.zeros((units + 2, width), dtype=np.float32)
+        weight[:units, :lw.shape[1]] = lw  # the first layer's h, or the previous layer's units
+        carried = (layout.scalar, layout.negated) if k == 1 else (width - 2, width - 1)
+        weight[units, carried[0]] = weight[units + 1, carried[1]] = 1.0
+        bias = np.concatenate([lb, np.zeros(2, np.float32)]).astype(np.float32)
+        h = g.op("Gemm", [h, g.const(f"dnn.{k}.weight", weight), g.const(f"dnn.{k}.bias", bias)], f"row.gemm_{k}",
+                 transB=1)
         h = g.op("Relu", [h], f"row.hidden_{k}")
-    out_weight = consumers[-1] if len(w.layers) > 1 else padded(consumers[-1])
-    dnn = g.op("MatMul", [h, g.const("dnn.out", np.ascontiguousarray(out_weight.T))], "row.dnn")
-    axis = g.const("row.axis", np.array([1], np.int64))
-    scalar = g.op("Slice", [total, g.const("row.scalar_start", np.array([layout.scalar], np.int64)),
-                            g.const("row.scalar_end", np.array([layout.scalar + 1], np.int64)), axis], "row.scalar")
+        width = units + 2
+    out = np.zeros((width, 1), dtype=np.float32)
+    out[:w.out.shape[0]] = (scale * w.out.astype(np.float64)).astype(np.float32)  # a * the DNN's output
+    carried = (layout.scalar, layout.negated) if len(w.layers) == 1 else (width - 2, width - 1)
+    out[carried[0]], out[carried[1]] = 1.0, -1.0  # the scalar (a * linear terms - a/2 * squares + a * bias + b)
     s = g.op("Slice", [total, g.const("row.s_start", np.array([layout.s.start], np.int64)),
-                       g.const("row.s_end", np.array([layout.s.stop], np.int64)), axis], "row.s")
+                       g.const("row.s_end", np.array([layout.s.stop], np.int64)),
+                       g.const("row.axis", np.array([1], np.int64))], "row.s")
     square = g.op("ReduceSumSquare", [s], "row.square_of_sum", axes=[1], keepdims=1)
-    fm = g.op("Mul", [square, g.const("row.half", np.array(0.5, np.float32))], "row.fm")
-    logit = g.op("Add", [g.op("Add", [scalar, fm], "row.linear_fm"), dnn], "row.logit")
-    if w.calibration is not None:  # as the lean graph: scale * logit + shift before the sigmoid
-        scale, shift = (np.array([[c]], np.float32) for c in w.calibration)
-        logit = g.op("Mul", [logit, g.const("row.calibration_scale", scale)], "row.logit_scaled")
-        logit = g.op("Add", [logit, g.const("row.calibration_shift", shift)], "row.logit_calibrated")
+    # a * logit + b = relu(scalar) - relu(-scalar) + a * dnn + a/2 * |s|^2, in one product
+    logit = g.op("Gemm", [h, g.const("row.out", out), square], "row.logit", beta=0.5 * scale)
     g.op("Sigmoid", [logit], OUTPUT)
     factorized = g.model(
         _inputs(spec, "imps") + [helper.make_tensor_value_info(CAND_PART, TensorProto.FLOAT, ["candidates", layout.width]),

@@ -1,6 +1,6 @@
 """Training data from the bidder's own event log (``bidder serve --events DIR``): ``python -m train logs``.
 
-Reads the finished files (``events-*.jsonl.gz``; ``.tmp-`` files are still being written and are skipped),
+Reads the finished files (``events-*.jsonl.zst``; ``.tmp-`` files are still being written and are skipped),
 joins every notice and click to its bid by bid id, and writes the layouts the trainers read:
 
 * ``train.log.txt`` (``train fit``): one line per billed bid, the raw record the model scored, ``click`` = 1
@@ -15,18 +15,17 @@ click without a bid (its bid event dropped, or in a file not read) is counted an
 """
 from __future__ import annotations
 
-import gzip
 import math
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import msgspec
+import zstandard
 from tqdm import tqdm
 
-from bidder.events import FINAL_PREFIX, SCHEMA_VERSION, SUFFIX
+from bidder.events import FINAL_PREFIX, SCHEMA_VERSION, SUFFIX, read_lines
 from bidder.spec import RAW_FIELDS, TIMESTAMP_KEY
 from train.data.bidlog import BID_LOG, FEATURE_COLUMNS, LOG_COLUMNS, MIN_TO_WIN
 from train.data.dataset import TRAIN_LOG
@@ -67,10 +66,9 @@ def read_events(directory: str | Path, *, progress: bool = True) -> Iterator[dic
               disable=not progress, leave=False) as bar:
         for path in files:
             try:
-                with gzip.open(path, "rb") as f:
-                    for number, line in enumerate(f, start=1):
-                        yield _parse(path, number, line)
-            except (OSError, EOFError, zlib.error) as exc:
+                for number, line in enumerate(read_lines(path), start=1):
+                    yield _parse(path, number, line)
+            except (OSError, zstandard.ZstdError) as exc:
                 raise DataError(f"{path}: cannot read: {exc}") from None
             bar.update(path.stat().st_size)
 

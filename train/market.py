@@ -296,8 +296,15 @@ def check_market_parity(model: MarketModel, path: Path, log: BidLog, rows: int =
         if not np.isfinite(diff) or diff > PARITY_TOLERANCE:
             raise ParityError(f"{path}: ONNX Runtime differs from the trained market model by {diff:.3g} at batch "
                               f"size {size} (tolerance {PARITY_TOLERANCE:g})")
-        bids, surplus = best_bids(value[:, 0].astype(np.float64), got[GRID_OUTPUT], got[WIN_OUTPUT])
-        if not (np.allclose(got[BID_OUTPUT][:, 0], bids, rtol=1e-6)
+        # the graph's bid must be a grid bid of the highest expected surplus; where two grid bids tie (a P(win)
+        # that saturates), ONNX Runtime's ArgMax and numpy's may pick different ones of the same surplus
+        grid, win = got[GRID_OUTPUT], got[WIN_OUTPUT]
+        _, surplus = best_bids(value[:, 0].astype(np.float64), grid, win)
+        every = np.arange(len(grid))
+        chosen = np.argmin(np.abs(grid - got[BID_OUTPUT]), axis=1)  # the graph's bid's place in its grid
+        chosen_surplus = (value[:, 0].astype(np.float64) - grid[every, chosen]) * win[every, chosen]
+        if not (np.allclose(got[BID_OUTPUT][:, 0], grid[every, chosen], rtol=1e-6)
+                and np.allclose(chosen_surplus, surplus, rtol=1e-5, atol=1e-6)
                 and np.allclose(got[SURPLUS_OUTPUT][:, 0], surplus, rtol=1e-5, atol=1e-6)):
             raise ParityError(f"{path}: its {BID_OUTPUT!r} is not the grid bid of highest expected surplus")
         worst = max(worst, diff)

@@ -301,6 +301,10 @@ def summary(report: dict[str, Any], out: Path, png: Path | str) -> str:
                      f"{b['timeouts']} timeouts; notices sent {n['sent']}, answered {n['answered']}, "
                      f"refused {n['refused']}, unreachable {n['unreachable']}, forged {n['forged_sent']} "
                      f"({n['forged_refused']} refused)")
+        latency = b["notice_latency_ms"]
+        if latency["answered"]:
+            lines.append(f"  notice latency P50 {latency['p50']:.3f} ms, P99 {latency['p99']:.3f} ms over "
+                         f"{latency['answered']:,} answered ({latency['answered'] / report['wall_s']:,.0f}/s)")
     return "\n".join(lines)
 
 

@@ -351,11 +351,13 @@ class Exchange:
     async def _fetch(self, bidder: _Bidder, url: str) -> tuple[int, bytes] | None:
         notices = bidder.stats.notices
         notices.sent += 1
+        started = time.perf_counter()
         try:
             answer = await self.client.request(url, timeout=NOTICE_TIMEOUT_S)
         except (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError, ValueError):
             notices.failed += 1
             return None
+        bidder.stats.notice_latency_ms.append((time.perf_counter() - started) * 1000.0)
         if 200 <= answer[0] < 300:
             notices.answered += 1
         else:

@@ -72,6 +72,7 @@ class BidderStats:
     notices: NoticeStats = field(default_factory=NoticeStats)
     clicks_sent: int = 0      # clicks fired at the markup's click URL (when it is on this machine)
     latency_ms: list[float] = field(default_factory=list)
+    notice_latency_ms: list[float] = field(default_factory=list)  # every notice, click and copy answered
     hourly_bids: list[int] = field(default_factory=list)
     hourly_wins: list[int] = field(default_factory=list)
     campaigns: dict[str, CampaignStats] = field(default_factory=dict)
@@ -129,6 +130,8 @@ def build_report(config: dict[str, Any], bidders: list[BidderStats], plan_share:
             "clicks": b.clicks, "cpc": _ratio(b.spend, b.clicks), "ecpm": _ratio(b.spend * 1000, b.bills),
             "win_rate": _ratio(b.wins, b.bids, 4), "bid_rate": _ratio(b.bids, b.requests, 4),
             "latency_ms": {"p50": _percentile(b.latency_ms, 0.5), "p99": _percentile(b.latency_ms, 0.99)},
+            "notice_latency_ms": {"p50": _percentile(b.notice_latency_ms, 0.5),
+                                  "p99": _percentile(b.notice_latency_ms, 0.99), "answered": len(b.notice_latency_ms)},
             "unknown_creatives": b.unknown_creatives, "creative": dict(b.creative), "clicks_sent": b.clicks_sent,
             "notices": {k: v for k, v in vars(notices).items()},
             "hourly": [{"hour": h, "bids": b.hourly_bids[h], "wins": b.hourly_wins[h],

@@ -131,7 +131,7 @@ class Traffic:
     def imp(self, n: int) -> Imp:
         k, i = divmod(n, CHUNK)
         if k != self._chunk_index:
-            self._chunk = self._draw(k)
+            self._chunk = self.draw_chunk(k)
             self._chunk_index = k
         c = self._chunk
         slot, user, exchange = int(c["slot"][i]), int(c["user"][i]), c["exchange"][i]
@@ -148,7 +148,8 @@ class Traffic:
         imp.body = self._encode(self._request(imp, c, i))
         return imp
 
-    def _draw(self, k: int) -> dict:
+    def draw_chunk(self, k: int) -> dict:
+        """The vectorised draws of chunk ``k`` (requests ``k * CHUNK`` on): columns by name."""
         m, w = self.market, self.market.world
         rng = np.random.default_rng([self.seed, k])
         times = self.times[k * CHUNK:(k + 1) * CHUNK]

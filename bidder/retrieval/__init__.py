@@ -71,20 +71,24 @@ class Retriever:
         return self.towers.vectors_of(features, n)
 
     def eligible(self, query: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
-                 blocked: frozenset[str], dealids: Sequence[str] = ()) -> tuple[Candidate, ...]:
+                 blocked: frozenset[str], dealids: Sequence[str] = (),
+                 excluded: frozenset[int] = frozenset()) -> tuple[Candidate, ...]:
         """The top K eligible candidates of size ``w``x``h`` for the imp of ``query``, best first, then the
         eligible buyers of the imp's deals (``dealids``) the K left out: a deal is a negotiated buy, which
         an inner product must not drop (in a private auction it is the only way to bid)."""
-        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate)
+        rows = self.index.top_k(query, w, h, domain, exchange, blocked, self.k, self.approximate, excluded)
         return self._candidates(rows, w, h, domain, exchange, blocked, dealids)
 
     def eligible_many(self, queries: np.ndarray, wanted: Sequence[tuple[int, int, str | None, str | None,
-                                                                       frozenset[str], Sequence[str]]]
+                                                                       frozenset[str], Sequence[str], frozenset[int]]]
                       ) -> list[tuple[Candidate, ...]]:
         """``eligible`` for several imps and sizes (``queries[j]`` with ``wanted[j]``: w, h, domain, exchange,
-        blocked, deal ids), the top K of a batch's imps searched together (``AdIndex.top_k_many``)."""
-        found = self.index.top_k_many(queries, [where[:5] for where in wanted], self.k, self.approximate)
-        return [self._candidates(rows, *where) for rows, where in zip(found, wanted)]
+        blocked, deal ids, excluded), the top K of a batch's imps searched together (``AdIndex.top_k_many``). The
+        excluded creatives (``bidder.conformance``) are left out before the top K, so they take no place in it;
+        a deal's buyers are added as found (the engine drops the excluded among them)."""
+        found = self.index.top_k_many(queries, [(*where[:5], where[6]) for where in wanted], self.k,
+                                      self.approximate)
+        return [self._candidates(rows, *where[:6]) for rows, where in zip(found, wanted)]
 
     def _candidates(self, rows: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
                     blocked: frozenset[str], dealids: Sequence[str]) -> tuple[Candidate, ...]:

@@ -78,7 +78,7 @@ class _SizeIndex:
     """
 
     __slots__ = ("positions", "rows", "matrix", "columns", "bias", "rest_norm", "open_run", "exchange_runs", "n_plain",
-                 "by_domain", "domain_exchanges", "by_adomain", "ann")
+                 "by_domain", "domain_exchanges", "by_adomain", "ann", "row_of")
 
     def __init__(self, candidates: Sequence[Candidate], matrix: np.ndarray):
         def by_bias(group: list[Candidate]) -> list[Candidate]:
@@ -108,13 +108,15 @@ class _SizeIndex:
         self.by_domain = _rows_by(zip(rows, domain_targeted), lambda c: c.domains)
         self.domain_exchanges = {row: c.exchanges for row, c in zip(rows, domain_targeted) if c.exchanges is not None}
         self.by_adomain = _rows_by(enumerate(layout), lambda c: c.adomain)
+        self.row_of = {c.index: row for row, c in enumerate(layout)}  # catalog index -> row (excluded creatives)
         self.ann: AnnIndex | None = None
 
     def search(self, query: np.ndarray, domain: str | None, exchange: str | None, blocked: frozenset[str],
-               k: int) -> tuple[np.ndarray, int]:
+               k: int, excluded: frozenset[int] = frozenset()) -> tuple[np.ndarray, int]:
         """Rows of the (at most) ``k`` eligible creatives with the largest ``query · ad vector``, best first, and
-        how many rows were scored (the others could not reach the top ``k``)."""
-        blocked_rows = self._blocked(blocked)
+        how many rows were scored (the others could not reach the top ``k``); ``excluded``: catalog indices the
+        request's blocking rules exclude (``bidder.conformance``)."""
+        blocked_rows = self._blocked(blocked, excluded)
         last, rest = float(query[-1]), float(np.linalg.norm(query[:-1]))
         scores: list[np.ndarray] = []
         rows: list[np.ndarray] = []
@@ -141,17 +143,19 @@ class _SizeIndex:
         return self._finish(query, last, rest, kth, domain, exchange, blocked_rows, [part[0] for part in scores],
                             rows, k)
 
-    def search_many(self, queries: np.ndarray, wheres: Sequence[tuple[str | None, str | None, frozenset[str]]],
+    def search_many(self, queries: np.ndarray,
+                    wheres: Sequence[tuple[str | None, str | None, frozenset[str], frozenset[int]]],
                     k: int) -> list[tuple[np.ndarray, int]]:
-        """``search`` for the imps of a batch (``queries[j]`` on ``wheres[j]``: domain, exchange, blocked): the
-        imps on one exchange share each product over a run, so its rows are read once for all of them."""
+        """``search`` for the imps of a batch (``queries[j]`` on ``wheres[j]``: domain, exchange, blocked, excluded):
+        the imps on one exchange share each product over a run, so its rows are read once for all of them."""
         out: list[tuple[np.ndarray, int]] = [(np.zeros(0, dtype=np.int64), 0)] * len(wheres)
         groups: dict[str | None, list[int]] = {}
-        for j, (_, exchange, _) in enumerate(wheres):
+        for j, (_, exchange, _, _) in enumerate(wheres):
             groups.setdefault(exchange if exchange in self.exchange_runs else None, []).append(j)
         for exchange, members in groups.items():
             if len(members) == 1:  # alone: the one-query search has less to do per call
-                out[members[0]] = self.search(queries[members[0]], *wheres[members[0]], k)
+                domain, exchange_of, blocked, excluded = wheres[members[0]]
+                out[members[0]] = self.search(queries[members[0]], domain, exchange_of, blocked, k, excluded)
                 continue
             runs = [self.open_run] + ([self.exchange_runs[exchange]] if exchange is not None else [])
             found = self._search_group(queries[members], [wheres[j] for j in members], runs, k)
@@ -159,11 +163,12 @@ class _SizeIndex:
                 out[j] = result
         return out
 
-    def _search_group(self, queries: np.ndarray, wheres: Sequence[tuple[str | None, str | None, frozenset[str]]],
+    def _search_group(self, queries: np.ndarray,
+                      wheres: Sequence[tuple[str | None, str | None, frozenset[str], frozenset[int]]],
                       runs: list[_Run], k: int) -> list[tuple[np.ndarray, int]]:
         """Imps that share ``runs``: one product per run of rows for all of them (rows past an imp's own bounds
         are scored exactly too, which changes nothing), then per imp its domain's rows and its top ``k``."""
-        blocked_rows = [self._blocked(blocked) for _, _, blocked in wheres]
+        blocked_rows = [self._blocked(blocked, excluded) for _, _, blocked, excluded in wheres]
         last = queries[:, -1].astype(np.float64)
         rest = np.linalg.norm(queries[:, :-1].astype(np.float64), axis=1)
         scores: list[np.ndarray] = []  # [imps, rows] each
@@ -185,7 +190,8 @@ class _SizeIndex:
                 if stop > start:
                     self._score(queries, start, stop, blocked_rows, scores, rows)
         return [self._finish(queries[j], last[j], rest[j], float(kth[j]), domain, exchange, blocked_rows[j],
-                             [part[j] for part in scores], rows, k) for j, (domain, exchange, _) in enumerate(wheres)]
+                             [part[j] for part in scores], rows, k)
+                for j, (domain, exchange, _, _) in enumerate(wheres)]
 
     def _finish(self, query: np.ndarray, last: float, rest: float, kth: float, domain: str | None,
                 exchange: str | None, blocked_rows: np.ndarray | None, scores: list[np.ndarray],
@@ -217,12 +223,17 @@ class _SizeIndex:
         scores.append(part)
         rows.append(self.rows[start:stop])
 
-    def _blocked(self, blocked: frozenset[str]) -> np.ndarray | None:
-        """Rows of the blocked advertiser domains, or None."""
-        found = [self.by_adomain[a] for a in blocked if a in self.by_adomain] if blocked else None
+    def _blocked(self, blocked: frozenset[str], excluded: frozenset[int] = frozenset()) -> np.ndarray | None:
+        """Rows of the blocked advertiser domains and of the excluded catalog indices, or None."""
+        found = [self.by_adomain[a] for a in blocked if a in self.by_adomain] if blocked else []
+        if excluded:
+            row_of = self.row_of
+            rows = [row_of[i] for i in excluded if i in row_of]
+            if rows:
+                found.append(np.array(rows, dtype=np.int64))
         if not found:
             return None
-        return found[0] if len(found) == 1 else np.unique(np.concatenate(found))
+        return found[0] if len(found) == 1 and not excluded else np.unique(np.concatenate(found))
 
     def _domain_rows(self, domain: str | None, exchange: str | None, blocked_rows: np.ndarray | None) -> np.ndarray:
         """The domain-targeted rows eligible on ``domain`` via ``exchange``, blocked advertisers' left out."""
@@ -237,14 +248,16 @@ class _SizeIndex:
             found = found[~np.isin(found, blocked_rows)]
         return found
 
-    def mask(self, domain: str | None, exchange: str | None, blocked: frozenset[str]) -> np.ndarray:
-        """Which rows may run on ``domain`` via ``exchange`` without a blocked advertiser (the approximate search)."""
+    def mask(self, domain: str | None, exchange: str | None, blocked: frozenset[str],
+             excluded: frozenset[int] = frozenset()) -> np.ndarray:
+        """Which rows may run on ``domain`` via ``exchange`` without a blocked advertiser or an excluded creative (the
+        approximate search)."""
         ok = np.zeros(len(self.positions), dtype=bool)
         ok[self.open_run.start:self.open_run.stop] = True
         run = self.exchange_runs.get(exchange)
         if run is not None:
             ok[run.start:run.stop] = True
-        blocked_rows = self._blocked(blocked)
+        blocked_rows = self._blocked(blocked, excluded)
         ok[self._domain_rows(domain, exchange, None)] = True
         if blocked_rows is not None:
             ok[blocked_rows] = False
@@ -313,28 +326,35 @@ class AdIndex:
                 part.ann = AnnIndex(part.matrix)
 
     def top_k(self, query: np.ndarray, w: int, h: int, domain: str | None, exchange: str | None,
-              blocked: frozenset[str], k: int, approximate: bool = False) -> np.ndarray:
+              blocked: frozenset[str], k: int, approximate: bool = False,
+              excluded: frozenset[int] = frozenset()) -> np.ndarray:
         """Catalog indices of the (at most) ``k`` eligible creatives of size ``w``x``h`` with the largest
-        ``query · ad vector``, best first; exact unless ``approximate`` (and an ANN index was built)."""
+        ``query · ad vector``, best first, none of the ``excluded``; exact unless ``approximate`` (and an ANN index
+        was built)."""
         part = self.sizes.get((w, h))
         if part is None:
             return np.zeros(0, dtype=np.int64)
         if approximate and part.ann is not None:
-            found = self._approximate(part, query, part.mask(domain, exchange, blocked), k)
+            found = self._approximate(part, query, part.mask(domain, exchange, blocked, excluded), k)
             if found is not None:
                 return part.positions[found]
-        return part.positions[part.search(np.asarray(query, dtype=np.float32), domain, exchange, blocked, k)[0]]
+        return part.positions[part.search(np.asarray(query, dtype=np.float32), domain, exchange, blocked, k,
+                                          excluded)[0]]
 
-    def top_k_many(self, queries: np.ndarray, wanted: Sequence[tuple[int, int, str | None, str | None, frozenset[str]]],
+    def top_k_many(self, queries: np.ndarray,
+                   wanted: Sequence[tuple[int, int, str | None, str | None, frozenset[str], frozenset[int]]],
                    k: int, approximate: bool = False) -> list[np.ndarray]:
-        """``top_k`` for several imps (``queries[j]`` of size, domain, exchange, blocked ``wanted[j]``): the exact
-        search reads each run of rows once for the imps of one size and exchange."""
+        """``top_k`` for several imps (``queries[j]`` of size, domain, exchange, blocked, excluded ``wanted[j]``): the
+        exact search reads each run of rows once for the imps of one size and exchange; ``excluded`` may be left
+        out, as in ``top_k``."""
+        wanted = [where if len(where) == 6 else (*where, frozenset()) for where in wanted]
         if approximate or len(wanted) == 1:
-            return [self.top_k(queries[j], *where, k, approximate) for j, where in enumerate(wanted)]
+            return [self.top_k(queries[j], w, h, domain, exchange, blocked, k, approximate, excluded)
+                    for j, (w, h, domain, exchange, blocked, excluded) in enumerate(wanted)]
         queries = np.asarray(queries, dtype=np.float32)
         out: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * len(wanted)
         by_size: dict[tuple[int, int], list[int]] = {}
-        for j, (w, h, _, _, _) in enumerate(wanted):
+        for j, (w, h, _, _, _, _) in enumerate(wanted):
             by_size.setdefault((w, h), []).append(j)
         for size, members in by_size.items():
             part = self.sizes.get(size)

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from bidder.bundle import AD_TOWER_FILE, IMP_TOWER_FILE, TWOTOWER_GRAPH as GRAPH, Bundle, BundleError
 from bidder.campaigns import Candidate
-from bidder.scorer import bind_buffers, featurize_many
+from bidder.scorer import bind_buffers, featurize_many, run_binding
 from bidder.spec import FeatureSpec
 
 __all__ = ["AD_OUTPUT", "AD_TOWER_FILE", "GRAPH", "IMP_OUTPUT", "IMP_TOWER_FILE", "PARITY_TOLERANCE", "Towers"]
@@ -92,7 +92,7 @@ class Towers:
                 bound = self._views[key] = bind_buffers(
                     self.imp_session, {name: features[name][start:stop] for name in names},
                     {IMP_OUTPUT: self.imp_output[:stop - start]})
-            self.imp_session.run_with_iobinding(bound[0])
+            run_binding(self.imp_session, bound[0])
             out[start:stop] = self.imp_output[:stop - start]
         return out
 
