@@ -44,7 +44,7 @@ START = "2026-12-01T00:00:00Z"
 #: wall seconds from a bidder's start to its clock's anchor: its start-up (a few seconds; more on a busy host)
 ANCHOR_LEAD_S = 45.0
 KEPT = ("requests", "bids", "wins", "bills", "spend", "value", "surplus", "clicks", "cpc", "ecpm", "win_rate",
-        "bid_rate", "errors", "timeouts", "notices")
+        "bid_rate", "errors", "timeouts", "latency_ms", "notice_latency_ms", "notices")
 
 
 def _python(*args: str) -> list[str]:

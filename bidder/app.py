@@ -25,6 +25,7 @@ from bidder.engine import BidEngine, Outcome, error_body
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
 from bidder.ledger import Ledger, open_banker, open_notice_store
+from bidder.ledger.pace import EvenPacing
 from bidder.logs import Throttled, event
 from bidder.metrics import CONTENT_TYPE_LATEST, Metrics
 from bidder.notice_store import RETENTION_MARGIN_S, NoticeStore
@@ -192,6 +193,7 @@ class State:
         ledger = Ledger(banker, config.clock or config.now, refresh_s=config.ledger_refresh_s,
                         lease_fraction=config.lease_fraction)
         ledger.use_terms(catalog.terms.values())  # leases from the first call on
+        ledger.on_refresh = EvenPacing()  # "even" campaigns' pass rates, from the banker's figures after each call
         self.ledger = self.metrics.ledger = ledger.start()
         return ledger
 

@@ -481,3 +481,22 @@ def test_two_workers_leases_never_commit_more_than_the_budget(bankers, steps):
         worker.close()
     (spent, reserved, leased), _ = _accounts(bankers(), day="2026-12-07")
     assert leased == 0 and spent == sum(billed.values())
+
+
+def test_even_pacing_throttles_a_campaign_spending_ahead_of_its_plan_and_leaves_asap_alone():
+    from types import SimpleNamespace
+
+    from bidder.ledger.book import Grant
+    from bidder.ledger.pace import EvenPacing
+
+    one_am = 1_796_083_200.0 + 3600  # 2026-12-01T01:00:00Z
+    even, asap = _terms(daily=10.0, pacing="even"), _terms("d", daily=10.0, pacing="asap")
+    ledger = SimpleNamespace(terms=[even, asap], campaigns=["c", "d"], pass_rate=[1.0, 1.0], view=[None, None])
+    pacing = EvenPacing()
+    for minutes, spent in ((0, 0.0), (10, 1.0), (20, 2.0), (30, 3.0)):  # a third of the day's budget in 30 min
+        ledger.view = [Grant(0, 0, round(spent * 1e9), 0, 0)] * 2
+        pacing(ledger, one_am + minutes * 60)
+    assert ledger.pass_rate[0] < 0.1 and ledger.pass_rate[1] == 1.0
+    ledger.view = [Grant(0, 0, round(3.0 * 1e9), 0, 0)] * 2  # then nothing more spent until 23:00: behind plan
+    pacing(ledger, one_am + 22 * 3600)
+    assert ledger.pass_rate[0] == 1.0

@@ -300,7 +300,8 @@ def summary(report: dict[str, Any], out: Path, png: Path | str) -> str:
                      f"value {b['value']:.2f}, surplus {b['surplus']:.2f}, {b['clicks']} clicks, "
                      f"{b['timeouts']} timeouts; notices sent {n['sent']}, answered {n['answered']}, "
                      f"refused {n['refused']}, unreachable {n['unreachable']}, forged {n['forged_sent']} "
-                     f"({n['forged_refused']} refused)")
+                     f"({n['forged_refused']} refused), replayed {n['replays_sent']} ({n['replays_answered']} "
+                     f"answered as repeats)")
         latency = b["notice_latency_ms"]
         if latency["answered"]:
             lines.append(f"  notice latency P50 {latency['p50']:.3f} ms, P99 {latency['p99']:.3f} ms over "

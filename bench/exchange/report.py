@@ -27,9 +27,11 @@ class NoticeStats:
     lost: int = 0             # not sent: dropped by the fault injector
     duplicates_sent: int = 0
     retries_sent: int = 0     # billing notices sent again after an answer other than 2xx
-    forged_sent: int = 0
+    forged_sent: int = 0      # notices whose price or bid id was altered
     forged_refused: int = 0   # forgeries answered other than 2xx (what a careful bidder does)
     forged_accepted: int = 0  # forgeries answered 2xx
+    replays_sent: int = 0     # another auction's genuine notice sent again, token and all
+    replays_answered: int = 0  # replays answered 2xx (a repeat of a counted notice: not counted again)
     by_kind: dict[str, int] = field(default_factory=lambda: {"win": 0, "bill": 0, "loss": 0})  # genuine, first sends
 
 
