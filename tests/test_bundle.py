@@ -16,6 +16,7 @@ import pytest
 from bidder import DEFAULT_BUNDLE
 from bidder.bundle import (AD_TOWER_FILE, CANDIDATE_FILE, FACTORIZED_FILE, FORMAT_VERSION, IMP_TOWER_FILE,
                            MARKET_FILE, MODEL_FILE, SPEC_FILE, TERMS_FILE, Bundle, BundleError, add_graph, upgrade)
+from bidder.currencies import CURRENCY_FILE
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
 from tamper import as_format1, rewrite_meta
@@ -57,7 +58,8 @@ def serve_error(bundle: Path) -> str:
 def test_the_shipped_bundle_is_the_current_format_with_a_digest_per_file():
     opened = Bundle.open(DEFAULT_BUNDLE)
     assert opened.version == FORMAT_VERSION == opened.meta["format_version"] == 2
-    on_disk = {p.name for p in DEFAULT_BUNDLE.iterdir()} - {"meta.json", "campaigns.json"}
+    # the catalog and its currency table sit beside the bundle's files, read (and reloaded) with the catalog
+    on_disk = {p.name for p in DEFAULT_BUNDLE.iterdir()} - {"meta.json", "campaigns.json", CURRENCY_FILE}
     assert set(opened.meta["files"]) == on_disk == set(opened.digests)
     assert opened.digests == opened.meta["files"]
     assert opened.digests[MODEL_FILE] == hashlib.sha256((DEFAULT_BUNDLE / MODEL_FILE).read_bytes()).hexdigest()
@@ -177,7 +179,7 @@ def test_add_graph_writes_a_format_1_bundle_as_format_2(bundle):
               FAKE_TOWERS)
     opened = Bundle.open(bundle)
     assert opened.version == 2 and set(opened.digests) == {p.name for p in DEFAULT_BUNDLE.iterdir()} - {
-        "meta.json", "campaigns.json"} | {IMP_TOWER_FILE, AD_TOWER_FILE}
+        "meta.json", "campaigns.json", CURRENCY_FILE} | {IMP_TOWER_FILE, AD_TOWER_FILE}
 
 
 @pytest.mark.parametrize("failing_move", [1, 2, 3])  # the first graph, the second, meta.json
@@ -253,7 +255,7 @@ def assert_written(bundle: Path) -> None:
     """``bundle`` is format 2, its meta.json records the digest of every file it holds, and they match."""
     opened = Bundle.open(bundle)
     assert opened.version == 2
-    held = {p.name for p in bundle.iterdir()} - {"meta.json", "campaigns.json"}
+    held = {p.name for p in bundle.iterdir()} - {"meta.json", "campaigns.json", CURRENCY_FILE}
     assert set(opened.meta["files"]) == held
     assert opened.meta["files"] == {name: hashlib.sha256((bundle / name).read_bytes()).hexdigest() for name in held}
 
