@@ -1,4 +1,4 @@
-"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange|events|loop|pacing [options]`."""
+"""Command line: `python -m bench load|echo|baseline|retrieval|replay|shading|bundles|reload|history|exchange|events|loop|budgets|pacing [options]`."""
 from __future__ import annotations
 
 import argparse
@@ -135,12 +135,17 @@ def main(argv: list[str] | None = None) -> int:
                                      "serve the result (see python -m bench loop -h)", add_help=False)
     commands.add_parser("events", help="the event log's cost per event and what a kill -9 loses (see python -m "
                                        "bench events -h)", add_help=False)
+    commands.add_parser("budgets", help="budgets, even pacing and the spend ledger on the simulated exchange: a day per "
+                                        "budget fraction (see python -m bench budgets -h)", add_help=False)
     commands.add_parser("pacing", help="even pacing against asap over simulated days of the synthetic market "
                                        "(see python -m bench pacing -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "loop":
         from bench.loop import main as loop_main
         return loop_main(rest)
+    if args.command == "budgets":
+        from bench.budgets import main as budgets_main
+        return budgets_main(rest)
     if args.command == "pacing":
         from bench.pacing import main as pacing_main
         return pacing_main(rest)

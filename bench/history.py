@@ -259,6 +259,20 @@ def _factorized_figures(report: dict) -> str:
                      for r in rows if "factorized_over_canonical" in r)
 
 
+def _loop_figures(report: dict) -> str:
+    test, join, days = report.get("test", {}), report.get("join", {}), report.get("days", {})
+    if not test:
+        return ""
+    surplus = ", ".join(f"{name} {day['surplus']:.0f}" for name, day in days.items() if "surplus" in day)
+    return (f"billed join rate {join.get('billed_join_rate')}; test AUC own logs {test['logs']['auc']:.4f}, "
+            f"generator rows {test['generator']['auc']:.4f}; surplus (USD): {surplus}")
+
+
+def _budgets_figures(report: dict) -> str:
+    return "; ".join(f"budget {name}: use {d['use']:.4f}, max overspend {d['max_overspend']:.2%}"
+                     for name, d in report.get("days", {}).items() if isinstance(d, dict) and "use" in d)
+
+
 def _kind(path: Path) -> str:
     return re.match(r"[a-z]+", path.name).group(0) if re.match(r"[a-z]+", path.name) else path.name
 
@@ -266,7 +280,7 @@ def _kind(path: Path) -> str:
 _KEY_FIGURES: dict[str, Callable[[dict], str]] = {
     "replay": _replay_figures, "shading": _shading_figures, "retrieval": _retrieval_figures,
     "compare": _compare_figures, "compress": _compress_figures, "after": _reload_figures, "before": _reload_figures,
-    "batch": _runs_figures, "factorized": _factorized_figures}
+    "batch": _runs_figures, "factorized": _factorized_figures, "loop": _loop_figures, "budgets": _budgets_figures}
 
 
 def render(results: Path = RESULTS) -> str:

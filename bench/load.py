@@ -32,6 +32,7 @@ from bench.scrape import MetricsProbe, batch_delta
 from bench.servers import BenchError
 from bench.wrk_driver import run_wrk, wrk_path, wrk_version
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
+from bidder.currencies import CURRENCY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BODY = OPENRTB_EXAMPLES / "bid-request-2.5" / "simple-banner.json"
@@ -42,7 +43,14 @@ BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-r
                    "bidder-plain": ("--no-batching", "--no-factorized"), "bidder-exhaustive": ("--no-retrieval",),
                    "bidder-graphshade": ("--graph-shading",),
                    # the bidder with its event log on: what logging every bid costs (reused, and salvaged, run to run)
-                   "bidder-events": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-events"))}
+                   "bidder-events": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-events")),
+                   # this round's stages all on: signed notices, the event log, and budgets with frequency caps
+                   # on every campaign (bench.load.money_catalog: budgets no run spends, caps that count bills)
+                   "bidder-all": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-all-events"),
+                                  "--notice-url", "http://127.0.0.1")}
+#: the budget and caps every campaign of the bidder-all variant gets
+MONEY_TERMS = {"budget": {"daily": 1e6, "total": 1e7, "timezone": "UTC"}, "pacing": "asap", "max_cpm": 1000.0,
+               "frequency_cap": [{"count": 1000, "seconds": 3600, "scope": "campaign"}]}
 SERVERS = ("echo", "bidder", "fastapi", *(name for name in BIDDER_VARIANTS if name != "bidder"))
 BIDDING_SERVERS = (*BIDDER_VARIANTS, "fastapi")  # must answer the body with a bid before they are measured
 ECHO_LAYERS = ("app", "server")
@@ -147,7 +155,10 @@ def server_command(name: str, config: LoadConfig, port: int, workers: int, metri
     command = [sys.executable, *program, "--model", str(config.model), "--host", config.host,
                "--port", str(port), "--workers", str(workers)]
     # Without --campaigns both fall back alike: campaigns.json beside the bundle, else the default catalog.
-    if config.campaigns_file is not None:
+    if name == "bidder-all":
+        command += ["--campaigns", str(money_catalog(config.campaigns_file or config.model / "campaigns.json")),
+                    "--state-dir", tempfile.mkdtemp(prefix="bench-bidder-all-state-")]
+    elif config.campaigns_file is not None:
         command += ["--campaigns", str(config.campaigns_file)]
     if config.max_batch is not None and name in BIDDER_VARIANTS:
         command += ["--max-batch", str(config.max_batch)]
@@ -156,6 +167,19 @@ def server_command(name: str, config: LoadConfig, port: int, workers: int, metri
     if metrics_port is not None and name in BIDDER_VARIANTS:  # one scrape of every worker's batch figures
         command += ["--metrics-port", str(metrics_port)]
     return command
+
+
+def money_catalog(catalog: Path) -> Path:
+    """A copy of ``catalog`` (beside its currency table, if it has one) whose every campaign has ``MONEY_TERMS``."""
+    data = json.loads(Path(catalog).read_text())
+    for campaign in data["campaigns"]:
+        campaign.update(json.loads(json.dumps(MONEY_TERMS)))
+    folder = Path(tempfile.mkdtemp(prefix="bench-money-catalog-"))
+    (folder / "campaigns.json").write_text(json.dumps(data))
+    currencies = Path(catalog).parent / CURRENCY_FILE
+    if currencies.exists():
+        shutil.copyfile(currencies, folder / CURRENCY_FILE)
+    return folder / "campaigns.json"
 
 
 def child_environment() -> None:

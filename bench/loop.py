@@ -62,8 +62,11 @@ def _run(command: list[str], log: list[list[str]], output: Path) -> None:
 
 
 def serve_days(name: str, bundle: Path, campaigns: Path, market: Market, out: Path, *, first_day: int, days: int,
-               args: argparse.Namespace, events: Path | None = None) -> dict[str, Any]:
-    """Days ``first_day + 1 .. first_day + days`` against one bidder on ``bundle``: the exchange's report."""
+               args: argparse.Namespace, events: Path | None = None, options: tuple[str, ...] = (),
+               workers: int = 1, before_stop=None) -> dict[str, Any]:
+    """Days ``first_day + 1 .. first_day + days`` against one bidder on ``bundle`` (with notices, and with
+    ``options`` added to its command line): the exchange's figures for it. ``before_stop(base_url)``, when given, is
+    called once the day is over, while the bidder still serves; what it returns is kept as ``"bidder"``."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     start = parse_time(START) + first_day * DAY_S
@@ -73,17 +76,23 @@ def serve_days(name: str, bundle: Path, campaigns: Path, market: Market, out: Pa
                       "--clock-start", str(start), "--clock-speed", str(args.speed), "--clock-anchor", str(anchor))
     if events is not None:
         command += ["--events", str(events)]
+    command += [*options, "--workers", str(workers)]
     config = ExchangeConfig(bidders=(base + "/bid/{exchange}",), campaigns=campaigns, start=start, speed=args.speed,
                             anchor=anchor, hours=24.0 * days, rate=args.rate, seed=args.seed + first_day,
                             world_seed=args.world_seed, world_rows=args.world_rows)
     print(f"{name}: days {first_day + 1}-{first_day + days} on {bundle}", file=sys.stderr, flush=True)
-    with running(name, command, base, ready_path="/readyz", startup_timeout_s=ANCHOR_LEAD_S - 2) as _server:
+    with running(name, command, base, ready_path="/readyz", startup_timeout_s=ANCHOR_LEAD_S - 2, port=port,
+                 workers=workers):
         time.sleep(max(0.0, anchor - time.time() - 0.5))
         report, _ = run_exchange(config, progress=not args.quiet, market=market)
+        seen = before_stop(base) if before_stop is not None else None
     # leaving `running` sent SIGTERM and waited: every queued event is written and the last file renamed
     entry = next(iter(report["bidders"].values()))
-    return {"bundle": str(bundle), "days": [first_day + 1, first_day + days], "command": command,
-            **{key: entry.get(key) for key in KEPT}}
+    out = {"bundle": str(bundle), "days": [first_day + 1, first_day + days], "command": command,
+           **{key: entry.get(key) for key in KEPT}, "campaigns": entry.get("campaigns")}
+    if seen is not None:
+        out["bidder"] = seen
+    return out
 
 
 def reference_data(generator: Path, rows: int, out: Path, seed: int) -> None:
@@ -123,7 +132,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     market = Market(args.world_seed, args.world_rows)
     events = out / "events"
     logged = serve_days("logged", args.model, campaigns, market, out, first_day=0, days=args.days, args=args,
-                        events=events)
+                        events=events, options=("--explore", str(args.explore)))
 
     joined = write_training_data(events, out / "data-logs", progress=not args.quiet)
     _run(_python("-m", "train", "synth", "--rows", str(args.generator_rows), "--seed", str(args.world_seed),
@@ -149,15 +158,17 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     auc_logs, auc_generator = _test_metrics(out / "bundle-logs"), _test_metrics(out / "bundle-generator")
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(REPO, "not used"),
-        "config": {"days": args.days, "rate": args.rate, "speed": args.speed, "seed": args.seed,
-                   "world_seed": args.world_seed, "world_rows": args.world_rows, "epochs": args.epochs,
+        "command": (f"python -m bench loop --days {args.days} --rate {args.rate:g} --speed {args.speed:g} "
+                    f"--explore {args.explore:g} --seed {args.seed} --out {args.out}"),
+        "config": {"days": args.days, "explore": args.explore, "rate": args.rate, "speed": args.speed,
+                   "seed": args.seed, "world_seed": args.world_seed, "world_rows": args.world_rows, "epochs": args.epochs,
                    "generator_rows": args.generator_rows, "model": str(args.model), "campaigns": str(campaigns)},
         "join": joined,
         "training_rows": rows,
         "test": {"logs": auc_logs, "generator": auc_generator,
                  "auc_gap": round(auc_generator["auc"] - auc_logs["auc"], 6)},
         "days": {"logged": logged, "control": control, "retrained": retrained},
-        "commands": commands,
+        "train_commands": commands,
     }
     (out / "loop.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, out / "loop.png")
@@ -219,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=_positive(float), default=720.0,
                         help="simulated seconds per wall second (default: %(default)s, a day in two minutes)")
     parser.add_argument("--epochs", type=_positive(int), default=None, help="train fit's maximum epochs")
+    parser.add_argument("--explore", type=float, default=0.0, metavar="SHARE",
+                        help="the logged days' bidder --explore: the share of imps bid with a random eligible "
+                             "creative (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="traffic, sampling and training seed (default: 0)")
     parser.add_argument("--world-seed", type=int, default=DEFAULT_WORLD_SEED,
                         help="the market's (and the generator's) seed (default: %(default)s)")

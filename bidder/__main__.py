@@ -35,6 +35,17 @@ def parse_now(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _share(text: str) -> float:
+    """``--explore``: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {text!r}")
+    return value
+
+
 def worker_count(text: str) -> int | str:
     """``--workers``: a positive number, or ``auto`` for the CPUs this process may use (``bidder.cpus``)."""
     if text == "auto":
@@ -224,6 +235,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="log every bid (and the notices and clicks reported to the bidder) to zstd JSON lines "
                             "files in DIR, written off the bid path (docs/events.md); python -m train logs turns "
                             "them into training data (default: no event log)")
+    serve.add_argument("--explore", type=_share, default=defaults.explore, metavar="SHARE",
+                       help="the share of imps bid with a creative drawn at random among those at or above the floor "
+                            "instead of the best one, each bid's probability logged (--events) so training on the log "
+                            "sees beyond the bidder's own choices (docs/events.md) (default: %(default)s, none)")
     serve.add_argument("--log-format", choices=FORMATS, default=defaults.log_format,
                        help="text lines, or one JSON object per line (ts, level, worker, pid, event, message and the "
                             "event's fields) (default: %(default)s)")
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
                     factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
-                    ann=args.ann, notices=notices, events=args.events, ledger=args.ledger,
+                    ann=args.ann, notices=notices, events=args.events, explore=args.explore, ledger=args.ledger,
                     ledger_refresh_s=args.ledger_refresh, lease_fraction=args.lease_fraction,
                     shutdown_timeout=args.drain_timeout, log_format=args.log_format, log_level=args.log_level,
                     access_log_sample=args.access_log_sample, metrics_port=args.metrics_port)

@@ -83,6 +83,7 @@ class Config:
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
     notices: NoticeSettings | None = None  # signed win/billing/loss notices and clicks (--notice-url); None: off
     events: Path | None = None  # the event log's directory (bidder.events); None: no event log
+    explore: float = 0.0  # the share of imps bid with a random eligible creative (BidEngine.explore_rows)
     # the spend ledger (campaigns with budgets; needs notices): the banker's Redis URL, None for the embedded one
     # in the notices' state directory; how often a worker calls it; a worker's lease as a share of a budget
     ledger: str | None = None
@@ -166,7 +167,8 @@ class State:
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)
         engine = BidEngine(scorer, catalog, self.metrics, self.config.utc_offset_hours,
                            self.config.clock or self.config.now, factorized, market, retriever,
-                           notices=self.notices, events=self.events, ledger=self._ledger_for(catalog))
+                           notices=self.notices, events=self.events, ledger=self._ledger_for(catalog),
+                           explore=self.config.explore)
         layers = [c.layer for c in catalog.candidates[: scorer.max_batch]]
         limit = len(catalog) if retriever is None else retriever.k  # rows per imp and size
         per_size = sorted({min(limit, len(catalog.for_size(w, h))) for w, h in catalog.sizes} | {len(layers)})

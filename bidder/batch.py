@@ -99,7 +99,7 @@ class Batch:
 
     __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_ids", "features", "n_rows",
                  "row_imp", "row_cand", "row_floor", "row_value", "deal_floor", "deal_private", "offers", "scores",
-                 "best_row", "best_value", "via_deal", "shaded", "unprofitable", "prices", "held")
+                 "best_row", "best_value", "via_deal", "shaded", "unprofitable", "prices", "held", "propensity")
 
     def __init__(self, pendings: Sequence[Pending], candidates: Sequence[Candidate], features: dict[str, np.ndarray]):
         self.pendings = pendings
@@ -118,6 +118,8 @@ class Batch:
         # the budget stage (campaigns with money terms only): batch imp -> its final price, or why it is held back
         self.prices: dict[int, float] | None = None
         self.held: dict[int, str] | None = None
+        # exploration (``--explore``): per batch imp the probability its row was the one bid with; None: not exploring
+        self.propensity: list[float] | None = None
 
     @property
     def n_imps(self) -> int:

@@ -101,8 +101,14 @@ class BidEngine:
     def __init__(self, scorer: Scorer, catalog: Catalog, metrics: Metrics, utc_offset_hours: float = 0.0,
                  now: float | Callable[[], float] | None = None, factorized: FactorizedScorer | None = None,
                  market: WinModel | None = None, retriever: Retriever | None = None, notices: Notices | None = None,
-                 events: EventLog | None = None, ledger: Ledger | None = None):
+                 events: EventLog | None = None, ledger: Ledger | None = None, explore: float = 0.0):
         self.scorer = scorer
+        # the share of imps bid with a creative drawn at random among those at or above the floor, not the best
+        # one (``explore_rows``): what a model trained on the event log then sees beyond its own choices
+        if not 0.0 <= explore <= 1.0:
+            raise ValueError(f"explore must be a share of imps in [0, 1], got {explore!r}")
+        self.explore = explore
+        self._explore_rng = random.Random()
         self.events = events  # every bid placed is logged there (``bidder serve --events``); None: not logged
         self.catalog = catalog
         # large catalogs: the top K eligible creatives per imp by the two towers; None: every eligible creative
@@ -336,6 +342,8 @@ class BidEngine:
         if self.layout(batch):
             self.score(batch)
             self.value(batch)
+            if self.explore:
+                self.explore_rows(batch)
             self.shade(batch)
             if self.money:
                 self.budget(batch)
@@ -492,6 +500,34 @@ class BidEngine:
         for row in batch.offers:  # the engine's row arrays hold no deal terms between batches
             batch.deal_floor[row] = np.nan
             batch.deal_private[row] = 0
+
+    # -- explore -------------------------------------------------------------------------------------
+    def explore_rows(self, batch: Batch) -> None:
+        """With probability ``explore`` per imp, the imp bids with a row drawn uniformly among its open-auction
+        rows at or above its floor instead of its best one. Per imp, ``batch.propensity`` is the probability that
+        the row it bids with was chosen: ``explore / k + (1 - explore)`` for the best of ``k`` rows, ``explore /
+        k`` for another (1 for an imp with one such row, or bidding through a deal, which is never explored)."""
+        n, rows = batch.n_imps, batch.n_rows
+        row_imp = batch.row_imp[:rows]
+        values = batch.scores[:rows].astype(np.float64) * batch.row_value[:rows] * 1000.0
+        open_rows = values >= batch.row_floor[:rows]
+        for row in batch.offers:  # deal rows are a deal's, never a draw
+            open_rows[row] = False
+        share, rng = self.explore, self._explore_rng
+        propensity = batch.propensity = [1.0] * n
+        best_row, best_value = batch.best_row, batch.best_value
+        for j in range(n):
+            best = best_row[j]
+            if best < 0 or batch.via_deal[j]:
+                continue
+            choices = np.flatnonzero(open_rows & (row_imp == j))
+            k = len(choices)
+            if k < 2:
+                continue
+            row = int(choices[rng.randrange(k)]) if rng.random() < share else best
+            propensity[j] = share / k + (1.0 - share if row == best else 0.0)
+            if row != best:
+                best_row[j], best_value[j] = row, float(values[row])
 
     # -- shade ---------------------------------------------------------------------------------------
     def shade(self, batch: Batch) -> None:
@@ -670,7 +706,8 @@ class BidEngine:
             deals.append(deal)
             bid_id = f"{request.id}-{imp.id}"
             if self.events is not None:
-                self._log_bid(bid_id, pending, position, c, batch.scores[row], value, price, floors[i])
+                self._log_bid(bid_id, pending, position, c, batch.scores[row], value, price, floors[i],
+                              batch.propensity[j] if batch.propensity is not None else 1.0)
             if pending.rate != 1.0:
                 price = self._in_currency(price, imp, floors[i], pending)
             template = self._bid_templates.get(c.index) or self._bid_template(c)
@@ -706,13 +743,13 @@ class BidEngine:
                            pending.exchange, self.scorer.model_id, read_clock(self.now), pending.currency)
 
     def _log_bid(self, bid_id: str, pending: Pending, position: int, c: Candidate, pctr: float, value: float,
-                 price: float, floor: float) -> None:
+                 price: float, floor: float, propensity: float) -> None:
         request = pending.request
         record = pending.records[position]
         key = user_key(request) if pending.personal_ok else None  # no consent: no user key logged
         self.events.bid(bid_id, record, c.layer, c.campaign_id, c.creative_id, self.scorer.model_id, float(pctr),
                         value, price, price / value if value > 0 else 1.0, floor, request.at, record["adexchange"],
-                        key)
+                        key, propensity)
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, body: bytes) -> Outcome:

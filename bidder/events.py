@@ -77,6 +77,7 @@ class _BidEvent(msgspec.Struct):
     auction: int
     exchange: str | None
     user: str | None
+    propensity: float  # the probability the creative bid with was chosen (1: no exploration, --explore)
 
 
 class _NoticeEvent(msgspec.Struct):
@@ -209,9 +210,10 @@ class EventLog:
     # the writer), so neither needs a lock.
     def bid(self, bid_id: str, record: dict, layer: dict, campaign: str, creative: str, model: str, pctr: float,
             value: float, price: float, shading: float, floor: float, auction: int, exchange: str | None,
-            user: str | None) -> None:
+            user: str | None, propensity: float = 1.0) -> None:
         """A bid placed: ``record`` the imp's raw record, ``layer`` the candidate's fields (together what the
-        model scored), ``value`` pCTR × value per click in USD CPM, ``price`` the bid, ``shading`` price / value."""
+        model scored), ``value`` pCTR × value per click in USD CPM, ``price`` the bid, ``shading`` price / value,
+        ``propensity`` the probability that this creative was the one bid with (below 1 only when exploring)."""
         queue = self.queue
         if len(queue) >= self.queue_size:
             self.dropped["queue_full"] += 1
@@ -222,7 +224,7 @@ class EventLog:
         self._queued += 1
         queue.append(self._encode(_BidEvent(SCHEMA_VERSION, "bid", at, bid_id, {**record, **layer}, campaign,
                                             creative, model, pctr, value, price, shading, floor, auction, exchange,
-                                            user)))
+                                            user, propensity)))
 
     def notice(self, kind: str, bid_id: str, price: float | None = None, loss: int | None = None,
                min_to_win: float | None = None, delay: float | None = None) -> None:

@@ -382,3 +382,22 @@ def test_the_user_key_is_user_id_then_buyeruid_then_the_device_ifa():
     assert key(user={"buyeruid": "b"}, device={"ifa": "i"}) == "b"
     assert key(user={}, device={"ifa": "i"}) == "i"
     assert key() is None
+
+
+# -- bench budgets ----------------------------------------------------------------------------------------------
+def test_bench_budgets_budgets_each_spending_campaign_and_scores_its_day():
+    from bench.budgets import budget_catalog, campaign_figures
+
+    catalog = {"campaigns": [{"id": "a", "creatives": []}, {"id": "b", "creatives": []}]}
+    budgeted = budget_catalog(catalog, {"a": 10.0, "b": 0.0}, 0.4)
+    assert budgeted["campaigns"][0]["budget"] == {"daily": 4.0, "timezone": "UTC"}
+    assert budgeted["campaigns"][0]["pacing"] == "even" and "budget" not in budgeted["campaigns"][1]
+    assert "budget" not in catalog["campaigns"][0]  # the original is left alone
+    on_plan = {"spend": 4.0, "hourly": [{"spend": 1.0}] * 4, "cap_violations": 0}
+    figures = campaign_figures(on_plan, 4.0, {"spent_total": 3.999999})
+    assert (figures["use"], figures["overspend"], figures["exhausted_hour"], figures["rmse_vs_plan"]) == (1.0, 0.0,
+                                                                                                          4, 0.0)
+    assert figures["ledger_minus_exchange"] == -1e-06
+    early = campaign_figures({"spend": 4.4, "hourly": [{"spend": 4.4}, {"spend": 0.0}]}, 4.0, None)
+    assert early["exhausted_hour"] == 1 and early["overspend"] == pytest.approx(0.1) and "ledger_spent" not in early
+    assert early["rmse_vs_plan"] == pytest.approx(((1.1 - 0.5) ** 2 / 2 + 0.1 ** 2 / 2) ** 0.5)

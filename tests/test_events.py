@@ -337,3 +337,31 @@ def test_bench_loop_refuses_a_folder_already_holding_results(tmp_path, capsys):
     (tmp_path / "loop.json").write_text("{}")
     assert loop_main(["--out", str(tmp_path)]) == 1
     assert "is not empty" in capsys.readouterr().err
+
+
+# -- exploration --------------------------------------------------------------------------------------------------
+def test_exploring_bids_other_eligible_creatives_and_logs_the_probability_of_each(tmp_path):
+    scorer, catalog = Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS)
+    events = EventLog(tmp_path).start()
+    best = BidEngine(scorer, catalog, Metrics(), now=1.8e9)
+    always = BidEngine(scorer, catalog, Metrics(), now=1.8e9, events=events, explore=1.0)
+    chosen = {json.loads(best.bid(_banner(), "2").body)["seatbid"][0]["bid"][0]["crid"]}
+    explored = set()
+    for i in range(60):
+        bid = json.loads(always.bid(_banner(f"explore-{i}"), "2").body)["seatbid"][0]["bid"][0]
+        explored.add(bid["crid"])
+    events.close()
+    eligible = {c.creative_id for c in catalog.eligible(300, 250, "www.foobar.com", "2", frozenset())}
+    assert len(explored) > 2 and explored <= eligible and explored != chosen
+    propensities = {round(r["propensity"], 9) for r in _records(tmp_path)}
+    assert len(propensities) == 1 and 0 < propensities.pop() <= 1 / 3  # 1/k, k rows at or above the floor
+    with pytest.raises(ValueError, match="explore must be a share"):
+        BidEngine(scorer, catalog, Metrics(), explore=1.5)
+
+
+def test_without_exploration_every_logged_bid_has_probability_one(tmp_path):
+    events = EventLog(tmp_path).start()
+    engine = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=1.8e9, events=events)
+    assert engine.bid(_banner(), "2").status == 200
+    events.close()
+    assert [r["propensity"] for r in _records(tmp_path)] == [1.0]
