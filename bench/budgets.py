@@ -16,6 +16,7 @@ Writes `DIR/budgets.json` and `DIR/budgets.png` (cumulative spend against the pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.exchange.cli import DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED
+from bench.exchange.faults import Faults
 from bench.exchange.traffic import Market
 from bench.load import REPO, child_environment
 from bench.loop import serve_days
@@ -34,6 +36,7 @@ from bidder import DEFAULT_BUNDLE
 
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 EXHAUSTED = 0.99  # a budget counts as spent once this share of it is
+NO_FAULTS = Faults(delay_s=2.0, late=0.0, lost=0.0, duplicate=0.0, unrendered=0.0, forged=0.0)
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -122,9 +125,14 @@ def run_budgets(args: argparse.Namespace) -> dict[str, Any]:
             "requests": day["requests"], "bids": day["bids"], "bills": day["bills"], "notices": day["notices"],
             "campaigns": figures}
         print(f"fraction {fraction:g}: use {days[f'{fraction:g}']['use']:.4f}", file=sys.stderr, flush=True)
+    command = (f"python -m bench budgets --fractions {','.join(f'{f:g}' for f in args.fractions)} --workers "
+               f"{args.workers}{' --ledger ' + args.ledger if args.ledger else ''}{' --no-faults' if args.no_faults else ''}"
+               f" --rate {args.rate:g} --speed {args.speed:g} --out {args.out}")
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(REPO, "not used"),
+              "command": command,
               "config": {"fractions": list(args.fractions), "rate": args.rate, "speed": args.speed, "seed": args.seed,
                          "workers": args.workers, "ledger": args.ledger or "embedded",
+                         "faults": dataclasses.asdict(args.faults),
                          "ledger_refresh_s": args.ledger_refresh, "world_seed": args.world_seed,
                          "world_rows": args.world_rows},
               "unconstrained": {"spend": spend, "requests": free["requests"], "bills": free["bills"]},
@@ -175,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the bidder's --ledger (redis://HOST:PORT/DB); default: the embedded banker")
     parser.add_argument("--ledger-refresh", type=float, default=0.1, metavar="SECONDS",
                         help="the bidder's --ledger-refresh (default: %(default)s)")
+    parser.add_argument("--no-faults", action="store_true",
+                        help="every notice arrives, on time, once, and every win renders (default: the exchange's "
+                             "default faults: lost, late and duplicated notices, unrendered wins, forgeries)")
     parser.add_argument("--rate", type=float, default=1000.0, help="mean wall-clock requests/s (default: %(default)s)")
     parser.add_argument("--speed", type=float, default=720.0,
                         help="simulated seconds per wall second (default: %(default)s, a day in two minutes)")
@@ -186,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs") / time.strftime("budgets-%Y%m%dT%H%M%SZ", time.gmtime()))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    args.faults = NO_FAULTS if args.no_faults else Faults()
     child_environment()
     try:
         report = run_budgets(args)

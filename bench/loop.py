@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.exchange.cli import DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED, ExchangeConfig, run_exchange
+from bench.exchange.faults import Faults
 from bench.exchange.traffic import Market
 from bench.load import REPO, child_environment
 from bench.machine import machine_info
@@ -79,7 +80,8 @@ def serve_days(name: str, bundle: Path, campaigns: Path, market: Market, out: Pa
     command += [*options, "--workers", str(workers)]
     config = ExchangeConfig(bidders=(base + "/bid/{exchange}",), campaigns=campaigns, start=start, speed=args.speed,
                             anchor=anchor, hours=24.0 * days, rate=args.rate, seed=args.seed + first_day,
-                            world_seed=args.world_seed, world_rows=args.world_rows)
+                            world_seed=args.world_seed, world_rows=args.world_rows,
+                            faults=getattr(args, "faults", None) or Faults())
     print(f"{name}: days {first_day + 1}-{first_day + days} on {bundle}", file=sys.stderr, flush=True)
     with running(name, command, base, ready_path="/readyz", startup_timeout_s=ANCHOR_LEAD_S - 2, port=port,
                  workers=workers):
