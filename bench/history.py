@@ -225,7 +225,8 @@ def _retrieval_figures(report: dict) -> str:
 
 def _compare_figures(report: dict) -> str:
     models = ", ".join(f"{r['model']}{'' if r.get('graph', 'lean') == 'lean' else ' (' + r['graph'] + ')'} "
-                       f"{r['test_auc']:.4f}" for r in report.get("rows", []) if r.get("graph", "lean") == "lean")
+                       f"{r.get('auc', r.get('test_auc')):.4f}" for r in report.get("rows", [])
+                       if r.get("graph", "lean") == "lean")
     oracle = report.get("oracle", {}).get("test_auc")
     return f"test AUC: {models}" + (f"; oracle {oracle:.4f}" if oracle else "") if models else ""
 
