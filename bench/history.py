@@ -250,6 +250,13 @@ def _runs_figures(report: dict) -> str:
                      if isinstance(run, dict) and "test_auc" in run and "hyperparameters" in run)
 
 
+def _calibration_figures(report: dict) -> str:
+    runs = [r for r in report.get("runs", []) if isinstance(r, dict) and "test" in r]
+    cells = [f"{r['rows']:,}/{r['seed']} {r['test']['raw']['mean_over_true']:.3f}→{r['test']['served']['mean_over_true']:.3f}"
+             for r in runs]
+    return "test mean / true pCTR, raw→served (rows/seed): " + ", ".join(cells) if cells else ""
+
+
 def _kind(path: Path) -> str:
     return re.match(r"[a-z]+", path.name).group(0) if re.match(r"[a-z]+", path.name) else path.name
 
@@ -257,7 +264,7 @@ def _kind(path: Path) -> str:
 _KEY_FIGURES: dict[str, Callable[[dict], str]] = {
     "replay": _replay_figures, "shading": _shading_figures, "retrieval": _retrieval_figures,
     "compare": _compare_figures, "compress": _compress_figures, "after": _reload_figures, "before": _reload_figures,
-    "batch": _runs_figures}
+    "batch": _runs_figures, "calibration": _calibration_figures}
 
 
 def render(results: Path = RESULTS) -> str:

@@ -11,7 +11,8 @@ import pytest
 from bidder.factorized import FactorizedScorer
 from bidder.scorer import Scorer
 from bidder.spec import default_spec
-from train.calibrate import IDENTITY, Calibration, apply, choose, expected_calibration_error, fit_platt, truth_summary
+from train.calibrate import (IDENTITY, MISMATCH_SD, Calibration, apply, choose, choose_by_halves,
+                             expected_calibration_error, fit_level, fit_platt, truth_summary)
 from train.data.dataset import load_dataset
 from train.errors import ParityError, TrainError
 from train.export import CALIBRATION_SCALE, CALIBRATION_SHIFT, check_parity, export_lean
@@ -76,6 +77,34 @@ def test_a_map_that_does_not_help_on_held_out_rows_is_not_kept():
     assert fixed.kept and fixed.calibration.shift < -0.3 and fixed.logloss_calibrated < fixed.logloss_raw
 
 
+def test_the_level_comes_from_training_rows_when_validation_has_few_clicks_and_from_validation_when_many():
+    rng = np.random.default_rng(4)
+
+    def rows(n, level):
+        z = rng.normal(-4.3, 0.9, n)
+        return 1 / (1 + np.exp(-z)), rng.random(n) < 1 / (1 + np.exp(-(z + level)))
+
+    train = rows(400_000, np.log(0.8))                      # training rows: the model is 25 % high
+    few, many = rows(3_000, np.log(1.1)), rows(600_000, np.log(1.1))  # later rows: 10 % low
+    assert fit_level(*train, *few).calibration.shift == pytest.approx(np.log(0.8), abs=0.08)
+    assert fit_level(*train, *many).calibration.shift == pytest.approx(np.log(1.1), abs=0.04)
+    # the second step's interval is narrower than the first's widened prior
+    assert np.diff(fit_level(*train, *many).interval()["shift"])[0] < 2 * 1.96 * MISMATCH_SD
+
+
+def test_choose_by_halves_keeps_a_level_that_holds_on_unseen_validation_rows():
+    rng = np.random.default_rng(5)
+    z = rng.normal(-4.3, 0.9, 300_000)
+    probs = 1 / (1 + np.exp(-z))
+    high = rng.random(len(z)) < 0.7 * probs  # the model is 1/0.7 too high everywhere
+    val = slice(0, 60_000)
+    kept = choose_by_halves(probs, high, probs[val], high[val])
+    assert kept.kept and kept.calibration.shift == pytest.approx(np.log(0.7), abs=0.05)
+    calibrated = rng.random(len(z)) < probs  # already calibrated: nothing to gain on held-out halves
+    left = choose_by_halves(probs, calibrated, probs[val], calibrated[val])
+    assert abs(left.candidate.calibration.shift) < 0.05
+
+
 def test_truth_summary_scores_against_the_true_probability():
     truth = np.linspace(0.005, 0.03, 1000)
     exact = truth_summary(truth, truth)
@@ -118,11 +147,12 @@ def test_calibration_is_folded_into_the_graph(dataset, tmp_path):
 def test_trained_bundle_is_calibrated_on_training_rows_and_judged_on_validation(small_bundle):
     meta = json.loads((small_bundle / "meta.json").read_text())
     entry = meta["calibration"]
-    assert entry["method"] == "platt" and entry["fitted_on"] == "train" and entry["judged_on"] == "val"
+    assert entry["method"] == "platt" and entry["fitted_on"] == "train, then val"
+    assert entry["judged_on"].startswith("val (two halves")
     assert entry["scale"] == 1.0
     candidate = entry["candidate"]
     assert candidate["interval_95"]["shift"][0] <= candidate["shift"] <= candidate["interval_95"]["shift"][1]
-    assert candidate["clicks"] == int(round(meta["metrics"]["train"]["ctr"] * meta["metrics"]["train"]["rows"]))
+    assert candidate["clicks"] == int(round(meta["metrics"]["val"]["ctr"] * meta["metrics"]["val"]["rows"]))
     held_out = entry["held_out_logloss"]
     if entry["kept"]:
         assert entry["shift"] == pytest.approx(candidate["shift"], abs=1e-6)

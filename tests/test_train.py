@@ -150,7 +150,7 @@ def test_compare_cli_runs_the_lightgbm_row(tmp_path, capsys):
     assert row["latency_b9_us"] > 0 and row["train_seconds"] > 0 and 0 < row["parameters"] <= 30
     assert {"auc", "logloss", "calibration", "latency_b9_us", "train_seconds"} <= set(row)
     meta = json.loads((tmp_path / "out" / "lightgbm" / "meta.json").read_text())
-    assert meta["architecture"] == "lightgbm" and meta["calibration"]["fitted_on"] == "train"
+    assert meta["architecture"] == "lightgbm" and meta["calibration"]["fitted_on"] == "train, then val"
     assert "| lightgbm | lean |" in (tmp_path / "out" / "compare.md").read_text()
 
 
