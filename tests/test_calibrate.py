@@ -84,12 +84,27 @@ def test_the_level_comes_from_training_rows_when_validation_has_few_clicks_and_f
         z = rng.normal(-4.3, 0.9, n)
         return 1 / (1 + np.exp(-z)), rng.random(n) < 1 / (1 + np.exp(-(z + level)))
 
-    train = rows(400_000, np.log(0.8))                      # training rows: the model is 25 % high
+    train = rows(400_000, np.log(0.8))                      # training rows: the model is 25 % high in odds
     few, many = rows(3_000, np.log(1.1)), rows(600_000, np.log(1.1))  # later rows: 10 % low
-    assert fit_level(*train, *few).calibration.shift == pytest.approx(np.log(0.8), abs=0.08)
-    assert fit_level(*train, *many).calibration.shift == pytest.approx(np.log(1.1), abs=0.04)
+
+    def factor(fit, probs):  # what the map does to the mean prediction
+        return apply(probs, fit.calibration).mean() / probs.mean()
+
+    assert 0.76 < factor(fit_level(*train, *few), few[0]) < 0.9  # near the training rows (0.8), far from 1.1
+    assert factor(fit_level(*train, *many), many[0]) == pytest.approx(1.1, abs=0.03)
+    assert fit_level(*train, *many).calibration.scale == pytest.approx(1.0, abs=0.03)  # the slope was right
     # the second step's interval is narrower than the first's widened prior
     assert np.diff(fit_level(*train, *many).interval()["shift"])[0] < 2 * 1.96 * MISMATCH_SD
+
+
+def test_the_scale_is_fitted_on_validation_rows_when_they_hold_enough_clicks():
+    rng = np.random.default_rng(6)
+    z = rng.normal(-4.3, 0.9, 400_000)
+    probs = 1 / (1 + np.exp(-z))
+    labels = rng.random(len(z)) < 1 / (1 + np.exp(-(0.8 * z - 0.86)))  # overconfident: the true slope is 0.8
+    fit = fit_level(probs[:200_000], labels[:200_000], probs[200_000:], labels[200_000:])
+    assert fit.calibration.scale == pytest.approx(0.8, abs=0.06)
+    assert apply(probs, fit.calibration).mean() == pytest.approx(labels.mean(), rel=0.05)
 
 
 def test_choose_by_halves_keeps_a_level_that_holds_on_unseen_validation_rows():
@@ -99,10 +114,10 @@ def test_choose_by_halves_keeps_a_level_that_holds_on_unseen_validation_rows():
     high = rng.random(len(z)) < 0.7 * probs  # the model is 1/0.7 too high everywhere
     val = slice(0, 60_000)
     kept = choose_by_halves(probs, high, probs[val], high[val])
-    assert kept.kept and kept.calibration.shift == pytest.approx(np.log(0.7), abs=0.05)
+    assert kept.kept and apply(probs, kept.calibration).mean() / probs.mean() == pytest.approx(0.7, abs=0.03)
     calibrated = rng.random(len(z)) < probs  # already calibrated: nothing to gain on held-out halves
     left = choose_by_halves(probs, calibrated, probs[val], calibrated[val])
-    assert abs(left.candidate.calibration.shift) < 0.05
+    assert apply(probs, left.candidate.calibration).mean() / probs.mean() == pytest.approx(1.0, abs=0.03)
 
 
 def test_truth_summary_scores_against_the_true_probability():
@@ -149,7 +164,7 @@ def test_trained_bundle_is_calibrated_on_training_rows_and_judged_on_validation(
     entry = meta["calibration"]
     assert entry["method"] == "platt" and entry["fitted_on"] == "train, then val"
     assert entry["judged_on"].startswith("val (two halves")
-    assert entry["scale"] == 1.0
+    assert entry["scale"] > 0
     candidate = entry["candidate"]
     assert candidate["interval_95"]["shift"][0] <= candidate["shift"] <= candidate["interval_95"]["shift"][1]
     assert candidate["clicks"] == int(round(meta["metrics"]["val"]["ctr"] * meta["metrics"]["val"]["rows"]))
@@ -158,7 +173,7 @@ def test_trained_bundle_is_calibrated_on_training_rows_and_judged_on_validation(
         assert entry["shift"] == pytest.approx(candidate["shift"], abs=1e-6)
         assert held_out["calibrated"] <= held_out["raw"]
     else:
-        assert entry["shift"] == 0.0 and held_out["calibrated"] >= held_out["raw"]
+        assert (entry["scale"], entry["shift"]) == (1.0, 0.0) and held_out["calibrated"] >= held_out["raw"]
     assert set(entry["test"]) == {"before", "after"} and "mean_over_true" in entry["test"]["after"]
     # the factorized graphs carry the same calibration: the load-time parity check passes
     scorer = Scorer(small_bundle)

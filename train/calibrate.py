@@ -132,10 +132,12 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_platt(probs: np.ndarray, labels: np.ndarray, *, fit_scale: bool = False, prior_sd: float = PRIOR_SD,
-              prior_shift: float = 0.0, one_class_ok: bool = False, iterations: int = 50) -> PlattFit:
+              prior_shift: float = 0.0, scale_prior_sd: float | None = None, one_class_ok: bool = False,
+              iterations: int = 50) -> PlattFit:
     """The posterior mode of the shift (and, with ``fit_scale``, the scale) and its Laplace covariance.
 
-    Priors: ``shift ~ N(prior_shift, prior_sd²)``, ``scale ~ N(1, prior_sd²)``; without ``fit_scale`` the scale is 1.
+    Priors: ``shift ~ N(prior_shift, prior_sd²)``, ``scale ~ N(1, scale_prior_sd²)`` (``scale_prior_sd`` defaults to
+    ``prior_sd``); without ``fit_scale`` the scale is 1.
     ``prior_sd`` = inf is plain maximum likelihood (the calibrated mean on the fitted rows then equals their
     observed rate). Raises ``TrainError`` when the labels hold one class only (unless ``one_class_ok``: a shift
     under a proper prior is defined then too), or when a fitted scale is not positive (the predictions rank worse
@@ -148,17 +150,24 @@ def fit_platt(probs: np.ndarray, labels: np.ndarray, *, fit_scale: bool = False,
     if not prior_sd > 0:
         raise TrainError(f"calibration: the prior's standard deviation must be positive, got {prior_sd!r}")
     positives = y.sum()
-    if not 0 < positives < len(y) and not (one_class_ok and not fit_scale and math.isfinite(prior_sd)):
+    scale_sd = prior_sd if scale_prior_sd is None else scale_prior_sd
+    if not 0 < positives < len(y) and not (one_class_ok and math.isfinite(prior_sd)
+                                           and (not fit_scale or math.isfinite(scale_sd))):
         raise TrainError(f"calibration needs clicks and non-clicks; its rows hold {int(positives)} click(s) in "
                          f"{len(y)} rows")
-    x = np.stack([z, np.ones_like(z)], axis=1)
+    # the level is the shift at the logit where a change of scale leaves the mean prediction as it is (the mean of
+    # the logits weighted by p(1 - p)), not at logit 0 (p = 0.5, far from any CTR): so the level means what the
+    # shift alone means, the mean prediction, and its prior does not hold the scale back
+    weight = _sigmoid(z) * (1 - _sigmoid(z))
+    centre_logit = float(np.sum(weight * z) / np.sum(weight)) if fit_scale else 0.0
+    x = np.stack([z - centre_logit, np.ones_like(z)], axis=1)
     free = [0, 1] if fit_scale else [1]
     centre = np.array([1.0, float(prior_shift)])
-    precision = np.eye(len(free)) / prior_sd ** 2
-    w = centre.copy()
+    precision = np.diag([1.0 / scale_sd ** 2, 1.0 / prior_sd ** 2][2 - len(free):])
+    w = centre.copy()  # (scale, level): logit' = scale * (z - centre_logit) + centre_logit + level
 
     def gradient_and_hessian() -> tuple[np.ndarray, np.ndarray]:
-        p = _sigmoid(x @ w)
+        p = _sigmoid(x @ w + centre_logit)
         xf = x[:, free]
         return (xf.T @ (p - y) + precision @ (w[free] - centre[free]),
                 (xf * (p * (1 - p))[:, None]).T @ xf + precision)
@@ -170,20 +179,25 @@ def fit_platt(probs: np.ndarray, labels: np.ndarray, *, fit_scale: bool = False,
         if np.max(np.abs(step)) < 1e-10:
             break
     if not (np.all(np.isfinite(w)) and w[0] > 0):
-        raise TrainError(f"calibration: Platt fit gave scale {w[0]:.4g}, shift {w[1]:.4g}; expected a positive scale "
+        raise TrainError(f"calibration: Platt fit gave scale {w[0]:.4g}, level {w[1]:.4g}; expected a positive scale "
                          "(the model ranks these rows worse than chance)")
     covariance = np.zeros((2, 2))
     covariance[np.ix_(free, free)] = np.linalg.inv(gradient_and_hessian()[1])
+    to_shift = np.array([[1.0, 0.0], [-centre_logit, 1.0]])  # (scale, level) -> (scale, shift)
+    covariance = to_shift @ covariance @ to_shift.T
+    w = np.array([w[0], w[1] + centre_logit * (1.0 - w[0])])
     return PlattFit(Calibration(float(w[0]), float(w[1])), covariance, len(y), int(positives))
 
 
 def fit_level(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray) -> PlattFit:
-    """The shift in two steps: the training rows' posterior (identity prior) widened by ``MISMATCH_SD`` becomes the
-    prior of the validation rows' fit. With few validation clicks the training rows decide, with many the
-    validation rows do; with few of both the identity does."""
+    """The map in two steps: the training rows' shift (identity prior), widened by ``MISMATCH_SD``, becomes the prior
+    of the shift fitted with the scale on the validation rows (scale prior ``N(1, PRIOR_SD²)``). With few validation
+    clicks the training rows decide the level and the scale stays near 1; with many the validation rows decide both;
+    with few clicks anywhere the identity does."""
     first = fit_platt(train, train_labels)
     sd = math.sqrt(first.covariance[1, 1] + MISMATCH_SD ** 2)
-    return fit_platt(val, val_labels, prior_shift=first.calibration.shift, prior_sd=sd, one_class_ok=True)
+    return fit_platt(val, val_labels, fit_scale=True, prior_shift=first.calibration.shift, prior_sd=sd,
+                     scale_prior_sd=PRIOR_SD, one_class_ok=True)
 
 
 def choose_by_halves(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray, *,
