@@ -1,6 +1,6 @@
-"""Probability calibration that cannot hurt: a Bayesian Platt shift fitted on the served model's own training rows,
-then on its validation rows with that as prior, kept only when it lowers held-out log loss, folded into the served
-graph.
+"""Probability calibration that cannot hurt: a Bayesian Platt map whose level is learnt from the served model's own
+training rows, then refined with its scale on the validation rows, kept only when it lowers held-out log loss,
+folded into the served graph.
 
 The map is ``p' = sigmoid(scale * logit(p) + shift)``. What is fitted, on which rows, and when it is kept:
 
@@ -17,13 +17,15 @@ The map is ``p' = sigmoid(scale * logit(p) + shift)``. What is fitted, on which 
   the same on the rows it trained on as on later ones (seed 2014, 200k rows: 1.238 on train, 1.216 on val, 1.206
   on test). Models trained on folds have offsets of their own (0.82 to 1.20 in the same run), so cross-fitting
   would estimate someone else's error. The tilt (``scale``) is not fitted on training rows, where the model has
-  memorised the labels and its predictions look sharper than they are; it stays 1.
+  memorised the labels and its predictions look sharper than they are; it is fitted on the validation rows only.
 * **Shrunk by how few clicks there are: a Bayesian shift, in two steps** (``fit_level``). On the training rows:
   prior ``shift ~ N(0, PRIOR_SD²)``, posterior mode (Newton in float64). A model's level on later rows may still
   differ from its level on the rows it trained on (at 1M rows, seed 2015: the training rows said +1 %, the test
   rows needed +6 %), so that posterior, widened by ``MISMATCH_SD``, is the prior of a second fit on the validation
-  rows. Each likelihood's weight grows with its clicks, the priors' do not: with few validation clicks the training
-  rows decide, with many the validation rows do, with few of both the identity does. The Laplace approximation
+  rows, which fits the scale too (prior ``N(1, PRIOR_SD²)``; the level is taken where a change of scale leaves the
+  mean prediction as it is, so it means there what the training rows' shift means). Each likelihood's weight grows
+  with its clicks, the priors' do not: with few validation clicks the training rows decide the level and the scale
+  stays near 1, with many the validation rows decide both, with few of both the identity does. The Laplace approximation
   (inverse Hessian at the mode) gives the 95 % interval of the shift and of the factor it puts on the mean
   prediction, both reported.
 * **Kept only when it helps on held-out rows** (``choose_by_halves``). The validation rows are halved at random; each
@@ -31,8 +33,8 @@ The map is ``p' = sigmoid(scale * logit(p) + shift)``. What is fitted, on which 
   the halves' log loss falls, otherwise the identity is exported (the graph still carries the two constants, at 1
   and 0).
 
-``fit_platt`` also fits the scale (``fit_scale=True``, prior ``N(1, PRIOR_SD²)``) for held-out predictions: the
-calibration study fits it on the validation split to show what the shipped map did before.
+With ``prior_sd=inf`` and ``fit_scale`` ``fit_platt`` is plain maximum-likelihood Platt: the calibration study fits it
+on the validation split alone to show what the map shipped before did.
 
 ``expected_calibration_error`` uses 20 equal-count bins of the predicted probability: at a CTR near 1 %
 equal-width bins would put almost every row into the first bin. On synthetic data it is also measured against

@@ -4,7 +4,7 @@ For every (rows, seed) the synthetic logs of ``train synth --rows ROWS --seed SE
 under ``DATA_ROOT/synth-ROWS-SEED``), DeepFM is trained as ``train fit`` trains it, and its test predictions are
 compared with ``pctr_true`` on the same rows three ways: raw (uncalibrated), Platt by maximum likelihood on the
 validation split (the map shipped before: its ±1/√clicks noise is what this study is about), and the calibration
-``train fit`` now exports (``train/calibrate.py``: a Bayesian shift fitted on the training rows, then on the
+``train fit`` now exports (``train/calibrate.py``: the level from the training rows, then level and scale on the
 validation rows with that as prior, kept only when it lowers log loss on validation rows it was not fitted on). Each is scored by mean prediction / mean ``pctr_true``, ECE against ``pctr_true`` and test
 log loss; the target is the issue's (within 3 % of the truth at 1M rows, within 2/√(training clicks) below; never
 worse than raw on held-out log loss). Results go to ``calibration.md``, ``calibration.json`` and
@@ -115,8 +115,9 @@ def _write(out: Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def render_markdown(results: dict[str, Any]) -> str:
     lines = ["# Calibration study", "",
-             f"{results['model']}; the served calibration is a Bayesian shift fitted on the training rows, then on the "
-             "validation rows with that as prior, kept when validation halves it was not fitted on lose log loss. "
+             f"{results['model']}; the served calibration is Platt in two Bayesian steps: the level from the training "
+             "rows, then level and scale on the validation rows with that as prior, kept when validation halves it "
+             "was not fitted on lose log loss."
              "Per run: test mean prediction "
              "/ mean pctr_true (ECE against pctr_true; test log loss against pctr_true, i.e. without the clicks' "
              "noise) for the raw model, Platt fitted on the validation split alone, and the served calibration; "
