@@ -77,10 +77,10 @@ def calibrate_predictions(raw: dict[str, np.ndarray], dataset: Dataset, metrics:
     for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         served[name] = binary_metrics(part.labels, apply_calibration(raw[name], choice.calibration))
     entry = calibration_report(choice, raw["test"], dataset.test.labels, dataset.test.pctr_true)
-    log.info("calibration (shift fitted on %s rows): %.4f (95 %% %s), held-out val log loss %.6f -> %.6f: %s; "
-             "test mean/CTR %s -> %s", choice.fitted_on, choice.candidate.calibration.shift,
-             entry["candidate"]["interval_95"]["shift"], choice.logloss_raw, choice.logloss_calibrated,
-             "kept" if choice.kept else "not kept (identity exported)",
+    log.info("calibration (Platt fitted on %s rows): scale %.4f shift %.4f (95 %% mean factor %s), held-out val log "
+             "loss %.6f -> %.6f: %s; test mean/CTR %s -> %s", choice.fitted_on, choice.candidate.calibration.scale,
+             choice.candidate.calibration.shift, entry["candidate"]["mean_factor_95"], choice.logloss_raw,
+             choice.logloss_calibrated, "kept" if choice.kept else "not kept (identity exported)",
              entry["test"]["before"]["mean_over_ctr"], entry["test"]["after"]["mean_over_ctr"])
     return choice.calibration, served, entry
 
