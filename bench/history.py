@@ -252,8 +252,8 @@ def _runs_figures(report: dict) -> str:
 
 def _calibration_figures(report: dict) -> str:
     runs = [r for r in report.get("runs", []) if isinstance(r, dict) and "test" in r]
-    cells = [f"{r['rows']:,}/{r['seed']} {r['test']['raw']['mean_over_true']:.3f}→{r['test']['served']['mean_over_true']:.3f}"
-             for r in runs]
+    cells = [f"{r['rows']:,}/{r['seed']} "
+             f"{r['test']['raw']['mean_over_true']:.3f}→{r['test']['served']['mean_over_true']:.3f}" for r in runs]
     return "test mean / true pCTR, raw→served (rows/seed): " + ", ".join(cells) if cells else ""
 
 

@@ -340,7 +340,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "LightGBM on the same rows; report")
     cmp.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
     cmp.add_argument("--out", default="compare", help="folder for the report and the bundles (default: compare)")
-    cmp.add_argument("--models", default=",".join(MODELS), help="comma-separated subset to train (default: %(default)s)")
+    cmp.add_argument("--models", default=",".join(MODELS),
+                     help="comma-separated subset to train (default: %(default)s)")
     cmp.add_argument("--no-reference", action="store_true",
                      help="skip the reference fit (logistic regression with the generator's crosses, synthetic data)")
     _training_options(cmp, per_model=True)

@@ -283,6 +283,7 @@ def calibration_report(choice: Choice, raw_test: np.ndarray, labels: np.ndarray,
             "candidate": {"scale": round(fit.calibration.scale, 6), "shift": round(fit.calibration.shift, 6),
                           "interval_95": fit.interval(), "mean_factor_95": fit.mean_factor_interval(raw_test),
                           "rows": fit.rows, "clicks": fit.clicks},
-            "held_out_logloss": {"raw": round(choice.logloss_raw, 6), "calibrated": round(choice.logloss_calibrated, 6)},
+            "held_out_logloss": {"raw": round(choice.logloss_raw, 6),
+                                 "calibrated": round(choice.logloss_calibrated, 6)},
             "test": test}
 

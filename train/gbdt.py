@@ -151,7 +151,8 @@ def export_gbdt(model: GbdtModel, spec: FeatureSpec, path: str | Path, *, calibr
     from onnxmltools.convert.common.data_types import FloatTensorType
 
     width = len(spec.single_fields) + len(model.tags) * len(spec.multi_fields)
-    converted = onnxmltools.convert_lightgbm(model.booster, initial_types=[("features", FloatTensorType([None, width]))],
+    converted = onnxmltools.convert_lightgbm(model.booster,
+                                             initial_types=[("features", FloatTensorType([None, width]))],
                                              zipmap=False, target_opset=_CONVERTER_OPSET)
     trees = [n for n in converted.graph.node if n.op_type == "TreeEnsembleClassifier"]
     if len(trees) != 1:
