@@ -226,7 +226,8 @@ def _retrieval_figures(report: dict) -> str:
 
 def _compare_figures(report: dict) -> str:
     models = ", ".join(f"{r['model']}{'' if r.get('graph', 'lean') == 'lean' else ' (' + r['graph'] + ')'} "
-                       f"{r['test_auc']:.4f}" for r in report.get("rows", []) if r.get("graph", "lean") == "lean")
+                       f"{r.get('auc', r.get('test_auc')):.4f}" for r in report.get("rows", [])
+                       if r.get("graph", "lean") == "lean")
     oracle = report.get("oracle", {}).get("test_auc")
     return f"test AUC: {models}" + (f"; oracle {oracle:.4f}" if oracle else "") if models else ""
 
@@ -273,6 +274,13 @@ def _budgets_figures(report: dict) -> str:
                      for name, d in report.get("days", {}).items() if isinstance(d, dict) and "use" in d)
 
 
+def _calibration_figures(report: dict) -> str:
+    runs = [r for r in report.get("runs", []) if isinstance(r, dict) and "test" in r]
+    cells = [f"{r['rows']:,}/{r['seed']} "
+             f"{r['test']['raw']['mean_over_true']:.3f}→{r['test']['served']['mean_over_true']:.3f}" for r in runs]
+    return "test mean / true pCTR, raw→served (rows/seed): " + ", ".join(cells) if cells else ""
+
+
 def _kind(path: Path) -> str:
     return re.match(r"[a-z]+", path.name).group(0) if re.match(r"[a-z]+", path.name) else path.name
 
@@ -280,7 +288,8 @@ def _kind(path: Path) -> str:
 _KEY_FIGURES: dict[str, Callable[[dict], str]] = {
     "replay": _replay_figures, "shading": _shading_figures, "retrieval": _retrieval_figures,
     "compare": _compare_figures, "compress": _compress_figures, "after": _reload_figures, "before": _reload_figures,
-    "batch": _runs_figures, "factorized": _factorized_figures, "loop": _loop_figures, "budgets": _budgets_figures}
+    "batch": _runs_figures, "factorized": _factorized_figures, "loop": _loop_figures, "budgets": _budgets_figures,
+    "calibration": _calibration_figures}
 
 
 def render(results: Path = RESULTS) -> str:

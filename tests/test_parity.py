@@ -20,7 +20,7 @@ from bidder.scorer import Scorer
 from processes import Server
 
 TOLERANCE = 1e-6
-ARCHITECTURES = ["deepfm", "autoint", "dcnv2"]
+ARCHITECTURES = ["deepfm", "autoint", "dcnv2", "tabtransformer", "lightgbm"]
 N_RECORDS = 2000
 UNICODE = ["北京", "上海市", "café", "🙂🚀", "Ωmega", "naïve", "ñ", "東京都", "\u200b", "a\u0301"]
 
@@ -85,6 +85,15 @@ def records() -> list[dict]:
 def bundle(request, synthetic_data, small_bundle, tmp_path_factory) -> Path:
     if request.param == "deepfm":
         return small_bundle
+    if request.param == "lightgbm":
+        from bidder.spec import default_spec
+        from train.data.dataset import load_dataset
+        from train.fit import save_gbdt_bundle
+        from train.gbdt import train_gbdt
+
+        dataset = load_dataset(synthetic_data, default_spec(), progress=False)
+        model, metrics = train_gbdt(dataset, progress=False)
+        return save_gbdt_bundle(model, metrics, dataset, tmp_path_factory.mktemp("lightgbm"))
     from train.fit import fit_bundle
 
     return fit_bundle(synthetic_data, request.param, tmp_path_factory.mktemp(request.param), epochs=1,

@@ -121,7 +121,9 @@ def test_compare_writes_table_plot_and_bundles(tmp_path):
     names = [r["model"] for r in results["rows"]]
     assert names == ["deepfm", "deepfm (stock deepctr graph)", "logreg"]
     for row in results["rows"]:
-        assert row["latency_1_us"] > 0 and row["latency_64_us"] > 0 and row["onnx_bytes"] > 0
+        assert row["latency_1_us"] > 0 and row["latency_b9_us"] > 0 and row["latency_64_us"] > 0
+        assert row["onnx_bytes"] > 0 and row["train_seconds"] > 0 and 0 < row["auc"] < 1 and row["logloss"] > 0
+        assert 0.5 < row["calibration"] < 2
         assert row["parity_max_abs_diff"] <= 1e-6
     table = (tmp_path / "out" / "compare.md").read_text()
     assert "| deepfm | lean |" in table and "stock" in table
@@ -134,6 +136,22 @@ def test_compare_writes_table_plot_and_bundles(tmp_path):
     assert ref["crosses"] == ["advertiser × domain", "creative × slotvisibility", "hour × region", "usertag × advertiser"]
     assert 0.5 < ref["test"]["auc"] < 1.0 and ref["C"] in C_GRID
     assert "Reference, not served: logistic regression" in table
+
+
+def test_compare_cli_runs_the_lightgbm_row(tmp_path, capsys):
+    data = tmp_path / "data"
+    generate(data, rows=6000, seed=5)
+    code = main(["compare", "--data", str(data), "--out", str(tmp_path / "out"), "--models", "lightgbm",
+                 "--no-reference", "--quiet", "--set", "lightgbm.n_estimators=30"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    [row] = json.loads(captured.out)["rows"]
+    assert row["model"] == "lightgbm" and row["graph"] == "lean" and row["parity_max_abs_diff"] <= 1e-6
+    assert row["latency_b9_us"] > 0 and row["train_seconds"] > 0 and 0 < row["parameters"] <= 30
+    assert {"auc", "logloss", "calibration", "latency_b9_us", "train_seconds"} <= set(row)
+    meta = json.loads((tmp_path / "out" / "lightgbm" / "meta.json").read_text())
+    assert meta["architecture"] == "lightgbm" and meta["calibration"]["fitted_on"] == "train, then val"
+    assert "| lightgbm | lean |" in (tmp_path / "out" / "compare.md").read_text()
 
 
 def test_compare_can_skip_the_reference(tmp_path):

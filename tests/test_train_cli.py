@@ -19,10 +19,15 @@ def data_never_read(monkeypatch):
     (["--set", "learning_rate=0.1"], "hyper-parameter 'learning_rate' is not used by deepfm"),
     (["--set", "batch_size=big"], "hyper-parameter 'batch_size'"),
     (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--model", "tabtransformer", "--set", "heads=3"], "'embedding_dim' (16) must be a multiple of 'heads' (3)"),
+    (["--model", "tabtransformer", "--set", "dropout=1.5"], "hyper-parameter 'dropout' must be in [0, 1)"),
+    (["--model", "tabtransformer", "--set", "layers=0"], "hyper-parameter 'layers' must be positive"),
 ])
 def test_fit_checks_settings_before_reading_data(tmp_path, data_never_read, capsys, extra, message):
-    status = main(["fit", "--data", str(tmp_path), "--model", "deepfm", "--out", str(tmp_path / "b"), *extra])
-    assert status == 2 and message in capsys.readouterr().err
+    model = [] if "--model" in extra else ["--model", "deepfm"]
+    status = main(["fit", "--data", str(tmp_path), *model, "--out", str(tmp_path / "b"), *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_compare_checks_settings_before_reading_data(tmp_path, monkeypatch, capsys):
@@ -31,6 +36,33 @@ def test_compare_checks_settings_before_reading_data(tmp_path, monkeypatch, caps
     monkeypatch.setattr(train.studies.compare, "compare", lambda *a, **k: pytest.fail("compare ran"))
     status = main(["compare", "--data", str(tmp_path), "--models", "deepfm,dcnv2", "--set", "dcnv2.cross_num=x"])
     assert status == 2 and "cross_num" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--models", "lightgbm", "--set", "lightgbm.num_leaves=many"], "hyper-parameter 'num_leaves': expected int"),
+    (["--models", "lightgbm", "--set", "lightgbm.num_leaves=0"], "hyper-parameter 'num_leaves' must be positive"),
+    (["--models", "lightgbm", "--set", "lightgbm.depth=3"], "hyper-parameter 'depth' is not used by lightgbm"),
+    (["--models", "lightgbm", "--set", "lightgbm.feature_fraction=2"], "'feature_fraction' must be in (0, 1]"),
+    (["--models", "xgboost"], "--models: unknown model(s) xgboost"),
+])
+def test_compare_refuses_bad_lightgbm_settings_in_one_line(tmp_path, monkeypatch, capsys, extra, message):
+    import train.studies.compare
+
+    monkeypatch.setattr(train.studies.compare, "compare", lambda *a, **k: pytest.fail("compare ran"))
+    status = main(["compare", "--data", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--rows", "200k"], "--rows '200k': expected comma-separated integers"),
+    (["--rows", "500"], "expected row counts of at least 1000"),
+    (["--seeds", "-1"], "non-negative seeds"),
+])
+def test_calibration_study_refuses_bad_sizes_in_one_line(tmp_path, capsys, extra, message):
+    status = main(["calibration-study", "--out", str(tmp_path / "study"), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_fit_refuses_to_overwrite_a_bundle_without_force(tmp_path, data_never_read, capsys):

@@ -1,5 +1,5 @@
 """Command line: ``python -m train COMMAND ...``, COMMAND one of synth, fit, default, compare, factorize, twotower,
-market, logs, speed, speed-ddp, compress, compress-study, bundle-upgrade.
+market, logs, speed, speed-ddp, compress, compress-study, calibration-study, bundle-upgrade.
 
 Each command prints its results as JSON on stdout (progress bars and warnings go to stderr). Bad
 input ends with a one-line ``error: ...`` naming the file, line, field or setting, and exit status 2;
@@ -119,23 +119,26 @@ def _default(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from train.studies.compare import compare, render_markdown
+    from train.gbdt import check_gbdt
+    from train.studies.compare import GBDT, MODELS, compare, render_markdown
+    from train.trainer import check_training
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    unknown = [m for m in models if m not in ARCHITECTURES]
+    unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise TrainError(f"--models: unknown model(s) {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(ARCHITECTURES)}")
+                         f"choose from {', '.join(MODELS)}")
     per_model: dict[str, dict[str, str]] = {}
     for key, value in _settings(args.set).items():
         model, dot, name = key.partition(".")
-        if not dot or model not in ARCHITECTURES:
-            raise TrainError(f"--set {key}=...: use MODEL.NAME=VALUE with MODEL one of {', '.join(ARCHITECTURES)}")
+        if not dot or model not in MODELS:
+            raise TrainError(f"--set {key}=...: use MODEL.NAME=VALUE with MODEL one of {', '.join(MODELS)}")
         per_model.setdefault(model, {})[name] = value
-    from train.trainer import check_training
-
     for model in models:  # before the data is read: a typo must not wait for featurizing
-        check_training(model, args.epochs, per_model.get(model))
+        if model == GBDT:
+            check_gbdt(per_model.get(model))
+        else:
+            check_training(model, args.epochs, per_model.get(model))
     results = compare(args.data, args.out, models=models, epochs=args.epochs, seed=args.seed,
                       progress=not args.quiet, skip_bad_lines=args.skip_bad_lines, spec=args.spec,
                       hyperparameters=per_model, threads=args.threads, reference=not args.no_reference)
@@ -249,6 +252,23 @@ def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _calibration_study(args: argparse.Namespace) -> dict[str, Any]:
+    from train.studies.calibration import calibration_study, render_markdown
+
+    results = calibration_study(args.out, rows=_integers("--rows", args.rows), seeds=_integers("--seeds", args.seeds),
+                                data_root=args.data_root, epochs=args.epochs,
+                                threads=args.threads, progress=not args.quiet)
+    print(render_markdown(results), file=sys.stderr)
+    return results
+
+
+def _integers(option: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise TrainError(f"{option} {text!r}: expected comma-separated integers such as 200000,400000") from None
+
+
 def _check_out(out: str, force: bool) -> None:
     existing = [name for name in BUNDLE_FILES if (Path(out) / name).exists()]
     if existing and not force:
@@ -314,10 +334,14 @@ def _parser() -> argparse.ArgumentParser:
     default.add_argument("--quiet", action="store_true", help="no progress bars")
     default.set_defaults(run=_default)
 
-    cmp = commands.add_parser("compare", help="train DeepFM, AutoInt, DCNv2 and logistic regression; report")
+    from train.studies.compare import MODELS
+
+    cmp = commands.add_parser("compare", help="train DeepFM, AutoInt, DCNv2, TabTransformer, logistic regression and "
+                                              "LightGBM on the same rows; report")
     cmp.add_argument("--data", required=True, help="folder with train.log.txt (and test.log.txt)")
     cmp.add_argument("--out", default="compare", help="folder for the report and the bundles (default: compare)")
-    cmp.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated subset to train")
+    cmp.add_argument("--models", default=",".join(MODELS),
+                     help="comma-separated subset to train (default: %(default)s)")
     cmp.add_argument("--no-reference", action="store_true",
                      help="skip the reference fit (logistic regression with the generator's crosses, synthetic data)")
     _training_options(cmp, per_model=True)
@@ -444,6 +468,21 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
     study.set_defaults(run=_compress_study)
+    from train.studies.calibration import ROWS, SEEDS
+
+    calibration = commands.add_parser(
+        "calibration-study", help="DeepFM on synthetic data of several sizes and seeds: the served calibration, "
+                                  "Platt on the validation split and no calibration, judged against pctr_true")
+    calibration.add_argument("--out", required=True, help="folder for the report, the PNG and (by default) the data")
+    calibration.add_argument("--rows", default=",".join(map(str, ROWS)),
+                             help="comma-separated data sizes (default: %(default)s)")
+    calibration.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                             help="comma-separated data seeds (default: %(default)s)")
+    calibration.add_argument("--data-root", help="folder holding (or to receive) synth-ROWS-SEED/ (default: OUT/data)")
+    calibration.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    calibration.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    calibration.add_argument("--quiet", action="store_true", help="no progress bars")
+    calibration.set_defaults(run=_calibration_study)
     upgrade = commands.add_parser(
         "bundle-upgrade", help="rewrite a bundle's format-1 meta.json as the current format (its files' digests "
                                "recorded, checked first as format 1 allows); no other file changes")

@@ -14,6 +14,7 @@ on held-out rows at batch 1, 64 and all rows, and raises ``ParityError`` otherwi
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -292,7 +293,11 @@ class LeanModel(nn.Module):
         return torch.sigmoid(logit)
 
 
-_HEADS = {"deepfm": DeepFMHead, "autoint": AutoIntHead, "dcnv2": DCNMixHead}
+def _tabtransformer_head(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model.head).eval()  # the trained head is already a (vectors, logit) -> logit module
+
+
+_HEADS = {"deepfm": DeepFMHead, "autoint": AutoIntHead, "dcnv2": DCNMixHead, "tabtransformer": _tabtransformer_head}
 
 
 def lean_module(model: nn.Module, spec: FeatureSpec, architecture: str, combiner: str,

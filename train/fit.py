@@ -9,18 +9,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bidder.spec import FeatureSpec, default_spec, load_spec
 from train.bundle import write_bundle
-from train.calibrate import Calibration, calibration_report, fit_platt
+from train.calibrate import Calibration, calibration_report, choose_by_halves
 from train.calibrate import apply as apply_calibration
 from train.data.dataset import Dataset, load_dataset
 from train.evaluate import binary_metrics, predict
 from train.export import check_parity, export_lean
 from train.factorize import bundle_graphs
+from train.gbdt import GbdtModel, export_gbdt, gbdt_parity
 from train.models import deepctr_input
 from train.trainer import TrainedModel, check_training, train_model
 
-__all__ = ["fit_bundle", "save_bundle", "resolve_spec"]
+__all__ = ["calibrate", "calibrate_predictions", "fit_bundle", "save_bundle", "save_gbdt_bundle", "resolve_spec"]
 
 log = logging.getLogger("train")
 
@@ -53,23 +56,33 @@ def fit_bundle(data_dir: str | Path | Dataset, model: str, out_dir: str | Path, 
 
 
 def calibrate(trained: TrainedModel, dataset: Dataset) -> tuple[Calibration, dict[str, Any], dict[str, Any]]:
-    """Platt scaling fitted on the validation split (``train/calibrate.py``).
-
-    Returns the calibration, the served (calibrated) model's metrics per split (the oracle's unchanged)
-    and ``meta.json``'s ``calibration`` entry with the test figures before and after.
-    """
+    """The calibration ``trained`` is exported with (``train/calibrate.py``); see ``calibrate_predictions``."""
     spec = dataset.spec
     raw = {name: predict(trained.model, deepctr_input(part.inputs, spec))
            for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
-    calibration = fit_platt(raw["val"], dataset.val.labels)
-    metrics = dict(trained.metrics)
+    return calibrate_predictions(raw, dataset, trained.metrics)
+
+
+def calibrate_predictions(raw: dict[str, np.ndarray], dataset: Dataset, metrics: dict[str, Any]
+                          ) -> tuple[Calibration, dict[str, Any], dict[str, Any]]:
+    """Fit, judge and report the calibration of a model whose predictions per split are ``raw``.
+
+    The Bayesian shift is fitted on the training rows, then on the validation rows with that fit as prior, and
+    judged on validation rows it was not fitted on (``choose_by_halves``). Returns the calibration (the identity
+    when it did not lower that log loss), ``metrics`` with the train/val/test entries of the served (calibrated)
+    model, and ``meta.json``'s ``calibration`` entry.
+    """
+    choice = choose_by_halves(raw["train"], dataset.train.labels, raw["val"], dataset.val.labels)
+    served = dict(metrics)
     for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
-        metrics[name] = binary_metrics(part.labels, apply_calibration(raw[name], calibration))
-    entry = calibration_report(calibration, raw["test"], dataset.test.labels)
-    log.info("calibration (Platt, fitted on val): test mean/CTR %s -> %s, ECE %s -> %s",
-             entry["test"]["before"]["mean_over_ctr"], entry["test"]["after"]["mean_over_ctr"],
-             entry["test"]["before"]["ece"], entry["test"]["after"]["ece"])
-    return calibration, metrics, entry
+        served[name] = binary_metrics(part.labels, apply_calibration(raw[name], choice.calibration))
+    entry = calibration_report(choice, raw["test"], dataset.test.labels, dataset.test.pctr_true)
+    log.info("calibration (Platt fitted on %s rows): scale %.4f shift %.4f (95 %% mean factor %s), held-out val log "
+             "loss %.6f -> %.6f: %s; test mean/CTR %s -> %s", choice.fitted_on, choice.candidate.calibration.scale,
+             choice.candidate.calibration.shift, entry["candidate"]["mean_factor_95"], choice.logloss_raw,
+             choice.logloss_calibrated, "kept" if choice.kept else "not kept (identity exported)",
+             entry["test"]["before"]["mean_over_ctr"], entry["test"]["after"]["mean_over_ctr"])
+    return choice.calibration, served, entry
 
 
 def resolve_spec(spec: FeatureSpec | str | Path | None) -> FeatureSpec:
@@ -87,7 +100,8 @@ def report_skipped(dataset: Dataset) -> None:
 
 def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *, data_label: str | None = None,
                 extra_meta: dict[str, Any] | None = None) -> Path:
-    """Export ``trained`` lean, prove parity on held-out rows, write the bundle; nothing is written on failure.
+    """Calibrate ``trained``, export it lean, prove parity on held-out rows, write the bundle; nothing is
+    written on failure.
 
     ``extra_meta`` adds top-level ``meta.json`` entries (``train/compress/``'s ``compression``).
     """
@@ -109,3 +123,21 @@ def save_bundle(trained: TrainedModel, dataset: Dataset, out_dir: str | Path, *,
                       "epochs_run": len(trained.history), "seconds": trained.seconds, "processes": trained.processes,
                       "history": trained.history},
             extra_meta=extra_meta)
+
+
+def save_gbdt_bundle(model: GbdtModel, metrics: dict[str, Any], dataset: Dataset, out_dir: str | Path) -> Path:
+    """``save_bundle`` for LightGBM (``train/gbdt.py``): calibrate, export, prove parity, write."""
+    spec = dataset.spec
+    raw = {name: model.predict(part.inputs, spec)
+           for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
+    calibration, served, entry = calibrate_predictions(raw, dataset, metrics)
+    with tempfile.TemporaryDirectory(prefix="bundle-") as tmp:
+        onnx_path = export_gbdt(model, spec, Path(tmp) / "model.onnx", calibration=calibration)
+        parity = gbdt_parity(model, onnx_path, spec, dataset.test.inputs, calibration)
+        return write_bundle(
+            out_dir, onnx_path=onnx_path, spec=spec, architecture="lightgbm",
+            hyperparameters={**model.hyperparameters, "kept_tags": int(len(model.tags))},
+            data={"source": dataset.source, "path": dataset.path, "digest": dataset.digest, "rows": dataset.rows(),
+                  "split": dataset.split, "skipped_lines": dataset.bad_lines.count},
+            metrics=served, parity=parity, calibration=entry,
+            training={"trees": model.best_iteration, "seconds": model.seconds})

@@ -20,7 +20,7 @@ from train.errors import TrainError
 __all__ = ["ARCHITECTURES", "DEFAULT_HYPERPARAMETERS", "HashedLogisticRegression", "build_model",
            "deepctr_input", "feature_columns", "resolve_hyperparameters"]
 
-ARCHITECTURES = ("deepfm", "autoint", "dcnv2", "logreg")
+ARCHITECTURES = ("deepfm", "autoint", "dcnv2", "tabtransformer", "logreg")
 
 # Settings every architecture trains with. lr/batch/Adam follow the DeepFM proof of concept; ``epochs``
 # is the ceiling, early stopping on validation AUC (``patience`` epochs without a gain) ends sooner.
@@ -45,6 +45,11 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "dcnv2": {**_TRAINING, "dnn_init": "glorot", "vector_eps": 0.1, "init_std": 1e-4, "l2_reg_linear": 1e-5, "embedding_dim": 8, "cross_num": 2, "low_rank": 32, "num_experts": 4,
               "dnn_hidden_units": [256, 128, 64], "l2_reg_embedding": 1e-5, "l2_reg_cross": 1e-5,
               "dnn_dropout": 0.0},
+    # TabTransformer (train/tabtransformer.py): settings not tuned here; batch 1024 and lr 1e-3 are the usual
+    # transformer start, embeddings drawn at 1e-2 so the layer norms see more than the column embeddings
+    "tabtransformer": {**_TRAINING, "batch_size": 1024, "lr": 1e-3, "vector_eps": 0.1, "init_std": 1e-2,
+                       "embedding_dim": 16, "layers": 2, "heads": 4, "ff_mult": 2, "dnn_hidden_units": [128, 64],
+                       "dropout": 0.0, "l2_reg_linear": 1e-5, "l2_reg_embedding": 1e-5},
     "logreg": {**_TRAINING, "lr": 2e-3, "l2_reg_linear": 1e-5},
 }
 _COMBINERS = ("sum", "mean")
@@ -63,7 +68,7 @@ def resolve_hyperparameters(architecture: str, overrides: dict[str, Any] | None 
     if hp["usertag_combiner"] not in _COMBINERS:
         raise TrainError(f"hyper-parameter 'usertag_combiner' must be one of {list(_COMBINERS)}, "
                          f"got {hp['usertag_combiner']!r}")
-    for name in ("lr", "batch_size", "epochs", "patience", "embedding_dim"):
+    for name in ("lr", "batch_size", "epochs", "patience", "embedding_dim", "layers", "heads", "ff_mult"):
         if name in hp and not hp[name] > 0:
             raise TrainError(f"hyper-parameter {name!r} must be positive, got {hp[name]!r}")
     if hp.get("dnn_init", "glorot") not in ("glorot", "deepctr"):
@@ -71,6 +76,11 @@ def resolve_hyperparameters(architecture: str, overrides: dict[str, Any] | None 
     if architecture == "autoint" and hp["embedding_dim"] % hp["att_head_num"]:
         raise TrainError(f"hyper-parameter 'embedding_dim' ({hp['embedding_dim']}) must be a multiple of "
                          f"'att_head_num' ({hp['att_head_num']})")
+    if architecture == "tabtransformer" and hp["embedding_dim"] % hp["heads"]:
+        raise TrainError(f"hyper-parameter 'embedding_dim' ({hp['embedding_dim']}) must be a multiple of "
+                         f"'heads' ({hp['heads']})")
+    if "dropout" in hp and not 0 <= hp["dropout"] < 1:
+        raise TrainError(f"hyper-parameter 'dropout' must be in [0, 1), got {hp['dropout']!r}")
     return hp
 
 
@@ -149,6 +159,13 @@ def build_model(architecture: str, spec: FeatureSpec, hp: dict[str, Any], seed: 
     columns = feature_columns(spec, hp.get("embedding_dim", 1), hp["usertag_combiner"])
     if architecture == "logreg":
         return HashedLogisticRegression(columns, hp["l2_reg_linear"], seed)
+    if architecture == "tabtransformer":
+        from train.tabtransformer import TabTransformer
+
+        return TabTransformer(columns, layers=hp["layers"], heads=hp["heads"], ff_mult=hp["ff_mult"],
+                              dnn_hidden_units=hp["dnn_hidden_units"], dropout=hp["dropout"],
+                              l2_reg_linear=hp["l2_reg_linear"], l2_reg_embedding=hp["l2_reg_embedding"],
+                              init_std=hp["init_std"], seed=seed)
     common = dict(l2_reg_embedding=hp["l2_reg_embedding"], dnn_hidden_units=tuple(hp["dnn_hidden_units"]),
                   dnn_dropout=hp["dnn_dropout"], init_std=hp["init_std"], seed=seed, task="binary", device="cpu")
     if architecture == "deepfm":

@@ -1,9 +1,11 @@
-"""The model study: DeepFM, AutoInt, DCNv2 and a hashed logistic regression on the same split.
+"""The model study: DeepFM, AutoInt, DCNv2, TabTransformer, a hashed logistic regression and LightGBM on the same split.
 
-Every model is trained, exported lean and parity-checked exactly as ``fit`` does (its bundle is kept
-under ``OUT/<model>/``); DeepFM is also exported as deepctr's stock graph so the table shows what the
-lean graph buys. Latency is measured the way the bidder serves: one thread, IO binding, at one row
-and at 64 rows, all graphs taking turns in the same run. Results go to ``compare.md``,
+Every model is trained, calibrated, exported and parity-checked exactly as ``fit`` does (its bundle is kept
+under ``OUT/<model>/``; LightGBM through ``train/gbdt.py``); DeepFM is also exported as deepctr's stock graph
+so the table shows what the lean graph buys. Each row: test ``auc`` and ``logloss`` of the served (calibrated)
+model, ``calibration`` (its mean test prediction over the mean true pCTR on synthetic data, over the test CTR
+otherwise), ``train_seconds``, and latency measured the way the bidder serves: one thread, IO binding, at 1, 9
+(``latency_b9_us``) and 64 rows, all graphs taking turns in the same run. Results go to ``compare.md``,
 ``compare.json`` and ``compare.png``.
 """
 from __future__ import annotations
@@ -22,18 +24,21 @@ from train.data.dataset import Dataset, load_dataset
 from train.errors import TrainError
 from train.evaluate import oracle_metrics, predict
 from train.export import STOCK_INPUT, export_stock, serving_session
-from train.fit import report_skipped, resolve_spec, save_bundle
+from train.fit import report_skipped, resolve_spec, save_bundle, save_gbdt_bundle
+from train.gbdt import train_gbdt
 from train.studies.latency import measure_latencies
 from train.models import ARCHITECTURES, deepctr_input
 from train.trainer import train_model
 
-__all__ = ["compare", "data_line", "render_markdown", "target_lines"]
+__all__ = ["MODELS", "compare", "data_line", "render_markdown", "target_lines"]
 
-LATENCY_BATCHES = (1, 64)
+LATENCY_BATCHES = (1, 9, 64)
+GBDT = "lightgbm"
+MODELS = ARCHITECTURES + (GBDT,)
 STOCK = "deepfm (stock deepctr graph)"
 
 
-def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...] = ARCHITECTURES,
+def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...] = MODELS,
             epochs: int | None = None, seed: int = 0, progress: bool = True, skip_bad_lines: bool = False,
             spec: FeatureSpec | str | Path | None = None,
             hyperparameters: dict[str, dict[str, Any]] | None = None, threads: int = 1,
@@ -53,28 +58,35 @@ def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...
     rows: list[dict[str, Any]] = []
     graphs: dict[str, Path] = {}
     for architecture in models:
+        settings = (hyperparameters or {}).get(architecture, {})
+        if architecture == GBDT:
+            model, metrics = train_gbdt(dataset, seed=seed, threads=threads, progress=progress, **settings)
+            bundle = save_gbdt_bundle(model, metrics, dataset, out / architecture)
+            rows.append(_row(architecture, bundle, parameters=model.booster.num_trees(), best_epoch=None,
+                             seconds=model.seconds))
+            graphs[architecture] = bundle / MODEL_FILE
+            continue
         trained = train_model(dataset, architecture, epochs=epochs, seed=seed, progress=progress, threads=threads,
-                              **(hyperparameters or {}).get(architecture, {}))
+                              **settings)
         bundle = save_bundle(trained, dataset, out / architecture)
-        meta = json.loads((bundle / "meta.json").read_text())
-        row = {"model": architecture, "graph": "lean", "test_auc": trained.metrics["test"]["auc"],
-               "test_logloss": trained.metrics["test"]["logloss"], "val_auc": trained.metrics["val"]["auc"],
-               "parameters": trained.parameters, "onnx_bytes": (bundle / MODEL_FILE).stat().st_size,
-               "parity_max_abs_diff": meta["parity"]["max_abs_diff"], "best_epoch": trained.best_epoch,
-               "train_seconds": trained.seconds}
+        row = _row(architecture, bundle, parameters=trained.parameters, best_epoch=trained.best_epoch,
+                   seconds=trained.seconds)
         rows.append(row)
         graphs[architecture] = bundle / MODEL_FILE
         if architecture == "deepfm":
             stock_path = export_stock(trained.model, dataset.spec, out / "deepfm-stock.onnx")
             stock_parity = _stock_parity(trained.model, stock_path, dataset)
+            # the stock graph is the uncalibrated model: its own log loss and calibration, not the served ones
+            raw = predict(trained.model, deepctr_input(dataset.test.inputs, dataset.spec))
             rows.append({**row, "model": STOCK, "graph": "stock", "onnx_bytes": stock_path.stat().st_size,
-                         "parity_max_abs_diff": stock_parity})
+                         "parity_max_abs_diff": stock_parity, "logloss": trained.metrics["test"]["logloss"],
+                         "calibration": _calibration(raw, dataset)})
             graphs[STOCK] = stock_path
 
     latency = _latencies(graphs, dataset)
     for row in rows:
         for batch in LATENCY_BATCHES:
-            row[f"latency_{batch}_us"] = latency[(row["model"], batch)]["median_us"]
+            row[f"latency_{'b' if batch == 9 else ''}{batch}_us"] = latency[(row["model"], batch)]["median_us"]
     oracle = (oracle_metrics(dataset.test.labels, dataset.test.pctr_true)
               if dataset.test.pctr_true is not None else None)
     names = {f.name for f in dataset.spec.fields}
@@ -93,6 +105,23 @@ def compare(data_dir: str | Path, out_dir: str | Path, *, models: tuple[str, ...
     (out / "compare.md").write_text(render_markdown(results))
     _plot(results, out / "compare.png")
     return results
+
+
+def _row(model: str, bundle: Path, *, parameters: int, best_epoch: int | None, seconds: float) -> dict[str, Any]:
+    """A table row from a written bundle: the served model's test figures, as ``meta.json`` records them."""
+    meta = json.loads((bundle / "meta.json").read_text())
+    test, after = meta["metrics"]["test"], meta["calibration"]["test"]["after"]
+    return {"model": model, "graph": "lean", "auc": test["auc"], "logloss": test["logloss"],
+            "calibration": after.get("mean_over_true", after["mean_over_ctr"]),
+            "calibration_kept": meta["calibration"]["kept"], "val_auc": meta["metrics"]["val"]["auc"],
+            "parameters": parameters, "onnx_bytes": (bundle / MODEL_FILE).stat().st_size,
+            "parity_max_abs_diff": meta["parity"]["max_abs_diff"], "best_epoch": best_epoch, "train_seconds": seconds}
+
+
+def _calibration(probs: np.ndarray, dataset: Dataset) -> float | None:
+    """Mean test prediction over the mean true pCTR (synthetic data) or over the test CTR."""
+    truth = dataset.test.pctr_true if dataset.test.pctr_true is not None else dataset.test.labels
+    return round(float(np.mean(probs) / np.mean(truth)), 4) if np.mean(truth) > 0 else None
 
 
 def _stock_parity(model, path: Path, dataset: Dataset) -> float:
@@ -120,16 +149,19 @@ def _targets(rows: list[dict[str, Any]], oracle: dict[str, Any] | None) -> dict[
     lean = {r["model"]: r for r in rows if r["graph"] == "lean"}
     targets: dict[str, Any] = {}
     deepfm = lean.get("deepfm")
-    if deepfm and oracle and oracle["auc"] is not None and deepfm["test_auc"] is not None:
-        gap = oracle["auc"] - deepfm["test_auc"]
+    if deepfm and oracle and oracle["auc"] is not None and deepfm["auc"] is not None:
+        gap = oracle["auc"] - deepfm["auc"]
         targets["deepfm_within_0.005_of_oracle"] = {"gap": round(gap, 6), "met": gap <= 0.005}
     for name in ("autoint", "dcnv2"):
-        if deepfm and name in lean and lean[name]["test_auc"] is not None and deepfm["test_auc"] is not None:
-            delta = lean[name]["test_auc"] - deepfm["test_auc"]
+        if deepfm and name in lean and lean[name]["auc"] is not None and deepfm["auc"] is not None:
+            delta = lean[name]["auc"] - deepfm["auc"]
             targets[f"{name}_at_least_deepfm_minus_0.002"] = {"delta": round(delta, 6), "met": delta >= -0.002}
-    if "logreg" in lean and len(lean) > 1 and lean["logreg"]["test_auc"] is not None:
-        others = [r["test_auc"] for n, r in lean.items() if n != "logreg" and r["test_auc"] is not None]
-        targets["logreg_below_all"] = {"met": all(lean["logreg"]["test_auc"] < a for a in others)}
+    if "logreg" in lean and len(lean) > 1 and lean["logreg"]["auc"] is not None:
+        others = [r["auc"] for n, r in lean.items() if n not in ("logreg", GBDT) and r["auc"] is not None]
+        targets["logreg_below_all_deep_models"] = {"met": all(lean["logreg"]["auc"] < a for a in others)}
+    if deepfm and GBDT in lean and lean[GBDT]["auc"] is not None and deepfm["auc"] is not None:
+        delta = deepfm["auc"] - lean[GBDT]["auc"]
+        targets["deepfm_above_lightgbm"] = {"delta": round(delta, 6), "met": delta > 0}
     stock = next((r for r in rows if r["graph"] == "stock"), None)
     if deepfm and stock:
         ratio = deepfm["latency_1_us"] / stock["latency_1_us"]
@@ -155,15 +187,19 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"validation (C = {ref['C']}): test AUC {_num(ref['test']['auc'], 4)}, log loss "
                   f"{_num(ref['test']['logloss'], 5)}, {ref['parameters']:,} non-zero weights.", ""]
     lines += [
-        "| model | graph | test AUC | test log loss | parameters | ONNX MB | 1 row µs | 64 rows µs | parity max abs diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | graph | test AUC | test log loss | calibration | parameters | ONNX MB | train s | 1 row µs "
+        "| 9 rows µs | 64 rows µs | parity max abs diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
-        lines.append(f"| {r['model']} | {r['graph']} | {_num(r['test_auc'], 4)} | {_num(r['test_logloss'], 5)} | "
-                     f"{r['parameters']:,} | {r['onnx_bytes'] / 1e6:.2f} | {r['latency_1_us']:.1f} | "
+        lines.append(f"| {r['model']} | {r['graph']} | {_num(r['auc'], 4)} | {_num(r['logloss'], 5)} | "
+                     f"{_num(r['calibration'], 3)} | {r['parameters']:,} | {r['onnx_bytes'] / 1e6:.2f} | "
+                     f"{r['train_seconds']:.1f} | {r['latency_1_us']:.1f} | {r['latency_b9_us']:.1f} | "
                      f"{r['latency_64_us']:.1f} | {r['parity_max_abs_diff']:.2g} |")
-    lines += ["", "Latency: median of 3000 calls per graph, ONNX Runtime on one thread with IO binding, graphs "
-              "measured in turns within the same run.", ""]
+    lines += ["", "Log loss and calibration are the served (calibrated) model's, except the stock graph's (uncalibrated). "
+              "Calibration: mean test prediction / mean true pCTR on synthetic data (the test CTR otherwise). "
+              "Parameters: LightGBM's are its trees. Latency: median of 3000 calls per graph, ONNX Runtime on one "
+              "thread with IO binding, graphs measured in turns within the same run.", ""]
     return "\n".join(lines + target_lines(results["targets"]))
 
 
@@ -196,9 +232,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
     rows = results["rows"]
     lean = [r for r in rows if r["graph"] == "lean"]
-    fig, (ax_auc, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_auc, ax_lat) = plt.subplots(1, 2, figsize=(14, 4.5))
     names = [r["model"] for r in lean]
-    aucs = [r["test_auc"] or 0.0 for r in lean]
+    aucs = [r["auc"] or 0.0 for r in lean]
     ax_auc.bar(names, aucs, color="#4c72b0")
     if results["oracle"]:
         ax_auc.axhline(results["oracle"]["test_auc"], color="#c44e52", linestyle="--", label="oracle (true pCTR)")
@@ -213,8 +249,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     ax_auc.set_title("Accuracy")
     labels = [r["model"].replace(" (stock deepctr graph)", "\n(stock)") for r in rows]
     x = np.arange(len(rows))
-    ax_lat.bar(x - 0.2, [r["latency_1_us"] for r in rows], width=0.4, label="1 row")
-    ax_lat.bar(x + 0.2, [r["latency_64_us"] for r in rows], width=0.4, label="64 rows")
+    ax_lat.bar(x - 0.27, [r["latency_1_us"] for r in rows], width=0.27, label="1 row")
+    ax_lat.bar(x, [r["latency_b9_us"] for r in rows], width=0.27, label="9 rows")
+    ax_lat.bar(x + 0.27, [r["latency_64_us"] for r in rows], width=0.27, label="64 rows")
     ax_lat.set_xticks(x, labels, fontsize=8)
     ax_lat.set_ylabel("µs per call (median, 1 thread, IO binding)")
     ax_lat.set_title("Serving latency")
