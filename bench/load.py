@@ -44,6 +44,8 @@ BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-r
                    "bidder-graphshade": ("--graph-shading",),
                    # the bidder with its event log on: what logging every bid costs (reused, and salvaged, run to run)
                    "bidder-events": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-events")),
+                   # signed notices on every bid: what signing costs a bid
+                   "bidder-notices": ("--notice-url", "http://127.0.0.1"),
                    # this round's stages all on: signed notices, the event log, and budgets with frequency caps
                    # on every campaign (bench.load.money_catalog: budgets no run spends, caps that count bills)
                    "bidder-all": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-all-events"),

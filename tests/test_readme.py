@@ -312,7 +312,7 @@ def test_the_current_figures_are_the_latest_load_run():
 
     assert f"```\n{load_command(report['config'])}\n```" in section
     medians = {(m["server"], m["connections"]): m for m in report["medians"] if m["workers"] == 1}
-    rows = re.findall(r"^\| (\w+) \| (\d+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|", section, re.M)
+    rows = re.findall(r"^\| ([\w-]+) \| (\d+) \| ([\d,]+) \| ([\d.]+) \| ([\d.]+) \|", section, re.M)
     assert len(rows) == len(medians)
     for server, connections, rps, p50, p99 in rows:
         median = medians[server, int(connections)]
