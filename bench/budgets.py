@@ -31,22 +31,13 @@ from bench.exchange.traffic import Market
 from bench.load import REPO, child_environment
 from bench.loop import serve_days
 from bench.machine import machine_info
+from bench.pacing import fraction_list
 from bench.servers import BenchError
 from bidder import DEFAULT_BUNDLE
 
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 EXHAUSTED = 0.99  # a budget counts as spent once this share of it is
 NO_FAULTS = Faults(delay_s=2.0, late=0.0, lost=0.0, duplicate=0.0, unrendered=0.0, forged=0.0)
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
-    if not values or not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], got {text!r}")
-    return values
 
 
 def budget_catalog(catalog: dict, spend: dict[str, float], fraction: float) -> dict:
@@ -176,7 +167,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench budgets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fractions", type=_fractions, default=DEFAULT_FRACTIONS,
+    parser.add_argument("--fractions", type=fraction_list, default=DEFAULT_FRACTIONS,
                         help="daily budgets as fractions of each campaign's unconstrained spend (default: 0.2,0.4,0.6,0.8)")
     parser.add_argument("--workers", type=int, default=1, help="bidder workers (default: 1)")
     parser.add_argument("--ledger", default=None, metavar="URL",

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.exchange.cli import DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED, ExchangeConfig, run_exchange
+from bench.exchange.cli import DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED, ExchangeConfig, positive, run_exchange
 from bench.exchange.faults import Faults
 from bench.exchange.traffic import Market
 from bench.load import REPO, child_environment
@@ -215,32 +215,23 @@ def summary(report: dict[str, Any], out: Path) -> str:
     return "\n".join(lines)
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench loop", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--days", type=_positive(int), default=1, help="days of logs to train on (default: 1)")
-    parser.add_argument("--rate", type=_positive(float), default=1000.0,
+    parser.add_argument("--days", type=positive(int), default=1, help="days of logs to train on (default: 1)")
+    parser.add_argument("--rate", type=positive(float), default=1000.0,
                         help="the exchange's mean wall-clock requests/s (default: %(default)s)")
-    parser.add_argument("--speed", type=_positive(float), default=720.0,
+    parser.add_argument("--speed", type=positive(float), default=720.0,
                         help="simulated seconds per wall second (default: %(default)s, a day in two minutes)")
-    parser.add_argument("--epochs", type=_positive(int), default=None, help="train fit's maximum epochs")
+    parser.add_argument("--epochs", type=positive(int), default=None, help="train fit's maximum epochs")
     parser.add_argument("--explore", type=float, default=0.0, metavar="SHARE",
                         help="the logged days' bidder --explore: the share of imps bid with a random eligible "
                              "creative (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="traffic, sampling and training seed (default: 0)")
     parser.add_argument("--world-seed", type=int, default=DEFAULT_WORLD_SEED,
                         help="the market's (and the generator's) seed (default: %(default)s)")
-    parser.add_argument("--world-rows", type=_positive(int), default=DEFAULT_WORLD_ROWS,
+    parser.add_argument("--world-rows", type=positive(int), default=DEFAULT_WORLD_ROWS,
                         help="the market's size in rows (default: %(default)s)")
-    parser.add_argument("--generator-rows", type=_positive(int), default=DEFAULT_WORLD_ROWS,
+    parser.add_argument("--generator-rows", type=positive(int), default=DEFAULT_WORLD_ROWS,
                         help="rows train synth writes for the reference bundle and the test rows; the same as "
                              "--world-rows, so that it is the world the exchange simulates (default: %(default)s)")
     parser.add_argument("--model", type=Path, default=DEFAULT_BUNDLE, help="the bundle of days 1..N and the control")

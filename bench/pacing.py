@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.exchange.cli import DEFAULT_CAMPAIGNS, DEFAULT_START, DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED
+from bench.exchange.cli import DEFAULT_CAMPAIGNS, DEFAULT_START, DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED, positive
 from bench.exchange.terms import TermsError, read_terms
 from bench.exchange.traffic import CHUNK, Market, Traffic
 from bench.servers import BenchError
@@ -385,7 +385,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _fractions(text: str) -> tuple[float, ...]:
+def fraction_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
@@ -402,18 +402,6 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     defaults = PacingConfig()
     parser = argparse.ArgumentParser(prog="python -m bench pacing",
@@ -421,23 +409,23 @@ def main(argv: list[str] | None = None) -> int:
                                                  "market: budget use, run-out time, spend-vs-plan RMSE.")
     parser.add_argument("--out", type=Path, required=True, help="folder for pacing.json and pacing.png")
     parser.add_argument("--seeds", type=_seeds, default=defaults.seeds, help="traffic seeds (default: 0,1,2)")
-    parser.add_argument("--fractions", type=_fractions, default=defaults.fractions,
+    parser.add_argument("--fractions", type=fraction_list, default=defaults.fractions,
                         help="budgets as fractions of the unconstrained spend (default: 0.2,0.4,0.6,0.8)")
     parser.add_argument("--campaign", default=defaults.campaign, help="campaign id (default: %(default)s)")
     parser.add_argument("--campaigns", type=Path, default=defaults.campaigns, help="catalog (default: the bundle's)")
-    parser.add_argument("--rate", type=_positive(float), default=defaults.rate,
+    parser.add_argument("--rate", type=positive(float), default=defaults.rate,
                         help="exchange requests per simulated second before the size filter (default: %(default)s)")
     parser.add_argument("--history-days", type=int, default=defaults.history_days,
                         help="past days the plan is learned from (default: %(default)s)")
-    parser.add_argument("--update", type=_positive(float), default=defaults.update_s,
+    parser.add_argument("--update", type=positive(float), default=defaults.update_s,
                         help="simulated seconds between the banker's updates (default: %(default)s)")
-    parser.add_argument("--workers", type=_positive(int), default=defaults.workers, help="(default: %(default)s)")
+    parser.add_argument("--workers", type=positive(int), default=defaults.workers, help="(default: %(default)s)")
     parser.add_argument("--notice-delay", type=float, default=defaults.notice_delay_s,
                         help="simulated seconds from a bid to its notice (default: %(default)s)")
     parser.add_argument("--headroom", type=float, default=defaults.headroom,
                         help="leases cover this many times the planned spend (default: %(default)s)")
     parser.add_argument("--no-scenarios", action="store_true", help="skip the stress scenarios")
-    parser.add_argument("--world-rows", type=_positive(int), default=defaults.world_rows,
+    parser.add_argument("--world-rows", type=positive(int), default=defaults.world_rows,
                         help="size of the synthetic world (default: the shipped bundle's, %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

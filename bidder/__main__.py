@@ -35,17 +35,6 @@ def parse_now(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _share(text: str) -> float:
-    """``--explore``: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {text!r}")
-    return value
-
-
 def worker_count(text: str) -> int | str:
     """``--workers``: a positive number, or ``auto`` for the CPUs this process may use (``bidder.cpus``)."""
     if text == "auto":
@@ -57,7 +46,7 @@ def worker_count(text: str) -> int | str:
 
 
 def sample_rate(text: str) -> float:
-    """``--access-log-sample``: a fraction of requests, 0 (off) to 1."""
+    """``--access-log-sample``, ``--explore``: a fraction of requests or imps, 0 (off) to 1."""
     try:
         rate = float(text)
     except ValueError:
@@ -235,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="log every bid (and the notices and clicks reported to the bidder) to zstd JSON lines "
                             "files in DIR, written off the bid path (docs/events.md); python -m train logs turns "
                             "them into training data (default: no event log)")
-    serve.add_argument("--explore", type=_share, default=defaults.explore, metavar="SHARE",
+    serve.add_argument("--explore", type=sample_rate, default=defaults.explore, metavar="SHARE",
                        help="the share of imps bid with a creative drawn at random among those at or above the floor "
                             "instead of the best one, each bid's probability logged (--events) so training on the log "
                             "sees beyond the bidder's own choices (docs/events.md) (default: %(default)s, none)")

@@ -161,7 +161,7 @@ def _cpu_seconds() -> float:
 
 
 # -- the command line ------------------------------------------------------------------------------------
-def _positive(kind):
+def positive(kind):
     def parse(text: str):
         try:
             value = kind(text)
@@ -213,26 +213,26 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--start", type=_time, default=parse_time(DEFAULT_START), metavar="TIME",
                    help=f"simulated time at the anchor, ISO 8601 or Unix seconds (default: {DEFAULT_START})")
-    p.add_argument("--speed", type=_positive(float), default=DEFAULT_SPEED, metavar="X",
+    p.add_argument("--speed", type=positive(float), default=DEFAULT_SPEED, metavar="X",
                    help="simulated seconds per wall-clock second (default: %(default)g, a day in two minutes)")
     p.add_argument("--anchor", type=_time, default=None, metavar="TIME",
                    help="wall-clock time at which the simulated clock reads --start; a bidder sharing the clock "
                         "gets the same value as --clock-anchor (default: one second after the market is built, "
                         "printed with the matching bidder options)")
-    p.add_argument("--hours", type=_positive(float), default=24.0, help="simulated hours (default: %(default)g)")
-    p.add_argument("--requests", type=_positive(int), default=None, metavar="N",
+    p.add_argument("--hours", type=positive(float), default=24.0, help="simulated hours (default: %(default)g)")
+    p.add_argument("--requests", type=positive(int), default=None, metavar="N",
                    help="stop after N requests (default: the whole --hours)")
-    p.add_argument("--rate", type=_positive(float), default=ExchangeConfig.rate, metavar="RPS",
+    p.add_argument("--rate", type=positive(float), default=ExchangeConfig.rate, metavar="RPS",
                    help="mean wall-clock requests per second over a day; the hour of day and the weekday shape "
                         "it (peak about 1.45 x) (default: %(default)g)")
-    p.add_argument("--connections", type=_positive(int), default=ExchangeConfig.connections, metavar="N",
+    p.add_argument("--connections", type=positive(int), default=ExchangeConfig.connections, metavar="N",
                    help="bid requests in flight per bidder at most; a request finding N in flight is not sent to "
                         "that bidder and counts as throttled, as exchanges throttle a slow bidder (default: "
                         "%(default)s)")
     p.add_argument("--seed", type=int, default=0, help="traffic and fault draws (default: %(default)s)")
     p.add_argument("--world-seed", type=int, default=DEFAULT_WORLD_SEED,
                    help="the synthetic market's seed (default: %(default)s, the shipped bundle's training data)")
-    p.add_argument("--world-rows", type=_positive(int), default=DEFAULT_WORLD_ROWS,
+    p.add_argument("--world-rows", type=positive(int), default=DEFAULT_WORLD_ROWS,
                    help="the synthetic market's size in rows, which sets its user population (default: %(default)s)")
     d = Faults()
     p.add_argument("--delay", type=_seconds, default=d.delay_s, metavar="S",
