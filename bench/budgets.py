@@ -29,7 +29,7 @@ from bench.exchange.cli import DEFAULT_WORLD_ROWS, DEFAULT_WORLD_SEED
 from bench.exchange.faults import Faults
 from bench.exchange.traffic import Market
 from bench.load import REPO, child_environment
-from bench.loop import serve_days
+from bench.loop import new_folder, serve_days
 from bench.machine import machine_info
 from bench.pacing import fraction_list
 from bench.servers import BenchError
@@ -83,16 +83,13 @@ def _admin(base: str) -> dict | None:
 
 
 def run_budgets(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise BenchError(f"--out {out} is not empty: give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_folder(args.out)
     catalog = json.loads(args.campaigns.read_text())
     print(f"building the market ({args.world_rows:,} rows, seed {args.world_seed})", file=sys.stderr, flush=True)
     market = Market(args.world_seed, args.world_rows)
     options = ("--ledger-refresh", str(args.ledger_refresh), *(("--ledger", args.ledger) if args.ledger else ()))
     free = serve_days("unconstrained", args.model, args.campaigns, market, out, first_day=0, days=1, args=args,
-                      workers=args.workers)
+                      workers=args.workers, faults=args.faults)
     spend = {cid: c["spend"] for cid, c in (free["campaigns"] or {}).items()}
     if not any(v > 0 for v in spend.values()):
         raise BenchError("no campaign spent anything on the unconstrained day: nothing to budget")
@@ -101,7 +98,7 @@ def run_budgets(args: argparse.Namespace) -> dict[str, Any]:
         path = out / f"campaigns-{fraction:g}.json"
         path.write_text(json.dumps(budget_catalog(catalog, spend, fraction), indent=1) + "\n")
         day = serve_days(f"budget-{fraction:g}", args.model, path, market, out, first_day=0, days=1, args=args,
-                         options=options, workers=args.workers, before_stop=_admin)
+                         options=options, workers=args.workers, faults=args.faults, before_stop=_admin)
         seen = (day.get("bidder") or {}).get("campaigns", day.get("bidder") or {})
         figures = {cid: campaign_figures(c, round(spend[cid] * fraction, 6), seen.get(cid))
                    for cid, c in (day["campaigns"] or {}).items() if spend.get(cid, 0) > 0}

@@ -64,7 +64,7 @@ def _run(command: list[str], log: list[list[str]], output: Path) -> None:
 
 def serve_days(name: str, bundle: Path, campaigns: Path, market: Market, out: Path, *, first_day: int, days: int,
                args: argparse.Namespace, events: Path | None = None, options: tuple[str, ...] = (),
-               workers: int = 1, before_stop=None) -> dict[str, Any]:
+               workers: int = 1, faults: Faults = Faults(), before_stop=None) -> dict[str, Any]:
     """Days ``first_day + 1 .. first_day + days`` against one bidder on ``bundle`` (with notices, and with
     ``options`` added to its command line): the exchange's figures for it. ``before_stop(base_url)``, when given, is
     called once the day is over, while the bidder still serves; what it returns is kept as ``"bidder"``."""
@@ -81,7 +81,7 @@ def serve_days(name: str, bundle: Path, campaigns: Path, market: Market, out: Pa
     config = ExchangeConfig(bidders=(base + "/bid/{exchange}",), campaigns=campaigns, start=start, speed=args.speed,
                             anchor=anchor, hours=24.0 * days, rate=args.rate, seed=args.seed + first_day,
                             world_seed=args.world_seed, world_rows=args.world_rows,
-                            faults=getattr(args, "faults", None) or Faults())
+                            faults=faults)
     print(f"{name}: days {first_day + 1}-{first_day + days} on {bundle}", file=sys.stderr, flush=True)
     with running(name, command, base, ready_path="/readyz", startup_timeout_s=ANCHOR_LEAD_S - 2, port=port,
                  workers=workers):
@@ -94,6 +94,15 @@ def serve_days(name: str, bundle: Path, campaigns: Path, market: Market, out: Pa
            **{key: entry.get(key) for key in KEPT}, "campaigns": entry.get("campaigns")}
     if seen is not None:
         out["bidder"] = seen
+    return out
+
+
+def new_folder(out: str | Path) -> Path:
+    """``--out``, created; BenchError when it holds files already (a run never mixes with an earlier one's)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BenchError(f"--out {out} is not empty: give a new folder")
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -124,10 +133,7 @@ def _test_metrics(bundle: Path) -> dict[str, Any]:
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     from train.logs import write_training_data
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise BenchError(f"--out {out} is not empty: give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_folder(args.out)
     commands: list[list[str]] = []
     campaigns = args.campaigns
     print(f"building the market ({args.world_rows:,} rows, seed {args.world_seed})", file=sys.stderr, flush=True)

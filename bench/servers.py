@@ -42,7 +42,7 @@ def tree_cpu_seconds(pid: int) -> float:
 
     Under load this is a figure a busy host disturbs far less than requests per second: time other processes
     take from the server's core is not counted, so CPU time per request compares servers on a shared machine."""
-    parents: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
     times: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
     for entry in os.scandir("/proc"):
@@ -55,11 +55,8 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
         child = int(entry.name)
-        parents[child] = int(fields[1])
+        children.setdefault(int(fields[1]), []).append(child)
         times[child] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    children: dict[int, list[int]] = {}
-    for child, parent in parents.items():
-        children.setdefault(parent, []).append(child)
     total, todo = 0.0, [pid]
     while todo:
         process = todo.pop()

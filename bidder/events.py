@@ -204,7 +204,7 @@ class EventLog:
     # -- the bid path: encode, append and return ---------------------------------------------------------
     # Each event is encoded to its JSON line here, on the bid path (about a microsecond), rather than by the writer:
     # the queue then holds bytes (no dicts kept alive for the collector to scan, no writer thread encoding under
-    # the GIL while requests wait for it), and the writer only joins, compresses (zlib lets go of the GIL) and
+    # the GIL while requests wait for it), and the writer only joins, compresses (zstd lets go of the GIL) and
     # writes. ``hours`` holds (the number of events queued before it, the UTC hour) for each hour the events in the
     # queue belong to: each counter is written by one thread only (``_queued`` by the bid path's, ``_popped`` by
     # the writer), so neither needs a lock.
@@ -214,17 +214,12 @@ class EventLog:
         """A bid placed: ``record`` the imp's raw record, ``layer`` the candidate's fields (together what the
         model scored), ``value`` pCTR × value per click in USD CPM, ``price`` the bid, ``shading`` price / value,
         ``propensity`` the probability that this creative was the one bid with (below 1 only when exploring)."""
-        queue = self.queue
-        if len(queue) >= self.queue_size:
-            self.dropped["queue_full"] += 1
+        at = self._stamp()
+        if at is None:
             return
-        at = self.now()
-        if not self._hour_start <= at < self._hour_end:
-            self._mark_hour(at)
-        self._queued += 1
-        queue.append(self._encode(_BidEvent(SCHEMA_VERSION, "bid", at, bid_id, {**record, **layer}, campaign,
-                                            creative, model, pctr, value, price, shading, floor, auction, exchange,
-                                            user, propensity)))
+        self.queue.append(self._encode(_BidEvent(SCHEMA_VERSION, "bid", at, bid_id, {**record, **layer}, campaign,
+                                                 creative, model, pctr, value, price, shading, floor, auction,
+                                                 exchange, user, propensity)))
 
     def notice(self, kind: str, bid_id: str, price: float | None = None, loss: int | None = None,
                min_to_win: float | None = None, delay: float | None = None) -> None:
@@ -232,28 +227,30 @@ class EventLog:
         clearing price (USD CPM, ``${AUCTION_PRICE}``), ``loss`` the loss code (``${AUCTION_LOSS}``),
         ``min_to_win`` ``${AUCTION_MIN_TO_WIN}`` when the exchange sends it, ``delay`` seconds since the bid when
         the caller knows it (``train logs`` otherwise works it out from the bid's time)."""
-        queue = self.queue
-        if len(queue) >= self.queue_size:
-            self.dropped["queue_full"] += 1
+        at = self._stamp()
+        if at is None:
             return
-        at = self.now()
-        if not self._hour_start <= at < self._hour_end:
-            self._mark_hour(at)
-        self._queued += 1
-        queue.append(self._encode(_NoticeEvent(SCHEMA_VERSION, "notice", at, bid_id, kind, price, loss, min_to_win,
-                                               delay)))
+        self.queue.append(self._encode(_NoticeEvent(SCHEMA_VERSION, "notice", at, bid_id, kind, price, loss,
+                                                    min_to_win, delay)))
 
     def click(self, bid_id: str) -> None:
         """A click on the ad of ``bid_id``."""
-        queue = self.queue
-        if len(queue) >= self.queue_size:
-            self.dropped["queue_full"] += 1
+        at = self._stamp()
+        if at is None:
             return
+        self.queue.append(self._encode(_ClickEvent(SCHEMA_VERSION, "click", at, bid_id)))
+
+    def _stamp(self) -> float | None:
+        """The time of the event about to be queued, counted in its hour; None, and a drop counted, when the queue
+        is full."""
+        if len(self.queue) >= self.queue_size:
+            self.dropped["queue_full"] += 1
+            return None
         at = self.now()
         if not self._hour_start <= at < self._hour_end:
             self._mark_hour(at)
         self._queued += 1
-        queue.append(self._encode(_ClickEvent(SCHEMA_VERSION, "click", at, bid_id)))
+        return at
 
     def _mark_hour(self, at: float) -> None:
         """The events queued from now on belong to the UTC hour of ``at``."""

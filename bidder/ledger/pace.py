@@ -27,8 +27,7 @@ class EvenPacing:
     def __call__(self, ledger, now: float) -> None:
         for slot, terms in enumerate(ledger.terms):
             if terms is None or terms.pacing != "even" or terms.daily_usd is None:
-                if slot < len(ledger.pass_rate):
-                    ledger.pass_rate[slot] = 1.0
+                ledger.pass_rate[slot] = 1.0
                 continue
             grant = ledger.view[slot]
             if grant is None:  # the banker has not answered for it yet
