@@ -45,6 +45,11 @@ TEXT_FIELDS = ("request_id", "imp_id", "bid_id", "seat", "campaign", "creative",
 #: why a notice is refused (403), as counted in ``bidder_notices_total{result="refused_<reason>"}``
 REFUSALS = ("bad_signature", "unknown_key", "altered", "price_above_bid", "expired")
 MIN_SECRET_BYTES = 16
+_SHA256_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # byte translations: a key XOR the HMAC pads
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64 -> base64url
+_MAX_TAILS = 65_536
 
 
 class KeyFileError(ValueError):
@@ -95,11 +100,14 @@ class Keyring:
         self.origin = origin
         self.keys = {k.id: k for k in keys}
         self.signing = max(keys, key=lambda k: k.created)
-        self._id = self.signing.id.encode("utf-8")
-        self._macs = {k.id.encode("utf-8"): hmac.new(k.secret, digestmod=hashlib.sha256) for k in keys}
-        self._sign_mac = self._macs[self._id]
+        self._id = _text(self.signing.id.encode("utf-8"))
+        self._macs = {k.id.encode("utf-8"): _HmacSha256(k.secret) for k in keys}
+        self._sign_mac = self._macs[self.signing.id.encode("utf-8")]
+        # the encoded fields after bid_id (seat, campaign, creative, currency, exchange, model id) by their values:
+        # a few per creative, so a bid's token encodes only its request id, imp id and bid id
+        self._tails: dict[tuple[str, ...], bytes] = {}
 
-    def __reduce__(self):  # to worker processes: HMAC objects do not pickle, the keys do
+    def __reduce__(self):  # to worker processes: hash states do not pickle, the keys do
         return Keyring, (list(self.keys.values()), self.origin)
 
     @classmethod
@@ -107,15 +115,19 @@ class Keyring:
         """One random key, for trials: tokens it signs die with the process (see docs/notices.md)."""
         return cls([SigningKey("trial-" + secrets.token_hex(4), secrets.token_bytes(32), time.time())], "trial key")
 
-    def sign(self, issued: float, price_micros: int, window: int, *texts: str) -> str:
-        """The token of a bid: ``texts`` are the values of ``TEXT_FIELDS`` in that order."""
-        parts = [_HEAD.pack(VERSION, int(issued * 1000), price_micros, window), _text(self._id)]
-        for text in texts:
-            parts.append(_text(text.encode("utf-8")))
-        payload = b"".join(parts)
-        mac = self._sign_mac.copy()
-        mac.update(payload)
-        return base64.urlsafe_b64encode(payload + mac.digest()[:MAC_BYTES]).rstrip(b"=").decode("ascii")
+    def sign(self, issued: float, price_micros: int, window: int, request_id: str, imp_id: str, bid_id: str,
+             *rest: str) -> str:
+        """The token of a bid: the arguments after ``window`` are the values of ``TEXT_FIELDS`` in that order."""
+        tail = self._tails.get(rest)
+        if tail is None:
+            if len(self._tails) >= _MAX_TAILS:  # bounded: model ids change with every reload
+                self._tails.clear()
+            tail = self._tails[rest] = b"".join([_text(text.encode("utf-8")) for text in rest])
+        payload = b"".join((_HEAD.pack(VERSION, int(issued * 1000), price_micros, window), self._id,
+                            _text(request_id.encode("utf-8")), _text(imp_id.encode("utf-8")),
+                            _text(bid_id.encode("utf-8")), tail))
+        token = binascii.b2a_base64(payload + self._sign_mac.digest(payload), newline=False)
+        return token.translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
     def verify(self, token: str) -> NoticeFacts | str:
         """The facts a token carries, or the reason (one of ``REFUSALS``) it is refused: a token that does not
@@ -144,15 +156,34 @@ class Keyring:
         base = self._macs.get(texts[0])
         if base is None:
             return "unknown_key"
-        mac = base.copy()
-        mac.update(payload)
-        if not hmac.compare_digest(mac.digest()[:MAC_BYTES], tag):
+        if not hmac.compare_digest(base.digest(payload), tag):
             return "bad_signature"
         try:
             words = [t.decode("utf-8") for t in texts]
         except UnicodeDecodeError:
             return "bad_signature"
         return NoticeFacts(issued / 1000.0, price, window, *words)
+
+
+class _HmacSha256:
+    """HMAC-SHA256 (RFC 2104) of one key, truncated to ``MAC_BYTES``: the key's inner and outer hash states are
+    computed once and copied per message, about half the cost of copying an ``hmac.HMAC`` object."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, secret: bytes):
+        if len(secret) > _SHA256_BLOCK:
+            secret = hashlib.sha256(secret).digest()
+        secret = secret.ljust(_SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(secret.translate(_IPAD))
+        self._outer = hashlib.sha256(secret.translate(_OPAD))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:MAC_BYTES]
 
 
 def _text(data: bytes) -> bytes:
@@ -230,6 +261,8 @@ class NoticeSettings:
 _CHECKED = "&a=${AUCTION_ID}&bid=${AUCTION_BID_ID}"
 NOTICE_QUERIES = {"win": _CHECKED + "&p=${AUCTION_PRICE}", "bill": _CHECKED + "&p=${AUCTION_PRICE}",
                   "loss": _CHECKED + "&loss=${AUCTION_LOSS}&mtw=${AUCTION_MIN_TO_WIN}"}
+_WIN_QUERY, _BILL_QUERY, _LOSS_QUERY = NOTICE_QUERIES["win"], NOTICE_QUERIES["bill"], NOTICE_QUERIES["loss"]
+_MAX_MARKUPS = 65_536
 
 
 class Notices:
@@ -239,8 +272,10 @@ class Notices:
         self.settings = settings
         self.keyring = settings.keyring
         base = settings.url.rstrip("/")
-        self._win, self._bill, self._loss = (f"{base}/notice/{kind}?t=" for kind in ("win", "bill", "loss"))
+        self._urls = tuple(f"{base}/notice/{kind}?t=" for kind in ("win", "bill", "loss"))
         self._click = f"{base}/click?t="
+        # each creative's markup cut at its links to its landing page, which a bid's markup points at /click
+        self._around_click: dict[tuple[str, str], list[str]] = {}
 
     def check(self, query: Mapping[str, str], now: float) -> NoticeFacts | Refusal:
         """A notice URL's parameters (``now``: the engine's clock): the facts of its token, or why it is refused.
@@ -290,9 +325,16 @@ class Notices:
         token = self.keyring.sign(issued, micros(bid.price), window, request_id, bid.impid, bid.id, seat,
                                   candidate.campaign_id, candidate.creative_id, currency, exchange or "",
                                   model_id)
-        bid.nurl = self._win + token + NOTICE_QUERIES["win"]
-        bid.burl = self._bill + token + NOTICE_QUERIES["bill"]
-        bid.lurl = self._loss + token + NOTICE_QUERIES["loss"]
+        win, bill, loss = self._urls
+        bid.nurl = win + token + _WIN_QUERY
+        bid.burl = bill + token + _BILL_QUERY
+        bid.lurl = loss + token + _LOSS_QUERY
         bid.exp = window
-        if candidate.click_url is not None and bid.adm is not None:
-            bid.adm = bid.adm.replace(candidate.click_url, self._click + token)
+        markup, click_url = bid.adm, candidate.click_url
+        if click_url is not None and markup is not None:
+            pieces = self._around_click.get((markup, click_url))
+            if pieces is None:
+                if len(self._around_click) >= _MAX_MARKUPS:  # bounded: catalogs are reloaded
+                    self._around_click.clear()
+                pieces = self._around_click[markup, click_url] = markup.split(click_url)
+            bid.adm = (self._click + token).join(pieces)

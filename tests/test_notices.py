@@ -279,6 +279,39 @@ async def test_without_a_notice_url_nothing_changes(aiohttp_client, small_bundle
     assert "bidder_notices" not in await (await client.get("/metrics")).text()
 
 
+def test_a_tokens_tag_is_hmac_sha256_of_what_it_carries():
+    """The tag is the first 16 bytes of the standard HMAC-SHA256, secrets longer than SHA-256's block included."""
+    import base64
+    import hashlib
+    import hmac
+    for secret in (bytes.fromhex(SECRET_A), bytes(range(100))):
+        keys = Keyring([SigningKey("k", secret, 0)])
+        for fields in (FIELDS, ("r" * 300, "2", "r-2", "seat-9", "c", "cr", "EUR", "x", "m")):
+            raw = base64.urlsafe_b64decode(keys.sign(NOW, 1, 60, *fields) + "==")
+            assert raw[-16:] == hmac.new(secret, raw[:-16], hashlib.sha256).digest()[:16]
+            assert keys.verify(keys.sign(NOW, 1, 60, *fields))[4:] == fields
+
+
+def test_dressing_routes_every_link_to_the_landing_page_through_click():
+    notices = Notices(NoticeSettings(**SETTINGS, state_dir=Path("unused")))
+
+    class Bid:  # the fields dress reads and writes
+        def __init__(self, adm):
+            self.id, self.impid, self.price, self.adm = "r-1", "1", 2.5, adm
+
+    class Creative:
+        def __init__(self, click_url):
+            self.campaign_id, self.creative_id, self.click_url = "c", "cr", click_url
+
+    markup = '<a href="https://a.example/">x</a><a href="https://a.example/">y</a><i src="https://b.example/">'
+    for landing, routed in (("https://a.example/", 2), ("https://b.example/", 1), ("https://a.example/", 2)):
+        bid = Bid(markup)
+        notices.dress(bid, "r", None, "bidder", Creative(landing), None, "m", NOW)
+        token = parse_qs(urlsplit(bid.nurl).query)["t"][0]
+        assert bid.adm.count(f"/click?t={token}") == routed and landing not in bid.adm
+        assert bid.adm.replace(f"{SETTINGS['url'].rstrip('/')}/click?t={token}", landing) == markup
+
+
 def test_notices_dress_a_bid_within_the_windows():
     notices = Notices(NoticeSettings(**SETTINGS, state_dir=Path("unused")))
     assert [notices.window(e) for e in (None, 0, 30, 3600, 10 ** 9)] == [600, 600, 30, 3600, 3600]
