@@ -49,7 +49,20 @@ BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-r
                    # this round's stages all on: signed notices, the event log, and budgets with frequency caps
                    # on every campaign (bench.load.money_catalog: budgets no run spends, caps that count bills)
                    "bidder-all": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-all-events"),
-                                  "--notice-url", "http://127.0.0.1")}
+                                  "--notice-url", "http://127.0.0.1"),
+                   # the bidder answering the body with the blocking rules and privacy signals of RULES added
+                   # (none of which blocks its bid): what honouring them costs
+                   "bidder-rules": (),
+                   # JSON log lines: the bid path logs nothing per request, so this should cost nothing
+                   "bidder-jsonlog": ("--log-format", "json")}
+#: what ``bidder-rules`` adds to the body: categories, advertisers and a seat blocked, and per banner imp attributes,
+#: types and MIME types, under GDPR with a TCF v2 consent string granting purposes 1, 2, 3, 4, 7, 9 and 10 (the
+#: user's data stays usable) and a CCPA string without opt-out, as exchanges send them
+RULES = {"bcat": ["IAB25", "IAB26", "IAB7-39", "IAB8-18"], "cattax": 1,
+         "badv": ["casino.example.com", "tobacco.example.com"], "bseat": ["some-other-dsp"],
+         "regs": {"gdpr": 1, "us_privacy": "1YNN"}}
+RULES_CONSENT = "CPk-ZYAPk-ZYAAHABBENCWEAAPLAAAAAAAYgAAAAAAAA"
+RULES_BANNER = {"btype": [1, 4], "battr": [1, 3, 8, 9, 10, 14], "mimes": ["image/jpeg", "image/png", "image/gif"]}
 #: the budget and caps every campaign of the bidder-all variant gets
 MONEY_TERMS = {"budget": {"daily": 1e6, "total": 1e7, "timezone": "UTC"}, "pacing": "asap", "max_cpm": 1000.0,
                "frequency_cap": [{"count": 1000, "seconds": 3600, "scope": "campaign"}]}
@@ -184,6 +197,28 @@ def money_catalog(catalog: Path) -> Path:
     return folder / "campaigns.json"
 
 
+def with_rules(body: bytes) -> bytes:
+    """``body`` (a BidRequest) with ``RULES`` added: request-level fields, the consent, every banner's rules."""
+    request = json.loads(body)
+    request.update(json.loads(json.dumps(RULES)))
+    request.setdefault("user", {})["consent"] = RULES_CONSENT
+    for imp in request.get("imp", []):
+        if isinstance(imp.get("banner"), dict):
+            imp["banner"].update(RULES_BANNER)
+    return json.dumps(request).encode()
+
+
+def bodies(config: LoadConfig) -> dict[str, Path]:
+    """The body file each server is measured with: ``config.body``, and for ``bidder-rules`` a copy with the
+    rules."""
+    out = {name: config.body for name in config.servers}
+    if "bidder-rules" in out:
+        path = Path(tempfile.mkdtemp(prefix="bench-rules-body-")) / f"rules-{config.body.name}"
+        path.write_bytes(with_rules(config.body.read_bytes()))
+        out["bidder-rules"] = path
+    return out
+
+
 def child_environment() -> None:
     """Make `python -m bidder` / `-m bench.echo` / `-m bench.baseline` resolve to this checkout, installed or not."""
     paths = [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -222,15 +257,17 @@ def preflight(name: str, url: str, body: bytes, allow_no_bid: bool) -> dict:
 
 
 def price_agreement(preflights: dict) -> str | None:
-    """A note when the baseline's preflight prices differ from the bidder's: then it does other work."""
+    """A note when the baseline's (or bidder-rules') preflight prices differ from the bidder's: then it does
+    other work."""
     notes = []
     for key, check in preflights.items():
         name, _, workers = key.partition("/")
         bidder = preflights.get(f"bidder/{workers}")
-        if name != "fastapi" or bidder is None or "prices" not in check or "prices" not in bidder:
+        if name not in ("fastapi", "bidder-rules") or bidder is None or "prices" not in check or "prices" not in bidder:
             continue
         if check["prices"] != bidder["prices"]:
-            notes.append(f"fastapi baseline priced the body {check['prices']} where the bidder priced it "
+            who = "fastapi baseline" if name == "fastapi" else "bidder-rules (the body with the rules)"
+            notes.append(f"{who} priced the body {check['prices']} where the bidder priced it "
                          f"{bidder['prices']} ({workers}): it is not doing the same work (or the hour changed "
                          f"between the two preflights)")
     return "; ".join(notes) or None
@@ -238,15 +275,16 @@ def price_agreement(preflights: dict) -> str | None:
 
 def measure(name: str, url: str, config: LoadConfig, *, workers: int, connections: int, threads: int,
             server_cpus: str | None, client_cpus: str | None, repetition: int = 1,
-            probe: MetricsProbe | None = None, pid: int | None = None) -> Measurement:
+            probe: MetricsProbe | None = None, pid: int | None = None, body: Path | None = None) -> Measurement:
     """Warm up, then measure; with a probe, scrape /metrics just before and after the measured run; with the
     server's pid, the CPU time its processes used per answered request."""
     common = dict(connections=connections, threads=threads, timeout_s=config.wrk_timeout_s, cpus=client_cpus)
+    body = body or config.body
     if config.warmup_s > 0:
-        run_wrk(url, config.body, duration_s=config.warmup_s, **common)
+        run_wrk(url, body, duration_s=config.warmup_s, **common)
     before = probe.scrape() if probe is not None else None
     cpu_before = servers.tree_cpu_seconds(pid) if pid is not None else None
-    result = run_wrk(url, config.body, duration_s=config.duration_s, **common)
+    result = run_wrk(url, body, duration_s=config.duration_s, **common)
     cpu_us = None
     if cpu_before is not None and result.requests:
         cpu_us = (servers.tree_cpu_seconds(pid) - cpu_before) / result.requests * 1e6
@@ -274,7 +312,7 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
     The servers take turns at each level; with `repeat` > 1 the whole sequence runs again, so every
     (server, level) is measured `repeat` times, each time next to the others.
     """
-    body = config.body.read_bytes()
+    body_files = bodies(config)
     measurements = []
     with contextlib.ExitStack() as stack:
         urls, started, probes = {}, {}, {}
@@ -290,7 +328,8 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
                 name, command, base, ready_path="/readyz", port=port, workers=workers,
                 startup_timeout_s=config.startup_timeout_s))
             urls[name] = base + config.route
-            preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body, config.allow_no_bid)
+            preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body_files[name].read_bytes(),
+                                                                config.allow_no_bid)
             if name in BIDDER_VARIANTS:
                 probes[name] = MetricsProbe(config.host, metrics_port or port)
                 stack.callback(probes[name].close)
@@ -300,7 +339,7 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
                     measurements.append(measure(name, urls[name], config, workers=workers, connections=c,
                                                 threads=threads, server_cpus=server_cpus, client_cpus=client_cpus,
                                                 repetition=repetition, probe=probes.get(name),
-                                                pid=started[name].process.pid))
+                                                pid=started[name].process.pid, body=body_files[name]))
                     # A server that died under load leaves wrk counting connect errors, not a crash.
                     if started[name].process.poll() is not None:
                         raise started[name].failure(f"exited with status {started[name].process.returncode} "

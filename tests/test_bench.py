@@ -635,3 +635,29 @@ def test_several_bidder_workers_are_scraped_through_the_supervisors_metrics_port
     assert load.server_command("bidder", config, 9000, 2, 9100)[-2:] == ["--metrics-port", "9100"]
     assert "--metrics-port" not in load.server_command("echo", config, 9001, 2, 9100)
     assert "--metrics-port" not in load.server_command("bidder", config, 9002, 1)
+
+
+async def test_the_rules_body_carries_every_rule_and_leaves_the_bid_as_it_is(aiohttp_client):
+    """bidder-rules measures what honouring the rules costs: its body must carry them, and the bidder must check
+    them all and still bid as on the plain body (else the run would time other work)."""
+    from bench.load import DEFAULT_BODY, RULES, RULES_BANNER, bodies, with_rules
+    from bidder.app import Config, create_app
+    from bidder.privacy import REQUIRED_PURPOSES, tcf_purposes
+
+    plain = DEFAULT_BODY.read_bytes()
+    ruled = json.loads(with_rules(plain))
+    assert all(ruled[key] == value for key, value in RULES.items())
+    assert all(imp["banner"][key] == value for imp in ruled["imp"] for key, value in RULES_BANNER.items())
+    assert set(REQUIRED_PURPOSES) <= tcf_purposes(ruled["user"]["consent"])
+    client = await aiohttp_client(create_app(Config(now=1_370_000_000.0)))
+    answers = []
+    for body in (plain, json.dumps(ruled).encode()):
+        response = await client.post("/bid", data=body)
+        assert response.status == 200
+        answers.append(await response.json())
+    assert answers[0] == answers[1]
+    config = LoadConfig(servers=("bidder", "bidder-rules"))
+    files = bodies(config)
+    assert files["bidder"] == DEFAULT_BODY and json.loads(files["bidder-rules"].read_bytes()) == ruled
+    assert "not doing the same work" in price_agreement({"bidder/workers=1": {"prices": [1.0]},
+                                                        "bidder-rules/workers=1": {"prices": [2.0]}})
