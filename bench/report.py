@@ -201,10 +201,16 @@ def scaling(measurements: list[Measurement]) -> list[dict]:
             speedup = m["rps"] / single[0]["rps"]
             echo = [e for e in entries if e["server"] == "echo" != m["server"] and e["workers"] == m["workers"]
                     and e["connections"] == m["connections"] and e["rps"]]
+            # the server CPU per request, alone and beside N - 1 other workers: where wrk has to share the servers'
+            # cores (2 workers on 2 cores) requests/s understate what the workers can do, and this ratio says
+            # whether the workers slow each other down (1.0: each request costs what it cost one worker alone)
+            cpu, single_cpu = m.get("cpu_us_per_request"), single[0].get("cpu_us_per_request")
             out.append({"server": m["server"], "workers": m["workers"], "connections": m["connections"],
                         "rps": m["rps"], "single_worker_rps": single[0]["rps"], "speedup": speedup,
                         "efficiency": speedup / m["workers"],  # the target: >= 0.85 up to the cores available
-                        "vs_echo": m["rps"] / echo[0]["rps"] if echo else None, "runs": m["runs"]})
+                        "vs_echo": m["rps"] / echo[0]["rps"] if echo else None, "runs": m["runs"],
+                        "cpu_us_per_request": cpu, "single_worker_cpu_us_per_request": single_cpu,
+                        "cpu_efficiency": single_cpu / cpu if cpu and single_cpu else None})
     return out
 
 
@@ -321,6 +327,9 @@ def format_scaling(entries: list[dict]) -> str:
                      f"{s['rps']:,.0f} rps = {s['speedup']:.2f}x its 1-worker run "
                      f"({s['efficiency']:.2f} of {s['workers']}x)"
                      + ("" if s.get("vs_echo") is None else f", {s['vs_echo']:.2f}x echo at {s['workers']} workers")
+                     + ("" if s.get("cpu_efficiency") is None else
+                        f"; server CPU {s['cpu_us_per_request']:.1f} us/req against {s['single_worker_cpu_us_per_request']:.1f}"
+                        f" with 1 worker ({s['cpu_efficiency']:.2f})")
                      for s in entries)
 
 

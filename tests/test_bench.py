@@ -49,8 +49,9 @@ def wrk_result(rps: float, p50_us: float, scale: float = 1.0, statuses=None) -> 
                      statuses=statuses or {"200": int(rps * 2)})
 
 
-def measurement(server: str, connections: int, rps: float, p50_us: float, workers: int = 1) -> Measurement:
-    return Measurement(server, workers, connections, 1, "0", "1", wrk_result(rps, p50_us))
+def measurement(server: str, connections: int, rps: float, p50_us: float, workers: int = 1,
+                cpu_us: float | None = None) -> Measurement:
+    return Measurement(server, workers, connections, 1, "0", "1", wrk_result(rps, p50_us), cpu_us=cpu_us)
 
 
 # --- wrk output --------------------------------------------------------------------------------------
@@ -601,6 +602,16 @@ def test_the_scaling_curve_reports_efficiency_and_the_echo_at_each_worker_count(
     assert (four["efficiency"], four["vs_echo"]) == (pytest.approx(0.75), None)  # no echo run at 4 workers
     text = format_scaling(list(entries.values()))
     assert "0.90 of 2x" in text and "0.40x echo at 2 workers" in text and "0.75 of 4x" in text
+    assert two["cpu_efficiency"] is None and "server CPU" not in text  # no CPU figures, none reported
+
+
+def test_the_scaling_curve_compares_the_cpu_a_request_costs_alone_and_beside_other_workers():
+    runs = [measurement("bidder", 32, 4000, 4000, cpu_us=100.0),
+            measurement("bidder", 64, 6000, 5000, workers=2, cpu_us=125.0)]
+    [entry] = scaling(runs)
+    assert (entry["cpu_us_per_request"], entry["single_worker_cpu_us_per_request"]) == (125.0, 100.0)
+    assert entry["cpu_efficiency"] == pytest.approx(0.8)
+    assert "server CPU 125.0 us/req against 100.0 with 1 worker (0.80)" in format_scaling([entry])
 
 
 def test_workers_take_a_list_and_each_count_above_one_is_a_run(monkeypatch, tmp_path):
