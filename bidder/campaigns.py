@@ -50,6 +50,7 @@ __all__ = ["AUCTION_PRICE_MACRO", "CANDIDATE_FIELDS", "CampaignDeal", "CampaignT
 AUCTION_PRICE_MACRO = "${AUCTION_PRICE}"
 #: The raw record keys a candidate (not the imp) supplies, in the order of its ``layer`` dict.
 CANDIDATE_FIELDS = ("creative", "advertiser", "slotwidth", "slotheight")
+_REMEMBERED_BADV = 4096  # sizes x blocked-advertiser lists whose eligible candidates are kept
 
 
 class CatalogError(ValueError):
@@ -137,6 +138,10 @@ class Catalog:
         for c in self.candidates:
             by_size.setdefault((c.w, c.h), []).append(c)
         self._by_size = {size: tuple(cs) for size, cs in by_size.items()}
+        # per size the advertiser domains of its candidates: a request's badv that names none of them (the common
+        # case: exchanges block by publisher settings, whatever the bidder's catalog) removes nothing
+        self._adomains = {size: frozenset(d for c in cs for d in c.adomain) for size, cs in self._by_size.items()}
+        self._unblocked: dict[tuple, tuple[Candidate, ...]] = {}  # (size, badv) -> what that badv leaves
         # (size, deal id) -> the candidates whose campaign buys that deal: retrieval never cuts a deal's buyers
         by_deal: dict[tuple[int, int, str], list[Candidate]] = {}
         for c in self.candidates:
@@ -183,9 +188,17 @@ class Catalog:
                  blocked: frozenset[str]) -> tuple[Candidate, ...]:
         """Candidates of size ``w``x``h`` that may run on ``domain`` via ``exchange``, minus blocked advertisers."""
         candidates = self._by_size.get((w, h), ())
-        if not self.targeted and not blocked:
+        if self.targeted:
+            return tuple(c for c in candidates if c.runs_on(domain, exchange, blocked))
+        if not blocked or blocked.isdisjoint(self._adomains.get((w, h), ())):
             return candidates
-        return tuple(c for c in candidates if c.runs_on(domain, exchange, blocked))
+        key = (w, h, blocked)
+        found = self._unblocked.get(key)
+        if found is None:  # the same publishers' lists come back again and again
+            if len(self._unblocked) >= _REMEMBERED_BADV:
+                self._unblocked.clear()
+            found = self._unblocked[key] = tuple(c for c in candidates if c.runs_on(domain, exchange, blocked))
+        return found
 
 
 # -- the file's schema: msgspec checks types, required and unknown keys; errors are translated below -------

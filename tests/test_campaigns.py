@@ -162,6 +162,13 @@ def test_untargeted_catalogs_still_honour_blocked_advertisers():
     assert not catalog.targeted
     assert len(catalog.eligible(300, 250, None, None, frozenset())) == 2
     assert [c.creative_id for c in catalog.eligible(300, 250, None, None, frozenset({"a.com"}))] == ["y"]
+    # answered again from what the same list left (a publisher's list comes back), and per size
+    assert [c.creative_id for c in catalog.eligible(300, 250, None, None, frozenset({"a.com"}))] == ["y"]
+    assert catalog.eligible(300, 250, None, None, frozenset({"b.com", "a.com"})) == ()
+    assert catalog.eligible(728, 90, None, None, frozenset({"a.com"})) == ()
+    # a list naming none of a size's advertisers leaves that size's candidates as they are
+    every = catalog.eligible(300, 250, None, None, frozenset())
+    assert catalog.eligible(300, 250, None, None, frozenset({"c.com", "b.co"})) is every
 
 
 def test_a_catalog_of_some_candidates_numbers_them_afresh():
