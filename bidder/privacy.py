@@ -106,7 +106,7 @@ def personal_data(request) -> tuple[bool, str | None]:
                 and us_privacy[2] in "N-"):
             return False, "us_privacy_opt_out"
         case = "us_privacy_ok"
-    if any(s > 0 and s not in (GPP_TCF_EU, GPP_US_PRIVACY) for s in sections):
+    if sections and any(s > 0 and s not in (GPP_TCF_EU, GPP_US_PRIVACY) for s in sections):
         return False, "gpp_section"
     return True, case
 
