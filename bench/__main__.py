@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "budget fraction (see python -m bench budgets -h)", add_help=False)
     commands.add_parser("pacing", help="even pacing against asap over simulated days of the synthetic market "
                                        "(see python -m bench pacing -h)", add_help=False)
+    commands.add_parser("notices", help="the notice routes over HTTP beside bidding, both paced (see python -m bench "
+                                        "notices -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "loop":
         from bench.loop import main as loop_main
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "budgets":
         from bench.budgets import main as budgets_main
         return budgets_main(rest)
+    if args.command == "notices":
+        from bench.notice_load import main as notices_main
+        return notices_main(rest)
     if args.command == "pacing":
         from bench.pacing import main as pacing_main
         return pacing_main(rest)

@@ -672,3 +672,31 @@ async def test_the_rules_body_carries_every_rule_and_leaves_the_bid_as_it_is(aio
     assert files["bidder"] == DEFAULT_BODY and json.loads(files["bidder-rules"].read_bytes()) == ruled
     assert "not doing the same work" in price_agreement({"bidder/workers=1": {"prices": [1.0]},
                                                         "bidder-rules/workers=1": {"prices": [2.0]}})
+
+
+def test_notice_paths_are_distinct_first_notices_the_key_signs():
+    from bench.notice_load import KEY, connections_for, notice_paths
+    from bidder.notices import Keyring, SigningKey
+
+    paths = notice_paths(10, "c1", "cr1", "m", 1.7e9)
+    assert len(paths) == len(set(paths)) == 10
+    assert [p.split("?")[0].rpartition("/")[2] for p in paths[:5]] == ["win", "bill", "win", "bill", "loss"]
+    keyring = Keyring([SigningKey(KEY["id"], bytes.fromhex(KEY["secret"]), 0.0)])
+    facts = [keyring.verify(p.split("t=")[1].split("&")[0]) for p in paths]
+    assert all(f.campaign == "c1" and f.bid_id == f"{f.request_id}-1" for f in facts)
+    assert connections_for(2000) == 9 and connections_for(1) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("taskset") is None, reason="needs wrk and taskset")
+def test_the_notice_benchmark_counts_every_notice_it_sends_once(tmp_path):
+    from bench.notice_load import main as notices_main
+
+    assert notices_main(["--rate", "100", "--bid-rate", "50", "--seconds", "1", "--warmup", "1",
+                         "--server-cpus", "0", "--client-cpus", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "notices-load.json").read_text())
+    sent = report["notices"]["requests"]
+    assert sent > 0 and report["notices"]["statuses"] == {"200": sent} and report["bids"]["requests"] > 0
+    assert sum(report["counted"].values()) == sum(n for key, n in report["counted"].items() if 'result="ok"' in key)
+    assert sum(report["counted"].values()) >= sent  # wrk counts a request once answered; all answered are counted
+    assert report["command"].startswith("python -m bench notices") and "p99_ms" in report["target"]
