@@ -177,11 +177,11 @@ class BlockingIndex:
         found = [index[v] for v in values if v in index]
         return found[0] if len(found) == 1 else _EMPTY.union(*found)
 
-    def request_rules(self, bcat: Sequence[str] | None, cattax: int, bapp: Sequence[str] | None,
+    def request_rules(self, bcat: tuple[str, ...] | None, cattax: int, bapp: tuple[str, ...] | None,
                       personal_ok: bool) -> Exclusion:
         """The request-level rules, in the table's order (``NOTHING_EXCLUDED`` when none applies). An exchange sends
         the same lists again and again (a publisher's settings), so the answer is remembered by them."""
-        key = (tuple(bcat) if bcat else (), cattax, tuple(bapp) if bapp else (), personal_ok)
+        key = (bcat or (), cattax, bapp or (), personal_ok)
         found = self._requests.get(key)
         if found is None:
             found = _remember(self._requests, key, self._request_rules(bcat, cattax, bapp, personal_ok))
@@ -190,8 +190,7 @@ class BlockingIndex:
     def imp_rules(self, exclusion: Exclusion, banner) -> Exclusion:
         """``exclusion`` extended by the rules of one banner (``battr``, ``btype``, ``mimes``, ``api``); remembered as
         the request's rules are."""
-        key = (exclusion.rules, tuple(banner.battr or ()), tuple(banner.btype or ()), tuple(banner.mimes or ()),
-               tuple(banner.api or ()))
+        key = (exclusion.rules, banner.battr or (), banner.btype or (), banner.mimes or (), banner.api or ())
         found = self._imps.get(key)
         if found is None:
             found = _remember(self._imps, key, exclusion.extended(self._banner_rules(banner)))

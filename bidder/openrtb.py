@@ -49,10 +49,10 @@ class Banner(msgspec.Struct, gc=False):
     format: list[Format] | None = None
     pos: int | None = None
     # -- conformance (bidder/conformance.py): what the slot refuses or supports
-    btype: list[int] | None = None   # blocked banner types (list: Banner Ad Types)
-    battr: list[int] | None = None   # blocked creative attributes (list: Creative Attributes)
-    mimes: list[str] | None = None   # content MIME types supported
-    api: list[int] | None = None     # API frameworks supported (list: API Frameworks); absent: none
+    btype: tuple[int, ...] | None = None  # blocked banner types (list: Banner Ad Types)
+    battr: tuple[int, ...] | None = None  # blocked creative attributes (list: Creative Attributes)
+    mimes: tuple[str, ...] | None = None  # content MIME types supported
+    api: tuple[int, ...] | None = None    # API frameworks supported (list: API Frameworks); absent: none
     wmin: int | None = None          # a size range instead of w/h (2.5, deprecated in 2.6 for format)
     wmax: int | None = None
     hmin: int | None = None
@@ -168,9 +168,10 @@ class BidRequest(msgspec.Struct, gc=False):
     test: int = 0
     at: int = SECOND_PRICE  # auction type: 1 first price, 2 second price plus (the OpenRTB default)
     # -- conformance (bidder/conformance.py, bidder/privacy.py): blocking rules and privacy signals
-    bcat: list[str] | None = None   # blocked content categories, of taxonomy ``cattax``
+    # tuples, not lists: the rules are remembered by these lists (bidder.conformance.BlockingIndex), as they are
+    bcat: tuple[str, ...] | None = None  # blocked content categories, of taxonomy ``cattax``
     cattax: int = 1                 # 1: IAB Content Category Taxonomy 1.0 (the OpenRTB 2.6 default)
-    bapp: list[str] | None = None   # blocked app bundles (an app-install creative's ``bundle``)
+    bapp: tuple[str, ...] | None = None  # blocked app bundles (an app-install creative's ``bundle``)
     bseat: list[str] | None = None  # buyer seats that may not bid
     wseat: list[str] | None = None  # the only buyer seats that may bid
     regs: Regs | None = None

@@ -85,11 +85,11 @@ def personal_data(request) -> tuple[bool, str | None]:
     if regs is None:
         return True, None
     ext = regs.ext
-    if _one(regs.coppa):
+    if regs.coppa is not None and _one(regs.coppa):
         return False, "coppa"
-    sections = _ints(regs.gpp_sid)
+    sections = _ints(regs.gpp_sid) if regs.gpp_sid is not None else ()
     case = None
-    if _one(regs.gdpr) or (ext is not None and _one(ext.gdpr)) or GPP_TCF_EU in sections:
+    if _one(regs.gdpr) or (ext is not None and _one(ext.gdpr)) or (sections and GPP_TCF_EU in sections):
         user = request.user
         consent = None
         if user is not None:
