@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 
 from bidder import DEFAULT_BUNDLE
+from bidder.batching import Batcher
 from bidder.campaigns import Catalog, CatalogError, load_catalog
 from bidder.clock import Clock, read_clock
 from bidder.engine import BidEngine, Outcome, error_body
@@ -118,6 +119,8 @@ class State:
         self.store: NoticeStore | None = None
         # the spend ledger, made by the first engine whose catalog has budgets (bidder.ledger)
         self.ledger: Ledger | None = None
+        # the notices that reach the routes in one event-loop turn are recorded in the store together
+        self.recorder = Batcher(lambda notices: self.store.first_times(notices, self.now()))
         if config.notices is not None:
             self.notices = Notices(config.notices)
             self.store = open_notice_store(config.ledger, config.notices.state_dir, config.notices.max_window_s)
@@ -417,35 +420,57 @@ def _answer(state: State, route: str, started: float, response: web.Response, er
 
 def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
     """Check a notice (``Notices.check``) and count it: the first of its kind for its bid as ok (late after the
-    bid's exp), any other as a duplicate, a refusal under its reason."""
+    bid's exp), any other as a duplicate, a refusal under its reason. The routes do the same, recording the
+    notices of a loop turn in the store together (``record_notice``)."""
     now = state.now()
+    checked = check_notice(state, query, kind, now)
+    if checked.__class__ is not Refusal:
+        counted(state, query, kind, checked, state.store.first_time(checked.bid_id, kind, checked.issued, now), now)
+    return checked
+
+
+async def record_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
+    """``count_notice`` for the routes: the store is asked once for all the notices of this loop turn."""
+    now = state.now()
+    checked = check_notice(state, query, kind, now)
+    if checked.__class__ is not Refusal:
+        counted(state, query, kind, checked, await state.recorder.submit((checked.bid_id, kind, checked.issued)), now)
+    return checked
+
+
+def check_notice(state: State, query, kind: str, now: float) -> NoticeFacts | Refusal:
+    """The facts of a notice, or its refusal (counted and logged)."""
     checked = state.notices.check(query, now)
-    metrics = state.metrics
     if checked.__class__ is Refusal:
         if checked.status == 403:
-            metrics.notices.labels(kind, f"refused_{checked.reason}").inc()
+            state.metrics.notices.labels(kind, f"refused_{checked.reason}").inc()
         state.log_refusal((kind, checked.reason), kind=kind, reason=checked.reason, status=checked.status,
                           where=checked.where, detail=checked.message)
-        return checked
-    age = now - checked.issued
-    if state.store.first_time(checked.bid_id, kind, checked.issued, now):
-        metrics.notices.labels(kind, "late" if age > checked.window else "ok").inc()
-        metrics.notice_delay.labels(kind).observe(max(age, 0.0))
-        if state.ledger is not None and kind != "click":  # the spend: committed by a bill, released by a loss
-            price = _number(query.get("p")) if kind != "loss" else None
-            bid_micros = checked.price_micros
-            if checked.currency != "USD":  # the ledger counts USD: a bid priced in the request's currency converts
-                rate = state.engine.catalog.currencies.rate(checked.currency) if state.engine is not None else None
-                if rate:
-                    price = None if price is None else price / rate
-                    bid_micros = round(bid_micros / rate)
-            state.ledger.settle(kind, checked.bid_id, checked.campaign, None if price is None else micros(price),
-                                bid_micros, checked.issued, checked.window)
-        if state.events is not None:  # logged once, as counted
-            _log_notice(state.events, kind, checked.bid_id, query, max(age, 0.0))
-    else:
-        metrics.notices.labels(kind, "duplicate").inc()
     return checked
+
+
+def counted(state: State, query, kind: str, checked: NoticeFacts, first: bool, now: float) -> None:
+    """Count a checked notice: ``first`` (the store's answer) as ok or late, settled in the ledger and logged;
+    otherwise as a duplicate."""
+    metrics = state.metrics
+    if not first:
+        metrics.notices.labels(kind, "duplicate").inc()
+        return
+    age = now - checked.issued
+    metrics.notices.labels(kind, "late" if age > checked.window else "ok").inc()
+    metrics.notice_delay.labels(kind).observe(max(age, 0.0))
+    if state.ledger is not None and kind != "click":  # the spend: committed by a bill, released by a loss
+        price = _number(query.get("p")) if kind != "loss" else None
+        bid_micros = checked.price_micros
+        if checked.currency != "USD":  # the ledger counts USD: a bid priced in the request's currency converts
+            rate = state.engine.catalog.currencies.rate(checked.currency) if state.engine is not None else None
+            if rate:
+                price = None if price is None else price / rate
+                bid_micros = round(bid_micros / rate)
+        state.ledger.settle(kind, checked.bid_id, checked.campaign, None if price is None else micros(price),
+                            bid_micros, checked.issued, checked.window)
+    if state.events is not None:  # logged once, as counted
+        _log_notice(state.events, kind, checked.bid_id, query, max(age, 0.0))
 
 
 def _number(text: str | None, kind=float):
@@ -483,7 +508,7 @@ async def notice(request: web.Request) -> web.Response:
         body = await _read_body(request, state)
         if body.__class__ is not bytes:
             return _answer(state, "/notice", started, _json(body.status, body.body), body.reason)
-    checked = count_notice(state, request.query, request.match_info["kind"])
+    checked = await record_notice(state, request.query, request.match_info["kind"])
     if checked.__class__ is Refusal:
         return _refused(state, "/notice", started, checked)
     return _answer(state, "/notice", started, web.Response(status=200))
@@ -495,7 +520,7 @@ async def click(request: web.Request) -> web.Response:
     counted once per bid."""
     started = time.perf_counter()
     state = request.app[STATE]
-    checked = count_notice(state, request.query, "click")
+    checked = await record_notice(state, request.query, "click")
     if checked.__class__ is Refusal:
         return _refused(state, "/click", started, checked)
     candidate = state.engine.catalog.creative(checked.creative)

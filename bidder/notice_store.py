@@ -1,7 +1,8 @@
 """Which notices were counted already: one row per (bid id, notice kind), shared by every worker of a machine.
 
-``NoticeStore.first_time`` is the whole interface: True the first time a (bid id, kind) is seen, False for
-every repeat (a duplicate, an exchange's retry), whichever worker process answers it. ``SqliteNoticeStore``
+``NoticeStore.first_time`` is the whole interface (``first_times`` the same for several at once): True the first
+time a (bid id, kind) is seen, False for every repeat (a duplicate, an exchange's retry), whichever worker process
+answers it. ``SqliteNoticeStore``
 keeps the rows in a SQLite file in write-ahead-log mode under the state directory: ``INSERT OR IGNORE`` on the
 primary key is atomic across processes, and needs no service. Across machines the rows live where the spend
 ledger lives: with ``bidder serve --ledger redis://...`` ``bidder.ledger.redis_banker.RedisNoticeStore`` keeps
@@ -16,7 +17,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 __all__ = ["STORE_FILE", "NoticeStore", "SqliteNoticeStore"]
 
@@ -31,6 +32,10 @@ class NoticeStore(Protocol):
     def first_time(self, bid_id: str, kind: str, issued: float, now: float) -> bool:
         """Record (bid id, kind); True when no worker recorded it before. ``issued`` is the token's issue time
         and ``now`` the engine's clock, both Unix seconds (they bound how long the row is kept)."""
+
+    def first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool]:
+        """``first_time`` of each (bid id, kind, issued), in order, in one round (one transaction, one round
+        trip): the notice routes record the notices of one event-loop turn together."""
 
 
 class SqliteNoticeStore:
@@ -60,6 +65,22 @@ class SqliteNoticeStore:
             if self._inserts % PRUNE_EVERY == 0:
                 self.prune(now)
         return first
+
+    def first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool]:
+        # one transaction for all: a commit (locks, a WAL frame) costs several times an insert
+        db, seen = self.db, time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            firsts = [db.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)",
+                                 (bid_id, kind, issued, seen)).rowcount == 1 for bid_id, kind, issued in notices]
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        before, self._inserts = self._inserts, self._inserts + sum(firsts)
+        if before // PRUNE_EVERY != self._inserts // PRUNE_EVERY:
+            self.prune(now)
+        return firsts
 
     def prune(self, now: float) -> int:
         """Delete rows no notice can match any more; how many were deleted."""

@@ -270,6 +270,10 @@ def test_notice_dedup_in_redis_counts_a_notice_once(redis_server):
     assert stores[1].first_time("b1", "win", NOON, NOON + 5)
     ttl = stores[0].client.ttl("bidder:notice:b1:bill")
     assert 600 < ttl <= 600 + 3600
+    # a loop turn's notices in one round trip: a repeat within it, or of an earlier one, is a repeat
+    assert stores[1].first_times([("b2", "bill", NOON), ("b2", "bill", NOON), ("b1", "bill", NOON),
+                                  ("b2", "loss", NOON)], NOON + 5) == [True, False, False, True]
+    assert 600 < stores[0].client.ttl("bidder:notice:b2:loss") <= 600 + 3600
 
 
 # -- the arithmetic against a plain model of it ----------------------------------------------------------------

@@ -112,6 +112,32 @@ def _record_all(state_dir: str, own: list[str], every: list[str], barrier, out) 
     out.put((firsts, sum(store.first_time(i, "bill", NOW, NOW) for i in every)))
 
 
+def _record_batches(state_dir: str, ids: list[str], barrier, out) -> None:
+    store = SqliteNoticeStore(state_dir, 3600)
+    barrier.wait(timeout=60)
+    out.put(sum(sum(store.first_times([(i, "bill", NOW) for i in ids[at:at + 50]], NOW)) for at in range(0, len(ids), 50)))
+
+
+def test_notices_recorded_in_batches_by_two_processes_count_once(tmp_path):
+    """The routes record a loop turn's notices in one transaction: two processes racing batches of the same bids
+    (in opposite orders) still count each once, and a repeat within one batch is a repeat."""
+    ids = [f"bid-{i}" for i in range(1000)]
+    context = multiprocessing.get_context("spawn")
+    out, barrier = context.Queue(), context.Barrier(2)
+    workers = [context.Process(target=_record_batches, args=(str(tmp_path), ids[::1 - 2 * k], barrier, out))
+               for k in (0, 1)]
+    for w in workers:
+        w.start()
+    counts = [out.get(timeout=300) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    assert sum(counts) == len(ids)
+    store = SqliteNoticeStore(tmp_path, 3600)
+    assert store.first_times([("x", "bill", NOW), ("x", "bill", NOW), ("x", "win", NOW), ("bid-3", "bill", NOW)],
+                             NOW) == [True, False, True, False]
+    assert store.first_times([], NOW) == [] and len(store) == len(ids) + 2
+
+
 def test_two_processes_count_each_notice_once(tmp_path):
     ids = [f"bid-{i}" for i in range(600)]
     fresh = [f"new-{i}" for i in range(600)]  # recorded by both at once, in opposite orders: they race
@@ -219,6 +245,21 @@ async def test_a_bids_notice_urls_and_click_link_carry_one_valid_token(client):
     assert await notices_of(client, "click", "ok") == 1 and await notices_of(client, "click", "duplicate") == 1
     text = await (await client.get("/metrics")).text()
     assert metric(text, "bidder_notice_delay_seconds_count", kind="win") == 1
+
+
+async def test_notices_arriving_together_are_each_counted_once(client):
+    """Notices of one loop turn are recorded in the store together: a repeat among them is still a duplicate."""
+    import asyncio
+
+    bids = []
+    for n in range(3):
+        response = await client.post("/bid", data=json.dumps({**REQUEST, "id": f"together-{n}"}))
+        bids.append((await response.json())["seatbid"][0]["bid"][0])
+    urls = [local(bid[key]) for bid in bids for key in ("nurl", "burl")] + [local(bids[0]["burl"])]
+    answers = await asyncio.gather(*(client.get(url) for url in urls))
+    assert [a.status for a in answers] == [200] * len(urls)
+    assert await notices_of(client, "win", "ok") == 3 and await notices_of(client, "bill", "ok") == 3
+    assert await notices_of(client, "bill", "duplicate") == 1 and await notices_of(client, "win", "duplicate") == 0
 
 
 async def test_every_refusal_is_a_403_naming_its_reason_and_counted(client):

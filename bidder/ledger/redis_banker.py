@@ -296,5 +296,12 @@ class RedisNoticeStore:
         ttl = max(1, math.ceil(issued + self.retention_s - now))
         return bool(self.client.set(f"{NOTICE_PREFIX}{bid_id}:{kind}", 1, nx=True, ex=ttl))
 
+    def first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool]:
+        pipeline = self.client.pipeline(transaction=False)  # one round trip; each SET NX is atomic on its own
+        for bid_id, kind, issued in notices:
+            pipeline.set(f"{NOTICE_PREFIX}{bid_id}:{kind}", 1, nx=True,
+                         ex=max(1, math.ceil(issued + self.retention_s - now)))
+        return [bool(done) for done in pipeline.execute()]
+
     def close(self) -> None:
         self.client.close()
