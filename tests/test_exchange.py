@@ -375,8 +375,10 @@ def test_the_bidders_clock_agrees_with_the_exchange_within_a_simulated_second(sm
                                      market=market)
     exchange_clock = Clock(start=START, speed=speed, anchor=report["clock"]["anchor"])
     assert len(sends) == report["requests"] > 100 and set(read) == {rid for rid, _ in sends}
-    # the same instant, read twice a few microseconds apart (x speed)
-    assert max(abs(now - exchange_clock.at(wall)) for now, wall in read.values()) < 0.05
+    # the same instant, read twice a few microseconds apart (x speed): a busy host may preempt the thread between
+    # the two reads now and then (a millisecond is 0.12 simulated seconds here), never for a simulated second
+    skews = [abs(now - exchange_clock.at(wall)) for now, wall in read.values()]
+    assert statistics.median(skews) < 0.05 and max(skews) < 1.0, (statistics.median(skews), max(skews))
     gaps = [read[rid][0] - sent for rid, sent in sends]
     assert min(gaps) >= 0 and statistics.median(gaps) < 1.0, (min(gaps), statistics.median(gaps), max(gaps))
     assert report["bidders"][url]["bids"] > 0
