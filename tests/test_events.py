@@ -323,6 +323,7 @@ def test_train_logs_weighs_rows_by_their_inverse_propensity_clipped(tmp_path, ca
         _bid("explored", t + 1, propensity=0.025), _notice("bill", "explored", t + 2, price=1.0),
         _bid("alone", t + 2, propensity=1.0), _notice("bill", "alone", t + 3, price=1.0),
         _bid("lost", t + 3, propensity=0.025), _notice("loss", "lost", t + 4, loss=102),
+        _bid("older", t + 4), _notice("bill", "older", t + 5, price=1.0),  # logged before bids had a propensity
     ])
     write_training_data(events, tmp_path / "plain", progress=False)  # no weights unless asked
     assert "weight" not in _lines(tmp_path / "plain" / "train.log.txt")[0]
@@ -330,10 +331,10 @@ def test_train_logs_weighs_rows_by_their_inverse_propensity_clipped(tmp_path, ca
                        "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ips_clip"] == 5.0
     rows = _lines(tmp_path / "ips" / "train.log.txt")
-    assert {r["bidid"]: r["weight"] for r in rows} == {"best": "1.08108", "explored": "5", "alone": "1"}
+    assert {r["bidid"]: r["weight"] for r in rows} == {"best": "1.08108", "explored": "5", "alone": "1", "older": "1"}
     split, _, _ = featurize_log(tmp_path / "ips" / "train.log.txt", bidder.default_spec(), progress=False)
-    assert split.weights.tolist() == pytest.approx([1 / 0.925, 5.0, 1.0], rel=1e-5)
-    assert split.labels.tolist() == [1.0, 0.0, 0.0]
+    assert split.weights.tolist() == pytest.approx([1 / 0.925, 5.0, 1.0, 1.0], rel=1e-5)
+    assert split.labels.tolist() == [1.0, 0.0, 0.0, 0.0]
     # a clip under 1 and a propensity that is no probability are refused, naming what is wrong
     assert train_main(["logs", "--events", str(events), "--out", str(tmp_path / "x"), "--ips-clip", "0.5"]) == 2
     assert "--ips-clip must be a number of at least 1" in capsys.readouterr().err

@@ -216,7 +216,8 @@ def write_training_data(events: str | Path, out: str | Path, *, click_window: fl
 
 def _propensity(bid: dict) -> float:
     """The bid's ``propensity``; DataError naming the bid when it is not a probability above 0."""
-    value = bid.get("propensity")
+    # logs written before exploration existed have none: every bid then was the best creative's, with certainty
+    value = bid.get("propensity", 1.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise DataError(f"bid {bid['bid_id']}: propensity {value!r} is not a probability above 0 "
                         "(bidder serve writes one with every bid)")
