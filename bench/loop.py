@@ -1,12 +1,14 @@
 """`python -m bench loop`: the learning loop on the simulated exchange, measured.
 
-    python -m bench loop [--days N] [--rate RPS] [--speed X] [--epochs E] [--out DIR]
+    python -m bench loop [--days N] [--rate RPS] [--speed X] [--epochs E] [--explore SHARE] [--ips-clip MAX]
+                         [--out DIR]
 
 1. **Days 1..N**: `bidder serve` on the shipped bundle with `--events` and `--notice-url`, against
    `bench exchange` (its faults on: late, lost, duplicated, forged notices, billing retries), then stopped with
    SIGTERM (which writes every queued event and finishes the last file).
 2. **The join**: `train logs` turns the event log into `train.log.txt` (billed impressions, labelled by clicks)
-   and `bids.log.txt` (the censored win-price log); its summary gives the billed-to-bid join rate.
+   and `bids.log.txt` (the censored win-price log); its summary gives the billed-to-bid join rate. With
+   `--ips-clip`, each billed row is weighted by 1 / its propensity, clipped (`train logs --ips-clip`).
 3. **Two bundles, one test**: `train fit` on the bidder's own rows, and `train fit` on as many rows drawn at
    random from the generator's training rows (`train synth`, the same world the exchange simulates); both
    data folders hold the generator's held-out `test.log.txt`, so both bundles' test AUC is on the same rows.
@@ -131,8 +133,9 @@ def _test_metrics(bundle: Path) -> dict[str, Any]:
 
 
 def run_loop(args: argparse.Namespace) -> dict[str, Any]:
-    from train.logs import write_training_data
+    from train.logs import check_ips_clip, write_training_data
 
+    check_ips_clip(args.ips_clip)  # before the days are served, not after
     out = new_folder(args.out)
     commands: list[list[str]] = []
     campaigns = args.campaigns
@@ -142,7 +145,7 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     logged = serve_days("logged", args.model, campaigns, market, out, first_day=0, days=args.days, args=args,
                         events=events, options=("--explore", str(args.explore)))
 
-    joined = write_training_data(events, out / "data-logs", progress=not args.quiet)
+    joined = write_training_data(events, out / "data-logs", ips_clip=args.ips_clip, progress=not args.quiet)
     _run(_python("-m", "train", "synth", "--rows", str(args.generator_rows), "--seed", str(args.world_seed),
                  "--out", str(out / "generator")), commands, out / "synth.json")
     shutil.copyfile(out / "generator" / "test.log.txt", out / "data-logs" / "test.log.txt")
@@ -167,8 +170,11 @@ def run_loop(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(REPO, "not used"),
         "command": (f"python -m bench loop --days {args.days} --rate {args.rate:g} --speed {args.speed:g} "
-                    f"--explore {args.explore:g} --seed {args.seed} --out {args.out}"),
-        "config": {"days": args.days, "explore": args.explore, "rate": args.rate, "speed": args.speed,
+                    f"--explore {args.explore:g} "
+                    + (f"--ips-clip {args.ips_clip:g} " if args.ips_clip is not None else "")
+                    + f"--seed {args.seed} --out {args.out}"),
+        "config": {"days": args.days, "explore": args.explore, "ips_clip": args.ips_clip, "rate": args.rate,
+                   "speed": args.speed,
                    "seed": args.seed, "world_seed": args.world_seed, "world_rows": args.world_rows, "epochs": args.epochs,
                    "generator_rows": args.generator_rows, "model": str(args.model), "campaigns": str(campaigns)},
         "join": joined,
@@ -232,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore", type=float, default=0.0, metavar="SHARE",
                         help="the logged days' bidder --explore: the share of imps bid with a random eligible "
                              "creative (default: 0)")
+    parser.add_argument("--ips-clip", type=float, default=None, metavar="MAX",
+                        help="weight each of the bidder's billed rows by 1 / its propensity, at most MAX, in its fit "
+                             "(train logs --ips-clip; default: unweighted)")
     parser.add_argument("--seed", type=int, default=0, help="traffic, sampling and training seed (default: 0)")
     parser.add_argument("--world-seed", type=int, default=DEFAULT_WORLD_SEED,
                         help="the market's (and the generator's) seed (default: %(default)s)")

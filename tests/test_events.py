@@ -314,6 +314,47 @@ def test_train_logs_refuses_a_schema_version_it_does_not_know(tmp_path, capsys):
         write_training_data(events, tmp_path / "data", progress=False)
 
 
+def test_train_logs_weighs_rows_by_their_inverse_propensity_clipped(tmp_path, capsys):
+    t = 1_796_637_600.0
+    events = tmp_path / "events"
+    # the best of 4 eligible rows at --explore 0.1 (0.1 / 4 + 0.9), another of the 4 (0.1 / 4), an imp of one row
+    _write_log(events, [
+        _bid("best", t, propensity=0.925), _notice("bill", "best", t + 1, price=1.0), _click("best", t + 5),
+        _bid("explored", t + 1, propensity=0.025), _notice("bill", "explored", t + 2, price=1.0),
+        _bid("alone", t + 2, propensity=1.0), _notice("bill", "alone", t + 3, price=1.0),
+        _bid("lost", t + 3, propensity=0.025), _notice("loss", "lost", t + 4, loss=102),
+        _bid("older", t + 4), _notice("bill", "older", t + 5, price=1.0),  # logged before bids had a propensity
+    ])
+    write_training_data(events, tmp_path / "plain", progress=False)  # no weights unless asked
+    assert "weight" not in _lines(tmp_path / "plain" / "train.log.txt")[0]
+    assert train_main(["logs", "--events", str(events), "--out", str(tmp_path / "ips"), "--ips-clip", "5",
+                       "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ips_clip"] == 5.0
+    rows = _lines(tmp_path / "ips" / "train.log.txt")
+    assert {r["bidid"]: r["weight"] for r in rows} == {"best": "1.08108", "explored": "5", "alone": "1", "older": "1"}
+    split, _, _ = featurize_log(tmp_path / "ips" / "train.log.txt", bidder.default_spec(), progress=False)
+    assert split.weights.tolist() == pytest.approx([1 / 0.925, 5.0, 1.0, 1.0], rel=1e-5)
+    assert split.labels.tolist() == [1.0, 0.0, 0.0, 0.0]
+    # a clip under 1 and a propensity that is no probability are refused, naming what is wrong
+    assert train_main(["logs", "--events", str(events), "--out", str(tmp_path / "x"), "--ips-clip", "0.5"]) == 2
+    assert "--ips-clip must be a number of at least 1" in capsys.readouterr().err
+    _write_log(events, [_bid("zero", t + 9, propensity=0.0), _notice("bill", "zero", t + 10, price=1.0)],
+               "events-20261207T10-w1-p2-000001.jsonl.zst")
+    with pytest.raises(DataError, match="bid zero: propensity 0.0 is not a probability above 0"):
+        write_training_data(events, tmp_path / "y", ips_clip=5, progress=False)
+
+
+def test_a_weight_that_is_not_a_positive_number_names_its_line(tmp_path):
+    log = tmp_path / "train.log.txt"
+    t = 1_796_637_600.0
+    _write_log(tmp_path / "events", [_bid("a", t, propensity=0.5), _notice("bill", "a", t + 1, price=1.0)])
+    write_training_data(tmp_path / "events", tmp_path, ips_clip=5, progress=False)
+    header, row = log.read_text().splitlines()
+    log.write_text(f"{header}\n{row}\n{row.rsplit(chr(9), 1)[0]}\t-1\n")
+    with pytest.raises(DataError, match=r"train.log.txt:3: column 'weight': expected a positive finite number, got '-1'"):
+        featurize_log(log, bidder.default_spec(), progress=False)
+
+
 # -- bench loop -------------------------------------------------------------------------------------------------
 def test_bench_loop_draws_as_many_generator_rows_as_the_logs_hold_in_time_order(tmp_path):
     from bench.loop import reference_data

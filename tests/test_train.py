@@ -100,6 +100,35 @@ def test_training_is_reproducible(synthetic_data):
     assert a.metrics["test"] == b.metrics["test"]
 
 
+def test_the_fit_weighs_each_rows_loss_by_its_weight():
+    """Two exchanges, each half clicked; on exchange 1 a click weighs 4: the weighted fit learns 0.8 there, 0.5 on
+    exchange 2; unweighted, both 0.5."""
+    from bidder import Featurizer
+    from train.data.dataset import Dataset, Split
+    from train.evaluate import predict
+
+    spec = default_spec()
+
+    def record(exchange: str) -> dict:
+        return {"weekday": 3, "hour": 14, "useragent": "Mozilla/5.0 (Windows NT 6.1)", "IP": "1.2.3.*", "region": "1",
+                "city": "2", "adexchange": exchange, "domain": "example.com", "url": None, "urlid": None,
+                "usertag": None, "slotid": "s1", "slotwidth": "300", "slotheight": "250", "slotvisibility": "Na",
+                "slotformat": "0", "slotprice": "7", "creative": "cr", "advertiser": "1458"}
+
+    exchange = np.array(["1", "2"] * 200)
+    labels = np.tile([1, 1, 0, 0], 100).astype(np.float32)
+    inputs = Featurizer(spec).transform([record(e) for e in exchange])
+    probe = deepctr_input(Featurizer(spec).transform([record("1"), record("2")]), spec)
+    predicted = {}
+    for name, weights in (("weighted", np.where((exchange == "1") & (labels == 1), 4.0, 1.0)), ("unweighted", None)):
+        split = Split(inputs, labels, None, None if weights is None else weights.astype(np.float32))
+        trained = train_model(Dataset(spec, split, split, split, "hand-made", "", "", "random"), "logreg", epochs=1,
+                              progress=False, batch_size=16, lr=0.05)
+        predicted[name] = predict(trained.model, probe)
+    assert predicted["weighted"][0] - predicted["weighted"][1] > 0.15
+    assert abs(predicted["unweighted"][0] - predicted["unweighted"][1]) < 0.03
+
+
 def test_fit_bundle_reports_bad_data_and_writes_nothing(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(DataError, match="no train.log.txt"):

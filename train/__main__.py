@@ -171,7 +171,8 @@ def _market(args: argparse.Namespace) -> dict[str, Any]:
 def _logs(args: argparse.Namespace) -> dict[str, Any]:
     from train.logs import write_training_data
 
-    return write_training_data(args.events, args.out, click_window=args.click_window, progress=not args.quiet)
+    return write_training_data(args.events, args.out, click_window=args.click_window, ips_clip=args.ips_clip,
+                               progress=not args.quiet)
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -392,6 +393,9 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--click-window", type=float, default=DEFAULT_CLICK_WINDOW_S, metavar="SECONDS",
                       help="a click counts (label 1) when it arrives this long after its bid at most "
                            "(default %(default)s)")
+    logs.add_argument("--ips-clip", type=float, metavar="MAX",
+                      help="add a weight column, 1 / the bid's propensity at most MAX, that train fit weighs each "
+                           "row's loss by (inverse propensity scoring; default: no weights)")
     logs.add_argument("--quiet", action="store_true", help="no progress bars")
     logs.set_defaults(run=_logs)
     speed = commands.add_parser(

@@ -4,7 +4,9 @@ Reads the finished files (``events-*.jsonl.zst``; ``.tmp-`` files are still bein
 joins every notice and click to its bid by bid id, and writes the layouts the trainers read:
 
 * ``train.log.txt`` (``train fit``): one line per billed bid, the raw record the model scored, ``click`` = 1
-  when a click on it arrived within ``click_window`` seconds of the bid;
+  when a click on it arrived within ``click_window`` seconds of the bid, and with ``ips_clip`` a ``weight``
+  column: the inverse of the bid's ``propensity`` (the chance that the exploring bidder chose this creative),
+  at most ``ips_clip``, which ``train fit`` weighs the row's loss by (inverse propensity scoring);
 * ``bids.log.txt`` (``train market``): one line per bid whose auction outcome is known (a win, a bill or a
   loss notice) with ``won``, ``payprice`` (the clearing price of a win) and ``min_to_win`` (a loss's
   ``${AUCTION_MIN_TO_WIN}``: the exact market price; null: the loss says only market >= bid), without the
@@ -29,9 +31,11 @@ from bidder.events import FINAL_PREFIX, SCHEMA_VERSION, SUFFIX, read_lines
 from bidder.spec import RAW_FIELDS, TIMESTAMP_KEY
 from train.data.bidlog import BID_LOG, FEATURE_COLUMNS, LOG_COLUMNS, MIN_TO_WIN
 from train.data.dataset import TRAIN_LOG
+from train.data.ipinyou import WEIGHT
 from train.errors import DataError
 
-__all__ = ["DEFAULT_CLICK_WINDOW_S", "Joined", "join_events", "read_events", "write_training_data"]
+__all__ = ["DEFAULT_CLICK_WINDOW_S", "Joined", "check_ips_clip", "ips_weight", "join_events", "read_events",
+           "write_training_data"]
 
 DEFAULT_CLICK_WINDOW_S = 3600.0
 TRAIN_COLUMNS = ("click", TIMESTAMP_KEY, "bidid") + RAW_FIELDS
@@ -162,22 +166,41 @@ def join_events(records: Iterator[dict[str, Any]]) -> Joined:
     return joined
 
 
+def check_ips_clip(clip: float | None) -> None:
+    """DataError unless ``clip`` is None (no weights) or a finite number of at least 1 (a weight below 1 for every
+    row would weigh them all alike)."""
+    if clip is not None and not 1.0 <= clip < math.inf:
+        raise DataError(f"--ips-clip must be a number of at least 1 (the largest weight a row may get), got {clip}")
+
+
+def ips_weight(propensity: float, clip: float) -> float:
+    """A row's inverse propensity weight, 1 / ``propensity``, at most ``clip``: a creative bid with probability p
+    stands for 1 / p such imps, and the clip bounds how much one rare row (and its click) can move the fit."""
+    return min(1.0 / propensity, clip)
+
+
 def write_training_data(events: str | Path, out: str | Path, *, click_window: float = DEFAULT_CLICK_WINDOW_S,
-                        progress: bool = True) -> dict[str, Any]:
-    """Join the event log in ``events`` and write ``train.log.txt`` and ``bids.log.txt`` into ``out``."""
+                        ips_clip: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Join the event log in ``events`` and write ``train.log.txt`` and ``bids.log.txt`` into ``out``; with
+    ``ips_clip``, ``train.log.txt`` has a ``weight`` column (``ips_weight``)."""
     if not click_window > 0:
         raise DataError(f"--click-window must be a positive number of seconds, got {click_window}")
+    check_ips_clip(ips_clip)
     joined = join_events(read_events(events, progress=progress))
     if not joined.bids:
         raise DataError(f"{events}: no bid events in its finished files ({FINAL_PREFIX}*{SUFFIX})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     order = sorted(joined.bids.values(), key=lambda b: b["time"])
+    columns = TRAIN_COLUMNS if ips_clip is None else TRAIN_COLUMNS + (WEIGHT,)
     with open(out / TRAIN_LOG, "w", encoding="utf-8") as f:
-        f.write("\t".join(TRAIN_COLUMNS) + "\n")
+        f.write("\t".join(columns) + "\n")
         for bid in order:
             if bid["bid_id"] in joined.billed:
-                f.write(_line(TRAIN_COLUMNS, bid, {"click": int(joined.clicked(bid["bid_id"], click_window))}))
+                values = {"click": int(joined.clicked(bid["bid_id"], click_window))}
+                if ips_clip is not None:
+                    values[WEIGHT] = f"{ips_weight(_propensity(bid), ips_clip):.6g}"
+                f.write(_line(columns, bid, values))
     with open(out / BID_LOG, "w", encoding="utf-8") as f:
         f.write("\t".join(BIDS_COLUMNS) + "\n")
         for bid in order:
@@ -185,8 +208,20 @@ def write_training_data(events: str | Path, out: str | Path, *, click_window: fl
             win, loss = joined.won.get(bid_id), joined.lost.get(bid_id)
             if win is not None or loss is not None:
                 f.write(_line(BIDS_COLUMNS, bid, _outcome(bid, win, loss, joined.clicked(bid_id, click_window))))
-    return {"events": str(events), "out": str(out), "click_window_s": click_window,
-            **joined.summary(click_window)}
+    summary = {"events": str(events), "out": str(out), "click_window_s": click_window}
+    if ips_clip is not None:
+        summary["ips_clip"] = ips_clip
+    return {**summary, **joined.summary(click_window)}
+
+
+def _propensity(bid: dict) -> float:
+    """The bid's ``propensity``; DataError naming the bid when it is not a probability above 0."""
+    # logs written before exploration existed have none: every bid then was the best creative's, with certainty
+    value = bid.get("propensity", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise DataError(f"bid {bid['bid_id']}: propensity {value!r} is not a probability above 0 "
+                        "(bidder serve writes one with every bid)")
+    return float(value)
 
 
 def _outcome(bid: dict, win: dict | None, loss: dict | None, clicked: bool) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def _train(dataset: Dataset, architecture: str, epochs: int | None, seed: int, p
     progress = progress and process_group.is_main()
     started = time.perf_counter()
     model = build_model(architecture, dataset.spec, hp, seed)
-    _start_at_base_rate(model, dataset.train.labels)
+    _start_at_base_rate(model, dataset.train.labels, dataset.train.weights)
     history, best_epoch = fit_epochs(model, dataset, hp, seed=seed, progress=progress, desc=architecture)
     if not process_group.is_main():
         return None
@@ -107,7 +107,9 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
     so fine-tuning never returns something worse on validation than its start; ``grad_masks`` (parameter
     name -> 0/1 tensor) keep removed weights at zero (Adam never moves a weight whose gradient stays 0).
     Under torchrun every process trains its share of each batch and process 0 validates and decides
-    for all; the other processes keep their last epoch's weights. Returns (history, best epoch).
+    for all; the other processes keep their last epoch's weights. Rows with ``weights`` (a weight column in
+    the log: ``train logs --ips-clip``) count in the loss by their weight, scaled to mean 1 so that the learning
+    rate means what it means unweighted; validation (early stopping) stays unweighted. Returns (history, best epoch).
     """
     main = process_group.is_main()
     spec = dataset.spec
@@ -116,6 +118,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
              for name, param in model.named_parameters() if grad_masks and name in grad_masks]
     x_train = torch.from_numpy(deepctr_input(dataset.train.inputs, spec))
     y_train = torch.from_numpy((dataset.train.labels if targets is None else targets).astype(np.float32))
+    w_train = loss_weights(dataset.train.weights)
     x_val = torch.from_numpy(deepctr_input(dataset.val.inputs, spec)) if main else None
     forward = training_forward(model, optimizer, hp, x_train.shape[1], grad_masks)
     shuffle = torch.Generator().manual_seed(seed)  # the same order in every process
@@ -138,7 +141,7 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
                 group["lr"] = hp["lr"] * hp["lr_decay"] ** (epoch - 1)
             train_loss = _run_epoch(model, optimizer, x_train, y_train, hp["batch_size"], shuffle,
                                     desc=f"{desc} epoch {epoch}/{hp['epochs']}", progress=progress,
-                                    forward=forward)
+                                    forward=forward, weights=w_train)
             seconds = round(time.perf_counter() - epoch_started, 2)
             if main:
                 val = binary_metrics(dataset.val.labels, predict(model, x_val))
@@ -176,6 +179,14 @@ def fit_epochs(model: torch.nn.Module, dataset: Dataset, hp: dict[str, Any], *, 
     return history, best_epoch
 
 
+def loss_weights(weights: np.ndarray | None) -> torch.Tensor | None:
+    """The rows' weights in the training loss, scaled to mean 1 (None: every row weighs 1)."""
+    if weights is None or len(weights) == 0:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    return torch.from_numpy((w / w.mean()).astype(np.float32))
+
+
 def _score(val: dict[str, Any]) -> float:
     # a validation split with one class has no AUC; fall back to log loss so stopping still works
     return val["auc"] if val["auc"] is not None else -(val["logloss"] or 0.0)
@@ -191,14 +202,14 @@ def split_metrics(model: torch.nn.Module, dataset: Dataset) -> dict[str, dict]:
     return metrics
 
 
-def _start_at_base_rate(model: torch.nn.Module, labels: np.ndarray) -> None:
-    """Set the output bias to the log-odds of the training CTR.
+def _start_at_base_rate(model: torch.nn.Module, labels: np.ndarray, weights: np.ndarray | None = None) -> None:
+    """Set the output bias to the log-odds of the training CTR (weighted as the loss weighs the rows).
 
     deepctr starts it at 0 (a predicted CTR of 50 %); with Adam at lr 5e-4 the bias alone would need
     about ten thousand steps to reach a CTR under 1 %, so every embedding gets dragged downwards
     instead, which costs the first epoch most of its value.
     """
-    rate = float(np.clip(labels.mean(), 1e-6, 1 - 1e-6)) if len(labels) else 0.5
+    rate = float(np.clip(np.average(labels, weights=weights), 1e-6, 1 - 1e-6)) if len(labels) else 0.5
     with torch.no_grad():
         model.out.bias.fill_(float(np.log(rate / (1 - rate))))
 
@@ -248,8 +259,10 @@ def training_forward(model: torch.nn.Module, optimizer: TrainingOptimizer, hp: d
 
 def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                generator: torch.Generator, desc: str, progress: bool, clock: PhaseClock | None = None,
-               forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """One pass in a fresh random order; returns the mean training log loss (over all processes).
+               forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               weights: torch.Tensor | None = None) -> float:
+    """One pass in a fresh random order; returns the mean training log loss (over all processes), each row's
+    term times its ``weights`` entry when given.
 
     The epoch's rows are gathered once, in shuffled order, into one block (this process's share of
     every batch under torchrun); each batch is then a slice of it, so assembling a batch costs no copy.
@@ -269,6 +282,7 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
     order = torch.randperm(len(x), generator=generator)
     mine, ends = shard_batches(order, batch_size)
     x_epoch, y_epoch = x.index_select(0, mine), y.index_select(0, mine)
+    w_epoch = weights.index_select(0, mine) if weights is not None else None
     total = 0.0
     prepare = getattr(forward, "prepare", None)  # ``FusedForward``: the next batch's inputs, while waiting
     with tqdm(total=len(ends), desc=desc, unit="batch", disable=not progress, leave=False) as bar:
@@ -277,12 +291,13 @@ def _run_epoch(model, optimizer: TrainingOptimizer, x: torch.Tensor, y: torch.Te
         for step, end in enumerate(ends):
             x_batch = upcoming if upcoming is not None else x_epoch[start:end]
             y_batch = y_epoch[start:end]
+            w_batch = w_epoch[start:end] if w_epoch is not None else None
             upcoming = x_epoch[end:ends[step + 1]] if step + 1 < len(ends) else None
             start = end
             clock.mark("data")
             if len(x_batch):
                 pred = forward(x_batch).reshape(-1)
-                loss = F.binary_cross_entropy(pred, y_batch, reduction="sum")
+                loss = F.binary_cross_entropy(pred, y_batch, weight=w_batch, reduction="sum")
             else:  # a batch of fewer rows than processes: this one has none, and still takes part in the step
                 loss = torch.zeros(())
             clock.mark("forward")

@@ -30,18 +30,21 @@ _RECORD_ERROR = re.compile(r"^record (\d+): (.*)$", re.S)
 
 @dataclass
 class Split:
-    """Model inputs (int64, keyed by the spec's input names), labels and, on synthetic data, the truth."""
+    """Model inputs (int64, keyed by the spec's input names), labels and, on synthetic data, the truth; ``weights``
+    (each row's weight in the training loss) when the log has a weight column."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray
     pctr_true: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> "Split":
         return Split({k: v[index] for k, v in self.inputs.items()}, self.labels[index],
-                     None if self.pctr_true is None else self.pctr_true[index])
+                     None if self.pctr_true is None else self.pctr_true[index],
+                     None if self.weights is None else self.weights[index])
 
 
 @dataclass
@@ -113,7 +116,7 @@ def featurize_log(path: Path, spec: FeatureSpec, *, skip_bad_lines: bool = False
     reader = LogReader(path, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
     featurizer = Featurizer(spec)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in spec.input_names}
-    labels, stamps, pctrs = [], [], []
+    labels, stamps, pctrs, weights = [], [], [], []
     with tqdm(total=reader.size, unit="B", unit_scale=True, desc=f"featurize {path.name}",
               disable=not progress, leave=False) as bar:
         for chunk in reader:
@@ -123,15 +126,18 @@ def featurize_log(path: Path, spec: FeatureSpec, *, skip_bad_lines: bool = False
             labels.append(chunk.labels)
             stamps.append(chunk.timestamps)
             pctrs.append(chunk.pctr_true)
+            weights.append(chunk.weights)
             bar.update(reader.bytes_read - bar.n)
     if digest is not None:
         digest.update(path.name.encode() + b"\0" + reader.sha256.digest())
     if not labels:
         empty = spec.allocate(0)
-        return Split(empty, np.zeros(0, np.float32), np.zeros(0) if reader.has_pctr_true else None), \
+        return Split(empty, np.zeros(0, np.float32), np.zeros(0) if reader.has_pctr_true else None,
+                     np.zeros(0, np.float32) if reader.has_weight else None), \
             (np.zeros(0, np.int64) if reader.has_timestamp else None), reader.has_pctr_true
     inputs = {name: np.concatenate(arrs) for name, arrs in parts.items()}
-    split = Split(inputs, np.concatenate(labels), np.concatenate(pctrs) if reader.has_pctr_true else None)
+    split = Split(inputs, np.concatenate(labels), np.concatenate(pctrs) if reader.has_pctr_true else None,
+                  np.concatenate(weights) if reader.has_weight else None)
     return split, (np.concatenate(stamps) if reader.has_timestamp else None), reader.has_pctr_true
 
 

@@ -7,12 +7,15 @@ are parsed into raw records (dicts keyed by ``RAW_FIELDS`` and ``timestamp``) on
 counted in ``BadLines`` and left out.
 
 The synthetic generator writes the same layout plus ``pctr_true`` (the true click probability); when
-that column is present the chunks carry it so training can report the oracle's metrics.
+that column is present the chunks carry it so training can report the oracle's metrics. A ``weight``
+column (``train logs --ips-clip``: inverse propensity weights) gives each line its weight in the
+training loss; without it every line weighs 1.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,10 +25,11 @@ import numpy as np
 from bidder.spec import RAW_FIELDS, TIMESTAMP_KEY
 from train.errors import DataError
 
-__all__ = ["LABEL", "PCTR_TRUE", "REQUIRED_COLUMNS", "BadLines", "LogChunk", "LogReader"]
+__all__ = ["LABEL", "PCTR_TRUE", "REQUIRED_COLUMNS", "WEIGHT", "BadLines", "LogChunk", "LogReader"]
 
 LABEL = "click"
 PCTR_TRUE = "pctr_true"
+WEIGHT = "weight"
 REQUIRED_COLUMNS = (LABEL,) + RAW_FIELDS
 MISSING = ("null", "")
 CHUNK_ROWS = 65536
@@ -60,6 +64,7 @@ class LogChunk:
     line_numbers: list[int]       # 1-based line of each record, for error messages
     timestamps: np.ndarray | None  # int64 yyyyMMddHHmmssSSS, -1 when the line has none
     pctr_true: np.ndarray | None   # float64, synthetic logs only
+    weights: np.ndarray | None = None  # float32, a log with a weight column only
 
     def drop(self, row: int) -> None:
         """Remove one record (a line the featurizer rejected)."""
@@ -70,6 +75,8 @@ class LogChunk:
             self.timestamps = np.delete(self.timestamps, row)
         if self.pctr_true is not None:
             self.pctr_true = np.delete(self.pctr_true, row)
+        if self.weights is not None:
+            self.weights = np.delete(self.weights, row)
 
 
 class LogReader:
@@ -88,12 +95,14 @@ class LogReader:
         index = {name: i for i, name in enumerate(self.columns)}
         self.has_timestamp = TIMESTAMP_KEY in index
         self.has_pctr_true = PCTR_TRUE in index
+        self.has_weight = WEIGHT in index
         keys = RAW_FIELDS + ((TIMESTAMP_KEY,) if self.has_timestamp else ())
         self._fields = [(k, index[k]) for k in keys if k != "usertag"]
         self._label_col = index[LABEL]
         self._usertag_col = index["usertag"]
         self._timestamp_col = index.get(TIMESTAMP_KEY)
         self._pctr_col = index.get(PCTR_TRUE)
+        self._weight_col = index.get(WEIGHT)
 
     def _read_header(self) -> list[str]:
         try:
@@ -131,6 +140,7 @@ class LogReader:
         labels: list[float] = []
         stamps: list[int] = []
         pctrs: list[float] = []
+        weights: list[float] = []
         with open(self.path, "rb") as f:
             header = f.readline()
             self.sha256.update(header)
@@ -141,28 +151,30 @@ class LogReader:
                 parsed = self._parse(raw, number, width)
                 if parsed is None:
                     continue
-                record, label, stamp, pctr = parsed
+                record, label, stamp, pctr, weight = parsed
                 chunk.records.append(record)
                 chunk.line_numbers.append(number)
                 labels.append(label)
                 stamps.append(stamp)
                 pctrs.append(pctr)
+                weights.append(weight)
                 if len(chunk.records) == self.chunk_rows:
-                    yield self._finish(chunk, labels, stamps, pctrs)
-                    chunk, labels, stamps, pctrs = self._new_chunk(), [], [], []
+                    yield self._finish(chunk, labels, stamps, pctrs, weights)
+                    chunk, labels, stamps, pctrs, weights = self._new_chunk(), [], [], [], []
         if chunk.records:
-            yield self._finish(chunk, labels, stamps, pctrs)
+            yield self._finish(chunk, labels, stamps, pctrs, weights)
 
     def _new_chunk(self) -> LogChunk:
         return LogChunk(self.path, [], np.empty(0, np.float32), [], None, None)
 
-    def _finish(self, chunk: LogChunk, labels: list, stamps: list, pctrs: list) -> LogChunk:
+    def _finish(self, chunk: LogChunk, labels: list, stamps: list, pctrs: list, weights: list) -> LogChunk:
         chunk.labels = np.asarray(labels, dtype=np.float32)
         chunk.timestamps = np.asarray(stamps, dtype=np.int64) if self.has_timestamp else None
         chunk.pctr_true = np.asarray(pctrs, dtype=np.float64) if self.has_pctr_true else None
+        chunk.weights = np.asarray(weights, dtype=np.float32) if self.has_weight else None
         return chunk
 
-    def _parse(self, raw: bytes, number: int, width: int) -> tuple[dict, float, int, float] | None:
+    def _parse(self, raw: bytes, number: int, width: int) -> tuple[dict, float, int, float, float] | None:
         try:
             line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
@@ -192,7 +204,14 @@ class LogReader:
             if pctr is None:
                 self.reject(number, f"column {PCTR_TRUE!r}: expected a probability, got {parts[self._pctr_col][:40]!r}")
                 return None
-        return record, label, stamp, pctr
+        weight = 1.0
+        if self._weight_col is not None:
+            weight = _weight(parts[self._weight_col])
+            if weight is None:
+                self.reject(number, f"column {WEIGHT!r}: expected a positive finite number, got "
+                                    f"{parts[self._weight_col][:40]!r}")
+                return None
+        return record, label, stamp, pctr, weight
 
 
 def _label(text: str) -> float | None:
@@ -211,6 +230,14 @@ def _probability(text: str) -> float | None:
     except ValueError:
         return None
     return value if 0.0 <= value <= 1.0 else None
+
+
+def _weight(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0.0 < value < math.inf else None
 
 
 def _sortable_timestamp(text: str) -> int | None:
