@@ -209,14 +209,18 @@ def test_bench_budgets_caps_every_campaign_and_scores_violations_over_capped_imp
     assert all(c["frequency_cap"] == [{"count": 2, "seconds": 3600, "scope": "campaign"}] for c in capped["campaigns"])
     assert "frequency_cap" not in catalog["campaigns"][0]
     hourly = [{"spend": 1.0}] * 4
-    day = {"requests": 100, "bids": 50, "bills": 30, "notices": {},
+    day = {"requests": 100, "bids": 50, "bills": 30, "notices": {}, "timeouts": 7,
            "campaigns": {"a": {"spend": 4.0, "bills": 20, "cap_violations": 1, "hourly": hourly},
-                         "b": {"spend": 2.0, "bills": 10, "cap_violations": 2, "hourly": hourly[:2]},
+                         "b": {"spend": 2.0, "bills": 10, "cap_violations": 2,
+                               "hourly": [{"spend": 2.0}, {"spend": 0.0}]},
                          "unbudgeted": {"spend": 1.0, "bills": 5, "cap_violations": 4, "hourly": hourly}},
            "bidder": {"campaigns": {"a": {"spent_total": 4.0}, "b": {"spent_total": 2.000001}}}}
     scored = score_day(day, {"a": 8.0, "b": 4.0}, 0.5, capped=True)
     assert (scored["use"], scored["cap_violations"], scored["capped_impressions"]) == (1.0, 3, 30)
     assert scored["cap_violation_rate"] == 0.1 and scored["max_ledger_minus_exchange"] == 1e-06
+    assert scored["timeouts"] == 7
+    a, b = scored["campaigns"]["a"]["rmse_vs_plan"], scored["campaigns"]["b"]["rmse_vs_plan"]
+    assert scored["rmse_vs_plan_by_budget"] == pytest.approx((4 * a + 2 * b) / 6, abs=1e-6) and b > a == 0.0
     assert score_day(day, {"a": 8.0, "b": 4.0}, 0.5, capped=False)["cap_violation_rate"] is None
 
 
