@@ -270,7 +270,12 @@ def _loop_figures(report: dict) -> str:
 
 
 def _budgets_figures(report: dict) -> str:
-    return "; ".join(f"budget {name}: use {d['use']:.4f}, max overspend {d['max_overspend']:.2%}"
+    def caps(d: dict) -> str:
+        if d.get("cap_violation_rate") is None:
+            return ""
+        return f", cap violations {d['cap_violations']}/{d['capped_impressions']} ({d['cap_violation_rate']:.2%})"
+
+    return "; ".join(f"budget {name}: use {d['use']:.4f}, max overspend {d['max_overspend']:.2%}{caps(d)}"
                      for name, d in report.get("days", {}).items() if isinstance(d, dict) and "use" in d)
 
 

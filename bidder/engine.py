@@ -628,7 +628,7 @@ class BidEngine:
                     imp = request.imp[i]
                     window = notices.window(imp.exp) if notices is not None else DEFAULT_WINDOW_S
                     if not ledger.reserve(slot, micros(price) if terms.budgeted else 0, f"{request.id}-{imp.id}",
-                                          now + window, user if caps else "", c.creative_id):
+                                          now, window, user if caps else "", c.creative_id):
                         held[j] = "no_budget"
                         continue
                 prices[j] = price

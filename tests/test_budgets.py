@@ -194,6 +194,36 @@ async def test_a_user_capped_by_billed_impressions_gets_no_more_bids(aiohttp_cli
     assert report["campaigns"]["c1458"]["frequency_cap"] == [{"count": 1, "seconds": 3600, "scope": "campaign"}]
 
 
+def test_bench_budgets_caps_every_campaign_and_scores_violations_over_capped_impressions():
+    import argparse
+
+    from bench.budgets import capped_catalog, frequency_cap, score_day
+
+    assert frequency_cap("2/3600") == (2, 3600)
+    for bad in ("2", "2/x", "0/60", "3/-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            frequency_cap(bad)
+    catalog = {"campaigns": [{"id": "a", "creatives": []}, {"id": "b", "creatives": []}]}
+    assert capped_catalog(catalog, None) == catalog
+    capped = capped_catalog(catalog, (2, 3600))
+    assert all(c["frequency_cap"] == [{"count": 2, "seconds": 3600, "scope": "campaign"}] for c in capped["campaigns"])
+    assert "frequency_cap" not in catalog["campaigns"][0]
+    hourly = [{"spend": 1.0}] * 4
+    day = {"requests": 100, "bids": 50, "bills": 30, "notices": {}, "timeouts": 7,
+           "campaigns": {"a": {"spend": 4.0, "bills": 20, "cap_violations": 1, "hourly": hourly},
+                         "b": {"spend": 2.0, "bills": 10, "cap_violations": 2,
+                               "hourly": [{"spend": 2.0}, {"spend": 0.0}]},
+                         "unbudgeted": {"spend": 1.0, "bills": 5, "cap_violations": 4, "hourly": hourly}},
+           "bidder": {"campaigns": {"a": {"spent_total": 4.0}, "b": {"spent_total": 2.000001}}}}
+    scored = score_day(day, {"a": 8.0, "b": 4.0}, 0.5, capped=True)
+    assert (scored["use"], scored["cap_violations"], scored["capped_impressions"]) == (1.0, 3, 30)
+    assert scored["cap_violation_rate"] == 0.1 and scored["max_ledger_minus_exchange"] == 1e-06
+    assert scored["timeouts"] == 7
+    a, b = scored["campaigns"]["a"]["rmse_vs_plan"], scored["campaigns"]["b"]["rmse_vs_plan"]
+    assert scored["rmse_vs_plan_by_budget"] == pytest.approx((4 * a + 2 * b) / 6, abs=1e-6) and b > a == 0.0
+    assert score_day(day, {"a": 8.0, "b": 4.0}, 0.5, capped=False)["cap_violation_rate"] is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", ["two workers, embedded", "two bidders, one Redis"])
 def test_bidders_sharing_a_budget_spend_it_without_overspending(tmp_path, shared, request):
@@ -393,11 +423,11 @@ def test_bench_budgets_budgets_each_spending_campaign_and_scores_its_day():
     assert budgeted["campaigns"][0]["budget"] == {"daily": 4.0, "timezone": "UTC"}
     assert budgeted["campaigns"][0]["pacing"] == "even" and "budget" not in budgeted["campaigns"][1]
     assert "budget" not in catalog["campaigns"][0]  # the original is left alone
-    on_plan = {"spend": 4.0, "hourly": [{"spend": 1.0}] * 4, "cap_violations": 0}
+    on_plan = {"spend": 4.0, "bills": 400, "hourly": [{"spend": 1.0}] * 4, "cap_violations": 0}
     figures = campaign_figures(on_plan, 4.0, {"spent_total": 3.999999})
     assert (figures["use"], figures["overspend"], figures["exhausted_hour"], figures["rmse_vs_plan"]) == (1.0, 0.0,
                                                                                                           4, 0.0)
     assert figures["ledger_minus_exchange"] == -1e-06
-    early = campaign_figures({"spend": 4.4, "hourly": [{"spend": 4.4}, {"spend": 0.0}]}, 4.0, None)
+    early = campaign_figures({"spend": 4.4, "bills": 440, "hourly": [{"spend": 4.4}, {"spend": 0.0}]}, 4.0, None)
     assert early["exhausted_hour"] == 1 and early["overspend"] == pytest.approx(0.1) and "ledger_spent" not in early
     assert early["rmse_vs_plan"] == pytest.approx(((1.1 - 0.5) ** 2 / 2 + 0.1 ** 2 / 2) ** 0.5)

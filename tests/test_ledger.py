@@ -64,7 +64,7 @@ def _ledger(banker, clock, *terms, **options) -> Ledger:
 def _spend(ledger: Ledger, slot: int, amount: int, prefix: str, clock: Clock, window: float = 60.0) -> list[str]:
     """Reserve bids of ``amount`` until the lease says no; their ids."""
     ids = []
-    while ledger.reserve(slot, amount, f"{prefix}{len(ids)}", clock() + window):
+    while ledger.reserve(slot, amount, f"{prefix}{len(ids)}", clock(), window):
         ids.append(f"{prefix}{len(ids)}")
     return ids
 
@@ -109,7 +109,7 @@ def test_two_workers_never_lease_more_than_the_budget_and_spend_it_to_the_nano(b
         ledger.refresh()
     (spent, reserved, leased), day = _accounts(ledgers[0].banker)
     assert spent == day[0] == nanos(budget) and reserved == 0 and leased == 0
-    assert not any(ledger.reserve(0, CPM_1, "more", clock() + 60) for ledger in ledgers)
+    assert not any(ledger.reserve(0, CPM_1, "more", clock(), 60) for ledger in ledgers)
 
 
 def test_expiry_releases_a_silent_bid_and_commits_a_win_without_a_bill_at_its_price(bankers):
@@ -141,7 +141,7 @@ def test_a_notice_that_beats_its_bid_report_to_the_banker_is_counted_once(banker
     a, b = (_ledger(bankers(), clock, _terms(total=1.0), holder=h) for h in ("a", "b"))
     a.refresh(), b.refresh()
     bid = "early"
-    assert a.reserve(0, 600_000, bid, clock() + 60)
+    assert a.reserve(0, 600_000, bid, clock(), 60)
     b.settle("bill", bid, "c", 500_000, 600_000, clock(), 60)
     b.refresh()
     assert _accounts(b.banker)[0][:2] == (500_000, 0)
@@ -207,9 +207,9 @@ def test_a_killed_worker_s_lease_is_counted_and_never_granted_again(bankers, tmp
                         lease_fraction=0.5, min_lease_usd=0.0, holder="doomed")
         ledger.use_terms([CampaignTerms("c", total_usd=0.01)])
         ledger.refresh()
-        assert ledger.reserve(0, {CPM_1}, "doomed-1", {NOON + 60})
+        assert ledger.reserve(0, {CPM_1}, "doomed-1", {NOON}, 60)
         ledger.refresh()
-        assert ledger.reserve(0, {CPM_1}, "doomed-2", {NOON + 60})  # never reported
+        assert ledger.reserve(0, {CPM_1}, "doomed-2", {NOON}, 60)  # never reported
         print("leased", flush=True)
         time.sleep(600)
     """)
@@ -243,7 +243,7 @@ def test_the_banker_down_leases_still_bid_then_stop_and_bidding_resumes_when_it_
     for bid in bids[:3]:
         ledger.settle("bill", bid, "c", CPM_1, CPM_1, clock(), 60)
     assert not ledger.refresh() and not ledger.connected
-    assert not ledger.reserve(0, CPM_1, "down-more", clock() + 60)  # no lease left: no bid
+    assert not ledger.reserve(0, CPM_1, "down-more", clock(), 60)  # no lease left: no bid
     redis_server.restart()
     assert ledger.refresh() and ledger.connected
     assert ledger.available(0) == 2 * nanos(0.01)  # topped up to its pace, and what was queued reached the banker
@@ -392,20 +392,20 @@ def test_frequency_caps_count_billed_impressions_of_a_user_across_workers(banker
     caps = (FrequencyCap(2, 60, "campaign"), FrequencyCap(1, 30, "creative"))
     a, b = (_ledger(bankers(), clock, _terms(total=1.0, frequency_caps=caps), holder=h) for h in ("a", "b"))
     a.refresh(), b.refresh()
-    assert a.reserve(0, CPM_1, "u-1", clock() + 60, "user-1", "cr1")
+    assert a.reserve(0, CPM_1, "u-1", clock(), 60, "user-1", "cr1")
     a.settle("bill", "u-1", "c", CPM_1, CPM_1, clock(), 60)
     a.refresh(), b.refresh()
     assert b.capped(0, "cr1", "user-1", clock())  # the creative's cap: once in 30 s
     assert not b.capped(0, "cr2", "user-1", clock()) and not b.capped(0, "cr1", "user-2", clock())
     # the second impression, billed through B before A reports its bid: counted when the report comes
-    assert a.reserve(0, CPM_1, "u-2", clock() + 60, "user-1", "cr2")
+    assert a.reserve(0, CPM_1, "u-2", clock(), 60, "user-1", "cr2")
     b.settle("bill", "u-2", "c", CPM_1, CPM_1, clock(), 60)
     b.refresh()
     assert not b.capped(0, "cr3", "user-1", clock())
     a.refresh(), b.refresh()
     assert b.capped(0, "cr3", "user-1", clock()) and a.capped(0, "cr3", "user-1", clock())  # the campaign's: 2/60 s
     assert [(i.creative, i.user) for i in a.banker.impressions(0, NOON)] == [("cr1", "user-1"), ("cr2", "user-1")]
-    assert a.reserve(0, CPM_1, "anonymous", clock() + 60, "", "cr1")  # no user key: counted nowhere, never capped
+    assert a.reserve(0, CPM_1, "anonymous", clock(), 60, "", "cr1")  # no user key: counted nowhere, never capped
     a.settle("bill", "anonymous", "c", CPM_1, CPM_1, clock(), 60)
     clock.now += 31
     a.refresh()
@@ -466,7 +466,7 @@ def test_two_workers_leases_never_commit_more_than_the_budget(bankers, steps):
     for step, who, value in steps:
         if step == "bid":
             bid = f"bid{len(bids)}"
-            if workers[who].reserve(0, value, bid, clock() + 600):
+            if workers[who].reserve(0, value, bid, clock(), 600):
                 bids.append((bid, value))
         elif step in ("bill", "loss") and who < len(bids):
             bid, amount = bids[who]
@@ -485,6 +485,69 @@ def test_two_workers_leases_never_commit_more_than_the_budget(bankers, steps):
         worker.close()
     (spent, reserved, leased), _ = _accounts(bankers(), day="2026-12-07")
     assert leased == 0 and spent == sum(billed.values())
+
+
+_NEW_YORK = ZoneInfo("America/New_York")
+_LAST_MINUTE = dt.datetime(2026, 12, 6, 23, 59, 30, tzinfo=_NEW_YORK).timestamp()
+_day_steps = st.lists(st.one_of(
+    st.tuples(st.just("bid"), st.integers(1, 4).map(lambda k: k * 250_000)),
+    st.tuples(st.just("refresh"), st.just(0)),
+    st.tuples(st.just("tick"), st.sampled_from([1, 20, 45])),
+), max_size=60)
+# the simulated day's start: a lease granted before midnight, then bids of the new day before the next refresh
+_LEASE_THEN_MIDNIGHT = [("refresh", 0), ("tick", 45), *[("bid", 1_000_000)] * 3,
+                        *[step for _ in range(6) for step in (("refresh", 0), *[("bid", 1_000_000)] * 3)]]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(steps=_LEASE_THEN_MIDNIGHT)
+@given(steps=_day_steps)
+def test_a_daily_budget_is_never_overspent_across_midnight_and_each_day_is_charged_its_own_bids(bankers, steps):
+    """One worker bids before and after midnight (the campaign's), refreshing at any moment, and every bid is billed
+    at its price (no notice lost). The bids made on a day never cost more than the daily budget, and the banker's
+    account of each day holds exactly their charges: a lease granted before midnight never pays a bid made after
+    it (nor the other way round)."""
+    banker = bankers()
+    if bankers.kind == "redis":
+        banker.client.flushdb()
+    else:
+        for table in ("accounts", "holds", "bids", "impressions"):
+            banker.db.execute(f"DELETE FROM {table}")
+    clock = Clock(_LAST_MINUTE)
+    budget = 0.003
+    ledger = _ledger(banker, clock, _terms(daily=budget, timezone="America/New_York"), lease_fraction=0.34)
+    billed: dict[str, int] = {}  # the campaign's day -> charges of the bids made on it
+    for i, (step, value) in enumerate(steps):
+        if step == "bid":
+            bid = f"bid{i}"
+            if ledger.reserve(0, value, bid, clock(), 600):
+                ledger.settle("bill", bid, "c", value, value, clock(), 600)
+                day = dt.datetime.fromtimestamp(clock(), _NEW_YORK).strftime("%Y-%m-%d")
+                billed[day] = billed.get(day, 0) + value
+                assert billed[day] <= nanos(budget)
+        elif step == "refresh":
+            ledger.refresh()
+        else:
+            clock.now += value
+    ledger.close()
+    for day in ("2026-12-06", "2026-12-07"):
+        assert _accounts(bankers(), day=day)[1] == (billed.get(day, 0), 0, 0)
+
+
+def test_a_lease_pays_only_the_bids_of_the_day_it_was_granted_for(tmp_path):
+    clock = Clock(_LAST_MINUTE)
+    ledger = _ledger(EmbeddedBanker(tmp_path, RETENTION_S), clock, _terms(daily=1.0, timezone="America/New_York"))
+    assert not ledger.reserve(0, CPM_1, "before-any-lease", clock(), 60)
+    ledger.refresh()
+    assert ledger.reserve(0, CPM_1, "last-minute", clock(), 60)
+    clock.now += 45  # 00:00:15 in New York: the lease is yesterday's
+    assert not ledger.reserve(0, CPM_1, "after-midnight", clock(), 60) and "c" in ledger.paused
+    ledger.refresh()  # a lease of the new day
+    assert "c" not in ledger.paused and ledger.reserve(0, CPM_1, "after-midnight", clock(), 60)
+    assert not ledger.reserve(0, CPM_1, "priced-before-midnight", clock() - 30, 60)
+    ledger.refresh()
+    assert _accounts(ledger.banker, day="2026-12-06")[1][1] == CPM_1
+    assert _accounts(ledger.banker, day="2026-12-07")[1][1] == CPM_1
 
 
 def test_even_pacing_throttles_a_campaign_spending_ahead_of_its_plan_and_leaves_asap_alone():

@@ -61,6 +61,7 @@ class Reservation(NamedTuple):
     expires: float  # Unix seconds (engine clock) after which it is settled by the policy
     user: str = ""      # the request's user key, for frequency caps ("" without one: never capped)
     creative: str = ""
+    day: str = ""       # the day of the lease it was reserved from, which is the bid's ("": the holder's lease's)
 
 
 class Settlement(NamedTuple):
@@ -145,8 +146,8 @@ class Book:
                 store.add(c.campaign, TOTAL, leased=held - lease)
                 store.add(c.campaign, day, leased=held - lease)
                 store.set_hold(holder, c.campaign, held, day)
-        for r in reservations:
-            self.fund(r, lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1])
+        for r in reservations:  # charged to the bid's day even when the lease has moved on to the next one since
+            self.fund(r, r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1])
         for s in settlements:
             self.settle(s)
         for row in store.due(now, EXPIRE_BATCH):

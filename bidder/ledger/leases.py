@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import socket
@@ -69,6 +70,18 @@ def campaign_day(zone: dt.tzinfo, now: float) -> str:
     return dt.datetime.fromtimestamp(now, zone).strftime("%Y-%m-%d")
 
 
+def day_bounds(zone: dt.tzinfo, now: float) -> tuple[float, float, str]:
+    """The campaign's day at ``now``: (its first second, the first second of the next day, its name), Unix seconds
+    (a day of 23 or 25 hours where the zone changes its clocks)."""
+    local = dt.datetime.fromtimestamp(now, zone)
+    midnight = dt.datetime(local.year, local.month, local.day, tzinfo=zone)
+    return midnight.timestamp(), (midnight + dt.timedelta(days=1)).timestamp(), local.strftime("%Y-%m-%d")
+
+
+#: the day of a lease the banker has not granted yet: no bid time is in it
+NO_DAY = (math.inf, -math.inf, "")
+
+
 class Ledger:
     """The leases of one worker process, the queue of what the banker must hear, and the refresher thread."""
 
@@ -91,6 +104,10 @@ class Ledger:
         self.granted: list[int] = []             # written by the refresher only
         self.used: list[int] = []                # written by the bid path only
         self.largest: list[int] = []             # the largest amount a bid asked of each lease (the bid path's)
+        # the day whose account the lease was granted from, per slot: (first second, next day's first second, name),
+        # written by the refresher after each call; a bid reserves only from a lease of its own day, so that its
+        # spend is charged to that day's budget (one tuple, replaced whole: the bid path reads it in one step)
+        self.lease_days: list[tuple[float, float, str]] = []
         self._used_before: list[int] = []        # ``used`` at the refresher's previous call
         self.pass_rate: list[float] = []         # the pacing hook (written by a pacing controller)
         # called by the refresher after each call that reached the banker, with the ledger and the engine's time:
@@ -129,6 +146,7 @@ class Ledger:
                 self.granted.append(0)
                 self.used.append(0)
                 self.largest.append(0)
+                self.lease_days.append(NO_DAY)
                 self._used_before.append(0)
                 self.pass_rate.append(1.0)
                 self.view.append(None)
@@ -138,18 +156,22 @@ class Ledger:
                 self.slots[campaign] = len(self.campaigns) - 1
 
     # -- the bid path ------------------------------------------------------------------------------------------
-    def reserve(self, slot: int, amount: int, bid_id: str, expires: float, user: str = "",
+    def reserve(self, slot: int, amount: int, bid_id: str, now: float, window: float, user: str = "",
                 creative: str = "") -> bool:
-        """Take ``amount`` nano-USD from the campaign's lease for a bid; False (and nothing taken) when the lease
-        holds less. ``expires``: when the reservation is settled by the policy if no notice came; ``user`` (the
-        request's user key, "" without one) and ``creative``: what its billing counts towards frequency caps."""
+        """Take ``amount`` nano-USD from the campaign's lease for a bid priced at ``now`` (the engine's time); False
+        (and nothing taken) when the lease holds less, or when it was granted for another day than ``now``'s (a
+        bid is charged to the day it was made in, from that day's budget: after midnight the campaign waits for the
+        refresher's lease of the new day). ``window``: seconds after ``now`` until the reservation is settled by the
+        policy if no notice came; ``user`` (the request's user key, "" without one) and ``creative``: what its
+        billing counts towards frequency caps."""
         if amount > self.largest[slot]:
             self.largest[slot] = amount
-        if self.granted[slot] - self.used[slot] < amount:
+        start, end, day = self.lease_days[slot]
+        if self.granted[slot] - self.used[slot] < amount or (amount and not start <= now < end):
             self.paused.add(self.campaigns[slot])
             return False
-        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount, expires + self.grace_s, user,
-                                              creative))
+        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount, now + window + self.grace_s,
+                                              user, creative, day))
         self.used[slot] += amount  # after the append: see the module's docstring
         return True
 
@@ -176,8 +198,7 @@ class Ledger:
         slot = self.slots.get(campaign)
         if slot is None:
             return
-        terms = self.terms[slot]
-        zone = terms.timezone if terms is not None else dt.timezone.utc
+        zone = self._zone(slot)
         amount = bid_micros  # CPM in micro-USD = an impression's cost in nano-USD
         charge = amount if price_micros is None else min(price_micros, amount)
         self._settlements.append(Settlement(bid_id, kind, campaign, 0 if kind == "loss" else charge, amount,
@@ -265,7 +286,7 @@ class Ledger:
         campaigns = []
         for slot in range(n):
             terms = self.terms[slot]
-            zone = terms.timezone if terms is not None else dt.timezone.utc
+            zone = self._zone(slot)
             total = UNLIMITED if terms is None or terms.total_usd is None else nanos(terms.total_usd)
             daily = UNLIMITED if terms is None or terms.daily_usd is None else nanos(terms.daily_usd)
             campaigns.append(CampaignSync(self.campaigns[slot], campaign_day(zone, now), total, daily,
@@ -290,6 +311,8 @@ class Ledger:
         for slot in range(n):
             campaign = self.campaigns[slot]
             grant = grants[campaign]
+            if self.lease_days[slot][2] != campaigns[slot].day:  # the banker moved the lease to this day's account
+                self.lease_days[slot] = day_bounds(self._zone(slot), now)
             self.granted[slot] += grant.delta
             self.view[slot] = grant
             if campaign in paused and self.granted[slot] - self.used[slot] > 0:
@@ -298,6 +321,10 @@ class Ledger:
         if self.on_refresh is not None:
             self.on_refresh(self, now)
         return True
+
+    def _zone(self, slot: int) -> dt.tzinfo:
+        terms = self.terms[slot]
+        return terms.timezone if terms is not None else dt.timezone.utc
 
     def _read_impressions(self, now: float) -> None:
         """The banker's new billed impressions of users, into ``blocked``: a (campaign or creative, user) is

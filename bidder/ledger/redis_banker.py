@@ -108,10 +108,10 @@ for _, c in ipairs(a.campaigns) do
 end
 
 for _, r in ipairs(a.reservations) do
-  local id, name, amount, expires, user, creative = r[1], r[2], r[3], r[4], r[5], r[6]
+  local id, name, amount, expires, user, creative, day = r[1], r[2], r[3], r[4], r[5], r[6], r[7]
   local row = get_bid(id)
   if row == nil then
-    local day = lease_day[name]
+    if day == nil or day == '' then day = lease_day[name] end  -- the bid's day, even when the lease moved on since
     if day == nil then local _; _, day = hold(name) end
     row = {id = id, c = name, day = day, amount = amount, funded = true, state = 'open', price = 0,
            expires = expires, user = user, creative = creative}
