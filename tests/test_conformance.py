@@ -21,7 +21,7 @@ from response_rules import violations
 from bidder import DEFAULT_BUNDLE
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import CatalogError, decode_catalog, load_catalog
-from bidder.conformance import IAB_CONTENT_1
+from bidder.conformance import IAB_CONTENT_1, content_categories
 from bidder.currencies import CurrencyError, load_currencies, parse_currencies
 from bidder.engine import BidEngine
 from bidder.events import EventLog, read_lines
@@ -292,8 +292,13 @@ def test_creative_metadata_is_validated_at_load_with_its_path(field, value, mess
         decode_catalog(json.dumps(catalog), "cat.json")
 
 
-def test_the_taxonomy_file_and_the_default_catalogs_metadata():
+def test_the_taxonomy_file_and_the_default_catalogs_metadata(tmp_path):
     assert len(IAB_CONTENT_1) == 392 and {"IAB1", "IAB7-39", "IAB26-4", "IAB24"} <= IAB_CONTENT_1
+    shipped = content_categories()
+    assert set(shipped) == IAB_CONTENT_1 and shipped["IAB7-39"] == "Sexuality" and shipped["IAB22-2"] == "Couponing"
+    taxonomy = tmp_path / "taxonomy.tsv"
+    taxonomy.write_text("# id, name\n\nIAB1\tArts & Entertainment\nIAB1-1\tBooks & Literature\n", encoding="utf-8")
+    assert content_categories(taxonomy) == {"IAB1": "Arts & Entertainment", "IAB1-1": "Books & Literature"}
     catalog = load_catalog(DEFAULT_CAMPAIGNS)
     assert all(c.meta.cat and c.meta.mimes and c.meta.btype for c in catalog.candidates)
     assert any(c.meta.attr for c in catalog.candidates) and any(c.meta.bundle for c in catalog.candidates)

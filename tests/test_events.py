@@ -19,7 +19,7 @@ import bidder
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES, Featurizer
 from bidder.__main__ import main as bidder_main
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
-from bidder.campaigns import load_catalog
+from bidder.campaigns import decode_catalog, load_catalog
 from bidder.clock import Clock
 from bidder.engine import BidEngine
 from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_frames, events_hour, read_lines
@@ -357,6 +357,51 @@ def test_exploring_bids_other_eligible_creatives_and_logs_the_probability_of_eac
     assert len(propensities) == 1 and 0 < propensities.pop() <= 1 / 3  # 1/k, k rows at or above the floor
     with pytest.raises(ValueError, match="explore must be a share"):
         BidEngine(scorer, catalog, Metrics(), explore=1.5)
+
+
+def _creative(creative_id: str, w: int, h: int) -> dict:
+    return {"id": creative_id, "w": w, "h": h, "adomain": [f"{creative_id}.example"],
+            "nurl": "https://w.example/?p=${AUCTION_PRICE}"}
+
+
+def test_exploring_draws_among_the_rows_at_or_above_the_floor_of_each_imp(tmp_path):
+    """Per imp, k open-auction rows at or above its floor: 1/k each when always exploring (the best one too), and
+    probability 1 for an imp with one such row; a drawn row is valued as any row is (pCTR × value per click)."""
+    values = {"hi": 100.0, "lo": 0.01, "solo": 1.0}
+    catalog = decode_catalog(json.dumps({"campaigns": [
+        {"id": f"c-{name}", "advertiser": advertiser, "value_per_click": values[name],
+         "creatives": [_creative(name, *size)]}
+        for name, advertiser, size in (("hi", 1458, (300, 250)), ("lo", 3358, (300, 250)), ("solo", 3386, (728, 90)))
+    ]}), "explore.json")
+    events = EventLog(tmp_path).start()
+    engine = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events, explore=1.0)
+    floor_between = 5.0  # over lo's value, under hi's (checked below against the logged pCTRs)
+
+    def request(request_id: str, *imps: tuple[tuple[int, int], float]) -> bytes:
+        return json.dumps({"id": request_id, "at": 2, "site": {"domain": "news.example"}, "imp": [
+            {"id": str(n + 1), "bidfloor": floor, "banner": {"w": w, "h": h}}
+            for n, ((w, h), floor) in enumerate(imps)]}).encode()
+
+    for i in range(20):
+        assert engine.bid(request(f"both-{i}", ((300, 250), 0.001))).status == 200
+        assert engine.bid(request(f"above-{i}", ((300, 250), floor_between))).status == 200
+        assert engine.bid(request(f"solo-{i}", ((728, 90), 0.001))).status == 200
+        # the first imp has no row at or above its floor: the second is explored all the same
+        assert engine.bid(request(f"second-{i}", ((300, 250), 1e6), ((300, 250), 0.001))).status == 200
+    events.close()
+    logged = _records(tmp_path)
+    assert len(logged) == 80
+    for record in logged:
+        kind = record["bid_id"].partition("-")[0]
+        value_per_click = values[record["creative"]]
+        assert record["value"] == pytest.approx(record["pctr"] * value_per_click * 1000.0, rel=1e-9), record
+        if kind == "both":
+            assert record["value"] > floor_between if record["creative"] == "hi" else record["value"] < floor_between
+        expected = {"both": 0.5, "above": 1.0, "solo": 1.0, "second": 0.5}[kind]
+        assert record["propensity"] == pytest.approx(expected), record
+        if kind == "above":
+            assert record["creative"] == "hi"
+    assert {r["creative"] for r in logged if r["bid_id"].startswith("both-")} == {"hi", "lo"}
 
 
 def test_without_exploration_every_logged_bid_has_probability_one(tmp_path):

@@ -39,6 +39,14 @@ def test_a_bid_exactly_at_the_floor_is_kept_and_rounding_never_goes_under_it():
     assert best_per_imp([0], [c], [0.0], [0.0])[0].price == 0.0  # a zero floor accepts a zero price
 
 
+def test_rows_must_come_with_one_candidate_and_one_score_each():
+    cands = candidates(1.0, 2.0)
+    with pytest.raises(ValueError, match="2 owners, 1 candidates and 2 scores"):
+        best_per_imp([0, 0], cands[:1], [0.01, 0.02], [0.0])
+    with pytest.raises(ValueError, match="2 owners, 2 candidates and 1 scores"):
+        best_per_imp([0, 0], cands, [0.01], [0.0])
+
+
 def test_prices_are_rounded_to_micro_dollars():
     (c,) = candidates(1.0)
     assert best_per_imp([0], [c], [0.0123456789], [0.0])[0].price == 12.345679
