@@ -27,7 +27,7 @@ from bidder.engine import BidEngine
 from bidder.events import EventLog, read_lines
 from bidder.metrics import Metrics
 from bidder.openrtb import decode_request
-from bidder.privacy import personal_data, tcf_purposes
+from bidder.privacy import personal_data, tcf_purposes, withhold
 from bidder.scorer import Scorer
 
 DATA = Path(__file__).parent / "data"
@@ -192,6 +192,19 @@ def test_privacy_signals_decide_per_the_documented_policy():
     assert decide(regs={"us_privacy": "garbage"}) == (False, "us_privacy_opt_out")
     assert decide(regs={"gpp_sid": [2]}, user={"consent": granted}) == (True, "gdpr_consent")
     assert decide(regs={"gpp_sid": [7, 8]}) == (False, "gpp_section")
+    assert decide(regs={"gpp_sid": [1]}) == (False, "gpp_section")  # TCF v1, deprecated: not read either
+    assert decide(regs={"gpp_sid": [0, -1]}) == (True, None)       # no section has such a number
+    assert decide(regs={"gpp_sid": [True, "7"]}) == (True, None)   # not section numbers
+    assert decide(regs={"coppa": "1"}) == (False, "coppa")          # "1" as a string says the same
+    assert decide(regs={"coppa": True, "gdpr": True}) == (True, None)  # a boolean is no OpenRTB flag
+    assert decide(regs={"us_privacy": "1YXN"}) == (False, "us_privacy_opt_out")  # neither N nor -: unreadable
+
+
+def test_withholding_blanks_the_personal_fields_and_keeps_the_rest():
+    shared = {"IP": "81.2.69.*", "city": "Berlin", "usertag": ["10006"], "region": "BE", "domain": "news.example"}
+    withhold(shared)
+    assert shared == {"IP": None, "city": None, "usertag": [], "region": "BE", "domain": "news.example"}
+    assert isinstance(shared["usertag"], list)  # a fresh list per record, as the decoder's are
 
 
 def test_tcf_purposes_are_read_from_the_core_string():
@@ -214,6 +227,24 @@ async def test_a_currency_with_a_rate_is_bid_in_and_floors_are_converted(aiohttp
     assert (await post_bid(client, request))[0] == 204
     request["cur"], request["imp"][0]["bidfloorcur"] = ["USD"], "XTS"
     assert (await post_bid(client, request))[0] == 204
+
+
+def test_a_usd_floor_is_converted_into_the_response_currency_with_the_price():
+    engine = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=1.7e9)
+    request = {**copy.deepcopy(BASE), "at": 2}
+    request["imp"][0]["banner"] = {"w": 728, "h": 90}
+
+    def price(**changes) -> tuple[str, float]:
+        answer = json.loads(engine.bid(json.dumps({**request, **changes}).encode()).body)
+        return answer["cur"], answer["seatbid"][0]["bid"][0]["price"]
+
+    request["imp"][0]["bidfloor"] = 1.0
+    _, value = price()  # second price: the value rounded to micro-dollars (the floor is a feature: kept close)
+    eur = engine.catalog.currencies.rate("EUR")
+    floor = request["imp"][0]["bidfloor"] = round(value * 0.99, 6)  # a USD floor over the value's worth in EUR
+    assert eur < 0.99 and price() == ("USD", value)
+    cur, in_eur = price(cur=["EUR"])  # the floor converted too: it does not lift the price
+    assert cur == "EUR" and in_eur == pytest.approx(value * eur, abs=1e-6) and in_eur >= floor * eur
 
 
 async def test_flexible_sizes_choose_among_the_catalogs_sizes(aiohttp_client, small_bundle):

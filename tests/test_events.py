@@ -404,6 +404,25 @@ def test_exploring_draws_among_the_rows_at_or_above_the_floor_of_each_imp(tmp_pa
     assert {r["creative"] for r in logged if r["bid_id"].startswith("both-")} == {"hi", "lo"}
 
 
+def test_a_bid_logs_its_auction_type_and_its_price_over_its_value(tmp_path):
+    """A fixed-price deal bids its agreed price whatever the value: the log's shading is price / value, also for a
+    value under 1 USD CPM."""
+    catalog = decode_catalog(json.dumps({"campaigns": [
+        {"id": "c-lo", "advertiser": 3358, "value_per_click": 0.01, "deals": [{"dealid": "D-fixed"}],
+         "creatives": [_creative("lo", 300, 250)]}]}), "deal.json")
+    events = EventLog(tmp_path).start()
+    engine = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events)
+    body = {"id": "r1", "at": 1, "site": {"domain": "news.example"}, "imp": [
+        {"id": "1", "banner": {"w": 300, "h": 250},
+         "pmp": {"private_auction": 1, "deals": [{"id": "D-fixed", "bidfloor": 0.001, "at": 3}]}}]}
+    answer = json.loads(engine.bid(json.dumps(body).encode()).body)
+    assert answer["seatbid"][0]["bid"][0]["price"] == 0.001
+    events.close()
+    (record,) = _records(tmp_path)
+    assert record["auction"] == 1 and record["price"] == 0.001 and 0.001 < record["value"] < 1.0
+    assert record["shading"] == pytest.approx(0.001 / record["value"], rel=1e-9)
+
+
 def test_without_exploration_every_logged_bid_has_probability_one(tmp_path):
     events = EventLog(tmp_path).start()
     engine = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=1.8e9, events=events)
