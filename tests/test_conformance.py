@@ -245,6 +245,9 @@ def test_a_usd_floor_is_converted_into_the_response_currency_with_the_price():
     assert eur < 0.99 and price() == ("USD", value)
     cur, in_eur = price(cur=["EUR"])  # the floor converted too: it does not lift the price
     assert cur == "EUR" and in_eur == pytest.approx(value * eur, abs=1e-6) and in_eur >= floor * eur
+    jpy = engine.catalog.currencies.rate("JPY")
+    request["imp"][0].update(bidfloor=round(floor * jpy, 6), bidfloorcur="JPY")  # the same floor, in yen
+    assert price() == ("USD", value)
 
 
 async def test_flexible_sizes_choose_among_the_catalogs_sizes(aiohttp_client, small_bundle):
