@@ -29,6 +29,7 @@ def test_floors_are_respected_and_the_best_per_imp_wins():
     assert set(best) == {0}  # imp 1's only bid (10 CPM) is under its 20 CPM floor
     assert best[0].candidate.advertiser == 1 and best[0].price == pytest.approx(bid_cpm(0.01, 2), rel=1e-6)
     assert best[0].imp_index == 0 and best[0].ctr == pytest.approx(0.01)
+    assert best[0].value == pytest.approx(bid_cpm(0.01, 2), rel=1e-6)  # before rounding: what shading reads
 
 
 def test_a_bid_exactly_at_the_floor_is_kept_and_rounding_never_goes_under_it():
