@@ -87,9 +87,10 @@ async def test_max_cpm_caps_the_bid_and_a_flight_bounds_it(aiohttp_client, tmp_p
 
 
 async def test_each_imp_of_a_request_meets_its_own_campaigns_terms(aiohttp_client, tmp_path):
-    """Four imps, each size bought by one campaign: one without terms bids its value, one out of its flight is
-    held back, one whose max_cpm is under the imp's floor is below_floor, and the next imp of that campaign bids
-    at its max_cpm; an imp held back leaves the later imps their bids."""
+    """Five imps, each size bought by one campaign: one under a floor no creative reaches, one of a campaign without
+    terms bids its value, one out of its flight is held back, one whose max_cpm is under the imp's floor is
+    below_floor, and the next imp of that campaign bids at its max_cpm; an imp held back leaves the later imps
+    their bids."""
     def campaign(name, advertiser, w, h, **terms):
         return {"id": name, "advertiser": advertiser, "value_per_click": 1.0, **terms, "creatives": [
             {"id": f"{name}-cr", "w": w, "h": h, "adomain": [f"{name}.example"],
@@ -100,7 +101,8 @@ async def test_each_imp_of_a_request_meets_its_own_campaigns_terms(aiohttp_clien
         campaign("free", 1458, 300, 250), campaign("over", 3358, 728, 90, flight={"end": "2026-12-01T00:00:00Z"}),
         campaign("capped", 3386, 160, 600, max_cpm=0.05)]}))
     client = await aiohttp_client(create_app(Config(campaigns=path, now=NOW)))
-    body = dict(REQUEST, imp=[{"id": "1", "banner": {"w": 300, "h": 250}},
+    body = dict(REQUEST, imp=[{"id": "0", "banner": {"w": 300, "h": 250}, "bidfloor": 1e6},  # no row at all
+                              {"id": "1", "banner": {"w": 300, "h": 250}},
                               {"id": "2", "banner": {"w": 728, "h": 90}},
                               {"id": "3", "banner": {"w": 160, "h": 600}, "bidfloor": 0.06},
                               {"id": "4", "banner": {"w": 160, "h": 600}, "bidfloor": 0.05}])
@@ -109,7 +111,7 @@ async def test_each_imp_of_a_request_meets_its_own_campaigns_terms(aiohttp_clien
     bids = {b["impid"]: b for b in (await response.json())["seatbid"][0]["bid"]}
     assert sorted(bids) == ["1", "4"] and bids["1"]["cid"] == "free" and bids["1"]["price"] > 0.05
     assert bids["4"]["cid"] == "capped" and bids["4"]["price"] == 0.05  # max_cpm, at the floor: still a bid
-    assert await _nobids(client, "flight") == 1 and await _nobids(client, "below_floor") == 1
+    assert await _nobids(client, "flight") == 1 and await _nobids(client, "below_floor") == 2
 
 
 async def test_terms_that_do_not_bind_leave_shaded_and_deal_prices_as_they_are(aiohttp_client, tmp_path):
@@ -208,6 +210,9 @@ async def test_the_pacing_hook_throttles_a_campaign(aiohttp_client, tmp_path):
     ledger = client.app[STATE].ledger
     ledger.pass_rate[ledger.slots["c1458"]] = 0.0
     assert await _bid(client, 1) is None and await _nobids(client, "pacing") == 1
+    two_imps = dict(REQUEST, imp=[dict(REQUEST["imp"][0], id=str(n)) for n in (1, 2)])
+    assert (await client.post("/bid", data=json.dumps(two_imps))).status == 204
+    assert await _nobids(client, "pacing") == 3  # each imp of the request counted
     ledger.pass_rate[ledger.slots["c1458"]] = 1.0
     assert await _bid(client, 2) is not None
 
@@ -246,12 +251,13 @@ async def test_a_user_capped_by_billed_impressions_gets_no_more_bids(aiohttp_cli
     ledger = client.app[STATE].ledger
     assert ledger.refresh()
     assert await bid_for(3, {"id": "u1"}) is None and await _nobids(client, "frequency_cap") == 1
-    assert await bid_for(4, {"id": "u1"}) is None and await _nobids(client, "frequency_cap") == 2
+    assert await bid_for(4, {"id": "u1"}, imp=[dict(REQUEST["imp"][0], id=str(n)) for n in (1, 2)]) is None
+    assert await _nobids(client, "frequency_cap") == 3  # each imp of the request counted
     assert await bid_for(5, {"buyeruid": "u2"}) is not None  # another user
     assert await bid_for(6, None) is not None  # no user key, even billed before: never capped
     assert await bid_for(7, {"id": "u1"}, regs={"coppa": 1}) is not None  # no consent: not capped by user key
     report = await (await client.get("/admin/campaigns")).json()
-    assert report["campaigns"]["c1458"]["cap_hits"] == 2
+    assert report["campaigns"]["c1458"]["cap_hits"] == 3
     assert report["campaigns"]["c1458"]["frequency_cap"] == [{"count": 1, "seconds": 3600, "scope": scope}]
 
 

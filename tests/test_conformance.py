@@ -326,13 +326,16 @@ def test_creative_metadata_is_validated_at_load_with_its_path(field, value, mess
         decode_catalog(json.dumps(catalog), "cat.json")
 
 
-def test_the_taxonomy_file_and_the_default_catalogs_metadata(tmp_path):
-    assert len(IAB_CONTENT_1) == 392 and {"IAB1", "IAB7-39", "IAB26-4", "IAB24"} <= IAB_CONTENT_1
+def test_the_taxonomy_reader_skips_comments_and_blank_lines(tmp_path):
     shipped = content_categories()
     assert set(shipped) == IAB_CONTENT_1 and shipped["IAB7-39"] == "Sexuality" and shipped["IAB22-2"] == "Couponing"
     taxonomy = tmp_path / "taxonomy.tsv"
     taxonomy.write_text("# id, name\n\nIAB1\tArts & Entertainment\nIAB1-1\tBooks & Literature\n", encoding="utf-8")
     assert content_categories(taxonomy) == {"IAB1": "Arts & Entertainment", "IAB1-1": "Books & Literature"}
+
+
+def test_the_taxonomy_file_and_the_default_catalogs_metadata():
+    assert len(IAB_CONTENT_1) == 392 and {"IAB1", "IAB7-39", "IAB26-4", "IAB24"} <= IAB_CONTENT_1
     catalog = load_catalog(DEFAULT_CAMPAIGNS)
     assert all(c.meta.cat and c.meta.mimes and c.meta.btype for c in catalog.candidates)
     assert any(c.meta.attr for c in catalog.candidates) and any(c.meta.bundle for c in catalog.candidates)

@@ -370,36 +370,45 @@ def test_exploring_draws_among_the_rows_at_or_above_the_floor_of_each_imp(tmp_pa
     values = {"hi": 100.0, "lo": 0.01, "solo": 1.0}
     catalog = decode_catalog(json.dumps({"campaigns": [
         {"id": f"c-{name}", "advertiser": advertiser, "value_per_click": values[name],
-         "creatives": [_creative(name, *size)]}
+         "creatives": [_creative(name, *size)],
+        **({"deals": [{"dealid": "D-lo"}]} if name == "lo" else {})}
         for name, advertiser, size in (("hi", 1458, (300, 250)), ("lo", 3358, (300, 250)), ("solo", 3386, (728, 90)))
     ]}), "explore.json")
     events = EventLog(tmp_path).start()
-    engine = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events, explore=1.0)
+    always = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events, explore=1.0)
+    half = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events, explore=0.5)
     floor_between = 5.0  # over lo's value, under hi's (checked below against the logged pCTRs)
+    lo_deal = {"private_auction": 0, "deals": [{"id": "D-lo", "bidfloor": 1e6}]}  # out of reach: lo bids openly
 
-    def request(request_id: str, *imps: tuple[tuple[int, int], float]) -> bytes:
+    def request(request_id: str, *imps: tuple[tuple[int, int], float], **imp_fields) -> bytes:
         return json.dumps({"id": request_id, "at": 2, "site": {"domain": "news.example"}, "imp": [
-            {"id": str(n + 1), "bidfloor": floor, "banner": {"w": w, "h": h}}
+            {"id": str(n + 1), "bidfloor": floor, "banner": {"w": w, "h": h}, **imp_fields}
             for n, ((w, h), floor) in enumerate(imps)]}).encode()
 
-    for i in range(20):
-        assert engine.bid(request(f"both-{i}", ((300, 250), 0.001))).status == 200
-        assert engine.bid(request(f"above-{i}", ((300, 250), floor_between))).status == 200
-        assert engine.bid(request(f"solo-{i}", ((728, 90), 0.001))).status == 200
-        # the first imp has no row at or above its floor: the second is explored all the same
-        assert engine.bid(request(f"second-{i}", ((300, 250), 1e6), ((300, 250), 0.001))).status == 200
+    for i in range(40):
+        assert always.bid(request(f"both-{i}", ((300, 250), 0.001))).status == 200
+        assert always.bid(request(f"above-{i}", ((300, 250), floor_between))).status == 200
+        assert always.bid(request(f"solo-{i}", ((728, 90), 0.001))).status == 200
+        # the first imp has no row at or above its floor, or only one: the second is explored all the same
+        assert always.bid(request(f"second-{i}", ((300, 250), 1e6), ((300, 250), 0.001))).status == 200
+        assert always.bid(request(f"after-{i}", ((300, 250), floor_between), ((300, 250), 0.001))).status == 200
+        assert always.bid(request(f"deal-{i}", ((300, 250), 0.001), pmp=lo_deal)).status == 200  # lo's row: a deal's
+        assert half.bid(request(f"half-{i}", ((300, 250), 0.001))).status == 200
     events.close()
     logged = _records(tmp_path)
-    assert len(logged) == 80
+    assert len(logged) == 40 * 8
     for record in logged:
         kind = record["bid_id"].partition("-")[0]
         value_per_click = values[record["creative"]]
         assert record["value"] == pytest.approx(record["pctr"] * value_per_click * 1000.0, rel=1e-9), record
         if kind == "both":
             assert record["value"] > floor_between if record["creative"] == "hi" else record["value"] < floor_between
-        expected = {"both": 0.5, "above": 1.0, "solo": 1.0, "second": 0.5}[kind]
+        if kind == "after" and record["bid_id"].endswith("-1"):
+            kind = "above"
+        expected = {"both": 0.5, "above": 1.0, "solo": 1.0, "second": 0.5, "after": 0.5, "deal": 1.0,
+                    "half": 0.75 if record["creative"] == "hi" else 0.25}[kind]  # explore / k (+ 1 - explore: best)
         assert record["propensity"] == pytest.approx(expected), record
-        if kind == "above":
+        if kind in ("above", "deal"):
             assert record["creative"] == "hi"
     assert {r["creative"] for r in logged if r["bid_id"].startswith("both-")} == {"hi", "lo"}
 
