@@ -203,6 +203,18 @@ async def test_spend_is_reserved_at_bid_time_and_committed_by_the_bill(aiohttp_c
     assert metric(text, "bidder_budget_remaining_usd", campaign="c1458") == pytest.approx(0.01 - spent / 1e9)
 
 
+async def test_an_imp_under_its_floor_reserves_nothing(aiohttp_client, tmp_path):
+    catalog = _catalog(tmp_path, budget={"daily": 100.0})
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger_refresh_s=3600)))
+    ledger = client.app[STATE].ledger
+    available = ledger.available(0)
+    out_of_reach = dict(REQUEST, imp=[dict(REQUEST["imp"][0], bidfloor=1e6)])  # a thousand dollars an impression
+    assert (await client.post("/bid", data=json.dumps(out_of_reach))).status == 204
+    assert ledger.available(0) == available and await _nobids(client, "below_floor") == 1
+    assert await _bid(client, 2) is not None and await _nobids(client, "no_budget") == 0
+
+
 async def test_the_pacing_hook_throttles_a_campaign(aiohttp_client, tmp_path):
     catalog = _catalog(tmp_path, budget={"daily": 100.0}, pacing="even")
     client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
