@@ -215,6 +215,15 @@ async def test_an_imp_under_its_floor_reserves_nothing(aiohttp_client, tmp_path)
     assert await _bid(client, 2) is not None and await _nobids(client, "no_budget") == 0
 
 
+async def test_every_imp_a_lease_cannot_pay_for_is_counted(aiohttp_client, tmp_path):
+    catalog = _catalog(tmp_path, budget={"daily": 0.0001})  # a tenth of a cent: less than one impression costs
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger_refresh_s=3600)))
+    two_imps = dict(REQUEST, imp=[dict(REQUEST["imp"][0], id=str(n)) for n in (1, 2)])
+    assert (await client.post("/bid", data=json.dumps(two_imps))).status == 204
+    assert await _nobids(client, "no_budget") == 2 and await _nobids(client, "below_floor") == 0
+
+
 async def test_the_pacing_hook_throttles_a_campaign(aiohttp_client, tmp_path):
     catalog = _catalog(tmp_path, budget={"daily": 100.0}, pacing="even")
     client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
