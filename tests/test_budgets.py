@@ -282,6 +282,18 @@ async def test_a_user_capped_by_billed_impressions_gets_no_more_bids(aiohttp_cli
     assert report["campaigns"]["c1458"]["frequency_cap"] == [{"count": 1, "seconds": 3600, "scope": scope}]
 
 
+async def test_a_user_key_holding_a_tab_is_capped_through_the_redis_banker(aiohttp_client, tmp_path, redis_server):
+    """The banker's impression entries are tab-separated: a tab in a user key must not split them."""
+    catalog = _catalog(tmp_path, frequency_cap=[{"count": 1, "seconds": 3600}], requires_consent=False)
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger=redis_server.url, ledger_refresh_s=3600)))
+    body = json.dumps(dict(REQUEST, user={"id": "tab\tbed"}))
+    first = (await (await client.post("/bid", data=body)).json())["seatbid"][0]["bid"][0]
+    assert (await client.get(_local(first["burl"], first["price"]))).status == 200
+    assert client.app[STATE].ledger.refresh()
+    assert (await client.post("/bid", data=body)).status == 204 and await _nobids(client, "frequency_cap") == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", ["two workers, embedded", "two bidders, one Redis"])
 def test_bidders_sharing_a_budget_spend_it_without_overspending(tmp_path, shared, request):
