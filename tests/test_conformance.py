@@ -290,6 +290,19 @@ def test_the_currency_table_is_checked_and_travels_with_the_catalog(tmp_path):
         load_catalog(tmp_path / "campaigns.json")
 
 
+def test_a_currency_tables_errors_name_its_file(tmp_path):
+    with pytest.raises(CurrencyError, match=r"^currencies: date: expected YYYY-MM-DD"):
+        parse_currencies({"date": "yesterday", "base": "USD", "rates": {"USD": 1, "CNY": 7}})
+    path = tmp_path / "currencies.json"
+    path.write_text(json.dumps({"date": "2026-12-01", "base": "USD", "rates": {"USD": 1}}))
+    with pytest.raises(CurrencyError) as raised:
+        load_currencies(path)
+    assert str(raised.value).startswith(f"{path}: rates.CNY: missing")
+    with pytest.raises(CurrencyError) as raised:
+        load_currencies(tmp_path / "absent.json")
+    assert str(raised.value) == f"{tmp_path / 'absent.json'}: no such file"
+
+
 async def test_a_reload_reads_the_currency_table_again(aiohttp_client, small_bundle, tmp_path):
     (tmp_path / "campaigns.json").write_text(json.dumps(rich_catalog()))
     table = {"date": "2026-12-01", "base": "USD", "rates": {"USD": 1.0, "CNY": 7.2, "EUR": 0.5}}
