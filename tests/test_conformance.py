@@ -293,6 +293,9 @@ def test_the_currency_table_is_checked_and_travels_with_the_catalog(tmp_path):
 def test_a_currency_tables_errors_name_its_file(tmp_path):
     with pytest.raises(CurrencyError, match=r"^currencies: date: expected YYYY-MM-DD"):
         parse_currencies({"date": "yesterday", "base": "USD", "rates": {"USD": 1, "CNY": 7}})
+    for rates in ([["USD", 1]], {}):
+        with pytest.raises(CurrencyError, match=r"^currencies: rates: expected an object of currency codes"):
+            parse_currencies({"date": "2026-12-01", "base": "USD", "rates": rates})
     path = tmp_path / "currencies.json"
     path.write_text(json.dumps({"date": "2026-12-01", "base": "USD", "rates": {"USD": 1}}))
     with pytest.raises(CurrencyError) as raised:
