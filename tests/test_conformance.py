@@ -306,6 +306,20 @@ def test_a_currency_tables_errors_name_its_file(tmp_path):
     assert str(raised.value) == f"{tmp_path / 'absent.json'}: no such file"
 
 
+def test_a_currency_table_converts_from_any_base_and_refuses_bad_rates(tmp_path):
+    table = parse_currencies({"date": "2026-12-01", "base": "GBP", "rates": {"GBP": 2.0, "USD": 2.5, "CNY": 18.0}})
+    assert table.rate("USD") == 1.0 and table.cny_per_usd == pytest.approx(7.2) and table.rate("GBP") == 0.8
+    for bad in ("7", True, 0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(CurrencyError, match=r"^currencies: rates.EUR: expected a positive number"):
+            parse_currencies({"date": "2026-12-01", "base": "USD", "rates": {"USD": 1, "CNY": 7, "EUR": bad}})
+    with pytest.raises(CurrencyError, match=r"^currencies: base: 'EUR' has no rate in rates"):
+        parse_currencies({"date": "2026-12-01", "base": "EUR", "rates": {"USD": 1, "CNY": 7}})
+    path = tmp_path / "currencies.json"
+    path.write_text(json.dumps({"date": "2026-12-01", "base": "USD", "rates": {"USD": 1, "CNY": 7}}))
+    assert load_currencies(path).source == str(path) and parse_currencies(json.loads(path.read_text())).source == \
+        "currencies"
+
+
 async def test_a_reload_reads_the_currency_table_again(aiohttp_client, small_bundle, tmp_path):
     (tmp_path / "campaigns.json").write_text(json.dumps(rich_catalog()))
     table = {"date": "2026-12-01", "base": "USD", "rates": {"USD": 1.0, "CNY": 7.2, "EUR": 0.5}}
