@@ -121,6 +121,21 @@ async def test_a_blocked_own_seat_still_bids_through_an_allowed_deal_seat(rich, 
     assert (await post_bid(client, request))[0] == 204
 
 
+def test_a_private_deal_leaves_no_deal_terms_to_the_next_batch():
+    """The engine reuses its row arrays from batch to batch: a row that held a private deal's terms holds none
+    for the next request."""
+    def engine() -> BidEngine:
+        return BidEngine(Scorer(DEFAULT_BUNDLE), decode_catalog(json.dumps(rich_catalog()), "rich.json"), Metrics(),
+                         now=1.7e9)
+
+    plain = json.dumps(BASE).encode()
+    private = copy.deepcopy(BASE)
+    private["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-1", "bidfloor": 0.0001}]}
+    reused = engine()
+    assert reused.bid(json.dumps(private).encode()).status == 200
+    assert reused.bid(plain) == engine().bid(plain) and reused.bid(plain).status == 200
+
+
 async def test_a_deal_floored_in_another_currency_is_bought_at_its_converted_floor(rich, small_bundle):
     client, _ = rich
     request = copy.deepcopy(BASE)
