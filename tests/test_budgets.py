@@ -86,6 +86,63 @@ async def test_max_cpm_caps_the_bid_and_a_flight_bounds_it(aiohttp_client, tmp_p
     assert await _bid(over, 1) is None and await _nobids(over, "flight") == 1
 
 
+async def test_each_imp_of_a_request_meets_its_own_campaigns_terms(aiohttp_client, tmp_path):
+    """Five imps, each size bought by one campaign: one under a floor no creative reaches, one of a campaign without
+    terms bids its value, one out of its flight is held back, one whose max_cpm is under the imp's floor is
+    below_floor, and the next imp of that campaign bids at its max_cpm; an imp held back leaves the later imps
+    their bids."""
+    def campaign(name, advertiser, w, h, **terms):
+        return {"id": name, "advertiser": advertiser, "value_per_click": 1.0, **terms, "creatives": [
+            {"id": f"{name}-cr", "w": w, "h": h, "adomain": [f"{name}.example"],
+             "nurl": "https://w.example/?p=${AUCTION_PRICE}"}]}
+
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps({"campaigns": [
+        campaign("free", 1458, 300, 250), campaign("over", 3358, 728, 90, flight={"end": "2026-12-01T00:00:00Z"}),
+        campaign("capped", 3386, 160, 600, max_cpm=0.05)]}))
+    client = await aiohttp_client(create_app(Config(campaigns=path, now=NOW)))
+    body = dict(REQUEST, imp=[{"id": "0", "banner": {"w": 300, "h": 250}, "bidfloor": 1e6},  # no row at all
+                              {"id": "1", "banner": {"w": 300, "h": 250}},
+                              {"id": "2", "banner": {"w": 728, "h": 90}},
+                              {"id": "3", "banner": {"w": 160, "h": 600}, "bidfloor": 0.06},
+                              {"id": "4", "banner": {"w": 160, "h": 600}, "bidfloor": 0.05}])
+    response = await client.post("/bid", data=json.dumps(body))
+    assert response.status == 200, await response.text()
+    bids = {b["impid"]: b for b in (await response.json())["seatbid"][0]["bid"]}
+    assert sorted(bids) == ["1", "4"] and bids["1"]["cid"] == "free" and bids["1"]["price"] > 0.05
+    assert bids["4"]["cid"] == "capped" and bids["4"]["price"] == 0.05  # max_cpm, at the floor: still a bid
+    assert await _nobids(client, "flight") == 1 and await _nobids(client, "below_floor") == 2
+
+
+async def test_terms_that_do_not_bind_leave_shaded_and_deal_prices_as_they_are(aiohttp_client, tmp_path):
+    """With a max_cpm far above its bids, a campaign bids what it bids without terms: its first-price bids shaded,
+    its deal bids at their deal's terms (a fixed price, a floor)."""
+    deals = [{"dealid": "D-fixed"}, {"dealid": "D-open"}]
+    clients = []
+    for name, terms in (("plain", {}), ("termed", {"max_cpm": 1000.0})):
+        (tmp_path / name).mkdir()
+        clients.append(await aiohttp_client(create_app(Config(campaigns=_catalog(tmp_path / name, deals=deals,
+                                                                                 **terms), now=NOW))))
+    open_market = dict(REQUEST, at=1)
+    through_deals = dict(REQUEST, at=1, imp=[
+        {"id": "1", "banner": {"w": 300, "h": 250},
+         "pmp": {"private_auction": 1, "deals": [{"id": "D-fixed", "bidfloor": 0.02, "at": 3}]}},
+        {"id": "2", "banner": {"w": 300, "h": 250},
+         "pmp": {"private_auction": 1, "deals": [{"id": "D-open", "bidfloor": 0.01}]}}])
+    answers = []
+    for client in clients:
+        prices = []
+        for body in (open_market, through_deals, dict(REQUEST, at=2)):
+            response = await client.post("/bid", data=json.dumps(body))
+            assert response.status == 200, await response.text()
+            prices.append({b["impid"]: b["price"] for s in (await response.json())["seatbid"] for b in s["bid"]})
+        answers.append(prices)
+    plain, termed = answers
+    assert termed == plain
+    shaded, deal, second = plain
+    assert shaded["1"] < second["1"] and deal["1"] == 0.02 and deal["2"] == second["1"]
+
+
 def test_budgets_without_notices_are_refused_in_one_line(tmp_path, capsys):
     path = _catalog(tmp_path, budget={"daily": 10.0})
     assert main(["serve", "--campaigns", str(path), "--port", "1"]) == 2
@@ -146,6 +203,27 @@ async def test_spend_is_reserved_at_bid_time_and_committed_by_the_bill(aiohttp_c
     assert metric(text, "bidder_budget_remaining_usd", campaign="c1458") == pytest.approx(0.01 - spent / 1e9)
 
 
+async def test_an_imp_under_its_floor_reserves_nothing(aiohttp_client, tmp_path):
+    catalog = _catalog(tmp_path, budget={"daily": 100.0})
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger_refresh_s=3600)))
+    ledger = client.app[STATE].ledger
+    available = ledger.available(0)
+    out_of_reach = dict(REQUEST, imp=[dict(REQUEST["imp"][0], bidfloor=1e6)])  # a thousand dollars an impression
+    assert (await client.post("/bid", data=json.dumps(out_of_reach))).status == 204
+    assert ledger.available(0) == available and await _nobids(client, "below_floor") == 1
+    assert await _bid(client, 2) is not None and await _nobids(client, "no_budget") == 0
+
+
+async def test_every_imp_a_lease_cannot_pay_for_is_counted(aiohttp_client, tmp_path):
+    catalog = _catalog(tmp_path, budget={"daily": 0.0001})  # a tenth of a cent: less than one impression costs
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger_refresh_s=3600)))
+    two_imps = dict(REQUEST, imp=[dict(REQUEST["imp"][0], id=str(n)) for n in (1, 2)])
+    assert (await client.post("/bid", data=json.dumps(two_imps))).status == 204
+    assert await _nobids(client, "no_budget") == 2 and await _nobids(client, "below_floor") == 0
+
+
 async def test_the_pacing_hook_throttles_a_campaign(aiohttp_client, tmp_path):
     catalog = _catalog(tmp_path, budget={"daily": 100.0}, pacing="even")
     client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
@@ -153,6 +231,9 @@ async def test_the_pacing_hook_throttles_a_campaign(aiohttp_client, tmp_path):
     ledger = client.app[STATE].ledger
     ledger.pass_rate[ledger.slots["c1458"]] = 0.0
     assert await _bid(client, 1) is None and await _nobids(client, "pacing") == 1
+    two_imps = dict(REQUEST, imp=[dict(REQUEST["imp"][0], id=str(n)) for n in (1, 2)])
+    assert (await client.post("/bid", data=json.dumps(two_imps))).status == 204
+    assert await _nobids(client, "pacing") == 3  # each imp of the request counted
     ledger.pass_rate[ledger.slots["c1458"]] = 1.0
     assert await _bid(client, 2) is not None
 
@@ -172,26 +253,45 @@ def test_a_bill_token_names_what_the_ledger_commits(tmp_path):
     assert parse_qs("t=" + token)["t"][0] == token
 
 
-async def test_a_user_capped_by_billed_impressions_gets_no_more_bids(aiohttp_client, tmp_path):
-    catalog = _catalog(tmp_path, frequency_cap=[{"count": 1, "seconds": 3600}])
+@pytest.mark.parametrize("scope", ["campaign", "creative"])
+async def test_a_user_capped_by_billed_impressions_gets_no_more_bids(aiohttp_client, tmp_path, scope):
+    catalog = _catalog(tmp_path, frequency_cap=[{"count": 1, "seconds": 3600, "scope": scope}],
+                       requires_consent=False)
     client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
                                                     ledger_refresh_s=3600)))
 
-    async def bid_for(n: int, user: dict | None):
-        body = dict(REQUEST, id=f"req-{n}", **({"user": user} if user is not None else {}))
+    async def bid_for(n: int, user: dict | None, **parts):
+        body = dict(REQUEST, id=f"req-{n}", **({"user": user} if user is not None else {}), **parts)
         response = await client.post("/bid", data=json.dumps(body))
         return (await response.json())["seatbid"][0]["bid"][0] if response.status == 200 else None
 
     first = await bid_for(1, {"id": "u1"})
-    assert (await client.get(_local(first["burl"], first["price"]))).status == 200
+    anonymous = await bid_for(2, None)
+    for bid in (first, anonymous):
+        assert (await client.get(_local(bid["burl"], bid["price"]))).status == 200
     ledger = client.app[STATE].ledger
     assert ledger.refresh()
-    assert await bid_for(2, {"id": "u1"}) is None and await _nobids(client, "frequency_cap") == 1
-    assert await bid_for(3, {"buyeruid": "u2"}) is not None  # another user
-    assert await bid_for(4, None) is not None  # no user key: never capped
+    assert await bid_for(3, {"id": "u1"}) is None and await _nobids(client, "frequency_cap") == 1
+    assert await bid_for(4, {"id": "u1"}, imp=[dict(REQUEST["imp"][0], id=str(n)) for n in (1, 2)]) is None
+    assert await _nobids(client, "frequency_cap") == 3  # each imp of the request counted
+    assert await bid_for(5, {"buyeruid": "u2"}) is not None  # another user
+    assert await bid_for(6, None) is not None  # no user key, even billed before: never capped
+    assert await bid_for(7, {"id": "u1"}, regs={"coppa": 1}) is not None  # no consent: not capped by user key
     report = await (await client.get("/admin/campaigns")).json()
-    assert report["campaigns"]["c1458"]["cap_hits"] == 1
-    assert report["campaigns"]["c1458"]["frequency_cap"] == [{"count": 1, "seconds": 3600, "scope": "campaign"}]
+    assert report["campaigns"]["c1458"]["cap_hits"] == 3
+    assert report["campaigns"]["c1458"]["frequency_cap"] == [{"count": 1, "seconds": 3600, "scope": scope}]
+
+
+async def test_a_user_key_holding_a_tab_is_capped_through_the_redis_banker(aiohttp_client, tmp_path, redis_server):
+    """The banker's impression entries are tab-separated: a tab in a user key must not split them."""
+    catalog = _catalog(tmp_path, frequency_cap=[{"count": 1, "seconds": 3600}], requires_consent=False)
+    client = await aiohttp_client(create_app(Config(campaigns=catalog, now=NOW, notices=_notices(tmp_path),
+                                                    ledger=redis_server.url, ledger_refresh_s=3600)))
+    body = json.dumps(dict(REQUEST, user={"id": "tab\tbed"}))
+    first = (await (await client.post("/bid", data=body)).json())["seatbid"][0]["bid"][0]
+    assert (await client.get(_local(first["burl"], first["price"]))).status == 200
+    assert client.app[STATE].ledger.refresh()
+    assert (await client.post("/bid", data=body)).status == 204 and await _nobids(client, "frequency_cap") == 1
 
 
 def test_bench_budgets_caps_every_campaign_and_scores_violations_over_capped_impressions():
@@ -412,6 +512,7 @@ def test_the_user_key_is_user_id_then_buyeruid_then_the_device_ifa():
     assert key(user={"buyeruid": "b"}, device={"ifa": "i"}) == "b"
     assert key(user={}, device={"ifa": "i"}) == "i"
     assert key() is None
+    assert key(user={"id": 42}) == "42" and key(user={}, device={"ifa": 7}) == "7"  # any JSON, keyed as text
 
 
 # -- bench budgets ----------------------------------------------------------------------------------------------

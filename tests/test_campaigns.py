@@ -7,7 +7,7 @@ import re
 import pytest
 
 from bidder.app import DEFAULT_CAMPAIGNS
-from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, load_catalog
+from bidder.campaigns import AUCTION_PRICE_MACRO, Catalog, CatalogError, decode_catalog, load_catalog
 from catalogs import parse_catalog
 
 
@@ -272,6 +272,20 @@ def test_a_file_that_is_not_json_names_the_line_and_column(tmp_path, text):
     assert line == reference.value.lineno and 0 <= column - reference.value.colno <= 2, (raised.value, reference.value)
 
 
+@pytest.mark.parametrize("text,message", [
+    ('{"campaigns": [{"a": 1},]}', "line 1 column 25: trailing comma in array"),
+    ('{"campaigns": [\n{"a": 1},\n\u00e9]}', "line 3 column 1: invalid character"),
+    ('{"campaigns": [\n  7,\n  "\u00e9\u00e9" x]}', "line 3 column 8: expected ',' or ']'"),  # columns count characters
+    ('{"campaigns": [7, 8 9]}', "line 1 column 21: expected ',' or ']'"),  # not JSON, and 7 no campaign either
+    ('[1, 2', "line 1 column 6: Input data was truncated"),
+])
+def test_a_syntax_error_names_the_offending_character_in_plain_words(text, message):
+    """The column of the character the decoder stopped at, and its words without the decoder's byte offset."""
+    with pytest.raises(CatalogError) as raised:
+        decode_catalog(text, "cat.json")
+    assert str(raised.value) == f"cat.json: invalid JSON at {message}"
+
+
 def test_an_indented_catalog_file_loads_as_a_compact_one(tmp_path):
     path = tmp_path / "campaigns.json"
     path.write_text(json.dumps(json.loads(DEFAULT_CAMPAIGNS.read_text()), indent=1))
@@ -340,3 +354,26 @@ def test_campaigns_without_money_terms_have_none_and_a_bare_budget_is_asap_in_ut
 def test_money_term_errors_name_the_entry(terms, message):
     with pytest.raises(CatalogError, match=message):
         parse_catalog(_termed(**terms))
+
+
+# -- deal buyers (retrieval adds them to an imp's top K) ----------------------------------------------------------
+def test_a_deals_buyers_are_its_campaigns_creatives_that_may_run_here():
+    def campaign(name, deals, **targeting):
+        return {"id": name, "advertiser": 1, "value_per_click": 1.0, "deals": [{"dealid": d} for d in deals],
+                **({"targeting": targeting} if targeting else {}),
+                "creatives": [_creative(id=f"{name}-300", adomain=[f"{name}.example"]),
+                              _creative(id=f"{name}-728", w=728, h=90, adomain=[f"{name}.example"])]}
+
+    catalog = parse_catalog({"campaigns": [
+        campaign("anywhere", ["D-1", "D-2"]), campaign("news", ["D-1"], domains=["news.example"]),
+        campaign("exchange-2", ["D-2"], exchanges=["2"]), campaign("no-deal", [])]})
+
+    def buyers(dealids, domain="news.example", exchange="2", blocked=frozenset(), size=(300, 250)):
+        return [c.creative_id for c in catalog.deal_buyers(*size, dealids, domain, exchange, blocked)]
+
+    assert buyers(["D-1", "D-2"]) == ["anywhere-300", "news-300", "exchange-2-300"]  # each buyer once
+    assert buyers(["D-2", "D-1"]) == ["anywhere-300", "exchange-2-300", "news-300"]
+    assert buyers(["D-1"], size=(728, 90)) == ["anywhere-728", "news-728"]
+    assert buyers(["D-1", "D-2"], domain="other.example", exchange="1") == ["anywhere-300"]  # targeting applies
+    assert buyers(["D-1"], blocked=frozenset({"anywhere.example"})) == ["news-300"]            # badv applies
+    assert buyers(["D-unknown"]) == [] and buyers(["D-1"], size=(160, 600)) == []

@@ -21,13 +21,13 @@ from response_rules import violations
 from bidder import DEFAULT_BUNDLE
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import CatalogError, decode_catalog, load_catalog
-from bidder.conformance import IAB_CONTENT_1
+from bidder.conformance import IAB_CONTENT_1, content_categories
 from bidder.currencies import CurrencyError, load_currencies, parse_currencies
 from bidder.engine import BidEngine
 from bidder.events import EventLog, read_lines
 from bidder.metrics import Metrics
 from bidder.openrtb import decode_request
-from bidder.privacy import personal_data, tcf_purposes
+from bidder.privacy import personal_data, tcf_purposes, withhold
 from bidder.scorer import Scorer
 
 DATA = Path(__file__).parent / "data"
@@ -121,6 +121,21 @@ async def test_a_blocked_own_seat_still_bids_through_an_allowed_deal_seat(rich, 
     assert (await post_bid(client, request))[0] == 204
 
 
+def test_a_private_deal_leaves_no_deal_terms_to_the_next_batch():
+    """The engine reuses its row arrays from batch to batch: a row that held a private deal's terms holds none
+    for the next request."""
+    def engine() -> BidEngine:
+        return BidEngine(Scorer(DEFAULT_BUNDLE), decode_catalog(json.dumps(rich_catalog()), "rich.json"), Metrics(),
+                         now=1.7e9)
+
+    plain = json.dumps(BASE).encode()
+    private = copy.deepcopy(BASE)
+    private["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-1", "bidfloor": 0.0001}]}
+    reused = engine()
+    assert reused.bid(json.dumps(private).encode()).status == 200
+    assert reused.bid(plain) == engine().bid(plain) and reused.bid(plain).status == 200
+
+
 async def test_a_deal_floored_in_another_currency_is_bought_at_its_converted_floor(rich, small_bundle):
     client, _ = rich
     request = copy.deepcopy(BASE)
@@ -192,6 +207,19 @@ def test_privacy_signals_decide_per_the_documented_policy():
     assert decide(regs={"us_privacy": "garbage"}) == (False, "us_privacy_opt_out")
     assert decide(regs={"gpp_sid": [2]}, user={"consent": granted}) == (True, "gdpr_consent")
     assert decide(regs={"gpp_sid": [7, 8]}) == (False, "gpp_section")
+    assert decide(regs={"gpp_sid": [1]}) == (False, "gpp_section")  # TCF v1, deprecated: not read either
+    assert decide(regs={"gpp_sid": [0, -1]}) == (True, None)       # no section has such a number
+    assert decide(regs={"gpp_sid": [True, "7"]}) == (True, None)   # not section numbers
+    assert decide(regs={"coppa": "1"}) == (False, "coppa")          # "1" as a string says the same
+    assert decide(regs={"coppa": True, "gdpr": True}) == (True, None)  # a boolean is no OpenRTB flag
+    assert decide(regs={"us_privacy": "1YXN"}) == (False, "us_privacy_opt_out")  # neither N nor -: unreadable
+
+
+def test_withholding_blanks_the_personal_fields_and_keeps_the_rest():
+    shared = {"IP": "81.2.69.*", "city": "Berlin", "usertag": ["10006"], "region": "BE", "domain": "news.example"}
+    withhold(shared)
+    assert shared == {"IP": None, "city": None, "usertag": [], "region": "BE", "domain": "news.example"}
+    assert isinstance(shared["usertag"], list)  # a fresh list per record, as the decoder's are
 
 
 def test_tcf_purposes_are_read_from_the_core_string():
@@ -214,6 +242,28 @@ async def test_a_currency_with_a_rate_is_bid_in_and_floors_are_converted(aiohttp
     assert (await post_bid(client, request))[0] == 204
     request["cur"], request["imp"][0]["bidfloorcur"] = ["USD"], "XTS"
     assert (await post_bid(client, request))[0] == 204
+
+
+def test_a_usd_floor_is_converted_into_the_response_currency_with_the_price():
+    engine = BidEngine(Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS), Metrics(), now=1.7e9)
+    request = {**copy.deepcopy(BASE), "at": 2}
+    request["imp"][0]["banner"] = {"w": 728, "h": 90}
+
+    def price(**changes) -> tuple[str, float]:
+        answer = json.loads(engine.bid(json.dumps({**request, **changes}).encode()).body)
+        return answer["cur"], answer["seatbid"][0]["bid"][0]["price"]
+
+    request["imp"][0]["bidfloor"] = 1.0
+    _, first = price()  # second price: the value rounded to micro-dollars
+    floor = request["imp"][0]["bidfloor"] = round(first * 0.99, 6)
+    cur, value = price()  # the floor is one of the model's features: the value at this floor
+    eur = engine.catalog.currencies.rate("EUR")
+    assert cur == "USD" and value * eur < floor <= value  # a USD floor over the value's worth in EUR
+    cur, in_eur = price(cur=["EUR"])  # the floor converted too: it does not lift the price
+    assert cur == "EUR" and in_eur == pytest.approx(value * eur, abs=1e-6) and in_eur >= floor * eur
+    jpy = engine.catalog.currencies.rate("JPY")
+    request["imp"][0].update(bidfloor=round(floor * jpy, 6), bidfloorcur="JPY")  # the same floor, in yen
+    assert price() == ("USD", value)
 
 
 async def test_flexible_sizes_choose_among_the_catalogs_sizes(aiohttp_client, small_bundle):
@@ -255,6 +305,36 @@ def test_the_currency_table_is_checked_and_travels_with_the_catalog(tmp_path):
         load_catalog(tmp_path / "campaigns.json")
 
 
+def test_a_currency_tables_errors_name_its_file(tmp_path):
+    with pytest.raises(CurrencyError, match=r"^currencies: date: expected YYYY-MM-DD"):
+        parse_currencies({"date": "yesterday", "base": "USD", "rates": {"USD": 1, "CNY": 7}})
+    for rates in ([["USD", 1]], {}):
+        with pytest.raises(CurrencyError, match=r"^currencies: rates: expected an object of currency codes"):
+            parse_currencies({"date": "2026-12-01", "base": "USD", "rates": rates})
+    path = tmp_path / "currencies.json"
+    path.write_text(json.dumps({"date": "2026-12-01", "base": "USD", "rates": {"USD": 1}}))
+    with pytest.raises(CurrencyError) as raised:
+        load_currencies(path)
+    assert str(raised.value).startswith(f"{path}: rates.CNY: missing")
+    with pytest.raises(CurrencyError) as raised:
+        load_currencies(tmp_path / "absent.json")
+    assert str(raised.value) == f"{tmp_path / 'absent.json'}: no such file"
+
+
+def test_a_currency_table_converts_from_any_base_and_refuses_bad_rates(tmp_path):
+    table = parse_currencies({"date": "2026-12-01", "base": "GBP", "rates": {"GBP": 2.0, "USD": 2.5, "CNY": 18.0}})
+    assert table.rate("USD") == 1.0 and table.cny_per_usd == pytest.approx(7.2) and table.rate("GBP") == 0.8
+    for bad in ("7", True, 0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(CurrencyError, match=r"^currencies: rates.EUR: expected a positive number"):
+            parse_currencies({"date": "2026-12-01", "base": "USD", "rates": {"USD": 1, "CNY": 7, "EUR": bad}})
+    with pytest.raises(CurrencyError, match=r"^currencies: base: 'EUR' has no rate in rates"):
+        parse_currencies({"date": "2026-12-01", "base": "EUR", "rates": {"USD": 1, "CNY": 7}})
+    path = tmp_path / "currencies.json"
+    path.write_text(json.dumps({"date": "2026-12-01", "base": "USD", "rates": {"USD": 1, "CNY": 7}}))
+    assert load_currencies(path).source == str(path) and parse_currencies(json.loads(path.read_text())).source == \
+        "currencies"
+
+
 async def test_a_reload_reads_the_currency_table_again(aiohttp_client, small_bundle, tmp_path):
     (tmp_path / "campaigns.json").write_text(json.dumps(rich_catalog()))
     table = {"date": "2026-12-01", "base": "USD", "rates": {"USD": 1.0, "CNY": 7.2, "EUR": 0.5}}
@@ -290,6 +370,14 @@ def test_creative_metadata_is_validated_at_load_with_its_path(field, value, mess
     catalog["campaigns"][0]["creatives"][0][field] = value
     with pytest.raises(CatalogError, match=message):
         decode_catalog(json.dumps(catalog), "cat.json")
+
+
+def test_the_taxonomy_reader_skips_comments_and_blank_lines(tmp_path):
+    shipped = content_categories()
+    assert set(shipped) == IAB_CONTENT_1 and shipped["IAB7-39"] == "Sexuality" and shipped["IAB22-2"] == "Couponing"
+    taxonomy = tmp_path / "taxonomy.tsv"
+    taxonomy.write_text("# id, name\n\nIAB1\tArts & Entertainment\nIAB1-1\tBooks & Literature\n", encoding="utf-8")
+    assert content_categories(taxonomy) == {"IAB1": "Arts & Entertainment", "IAB1-1": "Books & Literature"}
 
 
 def test_the_taxonomy_file_and_the_default_catalogs_metadata():

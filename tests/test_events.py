@@ -19,7 +19,7 @@ import bidder
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES, Featurizer
 from bidder.__main__ import main as bidder_main
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
-from bidder.campaigns import load_catalog
+from bidder.campaigns import decode_catalog, load_catalog
 from bidder.clock import Clock
 from bidder.engine import BidEngine
 from bidder.events import SCHEMA_VERSION, EventLog, EventLogError, complete_frames, events_hour, read_lines
@@ -398,6 +398,79 @@ def test_exploring_bids_other_eligible_creatives_and_logs_the_probability_of_eac
     assert len(propensities) == 1 and 0 < propensities.pop() <= 1 / 3  # 1/k, k rows at or above the floor
     with pytest.raises(ValueError, match="explore must be a share"):
         BidEngine(scorer, catalog, Metrics(), explore=1.5)
+
+
+def _creative(creative_id: str, w: int, h: int) -> dict:
+    return {"id": creative_id, "w": w, "h": h, "adomain": [f"{creative_id}.example"],
+            "nurl": "https://w.example/?p=${AUCTION_PRICE}"}
+
+
+def test_exploring_draws_among_the_rows_at_or_above_the_floor_of_each_imp(tmp_path):
+    """Per imp, k open-auction rows at or above its floor: 1/k each when always exploring (the best one too), and
+    probability 1 for an imp with one such row; a drawn row is valued as any row is (pCTR × value per click)."""
+    values = {"hi": 100.0, "lo": 0.01, "solo": 1.0}
+    catalog = decode_catalog(json.dumps({"campaigns": [
+        {"id": f"c-{name}", "advertiser": advertiser, "value_per_click": values[name],
+         "creatives": [_creative(name, *size)],
+        **({"deals": [{"dealid": "D-lo"}]} if name == "lo" else {})}
+        for name, advertiser, size in (("hi", 1458, (300, 250)), ("lo", 3358, (300, 250)), ("solo", 3386, (728, 90)))
+    ]}), "explore.json")
+    events = EventLog(tmp_path).start()
+    always = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events, explore=1.0)
+    half = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events, explore=0.5)
+    floor_between = 5.0  # over lo's value, under hi's (checked below against the logged pCTRs)
+    lo_deal = {"private_auction": 0, "deals": [{"id": "D-lo", "bidfloor": 1e6}]}  # out of reach: lo bids openly
+
+    def request(request_id: str, *imps: tuple[tuple[int, int], float], **imp_fields) -> bytes:
+        return json.dumps({"id": request_id, "at": 2, "site": {"domain": "news.example"}, "imp": [
+            {"id": str(n + 1), "bidfloor": floor, "banner": {"w": w, "h": h}, **imp_fields}
+            for n, ((w, h), floor) in enumerate(imps)]}).encode()
+
+    for i in range(40):
+        assert always.bid(request(f"both-{i}", ((300, 250), 0.001))).status == 200
+        assert always.bid(request(f"above-{i}", ((300, 250), floor_between))).status == 200
+        assert always.bid(request(f"solo-{i}", ((728, 90), 0.001))).status == 200
+        # the first imp has no row at or above its floor, or only one: the second is explored all the same
+        assert always.bid(request(f"second-{i}", ((300, 250), 1e6), ((300, 250), 0.001))).status == 200
+        assert always.bid(request(f"after-{i}", ((300, 250), floor_between), ((300, 250), 0.001))).status == 200
+        assert always.bid(request(f"deal-{i}", ((300, 250), 0.001), pmp=lo_deal)).status == 200  # lo's row: a deal's
+        assert half.bid(request(f"half-{i}", ((300, 250), 0.001))).status == 200
+    events.close()
+    logged = _records(tmp_path)
+    assert len(logged) == 40 * 8
+    for record in logged:
+        kind = record["bid_id"].partition("-")[0]
+        value_per_click = values[record["creative"]]
+        assert record["value"] == pytest.approx(record["pctr"] * value_per_click * 1000.0, rel=1e-9), record
+        if kind == "both":
+            assert record["value"] > floor_between if record["creative"] == "hi" else record["value"] < floor_between
+        if kind == "after" and record["bid_id"].endswith("-1"):
+            kind = "above"
+        expected = {"both": 0.5, "above": 1.0, "solo": 1.0, "second": 0.5, "after": 0.5, "deal": 1.0,
+                    "half": 0.75 if record["creative"] == "hi" else 0.25}[kind]  # explore / k (+ 1 - explore: best)
+        assert record["propensity"] == pytest.approx(expected), record
+        if kind in ("above", "deal"):
+            assert record["creative"] == "hi"
+    assert {r["creative"] for r in logged if r["bid_id"].startswith("both-")} == {"hi", "lo"}
+
+
+def test_a_bid_logs_its_auction_type_and_its_price_over_its_value(tmp_path):
+    """A fixed-price deal bids its agreed price whatever the value: the log's shading is price / value, also for a
+    value under 1 USD CPM."""
+    catalog = decode_catalog(json.dumps({"campaigns": [
+        {"id": "c-lo", "advertiser": 3358, "value_per_click": 0.01, "deals": [{"dealid": "D-fixed"}],
+         "creatives": [_creative("lo", 300, 250)]}]}), "deal.json")
+    events = EventLog(tmp_path).start()
+    engine = BidEngine(Scorer(DEFAULT_BUNDLE), catalog, Metrics(), now=1.8e9, events=events)
+    body = {"id": "r1", "at": 1, "site": {"domain": "news.example"}, "imp": [
+        {"id": "1", "banner": {"w": 300, "h": 250},
+         "pmp": {"private_auction": 1, "deals": [{"id": "D-fixed", "bidfloor": 0.001, "at": 3}]}}]}
+    answer = json.loads(engine.bid(json.dumps(body).encode()).body)
+    assert answer["seatbid"][0]["bid"][0]["price"] == 0.001
+    events.close()
+    (record,) = _records(tmp_path)
+    assert record["auction"] == 1 and record["price"] == 0.001 and 0.001 < record["value"] < 1.0
+    assert record["shading"] == pytest.approx(0.001 / record["value"], rel=1e-9)
 
 
 def test_without_exploration_every_logged_bid_has_probability_one(tmp_path):

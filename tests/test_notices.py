@@ -3,6 +3,7 @@ routes end to end over HTTP (win, billing, loss, click), and the simulated excha
 notices on."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import multiprocessing
@@ -260,6 +261,25 @@ async def test_notices_arriving_together_are_each_counted_once(client):
     assert [a.status for a in answers] == [200] * len(urls)
     assert await notices_of(client, "win", "ok") == 3 and await notices_of(client, "bill", "ok") == 3
     assert await notices_of(client, "bill", "duplicate") == 1 and await notices_of(client, "win", "duplicate") == 0
+
+
+async def test_a_token_carries_the_deals_seat_and_the_response_currency(aiohttp_client, small_bundle,
+                                                                        clicking_catalog, tmp_path):
+    catalog = json.loads(clicking_catalog.read_text())
+    for campaign in catalog["campaigns"]:
+        campaign["deals"] = [{"dealid": "D-1", "seat": "agency-1"}]
+    path = tmp_path / "campaigns.json"
+    path.write_text(json.dumps(catalog))
+    settings = NoticeSettings(**SETTINGS, state_dir=tmp_path / "state")
+    client = await aiohttp_client(create_app(Config(model=small_bundle, campaigns=path, now=NOW, notices=settings)))
+    request = copy.deepcopy(REQUEST)
+    request["cur"] = ["EUR"]
+    request["imp"][0]["pmp"] = {"private_auction": 1, "deals": [{"id": "D-1", "bidfloor": 0.01}]}
+    answer = await (await client.post("/bid", data=json.dumps(request))).json()
+    bid = answer["seatbid"][0]["bid"][0]
+    facts = KEYS.verify(parse_qs(urlsplit(bid["nurl"]).query)["t"][0])
+    assert (answer["cur"], answer["seatbid"][0]["seat"], bid["dealid"]) == ("EUR", "agency-1", "D-1")
+    assert (facts.seat, facts.currency, facts.price_micros) == ("agency-1", "EUR", micros(bid["price"]))
 
 
 async def test_every_refusal_is_a_403_naming_its_reason_and_counted(client):

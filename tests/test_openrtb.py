@@ -158,6 +158,31 @@ def test_a_size_needs_both_sides(banner, sizes):
     assert imp_sizes(request.imp[0]) == sizes
 
 
+def test_the_slot_price_feature_reads_the_usd_floor_at_the_tables_yuan_rate():
+    request = decode_request(b'{"id": "r", "imp": [{"id": "1", "bidfloor": 2.0, "bidfloorcur": "EUR"}]}')
+    shared = request_fields(request, None)
+    assert imp_fields(shared, request.imp[0])["slotprice"] == slotprice_from_usd_cpm(2.0)
+    assert imp_fields(shared, request.imp[0], 2.5)["slotprice"] == slotprice_from_usd_cpm(2.5)  # converted floor
+    assert imp_fields(shared, request.imp[0], 2.5, 8.0)["slotprice"] == slotprice_from_usd_cpm(2.5, 8.0) == 2000
+
+
+CATALOG_SIZES = [(300, 250), (728, 90), (1000, 90), (160, 600), (250, 250), (200, 200), (336, 280), (300, 600)]
+
+
+@pytest.mark.parametrize("banner,sizes", [
+    ({"wmin": 700, "wmax": 800, "hmin": 80, "hmax": 100}, [(728, 90)]),  # both sides in range, not either
+    ({"wmin": 728, "wmax": 728, "hmin": 90, "hmax": 90}, [(728, 90)]),   # the bounds are inclusive
+    ({"wmin": 300}, [(300, 250), (300, 600), (336, 280), (728, 90), (1000, 90)]),  # no upper bound, no height
+    ({"hmin": 250, "hmax": 280}, [(250, 250), (300, 250), (336, 280)]),
+    ({"wmax": 250, "hmax": 250}, [(200, 200), (250, 250)]),
+    ({"wmax": 250}, [(160, 600), (200, 200), (250, 250)]),                  # one bound is a range too
+    ({"w": 300, "h": 250, "format": [{"wratio": 2}]}, [(300, 250)]),        # a ratio needs both sides
+])
+def test_a_banner_range_accepts_the_catalogs_sizes_within_it(banner, sizes):
+    request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1", "banner": banner}]}).encode())
+    assert imp_sizes(request.imp[0], CATALOG_SIZES) == sizes
+
+
 @given(st.floats(-2e9, 4e9, allow_nan=False), st.sampled_from([0, 8, -5, 5.5, -9.5, 14, -12]))
 def test_weekday_and_hour_equal_gmtime_at_any_instant_and_offset(now, offset):
     import time

@@ -29,6 +29,7 @@ def test_floors_are_respected_and_the_best_per_imp_wins():
     assert set(best) == {0}  # imp 1's only bid (10 CPM) is under its 20 CPM floor
     assert best[0].candidate.advertiser == 1 and best[0].price == pytest.approx(bid_cpm(0.01, 2), rel=1e-6)
     assert best[0].imp_index == 0 and best[0].ctr == pytest.approx(0.01)
+    assert best[0].value == pytest.approx(bid_cpm(0.01, 2), rel=1e-6)  # before rounding: what shading reads
 
 
 def test_a_bid_exactly_at_the_floor_is_kept_and_rounding_never_goes_under_it():
@@ -37,6 +38,14 @@ def test_a_bid_exactly_at_the_floor_is_kept_and_rounding_never_goes_under_it():
     best = best_per_imp([0], [c], [floor / 1000.0], [floor])
     assert best[0].price >= floor
     assert best_per_imp([0], [c], [0.0], [0.0])[0].price == 0.0  # a zero floor accepts a zero price
+
+
+def test_rows_must_come_with_one_candidate_and_one_score_each():
+    cands = candidates(1.0, 2.0)
+    with pytest.raises(ValueError, match="2 owners, 1 candidates and 2 scores"):
+        best_per_imp([0, 0], cands[:1], [0.01, 0.02], [0.0])
+    with pytest.raises(ValueError, match="2 owners, 2 candidates and 1 scores"):
+        best_per_imp([0, 0], cands, [0.01], [0.0])
 
 
 def test_prices_are_rounded_to_micro_dollars():

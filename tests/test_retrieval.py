@@ -323,6 +323,22 @@ def test_the_engine_scores_the_k_retrieved_and_bids_the_ranker_best_of_them(towe
         assert wide.bid(banner(*size)).body == exhaustive.bid(banner(*size)).body
 
 
+def test_each_imp_of_a_request_retrieves_by_its_own_vector(tower_bundle, market):
+    engine, _, retriever, _ = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
+    request = json.loads(banner())
+    imp = request["imp"][0]
+    request["imp"] = [{**imp, "id": str(n), "tagid": f"slot-{n}", "bidfloor": floor,
+                       "banner": {**imp["banner"], "pos": pos}}
+                      for n, (floor, pos) in enumerate(((0.0, 1), (0.5, 3), (3.0, 7)))]
+    pending = retrieved(engine, json.dumps(request).encode())
+    groups = pending.groups
+    assert len(groups) == 3
+    for record, candidates in groups:
+        assert list(candidates) == list(retriever.eligible(retriever.query(record), 300, 250, record["domain"], None,
+                                                           frozenset()))
+    assert len({tuple(c.index for c in candidates) for _, candidates in groups}) > 1  # the imps' top K differ
+
+
 def test_a_deal_buyer_the_k_left_out_still_bids_through_its_deal(tower_bundle, market, tmp_path):
     engine, _, _, catalog = engines(tower_bundle, market / CAMPAIGNS_FILE, k=10)
     first = {c.campaign_id for c in retrieved(engine, banner()).candidates}
