@@ -33,8 +33,6 @@ log = logging.getLogger("bidder")
 EXIT_STARTUP = 2
 #: consecutive start-up failures of one worker after which the supervisor stops restarting it
 MAX_STARTUP_FAILURES = 3
-#: the GIL switch interval of a serving worker (``sys.setswitchinterval``), seconds
-SERVE_SWITCH_INTERVAL_S = 0.0005
 
 
 class StartupError(Exception):
@@ -142,10 +140,6 @@ def _serve_worker(config: Config, worker: int, ready) -> int:
     # numpy's BLAS started a thread per core at import, unpinned: a worker owns one core, and a product handed
     # to a thread on another worker's core waits for it (retrieval's products are large enough to be split)
     threadpool_limits(limits=1, user_api="blas")
-    # The event log's writer and the ledger's refresher run Python beside the event loop: when one holds the GIL
-    # the loop waits for it up to the switch interval (5 ms by default, a whole P99 budget); a shorter one bounds
-    # that wait, and costs nothing while no other thread wants the GIL
-    sys.setswitchinterval(SERVE_SWITCH_INTERVAL_S)
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency on every platform that has it
