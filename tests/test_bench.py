@@ -78,11 +78,13 @@ def test_missing_percentile_is_named():
         parse_output(WRK_STDOUT).percentile_us(75)
 
 
-def test_lua_script_prints_the_marker_and_every_table_percentile():
-    text = SCRIPT.read_text()
+def test_lua_scripts_print_the_marker_and_every_table_percentile():
+    text = (SCRIPT.parent / "report.lua").read_text()  # what post_json.lua and paced.lua share
     assert MARKER.strip() in text
     for p in ("50", "90", "99", "99.9"):
         assert f" {p}," in text
+    for script in (SCRIPT, SCRIPT.parent / "paced.lua"):
+        assert '.. "report.lua")' in script.read_text()
 
 
 def test_missing_wrk_is_a_clear_message(monkeypatch, capsys):

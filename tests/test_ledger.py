@@ -440,6 +440,17 @@ _worker_steps = st.lists(st.one_of(
 ), max_size=50)
 
 
+def _emptied(bankers):
+    """A banker of the fixture's kind with nothing in it (hypothesis runs many examples on one fixture)."""
+    banker = bankers()
+    if bankers.kind == "redis":
+        banker.client.flushdb()
+    else:
+        for table in ("accounts", "holds", "bids", "impressions"):
+            banker.db.execute(f"DELETE FROM {table}")
+    return banker
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(steps=[("refresh", 0, 0.0), ("refresh", 1, 0.0), *[("bid", 0, 250_000)] * 14])  # a lease is a bound
 @example(steps=[("refresh", 0, 0.0), *[step for k in range(6) for step in  # bills eat the budget: leases shrink
@@ -450,12 +461,7 @@ def test_two_workers_leases_never_commit_more_than_the_budget(bankers, steps):
     At every moment what is committed (the bills, the bids still waiting for theirs, what the leases hold) is within
     the budget, and once both workers have given their leases back the spend is exactly the first bill of each
     billed bid."""
-    banker = bankers()
-    if bankers.kind == "redis":
-        banker.client.flushdb()
-    else:
-        for table in ("accounts", "holds", "bids", "impressions"):
-            banker.db.execute(f"DELETE FROM {table}")
+    banker = _emptied(bankers)
     clock = Clock()
     budget = nanos(0.005)
     workers = [_ledger(bankers() if i else banker, clock, _terms(total=0.005), lease_fraction=0.2, holder=f"w{i}")
@@ -507,12 +513,7 @@ def test_a_daily_budget_is_never_overspent_across_midnight_and_each_day_is_charg
     at its price (no notice lost). The bids made on a day never cost more than the daily budget, and the banker's
     account of each day holds exactly their charges: a lease granted before midnight never pays a bid made after
     it (nor the other way round)."""
-    banker = bankers()
-    if bankers.kind == "redis":
-        banker.client.flushdb()
-    else:
-        for table in ("accounts", "holds", "bids", "impressions"):
-            banker.db.execute(f"DELETE FROM {table}")
+    banker = _emptied(bankers)
     clock = Clock(_LAST_MINUTE)
     budget = 0.003
     ledger = _ledger(banker, clock, _terms(daily=budget, timezone="America/New_York"), lease_fraction=0.34)

@@ -4,20 +4,9 @@
 -- Usage: wrk ... -s paced.lua URL -- post BODY_FILE DELAY_MS     (POST one JSON body, as post_json.lua)
 --        wrk ... -s paced.lua URL -- get PATHS_FILE DELAY_MS     (GET each path of the file in turn, one per line;
 --                                                               each thread starts at its own place in the list)
--- done() prints the same "WRK_JSON {...}" line as post_json.lua.
+-- The figures: report.lua (beside this file), as post_json.lua prints them.
 
-local PERCENTILES = {0, 10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95, 97.5, 99, 99.5, 99.9,
-                     99.95, 99.99, 99.999}
-
-statuses = {}
-local threads = {}
-local counter = 0
-
-function setup(thread)
-   thread:set("id", counter)
-   counter = counter + 1
-   table.insert(threads, thread)
-end
+dofile((debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "./") .. "report.lua")
 
 local paths = nil
 local next_path = 1
@@ -56,48 +45,4 @@ function request()
    local path = paths[next_path]
    next_path = next_path % #paths + 1
    return wrk.format("GET", path)
-end
-
-function response(status, headers, body)
-   statuses[status] = (statuses[status] or 0) + 1
-end
-
-local function number(x)
-   if x ~= x or x == math.huge or x == -math.huge then
-      return "null"
-   end
-   return string.format("%.17g", x)
-end
-
-function done(summary, latency, requests)
-   local merged = {}
-   for _, thread in ipairs(threads) do
-      local counts = thread:get("statuses")
-      if counts then
-         for status, count in pairs(counts) do
-            merged[status] = (merged[status] or 0) + count
-         end
-      end
-   end
-   local status_parts = {}
-   for status, count in pairs(merged) do
-      table.insert(status_parts, string.format('"%d": %d', status, count))
-   end
-   local percentile_parts = {}
-   for _, p in ipairs(PERCENTILES) do
-      table.insert(percentile_parts, string.format("[%.10g, %s]", p, number(latency:percentile(p))))
-   end
-   local errors = summary.errors
-   io.write("WRK_JSON {",
-      '"duration_us": ', number(summary.duration), ", ",
-      '"requests": ', number(summary.requests), ", ",
-      '"bytes": ', number(summary.bytes), ", ",
-      '"errors": {"connect": ', number(errors.connect), ', "read": ', number(errors.read),
-      ', "write": ', number(errors.write), ', "status": ', number(errors.status),
-      ', "timeout": ', number(errors.timeout), "}, ",
-      '"latency_us": {"min": ', number(latency.min), ', "max": ', number(latency.max),
-      ', "mean": ', number(latency.mean), ', "stdev": ', number(latency.stdev), "}, ",
-      '"percentiles_us": [', table.concat(percentile_parts, ", "), "], ",
-      '"statuses": {', table.concat(status_parts, ", "), "}",
-      "}\n")
 end
