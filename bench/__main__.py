@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from pathlib import Path
@@ -109,81 +110,38 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+#: the commands other than load: the module whose ``main(argv)`` runs each (imported only when chosen), and its help
+SUBCOMMANDS = {
+    "echo": ("bench.echo", "run the echo server alone"),
+    "baseline": ("bench.baseline", "run the FastAPI baseline alone"),
+    "retrieval": ("bench.retrieval", "two-tower retrieval against exhaustive ranking"),
+    "replay": ("bench.replay", "replay a held-out synthetic bid log: truthful, fixed, model and oracle shading"),
+    "shading": ("bench.shading", "in-process cost of first-price shading: at=1 vs at=2"),
+    "bundles": ("bench.bundles", "in-process cost of two or more bundles taking turns"),
+    "reload": ("bench.reload", "requests served while the catalog reloads"),
+    "history": ("bench.history", "the benchmark history page from bench/results/"),
+    "exchange": ("bench.exchange.cli", "a simulated exchange: a day of auctions, notices and clicks against OpenRTB "
+                                       "bidders"),
+    "loop": ("bench.loop", "the learning loop on the simulated exchange: days of logs, train on them, serve the "
+                           "result"),
+    "events": ("bench.events", "the event log's cost per event and what a kill -9 loses"),
+    "budgets": ("bench.budgets", "budgets, even pacing and the spend ledger on the simulated exchange: a day per "
+                                 "budget fraction"),
+    "pacing": ("bench.pacing", "even pacing against asap over simulated days of the synthetic market"),
+    "notices": ("bench.notice_load", "the notice routes over HTTP beside bidding, both paced"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     commands = parser.add_subparsers(dest="command", required=True)
     load = commands.add_parser("load", help="wrk load test of the bidder against the echo ceiling")
     add_load_arguments(load)
-    commands.add_parser("echo", help="run the echo server alone (see python -m bench echo -h)", add_help=False)
-    commands.add_parser("baseline", help="run the FastAPI baseline alone (see python -m bench baseline -h)",
-                        add_help=False)
-    commands.add_parser("retrieval", help="two-tower retrieval against exhaustive ranking (see python -m bench "
-                                          "retrieval -h)", add_help=False)
-    commands.add_parser("replay", help="replay a held-out synthetic bid log: truthful, fixed, model and oracle "
-                                       "shading (see python -m bench replay -h)", add_help=False)
-    commands.add_parser("shading", help="in-process cost of first-price shading: at=1 vs at=2 (see python -m bench "
-                                        "shading -h)", add_help=False)
-    commands.add_parser("bundles", help="in-process cost of two or more bundles taking turns (see python -m bench "
-                                        "bundles -h)", add_help=False)
-    commands.add_parser("reload", help="requests served while the catalog reloads (see python -m bench reload -h)",
-                        add_help=False)
-    commands.add_parser("history", help="the benchmark history page from bench/results/ (see python -m bench "
-                                        "history -h)", add_help=False)
-    commands.add_parser("exchange", help="a simulated exchange: a day of auctions, notices and clicks against "
-                                         "OpenRTB bidders (see python -m bench exchange -h)", add_help=False)
-    commands.add_parser("loop", help="the learning loop on the simulated exchange: days of logs, train on them, "
-                                     "serve the result (see python -m bench loop -h)", add_help=False)
-    commands.add_parser("events", help="the event log's cost per event and what a kill -9 loses (see python -m "
-                                       "bench events -h)", add_help=False)
-    commands.add_parser("budgets", help="budgets, even pacing and the spend ledger on the simulated exchange: a day per "
-                                        "budget fraction (see python -m bench budgets -h)", add_help=False)
-    commands.add_parser("pacing", help="even pacing against asap over simulated days of the synthetic market "
-                                       "(see python -m bench pacing -h)", add_help=False)
-    commands.add_parser("notices", help="the notice routes over HTTP beside bidding, both paced (see python -m bench "
-                                        "notices -h)", add_help=False)
+    for name, (module, what) in SUBCOMMANDS.items():  # each parses its own arguments
+        commands.add_parser(name, help=f"{what} (see python -m bench {name} -h)", add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "loop":
-        from bench.loop import main as loop_main
-        return loop_main(rest)
-    if args.command == "budgets":
-        from bench.budgets import main as budgets_main
-        return budgets_main(rest)
-    if args.command == "notices":
-        from bench.notice_load import main as notices_main
-        return notices_main(rest)
-    if args.command == "pacing":
-        from bench.pacing import main as pacing_main
-        return pacing_main(rest)
-    if args.command == "events":
-        from bench.events import main as events_main
-        return events_main(rest)
-    if args.command == "history":
-        from bench.history import main as history_main
-        return history_main(rest)
-    if args.command == "exchange":
-        from bench.exchange.cli import main as exchange_main
-        return exchange_main(rest)
-    if args.command == "reload":
-        from bench.reload import main as reload_main
-        return reload_main(rest)
-    if args.command == "bundles":
-        from bench.bundles import main as bundles_main
-        return bundles_main(rest)
-    if args.command == "shading":
-        from bench.shading import main as shading_main
-        return shading_main(rest)
-    if args.command == "retrieval":
-        from bench.retrieval import main as retrieval_main
-        return retrieval_main(rest)
-    if args.command == "echo":
-        from bench.echo import main as echo_main
-        return echo_main(rest)
-    if args.command == "baseline":
-        from bench.baseline import main as baseline_main
-        return baseline_main(rest)
-    if args.command == "replay":
-        from bench.replay import main as replay_main
-        return replay_main(rest)
+    if args.command in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[args.command][0]).main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # SIGTERM's default action would skip the `finally` blocks that stop the servers and leave them
