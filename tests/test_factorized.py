@@ -71,6 +71,19 @@ def fill(f: FactorizedScorer, imps: list[dict], row_imp, row_cand) -> int:
     return len(row_imp)
 
 
+def assert_scores_as_model_onnx(bundle, catalog, records: list[dict]) -> None:
+    """The bundle's factorized graphs score 4 imps x every candidate (64 rows) as its model.onnx does."""
+    scorer = Scorer(bundle)
+    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)  # the load-time parity check
+    layers = [c.layer for c in catalog.candidates]
+    f.set_candidates(layers)
+    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
+    expected = canonical(scorer, records[:4], layers, row_imp, row_cand)
+    assert expected.std() > 1e-3
+    np.testing.assert_allclose(f.run(4, fill(f, records[:4], row_imp, row_cand)), expected, rtol=0,
+                               atol=TOLERANCE)
+
+
 # -- the split ----------------------------------------------------------------------------------------------
 def test_candidate_fields_are_the_catalog_layer_keys(catalog):
     assert all(tuple(c.layer) == CANDIDATE_FIELDS for c in catalog.candidates)
@@ -291,15 +304,7 @@ def test_the_calibration_folded_into_the_factorized_graphs_scores_as_model_onnx(
     graph = onnx.load(str(bundle / FACTORIZED_FILE)).graph
     assert not {"calibration_scale", "calibration_shift"} & {t.name for t in graph.initializer}
     assert [n.op_type for n in graph.node].count("Mul") == 1  # the imp side's squares, nothing after the split
-    scorer = Scorer(bundle)
-    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)
-    layers = [c.layer for c in catalog.candidates]
-    f.set_candidates(layers)
-    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
-    expected = canonical(scorer, sample_records[:4], layers, row_imp, row_cand)
-    assert expected.std() > 1e-3
-    np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)), expected, rtol=0,
-                               atol=TOLERANCE)
+    assert_scores_as_model_onnx(bundle, catalog, sample_records)
 
 
 @pytest.mark.parametrize("overrides", [{"usertag_combiner": "mean"}, {"dnn_hidden_units": [32]},
@@ -388,15 +393,7 @@ def test_compressed_tables_stay_compressed_in_factorized_graphs_equal_to_model_o
             assert tables[f"{side}.single_table_scale"] == model["embeddings.single_table_scale"]
             assert tables[f"{side}.single_table_zero_point"] == model["embeddings.single_table_zero_point"]
     assert (bundle / FACTORIZED_FILE).stat().st_size < 0.6 * (tmp_path / "source" / "model.onnx").stat().st_size
-    scorer = Scorer(bundle)
-    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)  # the load-time parity check
-    layers = [c.layer for c in catalog.candidates]
-    f.set_candidates(layers)
-    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
-    expected = canonical(scorer, sample_records[:4], layers, row_imp, row_cand)
-    assert expected.std() > 1e-3
-    np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)), expected, rtol=0,
-                               atol=TOLERANCE)
+    assert_scores_as_model_onnx(bundle, catalog, sample_records)  # after the load-time parity check
 
 
 @pytest.fixture(scope="module")
