@@ -309,6 +309,9 @@ _operations = st.lists(st.one_of(
 
 _WIN_EXPIRES_THEN_BILLED = [("sync", "a", 0), ("reserve", "a", 500_000), ("win", 0, 400_000), ("sync", "a", 0),
                             ("sync", "a", 40), ("bill", 0, 300_000), ("sync", "a", 0)]
+#: a win relayed by the other holder after its bid's window, before the bid's own holder reported it
+_LATE_WIN_OF_AN_UNREPORTED_BID = [("sync", "a", 0), ("reserve", "a", 250_000), ("sync", "b", 40), ("win", 0, 1),
+                                  ("sync", "b", 0)]
 _BILL_BEFORE_REPORT = [("sync", "a", 0), ("sync", "b", 0), ("reserve", "a", 750_000), ("bill", 0, 500_000),
                        ("sync", "b", 0), ("sync", "a", 0), ("sync", "a", 40)]
 
@@ -316,6 +319,7 @@ _BILL_BEFORE_REPORT = [("sync", "a", 0), ("sync", "b", 0), ("reserve", "a", 750_
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @example(operations=_WIN_EXPIRES_THEN_BILLED)
 @example(operations=_BILL_BEFORE_REPORT)
+@example(operations=_LATE_WIN_OF_AN_UNREPORTED_BID)
 @given(operations=_operations)
 def test_the_ledger_arithmetic_matches_a_plain_model(bankers, operations):
     """Reservations, bills (late ones too), wins, losses and expiries in any order, from two holders."""
@@ -343,7 +347,9 @@ def test_the_ledger_arithmetic_matches_a_plain_model(bankers, operations):
         elif op in ("bill", "win", "loss") and who < n:
             bid = f"bid{who}"
             price = min(value, model.bids[bid]["amount"])
-            notices.append(Settlement(bid, op, "c", price, model.bids[bid]["amount"], "2026-12-07", now + 30))
+            # a notice's expiry is its bid's (its token's issue time + window), whenever the notice arrives
+            notices.append(Settlement(bid, op, "c", price, model.bids[bid]["amount"], "2026-12-07",
+                                      model.bids[bid]["expires"]))
         elif op == "sync":
             now += value
             model.leases[who] = held[who]
