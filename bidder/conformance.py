@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 __all__ = ["API_FRAMEWORKS", "ATTRIBUTES", "BANNER_TYPES", "CONTENT_TAXONOMY_1", "IAB_CONTENT_1", "NOTHING_EXCLUDED",
-           "NO_META", "REMEMBERED", "TAXONOMY_FILE", "BlockingIndex", "CreativeMeta", "Exclusion", "Seats",
-           "content_categories", "exclude"]
+           "NO_META", "NO_RULES", "REMEMBERED", "TAXONOMY_FILE", "BlockingIndex", "CreativeMeta", "Exclusion",
+           "RequestRules", "Seats", "content_categories", "exclude"]
 
 #: ``cattax`` 1: the IAB Content Category Taxonomy 1.0 (OpenRTB 2.5 list 5.1), the one taxonomy shipped
 CONTENT_TAXONOMY_1 = 1
@@ -102,17 +102,38 @@ class Seats(NamedTuple):
         return cls(frozenset(bseat or ()), None if wseat is None else frozenset(wseat))
 
 
-class Exclusion(NamedTuple):
+class Exclusion:
     """The candidates a request (and imp) exclude: ``rules`` as (reason, candidate positions), ``excluded`` their
-    union."""
-    rules: tuple[tuple[str, frozenset[int]], ...]
-    excluded: frozenset[int]
+    union. ``kept`` remembers what is left of each tuple of candidates it met: the same few rule sets (remembered by
+    ``BlockingIndex``) meet the same few tuples (a size's candidates, handed out as they are without targeting)."""
+
+    __slots__ = ("rules", "excluded", "_kept")
+
+    def __init__(self, rules: tuple[tuple[str, frozenset[int]], ...], excluded: frozenset[int]):
+        self.rules = rules
+        self.excluded = excluded
+        self._kept: dict[int, tuple[Sequence, Sequence]] = {}  # id of a candidate tuple -> (it, what is kept)
+
+    def __repr__(self) -> str:
+        return f"Exclusion(rules={self.rules!r}, excluded={self.excluded!r})"
 
     def extended(self, more: Sequence[tuple[str, frozenset[int]]]) -> Exclusion:
         if not more:
             return self
         excluded = self.excluded.union(*(positions for _, positions in more))
         return Exclusion(self.rules + tuple(more), excluded)
+
+    def kept(self, candidates: Sequence) -> Sequence:
+        """``exclude(candidates, self.excluded)``, remembered (the tuple is held with its id, so the id is not
+        reused while remembered)."""
+        found = self._kept.get(id(candidates))
+        if found is not None and found[0] is candidates:
+            return found[1]
+        kept = exclude(candidates, self.excluded)
+        if len(self._kept) >= KEPT_REMEMBERED:
+            self._kept.clear()
+        self._kept[id(candidates)] = (candidates, kept)
+        return kept
 
     def reason(self, candidates: Sequence) -> str:
         """The rule that removed the last of ``candidates`` (all of which this excludes)."""
@@ -124,7 +145,20 @@ class Exclusion(NamedTuple):
         raise AssertionError("the candidates are not all excluded")
 
 
+#: candidate tuples an exclusion remembers what it keeps of (a catalog's sizes; targeting builds new ones)
+KEPT_REMEMBERED = 256
 NOTHING_EXCLUDED = Exclusion((), frozenset())
+
+
+class RequestRules(NamedTuple):
+    """What a request's own fields decide for every imp of it (``BlockingIndex.request``)."""
+    seats: Seats | None       # its ``bseat``/``wseat``, when it has either
+    seat_ok: bool             # the bidder's own seat may bid (else only deal bids through an allowed seat)
+    exclusion: Exclusion      # the request-level rules (``bcat``, ``bapp``, no consent)
+    blocked: frozenset[str]   # ``badv``: advertisers blocked (the targeting reads it, ``Catalog.eligible``)
+
+
+NO_RULES = RequestRules(None, True, NOTHING_EXCLUDED, frozenset())
 
 
 def exclude(candidates: Sequence, excluded: frozenset[int]) -> Sequence:
@@ -158,39 +192,37 @@ class BlockingIndex:
         self.by_mime = _index((mime, i) for i, m in metas for mime in m.mimes)
         self.by_api = _index((api, i) for i, m in metas for api in m.api)
         self.needs_api = bool(self.by_api)  # some creative needs an API framework: every slot is checked for it
-        self._requests: dict[tuple, Exclusion] = {}  # the rules' answers, by the lists that asked
+        self._requests: dict[tuple, RequestRules] = {}  # the rules' answers, by the lists that asked
         self._imps: dict[tuple, Exclusion] = {}
-        self._kept: dict[tuple, tuple] = {}  # (id of a candidate tuple, excluded) -> (that tuple, what is kept)
-
-    def kept(self, candidates: Sequence, excluded: frozenset[int]) -> Sequence:
-        """``exclude``, remembered for the catalog's own tuples (a size's candidates, handed out as they are when
-        no targeting applies): the same few rule sets meet the same few tuples."""
-        key = (id(candidates), excluded)
-        found = self._kept.get(key)
-        if found is not None and found[0] is candidates:
-            return found[1]
-        kept = exclude(candidates, excluded)
-        _remember(self._kept, key, (candidates, kept))
-        return kept
 
     def _any(self, index: dict, values: Iterable) -> frozenset[int]:
         found = [index[v] for v in values if v in index]
         return found[0] if len(found) == 1 else _EMPTY.union(*found)
 
-    def request_rules(self, bcat: tuple[str, ...] | None, cattax: int, bapp: tuple[str, ...] | None,
-                      personal_ok: bool) -> Exclusion:
-        """The request-level rules, in the table's order (``NOTHING_EXCLUDED`` when none applies). An exchange sends
-        the same lists again and again (a publisher's settings), so the answer is remembered by them."""
-        key = (bcat or (), cattax, bapp or (), personal_ok)
+    def request(self, request, personal_ok: bool, own_seat: str) -> RequestRules:
+        """What ``request``'s seats and request-level rules decide for the bidder's ``own_seat``, with its personal
+        data usable or not (``NO_RULES`` when it has no such field and ``personal_ok``). An exchange sends the same
+        lists again and again (a publisher's settings), so the answer is remembered by them."""
+        if (personal_ok and request.bcat is None and request.bapp is None and request.bseat is None
+                and request.wseat is None and request.badv is None):
+            return NO_RULES
+        key = (request.bcat, request.cattax, request.bapp, request.bseat, request.wseat, request.badv, personal_ok,
+               own_seat)
         found = self._requests.get(key)
         if found is None:
-            found = _remember(self._requests, key, self._request_rules(bcat, cattax, bapp, personal_ok))
+            found = _remember(self._requests, key, self._request(request, personal_ok, own_seat))
         return found
+
+    def _request(self, request, personal_ok: bool, own_seat: str) -> RequestRules:
+        seats = Seats.of(request.bseat, request.wseat) if request.bseat or request.wseat else None
+        return RequestRules(seats, seats is None or seats.allows(own_seat),
+                            self._request_rules(request.bcat, request.cattax, request.bapp, personal_ok),
+                            frozenset(request.badv or ()))
 
     def imp_rules(self, exclusion: Exclusion, banner) -> Exclusion:
         """``exclusion`` extended by the rules of one banner (``battr``, ``btype``, ``mimes``, ``api``); remembered as
         the request's rules are."""
-        key = (exclusion.rules, banner.battr or (), banner.btype or (), banner.mimes or (), banner.api or ())
+        key = (exclusion, banner.battr, banner.btype, banner.mimes, banner.api)  # an exclusion hashes by identity
         found = self._imps.get(key)
         if found is None:
             found = _remember(self._imps, key, exclusion.extended(self._banner_rules(banner)))

@@ -38,7 +38,7 @@ from bidder.batch import Batch, Outcome, Pending, empty_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.clock import read_clock
-from bidder.conformance import NOTHING_EXCLUDED, Exclusion, Seats
+from bidder.conformance import NO_RULES, NOTHING_EXCLUDED, Exclusion
 from bidder.deals import deal_candidates, seat_bids
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
@@ -48,7 +48,7 @@ from bidder.notices import Notices, micros
 from bidder.openrtb import (BANNER, DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid,
                             decode_predict, decode_request, encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import DealOffer, best_rows, floored_price
-from bidder.privacy import personal_data, withhold
+from bidder.privacy import PRIVACY_CASES, personal_data, withhold
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
@@ -62,7 +62,6 @@ class _PredictResponse(msgspec.Struct):
     model: str
 
 
-_NOTHING_BLOCKED: frozenset[str] = frozenset()
 #: a bid's window (seconds) for its reservation's expiry when notices are off (bidder.notices' default)
 DEFAULT_WINDOW_S = 600
 _FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
@@ -119,6 +118,7 @@ class BidEngine:
             factorized.set_candidates([c.layer for c in catalog.candidates])
         self.market = market  # the bundle's win-price model; None: first-price imps are bid at their value
         self.metrics = metrics
+        self._privacy_counts = {case: metrics.privacy.labels(case) for case in PRIVACY_CASES}
         self.utc_offset_hours = utc_offset_hours
         # Unix seconds every request is taken to arrive at (examples, tests), or a clock to read them from
         # (bidder.clock.Clock: a simulated day); None: the wall clock
@@ -172,19 +172,24 @@ class BidEngine:
             return self._no_bid("currency")
         shared = request_fields(request, exchange, now=read_clock(self.now), utc_offset_hours=self.utc_offset_hours)
         domain = shared["domain"]
-        blocked = frozenset(request.badv) if request.badv else _NOTHING_BLOCKED
         paused = self.ledger.paused if self.ledger is not None else None
         # -- conformance: privacy signals, seats, the request's blocking rules (bidder/privacy.py, conformance.py)
         if request.regs is not None:
-            self._privacy(pending, shared)
-        if request.bseat or request.wseat:
-            pending.seats = Seats.of(request.bseat, request.wseat)
-            if not pending.seats.allows(DEFAULT_SEAT) and not any(imp.pmp for imp in request.imp):
-                return self._no_bid("blocked_seat")
+            personal_ok, case = personal_data(request)
+            if case is not None:
+                self._privacy_counts[case].inc()
+            if not personal_ok:
+                pending.personal_ok = False
+                withhold(shared)
         blocking = catalog.blocking
-        exclusion = NOTHING_EXCLUDED
-        if request.bcat or request.bapp or not pending.personal_ok:
-            exclusion = blocking.request_rules(request.bcat, request.cattax, request.bapp, pending.personal_ok)
+        rules = blocking.request(request, pending.personal_ok, DEFAULT_SEAT)
+        seat_ok = rules.seat_ok
+        if rules is not NO_RULES:
+            pending.seats = rules.seats
+            if not seat_ok and not any(imp.pmp for imp in request.imp):
+                return self._no_bid("blocked_seat")
+        exclusion = rules.exclusion
+        blocked = rules.blocked
         needs_api = blocking.needs_api
         cny_per_usd = catalog.currencies.cny_per_usd
         if self.retriever is not None:
@@ -199,7 +204,7 @@ class BidEngine:
                 pending.imp_reason = self._count_imp(pending.imp_reason, "unsupported_format" if imp.banner is None
                                                      else "no_eligible_creative")
                 continue
-            if pending.seats is not None and imp.pmp is None and not pending.seats.allows(DEFAULT_SEAT):
+            if not seat_ok and imp.pmp is None:
                 pending.imp_reason = self._count_imp(pending.imp_reason, "blocked_seat")
                 continue
             banner = imp.banner
@@ -244,24 +249,16 @@ class BidEngine:
         pending.floors[i] = imp.bidfloor / rate
         return True
 
-    def _privacy(self, pending: Pending, shared: dict) -> None:
-        """Read the request's privacy signals; without consent its personal fields are blanked before any record
-        is built, and its imps are marked (``Pending.personal_ok``: no frequency cap by user)."""
-        ok, case = personal_data(pending.request)
-        if case is not None:
-            self.metrics.privacy.labels(case).inc()
-        if not ok:
-            pending.personal_ok = False
-            withhold(shared)
-
     def _add_candidates(self, pending: Pending, i: int, imp: Imp, record: dict,
                         per_size: Sequence[Sequence[Candidate]], at: int | None = None,
                         exclusion: Exclusion = NOTHING_EXCLUDED) -> None:
         """Give imp ``i`` its eligible candidates of every size, less those the request's rules exclude, kept to its
         deals' buyers in a private auction (appended, or set at its position ``at`` in the request's imps once
         retrieval chose them); an imp left without any counts its reason."""
-        if exclusion.excluded:
-            kept = [self.catalog.blocking.kept(eligible, exclusion.excluded) for eligible in per_size]
+        excluded = exclusion.excluded
+        if excluded:
+            kept_of = exclusion.kept
+            kept = [kept_of(per_size[0])] if len(per_size) == 1 else [kept_of(e) for e in per_size]
             if not any(kept) and any(per_size):
                 pending.imp_reason = self._count_imp(pending.imp_reason,
                                                      exclusion.reason([c for e in per_size for c in e]))

@@ -135,13 +135,13 @@ class User(msgspec.Struct, gc=False):
     ext: UserExt | None = None
 
 
-class RegsExt(msgspec.Struct, gc=False):
+class RegsExt(msgspec.Struct, frozen=True, gc=False):
     """2.5 and Prebid carry the privacy signals in ``regs.ext`` (2.6 moved them into ``regs``)."""
     gdpr: Any = None
     us_privacy: Any = None
 
 
-class Regs(msgspec.Struct, gc=False):
+class Regs(msgspec.Struct, frozen=True, gc=False):
     coppa: Any = None       # 1: the audience is children (COPPA)
     gdpr: Any = None        # 1: GDPR applies
     us_privacy: Any = None  # the IAB CCPA string ("1YNN")
@@ -164,7 +164,7 @@ class BidRequest(msgspec.Struct, gc=False):
     user: User | None = None
     tmax: Annotated[int, msgspec.Meta(ge=0)] | None = None
     cur: list[str] | None = None
-    badv: list[str] | None = None
+    badv: tuple[str, ...] | None = None
     test: int = 0
     at: int = SECOND_PRICE  # auction type: 1 first price, 2 second price plus (the OpenRTB default)
     # -- conformance (bidder/conformance.py, bidder/privacy.py): blocking rules and privacy signals
@@ -172,8 +172,8 @@ class BidRequest(msgspec.Struct, gc=False):
     bcat: tuple[str, ...] | None = None  # blocked content categories, of taxonomy ``cattax``
     cattax: int = 1                 # 1: IAB Content Category Taxonomy 1.0 (the OpenRTB 2.6 default)
     bapp: tuple[str, ...] | None = None  # blocked app bundles (an app-install creative's ``bundle``)
-    bseat: list[str] | None = None  # buyer seats that may not bid
-    wseat: list[str] | None = None  # the only buyer seats that may bid
+    bseat: tuple[str, ...] | None = None  # buyer seats that may not bid
+    wseat: tuple[str, ...] | None = None  # the only buyer seats that may bid
     regs: Regs | None = None
 
 

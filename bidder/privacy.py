@@ -78,22 +78,46 @@ def _ints(value: object) -> list[int]:
     return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
 
 
+#: decisions remembered per (regs, consent string); past this many the memory starts again
+REMEMBERED = 4096
+_decided: dict[tuple, tuple[bool, str | None]] = {}
+
+
 def personal_data(request) -> tuple[bool, str | None]:
     """(whether the request's personal data may be used, the case that decided it: one of ``PRIVACY_CASES``, or
-    None without any signal)."""
+    None without any signal). Remembered by the request's ``regs`` and consent string: an exchange's signals and a
+    user's string come back with each of their requests."""
     regs = request.regs
     if regs is None:
         return True, None
+    user = request.user
+    consent = None
+    if user is not None:
+        consent = user.consent if user.consent is not None else (user.ext.consent if user.ext is not None else None)
+    ext = regs.ext
+    # a boolean flag is no OpenRTB flag, but True == 1 as keys: such regs are decided afresh
+    if (regs.gdpr.__class__ is bool or regs.coppa.__class__ is bool
+            or (ext is not None and ext.gdpr.__class__ is bool)):
+        return _decide(regs, consent)
+    key = (regs, consent)
+    try:
+        found = _decided.get(key)
+    except TypeError:  # a list (``gpp_sid``) or an object among the signals: not remembered
+        return _decide(regs, consent)
+    if found is None:
+        if len(_decided) >= REMEMBERED:
+            _decided.clear()
+        found = _decided[key] = _decide(regs, consent)
+    return found
+
+
+def _decide(regs, consent: object) -> tuple[bool, str | None]:
     ext = regs.ext
     if regs.coppa is not None and _one(regs.coppa):
         return False, "coppa"
     sections = _ints(regs.gpp_sid) if regs.gpp_sid is not None else ()
     case = None
     if _one(regs.gdpr) or (ext is not None and _one(ext.gdpr)) or (sections and GPP_TCF_EU in sections):
-        user = request.user
-        consent = None
-        if user is not None:
-            consent = user.consent if user.consent is not None else (user.ext.consent if user.ext else None)
         bits = _purpose_bits(consent) if isinstance(consent, str) else None
         if bits is None:
             return False, "gdpr_bad_consent"

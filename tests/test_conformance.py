@@ -213,6 +213,12 @@ def test_privacy_signals_decide_per_the_documented_policy():
     assert decide(regs={"coppa": "1"}) == (False, "coppa")          # "1" as a string says the same
     assert decide(regs={"coppa": True, "gdpr": True}) == (True, None)  # a boolean is no OpenRTB flag
     assert decide(regs={"us_privacy": "1YXN"}) == (False, "us_privacy_opt_out")  # neither N nor -: unreadable
+    # decisions are remembered by regs and consent; a boolean flag (True == 1 as a key) is never taken for 1
+    for regs, expected in (({"gdpr": 1}, (False, "gdpr_bad_consent")), ({"gdpr": True}, (True, None)),
+                           ({"coppa": 1}, (False, "coppa")), ({"coppa": True}, (True, None)),
+                           ({"ext": {"gdpr": 1}}, (False, "gdpr_bad_consent")), ({"ext": {"gdpr": True}}, (True, None))):
+        assert decide(regs=regs) == decide(regs=regs) == expected
+    assert decide(regs={"gpp_sid": [7]}) == decide(regs={"gpp_sid": [7]}) == (False, "gpp_section")  # a list: no key
 
 
 def test_withholding_blanks_the_personal_fields_and_keeps_the_rest():
