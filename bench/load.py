@@ -53,6 +53,9 @@ BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-r
                    # the bidder answering the body with the blocking rules and privacy signals of RULES added
                    # (none of which blocks its bid): what honouring them costs
                    "bidder-rules": (),
+                   # the same bytes with every rule field renamed so nothing reads it (``unread_rules``): beside
+                   # bidder-rules, what honouring the rules costs apart from receiving a longer request
+                   "bidder-rules-unread": (),
                    # JSON log lines: the bid path logs nothing per request, so this should cost nothing
                    "bidder-jsonlog": ("--log-format", "json")}
 #: what ``bidder-rules`` adds to the body: categories, advertisers and a seat blocked, and per banner imp attributes,
@@ -208,14 +211,33 @@ def with_rules(body: bytes) -> bytes:
     return json.dumps(request).encode()
 
 
+def unread_rules(body: bytes) -> bytes:
+    """``with_rules(body)`` with every rule field's name changed in its first letter (``bcat`` → ``xcat``): the same
+    bytes, which the bidder skips as fields it does not know."""
+    request = json.loads(with_rules(body))
+    unread = {f"x{key[1:]}": value for key, value in request.items() if key in RULES}
+    request = {key: value for key, value in request.items() if key not in RULES} | unread
+    request["user"]["xonsent"] = request["user"].pop("consent")
+    for imp in request.get("imp", []):
+        banner = imp.get("banner")
+        if isinstance(banner, dict):
+            imp["banner"] = {(f"x{key[1:]}" if key in RULES_BANNER else key): value for key, value in banner.items()}
+    return json.dumps(request).encode()
+
+
+#: the body variants some servers are measured with, from ``config.body``
+BODY_VARIANTS = {"bidder-rules": with_rules, "bidder-rules-unread": unread_rules}
+
+
 def bodies(config: LoadConfig) -> dict[str, Path]:
-    """The body file each server is measured with: ``config.body``, and for ``bidder-rules`` a copy with the
-    rules."""
+    """The body file each server is measured with: ``config.body``, and for ``bidder-rules`` (and
+    ``bidder-rules-unread``) a copy with the rules (renamed)."""
     out = {name: config.body for name in config.servers}
-    if "bidder-rules" in out:
-        path = Path(tempfile.mkdtemp(prefix="bench-rules-body-")) / f"rules-{config.body.name}"
-        path.write_bytes(with_rules(config.body.read_bytes()))
-        out["bidder-rules"] = path
+    for name, make in BODY_VARIANTS.items():
+        if name in out:
+            path = Path(tempfile.mkdtemp(prefix="bench-rules-body-")) / f"{name}-{config.body.name}"
+            path.write_bytes(make(config.body.read_bytes()))
+            out[name] = path
     return out
 
 
@@ -257,16 +279,16 @@ def preflight(name: str, url: str, body: bytes, allow_no_bid: bool) -> dict:
 
 
 def price_agreement(preflights: dict) -> str | None:
-    """A note when the baseline's (or bidder-rules') preflight prices differ from the bidder's: then it does
+    """A note when the baseline's (or a rules body's) preflight prices differ from the bidder's: then it does
     other work."""
     notes = []
     for key, check in preflights.items():
         name, _, workers = key.partition("/")
         bidder = preflights.get(f"bidder/{workers}")
-        if name not in ("fastapi", "bidder-rules") or bidder is None or "prices" not in check or "prices" not in bidder:
+        if name not in ("fastapi", *BODY_VARIANTS) or bidder is None or "prices" not in check or "prices" not in bidder:
             continue
         if check["prices"] != bidder["prices"]:
-            who = "fastapi baseline" if name == "fastapi" else "bidder-rules (the body with the rules)"
+            who = "fastapi baseline" if name == "fastapi" else f"{name} (the body with the rules)"
             notes.append(f"{who} priced the body {check['prices']} where the bidder priced it "
                          f"{bidder['prices']} ({workers}): it is not doing the same work (or the hour changed "
                          f"between the two preflights)")

@@ -255,10 +255,8 @@ class BidEngine:
         """Give imp ``i`` its eligible candidates of every size, less those the request's rules exclude, kept to its
         deals' buyers in a private auction (appended, or set at its position ``at`` in the request's imps once
         retrieval chose them); an imp left without any counts its reason."""
-        excluded = exclusion.excluded
-        if excluded:
-            kept_of = exclusion.kept
-            kept = [kept_of(per_size[0])] if len(per_size) == 1 else [kept_of(e) for e in per_size]
+        if exclusion.excluded:
+            kept = [exclusion.kept(e) for e in per_size] if len(per_size) > 1 else (exclusion.kept(per_size[0]),)
             if not any(kept) and any(per_size):
                 pending.imp_reason = self._count_imp(pending.imp_reason,
                                                      exclusion.reason([c for e in per_size for c in e]))

@@ -655,6 +655,7 @@ async def test_the_rules_body_carries_every_rule_and_leaves_the_bid_as_it_is(aio
     them all and still bid as on the plain body (else the run would time other work)."""
     from bench.load import DEFAULT_BODY, RULES, RULES_BANNER, bodies, with_rules
     from bidder.app import Config, create_app
+    from bidder.openrtb import decode_request
     from bidder.privacy import REQUIRED_PURPOSES, tcf_purposes
 
     plain = DEFAULT_BODY.read_bytes()
@@ -669,9 +670,17 @@ async def test_the_rules_body_carries_every_rule_and_leaves_the_bid_as_it_is(aio
         assert response.status == 200
         answers.append(await response.json())
     assert answers[0] == answers[1]
-    config = LoadConfig(servers=("bidder", "bidder-rules"))
+    config = LoadConfig(servers=("bidder", "bidder-rules", "bidder-rules-unread"))
     files = bodies(config)
     assert files["bidder"] == DEFAULT_BODY and json.loads(files["bidder-rules"].read_bytes()) == ruled
+    # the unread body: the same bytes, no rule under a name the bidder reads, and the same bid
+    unread = files["bidder-rules-unread"].read_bytes()
+    assert len(unread) == len(files["bidder-rules"].read_bytes())
+    request = decode_request(unread)
+    assert not (request.bcat or request.badv or request.bseat or request.regs or request.user.consent)
+    assert not any(imp.banner.battr or imp.banner.btype or imp.banner.mimes for imp in request.imp)
+    response = await client.post("/bid", data=unread)
+    assert response.status == 200 and await response.json() == answers[0]
     assert "not doing the same work" in price_agreement({"bidder/workers=1": {"prices": [1.0]},
                                                         "bidder-rules/workers=1": {"prices": [2.0]}})
 
