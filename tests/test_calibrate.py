@@ -1,5 +1,7 @@
-"""Calibration: the Bayesian Platt fit recovers a known map and shrinks with few clicks, a map that does not help on
-held-out rows is not kept, ECE, and every exported graph carries the calibration within 1e-6."""
+"""Calibration: the Bayesian Platt fit recovers a known map and shrinks with few clicks, the served keep rule keeps a
+level its posterior is sure of and exports the identity otherwise, a map that does not help on held-out rows is not
+kept by the log-loss rules, ECE, the study saves and re-scores its predictions, and every exported graph carries the
+calibration within 1e-6."""
 from __future__ import annotations
 
 import json
@@ -11,8 +13,9 @@ import pytest
 from bidder.factorized import FactorizedScorer
 from bidder.scorer import Scorer
 from bidder.spec import default_spec
-from train.calibrate import (IDENTITY, MISMATCH_SD, Calibration, apply, choose, choose_by_halves,
-                             expected_calibration_error, fit_level, fit_platt, truth_summary)
+from train.calibrate import (IDENTITY, KEEP_COVERAGE, MISMATCH_SD, Calibration, apply, choose, choose_by_folds,
+                             choose_by_posterior, choose_for_serving, expected_calibration_error, fit_level, fit_platt,
+                             held_out_logloss, keep_always, truth_summary)
 from train.data.dataset import load_dataset
 from train.errors import ParityError, TrainError
 from train.export import CALIBRATION_SCALE, CALIBRATION_SHIFT, check_parity, export_lean
@@ -107,17 +110,118 @@ def test_the_scale_is_fitted_on_validation_rows_when_they_hold_enough_clicks():
     assert apply(probs, fit.calibration).mean() == pytest.approx(labels.mean(), rel=0.05)
 
 
-def test_choose_by_halves_keeps_a_level_that_holds_on_unseen_validation_rows():
+def _model_rows(rng, n, level):
+    """``n`` predictions and clicks drawn at ``level`` times the odds the model predicts."""
+    z = rng.normal(-4.3, 0.9, n)
+    return 1 / (1 + np.exp(-z)), rng.random(n) < 1 / (1 + np.exp(-(z + np.log(level))))
+
+
+def _factor(choice, probs):
+    return apply(probs, choice.calibration).mean() / probs.mean()
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_choose_by_folds_keeps_a_level_that_holds_on_unseen_validation_rows(folds):
     rng = np.random.default_rng(5)
     z = rng.normal(-4.3, 0.9, 300_000)
     probs = 1 / (1 + np.exp(-z))
     high = rng.random(len(z)) < 0.7 * probs  # the model is 1/0.7 too high everywhere
     val = slice(0, 60_000)
-    kept = choose_by_halves(probs, high, probs[val], high[val])
-    assert kept.kept and apply(probs, kept.calibration).mean() / probs.mean() == pytest.approx(0.7, abs=0.03)
-    calibrated = rng.random(len(z)) < probs  # already calibrated: nothing to gain on held-out halves
-    left = choose_by_halves(probs, calibrated, probs[val], calibrated[val])
+    kept = choose_by_folds(probs, high, probs[val], high[val], folds=folds)
+    assert kept.kept and _factor(kept, probs) == pytest.approx(0.7, abs=0.03)
+    assert kept.judged_on == f"val ({folds} folds, each by the map fitted without it)"
+    calibrated = rng.random(len(z)) < probs  # already calibrated: nothing to gain on held-out rows
+    left = choose_by_folds(probs, calibrated, probs[val], calibrated[val], folds=folds)
     assert apply(probs, left.candidate.calibration).mean() / probs.mean() == pytest.approx(1.0, abs=0.03)
+
+
+def test_held_out_logloss_scores_every_validation_row_once_and_refuses_one_fold():
+    rng = np.random.default_rng(8)
+    train, val = _model_rows(rng, 100_000, 0.7), _model_rows(rng, 20_000, 0.7)
+    raw, calibrated = held_out_logloss(*train, *val, folds=4)
+    y, p = val[1].astype(float), val[0]
+    assert raw == pytest.approx(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)), rel=1e-9)
+    assert calibrated < raw  # 30 % too high: every fold's map helps on the rows it did not see
+    with pytest.raises(TrainError, match="at least 2 folds"):
+        held_out_logloss(*train, *val, folds=1)
+
+
+def test_the_served_rule_keeps_a_level_its_posterior_is_sure_of():
+    # 15 % too high; about 3,600 training and 360 validation clicks: the 90 % interval of the mean factor lies
+    # below 1, so the map is kept and brings the mean to the truth
+    rng = np.random.default_rng(9)
+    train, val = _model_rows(rng, 200_000, 0.85), _model_rows(rng, 20_000, 0.85)
+    choice = choose_for_serving(*train, *val)
+    low, high = choice.val_mean_factor
+    assert choice.kept and high < 1 and choice.calibration == choice.candidate.calibration
+    assert choice.judged_on == f"posterior ({KEEP_COVERAGE:.0%} credible region of scale and shift excludes the identity)"
+    assert choice.candidate.identity_distance2() > -2 * np.log(1 - KEEP_COVERAGE)
+    assert _factor(choice, val[0]) == pytest.approx(0.85, abs=0.04)
+    assert low < _factor(choice, val[0]) < high
+
+
+def test_the_served_rule_exports_the_identity_for_a_calibrated_model_but_in_about_one_draw_in_ten():
+    # calibrated models: the candidate moves the map by its noise, the identity stays inside the 90 % credible
+    # region and is exported; the test's size is 10 %, so about one draw in ten keeps a (small) map
+    kept = 0
+    for seed in range(10, 20):
+        rng = np.random.default_rng(seed)
+        train, val = _model_rows(rng, 200_000, 1.0), _model_rows(rng, 20_000, 1.0)
+        choice = choose_for_serving(*train, *val)
+        outside = choice.candidate.identity_distance2() > -2 * np.log(1 - KEEP_COVERAGE)
+        assert choice.kept == outside
+        if not choice.kept:
+            assert choice.calibration == IDENTITY and _factor(choice, val[0]) == pytest.approx(1.0, abs=1e-12)
+        else:
+            assert 0.93 < _factor(choice, val[0]) < 1.07
+        kept += choice.kept
+    assert kept <= 2
+
+
+def test_the_served_rule_keeps_a_tilt_at_the_right_level_which_the_level_interval_alone_would_drop():
+    # the mean is right, the model is overconfident (true slope 0.75 in logit): the level's interval holds 1, the
+    # credible region of (scale, shift) does not hold the identity
+    rng = np.random.default_rng(13)
+
+    def rows(n):
+        z = rng.normal(-4.3, 0.9, n)
+        p = 1 / (1 + np.exp(-z))
+        centre = np.sum(p * (1 - p) * z) / np.sum(p * (1 - p))  # where a change of slope keeps the mean
+        return p, rng.random(n) < 1 / (1 + np.exp(-(0.75 * (z - centre) + centre)))
+
+    train, val = rows(200_000), rows(40_000)
+    served = choose_for_serving(*train, *val)
+    level = choose_by_posterior(*train, *val, judge="level")
+    assert served.kept and served.calibration.scale < 0.85
+    assert not level.kept and level.val_mean_factor[0] < 1 < level.val_mean_factor[1]
+    with pytest.raises(TrainError, match="judge must be 'map' or 'level'"):
+        choose_by_posterior(*train, *val, judge="tilt")
+
+
+def test_the_served_rule_with_too_few_clicks_exports_the_identity_or_a_shrunk_map():
+    # 20 % too high, but about 90 training and 9 validation clicks: the posterior cannot tell, and even the candidate
+    # moves the mean less than the clicks alone say
+    rng = np.random.default_rng(11)
+    train, val = _model_rows(rng, 5_000, 0.8), _model_rows(rng, 500, 0.8)
+    choice = choose_for_serving(*train, *val)
+    clicks_say = (train[1].sum() + val[1].sum()) / (train[0].sum() + val[0].sum())
+    assert not choice.kept and choice.calibration == IDENTITY
+    assert abs(np.log(apply(val[0], choice.candidate.calibration).mean() / val[0].mean())) < abs(np.log(clicks_say))
+
+
+def test_the_posterior_rule_keeps_a_few_per_cent_that_validation_log_loss_cannot_confirm():
+    # 6 % too high, as the 1M-row runs are: 10,000 training and 900 validation clicks. The posterior, with the
+    # training clicks behind its prior, is sure of the level; the held-out log loss of 900 clicks moves by less
+    # than its own noise (about 1/sqrt(clicks) times the level error per click)
+    rng = np.random.default_rng(12)
+    train, val = _model_rows(rng, 550_000, 0.94), _model_rows(rng, 50_000, 0.94)
+    choice = choose_by_posterior(*train, *val, coverage=0.90, judge="level")
+    assert choice.kept and choice.val_mean_factor[1] < 1 and choose_for_serving(*train, *val).kept
+    assert _factor(choice, val[0]) == pytest.approx(0.94, abs=0.025)
+    gain = (choice.logloss_raw - choice.logloss_calibrated) * len(val[1])  # summed over the validation rows
+    assert gain < 2 * np.sqrt(val[1].sum()) * 0.06
+    always = keep_always(*train, *val)
+    assert always.kept and always.calibration == choice.calibration
 
 
 def test_truth_summary_scores_against_the_true_probability():
@@ -163,17 +267,17 @@ def test_trained_bundle_is_calibrated_on_training_rows_and_judged_on_validation(
     meta = json.loads((small_bundle / "meta.json").read_text())
     entry = meta["calibration"]
     assert entry["method"] == "platt" and entry["fitted_on"] == "train, then val"
-    assert entry["judged_on"].startswith("val (two halves")
+    assert entry["judged_on"] == f"posterior ({KEEP_COVERAGE:.0%} credible region of scale and shift excludes the identity)"
+    assert entry["kept"] == (entry["identity_distance2"] > -2 * np.log(1 - KEEP_COVERAGE))
     assert entry["scale"] > 0
     candidate = entry["candidate"]
     assert candidate["interval_95"]["shift"][0] <= candidate["shift"] <= candidate["interval_95"]["shift"][1]
     assert candidate["clicks"] == int(round(meta["metrics"]["val"]["ctr"] * meta["metrics"]["val"]["rows"]))
-    held_out = entry["held_out_logloss"]
     if entry["kept"]:
         assert entry["shift"] == pytest.approx(candidate["shift"], abs=1e-6)
-        assert held_out["calibrated"] <= held_out["raw"]
     else:
-        assert (entry["scale"], entry["shift"]) == (1.0, 0.0) and held_out["calibrated"] >= held_out["raw"]
+        assert (entry["scale"], entry["shift"]) == (1.0, 0.0)
+    assert set(entry["held_out_logloss"]) == {"raw", "calibrated"}
     assert set(entry["test"]) == {"before", "after"} and "mean_over_true" in entry["test"]["after"]
     # the factorized graphs carry the same calibration: the load-time parity check passes
     scorer = Scorer(small_bundle)
@@ -194,7 +298,7 @@ def test_the_lightgbm_graph_carries_the_calibration(dataset, tmp_path):
 
 
 def test_calibration_study_writes_its_table_json_and_plot(tmp_path):
-    from train.studies.calibration import calibration_study
+    from train.studies.calibration import KEEP_RULES, calibration_study, predictions_path, rescore
 
     results = calibration_study(tmp_path / "study", rows=(4000,), seeds=(3,), epochs=1, progress=False)
     [run] = results["runs"]
@@ -204,3 +308,14 @@ def test_calibration_study_writes_its_table_json_and_plot(tmp_path):
     assert json.loads((tmp_path / "study" / "calibration.json").read_text()) == results
     assert "| 4,000 | 3 |" in (tmp_path / "study" / "calibration.md").read_text()
     assert (tmp_path / "study" / "calibration.png").stat().st_size > 10_000
+    assert set(run["rules"]) == set(KEEP_RULES) and run["rules"]["posterior map 90 %"]["kept"] == run["served"]["kept"]
+    with np.load(predictions_path(tmp_path / "study", 4000, 3)) as saved:
+        assert {f"{split}_{column}" for split in ("train", "val", "test") for column in ("prob", "label", "pctr_true")
+                } <= set(saved.files)
+        assert int(saved["test_label"].sum()) == run["test_clicks"]
+    # re-scored from the saved predictions, without training: the same report
+    again = rescore(tmp_path / "study", tmp_path / "again", rows=(4000,), seeds=(3,), progress=False)
+    assert again == results
+    assert (tmp_path / "again" / "calibration.md").read_text() == (tmp_path / "study" / "calibration.md").read_text()
+    with pytest.raises(TrainError, match="no saved predictions for 1 of 2 runs"):
+        rescore(tmp_path / "study", tmp_path / "again", rows=(4000,), seeds=(3, 4), progress=False)

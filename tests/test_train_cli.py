@@ -58,6 +58,7 @@ def test_compare_refuses_bad_lightgbm_settings_in_one_line(tmp_path, monkeypatch
     (["--rows", "200k"], "--rows '200k': expected comma-separated integers"),
     (["--rows", "500"], "expected row counts of at least 1000"),
     (["--seeds", "-1"], "non-negative seeds"),
+    (["--from-predictions", "no-such-study"], "no saved predictions for 9 of 9 runs"),
 ])
 def test_calibration_study_refuses_bad_sizes_in_one_line(tmp_path, capsys, extra, message):
     status = main(["calibration-study", "--out", str(tmp_path / "study"), "--quiet", *extra])

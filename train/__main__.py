@@ -254,11 +254,14 @@ def _compress_study(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _calibration_study(args: argparse.Namespace) -> dict[str, Any]:
-    from train.studies.calibration import calibration_study, render_markdown
+    from train.studies.calibration import calibration_study, render_markdown, rescore
 
-    results = calibration_study(args.out, rows=_integers("--rows", args.rows), seeds=_integers("--seeds", args.seeds),
-                                data_root=args.data_root, epochs=args.epochs,
-                                threads=args.threads, progress=not args.quiet)
+    rows, seeds = _integers("--rows", args.rows), _integers("--seeds", args.seeds)
+    if args.from_predictions:
+        results = rescore(args.from_predictions, args.out, rows=rows, seeds=seeds, progress=not args.quiet)
+    else:
+        results = calibration_study(args.out, rows=rows, seeds=seeds, data_root=args.data_root, epochs=args.epochs,
+                                    threads=args.threads, progress=not args.quiet)
     print(render_markdown(results), file=sys.stderr)
     return results
 
@@ -486,6 +489,9 @@ def _parser() -> argparse.ArgumentParser:
     calibration.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
     calibration.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
     calibration.add_argument("--quiet", action="store_true", help="no progress bars")
+    calibration.add_argument("--from-predictions", metavar="DIR",
+                             help="no training: re-score the predictions a study saved under DIR (its --out) with "
+                                  "the current calibration and keep rules")
     calibration.set_defaults(run=_calibration_study)
     upgrade = commands.add_parser(
         "bundle-upgrade", help="rewrite a bundle's format-1 meta.json as the current format (its files' digests "

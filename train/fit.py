@@ -13,7 +13,7 @@ import numpy as np
 
 from bidder.spec import FeatureSpec, default_spec, load_spec
 from train.bundle import write_bundle
-from train.calibrate import Calibration, calibration_report, choose_by_halves
+from train.calibrate import Calibration, calibration_report, choose_for_serving
 from train.calibrate import apply as apply_calibration
 from train.data.dataset import Dataset, load_dataset
 from train.evaluate import binary_metrics, predict
@@ -67,12 +67,12 @@ def calibrate_predictions(raw: dict[str, np.ndarray], dataset: Dataset, metrics:
                           ) -> tuple[Calibration, dict[str, Any], dict[str, Any]]:
     """Fit, judge and report the calibration of a model whose predictions per split are ``raw``.
 
-    The Bayesian shift is fitted on the training rows, then on the validation rows with that fit as prior, and
-    judged on validation rows it was not fitted on (``choose_by_halves``). Returns the calibration (the identity
-    when it did not lower that log loss), ``metrics`` with the train/val/test entries of the served (calibrated)
-    model, and ``meta.json``'s ``calibration`` entry.
+    The Bayesian shift is fitted on the training rows, then on the validation rows with that fit as prior, and kept
+    when its posterior is sure the level moved (``choose_for_serving``). Returns the calibration (the identity when
+    it was not kept), ``metrics`` with the train/val/test entries of the served (calibrated) model, and
+    ``meta.json``'s ``calibration`` entry.
     """
-    choice = choose_by_halves(raw["train"], dataset.train.labels, raw["val"], dataset.val.labels)
+    choice = choose_for_serving(raw["train"], dataset.train.labels, raw["val"], dataset.val.labels)
     served = dict(metrics)
     for name, part in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         served[name] = binary_metrics(part.labels, apply_calibration(raw[name], choice.calibration))
