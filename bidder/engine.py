@@ -48,7 +48,7 @@ from bidder.notices import Notices, micros
 from bidder.openrtb import (BANNER, DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid,
                             decode_predict, decode_request, encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import DealOffer, best_rows, floored_price
-from bidder.privacy import PRIVACY_CASES, personal_data, withhold
+from bidder.privacy import PRIVACY_CASES, PrivacyMemory, withhold
 from bidder.retrieval import Retriever
 from bidder.scorer import Scorer
 from bidder.shading import WinModel
@@ -119,6 +119,7 @@ class BidEngine:
         self.market = market  # the bundle's win-price model; None: first-price imps are bid at their value
         self.metrics = metrics
         self._privacy_counts = {case: metrics.privacy.labels(case) for case in PRIVACY_CASES}
+        self._privacy = PrivacyMemory()  # the privacy decisions of this engine's requests, remembered
         self.utc_offset_hours = utc_offset_hours
         # Unix seconds every request is taken to arrive at (examples, tests), or a clock to read them from
         # (bidder.clock.Clock: a simulated day); None: the wall clock
@@ -175,7 +176,7 @@ class BidEngine:
         paused = self.ledger.paused if self.ledger is not None else None
         # -- conformance: privacy signals, seats, the request's blocking rules (bidder/privacy.py, conformance.py)
         if request.regs is not None:
-            personal_ok, case = personal_data(request)
+            personal_ok, case = self._privacy.personal_data(request)
             if case is not None:
                 self._privacy_counts[case].inc()
             if not personal_ok:

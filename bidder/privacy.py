@@ -28,7 +28,8 @@ import base64
 import binascii
 from functools import lru_cache
 
-__all__ = ["PERSONAL_FIELDS", "PRIVACY_CASES", "REQUIRED_PURPOSES", "personal_data", "tcf_purposes", "withhold"]
+__all__ = ["PERSONAL_FIELDS", "PRIVACY_CASES", "REQUIRED_PURPOSES", "PrivacyMemory", "personal_data", "tcf_purposes",
+           "withhold"]
 
 #: how a request's privacy signals were read (``bidder_privacy_total{case}``)
 PRIVACY_CASES = ("coppa", "gdpr_consent", "gdpr_no_consent", "gdpr_bad_consent", "us_privacy_ok",
@@ -78,37 +79,55 @@ def _ints(value: object) -> list[int]:
     return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
 
 
-#: decisions remembered per (regs, consent string); past this many the memory starts again
-REMEMBERED = 4096
-_decided: dict[tuple, tuple[bool, str | None]] = {}
+def _consent(user) -> object:
+    if user is None:
+        return None
+    return user.consent if user.consent is not None else (user.ext.consent if user.ext is not None else None)
 
 
 def personal_data(request) -> tuple[bool, str | None]:
     """(whether the request's personal data may be used, the case that decided it: one of ``PRIVACY_CASES``, or
-    None without any signal). Remembered by the request's ``regs`` and consent string: an exchange's signals and a
-    user's string come back with each of their requests."""
+    None without any signal)."""
     regs = request.regs
     if regs is None:
         return True, None
-    user = request.user
-    consent = None
-    if user is not None:
-        consent = user.consent if user.consent is not None else (user.ext.consent if user.ext is not None else None)
-    ext = regs.ext
-    # a boolean flag is no OpenRTB flag, but True == 1 as keys: such regs are decided afresh
-    if (regs.gdpr.__class__ is bool or regs.coppa.__class__ is bool
-            or (ext is not None and ext.gdpr.__class__ is bool)):
-        return _decide(regs, consent)
-    key = (regs, consent)
-    try:
-        found = _decided.get(key)
-    except TypeError:  # a list (``gpp_sid``) or an object among the signals: not remembered
-        return _decide(regs, consent)
-    if found is None:
-        if len(_decided) >= REMEMBERED:
-            _decided.clear()
-        found = _decided[key] = _decide(regs, consent)
-    return found
+    return _decide(regs, _consent(request.user))
+
+
+#: decisions a ``PrivacyMemory`` holds; past this many it starts again
+REMEMBERED = 4096
+
+
+class PrivacyMemory:
+    """``personal_data``, remembered by the request's ``regs`` and consent string: an exchange's signals and a
+    user's string come back with each of their requests. One per engine (its catalog's life), never shared
+    between tests or processes."""
+
+    def __init__(self, size: int = REMEMBERED):
+        self.size = size
+        self._decided: dict[tuple, tuple[bool, str | None]] = {}
+
+    def personal_data(self, request) -> tuple[bool, str | None]:
+        regs = request.regs
+        if regs is None:
+            return True, None
+        consent = _consent(request.user)
+        ext = regs.ext
+        # a boolean flag is no OpenRTB flag, but True == 1 as keys: such regs are decided afresh
+        if (regs.gdpr.__class__ is bool or regs.coppa.__class__ is bool
+                or (ext is not None and ext.gdpr.__class__ is bool)):
+            return _decide(regs, consent)
+        key = (regs, consent)
+        decided = self._decided
+        try:
+            found = decided.get(key)
+        except TypeError:  # a list (``gpp_sid``) or an object among the signals: not remembered
+            return _decide(regs, consent)
+        if found is None:
+            if len(decided) >= self.size:
+                decided.clear()
+            found = decided[key] = _decide(regs, consent)
+        return found
 
 
 def _decide(regs, consent: object) -> tuple[bool, str | None]:

@@ -27,7 +27,7 @@ from bidder.engine import BidEngine
 from bidder.events import EventLog, read_lines
 from bidder.metrics import Metrics
 from bidder.openrtb import decode_request
-from bidder.privacy import personal_data, tcf_purposes, withhold
+from bidder.privacy import PrivacyMemory, personal_data, tcf_purposes, withhold
 from bidder.scorer import Scorer
 
 DATA = Path(__file__).parent / "data"
@@ -213,12 +213,24 @@ def test_privacy_signals_decide_per_the_documented_policy():
     assert decide(regs={"coppa": "1"}) == (False, "coppa")          # "1" as a string says the same
     assert decide(regs={"coppa": True, "gdpr": True}) == (True, None)  # a boolean is no OpenRTB flag
     assert decide(regs={"us_privacy": "1YXN"}) == (False, "us_privacy_opt_out")  # neither N nor -: unreadable
-    # decisions are remembered by regs and consent; a boolean flag (True == 1 as a key) is never taken for 1
-    for regs, expected in (({"gdpr": 1}, (False, "gdpr_bad_consent")), ({"gdpr": True}, (True, None)),
-                           ({"coppa": 1}, (False, "coppa")), ({"coppa": True}, (True, None)),
-                           ({"ext": {"gdpr": 1}}, (False, "gdpr_bad_consent")), ({"ext": {"gdpr": True}}, (True, None))):
-        assert decide(regs=regs) == decide(regs=regs) == expected
-    assert decide(regs={"gpp_sid": [7]}) == decide(regs={"gpp_sid": [7]}) == (False, "gpp_section")  # a list: no key
+
+
+def test_remembered_privacy_decisions_are_the_policy_s():
+    """The engine remembers decisions by regs and consent string: what it answers, asked once or again, is what
+    personal_data decides; a boolean flag (True == 1 as a key) is never taken for 1, whichever comes first."""
+    memory = PrivacyMemory(size=4)
+    granted = tcf_string({1, 3, 4})
+    cases = [({"gdpr": 1}, {}), ({"gdpr": True}, {}), ({"gdpr": 1}, {"consent": granted}),
+             ({"gdpr": True}, {"consent": granted}), ({"coppa": 1}, {}), ({"coppa": True}, {}),
+             ({"ext": {"gdpr": 1}}, {}), ({"ext": {"gdpr": True}}, {}), ({"gpp_sid": [7]}, {}),
+             ({"gpp_sid": [2]}, {"consent": granted}), ({"us_privacy": "1YYN"}, {}), ({"us_privacy": "1YNN"}, {}),
+             ({"gdpr": 1}, {"consent": {"an": "object"}})]
+    for regs, user in cases + cases[::-1] + cases:  # more than it holds: it starts again and still agrees
+        request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1"}], "regs": regs, "user": user}).encode())
+        assert memory.personal_data(request) == personal_data(request), (regs, user)
+    assert memory.personal_data(decode_request(b'{"id": "r", "imp": [{"id": "1"}], "regs": {"gdpr": true}}')) \
+        == (True, None)
+    assert len(memory._decided) <= 4
 
 
 def test_withholding_blanks_the_personal_fields_and_keeps_the_rest():
