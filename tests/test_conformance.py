@@ -224,13 +224,19 @@ def test_remembered_privacy_decisions_are_the_policy_s():
              ({"gdpr": True}, {"consent": granted}), ({"coppa": 1}, {}), ({"coppa": True}, {}),
              ({"ext": {"gdpr": 1}}, {}), ({"ext": {"gdpr": True}}, {}), ({"gpp_sid": [7]}, {}),
              ({"gpp_sid": [2]}, {"consent": granted}), ({"us_privacy": "1YYN"}, {}), ({"us_privacy": "1YNN"}, {}),
-             ({"gdpr": 1}, {"consent": {"an": "object"}})]
+             ({"gdpr": 1}, {"consent": {"an": "object"}}),
+             ({"coppa": True, "ext": {"gdpr": 1}}, {"consent": granted})]  # a boolean flag, GDPR by regs.ext
     for regs, user in cases + cases[::-1] + cases:  # more than it holds: it starts again and still agrees
         request = decode_request(json.dumps({"id": "r", "imp": [{"id": "1"}], "regs": regs, "user": user}).encode())
         assert memory.personal_data(request) == personal_data(request), (regs, user)
     assert memory.personal_data(decode_request(b'{"id": "r", "imp": [{"id": "1"}], "regs": {"gdpr": true}}')) \
         == (True, None)
-    assert len(memory._decided) <= 4
+    assert memory.personal_data(decode_request(b'{"id": "r", "imp": [{"id": "1"}]}')) == (True, None)
+    fresh = PrivacyMemory(size=4)
+    for k in range(5):
+        fresh.personal_data(decode_request(json.dumps({"id": "r", "imp": [{"id": "1"}],
+                                                       "regs": {"us_privacy": f"1YN{k}"}}).encode()))
+        assert len(fresh._decided) <= 4
 
 
 def test_withholding_blanks_the_personal_fields_and_keeps_the_rest():
