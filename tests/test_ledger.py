@@ -309,6 +309,9 @@ _operations = st.lists(st.one_of(
 
 _WIN_EXPIRES_THEN_BILLED = [("sync", "a", 0), ("reserve", "a", 500_000), ("win", 0, 400_000), ("sync", "a", 0),
                             ("sync", "a", 40), ("bill", 0, 300_000), ("sync", "a", 0)]
+#: a bill relayed by the other holder before the bid's own holder reported it
+_BILL_OF_AN_UNREPORTED_BID = [("sync", "a", 0), ("sync", "b", 0), ("reserve", "a", 1_000_000), ("reserve", "b", 250_000),
+                              ("sync", "a", 0), ("bill", 1, 1), ("sync", "a", 0)]
 #: a win relayed by the other holder after its bid's window, before the bid's own holder reported it
 _LATE_WIN_OF_AN_UNREPORTED_BID = [("sync", "a", 0), ("reserve", "a", 250_000), ("sync", "b", 40), ("win", 0, 1),
                                   ("sync", "b", 0)]
@@ -320,6 +323,7 @@ _BILL_BEFORE_REPORT = [("sync", "a", 0), ("sync", "b", 0), ("reserve", "a", 750_
 @example(operations=_WIN_EXPIRES_THEN_BILLED)
 @example(operations=_BILL_BEFORE_REPORT)
 @example(operations=_LATE_WIN_OF_AN_UNREPORTED_BID)
+@example(operations=_BILL_OF_AN_UNREPORTED_BID)
 @given(operations=_operations)
 def test_the_ledger_arithmetic_matches_a_plain_model(bankers, operations):
     """Reservations, bills (late ones too), wins, losses and expiries in any order, from two holders."""
@@ -381,7 +385,11 @@ def test_the_ledger_arithmetic_matches_a_plain_model(bankers, operations):
             assert held[who] == want
             assert (grant.spent_total, grant.reserved_total, grant.leased_total) == model.totals()
             assert (grant.spent_day,) == (model.totals()[0],)
-            late = sum(b["billed"] for b in model.bids.values() if b["billed"] is not None and b["expired"])
+            # past the budget only by late bills, and for a moment by bills of bids their holder has not reported
+            # yet: such a bill is spent while its bid's amount is still inside the holder's lease (counted twice,
+            # so less is granted, never more), until the report takes it out
+            late = sum(b["billed"] for b in model.bids.values()
+                       if b["billed"] is not None and (b["expired"] or not b["funded"]))
             assert sum(model.totals()) <= budget + late
     banker.close()
 
