@@ -111,6 +111,7 @@ class Storage(Protocol):
     def add(self, campaign: str, period: str, spent: int = 0, reserved: int = 0, leased: int = 0) -> None: ...
     def hold(self, holder: str, campaign: str) -> tuple[int, str]: ...  # lease, its day ("" without one)
     def set_hold(self, holder: str, campaign: str, lease: int, day: str) -> None: ...
+    def prefetch(self, bid_ids: Sequence[str]) -> None: ...  # the rows of these bids are read in this step
     def bid(self, bid_id: str) -> BidRow | None: ...
     def put_bid(self, row: BidRow, keep_until: float) -> None: ...
     def due(self, now: float, limit: int) -> list[BidRow]: ...  # unsettled rows whose expiry passed
@@ -146,6 +147,7 @@ class Book:
                 store.add(c.campaign, TOTAL, leased=held - lease)
                 store.add(c.campaign, day, leased=held - lease)
                 store.set_hold(holder, c.campaign, held, day)
+        store.prefetch([r.bid_id for r in reservations] + [s.bid_id for s in settlements])
         for r in reservations:  # charged to the bid's day even when the lease has moved on to the next one since
             self.fund(r, r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1])
         for s in settlements:
