@@ -351,7 +351,9 @@ class EventLog:
             self._write(hour, lines)
 
     def _write(self, hour: str, lines: list[bytes]) -> None:
-        payload = self._compress(b"\n".join(lines) + b"\n")  # lets go of the GIL while it compresses
+        lines.append(b"")  # the last newline, without copying the joined lines again to add it
+        payload = self._compress(b"\n".join(lines))  # lets go of the GIL while it compresses
+        del lines[-1]
         try:
             if self._file is not None and (hour != self._hour or self._bytes >= self.max_bytes):
                 self._finish()
