@@ -98,6 +98,25 @@ def test_every_queued_event_is_written_on_close_with_its_schema(tmp_path):
     assert click["kind"] == "click" and click["bid_id"] == "r1-1"
 
 
+def test_the_writer_is_woken_by_the_count_of_events_not_only_by_its_timer(tmp_path):
+    """Short turns on the serving core: every ``flush_events`` events queued wake the writer (its timer here
+    would wait a minute); fewer stay queued for the timer or close."""
+    events = EventLog(tmp_path, flush_s=60, flush_events=4).start()
+    try:
+        for _ in range(3):
+            events.bid(*BID)
+        time.sleep(0.3)
+        assert events.written == 0 and len(events.queue) == 3
+        events.click("r1-1")  # the fourth event of any kind
+        deadline = time.monotonic() + 10
+        while events.written < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events.written == 4 and not events.queue
+    finally:
+        events.close()
+    assert [r["kind"] for r in _records(tmp_path)] == ["bid", "bid", "bid", "click"]
+
+
 def test_a_full_disk_drops_and_counts_and_the_writer_carries_on(tmp_path, monkeypatch):
     events = EventLog(tmp_path, flush_s=0.01).start()
     opened = EventLog._open
