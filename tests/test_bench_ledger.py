@@ -1,5 +1,6 @@
 """Micro-benchmarks of the spend ledger (`pytest --benchmark tests/test_bench_ledger.py`): a bid's reservation on
-the bid path, and one refresher call carrying 500 bid reports and 500 notices, on each banker."""
+the bid path, one refresher call carrying 500 bid reports and 500 notices on each banker, and one carrying a quarter
+of a second of a worker bidding 10,000 times a second (2,500 reports) on the embedded banker."""
 import itertools
 
 import pytest
@@ -41,4 +42,19 @@ def test_one_refresher_call(benchmark, tmp_path, kind, request):
                            notices)
 
     assert benchmark.pedantic(call, rounds=20, iterations=1)["c"].delta >= 0
+    banker.close()
+
+
+def test_a_busy_worker_s_refresher_call(benchmark, tmp_path):
+    """What one call takes the serving core for (the refresher runs beside the event loop): 2,500 reports."""
+    benchmark.group = "ledger: one call of 2,500 bid reports (embedded)"
+    banker = EmbeddedBanker(tmp_path, 3600.0)
+    calls = itertools.count()
+
+    def call():
+        k = next(calls)
+        reports = [Reservation(f"b{k}-{i}", "c", 1_000_000, NOW + 600) for i in range(2_500)]
+        return banker.sync("h", NOW, [CampaignSync("c", "2026-12-01", UNLIMITED, UNLIMITED, 0, 10 ** 12)], reports, [])
+
+    assert benchmark.pedantic(call, rounds=10, iterations=1)["c"].delta >= 0
     banker.close()

@@ -148,8 +148,18 @@ class Book:
                 store.add(c.campaign, day, leased=held - lease)
                 store.set_hold(holder, c.campaign, held, day)
         store.prefetch([r.bid_id for r in reservations] + [s.bid_id for s in settlements])
+        reserved: dict[tuple[str, str], int] = {}  # new bids' amounts, moved in one step per account below
         for r in reservations:  # charged to the bid's day even when the lease has moved on to the next one since
-            self.fund(r, r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1])
+            day = r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1]
+            if store.bid(r.bid_id) is None:  # the common case: the first word of a bid
+                key = (r.campaign, day)
+                reserved[key] = reserved.get(key, 0) + r.amount
+                self._put(BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires, r.user, r.creative))
+            else:
+                self.fund(r, day)
+        for (campaign, day), amount in reserved.items():
+            store.add(campaign, TOTAL, reserved=amount)
+            store.add(campaign, day, reserved=amount)
         for s in settlements:
             self.settle(s)
         for row in store.due(now, EXPIRE_BATCH):
