@@ -26,8 +26,8 @@ from pathlib import Path
 from bench import servers
 from bench.machine import machine_info, model_id
 from bench.plot import plot_latency
-from bench.report import (BATCH_COLUMNS, Measurement, build_report, format_medians, format_ratios, format_scaling,
-                          format_table, format_target, write_json)
+from bench.report import (BATCH_COLUMNS, SUBJECT, Measurement, build_report, format_medians, format_ratios,
+                          format_scaling, format_table, format_target, write_json)
 from bench.scrape import MetricsProbe, batch_delta
 from bench.servers import BenchError
 from bench.wrk_driver import run_wrk, wrk_path, wrk_version
@@ -51,7 +51,8 @@ BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-r
                    "bidder-all": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-all-events"),
                                   "--notice-url", "http://127.0.0.1"),
                    # the bidder answering the body with the blocking rules and privacy signals of RULES added
-                   # (none of which blocks its bid): what honouring them costs
+                   # (none of which blocks its bid): what honouring them costs. Both rules bodies are sent to the
+                   # bidder's own process when it runs too (``run_phase``)
                    "bidder-rules": (),
                    # the same bytes with every rule field renamed so nothing reads it (``unread_rules``): beside
                    # bidder-rules, what honouring the rules costs apart from receiving a longer request
@@ -335,10 +336,15 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
     (server, level) is measured `repeat` times, each time next to the others.
     """
     body_files = bodies(config)
+    # a body variant is measured on the bidder's own process when it runs too: what differs is the body alone, not
+    # also the process (each has its own memory layout and hash seed, a few % apart on this machine)
+    aliases = {name: SUBJECT for name in BODY_VARIANTS if name in config.servers and SUBJECT in config.servers}
     measurements = []
     with contextlib.ExitStack() as stack:
         urls, started, probes = {}, {}, {}
         for name in config.servers:
+            if name in aliases:
+                continue
             port = servers.free_port(config.host)
             base = f"http://{config.host}:{port}"
             # several workers: the supervisor's metrics port sums them all (a scrape of the bid port sees one)
@@ -355,6 +361,12 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
             if name in BIDDER_VARIANTS:
                 probes[name] = MetricsProbe(config.host, metrics_port or port)
                 stack.callback(probes[name].close)
+        for name, host in aliases.items():
+            urls[name], started[name] = urls[host], started[host]
+            if host in probes:
+                probes[name] = probes[host]
+            preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body_files[name].read_bytes(),
+                                                                config.allow_no_bid)
         for repetition in range(1, config.repeat + 1):
             for c in connections:
                 for name in config.servers:

@@ -495,6 +495,36 @@ def test_server_commands(tmp_path):
     assert "--retrieve-k" not in load.server_command("fastapi", large, 9005, 1)
 
 
+def test_the_rules_bodies_are_sent_to_the_bidder_s_own_process(monkeypatch, tmp_path):
+    """With the bidder in the run, bidder-rules and bidder-rules-unread are its own process answering their bodies:
+    what differs between the three is the body alone."""
+    import contextlib
+    from types import SimpleNamespace
+
+    started, measured = [], []
+
+    @contextlib.contextmanager
+    def running(name, command, base, **kwargs):
+        started.append(name)
+        yield SimpleNamespace(process=SimpleNamespace(pid=42, poll=lambda: None))
+
+    monkeypatch.setattr(servers, "running", running)
+    monkeypatch.setattr(load, "preflight", lambda name, url, body, allow_no_bid: {"prices": [1.0]})
+    monkeypatch.setattr(load, "MetricsProbe", lambda host, port: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(load, "measure", lambda name, url, config, **kw: measured.append((name, url, kw["body"])))
+    config = LoadConfig(servers=("bidder", "bidder-rules", "bidder-rules-unread"), out_dir=tmp_path)
+    preflights: dict = {}
+    load.run_phase(config, workers=1, connections=(32,), threads=1, server_cpus=None, client_cpus=None,
+                   preflights=preflights)
+    assert started == ["bidder"] and len(preflights) == 3
+    assert [name for name, _, _ in measured] == ["bidder", "bidder-rules", "bidder-rules-unread"]
+    assert len({url for _, url, _ in measured}) == 1 and len({body for _, _, body in measured}) == 3
+    started.clear(), measured.clear()
+    load.run_phase(LoadConfig(servers=("echo", "bidder-rules"), out_dir=tmp_path), workers=1, connections=(32,),
+                   threads=1, server_cpus=None, client_cpus=None, preflights={})
+    assert started == ["echo", "bidder-rules"]  # without the bidder, a process of its own
+
+
 def test_a_missing_baseline_is_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setattr(load, "wrk_path", lambda: "/usr/bin/wrk")
     monkeypatch.setattr(load, "missing_baseline_packages", lambda: ["fastapi", "uvicorn"])
