@@ -150,13 +150,7 @@ class Book:
         store.prefetch([r.bid_id for r in reservations] + [s.bid_id for s in settlements])
         reserved: dict[tuple[str, str], int] = {}  # new bids' amounts, moved in one step per account below
         for r in reservations:  # charged to the bid's day even when the lease has moved on to the next one since
-            day = r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1]
-            if store.bid(r.bid_id) is None:  # the common case: the first word of a bid
-                key = (r.campaign, day)
-                reserved[key] = reserved.get(key, 0) + r.amount
-                self._put(BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires, r.user, r.creative))
-            else:
-                self.fund(r, day)
+            self.fund(r, r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1], reserved)
         for (campaign, day), amount in reserved.items():
             store.add(campaign, TOTAL, reserved=amount)
             store.add(campaign, day, reserved=amount)
@@ -175,13 +169,15 @@ class Book:
     def _put(self, row: BidRow) -> None:
         self.storage.put_bid(row, row.expires + self.retention_s)
 
-    def fund(self, r: Reservation, day: str) -> None:
+    def fund(self, r: Reservation, day: str, reserved: dict[tuple[str, str], int]) -> None:
         """The holder reserved ``r.amount`` for a bid: it moves from the lease (already counted by ``held``) to
-        reserved, unless the bid was settled before its report came (then it simply returns to the budget)."""
+        reserved, unless the bid was settled before its report came (then it simply returns to the budget). A new
+        bid's amount is added to ``reserved`` by (campaign, day), which the caller moves in one step per account."""
         row = self.storage.bid(r.bid_id)
-        if row is None:
+        if row is None:  # the common case: the first word of a bid
+            key = (r.campaign, day)
+            reserved[key] = reserved.get(key, 0) + r.amount
             row = BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires, r.user, r.creative)
-            self._move(row, reserved=r.amount)
         elif row.funded:  # a report sent again after a lost reply
             return
         else:
