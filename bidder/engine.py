@@ -38,7 +38,7 @@ from bidder.batch import Batch, Outcome, Pending, empty_rows
 from bidder.batching import Batcher
 from bidder.campaigns import Candidate, Catalog
 from bidder.clock import read_clock
-from bidder.conformance import NO_RULES, NOTHING_EXCLUDED, Exclusion
+from bidder.conformance import NOTHING_EXCLUDED, Exclusion
 from bidder.deals import deal_candidates, seat_bids
 from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
@@ -184,11 +184,9 @@ class BidEngine:
                 withhold(shared)
         blocking = catalog.blocking
         rules = blocking.request(request, pending.personal_ok, DEFAULT_SEAT)
-        seat_ok = rules.seat_ok
-        if rules is not NO_RULES:
-            pending.seats = rules.seats
-            if not seat_ok and not any(imp.pmp for imp in request.imp):
-                return self._no_bid("blocked_seat")
+        pending.seats, seat_ok = rules.seats, rules.seat_ok
+        if not seat_ok and not any(imp.pmp for imp in request.imp):
+            return self._no_bid("blocked_seat")
         exclusion = rules.exclusion
         blocked = rules.blocked
         needs_api = blocking.needs_api
@@ -257,7 +255,7 @@ class BidEngine:
         deals' buyers in a private auction (appended, or set at its position ``at`` in the request's imps once
         retrieval chose them); an imp left without any counts its reason."""
         if exclusion.excluded:
-            kept = [exclusion.kept(e) for e in per_size] if len(per_size) > 1 else (exclusion.kept(per_size[0]),)
+            kept = [exclusion.kept(e) for e in per_size]
             if not any(kept) and any(per_size):
                 pending.imp_reason = self._count_imp(pending.imp_reason,
                                                      exclusion.reason([c for e in per_size for c in e]))
