@@ -356,8 +356,6 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
                 name, command, base, ready_path="/readyz", port=port, workers=workers,
                 startup_timeout_s=config.startup_timeout_s))
             urls[name] = base + config.route
-            preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body_files[name].read_bytes(),
-                                                                config.allow_no_bid)
             if name in BIDDER_VARIANTS:
                 probes[name] = MetricsProbe(config.host, metrics_port or port)
                 stack.callback(probes[name].close)
@@ -365,6 +363,7 @@ def run_phase(config: LoadConfig, *, workers: int, connections: tuple[int, ...],
             urls[name], started[name] = urls[host], started[host]
             if host in probes:
                 probes[name] = probes[host]
+        for name in config.servers:
             preflights[f"{name}/workers={workers}"] = preflight(name, urls[name], body_files[name].read_bytes(),
                                                                 config.allow_no_bid)
         for repetition in range(1, config.repeat + 1):
