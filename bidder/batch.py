@@ -99,10 +99,13 @@ class Batch:
 
     __slots__ = ("pendings", "candidates", "outcomes", "records", "imp_ids", "features", "n_rows",
                  "row_imp", "row_cand", "row_floor", "row_value", "deal_floor", "deal_private", "offers", "scores",
-                 "best_row", "best_value", "via_deal", "shaded", "unprofitable", "prices", "held", "propensity")
+                 "best_row", "best_value", "via_deal", "shaded", "unprofitable", "prices", "held", "propensity",
+                 "now")
 
-    def __init__(self, pendings: Sequence[Pending], candidates: Sequence[Candidate], features: dict[str, np.ndarray]):
+    def __init__(self, pendings: Sequence[Pending], candidates: Sequence[Candidate], features: dict[str, np.ndarray],
+                 now: float = 0.0):
         self.pendings = pendings
+        self.now = now  # the engine's clock for the batch: its flights, caps, reservations and notice tokens
         self.candidates = candidates  # the catalog's: ``row_cand`` indexes it
         self.outcomes: list[Outcome | Exception | None] = [None] * len(pendings)
         self.features = features

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Clock", "parse_time", "read_clock"]
+__all__ = ["Clock", "millis", "parse_time", "read_clock"]
 
 
 def read_clock(source: float | Callable[[], float] | None) -> float:
@@ -23,6 +23,12 @@ def read_clock(source: float | Callable[[], float] | None) -> float:
     if source is None:
         return time.time()
     return source() if callable(source) else source
+
+
+def millis(seconds: float) -> int:
+    """Unix seconds as the whole milliseconds a notice token carries them in (its issue time): a bid's report to the
+    banker and its notices derive its expiry from this same integer."""
+    return int(seconds * 1000)
 
 
 def parse_time(text: str) -> float:

@@ -305,7 +305,7 @@ class BidEngine:
             else:
                 live.append(k)
         for positions, features in self._batches(pendings, live):
-            batch = Batch([pendings[k] for k in positions], self.catalog.candidates, features)
+            batch = Batch([pendings[k] for k in positions], self.catalog.candidates, features, read_clock(self.now))
             self.run(batch)
             for k, outcome in zip(positions, batch.outcomes):
                 outcomes[k] = outcome
@@ -574,7 +574,7 @@ class BidEngine:
         (``Ledger.pass_rate``: ``pacing``) and its price reserved from the campaign's lease (``no_budget`` when the
         lease holds less); a capped campaign without a budget reserves nothing, but its bid is reported with its
         user so that its billing counts. Fills ``batch.prices`` and ``batch.held``; encode reads them."""
-        now = read_clock(self.now)
+        now = batch.now
         terms_of, ledger, notices = self.catalog.terms, self.ledger, self.notices
         prices: dict[int, float] = {}
         held: dict[int, str] = {}
@@ -708,7 +708,7 @@ class BidEngine:
             bids.append(replace(template, id=bid_id, impid=imp.id, price=price, dealid=deal.dealid) if deal else
                         replace(template, id=bid_id, impid=imp.id, price=price))
             if self.notices is not None:
-                self._sign(bids[-1], pending, imp, deal, c)
+                self._sign(bids[-1], pending, imp, deal, c, batch.now)
         if not bids:
             return self._no_bid(imp_reason or "below_floor")
         metrics.bids.inc(len(bids))
@@ -731,10 +731,11 @@ class BidEngine:
         floor = imp.bidfloor if imp.bidfloorcur == pending.currency else floor_usd * pending.rate
         return max(round(price * pending.rate, 6), floor)
 
-    def _sign(self, bid: Bid, pending: Pending, imp: Imp, deal: DealOffer | None, c: Candidate) -> None:
-        """Notices on: the bid's notice URLs and click link carry its signed facts, issued on the engine's clock."""
+    def _sign(self, bid: Bid, pending: Pending, imp: Imp, deal: DealOffer | None, c: Candidate, now: float) -> None:
+        """Notices on: the bid's notice URLs and click link carry its signed facts, issued at ``now`` (the batch's
+        time on the engine's clock, at which the budget stage reserved its price: see ``Ledger.reserve``)."""
         self.notices.dress(bid, pending.request.id, imp.exp, deal.seat if deal is not None else DEFAULT_SEAT, c,
-                           pending.exchange, self.scorer.model_id, read_clock(self.now), pending.currency)
+                           pending.exchange, self.scorer.model_id, now, pending.currency)
 
     def _log_bid(self, bid_id: str, pending: Pending, position: int, c: Candidate, pctr: float, value: float,
                  price: float, floor: float, propensity: float) -> None:

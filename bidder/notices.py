@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
-from bidder.clock import parse_time
+from bidder.clock import millis, parse_time
 
 __all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
            "Refusal", "SigningKey", "load_keyring", "micros", "parse_keyring"]
@@ -123,7 +123,7 @@ class Keyring:
             if len(self._tails) >= _MAX_TAILS:  # bounded: model ids change with every reload
                 self._tails.clear()
             tail = self._tails[rest] = b"".join([_text(text.encode("utf-8")) for text in rest])
-        payload = b"".join((_HEAD.pack(VERSION, int(issued * 1000), price_micros, window), self._id,
+        payload = b"".join((_HEAD.pack(VERSION, millis(issued), price_micros, window), self._id,
                             _text(request_id.encode("utf-8")), _text(imp_id.encode("utf-8")),
                             _text(bid_id.encode("utf-8")), tail))
         token = binascii.b2a_base64(payload + self._sign_mac.digest(payload), newline=False)

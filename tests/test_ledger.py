@@ -582,3 +582,84 @@ def test_even_pacing_throttles_a_campaign_spending_ahead_of_its_plan_and_leaves_
     ledger.view = [Grant(0, 0, round(3.0 * 1e9), 0, 0)] * 2  # then nothing more spent until 23:00: behind plan
     pacing(ledger, one_am + 22 * 3600)
     assert ledger.pass_rate[0] == 1.0
+
+
+def _sync(banker, now, reservations=(), settlements=(), holder="h"):
+    return banker.sync(holder, now, [CampaignSync("c", "2026-12-07", 10 * CPM_1, UNLIMITED, 0, 0)],
+                       list(reservations), list(settlements))
+
+
+def test_a_clock_set_back_releases_reservations_when_they_fall_due_not_before(bankers):
+    """The embedded banker sweeps expired rows in the order they fall due: a clock set back (a bid whose expiry lies
+    behind the last sweep) must neither release the bid early nor leave it unswept."""
+    banker = bankers()
+    _sync(banker, NOON, [Reservation("early", "c", CPM_1, NOON + 30)])
+    _sync(banker, NOON + 100)  # swept up to NOON + 100: "early" is released
+    assert banker.accounts("c", "2026-12-07")[0][1] == 0
+    _sync(banker, NOON + 10, [Reservation("back", "c", CPM_1, NOON + 40)])  # the clock went back 90 s
+    assert banker.accounts("c", "2026-12-07")[0][1] == CPM_1  # still reserved: due at NOON + 40
+    _sync(banker, NOON + 39)
+    assert banker.accounts("c", "2026-12-07")[0][1] == CPM_1
+    _sync(banker, NOON + 40)
+    assert banker.accounts("c", "2026-12-07")[0][1] == 0
+    banker.close()
+
+
+def test_a_notice_finds_its_bid_by_bid_id_and_expiry(bankers):
+    """A bid's report and its notices carry the same expiry (``book.expiry`` of the token's issue time): the bill
+    settles the reserved bid, whichever comes first."""
+    banker = bankers()
+    _sync(banker, NOON, [Reservation("b1", "c", CPM_1, NOON + 30)])
+    _sync(banker, NOON + 1, settlements=[Settlement("b1", "bill", "c", CPM_1 // 2, CPM_1, "2026-12-07", NOON + 30),
+                                         Settlement("b2", "bill", "c", CPM_1 // 4, CPM_1, "2026-12-07", NOON + 31)])
+    _sync(banker, NOON + 2, [Reservation("b2", "c", CPM_1, NOON + 31)])  # its bill came first
+    (spent, reserved, _), _ = banker.accounts("c", "2026-12-07")
+    assert (spent, reserved) == (CPM_1 // 2 + CPM_1 // 4, 0)
+    banker.close()
+
+
+_LAYOUT_0 = """
+CREATE TABLE accounts (campaign TEXT NOT NULL, period TEXT NOT NULL, spent INTEGER NOT NULL DEFAULT 0,
+    reserved INTEGER NOT NULL DEFAULT 0, leased INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (campaign, period)) WITHOUT ROWID;
+CREATE TABLE holds (holder TEXT NOT NULL, campaign TEXT NOT NULL, lease INTEGER NOT NULL, day TEXT NOT NULL,
+    PRIMARY KEY (holder, campaign)) WITHOUT ROWID;
+CREATE TABLE bids (bid_id TEXT PRIMARY KEY, campaign TEXT NOT NULL, day TEXT NOT NULL, amount INTEGER NOT NULL,
+    funded INTEGER NOT NULL, state TEXT NOT NULL, price INTEGER NOT NULL, expires REAL NOT NULL, user TEXT NOT NULL,
+    creative TEXT NOT NULL, due REAL, keep_until REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX bids_due ON bids (due) WHERE due IS NOT NULL;
+CREATE INDEX bids_keep ON bids (keep_until);
+CREATE TABLE impressions (seq INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT NOT NULL, creative TEXT NOT NULL,
+    user TEXT NOT NULL, at REAL NOT NULL);
+INSERT INTO accounts VALUES ('c', 'T', 0, 2000000, 0), ('c', '2026-12-07', 0, 2000000, 0);
+INSERT INTO bids VALUES ('open', 'c', '2026-12-07', 1000000, 1, 'open', 0, {due}, '', '', {due}, {keep});
+INSERT INTO bids VALUES ('won', 'c', '2026-12-07', 1000000, 1, 'won', 400000, {due}, '', '', {due}, {keep});
+"""
+
+
+def test_a_ledger_file_of_the_previous_layout_is_converted_with_its_open_bids(tmp_path):
+    """A restart on a state directory an earlier bidder wrote keeps its accounts and settles its bids as due."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    db.executescript(_LAYOUT_0.format(due=NOON + 30, keep=NOON + 30 + RETENTION_S))
+    db.close()
+    banker = EmbeddedBanker(tmp_path, RETENTION_S)
+    assert banker.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    _sync(banker, NOON + 1, settlements=[Settlement("won", "bill", "c", 500_000, CPM_1, "2026-12-07", NOON + 30)])
+    assert banker.accounts("c", "2026-12-07")[0][:2] == (500_000, CPM_1)
+    _sync(banker, NOON + 30)  # "open" falls due: released
+    assert banker.accounts("c", "2026-12-07")[0][:2] == (500_000, 0)
+    banker.close()
+    banker = EmbeddedBanker(tmp_path, RETENTION_S)  # opened again: nothing to convert
+    assert banker.accounts("c", "2026-12-07")[0][:2] == (500_000, 0)
+    banker.close()
+
+
+def test_a_ledger_file_of_a_newer_layout_is_refused(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match="ledger layout 99 is newer"):
+        EmbeddedBanker(tmp_path, RETENTION_S)

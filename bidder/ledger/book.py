@@ -27,12 +27,16 @@ A notice can reach the banker before the holder's report of the bid (another wor
 refresh): the row is then made by the notice, *unfunded*, and the report that comes later only returns the
 reservation's amount to the holder's lease. A bill after a row expired charges the difference (late bills:
 the only way spend can pass a budget).
+
+A row is found by its bid id *and* its expiry: the report and the notices of one bid compute the same expiry from
+the same figures (the token's issue time in whole milliseconds, its window; ``expiry``), so a storage can keep the
+rows in the order they fall due, and sweep and purge them as ranges.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Protocol, Sequence
 
-__all__ = ["OPEN", "WON", "BILLED", "LOST", "EXPIRED", "FINAL", "BidRow", "Book", "CampaignSync", "Grant",
+__all__ = ["expiry", "OPEN", "WON", "BILLED", "LOST", "EXPIRED", "FINAL", "BidRow", "Book", "CampaignSync", "Grant",
            "Impression", "Reservation", "Settlement", "Storage", "TOTAL", "UNLIMITED", "headroom"]
 
 TOTAL = "T"
@@ -42,6 +46,14 @@ OPEN, WON, BILLED, LOST, EXPIRED = "open", "won", "billed", "lost", "expired"
 FINAL = frozenset({BILLED, LOST, EXPIRED})
 #: rows swept per sync at most (a backlog is worked off over the next calls)
 EXPIRE_BATCH = 2000
+
+
+def expiry(issued_ms: int, window: float, grace: float) -> float:
+    """When a bid's reservation is settled by the policy if no notice came: ``issued_ms`` its token's issue time in
+    whole milliseconds (``bidder.clock.millis``), ``window`` its notices' window, ``grace`` the banker's margin (all
+    seconds). The holder's report and every notice of the bid compute it from the same three numbers, so it is the
+    same float for all of them: with the bid id it is the key of the bid's row."""
+    return issued_ms / 1000.0 + window + grace
 
 
 class CampaignSync(NamedTuple):
@@ -111,11 +123,11 @@ class Storage(Protocol):
     def add(self, campaign: str, period: str, spent: int = 0, reserved: int = 0, leased: int = 0) -> None: ...
     def hold(self, holder: str, campaign: str) -> tuple[int, str]: ...  # lease, its day ("" without one)
     def set_hold(self, holder: str, campaign: str, lease: int, day: str) -> None: ...
-    def prefetch(self, bid_ids: Sequence[str]) -> None: ...  # the rows of these bids are read in this step
-    def bid(self, bid_id: str) -> BidRow | None: ...
-    def put_bid(self, row: BidRow, keep_until: float) -> None: ...
+    def prefetch(self, keys: Sequence[tuple[str, float]]) -> None: ...  # (bid id, expiry): read in this step
+    def bid(self, bid_id: str, expires: float) -> BidRow | None: ...
+    def put_bid(self, row: BidRow) -> None: ...
     def due(self, now: float, limit: int) -> list[BidRow]: ...  # unsettled rows whose expiry passed
-    def purge(self, now: float) -> None: ...  # final rows past their keep-until time
+    def purge(self, before: float) -> None: ...  # final rows whose expiry is before ``before``
     def log_impression(self, campaign: str, creative: str, user: str, at: float) -> None: ...
 
 
@@ -147,7 +159,7 @@ class Book:
                 store.add(c.campaign, TOTAL, leased=held - lease)
                 store.add(c.campaign, day, leased=held - lease)
                 store.set_hold(holder, c.campaign, held, day)
-        store.prefetch([r.bid_id for r in reservations] + [s.bid_id for s in settlements])
+        store.prefetch([(r.bid_id, r.expires) for r in reservations] + [(s.bid_id, s.expires) for s in settlements])
         reserved: dict[tuple[str, str], int] = {}  # new bids' amounts, moved in one step per account below
         for r in reservations:  # charged to the bid's day even when the lease has moved on to the next one since
             self.fund(r, r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1], reserved)
@@ -156,9 +168,13 @@ class Book:
             store.add(campaign, day, reserved=amount)
         for s in settlements:
             self.settle(s)
+        moved: dict[tuple[str, str], list[int]] = {}  # expired rows' (spent, reserved) changes, one step per account
         for row in store.due(now, EXPIRE_BATCH):
-            self.expire(row)
-        store.purge(now)
+            self.expire(row, moved)
+        for (campaign, day), (spent, reserved) in moved.items():
+            store.add(campaign, TOTAL, spent=spent, reserved=reserved)
+            store.add(campaign, day, spent=spent, reserved=reserved)
+        store.purge(now - self.retention_s)
         return {c.campaign: self.grant(holder, c) for c in campaigns}
 
     # -- a bid's row ----------------------------------------------------------------------------------------
@@ -167,13 +183,13 @@ class Book:
         self.storage.add(row.campaign, row.day, spent=spent, reserved=reserved)
 
     def _put(self, row: BidRow) -> None:
-        self.storage.put_bid(row, row.expires + self.retention_s)
+        self.storage.put_bid(row)
 
     def fund(self, r: Reservation, day: str, reserved: dict[tuple[str, str], int]) -> None:
         """The holder reserved ``r.amount`` for a bid: it moves from the lease (already counted by ``held``) to
         reserved, unless the bid was settled before its report came (then it simply returns to the budget). A new
         bid's amount is added to ``reserved`` by (campaign, day), which the caller moves in one step per account."""
-        row = self.storage.bid(r.bid_id)
+        row = self.storage.bid(r.bid_id, r.expires)
         if row is None:  # the common case: the first word of a bid
             key = (r.campaign, day)
             reserved[key] = reserved.get(key, 0) + r.amount
@@ -193,7 +209,7 @@ class Book:
             self.storage.log_impression(row.campaign, row.creative, row.user, self.now)
 
     def settle(self, s: Settlement) -> None:
-        row = self.storage.bid(s.bid_id)
+        row = self.storage.bid(s.bid_id, s.expires)
         if row is None:  # the notice came before the holder's report of its bid
             row = BidRow(s.bid_id, s.campaign, s.day, 0, False, OPEN, 0, s.expires)
         held = row.amount if row.funded and row.state not in FINAL else 0
@@ -217,14 +233,19 @@ class Book:
             raise ValueError(f"unknown notice kind {s.kind!r}")
         self._put(row)
 
-    def expire(self, row: BidRow) -> None:
+    def expire(self, row: BidRow, moved: dict[tuple[str, str], list[int]]) -> None:
         """The policy for a bid whose notices never came: a win without a bill is charged at the win's price
-        (never underestimate an impression that happened); a bid without any notice is released."""
+        (never underestimate an impression that happened); a bid without any notice is released. The change to its
+        accounts is added to ``moved`` by (campaign, day) as [spent, reserved], which the caller moves."""
         held = row.amount if row.funded else 0
         charge = row.price if row.state == WON else 0
-        row = row._replace(state=EXPIRED, price=charge)
-        self._move(row, spent=charge, reserved=-held)
-        self._put(row)
+        change = moved.get((row.campaign, row.day))
+        if change is None:
+            change = moved[row.campaign, row.day] = [0, 0]
+        change[0] += charge
+        change[1] -= held
+        self._put(BidRow(row.bid_id, row.campaign, row.day, row.amount, row.funded, EXPIRED, charge, row.expires,
+                         row.user, row.creative))  # not _replace: thousands a call, at a third of its cost
 
     # -- leases ---------------------------------------------------------------------------------------------
     def grant(self, holder: str, c: CampaignSync) -> Grant:

@@ -19,45 +19,78 @@ __all__ = ["LEDGER_FILE", "EmbeddedBanker"]
 
 LEDGER_FILE = "ledger.sqlite"
 
+#: ``PRAGMA user_version`` of the file's layout: 2 keeps the bids' rows in the order they fall due (one B-tree);
+#: a file of layout 0 (a bids table keyed by bid id, with indexes on its due and keep-until times) is converted
+SCHEMA_VERSION = 2
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (campaign TEXT NOT NULL, period TEXT NOT NULL, spent INTEGER NOT NULL DEFAULT 0,
     reserved INTEGER NOT NULL DEFAULT 0, leased INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (campaign, period))
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS holds (holder TEXT NOT NULL, campaign TEXT NOT NULL, lease INTEGER NOT NULL,
     day TEXT NOT NULL, PRIMARY KEY (holder, campaign)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bids (bid_id TEXT PRIMARY KEY, campaign TEXT NOT NULL, day TEXT NOT NULL,
-    amount INTEGER NOT NULL, funded INTEGER NOT NULL, state TEXT NOT NULL, price INTEGER NOT NULL,
-    expires REAL NOT NULL, user TEXT NOT NULL, creative TEXT NOT NULL, due REAL, keep_until REAL NOT NULL)
-    WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS bids_due ON bids (due) WHERE due IS NOT NULL;
-CREATE INDEX IF NOT EXISTS bids_keep ON bids (keep_until);
+CREATE TABLE IF NOT EXISTS bids (due_ms INTEGER NOT NULL, bid_id TEXT NOT NULL, campaign TEXT NOT NULL,
+    day TEXT NOT NULL, amount INTEGER NOT NULL, funded INTEGER NOT NULL, state TEXT NOT NULL, price INTEGER NOT NULL,
+    expires REAL NOT NULL, user TEXT NOT NULL, creative TEXT NOT NULL, PRIMARY KEY (due_ms, bid_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS swept (id INTEGER PRIMARY KEY CHECK (id = 0), due_ms INTEGER NOT NULL);
+INSERT OR IGNORE INTO swept VALUES (0, -1);
 CREATE TABLE IF NOT EXISTS impressions (seq INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT NOT NULL,
     creative TEXT NOT NULL, user TEXT NOT NULL, at REAL NOT NULL);
 """
 _BID_COLUMNS = "bid_id, campaign, day, amount, funded, state, price, expires, user, creative"
+_SETTLED = tuple(sorted(FINAL))
 
 
 def _bid_row(r) -> BidRow:
     return BidRow(r[0], r[1], r[2], r[3], bool(r[4]), *r[5:])
 
 
-#: bid ids per query when the rows of a step's bids are read together (SQLite allows 32,766 parameters)
-_READ_CHUNK = 500
+def _key(bid_id: str, expires: float) -> tuple[int, str]:
+    """A bid's row's key: when it falls due (milliseconds), then its bid id."""
+    return round(expires * 1000), bid_id
+
+
+def _convert(db: sqlite3.Connection) -> None:
+    """A file of layout 0 to layout 2: its bids' rows keyed by when they fall due (every unsettled row is swept
+    from the start again, once)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(bids)")}
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "keep_until" in columns:
+            db.execute("DROP INDEX IF EXISTS bids_due")
+            db.execute("DROP INDEX IF EXISTS bids_keep")
+            db.execute("ALTER TABLE bids RENAME TO bids_v0")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        if "keep_until" in columns:
+            db.execute(f"INSERT INTO bids SELECT CAST(round(expires * 1000) AS INTEGER), {_BID_COLUMNS} FROM bids_v0")
+            db.execute("DROP TABLE bids_v0")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class _SqliteStorage:
     """The rows in SQLite; the accounts' changes of one call are summed in memory and written once, at its end
-    (``flush``): a call moves the same few accounts hundreds of times. The bids' rows of a call are read together
-    (``prefetch``: one query per 500, not one per bid) and written together (one ``executemany`` at the end, or
-    before a query that reads them): a call handles a quarter of a second of a worker's bids, thousands, and a
-    statement per row made it take the serving core for tens of milliseconds. Nothing read or written is kept past
-    the call: other workers' calls change the rows in between."""
+    (``flush``): a call moves the same few accounts hundreds of times. The bids' rows live in one table ordered by
+    when they fall due (``(due_ms, bid_id)``, no other index): a call's new rows are appended near its end, the
+    sweep of rows whose expiry passed reads the range after the last one swept (``swept``), and settled rows are
+    purged as the range before the retention. The rows of a call's bids are read together (``prefetch``: one
+    query) and written together (one ``executemany`` at the end, or before a query that reads them): a call
+    handles a quarter of a second of a worker's bids, thousands. Nothing read or written is kept past the call:
+    other workers' calls change the rows in between."""
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (due_ms INTEGER NOT NULL, bid_id TEXT NOT NULL)")
         self._changes: dict[tuple[str, str], list[int]] = {}
-        self._rows: dict[str, BidRow | None] = {}  # bid id -> its row as this call last read or wrote it
-        self._puts: dict[str, tuple] = {}  # bid id -> the values of its row to write
+        self._rows: dict[tuple[int, str], BidRow | None] = {}  # key -> the row as this call last read or wrote it
+        self._puts: dict[tuple[int, str], tuple] = {}  # key -> the values of its row to write
+        self._swept: int | None = None  # rows due up to this (ms) were swept before this call (None: not read yet)
+        self._late: list[tuple[int, str]] = []  # unsettled rows this call wrote behind the sweep: due now
 
     def account(self, campaign: str, period: str) -> tuple[int, int, int]:
         row = self.db.execute("SELECT spent, reserved, leased FROM accounts WHERE campaign = ? AND period = ?",
@@ -76,6 +109,8 @@ class _SqliteStorage:
     def flush(self) -> None:
         self._write_bids()
         self._rows.clear()
+        self._late.clear()
+        self._swept = None
         self.db.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?, ?) ON CONFLICT (campaign, period) DO UPDATE "
                             "SET spent = spent + excluded.spent, reserved = reserved + excluded.reserved, "
                             "leased = leased + excluded.leased",
@@ -86,6 +121,8 @@ class _SqliteStorage:
         self._changes.clear()
         self._rows.clear()
         self._puts.clear()
+        self._late.clear()
+        self._swept = None
 
     def hold(self, holder: str, campaign: str) -> tuple[int, str]:
         row = self.db.execute("SELECT lease, day FROM holds WHERE holder = ? AND campaign = ?",
@@ -95,42 +132,76 @@ class _SqliteStorage:
     def set_hold(self, holder: str, campaign: str, lease: int, day: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)", (holder, campaign, lease, day))
 
-    def prefetch(self, bid_ids: Sequence[str]) -> None:
-        wanted = [bid_id for bid_id in dict.fromkeys(bid_ids) if bid_id not in self._rows]
-        for start in range(0, len(wanted), _READ_CHUNK):
-            chunk = wanted[start:start + _READ_CHUNK]
-            found = {r[0]: _bid_row(r) for r in self.db.execute(
-                f"SELECT {_BID_COLUMNS} FROM bids WHERE bid_id IN ({', '.join('?' * len(chunk))})", chunk)}
-            for bid_id in chunk:
-                self._rows[bid_id] = found.get(bid_id)
+    def prefetch(self, keys: Sequence[tuple[str, float]]) -> None:
+        rows = self._rows
+        wanted = [key for key in dict.fromkeys(_key(bid_id, expires) for bid_id, expires in keys) if key not in rows]
+        if not wanted:
+            return
+        # the keys go into a temporary table that the query joins: SQLite looks each up by the primary key (a row
+        # value IN a list of pairs would scan the whole table)
+        db = self.db
+        db.execute("DELETE FROM temp.wanted")
+        db.executemany("INSERT INTO temp.wanted VALUES (?, ?)", wanted)
+        for r in db.execute(f"SELECT b.due_ms, {', '.join('b.' + c for c in _BID_COLUMNS.split(', '))} FROM "
+                            f"temp.wanted AS w CROSS JOIN bids AS b ON b.due_ms = w.due_ms AND b.bid_id = w.bid_id"):
+            rows[r[0], r[1]] = _bid_row(r[1:])
+        for key in wanted:
+            rows.setdefault(key, None)
 
-    def bid(self, bid_id: str) -> BidRow | None:
-        if bid_id in self._rows:
-            return self._rows[bid_id]
-        row = self.db.execute(f"SELECT {_BID_COLUMNS} FROM bids WHERE bid_id = ?", (bid_id,)).fetchone()
-        row = self._rows[bid_id] = None if row is None else _bid_row(row)
+    def bid(self, bid_id: str, expires: float) -> BidRow | None:
+        key = _key(bid_id, expires)
+        if key in self._rows:
+            return self._rows[key]
+        row = self.db.execute(f"SELECT {_BID_COLUMNS} FROM bids WHERE due_ms = ? AND bid_id = ?", key).fetchone()
+        row = self._rows[key] = None if row is None else _bid_row(row)
         return row
 
-    def put_bid(self, row: BidRow, keep_until: float) -> None:
-        due = None if row.state in FINAL else row.expires
-        self._rows[row.bid_id] = row
-        self._puts[row.bid_id] = (*row[:4], int(row.funded), *row[5:], due, keep_until)
+    def put_bid(self, row: BidRow) -> None:
+        due = round(row.expires * 1000)
+        key = (due, row.bid_id)
+        self._rows[key] = row
+        self._puts[key] = (due, *row[:4], int(row.funded), *row[5:])
+        if row.state not in FINAL and due <= (self._swept if self._swept is not None else self.swept()):
+            self._late.append(key)
+
+    def swept(self) -> int:
+        if self._swept is None:
+            self._swept = self.db.execute("SELECT due_ms FROM swept").fetchone()[0]
+        return self._swept
 
     def _write_bids(self) -> None:
         if self._puts:
-            self.db.executemany("INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self.db.executemany("INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                 self._puts.values())
             self._puts.clear()
 
     def due(self, now: float, limit: int) -> list[BidRow]:
+        """The unsettled rows due by ``now``: those after the last sweep (at most ``limit``; the sweep goes on from
+        the last one returned at the next call), and those this call wrote behind it. A clock set back moves the
+        sweep back with it (the rows it passed that are still unsettled then fall due again in order)."""
         self._write_bids()
-        rows = self.db.execute(f"SELECT {_BID_COLUMNS} FROM bids WHERE due IS NOT NULL AND due <= ? ORDER BY due "
-                               f"LIMIT ?", (now, limit)).fetchall()
-        return [_bid_row(r) for r in rows]
+        swept, upto = self.swept(), round(now * 1000)
+        found = self.db.execute(f"SELECT due_ms, {_BID_COLUMNS} FROM bids WHERE due_ms > ? AND due_ms <= ? AND "
+                                f"state NOT IN ({', '.join('?' * len(_SETTLED))}) ORDER BY due_ms, bid_id LIMIT ?",
+                                (swept, upto, *_SETTLED, limit)).fetchall()
+        # a sweep cut short resumes at its last row's time (the rows of that millisecond it settled are settled then)
+        mark = found[-1][0] - 1 if len(found) == limit else upto
+        if mark != swept:
+            self.db.execute("UPDATE swept SET due_ms = ?", (mark,))
+            self._swept = mark
+        rows = [_bid_row(r[1:]) for r in found]
+        seen = {(r[0], r[1]) for r in found}
+        for key in dict.fromkeys(self._late):
+            row = self._rows.get(key)
+            if key[0] <= upto and key not in seen and row is not None and row.state not in FINAL:
+                rows.append(row)
+        self._late.clear()
+        return rows
 
-    def purge(self, now: float) -> None:
+    def purge(self, before: float) -> None:
         self._write_bids()
-        self.db.execute("DELETE FROM bids WHERE keep_until < ? AND due IS NULL", (now,))
+        self.db.execute(f"DELETE FROM bids WHERE due_ms < ? AND state IN ({', '.join('?' * len(_SETTLED))})",
+                        (round(before * 1000), *_SETTLED))
 
     def log_impression(self, campaign: str, creative: str, user: str, at: float) -> None:
         self.db.execute("INSERT INTO impressions (campaign, creative, user, at) VALUES (?, ?, ?, ?)",
@@ -147,7 +218,12 @@ class EmbeddedBanker:
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        layout = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if layout > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"{self.path}: ledger layout {layout} is newer than this bidder's "
+                                        f"({SCHEMA_VERSION}): a newer bidder wrote it")
+        if layout != SCHEMA_VERSION:
+            _convert(self.db)
         self.book = Book(_SqliteStorage(self.db), retention_s)
 
     def __repr__(self) -> str:

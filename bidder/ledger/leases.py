@@ -30,8 +30,8 @@ from collections import deque
 from typing import Callable, Iterable, Protocol, Sequence
 
 from bidder.campaigns import CampaignTerms
-from bidder.clock import read_clock
-from bidder.ledger.book import UNLIMITED, CampaignSync, Grant, Impression, Reservation, Settlement
+from bidder.clock import millis, read_clock
+from bidder.ledger.book import UNLIMITED, CampaignSync, Grant, Impression, Reservation, Settlement, expiry
 
 __all__ = ["Banker", "Ledger", "NANOS_PER_USD", "campaign_day", "nanos"]
 
@@ -163,15 +163,16 @@ class Ledger:
         bid is charged to the day it was made in, from that day's budget: after midnight the campaign waits for the
         refresher's lease of the new day). ``window``: seconds after ``now`` until the reservation is settled by the
         policy if no notice came; ``user`` (the request's user key, "" without one) and ``creative``: what its
-        billing counts towards frequency caps."""
+        billing counts towards frequency caps. ``now`` must be the issue time its notice token carries (the engine
+        signs a batch's bids at the instant it reserved them): the bid's notices then find its report's row."""
         if amount > self.largest[slot]:
             self.largest[slot] = amount
         start, end, day = self.lease_days[slot]
         if self.granted[slot] - self.used[slot] < amount or (amount and not start <= now < end):
             self.paused.add(self.campaigns[slot])
             return False
-        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount, now + window + self.grace_s,
-                                              user, creative, day))
+        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount,
+                                              expiry(millis(now), window, self.grace_s), user, creative, day))
         self.used[slot] += amount  # after the append: see the module's docstring
         return True
 
@@ -201,8 +202,10 @@ class Ledger:
         zone = self._zone(slot)
         amount = bid_micros  # CPM in micro-USD = an impression's cost in nano-USD
         charge = amount if price_micros is None else min(price_micros, amount)
+        # ``issued`` is the token's whole milliseconds over 1000: the same expiry as the bid's report (``reserve``)
         self._settlements.append(Settlement(bid_id, kind, campaign, 0 if kind == "loss" else charge, amount,
-                                            campaign_day(zone, issued), issued + window + self.grace_s))
+                                            campaign_day(zone, issued),
+                                            expiry(round(issued * 1000), window, self.grace_s)))
 
     # -- what a pacing controller and the operator view read ----------------------------------------------------
     def spent_today(self, slot: int) -> float:
