@@ -5,6 +5,8 @@ A token holds the bid's facts itself, so checking one needs no server state: a v
 ``exp`` announced (seconds), the signing key's id, then request id, imp id, bid id, seat, campaign, creative,
 currency, exchange and model id (each UTF-8, prefixed by its length, two bytes), and last 16 bytes of
 HMAC-SHA256 over everything before them with the key's secret. The URL carries it as base64url without padding.
+Version 2 is version 1 without the bid id, for a bid whose id is ``<request id>-<imp id>`` (the bidder's own):
+its four URLs (win, bill, loss, click) are then 55 characters shorter each. Both versions verify.
 
 Keys come from a JSON file (``load_keyring``)::
 
@@ -36,7 +38,8 @@ from bidder.clock import millis, parse_time
 __all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
            "Refusal", "SigningKey", "load_keyring", "micros", "parse_keyring"]
 
-VERSION = 1
+VERSION = 1          # every field
+DERIVED_VERSION = 2  # without the bid id: it is "<request id>-<imp id>"
 MAC_BYTES = 16
 _HEAD = struct.Struct(">BQQI")  # version, issued (ms), price (micro-units), window (s)
 _LENGTH = struct.Struct(">H")
@@ -123,9 +126,13 @@ class Keyring:
             if len(self._tails) >= _MAX_TAILS:  # bounded: model ids change with every reload
                 self._tails.clear()
             tail = self._tails[rest] = b"".join([_text(text.encode("utf-8")) for text in rest])
-        payload = b"".join((_HEAD.pack(VERSION, millis(issued), price_micros, window), self._id,
-                            _text(request_id.encode("utf-8")), _text(imp_id.encode("utf-8")),
-                            _text(bid_id.encode("utf-8")), tail))
+        if len(bid_id) == len(request_id) + len(imp_id) + 1 and bid_id == f"{request_id}-{imp_id}":
+            payload = b"".join((_HEAD.pack(DERIVED_VERSION, millis(issued), price_micros, window), self._id,
+                                _text(request_id.encode("utf-8")), _text(imp_id.encode("utf-8")), tail))
+        else:
+            payload = b"".join((_HEAD.pack(VERSION, millis(issued), price_micros, window), self._id,
+                                _text(request_id.encode("utf-8")), _text(imp_id.encode("utf-8")),
+                                _text(bid_id.encode("utf-8")), tail))
         token = binascii.b2a_base64(payload + self._sign_mac.digest(payload), newline=False)
         return token.translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
@@ -142,7 +149,7 @@ class Keyring:
         try:
             version, issued, price, window = _HEAD.unpack_from(payload)
             texts, at = [], _HEAD.size
-            for _ in range(1 + len(TEXT_FIELDS)):
+            for _ in range(len(TEXT_FIELDS) + (version != DERIVED_VERSION)):
                 (n,) = _LENGTH.unpack_from(payload, at)
                 at += 2
                 if at + n > len(payload):
@@ -151,7 +158,7 @@ class Keyring:
                 at += n
         except struct.error:
             return "bad_signature"
-        if version != VERSION or at != len(payload):
+        if version not in (VERSION, DERIVED_VERSION) or at != len(payload):
             return "bad_signature"
         base = self._macs.get(texts[0])
         if base is None:
@@ -162,6 +169,8 @@ class Keyring:
             words = [t.decode("utf-8") for t in texts]
         except UnicodeDecodeError:
             return "bad_signature"
+        if version == DERIVED_VERSION:
+            words.insert(3, f"{words[1]}-{words[2]}")  # after key id, request id, imp id: the bid id
         return NoticeFacts(issued / 1000.0, price, window, *words)
 
 

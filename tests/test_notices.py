@@ -3,6 +3,7 @@ routes end to end over HTTP (win, billing, loss, click), and the simulated excha
 notices on."""
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import logging
@@ -500,3 +501,19 @@ async def test_refused_notices_are_logged_as_events_at_most_once_a_second_per_re
     assert [(r.args["kind"], r.args["reason"], r.args["status"], r.args["suppressed"]) for r in refused] == [
         ("win", "bad_signature", 403, 0), ("win", "unknown_key", 403, 0)]
     assert all(r.levelname == "WARNING" and r.args["where"] == "t" for r in refused)
+
+
+def test_a_bid_id_made_of_request_and_imp_ids_is_not_repeated_in_the_token():
+    """The bidder's own bid ids are ``<request id>-<imp id>``: their tokens (version 2) leave the bid id out and the
+    check puts it back; any other bid id is carried whole (version 1). Both verify to the same facts."""
+    keyring = Keyring.generate()
+    rest = ("bidder", "c1", "cr1", "USD", "adx", "model-1")
+    derived = keyring.sign(1_370_000_000.5, 2_500_000, 600, "req-7", "3", "req-7-3", *rest)
+    whole = keyring.sign(1_370_000_000.5, 2_500_000, 600, "req-7", "3", "req-7-03", *rest)
+    raw_derived, raw_whole = (base64.urlsafe_b64decode(t + "=" * (-len(t) % 4)) for t in (derived, whole))
+    assert len(raw_whole) - len(raw_derived) == 10  # "req-7-03" and its two length bytes
+    assert (raw_derived[0], raw_whole[0]) == (2, 1)
+    facts, other = keyring.verify(derived), keyring.verify(whole)
+    assert (facts.bid_id, other.bid_id) == ("req-7-3", "req-7-03")
+    assert facts._replace(bid_id="") == other._replace(bid_id="")
+    assert Keyring([keyring.signing]).verify(derived[:-1] + ("A" if derived[-1] != "A" else "B")) == "bad_signature"
