@@ -126,7 +126,9 @@ class Storage(Protocol):
     def prefetch(self, keys: Sequence[tuple[str, float]]) -> None: ...  # (bid id, expiry): read in this step
     def bid(self, bid_id: str, expires: float) -> BidRow | None: ...
     def put_bid(self, row: BidRow) -> None: ...
-    def due(self, now: float, limit: int) -> list[BidRow]: ...  # unsettled rows whose expiry passed
+    # The unsettled rows whose expiry passed, settled by ``Book.expire``'s policy: the storage may settle them in
+    # bulk itself (adding each account's change to ``moved`` as ``Book.expire`` does) and return only the rest.
+    def expire_due(self, now: float, limit: int, moved: dict[tuple[str, str], list[int]]) -> list[BidRow]: ...
     def purge(self, before: float) -> None: ...  # final rows whose expiry is before ``before``
     def log_impression(self, campaign: str, creative: str, user: str, at: float) -> None: ...
 
@@ -169,7 +171,7 @@ class Book:
         for s in settlements:
             self.settle(s)
         moved: dict[tuple[str, str], list[int]] = {}  # expired rows' (spent, reserved) changes, one step per account
-        for row in store.due(now, EXPIRE_BATCH):
+        for row in store.expire_due(now, EXPIRE_BATCH, moved):
             self.expire(row, moved)
         for (campaign, day), (spent, reserved) in moved.items():
             store.add(campaign, TOTAL, spent=spent, reserved=reserved)

@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
-from bidder.ledger.book import FINAL, BidRow, Book, CampaignSync, Grant, Impression, Reservation, Settlement
+from bidder.ledger.book import EXPIRED, FINAL, BidRow, Book, CampaignSync, Grant, Impression, Reservation, Settlement
 
 __all__ = ["LEDGER_FILE", "EmbeddedBanker"]
 
@@ -175,25 +175,37 @@ class _SqliteStorage:
                                 self._puts.values())
             self._puts.clear()
 
-    def due(self, now: float, limit: int) -> list[BidRow]:
-        """The unsettled rows due by ``now``: those after the last sweep (at most ``limit``; the sweep goes on from
-        the last one returned at the next call), and those this call wrote behind it. A clock set back moves the
-        sweep back with it (the rows it passed that are still unsettled then fall due again in order)."""
+    def expire_due(self, now: float, limit: int, moved: dict[tuple[str, str], list[int]]) -> list[BidRow]:
+        """Settle by the policy the unsettled rows due by ``now`` after the last sweep, in one statement (at least
+        ``limit`` of them when there are more: all those of the millisecond the limit falls in; the sweep goes on
+        from there at the next call): ``Book.expire`` in SQL, a row's state set to expired and its price, the win's
+        or 0, kept as the charge. Their changes are added to ``moved``. Returns the unsettled rows due by ``now``
+        that this call wrote behind the sweep, for ``Book.expire``. A clock set back moves the sweep back with it
+        (the rows it passed that are still unsettled then fall due again in order)."""
         self._write_bids()
-        swept, upto = self.swept(), round(now * 1000)
-        found = self.db.execute(f"SELECT due_ms, {_BID_COLUMNS} FROM bids WHERE due_ms > ? AND due_ms <= ? AND "
-                                f"state NOT IN ({', '.join('?' * len(_SETTLED))}) ORDER BY due_ms, bid_id LIMIT ?",
-                                (swept, upto, *_SETTLED, limit)).fetchall()
-        # a sweep cut short resumes at its last row's time (the rows of that millisecond it settled are settled then)
-        mark = found[-1][0] - 1 if len(found) == limit else upto
-        if mark != swept:
-            self.db.execute("UPDATE swept SET due_ms = ?", (mark,))
-            self._swept = mark
-        rows = [_bid_row(r[1:]) for r in found]
-        seen = {(r[0], r[1]) for r in found}
+        db, swept, upto = self.db, self.swept(), round(now * 1000)
+        unsettled = f"state NOT IN ({', '.join('?' * len(_SETTLED))})"
+        if upto > swept:
+            cut = db.execute(f"SELECT due_ms FROM bids WHERE due_ms > ? AND due_ms <= ? AND {unsettled} "
+                             f"ORDER BY due_ms LIMIT 1 OFFSET ?", (swept, upto, *_SETTLED, limit)).fetchone()
+            if cut is not None:
+                upto = cut[0]
+            for campaign, day, amount, funded, price in db.execute(
+                    f"UPDATE bids SET state = ? WHERE due_ms > ? AND due_ms <= ? AND {unsettled} "
+                    f"RETURNING campaign, day, amount, funded, price", (EXPIRED, swept, upto, *_SETTLED)):
+                change = moved.get((campaign, day))
+                if change is None:
+                    change = moved[campaign, day] = [0, 0]
+                change[0] += price  # the win's price for a won row, 0 for an open one (Book.expire)
+                if funded:
+                    change[1] -= amount
+        if upto != swept:
+            db.execute("UPDATE swept SET due_ms = ?", (upto,))
+            self._swept = upto
+        rows = []
         for key in dict.fromkeys(self._late):
             row = self._rows.get(key)
-            if key[0] <= upto and key not in seen and row is not None and row.state not in FINAL:
+            if key[0] <= round(now * 1000) and row is not None and row.state not in FINAL:
                 rows.append(row)
         self._late.clear()
         return rows
