@@ -129,6 +129,7 @@ SUBCOMMANDS = {
                                  "budget fraction"),
     "pacing": ("bench.pacing", "even pacing against asap over simulated days of the synthetic market"),
     "notices": ("bench.notice_load", "the notice routes over HTTP beside bidding, both paced"),
+    "stages": ("bench.stages", "in-process CPU of notices, events, budgets and caps all on against all off"),
 }
 
 

@@ -286,6 +286,16 @@ def _calibration_figures(report: dict) -> str:
     return "test mean / true pCTR, raw→served (rows/seed): " + ", ".join(cells) if cells else ""
 
 
+def _stages_figures(report: dict) -> str:
+    if "extra_us_per_request" not in report:
+        return ""
+    background = ", ".join(f"{name} {v:.1f}" for name, v in report.get("background_us_per_bid", {}).items())
+    implied = report.get("implied_rps_ratio", {}).get("all_over_plain")
+    return (f"all on +{report['extra_us_per_request']:.1f} µs CPU per request (bid path "
+            f"+{report['bid_path_extra_us']:.1f}; threads per bid: {background})"
+            + (f"; implied bidder-all/bidder {implied:.2f}×" if implied else ""))
+
+
 def _kind(path: Path) -> str:
     return re.match(r"[a-z]+", path.name).group(0) if re.match(r"[a-z]+", path.name) else path.name
 
@@ -294,7 +304,7 @@ _KEY_FIGURES: dict[str, Callable[[dict], str]] = {
     "replay": _replay_figures, "shading": _shading_figures, "retrieval": _retrieval_figures,
     "compare": _compare_figures, "compress": _compress_figures, "after": _reload_figures, "before": _reload_figures,
     "batch": _runs_figures, "factorized": _factorized_figures, "loop": _loop_figures, "budgets": _budgets_figures,
-    "calibration": _calibration_figures}
+    "calibration": _calibration_figures, "stages": _stages_figures}
 
 
 def render(results: Path = RESULTS) -> str:

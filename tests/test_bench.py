@@ -741,3 +741,31 @@ def test_the_notice_benchmark_counts_every_notice_it_sends_once(tmp_path):
     assert sum(report["counted"].values()) == sum(n for key, n in report["counted"].items() if 'result="ok"' in key)
     assert sum(report["counted"].values()) >= sent  # wrk counts a request once answered; all answered are counted
     assert report["command"].startswith("python -m bench notices") and "p99_ms" in report["target"]
+
+
+def test_bench_stages_times_both_engines_and_the_background_threads(tmp_path, capsys):
+    """``python -m bench stages``: the plain and the all-on engine take turns; the refresher and the event writer
+    do work for the all-on engine's bids (reservations that expire within the run are released by the banker)."""
+    from bench import stages
+
+    out = tmp_path / "stages.json"
+    assert stages.main(["--seconds", "0.5", "--batch", "4", "--window", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["blocks"] >= 1 and report["batch"] == 4
+    assert report["us_per_request"]["all"] > report["us_per_request"]["plain"] > 0
+    assert set(report["background_us_per_bid"]) == {"ledger-refresher", "events-w0"}
+    assert all(v > 0 for v in report["background_us_per_bid"].values())
+    assert set(report["stages_us_per_request"]) == {"budget", "sign", "log_bid"}
+    assert report["extra_us_per_request"] == pytest.approx(
+        report["bid_path_extra_us"] + sum(report["background_us_per_bid"].values()), abs=0.02)
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [(["--seconds", "0"], "--seconds must be > 0"),
+                                           (["--batch", "0"], "--batch and --window >= 1")])
+def test_bench_stages_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
+    from bench import stages
+
+    assert stages.main([*argv, "--out", str(tmp_path / "s.json")]) == 2
+    assert message in capsys.readouterr().err
