@@ -1,5 +1,6 @@
-"""Build the Cython featurizer, the best-row scan, the first-price search, the AutoInt attention kernel, row-wise
-Adam's row loops and the shared-memory all-gather's flags; everything else is declared in pyproject.toml."""
+"""Build the Cython featurizer, the best-row scan, the notice tokens' encoder, the first-price search, the AutoInt
+attention kernel, row-wise Adam's row loops and the shared-memory all-gather's flags; everything else is declared in
+pyproject.toml."""
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -17,6 +18,11 @@ extensions = [
         ["bidder/_pricing.pyx"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3"],
+    ),
+    Extension(
+        "bidder._tokens",
+        ["bidder/_tokens.pyx"],
         extra_compile_args=["-O3"],
     ),
     Extension(

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
+from bidder import _tokens
 from bidder.clock import millis, parse_time
 
 __all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
@@ -126,15 +127,9 @@ class Keyring:
             if len(self._tails) >= _MAX_TAILS:  # bounded: model ids change with every reload
                 self._tails.clear()
             tail = self._tails[rest] = b"".join([_text(text.encode("utf-8")) for text in rest])
-        if len(bid_id) == len(request_id) + len(imp_id) + 1 and bid_id == f"{request_id}-{imp_id}":
-            payload = b"".join((_HEAD.pack(DERIVED_VERSION, millis(issued), price_micros, window), self._id,
-                                _text(request_id.encode("utf-8")), _text(imp_id.encode("utf-8")), tail))
-        else:
-            payload = b"".join((_HEAD.pack(VERSION, millis(issued), price_micros, window), self._id,
-                                _text(request_id.encode("utf-8")), _text(imp_id.encode("utf-8")),
-                                _text(bid_id.encode("utf-8")), tail))
-        token = binascii.b2a_base64(payload + self._sign_mac.digest(payload), newline=False)
-        return token.translate(_URLSAFE).rstrip(b"=").decode("ascii")
+        derived = len(bid_id) == len(request_id) + len(imp_id) + 1 and bid_id == f"{request_id}-{imp_id}"
+        return _tokens.sign(self._sign_mac, DERIVED_VERSION if derived else VERSION, millis(issued), price_micros,
+                            window, self._id, request_id, imp_id, None if derived else bid_id, tail)
 
     def verify(self, token: str) -> NoticeFacts | str:
         """The facts a token carries, or the reason (one of ``REFUSALS``) it is refused: a token that does not

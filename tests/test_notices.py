@@ -13,6 +13,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bidder.__main__ import main
 from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
@@ -517,3 +519,40 @@ def test_a_bid_id_made_of_request_and_imp_ids_is_not_repeated_in_the_token():
     assert (facts.bid_id, other.bid_id) == ("req-7-3", "req-7-03")
     assert facts._replace(bid_id="") == other._replace(bid_id="")
     assert Keyring([keyring.signing]).verify(derived[:-1] + ("A" if derived[-1] != "A" else "B")) == "bad_signature"
+
+
+def _reference_token(keyring, version, issued_ms, price, window, texts):
+    """The token layout of docs/notices.md, in plain Python: what ``bidder._tokens.sign`` must produce."""
+    import struct
+
+    payload = struct.pack(">BQQI", version, issued_ms, price, window) + b"".join(
+        struct.pack(">H", len(t)) + t for t in [keyring.signing.id.encode()] + [t.encode() for t in texts])
+    raw = payload + keyring._sign_mac.digest(payload)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+_field_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(issued_ms=st.integers(0, 2**63 - 1), price=st.integers(0, 2**64 - 1), window=st.integers(0, 2**32 - 1),
+       request_id=_field_text, imp_id=_field_text, bid_id=_field_text,
+       rest=st.lists(_field_text, min_size=6, max_size=6))
+def test_native_token_matches_the_documented_layout(issued_ms, price, window, request_id, imp_id, bid_id, rest):
+    keyring = _REFERENCE_KEYRING
+    token = keyring.sign(issued_ms / 1000, price, window, request_id, imp_id, bid_id, *rest)
+    derived = bid_id == f"{request_id}-{imp_id}"
+    texts = [request_id, imp_id] + ([] if derived else [bid_id]) + rest
+    assert token == _reference_token(keyring, 2 if derived else 1, int(issued_ms / 1000 * 1000), price, window, texts)
+    facts = keyring.verify(token)
+    assert (facts.request_id, facts.imp_id, facts.bid_id, facts.price_micros, facts.window) == (
+        request_id, imp_id, bid_id, price, window)
+    assert [facts.seat, facts.campaign, facts.creative, facts.currency, facts.exchange, facts.model_id] == rest
+
+
+_REFERENCE_KEYRING = Keyring.generate()
+
+
+def test_a_token_field_longer_than_its_length_prefix_is_refused():
+    with pytest.raises(ValueError, match="at most 65535"):
+        _REFERENCE_KEYRING.sign(1.0, 1, 1, "r" * 70_000, "1", "b", "s", "c", "cr", "USD", "", "m")
