@@ -2,7 +2,8 @@
 
 It reads and decodes the request body exactly as the bid path's first stage does and answers a small
 JSON, so the gap between it and the bidder under the same load is the cost of featurize + score +
-price + encode.  No access log, as on the bidder's hot path.
+price + encode.  No access log, as on the bidder's hot path. ``GET /notice/{kind}`` reads the query's token and
+answers 200 empty: the ceiling of the notice routes (``python -m bench notices``).
 
 Two HTTP layers, so the ceiling can match whichever the bidder serves on:
   app     aiohttp's Application: router, middleware support, AppRunner (the bidder's layer today)
@@ -41,6 +42,12 @@ async def echo(request: web.BaseRequest) -> web.Response:
     return web.Response(body=_encode({"id": request_id, "echo": True}), content_type="application/json")
 
 
+async def notice(request: web.BaseRequest) -> web.Response:
+    """The ceiling of the bidder's notice routes (``python -m bench notices``): the token read, 200 empty."""
+    request.query.get("t")
+    return web.Response()
+
+
 async def ready(request: web.BaseRequest) -> web.Response:
     return web.Response(body=_READY, content_type="application/json")
 
@@ -49,6 +56,7 @@ def make_app() -> web.Application:
     app = web.Application()
     app.router.add_post(ROUTE, echo)
     app.router.add_post(ROUTE + "/{exchange}", echo)
+    app.router.add_get("/notice/{kind}", notice, allow_head=False)
     app.router.add_get("/healthz", ready)
     app.router.add_get("/readyz", ready)
     return app
@@ -60,6 +68,9 @@ async def handle(request: web.BaseRequest) -> web.Response:
     if path == ROUTE or path.startswith(ROUTE + "/"):
         if method == "POST":
             return await echo(request)
+    elif path.startswith("/notice/"):
+        if method == "GET":
+            return await notice(request)
     elif path in ("/healthz", "/readyz"):
         if method in ("GET", "HEAD"):
             return await ready(request)

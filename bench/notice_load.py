@@ -8,7 +8,9 @@ every one is verified, deduplicated in the store, settled in the ledger and logg
 connection by a fixed pause before each request (``bench/wrk/paced.lua``), so the rates reached are a little under
 the ones asked for; the report gives both. The figures: the notices' latency percentiles (wrk's histogram), the
 bids' alongside, the rates reached, the server's CPU per request, and the bidder's own count of the notices by
-result (every one should be ``ok``). Writes ``notices-load.json`` into ``--out``::
+result (every one should be ``ok``). First, unless ``--no-ceiling``, the same two loads go to the echo server
+(``bench.echo``: a notice is answered 200 empty once its query is read): what wrk and the machine show at best, the
+floor under the bidder's figures. Writes ``notices-load.json`` into ``--out``::
 
     python -m bench notices --rate 2000 --bid-rate 2000 --seconds 20 --out runs/notices
 """
@@ -125,19 +127,20 @@ def run(args: argparse.Namespace) -> dict:
     print(f"bidder on {base}; notices at {args.rate:g}/s ({notice_connections} connections), bids at "
           f"{args.bid_rate:g}/s ({bid_connections} connections), {args.warmup:g} + {args.seconds:g} s",
           file=sys.stderr, flush=True)
+    ceiling = None
+    if args.ceiling:  # the same two loads against the echo server: what this machine and wrk show at best
+        echo_port = free_port()
+        echo_base = f"http://127.0.0.1:{echo_port}"
+        echo = pinned([sys.executable, "-m", "bench.echo", "--port", str(echo_port)], args.server_cpus)
+        with running("echo", echo, echo_base, ready_path="/readyz", startup_timeout_s=60.0) as server:
+            ceiling = paced_pair(args, echo_base, work / "paths.txt", bid_connections, notice_connections, server)
     with running("bidder-notices", command, base, ready_path="/readyz", startup_timeout_s=60.0) as server:
-        if args.warmup > 0:  # bids only: every notice of the measured run is a first one
-            finished(paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.warmup, args.client_cpus),
-                     args.warmup)
-        cpu_before = tree_cpu_seconds(server.process.pid)
-        bids = paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.seconds, args.client_cpus)
-        notices = paced_wrk(base, "get", work / "paths.txt", notice_connections, args.seconds, args.client_cpus)
-        notice_result, bid_result = finished(notices, args.seconds), finished(bids, args.seconds)
-        cpu = tree_cpu_seconds(server.process.pid) - cpu_before
+        notice_result, bid_result, cpu = paced_pair(args, base, work / "paths.txt", bid_connections,
+                                                    notice_connections, server)
         counts = notice_counts(f"{base}/metrics")
     answered = notice_result.requests + bid_result.requests
     p99 = notice_result.percentile_us(99) / 1000
-    return {
+    report = {
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python -m bench notices " + " ".join(args.argv),
         "config": {"rate": args.rate, "bid_rate": args.bid_rate, "seconds": args.seconds, "warmup": args.warmup,
@@ -153,6 +156,24 @@ def run(args: argparse.Namespace) -> dict:
                    "met": p99 < TARGET_P99_MS and notice_result.rps >= args.rate},
         "machine": machine_info(REPO, wrk_version()),
     }
+    if ceiling is not None:
+        report["ceiling"] = {"server": "echo (python -m bench.echo)", "notices": summary_of(ceiling[0]),
+                             "bids": summary_of(ceiling[1]), "server_cpu_share": ceiling[2] / ceiling[0].duration_s}
+    return report
+
+
+def paced_pair(args: argparse.Namespace, base: str, paths: Path, bid_connections: int, notice_connections: int,
+               server) -> tuple[WrkResult, WrkResult, float]:
+    """Bids only for ``--warmup`` seconds, then bids and notices together for ``--seconds``: the notices' and the
+    bids' results and the server's CPU seconds meanwhile."""
+    if args.warmup > 0:  # bids only: every notice of the measured run is a first one
+        finished(paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.warmup, args.client_cpus),
+                 args.warmup)
+    cpu_before = tree_cpu_seconds(server.process.pid)
+    bids = paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.seconds, args.client_cpus)
+    notices = paced_wrk(base, "get", paths, notice_connections, args.seconds, args.client_cpus)
+    notice_result, bid_result = finished(notices, args.seconds), finished(bids, args.seconds)
+    return notice_result, bid_result, tree_cpu_seconds(server.process.pid) - cpu_before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body", type=Path, default=DEFAULT_BODY, help="the bid request (default: simple banner)")
     parser.add_argument("--server-cpus", default="0", help="taskset list for the bidder (default: %(default)s)")
     parser.add_argument("--client-cpus", default="1", help="taskset list for both wrk (default: %(default)s)")
+    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                        help="skip the same loads against the echo server first (the machine's and wrk's floor)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "notices",
                         help="folder of notices-load.json (default: runs/notices)")
     args = parser.parse_args(argv)
@@ -184,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "notices-load.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     notices, bids = report["notices"], report["bids"]
+    if "ceiling" in report:
+        ceiling = report["ceiling"]
+        print(f"echo ceiling, same loads: notices {ceiling['notices']['rate']:,.0f}/s, P50 "
+              f"{ceiling['notices']['latency_ms']['p50']:.3f} ms, P99 {ceiling['notices']['latency_ms']['p99']:.3f} "
+              f"ms; bids P99 {ceiling['bids']['latency_ms']['p99']:.3f} ms")
     print(f"notices: {notices['rate']:,.0f}/s, P50 {notices['latency_ms']['p50']:.3f} ms, P99 "
           f"{notices['latency_ms']['p99']:.3f} ms; bids: {bids['rate']:,.0f}/s, P99 {bids['latency_ms']['p99']:.3f} "
           f"ms; server CPU {report['server_cpu_share']:.0%} of a core\ncounted: {report['counted']}\n"

@@ -741,6 +741,9 @@ def test_the_notice_benchmark_counts_every_notice_it_sends_once(tmp_path):
     assert sum(report["counted"].values()) == sum(n for key, n in report["counted"].items() if 'result="ok"' in key)
     assert sum(report["counted"].values()) >= sent  # wrk counts a request once answered; all answered are counted
     assert report["command"].startswith("python -m bench notices") and "p99_ms" in report["target"]
+    ceiling = report["ceiling"]  # the same loads against the echo server first: every notice answered 200
+    assert ceiling["notices"]["requests"] > 0 and ceiling["notices"]["statuses"] == {"200": ceiling["notices"]["requests"]}
+    assert ceiling["bids"]["statuses"] == {"200": ceiling["bids"]["requests"]}
 
 
 def test_bench_stages_times_both_engines_and_the_background_threads(tmp_path, capsys):
