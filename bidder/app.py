@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from bidder import DEFAULT_BUNDLE
-from bidder.batching import Batcher
+from bidder.batching import ThreadBatcher
 from bidder.campaigns import Catalog, CatalogError, load_catalog
 from bidder.clock import Clock, read_clock
 from bidder.engine import BidEngine, Outcome, error_body
@@ -119,9 +119,12 @@ class State:
         self.store: NoticeStore | None = None
         # the spend ledger, made by the first engine whose catalog has budgets (bidder.ledger)
         self.ledger: Ledger | None = None
-        # the notices that reach the routes in one event-loop turn are recorded in the store together
-        self.recorder = Batcher(lambda notices: self.store.first_times(notices, self.now()))
+        self.recorder: ThreadBatcher | None = None
         if config.notices is not None:
+            # the notices that reach the routes while the store records a batch are recorded together next, in the
+            # store's own thread: the event loop never waits on the store's disk (or its Redis)
+            self.recorder = ThreadBatcher(lambda notices: self.store.first_times(notices, self.now()),
+                                          "notice-store")
             self.notices = Notices(config.notices)
             self.store = open_notice_store(config.ledger, config.notices.state_dir, config.notices.max_window_s)
             metrics.enable_notices(NOTICE_RESULTS)
@@ -430,7 +433,8 @@ def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
 
 
 async def record_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
-    """``count_notice`` for the routes: the store is asked once for all the notices of this loop turn."""
+    """``count_notice`` for the routes: the store is asked once for all the notices that arrive while it records
+    the previous ones, in its own thread (``ThreadBatcher``)."""
     now = state.now()
     checked = check_notice(state, query, kind, now)
     if checked.__class__ is not Refusal:
@@ -574,6 +578,7 @@ def create_app(config: Config = Config(), worker: int = 0) -> web.Application:
             if state.ledger is not None:  # what is queued reported, the leases given back
                 state.ledger.close()
             if state.store is not None:
+                state.recorder.close()
                 state.store.close()
             if state.events is not None:  # every queued event written, the last file renamed into place
                 state.events.close()

@@ -6,13 +6,18 @@ step already queued for this turn, so the requests whose bodies completed togeth
 together, and a lone request waits for nothing but the end of its own turn (no timer). The batch
 function sees a list of requests and settles each one's future on its own: a request that fails
 fails alone.
+
+``ThreadBatcher`` is the same for work that waits on a file or the network (the notices' dedup store): the batch
+runs in a thread of its own, one batch at a time, while the event loop goes on serving; what is submitted meanwhile
+waits for the batch in flight and goes as the next one.
 """
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "ThreadBatcher"]
 
 
 class Batcher:
@@ -56,3 +61,57 @@ class Batcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def _settle(futures: list[asyncio.Future], results: Sequence[Any]) -> None:
+    for future, result in zip(futures, results):
+        if future.done():  # the handler was cancelled (client went away)
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+class ThreadBatcher:
+    """``Batcher`` whose ``process(items)`` runs in one thread named ``name``, off the event loop: a batch waiting on
+    a disk's fsync or on a network round trip holds up no other request. One batch is in flight at a time; the items
+    submitted meanwhile are the next batch, sent when it returns (the busier the routes, the larger the batches)."""
+
+    def __init__(self, process: Callable[[Sequence[Any]], Sequence[Any]], name: str):
+        self._process = process
+        self._items: list[Any] = []
+        self._futures: list[asyncio.Future] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def submit(self, item: Any) -> asyncio.Future:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._items and not self._busy:
+            loop.call_soon(self._send)
+        self._items.append(item)
+        self._futures.append(future)
+        return future
+
+    def _send(self) -> None:
+        if self._busy or not self._items:
+            return
+        items, futures = self._items, self._futures
+        self._items, self._futures = [], []
+        self._busy = True
+        job = self._loop.run_in_executor(self._executor, self._process, items)
+        job.add_done_callback(lambda done: self._returned(done, futures))
+
+    def _returned(self, job: asyncio.Future, futures: list[asyncio.Future]) -> None:
+        self._busy = False
+        error = job.exception()  # a bug in process: every item of the batch gets it, none waits forever
+        _settle(futures, [error] * len(futures) if error is not None else job.result())
+        self._send()
+
+    def close(self) -> None:
+        """Wait for the batch in flight (nothing else is sent after this)."""
+        self._executor.shutdown(wait=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -26,6 +27,8 @@ STORE_FILE = "notices.sqlite"
 RETENTION_MARGIN_S = 3600.0
 #: inserts between two deletions of expired rows
 PRUNE_EVERY = 10_000
+#: seconds between two checkpoints of the log into the file (by the store's checkpoint thread)
+CHECKPOINT_S = 1.0
 
 
 class NoticeStore(Protocol):
@@ -55,6 +58,23 @@ class SqliteNoticeStore:
                         "issued REAL NOT NULL, seen REAL NOT NULL, PRIMARY KEY (bid_id, kind)) WITHOUT ROWID")
         self.db.execute("CREATE INDEX IF NOT EXISTS notices_issued ON notices (issued)")
         self._inserts = 0
+        # The log is checkpointed into the file (which fsyncs both) by a thread of its own, never by a commit: a
+        # commit that ran the checkpoint waited on the disk for milliseconds, and every notice behind it too.
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+        self._stop = threading.Event()
+        self._checkpoints = threading.Thread(target=self._checkpoint, name="notice-store-checkpoint", daemon=True)
+        self._checkpoints.start()
+
+    def _checkpoint(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        try:
+            while not self._stop.wait(CHECKPOINT_S):
+                try:  # PASSIVE: copies what no reader needs, waits for no writer; the log restarts when it can
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:  # busy now: the next turn
+                    pass
+        finally:
+            db.close()
 
     def first_time(self, bid_id: str, kind: str, issued: float, now: float) -> bool:
         cursor = self.db.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)",
@@ -90,4 +110,7 @@ class SqliteNoticeStore:
         return self.db.execute("SELECT count(*) FROM notices").fetchone()[0]
 
     def close(self) -> None:
+        self._stop.set()
+        self._checkpoints.join()
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         self.db.close()

@@ -276,3 +276,41 @@ async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, op
     together = await asyncio.gather(*(engine.submit(p) for p in prepared), return_exceptions=True)
     assert isinstance(together[3], ZeroDivisionError)
     assert [o for i, o in enumerate(together) if i != 3] == [o for i, o in enumerate(alone) if i != 3]
+
+
+def test_thread_batcher_runs_off_the_loop_and_sends_what_came_meanwhile_as_the_next_batch():
+    """The notices' store batches: one batch in flight in the batcher's thread; what is submitted while it runs
+    goes as the next batch, together; a failing batch fails its own items only."""
+    import threading
+
+    from bidder.batching import ThreadBatcher
+
+    release = threading.Event()
+    batches: list[tuple[list, str]] = []
+
+    def process(items):
+        batches.append((list(items), threading.current_thread().name))
+        if items[0] == "first":
+            release.wait(5)
+        if "bad" in items:
+            raise RuntimeError("store down")
+        return [f"{item}!" for item in items]
+
+    async def main():
+        batcher = ThreadBatcher(process, "test-store")
+        first = batcher.submit("first")
+        await asyncio.sleep(0.05)  # "first" is in flight, held by the event
+        later = [batcher.submit(name) for name in ("a", "b", "c")]
+        await asyncio.sleep(0.05)
+        assert not any(f.done() for f in later)  # the loop went on serving meanwhile
+        release.set()
+        assert await first == "first!" and [await f for f in later] == ["a!", "b!", "c!"]
+        bad = [batcher.submit("bad"), batcher.submit("x")]
+        results = await asyncio.gather(*bad, return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        assert await batcher.submit("after") == "after!"  # the batcher goes on after a failure
+        batcher.close()
+
+    asyncio.run(main())
+    assert [items for items, _ in batches] == [["first"], ["a", "b", "c"], ["bad", "x"], ["after"]]
+    assert all(name.startswith("test-store") for _, name in batches)

@@ -556,3 +556,30 @@ _REFERENCE_KEYRING = Keyring.generate()
 def test_a_token_field_longer_than_its_length_prefix_is_refused():
     with pytest.raises(ValueError, match="at most 65535"):
         _REFERENCE_KEYRING.sign(1.0, 1, 1, "r" * 70_000, "1", "b", "s", "c", "cr", "USD", "", "m")
+
+
+def test_the_store_s_log_is_checkpointed_by_its_own_thread_not_by_a_commit(tmp_path, monkeypatch):
+    """A commit never runs the checkpoint (it waited on the disk with every notice behind it): the store's thread
+    copies the log into the file every ``CHECKPOINT_S``, and the log restarts from its start."""
+    import sqlite3
+
+    import bidder.notice_store as notice_store
+
+    monkeypatch.setattr(notice_store, "CHECKPOINT_S", 0.05)
+    store = SqliteNoticeStore(tmp_path, 3600)
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for i in range(300):
+        store.first_times([(f"bid-{i}", "win", 1.0e9)], 1.0e9)
+    wal = tmp_path / "notices.sqlite-wal"
+    time.sleep(0.3)  # a few checkpoints
+    other = sqlite3.connect(tmp_path / "notices.sqlite")
+    assert other.execute("SELECT count(*) FROM notices").fetchone()[0] == 300
+    size = wal.stat().st_size
+    for i in range(300, 600):  # the log is written again from its start, not grown
+        store.first_times([(f"bid-{i}", "win", 1.0e9)], 1.0e9)
+    assert wal.stat().st_size < 1.5 * size  # 300 more commits: as many frames again had it grown
+    busy, log_frames, checkpointed = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and checkpointed == log_frames
+    other.close()
+    store.close()
+    assert not store._checkpoints.is_alive()
