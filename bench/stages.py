@@ -1,12 +1,12 @@
 """What this round's stages cost in process: the bid path with notices, the event log, budgets and frequency caps
 all on against all off, taking turns in one process, the background threads included.
 
-    python -m bench stages [--seconds S] [--batch N] [--window S] --out FILE.json
+    python -m bench stages [--stages notices,events,budgets] [--seconds S] [--batch N] [--window S] --out FILE.json
 
-Two engines are built as ``bidder serve`` builds them: a plain one, and one with signed notices, the event log
-(its writer thread running), and a daily budget and a frequency cap on every campaign (``bench load``'s
-``bidder-all`` terms) with the worker's ledger on the embedded banker (its refresher thread calling the banker every
-0.25 s). Each takes blocks of 100 batches of ``--batch`` requests in turn (the IAB simple banner, every request a new
+Two engines are built as ``bidder serve`` builds them: a plain one, and one with ``--stages`` on (all three by
+default): signed notices, the event log (its writer thread running), and a daily budget and a frequency cap on every
+campaign (``bench load``'s ``bidder-all`` terms) with the worker's ledger on the embedded banker (its refresher
+thread calling the banker every 0.25 s). Each takes blocks of 100 batches of ``--batch`` requests in turn (the IAB simple banner, every request a new
 id: a new bid for the banker), for ``--seconds`` each; a block is timed in CPU time of this thread
 (``time.thread_time``: what the scheduler gives to other processes is not counted), the refresher's and the
 writer's CPU time by their own clocks over the whole run. ``--window`` sets the bids' notice window, so that their
@@ -48,17 +48,24 @@ STAGES = ("budget", "_sign", "_log_bid")
 RESULTS = REPO / "bench" / "results"
 
 
-def build(all_on: bool, bundle: Path, window: int, work: Path) -> tuple[State, BidEngine]:
-    """An engine as ``bidder serve`` builds it, plain or with every stage of this round on (threads started)."""
-    if not all_on:
-        state = State(Config(), Metrics())
-        return state, state.load(bundle, bundle / "campaigns.json")
-    notices = NoticeSettings(url="http://127.0.0.1:8080", keyring=Keyring.generate(), state_dir=work / "state",
-                             window_s=window)
-    state = State(Config(notices=notices, events=work / "events"), Metrics())
-    state.events = EventLog(work / "events", 0).start()
-    engine = state.load(bundle, money_catalog(bundle / "campaigns.json"))
-    state.ledger.start()
+#: the stages ``--stages`` can turn on; budgets (with frequency caps) need notices, as ``bidder serve`` does
+STAGE_NAMES = ("notices", "events", "budgets")
+
+
+def build(stages: frozenset[str], bundle: Path, window: int, work: Path) -> tuple[State, BidEngine]:
+    """An engine as ``bidder serve`` builds it with ``stages`` on (their threads started)."""
+    notices = None
+    if "notices" in stages:
+        notices = NoticeSettings(url="http://127.0.0.1:8080", keyring=Keyring.generate(), state_dir=work / "state",
+                                 window_s=window)
+    events = work / "events" if "events" in stages else None
+    state = State(Config(notices=notices, events=events), Metrics())
+    if events is not None:
+        state.events = EventLog(events, 0).start()
+    catalog = bundle / "campaigns.json"
+    engine = state.load(bundle, money_catalog(catalog) if "budgets" in stages else catalog)
+    if state.ledger is not None:
+        state.ledger.start()
     return state, engine
 
 
@@ -114,11 +121,13 @@ def http_cpu_us(results: Path = RESULTS) -> tuple[float, str] | None:
     return None
 
 
-def measure(bundle: Path, seconds: float, batch: int, window: int, progress: Callable[[str], None]) -> dict[str, Any]:
+def measure(bundle: Path, seconds: float, batch: int, window: int, stages: frozenset[str],
+            progress: Callable[[str], None]) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-stages-"))
     requests = Requests(DEFAULT_BODY.read_bytes(), 400_000)
-    (_, plain), (state, all_on) = build(False, bundle, window, work / "plain"), build(True, bundle, window, work)
-    threads = [t for t in (state.ledger._thread, state.events._thread) if t is not None]
+    _, plain = build(frozenset(), bundle, window, work / "plain")
+    state, all_on = build(stages, bundle, window, work)
+    threads = [t for t in (state.ledger and state.ledger._thread, state.events and state.events._thread) if t]
     clocks = {t.name: time.pthread_getcpuclockid(t.ident) for t in threads}
     try:
         for _ in range(5):  # warm: ORT's shapes, caches, the first leases
@@ -136,28 +145,31 @@ def measure(bundle: Path, seconds: float, batch: int, window: int, progress: Cal
         background = {name: (time.clock_gettime(clocks[name]) - before) / bids * 1e6
                       for name, before in background.items()}
         spent: dict[str, int] = {}
-        for name in STAGES:
+        timers = [name for name, on in zip(STAGES, ("budgets", "notices", "events")) if on in stages]
+        for name in timers:
             timed(all_on, name, spent)
         timed_requests, end = 0, time.monotonic() + seconds / 2
         while time.monotonic() < end:
             block(all_on, requests, batch)
             timed_requests += BLOCK * batch
     finally:
-        state.ledger.close()
-        state.events.close()
+        if state.ledger is not None:
+            state.ledger.close()
+        if state.events is not None:
+            state.events.close()
     us = {name: round(statistics.median(values), 2) for name, values in samples.items()}
     bid_path = round(us["all"] - us["plain"], 2)
     extra = round(bid_path + sum(background.values()), 2)
     result = {
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "bundle": str(bundle), "request": str(DEFAULT_BODY.relative_to(REPO)), "batch": batch, "window_s": window,
-        "blocks": len(samples["plain"]), "clock": "thread CPU time",
+        "stages": sorted(stages), "blocks": len(samples["plain"]), "clock": "thread CPU time",
         "us_per_request": us,
         "background_us_per_bid": {name: round(v, 2) for name, v in background.items()},
         "bid_path_extra_us": bid_path,
         "extra_us_per_request": extra,
         "stages_us_per_request": {name.lstrip("_"): round(spent.get(name, 0) / timed_requests / 1000, 2)
-                                  for name in STAGES},
+                                  for name in timers},
     }
     http = http_cpu_us()
     if http is not None:
@@ -178,10 +190,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     left = 0.0
     for name, value in parts.items():
-        ax.barh(["all on"], [value], left=left, label=f"{name} {value:.1f}")
+        ax.barh(["on"], [value], left=left, label=f"{name} {value:.1f}")
         left += value
     ax.set_xlabel(f"µs of CPU per request added to the plain {result['us_per_request']['plain']:.1f} (median)")
-    ax.set_title(f"this round's stages in process: +{result['extra_us_per_request']:.1f} µs per request")
+    ax.set_title(f"{' + '.join(result['stages'])} in process: +{result['extra_us_per_request']:.1f} µs per request")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -197,10 +209,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests per batch (default 12: what bench load's bidder batches at 32 connections)")
     parser.add_argument("--window", type=int, default=2,
                         help="the bids' notice window in seconds: their reservations expire within the run (default 2)")
+    parser.add_argument("--stages", default=",".join(STAGE_NAMES),
+                        help=f"the stages on, comma-separated, of {', '.join(STAGE_NAMES)} (default: all; budgets "
+                             f"need notices)")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write; the PNG goes beside it")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.batch < 1 or args.window < 1:
         print("error: --seconds must be > 0, --batch and --window >= 1", file=sys.stderr)
+        return 2
+    stages = frozenset(name.strip() for name in args.stages.split(",") if name.strip())
+    if not stages or stages - set(STAGE_NAMES) or ("budgets" in stages and "notices" not in stages):
+        print(f"error: --stages {args.stages}: expected some of {', '.join(STAGE_NAMES)} (budgets with notices)",
+              file=sys.stderr)
         return 2
     if args.out.is_dir() or not args.out.parent.is_dir():
         print(f"error: --out {args.out}: expected a JSON file name in an existing folder", file=sys.stderr)
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tqdm(total=None, desc="stages", unit="", bar_format="{desc}: {postfix}", disable=None) as bar:
         try:
-            result = measure(args.bundle, args.seconds, args.batch, args.window, bar.set_postfix_str)
+            result = measure(args.bundle, args.seconds, args.batch, args.window, stages, bar.set_postfix_str)
         except BundleError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

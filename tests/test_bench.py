@@ -742,7 +742,8 @@ def test_the_notice_benchmark_counts_every_notice_it_sends_once(tmp_path):
     assert sum(report["counted"].values()) >= sent  # wrk counts a request once answered; all answered are counted
     assert report["command"].startswith("python -m bench notices") and "p99_ms" in report["target"]
     ceiling = report["ceiling"]  # the same loads against the echo server first: every notice answered 200
-    assert ceiling["notices"]["requests"] > 0 and ceiling["notices"]["statuses"] == {"200": ceiling["notices"]["requests"]}
+    sent = ceiling["notices"]["requests"]
+    assert sent > 0 and ceiling["notices"]["statuses"] == {"200": sent}
     assert ceiling["bids"]["statuses"] == {"200": ceiling["bids"]["requests"]}
 
 
@@ -765,8 +766,20 @@ def test_bench_stages_times_both_engines_and_the_background_threads(tmp_path, ca
     assert str(out) in capsys.readouterr().out
 
 
+def test_bench_stages_with_the_event_log_alone(tmp_path):
+    from bench import stages
+
+    out = tmp_path / "events.json"
+    assert stages.main(["--stages", "events", "--seconds", "0.3", "--batch", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["stages"] == ["events"] and set(report["background_us_per_bid"]) == {"events-w0"}
+    assert set(report["stages_us_per_request"]) == {"log_bid"}
+
+
 @pytest.mark.parametrize("argv, message", [(["--seconds", "0"], "--seconds must be > 0"),
-                                           (["--batch", "0"], "--batch and --window >= 1")])
+                                           (["--batch", "0"], "--batch and --window >= 1"),
+                                           (["--stages", "budgets"], "(budgets with notices)"),
+                                           (["--stages", "events,ledger"], "expected some of")])
 def test_bench_stages_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
     from bench import stages
 
