@@ -663,3 +663,13 @@ def test_a_ledger_file_of_a_newer_layout_is_refused(tmp_path):
     db.close()
     with pytest.raises(sqlite3.DatabaseError, match="ledger layout 99 is newer"):
         EmbeddedBanker(tmp_path, RETENTION_S)
+
+
+def test_a_bid_reported_after_it_fell_due_is_released_at_once(bankers):
+    """A report that reaches the banker after its expiry (the banker was out of reach for longer than the window)
+    is released by the call that brings it, not left reserved behind the sweep."""
+    banker = bankers()
+    _sync(banker, NOON + 100)  # the sweep is at NOON + 100
+    _sync(banker, NOON + 101, [Reservation("old", "c", CPM_1, NOON + 30)])
+    assert banker.accounts("c", "2026-12-07")[0][1] == 0
+    banker.close()

@@ -126,6 +126,8 @@ class Storage(Protocol):
     def prefetch(self, keys: Sequence[tuple[str, float]]) -> None: ...  # (bid id, expiry): read in this step
     def bid(self, bid_id: str, expires: float) -> BidRow | None: ...
     def put_bid(self, row: BidRow) -> None: ...
+    # Write new rows whose bids have none yet, all of them (True) or, when one has a row already, none (False).
+    def insert_new(self, rows: Sequence[BidRow]) -> bool: ...
     # The unsettled rows whose expiry passed, settled by ``Book.expire``'s policy: the storage may settle them in
     # bulk itself (adding each account's change to ``moved`` as ``Book.expire`` does) and return only the rest.
     def expire_due(self, now: float, limit: int, moved: dict[tuple[str, str], list[int]]) -> list[BidRow]: ...
@@ -161,10 +163,20 @@ class Book:
                 store.add(c.campaign, TOTAL, leased=held - lease)
                 store.add(c.campaign, day, leased=held - lease)
                 store.set_hold(holder, c.campaign, held, day)
-        store.prefetch([(r.bid_id, r.expires) for r in reservations] + [(s.bid_id, s.expires) for s in settlements])
         reserved: dict[tuple[str, str], int] = {}  # new bids' amounts, moved in one step per account below
-        for r in reservations:  # charged to the bid's day even when the lease has moved on to the next one since
-            self.fund(r, r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1], reserved)
+        # charged to the bid's day even when the lease has moved on to the next one since
+        days = [r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1] for r in reservations]
+        # the common case, every report the first word of its bid: their rows written in one step, or none of them
+        if store.insert_new([BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires, r.user, r.creative)
+                             for r, day in zip(reservations, days)]):
+            for r, day in zip(reservations, days):
+                key = (r.campaign, day)
+                reserved[key] = reserved.get(key, 0) + r.amount
+        else:  # some bid had a row already (a notice came first, a report sent again): each on its own
+            store.prefetch([(r.bid_id, r.expires) for r in reservations])
+            for r, day in zip(reservations, days):
+                self.fund(r, day, reserved)
+        store.prefetch([(s.bid_id, s.expires) for s in settlements])
         for (campaign, day), amount in reserved.items():
             store.add(campaign, TOTAL, reserved=amount)
             store.add(campaign, day, reserved=amount)

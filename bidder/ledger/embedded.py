@@ -164,6 +164,28 @@ class _SqliteStorage:
         if row.state not in FINAL and due <= (self._swept if self._swept is not None else self.swept()):
             self._late.append(key)
 
+    def insert_new(self, rows: Sequence[BidRow]) -> bool:
+        if not rows:
+            return True
+        self._write_bids()
+        db = self.db
+        db.execute("SAVEPOINT new_bids")
+        before = db.total_changes
+        db.executemany("INSERT OR IGNORE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(round(row.expires * 1000), *row[:4], int(row.funded), *row[5:]) for row in rows])
+        if db.total_changes - before == len(rows):
+            db.execute("RELEASE new_bids")
+            swept = self.swept()
+            for row in rows:  # reported after they fell due (the banker was out of reach): due now
+                if round(row.expires * 1000) <= swept:
+                    key = (round(row.expires * 1000), row.bid_id)
+                    self._rows[key] = row
+                    self._late.append(key)
+            return True
+        db.execute("ROLLBACK TO new_bids")  # a bid had a row: the caller goes through them one by one
+        db.execute("RELEASE new_bids")
+        return False
+
     def swept(self) -> int:
         if self._swept is None:
             self._swept = self.db.execute("SELECT due_ms FROM swept").fetchone()[0]
@@ -230,6 +252,9 @@ class EmbeddedBanker:
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
+        # the savepoint around a call's new rows (``insert_new``) keeps its pages' first images in a sub-journal, and
+        # ``prefetch`` fills a temporary table: both in memory, not in temporary files
+        self.db.execute("PRAGMA temp_store=MEMORY")
         layout = self.db.execute("PRAGMA user_version").fetchone()[0]
         if layout > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"{self.path}: ledger layout {layout} is newer than this bidder's "
