@@ -291,9 +291,10 @@ def _stages_figures(report: dict) -> str:
         return ""
     background = ", ".join(f"{name} {v:.1f}" for name, v in report.get("background_us_per_bid", {}).items())
     implied = report.get("implied_rps_ratio", {}).get("all_over_plain")
-    return (f"all on +{report['extra_us_per_request']:.1f} µs CPU per request (bid path "
+    on = " + ".join(report.get("stages", ["notices", "events", "budgets"]))
+    return (f"{on} on: +{report['extra_us_per_request']:.1f} µs CPU per request (bid path "
             f"+{report['bid_path_extra_us']:.1f}; threads per bid: {background})"
-            + (f"; implied bidder-all/bidder {implied:.2f}×" if implied else ""))
+            + (f"; implied requests/s on/off {implied:.2f}×" if implied else ""))
 
 
 def _kind(path: Path) -> str:
