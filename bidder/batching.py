@@ -20,6 +20,17 @@ from typing import Any, Callable, Sequence
 __all__ = ["Batcher", "ThreadBatcher"]
 
 
+def _settle(futures: list[asyncio.Future], results: Sequence[Any]) -> None:
+    """Hand each waiting handler its result, or raise its exception there."""
+    for future, result in zip(futures, results):
+        if future.done():  # the handler was cancelled (client went away)
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
 class Batcher:
     """Collects items submitted in one loop turn and hands them to ``process`` as one list.
 
@@ -54,23 +65,7 @@ class Batcher:
             results = self._process(items)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request, never lost
             results = [exc] * len(items)
-        for future, result in zip(futures, results):
-            if future.done():  # the handler was cancelled (client went away)
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-
-def _settle(futures: list[asyncio.Future], results: Sequence[Any]) -> None:
-    for future, result in zip(futures, results):
-        if future.done():  # the handler was cancelled (client went away)
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+        _settle(futures, results)
 
 
 class ThreadBatcher:
