@@ -53,9 +53,12 @@ def _key(bid_id: str, expires: float) -> tuple[int, str]:
 def _convert(db: sqlite3.Connection) -> None:
     """A file of layout 0 to layout 2: its bids' rows keyed by when they fall due (every unsettled row is swept
     from the start again, once)."""
-    columns = {r[1] for r in db.execute("PRAGMA table_info(bids)")}
-    db.execute("BEGIN IMMEDIATE")
+    db.execute("BEGIN IMMEDIATE")  # the workers starting together convert it once: the others find it done
     try:
+        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            db.execute("COMMIT")
+            return
+        columns = {r[1] for r in db.execute("PRAGMA table_info(bids)")}
         if "keep_until" in columns:
             db.execute("DROP INDEX IF EXISTS bids_due")
             db.execute("DROP INDEX IF EXISTS bids_keep")
