@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from bidder import walfile
+
 __all__ = ["STORE_FILE", "NoticeStore", "SqliteNoticeStore"]
 
 STORE_FILE = "notices.sqlite"
@@ -51,9 +53,7 @@ class SqliteNoticeStore:
         self.retention_s = max_window_s + RETENTION_MARGIN_S
         # autocommit: each insert is its own transaction; synchronous=NORMAL in WAL mode survives a crashed
         # process (not a power cut) without an fsync per notice
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = walfile.connect(self.path, 10.0, "NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS notices (bid_id TEXT NOT NULL, kind TEXT NOT NULL, "
                         "issued REAL NOT NULL, seen REAL NOT NULL, PRIMARY KEY (bid_id, kind)) WITHOUT ROWID")
         self.db.execute("CREATE INDEX IF NOT EXISTS notices_issued ON notices (issued)")

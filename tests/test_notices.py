@@ -583,3 +583,33 @@ def test_the_store_s_log_is_checkpointed_by_its_own_thread_not_by_a_commit(tmp_p
     other.close()
     store.close()
     assert not store._checkpoints.is_alive()
+
+
+def test_a_wal_file_opened_while_another_process_holds_its_lock_waits_for_it(tmp_path):
+    """Workers start together: switching the file to WAL while another connection holds the write lock is told
+    "database is locked" at once by SQLite; ``walfile.connect`` tries again until its timeout."""
+    import sqlite3
+    import threading
+
+    from bidder import walfile
+
+    path = tmp_path / "shared.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
+    started = time.monotonic()
+    db = walfile.connect(path, 10.0, "NORMAL")
+    assert time.monotonic() - started >= 0.25
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    db.close()
+    holder.close()
+    other = tmp_path / "other.sqlite"  # a lock held past the timeout: the error, not a hang
+    holder = sqlite3.connect(other, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        walfile.connect(other, 0.2, "NORMAL")
+    holder.execute("COMMIT")
+    holder.close()

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Sequence
 
+from bidder import walfile
 from bidder.ledger.book import EXPIRED, FINAL, BidRow, Book, CampaignSync, Grant, Impression, Reservation, Settlement
 
 __all__ = ["LEDGER_FILE", "EmbeddedBanker"]
@@ -252,9 +253,7 @@ class EmbeddedBanker:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / LEDGER_FILE
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = walfile.connect(self.path, 30.0, "FULL")
         # the savepoint around a call's new rows (``insert_new``) keeps its pages' first images in a sub-journal, and
         # ``prefetch`` fills a temporary table: both in memory, not in temporary files
         self.db.execute("PRAGMA temp_store=MEMORY")
