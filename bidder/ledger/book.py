@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol, Sequence
 
-__all__ = ["expiry", "OPEN", "WON", "BILLED", "LOST", "EXPIRED", "FINAL", "BidRow", "Book", "CampaignSync", "Grant",
+__all__ = ["add_change", "expiry", "OPEN", "WON", "BILLED", "LOST", "EXPIRED", "FINAL", "BidRow", "Book", "CampaignSync", "Grant",
            "Impression", "Reservation", "Settlement", "Storage", "TOTAL", "UNLIMITED", "headroom"]
 
 TOTAL = "T"
@@ -54,6 +54,16 @@ def expiry(issued_ms: int, window: float, grace: float) -> float:
     seconds). The holder's report and every notice of the bid compute it from the same three numbers, so it is the
     same float for all of them: with the bid id it is the key of the bid's row."""
     return issued_ms / 1000.0 + window + grace
+
+
+def add_change(moved: dict[tuple[str, str], list[int]], campaign: str, day: str, spent: int, reserved: int) -> None:
+    """Add a settled bid's change to its accounts, ``moved[(campaign, day)]`` as [spent, reserved]: a call sums the
+    changes of its expired bids and moves each account once."""
+    change = moved.get((campaign, day))
+    if change is None:
+        change = moved[campaign, day] = [0, 0]
+    change[0] += spent
+    change[1] += reserved
 
 
 class CampaignSync(NamedTuple):
@@ -253,11 +263,7 @@ class Book:
         accounts is added to ``moved`` by (campaign, day) as [spent, reserved], which the caller moves."""
         held = row.amount if row.funded else 0
         charge = row.price if row.state == WON else 0
-        change = moved.get((row.campaign, row.day))
-        if change is None:
-            change = moved[row.campaign, row.day] = [0, 0]
-        change[0] += charge
-        change[1] -= held
+        add_change(moved, row.campaign, row.day, charge, -held)
         self._put(BidRow(row.bid_id, row.campaign, row.day, row.amount, row.funded, EXPIRED, charge, row.expires,
                          row.user, row.creative))  # not _replace: thousands a call, at a third of its cost
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from bidder import walfile
-from bidder.ledger.book import EXPIRED, FINAL, BidRow, Book, CampaignSync, Grant, Impression, Reservation, Settlement
+from bidder.ledger.book import (EXPIRED, FINAL, BidRow, Book, CampaignSync, Grant, Impression, Reservation,
+                                Settlement, add_change)
 
 __all__ = ["LEDGER_FILE", "EmbeddedBanker"]
 
@@ -219,12 +220,8 @@ class _SqliteStorage:
             for campaign, day, amount, funded, price in db.execute(
                     f"UPDATE bids SET state = ? WHERE due_ms > ? AND due_ms <= ? AND {unsettled} "
                     f"RETURNING campaign, day, amount, funded, price", (EXPIRED, swept, upto, *_SETTLED)):
-                change = moved.get((campaign, day))
-                if change is None:
-                    change = moved[campaign, day] = [0, 0]
-                change[0] += price  # the win's price for a won row, 0 for an open one (Book.expire)
-                if funded:
-                    change[1] -= amount
+                # the win's price for a won row, 0 for an open one; its reservation released (Book.expire)
+                add_change(moved, campaign, day, price, -amount if funded else 0)
         if upto != swept:
             db.execute("UPDATE swept SET due_ms = ?", (upto,))
             self._swept = upto
