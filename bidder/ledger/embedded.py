@@ -174,18 +174,18 @@ class _SqliteStorage:
             return True
         self._write_bids()
         db = self.db
+        dues = [round(row.expires * 1000) for row in rows]
         db.execute("SAVEPOINT new_bids")
         before = db.total_changes
         db.executemany("INSERT OR IGNORE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(round(row.expires * 1000), *row[:4], int(row.funded), *row[5:]) for row in rows])
+                       [(due, *row[:4], int(row.funded), *row[5:]) for due, row in zip(dues, rows)])
         if db.total_changes - before == len(rows):
             db.execute("RELEASE new_bids")
             swept = self.swept()
-            for row in rows:  # reported after they fell due (the banker was out of reach): due now
-                if round(row.expires * 1000) <= swept:
-                    key = (round(row.expires * 1000), row.bid_id)
-                    self._rows[key] = row
-                    self._late.append(key)
+            for due, row in zip(dues, rows):  # reported after they fell due (the banker was out of reach): due now
+                if due <= swept:
+                    self._rows[due, row.bid_id] = row
+                    self._late.append((due, row.bid_id))
             return True
         db.execute("ROLLBACK TO new_bids")  # a bid had a row: the caller goes through them one by one
         db.execute("RELEASE new_bids")
@@ -210,7 +210,8 @@ class _SqliteStorage:
         that this call wrote behind the sweep, for ``Book.expire``. A clock set back moves the sweep back with it
         (the rows it passed that are still unsettled then fall due again in order)."""
         self._write_bids()
-        db, swept, upto = self.db, self.swept(), round(now * 1000)
+        db, swept, now_ms = self.db, self.swept(), round(now * 1000)
+        upto = now_ms
         unsettled = f"state NOT IN ({', '.join('?' * len(_SETTLED))})"
         if upto > swept:
             cut = db.execute(f"SELECT due_ms FROM bids WHERE due_ms > ? AND due_ms <= ? AND {unsettled} "
@@ -228,7 +229,7 @@ class _SqliteStorage:
         rows = []
         for key in dict.fromkeys(self._late):
             row = self._rows.get(key)
-            if key[0] <= round(now * 1000) and row is not None and row.state not in FINAL:
+            if key[0] <= now_ms and row is not None and row.state not in FINAL:
                 rows.append(row)
         self._late.clear()
         return rows
