@@ -44,7 +44,7 @@ from bidder.events import EventLog
 from bidder.factorized import FactorizedScorer
 from bidder.ledger import Ledger
 from bidder.metrics import NO_BID_REASONS, Metrics
-from bidder.notices import Notices, micros
+from bidder.notices import Notices, bid_id_of, micros
 from bidder.openrtb import (BANNER, DEFAULT_SEAT, FIRST_PRICE, Bid, BidResponse, Imp, RequestError, SeatBid,
                             decode_predict, decode_request, encode_response, imp_fields, imp_sizes, request_fields)
 from bidder.pricing import DealOffer, best_rows, floored_price
@@ -621,7 +621,7 @@ class BidEngine:
                         continue
                     imp = request.imp[i]
                     window = notices.window(imp.exp) if notices is not None else DEFAULT_WINDOW_S
-                    if not ledger.reserve(slot, micros(price) if terms.budgeted else 0, f"{request.id}-{imp.id}",
+                    if not ledger.reserve(slot, micros(price) if terms.budgeted else 0, bid_id_of(request.id, imp.id),
                                           now, window, user if caps else "", c.creative_id):
                         held[j] = "no_budget"
                         continue
@@ -698,7 +698,7 @@ class BidEngine:
             c = candidates[int(row_cand[row])]
             imp = imps[i]
             deals.append(deal)
-            bid_id = f"{request.id}-{imp.id}"
+            bid_id = bid_id_of(request.id, imp.id)
             if self.events is not None:
                 self._log_bid(bid_id, pending, position, c, batch.scores[row], value, price, floors[i],
                               batch.propensity[j] if batch.propensity is not None else 1.0)

@@ -37,7 +37,7 @@ from bidder import _tokens
 from bidder.clock import millis, parse_time
 
 __all__ = ["NOTICE_QUERIES", "REFUSALS", "KeyFileError", "Keyring", "NoticeFacts", "NoticeSettings", "Notices",
-           "Refusal", "SigningKey", "load_keyring", "micros", "parse_keyring"]
+           "Refusal", "SigningKey", "bid_id_of", "load_keyring", "micros", "parse_keyring"]
 
 VERSION = 1          # every field
 DERIVED_VERSION = 2  # without the bid id: it is "<request id>-<imp id>"
@@ -52,7 +52,6 @@ MIN_SECRET_BYTES = 16
 _SHA256_BLOCK = 64
 _IPAD = bytes(x ^ 0x36 for x in range(256))  # byte translations: a key XOR the HMAC pads
 _OPAD = bytes(x ^ 0x5C for x in range(256))
-_URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64 -> base64url
 _MAX_TAILS = 65_536
 
 
@@ -88,6 +87,11 @@ class SigningKey:
     id: str
     secret: bytes
     created: float  # Unix seconds
+
+
+def bid_id_of(request_id: str, imp_id: str) -> str:
+    """The id of the bid for an imp of a request; a version-2 token carries no bid id and is read back with this."""
+    return f"{request_id}-{imp_id}"
 
 
 def micros(price: float) -> int:
@@ -127,7 +131,7 @@ class Keyring:
             if len(self._tails) >= _MAX_TAILS:  # bounded: model ids change with every reload
                 self._tails.clear()
             tail = self._tails[rest] = b"".join([_text(text.encode("utf-8")) for text in rest])
-        derived = len(bid_id) == len(request_id) + len(imp_id) + 1 and bid_id == f"{request_id}-{imp_id}"
+        derived = len(bid_id) == len(request_id) + len(imp_id) + 1 and bid_id == bid_id_of(request_id, imp_id)
         return _tokens.sign(self._sign_mac, DERIVED_VERSION if derived else VERSION, millis(issued), price_micros,
                             window, self._id, request_id, imp_id, None if derived else bid_id, tail)
 
@@ -165,7 +169,7 @@ class Keyring:
         except UnicodeDecodeError:
             return "bad_signature"
         if version == DERIVED_VERSION:
-            words.insert(3, f"{words[1]}-{words[2]}")  # after key id, request id, imp id: the bid id
+            words.insert(3, bid_id_of(words[1], words[2]))  # after key id, request id, imp id
         return NoticeFacts(issued / 1000.0, price, window, *words)
 
 
