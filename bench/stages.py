@@ -43,8 +43,8 @@ from bidder.notices import Keyring, NoticeSettings
 from bidder.scorer import BundleError
 
 BLOCK = 100  # batches per timed block
-#: the all-on engine's stages timed one by one in the breakdown pass (BidEngine methods), and the answer's encoding
-STAGES = ("budget", "_sign", "_log_bid")
+#: the BidEngine methods timed one by one in the breakdown pass, and the stage each belongs to
+STAGES = {"budget": "budgets", "_sign": "notices", "_log_bid": "events"}
 RESULTS = REPO / "bench" / "results"
 
 
@@ -145,7 +145,7 @@ def measure(bundle: Path, seconds: float, batch: int, window: int, stages: froze
         background = {name: (time.clock_gettime(clocks[name]) - before) / bids * 1e6
                       for name, before in background.items()}
         spent: dict[str, int] = {}
-        timers = [name for name, on in zip(STAGES, ("budgets", "notices", "events")) if on in stages]
+        timers = [name for name, stage in STAGES.items() if stage in stages]
         for name in timers:
             timed(all_on, name, spent)
         timed_requests, end = 0, time.monotonic() + seconds / 2
