@@ -88,6 +88,9 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrk-timeout", type=float, default=2.0, help="wrk's per-request timeout in seconds")
     parser.add_argument("--allow-no-bid", action="store_true",
                         help="measure even when the bidder answers 204 (no bid) to the body")
+    parser.add_argument("--distinct-ids", action="store_true",
+                        help="a new request id on every request (so every bid has its own bid id), for every server "
+                             "alike; costs wrk a Lua call per request")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: %(default)s)")
 
 
@@ -103,7 +106,7 @@ def load_config(args: argparse.Namespace) -> LoadConfig:
         client_cpus=None if args.no_pin else args.client_cpus, servers=args.servers or default_servers(),
         echo_layer=args.echo_layer, repeat=args.repeat,
         startup_timeout_s=args.startup_timeout, wrk_timeout_s=args.wrk_timeout,
-        allow_no_bid=args.allow_no_bid, out_dir=args.out.resolve())
+        allow_no_bid=args.allow_no_bid, distinct_ids=args.distinct_ids, out_dir=args.out.resolve())
 
 
 def _interrupt(signum, frame):

@@ -30,7 +30,7 @@ from bench.report import (BATCH_COLUMNS, SUBJECT, Measurement, build_report, for
                           format_scaling, format_table, format_target, write_json)
 from bench.scrape import MetricsProbe, batch_delta
 from bench.servers import BenchError
-from bench.wrk_driver import run_wrk, wrk_path, wrk_version
+from bench.wrk_driver import distinct_ids_body, run_wrk, wrk_path, wrk_version
 from bidder import DEFAULT_BUNDLE, OPENRTB_EXAMPLES
 from bidder.currencies import CURRENCY_FILE
 
@@ -107,6 +107,7 @@ class LoadConfig:
     startup_timeout_s: float = 60.0
     wrk_timeout_s: float = 2.0
     allow_no_bid: bool = False
+    distinct_ids: bool = False             # every request its own id (post_ids.lua), for every server alike
     out_dir: Path = DEFAULT_RESULTS
     notes: list[str] = field(default_factory=list)
 
@@ -239,6 +240,9 @@ def bodies(config: LoadConfig) -> dict[str, Path]:
             path = Path(tempfile.mkdtemp(prefix="bench-rules-body-")) / f"{name}-{config.body.name}"
             path.write_bytes(make(config.body.read_bytes()))
             out[name] = path
+    if config.distinct_ids:
+        folder = Path(tempfile.mkdtemp(prefix="bench-ids-body-"))
+        out = {name: distinct_ids_body(path, folder / f"{name}-{path.name}") for name, path in out.items()}
     return out
 
 
@@ -301,7 +305,8 @@ def measure(name: str, url: str, config: LoadConfig, *, workers: int, connection
             probe: MetricsProbe | None = None, pid: int | None = None, body: Path | None = None) -> Measurement:
     """Warm up, then measure; with a probe, scrape /metrics just before and after the measured run; with the
     server's pid, the CPU time its processes used per answered request."""
-    common = dict(connections=connections, threads=threads, timeout_s=config.wrk_timeout_s, cpus=client_cpus)
+    common = dict(connections=connections, threads=threads, timeout_s=config.wrk_timeout_s, cpus=client_cpus,
+                  distinct_ids=config.distinct_ids)
     body = body or config.body
     if config.warmup_s > 0:
         run_wrk(url, body, duration_s=config.warmup_s, **common)

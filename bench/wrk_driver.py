@@ -10,6 +10,9 @@ from pathlib import Path
 from bench.servers import BenchError, pinned
 
 SCRIPT = Path(__file__).resolve().parent / "wrk" / "post_json.lua"
+IDS_SCRIPT = SCRIPT.with_name("post_ids.lua")
+#: what `distinct_ids_body` puts in place of the request id, and post_ids.lua replaces on every request
+ID_MARKER = "@wrk-request-id@"
 MARKER = "WRK_JSON "
 INSTALL_HINT = "wrk not found: apt-get install -y wrk"
 
@@ -86,18 +89,34 @@ def wrk_version() -> str:
     return first.split(" Copyright")[0].strip()
 
 
+def distinct_ids_body(body: Path, out: Path) -> Path:
+    """A copy of the OpenRTB request ``body`` at ``out`` whose top-level ``id`` is `ID_MARKER`, for post_ids.lua
+    to replace with a new id on every request; a clear error when the body is not a JSON object."""
+    try:
+        request = json.loads(body.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{body}: cannot read the request body ({exc})") from None
+    if not isinstance(request, dict):
+        raise BenchError(f"{body}: the request body is not a JSON object")
+    request["id"] = ID_MARKER
+    out.write_text(json.dumps(request, separators=(",", ":")))
+    return out
+
+
 def wrk_command(url: str, body: Path, *, connections: int, threads: int, duration_s: float,
-                timeout_s: float, cpus: str | None) -> list[str]:
+                timeout_s: float, cpus: str | None, distinct_ids: bool = False) -> list[str]:
+    """``distinct_ids``: ``body`` is a `distinct_ids_body` and every request gets its own id."""
     threads = max(1, min(threads, connections))  # wrk refuses more threads than connections
+    script, args = (IDS_SCRIPT, [str(body), ID_MARKER]) if distinct_ids else (SCRIPT, [str(body)])
     command = [wrk_path(), f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
-               f"--timeout={timeout_s:g}s", "-s", str(SCRIPT), url, "--", str(body)]
+               f"--timeout={timeout_s:g}s", "-s", str(script), url, "--", *args]
     return pinned(command, cpus)
 
 
 def run_wrk(url: str, body: Path, *, connections: int, threads: int, duration_s: float,
-            timeout_s: float = 2.0, cpus: str | None = None) -> WrkResult:
+            timeout_s: float = 2.0, cpus: str | None = None, distinct_ids: bool = False) -> WrkResult:
     command = wrk_command(url, body, connections=connections, threads=threads, duration_s=duration_s,
-                          timeout_s=timeout_s, cpus=cpus)
+                          timeout_s=timeout_s, cpus=cpus, distinct_ids=distinct_ids)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 60)
     except subprocess.TimeoutExpired:

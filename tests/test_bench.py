@@ -11,6 +11,7 @@ import sys
 import threading
 
 import msgspec
+from aiohttp import web
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
@@ -24,7 +25,8 @@ from bench.report import (Measurement, build_report, comparisons, format_scaling
                           medians, pair_ratios, ratios, scaling, target_check)
 from bench.scrape import MetricsProbe, batch_delta, parse_metrics
 from bench.servers import BenchError
-from bench.wrk_driver import INSTALL_HINT, MARKER, SCRIPT, WrkResult, parse_output, wrk_path
+from bench.wrk_driver import (INSTALL_HINT, MARKER, SCRIPT, WrkResult, distinct_ids_body, parse_output, wrk_command,
+                              wrk_path)
 from bidder import OPENRTB_EXAMPLES
 from processes import reserve_port
 
@@ -174,6 +176,42 @@ async def test_lua_script_output_parses_against_the_echo_app(aiohttp_server):
     result = parse_output(stdout.decode())
     assert result.requests > 0 and result.statuses == {"200": result.requests}
     assert result.percentile_us(50) <= result.percentile_us(99.9)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
+async def test_distinct_ids_give_every_request_its_own_id_and_keep_the_rest(aiohttp_server, tmp_path):
+    seen = []
+
+    async def record(request):
+        seen.append(msgspec.json.decode(await request.read()))
+        return web.Response(body=b"{}", content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/bid", record)
+    server = await aiohttp_server(app)
+    body = distinct_ids_body(BODY, tmp_path / "body.json")
+    command = wrk_command(f"http://127.0.0.1:{server.port}/bid", body, connections=2, threads=2, duration_s=1,
+                          timeout_s=2, cpus=None, distinct_ids=True)
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.STDOUT)
+    stdout, _ = await process.communicate()
+    result = parse_output(stdout.decode())
+    ids = [request.pop("id") for request in seen]
+    assert result.requests > 0 and len(ids) >= result.requests
+    assert len(set(ids)) == len(ids)                     # no id twice, across both threads
+    assert {i.split("-")[0] for i in ids} == {"0", "1"}
+    original = msgspec.json.decode(BODY.read_bytes())
+    original.pop("id")
+    assert all(request == original for request in seen)  # nothing else of the body changed
+
+
+def test_distinct_ids_body_refuses_what_is_not_a_json_object(tmp_path):
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(BenchError, match="not a JSON object"):
+        distinct_ids_body(tmp_path / "list.json", tmp_path / "out.json")
+    with pytest.raises(BenchError, match="cannot read the request body"):
+        distinct_ids_body(tmp_path / "missing.json", tmp_path / "out.json")
 
 
 # --- CPUs, preflight, processes ----------------------------------------------------------------------
