@@ -6,8 +6,9 @@ all on against all off, taking turns in one process, the background threads incl
 Two engines are built as ``bidder serve`` builds them: a plain one, and one with ``--stages`` on (all three by
 default): signed notices, the event log (its writer thread running), and a daily budget and a frequency cap on every
 campaign (``bench load``'s ``bidder-all`` terms) with the worker's ledger on the embedded banker (its refresher
-thread calling the banker every 0.25 s). Each takes blocks of 100 batches of ``--batch`` requests in turn (the IAB simple banner, every request a new
-id: a new bid for the banker), for ``--seconds`` each; a block is timed in CPU time of this thread
+thread calling the banker as often as ``--ledger-refresh``'s default). Each takes blocks of 100 batches of
+``--batch`` requests in turn (the IAB simple banner, every request a new id: a new bid for the banker), for
+``--seconds`` each; a block is timed in CPU time of this thread
 (``time.thread_time``: what the scheduler gives to other processes is not counted), the refresher's and the
 writer's CPU time by their own clocks over the whole run. ``--window`` sets the bids' notice window, so that their
 reservations expire (and are released by the banker) within the run; no notice comes.
@@ -43,8 +44,10 @@ from bidder.notices import Keyring, NoticeSettings
 from bidder.scorer import BundleError
 
 BLOCK = 100  # batches per timed block
-#: the BidEngine methods timed one by one in the breakdown pass, and the stage each belongs to
-STAGES = {"budget": "budgets", "_sign": "notices", "_log_bid": "events"}
+#: what the breakdown pass times one by one: its name in the figures -> (the engine's, or its event log's,
+#: method, the stage it belongs to); ``log_bid`` is ``EventLog.bids``, one call per batch for all its bids
+STAGES = {"budget": ("engine", "budget", "budgets"), "sign": ("engine", "_sign", "notices"),
+          "log_bid": ("events", "bids", "events")}
 RESULTS = REPO / "bench" / "results"
 
 
@@ -96,9 +99,9 @@ def block(engine: BidEngine, requests: Requests, batch: int) -> float:
     return (time.thread_time() - start) / (BLOCK * batch) * 1e6
 
 
-def timed(engine: BidEngine, name: str, spent: dict[str, int]) -> None:
-    """Wrap ``engine``'s method ``name`` so that its calls add their CPU time (ns) to ``spent[name]``."""
-    method = getattr(engine, name)
+def timed(owner: Any, method_name: str, name: str, spent: dict[str, int]) -> None:
+    """Wrap ``owner``'s method ``method_name`` so that its calls add their CPU time (ns) to ``spent[name]``."""
+    method = getattr(owner, method_name)
 
     def wrapper(*args, **kwargs):
         start = time.thread_time_ns()
@@ -107,7 +110,7 @@ def timed(engine: BidEngine, name: str, spent: dict[str, int]) -> None:
         finally:
             spent[name] = spent.get(name, 0) + time.thread_time_ns() - start
 
-    setattr(engine, name, wrapper)
+    setattr(owner, method_name, wrapper)
 
 
 def http_cpu_us(results: Path = RESULTS) -> tuple[float, str] | None:
@@ -145,9 +148,11 @@ def measure(bundle: Path, seconds: float, batch: int, window: int, stages: froze
         background = {name: (time.clock_gettime(clocks[name]) - before) / bids * 1e6
                       for name, before in background.items()}
         spent: dict[str, int] = {}
-        timers = [name for name, stage in STAGES.items() if stage in stages]
+        timers = [name for name, (_, _, stage) in STAGES.items() if stage in stages]
+        owners = {"engine": all_on, "events": all_on.events}
         for name in timers:
-            timed(all_on, name, spent)
+            owner, method, _ = STAGES[name]
+            timed(owners[owner], method, name, spent)
         timed_requests, end = 0, time.monotonic() + seconds / 2
         while time.monotonic() < end:
             block(all_on, requests, batch)
@@ -168,7 +173,7 @@ def measure(bundle: Path, seconds: float, batch: int, window: int, stages: froze
         "background_us_per_bid": {name: round(v, 2) for name, v in background.items()},
         "bid_path_extra_us": bid_path,
         "extra_us_per_request": extra,
-        "stages_us_per_request": {name.lstrip("_"): round(spent.get(name, 0) / timed_requests / 1000, 2)
+        "stages_us_per_request": {name: round(spent.get(name, 0) / timed_requests / 1000, 2)
                                   for name in timers},
     }
     http = http_cpu_us()

@@ -88,7 +88,7 @@ class Config:
     # the spend ledger (campaigns with budgets; needs notices): the banker's Redis URL, None for the embedded one
     # in the notices' state directory; how often a worker calls it; a worker's lease as a share of a budget
     ledger: str | None = None
-    ledger_refresh_s: float = 0.25
+    ledger_refresh_s: float = 0.1
     lease_fraction: float = 0.002
     log_format: str = "text"  # bidder.logs: text or json, one object per line
     log_level: str = "info"

@@ -15,7 +15,7 @@ import numpy as np
 
 from bidder.campaigns import Candidate
 from bidder.conformance import Exclusion, Seats
-from bidder.openrtb import BidRequest, Imp
+from bidder.openrtb import BidRequest, Imp, user_key
 from bidder.pricing import DealOffer
 
 __all__ = ["Batch", "Outcome", "Pending"]
@@ -41,7 +41,7 @@ class Pending:
 
     __slots__ = ("request", "received", "imp_ids", "records", "candidates", "offers", "floors", "imp_reason",
                  "waiting", "where", "n_rows", "first_imp", "first_row", "has_deals", "exchange",
-                 "personal_ok", "seats", "currency", "rate")
+                 "personal_ok", "seats", "currency", "rate", "_user")
 
     def __init__(self, request: BidRequest, received: float, floors: list[float], exchange: str | None = None):
         self.request = request
@@ -65,6 +65,15 @@ class Pending:
         self.seats: Seats | None = None  # the request's bseat/wseat, when it has either
         self.currency = "USD"            # the response's, and its units per USD
         self.rate = 1.0
+        self._user: str | None | bool = False  # False: not read yet (``user``)
+
+    def user(self) -> str | None:
+        """Who the request is for (``bidder.engine.user_key``), read once; None without consent to personal data:
+        then nobody is capped nor logged by user key."""
+        user = self._user
+        if user is False:
+            user = self._user = user_key(self.request) if self.personal_ok else None
+        return user
 
     def imp_personal_ok(self, position: int) -> bool:
         """Whether the imp at ``position`` (of ``imp_ids``) may use personal data (a frequency cap by user): today

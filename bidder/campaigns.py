@@ -85,10 +85,11 @@ class CampaignTerms:
     pacing: str = "asap"              # "even": spread the daily budget over the day; "asap": as the market allows
     max_cpm: float | None = None      # the highest bid price (CPM, USD)
     frequency_caps: tuple[FrequencyCap, ...] = ()
+    #: a total or a daily budget is set (worked out once: the bid path reads it for every bid)
+    budgeted: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def budgeted(self) -> bool:
-        return self.total_usd is not None or self.daily_usd is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budgeted", self.total_usd is not None or self.daily_usd is not None)
 
     def in_flight(self, now: float) -> bool:
         return (self.start is None or now >= self.start) and (self.end is None or now < self.end)

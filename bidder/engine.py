@@ -68,18 +68,6 @@ _FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
 
 
-def user_key(request) -> str | None:
-    """Who a request is for, as frequency caps and the event log count people: ``user.id``, else
-    ``user.buyeruid``, else ``device.ifa``; None without any."""
-    user, device = request.user, request.device
-    key = (user.id or user.buyeruid) if user is not None else None
-    if key is None and device is not None:
-        key = device.ifa
-    if key is not None and key.__class__ is not str:
-        key = str(key)
-    return key
-
-
 def error_body(message: str, path: str = "$") -> bytes:
     return _encoder.encode({"error": message, "path": path})
 
@@ -579,12 +567,15 @@ class BidEngine:
         prices: dict[int, float] = {}
         held: dict[int, str] = {}
         batch.prices, batch.held = prices, held
-        best_row, candidates, row_cand = batch.best_row, batch.candidates, batch.row_cand
+        best_row, best_value, via_deal = batch.best_row, batch.best_value, batch.via_deal
+        candidates, row_cand, offers, shaded = batch.candidates, batch.row_cand, batch.offers, batch.shaded
         unprofitable = batch.unprofitable
+        in_flight: dict[str, bool] = {}  # per campaign: its flight holds ``now`` (one time for the whole batch)
         for k, pending in enumerate(batch.pendings):
             if batch.outcomes[k] is not None:
                 continue
             request = pending.request
+            floors = pending.floors
             user = None  # read once per request, when a capped campaign bids
             for position, i in enumerate(pending.imp_ids):
                 j = pending.first_imp + position
@@ -592,25 +583,36 @@ class BidEngine:
                 if row < 0 or j in unprofitable:
                     continue
                 c = candidates[int(row_cand[row])]
-                price = self._price(batch, j, pending.floors[i])[0]
-                terms = terms_of.get(c.campaign_id)
+                # the price before money terms (``_price``, inline: this runs for every bid)
+                if via_deal[j]:
+                    price = offers[row].price(best_value[j])
+                else:
+                    price = shaded.get(j)
+                    price = floored_price(best_value[j] if price is None else price, floors[i])
+                campaign = c.campaign_id
+                terms = terms_of.get(campaign)
                 if terms is None:
                     prices[j] = price
                     continue
-                if not terms.in_flight(now):
+                flying = in_flight.get(campaign)
+                if flying is None:
+                    flying = in_flight[campaign] = terms.in_flight(now)
+                if not flying:
                     held[j] = "flight"
                     continue
-                if terms.max_cpm is not None and price > terms.max_cpm:
-                    if terms.max_cpm < pending.floors[i]:
+                max_cpm = terms.max_cpm
+                if max_cpm is not None and price > max_cpm:
+                    if max_cpm < floors[i]:
                         held[j] = "below_floor"
                         continue
-                    price = floored_price(terms.max_cpm, pending.floors[i])
+                    price = floored_price(max_cpm, floors[i])
                 caps = terms.frequency_caps
-                if terms.budgeted or caps:
-                    slot = ledger.slots[c.campaign_id]
+                budgeted = terms.budgeted
+                if budgeted or caps:
+                    slot = ledger.slots[campaign]
                     if caps:
                         if user is None:  # without consent to personal data, nobody is capped by user key
-                            user = ((user_key(request) if pending.personal_ok else None) or "").replace("\t", " ")
+                            user = (pending.user() or "").replace("\t", " ")
                         if user and ledger.capped(slot, c.creative_id, user, now):
                             ledger.cap_hits[slot] += 1
                             held[j] = "frequency_cap"
@@ -621,36 +623,34 @@ class BidEngine:
                         continue
                     imp = request.imp[i]
                     window = notices.window(imp.exp) if notices is not None else DEFAULT_WINDOW_S
-                    if not ledger.reserve(slot, micros(price) if terms.budgeted else 0, bid_id_of(request.id, imp.id),
-                                          now, window, user if caps else "", c.creative_id):
+                    if not ledger.reserve(slot, micros(price) if budgeted else 0, bid_id_of(request.id, imp.id), now,
+                                          window, user if caps else "", c.creative_id):
                         held[j] = "no_budget"
                         continue
                 prices[j] = price
-
-    def _price(self, batch: Batch, j: int, floor: float) -> tuple[float, DealOffer | None]:
-        """Batch imp ``j``'s bid price before money terms (its deal's terms, its shaded bid, or its value; never
-        under ``floor``) and the deal it bids through."""
-        value = batch.best_value[j]
-        deal: DealOffer | None = batch.offers[batch.best_row[j]] if batch.via_deal[j] else None
-        if deal is not None:
-            return deal.price(value), deal
-        shaded = batch.shaded.get(j)
-        return floored_price(value if shaded is None else shaded, floor), None
 
     # -- encode --------------------------------------------------------------------------------------
     def encode_all(self, batch: Batch) -> None:
         """Each live request's answer; a bug met while pricing one request fails that request only."""
         outcomes = batch.outcomes
+        logged: list[tuple] | None = [] if self.events is not None else None  # the batch's bid events
         for k in range(len(batch.pendings)):
             if outcomes[k] is None:
+                events: list[tuple] | None = [] if logged is not None else None
                 try:
-                    outcomes[k] = self.encode(batch, k)
+                    outcomes[k] = self.encode(batch, k, events)
                 except Exception as exc:  # noqa: BLE001 - handed to this request's handler by the batcher
                     outcomes[k] = exc
+                    continue
+                if events:
+                    logged += events  # a request that failed logs no bid: it placed none
+        if logged:
+            self.events.bids(logged)  # one stamp, one encoding call for the batch's bids
 
-    def encode(self, batch: Batch, k: int) -> Outcome:
+    def encode(self, batch: Batch, k: int, events: list[tuple] | None = None) -> Outcome:
         """Request ``k``'s bids priced (deal terms, shading, rounding: never under the floor) and its BidResponse,
-        or the no-bid (each imp without a bid counted under its reason)."""
+        or the no-bid (each imp without a bid counted under its reason); with the event log on, each bid's event
+        (the arguments of ``EventLog.bid``) is added to ``events``."""
         pending = batch.pendings[k]
         request = pending.request
         metrics = self.metrics
@@ -699,9 +699,12 @@ class BidEngine:
             imp = imps[i]
             deals.append(deal)
             bid_id = bid_id_of(request.id, imp.id)
-            if self.events is not None:
-                self._log_bid(bid_id, pending, position, c, batch.scores[row], value, price, floors[i],
-                              batch.propensity[j] if batch.propensity is not None else 1.0)
+            if events is not None:
+                record = pending.records[position]
+                events.append((bid_id, record, c.layer, c.campaign_id, c.creative_id, self.scorer.model_id,
+                               float(batch.scores[row]), value, price, price / value if value > 0 else 1.0, floors[i],
+                               request.at, record["adexchange"], pending.user(),  # no consent: no user key logged
+                               batch.propensity[j] if batch.propensity is not None else 1.0))
             if pending.rate != 1.0:
                 price = self._in_currency(price, imp, floors[i], pending)
             template = self._bid_templates.get(c.index) or self._bid_template(c)
@@ -736,15 +739,6 @@ class BidEngine:
         time on the engine's clock, at which the budget stage reserved its price: see ``Ledger.reserve``)."""
         self.notices.dress(bid, pending.request.id, imp.exp, deal.seat if deal is not None else DEFAULT_SEAT, c,
                            pending.exchange, self.scorer.model_id, now, pending.currency)
-
-    def _log_bid(self, bid_id: str, pending: Pending, position: int, c: Candidate, pctr: float, value: float,
-                 price: float, floor: float, propensity: float) -> None:
-        request = pending.request
-        record = pending.records[position]
-        key = user_key(request) if pending.personal_ok else None  # no consent: no user key logged
-        self.events.bid(bid_id, record, c.layer, c.campaign_id, c.creative_id, self.scorer.model_id, float(pctr),
-                        value, price, price / value if value > 0 else 1.0, floor, request.at, record["adexchange"],
-                        key, propensity)
 
     # -- /predict ----------------------------------------------------------------------------------
     def predict(self, body: bytes) -> Outcome:

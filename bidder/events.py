@@ -197,36 +197,44 @@ class EventLog:
         self.now = clock  # the time each event is stamped with (Unix seconds): the engine's, simulated or not
         self.hours: deque[tuple[int, str]] = deque()
         self._hour_start = self._hour_end = 0.0  # the hour last put in ``hours``, [start, end)
+        self._items = 0    # items ever queued (bid path): an item is the encoded lines of one call's events
         self._queued = 0   # events ever queued (bid path)
         self._woken = 0    # the events queued when the bid path last woke the writer
+        self._popped_items = 0  # items ever taken from the queue (writer)
         self._popped = 0   # events ever taken from the queue (writer)
         self._hour: str | None = None  # the writer's: the hour of the file being written
         self._popped_hour: str | None = None  # the writer's: the hour of the next event it pops
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._encode = msgspec.json.Encoder().encode
+        self._encode_lines = msgspec.json.Encoder().encode_lines  # each line ends in its newline
         self._compress = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress  # one frame, its size in its header
 
     # -- the bid path: encode, append and return ---------------------------------------------------------
     # Each event is encoded to its JSON line here, on the bid path (about a microsecond), rather than by the writer:
     # the queue then holds bytes (no dicts kept alive for the collector to scan, no writer thread encoding under
     # the GIL while requests wait for it), and the writer only joins, compresses (zstd lets go of the GIL) and
-    # writes. ``hours`` holds (the number of events queued before it, the UTC hour) for each hour the events in the
-    # queue belong to: each counter is written by one thread only (``_queued`` by the bid path's, ``_popped`` by
-    # the writer), so neither needs a lock.
+    # writes. The bids of one batch are one item: one stamp, one encoding call, one append for all of them. ``hours``
+    # holds (the number of items queued before it, the UTC hour) for each hour the items in the queue belong to:
+    # each counter is written by one thread only (``_items`` and ``_queued`` by the bid path's, ``_popped_items``
+    # and ``_popped`` by the writer), so none needs a lock.
     def bid(self, bid_id: str, record: dict, layer: dict, campaign: str, creative: str, model: str, pctr: float,
             value: float, price: float, shading: float, floor: float, auction: int, exchange: str | None,
             user: str | None, propensity: float = 1.0) -> None:
         """A bid placed: ``record`` the imp's raw record, ``layer`` the candidate's fields (together what the
         model scored), ``value`` pCTR × value per click in USD CPM, ``price`` the bid, ``shading`` price / value,
         ``propensity`` the probability that this creative was the one bid with (below 1 only when exploring)."""
-        at = self._stamp()
+        self.bids([(bid_id, record, layer, campaign, creative, model, pctr, value, price, shading, floor, auction,
+                    exchange, user, propensity)])
+
+    def bids(self, bids: list[tuple]) -> None:
+        """Bids placed together (the bids of one batch), each the arguments of ``bid`` in their order: stamped
+        with one time, encoded in one call, queued as one item (or dropped together when the queue is full)."""
+        at = self._stamp(len(bids))
         if at is None:
             return
-        self.queue.append(self._encode(_BidEvent(SCHEMA_VERSION, "bid", at, bid_id, {**record, **layer}, campaign,
-                                                 creative, model, pctr, value, price, shading, floor, auction,
-                                                 exchange, user, propensity)))
+        self.queue.append(self._encode_lines([_BidEvent(SCHEMA_VERSION, "bid", at, b[0], {**b[1], **b[2]}, *b[3:])
+                                              for b in bids]))
 
     def notice(self, kind: str, bid_id: str, price: float | None = None, loss: int | None = None,
                min_to_win: float | None = None, delay: float | None = None) -> None:
@@ -234,29 +242,35 @@ class EventLog:
         clearing price (USD CPM, ``${AUCTION_PRICE}``), ``loss`` the loss code (``${AUCTION_LOSS}``),
         ``min_to_win`` ``${AUCTION_MIN_TO_WIN}`` when the exchange sends it, ``delay`` seconds since the bid when
         the caller knows it (``train logs`` otherwise works it out from the bid's time)."""
-        at = self._stamp()
+        at = self._stamp(1)
         if at is None:
             return
-        self.queue.append(self._encode(_NoticeEvent(SCHEMA_VERSION, "notice", at, bid_id, kind, price, loss,
-                                                    min_to_win, delay)))
+        self.queue.append(self._encode_lines([_NoticeEvent(SCHEMA_VERSION, "notice", at, bid_id, kind, price, loss,
+                                                           min_to_win, delay)]))
 
     def click(self, bid_id: str) -> None:
         """A click on the ad of ``bid_id``."""
-        at = self._stamp()
+        at = self._stamp(1)
         if at is None:
             return
-        self.queue.append(self._encode(_ClickEvent(SCHEMA_VERSION, "click", at, bid_id)))
+        self.queue.append(self._encode_lines([_ClickEvent(SCHEMA_VERSION, "click", at, bid_id)]))
 
-    def _stamp(self) -> float | None:
-        """The time of the event about to be queued, counted in its hour; None, and a drop counted, when the queue
-        is full."""
-        if len(self.queue) >= self.queue_size:
-            self.dropped["queue_full"] += 1
+    @property
+    def queued(self) -> int:
+        """Events waiting for the writer."""
+        return self._queued - self._popped
+
+    def _stamp(self, n: int) -> float | None:
+        """The time of the ``n`` events about to be queued as one item, counted in its hour; None, and ``n`` drops
+        counted, when the queue has no room for them."""
+        if self._queued - self._popped + n > self.queue_size:
+            self.dropped["queue_full"] += n
             return None
         at = self.now()
         if not self._hour_start <= at < self._hour_end:
             self._mark_hour(at)
-        self._queued += 1
+        self._items += 1
+        self._queued += n
         if self._queued - self._woken >= self.flush_events:
             self._woken = self._queued
             self._wake.set()
@@ -266,7 +280,7 @@ class EventLog:
         """The events queued from now on belong to the UTC hour of ``at``."""
         self._hour_start = at - at % 3600.0  # UTC hours are whole multiples of 3600 s in Unix time
         self._hour_end = self._hour_start + 3600.0
-        self.hours.append((self._queued, events_hour(at)))
+        self.hours.append((self._items, events_hour(at)))
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> EventLog:
@@ -336,24 +350,25 @@ class EventLog:
         """Write what is queued now, one zstd frame per hour of events."""
         queue, hours = self.queue, self.hours
         popleft = queue.popleft
-        lines: list[bytes] = []
-        hour, popped = self._popped_hour, self._popped
+        items: list[bytes] = []
+        hour, popped = self._popped_hour, self._popped_items
         for _ in range(len(queue)):
-            while hours and hours[0][0] == popped:  # the events from here on are of another hour
-                if lines:
-                    self._write(hour, lines)
-                    lines = []
+            while hours and hours[0][0] == popped:  # the items from here on hold events of another hour
+                if items:
+                    self._write(hour, items)
+                    items = []
                 hour = hours.popleft()[1]
-            lines.append(popleft())
+            items.append(popleft())
             popped += 1
-        self._popped_hour, self._popped = hour, popped
-        if lines:
-            self._write(hour, lines)
+        self._popped_hour, self._popped_items = hour, popped
+        if items:
+            self._write(hour, items)
 
-    def _write(self, hour: str, lines: list[bytes]) -> None:
-        lines.append(b"")  # the last newline, without copying the joined lines again to add it
-        payload = self._compress(b"\n".join(lines))  # lets go of the GIL while it compresses
-        del lines[-1]
+    def _write(self, hour: str, items: list[bytes]) -> None:
+        text = b"".join(items)
+        events = text.count(b"\n")  # a line per event: JSON escapes the newlines inside strings
+        self._popped += events
+        payload = self._compress(text)  # lets go of the GIL while it compresses
         try:
             if self._file is not None and (hour != self._hour or self._bytes >= self.max_bytes):
                 self._finish()
@@ -362,13 +377,13 @@ class EventLog:
             self._file.write(payload)
             self._file.flush()  # to the kernel: a kill -9 of this process keeps it
         except OSError as exc:
-            self.dropped["write_error"] += len(lines)
+            self.dropped["write_error"] += events
             log_event(log, logging.WARNING, "events_dropped", "events: %(dropped)d event(s) dropped: cannot write "
-                      "%(path)s: %(error)s", dropped=len(lines), path=str(self._tmp), error=exc.strerror or str(exc))
+                      "%(path)s: %(error)s", dropped=events, path=str(self._tmp), error=exc.strerror or str(exc))
             self._abandon(exc)
             return
         self._bytes += len(payload)
-        self.written += len(lines)
+        self.written += events
 
     def _open(self, hour: str) -> None:
         self._seq += 1

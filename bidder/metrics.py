@@ -217,7 +217,7 @@ class Metrics:
         yield CounterMetricFamily("bidder_events_written", "Events written to the event log's files",
                                   value=events.written)
         yield GaugeMetricFamily("bidder_events_queued", "Events waiting for the event log's writer",
-                                value=len(events.queue))
+                                value=events.queued)
 
     def _ledger_metrics(self) -> Iterator[Metric]:
         """The banker's figures as of this worker's last call to it: the same in every worker (take one, do not

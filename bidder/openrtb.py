@@ -19,7 +19,7 @@ import msgspec
 __all__ = [
     "BANNER", "BidRequest", "BidResponse", "Bid", "DEFAULT_SEAT", "FIRST_PRICE", "SECOND_PRICE", "Deal", "Imp", "Pmp", "SeatBid", "RequestError", "USD_TO_CNY",
     "PredictRecord", "decode_json", "decode_predict", "decode_request", "encode_response", "imp_sizes",
-    "request_fields", "imp_fields",
+    "request_fields", "imp_fields", "user_key",
     "slotprice_from_usd_cpm", "MAX_SLOTPRICE_FEN",
 ]
 
@@ -414,6 +414,18 @@ def slotprice_from_usd_cpm(bidfloor: float, cny_per_usd: float = USD_TO_CNY) -> 
 # banner.pos (OpenRTB list 5.4 / 2.6 list: Ad Position) → iPinYou slotvisibility
 _VISIBILITY = {1: "FirstView", 4: "FirstView", 7: "FirstView", 3: "SecondView", 2: "OtherView",
                5: "OtherView", 6: "OtherView"}
+
+
+def user_key(request) -> str | None:
+    """Who a request is for, as frequency caps and the event log count people: ``user.id``, else
+    ``user.buyeruid``, else ``device.ifa``; None without any."""
+    user, device = request.user, request.device
+    key = (user.id or user.buyeruid) if user is not None else None
+    if key is None and device is not None:
+        key = device.ifa
+    if key is not None and key.__class__ is not str:
+        key = str(key)
+    return key
 
 
 def weekday_hour(seconds: float) -> tuple[int, int]:

@@ -266,10 +266,10 @@ async def test_a_bug_met_by_one_request_fails_that_request_only(small_bundle, op
     alone = [engine.bid(body) for body in bodies]
     encode = engine.encode  # the per-request stage: prices and encodes each request of a batch on its own
 
-    def encode_or_crash(batch, k):
+    def encode_or_crash(batch, k, *events):
         if batch.pendings[k].request.id == "batch-3":
             raise ZeroDivisionError("a pricing bug")
-        return encode(batch, k)
+        return encode(batch, k, *events)
 
     engine.encode = encode_or_crash
     prepared = [engine.prepare(body, None, float("inf")) for body in bodies]

@@ -502,7 +502,7 @@ def test_a_bidder_rides_out_redis_going_away_and_a_restart_keeps_its_spend(tmp_p
 
 
 def test_the_user_key_is_user_id_then_buyeruid_then_the_device_ifa():
-    from bidder.engine import user_key
+    from bidder.openrtb import user_key
     from bidder.openrtb import decode_request
 
     def key(**parts):

@@ -217,6 +217,30 @@ def test_the_engine_logs_each_bid_and_answers_the_same_bytes(tmp_path):
     assert all(np.array_equal(again[k], scored[k]) for k in scored)
 
 
+def test_a_batch_logs_the_bids_of_its_answered_requests_in_one_item_and_none_of_a_failed_one(tmp_path):
+    """The bids of one batch are queued as one item (one stamp, one encoding call) and written one line each; a
+    request whose pricing failed placed no bid, so none of it is logged."""
+    scorer, catalog = Scorer(DEFAULT_BUNDLE), load_catalog(DEFAULT_CAMPAIGNS)
+    events = EventLog(tmp_path, flush_s=60)  # no writer: the queue is looked at, then drained by hand
+    engine = BidEngine(scorer, catalog, Metrics(), now=1.8e9, events=events)
+    encode = engine.encode
+
+    def encode_or_crash(batch, k, *rest):
+        if batch.pendings[k].request.id == "r2":
+            raise ZeroDivisionError("a pricing bug")
+        return encode(batch, k, *rest)
+
+    engine.encode = encode_or_crash
+    outcomes = engine.score_batch([engine.prepare(_banner(f"r{i}"), "2", 0.0) for i in range(4)])
+    assert isinstance(outcomes[2], ZeroDivisionError) and all(o.status == 200 for i, o in enumerate(outcomes) if i != 2)
+    assert len(events.queue) == 1 and events.queued == 3
+    events._drain()
+    events._finish()
+    logged = _records(tmp_path)
+    assert [e["bid_id"] for e in logged] == ["r0-1", "r1-1", "r3-1"] and len({e["time"] for e in logged}) == 1
+    assert events.written == 3 and events.queued == 0
+
+
 async def test_a_simulated_clock_stamps_the_events_with_simulated_time(aiohttp_client, tmp_path):
     start = 1_796_083_200.0  # 2026-12-01T00:00:00Z
     clock = Clock(start=start, speed=3600.0, anchor=time.time())

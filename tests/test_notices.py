@@ -21,7 +21,8 @@ from bidder.app import DEFAULT_CAMPAIGNS, Config, create_app
 from bidder.campaigns import CatalogError, load_catalog
 from bidder.events import read_lines
 from bidder.notice_store import SqliteNoticeStore
-from bidder.notices import KeyFileError, Keyring, NoticeSettings, Notices, SigningKey, load_keyring, micros
+from bidder.notices import (KeyFileError, Keyring, NoticeSettings, Notices, SigningKey, bid_id_of, is_bid_id_of,
+                            load_keyring, micros)
 from oracle import metric
 
 NOW = 1_764_590_400.0  # 2025-12-01T12:00:00Z: the fixed clock of the app below
@@ -613,3 +614,14 @@ def test_a_wal_file_opened_while_another_process_holds_its_lock_waits_for_it(tmp
         walfile.connect(other, 0.2, "NORMAL")
     holder.execute("COMMIT")
     holder.close()
+
+
+_ids = st.text(alphabet="ab-1", max_size=4)
+
+
+@given(bid_id=_ids, request_id=_ids, imp_id=_ids)
+def test_is_bid_id_of_answers_as_the_rule_itself(bid_id, request_id, imp_id):
+    """Signing's check that a bid id is derived (so its token leaves it out) agrees with ``bid_id_of``, dashes in
+    the ids included; and a derived id always is."""
+    assert is_bid_id_of(bid_id, request_id, imp_id) == (bid_id == bid_id_of(request_id, imp_id))
+    assert is_bid_id_of(bid_id_of(request_id, imp_id), request_id, imp_id)

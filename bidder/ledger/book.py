@@ -136,8 +136,9 @@ class Storage(Protocol):
     def prefetch(self, keys: Sequence[tuple[str, float]]) -> None: ...  # (bid id, expiry): read in this step
     def bid(self, bid_id: str, expires: float) -> BidRow | None: ...
     def put_bid(self, row: BidRow) -> None: ...
-    # Write new rows whose bids have none yet, all of them (True) or, when one has a row already, none (False).
-    def insert_new(self, rows: Sequence[BidRow]) -> bool: ...
+    # The rows of reported bids that have none yet, open and funded, each charged to its day in ``days``: all of
+    # them written (True) or, when one has a row already, none (False).
+    def insert_new(self, reservations: Sequence[Reservation], days: Sequence[str]) -> bool: ...
     # The unsettled rows whose expiry passed, settled by ``Book.expire``'s policy: the storage may settle them in
     # bulk itself (adding each account's change to ``moved`` as ``Book.expire`` does) and return only the rest.
     def expire_due(self, now: float, limit: int, moved: dict[tuple[str, str], list[int]]) -> list[BidRow]: ...
@@ -177,8 +178,7 @@ class Book:
         # charged to the bid's day even when the lease has moved on to the next one since
         days = [r.day or lease_day.get(r.campaign) or store.hold(holder, r.campaign)[1] for r in reservations]
         # the common case, every report the first word of its bid: their rows written in one step, or none of them
-        if store.insert_new([BidRow(r.bid_id, r.campaign, day, r.amount, True, OPEN, 0, r.expires, r.user, r.creative)
-                             for r, day in zip(reservations, days)]):
+        if store.insert_new(reservations, days):
             for r, day in zip(reservations, days):
                 key = (r.campaign, day)
                 reserved[key] = reserved.get(key, 0) + r.amount

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from bidder import walfile
-from bidder.ledger.book import (EXPIRED, FINAL, BidRow, Book, CampaignSync, Grant, Impression, Reservation,
-                                Settlement, add_change)
+from bidder.ledger.book import (EXPIRED, FINAL, OPEN, BidRow, Book, CampaignSync, Grant, Impression,
+                                Reservation, Settlement, add_change)
 
 __all__ = ["LEDGER_FILE", "EmbeddedBanker"]
 
@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS impressions (seq INTEGER PRIMARY KEY AUTOINCREMENT, c
 """
 _BID_COLUMNS = "bid_id, campaign, day, amount, funded, state, price, expires, user, creative"
 _SETTLED = tuple(sorted(FINAL))
+#: a reported bid's new row: open (``OPEN``), funded, no charge yet
+_INSERT_NEW = f"INSERT OR IGNORE INTO bids VALUES (?, ?, ?, ?, ?, 1, '{OPEN}', 0, ?, ?, ?)"
 
 
 def _bid_row(r) -> BidRow:
@@ -85,7 +87,7 @@ class _SqliteStorage:
     sweep of rows whose expiry passed reads the range after the last one swept (``swept``), and settled rows are
     purged as the range before the retention. The rows of a call's bids are read together (``prefetch``: one
     query) and written together (one ``executemany`` at the end, or before a query that reads them): a call
-    handles a quarter of a second of a worker's bids, thousands. Nothing read or written is kept past the call:
+    handles a tenth of a second of a worker's bids, a thousand or more. Nothing read or written is kept past the call:
     other workers' calls change the rows in between."""
 
     def __init__(self, db: sqlite3.Connection):
@@ -169,23 +171,29 @@ class _SqliteStorage:
         if row.state not in FINAL and due <= (self._swept if self._swept is not None else self.swept()):
             self._late.append(key)
 
-    def insert_new(self, rows: Sequence[BidRow]) -> bool:
-        if not rows:
+    def insert_new(self, reservations: Sequence[Reservation], days: Sequence[str]) -> bool:
+        if not reservations:
             return True
         self._write_bids()
         db = self.db
-        dues = [round(row.expires * 1000) for row in rows]
+        # the values of new rows straight from the reports (a call has thousands: no BidRow for each), the state
+        # columns, the same for all of them, in the statement
+        values = [(round(r.expires * 1000), r.bid_id, r.campaign, day, r.amount, r.expires, r.user, r.creative)
+                  for r, day in zip(reservations, days)]
         db.execute("SAVEPOINT new_bids")
         before = db.total_changes
-        db.executemany("INSERT OR IGNORE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(due, *row[:4], int(row.funded), *row[5:]) for due, row in zip(dues, rows)])
-        if db.total_changes - before == len(rows):
+        db.executemany(_INSERT_NEW, values)
+        if db.total_changes - before == len(values):
             db.execute("RELEASE new_bids")
             swept = self.swept()
-            for due, row in zip(dues, rows):  # reported after they fell due (the banker was out of reach): due now
-                if due <= swept:
-                    self._rows[due, row.bid_id] = row
-                    self._late.append((due, row.bid_id))
+            if min(values)[0] > swept:
+                return True
+            for v, r in zip(values, reservations):  # reported after they fell due (the banker was out of reach): due
+                if v[0] <= swept:                    # now
+                    key = (v[0], r.bid_id)
+                    self._rows[key] = BidRow(r.bid_id, r.campaign, v[3], r.amount, True, OPEN, 0, r.expires, r.user,
+                                             r.creative)
+                    self._late.append(key)
             return True
         db.execute("ROLLBACK TO new_bids")  # a bid had a row: the caller goes through them one by one
         db.execute("RELEASE new_bids")

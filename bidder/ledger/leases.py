@@ -78,6 +78,8 @@ def day_bounds(zone: dt.tzinfo, now: float) -> tuple[float, float, str]:
     return midnight.timestamp(), (midnight + dt.timedelta(days=1)).timestamp(), local.strftime("%Y-%m-%d")
 
 
+_new_tuple = tuple.__new__
+
 #: the day of a lease the banker has not granted yet: no bid time is in it
 NO_DAY = (math.inf, -math.inf, "")
 
@@ -85,7 +87,7 @@ NO_DAY = (math.inf, -math.inf, "")
 class Ledger:
     """The leases of one worker process, the queue of what the banker must hear, and the refresher thread."""
 
-    def __init__(self, banker: Banker, clock: float | Callable[[], float] | None = None, refresh_s: float = 0.25,
+    def __init__(self, banker: Banker, clock: float | Callable[[], float] | None = None, refresh_s: float = 0.1,
                  grace_s: float = 2.0, lease_fraction: float = DEFAULT_LEASE_FRACTION,
                  min_lease_usd: float = DEFAULT_MIN_LEASE_USD, holder: str | None = None):
         self.banker = banker
@@ -125,6 +127,7 @@ class Ledger:
         self.seen = 0
         self._shown: dict[tuple[str, str], deque[float]] = {}  # (campaign or creative, user) -> impression times
         self._reservations: deque[Reservation] = deque()
+        self._last_expiry: tuple[float, float, float] = (math.nan, math.nan, math.nan)  # (now, window, expiry)
         self._settlements: deque[Settlement] = deque()
         self._unsent: tuple[list[Reservation], list[Settlement]] = ([], [])
         self.calls = self.failures = 0
@@ -171,8 +174,12 @@ class Ledger:
         if self.granted[slot] - self.used[slot] < amount or (amount and not start <= now < end):
             self.paused.add(self.campaigns[slot])
             return False
-        self._reservations.append(Reservation(bid_id, self.campaigns[slot], amount,
-                                              expiry(millis(now), window, self.grace_s), user, creative, day))
+        last = self._last_expiry  # a batch's bids share ``now`` and, mostly, their window: worked out once for them
+        if last[0] != now or last[1] != window:
+            last = self._last_expiry = (now, window, expiry(millis(now), window, self.grace_s))
+        # a Reservation built as the tuple it is (its generated __new__ costs twice as much, for every bid)
+        self._reservations.append(_new_tuple(Reservation, (bid_id, self.campaigns[slot], amount, last[2], user,
+                                                           creative, day)))
         self.used[slot] += amount  # after the append: see the module's docstring
         return True
 
@@ -280,12 +287,9 @@ class Ledger:
                 granted[slot] -= excess
         used = bid_path_used[:n]  # before the queue is drained
         reservations, settlements = self._unsent
-        queue = self._reservations
-        while queue:
-            reservations.append(queue.popleft())
-        queue = self._settlements
-        while queue:
-            settlements.append(queue.popleft())
+        for queue, drained in ((self._reservations, reservations), (self._settlements, settlements)):
+            popleft = queue.popleft  # what is queued now (the bid path may append meanwhile: that waits a call)
+            drained += [popleft() for _ in range(len(queue))]
         campaigns = []
         for slot in range(n):
             terms = self.terms[slot]
