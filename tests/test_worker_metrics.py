@@ -54,7 +54,7 @@ def test_the_grafana_dashboard_loads_and_asks_only_for_metrics_the_bidder_export
     metrics = Metrics(0)
     metrics.enable_notices(NOTICE_RESULTS)  # as with --notice-url
     metrics.response("/bid", 200).inc()  # responses are series once one was answered
-    metrics.events = SimpleNamespace(dropped={"queue_full": 0}, written=0, queue=[])  # as with --events
+    metrics.events = SimpleNamespace(dropped={"queue_full": 0}, written=0, queued=0)  # as with --events
     supervisor = MetricsServer("127.0.0.1", 0, sockets=dict, restarts=lambda: {0: 1})
     try:
         text = merge({0: metrics.render().decode()}) + supervisor.render().decode()
