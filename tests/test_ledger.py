@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bidder.campaigns import CampaignTerms
-from bidder.ledger import Ledger, nanos, open_banker
+from bidder.ledger import Ledger, campaign_day, nanos, open_banker
 from bidder.ledger.book import TOTAL, UNLIMITED, CampaignSync, Reservation, Settlement
 from bidder.ledger.embedded import EmbeddedBanker
 from bidder.ledger.redis_banker import RedisBanker, RedisNoticeStore
@@ -675,3 +676,19 @@ def test_a_bid_reported_after_it_fell_due_is_released_at_once(bankers):
     _sync(banker, NOON + 101, [Reservation("old", "c", CPM_1, NOON + 30)])
     assert banker.accounts("c", "2026-12-07")[0][1] == 0
     banker.close()
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "America/Santiago", "Asia/Tehran", "Pacific/Apia",
+                                  "Australia/Lord_Howe"])
+def test_the_cached_day_of_a_notice_is_the_date_in_its_campaigns_zone(zone, tmp_path):
+    """``Ledger.day_of`` reuses the bounds of the last day it worked out: across two years of clock changes
+    (midnights that do not exist, half-hour shifts, a day skipped) it names the date ``campaign_day`` names, for
+    times in order and for times that jump back and forth."""
+    ledger = Ledger(EmbeddedBanker(tmp_path, RETENTION_S), 0.0)
+    tz = ZoneInfo(zone)
+    rng = random.Random(zone)
+    t = 1_640_995_200.0  # 2022-01-01 UTC
+    for _ in range(12_000):
+        t += rng.random() * 3 * 3600
+        for when in (t, t - rng.random() * 86_400 * 3):
+            assert ledger.day_of(tz, when) == campaign_day(tz, when), (zone, when)

@@ -128,6 +128,7 @@ class Ledger:
         self._shown: dict[tuple[str, str], deque[float]] = {}  # (campaign or creative, user) -> impression times
         self._reservations: deque[Reservation] = deque()
         self._last_expiry: tuple[float, float, float] = (math.nan, math.nan, math.nan)  # (now, window, expiry)
+        self._days: dict[dt.tzinfo, tuple[float, float, str]] = {}  # per zone, the last day asked (``day_of``)
         self._settlements: deque[Settlement] = deque()
         self._unsent: tuple[list[Reservation], list[Settlement]] = ([], [])
         self.calls = self.failures = 0
@@ -211,8 +212,16 @@ class Ledger:
         charge = amount if price_micros is None else min(price_micros, amount)
         # ``issued`` is the token's whole milliseconds over 1000: the same expiry as the bid's report (``reserve``)
         self._settlements.append(Settlement(bid_id, kind, campaign, 0 if kind == "loss" else charge, amount,
-                                            campaign_day(zone, issued),
+                                            self.day_of(zone, issued),
                                             expiry(round(issued * 1000), window, self.grace_s)))
+
+    def day_of(self, zone: dt.tzinfo, t: float) -> str:
+        """``campaign_day(zone, t)``, from the bounds of the last day asked of ``zone`` when ``t`` falls in it (a
+        notice asks it: working the date out anew costs several microseconds)."""
+        bounds = self._days.get(zone)
+        if bounds is None or not bounds[0] <= t < bounds[1]:
+            bounds = self._days[zone] = day_bounds(zone, t)
+        return bounds[2]
 
     # -- what a pacing controller and the operator view read ----------------------------------------------------
     def spent_today(self, slot: int) -> float:
@@ -296,7 +305,7 @@ class Ledger:
             zone = self._zone(slot)
             total = UNLIMITED if terms is None or terms.total_usd is None else nanos(terms.total_usd)
             daily = UNLIMITED if terms is None or terms.daily_usd is None else nanos(terms.daily_usd)
-            campaigns.append(CampaignSync(self.campaigns[slot], campaign_day(zone, now), total, daily,
+            campaigns.append(CampaignSync(self.campaigns[slot], self.day_of(zone, now), total, daily,
                                           granted[slot] - used[slot], targets[slot]))
         self.calls += 1
         try:
