@@ -245,6 +245,24 @@ def test_native_search_is_the_graphs_on_random_imps(market_bundle_dir, sample_re
     assert np.all((floors <= bids) & (bids < values))
 
 
+def test_pruned_search_is_the_plain_grid_search_bit_for_bit(market_bundle_dir, sample_records):
+    """``shade`` skips the grid bids whose surplus bound cannot reach the best: its bids and surpluses are the plain
+    loop's (``search`` works out every grid bid) exactly, over imps whose best bid lies anywhere on the grid."""
+    scorer = Scorer(market_bundle_dir)
+    model = WinModel.for_scorer(scorer, max_imps=64)
+    records = (sample_records * 40)[:2000]
+    sparse = scorer.featurizer.transform(records)[SPARSE_INPUT]
+    rng = np.random.default_rng(7)
+    values = np.exp(rng.uniform(-4.0, 9.0, len(records)))
+    floors = values * np.where(rng.random(len(records)) < 0.2, 0.0, rng.uniform(0.0, 1.0, len(records)))
+    floors[:20] = values[:20]  # nothing between floor and value: every grid bid is the floor
+    bids, surplus = model._search.shade(sparse, list(range(len(records))), values.tolist(), floors.tolist())
+    plain_bids, plain_surplus, _ = model._search.search(sparse, values, floors)
+    assert np.array_equal(bids, plain_bids) and np.array_equal(surplus, plain_surplus)
+    index = np.rint((plain_bids - floors) / np.where(values > floors, (values - floors) / GRID, 1.0))
+    assert len(np.unique(index)) > GRID // 4  # the best bids are spread over the grid, not at its ends only
+
+
 def test_native_search_refuses_indices_out_of_range(market_bundle_dir):
     model = WinModel.for_scorer(Scorer(market_bundle_dir), max_imps=4)
     sparse = np.zeros((2, model.spec.input_width(SPARSE_INPUT)), dtype=np.int64)
