@@ -5,9 +5,8 @@ The win-price model (``train/market.py``) is additive: an imp's ``mu`` and ``k``
 sums of one learned pair per imp-side field value, ``k`` clipped to sigma's range, and
 P(market < b) = ½ + ½·erf((ln b − mu)·e^k). ``market.onnx`` computes exactly that over a grid of bids;
 ``Search`` does the same sums and the same grid search in double precision, reading each imp's row of
-the spec's ``sparse`` input where the featurizer left it (skipping, exactly, the grid bids that cannot beat the best one
-found). ``bidder/shading.py`` checks it against the
-graph when the bundle loads.
+the spec's ``sparse`` input where the featurizer left it (skipping, exactly, the grid bids that cannot
+beat the best one found). ``bidder/shading.py`` checks it against the graph when the bundle loads.
 """
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.math cimport erf, exp, log, INFINITY
