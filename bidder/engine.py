@@ -66,6 +66,9 @@ class _PredictResponse(msgspec.Struct):
 DEFAULT_WINDOW_S = 600
 _FEATURIZER_ERROR = re.compile(r"record (\d+): (?:field '([^']*)')?")
 _encoder = msgspec.json.Encoder()
+_encode = _encoder.encode
+#: what follows a plain response's bids: the seat (``SeatBid``'s default) and the currency's key
+_SEAT_CLOSE = b'],"seat":' + _encode(DEFAULT_SEAT) + b'}],"cur":'
 
 
 def error_body(message: str, path: str = "$") -> bytes:
@@ -130,6 +133,7 @@ class BidEngine:
         self._imps = _imp_arrays(self.capacity)
         self.batcher = Batcher(self.score_batch)
         self._bid_templates: dict[int, Bid] = {}  # catalog index -> its creative's bid fields (``_bid_template``)
+        self._bid_tails: dict[int, bytes] = {}  # catalog index -> the same fields, encoded (``_bid_tail``)
 
     # -- the whole path for one request ------------------------------------------------------------
     def bid(self, body: bytes, exchange: str | None = None, received: float | None = None) -> Outcome:
@@ -663,7 +667,9 @@ class BidEngine:
         candidates, row_cand, shaded = batch.candidates, batch.row_cand, batch.shaded
         prices, held = batch.prices, batch.held
         imps, floors = request.imp, pending.floors
-        bids: list[Bid] = []
+        # no deals and no notices: each bid is its creative's fields as encoded once, after its ids and price
+        plain = not pending.has_deals and self.notices is None
+        bids: list = []  # Bid structs, or each bid's JSON when ``plain``
         deals: list[DealOffer | None] = []
         for position, i in enumerate(pending.imp_ids):
             j = pending.first_imp + position
@@ -707,6 +713,10 @@ class BidEngine:
                                batch.propensity[j] if batch.propensity is not None else 1.0))
             if pending.rate != 1.0:
                 price = self._in_currency(price, imp, floors[i], pending)
+            if plain:  # the bid's JSON: its ids and price, then its creative's fields as encoded once
+                bids.append(b"".join((b'{"id":', _encode(bid_id), b',"impid":', _encode(imp.id), b',"price":',
+                                      _encode(price), self._bid_tails.get(c.index) or self._bid_tail(c))))
+                continue
             template = self._bid_templates.get(c.index) or self._bid_template(c)
             bids.append(replace(template, id=bid_id, impid=imp.id, price=price, dealid=deal.dealid) if deal else
                         replace(template, id=bid_id, impid=imp.id, price=price))
@@ -715,6 +725,9 @@ class BidEngine:
         if not bids:
             return self._no_bid(imp_reason or "below_floor")
         metrics.bids.inc(len(bids))
+        if plain:  # what encode_response writes for BidResponse(id, [SeatBid(bids)], currency), field for field
+            return Outcome(200, b"".join((b'{"id":', _encode(request.id), b',"seatbid":[{"bid":[', b",".join(bids),
+                                          _SEAT_CLOSE, _encode(pending.currency), b"}")))
         seatbid = seat_bids(bids, deals) if pending.has_deals else [SeatBid(bid=bids)]
         return Outcome(200, encode_response(BidResponse(id=request.id, seatbid=seatbid, cur=pending.currency)))
 
@@ -727,6 +740,14 @@ class BidEngine:
             mtype=BANNER, nurl=c.nurl, cid=c.campaign_id, adm=c.markup, cat=meta.bid_cat,
             cattax=meta.cattax if meta.bid_cat else None, attr=meta.bid_attr)
         return template
+
+    def _bid_tail(self, c: Candidate) -> bytes:
+        """The JSON of ``c``'s bid fields after ``price`` (``adid`` on, with the closing brace), as msgspec encodes
+        them in a whole Bid: a plain bid is its ids and price followed by these bytes."""
+        template = self._bid_templates.get(c.index) or self._bid_template(c)
+        encoded = _encode(template)  # '{"id":"","impid":"","price":0.0,"adid":...}': the first ',"adid":' is the field
+        tail = self._bid_tails[c.index] = encoded[encoded.index(b',"adid":'):]
+        return tail
 
     @staticmethod
     def _in_currency(price: float, imp: Imp, floor_usd: float, pending: Pending) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import pytest
 
 from bidder.app import DEFAULT_CAMPAIGNS, STATE, Config, create_app
@@ -13,6 +14,7 @@ from bidder.campaigns import load_catalog
 from bidder.engine import BidEngine, Outcome
 from bidder.factorized import FactorizedScorer
 from bidder.metrics import Metrics
+from bidder.openrtb import DEFAULT_SEAT, BidResponse, encode_response
 from bidder.scorer import Scorer
 from oracle import metric
 
@@ -113,6 +115,33 @@ async def test_batches_are_cut_at_max_batch_rows_without_splitting_a_request(sma
     assert sum(rows.counts[rows.bounds.index(32.0) + 1:]) == 0
     assert rows.sum == sum(len(p.rows) for p in prepared)
     assert sum(engine.metrics.batch_requests.counts) > 1 + len(over)
+
+
+def test_a_plain_response_is_what_msgspec_writes_for_its_structs(small_bundle, openrtb_examples):
+    """Without deals or notices a bid's JSON is its ids and price followed by its creative's fields encoded once:
+    byte for byte what ``encode_response`` writes for the same BidResponse (ids that need escaping, two imps, prices
+    in another currency)."""
+    engine = make_engine(small_bundle)
+    for i, (route, body) in enumerate(distinct_requests(openrtb_examples, 12)):
+        request = json.loads(body)
+        request["id"] = f'q"\\{i}\u00e9\u2028</script>'
+        for imp in request["imp"]:
+            imp["id"] = imp["id"] + '"\t'
+        if i % 4 == 1:
+            request["cur"] = ["JPY"]
+        outcome = engine.bid(json.dumps(request).encode(), route.removeprefix("/bid").lstrip("/") or None)
+        if outcome.status == 204:
+            continue
+        response = msgspec.json.decode(outcome.body, type=BidResponse)
+        assert response.id == request["id"] and response.cur == ("JPY" if i % 4 == 1 else "USD")
+        assert {b.impid for b in response.seatbid[0].bid} <= {imp["id"] for imp in request["imp"]}
+        assert encode_response(response) == outcome.body
+        assert response.seatbid[0].seat == DEFAULT_SEAT
+        templates = {t.crid: t for t in engine._bid_templates.values()}
+        for bid in response.seatbid[0].bid:  # the creative's fields are its template's, the ids and price the bid's
+            fields = msgspec.structs.replace(bid, id="", impid="", price=0.0)
+            assert msgspec.json.encode(fields) == msgspec.json.encode(templates[bid.crid])
+            assert bid.id == f"{request['id']}-{bid.impid}" and bid.price > 0
 
 
 def test_a_request_larger_than_max_batch_is_scored_in_chunks(small_bundle, openrtb_examples, scoring):
