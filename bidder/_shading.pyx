@@ -28,8 +28,9 @@ cdef enum:
 cdef double BOUND_MARGIN = 1e-9
 
 
-cdef inline double _surplus(double mu, double scale, double value, double b) noexcept nogil:
-    return (value - b) * (0.5 + 0.5 * erf((log(b) - mu) * scale))
+cdef inline double _win(double mu, double scale, double b) noexcept nogil:
+    """P(market < b) for an imp of ``mu`` and ``scale`` = e^k."""
+    return 0.5 + 0.5 * erf((log(b) - mu) * scale)
 
 
 cdef void _pruned(double mu, double scale, double value, double floor, double step, int grid, double* bid,
@@ -48,7 +49,7 @@ cdef void _pruned(double mu, double scale, double value, double floor, double st
     g = 0
     while True:  # the coarse points: 0, BLOCK, 2·BLOCK, ... and grid − 1
         b = floor + step * g
-        p = 0.5 + 0.5 * erf((log(b) - mu) * scale)
+        p = _win(mu, scale, b)
         p_at[g] = p
         s = (value - b) * p
         s_at[g] = s
@@ -63,7 +64,8 @@ cdef void _pruned(double mu, double scale, double value, double floor, double st
         bound = (value - (floor + step * a)) * p_at[c]
         if bound * (1.0 + BOUND_MARGIN) >= best:
             for g in range(a + 1, c):
-                s = _surplus(mu, scale, value, floor + step * g)
+                b = floor + step * g
+                s = (value - b) * _win(mu, scale, b)
                 s_at[g] = s
                 if s > best:
                     best = s
@@ -130,7 +132,7 @@ cdef class Search:
             return 0
         for g in range(self.grid):
             b = floor + step * g
-            p = 0.5 + 0.5 * erf((log(b) - mu) * scale)
+            p = _win(mu, scale, b)
             s = (value - b) * p
             if win != NULL:
                 win[g] = p

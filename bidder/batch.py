@@ -68,7 +68,7 @@ class Pending:
         self._user: str | None | bool = False  # False: not read yet (``user``)
 
     def user(self) -> str | None:
-        """Who the request is for (``bidder.engine.user_key``), read once; None without consent to personal data:
+        """Who the request is for (``bidder.openrtb.user_key``), read once; None without consent to personal data:
         then nobody is capped nor logged by user key."""
         user = self._user
         if user is False:
