@@ -66,9 +66,7 @@ def build(stages: frozenset[str], bundle: Path, window: int, work: Path) -> tupl
     if events is not None:
         state.events = EventLog(events, 0).start()
     catalog = bundle / "campaigns.json"
-    engine = state.load(bundle, money_catalog(catalog) if "budgets" in stages else catalog)
-    if state.ledger is not None:
-        state.ledger.start()
+    engine = state.load(bundle, money_catalog(catalog) if "budgets" in stages else catalog)  # the ledger started
     return state, engine
 
 

@@ -381,7 +381,10 @@ class Ledger:
                 del shown[key]
 
     def start(self) -> Ledger:
-        """A first call (leases before the first bid, if the banker answers), then the refresher thread."""
+        """A first call (leases before the first bid, if the banker answers), then the refresher thread. Once: a
+        second refresher would outlive ``close`` and call a closed banker."""
+        if self._thread is not None:
+            raise RuntimeError("the ledger's refresher is already running")
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="ledger-refresher", daemon=True)
         self._thread.start()
