@@ -24,7 +24,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "setuptools>=69" wheel "Cython>=3.0" "numpy>=1.26"
 
-# Serving: bidder with its runtime dependencies (numpy, onnxruntime, aiohttp, uvloop, msgspec, prometheus-client).
+# Serving: bidder with its runtime dependencies (numpy, onnxruntime, onnx, aiohttp, uvloop, msgspec, prometheus-client).
 $(VENV)/.runtime: pyproject.toml setup.py | $(PY)
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
@@ -34,7 +34,7 @@ $(VENV)/.full: pyproject.toml setup.py | $(PY)
 	$(PIP) install -q --no-build-isolation -e '.[train,dev]'
 	touch $(VENV)/.runtime $@
 
-$(VENV)/.extension: bidder/_features.pyx bidder/_pricing.pyx bidder/_shading.pyx train/_attention.pyx train/_attention.h train/_rows.pyx train/distributed/_flags.pyx setup.py | $(PY)
+$(VENV)/.extension: bidder/_features.pyx bidder/_pricing.pyx bidder/_rowkernel.pyx bidder/_rowkernel.h bidder/_shading.pyx train/_attention.pyx train/_attention.h train/_rows.pyx train/distributed/_flags.pyx setup.py | $(PY)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 

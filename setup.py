@@ -1,4 +1,4 @@
-"""Build the Cython featurizer, the best-row scan, the notice tokens' encoder, the first-price search, the AutoInt
+"""Build the Cython featurizer, the factorized graph's row kernel, the best-row scan, the notice tokens' encoder, the first-price search, the AutoInt
 attention kernel, row-wise Adam's row loops and the shared-memory all-gather's flags; everything else is declared in
 pyproject.toml."""
 import numpy
@@ -19,6 +19,15 @@ extensions = [
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
+    ),
+    Extension(
+        "bidder._rowkernel",
+        ["bidder/_rowkernel.pyx"],
+        depends=["bidder/_rowkernel.h"],
+        include_dirs=["bidder"],
+        # no errno from expf; -Wno-psabi: the 32-byte vector types only pass between inlined functions
+        extra_compile_args=["-O3", "-fno-math-errno", "-Wno-psabi"],
+        libraries=["m"],
     ),
     Extension(
         "bidder._tokens",

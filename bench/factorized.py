@@ -1,16 +1,18 @@
 """Row scoring vs factorized DeepFM scoring, per request and per row: ``python -m bench.factorized``.
 
 A request is the IAB simple-banner bid request: one imp, scored against every catalog creative of its
-size (9 with the default catalog). For batches of 1, 8 and 32 such requests (one ORT call per batch,
+size (9 with the default catalog). For batches of 1, 8 and 32 such requests (one call per batch,
 as the batched hot path makes them) each way is timed with featurization included:
 
 - canonical: ``Scorer.score`` on ``(candidate layer, imp record)`` rows, ``model.onnx``;
-- factorized: imps featurized into ``FactorizedScorer.imp_inputs``, row numbers written, ``run``
-  (candidate parts computed once beforehand, as at catalog load).
+- graph: imps featurized into ``FactorizedScorer.imp_inputs``, row numbers written, ``run`` with
+  ``factorized.onnx`` through ONNX Runtime (candidate parts computed once beforehand, as at catalog load);
+- native: the same with the native row kernel (``bidder/rowkernel.py``), as ``bidder serve`` scores.
 
-The two take turns call by call over a pool of distinct imp records (freshly decoded, so the
-featurizer's per-object cache does not flatter either), and the median of each is reported. Pin it:
-``taskset -c 0 python -m bench.factorized``.
+The three take turns call by call over a pool of distinct imp records (freshly decoded, so the
+featurizer's per-object cache does not flatter any), and the median of each is reported. Pin it:
+``taskset -c 0 python -m bench.factorized``; ``--evict-mb 16`` writes 16 MiB before each call, as the
+server's other work does between two batches.
 
 With ``--against OLD`` it compares instead the factorized graphs of two bundles of the same model (``OLD``, e.g.
 the shipped bundle of an earlier commit, and ``--model``), taking turns call by call: the median µs of one
@@ -69,54 +71,72 @@ def imp_records(body: bytes, n: int) -> tuple[list[dict], tuple[int, int]]:
     return records, imp_sizes(decode_request(body).imp[0])[0]
 
 
-def measure(bundle: Path, campaigns: Path, body: bytes, batches: list[int], calls: int) -> list[dict]:
+def measure(bundle: Path, campaigns: Path, body: bytes, batches: list[int], calls: int,
+            evict_bytes: int = 0) -> list[dict]:
+    """Per batch size: median µs of scoring its requests three ways, taking turns call by call: ``model.onnx`` per
+    row, ``factorized.onnx`` through ONNX Runtime, and the native row kernel (featurizing included in each).
+
+    ``evict_bytes``: a scratch buffer that size is written before every timed call (the caches a worker's batch
+    meets after the event loop's other work)."""
     rows_max = max(batches) * 64
     scorer = Scorer(bundle, max_batch=rows_max)
-    factorized = FactorizedScorer.for_scorer(scorer, max_imps=max(batches), max_rows=rows_max)
+    sides = {"graph": FactorizedScorer.for_scorer(scorer, max_imps=max(batches), max_rows=rows_max, native=False),
+             "native": FactorizedScorer.for_scorer(scorer, max_imps=max(batches), max_rows=rows_max)}
+    if sides["native"].kernel is None:
+        raise SystemExit(f"error: {bundle}: the native row kernel does not compute this graph: "
+                         f"{sides['native'].kernel_unsupported}")
     catalog = load_catalog(campaigns)
-    factorized.set_candidates([c.layer for c in catalog.candidates])
+    for factorized in sides.values():
+        factorized.set_candidates([c.layer for c in catalog.candidates])
     records, (w, h) = imp_records(body, POOL)
     eligible = catalog.for_size(w, h)
     number = {id(c): i for i, c in enumerate(catalog.candidates)}
     k = len(eligible)
     candidates = np.array([number[id(c)] for c in eligible], dtype=np.int64)
+    scratch = np.zeros(evict_bytes // 4, dtype=np.float32)
     results = []
     for batch in batches:
         rows = batch * k
         row_imp = np.repeat(np.arange(batch, dtype=np.int64), k)
         row_cand = np.tile(candidates, batch)
-        canonical_t, factorized_t = [], []
+        times: dict[str, list[int]] = {"canonical": [], "graph": [], "native": []}
+        worst = {"graph": 0.0, "native": 0.0}
         position = 0
         for call in range(calls):
             imps = records[position:position + batch]
             position = (position + batch) % (POOL - batch)
             pairs = [(c.layer, record) for record in imps for c in eligible]
-            start = time.perf_counter_ns()
-            expected = scorer.score(pairs)
-            canonical_t.append(time.perf_counter_ns() - start)
-            expected = expected.copy()
-            start = time.perf_counter_ns()
-            factorized.featurizer.transform_into(factorized.imp_inputs, imps)
-            factorized.row_imp[:rows] = row_imp
-            factorized.row_cand[:rows] = row_cand
-            got = factorized.run(batch, rows)
-            factorized_t.append(time.perf_counter_ns() - start)
-            if call == 0:
-                diff = float(np.max(np.abs(got - expected)))
-                assert diff <= 1e-6, f"factorized differs from canonical by {diff}"
-        c_us, f_us = np.median(canonical_t) / 1e3, np.median(factorized_t) / 1e3
+            outputs = {}
+            for way in itertools.islice(itertools.cycle(times), call % 3, call % 3 + 3):  # each way first as often
+                scratch += 1.0
+                start = time.perf_counter_ns()
+                if way == "canonical":
+                    outputs[way] = scorer.score(pairs)
+                else:
+                    factorized = sides[way]
+                    factorized.featurizer.transform_into(factorized.imp_inputs, imps)
+                    factorized.row_imp[:rows] = row_imp
+                    factorized.row_cand[:rows] = row_cand
+                    outputs[way] = factorized.run(batch, rows)
+                times[way].append(time.perf_counter_ns() - start)
+            if call < 50:
+                for way in worst:
+                    worst[way] = max(worst[way], float(np.max(np.abs(outputs[way] - outputs["canonical"]))))
+        assert max(worst.values()) <= 1e-6, f"a factorized way differs from model.onnx: {worst}"
+        us = {way: float(np.median(t)) / 1e3 for way, t in times.items()}
         results.append({
-            "requests": batch, "imps": batch, "candidates_per_imp": k, "rows": rows,
-            "canonical_us": round(c_us, 2), "factorized_us": round(f_us, 2),
-            "canonical_us_per_request": round(c_us / batch, 2), "factorized_us_per_request": round(f_us / batch, 2),
-            "canonical_us_per_row": round(c_us / rows, 3), "factorized_us_per_row": round(f_us / rows, 3),
-            "factorized_over_canonical": round(f_us / c_us, 3), "calls": calls})
+            "requests": batch, "imps": batch, "candidates_per_imp": k, "rows": rows, "calls": calls,
+            **{f"{way}_us": round(v, 2) for way, v in us.items()},
+            **{f"{way}_us_per_request": round(v / batch, 2) for way, v in us.items()},
+            "graph_over_canonical": round(us["graph"] / us["canonical"], 3),
+            "native_over_graph": round(us["native"] / us["graph"], 3),
+            "max_abs_diff_vs_model_onnx": worst})
     return results
 
 
 def _graphs(bundle: Path, catalog_path: Path, max_rows: int) -> tuple[Scorer, FactorizedScorer]:
     scorer = Scorer(bundle, max_batch=max_rows)
-    factorized = FactorizedScorer.for_scorer(scorer, max_imps=64, max_rows=max_rows)
+    factorized = FactorizedScorer.for_scorer(scorer, max_imps=64, max_rows=max_rows, native=False)  # the graphs, in ORT
     factorized.set_candidates([c.layer for c in load_catalog(catalog_path).candidates])
     return scorer, factorized
 
@@ -242,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare this bundle's factorized graphs (an earlier export of the same model) with "
                              "--model's, instead of row scoring with factorized scoring")
     parser.add_argument("--evict-mb", type=float, default=0.0,
-                        help="with --against: write this many MiB before every timed call (cold caches, as a "
-                             "lone request meets them; 2 × the L2 cache is enough) (default: %(default)s)")
+                        help="write this many MiB before every timed call (cold caches, as a worker's batch meets "
+                             "them after its other work; 2 × the L2 cache is enough) (default: %(default)s)")
     parser.add_argument("--batches", default=None,
                         help="requests per ORT call (default: 1,8,32; with --against 1,9,32)")
     parser.add_argument("--calls", type=int, default=3000, help="timed calls per way and batch (default: %(default)s)")
@@ -256,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         results = compare_graphs(args.against, args.model, campaigns, args.body.read_bytes(), batches, args.calls,
                                  int(args.evict_mb * (1 << 20)))
     else:
-        results = measure(args.model, campaigns, args.body.read_bytes(), batches, args.calls)
+        results = measure(args.model, campaigns, args.body.read_bytes(), batches, args.calls,
+                          int(args.evict_mb * (1 << 20)))
     cpus = sorted(os.sched_getaffinity(0))
     pinned = f"taskset -c {cpus[0]} " if len(cpus) == 1 else ""
     report = {

@@ -41,7 +41,7 @@ DEFAULT_RESULTS = REPO / "runs" / "bench"  # git-ignored; committed runs go to b
 #: The bidder with some of its levers switched off, to measure each lever alone in the same run.
 BIDDER_VARIANTS = {"bidder": (), "bidder-nobatch": ("--no-batching",), "bidder-rows": ("--no-factorized",),
                    "bidder-plain": ("--no-batching", "--no-factorized"), "bidder-exhaustive": ("--no-retrieval",),
-                   "bidder-graphshade": ("--graph-shading",),
+                   "bidder-graphshade": ("--graph-shading",), "bidder-graphrows": ("--graph-rows",),
                    # the bidder with its event log on: what logging every bid costs (reused, and salvaged, run to run)
                    "bidder-events": ("--events", str(Path(tempfile.gettempdir()) / "bench-bidder-events")),
                    # signed notices on every bid: what signing costs a bid

@@ -180,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-factorized", action="store_true",
                        help="score every row with model.onnx even when the bundle has factorized graphs "
                             "(for comparison)")
+    serve.add_argument("--graph-rows", action="store_true",
+                       help="run the factorized graph through ONNX Runtime instead of its native row kernel, which "
+                            "computes the same arithmetic in C (for comparison)")
     serve.add_argument("--graph-shading", action="store_true",
                        help="search first-price bids with the bundle's market.onnx in one ONNX Runtime call per batch "
                             "instead of natively over its market-terms.npz (for comparison)")
@@ -319,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(model=args.model, campaigns=campaigns, host=args.host, port=args.port, workers=args.workers,
                     max_batch=args.max_batch, max_body=args.max_body, utc_offset_hours=args.utc_offset,
                     now=args.now, clock=clock, pin=not args.no_pin, batching=not args.no_batching,
-                    factorized=not args.no_factorized, native_shading=not args.graph_shading, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
+                    factorized=not args.no_factorized, native_shading=not args.graph_shading,
+                    native_rows=not args.graph_rows, retrieve_k=args.retrieve_k, retrieval=not args.no_retrieval,
                     ann=args.ann, notices=notices, events=args.events, explore=args.explore, ledger=args.ledger,
                     ledger_refresh_s=args.ledger_refresh, lease_fraction=args.lease_fraction,
                     shutdown_timeout=args.drain_timeout, log_format=args.log_format, log_level=args.log_level,

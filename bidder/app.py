@@ -79,6 +79,7 @@ class Config:
     batching: bool = True    # score the requests of one loop turn together (off: each on its own, to compare)
     factorized: bool = True  # use the bundle's factorized graphs when it has them (off: model.onnx per row)
     native_shading: bool = True  # search first-price bids over the market model's terms (off: market.onnx, to compare)
+    native_rows: bool = True  # the factorized graph's arithmetic in C (bidder.rowkernel; off: ONNX Runtime, to compare)
     retrieve_k: int = DEFAULT_K  # large catalogs: creatives the ranker scores per imp, chosen by the two towers
     retrieval: bool = True   # off: a large catalog's every eligible creative is scored (for comparison)
     ann: bool = False        # approximate top K (HNSW, faiss-cpu) instead of the exact BLAS product
@@ -167,7 +168,11 @@ class State:
         factorized = None
         if self.config.factorized and scorer.factorized_files():
             # checked against model.onnx here (BundleError above 1e-6): a bad graph is refused at load
-            factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch)
+            factorized = FactorizedScorer.for_scorer(scorer, max_imps=scorer.max_batch, max_rows=scorer.max_batch,
+                                                     native=self.config.native_rows)
+            if self.config.native_rows and factorized.kernel is None:
+                log.warning("factorized.onnx runs through ONNX Runtime: the native row kernel does not compute "
+                            "%(why)s", {"why": factorized.kernel_unsupported}, extra={"event": "row_kernel_unsupported"})
         # the win-price model for first-price shading, if the bundle has one (checked, BundleError otherwise)
         market = WinModel.for_scorer(scorer, max_imps=scorer.max_batch, native=self.config.native_shading)
         retriever = retriever_for(scorer, catalog, self.config.retrieve_k, self.config.ann, self.config.retrieval)

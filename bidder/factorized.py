@@ -27,6 +27,11 @@ Two graphs in the bundle, written by ``python -m train factorize`` (``train/fact
 
 ``model.onnx`` stays the contract: the export and the bundle load both compare the two graphs with
 it on random valid index rows (``max_abs_diff``) and refuse a difference above 1e-6.
+
+Serving runs ``factorized.onnx``'s arithmetic in C by default (``bidder/rowkernel.py``: the graph's own weights,
+its shape checked node by node, and the results checked against ``model.onnx`` at load like the graph's), because
+ONNX Runtime's cost per call, paid once per batch, is most of a small batch's scoring time in a busy worker;
+``native=False`` (``bidder serve --graph-rows``) runs the graph through ONNX Runtime instead.
 """
 from __future__ import annotations
 
@@ -41,11 +46,12 @@ import onnxruntime as ort
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
 from bidder.bundle import CANDIDATE_FILE, FACTORIZED_FILE, FACTORIZED_GRAPH as GRAPH, Bundle, BundleError
+from bidder.rowkernel import RowKernel, Unsupported, read_kernel
 from bidder.scorer import OUTPUT, bind_buffers, featurize_many, run_binding
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
 __all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
-           "candidate_fields", "max_abs_diff", "parity_rows", "random_inputs"]
+           "candidate_fields", "kernel_diff", "max_abs_diff", "parity_rows", "random_inputs"]
 
 CAND_PART, ROW_IMP, ROW_CAND = "cand_part", "row_imp", "row_cand"
 PARITY_TOLERANCE = 1e-6
@@ -132,6 +138,22 @@ def max_abs_diff(canonical: ort.InferenceSession, candidate: ort.InferenceSessio
     return worst if math.isfinite(worst) else float("inf")
 
 
+def kernel_diff(canonical: ort.InferenceSession, candidate: ort.InferenceSession, kernel: RowKernel,
+                spec: FeatureSpec, imps: Mapping[str, np.ndarray], cands: Mapping[str, np.ndarray],
+                row_imp: np.ndarray, row_cand: np.ndarray) -> float:
+    """Max |kernel - canonical| over the rows (row_imp[r], row_cand[r]); leaves ``kernel`` bound to copies of these
+    arrays (bind it to its buffers again after)."""
+    expected = canonical.run([OUTPUT], _combine(spec, imps, cands, row_imp, row_cand))[0]
+    inputs = {name: np.ascontiguousarray(value, dtype=np.int64) for name, value in imps.items()}
+    row_imp, row_cand = (np.ascontiguousarray(a, dtype=np.int64) for a in (row_imp, row_cand))
+    got = np.zeros((len(row_imp), 1), dtype=np.float32)
+    kernel.bind(inputs[SPARSE_INPUT], inputs, row_imp, row_cand, got)
+    kernel.set_candidates(candidate.run([CAND_PART], dict(cands))[0])
+    kernel.run(len(inputs[SPARSE_INPUT]), len(row_imp))
+    worst = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
+    return worst if math.isfinite(worst) else float("inf")
+
+
 # -- serving ----------------------------------------------------------------------------------------------
 class FactorizedScorer:
     """Scores imps × candidates with a bundle's factorized graphs, through IO binding.
@@ -144,7 +166,7 @@ class FactorizedScorer:
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, spec: FeatureSpec, featurizer: Featurizer,
-                 max_imps: int = 64, max_rows: int = 256, *, max_bindings: int = 256):
+                 max_imps: int = 64, max_rows: int = 256, *, max_bindings: int = 256, native: bool = True):
         if max_imps < 1 or max_rows < 1 or max_bindings < 1:
             raise ValueError(f"max_imps, max_rows and max_bindings must be >= 1, got {max_imps}, {max_rows}, "
                              f"{max_bindings}")
@@ -171,11 +193,24 @@ class FactorizedScorer:
         self.cand_part: np.ndarray | None = None
         self._cand_value: ort.OrtValue | None = None
         self._bindings: OrderedDict[tuple[int, int], tuple[ort.IOBinding, list[ort.OrtValue]]] = OrderedDict()
+        # the graph's arithmetic in C over the same buffers (None: ONNX Runtime runs it); why not, when it cannot
+        self.kernel: RowKernel | None = None
+        self.kernel_unsupported: str | None = None
+        if native:
+            try:
+                kernel = read_kernel(self.bundle / FACTORIZED_FILE)
+                kernel.bind(self.imp_inputs[SPARSE_INPUT], self.imp_inputs, self.row_imp, self.row_cand, self.output)
+            except Unsupported as exc:
+                self.kernel_unsupported = str(exc)
+            else:
+                self.kernel = kernel
 
     @classmethod
-    def for_scorer(cls, scorer: Any, max_imps: int = 64, max_rows: int = 256, *, check: bool = True) -> "FactorizedScorer":
-        """The factorized graphs of ``scorer``'s bundle (a ``bidder.scorer.Scorer``), checked against its model."""
-        factorized = cls(scorer.opened, scorer.spec, scorer.featurizer, max_imps, max_rows)
+    def for_scorer(cls, scorer: Any, max_imps: int = 64, max_rows: int = 256, *, check: bool = True,
+                   native: bool = True) -> "FactorizedScorer":
+        """The factorized graphs of ``scorer``'s bundle (a ``bidder.scorer.Scorer``), checked against its model (and
+        so is the native kernel, when it runs them)."""
+        factorized = cls(scorer.opened, scorer.spec, scorer.featurizer, max_imps, max_rows, native=native)
         if check:
             factorized.check_parity(scorer)
         return factorized
@@ -219,6 +254,8 @@ class FactorizedScorer:
         self._bindings.clear()
         self.cand_part = cand_part
         self._cand_value = ort.OrtValue.ortvalue_from_numpy(cand_part)
+        if self.kernel is not None:
+            self.kernel.set_candidates(cand_part)
 
     # -- scoring ----------------------------------------------------------------------------------------
     def run(self, n_imps: int, rows: int) -> np.ndarray:
@@ -227,6 +264,11 @@ class FactorizedScorer:
         Row r pairs imp ``row_imp[r]`` (a row of ``imp_inputs`` below ``n_imps``) with candidate
         ``row_cand[r]``; ONNX Runtime rejects indices out of range.
         """
+        if self.kernel is not None:
+            if self.cand_part is None:
+                raise RuntimeError("no candidates: call set_candidates first")
+            self.kernel.run(n_imps, rows)
+            return self.output[:rows, 0]
         key = (n_imps, rows)
         bound = self._bindings.get(key)
         if bound is None:
@@ -294,4 +336,16 @@ class FactorizedScorer:
         if not diff <= PARITY_TOLERANCE:
             raise BundleError(f"{self.bundle}: factorized graphs differ from model.onnx by {diff:.3g} over "
                               f"{len(row_imp)} rows (tolerance {PARITY_TOLERANCE:g})")
+        if self.kernel is not None:
+            native = kernel_diff(session, self.candidate_session, self.kernel, self.spec, imps, cands, row_imp,
+                                 row_cand)
+            # its own buffers again (the check bound the kernel to the parity rows)
+            self.kernel.bind(self.imp_inputs[SPARSE_INPUT], self.imp_inputs, self.row_imp, self.row_cand, self.output)
+            if self.cand_part is not None:
+                self.kernel.set_candidates(self.cand_part)
+            if not native <= PARITY_TOLERANCE:
+                raise BundleError(f"{self.bundle}: the native row kernel differs from model.onnx by {native:.3g} over "
+                                  f"{len(row_imp)} rows (tolerance {PARITY_TOLERANCE:g}); bidder serve --graph-rows "
+                                  f"runs factorized.onnx through ONNX Runtime instead")
+            diff = max(diff, native)
         return diff

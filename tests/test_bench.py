@@ -661,6 +661,21 @@ def test_bench_factorized_against_compares_two_exports_of_the_graphs(tmp_path):
         assert set(r["engine_run_us"]) == {"old", "new"} and all(t > 0 for t in r["engine_run_us"].values())
 
 
+def test_bench_factorized_times_model_onnx_the_graph_and_the_native_kernel():
+    """``python -m bench.factorized``: three ways of scoring the same requests, each checked against model.onnx."""
+    from bench.factorized import DEFAULT_BODY, measure
+    from bidder import DEFAULT_BUNDLE
+
+    results = measure(DEFAULT_BUNDLE, DEFAULT_BUNDLE / "campaigns.json", DEFAULT_BODY.read_bytes(), [1, 3], calls=5,
+                      evict_bytes=1 << 16)
+    assert [(r["requests"], r["rows"]) for r in results] == [(1, 9), (3, 27)]
+    for r in results:
+        assert all(r[f"{way}_us"] > 0 for way in ("canonical", "graph", "native"))
+        assert r["native_over_graph"] == pytest.approx(r["native_us"] / r["graph_us"], rel=0.01)
+        assert set(r["max_abs_diff_vs_model_onnx"]) == {"graph", "native"}
+        assert 0 < max(r["max_abs_diff_vs_model_onnx"].values()) <= 1e-6  # compared, and within the contract
+
+
 def test_the_scaling_curve_reports_efficiency_and_the_echo_at_each_worker_count():
     runs = [measurement("echo", 32, 10000, 2000), measurement("bidder", 32, 4000, 4000),
             measurement("echo", 64, 18000, 2000, workers=2), measurement("bidder", 64, 7200, 5000, workers=2),

@@ -75,6 +75,7 @@ def assert_scores_as_model_onnx(bundle, catalog, records: list[dict]) -> None:
     """The bundle's factorized graphs score 4 imps x every candidate (64 rows) as its model.onnx does."""
     scorer = Scorer(bundle)
     f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)  # the load-time parity check
+    assert f.kernel is not None, f.kernel_unsupported  # the native kernel computes this shape of graph
     layers = [c.layer for c in catalog.candidates]
     f.set_candidates(layers)
     row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
@@ -137,7 +138,9 @@ def test_load_time_parity_check(scorer, factorized):
 
 
 def test_bindings_are_reused_and_bounded(scorer, catalog, sample_records):
-    f = FactorizedScorer(scorer.bundle, scorer.spec, scorer.featurizer, max_imps=4, max_rows=16, max_bindings=3)
+    """ONNX Runtime's bindings, when it runs the graph (``bidder serve --graph-rows``)."""
+    f = FactorizedScorer(scorer.bundle, scorer.spec, scorer.featurizer, max_imps=4, max_rows=16, max_bindings=3,
+                         native=False)
     f.set_candidates([c.layer for c in catalog.candidates])
     layers = [c.layer for c in catalog.candidates]
     imps = sample_records[:4]
@@ -170,8 +173,10 @@ def test_set_candidates_on_a_reloaded_catalog(scorer, catalog, sample_records):
                                rtol=0, atol=TOLERANCE)
 
 
-def test_run_refuses_what_it_cannot_score(scorer, catalog):
-    f = FactorizedScorer(scorer.bundle, scorer.spec, scorer.featurizer, max_imps=2, max_rows=8)
+@pytest.mark.parametrize("native", [True, False])
+def test_run_refuses_what_it_cannot_score(scorer, catalog, native):
+    f = FactorizedScorer(scorer.bundle, scorer.spec, scorer.featurizer, max_imps=2, max_rows=8, native=native)
+    assert (f.kernel is not None) == native
     with pytest.raises(RuntimeError, match="set_candidates"):
         f.run(1, 1)
     f.set_candidates([c.layer for c in catalog.candidates])
@@ -179,7 +184,10 @@ def test_run_refuses_what_it_cannot_score(scorer, catalog):
         f.run(3, 4)
     with pytest.raises(ValueError, match="rows"):
         f.run(1, 9)
-    f.row_cand[:1] = len(catalog.candidates)  # no such candidate: ONNX Runtime refuses the index
+    f.row_cand[:1] = len(catalog.candidates)  # no such candidate: ONNX Runtime (or the kernel) refuses the index
+    with pytest.raises(Exception, match="(?i)indices|out of|bound"):
+        f.run(1, 1)
+    f.row_cand[:1], f.row_imp[:1] = 0, 1  # no such imp in a batch of one
     with pytest.raises(Exception, match="(?i)indices|out of|bound"):
         f.run(1, 1)
 
@@ -314,6 +322,7 @@ def test_other_deepfm_shapes_factorize(tmp_path, catalog, sample_records, overri
     assert factorize_bundle(bundle)["parity"]["max_abs_diff"] <= TOLERANCE
     scorer = Scorer(bundle)
     f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)
+    assert f.kernel is not None, f.kernel_unsupported
     layers = [c.layer for c in catalog.candidates]
     f.set_candidates(layers)
     row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
@@ -321,6 +330,72 @@ def test_other_deepfm_shapes_factorize(tmp_path, catalog, sample_records, overri
     assert expected.std() > 1e-3  # the scores vary: the comparison compares something
     np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)), expected, rtol=0,
                                atol=TOLERANCE)
+
+
+# -- the native row kernel -----------------------------------------------------------------------------------
+def test_the_row_kernel_scores_as_the_graph_through_onnx_runtime(scorer, catalog, sample_records):
+    """Same buffers, same rows: the kernel and ONNX Runtime on factorized.onnx agree to float32 rounding, and a row's
+    score does not depend on the other imps of its batch (bit for bit)."""
+    native = FactorizedScorer.for_scorer(scorer, max_imps=8, max_rows=128)
+    graph = FactorizedScorer.for_scorer(scorer, max_imps=8, max_rows=128, native=False)
+    assert native.kernel is not None and graph.kernel is None
+    layers = [c.layer for c in catalog.candidates]
+    for f in (native, graph):
+        f.set_candidates(layers)
+    rng = np.random.default_rng(3)
+    imps = sample_records[:8]
+    row_imp, row_cand = rng.integers(0, 8, 128), rng.integers(0, len(layers), 128)
+    got = native.run(8, fill(native, imps, row_imp, row_cand)).copy()
+    np.testing.assert_allclose(got, graph.run(8, fill(graph, imps, row_imp, row_cand)), rtol=1e-5, atol=1e-7)
+    alone = native.run(1, fill(native, [imps[int(row_imp[0])]], [0], [row_cand[0]]))
+    assert alone[0] == got[0]
+
+
+def test_a_row_kernel_that_disagrees_with_model_onnx_fails_the_load_check(random_bundle, tmp_path, monkeypatch):
+    """The kernel is checked at load as the graph is: fed a perturbed copy of the graph's weights (the graph itself
+    intact), the scorer refuses the bundle and names the way out."""
+    import bidder.factorized
+    from bidder.rowkernel import read_kernel
+    broken = tmp_path / FACTORIZED_FILE
+    shutil.copy(random_bundle / FACTORIZED_FILE, broken)
+    perturb(broken, "dnn.1.bias", (slice(None),), 0.05)
+    monkeypatch.setattr(bidder.factorized, "read_kernel", lambda path: read_kernel(broken))
+    scorer = Scorer(random_bundle)
+    with pytest.raises(BundleError, match="native row kernel differs from model.onnx.*--graph-rows"):
+        FactorizedScorer.for_scorer(scorer)
+    assert FactorizedScorer.for_scorer(scorer, native=False).kernel is None  # ONNX Runtime still serves it
+
+
+def test_a_graph_the_kernel_does_not_know_runs_through_onnx_runtime(random_bundle, tmp_path, catalog, sample_records):
+    """A factorized graph of another shape (here its last ReLU a LeakyRelu, as a future export might write) keeps
+    ONNX Runtime, says why, and scores as model.onnx."""
+    from bidder.rowkernel import Unsupported, read_kernel
+    bundle = shutil.copytree(random_bundle, tmp_path / "bundle")
+    model = onnx.load(str(bundle / FACTORIZED_FILE))
+    relu = [n for n in model.graph.node if n.op_type == "Relu"][-1]
+    relu.op_type = "LeakyRelu"
+    relu.attribute.append(onnx.helper.make_attribute("alpha", 0.0))  # the same function: parity still holds
+    onnx.save(model, str(bundle / FACTORIZED_FILE))
+    restamp(bundle)
+    with pytest.raises(Unsupported, match="expected Relu, found LeakyRelu"):
+        read_kernel(bundle / FACTORIZED_FILE)
+    scorer = Scorer(bundle)
+    f = FactorizedScorer.for_scorer(scorer, max_imps=4, max_rows=64)
+    assert f.kernel is None and "LeakyRelu" in f.kernel_unsupported
+    layers = [c.layer for c in catalog.candidates]
+    f.set_candidates(layers)
+    row_imp, row_cand = np.arange(64) % 4, np.arange(64) % len(layers)
+    np.testing.assert_allclose(f.run(4, fill(f, sample_records[:4], row_imp, row_cand)),
+                               canonical(scorer, sample_records[:4], layers, row_imp, row_cand), rtol=0, atol=TOLERANCE)
+
+
+def test_the_row_kernel_refuses_feature_indices_outside_its_tables(scorer, catalog, sample_records):
+    f = FactorizedScorer.for_scorer(scorer, max_imps=2, max_rows=4)
+    f.set_candidates([c.layer for c in catalog.candidates])
+    fill(f, sample_records[:1], [0], [0])
+    f.imp_inputs["sparse"][0, int(initializers(scorer.bundle / FACTORIZED_FILE)["imp.columns"][0])] = 1 << 40
+    with pytest.raises(IndexError, match="feature index 1099511627776 is out of range"):
+        f.run(1, 1)
 
 
 # -- micro-benchmarks ---------------------------------------------------------------------------------------

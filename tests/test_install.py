@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_ONLY = ("torch", "deepctr_torch", "pandas", "matplotlib", "sklearn", "onnx", "tqdm", "requests")
+TRAINING_ONLY = ("torch", "deepctr_torch", "pandas", "matplotlib", "sklearn", "tqdm", "requests")
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
@@ -21,7 +21,8 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 @pytest.fixture
 def clone(tmp_path) -> Path:
     """The files make's rules look at, in a folder without a .venv."""
-    for name in ("Makefile", "pyproject.toml", "setup.py", "bidder/_features.pyx", "bidder/_pricing.pyx", "bidder/_shading.pyx",
+    for name in ("Makefile", "pyproject.toml", "setup.py", "bidder/_features.pyx", "bidder/_pricing.pyx", "bidder/_rowkernel.pyx",
+                 "bidder/_rowkernel.h", "bidder/_shading.pyx",
                  "train/_attention.pyx", "train/_attention.h", "train/_rows.pyx", "train/distributed/_flags.pyx",
                  "bidder/models/default/model.onnx"):
         target = tmp_path / name
