@@ -127,6 +127,8 @@ def load_command(config: dict) -> str:
             words.append(f"--client-cpus {config['client_cpus']}")
     if config.get("allow_no_bid"):
         words.append("--allow-no-bid")
+    if config.get("distinct_ids"):
+        words.append("--distinct-ids")
     return " ".join(words)
 
 
