@@ -132,6 +132,11 @@ def max_abs_diff(canonical: ort.InferenceSession, candidate: ort.InferenceSessio
     cand_part = candidate.run([CAND_PART], dict(cands))[0]
     got = factorized.run([OUTPUT], {**imps, CAND_PART: cand_part, ROW_IMP: row_imp.astype(np.int64),
                                     ROW_CAND: row_cand.astype(np.int64)})[0]
+    return _worst(got, expected)
+
+
+def _worst(got: np.ndarray, expected: np.ndarray) -> float:
+    """Max |got - expected|; inf when the shapes differ or a value is not finite."""
     if got.shape != expected.shape:
         return float("inf")
     worst = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
@@ -150,19 +155,19 @@ def kernel_diff(canonical: ort.InferenceSession, candidate: ort.InferenceSession
     kernel.bind(inputs[SPARSE_INPUT], inputs, row_imp, row_cand, got)
     kernel.set_candidates(candidate.run([CAND_PART], dict(cands))[0])
     kernel.run(len(inputs[SPARSE_INPUT]), len(row_imp))
-    worst = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
-    return worst if math.isfinite(worst) else float("inf")
+    return _worst(got, expected)
 
 
 # -- serving ----------------------------------------------------------------------------------------------
 class FactorizedScorer:
-    """Scores imps × candidates with a bundle's factorized graphs, through IO binding.
+    """Scores imps × candidates with a bundle's factorized graphs: by the native row kernel over these buffers
+    (``kernel``), or through ONNX Runtime's IO binding (``native=False``, or a graph the kernel does not compute).
 
     ``set_candidates`` computes every candidate's part once (at catalog load and reload). Per batch the
     caller featurizes imps into ``imp_inputs`` (``Featurizer.transform_into``; candidate columns may
     hold anything), writes each row's imp and candidate numbers into ``row_imp`` and ``row_cand`` and
-    calls ``run(n_imps, rows)``. Buffers are allocated once; a binding over views of them is made per
-    (n_imps, rows) the first time it is needed and kept (the ``max_bindings`` most recently used).
+    calls ``run(n_imps, rows)``. Buffers are allocated once; through ONNX Runtime, a binding over views of them
+    is made per (n_imps, rows) the first time it is needed and kept (the ``max_bindings`` most recently used).
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, spec: FeatureSpec, featurizer: Featurizer,
@@ -262,7 +267,7 @@ class FactorizedScorer:
         """Probabilities of rows ``[0, rows)``, a view of the output buffer overwritten by the next call.
 
         Row r pairs imp ``row_imp[r]`` (a row of ``imp_inputs`` below ``n_imps``) with candidate
-        ``row_cand[r]``; ONNX Runtime rejects indices out of range.
+        ``row_cand[r]``; the native kernel (IndexError) and ONNX Runtime reject indices out of range.
         """
         if self.kernel is not None:
             if self.cand_part is None:
@@ -282,7 +287,8 @@ class FactorizedScorer:
 
     def warm(self, n_imps: int, per_imp: int) -> None:
         """Bind and run the shape of ``n_imps`` imps of ``per_imp`` candidates each, so the first batch of that
-        shape does not pay ONNX Runtime's first run at it (the rows pair each imp with candidate 0)."""
+        shape does not pay ONNX Runtime's first run at it (the rows pair each imp with candidate 0); with the native
+        kernel, a run that binds nothing."""
         rows = n_imps * per_imp
         self.row_imp[:rows] = np.repeat(np.arange(n_imps), per_imp)
         self.row_cand[:rows] = 0
