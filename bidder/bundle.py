@@ -43,6 +43,8 @@ __all__ = ["AD_TOWER_FILE", "BundleError", "Bundle", "CAMPAIGNS_FILE", "CANDIDAT
 MODEL_FILE, SPEC_FILE, META_FILE = "model.onnx", "spec.json", "meta.json"
 CAMPAIGNS_FILE = "campaigns.json"  # a catalog kept beside a bundle (the shipped one's); not part of it
 CANDIDATE_FILE, FACTORIZED_FILE = "candidate.onnx", "factorized.onnx"
+#: the factorized graph's inputs beside the model's: the candidates' parts and each row's imp and candidate
+CAND_PART, ROW_IMP, ROW_CAND = "cand_part", "row_imp", "row_cand"
 MARKET_FILE, TERMS_FILE = "market.onnx", "market-terms.npz"
 IMP_TOWER_FILE, AD_TOWER_FILE = "imp_tower.onnx", "ad_tower.onnx"
 FACTORIZED_GRAPH, MARKET_GRAPH, TWOTOWER_GRAPH = "factorized", "market", "twotower"  # keys under "graphs"

@@ -45,15 +45,15 @@ import onnxruntime as ort
 
 from bidder._features import Featurizer
 from bidder.campaigns import CANDIDATE_FIELDS
-from bidder.bundle import CANDIDATE_FILE, FACTORIZED_FILE, FACTORIZED_GRAPH as GRAPH, Bundle, BundleError
+from bidder.bundle import (CAND_PART, CANDIDATE_FILE, FACTORIZED_FILE, FACTORIZED_GRAPH as GRAPH, ROW_CAND, ROW_IMP,
+                           Bundle, BundleError)
 from bidder.rowkernel import RowKernel, Unsupported, read_kernel
 from bidder.scorer import OUTPUT, bind_buffers, featurize_many, run_binding
 from bidder.spec import SPARSE_INPUT, FeatureSpec
 
-__all__ = ["CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "PARITY_TOLERANCE", "FactorizedScorer",
+__all__ = ["CAND_PART", "CANDIDATE_FILE", "FACTORIZED_FILE", "GRAPH", "ROW_CAND", "ROW_IMP", "PARITY_TOLERANCE", "FactorizedScorer",
            "candidate_fields", "kernel_diff", "max_abs_diff", "parity_rows", "random_inputs"]
 
-CAND_PART, ROW_IMP, ROW_CAND = "cand_part", "row_imp", "row_cand"
 PARITY_TOLERANCE = 1e-6
 PARITY_IMPS, PARITY_CANDIDATES = 64, 16
 _GARBAGE = 1 << 40  # written into columns a graph must not read: an out-of-range index if it did

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bidder._rowkernel import MAX_LAYERS, MAX_MULTI, RowKernel
+from bidder.bundle import CAND_PART, ROW_CAND, ROW_IMP
 from bidder.scorer import OUTPUT
 from bidder.spec import SPARSE_INPUT
 
@@ -139,8 +140,6 @@ def _index(g: _Graph, gather: Any) -> str:
 def read_kernel(path: str | os.PathLike) -> RowKernel:
     """A ``RowKernel`` for the factorized graph at ``path``; ``Unsupported`` for a graph of another shape."""
     import onnx
-
-    from bidder.factorized import CAND_PART, ROW_CAND, ROW_IMP  # the graph's names (that module imports this one)
     g = _Graph(onnx.load(str(Path(path))))
     sigmoid = g.node(OUTPUT, "Sigmoid", 1)
     logit = g.node(sigmoid.input[0], "Gemm", 3)
