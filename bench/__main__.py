@@ -74,7 +74,8 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"which servers to run, of {','.join(SERVERS)} (default: echo,bidder, plus fastapi "
                              f"when fastapi, uvicorn, orjson and mmh3 are installed); bidder-nobatch, bidder-rows "
                              f"and bidder-plain are the bidder with --no-batching, --no-factorized or both, "
-                             f"bidder-exhaustive with --no-retrieval, to measure each lever in the same run")
+                             f"bidder-graphrows with --graph-rows, bidder-exhaustive with --no-retrieval, to measure "
+                             f"each lever in the same run")
     parser.add_argument("--echo-layer", choices=ECHO_LAYERS, default="app",
                         help="the echo ceiling's aiohttp layer: 'app' (Application + router, the bidder's today) "
                              "or 'server' (low-level web.Server, one handler) (default: %(default)s)")
