@@ -57,30 +57,24 @@ MAX_MULTI = RK_MAX_MULTI
 MAX_LAYERS = RK_MAX_LAYERS
 
 
-cdef const float *_floats(object a, tuple shape, str what) except NULL:
-    cdef const float[::1] flat
-    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape or not a.flags.c_contiguous:
-        raise ValueError(f"{what}: expected C-contiguous float32 {shape}, got {getattr(a, 'dtype', type(a))} "
-                         f"{getattr(a, 'shape', '')}")
-    flat = a.reshape(-1)
-    return &flat[0] if flat.shape[0] else <const float *>1
+cdef const void *_data(object a, object dtype, tuple shape, str what) except NULL:
+    """The first element of ``a``, a C-contiguous array of ``dtype`` and ``shape`` (which the caller keeps alive)."""
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+        raise ValueError(f"{what}: expected C-contiguous {np.dtype(dtype).name} {shape}, got "
+                         f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
+    return <const void *><size_t>a.ctypes.data if a.size else <const void *>1  # an empty array is never read
 
 
-cdef const int64_t *_longs(object a, tuple shape, str what) except NULL:
-    cdef const int64_t[::1] flat
-    if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.shape != shape or not a.flags.c_contiguous:
-        raise ValueError(f"{what}: expected C-contiguous int64 {shape}, got {getattr(a, 'dtype', type(a))} "
-                         f"{getattr(a, 'shape', '')}")
-    flat = a.reshape(-1)
-    return &flat[0] if flat.shape[0] else <const int64_t *>1
+cdef inline const float *_floats(object a, tuple shape, str what) except NULL:
+    return <const float *>_data(a, np.float32, shape, what)
 
 
-cdef const int32_t *_ints(object a, tuple shape, str what) except NULL:
-    cdef const int32_t[::1] flat
-    if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.shape != shape or not a.flags.c_contiguous:
-        raise ValueError(f"{what}: expected C-contiguous int32 {shape}")
-    flat = a.reshape(-1)
-    return &flat[0] if flat.shape[0] else <const int32_t *>1
+cdef inline const int64_t *_longs(object a, tuple shape, str what) except NULL:
+    return <const int64_t *>_data(a, np.int64, shape, what)
+
+
+cdef inline const int32_t *_ints(object a, tuple shape, str what) except NULL:
+    return <const int32_t *>_data(a, np.int32, shape, what)
 
 
 def _padded(width: int) -> int:
@@ -240,10 +234,9 @@ cdef class RowKernel:
         self.max_rows = row_imp.shape[0]
         self.row_imp = _longs(row_imp, (self.max_rows,), "row_imp")
         self.row_cand = _longs(row_cand, (self.max_rows,), "row_cand")
-        if output.shape != (self.max_rows, 1) or output.dtype != np.float32 or not output.flags.c_contiguous:
-            raise ValueError(f"output: expected C-contiguous float32 ({self.max_rows}, 1)")
-        cdef float[:, ::1] o = output
-        self.output = &o[0, 0]
+        if not output.flags.writeable:
+            raise ValueError("output: a read-only array")
+        self.output = <float *>_floats(output, (self.max_rows, 1), "output")
         self.part = np.zeros((self.max_imps, self.m.dp), dtype=np.float32)
         self.bound = [sparse, dict(multi), row_imp, row_cand, output]
 
