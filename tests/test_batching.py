@@ -117,6 +117,53 @@ async def test_batches_are_cut_at_max_batch_rows_without_splitting_a_request(sma
     assert sum(engine.metrics.batch_requests.counts) > 1 + len(over)
 
 
+class Observed:
+    """Stands in for a histogram series: the values observed, in order."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+
+
+def calls_of(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """The scoring calls of a batch of requests with ``sizes`` rows, as (rows, requests), by the documented rule:
+    requests in order, a call closed before the request that would take it past ``limit`` rows, a request of more
+    than ``limit`` rows alone."""
+    if sum(sizes) <= limit:
+        return [(sum(sizes), len(sizes))]
+    calls, rows, requests = [], 0, 0
+    for n in sizes:
+        if requests and (n > limit or rows + n > limit):
+            calls.append((rows, requests))
+            rows = requests = 0
+        if n > limit:
+            calls.append((n, 1))
+            continue
+        rows, requests = rows + n, requests + 1
+    return calls + [(rows, requests)] if requests else calls
+
+
+@pytest.mark.parametrize("limit", [9, 17, 18, 21, 27, 45])  # 17, 21: calls filled to the row
+async def test_each_call_of_a_cut_batch_is_what_the_rule_says(small_bundle, openrtb_examples, scoring, limit):
+    """Every call a batch larger than ``max_batch`` is cut into, its rows and requests as observed by the
+    ``bidder_batch_rows``/``bidder_batch_requests`` histograms, is the rule's; the answers are the uncut engine's."""
+    engine = make_engine(small_bundle, max_batch=limit, scoring=scoring)
+    reference = make_engine(small_bundle, scoring=scoring)
+    bodies = [body for _, body in distinct_requests(openrtb_examples, 24)]
+    prepared = [engine.prepare(body, None, float("inf")) for body in bodies]
+    assert all(p.__class__ is not Outcome for p in prepared)
+    sizes = [p.n_rows for p in prepared]
+    assert len(set(sizes)) > 1 and any(n > limit for n in sizes) == (limit < max(sizes))
+    engine.metrics.batch_rows, engine.metrics.batch_requests = rows, requests = Observed(), Observed()
+    together = await asyncio.gather(*(engine.submit(p) for p in prepared))
+    assert together == [reference.bid(body) for body in bodies]
+    expected = calls_of(sizes, limit)
+    assert len(expected) > 1
+    assert list(zip(rows.values, requests.values)) == expected
+
+
 def test_a_plain_response_is_what_msgspec_writes_for_its_structs(small_bundle, openrtb_examples):
     """Without deals or notices a bid's JSON is its ids and price followed by its creative's fields encoded once:
     byte for byte what ``encode_response`` writes for the same BidResponse (ids that need escaping, two imps, prices
@@ -202,6 +249,10 @@ async def test_an_expired_request_is_a_tmax_no_bid_and_the_rest_of_its_batch_bid
     outcomes = await asyncio.gather(engine.submit(stale), engine.submit(fresh))
     assert [o.status for o in outcomes] == [204, 200]
     assert outcomes[0].reason == "tmax"
+    # BidEngine.bid: received now unless the caller says when
+    assert engine.bid(expiring).status == 200
+    late = engine.bid(expiring, received=time.perf_counter() - 0.060)
+    assert (late.status, late.reason) == (204, "tmax")
 
 
 async def test_batcher_hands_each_item_its_own_result_or_exception():
