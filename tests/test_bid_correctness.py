@@ -337,3 +337,54 @@ async def test_a_bug_answers_500_json_counts_it_and_the_worker_serves_on(client,
     assert metric(text, "bidder_errors_total", kind="internal") == 2
     expectation, _ = await bid_and_check(client, json.loads(body), raw_catalog(DEFAULT_CAMPAIGNS), small_bundle)
     assert expectation.status == 200
+
+
+# -- no-bid reasons ---------------------------------------------------------------------------------------------
+def _imp(base: dict, pmp: dict, kind: str, i: int) -> dict:
+    imp = json.loads(json.dumps(pmp if kind == "pmp" else base))
+    imp["id"] = str(i)
+    if kind == "floor_currency":
+        imp["bidfloorcur"] = "XQZ"  # no rate for it: a floor that cannot be compared
+    elif kind == "unsupported_format":
+        del imp["banner"]
+        imp["video"] = {"mimes": ["video/mp4"], "w": 640, "h": 480}
+    elif kind == "no_eligible_creative":
+        imp["banner"] = {"w": 1, "h": 1}
+    elif kind == "below_floor":
+        imp["bidfloor"] = 5000.0
+    return imp
+
+
+@pytest.mark.parametrize("kinds, extra, status, reason, counted", [
+    (["floor_currency", "unsupported_format", "no_eligible_creative"], {}, 204, "floor_currency",
+     {"floor_currency": 1, "unsupported_format": 1, "no_eligible_creative": 1}),
+    (["unsupported_format", "floor_currency"], {}, 204, "unsupported_format",
+     {"unsupported_format": 1, "floor_currency": 1}),
+    (["below_floor", "floor_currency"], {}, 204, "floor_currency", {"below_floor": 1, "floor_currency": 1}),
+    (["below_floor", "below_floor"], {}, 204, "below_floor", {"below_floor": 2}),
+    (["floor_currency", "bid"], {}, 200, None, {"floor_currency": 1}),
+    (["no_eligible_creative", "below_floor", "bid"], {}, 200, None, {"no_eligible_creative": 1, "below_floor": 1}),
+    (["bid", "pmp"], {"wseat": ["another-seat"]}, 204, "blocked_seat", {"blocked_seat": 1, "no_matching_deal": 1}),
+    (["bid", "floor_currency", "pmp"], {"wseat": ["another-seat"]}, 204, "blocked_seat",
+     {"blocked_seat": 1, "floor_currency": 1, "no_matching_deal": 1}),
+])
+def test_each_imp_not_bid_is_counted_by_its_reason_and_the_first_names_the_no_bid(openrtb_examples, kinds, extra,
+                                                                                  status, reason, counted):
+    """Per imp not bid on, ``bidder_nobid_imps_total`` counts its reason once; the imps after it are still considered;
+    a request with no bid at all is a no-bid for the first imp's reason (in the order of its imps)."""
+    from bidder.factorized import FactorizedScorer
+    from bidder.campaigns import load_catalog
+    from bidder.engine import BidEngine
+    from bidder.metrics import Metrics
+    from bidder.scorer import Scorer
+
+    request = json.loads(openrtb_examples["bid-request-2.5/simple-banner.json"])
+    pmp = json.loads(openrtb_examples["bid-request-2.5/pmp-with-direct-deal.json"])["imp"][0]
+    request["imp"] = [_imp(request["imp"][0], pmp, kind, i) for i, kind in enumerate(kinds)]
+    request.update(extra)
+    scorer = Scorer(DEFAULT_BUNDLE)
+    engine = BidEngine(scorer, load_catalog(DEFAULT_CAMPAIGNS), Metrics(),
+                       factorized=FactorizedScorer.for_scorer(scorer, scorer.max_batch, scorer.max_batch))
+    outcome = engine.bid(json.dumps(request).encode())
+    assert (outcome.status, outcome.reason) == (status, reason)
+    assert {key[0]: series.value for key, series in engine.metrics.nobid_imps.series.items() if series.value} == counted
