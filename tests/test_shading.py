@@ -374,6 +374,7 @@ async def test_first_price_is_shaded_second_price_is_not(aiohttp_client, market_
     page = await (await client.get("/metrics")).text()
     assert metric(page, "bidder_shading_ratio_count", auction="first_price") == 1
     assert metric(page, "bidder_shading_ratio_count", auction="second_price") == 2
+    assert metric(page, "bidder_shading_ratio_sum", auction="second_price") == 2.0  # bid at its value: 1 each
     assert metric(page, "bidder_shading_ratio_sum", auction="first_price") == pytest.approx(prices[1] / prices[2],
                                                                                            rel=1e-5)
     # no floor given: the search starts at zero and still bids
