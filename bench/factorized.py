@@ -142,9 +142,11 @@ def _graphs(bundle: Path, catalog_path: Path, max_rows: int) -> tuple[Scorer, Fa
 
 
 def _engine(bundle: Path, catalog_path: Path) -> BidEngine:
-    """A bid engine as ``bidder serve`` builds one (factorized graphs, native shading), on a fixed clock."""
+    """A bid engine as ``bidder serve --graph-rows`` builds one (the factorized graphs through ONNX Runtime: they are
+    what ``--against`` compares; native shading), on a fixed clock."""
     scorer = Scorer(bundle, max_batch=SERVING_MAX_BATCH)
-    factorized = FactorizedScorer.for_scorer(scorer, max_imps=SERVING_MAX_BATCH, max_rows=SERVING_MAX_BATCH)
+    factorized = FactorizedScorer.for_scorer(scorer, max_imps=SERVING_MAX_BATCH, max_rows=SERVING_MAX_BATCH,
+                                             native=False)
     market = WinModel.for_scorer(scorer, max_imps=SERVING_MAX_BATCH)
     return BidEngine(scorer, load_catalog(catalog_path), Metrics(), now=NOW, factorized=factorized, market=market)
 
