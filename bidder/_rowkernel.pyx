@@ -118,7 +118,6 @@ cdef class RowKernel:
     cdef int max_imps, max_rows
     cdef const float *cand
     cdef int64_t n_cand
-    cdef readonly int width
     cdef readonly tuple multi_inputs
     cdef int64_t top_column
 
@@ -208,7 +207,6 @@ cdef class RowKernel:
             raise ValueError(f"FM sum columns [{s0}, {s1}) outside the part's {d}")
         m.s0, m.s1 = s0, s1
         m.max_width = widest
-        self.width = d
         self.x = np.zeros(2 * k, dtype=np.float32)
         self.scratch = np.zeros(3 * widest, dtype=np.float32)
         self.live = np.zeros(widest, dtype=np.int32)

@@ -269,9 +269,7 @@ class FactorizedScorer:
         Row r pairs imp ``row_imp[r]`` (a row of ``imp_inputs`` below ``n_imps``) with candidate
         ``row_cand[r]``; the native kernel (IndexError) and ONNX Runtime reject indices out of range.
         """
-        if self.kernel is not None:
-            if self.cand_part is None:
-                raise RuntimeError("no candidates: call set_candidates first")
+        if self.kernel is not None:  # it refuses to run before set_candidates, as _bind does
             self.kernel.run(n_imps, rows)
             return self.output[:rows, 0]
         key = (n_imps, rows)
@@ -287,8 +285,10 @@ class FactorizedScorer:
 
     def warm(self, n_imps: int, per_imp: int) -> None:
         """Bind and run the shape of ``n_imps`` imps of ``per_imp`` candidates each, so the first batch of that
-        shape does not pay ONNX Runtime's first run at it (the rows pair each imp with candidate 0); with the native
-        kernel, a run that binds nothing."""
+        shape does not pay ONNX Runtime's first run at it (the rows pair each imp with candidate 0); nothing to do
+        for the native kernel, which has no first run to pay."""
+        if self.kernel is not None:
+            return
         rows = n_imps * per_imp
         self.row_imp[:rows] = np.repeat(np.arange(n_imps), per_imp)
         self.row_cand[:rows] = 0

@@ -11,7 +11,7 @@ cache misses of ORT's code and buffers on each call; at c=1 it is paid by every 
 The kernel reads the graph's own initializers and checks the graph's shape node by node, so it scores exactly
 the graph the bundle's digest covers; a shape it does not know is ``Unsupported`` and the
 scorer keeps ONNX Runtime. The serving scorer also checks the kernel against ``model.onnx`` at load, to the
-same 1e-6 as the factorized graph (``FactorizedScorer.use_kernel``).
+same 1e-6 as the factorized graph (``FactorizedScorer.check_parity``).
 """
 from __future__ import annotations
 
