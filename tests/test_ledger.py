@@ -692,3 +692,35 @@ def test_the_cached_day_of_a_notice_is_the_date_in_its_campaigns_zone(zone, tmp_
         t += rng.random() * 3 * 3600
         for when in (t, t - rng.random() * 86_400 * 3):
             assert ledger.day_of(tz, when) == campaign_day(tz, when), (zone, when)
+
+
+def test_an_embedded_sync_takes_as_many_statements_for_thousands_of_bids_as_for_one(tmp_path):
+    """The refresher shares the GIL with the bid path and ``sqlite3`` lets it go at every step of a statement: done
+    row by row, a sync of a thousand bids waited for the GIL a thousand times beside a busy event loop (seconds, and
+    the leases ran dry). Every bulk read and write is one statement for all its rows (a few for the largest)."""
+    banker = EmbeddedBanker(tmp_path / "state", RETENTION_S)
+    statements: list[str] = []
+    banker.db.set_trace_callback(statements.append)
+
+    def counted(now, reservations=(), settlements=()):
+        statements.clear()
+        banker.sync("h", now, [CampaignSync(c, "2026-12-07", 10**15, UNLIMITED, 0, 10**12) for c in ("a", "b")],
+                    list(reservations), list(settlements))
+        return len(statements)
+
+    def bids(prefix, n, expires):
+        return [Reservation(f"{prefix}{i}", "ab"[i % 2], CPM_1, expires, f"u{i}", "cr") for i in range(n)]
+
+    def bills(prefix, n, expires):
+        return [Settlement(f"{prefix}{i}", "bill", "ab"[i % 2], CPM_1 // 2, CPM_1, "2026-12-07", expires)
+                for i in range(n)]
+
+    few = [counted(NOON, bids("x", 1, NOON + 5)), counted(NOON + 1, settlements=bills("x", 1, NOON + 5)),
+           counted(NOON + 6)]  # reports, bills (of reported bids), expiry of the unbilled
+    many = [counted(NOON + 10, bids("y", 3000, NOON + 15)),
+            counted(NOON + 11, settlements=bills("y", 1500, NOON + 15)), counted(NOON + 16)]
+    bulk = 3000 // 256 + 8  # 256 rows a statement, the rest in halving sizes: 3000 is 11 x 256 + 128 + 32 + 16 + 8
+    assert many[0] <= few[0] + bulk and many[1] <= few[1] + bulk and many[2] == few[2]
+    spent, reserved, _ = banker.accounts("a", "2026-12-07")[0]
+    assert (spent, reserved) == ((1 + 750) * CPM_1 // 2, 0)  # the bills charged, the rest released at expiry
+    banker.close()

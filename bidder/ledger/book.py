@@ -130,6 +130,7 @@ class Impression(NamedTuple):
 class Storage(Protocol):
     """Where the banker's rows live; every call happens inside one atomic step."""
     def account(self, campaign: str, period: str) -> tuple[int, int, int]: ...  # spent, reserved, leased
+    def prefetch_accounts(self, keys: Sequence[tuple[str, str]]) -> None: ...  # (campaign, period): read in this step
     def add(self, campaign: str, period: str, spent: int = 0, reserved: int = 0, leased: int = 0) -> None: ...
     def hold(self, holder: str, campaign: str) -> tuple[int, str]: ...  # lease, its day ("" without one)
     def set_hold(self, holder: str, campaign: str, lease: int, day: str) -> None: ...
@@ -165,6 +166,7 @@ class Book:
         store = self.storage
         self.now = now
         lease_day: dict[str, str] = {}
+        store.prefetch_accounts([(c.campaign, period) for c in campaigns for period in (TOTAL, c.day)])
         for c in campaigns:  # the holder's count of its lease is the truth (a lost reply heals here)
             lease, day = store.hold(holder, c.campaign)
             day = day or c.day

@@ -8,6 +8,8 @@ day's spend survives a crash of the process or of the machine; nothing else is f
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -42,7 +44,7 @@ CREATE TABLE IF NOT EXISTS impressions (seq INTEGER PRIMARY KEY AUTOINCREMENT, c
 _BID_COLUMNS = "bid_id, campaign, day, amount, funded, state, price, expires, user, creative"
 _SETTLED = tuple(sorted(FINAL))
 #: a reported bid's new row: open (``OPEN``), funded, no charge yet
-_INSERT_NEW = f"INSERT OR IGNORE INTO bids VALUES (?, ?, ?, ?, ?, 1, '{OPEN}', 0, ?, ?, ?)"
+_INSERT_NEW = ("INSERT OR IGNORE INTO bids", f"(?, ?, ?, ?, ?, 1, '{OPEN}', 0, ?, ?, ?)")
 
 
 def _bid_row(r) -> BidRow:
@@ -80,29 +82,92 @@ def _convert(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
+def _rows_json(values) -> str:
+    """Keys for a statement that reads them with ``json_each``."""
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
+#: a bid row's columns as one JSON array (its expiry as exact text: SQLite writes a REAL in JSON to 15 digits only)
+_BID_JSON = ("json_array(b.due_ms, b.bid_id, b.campaign, b.day, b.amount, b.funded, b.state, b.price, "
+             "printf('%!.17g', b.expires), b.user, b.creative)")
+#: rows per statement of a bulk write, then the smaller sizes the rest is written in (one statement each at most):
+#: each statement is one step
+_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _statement(head: str, row: str, size: int, tail: str) -> str:
+    return f"{head} VALUES {', '.join([row] * size)}{tail}"
+
+
+def _write_rows(db: sqlite3.Connection, head: str, row: str, rows: Sequence[tuple], tail: str = "") -> None:
+    """``head`` (an INSERT up to its VALUES) with ``rows``, ``row`` being one row's expressions (its ``?`` take a
+    row's values in order), ``tail`` after the rows (an upsert clause): ``_CHUNKS[0]`` rows a statement and step,
+    several times faster than ``executemany`` and than rows read from JSON by ``json_each``."""
+    width = row.count("?")
+    most = max(1, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+    i, n = 0, len(rows)
+    for size in _CHUNKS:
+        size = min(size, most)
+        sql = _statement(head, row, size, tail)
+        while n - i >= size:
+            db.execute(sql, [value for r in rows[i:i + size] for value in r])
+            i += size
+        if i == n:
+            return
+
+
 class _SqliteStorage:
-    """The rows in SQLite; the accounts' changes of one call are summed in memory and written once, at its end
+    """The rows in SQLite, read and written a call's worth at a time: one statement for all the rows of a kind.
+
+    The thread that calls the banker shares the GIL with the bid path, and Python's ``sqlite3`` lets the GIL go for
+    every step of a statement (every row of an ``executemany``, every row a query returns): beside a busy bid path,
+    each step waits for the GIL to come back, up to the switch interval (5 ms). A call of a thousand rows done row by
+    row took seconds beside a busy event loop and starved the leases; here every bulk read or write is one step
+    (``json_each`` for the rows going in, ``json_group_array`` for the rows coming out), so a call takes a few dozen
+    steps however many bids it carries, and SQLite's work on them runs without the GIL, beside the bid path.
+
+    The accounts' and the holds' rows a call reads are kept for the call and their changes written once, at its end
     (``flush``): a call moves the same few accounts hundreds of times. The bids' rows live in one table ordered by
-    when they fall due (``(due_ms, bid_id)``, no other index): a call's new rows are appended near its end, the
-    sweep of rows whose expiry passed reads the range after the last one swept (``swept``), and settled rows are
-    purged as the range before the retention. The rows of a call's bids are read together (``prefetch``: one
-    query) and written together (one ``executemany`` at the end, or before a query that reads them): a call
-    handles a tenth of a second of a worker's bids, a thousand or more. Nothing read or written is kept past the call:
-    other workers' calls change the rows in between."""
+    when they fall due (``(due_ms, bid_id)``, no other index): a call's new rows are appended near its end, the sweep
+    of rows whose expiry passed reads the range after the last one swept (``swept``), and settled rows are purged as
+    the range before the retention. The rows of a call's bids are read together (``prefetch``) and written together
+    (at the end, or before a statement that reads them). Nothing read or written is kept past the call: other
+    workers' calls change the rows in between."""
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
-        db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (due_ms INTEGER NOT NULL, bid_id TEXT NOT NULL)")
         self._changes: dict[tuple[str, str], list[int]] = {}
+        self._accounts: dict[tuple[str, str], tuple[int, int, int] | None] = {}  # as read in this call
+        self._holds: dict[tuple[str, str], tuple[int, str]] = {}  # (holder, campaign) -> (lease, day) this call
+        self._holders: set[str] = set()  # holders whose rows ``_holds`` has (all of them)
+        self._hold_puts: dict[tuple[str, str], tuple[int, str]] = {}
         self._rows: dict[tuple[int, str], BidRow | None] = {}  # key -> the row as this call last read or wrote it
         self._puts: dict[tuple[int, str], tuple] = {}  # key -> the values of its row to write
+        self._impressions: list[tuple[str, str, str, float]] = []
         self._swept: int | None = None  # rows due up to this (ms) were swept before this call (None: not read yet)
         self._late: list[tuple[int, str]] = []  # unsettled rows this call wrote behind the sweep: due now
 
+    def prefetch_accounts(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Read the accounts ``keys`` (campaign, period) in one statement, for this call's ``account``."""
+        wanted = [key for key in dict.fromkeys(keys) if key not in self._accounts]
+        if not wanted:
+            return
+        for key in wanted:
+            self._accounts[key] = None
+        found = self.db.execute(
+            "SELECT json_group_array(json_array(a.campaign, a.period, a.spent, a.reserved, a.leased)) FROM "
+            "json_each(?) AS w CROSS JOIN accounts AS a ON a.campaign = w.value ->> 0 AND a.period = w.value ->> 1",
+            (_rows_json(wanted),)).fetchone()[0]
+        for campaign, period, *values in json.loads(found):
+            self._accounts[campaign, period] = tuple(values)
+
     def account(self, campaign: str, period: str) -> tuple[int, int, int]:
-        row = self.db.execute("SELECT spent, reserved, leased FROM accounts WHERE campaign = ? AND period = ?",
-                              (campaign, period)).fetchone()
-        change = self._changes.get((campaign, period))
+        key = (campaign, period)
+        if key not in self._accounts:
+            self.prefetch_accounts([key])
+        row = self._accounts[key]
+        change = self._changes.get(key)
         if change is None:
             return (0, 0, 0) if row is None else row
         return tuple(c + (0 if row is None else r) for c, r in zip(change, row or (0, 0, 0)))
@@ -115,43 +180,54 @@ class _SqliteStorage:
 
     def flush(self) -> None:
         self._write_bids()
-        self._rows.clear()
-        self._late.clear()
-        self._swept = None
-        self.db.executemany("INSERT INTO accounts VALUES (?, ?, ?, ?, ?) ON CONFLICT (campaign, period) DO UPDATE "
-                            "SET spent = spent + excluded.spent, reserved = reserved + excluded.reserved, "
-                            "leased = leased + excluded.leased",
-                            [(*key, *change) for key, change in self._changes.items()])
-        self._changes.clear()
+        db = self.db
+        _write_rows(db, "INSERT INTO accounts", "(?, ?, ?, ?, ?)",
+                    [(*key, *change) for key, change in self._changes.items()],
+                    " ON CONFLICT (campaign, period) DO UPDATE SET spent = spent + excluded.spent, "
+                    "reserved = reserved + excluded.reserved, leased = leased + excluded.leased")
+        _write_rows(db, "INSERT OR REPLACE INTO holds", "(?, ?, ?, ?)",
+                    [(*key, *hold) for key, hold in self._hold_puts.items()])
+        _write_rows(db, "INSERT INTO impressions (campaign, creative, user, at)", "(?, ?, ?, ?)", self._impressions)
+        self.discard()
 
     def discard(self) -> None:
         self._changes.clear()
+        self._accounts.clear()
+        self._holds.clear()
+        self._holders.clear()
+        self._hold_puts.clear()
         self._rows.clear()
         self._puts.clear()
+        self._impressions.clear()
         self._late.clear()
         self._swept = None
 
     def hold(self, holder: str, campaign: str) -> tuple[int, str]:
-        row = self.db.execute("SELECT lease, day FROM holds WHERE holder = ? AND campaign = ?",
-                              (holder, campaign)).fetchone()
-        return (0, "") if row is None else row
+        if holder not in self._holders:  # all of the holder's rows at once: a call asks for each of its campaigns
+            self._holders.add(holder)
+            found = self.db.execute("SELECT json_group_array(json_array(campaign, lease, day)) FROM holds "
+                                    "WHERE holder = ?", (holder,)).fetchone()[0]
+            for c, lease, day in json.loads(found):
+                self._holds.setdefault((holder, c), (lease, day))
+        return self._holds.get((holder, campaign), (0, ""))
 
     def set_hold(self, holder: str, campaign: str, lease: int, day: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)", (holder, campaign, lease, day))
+        self.hold(holder, campaign)  # the holder's other rows read first: they are not all rewritten
+        self._holds[holder, campaign] = self._hold_puts[holder, campaign] = (lease, day)
 
     def prefetch(self, keys: Sequence[tuple[str, float]]) -> None:
         rows = self._rows
         wanted = [key for key in dict.fromkeys(_key(bid_id, expires) for bid_id, expires in keys) if key not in rows]
         if not wanted:
             return
-        # the keys go into a temporary table that the query joins: SQLite looks each up by the primary key (a row
-        # value IN a list of pairs would scan the whole table)
-        db = self.db
-        db.execute("DELETE FROM temp.wanted")
-        db.executemany("INSERT INTO temp.wanted VALUES (?, ?)", wanted)
-        for r in db.execute(f"SELECT b.due_ms, {', '.join('b.' + c for c in _BID_COLUMNS.split(', '))} FROM "
-                            f"temp.wanted AS w CROSS JOIN bids AS b ON b.due_ms = w.due_ms AND b.bid_id = w.bid_id"):
-            rows[r[0], r[1]] = _bid_row(r[1:])
+        # each key looked up by the primary key (a row value IN a list of pairs would scan the whole table)
+        found = self.db.execute(
+            f"SELECT json_group_array({_BID_JSON}) FROM json_each(?) AS w "
+            f"CROSS JOIN bids AS b ON b.due_ms = w.value ->> 0 AND b.bid_id = w.value ->> 1",
+            (_rows_json(wanted),)).fetchone()[0]
+        for due_ms, *r in json.loads(found):
+            r[7] = float(r[7])
+            rows[due_ms, r[0]] = _bid_row(r)
         for key in wanted:
             rows.setdefault(key, None)
 
@@ -159,9 +235,8 @@ class _SqliteStorage:
         key = _key(bid_id, expires)
         if key in self._rows:
             return self._rows[key]
-        row = self.db.execute(f"SELECT {_BID_COLUMNS} FROM bids WHERE due_ms = ? AND bid_id = ?", key).fetchone()
-        row = self._rows[key] = None if row is None else _bid_row(row)
-        return row
+        self.prefetch([(bid_id, expires)])
+        return self._rows[key]
 
     def put_bid(self, row: BidRow) -> None:
         due = round(row.expires * 1000)
@@ -176,13 +251,13 @@ class _SqliteStorage:
             return True
         self._write_bids()
         db = self.db
-        # the values of new rows straight from the reports (a call has thousands: no BidRow for each), the state
+        # the values of new rows straight from the reports (a call has thousands: no BidRow for each); the state
         # columns, the same for all of them, in the statement
         values = [(round(r.expires * 1000), r.bid_id, r.campaign, day, r.amount, r.expires, r.user, r.creative)
                   for r, day in zip(reservations, days)]
         db.execute("SAVEPOINT new_bids")
         before = db.total_changes
-        db.executemany(_INSERT_NEW, values)
+        _write_rows(db, *_INSERT_NEW, values)
         if db.total_changes - before == len(values):
             db.execute("RELEASE new_bids")
             swept = self.swept()
@@ -206,17 +281,18 @@ class _SqliteStorage:
 
     def _write_bids(self) -> None:
         if self._puts:
-            self.db.executemany("INSERT OR REPLACE INTO bids VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                self._puts.values())
+            _write_rows(self.db, "INSERT OR REPLACE INTO bids", "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        list(self._puts.values()))
             self._puts.clear()
 
     def expire_due(self, now: float, limit: int, moved: dict[tuple[str, str], list[int]]) -> list[BidRow]:
-        """Settle by the policy the unsettled rows due by ``now`` after the last sweep, in one statement (at least
+        """Settle by the policy the unsettled rows due by ``now`` after the last sweep, in two statements (at least
         ``limit`` of them when there are more: all those of the millisecond the limit falls in; the sweep goes on
         from there at the next call): ``Book.expire`` in SQL, a row's state set to expired and its price, the win's
-        or 0, kept as the charge. Their changes are added to ``moved``. Returns the unsettled rows due by ``now``
-        that this call wrote behind the sweep, for ``Book.expire``. A clock set back moves the sweep back with it
-        (the rows it passed that are still unsettled then fall due again in order)."""
+        or 0, kept as the charge; the accounts' changes, summed by SQLite per (campaign, day), are added to
+        ``moved``. Returns the unsettled rows due by ``now`` that this call wrote behind the sweep, for
+        ``Book.expire``. A clock set back moves the sweep back with it (the rows it passed that are still unsettled
+        then fall due again in order)."""
         self._write_bids()
         db, swept, now_ms = self.db, self.swept(), round(now * 1000)
         upto = now_ms
@@ -226,11 +302,16 @@ class _SqliteStorage:
                              f"ORDER BY due_ms LIMIT 1 OFFSET ?", (swept, upto, *_SETTLED, limit)).fetchone()
             if cut is not None:
                 upto = cut[0]
-            for campaign, day, amount, funded, price in db.execute(
-                    f"UPDATE bids SET state = ? WHERE due_ms > ? AND due_ms <= ? AND {unsettled} "
-                    f"RETURNING campaign, day, amount, funded, price", (EXPIRED, swept, upto, *_SETTLED)):
-                # the win's price for a won row, 0 for an open one; its reservation released (Book.expire)
-                add_change(moved, campaign, day, price, -amount if funded else 0)
+            # the win's price for a won row, 0 for an open one; its reservation released (Book.expire)
+            changes = db.execute(
+                f"SELECT json_group_array(json_array(campaign, day, spent, reserved)) FROM (SELECT campaign, day, "
+                f"sum(price) AS spent, -sum(CASE WHEN funded THEN amount ELSE 0 END) AS reserved FROM bids "
+                f"WHERE due_ms > ? AND due_ms <= ? AND {unsettled} GROUP BY campaign, day)",
+                (swept, upto, *_SETTLED)).fetchone()[0]
+            for campaign, day, spent, reserved in json.loads(changes):
+                add_change(moved, campaign, day, spent, reserved)
+            db.execute(f"UPDATE bids SET state = ? WHERE due_ms > ? AND due_ms <= ? AND {unsettled}",
+                       (EXPIRED, swept, upto, *_SETTLED))
         if upto != swept:
             db.execute("UPDATE swept SET due_ms = ?", (upto,))
             self._swept = upto
@@ -248,8 +329,7 @@ class _SqliteStorage:
                         (round(before * 1000), *_SETTLED))
 
     def log_impression(self, campaign: str, creative: str, user: str, at: float) -> None:
-        self.db.execute("INSERT INTO impressions (campaign, creative, user, at) VALUES (?, ?, ?, ?)",
-                        (campaign, creative, user, at))
+        self._impressions.append((campaign, creative, user, at))  # written with the call's other changes (flush)
 
 
 class EmbeddedBanker:
@@ -260,8 +340,8 @@ class EmbeddedBanker:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / LEDGER_FILE
         self.db = walfile.connect(self.path, 30.0, "FULL")
-        # the savepoint around a call's new rows (``insert_new``) keeps its pages' first images in a sub-journal, and
-        # ``prefetch`` fills a temporary table: both in memory, not in temporary files
+        # the savepoint around a call's new rows (``insert_new``) keeps its pages' first images in a sub-journal: in
+        # memory, not in a temporary file
         self.db.execute("PRAGMA temp_store=MEMORY")
         layout = self.db.execute("PRAGMA user_version").fetchone()[0]
         if layout > SCHEMA_VERSION:
@@ -278,6 +358,7 @@ class EmbeddedBanker:
              settlements: Sequence[Settlement]) -> dict[str, Grant]:
         storage = self.book.storage
         self.db.execute("BEGIN IMMEDIATE")
+        storage.discard()  # nothing read before this call's lock is kept
         try:
             grants = self.book.sync(holder, now, campaigns, reservations, settlements)
             storage.flush()
@@ -292,14 +373,19 @@ class EmbeddedBanker:
         """The billed impressions of users logged after ``after`` (a ``seq``), oldest first; the log loses what is
         older than ``horizon`` (the engine's time minus the longest frequency cap window)."""
         self.db.execute("DELETE FROM impressions WHERE at < ?", (horizon,))
-        rows = self.db.execute("SELECT seq, campaign, creative, user, at FROM impressions WHERE seq > ? ORDER BY seq "
-                               "LIMIT ?", (after, limit)).fetchall()
-        return [Impression(*r) for r in rows]
+        rows = self.db.execute(  # one step for all (see _SqliteStorage)
+            "SELECT json_group_array(json_array(seq, campaign, creative, user, printf('%!.17g', at))) "
+            "FROM (SELECT * FROM impressions WHERE seq > ? ORDER BY seq LIMIT ?)", (after, limit)).fetchone()[0]
+        return sorted(Impression(seq, campaign, creative, user, float(at))
+                      for seq, campaign, creative, user, at in json.loads(rows))
 
     def accounts(self, campaign: str, day: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """(spent, reserved, leased) of the campaign's total account and of its account for ``day``."""
         storage = self.book.storage
-        return storage.account(campaign, "T"), storage.account(campaign, day)
+        try:
+            return storage.account(campaign, "T"), storage.account(campaign, day)
+        finally:
+            storage.discard()  # read for this question only: a call reads the accounts anew
 
     def close(self) -> None:
         self.db.close()
