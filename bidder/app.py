@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from bidder import DEFAULT_BUNDLE
-from bidder.batching import ThreadBatcher
+from bidder.batching import EagerBatcher, ThreadBatcher
 from bidder.campaigns import Catalog, CatalogError, load_catalog
 from bidder.clock import Clock, read_clock
 from bidder.engine import BidEngine, Outcome, error_body
@@ -120,12 +120,15 @@ class State:
         self.store: NoticeStore | None = None
         # the spend ledger, made by the first engine whose catalog has budgets (bidder.ledger)
         self.ledger: Ledger | None = None
-        self.recorder: ThreadBatcher | None = None
+        self.recorder: EagerBatcher | None = None
         if config.notices is not None:
-            # the notices that reach the routes while the store records a batch are recorded together next, in the
-            # store's own thread: the event loop never waits on the store's disk (or its Redis)
-            self.recorder = ThreadBatcher(lambda notices: self.store.first_times(notices, self.now()),
-                                          "notice-store")
+            # the notices of a loop turn are recorded together at its end when the store can answer at once (the
+            # SQLite store's commit, no lock to wait for); otherwise (another worker's transaction, Redis) in the
+            # store's own thread, where those that arrive meanwhile wait to go together next: the event loop never
+            # waits for another worker's lock, an fsync or the network
+            self.recorder = EagerBatcher(lambda notices: self.store.try_first_times(notices, self.now()),
+                                         ThreadBatcher(lambda notices: self.store.first_times(notices, self.now()),
+                                                       "notice-store"))
             self.notices = Notices(config.notices)
             self.store = open_notice_store(config.ledger, config.notices.state_dir, config.notices.max_window_s)
             metrics.enable_notices(NOTICE_RESULTS)
@@ -438,8 +441,8 @@ def count_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
 
 
 async def record_notice(state: State, query, kind: str) -> NoticeFacts | Refusal:
-    """``count_notice`` for the routes: the store is asked once for all the notices that arrive while it records
-    the previous ones, in its own thread (``ThreadBatcher``)."""
+    """``count_notice`` for the routes: the store records a loop turn's notices together at the turn's end, or, when
+    it cannot at once, in its own thread with those that arrive meanwhile (``EagerBatcher``)."""
     now = state.now()
     checked = check_notice(state, query, kind, now)
     if checked.__class__ is not Refusal:

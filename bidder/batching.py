@@ -9,7 +9,9 @@ fails alone.
 
 ``ThreadBatcher`` is the same for work that waits on a file or the network (the notices' dedup store): the batch
 runs in a thread of its own, one batch at a time, while the event loop goes on serving; what is submitted meanwhile
-waits for the batch in flight and goes as the next one.
+waits for the batch in flight and goes as the next one. ``EagerBatcher`` offers each turn's batch to a function that
+answers at once when it can (the dedup store's commit without a lock to wait for) and hands what it cannot answer to
+a ``ThreadBatcher``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-__all__ = ["Batcher", "ThreadBatcher"]
+__all__ = ["Batcher", "EagerBatcher", "ThreadBatcher"]
 
 
 def _settle(futures: list[asyncio.Future], results: Sequence[Any]) -> None:
@@ -110,3 +112,34 @@ class ThreadBatcher:
     def close(self) -> None:
         """Wait for the batch in flight (nothing else is sent after this)."""
         self._executor.shutdown(wait=True)
+
+
+class EagerBatcher(Batcher):
+    """``Batcher`` whose ``attempt(items)`` runs at the end of the loop's turn and answers (a result per item), or
+    returns None when it would have to wait; those items then go to ``fallback`` and get its results. A thread's
+    round trip costs more than the dedup store's own work, in two handoffs of the GIL beside a busy event loop."""
+
+    def __init__(self, attempt: Callable[[Sequence[Any]], Sequence[Any] | None], fallback: ThreadBatcher):
+        super().__init__(attempt)
+        self.fallback = fallback
+        self.deferred = 0  # batches handed to the fallback
+
+    def flush(self) -> None:
+        items, futures = self._items, self._futures
+        if not items:
+            return
+        self._items, self._futures = [], []
+        try:
+            results = self._process(items)
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting request, never lost
+            results = [exc] * len(items)
+        if results is not None:
+            _settle(futures, results)
+            return
+        self.deferred += 1
+        for item, future in zip(items, futures):
+            self.fallback.submit(item).add_done_callback(
+                lambda done, future=future: _settle([future], [done.exception() or done.result()]))
+
+    def close(self) -> None:
+        self.fallback.close()

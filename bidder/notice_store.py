@@ -13,6 +13,7 @@ expired before it reaches the store, so rows issued before that (plus a margin) 
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -29,6 +30,8 @@ STORE_FILE = "notices.sqlite"
 RETENTION_MARGIN_S = 3600.0
 #: inserts between two deletions of expired rows
 PRUNE_EVERY = 10_000
+#: notices one statement inserts at most (its parameters stay under SQLite's smallest limit, 999)
+_ROWS_PER_INSERT = 200
 #: seconds between two checkpoints of the log into the file (by the store's checkpoint thread)
 CHECKPOINT_S = 1.0
 
@@ -41,6 +44,10 @@ class NoticeStore(Protocol):
     def first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool]:
         """``first_time`` of each (bid id, kind, issued), in order, in one round (one transaction, one round
         trip): the notice routes record the notices of one event-loop turn together."""
+
+    def try_first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool] | None:
+        """``first_times`` when it can answer at once, without waiting on a lock, a disk or the network: the event
+        loop asks it first; None sends the notices to ``first_times`` in the store's thread."""
 
 
 class SqliteNoticeStore:
@@ -58,9 +65,15 @@ class SqliteNoticeStore:
                         "issued REAL NOT NULL, seen REAL NOT NULL, PRIMARY KEY (bid_id, kind)) WITHOUT ROWID")
         self.db.execute("CREATE INDEX IF NOT EXISTS notices_issued ON notices (issued)")
         self._inserts = 0
+        self._count_lock = threading.Lock()
         # The log is checkpointed into the file (which fsyncs both) by a thread of its own, never by a commit: a
         # commit that ran the checkpoint waited on the disk for milliseconds, and every notice behind it too.
         self.db.execute("PRAGMA wal_autocheckpoint=0")
+        # the event loop's own connection (``try_first_times``): it never waits for another worker's write lock
+        self._now_db = sqlite3.connect(self.path, isolation_level=None, timeout=0.0, check_same_thread=False)
+        self._now_db.execute("PRAGMA synchronous=NORMAL")
+        self._now_db.execute("PRAGMA wal_autocheckpoint=0")
+        self._prune_at: float | None = None  # the checkpoint thread deletes the rows issued before this, once
         self._stop = threading.Event()
         self._checkpoints = threading.Thread(target=self._checkpoint, name="notice-store-checkpoint", daemon=True)
         self._checkpoints.start()
@@ -73,33 +86,62 @@ class SqliteNoticeStore:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:  # busy now: the next turn
                     pass
+                prune_at, self._prune_at = self._prune_at, None
+                if prune_at is not None:  # here, not in the event loop: thousands of rows at a time
+                    try:
+                        db.execute("DELETE FROM notices WHERE issued < ?", (prune_at - self.retention_s,))
+                    except sqlite3.Error:
+                        self._prune_at = prune_at  # the next turn
         finally:
             db.close()
 
     def first_time(self, bid_id: str, kind: str, issued: float, now: float) -> bool:
-        cursor = self.db.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)",
-                                 (bid_id, kind, issued, time.time()))
-        first = cursor.rowcount == 1
-        if first:
-            self._inserts += 1
-            if self._inserts % PRUNE_EVERY == 0:
-                self.prune(now)
-        return first
+        return self.first_times([(bid_id, kind, issued)], now)[0]
 
     def first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool]:
-        # one transaction for all: a commit (locks, a WAL frame) costs several times an insert
-        db, seen = self.db, time.time()
+        return self._record(self.db, notices, now)
+
+    def try_first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool] | None:
+        # A commit here writes the log (no fsync: synchronous=NORMAL, checkpoints in their own thread): tens of
+        # microseconds, less than handing the notices to a thread and back. Only another worker's transaction can
+        # make it wait: then SQLite says busy at once (timeout 0) and the thread records them.
+        try:
+            return self._record(self._now_db, notices, now)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return None
+            raise
+
+    def _record(self, db: sqlite3.Connection, notices: Sequence[tuple[str, str, float]], now: float) -> list[bool]:
+        # One transaction for all (a commit, its locks and a WAL frame, costs several times an insert), and a few
+        # statements whatever their number: in a thread, ``sqlite3`` lets the GIL go at every statement's step and
+        # waits to get it back, up to the switch interval beside a busy event loop. Which notices are known is read
+        # in one step, then the new ones are inserted in one step.
+        seen = time.time()
+        keys = [(bid_id, kind) for bid_id, kind, _ in notices]
         db.execute("BEGIN IMMEDIATE")
         try:
-            firsts = [db.execute("INSERT OR IGNORE INTO notices VALUES (?, ?, ?, ?)",
-                                 (bid_id, kind, issued, seen)).rowcount == 1 for bid_id, kind, issued in notices]
+            found = db.execute("SELECT json_group_array(json_array(n.bid_id, n.kind)) FROM json_each(?) AS w "
+                               "CROSS JOIN notices AS n ON n.bid_id = w.value ->> 0 AND n.kind = w.value ->> 1",
+                               (json.dumps(keys, ensure_ascii=False),)).fetchone()[0]
+            known = {tuple(key) for key in json.loads(found)}
+            firsts = []
+            for key in keys:  # a notice twice in one round: its first time is the first of them
+                firsts.append(key not in known)
+                known.add(key)
+            new = [(*key, n[2], seen) for key, n, first in zip(keys, notices, firsts) if first]
+            for i in range(0, len(new), _ROWS_PER_INSERT):
+                chunk = new[i:i + _ROWS_PER_INSERT]
+                db.execute("INSERT INTO notices VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(chunk)),
+                           [value for row in chunk for value in row])
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        before, self._inserts = self._inserts, self._inserts + sum(firsts)
+        with self._count_lock:
+            before, self._inserts = self._inserts, self._inserts + len(new)
         if before // PRUNE_EVERY != self._inserts // PRUNE_EVERY:
-            self.prune(now)
+            self._prune_at = now
         return firsts
 
     def prune(self, now: float) -> int:
@@ -112,5 +154,6 @@ class SqliteNoticeStore:
     def close(self) -> None:
         self._stop.set()
         self._checkpoints.join()
+        self._now_db.close()
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         self.db.close()

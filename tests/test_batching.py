@@ -394,3 +394,28 @@ def test_thread_batcher_runs_off_the_loop_and_sends_what_came_meanwhile_as_the_n
     asyncio.run(main())
     assert [items for items, _ in batches] == [["first"], ["a", "b", "c"], ["bad", "x"], ["after"]]
     assert all(name.startswith("test-store") for _, name in batches)
+
+
+async def test_an_eager_batcher_answers_in_the_turn_or_hands_the_batch_to_its_thread():
+    from bidder.batching import EagerBatcher, ThreadBatcher
+
+    attempts, threaded = [], []
+
+    def attempt(items):
+        attempts.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("bug")
+        return None if "wait" in items else [item.upper() for item in items]
+
+    def in_thread(items):
+        threaded.append(list(items))
+        return [ValueError(item) if item == "bad" else item + "!" for item in items]
+
+    batcher = EagerBatcher(attempt, ThreadBatcher(in_thread, "test-thread"))
+    assert await asyncio.gather(batcher.submit("a"), batcher.submit("b")) == ["A", "B"] and threaded == []
+    results = await asyncio.gather(*(batcher.submit(x) for x in ("wait", "bad", "c")), return_exceptions=True)
+    assert results[0] == "wait!" and isinstance(results[1], ValueError) and results[2] == "c!"
+    assert attempts[-1] == ["wait", "bad", "c"] and sum(map(len, threaded)) == 3 and batcher.deferred == 1
+    crashed = await asyncio.gather(batcher.submit("boom"), batcher.submit("d"), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in crashed)  # a bug in the attempt reaches every item, none waits
+    batcher.close()

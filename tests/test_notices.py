@@ -625,3 +625,41 @@ def test_is_bid_id_of_answers_as_the_rule_itself(bid_id, request_id, imp_id):
     the ids included; and a derived id always is."""
     assert is_bid_id_of(bid_id, request_id, imp_id) == (bid_id == bid_id_of(request_id, imp_id))
     assert is_bid_id_of(bid_id_of(request_id, imp_id), request_id, imp_id)
+
+
+def test_the_event_loop_s_recording_never_waits_for_another_worker_s_lock(tmp_path):
+    """``try_first_times`` (the routes ask it at the end of a loop turn) answers at once, or None while another
+    worker holds the store's write lock: then the store's thread records them (``first_times`` waits its turn)."""
+    import sqlite3
+
+    store = SqliteNoticeStore(tmp_path, 3600)
+    assert store.try_first_times([("a", "win", NOW), ("a", "win", NOW)], NOW) == [True, False]
+    other = sqlite3.connect(tmp_path / "notices.sqlite", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    assert store.try_first_times([("b", "win", NOW)], NOW) is None
+    assert time.monotonic() - started < 1.0  # no busy wait (the store's own connection would wait up to 10 s)
+    other.execute("ROLLBACK")
+    assert store.try_first_times([("b", "win", NOW), ("a", "win", NOW)], NOW) == [True, False]
+    assert store.first_times([("b", "win", NOW)], NOW) == [False]
+    other.close()
+    store.close()
+
+
+def test_the_checkpoint_thread_deletes_expired_rows_every_so_many_inserts(tmp_path, monkeypatch):
+    """Pruning thousands of rows is left to the store's thread, never done in the turn that crossed the count."""
+    import bidder.notice_store as notice_store
+
+    monkeypatch.setattr(notice_store, "CHECKPOINT_S", 0.05)
+    monkeypatch.setattr(notice_store, "PRUNE_EVERY", 10)
+    store = SqliteNoticeStore(tmp_path, 3600)
+    old = NOW - 3600 - notice_store.RETENTION_MARGIN_S - 1  # issued before the longest window and the margin
+    store.try_first_times([(f"old-{i}", "win", old) for i in range(8)], NOW)
+    store.try_first_times([("new", "win", NOW)], NOW)
+    assert len(store) == 9  # 9 inserts: no pruning asked for yet
+    store.try_first_times([("newer", "win", NOW)], NOW)  # the 10th: the thread prunes at its next turn
+    deadline = time.monotonic() + 10
+    while len(store) != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(store) == 2 and store.first_times([("old-1", "win", NOW), ("new", "win", NOW)], NOW) == [True, False]
+    store.close()

@@ -303,5 +303,9 @@ class RedisNoticeStore:
                          ex=max(1, math.ceil(issued + self.retention_s - now)))
         return [bool(done) for done in pipeline.execute()]
 
+    def try_first_times(self, notices: Sequence[tuple[str, str, float]], now: float) -> None:
+        """Never at once: a round trip to Redis is made in the store's thread, off the event loop."""
+        return None
+
     def close(self) -> None:
         self.client.close()
