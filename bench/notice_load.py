@@ -4,9 +4,9 @@ One bidder worker (core 0) with this round's stages on (signed notices from a ke
 and a frequency cap on every campaign, as ``bench load``'s ``bidder-all``) gets two paced wrk loads at once
 (both on core 1): bids (the simple banner, POST) at ``--bid-rate`` and notices (GET, each a distinct first notice:
 a win and a bill for two bids in three, a loss for the third, each with a valid token signed by the same key, so
-every one is verified, deduplicated in the store, settled in the ledger and logged) at ``--rate``. wrk paces each
-connection by a fixed pause before each request (``bench/wrk/paced.lua``), so the rates reached are a little under
-the ones asked for; the report gives both. The figures: the notices' latency percentiles (wrk's histogram), the
+every one is verified, deduplicated in the store, settled in the ledger and logged) at ``--rate``. wrk sends each
+load on a schedule of its rate (``bench/wrk/paced.lua``'s ``rate=R``), whatever the server's latency: a slower
+server is offered as many requests, not fewer; the report gives the rates asked for and reached. The figures: the notices' latency percentiles (wrk's histogram), the
 bids' alongside, the rates reached, the server's CPU per request, and the bidder's own count of the notices by
 result (every one should be ``ok``). First, unless ``--no-ceiling``, the same two loads go to the echo server
 (``bench.echo``: a notice is answered 200 empty once its query is read): what wrk and the machine show at best, the
@@ -35,7 +35,7 @@ from bidder.campaigns import load_catalog
 from bidder.notices import Keyring, SigningKey, micros
 
 SCRIPT = Path(__file__).resolve().parent / "wrk" / "paced.lua"
-PAUSE_MS = 4  # each connection's pause before a request: the rate is set by the number of connections
+PAUSE_MS = 4  # the connections: as many as send the rate, each pausing this long (ms) between two answers
 KEY = {"id": "bench-notices", "secret": "42" * 32, "created": "2026-01-01T00:00:00Z"}
 BID_PRICE_USD = 2.5   # the bid price the notices' tokens carry (CPM)
 CLEARING = "1.5"      # the clearing price the win and bill notices report
@@ -67,10 +67,11 @@ def notice_paths(n: int, campaign: str, creative: str, model: str, issued: float
     return paths[:n]
 
 
-def paced_wrk(url: str, mode: str, data: Path, connections: int, seconds: int, cpus: str | None,
+def paced_wrk(url: str, mode: str, data: Path, connections: int, seconds: int, cpus: str | None, rate: float,
               ) -> subprocess.Popen:
+    """wrk (one thread) sending ``rate`` requests a second on a schedule over ``connections``."""
     command = pinned([wrk_path(), "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout=2s", "-s", str(SCRIPT),
-                      url, "--", mode, str(data), str(PAUSE_MS)], cpus)
+                      url, "--", mode, str(data), f"rate={rate:g}"], cpus)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": "python -m bench notices " + " ".join(args.argv),
         "config": {"rate": args.rate, "bid_rate": args.bid_rate, "seconds": args.seconds, "warmup": args.warmup,
-                   "pause_ms": PAUSE_MS, "notice_connections": notice_connections,
+                   "pacing": "schedule", "notice_connections": notice_connections,
                    "bid_connections": bid_connections, "server_cpus": args.server_cpus,
                    "client_cpus": args.client_cpus, "body": str(args.body), "model": str(args.model)},
         "notices": summary_of(notice_result), "bids": summary_of(bid_result),
@@ -167,11 +168,11 @@ def paced_pair(args: argparse.Namespace, base: str, paths: Path, bid_connections
     """Bids only for ``--warmup`` seconds, then bids and notices together for ``--seconds``: the notices' and the
     bids' results and the server's CPU seconds meanwhile."""
     if args.warmup > 0:  # bids only: every notice of the measured run is a first one
-        finished(paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.warmup, args.client_cpus),
-                 args.warmup)
+        finished(paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.warmup, args.client_cpus,
+                           args.bid_rate), args.warmup)
     cpu_before = tree_cpu_seconds(server.process.pid)
-    bids = paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.seconds, args.client_cpus)
-    notices = paced_wrk(base, "get", paths, notice_connections, args.seconds, args.client_cpus)
+    bids = paced_wrk(f"{base}/bid", "post", args.body, bid_connections, args.seconds, args.client_cpus, args.bid_rate)
+    notices = paced_wrk(base, "get", paths, notice_connections, args.seconds, args.client_cpus, args.rate)
     notice_result, bid_result = finished(notices, args.seconds), finished(bids, args.seconds)
     return notice_result, bid_result, tree_cpu_seconds(server.process.pid) - cpu_before
 

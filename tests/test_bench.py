@@ -180,6 +180,31 @@ async def test_lua_script_output_parses_against_the_echo_app(aiohttp_server):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
+@pytest.mark.parametrize("pace, low, high", [("rate=100", 160, 240), ("20", 20, 80)])
+async def test_a_paced_schedule_sends_its_rate_whatever_the_latency(aiohttp_server, tmp_path, pace, low, high):
+    """``paced.lua rate=R`` offers R requests a second however long the answers take (30 ms here): 100/s for 2 s
+    over 8 connections is about 200 requests. A pause between answers sends fewer as the server slows: 20 ms on one
+    connection, 2 s / (20 + 30 ms), about 40."""
+    async def slow(request):
+        await asyncio.sleep(0.03)
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    server = await aiohttp_server(app)
+    paths = tmp_path / "paths.txt"
+    paths.write_text("/a\n/b\n")
+    connections = "-c8" if pace.startswith("rate=") else "-c1"
+    process = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", connections, "-d2s", "-s", str(SCRIPT.parent / "paced.lua"), f"http://127.0.0.1:{server.port}",
+        "--", "get", str(paths), pace, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    stdout, _ = await process.communicate()
+    result = parse_output(stdout.decode())
+    assert low <= result.requests <= high and result.statuses == {"200": result.requests}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
 async def test_distinct_ids_give_every_request_its_own_id_and_keep_the_rest(aiohttp_server, tmp_path):
     seen = []
 
