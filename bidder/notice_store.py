@@ -108,6 +108,8 @@ class SqliteNoticeStore:
         try:
             return self._record(self._now_db, notices, now)
         except sqlite3.OperationalError as exc:
+            if self._now_db.in_transaction:  # a commit refused: nothing of it was recorded
+                self._now_db.execute("ROLLBACK")
             if "locked" in str(exc) or "busy" in str(exc):
                 return None
             raise

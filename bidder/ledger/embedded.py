@@ -124,8 +124,9 @@ class _SqliteStorage:
     every step of a statement (every row of an ``executemany``, every row a query returns): beside a busy bid path,
     each step waits for the GIL to come back, up to the switch interval (5 ms). A call of a thousand rows done row by
     row took seconds beside a busy event loop and starved the leases; here every bulk read or write is one step
-    (``json_each`` for the rows going in, ``json_group_array`` for the rows coming out), so a call takes a few dozen
-    steps however many bids it carries, and SQLite's work on them runs without the GIL, beside the bid path.
+    (multi-row statements for the rows going in, ``json_each`` for the keys of the rows read, ``json_group_array``
+    for the rows coming out), so a call takes a few dozen steps however many bids it carries, and SQLite's work on
+    them runs without the GIL, beside the bid path.
 
     The accounts' and the holds' rows a call reads are kept for the call and their changes written once, at its end
     (``flush``): a call moves the same few accounts hundreds of times. The bids' rows live in one table ordered by
