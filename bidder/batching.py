@@ -67,6 +67,9 @@ class Batcher:
             results = self._process(items)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting request, never lost
             results = [exc] * len(items)
+        self._deliver(items, futures, results)
+
+    def _deliver(self, items: list[Any], futures: list[asyncio.Future], results: Sequence[Any]) -> None:
         _settle(futures, results)
 
 
@@ -124,15 +127,7 @@ class EagerBatcher(Batcher):
         self.fallback = fallback
         self.deferred = 0  # batches handed to the fallback
 
-    def flush(self) -> None:
-        items, futures = self._items, self._futures
-        if not items:
-            return
-        self._items, self._futures = [], []
-        try:
-            results = self._process(items)
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting request, never lost
-            results = [exc] * len(items)
+    def _deliver(self, items: list[Any], futures: list[asyncio.Future], results: Sequence[Any] | None) -> None:
         if results is not None:
             _settle(futures, results)
             return
