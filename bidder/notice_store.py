@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from bidder import walfile
+from bidder.walfile import json_keys, write_rows
 
 __all__ = ["STORE_FILE", "NoticeStore", "SqliteNoticeStore"]
 
@@ -30,8 +31,6 @@ STORE_FILE = "notices.sqlite"
 RETENTION_MARGIN_S = 3600.0
 #: inserts between two deletions of expired rows
 PRUNE_EVERY = 10_000
-#: notices one statement inserts at most (its parameters stay under SQLite's smallest limit, 999)
-_ROWS_PER_INSERT = 200
 #: seconds between two checkpoints of the log into the file (by the store's checkpoint thread)
 CHECKPOINT_S = 1.0
 
@@ -125,17 +124,14 @@ class SqliteNoticeStore:
         try:
             found = db.execute("SELECT json_group_array(json_array(n.bid_id, n.kind)) FROM json_each(?) AS w "
                                "CROSS JOIN notices AS n ON n.bid_id = w.value ->> 0 AND n.kind = w.value ->> 1",
-                               (json.dumps(keys, ensure_ascii=False),)).fetchone()[0]
+                               (json_keys(keys),)).fetchone()[0]
             known = {tuple(key) for key in json.loads(found)}
             firsts = []
             for key in keys:  # a notice twice in one round: its first time is the first of them
                 firsts.append(key not in known)
                 known.add(key)
             new = [(*key, n[2], seen) for key, n, first in zip(keys, notices, firsts) if first]
-            for i in range(0, len(new), _ROWS_PER_INSERT):
-                chunk = new[i:i + _ROWS_PER_INSERT]
-                db.execute("INSERT INTO notices VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(chunk)),
-                           [value for row in chunk for value in row])
+            write_rows(db, "INSERT INTO notices", "(?, ?, ?, ?)", new)
         except BaseException:
             db.execute("ROLLBACK")
             raise

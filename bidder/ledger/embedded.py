@@ -8,7 +8,6 @@ day's spend survives a crash of the process or of the machine; nothing else is f
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sqlite3
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bidder import walfile
+from bidder.walfile import json_keys, write_rows
 from bidder.ledger.book import (EXPIRED, FINAL, OPEN, BidRow, Book, CampaignSync, Grant, Impression,
                                 Reservation, Settlement, add_change)
 
@@ -82,39 +82,9 @@ def _convert(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
-def _rows_json(values) -> str:
-    """Keys for a statement that reads them with ``json_each``."""
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
-
-
 #: a bid row's columns as one JSON array (its expiry as exact text: SQLite writes a REAL in JSON to 15 digits only)
 _BID_JSON = ("json_array(b.due_ms, b.bid_id, b.campaign, b.day, b.amount, b.funded, b.state, b.price, "
              "printf('%!.17g', b.expires), b.user, b.creative)")
-#: rows per statement of a bulk write, then the smaller sizes the rest is written in (one statement each at most):
-#: each statement is one step
-_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
-
-
-@functools.lru_cache(maxsize=64)
-def _statement(head: str, row: str, size: int, tail: str) -> str:
-    return f"{head} VALUES {', '.join([row] * size)}{tail}"
-
-
-def _write_rows(db: sqlite3.Connection, head: str, row: str, rows: Sequence[tuple], tail: str = "") -> None:
-    """``head`` (an INSERT up to its VALUES) with ``rows``, ``row`` being one row's expressions (its ``?`` take a
-    row's values in order), ``tail`` after the rows (an upsert clause): ``_CHUNKS[0]`` rows a statement and step,
-    several times faster than ``executemany`` and than rows read from JSON by ``json_each``."""
-    width = row.count("?")
-    most = max(1, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
-    i, n = 0, len(rows)
-    for size in _CHUNKS:
-        size = min(size, most)
-        sql = _statement(head, row, size, tail)
-        while n - i >= size:
-            db.execute(sql, [value for r in rows[i:i + size] for value in r])
-            i += size
-        if i == n:
-            return
 
 
 class _SqliteStorage:
@@ -159,7 +129,7 @@ class _SqliteStorage:
         found = self.db.execute(
             "SELECT json_group_array(json_array(a.campaign, a.period, a.spent, a.reserved, a.leased)) FROM "
             "json_each(?) AS w CROSS JOIN accounts AS a ON a.campaign = w.value ->> 0 AND a.period = w.value ->> 1",
-            (_rows_json(wanted),)).fetchone()[0]
+            (json_keys(wanted),)).fetchone()[0]
         for campaign, period, *values in json.loads(found):
             self._accounts[campaign, period] = tuple(values)
 
@@ -182,13 +152,13 @@ class _SqliteStorage:
     def flush(self) -> None:
         self._write_bids()
         db = self.db
-        _write_rows(db, "INSERT INTO accounts", "(?, ?, ?, ?, ?)",
+        write_rows(db, "INSERT INTO accounts", "(?, ?, ?, ?, ?)",
                     [(*key, *change) for key, change in self._changes.items()],
                     " ON CONFLICT (campaign, period) DO UPDATE SET spent = spent + excluded.spent, "
                     "reserved = reserved + excluded.reserved, leased = leased + excluded.leased")
-        _write_rows(db, "INSERT OR REPLACE INTO holds", "(?, ?, ?, ?)",
+        write_rows(db, "INSERT OR REPLACE INTO holds", "(?, ?, ?, ?)",
                     [(*key, *hold) for key, hold in self._hold_puts.items()])
-        _write_rows(db, "INSERT INTO impressions (campaign, creative, user, at)", "(?, ?, ?, ?)", self._impressions)
+        write_rows(db, "INSERT INTO impressions (campaign, creative, user, at)", "(?, ?, ?, ?)", self._impressions)
         self.discard()
 
     def discard(self) -> None:
@@ -225,7 +195,7 @@ class _SqliteStorage:
         found = self.db.execute(
             f"SELECT json_group_array({_BID_JSON}) FROM json_each(?) AS w "
             f"CROSS JOIN bids AS b ON b.due_ms = w.value ->> 0 AND b.bid_id = w.value ->> 1",
-            (_rows_json(wanted),)).fetchone()[0]
+            (json_keys(wanted),)).fetchone()[0]
         for due_ms, *r in json.loads(found):
             r[7] = float(r[7])
             rows[due_ms, r[0]] = _bid_row(r)
@@ -258,7 +228,7 @@ class _SqliteStorage:
                   for r, day in zip(reservations, days)]
         db.execute("SAVEPOINT new_bids")
         before = db.total_changes
-        _write_rows(db, *_INSERT_NEW, values)
+        write_rows(db, *_INSERT_NEW, values)
         if db.total_changes - before == len(values):
             db.execute("RELEASE new_bids")
             swept = self.swept()
@@ -282,7 +252,7 @@ class _SqliteStorage:
 
     def _write_bids(self) -> None:
         if self._puts:
-            _write_rows(self.db, "INSERT OR REPLACE INTO bids", "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            write_rows(self.db, "INSERT OR REPLACE INTO bids", "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         list(self._puts.values()))
             self._puts.clear()
 
@@ -359,7 +329,6 @@ class EmbeddedBanker:
              settlements: Sequence[Settlement]) -> dict[str, Grant]:
         storage = self.book.storage
         self.db.execute("BEGIN IMMEDIATE")
-        storage.discard()  # nothing read before this call's lock is kept
         try:
             grants = self.book.sync(holder, now, campaigns, reservations, settlements)
             storage.flush()
