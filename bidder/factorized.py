@@ -203,12 +203,16 @@ class FactorizedScorer:
         self.kernel_unsupported: str | None = None
         if native:
             try:
-                kernel = read_kernel(self.bundle / FACTORIZED_FILE)
-                kernel.bind(self.imp_inputs[SPARSE_INPUT], self.imp_inputs, self.row_imp, self.row_cand, self.output)
+                self.kernel = self._bound(read_kernel(self.bundle / FACTORIZED_FILE))
             except Unsupported as exc:
                 self.kernel_unsupported = str(exc)
-            else:
-                self.kernel = kernel
+
+    def _bound(self, kernel: RowKernel) -> RowKernel:
+        """``kernel`` over this scorer's buffers, with its candidates' parts once they are set."""
+        kernel.bind(self.imp_inputs[SPARSE_INPUT], self.imp_inputs, self.row_imp, self.row_cand, self.output)
+        if self.cand_part is not None:
+            kernel.set_candidates(self.cand_part)
+        return kernel
 
     @classmethod
     def for_scorer(cls, scorer: Any, max_imps: int = 64, max_rows: int = 256, *, check: bool = True,
@@ -345,10 +349,7 @@ class FactorizedScorer:
         if self.kernel is not None:
             native = kernel_diff(session, self.candidate_session, self.kernel, self.spec, imps, cands, row_imp,
                                  row_cand)
-            # its own buffers again (the check bound the kernel to the parity rows)
-            self.kernel.bind(self.imp_inputs[SPARSE_INPUT], self.imp_inputs, self.row_imp, self.row_cand, self.output)
-            if self.cand_part is not None:
-                self.kernel.set_candidates(self.cand_part)
+            self._bound(self.kernel)  # its own buffers again (the check bound the kernel to the parity rows)
             if not native <= PARITY_TOLERANCE:
                 raise BundleError(f"{self.bundle}: the native row kernel differs from model.onnx by {native:.3g} over "
                                   f"{len(row_imp)} rows (tolerance {PARITY_TOLERANCE:g}); bidder serve --graph-rows "
